@@ -1,0 +1,234 @@
+//! Which known Kubernetes fields Berth acts on.
+//!
+//! Typos are caught earlier (the typed decode rejects unknown fields); what
+//! reaches this walk is a real Kubernetes field. Every present field outside
+//! the supported set is reported by name, so nothing is silently dropped.
+
+use std::collections::BTreeMap;
+
+use crate::diag::{FieldIssue, FieldPath};
+use crate::objects::BuiltinKind;
+
+/// Fields a Kubernetes API server sets; in Git they are leftovers of
+/// `kubectl get -o yaml`.
+const SERVER_SET_METADATA: &[&str] = &[
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "managedFields",
+    "selfLink",
+];
+
+const METADATA: &[&str] = &["name", "namespace", "labels.*", "annotations.*"];
+
+/// Container fields, relative to one container.
+const CONTAINER: &[&str] = &[
+    "name",
+    "image",
+    "imagePullPolicy",
+    "command",
+    "args",
+    "workingDir",
+    "env[].name",
+    "env[].value",
+    "env[].valueFrom.configMapKeyRef",
+    "env[].valueFrom.secretKeyRef",
+    "env[].valueFrom.fieldRef",
+    "env[].valueFrom.resourceFieldRef",
+    "envFrom[].prefix",
+    "envFrom[].configMapRef",
+    "envFrom[].secretRef",
+    "resources.requests.cpu",
+    "resources.requests.memory",
+    "resources.limits.cpu",
+    "resources.limits.memory",
+    "resizePolicy",
+    "ports",
+    "securityContext.runAsUser",
+    "securityContext.runAsGroup",
+    "securityContext.runAsNonRoot",
+];
+
+/// Pod spec fields, relative to the pod spec.
+const POD_SPEC: &[&str] = &[
+    "restartPolicy",
+    "nodeName",
+    "nodeSelector.*",
+    "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution",
+    // No node has taints, so tolerations cannot change where a pod runs.
+    "tolerations",
+    "securityContext.runAsUser",
+    "securityContext.runAsGroup",
+    "securityContext.runAsNonRoot",
+    "terminationGracePeriodSeconds",
+    "serviceAccountName",
+    "serviceAccount",
+    // There is no API server, hence no token to mount: false and true mean the same.
+    "automountServiceAccountToken",
+    "enableServiceLinks",
+];
+
+/// A tree of supported paths. A leaf supports everything below it.
+#[derive(Debug, Default)]
+struct Tree {
+    children: BTreeMap<String, Tree>,
+    leaf: bool,
+}
+
+impl Tree {
+    fn insert(&mut self, prefix: &str, pattern: &str) {
+        let full = if prefix.is_empty() { pattern.to_string() } else { format!("{prefix}.{pattern}") };
+        let mut node = self;
+        for part in full.split('.') {
+            let (key, arrays) = match part.find("[]") {
+                Some(i) => (&part[..i], part[i..].matches("[]").count()),
+                None => (part, 0),
+            };
+            node = node.children.entry(key.to_string()).or_default();
+            for _ in 0..arrays {
+                node = node.children.entry("[]".to_string()).or_default();
+            }
+        }
+        node.leaf = true;
+    }
+}
+
+fn pod_spec_tree(tree: &mut Tree, prefix: &str) {
+    for p in POD_SPEC {
+        tree.insert(prefix, p);
+    }
+    for list in ["containers[]", "initContainers[]"] {
+        for c in CONTAINER {
+            tree.insert(prefix, &format!("{list}.{c}"));
+        }
+    }
+}
+
+fn tree_for(kind: BuiltinKind) -> Tree {
+    let mut tree = Tree::default();
+    for key in ["apiVersion", "kind"] {
+        tree.insert("", key);
+    }
+    for m in METADATA {
+        tree.insert("metadata", m);
+    }
+    match kind {
+        BuiltinKind::Pod => pod_spec_tree(&mut tree, "spec"),
+        BuiltinKind::Deployment => {
+            for p in ["replicas", "selector", "revisionHistoryLimit"] {
+                tree.insert("spec", p);
+            }
+            for m in ["labels.*", "annotations.*"] {
+                tree.insert("spec.template.metadata", m);
+            }
+            pod_spec_tree(&mut tree, "spec.template.spec");
+        }
+        BuiltinKind::ConfigMap => {
+            for p in ["data", "binaryData", "immutable"] {
+                tree.insert("", p);
+            }
+        }
+        BuiltinKind::Secret => {
+            for p in ["data", "stringData", "type", "immutable"] {
+                tree.insert("", p);
+            }
+        }
+        BuiltinKind::Namespace => {}
+        // Validated whole; acted on by later capabilities (see `not_acted_on_yet`).
+        BuiltinKind::Service
+        | BuiltinKind::PersistentVolume
+        | BuiltinKind::PersistentVolumeClaim
+        | BuiltinKind::StorageClass => {
+            for p in ["spec", "provisioner", "parameters", "reclaimPolicy", "volumeBindingMode", "allowVolumeExpansion", "mountOptions", "allowedTopologies"] {
+                tree.insert("", p);
+            }
+        }
+        BuiltinKind::CustomResourceDefinition => tree.insert("", "spec"),
+    }
+    tree
+}
+
+/// Reports every present field of `value` that Berth does not act on.
+pub fn unsupported_fields(kind: BuiltinKind, value: &serde_json::Value) -> Vec<FieldIssue> {
+    let tree = tree_for(kind);
+    let mut issues = Vec::new();
+    walk(&tree, value, &FieldPath::root(), &mut issues);
+    issues
+}
+
+fn walk(tree: &Tree, value: &serde_json::Value, path: &FieldPath, issues: &mut Vec<FieldIssue>) {
+    if tree.leaf {
+        return;
+    }
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, child) in map {
+                if child.is_null() {
+                    continue;
+                }
+                let child_path = path.key(key.clone());
+                match tree.children.get(key.as_str()).or_else(|| tree.children.get("*")) {
+                    Some(sub) => walk(sub, child, &child_path, issues),
+                    None => issues.push(unsupported(&child_path)),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            if let Some(sub) = tree.children.get("[]") {
+                for (i, item) in items.iter().enumerate() {
+                    walk(sub, item, &path.index(i), issues);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn unsupported(path: &FieldPath) -> FieldIssue {
+    let text = path.to_string();
+    let message = if text == "status" {
+        "status is observed on the node and written to the status branch, never read from Git; this field is ignored".to_string()
+    } else if let Some(field) = text.strip_prefix("metadata.").filter(|f| SERVER_SET_METADATA.contains(f)) {
+        format!("{field} is set by a Kubernetes API server; Berth ignores it")
+    } else {
+        "Berth does not support this Kubernetes field yet; it is ignored".to_string()
+    };
+    FieldIssue::warning(path.clone(), message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn supported_pod_fields_pass_and_others_are_named() {
+        let pod = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "a", "labels": {"x": "y"}, "uid": "123", "creationTimestamp": null},
+            "spec": {
+                "containers": [{
+                    "name": "c", "image": "busybox",
+                    "resources": {"limits": {"cpu": "1", "ephemeral-storage": "1Gi"}},
+                    "livenessProbe": {"exec": {"command": ["true"]}}
+                }],
+                "hostNetwork": true
+            },
+            "status": {"phase": "Running"}
+        });
+        let found: Vec<String> =
+            unsupported_fields(BuiltinKind::Pod, &pod).iter().map(|i| i.path.to_string()).collect();
+        assert_eq!(
+            found,
+            [
+                "metadata.uid",
+                "spec.containers[0].livenessProbe",
+                "spec.containers[0].resources.limits.ephemeral-storage",
+                "spec.hostNetwork",
+                "status"
+            ]
+        );
+    }
+}
