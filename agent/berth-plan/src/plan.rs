@@ -1,0 +1,383 @@
+//! Diff the desired node against what runs, and order the actions that
+//! close the gap. Every action carries the reason a person would give.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use berth_manifest::quantity::{format_bytes, format_cpu_milli};
+use serde::Serialize;
+
+use crate::actual::{ActiveState, ActualState, ActualUnit};
+use crate::desired::{ContainerUnit, DesiredPod, RestartPolicy, SliceUnit};
+use crate::units::{IMAGE_FIELD, PodId, Properties, PropertyValue, UnitName};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verb {
+    /// Stop and forget a unit Git no longer wants.
+    Stop,
+    /// Create a slice with its properties.
+    CreateSlice,
+    /// Change a slice's properties in place.
+    UpdateSlice,
+    /// Start a transient service.
+    Start,
+    /// Stop the service and start it again with new properties.
+    Restart,
+    /// Change a running service's properties without restarting it.
+    Update,
+    /// Remove a slice that holds nothing any more.
+    RemoveSlice,
+}
+
+impl Verb {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Stop => "stop",
+            Verb::CreateSlice => "create slice",
+            Verb::UpdateSlice => "update slice",
+            Verb::Start => "start",
+            Verb::Restart => "restart",
+            Verb::Update => "update",
+            Verb::RemoveSlice => "remove slice",
+        }
+    }
+}
+
+/// One property that differs, with secrets already redacted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Change {
+    pub property: String,
+    pub from: Option<PropertyValue>,
+    pub to: Option<PropertyValue>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Action {
+    pub verb: Verb,
+    pub unit: UnitName,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodId>,
+    pub reason: String,
+    /// For start, restart and create: every property, secrets redacted.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub properties: Properties,
+    /// For restart and update: what differs.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<Change>,
+}
+
+/// Units the plan leaves alone on purpose, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Held {
+    pub unit: UnitName,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub node: String,
+    pub revision: String,
+    pub actions: Vec<Action>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<Held>,
+}
+
+/// What must not be pruned in this pass.
+#[derive(Debug, Clone, Default)]
+pub struct Protection {
+    /// Set when some document could not even be identified (unparsable
+    /// YAML): nothing may be pruned, since it might be that document's.
+    pub hold_all: Option<String>,
+    /// Pods whose objects were rejected: their last good state keeps running.
+    pub pods: BTreeSet<String>,
+    /// `Deployment/ns/name` of rejected Deployments.
+    pub owners: BTreeSet<String>,
+}
+
+#[derive(Debug)]
+pub struct PlanInput<'a> {
+    pub node: &'a str,
+    pub revision: &'a str,
+    pub pods: &'a [DesiredPod],
+    pub qos_slices: &'a [SliceUnit],
+    pub actual: &'a ActualState,
+    pub protection: &'a Protection,
+}
+
+/// A pod that cannot be planned because a unit it needs belongs to someone else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    pub pod: PodId,
+    pub unit: UnitName,
+}
+
+pub fn plan(input: &PlanInput<'_>) -> (Plan, Vec<Conflict>) {
+    let actual: BTreeMap<&str, &ActualUnit> = input.actual.units.iter().map(|u| (u.name.as_str(), u)).collect();
+    let mut conflicts = Vec::new();
+    let mut wanted: BTreeSet<&str> = BTreeSet::new();
+    let mut pods: Vec<&DesiredPod> = input.pods.iter().collect();
+    pods.sort_by(|a, b| a.id.cmp(&b.id));
+
+    // A pod whose unit names are taken by units Berth did not create is
+    // refused as a whole; the foreign units are never touched.
+    pods.retain(|pod| {
+        let names = std::iter::once(&pod.slice.name).chain(pod.units().map(|u| &u.name));
+        let taken: Vec<&UnitName> = names.filter(|n| actual.get(n.as_str()).is_some_and(|u| !u.is_berths())).collect();
+        for unit in &taken {
+            conflicts.push(Conflict { pod: pod.id.clone(), unit: (*unit).clone() });
+        }
+        taken.is_empty()
+    });
+    for pod in &pods {
+        wanted.insert(pod.slice.name.as_str());
+        wanted.extend(pod.units().map(|u| u.name.as_str()));
+    }
+    for slice in input.qos_slices {
+        wanted.insert(slice.name.as_str());
+    }
+    let conflicted: BTreeSet<String> = conflicts.iter().map(|c| c.pod.to_string()).collect();
+
+    let mut actions = Vec::new();
+    let mut held = Vec::new();
+    let mut removals = Vec::new();
+    for unit in input.actual.units.iter().filter(|u| u.is_berths() && !wanted.contains(u.name.as_str())) {
+        let pod = unit.pod();
+        let protected_by = if let Some(reason) = &input.protection.hold_all {
+            Some(reason.clone())
+        } else if let Some(p) = pod.as_ref().filter(|p| input.protection.pods.contains(*p) || conflicted.contains(*p)) {
+            Some(format!("pod {p} is not valid in revision {}; its last good state keeps running", input.revision))
+        } else {
+            unit.owner().filter(|o| input.protection.owners.contains(*o)).map(|o| format!("{o} is not valid in revision {}; its last good state keeps running", input.revision))
+        };
+        if let Some(reason) = protected_by {
+            held.push(Held { unit: unit.name.clone(), reason });
+            continue;
+        }
+        let still_wanted = pod.as_ref().is_some_and(|p| pods.iter().any(|d| &d.id.to_string() == p));
+        let reason = match (&pod, still_wanted, unit.name.is_slice()) {
+            (Some(p), true, true) => format!("pod {p} moved to another QoS class slice"),
+            (Some(p), true, false) => format!("the container is no longer part of pod {p} in revision {}", input.revision),
+            (Some(p), false, _) => format!("pod {p} is not in revision {}", input.revision),
+            (None, _, _) => format!("no pod in revision {} needs it", input.revision),
+        };
+        let action = Action {
+            verb: if unit.name.is_slice() { Verb::RemoveSlice } else { Verb::Stop },
+            unit: unit.name.clone(),
+            pod: pod.as_deref().and_then(parse_pod_id),
+            reason,
+            properties: Properties::new(),
+            changes: Vec::new(),
+        };
+        if unit.name.is_slice() { removals.push(action) } else { actions.push(action) }
+    }
+
+    for slice in input.qos_slices {
+        if let Some(a) = slice_action(slice, actual.get(slice.name.as_str()).copied(), None, "QoS class slice", input.revision) {
+            actions.push(a);
+        }
+    }
+    for pod in &pods {
+        let is_new = std::iter::once(&pod.slice.name).chain(pod.units().map(|u| &u.name)).all(|n| !actual.contains_key(n.as_str()));
+        if let Some(a) = slice_action(&pod.slice, actual.get(pod.slice.name.as_str()).copied(), Some(pod), "pod slice", input.revision) {
+            actions.push(a);
+        }
+        for unit in pod.units() {
+            if let Some(a) = unit_action(pod, unit, actual.get(unit.name.as_str()).copied(), is_new, input.revision) {
+                actions.push(a);
+            }
+        }
+    }
+    actions.extend(removals);
+    (Plan { node: input.node.to_string(), revision: input.revision.to_string(), actions, held }, conflicts)
+}
+
+fn parse_pod_id(text: &str) -> Option<PodId> {
+    text.split_once('/').map(|(ns, name)| PodId { namespace: ns.to_string(), name: name.to_string() })
+}
+
+fn slice_action(slice: &SliceUnit, actual: Option<&ActualUnit>, pod: Option<&DesiredPod>, what: &str, revision: &str) -> Option<Action> {
+    let pod_id = pod.map(|p| p.id.clone());
+    match actual {
+        None => Some(Action {
+            verb: Verb::CreateSlice,
+            unit: slice.name.clone(),
+            pod: pod_id,
+            reason: match pod {
+                Some(p) => format!("pod {} is new in revision {revision} ({} QoS)", p.id, p.qos),
+                None => format!("the {what} does not exist yet"),
+            },
+            properties: slice.properties.clone(),
+            changes: Vec::new(),
+        }),
+        Some(a) => {
+            let changes = diff(&slice.properties, &a.properties);
+            (!changes.is_empty()).then(|| Action {
+                verb: Verb::UpdateSlice,
+                unit: slice.name.clone(),
+                pod: pod_id,
+                reason: describe_changes(&changes),
+                properties: Properties::new(),
+                changes,
+            })
+        }
+    }
+}
+
+fn unit_action(pod: &DesiredPod, unit: &ContainerUnit, actual: Option<&ActualUnit>, pod_is_new: bool, revision: &str) -> Option<Action> {
+    let what = if unit.init { "init container" } else { "container" };
+    let base = |verb: Verb, reason: String, properties: Properties, changes: Vec<Change>| Action {
+        verb,
+        unit: unit.name.clone(),
+        pod: Some(pod.id.clone()),
+        reason,
+        properties,
+        changes,
+    };
+    let Some(actual) = actual else {
+        let reason = if pod_is_new {
+            format!("pod {} is new in revision {revision}", pod.id)
+        } else {
+            format!("{what} {} of pod {} has no unit", unit.container, pod.id)
+        };
+        return Some(base(Verb::Start, reason, unit.properties_redacted(), Vec::new()));
+    };
+    let changes = diff(unit.properties_for_apply(), &actual.properties);
+    let restarts = pod.restart_policy != RestartPolicy::Never;
+    if changes.is_empty() {
+        return match actual.active_state {
+            ActiveState::Failed if restarts => Some(base(
+                Verb::Restart,
+                format!("{what} {} of pod {} failed and its restart policy is {:?}", unit.container, pod.id, pod.restart_policy),
+                unit.properties_redacted(),
+                Vec::new(),
+            )),
+            ActiveState::Inactive if pod.restart_policy == RestartPolicy::Always => Some(base(
+                Verb::Start,
+                format!("{what} {} of pod {} is stopped and its restart policy is Always", unit.container, pod.id),
+                unit.properties_redacted(),
+                Vec::new(),
+            )),
+            _ => None,
+        };
+    }
+    let redacted = redact_changes(changes);
+    let in_place = actual.active_state == ActiveState::Active && redacted.iter().all(|c| unit.resizable.contains(&c.property));
+    let reason = describe_changes(&redacted);
+    if in_place {
+        Some(base(Verb::Update, format!("{reason} (resized in place: resizePolicy NotRequired)"), Properties::new(), redacted))
+    } else {
+        Some(base(Verb::Restart, reason, unit.properties_redacted(), redacted))
+    }
+}
+
+/// Numbers compare by value whatever their sign type, since a snapshot or a
+/// D-Bus reading may carry either.
+fn same(a: &PropertyValue, b: &PropertyValue) -> bool {
+    use PropertyValue::{Signed, Unsigned};
+    match (a, b) {
+        (Unsigned(x), Signed(y)) | (Signed(y), Unsigned(x)) => i128::from(*x) == i128::from(*y),
+        _ => a == b,
+    }
+}
+
+/// The desired properties that differ from the actual ones. Properties the
+/// actual side has and Berth does not set are not Berth's business.
+pub fn diff(desired: &Properties, actual: &Properties) -> Vec<Change> {
+    desired
+        .iter()
+        .filter(|(k, v)| actual.get(*k).is_none_or(|a| !same(v, a)))
+        .map(|(k, v)| Change { property: k.clone(), from: actual.get(k).cloned(), to: Some(v.clone()) })
+        .collect()
+}
+
+fn redact_changes(changes: Vec<Change>) -> Vec<Change> {
+    changes
+        .into_iter()
+        .map(|mut c| {
+            if c.property == "Environment" {
+                // Only names: values may be secrets, on either side.
+                let names = |v: &Option<PropertyValue>| match v {
+                    Some(PropertyValue::List(l)) => l.iter().map(|e| e.split('=').next().unwrap_or("").to_string()).collect::<Vec<_>>(),
+                    _ => Vec::new(),
+                };
+                let (from, to) = (names(&c.from), names(&c.to));
+                let mut changed: Vec<String> = Vec::new();
+                let old = match &c.from { Some(PropertyValue::List(l)) => l.clone(), _ => Vec::new() };
+                let new = match &c.to { Some(PropertyValue::List(l)) => l.clone(), _ => Vec::new() };
+                for n in &to {
+                    if !from.contains(n) {
+                        changed.push(format!("+{n}"));
+                    } else {
+                        let find = |l: &[String]| l.iter().find(|e| e.split('=').next() == Some(n.as_str())).cloned();
+                        if find(&old) != find(&new) {
+                            changed.push(format!("~{n}"));
+                        }
+                    }
+                }
+                for n in &from {
+                    if !to.contains(n) {
+                        changed.push(format!("-{n}"));
+                    }
+                }
+                c.from = None;
+                c.to = Some(PropertyValue::List(changed));
+            }
+            c
+        })
+        .collect()
+}
+
+fn log_field(v: &Option<PropertyValue>, field: &str) -> Option<String> {
+    match v {
+        Some(PropertyValue::List(l)) => l.iter().find_map(|f| f.strip_prefix(field).and_then(|r| r.strip_prefix('=')).map(str::to_string)),
+        _ => None,
+    }
+}
+
+/// `memory limit 128Mi → 256Mi, image busybox:1.36 → busybox:1.37`
+pub fn describe_changes(changes: &[Change]) -> String {
+    changes.iter().map(describe_change).collect::<Vec<_>>().join(", ")
+}
+
+fn describe_change(c: &Change) -> String {
+    let num = |v: &Option<PropertyValue>| match v {
+        Some(PropertyValue::Unsigned(n)) => Some(i128::from(*n)),
+        Some(PropertyValue::Signed(n)) => Some(i128::from(*n)),
+        _ => None,
+    };
+    let bytes = |v: &Option<PropertyValue>| num(v).map_or("unset".to_string(), |n| format_bytes(n as u64));
+    let plain = |v: &Option<PropertyValue>| match v {
+        None => "unset".to_string(),
+        Some(PropertyValue::Text(t)) => t.clone(),
+        Some(PropertyValue::Exec(e)) => e.iter().map(|x| format!("{:?}", x.argv)).collect::<Vec<_>>().join("; "),
+        Some(PropertyValue::List(l)) => format!("{l:?}"),
+        Some(PropertyValue::Bool(b)) => b.to_string(),
+        Some(PropertyValue::Unsigned(n)) => n.to_string(),
+        Some(PropertyValue::Signed(n)) => n.to_string(),
+    };
+    match c.property.as_str() {
+        "MemoryMax" => format!("memory limit {} → {}", bytes(&c.from), bytes(&c.to)),
+        "MemoryLow" => format!("memory request {} → {}", bytes(&c.from), bytes(&c.to)),
+        "MemoryHigh" => format!("memory.high {} → {}", bytes(&c.from), bytes(&c.to)),
+        "CPUQuotaPerSecUSec" => {
+            let cpu = |v: &Option<PropertyValue>| num(v).map_or("unset".to_string(), |n| format_cpu_milli((n / 1000) as u64));
+            format!("cpu limit {} → {}", cpu(&c.from), cpu(&c.to))
+        }
+        "CPUWeight" => format!("cpu weight {} → {}", plain(&c.from), plain(&c.to)),
+        "OOMScoreAdjust" => format!("OOM score adjustment {} → {}", plain(&c.from), plain(&c.to)),
+        "ExecStart" => format!("command {} → {}", plain(&c.from), plain(&c.to)),
+        "Environment" => match &c.to {
+            Some(PropertyValue::List(l)) => format!("environment {}", l.join(" ")),
+            _ => "environment changed".to_string(),
+        },
+        "LogExtraFields" => {
+            let (a, b) = (log_field(&c.from, IMAGE_FIELD), log_field(&c.to, IMAGE_FIELD));
+            if a != b {
+                format!("image {} → {}", a.unwrap_or_else(|| "unset".into()), b.unwrap_or_else(|| "unset".into()))
+            } else {
+                "Berth's log fields changed".to_string()
+            }
+        }
+        other => format!("{other} {} → {}", plain(&c.from), plain(&c.to)),
+    }
+}

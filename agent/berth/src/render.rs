@@ -1,0 +1,187 @@
+//! How `berth` prints validation reports and plans: text for people, YAML
+//! and JSON for tools. Secrets never reach here: plans carry redacted values.
+
+use std::io::{self, Write};
+
+use berth_manifest::{Catalog, Diagnostic, Rejected, Severity};
+use berth_plan::plan::Action;
+use berth_plan::pipeline::NodePlan;
+use berth_plan::{PropertyValue, Properties};
+use serde::Serialize;
+
+use crate::Output;
+
+#[derive(Debug, Serialize)]
+pub struct ValidationReport {
+    pub files: usize,
+    pub objects: usize,
+    pub errors: usize,
+    pub warnings: usize,
+    pub rejected: Vec<Rejected>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl ValidationReport {
+    pub fn new(catalog: &Catalog, pod_diagnostics: Vec<Diagnostic>, pod_rejected: Vec<Rejected>) -> Self {
+        let mut diagnostics = catalog.diagnostics.clone();
+        diagnostics.extend(pod_diagnostics);
+        sort(&mut diagnostics);
+        let mut rejected = catalog.rejected.clone();
+        rejected.extend(pod_rejected);
+        rejected.sort_by(|a, b| a.source.cmp(&b.source));
+        rejected.dedup();
+        let errors = diagnostics.iter().filter(|d| d.severity == Severity::Error).count();
+        let warnings = diagnostics.len() - errors;
+        Self { files: catalog.files.len(), objects: catalog.objects.len(), errors, warnings, rejected, diagnostics }
+    }
+}
+
+fn sort(diagnostics: &mut [Diagnostic]) {
+    diagnostics.sort_by(|a, b| a.source.cmp(&b.source).then(a.severity.cmp(&b.severity)));
+}
+
+/// Machine formats; text output is written by hand.
+fn emit<T: Serialize>(value: &T, output: Output) -> anyhow::Result<()> {
+    let mut out = io::stdout().lock();
+    match output {
+        Output::Json => {
+            serde_json::to_writer_pretty(&mut out, value)?;
+            writeln!(out)?;
+        }
+        Output::Yaml => write!(out, "{}", serde_saphyr::to_string(value)?)?,
+        Output::Text => {}
+    }
+    Ok(())
+}
+
+pub fn print_validation(report: &ValidationReport, output: Output) -> anyhow::Result<()> {
+    if output != Output::Text {
+        return emit(report, output);
+    }
+    let mut out = io::stdout().lock();
+    for d in &report.diagnostics {
+        writeln!(out, "{d}")?;
+    }
+    writeln!(
+        out,
+        "{} objects in {} files: {} rejected, {} errors, {} warnings",
+        report.objects + report.rejected.len(),
+        report.files,
+        report.rejected.len(),
+        report.errors,
+        report.warnings
+    )?;
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+struct PlanReport<'a> {
+    #[serde(flatten)]
+    node_plan: &'a NodePlan,
+    #[serde(rename = "loadDiagnostics")]
+    load_diagnostics: &'a [Diagnostic],
+    #[serde(rename = "loadRejected")]
+    load_rejected: &'a [Rejected],
+}
+
+pub fn print_plan(catalog: &Catalog, node_plan: &NodePlan, output: Output) -> anyhow::Result<()> {
+    if output != Output::Text {
+        let report = PlanReport { node_plan, load_diagnostics: &catalog.diagnostics, load_rejected: &catalog.rejected };
+        return emit(&report, output);
+    }
+    let mut out = io::stdout().lock();
+    let plan = &node_plan.plan;
+    writeln!(
+        out,
+        "Plan for node {} at revision {}: {} pods, {} actions",
+        plan.node,
+        plan.revision,
+        node_plan.pods.len(),
+        plan.actions.len()
+    )?;
+    if plan.actions.is_empty() {
+        writeln!(out, "\nNothing to do: the node already runs what Git describes.")?;
+    }
+    for (i, action) in plan.actions.iter().enumerate() {
+        write_action(&mut out, i + 1, action)?;
+    }
+    if !plan.held.is_empty() {
+        writeln!(out, "\nLeft running on purpose ({}):", plan.held.len())?;
+        for h in &plan.held {
+            writeln!(out, "  {}: {}", h.unit, h.reason)?;
+        }
+    }
+    if !node_plan.elsewhere.is_empty() {
+        writeln!(out, "\nNot for this node ({}):", node_plan.elsewhere.len())?;
+        for n in &node_plan.elsewhere {
+            writeln!(out, "  {}: {}", n.object, n.reason)?;
+        }
+    }
+    let mut rejected: Vec<&Rejected> = catalog.rejected.iter().chain(&node_plan.rejected).collect();
+    rejected.sort_by(|a, b| a.source.cmp(&b.source));
+    rejected.dedup();
+    if !rejected.is_empty() {
+        writeln!(out, "\nRejected ({}), nothing of theirs is changed:", rejected.len())?;
+        for r in rejected {
+            match &r.object {
+                Some(o) => writeln!(out, "  {}: {o}", r.source)?,
+                None => writeln!(out, "  {}: a document that is not a readable object", r.source)?,
+            }
+        }
+    }
+    let mut diagnostics: Vec<Diagnostic> = catalog.diagnostics.iter().chain(&node_plan.diagnostics).cloned().collect();
+    sort(&mut diagnostics);
+    if !diagnostics.is_empty() {
+        writeln!(out, "\nProblems ({}):", diagnostics.len())?;
+        for d in diagnostics {
+            writeln!(out, "  {d}")?;
+        }
+    }
+    Ok(())
+}
+
+fn write_action(out: &mut impl Write, n: usize, action: &Action) -> io::Result<()> {
+    let pod = action.pod.as_ref().map(|p| format!("  [pod {p}]")).unwrap_or_default();
+    writeln!(out, "\n{n:>3}. {} {}{pod}", action.verb.as_str(), action.unit)?;
+    writeln!(out, "     why: {}", action.reason)?;
+    write_properties(out, &action.properties)?;
+    if !action.properties.is_empty() {
+        return Ok(());
+    }
+    for c in &action.changes {
+        writeln!(out, "       {} = {}", c.property, c.to.as_ref().map_or("(unset)".to_string(), value_text))?;
+    }
+    Ok(())
+}
+
+fn write_properties(out: &mut impl Write, props: &Properties) -> io::Result<()> {
+    for (k, v) in props {
+        match v {
+            PropertyValue::List(items) if k == "Environment" || k == "LogExtraFields" => {
+                writeln!(out, "       {k}:")?;
+                for item in items {
+                    writeln!(out, "         {item}")?;
+                }
+            }
+            _ => writeln!(out, "       {k} = {}", value_text(v))?,
+        }
+    }
+    Ok(())
+}
+
+/// Shell-like quoting for display only: nothing is ever run through a shell.
+fn quote(arg: &str) -> String {
+    let plain = !arg.is_empty() && arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c));
+    if plain { arg.to_string() } else { format!("'{}'", arg.replace('\'', "'\\''")) }
+}
+
+fn value_text(v: &PropertyValue) -> String {
+    match v {
+        PropertyValue::Bool(b) => if *b { "yes" } else { "no" }.to_string(),
+        PropertyValue::Unsigned(n) => n.to_string(),
+        PropertyValue::Signed(n) => n.to_string(),
+        PropertyValue::Text(t) => t.clone(),
+        PropertyValue::Exec(cmds) => cmds.iter().map(|c| c.argv.iter().map(|a| quote(a)).collect::<Vec<_>>().join(" ")).collect::<Vec<_>>().join("; "),
+        PropertyValue::List(items) => items.join(" "),
+    }
+}
