@@ -187,6 +187,8 @@ pub fn plan(input: &PlanInput<'_>) -> (Plan, Vec<Conflict>) {
             }
         }
     }
+    // Children before parents: a slice's depth is its count of '-'.
+    removals.sort_by_key(|a| std::cmp::Reverse(a.unit.as_str().matches('-').count()));
     actions.extend(removals);
     (Plan { node: input.node.to_string(), revision: input.revision.to_string(), actions, held }, conflicts)
 }

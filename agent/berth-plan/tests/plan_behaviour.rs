@@ -1,0 +1,263 @@
+//! How plans react to what already runs: adoption, in-place resize,
+//! restarts, pruning, and what is never touched.
+
+use berth_manifest::{SourceFile, load_sources};
+use berth_plan::actual::{ActiveState, ActualState, ActualUnit};
+use berth_plan::plan::Verb;
+use berth_plan::{ImageCatalog, NodeInfo, NodePlan, PropertyValue, UnitName, plan_node};
+
+const POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+spec:
+  containers:
+    - name: main
+      image: busybox:1.37
+      command: ["httpd", "-f"]
+      env:
+        - name: TOKEN
+          valueFrom:
+            secretKeyRef: {name: creds, key: token}
+      resources:
+        requests: {cpu: 250m, memory: 64Mi}
+        limits: {cpu: 500m, memory: 64Mi}
+---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: creds
+stringData:
+  token: hunter2-very-secret
+"#;
+
+fn node() -> NodeInfo {
+    NodeInfo::new("n1", Default::default(), 4 << 30, 2000)
+}
+
+fn plan_for(files: &[(&str, &str)], actual: &ActualState) -> NodePlan {
+    let sources = files.iter().map(|(p, t)| SourceFile { path: p.into(), text: t.to_string() }).collect();
+    let catalog = load_sources(sources);
+    assert_eq!(catalog.error_count(), 0, "{:#?}", catalog.diagnostics);
+    plan_node(&catalog, &node(), &ImageCatalog::default(), actual, "rev1")
+}
+
+/// What the node would report after applying `plan` exactly.
+fn applied(plan: &NodePlan) -> ActualState {
+    let mut units = Vec::new();
+    for slice in &plan.qos_slices {
+        units.push(ActualUnit { name: slice.name.clone(), active_state: ActiveState::Active, properties: slice.properties.clone() });
+    }
+    for pod in &plan.pods {
+        units.push(ActualUnit { name: pod.slice.name.clone(), active_state: ActiveState::Active, properties: pod.slice.properties.clone() });
+        for unit in pod.units() {
+            units.push(ActualUnit { name: unit.name.clone(), active_state: ActiveState::Active, properties: unit.properties_for_apply().clone() });
+        }
+    }
+    ActualState { units }
+}
+
+fn verbs(plan: &NodePlan) -> Vec<(Verb, String)> {
+    plan.plan.actions.iter().map(|a| (a.verb, a.unit.to_string())).collect()
+}
+
+#[test]
+fn a_node_that_runs_what_git_says_needs_no_actions() {
+    let first = plan_for(&[("pod.yaml", POD)], &ActualState::default());
+    assert_eq!(
+        verbs(&first),
+        [
+            (Verb::CreateSlice, "berth-burstable.slice".to_string()),
+            (Verb::CreateSlice, "berth-burstable-default_web.slice".to_string()),
+            (Verb::Start, "berth-default_web_main.service".to_string()),
+        ]
+    );
+    let again = plan_for(&[("pod.yaml", POD)], &applied(&first));
+    assert!(again.plan.actions.is_empty(), "{:#?}", again.plan.actions);
+}
+
+#[test]
+fn a_memory_limit_change_resizes_in_place_by_default() {
+    let before = applied(&plan_for(&[("pod.yaml", POD)], &ActualState::default()));
+    let changed = POD.replace("limits: {cpu: 500m, memory: 64Mi}", "limits: {cpu: 500m, memory: 128Mi}");
+    let plan = plan_for(&[("pod.yaml", &changed)], &before);
+    let unit = plan.plan.actions.iter().find(|a| a.unit.as_str() == "berth-default_web_main.service").expect("container action");
+    assert_eq!(unit.verb, Verb::Update);
+    assert!(unit.reason.contains("memory limit 64Mi → 128Mi"), "{}", unit.reason);
+    let slice = plan.plan.actions.iter().find(|a| a.unit.as_str() == "berth-burstable-default_web.slice").expect("slice action");
+    assert_eq!(slice.verb, Verb::UpdateSlice);
+}
+
+#[test]
+fn a_resize_policy_of_restart_container_restarts_it() {
+    let before = applied(&plan_for(&[("pod.yaml", POD)], &ActualState::default()));
+    let changed = POD
+        .replace("limits: {cpu: 500m, memory: 64Mi}", "limits: {cpu: 500m, memory: 128Mi}")
+        .replace("      resources:", "      resizePolicy:\n        - {resourceName: memory, restartPolicy: RestartContainer}\n      resources:");
+    let plan = plan_for(&[("pod.yaml", &changed)], &before);
+    let unit = plan.plan.actions.iter().find(|a| a.unit.as_str() == "berth-default_web_main.service").expect("container action");
+    assert_eq!(unit.verb, Verb::Restart);
+    assert!(unit.reason.contains("memory limit 64Mi → 128Mi"), "{}", unit.reason);
+}
+
+#[test]
+fn an_image_change_restarts_the_container_and_says_so() {
+    let before = applied(&plan_for(&[("pod.yaml", POD)], &ActualState::default()));
+    let plan = plan_for(&[("pod.yaml", &POD.replace("busybox:1.37", "busybox:1.38"))], &before);
+    assert_eq!(verbs(&plan), [(Verb::Restart, "berth-default_web_main.service".to_string())]);
+    assert_eq!(plan.plan.actions[0].reason, "image busybox:1.37 → busybox:1.38");
+}
+
+#[test]
+fn secret_values_never_appear_in_a_plan_or_its_reasons() {
+    let first = plan_for(&[("pod.yaml", POD)], &ActualState::default());
+    let json = serde_json::to_string(&first).expect("serializes");
+    assert!(!json.contains("hunter2"), "{json}");
+    assert!(json.contains("TOKEN=<secret default/creds key token>"), "{json}");
+    let before = applied(&first);
+    let rotated = POD.replace("hunter2-very-secret", "rotated-secret-value");
+    let plan = plan_for(&[("pod.yaml", &rotated)], &before);
+    let json = serde_json::to_string(&plan).expect("serializes");
+    assert!(!json.contains("hunter2") && !json.contains("rotated-secret-value"), "{json}");
+    assert_eq!(plan.plan.actions[0].verb, Verb::Restart);
+    assert_eq!(plan.plan.actions[0].reason, "environment ~TOKEN");
+    // The apply stage still gets the real value.
+    let unit = plan.pods[0].units().next().expect("one unit");
+    let Some(PropertyValue::List(env)) = unit.properties_for_apply().get("Environment") else { panic!("no environment") };
+    assert!(env.contains(&"TOKEN=rotated-secret-value".to_string()));
+}
+
+#[test]
+fn pods_removed_from_git_are_stopped_and_their_slices_removed_last() {
+    let before = applied(&plan_for(&[("pod.yaml", POD)], &ActualState::default()));
+    let plan = plan_for(&[("other.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")], &before);
+    assert_eq!(
+        verbs(&plan),
+        [
+            (Verb::Stop, "berth-default_web_main.service".to_string()),
+            (Verb::RemoveSlice, "berth-burstable-default_web.slice".to_string()),
+            (Verb::RemoveSlice, "berth-burstable.slice".to_string()),
+        ]
+    );
+    assert!(plan.plan.actions[0].reason.contains("pod default/web is not in revision rev1"), "{}", plan.plan.actions[0].reason);
+}
+
+#[test]
+fn units_berth_did_not_create_are_never_touched() {
+    let mut actual = ActualState::default();
+    actual.units.push(ActualUnit {
+        name: UnitName::from_observed("berth-default_old_main.service"),
+        active_state: ActiveState::Active,
+        properties: Default::default(),
+    });
+    actual.units.push(ActualUnit {
+        name: UnitName::from_observed("berth-default_web_main.service"),
+        active_state: ActiveState::Active,
+        properties: [("Description".to_string(), PropertyValue::Text("the admin's own".into()))].into(),
+    });
+    let plan = plan_for(&[("pod.yaml", POD)], &actual);
+    assert!(
+        plan.plan.actions.iter().all(|a| !a.unit.as_str().contains("_old_") && a.pod.as_ref().is_none_or(|p| p.name != "web")),
+        "{:#?}",
+        plan.plan.actions
+    );
+    assert_eq!(plan.rejected.len(), 1);
+    assert!(plan.diagnostics[0].message.contains("was not created by Berth"), "{}", plan.diagnostics[0].message);
+}
+
+#[test]
+fn nothing_is_pruned_while_a_document_cannot_be_read() {
+    let before = applied(&plan_for(&[("pod.yaml", POD)], &ActualState::default()));
+    let sources = vec![SourceFile { path: "broken.yaml".into(), text: "kind: [unclosed\n".into() }];
+    let catalog = load_sources(sources);
+    assert_eq!(catalog.error_count(), 1);
+    let plan = plan_node(&catalog, &node(), &ImageCatalog::default(), &before, "rev2");
+    assert!(plan.plan.actions.is_empty(), "{:#?}", plan.plan.actions);
+    assert_eq!(plan.plan.held.len(), 3);
+}
+
+#[test]
+fn a_failed_container_restarts_only_when_its_restart_policy_allows() {
+    let mut before = applied(&plan_for(&[("pod.yaml", POD)], &ActualState::default()));
+    for u in &mut before.units {
+        if u.name.as_str().ends_with(".service") {
+            u.active_state = ActiveState::Failed;
+        }
+    }
+    let plan = plan_for(&[("pod.yaml", POD)], &before);
+    assert_eq!(verbs(&plan), [(Verb::Restart, "berth-default_web_main.service".to_string())]);
+
+    let never = POD.replace("spec:\n  containers:", "spec:\n  restartPolicy: Never\n  containers:");
+    let mut before = applied(&plan_for(&[("pod.yaml", &never)], &ActualState::default()));
+    for u in &mut before.units {
+        if u.name.as_str().ends_with(".service") {
+            u.active_state = ActiveState::Failed;
+        }
+    }
+    let plan = plan_for(&[("pod.yaml", &never)], &before);
+    assert!(plan.plan.actions.is_empty(), "{:#?}", plan.plan.actions);
+}
+
+#[test]
+fn a_deployment_expands_into_stable_replica_names() {
+    let deployment = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: api}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: api}}
+  template:
+    metadata: {labels: {app: api}}
+    spec:
+      containers: [{name: srv, image: busybox, command: ["sleep", "1d"]}]
+"#;
+    let plan = plan_for(&[("d.yaml", deployment)], &ActualState::default());
+    let names: Vec<String> = plan.pods.iter().map(|p| p.id.name.clone()).collect();
+    assert_eq!(names, ["api-0", "api-1", "api-2"]);
+    assert!(plan.pods.iter().all(|p| p.qos == berth_plan::QosClass::BestEffort));
+}
+
+#[test]
+fn node_selection_honours_node_name_selectors_and_affinity() {
+    let pods = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: here}
+spec:
+  nodeSelector: {kubernetes.io/hostname: n1}
+  affinity:
+    nodeAffinity:
+      requiredDuringSchedulingIgnoredDuringExecution:
+        nodeSelectorTerms:
+          - matchExpressions: [{key: kubernetes.io/os, operator: In, values: [linux]}]
+  containers: [{name: c, image: busybox, command: ["true"]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pinned-elsewhere}
+spec:
+  nodeName: n2
+  containers: [{name: c, image: busybox, command: ["true"]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wrong-arch}
+spec:
+  affinity:
+    nodeAffinity:
+      requiredDuringSchedulingIgnoredDuringExecution:
+        nodeSelectorTerms:
+          - matchExpressions: [{key: kubernetes.io/arch, operator: NotIn, values: [amd64]}]
+  containers: [{name: c, image: busybox, command: ["true"]}]
+"#;
+    let plan = plan_for(&[("p.yaml", pods)], &ActualState::default());
+    let here: Vec<&str> = plan.pods.iter().map(|p| p.id.name.as_str()).collect();
+    assert_eq!(here, ["here"]);
+    let elsewhere: Vec<String> = plan.elsewhere.iter().map(|n| format!("{}: {}", n.object, n.reason)).collect();
+    assert_eq!(
+        elsewhere,
+        ["Pod/default/pinned-elsewhere: spec.nodeName is n2", "Pod/default/wrong-arch: no required node affinity term matches this node's labels"]
+    );
+}
