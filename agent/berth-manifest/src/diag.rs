@@ -101,10 +101,18 @@ pub struct FieldIssue {
 
 impl FieldIssue {
     pub fn error(path: FieldPath, message: impl Into<String>) -> Self {
-        Self { severity: Severity::Error, path, message: message.into() }
+        Self {
+            severity: Severity::Error,
+            path,
+            message: message.into(),
+        }
     }
     pub fn warning(path: FieldPath, message: impl Into<String>) -> Self {
-        Self { severity: Severity::Warning, path, message: message.into() }
+        Self {
+            severity: Severity::Warning,
+            path,
+            message: message.into(),
+        }
     }
 }
 
@@ -142,7 +150,9 @@ impl FieldPath {
                 segments.push(PathSegment::Key(rest[..open].to_string()));
                 rest = &rest[open..];
                 while let Some(stripped) = rest.strip_prefix('[') {
-                    let Some(close) = stripped.find(']') else { break };
+                    let Some(close) = stripped.find(']') else {
+                        break;
+                    };
                     if let Ok(i) = stripped[..close].parse() {
                         segments.push(PathSegment::Index(i));
                     }
@@ -166,7 +176,8 @@ impl fmt::Display for FieldPath {
             match segment {
                 PathSegment::Key(k) => {
                     let plain = !k.is_empty()
-                        && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                        && k.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
                     if plain {
                         if !first {
                             f.write_str(".")?;
@@ -190,10 +201,20 @@ mod tests {
 
     #[test]
     fn field_paths_print_like_kubectl_and_parse_back() {
-        let p = FieldPath::root().key("spec").key("containers").index(0).key("image");
+        let p = FieldPath::root()
+            .key("spec")
+            .key("containers")
+            .index(0)
+            .key("image");
         assert_eq!(p.to_string(), "spec.containers[0].image");
         assert_eq!(FieldPath::parse("spec.containers[0].image"), p);
-        let labels = FieldPath::root().key("metadata").key("labels").key("app.kubernetes.io/name");
-        assert_eq!(labels.to_string(), "metadata.labels[\"app.kubernetes.io/name\"]");
+        let labels = FieldPath::root()
+            .key("metadata")
+            .key("labels")
+            .key("app.kubernetes.io/name");
+        assert_eq!(
+            labels.to_string(),
+            "metadata.labels[\"app.kubernetes.io/name\"]"
+        );
     }
 }

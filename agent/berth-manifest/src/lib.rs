@@ -18,7 +18,10 @@ pub mod validate;
 pub mod yaml;
 
 pub use diag::{Diagnostic, FieldIssue, FieldPath, ObjectRef, PathSegment, Severity, SourceRef};
-pub use load::{Catalog, LoadError, LoadOptions, LoadedObject, ObjectSource, Rejected, SourceFile, load_dir, load_sources};
+pub use load::{
+    Catalog, LoadError, LoadOptions, LoadedObject, ObjectSource, Rejected, SourceFile, load_dir,
+    load_sources,
+};
 pub use objects::{BuiltinKind, CustomObject, Object};
 pub use quantity::{Quantity, QuantityError};
 

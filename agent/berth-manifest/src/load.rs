@@ -14,14 +14,15 @@ use sha2::{Digest, Sha256};
 
 use crate::crd::{self, CrdRegistry, Lookup};
 use crate::diag::{Diagnostic, FieldIssue, FieldPath, ObjectRef, PathSegment, Severity, SourceRef};
+use crate::names;
 use crate::objects::{BuiltinKind, CustomObject, Object, group_of};
 use crate::supported;
 use crate::validate;
 use crate::yaml::{self, Chunk};
-use crate::names;
 
 /// Namespaces that exist on every Kubernetes cluster without being declared.
-pub const BUILTIN_NAMESPACES: [&str; 4] = ["default", "kube-system", "kube-public", "kube-node-lease"];
+pub const BUILTIN_NAMESPACES: [&str; 4] =
+    ["default", "kube-system", "kube-public", "kube-node-lease"];
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -32,14 +33,19 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { max_file_bytes: 8 * 1024 * 1024 }
+        Self {
+            max_file_bytes: 8 * 1024 * 1024,
+        }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot read manifest directory {path}: {source}")]
-    ReadDir { path: PathBuf, source: std::io::Error },
+    ReadDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is neither a directory nor a YAML file")]
     NotManifests { path: PathBuf },
 }
@@ -99,7 +105,10 @@ impl Catalog {
             full.0.extend(path.0.iter().cloned());
             yaml::locate(&file.text, &source.chunk, &full).or(source.line)
         };
-        SourceRef { file: file.path.clone(), line }
+        SourceRef {
+            file: file.path.clone(),
+            line,
+        }
     }
 
     /// Turns an issue found on a loaded object (by the loader or by a later
@@ -119,7 +128,10 @@ impl Catalog {
     }
 
     pub fn warning_count(&self) -> usize {
-        self.diagnostics.iter().filter(|d| d.severity == Severity::Warning).count()
+        self.diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Warning)
+            .count()
     }
 
     fn reject(&mut self, object: LoadedObject, issues: &[FieldIssue]) {
@@ -128,29 +140,50 @@ impl Catalog {
             self.diagnostics.push(d);
         }
         let source = self.source_ref(&object.source, &FieldPath::root());
-        self.rejected.push(Rejected { source, object: Some(object.id) });
+        self.rejected.push(Rejected {
+            source,
+            object: Some(object.id),
+        });
     }
 }
 
 /// Lists the `*.yaml` and `*.yml` files under `root` (or `root` itself when
 /// it is a file), sorted, skipping hidden files and directories such as `.git`.
 pub fn discover(root: &Path) -> Result<Vec<PathBuf>, LoadError> {
-    let meta = fs::metadata(root).map_err(|source| LoadError::ReadDir { path: root.to_path_buf(), source })?;
+    let meta = fs::metadata(root).map_err(|source| LoadError::ReadDir {
+        path: root.to_path_buf(),
+        source,
+    })?;
     if meta.is_file() {
-        return if is_yaml(root) { Ok(vec![root.to_path_buf()]) } else { Err(LoadError::NotManifests { path: root.to_path_buf() }) };
+        return if is_yaml(root) {
+            Ok(vec![root.to_path_buf()])
+        } else {
+            Err(LoadError::NotManifests {
+                path: root.to_path_buf(),
+            })
+        };
     }
     let mut found = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let entries = fs::read_dir(&dir).map_err(|source| LoadError::ReadDir { path: dir.clone(), source })?;
+        let entries = fs::read_dir(&dir).map_err(|source| LoadError::ReadDir {
+            path: dir.clone(),
+            source,
+        })?;
         for entry in entries {
-            let entry = entry.map_err(|source| LoadError::ReadDir { path: dir.clone(), source })?;
+            let entry = entry.map_err(|source| LoadError::ReadDir {
+                path: dir.clone(),
+                source,
+            })?;
             let path = entry.path();
             if entry.file_name().to_string_lossy().starts_with('.') {
                 continue;
             }
             // file_type does not follow symlinks: a link loop cannot trap the walk.
-            let ft = entry.file_type().map_err(|source| LoadError::ReadDir { path: path.clone(), source })?;
+            let ft = entry.file_type().map_err(|source| LoadError::ReadDir {
+                path: path.clone(),
+                source,
+            })?;
             if ft.is_dir() {
                 stack.push(path);
             } else if is_yaml(&path) && (ft.is_file() || path.is_file()) {
@@ -163,20 +196,33 @@ pub fn discover(root: &Path) -> Result<Vec<PathBuf>, LoadError> {
 }
 
 fn is_yaml(path: &Path) -> bool {
-    matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml")
+    )
 }
 
 /// Loads every manifest under `root`.
 pub fn load_dir(root: &Path, options: &LoadOptions) -> Result<Catalog, LoadError> {
     let paths = discover(root)?;
-    let base = if root.is_file() { root.parent().unwrap_or(Path::new("")) } else { root };
+    let base = if root.is_file() {
+        root.parent().unwrap_or(Path::new(""))
+    } else {
+        root
+    };
     let mut inputs = Vec::with_capacity(paths.len());
     let mut early = Vec::new();
     for path in paths {
-        let rel = path.strip_prefix(base).map(Path::to_path_buf).unwrap_or_else(|_| path.clone());
+        let rel = path
+            .strip_prefix(base)
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|_| path.clone());
         let refused = |message: String| Diagnostic {
             severity: Severity::Error,
-            source: SourceRef { file: rel.clone(), line: None },
+            source: SourceRef {
+                file: rel.clone(),
+                line: None,
+            },
             object: None,
             field: None,
             message,
@@ -199,14 +245,20 @@ pub fn load_dir(root: &Path, options: &LoadOptions) -> Result<Catalog, LoadError
         match fs::read(&path) {
             Ok(bytes) => match String::from_utf8(bytes) {
                 Ok(text) => inputs.push(SourceFile { path: rel, text }),
-                Err(e) => early.push(refused(format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()))),
+                Err(e) => early.push(refused(format!(
+                    "not UTF-8 text (invalid byte at offset {})",
+                    e.utf8_error().valid_up_to()
+                ))),
             },
             Err(e) => early.push(refused(format!("cannot read: {e}"))),
         }
     }
     let mut catalog = load_sources(inputs);
     for d in early {
-        catalog.rejected.push(Rejected { source: d.source.clone(), object: None });
+        catalog.rejected.push(Rejected {
+            source: d.source.clone(),
+            object: None,
+        });
         catalog.diagnostics.insert(0, d);
     }
     Ok(catalog)
@@ -223,13 +275,20 @@ struct FileOutcome {
 
 /// Loads manifests already in memory (`path` is only used in diagnostics).
 pub fn load_sources(files: Vec<SourceFile>) -> Catalog {
-    let mut catalog = Catalog { content_digest: digest(&files), files, ..Catalog::default() };
+    let mut catalog = Catalog {
+        content_digest: digest(&files),
+        files,
+        ..Catalog::default()
+    };
     let outcomes = load_files_parallel(&catalog.files);
     let mut pending_custom = Vec::new();
     for (file, outcome) in outcomes.into_iter().enumerate() {
         for mut d in outcome.broken {
             d.source.file = catalog.files[file].path.clone();
-            catalog.rejected.push(Rejected { source: d.source.clone(), object: None });
+            catalog.rejected.push(Rejected {
+                source: d.source.clone(),
+                object: None,
+            });
             catalog.diagnostics.push(d);
         }
         for (object, issues) in outcome.warnings {
@@ -270,9 +329,15 @@ fn digest(files: &[SourceFile]) -> String {
 }
 
 fn load_files_parallel(files: &[SourceFile]) -> Vec<FileOutcome> {
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(files.len().max(1));
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(files.len().max(1));
     if workers <= 1 {
-        return files.iter().enumerate().map(|(i, f)| load_file(i, &f.text)).collect();
+        return files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| load_file(i, &f.text))
+            .collect();
     }
     let mut results: Vec<Option<FileOutcome>> = (0..files.len()).map(|_| None).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -313,14 +378,26 @@ fn load_file(file: usize, text: &str) -> FileOutcome {
         match yaml::parse_chunk(text, &chunk) {
             Err(e) => out.broken.push(Diagnostic {
                 severity: Severity::Error,
-                source: SourceRef { file: PathBuf::new(), line: e.line.or(Some(chunk.first_line)) },
+                source: SourceRef {
+                    file: PathBuf::new(),
+                    line: e.line.or(Some(chunk.first_line)),
+                },
                 object: None,
                 field: None,
-                message: format!("invalid YAML in document {}: {}", chunk.index + 1, e.message),
+                message: format!(
+                    "invalid YAML in document {}: {}",
+                    chunk.index + 1,
+                    e.message
+                ),
             }),
             Ok(None) => {}
             Ok(Some(value)) => {
-                let source = ObjectSource { file, chunk, prefix: FieldPath::root(), line: first_content_line(text, &chunk) };
+                let source = ObjectSource {
+                    file,
+                    chunk,
+                    prefix: FieldPath::root(),
+                    line: first_content_line(text, &chunk),
+                };
                 load_value(value, source, &mut out);
             }
         }
@@ -345,10 +422,25 @@ fn str_at<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
 }
 
 fn load_value(value: Value, source: ObjectSource, out: &mut FileOutcome) {
-    let placeholder = |kind: &str, name: &str| ObjectRef { group: String::new(), kind: kind.into(), namespace: None, name: name.into() };
+    let placeholder = |kind: &str, name: &str| ObjectRef {
+        group: String::new(),
+        kind: kind.into(),
+        namespace: None,
+        name: name.into(),
+    };
     let Value::Object(_) = &value else {
-        let object = LoadedObject { id: placeholder("<document>", "<none>"), source, object: Object::Custom(Box::default()) };
-        out.rejected.push((object, vec![FieldIssue::error(FieldPath::root(), "not a Kubernetes object: expected a mapping with apiVersion, kind and metadata")]));
+        let object = LoadedObject {
+            id: placeholder("<document>", "<none>"),
+            source,
+            object: Object::Custom(Box::default()),
+        };
+        out.rejected.push((
+            object,
+            vec![FieldIssue::error(
+                FieldPath::root(),
+                "not a Kubernetes object: expected a mapping with apiVersion, kind and metadata",
+            )],
+        ));
         return;
     };
     let api_version = str_at(&value, "apiVersion").unwrap_or("").to_string();
@@ -364,15 +456,30 @@ fn load_value(value: Value, source: ObjectSource, out: &mut FileOutcome) {
         }
         return;
     }
-    let name = value.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
+    let name = value
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     let builtin = BuiltinKind::find(&api_version, &kind);
     let namespaced = builtin.is_none_or(BuiltinKind::namespaced);
-    let declared_ns = value.pointer("/metadata/namespace").and_then(Value::as_str).map(str::to_string);
+    let declared_ns = value
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .map(str::to_string);
     let id = ObjectRef {
         group: group_of(&api_version).to_string(),
-        kind: if kind.is_empty() { "<no kind>".into() } else { kind.clone() },
+        kind: if kind.is_empty() {
+            "<no kind>".into()
+        } else {
+            kind.clone()
+        },
         namespace: namespaced.then(|| declared_ns.clone().unwrap_or_else(|| "default".into())),
-        name: if name.is_empty() { "<no name>".into() } else { name.clone() },
+        name: if name.is_empty() {
+            "<no name>".into()
+        } else {
+            name.clone()
+        },
     };
     let mut issues = Vec::new();
     let root = FieldPath::root();
@@ -383,10 +490,17 @@ fn load_value(value: Value, source: ObjectSource, out: &mut FileOutcome) {
         issues.push(FieldIssue::error(root.key("kind"), "required"));
     }
     if name.is_empty() {
-        issues.push(FieldIssue::error(root.key("metadata").key("name"), "required: Berth needs a name for every object"));
+        issues.push(FieldIssue::error(
+            root.key("metadata").key("name"),
+            "required: Berth needs a name for every object",
+        ));
     }
     if !issues.is_empty() {
-        let object = LoadedObject { id, source, object: Object::Custom(Box::default()) };
+        let object = LoadedObject {
+            id,
+            source,
+            object: Object::Custom(Box::default()),
+        };
         out.rejected.push((object, issues));
         return;
     }
@@ -404,21 +518,40 @@ fn load_value(value: Value, source: ObjectSource, out: &mut FileOutcome) {
                 issues.push(FieldIssue::error(root.key("metadata").key("namespace"), e));
             }
         }
-        (Some(_), false) => issues.push(FieldIssue::warning(root.key("metadata").key("namespace"), format!("{kind} is cluster-scoped; the namespace is ignored"))),
+        (Some(_), false) => issues.push(FieldIssue::warning(
+            root.key("metadata").key("namespace"),
+            format!("{kind} is cluster-scoped; the namespace is ignored"),
+        )),
         _ => {}
     }
     let object = match builtin {
         Some(b) => decode_builtin(b, &value, &mut issues),
         None if is_builtin_group(&api_version, &kind) => {
-            let wanted = BuiltinKind::ALL.iter().find(|b| b.kind() == kind).map(|b| b.api_version());
-            let hint = wanted.map(|v| format!(": use apiVersion {v}")).unwrap_or_default();
-            issues.push(FieldIssue::error(root.key("kind"), format!("{api_version} {kind} is not a kind Berth supports{hint}")));
+            let wanted = BuiltinKind::ALL
+                .iter()
+                .find(|b| b.kind() == kind)
+                .map(|b| b.api_version());
+            let hint = wanted
+                .map(|v| format!(": use apiVersion {v}"))
+                .unwrap_or_default();
+            issues.push(FieldIssue::error(
+                root.key("kind"),
+                format!("{api_version} {kind} is not a kind Berth supports{hint}"),
+            ));
             None
         }
         // Checked against the CustomResourceDefinitions once every file is loaded.
-        None => Some(Object::Custom(Box::new(CustomObject { api_version, kind, value }))),
+        None => Some(Object::Custom(Box::new(CustomObject {
+            api_version,
+            kind,
+            value,
+        }))),
     };
-    let object = LoadedObject { id, source, object: object.unwrap_or_else(|| Object::Custom(Box::default())) };
+    let object = LoadedObject {
+        id,
+        source,
+        object: object.unwrap_or_else(|| Object::Custom(Box::default())),
+    };
     if issues.iter().any(|i| i.severity == Severity::Error) {
         out.rejected.push((object, issues));
     } else {
@@ -430,7 +563,8 @@ fn load_value(value: Value, source: ObjectSource, out: &mut FileOutcome) {
 }
 
 fn is_list(api_version: &str, kind: &str, value: &Value) -> bool {
-    (kind == "List" && api_version == "v1") || (kind.ends_with("List") && value.get("items").is_some_and(Value::is_array))
+    (kind == "List" && api_version == "v1")
+        || (kind.ends_with("List") && value.get("items").is_some_and(Value::is_array))
 }
 
 /// Groups and versions that belong to Kubernetes itself: a kind there that
@@ -440,10 +574,16 @@ fn is_builtin_group(api_version: &str, kind: &str) -> bool {
     group.is_empty()
         || group.ends_with(".k8s.io")
         || ["apps", "batch", "autoscaling", "policy", "extensions"].contains(&group)
-        || BuiltinKind::ALL.iter().any(|b| b.kind() == kind && group_of(b.api_version()) == group)
+        || BuiltinKind::ALL
+            .iter()
+            .any(|b| b.kind() == kind && group_of(b.api_version()) == group)
 }
 
-fn decode_builtin(kind: BuiltinKind, value: &Value, issues: &mut Vec<FieldIssue>) -> Option<Object> {
+fn decode_builtin(
+    kind: BuiltinKind,
+    value: &Value,
+    issues: &mut Vec<FieldIssue>,
+) -> Option<Object> {
     let object = match kind {
         BuiltinKind::Pod => decode(value, issues).map(|p| Object::Pod(Box::new(p))),
         BuiltinKind::Deployment => decode(value, issues).map(|d| Object::Deployment(Box::new(d))),
@@ -451,10 +591,18 @@ fn decode_builtin(kind: BuiltinKind, value: &Value, issues: &mut Vec<FieldIssue>
         BuiltinKind::ConfigMap => decode(value, issues).map(|c| Object::ConfigMap(Box::new(c))),
         BuiltinKind::Secret => decode(value, issues).map(|s| Object::Secret(Box::new(s))),
         BuiltinKind::Namespace => decode(value, issues).map(|n| Object::Namespace(Box::new(n))),
-        BuiltinKind::PersistentVolume => decode(value, issues).map(|p| Object::PersistentVolume(Box::new(p))),
-        BuiltinKind::PersistentVolumeClaim => decode(value, issues).map(|p| Object::PersistentVolumeClaim(Box::new(p))),
-        BuiltinKind::StorageClass => decode(value, issues).map(|s| Object::StorageClass(Box::new(s))),
-        BuiltinKind::CustomResourceDefinition => decode(value, issues).map(|c| Object::CustomResourceDefinition(Box::new(c))),
+        BuiltinKind::PersistentVolume => {
+            decode(value, issues).map(|p| Object::PersistentVolume(Box::new(p)))
+        }
+        BuiltinKind::PersistentVolumeClaim => {
+            decode(value, issues).map(|p| Object::PersistentVolumeClaim(Box::new(p)))
+        }
+        BuiltinKind::StorageClass => {
+            decode(value, issues).map(|s| Object::StorageClass(Box::new(s)))
+        }
+        BuiltinKind::CustomResourceDefinition => {
+            decode(value, issues).map(|c| Object::CustomResourceDefinition(Box::new(c)))
+        }
     }?;
     let root = FieldPath::root();
     match &object {
@@ -499,7 +647,10 @@ fn decode_builtin(kind: BuiltinKind, value: &Value, issues: &mut Vec<FieldIssue>
     }
     issues.extend(supported::unsupported_fields(kind, value));
     if let Some(why) = kind.not_acted_on_yet() {
-        issues.push(FieldIssue::warning(root, format!("validated, but not acted on yet: {why}")));
+        issues.push(FieldIssue::warning(
+            root,
+            format!("validated, but not acted on yet: {why}"),
+        ));
     }
     Some(object)
 }
@@ -544,7 +695,9 @@ fn ignored_path(path: &serde_ignored::Path<'_>) -> FieldPath {
         P::Root => FieldPath::root(),
         P::Seq { parent, index } => ignored_path(parent).index(*index),
         P::Map { parent, key } => ignored_path(parent).key(key.clone()),
-        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => ignored_path(parent),
+        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+            ignored_path(parent)
+        }
     }
 }
 
@@ -556,7 +709,9 @@ fn check_custom_objects(catalog: &mut Catalog, pending: Vec<LoadedObject>) {
         }
     }
     for mut object in pending {
-        let Object::Custom(custom) = &mut object.object else { continue };
+        let Object::Custom(custom) = &mut object.object else {
+            continue;
+        };
         let mut issues = Vec::new();
         match registry.lookup(&custom.api_version, &custom.kind) {
             Lookup::UnknownKind => issues.push(FieldIssue::error(
@@ -594,12 +749,21 @@ fn check_duplicates(catalog: &mut Catalog) {
     }
     let mut drop = BTreeSet::new();
     for indices in by_id.values().filter(|v| v.len() > 1) {
-        let places: Vec<String> =
-            indices.iter().map(|&i| catalog.source_ref(&catalog.objects[i].source, &FieldPath::root()).to_string()).collect();
+        let places: Vec<String> = indices
+            .iter()
+            .map(|&i| {
+                catalog
+                    .source_ref(&catalog.objects[i].source, &FieldPath::root())
+                    .to_string()
+            })
+            .collect();
         for &i in indices {
             let issue = FieldIssue::error(
                 FieldPath::root().key("metadata").key("name"),
-                format!("declared more than once (at {}): every copy is rejected, since Berth cannot tell which one is meant", places.join(", ")),
+                format!(
+                    "declared more than once (at {}): every copy is rejected, since Berth cannot tell which one is meant",
+                    places.join(", ")
+                ),
             );
             let d = catalog.diagnostic(&catalog.objects[i], &issue);
             catalog.diagnostics.push(d);
@@ -619,16 +783,16 @@ fn check_namespaces(catalog: &mut Catalog) {
         .collect();
     let mut drop = BTreeSet::new();
     for (i, o) in catalog.objects.iter().enumerate() {
-        if let Some(ns) = &o.id.namespace {
-            if !declared.contains(ns) {
-                let issue = FieldIssue::error(
-                    FieldPath::root().key("metadata").key("namespace"),
-                    format!("namespace {ns:?} is not declared: add a Namespace object named {ns:?}"),
-                );
-                let d = catalog.diagnostic(o, &issue);
-                catalog.diagnostics.push(d);
-                drop.insert(i);
-            }
+        if let Some(ns) = &o.id.namespace
+            && !declared.contains(ns)
+        {
+            let issue = FieldIssue::error(
+                FieldPath::root().key("metadata").key("namespace"),
+                format!("namespace {ns:?} is not declared: add a Namespace object named {ns:?}"),
+            );
+            let d = catalog.diagnostic(o, &issue);
+            catalog.diagnostics.push(d);
+            drop.insert(i);
         }
     }
     remove_rejected(catalog, &drop);
@@ -642,7 +806,10 @@ fn remove_rejected(catalog: &mut Catalog, drop: &BTreeSet<usize>) {
     for (i, o) in objects.into_iter().enumerate() {
         if drop.contains(&i) {
             let source = catalog.source_ref(&o.source, &FieldPath::root());
-            catalog.rejected.push(Rejected { source, object: Some(o.id) });
+            catalog.rejected.push(Rejected {
+                source,
+                object: Some(o.id),
+            });
         } else {
             catalog.objects.push(o);
         }

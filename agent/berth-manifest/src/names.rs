@@ -4,7 +4,10 @@
 /// A lowercase RFC 1123 label: namespaces, container names, port names.
 pub fn dns1123_label(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 63 {
-        return Err(format!("{name:?} must be 1 to 63 characters long (is {})", name.len()));
+        return Err(format!(
+            "{name:?} must be 1 to 63 characters long (is {})",
+            name.len()
+        ));
     }
     if !label_chars_ok(name, |c| c.is_ascii_lowercase() || c.is_ascii_digit()) {
         return Err(format!(
@@ -17,11 +20,14 @@ pub fn dns1123_label(name: &str) -> Result<(), String> {
 /// A lowercase RFC 1123 subdomain: the name of most objects.
 pub fn dns1123_subdomain(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 253 {
-        return Err(format!("{name:?} must be 1 to 253 characters long (is {})", name.len()));
+        return Err(format!(
+            "{name:?} must be 1 to 253 characters long (is {})",
+            name.len()
+        ));
     }
-    let ok = name
-        .split('.')
-        .all(|label| !label.is_empty() && label_chars_ok(label, |c| c.is_ascii_lowercase() || c.is_ascii_digit()));
+    let ok = name.split('.').all(|label| {
+        !label.is_empty() && label_chars_ok(label, |c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    });
     if !ok {
         return Err(format!(
             "{name:?} is not a lowercase RFC 1123 subdomain: use lowercase letters, digits, '-' and '.', starting and ending with a letter or digit (e.g. 'example.com')"
@@ -34,7 +40,9 @@ pub fn dns1123_subdomain(name: &str) -> Result<(), String> {
 pub fn dns1035_label(name: &str) -> Result<(), String> {
     dns1123_label(name)?;
     if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
-        return Err(format!("{name:?} must start with a lowercase letter (RFC 1035 label)"));
+        return Err(format!(
+            "{name:?} must start with a lowercase letter (RFC 1035 label)"
+        ));
     }
     Ok(())
 }
@@ -42,7 +50,9 @@ pub fn dns1035_label(name: &str) -> Result<(), String> {
 fn label_chars_ok(label: &str, alnum: impl Fn(char) -> bool) -> bool {
     let first = label.chars().next();
     let last = label.chars().last();
-    first.is_some_and(&alnum) && last.is_some_and(&alnum) && label.chars().all(|c| alnum(c) || c == '-')
+    first.is_some_and(&alnum)
+        && last.is_some_and(&alnum)
+        && label.chars().all(|c| alnum(c) || c == '-')
 }
 
 /// A ConfigMap or Secret key: also a file name once mounted.
@@ -51,10 +61,17 @@ pub fn config_key(key: &str) -> Result<(), String> {
         return Err(format!("key {key:?} must be 1 to 253 characters long"));
     }
     if key == "." || key == ".." || key.starts_with("..") {
-        return Err(format!("key {key:?} must not be '.' or '..' or start with '..'"));
+        return Err(format!(
+            "key {key:?} must not be '.' or '..' or start with '..'"
+        ));
     }
-    if !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
-        return Err(format!("key {key:?} may contain only letters, digits, '-', '_' and '.'"));
+    if !key
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(format!(
+            "key {key:?} may contain only letters, digits, '-', '_' and '.'"
+        ));
     }
     Ok(())
 }
@@ -62,7 +79,9 @@ pub fn config_key(key: &str) -> Result<(), String> {
 /// An environment variable name, as Kubernetes has accepted them for years.
 pub fn env_var_name(name: &str) -> Result<(), String> {
     let mut chars = name.chars();
-    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == '-' || c == '.');
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == '-' || c == '.');
     if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.') {
         return Err(format!(
             "{name:?} is not a valid environment variable name: use letters, digits, '_', '-' and '.', not starting with a digit"
@@ -80,7 +99,10 @@ pub fn qualified_name(key: &str) -> Result<(), String> {
     if let Some(prefix) = prefix {
         dns1123_subdomain(prefix).map_err(|e| format!("prefix of {key:?}: {e}"))?;
     }
-    if name.is_empty() || name.len() > 63 || !label_chars_ok(name, |c| c.is_ascii_alphanumeric()) && !name_with_dots(name) {
+    if name.is_empty()
+        || name.len() > 63
+        || !label_chars_ok(name, |c| c.is_ascii_alphanumeric()) && !name_with_dots(name)
+    {
         return Err(format!(
             "{key:?} is not a qualified name: at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit, with an optional DNS prefix and '/'"
         ));
@@ -92,7 +114,9 @@ fn name_with_dots(name: &str) -> bool {
     let alnum = |c: char| c.is_ascii_alphanumeric();
     name.chars().next().is_some_and(alnum)
         && name.chars().last().is_some_and(alnum)
-        && name.chars().all(|c| alnum(c) || c == '-' || c == '_' || c == '.')
+        && name
+            .chars()
+            .all(|c| alnum(c) || c == '-' || c == '_' || c == '.')
 }
 
 /// A label value: empty, or a qualified name's name part.
@@ -114,7 +138,9 @@ mod tests {
 
     #[test]
     fn names_that_could_escape_a_path_or_unit_are_refused() {
-        for bad in ["../x", "a;b", "A", "-a", "a-", "a_b", "a/b", "", "a b", "a\nb", "é"] {
+        for bad in [
+            "../x", "a;b", "A", "-a", "a-", "a_b", "a/b", "", "a b", "a\nb", "é",
+        ] {
             assert!(dns1123_label(bad).is_err(), "label {bad:?}");
             assert!(dns1123_subdomain(bad).is_err(), "subdomain {bad:?}");
         }

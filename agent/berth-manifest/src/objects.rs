@@ -89,12 +89,17 @@ impl BuiltinKind {
     pub fn namespaced(self) -> bool {
         !matches!(
             self,
-            Self::Namespace | Self::PersistentVolume | Self::StorageClass | Self::CustomResourceDefinition
+            Self::Namespace
+                | Self::PersistentVolume
+                | Self::StorageClass
+                | Self::CustomResourceDefinition
         )
     }
 
     pub fn find(api_version: &str, kind: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.api_version() == api_version && k.kind() == kind)
+        Self::ALL
+            .into_iter()
+            .find(|k| k.api_version() == api_version && k.kind() == kind)
     }
 
     /// Kinds Berth loads and validates but does not act on yet, with the

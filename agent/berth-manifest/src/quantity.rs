@@ -5,7 +5,9 @@ use std::fmt;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QuantityError {
-    #[error("invalid quantity {0:?}: expected a number with an optional suffix (m, k, M, G, Ki, Mi, Gi, e3, ...)")]
+    #[error(
+        "invalid quantity {0:?}: expected a number with an optional suffix (m, k, M, G, Ki, Mi, Gi, e3, ...)"
+    )]
     Syntax(String),
     #[error("invalid quantity {0:?}: must not be negative")]
     Negative(String),
@@ -46,7 +48,9 @@ impl Quantity {
             b'+' => (false, &s[1..]),
             _ => (false, s),
         };
-        let number_end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+        let number_end = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
         let (number, suffix) = s.split_at(number_end);
         let (int_part, frac_part) = match number.split_once('.') {
             Some((i, f)) => (i, f),
@@ -60,7 +64,11 @@ impl Quantity {
         if significant.len() > MAX_DIGITS {
             return Err(QuantityError::TooLarge(text.to_string()));
         }
-        let mantissa: u128 = if significant.is_empty() { 0 } else { significant.parse().map_err(|_| syntax())? };
+        let mantissa: u128 = if significant.is_empty() {
+            0
+        } else {
+            significant.parse().map_err(|_| syntax())?
+        };
         let scale = match suffix {
             "" => Scale::Decimal(0),
             "n" => Scale::Decimal(-9),
@@ -84,7 +92,9 @@ impl Quantity {
                 if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
                     return Err(syntax());
                 }
-                let exp: i32 = exp.parse().map_err(|_| QuantityError::TooLarge(text.to_string()))?;
+                let exp: i32 = exp
+                    .parse()
+                    .map_err(|_| QuantityError::TooLarge(text.to_string()))?;
                 if !(-40..=40).contains(&exp) {
                     return Err(QuantityError::TooLarge(text.to_string()));
                 }
@@ -94,7 +104,12 @@ impl Quantity {
         if negative && mantissa != 0 {
             return Err(QuantityError::Negative(text.to_string()));
         }
-        Ok(Self { text: text.to_string(), mantissa, fraction_digits: frac_part.len() as u32, scale })
+        Ok(Self {
+            text: text.to_string(),
+            mantissa,
+            fraction_digits: frac_part.len() as u32,
+            scale,
+        })
     }
 
     /// `value · 10^shift`, rounded up to an integer, as Kubernetes' `ScaledValue`.
@@ -123,12 +138,14 @@ impl Quantity {
 
     /// Thousandths (CPU millicores), rounded up like `MilliValue()`.
     pub fn milli(&self) -> Result<u64, QuantityError> {
-        self.scaled_ceil(3).ok_or_else(|| QuantityError::TooLarge(self.to_string()))
+        self.scaled_ceil(3)
+            .ok_or_else(|| QuantityError::TooLarge(self.to_string()))
     }
 
     /// Whole units (bytes for memory), rounded up like `Value()`.
     pub fn units(&self) -> Result<u64, QuantityError> {
-        self.scaled_ceil(0).ok_or_else(|| QuantityError::TooLarge(self.to_string()))
+        self.scaled_ceil(0)
+            .ok_or_else(|| QuantityError::TooLarge(self.to_string()))
     }
 }
 
@@ -140,7 +157,11 @@ impl fmt::Display for Quantity {
 
 /// `1536` → `1536m`... for CPU in millicores, the way Kubernetes prints them.
 pub fn format_cpu_milli(milli: u64) -> String {
-    if milli % 1000 == 0 { (milli / 1000).to_string() } else { format!("{milli}m") }
+    if milli.is_multiple_of(1000) {
+        (milli / 1000).to_string()
+    } else {
+        format!("{milli}m")
+    }
 }
 
 /// Bytes in the largest binary unit that divides them exactly.
@@ -148,7 +169,7 @@ pub fn format_bytes(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["Ei", "Pi", "Ti", "Gi", "Mi", "Ki"];
     for (i, unit) in UNITS.iter().enumerate() {
         let size = 1u64 << (10 * (6 - i));
-        if bytes >= size && bytes % size == 0 {
+        if bytes >= size && bytes.is_multiple_of(size) {
             return format!("{}{unit}", bytes / size);
         }
     }
@@ -168,23 +189,91 @@ mod tests {
     #[test]
     fn quantities_convert_with_kubernetes_rounding() {
         let cases = [
-            Case { text: "500m", milli: 500, units: 1 },
-            Case { text: "1", milli: 1000, units: 1 },
-            Case { text: "1.5", milli: 1500, units: 2 },
-            Case { text: ".5", milli: 500, units: 1 },
-            Case { text: "2.", milli: 2000, units: 2 },
-            Case { text: "0.1m", milli: 1, units: 1 },
-            Case { text: "100n", milli: 1, units: 1 },
-            Case { text: "0", milli: 0, units: 0 },
-            Case { text: "128Mi", milli: 128 * 1024 * 1024 * 1000, units: 128 * 1024 * 1024 },
-            Case { text: "1Gi", milli: (1u64 << 30) * 1000, units: 1 << 30 },
-            Case { text: "1.5Gi", milli: 1_610_612_736_000, units: 1_610_612_736 },
-            Case { text: "1k", milli: 1_000_000, units: 1000 },
-            Case { text: "1M", milli: 1_000_000_000, units: 1_000_000 },
-            Case { text: "1e3", milli: 1_000_000, units: 1000 },
-            Case { text: "1E-3", milli: 1, units: 1 },
-            Case { text: "+2", milli: 2000, units: 2 },
-            Case { text: "-0", milli: 0, units: 0 },
+            Case {
+                text: "500m",
+                milli: 500,
+                units: 1,
+            },
+            Case {
+                text: "1",
+                milli: 1000,
+                units: 1,
+            },
+            Case {
+                text: "1.5",
+                milli: 1500,
+                units: 2,
+            },
+            Case {
+                text: ".5",
+                milli: 500,
+                units: 1,
+            },
+            Case {
+                text: "2.",
+                milli: 2000,
+                units: 2,
+            },
+            Case {
+                text: "0.1m",
+                milli: 1,
+                units: 1,
+            },
+            Case {
+                text: "100n",
+                milli: 1,
+                units: 1,
+            },
+            Case {
+                text: "0",
+                milli: 0,
+                units: 0,
+            },
+            Case {
+                text: "128Mi",
+                milli: 128 * 1024 * 1024 * 1000,
+                units: 128 * 1024 * 1024,
+            },
+            Case {
+                text: "1Gi",
+                milli: (1u64 << 30) * 1000,
+                units: 1 << 30,
+            },
+            Case {
+                text: "1.5Gi",
+                milli: 1_610_612_736_000,
+                units: 1_610_612_736,
+            },
+            Case {
+                text: "1k",
+                milli: 1_000_000,
+                units: 1000,
+            },
+            Case {
+                text: "1M",
+                milli: 1_000_000_000,
+                units: 1_000_000,
+            },
+            Case {
+                text: "1e3",
+                milli: 1_000_000,
+                units: 1000,
+            },
+            Case {
+                text: "1E-3",
+                milli: 1,
+                units: 1,
+            },
+            Case {
+                text: "+2",
+                milli: 2000,
+                units: 2,
+            },
+            Case {
+                text: "-0",
+                milli: 0,
+                units: 0,
+            },
         ];
         for case in cases {
             let q = Quantity::parse(case.text).unwrap_or_else(|e| panic!("{}: {e}", case.text));
@@ -195,14 +284,20 @@ mod tests {
 
     #[test]
     fn malformed_and_negative_quantities_are_refused() {
-        for bad in ["1.5.5", "", " 1", "1 ", "abc", "1Zi", "1e", "1e+", "Mi", ".", "1..2", "1mm", "0x10", "1e999"] {
+        for bad in [
+            "1.5.5", "", " 1", "1 ", "abc", "1Zi", "1e", "1e+", "Mi", ".", "1..2", "1mm", "0x10",
+            "1e999",
+        ] {
             assert!(Quantity::parse(bad).is_err(), "{bad:?} should be refused");
         }
         assert_eq!(
             Quantity::parse("-1Gi"),
             Err(QuantityError::Negative("-1Gi".into()))
         );
-        assert!(matches!(Quantity::parse("99999999999999999999999999999999"), Err(QuantityError::TooLarge(_))));
+        assert!(matches!(
+            Quantity::parse("99999999999999999999999999999999"),
+            Err(QuantityError::TooLarge(_))
+        ));
         assert!(Quantity::parse("100Ei").expect("parses").units().is_err());
     }
 

@@ -80,7 +80,11 @@ struct Tree {
 
 impl Tree {
     fn insert(&mut self, prefix: &str, pattern: &str) {
-        let full = if prefix.is_empty() { pattern.to_string() } else { format!("{prefix}.{pattern}") };
+        let full = if prefix.is_empty() {
+            pattern.to_string()
+        } else {
+            format!("{prefix}.{pattern}")
+        };
         let mut node = self;
         for part in full.split('.') {
             let (key, arrays) = match part.find("[]") {
@@ -142,7 +146,16 @@ fn tree_for(kind: BuiltinKind) -> Tree {
         | BuiltinKind::PersistentVolume
         | BuiltinKind::PersistentVolumeClaim
         | BuiltinKind::StorageClass => {
-            for p in ["spec", "provisioner", "parameters", "reclaimPolicy", "volumeBindingMode", "allowVolumeExpansion", "mountOptions", "allowedTopologies"] {
+            for p in [
+                "spec",
+                "provisioner",
+                "parameters",
+                "reclaimPolicy",
+                "volumeBindingMode",
+                "allowVolumeExpansion",
+                "mountOptions",
+                "allowedTopologies",
+            ] {
                 tree.insert("", p);
             }
         }
@@ -170,7 +183,11 @@ fn walk(tree: &Tree, value: &serde_json::Value, path: &FieldPath, issues: &mut V
                     continue;
                 }
                 let child_path = path.key(key.clone());
-                match tree.children.get(key.as_str()).or_else(|| tree.children.get("*")) {
+                match tree
+                    .children
+                    .get(key.as_str())
+                    .or_else(|| tree.children.get("*"))
+                {
                     Some(sub) => walk(sub, child, &child_path, issues),
                     None => issues.push(unsupported(&child_path)),
                 }
@@ -191,7 +208,10 @@ fn unsupported(path: &FieldPath) -> FieldIssue {
     let text = path.to_string();
     let message = if text == "status" {
         "status is observed on the node and written to the status branch, never read from Git; this field is ignored".to_string()
-    } else if let Some(field) = text.strip_prefix("metadata.").filter(|f| SERVER_SET_METADATA.contains(f)) {
+    } else if let Some(field) = text
+        .strip_prefix("metadata.")
+        .filter(|f| SERVER_SET_METADATA.contains(f))
+    {
         format!("{field} is set by a Kubernetes API server; Berth ignores it")
     } else {
         "Berth does not support this Kubernetes field yet; it is ignored".to_string()
@@ -218,8 +238,10 @@ mod tests {
             },
             "status": {"phase": "Running"}
         });
-        let found: Vec<String> =
-            unsupported_fields(BuiltinKind::Pod, &pod).iter().map(|i| i.path.to_string()).collect();
+        let found: Vec<String> = unsupported_fields(BuiltinKind::Pod, &pod)
+            .iter()
+            .map(|i| i.path.to_string())
+            .collect();
         assert_eq!(
             found,
             [

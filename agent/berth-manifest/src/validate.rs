@@ -24,7 +24,11 @@ fn err(issues: &mut Issues, path: FieldPath, message: impl Into<String>) {
 pub fn metadata(meta: &ObjectMeta, issues: &mut Issues) {
     let path = FieldPath::root().key("metadata");
     if meta.generate_name.is_some() {
-        err(issues, path.key("generateName"), "Berth needs stable names: set metadata.name instead of generateName");
+        err(
+            issues,
+            path.key("generateName"),
+            "Berth needs stable names: set metadata.name instead of generateName",
+        );
     }
     if let Some(labels) = &meta.labels {
         labels_map(labels, &path.key("labels"), issues);
@@ -62,15 +66,32 @@ pub fn quantity(text: &str, path: &FieldPath, issues: &mut Issues) -> Option<Qua
 
 pub fn pod_spec(spec: &PodSpec, path: &FieldPath, issues: &mut Issues) {
     if spec.containers.is_empty() {
-        err(issues, path.key("containers"), "a pod needs at least one container");
+        err(
+            issues,
+            path.key("containers"),
+            "a pod needs at least one container",
+        );
     }
     let mut seen = BTreeSet::new();
-    let lists = [("initContainers", spec.init_containers.as_deref().unwrap_or(&[])), ("containers", &spec.containers)];
+    let lists = [
+        (
+            "initContainers",
+            spec.init_containers.as_deref().unwrap_or(&[]),
+        ),
+        ("containers", &spec.containers),
+    ];
     for (list, containers) in lists {
         for (i, c) in containers.iter().enumerate() {
             let cpath = path.key(list).index(i);
             if !seen.insert(c.name.clone()) {
-                err(issues, cpath.key("name"), format!("duplicate container name {:?}: names are unique across containers and initContainers", c.name));
+                err(
+                    issues,
+                    cpath.key("name"),
+                    format!(
+                        "duplicate container name {:?}: names are unique across containers and initContainers",
+                        c.name
+                    ),
+                );
             }
             container(c, &cpath, issues);
             if list == "initContainers" && c.restart_policy.is_some() {
@@ -81,32 +102,48 @@ pub fn pod_spec(spec: &PodSpec, path: &FieldPath, issues: &mut Issues) {
             }
         }
     }
-    if let Some(policy) = &spec.restart_policy {
-        if !["Always", "OnFailure", "Never"].contains(&policy.as_str()) {
-            err(issues, path.key("restartPolicy"), format!("unsupported value {policy:?}: must be Always, OnFailure or Never"));
-        }
+    if let Some(policy) = &spec.restart_policy
+        && !["Always", "OnFailure", "Never"].contains(&policy.as_str())
+    {
+        err(
+            issues,
+            path.key("restartPolicy"),
+            format!("unsupported value {policy:?}: must be Always, OnFailure or Never"),
+        );
     }
-    if let Some(node) = &spec.node_name {
-        if let Err(e) = names::dns1123_subdomain(node) {
-            err(issues, path.key("nodeName"), e);
-        }
+    if let Some(node) = &spec.node_name
+        && let Err(e) = names::dns1123_subdomain(node)
+    {
+        err(issues, path.key("nodeName"), e);
     }
     if let Some(selector) = &spec.node_selector {
         labels_map(selector, &path.key("nodeSelector"), issues);
     }
-    if let Some(grace) = spec.termination_grace_period_seconds {
-        if grace < 0 {
-            err(issues, path.key("terminationGracePeriodSeconds"), "must be greater than or equal to 0");
-        }
+    if let Some(grace) = spec.termination_grace_period_seconds
+        && grace < 0
+    {
+        err(
+            issues,
+            path.key("terminationGracePeriodSeconds"),
+            "must be greater than or equal to 0",
+        );
     }
     if let Some(sc) = &spec.security_context {
-        ids(sc.run_as_user, sc.run_as_group, &path.key("securityContext"), issues);
+        ids(
+            sc.run_as_user,
+            sc.run_as_group,
+            &path.key("securityContext"),
+            issues,
+        );
     }
     let terms = spec
         .affinity
         .as_ref()
         .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|n| n.required_during_scheduling_ignored_during_execution.as_ref());
+        .and_then(|n| {
+            n.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        });
     if let Some(required) = terms {
         let tpath = path
             .key("affinity")
@@ -114,7 +151,11 @@ pub fn pod_spec(spec: &PodSpec, path: &FieldPath, issues: &mut Issues) {
             .key("requiredDuringSchedulingIgnoredDuringExecution")
             .key("nodeSelectorTerms");
         if required.node_selector_terms.is_empty() {
-            err(issues, tpath.clone(), "must have at least one node selector term");
+            err(
+                issues,
+                tpath.clone(),
+                "must have at least one node selector term",
+            );
         }
         for (i, term) in required.node_selector_terms.iter().enumerate() {
             node_selector_term(term, &tpath.index(i), issues);
@@ -124,32 +165,61 @@ pub fn pod_spec(spec: &PodSpec, path: &FieldPath, issues: &mut Issues) {
 
 fn node_selector_term(term: &NodeSelectorTerm, path: &FieldPath, issues: &mut Issues) {
     if term.match_fields.as_ref().is_some_and(|f| !f.is_empty()) {
-        issues.push(FieldIssue::warning(path.key("matchFields"), "matchFields is not supported yet; the term is evaluated without it"));
+        issues.push(FieldIssue::warning(
+            path.key("matchFields"),
+            "matchFields is not supported yet; the term is evaluated without it",
+        ));
     }
     for (i, req) in term.match_expressions.iter().flatten().enumerate() {
         let rpath = path.key("matchExpressions").index(i);
         let n = req.values.as_ref().map_or(0, Vec::len);
         match req.operator.as_str() {
-            "In" | "NotIn" if n == 0 => err(issues, rpath.key("values"), "must be specified for In and NotIn"),
-            "Exists" | "DoesNotExist" if n > 0 => err(issues, rpath.key("values"), "must be empty for Exists and DoesNotExist"),
+            "In" | "NotIn" if n == 0 => err(
+                issues,
+                rpath.key("values"),
+                "must be specified for In and NotIn",
+            ),
+            "Exists" | "DoesNotExist" if n > 0 => err(
+                issues,
+                rpath.key("values"),
+                "must be empty for Exists and DoesNotExist",
+            ),
             "Gt" | "Lt" => {
-                let ok = n == 1 && req.values.as_ref().is_some_and(|v| v[0].parse::<i64>().is_ok());
+                let ok = n == 1
+                    && req
+                        .values
+                        .as_ref()
+                        .is_some_and(|v| v[0].parse::<i64>().is_ok());
                 if !ok {
-                    err(issues, rpath.key("values"), "must be a single integer for Gt and Lt");
+                    err(
+                        issues,
+                        rpath.key("values"),
+                        "must be a single integer for Gt and Lt",
+                    );
                 }
             }
             "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
-            other => err(issues, rpath.key("operator"), format!("unsupported operator {other:?}: must be In, NotIn, Exists, DoesNotExist, Gt or Lt")),
+            other => err(
+                issues,
+                rpath.key("operator"),
+                format!(
+                    "unsupported operator {other:?}: must be In, NotIn, Exists, DoesNotExist, Gt or Lt"
+                ),
+            ),
         }
     }
 }
 
 fn ids(user: Option<i64>, group: Option<i64>, path: &FieldPath, issues: &mut Issues) {
     for (name, id) in [("runAsUser", user), ("runAsGroup", group)] {
-        if let Some(id) = id {
-            if !(0..=i64::from(i32::MAX)).contains(&id) {
-                err(issues, path.key(name), format!("{id} must be between 0 and 2147483647"));
-            }
+        if let Some(id) = id
+            && !(0..=i64::from(i32::MAX)).contains(&id)
+        {
+            err(
+                issues,
+                path.key(name),
+                format!("{id} must be between 0 and 2147483647"),
+            );
         }
     }
 }
@@ -159,16 +229,26 @@ fn container(c: &Container, path: &FieldPath, issues: &mut Issues) {
         err(issues, path.key("name"), e);
     }
     match c.image.as_deref() {
-        None | Some("") => err(issues, path.key("image"), "required: every container needs an image"),
-        Some(image) if image.trim() != image || image.contains(char::is_whitespace) => {
-            err(issues, path.key("image"), format!("{image:?} must not contain whitespace"))
-        }
+        None | Some("") => err(
+            issues,
+            path.key("image"),
+            "required: every container needs an image",
+        ),
+        Some(image) if image.trim() != image || image.contains(char::is_whitespace) => err(
+            issues,
+            path.key("image"),
+            format!("{image:?} must not contain whitespace"),
+        ),
         Some(_) => {}
     }
-    if let Some(policy) = &c.image_pull_policy {
-        if !["Always", "IfNotPresent", "Never"].contains(&policy.as_str()) {
-            err(issues, path.key("imagePullPolicy"), format!("unsupported value {policy:?}: must be Always, IfNotPresent or Never"));
-        }
+    if let Some(policy) = &c.image_pull_policy
+        && !["Always", "IfNotPresent", "Never"].contains(&policy.as_str())
+    {
+        err(
+            issues,
+            path.key("imagePullPolicy"),
+            format!("unsupported value {policy:?}: must be Always, IfNotPresent or Never"),
+        );
     }
     for (i, e) in c.env.iter().flatten().enumerate() {
         let epath = path.key("env").index(i);
@@ -177,7 +257,11 @@ fn container(c: &Container, path: &FieldPath, issues: &mut Issues) {
         }
         if let Some(from) = &e.value_from {
             if e.value.as_deref().is_some_and(|v| !v.is_empty()) {
-                err(issues, epath.key("valueFrom"), "may not be specified when value is not empty");
+                err(
+                    issues,
+                    epath.key("valueFrom"),
+                    "may not be specified when value is not empty",
+                );
             }
             let sources = [
                 from.config_map_key_ref.is_some(),
@@ -187,25 +271,47 @@ fn container(c: &Container, path: &FieldPath, issues: &mut Issues) {
                 from.file_key_ref.is_some(),
             ];
             if sources.iter().filter(|s| **s).count() != 1 {
-                err(issues, epath.key("valueFrom"), "must set exactly one of configMapKeyRef, secretKeyRef, fieldRef, resourceFieldRef");
+                err(
+                    issues,
+                    epath.key("valueFrom"),
+                    "must set exactly one of configMapKeyRef, secretKeyRef, fieldRef, resourceFieldRef",
+                );
             }
             if from.file_key_ref.is_some() {
-                err(issues, epath.key("valueFrom").key("fileKeyRef"), "fileKeyRef is not supported");
+                err(
+                    issues,
+                    epath.key("valueFrom").key("fileKeyRef"),
+                    "fileKeyRef is not supported",
+                );
             }
             if let Some(r) = &from.config_map_key_ref {
-                reference_name(&r.name, &epath.key("valueFrom").key("configMapKeyRef").key("name"), issues);
+                reference_name(
+                    &r.name,
+                    &epath.key("valueFrom").key("configMapKeyRef").key("name"),
+                    issues,
+                );
             }
             if let Some(r) = &from.secret_key_ref {
-                reference_name(&r.name, &epath.key("valueFrom").key("secretKeyRef").key("name"), issues);
+                reference_name(
+                    &r.name,
+                    &epath.key("valueFrom").key("secretKeyRef").key("name"),
+                    issues,
+                );
             }
         }
     }
     for (i, e) in c.env_from.iter().flatten().enumerate() {
         let epath = path.key("envFrom").index(i);
         match (&e.config_map_ref, &e.secret_ref) {
-            (Some(r), None) => reference_name(&r.name, &epath.key("configMapRef").key("name"), issues),
+            (Some(r), None) => {
+                reference_name(&r.name, &epath.key("configMapRef").key("name"), issues)
+            }
             (None, Some(r)) => reference_name(&r.name, &epath.key("secretRef").key("name"), issues),
-            _ => err(issues, epath, "must set exactly one of configMapRef and secretRef"),
+            _ => err(
+                issues,
+                epath,
+                "must set exactly one of configMapRef and secretRef",
+            ),
         }
     }
     if let Some(res) = &c.resources {
@@ -214,7 +320,9 @@ fn container(c: &Container, path: &FieldPath, issues: &mut Issues) {
         for (section, map) in [("requests", &res.requests), ("limits", &res.limits)] {
             for (name, q) in map.iter().flatten() {
                 let qpath = rpath.key(section).key(name.clone());
-                let Some(value) = quantity(&q.0, &qpath, issues) else { continue };
+                let Some(value) = quantity(&q.0, &qpath, issues) else {
+                    continue;
+                };
                 let converted = match name.as_str() {
                     "cpu" => value.milli(),
                     "memory" => value.units(),
@@ -229,45 +337,85 @@ fn container(c: &Container, path: &FieldPath, issues: &mut Issues) {
             }
         }
         for resource in ["cpu", "memory"] {
-            if let (Some(req), Some(lim)) = (parsed.get(&("requests", resource)), parsed.get(&("limits", resource))) {
-                if req > lim {
-                    err(issues, rpath.key("requests").key(resource), format!("must be less than or equal to the {resource} limit"));
-                }
+            if let (Some(req), Some(lim)) = (
+                parsed.get(&("requests", resource)),
+                parsed.get(&("limits", resource)),
+            ) && req > lim
+            {
+                err(
+                    issues,
+                    rpath.key("requests").key(resource),
+                    format!("must be less than or equal to the {resource} limit"),
+                );
             }
         }
         if res.claims.as_ref().is_some_and(|c| !c.is_empty()) {
-            issues.push(FieldIssue::warning(rpath.key("claims"), "dynamic resource claims are not supported; ignored"));
+            issues.push(FieldIssue::warning(
+                rpath.key("claims"),
+                "dynamic resource claims are not supported; ignored",
+            ));
         }
     }
     for (i, policy) in c.resize_policy.iter().flatten().enumerate() {
         let ppath = path.key("resizePolicy").index(i);
         if !["cpu", "memory"].contains(&policy.resource_name.as_str()) {
-            err(issues, ppath.key("resourceName"), format!("unsupported value {:?}: must be cpu or memory", policy.resource_name));
+            err(
+                issues,
+                ppath.key("resourceName"),
+                format!(
+                    "unsupported value {:?}: must be cpu or memory",
+                    policy.resource_name
+                ),
+            );
         }
         if !["NotRequired", "RestartContainer"].contains(&policy.restart_policy.as_str()) {
-            err(issues, ppath.key("restartPolicy"), format!("unsupported value {:?}: must be NotRequired or RestartContainer", policy.restart_policy));
+            err(
+                issues,
+                ppath.key("restartPolicy"),
+                format!(
+                    "unsupported value {:?}: must be NotRequired or RestartContainer",
+                    policy.restart_policy
+                ),
+            );
         }
     }
     let mut port_names = BTreeSet::new();
     for (i, port) in c.ports.iter().flatten().enumerate() {
         let ppath = path.key("ports").index(i);
         if !(1..=65535).contains(&port.container_port) {
-            err(issues, ppath.key("containerPort"), format!("{} must be between 1 and 65535", port.container_port));
+            err(
+                issues,
+                ppath.key("containerPort"),
+                format!("{} must be between 1 and 65535", port.container_port),
+            );
         }
-        if let Some(proto) = &port.protocol {
-            if !["TCP", "UDP", "SCTP"].contains(&proto.as_str()) {
-                err(issues, ppath.key("protocol"), format!("unsupported value {proto:?}: must be TCP, UDP or SCTP"));
-            }
+        if let Some(proto) = &port.protocol
+            && !["TCP", "UDP", "SCTP"].contains(&proto.as_str())
+        {
+            err(
+                issues,
+                ppath.key("protocol"),
+                format!("unsupported value {proto:?}: must be TCP, UDP or SCTP"),
+            );
         }
         if let Some(name) = &port.name {
             port_name(name, &ppath.key("name"), issues);
             if !port_names.insert(name.clone()) {
-                err(issues, ppath.key("name"), format!("duplicate port name {name:?}"));
+                err(
+                    issues,
+                    ppath.key("name"),
+                    format!("duplicate port name {name:?}"),
+                );
             }
         }
     }
     if let Some(sc) = &c.security_context {
-        ids(sc.run_as_user, sc.run_as_group, &path.key("securityContext"), issues);
+        ids(
+            sc.run_as_user,
+            sc.run_as_group,
+            &path.key("securityContext"),
+            issues,
+        );
     }
 }
 
@@ -275,13 +423,21 @@ fn container(c: &Container, path: &FieldPath, issues: &mut Issues) {
 pub fn port_name(name: &str, path: &FieldPath, issues: &mut Issues) {
     let ok = !name.is_empty()
         && name.len() <= 15
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && name.chars().any(|c| c.is_ascii_lowercase())
         && !name.starts_with('-')
         && !name.ends_with('-')
         && !name.contains("--");
     if !ok {
-        err(issues, path.clone(), format!("{name:?} is not a valid port name: at most 15 lowercase letters, digits and single '-', with at least one letter"));
+        err(
+            issues,
+            path.clone(),
+            format!(
+                "{name:?} is not a valid port name: at most 15 lowercase letters, digits and single '-', with at least one letter"
+            ),
+        );
     }
 }
 
@@ -297,20 +453,37 @@ pub fn deployment(d: &Deployment, issues: &mut Issues) {
         return;
     };
     let spath = FieldPath::root().key("spec");
-    if let Some(r) = spec.replicas {
-        if r < 0 {
-            err(issues, spath.key("replicas"), "must be greater than or equal to 0");
-        }
+    if let Some(r) = spec.replicas
+        && r < 0
+    {
+        err(
+            issues,
+            spath.key("replicas"),
+            "must be greater than or equal to 0",
+        );
     }
-    let labels = spec.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+    let labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
     let tpath = spath.key("template");
     labels_map(&labels, &tpath.key("metadata").key("labels"), issues);
     if selector_is_empty(&spec.selector) {
-        err(issues, spath.key("selector"), "must select at least one label: an empty selector would match every pod");
+        err(
+            issues,
+            spath.key("selector"),
+            "must select at least one label: an empty selector would match every pod",
+        );
     } else {
         match selector_matches(&spec.selector, &labels) {
             Ok(true) => {}
-            Ok(false) => err(issues, spath.key("selector"), "does not match the template's labels (spec.template.metadata.labels)"),
+            Ok(false) => err(
+                issues,
+                spath.key("selector"),
+                "does not match the template's labels (spec.template.metadata.labels)",
+            ),
             Err(e) => err(issues, spath.key("selector"), e),
         }
     }
@@ -318,7 +491,11 @@ pub fn deployment(d: &Deployment, issues: &mut Issues) {
         Some(pod) => {
             pod_spec(pod, &tpath.key("spec"), issues);
             if let Some(policy) = pod.restart_policy.as_deref().filter(|p| *p != "Always") {
-                err(issues, tpath.key("spec").key("restartPolicy"), format!("unsupported value {policy:?}: a Deployment's pods must use Always"));
+                err(
+                    issues,
+                    tpath.key("spec").key("restartPolicy"),
+                    format!("unsupported value {policy:?}: a Deployment's pods must use Always"),
+                );
             }
         }
         None => err(issues, tpath.key("spec"), "required"),
@@ -326,11 +503,15 @@ pub fn deployment(d: &Deployment, issues: &mut Issues) {
 }
 
 fn selector_is_empty(s: &LabelSelector) -> bool {
-    s.match_labels.as_ref().is_none_or(BTreeMap::is_empty) && s.match_expressions.as_ref().is_none_or(Vec::is_empty)
+    s.match_labels.as_ref().is_none_or(BTreeMap::is_empty)
+        && s.match_expressions.as_ref().is_none_or(Vec::is_empty)
 }
 
 /// Whether a label selector selects a set of labels (`matchLabels` and `matchExpressions`).
-pub fn selector_matches(s: &LabelSelector, labels: &BTreeMap<String, String>) -> Result<bool, String> {
+pub fn selector_matches(
+    s: &LabelSelector,
+    labels: &BTreeMap<String, String>,
+) -> Result<bool, String> {
     for (k, v) in s.match_labels.iter().flatten() {
         if labels.get(k) != Some(v) {
             return Ok(false);
@@ -344,7 +525,11 @@ pub fn selector_matches(s: &LabelSelector, labels: &BTreeMap<String, String>) ->
             "NotIn" => present.is_none_or(|v| !values.contains(v)),
             "Exists" => present.is_some(),
             "DoesNotExist" => present.is_none(),
-            other => return Err(format!("unsupported operator {other:?}: must be In, NotIn, Exists or DoesNotExist")),
+            other => {
+                return Err(format!(
+                    "unsupported operator {other:?}: must be In, NotIn, Exists or DoesNotExist"
+                ));
+            }
         };
         if !ok {
             return Ok(false);
@@ -356,8 +541,18 @@ pub fn selector_matches(s: &LabelSelector, labels: &BTreeMap<String, String>) ->
 pub fn config_map(cm: &ConfigMap, issues: &mut Issues) {
     let data_keys: BTreeSet<&String> = cm.data.iter().flatten().map(|(k, _)| k).collect();
     for (section, keys) in [
-        ("data", cm.data.iter().flatten().map(|(k, _)| k).collect::<Vec<_>>()),
-        ("binaryData", cm.binary_data.iter().flatten().map(|(k, _)| k).collect::<Vec<_>>()),
+        (
+            "data",
+            cm.data.iter().flatten().map(|(k, _)| k).collect::<Vec<_>>(),
+        ),
+        (
+            "binaryData",
+            cm.binary_data
+                .iter()
+                .flatten()
+                .map(|(k, _)| k)
+                .collect::<Vec<_>>(),
+        ),
     ] {
         for key in keys {
             let p = FieldPath::root().key(section).key(key.clone());
@@ -373,8 +568,18 @@ pub fn config_map(cm: &ConfigMap, issues: &mut Issues) {
 
 pub fn secret(s: &Secret, issues: &mut Issues) {
     for (section, keys) in [
-        ("data", s.data.iter().flatten().map(|(k, _)| k).collect::<Vec<_>>()),
-        ("stringData", s.string_data.iter().flatten().map(|(k, _)| k).collect::<Vec<_>>()),
+        (
+            "data",
+            s.data.iter().flatten().map(|(k, _)| k).collect::<Vec<_>>(),
+        ),
+        (
+            "stringData",
+            s.string_data
+                .iter()
+                .flatten()
+                .map(|(k, _)| k)
+                .collect::<Vec<_>>(),
+        ),
     ] {
         for key in keys {
             if let Err(e) = names::config_key(key) {
@@ -387,10 +592,16 @@ pub fn secret(s: &Secret, issues: &mut Issues) {
 pub fn service(s: &Service, issues: &mut Issues) {
     let Some(spec) = &s.spec else { return };
     let spath = FieldPath::root().key("spec");
-    if let Some(t) = &spec.type_ {
-        if !["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"].contains(&t.as_str()) {
-            err(issues, spath.key("type"), format!("unsupported value {t:?}: must be ClusterIP, NodePort, LoadBalancer or ExternalName"));
-        }
+    if let Some(t) = &spec.type_
+        && !["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"].contains(&t.as_str())
+    {
+        err(
+            issues,
+            spath.key("type"),
+            format!(
+                "unsupported value {t:?}: must be ClusterIP, NodePort, LoadBalancer or ExternalName"
+            ),
+        );
     }
     if let Some(sel) = &spec.selector {
         labels_map(sel, &spath.key("selector"), issues);
@@ -400,7 +611,11 @@ pub fn service(s: &Service, issues: &mut Issues) {
     for (i, port) in spec.ports.iter().flatten().enumerate() {
         let ppath = spath.key("ports").index(i);
         if !(1..=65535).contains(&port.port) {
-            err(issues, ppath.key("port"), format!("{} must be between 1 and 65535", port.port));
+            err(
+                issues,
+                ppath.key("port"),
+                format!("{} must be between 1 and 65535", port.port),
+            );
         }
         match &port.name {
             Some(name) => {
@@ -408,29 +623,52 @@ pub fn service(s: &Service, issues: &mut Issues) {
                     err(issues, ppath.key("name"), e);
                 }
                 if !seen.insert(name.clone()) {
-                    err(issues, ppath.key("name"), format!("duplicate port name {name:?}"));
+                    err(
+                        issues,
+                        ppath.key("name"),
+                        format!("duplicate port name {name:?}"),
+                    );
                 }
             }
-            None if multiple => err(issues, ppath.key("name"), "required when a Service has more than one port"),
+            None if multiple => err(
+                issues,
+                ppath.key("name"),
+                "required when a Service has more than one port",
+            ),
             None => {}
         }
-        if let Some(np) = port.node_port {
-            if !(1..=65535).contains(&np) {
-                err(issues, ppath.key("nodePort"), format!("{np} must be between 1 and 65535"));
-            }
+        if let Some(np) = port.node_port
+            && !(1..=65535).contains(&np)
+        {
+            err(
+                issues,
+                ppath.key("nodePort"),
+                format!("{np} must be between 1 and 65535"),
+            );
         }
-        if let Some(proto) = &port.protocol {
-            if !["TCP", "UDP", "SCTP"].contains(&proto.as_str()) {
-                err(issues, ppath.key("protocol"), format!("unsupported value {proto:?}: must be TCP, UDP or SCTP"));
-            }
+        if let Some(proto) = &port.protocol
+            && !["TCP", "UDP", "SCTP"].contains(&proto.as_str())
+        {
+            err(
+                issues,
+                ppath.key("protocol"),
+                format!("unsupported value {proto:?}: must be TCP, UDP or SCTP"),
+            );
         }
-        if let Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(name)) = &port.target_port {
+        if let Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(name)) =
+            &port.target_port
+        {
             port_name(name, &ppath.key("targetPort"), issues);
         }
     }
 }
 
-const ACCESS_MODES: [&str; 4] = ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"];
+const ACCESS_MODES: [&str; 4] = [
+    "ReadWriteOnce",
+    "ReadOnlyMany",
+    "ReadWriteMany",
+    "ReadWriteOncePod",
+];
 
 pub fn persistent_volume(pv: &PersistentVolume, issues: &mut Issues) {
     let Some(spec) = &pv.spec else {
@@ -441,7 +679,11 @@ pub fn persistent_volume(pv: &PersistentVolume, issues: &mut Issues) {
     for (name, q) in spec.capacity.iter().flatten() {
         quantity(&q.0, &spath.key("capacity").key(name.clone()), issues);
     }
-    access_modes(spec.access_modes.as_deref(), &spath.key("accessModes"), issues);
+    access_modes(
+        spec.access_modes.as_deref(),
+        &spath.key("accessModes"),
+        issues,
+    );
 }
 
 pub fn persistent_volume_claim(pvc: &PersistentVolumeClaim, issues: &mut Issues) {
@@ -453,17 +695,32 @@ pub fn persistent_volume_claim(pvc: &PersistentVolumeClaim, issues: &mut Issues)
     if let Some(res) = &spec.resources {
         for (section, map) in [("requests", &res.requests), ("limits", &res.limits)] {
             for (name, q) in map.iter().flatten() {
-                quantity(&q.0, &spath.key("resources").key(section).key(name.clone()), issues);
+                quantity(
+                    &q.0,
+                    &spath.key("resources").key(section).key(name.clone()),
+                    issues,
+                );
             }
         }
     }
-    access_modes(spec.access_modes.as_deref(), &spath.key("accessModes"), issues);
+    access_modes(
+        spec.access_modes.as_deref(),
+        &spath.key("accessModes"),
+        issues,
+    );
 }
 
 fn access_modes(modes: Option<&[String]>, path: &FieldPath, issues: &mut Issues) {
     for (i, m) in modes.unwrap_or(&[]).iter().enumerate() {
         if !ACCESS_MODES.contains(&m.as_str()) {
-            err(issues, path.index(i), format!("unsupported value {m:?}: must be one of {}", ACCESS_MODES.join(", ")));
+            err(
+                issues,
+                path.index(i),
+                format!(
+                    "unsupported value {m:?}: must be one of {}",
+                    ACCESS_MODES.join(", ")
+                ),
+            );
         }
     }
 }

@@ -49,7 +49,6 @@ pub fn split_documents(text: &str) -> Vec<Chunk> {
     let mut start = 0usize;
     let mut first_line = 1u32;
     let mut offset = 0usize;
-    let mut line_no = 1u32;
     let push = |start: usize, end: usize, first_line: u32, chunks: &mut Vec<Chunk>| {
         let body = &text[start..end];
         let has_content = body.lines().any(|l| {
@@ -58,10 +57,15 @@ pub fn split_documents(text: &str) -> Vec<Chunk> {
         }) || body.lines().any(|l| is_marker(l) && marker_has_content(l));
         if has_content {
             let index = chunks.len();
-            chunks.push(Chunk { index, first_line, start, end });
+            chunks.push(Chunk {
+                index,
+                first_line,
+                start,
+                end,
+            });
         }
     };
-    for line in text.split_inclusive('\n') {
+    for (line_no, line) in (1u32..).zip(text.split_inclusive('\n')) {
         if is_marker(line) && offset > start {
             push(start, offset, first_line, &mut chunks);
             start = offset;
@@ -74,7 +78,6 @@ pub fn split_documents(text: &str) -> Vec<Chunk> {
             first_line = line_no + 1;
         }
         offset += line.len();
-        line_no += 1;
     }
     if offset > start {
         push(start, offset, first_line, &mut chunks);
@@ -119,7 +122,10 @@ pub fn parse_chunk(text: &str, chunk: &Chunk) -> Result<Option<serde_json::Value
                 .map(|l| l.line() as u32)
                 .filter(|&l| l > 0)
                 .map(|l| l + chunk.first_line - 1);
-            Err(YamlError { line, message: clean_message(&err.to_string()) })
+            Err(YamlError {
+                line,
+                message: clean_message(&err.to_string()),
+            })
         }
     }
 }
@@ -149,9 +155,9 @@ pub fn locate(text: &str, chunk: &Chunk, path: &FieldPath) -> Option<u32> {
                 .iter()
                 .find(|(key, _)| &key.value == k)
                 .map(|(key, value)| (key.referenced.line() as u32, &value.value)),
-            (PathSegment::Index(i), LocNode::Seq(items)) => {
-                items.get(*i).map(|item| (item.referenced.line() as u32, &item.value))
-            }
+            (PathSegment::Index(i), LocNode::Seq(items)) => items
+                .get(*i)
+                .map(|item| (item.referenced.line() as u32, &item.value)),
             _ => None,
         };
         match next {
@@ -228,7 +234,14 @@ impl<'de> Visitor<'de> for LocVisitor {
                 other => other.to_string(),
             };
             let value = map.next_value()?;
-            entries.push((Spanned { value: text, referenced: key.referenced, defined: key.defined }, value));
+            entries.push((
+                Spanned {
+                    value: text,
+                    referenced: key.referenced,
+                    defined: key.defined,
+                },
+                value,
+            ));
         }
         Ok(LocNode::Map(entries))
     }
@@ -245,10 +258,15 @@ mod tests {
         assert_eq!(chunks.len(), 2);
         assert_eq!(chunks[0].first_line, 2);
         assert_eq!(chunks[1].first_line, 6);
-        let second = parse_chunk(text, &chunks[1]).expect("parses").expect("not empty");
+        let second = parse_chunk(text, &chunks[1])
+            .expect("parses")
+            .expect("not empty");
         assert_eq!(second["b"]["c"], 2);
         assert_eq!(locate(text, &chunks[1], &FieldPath::parse("b.c")), Some(8));
-        assert_eq!(locate(text, &chunks[1], &FieldPath::parse("b.missing")), Some(7));
+        assert_eq!(
+            locate(text, &chunks[1], &FieldPath::parse("b.missing")),
+            Some(7)
+        );
     }
 
     #[test]
@@ -263,7 +281,11 @@ mod tests {
         let chunk = split_documents(text)[0];
         let err = parse_chunk(text, &chunk).expect_err("duplicate key");
         assert_eq!(err.line, Some(3), "{err:?}");
-        assert!(err.message.to_lowercase().contains("duplicate"), "{}", err.message);
+        assert!(
+            err.message.to_lowercase().contains("duplicate"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]
@@ -283,6 +305,9 @@ mod tests {
     fn sequence_items_are_located() {
         let text = "items:\n  - name: a\n  - name: b\n    image: x\n";
         let chunk = split_documents(text)[0];
-        assert_eq!(locate(text, &chunk, &FieldPath::parse("items[1].image")), Some(4));
+        assert_eq!(
+            locate(text, &chunk, &FieldPath::parse("items[1].image")),
+            Some(4)
+        );
     }
 }

@@ -45,9 +45,10 @@ impl ActualUnit {
 
     fn log_field(&self, field: &str) -> Option<&str> {
         match self.properties.get("LogExtraFields") {
-            Some(PropertyValue::List(fields)) => {
-                fields.iter().find_map(|f| f.strip_prefix(field).and_then(|rest| rest.strip_prefix('=')))
-            }
+            Some(PropertyValue::List(fields)) => fields.iter().find_map(|f| {
+                f.strip_prefix(field)
+                    .and_then(|rest| rest.strip_prefix('='))
+            }),
             _ => None,
         }
     }
@@ -60,7 +61,9 @@ impl ActualUnit {
             return false;
         }
         if self.name.is_slice() {
-            return self.text("Description").is_some_and(|d| d.starts_with("berth "));
+            return self
+                .text("Description")
+                .is_some_and(|d| d.starts_with("berth "));
         }
         matches!(self.properties.get("LogExtraFields"), Some(PropertyValue::List(f)) if f.iter().any(|x| x == MARKER_FIELD))
     }

@@ -13,8 +13,8 @@ use crate::images::{ImageCatalog, ImageConfig};
 use crate::node::{NodeInfo, PodInstance};
 use crate::resources::{self, ContainerResources, QosClass};
 use crate::units::{
-    self, CONTAINER_FIELD, ExecCommand, IMAGE_FIELD, MARKER_FIELD, OWNER_FIELD, POD_FIELD, PodId, Properties,
-    PropertyValue, SLICE_DESCRIPTION_PREFIX, UnitName,
+    self, CONTAINER_FIELD, ExecCommand, IMAGE_FIELD, MARKER_FIELD, OWNER_FIELD, POD_FIELD, PodId,
+    Properties, PropertyValue, SLICE_DESCRIPTION_PREFIX, UnitName,
 };
 
 /// The `PATH` container runtimes set when the image does not.
@@ -130,7 +130,12 @@ impl<'a> Context<'a> {
                 _ => {}
             }
         }
-        Self { node, images, config_maps, secrets }
+        Self {
+            node,
+            images,
+            config_maps,
+            secrets,
+        }
     }
 }
 
@@ -143,7 +148,10 @@ pub struct Resolved {
 
 /// Builds one pod's desired units. Errors name fields relative to the
 /// object the pod comes from.
-pub fn resolve_pod(instance: &PodInstance<'_>, ctx: &Context<'_>) -> Result<Resolved, Vec<FieldIssue>> {
+pub fn resolve_pod(
+    instance: &PodInstance<'_>,
+    ctx: &Context<'_>,
+) -> Result<Resolved, Vec<FieldIssue>> {
     let spec = instance.spec;
     let spec_path = FieldPath::parse(instance.spec_path);
     let mut errors = Vec::new();
@@ -159,9 +167,15 @@ pub fn resolve_pod(instance: &PodInstance<'_>, ctx: &Context<'_>) -> Result<Reso
         .iter()
         .enumerate()
         .map(|(i, c)| (true, i, c))
-        .chain(spec.containers.iter().enumerate().map(|(i, c)| (false, i, c)))
+        .chain(
+            spec.containers
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (false, i, c)),
+        )
         .collect();
-    let resources: Vec<ContainerResources> = all.iter().map(|(_, _, c)| container_resources(c)).collect();
+    let resources: Vec<ContainerResources> =
+        all.iter().map(|(_, _, c)| container_resources(c)).collect();
     let qos = resources::qos_class(&resources);
 
     if spec.enable_service_links == Some(true) {
@@ -174,7 +188,10 @@ pub fn resolve_pod(instance: &PodInstance<'_>, ctx: &Context<'_>) -> Result<Reso
     let slice_name = match units::pod_slice(qos, &instance.id) {
         Ok(n) => Some(n),
         Err(e) => {
-            errors.push(FieldIssue::error(FieldPath::root().key("metadata").key("name"), e.to_string()));
+            errors.push(FieldIssue::error(
+                FieldPath::root().key("metadata").key("name"),
+                e.to_string(),
+            ));
             None
         }
     };
@@ -182,11 +199,18 @@ pub fn resolve_pod(instance: &PodInstance<'_>, ctx: &Context<'_>) -> Result<Reso
     let mut init_units: Vec<ContainerUnit> = Vec::new();
     let mut app_units = Vec::new();
     for ((is_init, index, container), res) in all.iter().zip(&resources) {
-        let list = if *is_init { "initContainers" } else { "containers" };
+        let list = if *is_init {
+            "initContainers"
+        } else {
+            "containers"
+        };
         let cpath = spec_path.key(list).index(*index);
         let Some(slice) = &slice_name else { break };
         let after: Vec<String> = if *is_init {
-            init_units.last().map(|u| vec![u.name.to_string()]).unwrap_or_default()
+            init_units
+                .last()
+                .map(|u| vec![u.name.to_string()])
+                .unwrap_or_default()
         } else {
             init_units.iter().map(|u| u.name.to_string()).collect()
         };
@@ -210,7 +234,9 @@ pub fn resolve_pod(instance: &PodInstance<'_>, ctx: &Context<'_>) -> Result<Reso
     if !errors.is_empty() {
         return Err(errors);
     }
-    let Some(slice_name) = slice_name else { return Err(errors) };
+    let Some(slice_name) = slice_name else {
+        return Err(errors);
+    };
 
     let pod_res = pod_resources(&resources[..init.len()], &resources[init.len()..]);
     let mut slice_props = Properties::new();
@@ -218,16 +244,32 @@ pub fn resolve_pod(instance: &PodInstance<'_>, ctx: &Context<'_>) -> Result<Reso
         "Description".into(),
         PropertyValue::Text(format!("{SLICE_DESCRIPTION_PREFIX}{} ({qos})", instance.id)),
     );
-    let shares = resources::milli_to_shares(if qos == QosClass::BestEffort { 0 } else { pod_res.cpu_request_milli.unwrap_or(0) });
-    slice_props.insert("CPUWeight".into(), PropertyValue::Unsigned(resources::shares_to_weight(shares)));
+    let shares = resources::milli_to_shares(if qos == QosClass::BestEffort {
+        0
+    } else {
+        pod_res.cpu_request_milli.unwrap_or(0)
+    });
+    slice_props.insert(
+        "CPUWeight".into(),
+        PropertyValue::Unsigned(resources::shares_to_weight(shares)),
+    );
     if let Some(limit) = pod_res.cpu_limit_milli {
-        slice_props.insert("CPUQuotaPerSecUSec".into(), PropertyValue::Unsigned(resources::quota_per_sec(resources::milli_to_quota(limit))));
-        slice_props.insert("CPUQuotaPeriodUSec".into(), PropertyValue::Unsigned(resources::CPU_PERIOD_USEC));
+        slice_props.insert(
+            "CPUQuotaPerSecUSec".into(),
+            PropertyValue::Unsigned(resources::quota_per_sec(resources::milli_to_quota(limit))),
+        );
+        slice_props.insert(
+            "CPUQuotaPeriodUSec".into(),
+            PropertyValue::Unsigned(resources::CPU_PERIOD_USEC),
+        );
     }
     if let Some(limit) = pod_res.memory_limit_bytes {
         slice_props.insert("MemoryMax".into(), PropertyValue::Unsigned(limit));
     }
-    slice_props.insert("TasksMax".into(), PropertyValue::Unsigned(ctx.node.pod_pids_limit));
+    slice_props.insert(
+        "TasksMax".into(),
+        PropertyValue::Unsigned(ctx.node.pod_pids_limit),
+    );
 
     Ok(Resolved {
         pod: DesiredPod {
@@ -235,7 +277,10 @@ pub fn resolve_pod(instance: &PodInstance<'_>, ctx: &Context<'_>) -> Result<Reso
             source: instance.source.id.clone(),
             qos,
             restart_policy,
-            slice: SliceUnit { name: slice_name, properties: slice_props },
+            slice: SliceUnit {
+                name: slice_name,
+                properties: slice_props,
+            },
             init_containers: init_units,
             containers: app_units,
             cpu_request_milli: pod_res.cpu_request_milli.unwrap_or(0),
@@ -248,7 +293,11 @@ pub fn resolve_pod(instance: &PodInstance<'_>, ctx: &Context<'_>) -> Result<Reso
 /// weight; Guaranteed and Burstable get the weight of their pods' requests.
 pub fn qos_slices(pods: &[DesiredPod]) -> Vec<SliceUnit> {
     let mut slices = Vec::new();
-    for qos in [QosClass::Guaranteed, QosClass::Burstable, QosClass::BestEffort] {
+    for qos in [
+        QosClass::Guaranteed,
+        QosClass::Burstable,
+        QosClass::BestEffort,
+    ] {
         let members: Vec<&DesiredPod> = pods.iter().filter(|p| p.qos == qos).collect();
         if members.is_empty() {
             continue;
@@ -259,20 +308,36 @@ pub fn qos_slices(pods: &[DesiredPod]) -> Vec<SliceUnit> {
             _ => resources::shares_to_weight(resources::milli_to_shares(milli)),
         };
         let mut properties = Properties::new();
-        properties.insert("Description".into(), PropertyValue::Text(format!("berth {qos} pods")));
+        properties.insert(
+            "Description".into(),
+            PropertyValue::Text(format!("berth {qos} pods")),
+        );
         properties.insert("CPUWeight".into(), PropertyValue::Unsigned(weight));
-        slices.push(SliceUnit { name: units::qos_slice(qos), properties });
+        slices.push(SliceUnit {
+            name: units::qos_slice(qos),
+            properties,
+        });
     }
     slices
 }
 
 fn container_resources(c: &Container) -> ContainerResources {
-    let get = |section: &Option<BTreeMap<String, berth_manifest::k8s_openapi::apimachinery::pkg::api::resource::Quantity>>, name: &str, cpu: bool| {
+    let get = |section: &Option<
+        BTreeMap<String, berth_manifest::k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    >,
+               name: &str,
+               cpu: bool| {
         let q = section.as_ref()?.get(name)?;
         let parsed = Quantity::parse(&q.0).ok()?;
-        if cpu { parsed.milli().ok() } else { parsed.units().ok() }
+        if cpu {
+            parsed.milli().ok()
+        } else {
+            parsed.units().ok()
+        }
     };
-    let Some(r) = &c.resources else { return ContainerResources::default() };
+    let Some(r) = &c.resources else {
+        return ContainerResources::default();
+    };
     ContainerResources {
         cpu_request_milli: get(&r.requests, "cpu", true),
         cpu_limit_milli: get(&r.limits, "cpu", true),
@@ -285,7 +350,12 @@ fn container_resources(c: &Container) -> ContainerResources {
 /// The pod's effective resources: the larger of the app containers' sum and
 /// the largest init container; a limit only when every container has one.
 fn pod_resources(init: &[ContainerResources], app: &[ContainerResources]) -> ContainerResources {
-    fn combine(init: &[ContainerResources], app: &[ContainerResources], get: impl Fn(&ContainerResources) -> Option<u64>, all_required: bool) -> Option<u64> {
+    fn combine(
+        init: &[ContainerResources],
+        app: &[ContainerResources],
+        get: impl Fn(&ContainerResources) -> Option<u64>,
+        all_required: bool,
+    ) -> Option<u64> {
         if all_required && init.iter().chain(app).any(|c| get(c).is_none()) {
             return None;
         }
@@ -345,7 +415,11 @@ impl Env {
     }
 }
 
-fn container_unit(input: &ContainerInput<'_>, ctx: &Context<'_>, warnings: &mut Vec<FieldIssue>) -> Result<ContainerUnit, Vec<FieldIssue>> {
+fn container_unit(
+    input: &ContainerInput<'_>,
+    ctx: &Context<'_>,
+    warnings: &mut Vec<FieldIssue>,
+) -> Result<ContainerUnit, Vec<FieldIssue>> {
     let c = input.container;
     let path = input.path;
     let id = &input.instance.id;
@@ -359,13 +433,27 @@ fn container_unit(input: &ContainerInput<'_>, ctx: &Context<'_>, warnings: &mut 
 
     let env = environment(input, image, ctx, &mut errors, warnings);
     let lookup = |n: &str| env.get(n);
-    let command: Option<Vec<String>> = c.command.clone().filter(|v| !v.is_empty()).map(|v| v.iter().map(|a| expand(a, lookup)).collect());
-    let args: Option<Vec<String>> = c.args.clone().filter(|v| !v.is_empty()).map(|v| v.iter().map(|a| expand(a, lookup)).collect());
+    let command: Option<Vec<String>> = c
+        .command
+        .clone()
+        .filter(|v| !v.is_empty())
+        .map(|v| v.iter().map(|a| expand(a, lookup)).collect());
+    let args: Option<Vec<String>> = c
+        .args
+        .clone()
+        .filter(|v| !v.is_empty())
+        .map(|v| v.iter().map(|a| expand(a, lookup)).collect());
     let argv: Option<Vec<String>> = match (command, args, image) {
         (Some(cmd), Some(args), _) => Some(cmd.into_iter().chain(args).collect()),
         (Some(cmd), None, _) => Some(cmd),
         (None, Some(args), Some(img)) => Some(img.entrypoint.iter().cloned().chain(args).collect()),
-        (None, None, Some(img)) => Some(img.entrypoint.iter().chain(img.cmd.iter()).cloned().collect()),
+        (None, None, Some(img)) => Some(
+            img.entrypoint
+                .iter()
+                .chain(img.cmd.iter())
+                .cloned()
+                .collect(),
+        ),
         (None, _, None) => None,
     };
     match &argv {
@@ -381,19 +469,38 @@ fn container_unit(input: &ContainerInput<'_>, ctx: &Context<'_>, warnings: &mut 
         _ => {}
     }
 
-    let working_dir = c.working_dir.clone().filter(|w| !w.is_empty()).or_else(|| image.and_then(|i| i.working_dir.clone()));
-    if let Some(dir) = &working_dir {
-        if !dir.starts_with('/') {
-            errors.push(FieldIssue::error(path.key("workingDir"), format!("{dir:?} must be an absolute path")));
-        }
+    let working_dir = c
+        .working_dir
+        .clone()
+        .filter(|w| !w.is_empty())
+        .or_else(|| image.and_then(|i| i.working_dir.clone()));
+    if let Some(dir) = &working_dir
+        && !dir.starts_with('/')
+    {
+        errors.push(FieldIssue::error(
+            path.key("workingDir"),
+            format!("{dir:?} must be an absolute path"),
+        ));
     }
 
     let pod_sc = input.instance.spec.security_context.as_ref();
     let sc = c.security_context.as_ref();
-    let (image_uid, image_gid) = image.and_then(|i| i.user.as_deref()).map(parse_image_user).unwrap_or((None, None));
-    let uid = sc.and_then(|s| s.run_as_user).or(pod_sc.and_then(|s| s.run_as_user)).or(image_uid);
-    let gid = sc.and_then(|s| s.run_as_group).or(pod_sc.and_then(|s| s.run_as_group)).or(image_gid);
-    let non_root = sc.and_then(|s| s.run_as_non_root).or(pod_sc.and_then(|s| s.run_as_non_root)).unwrap_or(false);
+    let (image_uid, image_gid) = image
+        .and_then(|i| i.user.as_deref())
+        .map(parse_image_user)
+        .unwrap_or((None, None));
+    let uid = sc
+        .and_then(|s| s.run_as_user)
+        .or(pod_sc.and_then(|s| s.run_as_user))
+        .or(image_uid);
+    let gid = sc
+        .and_then(|s| s.run_as_group)
+        .or(pod_sc.and_then(|s| s.run_as_group))
+        .or(image_gid);
+    let non_root = sc
+        .and_then(|s| s.run_as_non_root)
+        .or(pod_sc.and_then(|s| s.run_as_non_root))
+        .unwrap_or(false);
     if non_root {
         match uid {
             Some(0) => errors.push(FieldIssue::error(path.key("securityContext").key("runAsNonRoot"), "runAsNonRoot is set but the container would run as root (uid 0)")),
@@ -402,7 +509,12 @@ fn container_unit(input: &ContainerInput<'_>, ctx: &Context<'_>, warnings: &mut 
             _ => {}
         }
     }
-    if image.is_some_and(|i| i.user.as_deref().is_some_and(|u| parse_image_user(u).0.is_none() && !u.is_empty())) && uid.is_none() {
+    if image.is_some_and(|i| {
+        i.user
+            .as_deref()
+            .is_some_and(|u| parse_image_user(u).0.is_none() && !u.is_empty())
+    }) && uid.is_none()
+    {
         warnings.push(FieldIssue::warning(path.key("securityContext").key("runAsUser"), "the image names its user by name; it is resolved from the image's /etc/passwd at start"));
     }
 
@@ -413,17 +525,44 @@ fn container_unit(input: &ContainerInput<'_>, ctx: &Context<'_>, warnings: &mut 
     let mut p = Properties::new();
     let u = PropertyValue::Unsigned;
     let text = |s: &str| PropertyValue::Text(s.to_string());
-    p.insert("Description".into(), PropertyValue::Text(format!("berth {}container {} of pod {}", if input.is_init { "init " } else { "" }, c.name, id)));
+    p.insert(
+        "Description".into(),
+        PropertyValue::Text(format!(
+            "berth {}container {} of pod {}",
+            if input.is_init { "init " } else { "" },
+            c.name,
+            id
+        )),
+    );
     p.insert("Slice".into(), PropertyValue::Text(input.slice.to_string()));
-    let mut fields = vec![MARKER_FIELD.to_string(), format!("{POD_FIELD}={id}"), format!("{CONTAINER_FIELD}={}", c.name), format!("{IMAGE_FIELD}={image_ref}")];
+    let mut fields = vec![
+        MARKER_FIELD.to_string(),
+        format!("{POD_FIELD}={id}"),
+        format!("{CONTAINER_FIELD}={}", c.name),
+        format!("{IMAGE_FIELD}={image_ref}"),
+    ];
     if let Some(owner) = &input.instance.owner {
         fields.push(format!("{OWNER_FIELD}={owner}"));
     }
     p.insert("LogExtraFields".into(), PropertyValue::List(fields));
     if let Some(argv) = argv {
-        p.insert("ExecStart".into(), PropertyValue::Exec(vec![ExecCommand { path: argv[0].clone(), argv }]));
+        p.insert(
+            "ExecStart".into(),
+            PropertyValue::Exec(vec![ExecCommand {
+                path: argv[0].clone(),
+                argv,
+            }]),
+        );
     }
-    p.insert("Environment".into(), PropertyValue::List(env.entries.iter().map(|(k, v)| format!("{k}={v}")).collect()));
+    p.insert(
+        "Environment".into(),
+        PropertyValue::List(
+            env.entries
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
+        ),
+    );
     if let Some(dir) = working_dir {
         p.insert("WorkingDirectory".into(), PropertyValue::Text(dir));
     }
@@ -461,14 +600,22 @@ fn container_unit(input: &ContainerInput<'_>, ctx: &Context<'_>, warnings: &mut 
         p.insert("After".into(), PropertyValue::List(input.after.clone()));
         p.insert("Requires".into(), PropertyValue::List(input.after.clone()));
     }
-    let grace = input.instance.spec.termination_grace_period_seconds.unwrap_or(DEFAULT_GRACE_SECONDS).max(0) as u64;
+    let grace = input
+        .instance
+        .spec
+        .termination_grace_period_seconds
+        .unwrap_or(DEFAULT_GRACE_SECONDS)
+        .max(0) as u64;
     p.insert("TimeoutStopUSec".into(), u(grace * 1_000_000));
 
     let res = input.resources;
     let shares = resources::milli_to_shares(res.cpu_request_milli.unwrap_or(0));
     p.insert("CPUWeight".into(), u(resources::shares_to_weight(shares)));
     if let Some(limit) = res.cpu_limit_milli {
-        p.insert("CPUQuotaPerSecUSec".into(), u(resources::quota_per_sec(resources::milli_to_quota(limit))));
+        p.insert(
+            "CPUQuotaPerSecUSec".into(),
+            u(resources::quota_per_sec(resources::milli_to_quota(limit))),
+        );
         p.insert("CPUQuotaPeriodUSec".into(), u(resources::CPU_PERIOD_USEC));
     }
     if let Some(limit) = res.memory_limit_bytes {
@@ -477,25 +624,39 @@ fn container_unit(input: &ContainerInput<'_>, ctx: &Context<'_>, warnings: &mut 
     if let Some(request) = res.memory_request_bytes {
         p.insert("MemoryLow".into(), u(request));
     }
-    if input.qos != QosClass::Guaranteed {
-        if let Some(high) = resources::memory_high(res.memory_request_bytes.unwrap_or(0), res.memory_limit_bytes, ctx.node.memory_bytes) {
-            p.insert("MemoryHigh".into(), u(high));
-        }
+    if input.qos != QosClass::Guaranteed
+        && let Some(high) = resources::memory_high(
+            res.memory_request_bytes.unwrap_or(0),
+            res.memory_limit_bytes,
+            ctx.node.memory_bytes,
+        )
+    {
+        p.insert("MemoryHigh".into(), u(high));
     }
     p.insert(
         "OOMScoreAdjust".into(),
-        PropertyValue::Signed(i64::from(resources::oom_score_adj(input.qos, res.memory_request_bytes.unwrap_or(0), ctx.node.memory_bytes))),
+        PropertyValue::Signed(i64::from(resources::oom_score_adj(
+            input.qos,
+            res.memory_request_bytes.unwrap_or(0),
+            ctx.node.memory_bytes,
+        ))),
     );
 
     let mut resizable = BTreeSet::new();
     let policy_for = |resource: &str| {
-        c.resize_policy.iter().flatten().find(|r| r.resource_name == resource).map_or("NotRequired", |r| r.restart_policy.as_str())
+        c.resize_policy
+            .iter()
+            .flatten()
+            .find(|r| r.resource_name == resource)
+            .map_or("NotRequired", |r| r.restart_policy.as_str())
     };
     if policy_for("cpu") == "NotRequired" {
-        resizable.extend(["CPUWeight", "CPUQuotaPerSecUSec", "CPUQuotaPeriodUSec"].map(String::from));
+        resizable
+            .extend(["CPUWeight", "CPUQuotaPerSecUSec", "CPUQuotaPeriodUSec"].map(String::from));
     }
     if policy_for("memory") == "NotRequired" {
-        resizable.extend(["MemoryMax", "MemoryLow", "MemoryHigh", "OOMScoreAdjust"].map(String::from));
+        resizable
+            .extend(["MemoryMax", "MemoryLow", "MemoryHigh", "OOMScoreAdjust"].map(String::from));
     }
 
     Ok(ContainerUnit {
@@ -510,11 +671,19 @@ fn container_unit(input: &ContainerInput<'_>, ctx: &Context<'_>, warnings: &mut 
 }
 
 fn parse_image_user(user: &str) -> (Option<i64>, Option<i64>) {
-    let (u, g) = user.split_once(':').map_or((user, None), |(u, g)| (u, Some(g)));
+    let (u, g) = user
+        .split_once(':')
+        .map_or((user, None), |(u, g)| (u, Some(g)));
     (u.parse().ok(), g.and_then(|g| g.parse().ok()))
 }
 
-fn environment(input: &ContainerInput<'_>, image: Option<&ImageConfig>, ctx: &Context<'_>, errors: &mut Vec<FieldIssue>, warnings: &mut Vec<FieldIssue>) -> Env {
+fn environment(
+    input: &ContainerInput<'_>,
+    image: Option<&ImageConfig>,
+    ctx: &Context<'_>,
+    errors: &mut Vec<FieldIssue>,
+    warnings: &mut Vec<FieldIssue>,
+) -> Env {
     let c = input.container;
     let path = input.path;
     let ns = input.instance.id.namespace.as_str();
@@ -532,29 +701,48 @@ fn environment(input: &ContainerInput<'_>, image: Option<&ImageConfig>, ctx: &Co
     for (i, from) in c.env_from.iter().flatten().enumerate() {
         let fpath = path.key("envFrom").index(i);
         let prefix = from.prefix.clone().unwrap_or_default();
-        let (entries, origin_kind, rpath): (Option<Vec<(String, String)>>, Option<&str>, FieldPath) =
-            if let Some(r) = &from.config_map_ref {
-                let found = ctx.config_maps.get(&(ns, r.name.as_str())).map(|cm| config_map_entries(cm));
-                (found.or(if r.optional == Some(true) { Some(Vec::new()) } else { None }), None, fpath.key("configMapRef").key("name"))
-            } else if let Some(r) = &from.secret_ref {
-                let found = ctx.secrets.get(&(ns, r.name.as_str())).map(|s| secret_entries(s, &fpath.key("secretRef"), errors));
-                (found.or(if r.optional == Some(true) { Some(Vec::new()) } else { None }), Some(r.name.as_str()), fpath.key("secretRef").key("name"))
-            } else {
-                continue;
-            };
-        let Some(entries) = entries else {
-            let (kind, name) = match (&from.config_map_ref, &from.secret_ref) {
-                (Some(r), _) => ("ConfigMap", r.name.as_str()),
-                (_, Some(r)) => ("Secret", r.name.as_str()),
-                _ => ("object", ""),
-            };
-            errors.push(FieldIssue::error(rpath, format!("{kind} {ns}/{name} does not exist (set optional: true to allow that)")));
-            continue;
+        // (kind, name, optional, is a secret)
+        let (kind, name, optional, secret) = match (&from.config_map_ref, &from.secret_ref) {
+            (Some(r), _) => (
+                "ConfigMap",
+                r.name.as_str(),
+                r.optional == Some(true),
+                false,
+            ),
+            (None, Some(r)) => ("Secret", r.name.as_str(), r.optional == Some(true), true),
+            (None, None) => continue,
         };
+        let field = if secret { "secretRef" } else { "configMapRef" };
+        let found = if secret {
+            ctx.secrets
+                .get(&(ns, name))
+                .map(|s| secret_entries(s, &fpath.key(field), errors))
+        } else {
+            ctx.config_maps
+                .get(&(ns, name))
+                .map(|cm| config_map_entries(cm))
+        };
+        let entries = match found {
+            Some(entries) => entries,
+            None if optional => Vec::new(),
+            None => {
+                errors.push(FieldIssue::error(
+                    fpath.key(field).key("name"),
+                    format!("{kind} {ns}/{name} does not exist (set optional: true to allow that)"),
+                ));
+                continue;
+            }
+        };
+        let origin_kind = secret.then_some(name);
         for (key, value) in entries {
             let name = format!("{prefix}{key}");
             if berth_manifest::names::env_var_name(&name).is_err() {
-                warnings.push(FieldIssue::warning(fpath.clone(), format!("key {key:?} is skipped: {name:?} is not a valid environment variable name")));
+                warnings.push(FieldIssue::warning(
+                    fpath.clone(),
+                    format!(
+                        "key {key:?} is skipped: {name:?} is not a valid environment variable name"
+                    ),
+                ));
                 continue;
             }
             let sensitive = origin_kind.map(|secret| format!("secret {ns}/{secret} key {key}"));
@@ -570,15 +758,25 @@ fn environment(input: &ContainerInput<'_>, image: Option<&ImageConfig>, ctx: &Co
                 env.set(&var.name, value, None);
             }
             Some(source) => {
-                if let Some((value, sensitive)) = value_from(input, source, &epath.key("valueFrom"), ctx, errors) {
+                if let Some((value, sensitive)) =
+                    value_from(input, source, &epath.key("valueFrom"), ctx, errors)
+                {
                     env.set(&var.name, value, sensitive);
                 }
             }
         }
     }
     for (name, value) in &env.entries {
-        if value.chars().any(|ch| ch.is_control() && ch != '\t' && ch != '\n') {
-            let at = c.env.iter().flatten().position(|v| &v.name == name).map_or(path.key("env"), |i| path.key("env").index(i));
+        if value
+            .chars()
+            .any(|ch| ch.is_control() && ch != '\t' && ch != '\n')
+        {
+            let at = c
+                .env
+                .iter()
+                .flatten()
+                .position(|v| &v.name == name)
+                .map_or(path.key("env"), |i| path.key("env").index(i));
             errors.push(FieldIssue::error(at, format!("the value of {name} contains control characters, which systemd does not accept in an environment")));
         }
     }
@@ -586,17 +784,28 @@ fn environment(input: &ContainerInput<'_>, image: Option<&ImageConfig>, ctx: &Co
 }
 
 fn config_map_entries(cm: &ConfigMap) -> Vec<(String, String)> {
-    cm.data.iter().flatten().map(|(k, v)| (k.clone(), v.clone())).collect()
+    cm.data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
-fn secret_entries(s: &Secret, path: &FieldPath, errors: &mut Vec<FieldIssue>) -> Vec<(String, String)> {
+fn secret_entries(
+    s: &Secret,
+    path: &FieldPath,
+    errors: &mut Vec<FieldIssue>,
+) -> Vec<(String, String)> {
     let mut out: BTreeMap<String, String> = BTreeMap::new();
     for (k, v) in s.data.iter().flatten() {
         match String::from_utf8(v.0.clone()) {
             Ok(text) => {
                 out.insert(k.clone(), text);
             }
-            Err(_) => errors.push(FieldIssue::error(path.clone(), format!("secret key {k:?} is not UTF-8 text and cannot be an environment variable"))),
+            Err(_) => errors.push(FieldIssue::error(
+                path.clone(),
+                format!("secret key {k:?} is not UTF-8 text and cannot be an environment variable"),
+            )),
         }
     }
     for (k, v) in s.string_data.iter().flatten() {
@@ -605,7 +814,13 @@ fn secret_entries(s: &Secret, path: &FieldPath, errors: &mut Vec<FieldIssue>) ->
     out.into_iter().collect()
 }
 
-fn value_from(input: &ContainerInput<'_>, source: &EnvVarSource, path: &FieldPath, ctx: &Context<'_>, errors: &mut Vec<FieldIssue>) -> Option<(String, Option<String>)> {
+fn value_from(
+    input: &ContainerInput<'_>,
+    source: &EnvVarSource,
+    path: &FieldPath,
+    ctx: &Context<'_>,
+    errors: &mut Vec<FieldIssue>,
+) -> Option<(String, Option<String>)> {
     let ns = input.instance.id.namespace.as_str();
     if let Some(r) = &source.config_map_key_ref {
         let optional = r.optional == Some(true);
@@ -613,14 +828,23 @@ fn value_from(input: &ContainerInput<'_>, source: &EnvVarSource, path: &FieldPat
         return match ctx.config_maps.get(&(ns, r.name.as_str())) {
             None if optional => None,
             None => {
-                errors.push(FieldIssue::error(rpath.key("name"), format!("ConfigMap {ns}/{} does not exist (set optional: true to allow that)", r.name)));
+                errors.push(FieldIssue::error(
+                    rpath.key("name"),
+                    format!(
+                        "ConfigMap {ns}/{} does not exist (set optional: true to allow that)",
+                        r.name
+                    ),
+                ));
                 None
             }
             Some(cm) => match cm.data.as_ref().and_then(|d| d.get(&r.key)) {
                 Some(v) => Some((v.clone(), None)),
                 None if optional => None,
                 None => {
-                    errors.push(FieldIssue::error(rpath.key("key"), format!("ConfigMap {ns}/{} has no key {:?}", r.name, r.key)));
+                    errors.push(FieldIssue::error(
+                        rpath.key("key"),
+                        format!("ConfigMap {ns}/{} has no key {:?}", r.name, r.key),
+                    ));
                     None
                 }
             },
@@ -632,16 +856,27 @@ fn value_from(input: &ContainerInput<'_>, source: &EnvVarSource, path: &FieldPat
         return match ctx.secrets.get(&(ns, r.name.as_str())) {
             None if optional => None,
             None => {
-                errors.push(FieldIssue::error(rpath.key("name"), format!("Secret {ns}/{} does not exist (set optional: true to allow that)", r.name)));
+                errors.push(FieldIssue::error(
+                    rpath.key("name"),
+                    format!(
+                        "Secret {ns}/{} does not exist (set optional: true to allow that)",
+                        r.name
+                    ),
+                ));
                 None
             }
             Some(s) => {
                 let entries = secret_entries(s, &rpath, errors);
                 match entries.into_iter().find(|(k, _)| k == &r.key) {
-                    Some((_, v)) => Some((v, Some(format!("secret {ns}/{} key {}", r.name, r.key)))),
+                    Some((_, v)) => {
+                        Some((v, Some(format!("secret {ns}/{} key {}", r.name, r.key))))
+                    }
                     None if optional => None,
                     None => {
-                        errors.push(FieldIssue::error(rpath.key("key"), format!("Secret {ns}/{} has no key {:?}", r.name, r.key)));
+                        errors.push(FieldIssue::error(
+                            rpath.key("key"),
+                            format!("Secret {ns}/{} has no key {:?}", r.name, r.key),
+                        ));
                         None
                     }
                 }
@@ -651,17 +886,40 @@ fn value_from(input: &ContainerInput<'_>, source: &EnvVarSource, path: &FieldPat
     if let Some(f) = &source.field_ref {
         let meta = input.instance.metadata;
         let fp = f.field_path.as_str();
-        let bracket = |prefix: &str| fp.strip_prefix(prefix).and_then(|r| r.strip_suffix("']")).map(str::to_string);
+        let bracket = |prefix: &str| {
+            fp.strip_prefix(prefix)
+                .and_then(|r| r.strip_suffix("']"))
+                .map(str::to_string)
+        };
         let value = match fp {
             "metadata.name" => Some(input.instance.id.name.clone()),
             "metadata.namespace" => Some(ns.to_string()),
             "spec.nodeName" => Some(ctx.node.name.clone()),
-            "spec.serviceAccountName" => Some(input.instance.spec.service_account_name.clone().unwrap_or_else(|| "default".into())),
+            "spec.serviceAccountName" => Some(
+                input
+                    .instance
+                    .spec
+                    .service_account_name
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
+            ),
             _ => {
                 if let Some(k) = bracket("metadata.labels['") {
-                    Some(meta.labels.as_ref().and_then(|l| l.get(&k)).cloned().unwrap_or_default())
+                    Some(
+                        meta.labels
+                            .as_ref()
+                            .and_then(|l| l.get(&k))
+                            .cloned()
+                            .unwrap_or_default(),
+                    )
                 } else if let Some(k) = bracket("metadata.annotations['") {
-                    Some(meta.annotations.as_ref().and_then(|l| l.get(&k)).cloned().unwrap_or_default())
+                    Some(
+                        meta.annotations
+                            .as_ref()
+                            .and_then(|l| l.get(&k))
+                            .cloned()
+                            .unwrap_or_default(),
+                    )
                 } else {
                     errors.push(FieldIssue::error(
                         path.key("fieldRef").key("fieldPath"),
@@ -676,11 +934,20 @@ fn value_from(input: &ContainerInput<'_>, source: &EnvVarSource, path: &FieldPat
     if let Some(r) = &source.resource_field_ref {
         let rpath = path.key("resourceFieldRef");
         let target: Option<&Container> = match &r.container_name {
-            Some(name) => input.instance.spec.containers.iter().chain(input.instance.spec.init_containers.iter().flatten()).find(|c| &c.name == name),
+            Some(name) => input
+                .instance
+                .spec
+                .containers
+                .iter()
+                .chain(input.instance.spec.init_containers.iter().flatten())
+                .find(|c| &c.name == name),
             None => Some(input.container),
         };
         let Some(target) = target else {
-            errors.push(FieldIssue::error(rpath.key("containerName"), "no container of this pod has that name"));
+            errors.push(FieldIssue::error(
+                rpath.key("containerName"),
+                "no container of this pod has that name",
+            ));
             return None;
         };
         let res = container_resources(target);
@@ -704,10 +971,16 @@ fn value_from(input: &ContainerInput<'_>, source: &EnvVarSource, path: &FieldPat
             }
         };
         let out = if is_cpu {
-            let d = divisor.and_then(|d| d.milli().ok()).filter(|d| *d > 0).unwrap_or(1000);
+            let d = divisor
+                .and_then(|d| d.milli().ok())
+                .filter(|d| *d > 0)
+                .unwrap_or(1000);
             value.div_ceil(d)
         } else {
-            let d = divisor.and_then(|d| d.units().ok()).filter(|d| *d > 0).unwrap_or(1);
+            let d = divisor
+                .and_then(|d| d.units().ok())
+                .filter(|d| *d > 0)
+                .unwrap_or(1);
             value.div_ceil(d)
         };
         return Some((out.to_string(), None));

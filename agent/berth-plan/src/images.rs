@@ -40,7 +40,12 @@ pub struct ImageCatalogFile {
 
 impl ImageCatalog {
     pub fn new(images: impl IntoIterator<Item = ImageConfig>) -> Self {
-        Self { images: images.into_iter().map(|i| (normalize(&i.reference), i)).collect() }
+        Self {
+            images: images
+                .into_iter()
+                .map(|i| (normalize(&i.reference), i))
+                .collect(),
+        }
     }
 
     pub fn get(&self, reference: &str) -> Option<&ImageConfig> {
@@ -56,9 +61,14 @@ pub fn normalize(reference: &str) -> String {
         r.push_str(":latest");
     }
     let first = r.split('/').next().unwrap_or("");
-    let has_registry = r.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
+    let has_registry =
+        r.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
     if !has_registry {
-        r = if r.contains('/') { format!("docker.io/{r}") } else { format!("docker.io/library/{r}") };
+        r = if r.contains('/') {
+            format!("docker.io/{r}")
+        } else {
+            format!("docker.io/library/{r}")
+        };
     }
     r
 }
@@ -73,6 +83,9 @@ mod tests {
         assert_eq!(normalize("busybox:1.37"), "docker.io/library/busybox:1.37");
         assert_eq!(normalize("org/app"), "docker.io/org/app:latest");
         assert_eq!(normalize("localhost:5000/app"), "localhost:5000/app:latest");
-        assert_eq!(normalize("registry.example/app@sha256:ab"), "registry.example/app@sha256:ab");
+        assert_eq!(
+            normalize("registry.example/app@sha256:ab"),
+            "registry.example/app@sha256:ab"
+        );
     }
 }

@@ -26,14 +26,26 @@ pub struct NodeInfo {
 pub const DEFAULT_POD_PIDS_LIMIT: u64 = 4096;
 
 impl NodeInfo {
-    pub fn new(name: &str, extra_labels: BTreeMap<String, String>, memory_bytes: u64, cpu_milli: u64) -> Self {
+    pub fn new(
+        name: &str,
+        extra_labels: BTreeMap<String, String>,
+        memory_bytes: u64,
+        cpu_milli: u64,
+    ) -> Self {
         let mut labels = BTreeMap::from([
             ("kubernetes.io/hostname".to_string(), name.to_string()),
             ("kubernetes.io/os".to_string(), "linux".to_string()),
             ("kubernetes.io/arch".to_string(), "amd64".to_string()),
         ]);
         labels.extend(extra_labels);
-        Self { name: name.to_string(), labels, memory_bytes, cpu_milli, pod_pids_limit: DEFAULT_POD_PIDS_LIMIT, namespaces: Vec::new() }
+        Self {
+            name: name.to_string(),
+            labels,
+            memory_bytes,
+            cpu_milli,
+            pod_pids_limit: DEFAULT_POD_PIDS_LIMIT,
+            namespaces: Vec::new(),
+        }
     }
 }
 
@@ -77,7 +89,10 @@ fn instances(object: &LoadedObject) -> Vec<PodInstance<'_>> {
     match &object.object {
         Object::Pod(pod) => match &pod.spec {
             Some(spec) => vec![PodInstance {
-                id: PodId { namespace: object.id.namespace.clone().unwrap_or_default(), name: object.id.name.clone() },
+                id: PodId {
+                    namespace: object.id.namespace.clone().unwrap_or_default(),
+                    name: object.id.name.clone(),
+                },
                 metadata: &pod.metadata,
                 spec,
                 source: object,
@@ -87,15 +102,22 @@ fn instances(object: &LoadedObject) -> Vec<PodInstance<'_>> {
             None => Vec::new(),
         },
         Object::Deployment(d) => {
-            let Some(spec) = &d.spec else { return Vec::new() };
-            let Some(pod_spec) = &spec.template.spec else { return Vec::new() };
+            let Some(spec) = &d.spec else {
+                return Vec::new();
+            };
+            let Some(pod_spec) = &spec.template.spec else {
+                return Vec::new();
+            };
             let replicas = spec.replicas.unwrap_or(1).max(0) as usize;
             let metadata = spec.template.metadata.as_ref().unwrap_or(&d.metadata);
             // Stable names, like a StatefulSet's: the pods of a Deployment on
             // one node keep their units, slices and logs across changes.
             (0..replicas)
                 .map(|i| PodInstance {
-                    id: PodId { namespace: object.id.namespace.clone().unwrap_or_default(), name: format!("{}-{i}", object.id.name) },
+                    id: PodId {
+                        namespace: object.id.namespace.clone().unwrap_or_default(),
+                        name: format!("{}-{i}", object.id.name),
+                    },
                     metadata,
                     spec: pod_spec,
                     source: object,
@@ -113,10 +135,15 @@ fn instances(object: &LoadedObject) -> Vec<PodInstance<'_>> {
 pub fn select<'a>(catalog: &'a Catalog, node: &NodeInfo) -> Selection<'a> {
     let mut selection = Selection::default();
     for object in &catalog.objects {
-        let Some(spec) = pod_spec_of(object) else { continue };
+        let Some(spec) = pod_spec_of(object) else {
+            continue;
+        };
         match placement(object, spec, node) {
             Ok(()) => selection.pods.extend(instances(object)),
-            Err(reason) => selection.elsewhere.push(NotHere { object: object.id.clone(), reason }),
+            Err(reason) => selection.elsewhere.push(NotHere {
+                object: object.id.clone(),
+                reason,
+            }),
         }
     }
     selection
@@ -131,31 +158,39 @@ fn pod_spec_of(object: &LoadedObject) -> Option<&PodSpec> {
 }
 
 fn placement(object: &LoadedObject, spec: &PodSpec, node: &NodeInfo) -> Result<(), String> {
-    if let Some(ns) = &object.id.namespace {
-        if !node.namespaces.is_empty() && !node.namespaces.contains(ns) {
-            return Err(format!("namespace {ns} is not one this node runs"));
-        }
+    if let Some(ns) = &object.id.namespace
+        && !node.namespaces.is_empty()
+        && !node.namespaces.contains(ns)
+    {
+        return Err(format!("namespace {ns} is not one this node runs"));
     }
-    if let Some(wanted) = &spec.node_name {
-        if wanted != &node.name {
-            return Err(format!("spec.nodeName is {wanted}"));
-        }
+    if let Some(wanted) = &spec.node_name
+        && wanted != &node.name
+    {
+        return Err(format!("spec.nodeName is {wanted}"));
     }
     for (key, value) in spec.node_selector.iter().flatten() {
         if node.labels.get(key) != Some(value) {
-            return Err(format!("nodeSelector {key}={value} does not match this node's labels"));
+            return Err(format!(
+                "nodeSelector {key}={value} does not match this node's labels"
+            ));
         }
     }
     let required = spec
         .affinity
         .as_ref()
         .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|n| n.required_during_scheduling_ignored_during_execution.as_ref());
+        .and_then(|n| {
+            n.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        });
     if let Some(required) = required {
-        let any_term = required
-            .node_selector_terms
-            .iter()
-            .any(|term| term.match_expressions.iter().flatten().all(|r| requirement_matches(r, &node.labels)));
+        let any_term = required.node_selector_terms.iter().any(|term| {
+            term.match_expressions
+                .iter()
+                .flatten()
+                .all(|r| requirement_matches(r, &node.labels))
+        });
         if !any_term {
             return Err("no required node affinity term matches this node's labels".into());
         }
@@ -172,8 +207,12 @@ fn requirement_matches(r: &NodeSelectorRequirement, labels: &BTreeMap<String, St
         "NotIn" => present.is_none_or(|v| !values.contains(v)),
         "Exists" => present.is_some(),
         "DoesNotExist" => present.is_none(),
-        "Gt" => matches!((present.and_then(|v| as_int(v)), values.first().and_then(|v| as_int(v))), (Some(a), Some(b)) if a > b),
-        "Lt" => matches!((present.and_then(|v| as_int(v)), values.first().and_then(|v| as_int(v))), (Some(a), Some(b)) if a < b),
+        "Gt" => {
+            matches!((present.and_then(|v| as_int(v)), values.first().and_then(|v| as_int(v))), (Some(a), Some(b)) if a > b)
+        }
+        "Lt" => {
+            matches!((present.and_then(|v| as_int(v)), values.first().and_then(|v| as_int(v))), (Some(a), Some(b)) if a < b)
+        }
         _ => false,
     }
 }

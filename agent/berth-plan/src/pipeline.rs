@@ -28,7 +28,13 @@ pub struct NodePlan {
 }
 
 /// Plans `node` from `catalog`, against what `actual` says runs.
-pub fn plan_node(catalog: &Catalog, node: &NodeInfo, images: &ImageCatalog, actual: &ActualState, revision: &str) -> NodePlan {
+pub fn plan_node(
+    catalog: &Catalog,
+    node: &NodeInfo,
+    images: &ImageCatalog,
+    actual: &ActualState,
+    revision: &str,
+) -> NodePlan {
     let selection = node::select(catalog, node);
     let ctx = Context::new(catalog, node, images);
     let mut diagnostics = Vec::new();
@@ -39,16 +45,31 @@ pub fn plan_node(catalog: &Catalog, node: &NodeInfo, images: &ImageCatalog, actu
     for instance in &selection.pods {
         match desired::resolve_pod(instance, &ctx) {
             Ok(resolved) => {
-                push_unique(&mut diagnostics, &mut seen, catalog, instance.source, &resolved.warnings);
+                push_unique(
+                    &mut diagnostics,
+                    &mut seen,
+                    catalog,
+                    instance.source,
+                    &resolved.warnings,
+                );
                 pods.push(resolved.pod);
             }
             Err(errors) => {
-                push_unique(&mut diagnostics, &mut seen, catalog, instance.source, &errors);
+                push_unique(
+                    &mut diagnostics,
+                    &mut seen,
+                    catalog,
+                    instance.source,
+                    &errors,
+                );
                 protection.pods.insert(instance.id.to_string());
                 if let Some(owner) = &instance.owner {
                     protection.owners.insert(owner.to_string());
                 }
-                let r = Rejected { source: catalog.source_ref(&instance.source.source, &FieldPath::root()), object: Some(instance.source.id.clone()) };
+                let r = Rejected {
+                    source: catalog.source_ref(&instance.source.source, &FieldPath::root()),
+                    object: Some(instance.source.id.clone()),
+                };
                 if !rejected.contains(&r) {
                     rejected.push(r);
                 }
@@ -56,25 +77,52 @@ pub fn plan_node(catalog: &Catalog, node: &NodeInfo, images: &ImageCatalog, actu
         }
     }
     let qos_slices = desired::qos_slices(&pods);
-    let (plan, conflicts) = plan::plan(&PlanInput { node: &node.name, revision, pods: &pods, qos_slices: &qos_slices, actual, protection: &protection });
+    let (plan, conflicts) = plan::plan(&PlanInput {
+        node: &node.name,
+        revision,
+        pods: &pods,
+        qos_slices: &qos_slices,
+        actual,
+        protection: &protection,
+    });
     let conflicted: BTreeSet<_> = conflicts.iter().map(|c| c.pod.clone()).collect();
     for conflict in conflicts {
         if let Some(source) = catalog.objects.iter().find(|o| {
-            pods.iter().any(|p| p.id == conflict.pod && p.source == o.id)
+            pods.iter()
+                .any(|p| p.id == conflict.pod && p.source == o.id)
         }) {
             let issue = FieldIssue::error(
                 FieldPath::root().key("metadata").key("name"),
-                format!("pod {} needs unit {}, which exists but was not created by Berth; Berth leaves it alone, so the pod cannot run here", conflict.pod, conflict.unit),
+                format!(
+                    "pod {} needs unit {}, which exists but was not created by Berth; Berth leaves it alone, so the pod cannot run here",
+                    conflict.pod, conflict.unit
+                ),
             );
             diagnostics.push(catalog.diagnostic(source, &issue));
-            rejected.push(Rejected { source: catalog.source_ref(&source.source, &FieldPath::root()), object: Some(source.id.clone()) });
+            rejected.push(Rejected {
+                source: catalog.source_ref(&source.source, &FieldPath::root()),
+                object: Some(source.id.clone()),
+            });
         }
     }
     pods.retain(|p| !conflicted.contains(&p.id));
-    NodePlan { plan, pods, qos_slices, elsewhere: selection.elsewhere, diagnostics, rejected }
+    NodePlan {
+        plan,
+        pods,
+        qos_slices,
+        elsewhere: selection.elsewhere,
+        diagnostics,
+        rejected,
+    }
 }
 
-fn push_unique(out: &mut Vec<Diagnostic>, seen: &mut BTreeSet<String>, catalog: &Catalog, source: &berth_manifest::LoadedObject, issues: &[FieldIssue]) {
+fn push_unique(
+    out: &mut Vec<Diagnostic>,
+    seen: &mut BTreeSet<String>,
+    catalog: &Catalog,
+    source: &berth_manifest::LoadedObject,
+    issues: &[FieldIssue],
+) {
     for issue in issues {
         let key = format!("{}|{}|{}", source.id, issue.path, issue.message);
         if seen.insert(key) {
@@ -86,7 +134,11 @@ fn push_unique(out: &mut Vec<Diagnostic>, seen: &mut BTreeSet<String>, catalog: 
 /// What the catalog's rejections protect from pruning.
 fn protection_from(catalog: &Catalog) -> Protection {
     let mut protection = Protection::default();
-    let unidentified = catalog.rejected.iter().filter(|r| r.object.is_none()).count();
+    let unidentified = catalog
+        .rejected
+        .iter()
+        .filter(|r| r.object.is_none())
+        .count();
     if unidentified > 0 {
         protection.hold_all = Some(format!(
             "{unidentified} document(s) could not be read, so nothing is pruned until they are fixed; the last good state keeps running"
@@ -96,7 +148,11 @@ fn protection_from(catalog: &Catalog) -> Protection {
         let Some(object) = &r.object else { continue };
         match object.kind.as_str() {
             "Pod" => {
-                protection.pods.insert(format!("{}/{}", object.namespace.as_deref().unwrap_or("default"), object.name));
+                protection.pods.insert(format!(
+                    "{}/{}",
+                    object.namespace.as_deref().unwrap_or("default"),
+                    object.name
+                ));
             }
             "Deployment" => {
                 protection.owners.insert(object.to_string());
@@ -120,15 +176,28 @@ pub fn validate_pods(catalog: &Catalog, images: &ImageCatalog) -> (Vec<Diagnosti
         let issues = match desired::resolve_pod(&instance, &ctx) {
             Ok(r) => r.warnings,
             Err(e) => {
-                let r = Rejected { source: catalog.source_ref(&instance.source.source, &FieldPath::root()), object: Some(instance.source.id.clone()) };
+                let r = Rejected {
+                    source: catalog.source_ref(&instance.source.source, &FieldPath::root()),
+                    object: Some(instance.source.id.clone()),
+                };
                 if !rejected.contains(&r) {
                     rejected.push(r);
                 }
                 e
             }
         };
-        push_unique(&mut diagnostics, &mut seen, catalog, instance.source, &issues);
+        push_unique(
+            &mut diagnostics,
+            &mut seen,
+            catalog,
+            instance.source,
+            &issues,
+        );
     }
-    diagnostics.sort_by(|a, b| (a.severity != Severity::Error).cmp(&(b.severity != Severity::Error)).then(a.source.cmp(&b.source)));
+    diagnostics.sort_by(|a, b| {
+        (a.severity != Severity::Error)
+            .cmp(&(b.severity != Severity::Error))
+            .then(a.source.cmp(&b.source))
+    });
     (diagnostics, rejected)
 }

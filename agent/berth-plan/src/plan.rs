@@ -112,7 +112,12 @@ pub struct Conflict {
 }
 
 pub fn plan(input: &PlanInput<'_>) -> (Plan, Vec<Conflict>) {
-    let actual: BTreeMap<&str, &ActualUnit> = input.actual.units.iter().map(|u| (u.name.as_str(), u)).collect();
+    let actual: BTreeMap<&str, &ActualUnit> = input
+        .actual
+        .units
+        .iter()
+        .map(|u| (u.name.as_str(), u))
+        .collect();
     let mut conflicts = Vec::new();
     let mut wanted: BTreeSet<&str> = BTreeSet::new();
     let mut pods: Vec<&DesiredPod> = input.pods.iter().collect();
@@ -122,9 +127,14 @@ pub fn plan(input: &PlanInput<'_>) -> (Plan, Vec<Conflict>) {
     // refused as a whole; the foreign units are never touched.
     pods.retain(|pod| {
         let names = std::iter::once(&pod.slice.name).chain(pod.units().map(|u| &u.name));
-        let taken: Vec<&UnitName> = names.filter(|n| actual.get(n.as_str()).is_some_and(|u| !u.is_berths())).collect();
+        let taken: Vec<&UnitName> = names
+            .filter(|n| actual.get(n.as_str()).is_some_and(|u| !u.is_berths()))
+            .collect();
         for unit in &taken {
-            conflicts.push(Conflict { pod: pod.id.clone(), unit: (*unit).clone() });
+            conflicts.push(Conflict {
+                pod: pod.id.clone(),
+                unit: (*unit).clone(),
+            });
         }
         taken.is_empty()
     });
@@ -140,49 +150,103 @@ pub fn plan(input: &PlanInput<'_>) -> (Plan, Vec<Conflict>) {
     let mut actions = Vec::new();
     let mut held = Vec::new();
     let mut removals = Vec::new();
-    for unit in input.actual.units.iter().filter(|u| u.is_berths() && !wanted.contains(u.name.as_str())) {
+    for unit in input
+        .actual
+        .units
+        .iter()
+        .filter(|u| u.is_berths() && !wanted.contains(u.name.as_str()))
+    {
         let pod = unit.pod();
         let protected_by = if let Some(reason) = &input.protection.hold_all {
             Some(reason.clone())
-        } else if let Some(p) = pod.as_ref().filter(|p| input.protection.pods.contains(*p) || conflicted.contains(*p)) {
-            Some(format!("pod {p} is not valid in revision {}; its last good state keeps running", input.revision))
+        } else if let Some(p) = pod
+            .as_ref()
+            .filter(|p| input.protection.pods.contains(*p) || conflicted.contains(*p))
+        {
+            Some(format!(
+                "pod {p} is not valid in revision {}; its last good state keeps running",
+                input.revision
+            ))
         } else {
-            unit.owner().filter(|o| input.protection.owners.contains(*o)).map(|o| format!("{o} is not valid in revision {}; its last good state keeps running", input.revision))
+            unit.owner()
+                .filter(|o| input.protection.owners.contains(*o))
+                .map(|o| {
+                    format!(
+                        "{o} is not valid in revision {}; its last good state keeps running",
+                        input.revision
+                    )
+                })
         };
         if let Some(reason) = protected_by {
-            held.push(Held { unit: unit.name.clone(), reason });
+            held.push(Held {
+                unit: unit.name.clone(),
+                reason,
+            });
             continue;
         }
-        let still_wanted = pod.as_ref().is_some_and(|p| pods.iter().any(|d| &d.id.to_string() == p));
+        let still_wanted = pod
+            .as_ref()
+            .is_some_and(|p| pods.iter().any(|d| &d.id.to_string() == p));
         let reason = match (&pod, still_wanted, unit.name.is_slice()) {
             (Some(p), true, true) => format!("pod {p} moved to another QoS class slice"),
-            (Some(p), true, false) => format!("the container is no longer part of pod {p} in revision {}", input.revision),
+            (Some(p), true, false) => format!(
+                "the container is no longer part of pod {p} in revision {}",
+                input.revision
+            ),
             (Some(p), false, _) => format!("pod {p} is not in revision {}", input.revision),
             (None, _, _) => format!("no pod in revision {} needs it", input.revision),
         };
         let action = Action {
-            verb: if unit.name.is_slice() { Verb::RemoveSlice } else { Verb::Stop },
+            verb: if unit.name.is_slice() {
+                Verb::RemoveSlice
+            } else {
+                Verb::Stop
+            },
             unit: unit.name.clone(),
             pod: pod.as_deref().and_then(parse_pod_id),
             reason,
             properties: Properties::new(),
             changes: Vec::new(),
         };
-        if unit.name.is_slice() { removals.push(action) } else { actions.push(action) }
+        if unit.name.is_slice() {
+            removals.push(action)
+        } else {
+            actions.push(action)
+        }
     }
 
     for slice in input.qos_slices {
-        if let Some(a) = slice_action(slice, actual.get(slice.name.as_str()).copied(), None, "QoS class slice", input.revision) {
+        if let Some(a) = slice_action(
+            slice,
+            actual.get(slice.name.as_str()).copied(),
+            None,
+            "QoS class slice",
+            input.revision,
+        ) {
             actions.push(a);
         }
     }
     for pod in &pods {
-        let is_new = std::iter::once(&pod.slice.name).chain(pod.units().map(|u| &u.name)).all(|n| !actual.contains_key(n.as_str()));
-        if let Some(a) = slice_action(&pod.slice, actual.get(pod.slice.name.as_str()).copied(), Some(pod), "pod slice", input.revision) {
+        let is_new = std::iter::once(&pod.slice.name)
+            .chain(pod.units().map(|u| &u.name))
+            .all(|n| !actual.contains_key(n.as_str()));
+        if let Some(a) = slice_action(
+            &pod.slice,
+            actual.get(pod.slice.name.as_str()).copied(),
+            Some(pod),
+            "pod slice",
+            input.revision,
+        ) {
             actions.push(a);
         }
         for unit in pod.units() {
-            if let Some(a) = unit_action(pod, unit, actual.get(unit.name.as_str()).copied(), is_new, input.revision) {
+            if let Some(a) = unit_action(
+                pod,
+                unit,
+                actual.get(unit.name.as_str()).copied(),
+                is_new,
+                input.revision,
+            ) {
                 actions.push(a);
             }
         }
@@ -190,14 +254,31 @@ pub fn plan(input: &PlanInput<'_>) -> (Plan, Vec<Conflict>) {
     // Children before parents: a slice's depth is its count of '-'.
     removals.sort_by_key(|a| std::cmp::Reverse(a.unit.as_str().matches('-').count()));
     actions.extend(removals);
-    (Plan { node: input.node.to_string(), revision: input.revision.to_string(), actions, held }, conflicts)
+    (
+        Plan {
+            node: input.node.to_string(),
+            revision: input.revision.to_string(),
+            actions,
+            held,
+        },
+        conflicts,
+    )
 }
 
 fn parse_pod_id(text: &str) -> Option<PodId> {
-    text.split_once('/').map(|(ns, name)| PodId { namespace: ns.to_string(), name: name.to_string() })
+    text.split_once('/').map(|(ns, name)| PodId {
+        namespace: ns.to_string(),
+        name: name.to_string(),
+    })
 }
 
-fn slice_action(slice: &SliceUnit, actual: Option<&ActualUnit>, pod: Option<&DesiredPod>, what: &str, revision: &str) -> Option<Action> {
+fn slice_action(
+    slice: &SliceUnit,
+    actual: Option<&ActualUnit>,
+    pod: Option<&DesiredPod>,
+    what: &str,
+    revision: &str,
+) -> Option<Action> {
     let pod_id = pod.map(|p| p.id.clone());
     match actual {
         None => Some(Action {
@@ -225,8 +306,18 @@ fn slice_action(slice: &SliceUnit, actual: Option<&ActualUnit>, pod: Option<&Des
     }
 }
 
-fn unit_action(pod: &DesiredPod, unit: &ContainerUnit, actual: Option<&ActualUnit>, pod_is_new: bool, revision: &str) -> Option<Action> {
-    let what = if unit.init { "init container" } else { "container" };
+fn unit_action(
+    pod: &DesiredPod,
+    unit: &ContainerUnit,
+    actual: Option<&ActualUnit>,
+    pod_is_new: bool,
+    revision: &str,
+) -> Option<Action> {
+    let what = if unit.init {
+        "init container"
+    } else {
+        "container"
+    };
     let base = |verb: Verb, reason: String, properties: Properties, changes: Vec<Change>| Action {
         verb,
         unit: unit.name.clone(),
@@ -241,7 +332,12 @@ fn unit_action(pod: &DesiredPod, unit: &ContainerUnit, actual: Option<&ActualUni
         } else {
             format!("{what} {} of pod {} has no unit", unit.container, pod.id)
         };
-        return Some(base(Verb::Start, reason, unit.properties_redacted(), Vec::new()));
+        return Some(base(
+            Verb::Start,
+            reason,
+            unit.properties_redacted(),
+            Vec::new(),
+        ));
     };
     let changes = diff(unit.properties_for_apply(), &actual.properties);
     let restarts = pod.restart_policy != RestartPolicy::Never;
@@ -249,13 +345,19 @@ fn unit_action(pod: &DesiredPod, unit: &ContainerUnit, actual: Option<&ActualUni
         return match actual.active_state {
             ActiveState::Failed if restarts => Some(base(
                 Verb::Restart,
-                format!("{what} {} of pod {} failed and its restart policy is {:?}", unit.container, pod.id, pod.restart_policy),
+                format!(
+                    "{what} {} of pod {} failed and its restart policy is {:?}",
+                    unit.container, pod.id, pod.restart_policy
+                ),
                 unit.properties_redacted(),
                 Vec::new(),
             )),
             ActiveState::Inactive if pod.restart_policy == RestartPolicy::Always => Some(base(
                 Verb::Start,
-                format!("{what} {} of pod {} is stopped and its restart policy is Always", unit.container, pod.id),
+                format!(
+                    "{what} {} of pod {} is stopped and its restart policy is Always",
+                    unit.container, pod.id
+                ),
                 unit.properties_redacted(),
                 Vec::new(),
             )),
@@ -263,12 +365,25 @@ fn unit_action(pod: &DesiredPod, unit: &ContainerUnit, actual: Option<&ActualUni
         };
     }
     let redacted = redact_changes(changes);
-    let in_place = actual.active_state == ActiveState::Active && redacted.iter().all(|c| unit.resizable.contains(&c.property));
+    let in_place = actual.active_state == ActiveState::Active
+        && redacted
+            .iter()
+            .all(|c| unit.resizable.contains(&c.property));
     let reason = describe_changes(&redacted);
     if in_place {
-        Some(base(Verb::Update, format!("{reason} (resized in place: resizePolicy NotRequired)"), Properties::new(), redacted))
+        Some(base(
+            Verb::Update,
+            format!("{reason} (resized in place: resizePolicy NotRequired)"),
+            Properties::new(),
+            redacted,
+        ))
     } else {
-        Some(base(Verb::Restart, reason, unit.properties_redacted(), redacted))
+        Some(base(
+            Verb::Restart,
+            reason,
+            unit.properties_redacted(),
+            redacted,
+        ))
     }
 }
 
@@ -288,7 +403,11 @@ pub fn diff(desired: &Properties, actual: &Properties) -> Vec<Change> {
     desired
         .iter()
         .filter(|(k, v)| actual.get(*k).is_none_or(|a| !same(v, a)))
-        .map(|(k, v)| Change { property: k.clone(), from: actual.get(k).cloned(), to: Some(v.clone()) })
+        .map(|(k, v)| Change {
+            property: k.clone(),
+            from: actual.get(k).cloned(),
+            to: Some(v.clone()),
+        })
         .collect()
 }
 
@@ -299,18 +418,31 @@ fn redact_changes(changes: Vec<Change>) -> Vec<Change> {
             if c.property == "Environment" {
                 // Only names: values may be secrets, on either side.
                 let names = |v: &Option<PropertyValue>| match v {
-                    Some(PropertyValue::List(l)) => l.iter().map(|e| e.split('=').next().unwrap_or("").to_string()).collect::<Vec<_>>(),
+                    Some(PropertyValue::List(l)) => l
+                        .iter()
+                        .map(|e| e.split('=').next().unwrap_or("").to_string())
+                        .collect::<Vec<_>>(),
                     _ => Vec::new(),
                 };
                 let (from, to) = (names(&c.from), names(&c.to));
                 let mut changed: Vec<String> = Vec::new();
-                let old = match &c.from { Some(PropertyValue::List(l)) => l.clone(), _ => Vec::new() };
-                let new = match &c.to { Some(PropertyValue::List(l)) => l.clone(), _ => Vec::new() };
+                let old = match &c.from {
+                    Some(PropertyValue::List(l)) => l.clone(),
+                    _ => Vec::new(),
+                };
+                let new = match &c.to {
+                    Some(PropertyValue::List(l)) => l.clone(),
+                    _ => Vec::new(),
+                };
                 for n in &to {
                     if !from.contains(n) {
                         changed.push(format!("+{n}"));
                     } else {
-                        let find = |l: &[String]| l.iter().find(|e| e.split('=').next() == Some(n.as_str())).cloned();
+                        let find = |l: &[String]| {
+                            l.iter()
+                                .find(|e| e.split('=').next() == Some(n.as_str()))
+                                .cloned()
+                        };
                         if find(&old) != find(&new) {
                             changed.push(format!("~{n}"));
                         }
@@ -331,14 +463,22 @@ fn redact_changes(changes: Vec<Change>) -> Vec<Change> {
 
 fn log_field(v: &Option<PropertyValue>, field: &str) -> Option<String> {
     match v {
-        Some(PropertyValue::List(l)) => l.iter().find_map(|f| f.strip_prefix(field).and_then(|r| r.strip_prefix('=')).map(str::to_string)),
+        Some(PropertyValue::List(l)) => l.iter().find_map(|f| {
+            f.strip_prefix(field)
+                .and_then(|r| r.strip_prefix('='))
+                .map(str::to_string)
+        }),
         _ => None,
     }
 }
 
 /// `memory limit 128Mi → 256Mi, image busybox:1.36 → busybox:1.37`
 pub fn describe_changes(changes: &[Change]) -> String {
-    changes.iter().map(describe_change).collect::<Vec<_>>().join(", ")
+    changes
+        .iter()
+        .map(describe_change)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn describe_change(c: &Change) -> String {
@@ -347,11 +487,16 @@ fn describe_change(c: &Change) -> String {
         Some(PropertyValue::Signed(n)) => Some(i128::from(*n)),
         _ => None,
     };
-    let bytes = |v: &Option<PropertyValue>| num(v).map_or("unset".to_string(), |n| format_bytes(n as u64));
+    let bytes =
+        |v: &Option<PropertyValue>| num(v).map_or("unset".to_string(), |n| format_bytes(n as u64));
     let plain = |v: &Option<PropertyValue>| match v {
         None => "unset".to_string(),
         Some(PropertyValue::Text(t)) => t.clone(),
-        Some(PropertyValue::Exec(e)) => e.iter().map(|x| format!("{:?}", x.argv)).collect::<Vec<_>>().join("; "),
+        Some(PropertyValue::Exec(e)) => e
+            .iter()
+            .map(|x| format!("{:?}", x.argv))
+            .collect::<Vec<_>>()
+            .join("; "),
         Some(PropertyValue::List(l)) => format!("{l:?}"),
         Some(PropertyValue::Bool(b)) => b.to_string(),
         Some(PropertyValue::Unsigned(n)) => n.to_string(),
@@ -362,7 +507,9 @@ fn describe_change(c: &Change) -> String {
         "MemoryLow" => format!("memory request {} → {}", bytes(&c.from), bytes(&c.to)),
         "MemoryHigh" => format!("memory.high {} → {}", bytes(&c.from), bytes(&c.to)),
         "CPUQuotaPerSecUSec" => {
-            let cpu = |v: &Option<PropertyValue>| num(v).map_or("unset".to_string(), |n| format_cpu_milli((n / 1000) as u64));
+            let cpu = |v: &Option<PropertyValue>| {
+                num(v).map_or("unset".to_string(), |n| format_cpu_milli((n / 1000) as u64))
+            };
             format!("cpu limit {} → {}", cpu(&c.from), cpu(&c.to))
         }
         "CPUWeight" => format!("cpu weight {} → {}", plain(&c.from), plain(&c.to)),
@@ -373,9 +520,16 @@ fn describe_change(c: &Change) -> String {
             _ => "environment changed".to_string(),
         },
         "LogExtraFields" => {
-            let (a, b) = (log_field(&c.from, IMAGE_FIELD), log_field(&c.to, IMAGE_FIELD));
+            let (a, b) = (
+                log_field(&c.from, IMAGE_FIELD),
+                log_field(&c.to, IMAGE_FIELD),
+            );
             if a != b {
-                format!("image {} → {}", a.unwrap_or_else(|| "unset".into()), b.unwrap_or_else(|| "unset".into()))
+                format!(
+                    "image {} → {}",
+                    a.unwrap_or_else(|| "unset".into()),
+                    b.unwrap_or_else(|| "unset".into())
+                )
             } else {
                 "Berth's log fields changed".to_string()
             }

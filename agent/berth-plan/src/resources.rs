@@ -166,7 +166,8 @@ pub fn memory_high(request: u64, limit: Option<u64>, capacity: u64) -> Option<u6
     if request >= ceiling {
         return None;
     }
-    let high = u128::from(request) + u128::from(ceiling - request) * u128::from(MEMORY_THROTTLING_FACTOR_TENTHS) / 10;
+    let high = u128::from(request)
+        + u128::from(ceiling - request) * u128::from(MEMORY_THROTTLING_FACTOR_TENTHS) / 10;
     let high = (high as u64) / PAGE_SIZE * PAGE_SIZE;
     (high > request && high < ceiling).then_some(high)
 }
@@ -186,27 +187,88 @@ mod tests {
     #[test]
     fn cpu_requests_map_to_kubernetes_shares_and_runc_weights() {
         let cases = [
-            WeightCase { cpu_milli: 0, shares: 2, weight: 1 },
-            WeightCase { cpu_milli: 1, shares: 2, weight: 1 },
-            WeightCase { cpu_milli: 10, shares: 10, weight: 4 },
-            WeightCase { cpu_milli: 100, shares: 102, weight: 17 },
-            WeightCase { cpu_milli: 250, shares: 256, weight: 35 },
-            WeightCase { cpu_milli: 500, shares: 512, weight: 59 },
-            WeightCase { cpu_milli: 1000, shares: 1024, weight: 100 },
-            WeightCase { cpu_milli: 1500, shares: 1536, weight: 138 },
-            WeightCase { cpu_milli: 2000, shares: 2048, weight: 174 },
-            WeightCase { cpu_milli: 256_000, shares: 262_144, weight: 10_000 },
-            WeightCase { cpu_milli: 1_000_000, shares: 262_144, weight: 10_000 },
+            WeightCase {
+                cpu_milli: 0,
+                shares: 2,
+                weight: 1,
+            },
+            WeightCase {
+                cpu_milli: 1,
+                shares: 2,
+                weight: 1,
+            },
+            WeightCase {
+                cpu_milli: 10,
+                shares: 10,
+                weight: 4,
+            },
+            WeightCase {
+                cpu_milli: 100,
+                shares: 102,
+                weight: 17,
+            },
+            WeightCase {
+                cpu_milli: 250,
+                shares: 256,
+                weight: 35,
+            },
+            WeightCase {
+                cpu_milli: 500,
+                shares: 512,
+                weight: 59,
+            },
+            WeightCase {
+                cpu_milli: 1000,
+                shares: 1024,
+                weight: 100,
+            },
+            WeightCase {
+                cpu_milli: 1500,
+                shares: 1536,
+                weight: 138,
+            },
+            WeightCase {
+                cpu_milli: 2000,
+                shares: 2048,
+                weight: 174,
+            },
+            WeightCase {
+                cpu_milli: 256_000,
+                shares: 262_144,
+                weight: 10_000,
+            },
+            WeightCase {
+                cpu_milli: 1_000_000,
+                shares: 262_144,
+                weight: 10_000,
+            },
         ];
         for c in cases {
-            assert_eq!(milli_to_shares(c.cpu_milli), c.shares, "shares for {}m", c.cpu_milli);
-            assert_eq!(shares_to_weight(c.shares), c.weight, "weight for {} shares", c.shares);
+            assert_eq!(
+                milli_to_shares(c.cpu_milli),
+                c.shares,
+                "shares for {}m",
+                c.cpu_milli
+            );
+            assert_eq!(
+                shares_to_weight(c.shares),
+                c.weight,
+                "weight for {} shares",
+                c.shares
+            );
         }
     }
 
     #[test]
     fn cpu_limits_map_to_a_quota_per_100ms_period() {
-        for (milli, quota) in [(500, 50_000), (1000, 100_000), (250, 25_000), (1, 1_000), (5, 1_000), (2500, 250_000)] {
+        for (milli, quota) in [
+            (500, 50_000),
+            (1000, 100_000),
+            (250, 25_000),
+            (1, 1_000),
+            (5, 1_000),
+            (2500, 250_000),
+        ] {
             assert_eq!(milli_to_quota(milli), quota, "{milli}m");
         }
         assert_eq!(quota_per_sec(50_000), 500_000);
@@ -225,7 +287,12 @@ mod tests {
         assert_eq!(oom_score_adj(QosClass::Burstable, 128 << 20, cap), 985);
     }
 
-    fn res(cpu_req: Option<u64>, cpu_lim: Option<u64>, mem_req: Option<u64>, mem_lim: Option<u64>) -> ContainerResources {
+    fn res(
+        cpu_req: Option<u64>,
+        cpu_lim: Option<u64>,
+        mem_req: Option<u64>,
+        mem_lim: Option<u64>,
+    ) -> ContainerResources {
         ContainerResources {
             cpu_request_milli: cpu_req,
             cpu_limit_milli: cpu_lim,
@@ -244,21 +311,55 @@ mod tests {
     #[test]
     fn qos_classes_follow_kubernetes_rules() {
         let cases = [
-            QosCase { name: "nothing set", containers: vec![res(None, None, None, None)], qos: QosClass::BestEffort },
-            QosCase { name: "zero requests count as unset", containers: vec![res(Some(0), None, Some(0), None)], qos: QosClass::BestEffort },
-            QosCase { name: "limits only default the requests", containers: vec![res(None, Some(500), None, Some(64))], qos: QosClass::Guaranteed },
-            QosCase { name: "requests equal limits", containers: vec![res(Some(500), Some(500), Some(64), Some(64))], qos: QosClass::Guaranteed },
-            QosCase { name: "request below limit", containers: vec![res(Some(250), Some(500), Some(64), Some(64))], qos: QosClass::Burstable },
-            QosCase { name: "memory limit missing", containers: vec![res(Some(500), Some(500), Some(64), None)], qos: QosClass::Burstable },
-            QosCase { name: "requests only", containers: vec![res(Some(100), None, None, None)], qos: QosClass::Burstable },
+            QosCase {
+                name: "nothing set",
+                containers: vec![res(None, None, None, None)],
+                qos: QosClass::BestEffort,
+            },
+            QosCase {
+                name: "zero requests count as unset",
+                containers: vec![res(Some(0), None, Some(0), None)],
+                qos: QosClass::BestEffort,
+            },
+            QosCase {
+                name: "limits only default the requests",
+                containers: vec![res(None, Some(500), None, Some(64))],
+                qos: QosClass::Guaranteed,
+            },
+            QosCase {
+                name: "requests equal limits",
+                containers: vec![res(Some(500), Some(500), Some(64), Some(64))],
+                qos: QosClass::Guaranteed,
+            },
+            QosCase {
+                name: "request below limit",
+                containers: vec![res(Some(250), Some(500), Some(64), Some(64))],
+                qos: QosClass::Burstable,
+            },
+            QosCase {
+                name: "memory limit missing",
+                containers: vec![res(Some(500), Some(500), Some(64), None)],
+                qos: QosClass::Burstable,
+            },
+            QosCase {
+                name: "requests only",
+                containers: vec![res(Some(100), None, None, None)],
+                qos: QosClass::Burstable,
+            },
             QosCase {
                 name: "one container without limits makes the pod burstable",
-                containers: vec![res(None, Some(500), None, Some(64)), res(None, None, None, None)],
+                containers: vec![
+                    res(None, Some(500), None, Some(64)),
+                    res(None, None, None, None),
+                ],
                 qos: QosClass::Burstable,
             },
             QosCase {
                 name: "all containers guaranteed",
-                containers: vec![res(None, Some(500), None, Some(64)), res(Some(100), Some(100), Some(32), Some(32))],
+                containers: vec![
+                    res(None, Some(500), None, Some(64)),
+                    res(Some(100), Some(100), Some(32), Some(32)),
+                ],
                 qos: QosClass::Guaranteed,
             },
         ];
@@ -270,7 +371,10 @@ mod tests {
     #[test]
     fn memory_high_sits_between_request_and_limit() {
         let mi = 1u64 << 20;
-        assert_eq!(memory_high(64 * mi, Some(128 * mi), 0), Some(64 * mi + (64 * mi * 9 / 10) / 4096 * 4096));
+        assert_eq!(
+            memory_high(64 * mi, Some(128 * mi), 0),
+            Some(64 * mi + (64 * mi * 9 / 10) / 4096 * 4096)
+        );
         assert_eq!(memory_high(128 * mi, Some(128 * mi), 0), None);
         assert_eq!(memory_high(0, None, 1000 * mi), Some(900 * mi));
     }

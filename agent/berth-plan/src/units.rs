@@ -43,14 +43,19 @@ pub struct UnitName(String);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UnitNameError {
-    #[error("unit name {name:?} is {len} characters long; systemd allows {UNIT_NAME_MAX}: shorten the namespace, pod or container name")]
+    #[error(
+        "unit name {name:?} is {len} characters long; systemd allows {UNIT_NAME_MAX}: shorten the namespace, pod or container name"
+    )]
     TooLong { name: String, len: usize },
 }
 
 impl UnitName {
     fn new(name: String) -> Result<Self, UnitNameError> {
         if name.len() > UNIT_NAME_MAX {
-            return Err(UnitNameError::TooLong { len: name.len(), name });
+            return Err(UnitNameError::TooLong {
+                len: name.len(),
+                name,
+            });
         }
         Ok(Self(name))
     }
@@ -99,7 +104,10 @@ pub fn pod_slice(qos: QosClass, pod: &PodId) -> Result<UnitName, UnitNameError> 
 
 /// `berth-default_web-0_nginx.service`: one per container.
 pub fn container_service(pod: &PodId, container: &str) -> Result<UnitName, UnitNameError> {
-    UnitName::new(format!("berth-{}_{}_{}.service", pod.namespace, pod.name, container))
+    UnitName::new(format!(
+        "berth-{}_{}_{}.service",
+        pod.namespace, pod.name, container
+    ))
 }
 
 /// The `LogExtraFields=` entries that mark a unit as Berth's and say which
@@ -143,20 +151,41 @@ mod tests {
 
     #[test]
     fn slice_names_escape_dashes_so_the_hierarchy_stays_three_levels() {
-        let pod = PodId { namespace: "kube-system".into(), name: "web-0".into() };
+        let pod = PodId {
+            namespace: "kube-system".into(),
+            name: "web-0".into(),
+        };
         let slice = pod_slice(QosClass::Burstable, &pod).expect("short");
-        assert_eq!(slice.as_str(), "berth-burstable-kube\\x2dsystem_web\\x2d0.slice");
+        assert_eq!(
+            slice.as_str(),
+            "berth-burstable-kube\\x2dsystem_web\\x2d0.slice"
+        );
         // systemd derives the parent by cutting at the last unescaped '-'.
         let stem = slice.as_str().trim_end_matches(".slice");
         let parent = &stem[..stem.rfind('-').expect("has a dash")];
-        assert_eq!(format!("{parent}.slice"), qos_slice(QosClass::Burstable).as_str());
-        assert_eq!(container_service(&pod, "nginx").expect("short").as_str(), "berth-kube-system_web-0_nginx.service");
+        assert_eq!(
+            format!("{parent}.slice"),
+            qos_slice(QosClass::Burstable).as_str()
+        );
+        assert_eq!(
+            container_service(&pod, "nginx").expect("short").as_str(),
+            "berth-kube-system_web-0_nginx.service"
+        );
     }
 
     #[test]
     fn names_longer_than_systemd_allows_are_refused() {
-        let pod = PodId { namespace: "default".into(), name: "a".repeat(250) };
-        assert!(matches!(container_service(&pod, "c"), Err(UnitNameError::TooLong { .. })));
-        assert!(matches!(pod_slice(QosClass::BestEffort, &pod), Err(UnitNameError::TooLong { .. })));
+        let pod = PodId {
+            namespace: "default".into(),
+            name: "a".repeat(250),
+        };
+        assert!(matches!(
+            container_service(&pod, "c"),
+            Err(UnitNameError::TooLong { .. })
+        ));
+        assert!(matches!(
+            pod_slice(QosClass::BestEffort, &pod),
+            Err(UnitNameError::TooLong { .. })
+        ));
     }
 }

@@ -1,6 +1,8 @@
 //! How plans react to what already runs: adoption, in-place resize,
 //! restarts, pruning, and what is never touched.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use berth_manifest::{SourceFile, load_sources};
 use berth_plan::actual::{ActiveState, ActualState, ActualUnit};
 use berth_plan::plan::Verb;
@@ -37,7 +39,13 @@ fn node() -> NodeInfo {
 }
 
 fn plan_for(files: &[(&str, &str)], actual: &ActualState) -> NodePlan {
-    let sources = files.iter().map(|(p, t)| SourceFile { path: p.into(), text: t.to_string() }).collect();
+    let sources = files
+        .iter()
+        .map(|(p, t)| SourceFile {
+            path: p.into(),
+            text: t.to_string(),
+        })
+        .collect();
     let catalog = load_sources(sources);
     assert_eq!(catalog.error_count(), 0, "{:#?}", catalog.diagnostics);
     plan_node(&catalog, &node(), &ImageCatalog::default(), actual, "rev1")
@@ -47,19 +55,35 @@ fn plan_for(files: &[(&str, &str)], actual: &ActualState) -> NodePlan {
 fn applied(plan: &NodePlan) -> ActualState {
     let mut units = Vec::new();
     for slice in &plan.qos_slices {
-        units.push(ActualUnit { name: slice.name.clone(), active_state: ActiveState::Active, properties: slice.properties.clone() });
+        units.push(ActualUnit {
+            name: slice.name.clone(),
+            active_state: ActiveState::Active,
+            properties: slice.properties.clone(),
+        });
     }
     for pod in &plan.pods {
-        units.push(ActualUnit { name: pod.slice.name.clone(), active_state: ActiveState::Active, properties: pod.slice.properties.clone() });
+        units.push(ActualUnit {
+            name: pod.slice.name.clone(),
+            active_state: ActiveState::Active,
+            properties: pod.slice.properties.clone(),
+        });
         for unit in pod.units() {
-            units.push(ActualUnit { name: unit.name.clone(), active_state: ActiveState::Active, properties: unit.properties_for_apply().clone() });
+            units.push(ActualUnit {
+                name: unit.name.clone(),
+                active_state: ActiveState::Active,
+                properties: unit.properties_for_apply().clone(),
+            });
         }
     }
     ActualState { units }
 }
 
 fn verbs(plan: &NodePlan) -> Vec<(Verb, String)> {
-    plan.plan.actions.iter().map(|a| (a.verb, a.unit.to_string())).collect()
+    plan.plan
+        .actions
+        .iter()
+        .map(|a| (a.verb, a.unit.to_string()))
+        .collect()
 }
 
 #[test]
@@ -69,7 +93,10 @@ fn a_node_that_runs_what_git_says_needs_no_actions() {
         verbs(&first),
         [
             (Verb::CreateSlice, "berth-burstable.slice".to_string()),
-            (Verb::CreateSlice, "berth-burstable-default_web.slice".to_string()),
+            (
+                Verb::CreateSlice,
+                "berth-burstable-default_web.slice".to_string()
+            ),
             (Verb::Start, "berth-default_web_main.service".to_string()),
         ]
     );
@@ -80,12 +107,29 @@ fn a_node_that_runs_what_git_says_needs_no_actions() {
 #[test]
 fn a_memory_limit_change_resizes_in_place_by_default() {
     let before = applied(&plan_for(&[("pod.yaml", POD)], &ActualState::default()));
-    let changed = POD.replace("limits: {cpu: 500m, memory: 64Mi}", "limits: {cpu: 500m, memory: 128Mi}");
+    let changed = POD.replace(
+        "limits: {cpu: 500m, memory: 64Mi}",
+        "limits: {cpu: 500m, memory: 128Mi}",
+    );
     let plan = plan_for(&[("pod.yaml", &changed)], &before);
-    let unit = plan.plan.actions.iter().find(|a| a.unit.as_str() == "berth-default_web_main.service").expect("container action");
+    let unit = plan
+        .plan
+        .actions
+        .iter()
+        .find(|a| a.unit.as_str() == "berth-default_web_main.service")
+        .expect("container action");
     assert_eq!(unit.verb, Verb::Update);
-    assert!(unit.reason.contains("memory limit 64Mi → 128Mi"), "{}", unit.reason);
-    let slice = plan.plan.actions.iter().find(|a| a.unit.as_str() == "berth-burstable-default_web.slice").expect("slice action");
+    assert!(
+        unit.reason.contains("memory limit 64Mi → 128Mi"),
+        "{}",
+        unit.reason
+    );
+    let slice = plan
+        .plan
+        .actions
+        .iter()
+        .find(|a| a.unit.as_str() == "berth-burstable-default_web.slice")
+        .expect("slice action");
     assert_eq!(slice.verb, Verb::UpdateSlice);
 }
 
@@ -96,17 +140,35 @@ fn a_resize_policy_of_restart_container_restarts_it() {
         .replace("limits: {cpu: 500m, memory: 64Mi}", "limits: {cpu: 500m, memory: 128Mi}")
         .replace("      resources:", "      resizePolicy:\n        - {resourceName: memory, restartPolicy: RestartContainer}\n      resources:");
     let plan = plan_for(&[("pod.yaml", &changed)], &before);
-    let unit = plan.plan.actions.iter().find(|a| a.unit.as_str() == "berth-default_web_main.service").expect("container action");
+    let unit = plan
+        .plan
+        .actions
+        .iter()
+        .find(|a| a.unit.as_str() == "berth-default_web_main.service")
+        .expect("container action");
     assert_eq!(unit.verb, Verb::Restart);
-    assert!(unit.reason.contains("memory limit 64Mi → 128Mi"), "{}", unit.reason);
+    assert!(
+        unit.reason.contains("memory limit 64Mi → 128Mi"),
+        "{}",
+        unit.reason
+    );
 }
 
 #[test]
 fn an_image_change_restarts_the_container_and_says_so() {
     let before = applied(&plan_for(&[("pod.yaml", POD)], &ActualState::default()));
-    let plan = plan_for(&[("pod.yaml", &POD.replace("busybox:1.37", "busybox:1.38"))], &before);
-    assert_eq!(verbs(&plan), [(Verb::Restart, "berth-default_web_main.service".to_string())]);
-    assert_eq!(plan.plan.actions[0].reason, "image busybox:1.37 → busybox:1.38");
+    let plan = plan_for(
+        &[("pod.yaml", &POD.replace("busybox:1.37", "busybox:1.38"))],
+        &before,
+    );
+    assert_eq!(
+        verbs(&plan),
+        [(Verb::Restart, "berth-default_web_main.service".to_string())]
+    );
+    assert_eq!(
+        plan.plan.actions[0].reason,
+        "image busybox:1.37 → busybox:1.38"
+    );
 }
 
 #[test]
@@ -114,33 +176,56 @@ fn secret_values_never_appear_in_a_plan_or_its_reasons() {
     let first = plan_for(&[("pod.yaml", POD)], &ActualState::default());
     let json = serde_json::to_string(&first).expect("serializes");
     assert!(!json.contains("hunter2"), "{json}");
-    assert!(json.contains("TOKEN=<secret default/creds key token>"), "{json}");
+    assert!(
+        json.contains("TOKEN=<secret default/creds key token>"),
+        "{json}"
+    );
     let before = applied(&first);
     let rotated = POD.replace("hunter2-very-secret", "rotated-secret-value");
     let plan = plan_for(&[("pod.yaml", &rotated)], &before);
     let json = serde_json::to_string(&plan).expect("serializes");
-    assert!(!json.contains("hunter2") && !json.contains("rotated-secret-value"), "{json}");
+    assert!(
+        !json.contains("hunter2") && !json.contains("rotated-secret-value"),
+        "{json}"
+    );
     assert_eq!(plan.plan.actions[0].verb, Verb::Restart);
     assert_eq!(plan.plan.actions[0].reason, "environment ~TOKEN");
     // The apply stage still gets the real value.
     let unit = plan.pods[0].units().next().expect("one unit");
-    let Some(PropertyValue::List(env)) = unit.properties_for_apply().get("Environment") else { panic!("no environment") };
+    let Some(PropertyValue::List(env)) = unit.properties_for_apply().get("Environment") else {
+        panic!("no environment")
+    };
     assert!(env.contains(&"TOKEN=rotated-secret-value".to_string()));
 }
 
 #[test]
 fn pods_removed_from_git_are_stopped_and_their_slices_removed_last() {
     let before = applied(&plan_for(&[("pod.yaml", POD)], &ActualState::default()));
-    let plan = plan_for(&[("other.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")], &before);
+    let plan = plan_for(
+        &[(
+            "other.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n",
+        )],
+        &before,
+    );
     assert_eq!(
         verbs(&plan),
         [
             (Verb::Stop, "berth-default_web_main.service".to_string()),
-            (Verb::RemoveSlice, "berth-burstable-default_web.slice".to_string()),
+            (
+                Verb::RemoveSlice,
+                "berth-burstable-default_web.slice".to_string()
+            ),
             (Verb::RemoveSlice, "berth-burstable.slice".to_string()),
         ]
     );
-    assert!(plan.plan.actions[0].reason.contains("pod default/web is not in revision rev1"), "{}", plan.plan.actions[0].reason);
+    assert!(
+        plan.plan.actions[0]
+            .reason
+            .contains("pod default/web is not in revision rev1"),
+        "{}",
+        plan.plan.actions[0].reason
+    );
 }
 
 #[test]
@@ -154,22 +239,39 @@ fn units_berth_did_not_create_are_never_touched() {
     actual.units.push(ActualUnit {
         name: UnitName::from_observed("berth-default_web_main.service"),
         active_state: ActiveState::Active,
-        properties: [("Description".to_string(), PropertyValue::Text("the admin's own".into()))].into(),
+        properties: [(
+            "Description".to_string(),
+            PropertyValue::Text("the admin's own".into()),
+        )]
+        .into(),
     });
     let plan = plan_for(&[("pod.yaml", POD)], &actual);
     assert!(
-        plan.plan.actions.iter().all(|a| !a.unit.as_str().contains("_old_") && a.pod.as_ref().is_none_or(|p| p.name != "web")),
+        plan.plan
+            .actions
+            .iter()
+            .all(|a| !a.unit.as_str().contains("_old_")
+                && a.pod.as_ref().is_none_or(|p| p.name != "web")),
         "{:#?}",
         plan.plan.actions
     );
     assert_eq!(plan.rejected.len(), 1);
-    assert!(plan.diagnostics[0].message.contains("was not created by Berth"), "{}", plan.diagnostics[0].message);
+    assert!(
+        plan.diagnostics[0]
+            .message
+            .contains("was not created by Berth"),
+        "{}",
+        plan.diagnostics[0].message
+    );
 }
 
 #[test]
 fn nothing_is_pruned_while_a_document_cannot_be_read() {
     let before = applied(&plan_for(&[("pod.yaml", POD)], &ActualState::default()));
-    let sources = vec![SourceFile { path: "broken.yaml".into(), text: "kind: [unclosed\n".into() }];
+    let sources = vec![SourceFile {
+        path: "broken.yaml".into(),
+        text: "kind: [unclosed\n".into(),
+    }];
     let catalog = load_sources(sources);
     assert_eq!(catalog.error_count(), 1);
     let plan = plan_node(&catalog, &node(), &ImageCatalog::default(), &before, "rev2");
@@ -186,9 +288,15 @@ fn a_failed_container_restarts_only_when_its_restart_policy_allows() {
         }
     }
     let plan = plan_for(&[("pod.yaml", POD)], &before);
-    assert_eq!(verbs(&plan), [(Verb::Restart, "berth-default_web_main.service".to_string())]);
+    assert_eq!(
+        verbs(&plan),
+        [(Verb::Restart, "berth-default_web_main.service".to_string())]
+    );
 
-    let never = POD.replace("spec:\n  containers:", "spec:\n  restartPolicy: Never\n  containers:");
+    let never = POD.replace(
+        "spec:\n  containers:",
+        "spec:\n  restartPolicy: Never\n  containers:",
+    );
     let mut before = applied(&plan_for(&[("pod.yaml", &never)], &ActualState::default()));
     for u in &mut before.units {
         if u.name.as_str().ends_with(".service") {
@@ -216,7 +324,11 @@ spec:
     let plan = plan_for(&[("d.yaml", deployment)], &ActualState::default());
     let names: Vec<String> = plan.pods.iter().map(|p| p.id.name.clone()).collect();
     assert_eq!(names, ["api-0", "api-1", "api-2"]);
-    assert!(plan.pods.iter().all(|p| p.qos == berth_plan::QosClass::BestEffort));
+    assert!(
+        plan.pods
+            .iter()
+            .all(|p| p.qos == berth_plan::QosClass::BestEffort)
+    );
 }
 
 #[test]
@@ -255,9 +367,16 @@ spec:
     let plan = plan_for(&[("p.yaml", pods)], &ActualState::default());
     let here: Vec<&str> = plan.pods.iter().map(|p| p.id.name.as_str()).collect();
     assert_eq!(here, ["here"]);
-    let elsewhere: Vec<String> = plan.elsewhere.iter().map(|n| format!("{}: {}", n.object, n.reason)).collect();
+    let elsewhere: Vec<String> = plan
+        .elsewhere
+        .iter()
+        .map(|n| format!("{}: {}", n.object, n.reason))
+        .collect();
     assert_eq!(
         elsewhere,
-        ["Pod/default/pinned-elsewhere: spec.nodeName is n2", "Pod/default/wrong-arch: no required node affinity term matches this node's labels"]
+        [
+            "Pod/default/pinned-elsewhere: spec.nodeName is n2",
+            "Pod/default/wrong-arch: no required node affinity term matches this node's labels"
+        ]
     );
 }

@@ -14,7 +14,11 @@ use berth_plan::{ActualState, ImageCatalog, NodeInfo};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "berth", version, about = "Run Kubernetes-shaped YAML from Git on a bare node, with systemd")]
+#[command(
+    name = "berth",
+    version,
+    about = "Run Kubernetes-shaped YAML from Git on a bare node, with systemd"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -97,9 +101,30 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Validate { load, strict, output } => validate(&load, strict, output),
-        Command::Plan { load, node, node_labels, namespaces, node_memory, node_cpus, actual, revision, output, timings } => {
-            let node = node_info(node, &node_labels, namespaces, node_memory.as_deref(), node_cpus.as_deref())?;
+        Command::Validate {
+            load,
+            strict,
+            output,
+        } => validate(&load, strict, output),
+        Command::Plan {
+            load,
+            node,
+            node_labels,
+            namespaces,
+            node_memory,
+            node_cpus,
+            actual,
+            revision,
+            output,
+            timings,
+        } => {
+            let node = node_info(
+                node,
+                &node_labels,
+                namespaces,
+                node_memory.as_deref(),
+                node_cpus.as_deref(),
+            )?;
             let actual = match actual {
                 Some(path) => read_yaml::<ActualState>(&path).context("--actual")?,
                 None => ActualState::default(),
@@ -110,19 +135,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 fn image_catalog(load: &LoadArgs) -> anyhow::Result<ImageCatalog> {
     match &load.images {
-        Some(path) => Ok(ImageCatalog::new(read_yaml::<ImageCatalogFile>(path).context("--images")?.images)),
+        Some(path) => Ok(ImageCatalog::new(
+            read_yaml::<ImageCatalogFile>(path)
+                .context("--images")?
+                .images,
+        )),
         None => Ok(ImageCatalog::default()),
     }
 }
 
 fn load_catalog(load: &LoadArgs) -> anyhow::Result<berth_manifest::Catalog> {
-    let options = LoadOptions { max_file_bytes: load.max_file_size };
+    let options = LoadOptions {
+        max_file_bytes: load.max_file_size,
+    };
     Ok(berth_manifest::load_dir(&load.dir, &options)?)
 }
 
@@ -133,10 +165,21 @@ fn validate(load: &LoadArgs, strict: bool, output: Output) -> anyhow::Result<Exi
     let report = render::ValidationReport::new(&catalog, pod_diags, pod_rejected);
     render::print_validation(&report, output)?;
     let failed = report.errors > 0 || (strict && report.warnings > 0);
-    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
-fn plan(load: &LoadArgs, node: &NodeInfo, actual: &ActualState, revision: Option<String>, output: Output, timings: bool) -> anyhow::Result<ExitCode> {
+fn plan(
+    load: &LoadArgs,
+    node: &NodeInfo,
+    actual: &ActualState,
+    revision: Option<String>,
+    output: Output,
+    timings: bool,
+) -> anyhow::Result<ExitCode> {
     let images = image_catalog(load)?;
     let started = std::time::Instant::now();
     let catalog = load_catalog(load)?;
@@ -157,20 +200,34 @@ fn plan(load: &LoadArgs, node: &NodeInfo, actual: &ActualState, revision: Option
         );
     }
     let failed = catalog.error_count() > 0 || !node_plan.rejected.is_empty();
-    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
-fn node_info(name: Option<String>, labels: &str, namespaces: Vec<String>, memory: Option<&str>, cpus: Option<&str>) -> anyhow::Result<NodeInfo> {
+fn node_info(
+    name: Option<String>,
+    labels: &str,
+    namespaces: Vec<String>,
+    memory: Option<&str>,
+    cpus: Option<&str>,
+) -> anyhow::Result<NodeInfo> {
     let name = match name {
         Some(n) => n,
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_lowercase()).unwrap_or_default(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_lowercase())
+            .unwrap_or_default(),
     };
     if let Err(e) = names::dns1123_subdomain(&name) {
         bail!("--node: {e}");
     }
     let mut extra = BTreeMap::new();
     for pair in labels.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let Some((k, v)) = pair.split_once('=') else { bail!("--node-labels: {pair:?} is not key=value") };
+        let Some((k, v)) = pair.split_once('=') else {
+            bail!("--node-labels: {pair:?} is not key=value")
+        };
         names::qualified_name(k).map_err(|e| anyhow::anyhow!("--node-labels: {e}"))?;
         names::label_value(v).map_err(|e| anyhow::anyhow!("--node-labels: {e}"))?;
         extra.insert(k.to_string(), v.to_string());
@@ -179,12 +236,18 @@ fn node_info(name: Option<String>, labels: &str, namespaces: Vec<String>, memory
         names::dns1123_label(ns).map_err(|e| anyhow::anyhow!("--namespace: {e}"))?;
     }
     let memory = match memory {
-        Some(q) => Quantity::parse(q).and_then(|q| q.units()).map_err(|e| anyhow::anyhow!("--node-memory: {e}"))?,
+        Some(q) => Quantity::parse(q)
+            .and_then(|q| q.units())
+            .map_err(|e| anyhow::anyhow!("--node-memory: {e}"))?,
         None => host_memory().context("cannot read this machine's memory; pass --node-memory")?,
     };
     let cpu = match cpus {
-        Some(q) => Quantity::parse(q).and_then(|q| q.milli()).map_err(|e| anyhow::anyhow!("--node-cpus: {e}"))?,
-        None => std::thread::available_parallelism().map(|n| n.get() as u64 * 1000).unwrap_or(1000),
+        Some(q) => Quantity::parse(q)
+            .and_then(|q| q.milli())
+            .map_err(|e| anyhow::anyhow!("--node-cpus: {e}"))?,
+        None => std::thread::available_parallelism()
+            .map(|n| n.get() as u64 * 1000)
+            .unwrap_or(1000),
     };
     if memory == 0 || cpu == 0 {
         bail!("--node-memory and --node-cpus must be greater than zero");
@@ -196,7 +259,14 @@ fn node_info(name: Option<String>, labels: &str, namespaces: Vec<String>, memory
 
 fn host_memory() -> anyhow::Result<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo")?;
-    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:")).context("no MemTotal in /proc/meminfo")?;
-    let kib: u64 = line.split_whitespace().nth(1).context("malformed MemTotal")?.parse()?;
+    let line = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .context("no MemTotal in /proc/meminfo")?;
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("malformed MemTotal")?
+        .parse()?;
     Ok(kib * 1024)
 }

@@ -4,9 +4,9 @@
 use std::io::{self, Write};
 
 use berth_manifest::{Catalog, Diagnostic, Rejected, Severity};
-use berth_plan::plan::Action;
 use berth_plan::pipeline::NodePlan;
-use berth_plan::{PropertyValue, Properties};
+use berth_plan::plan::Action;
+use berth_plan::{Properties, PropertyValue};
 use serde::Serialize;
 
 use crate::Output;
@@ -22,7 +22,11 @@ pub struct ValidationReport {
 }
 
 impl ValidationReport {
-    pub fn new(catalog: &Catalog, pod_diagnostics: Vec<Diagnostic>, pod_rejected: Vec<Rejected>) -> Self {
+    pub fn new(
+        catalog: &Catalog,
+        pod_diagnostics: Vec<Diagnostic>,
+        pod_rejected: Vec<Rejected>,
+    ) -> Self {
         let mut diagnostics = catalog.diagnostics.clone();
         diagnostics.extend(pod_diagnostics);
         sort(&mut diagnostics);
@@ -30,9 +34,19 @@ impl ValidationReport {
         rejected.extend(pod_rejected);
         rejected.sort_by(|a, b| a.source.cmp(&b.source));
         rejected.dedup();
-        let errors = diagnostics.iter().filter(|d| d.severity == Severity::Error).count();
+        let errors = diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .count();
         let warnings = diagnostics.len() - errors;
-        Self { files: catalog.files.len(), objects: catalog.objects.len(), errors, warnings, rejected, diagnostics }
+        Self {
+            files: catalog.files.len(),
+            objects: catalog.objects.len(),
+            errors,
+            warnings,
+            rejected,
+            diagnostics,
+        }
     }
 }
 
@@ -86,7 +100,11 @@ struct PlanReport<'a> {
 
 pub fn print_plan(catalog: &Catalog, node_plan: &NodePlan, output: Output) -> anyhow::Result<()> {
     if output != Output::Text {
-        let report = PlanReport { node_plan, load_diagnostics: &catalog.diagnostics, load_rejected: &catalog.rejected };
+        let report = PlanReport {
+            node_plan,
+            load_diagnostics: &catalog.diagnostics,
+            load_rejected: &catalog.rejected,
+        };
         return emit(&report, output);
     }
     let mut out = io::stdout().lock();
@@ -100,7 +118,10 @@ pub fn print_plan(catalog: &Catalog, node_plan: &NodePlan, output: Output) -> an
         plan.actions.len()
     )?;
     if plan.actions.is_empty() {
-        writeln!(out, "\nNothing to do: the node already runs what Git describes.")?;
+        writeln!(
+            out,
+            "\nNothing to do: the node already runs what Git describes."
+        )?;
     }
     for (i, action) in plan.actions.iter().enumerate() {
         write_action(&mut out, i + 1, action)?;
@@ -121,15 +142,28 @@ pub fn print_plan(catalog: &Catalog, node_plan: &NodePlan, output: Output) -> an
     rejected.sort_by(|a, b| a.source.cmp(&b.source));
     rejected.dedup();
     if !rejected.is_empty() {
-        writeln!(out, "\nRejected ({}), nothing of theirs is changed:", rejected.len())?;
+        writeln!(
+            out,
+            "\nRejected ({}), nothing of theirs is changed:",
+            rejected.len()
+        )?;
         for r in rejected {
             match &r.object {
                 Some(o) => writeln!(out, "  {}: {o}", r.source)?,
-                None => writeln!(out, "  {}: a document that is not a readable object", r.source)?,
+                None => writeln!(
+                    out,
+                    "  {}: a document that is not a readable object",
+                    r.source
+                )?,
             }
         }
     }
-    let mut diagnostics: Vec<Diagnostic> = catalog.diagnostics.iter().chain(&node_plan.diagnostics).cloned().collect();
+    let mut diagnostics: Vec<Diagnostic> = catalog
+        .diagnostics
+        .iter()
+        .chain(&node_plan.diagnostics)
+        .cloned()
+        .collect();
     sort(&mut diagnostics);
     if !diagnostics.is_empty() {
         writeln!(out, "\nProblems ({}):", diagnostics.len())?;
@@ -141,15 +175,29 @@ pub fn print_plan(catalog: &Catalog, node_plan: &NodePlan, output: Output) -> an
 }
 
 fn write_action(out: &mut impl Write, n: usize, action: &Action) -> io::Result<()> {
-    let pod = action.pod.as_ref().map(|p| format!("  [pod {p}]")).unwrap_or_default();
-    writeln!(out, "\n{n:>3}. {} {}{pod}", action.verb.as_str(), action.unit)?;
+    let pod = action
+        .pod
+        .as_ref()
+        .map(|p| format!("  [pod {p}]"))
+        .unwrap_or_default();
+    writeln!(
+        out,
+        "\n{n:>3}. {} {}{pod}",
+        action.verb.as_str(),
+        action.unit
+    )?;
     writeln!(out, "     why: {}", action.reason)?;
     write_properties(out, &action.properties)?;
     if !action.properties.is_empty() {
         return Ok(());
     }
     for c in &action.changes {
-        writeln!(out, "       {} = {}", c.property, c.to.as_ref().map_or("(unset)".to_string(), value_text))?;
+        writeln!(
+            out,
+            "       {} = {}",
+            c.property,
+            c.to.as_ref().map_or("(unset)".to_string(), value_text)
+        )?;
     }
     Ok(())
 }
@@ -171,8 +219,15 @@ fn write_properties(out: &mut impl Write, props: &Properties) -> io::Result<()> 
 
 /// Shell-like quoting for display only: nothing is ever run through a shell.
 fn quote(arg: &str) -> String {
-    let plain = !arg.is_empty() && arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c));
-    if plain { arg.to_string() } else { format!("'{}'", arg.replace('\'', "'\\''")) }
+    let plain = !arg.is_empty()
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c));
+    if plain {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', "'\\''"))
+    }
 }
 
 fn value_text(v: &PropertyValue) -> String {
@@ -181,7 +236,17 @@ fn value_text(v: &PropertyValue) -> String {
         PropertyValue::Unsigned(n) => n.to_string(),
         PropertyValue::Signed(n) => n.to_string(),
         PropertyValue::Text(t) => t.clone(),
-        PropertyValue::Exec(cmds) => cmds.iter().map(|c| c.argv.iter().map(|a| quote(a)).collect::<Vec<_>>().join(" ")).collect::<Vec<_>>().join("; "),
+        PropertyValue::Exec(cmds) => cmds
+            .iter()
+            .map(|c| {
+                c.argv
+                    .iter()
+                    .map(|a| quote(a))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
         PropertyValue::List(items) => items.join(" "),
     }
 }

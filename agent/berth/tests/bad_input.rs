@@ -1,6 +1,8 @@
 //! Each kind of bad input gets an error naming file, line, object and field,
 //! `berth` exits non-zero, and the valid objects next to it are still planned.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 mod common;
 
 use common::{TempDir, berth};
@@ -36,10 +38,14 @@ fn pod_with(container_extra: &str) -> String {
 }
 
 fn cases() -> Vec<Case> {
-    let mut alias_bomb = String::from("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: bomb}\ndata:\n  a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    let mut alias_bomb = String::from(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: bomb}\ndata:\n  a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n",
+    );
     for i in 1..12 {
         let p = i - 1;
-        alias_bomb.push_str(&format!("  a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"));
+        alias_bomb.push_str(&format!(
+            "  a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+        ));
     }
     vec![
         Case {
@@ -222,8 +228,16 @@ fn cases() -> Vec<Case> {
 }
 
 fn diagnostics(report: &Value) -> Vec<Value> {
-    let mut all = report["loadDiagnostics"].as_array().cloned().unwrap_or_default();
-    all.extend(report["diagnostics"].as_array().cloned().unwrap_or_default());
+    let mut all = report["loadDiagnostics"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    all.extend(
+        report["diagnostics"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default(),
+    );
     all
 }
 
@@ -234,7 +248,10 @@ fn bad_input_is_reported_precisely_and_the_rest_is_still_planned() {
         let dir = TempDir::new("bad");
         dir.write("good.yaml", GOOD);
         dir.write(case.file, &case.content);
-        let images = dir.write("../images-for-bad.yaml", "images:\n  - reference: scratch-app:1\n");
+        let images = dir.write(
+            "../images-for-bad.yaml",
+            "images:\n  - reference: scratch-app:1\n",
+        );
         let run = berth(&[
             "plan",
             dir.path().to_str().expect("utf-8"),
@@ -252,16 +269,24 @@ fn bad_input_is_reported_precisely_and_the_rest_is_still_planned() {
         let report: Value = match serde_json::from_str(&run.stdout) {
             Ok(v) => v,
             Err(e) => {
-                failures.push(format!("{}: output is not JSON ({e}): {}{}", case.name, run.stdout, run.stderr));
+                failures.push(format!(
+                    "{}: output is not JSON ({e}): {}{}",
+                    case.name, run.stdout, run.stderr
+                ));
                 continue;
             }
         };
         if run.code != 1 {
             failures.push(format!("{}: exit code {} (want 1)", case.name, run.code));
         }
-        let planned = report["plan"]["actions"].as_array().is_some_and(|a| a.iter().any(|x| x["unit"] == GOOD_UNIT));
+        let planned = report["plan"]["actions"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["unit"] == GOOD_UNIT));
         if !planned {
-            failures.push(format!("{}: the valid pod next to the bad input was not planned", case.name));
+            failures.push(format!(
+                "{}: the valid pod next to the bad input was not planned",
+                case.name
+            ));
         }
         let matching = diagnostics(&report).into_iter().find(|d| {
             d["severity"] == "error"
@@ -269,14 +294,27 @@ fn bad_input_is_reported_precisely_and_the_rest_is_still_planned() {
                 && case.line.is_none_or(|l| d["source"]["line"] == l)
                 && case.object.is_none_or(|o| {
                     let obj = &d["object"];
-                    let ns = obj["namespace"].as_str().map(|n| format!("{n}/")).unwrap_or_default();
-                    format!("{}/{ns}{}", obj["kind"].as_str().unwrap_or(""), obj["name"].as_str().unwrap_or("")) == o
+                    let ns = obj["namespace"]
+                        .as_str()
+                        .map(|n| format!("{n}/"))
+                        .unwrap_or_default();
+                    format!(
+                        "{}/{ns}{}",
+                        obj["kind"].as_str().unwrap_or(""),
+                        obj["name"].as_str().unwrap_or("")
+                    ) == o
                 })
                 && case.field.is_none_or(|f| d["field"] == f)
-                && d["message"].as_str().is_some_and(|m| m.contains(case.message))
+                && d["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(case.message))
         });
         if matching.is_none() {
-            failures.push(format!("{}: no diagnostic matched; got {:#}", case.name, Value::Array(diagnostics(&report))));
+            failures.push(format!(
+                "{}: no diagnostic matched; got {:#}",
+                case.name,
+                Value::Array(diagnostics(&report))
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
@@ -292,19 +330,32 @@ fn a_file_of_50_megabytes_is_refused_unread() {
         big.push_str(&line);
     }
     dir.write("big.yaml", &big);
-    let run = berth(&["validate", dir.path().to_str().expect("utf-8"), "--output", "json"]);
+    let run = berth(&[
+        "validate",
+        dir.path().to_str().expect("utf-8"),
+        "--output",
+        "json",
+    ]);
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
     let report: Value = serde_json::from_str(&run.stdout).expect("JSON");
     let d = &report["diagnostics"][0];
     assert_eq!(d["source"]["file"], "big.yaml");
-    assert!(d["message"].as_str().is_some_and(|m| m.contains("larger than the 8388608-byte limit")), "{d}");
+    assert!(
+        d["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("larger than the 8388608-byte limit")),
+        "{d}"
+    );
     assert_eq!(report["objects"], 1, "the good pod still loads");
 }
 
 #[test]
 fn validate_fails_on_warnings_only_when_strict() {
     let dir = TempDir::new("strict");
-    dir.write("pod.yaml", format!("{GOOD}      livenessProbe:\n        exec: {{command: [\"true\"]}}\n"));
+    dir.write(
+        "pod.yaml",
+        format!("{GOOD}      livenessProbe:\n        exec: {{command: [\"true\"]}}\n"),
+    );
     let lax = berth(&["validate", dir.path().to_str().expect("utf-8")]);
     assert_eq!(lax.code, 0, "{}", lax.stdout);
     assert!(lax.stdout.contains("pod.yaml:10: warning: Pod/default/good: spec.containers[0].livenessProbe: Berth does not support"), "{}", lax.stdout);
@@ -319,11 +370,26 @@ fn bad_flags_are_refused_with_the_flag_named() {
     let path = dir.path().to_str().expect("utf-8");
     for (args, fragment) in [
         (vec!["--node", "Bad_Name"], "--node:"),
-        (vec!["--node", "n1", "--node-labels", "disk"], "--node-labels: \"disk\" is not key=value"),
-        (vec!["--node", "n1", "--node-memory", "lots"], "--node-memory: invalid quantity"),
-        (vec!["--node", "n1", "--node-cpus=-2"], "--node-cpus: invalid quantity \"-2\": must not be negative"),
-        (vec!["--node", "n1", "--namespace", "../etc"], "--namespace:"),
-        (vec!["--node", "n1", "--actual", "/nonexistent/actual.yaml"], "--actual: cannot read /nonexistent/actual.yaml"),
+        (
+            vec!["--node", "n1", "--node-labels", "disk"],
+            "--node-labels: \"disk\" is not key=value",
+        ),
+        (
+            vec!["--node", "n1", "--node-memory", "lots"],
+            "--node-memory: invalid quantity",
+        ),
+        (
+            vec!["--node", "n1", "--node-cpus=-2"],
+            "--node-cpus: invalid quantity \"-2\": must not be negative",
+        ),
+        (
+            vec!["--node", "n1", "--namespace", "../etc"],
+            "--namespace:",
+        ),
+        (
+            vec!["--node", "n1", "--actual", "/nonexistent/actual.yaml"],
+            "--actual: cannot read /nonexistent/actual.yaml",
+        ),
     ] {
         let mut full = vec!["plan", path];
         full.extend(args);
@@ -333,5 +399,11 @@ fn bad_flags_are_refused_with_the_flag_named() {
     }
     let missing = berth(&["validate", "/nonexistent/dir"]);
     assert_eq!(missing.code, 2);
-    assert!(missing.stderr.contains("cannot read manifest directory /nonexistent/dir"), "{}", missing.stderr);
+    assert!(
+        missing
+            .stderr
+            .contains("cannot read manifest directory /nonexistent/dir"),
+        "{}",
+        missing.stderr
+    );
 }

@@ -1,6 +1,8 @@
 //! Every example under `manifests/` loads, validates, and plans exactly as
 //! the golden files say, so the examples never rot.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 mod common;
 
 use common::{berth, golden, repo_root};
@@ -31,7 +33,12 @@ fn plan_args(output: &str) -> Vec<String> {
 #[test]
 fn every_example_manifest_validates_without_errors() {
     let root = repo_root();
-    let run = berth(&["validate", root.join("manifests").to_str().expect("utf-8"), "--images", root.join("image/images.yaml").to_str().expect("utf-8")]);
+    let run = berth(&[
+        "validate",
+        root.join("manifests").to_str().expect("utf-8"),
+        "--images",
+        root.join("image/images.yaml").to_str().expect("utf-8"),
+    ]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert!(run.stdout.contains(" 0 errors"), "{}", run.stdout);
     golden("manifests.validate.txt", &run.stdout);
@@ -52,8 +59,15 @@ fn example_plan_matches_the_golden_json_and_parses() {
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let value: serde_json::Value = serde_json::from_str(&run.stdout).expect("valid JSON");
     assert_eq!(value["plan"]["node"], "n1");
-    assert!(value["plan"]["actions"].as_array().is_some_and(|a| !a.is_empty()));
-    assert!(!run.stdout.contains("s3cr3t-demo-token"), "a secret leaked into the plan");
+    assert!(
+        value["plan"]["actions"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    );
+    assert!(
+        !run.stdout.contains("s3cr3t-demo-token"),
+        "a secret leaked into the plan"
+    );
     golden("manifests.plan.json", &run.stdout);
 }
 
@@ -74,8 +88,19 @@ fn the_pinned_pods_run_only_on_their_node() {
     args.extend(["--node-labels".into(), "disk=ssd".into()]);
     let run = berth(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let value: serde_json::Value = serde_json::from_str(&run.stdout).expect("valid JSON");
-    let units: Vec<&str> = value["plan"]["actions"].as_array().expect("actions").iter().filter_map(|a| a["unit"].as_str()).collect();
-    assert!(units.contains(&"berth-default_metrics-agent_agent.service"), "{units:?}");
-    assert!(units.contains(&"berth-default_cache_cache.service"), "{units:?}");
+    let units: Vec<&str> = value["plan"]["actions"]
+        .as_array()
+        .expect("actions")
+        .iter()
+        .filter_map(|a| a["unit"].as_str())
+        .collect();
+    assert!(
+        units.contains(&"berth-default_metrics-agent_agent.service"),
+        "{units:?}"
+    );
+    assert!(
+        units.contains(&"berth-default_cache_cache.service"),
+        "{units:?}"
+    );
     assert!(value["elsewhere"].as_array().is_some_and(Vec::is_empty));
 }
