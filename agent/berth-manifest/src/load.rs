@@ -267,9 +267,9 @@ pub fn load_dir(root: &Path, options: &LoadOptions) -> Result<Catalog, LoadError
 /// What one file yields before the cross-file checks.
 #[derive(Debug, Default)]
 struct FileOutcome {
-    accepted: Vec<LoadedObject>,
+    /// With their warnings, if any.
+    accepted: Vec<(LoadedObject, Vec<FieldIssue>)>,
     rejected: Vec<(LoadedObject, Vec<FieldIssue>)>,
-    warnings: Vec<(LoadedObject, Vec<FieldIssue>)>,
     broken: Vec<Diagnostic>,
 }
 
@@ -291,16 +291,14 @@ pub fn load_sources(files: Vec<SourceFile>) -> Catalog {
             });
             catalog.diagnostics.push(d);
         }
-        for (object, issues) in outcome.warnings {
-            for issue in &issues {
-                let d = catalog.diagnostic(&object, issue);
-                catalog.diagnostics.push(d);
-            }
-        }
         for (object, issues) in outcome.rejected {
             catalog.reject(object, &issues);
         }
-        for object in outcome.accepted {
+        for (object, warnings) in outcome.accepted {
+            for issue in &warnings {
+                let d = catalog.diagnostic(&object, issue);
+                catalog.diagnostics.push(d);
+            }
             if matches!(object.object, Object::Custom(_)) {
                 pending_custom.push(object);
             } else {
@@ -525,7 +523,7 @@ fn load_value(value: Value, source: ObjectSource, out: &mut FileOutcome) {
         _ => {}
     }
     let object = match builtin {
-        Some(b) => decode_builtin(b, &value, &mut issues),
+        Some(b) => decode_builtin(b, value, &mut issues),
         None if is_builtin_group(&api_version, &kind) => {
             let wanted = BuiltinKind::ALL
                 .iter()
@@ -555,10 +553,7 @@ fn load_value(value: Value, source: ObjectSource, out: &mut FileOutcome) {
     if issues.iter().any(|i| i.severity == Severity::Error) {
         out.rejected.push((object, issues));
     } else {
-        if !issues.is_empty() {
-            out.warnings.push((object.clone(), issues));
-        }
-        out.accepted.push(object);
+        out.accepted.push((object, issues));
     }
 }
 
@@ -579,11 +574,10 @@ fn is_builtin_group(api_version: &str, kind: &str) -> bool {
             .any(|b| b.kind() == kind && group_of(b.api_version()) == group)
 }
 
-fn decode_builtin(
-    kind: BuiltinKind,
-    value: &Value,
-    issues: &mut Vec<FieldIssue>,
-) -> Option<Object> {
+fn decode_builtin(kind: BuiltinKind, value: Value, issues: &mut Vec<FieldIssue>) -> Option<Object> {
+    // Walk the document before the decode consumes it (moving its strings
+    // into the typed object instead of copying them).
+    let unsupported = supported::unsupported_fields(kind, &value);
     let object = match kind {
         BuiltinKind::Pod => decode(value, issues).map(|p| Object::Pod(Box::new(p))),
         BuiltinKind::Deployment => decode(value, issues).map(|d| Object::Deployment(Box::new(d))),
@@ -645,7 +639,7 @@ fn decode_builtin(
         }
         Object::Custom(_) => {}
     }
-    issues.extend(supported::unsupported_fields(kind, value));
+    issues.extend(unsupported);
     if let Some(why) = kind.not_acted_on_yet() {
         issues.push(FieldIssue::warning(
             root,
@@ -657,7 +651,7 @@ fn decode_builtin(
 
 /// Decodes into a Kubernetes type; unknown fields and wrong types become
 /// errors that name their field.
-fn decode<T: DeserializeOwned>(value: &Value, issues: &mut Vec<FieldIssue>) -> Option<T> {
+fn decode<T: DeserializeOwned>(value: Value, issues: &mut Vec<FieldIssue>) -> Option<T> {
     let mut unknown = Vec::new();
     let result = {
         let mut record = |path: serde_ignored::Path<'_>| unknown.push(ignored_path(&path));

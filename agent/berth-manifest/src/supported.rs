@@ -5,6 +5,7 @@
 //! the supported set is reported by name, so nothing is silently dropped.
 
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 
 use crate::diag::{FieldIssue, FieldPath};
 use crate::objects::BuiltinKind;
@@ -166,9 +167,14 @@ fn tree_for(kind: BuiltinKind) -> Tree {
 
 /// Reports every present field of `value` that Berth does not act on.
 pub fn unsupported_fields(kind: BuiltinKind, value: &serde_json::Value) -> Vec<FieldIssue> {
-    let tree = tree_for(kind);
+    static TREES: OnceLock<Vec<Tree>> = OnceLock::new();
+    let trees = TREES.get_or_init(|| BuiltinKind::ALL.iter().map(|k| tree_for(*k)).collect());
+    let index = BuiltinKind::ALL
+        .iter()
+        .position(|k| *k == kind)
+        .unwrap_or(0);
     let mut issues = Vec::new();
-    walk(&tree, value, &FieldPath::root(), &mut issues);
+    walk(&trees[index], value, &FieldPath::root(), &mut issues);
     issues
 }
 

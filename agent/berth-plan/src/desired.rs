@@ -2,7 +2,8 @@
 //! and one service unit per container with every property computed.
 //! Pure: values in, values out.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use berth_manifest::k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVarSource, Secret};
 use berth_manifest::{Catalog, FieldIssue, FieldPath, Object, ObjectRef, Quantity};
@@ -14,7 +15,7 @@ use crate::node::{NodeInfo, PodInstance};
 use crate::resources::{self, ContainerResources, QosClass};
 use crate::units::{
     self, CONTAINER_FIELD, ExecCommand, IMAGE_FIELD, MARKER_FIELD, OWNER_FIELD, POD_FIELD, PodId,
-    Properties, PropertyValue, SLICE_DESCRIPTION_PREFIX, UnitName,
+    Properties, PropertyValue, SLICE_DESCRIPTION_PREFIX, SharedProperties, UnitName,
 };
 
 /// The `PATH` container runtimes set when the image does not.
@@ -37,7 +38,7 @@ pub enum RestartPolicy {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SliceUnit {
     pub name: UnitName,
-    pub properties: Properties,
+    pub properties: SharedProperties,
 }
 
 /// One container as a transient service.
@@ -47,13 +48,13 @@ pub struct ContainerUnit {
     pub container: String,
     pub init: bool,
     pub image: String,
-    properties: Properties,
+    properties: SharedProperties,
     /// Environment entries that hold secret values, by variable name, with
     /// where they come from; every rendering shows this instead of the value.
     sensitive_env: BTreeMap<String, String>,
     /// Resource properties that may change without a restart, by the
     /// container's `resizePolicy`.
-    pub resizable: BTreeSet<String>,
+    pub resizable: Resizable,
 }
 
 impl ContainerUnit {
@@ -65,8 +66,11 @@ impl ContainerUnit {
 
     /// The properties with secret values replaced by where they come from:
     /// what every plan, log and status shows.
-    pub fn properties_redacted(&self) -> Properties {
-        let mut props = self.properties.clone();
+    pub fn properties_redacted(&self) -> SharedProperties {
+        if self.sensitive_env.is_empty() {
+            return Arc::clone(&self.properties);
+        }
+        let mut props = (*self.properties).clone();
         if let Some(PropertyValue::List(env)) = props.get_mut("Environment") {
             for entry in env.iter_mut() {
                 let name = entry.split('=').next().unwrap_or("").to_string();
@@ -75,11 +79,29 @@ impl ContainerUnit {
                 }
             }
         }
-        props
+        Arc::new(props)
     }
 
     pub fn is_sensitive(&self, env_name: &str) -> bool {
         self.sensitive_env.contains_key(env_name)
+    }
+}
+
+/// Which resources a running container may change without a restart, by
+/// its `resizePolicy` (Kubernetes' in-place resize; `NotRequired` by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resizable {
+    pub cpu: bool,
+    pub memory: bool,
+}
+
+impl Resizable {
+    pub fn allows(self, property: &str) -> bool {
+        match property {
+            "CPUWeight" | "CPUQuotaPerSecUSec" | "CPUQuotaPeriodUSec" => self.cpu,
+            "MemoryMax" | "MemoryLow" | "MemoryHigh" | "OOMScoreAdjust" => self.memory,
+            _ => false,
+        }
     }
 }
 
@@ -241,7 +263,7 @@ pub fn resolve_pod(
     let pod_res = pod_resources(&resources[..init.len()], &resources[init.len()..]);
     let mut slice_props = Properties::new();
     slice_props.insert(
-        "Description".into(),
+        "Description",
         PropertyValue::Text(format!("{SLICE_DESCRIPTION_PREFIX}{} ({qos})", instance.id)),
     );
     let shares = resources::milli_to_shares(if qos == QosClass::BestEffort {
@@ -250,26 +272,23 @@ pub fn resolve_pod(
         pod_res.cpu_request_milli.unwrap_or(0)
     });
     slice_props.insert(
-        "CPUWeight".into(),
+        "CPUWeight",
         PropertyValue::Unsigned(resources::shares_to_weight(shares)),
     );
     if let Some(limit) = pod_res.cpu_limit_milli {
         slice_props.insert(
-            "CPUQuotaPerSecUSec".into(),
+            "CPUQuotaPerSecUSec",
             PropertyValue::Unsigned(resources::quota_per_sec(resources::milli_to_quota(limit))),
         );
         slice_props.insert(
-            "CPUQuotaPeriodUSec".into(),
+            "CPUQuotaPeriodUSec",
             PropertyValue::Unsigned(resources::CPU_PERIOD_USEC),
         );
     }
     if let Some(limit) = pod_res.memory_limit_bytes {
-        slice_props.insert("MemoryMax".into(), PropertyValue::Unsigned(limit));
+        slice_props.insert("MemoryMax", PropertyValue::Unsigned(limit));
     }
-    slice_props.insert(
-        "TasksMax".into(),
-        PropertyValue::Unsigned(ctx.node.pod_pids_limit),
-    );
+    slice_props.insert("TasksMax", PropertyValue::Unsigned(ctx.node.pod_pids_limit));
 
     Ok(Resolved {
         pod: DesiredPod {
@@ -279,7 +298,7 @@ pub fn resolve_pod(
             restart_policy,
             slice: SliceUnit {
                 name: slice_name,
-                properties: slice_props,
+                properties: Arc::new(slice_props),
             },
             init_containers: init_units,
             containers: app_units,
@@ -309,13 +328,13 @@ pub fn qos_slices(pods: &[DesiredPod]) -> Vec<SliceUnit> {
         };
         let mut properties = Properties::new();
         properties.insert(
-            "Description".into(),
+            "Description",
             PropertyValue::Text(format!("berth {qos} pods")),
         );
-        properties.insert("CPUWeight".into(), PropertyValue::Unsigned(weight));
+        properties.insert("CPUWeight", PropertyValue::Unsigned(weight));
         slices.push(SliceUnit {
             name: units::qos_slice(qos),
-            properties,
+            properties: Arc::new(properties),
         });
     }
     slices
@@ -526,7 +545,7 @@ fn container_unit(
     let u = PropertyValue::Unsigned;
     let text = |s: &str| PropertyValue::Text(s.to_string());
     p.insert(
-        "Description".into(),
+        "Description",
         PropertyValue::Text(format!(
             "berth {}container {} of pod {}",
             if input.is_init { "init " } else { "" },
@@ -534,7 +553,7 @@ fn container_unit(
             id
         )),
     );
-    p.insert("Slice".into(), PropertyValue::Text(input.slice.to_string()));
+    p.insert("Slice", PropertyValue::Text(input.slice.to_string()));
     let mut fields = vec![
         MARKER_FIELD.to_string(),
         format!("{POD_FIELD}={id}"),
@@ -544,10 +563,10 @@ fn container_unit(
     if let Some(owner) = &input.instance.owner {
         fields.push(format!("{OWNER_FIELD}={owner}"));
     }
-    p.insert("LogExtraFields".into(), PropertyValue::List(fields));
+    p.insert("LogExtraFields", PropertyValue::List(fields));
     if let Some(argv) = argv {
         p.insert(
-            "ExecStart".into(),
+            "ExecStart",
             PropertyValue::Exec(vec![ExecCommand {
                 path: argv[0].clone(),
                 argv,
@@ -555,7 +574,7 @@ fn container_unit(
         );
     }
     p.insert(
-        "Environment".into(),
+        "Environment",
         PropertyValue::List(
             env.entries
                 .iter()
@@ -564,41 +583,41 @@ fn container_unit(
         ),
     );
     if let Some(dir) = working_dir {
-        p.insert("WorkingDirectory".into(), PropertyValue::Text(dir));
+        p.insert("WorkingDirectory", PropertyValue::Text(dir));
     }
     if let Some(uid) = uid {
-        p.insert("User".into(), PropertyValue::Text(uid.to_string()));
+        p.insert("User", PropertyValue::Text(uid.to_string()));
     }
     if let Some(gid) = gid {
-        p.insert("Group".into(), PropertyValue::Text(gid.to_string()));
+        p.insert("Group", PropertyValue::Text(gid.to_string()));
     }
     if input.is_init {
-        p.insert("Type".into(), text("oneshot"));
-        p.insert("RemainAfterExit".into(), PropertyValue::Bool(true));
+        p.insert("Type", text("oneshot"));
+        p.insert("RemainAfterExit", PropertyValue::Bool(true));
     } else {
-        p.insert("Type".into(), text("exec"));
+        p.insert("Type", text("exec"));
     }
     let restart = match (input.is_init, input.restart_policy) {
         (_, RestartPolicy::Never) => "no",
         (true, _) | (false, RestartPolicy::OnFailure) => "on-failure",
         (false, RestartPolicy::Always) => "always",
     };
-    p.insert("Restart".into(), text(restart));
+    p.insert("Restart", text(restart));
     if restart != "no" {
-        p.insert("RestartUSec".into(), u(RESTART_INITIAL_USEC));
-        p.insert("RestartMaxDelayUSec".into(), u(RESTART_MAX_USEC));
-        p.insert("RestartSteps".into(), u(RESTART_STEPS));
+        p.insert("RestartUSec", u(RESTART_INITIAL_USEC));
+        p.insert("RestartMaxDelayUSec", u(RESTART_MAX_USEC));
+        p.insert("RestartSteps", u(RESTART_STEPS));
         // Kubernetes never gives up restarting; neither may systemd's start limit.
-        p.insert("StartLimitIntervalUSec".into(), u(0));
+        p.insert("StartLimitIntervalUSec", u(0));
     }
     if !input.is_init && input.restart_policy != RestartPolicy::Always {
         // A container that ran to completion stays visible as exited, so it
         // is not mistaken for a missing one and started again.
-        p.insert("RemainAfterExit".into(), PropertyValue::Bool(true));
+        p.insert("RemainAfterExit", PropertyValue::Bool(true));
     }
     if !input.after.is_empty() {
-        p.insert("After".into(), PropertyValue::List(input.after.clone()));
-        p.insert("Requires".into(), PropertyValue::List(input.after.clone()));
+        p.insert("After", PropertyValue::List(input.after.clone()));
+        p.insert("Requires", PropertyValue::List(input.after.clone()));
     }
     let grace = input
         .instance
@@ -606,23 +625,23 @@ fn container_unit(
         .termination_grace_period_seconds
         .unwrap_or(DEFAULT_GRACE_SECONDS)
         .max(0) as u64;
-    p.insert("TimeoutStopUSec".into(), u(grace * 1_000_000));
+    p.insert("TimeoutStopUSec", u(grace * 1_000_000));
 
     let res = input.resources;
     let shares = resources::milli_to_shares(res.cpu_request_milli.unwrap_or(0));
-    p.insert("CPUWeight".into(), u(resources::shares_to_weight(shares)));
+    p.insert("CPUWeight", u(resources::shares_to_weight(shares)));
     if let Some(limit) = res.cpu_limit_milli {
         p.insert(
-            "CPUQuotaPerSecUSec".into(),
+            "CPUQuotaPerSecUSec",
             u(resources::quota_per_sec(resources::milli_to_quota(limit))),
         );
-        p.insert("CPUQuotaPeriodUSec".into(), u(resources::CPU_PERIOD_USEC));
+        p.insert("CPUQuotaPeriodUSec", u(resources::CPU_PERIOD_USEC));
     }
     if let Some(limit) = res.memory_limit_bytes {
-        p.insert("MemoryMax".into(), u(limit));
+        p.insert("MemoryMax", u(limit));
     }
     if let Some(request) = res.memory_request_bytes {
-        p.insert("MemoryLow".into(), u(request));
+        p.insert("MemoryLow", u(request));
     }
     if input.qos != QosClass::Guaranteed
         && let Some(high) = resources::memory_high(
@@ -631,10 +650,10 @@ fn container_unit(
             ctx.node.memory_bytes,
         )
     {
-        p.insert("MemoryHigh".into(), u(high));
+        p.insert("MemoryHigh", u(high));
     }
     p.insert(
-        "OOMScoreAdjust".into(),
+        "OOMScoreAdjust",
         PropertyValue::Signed(i64::from(resources::oom_score_adj(
             input.qos,
             res.memory_request_bytes.unwrap_or(0),
@@ -642,7 +661,6 @@ fn container_unit(
         ))),
     );
 
-    let mut resizable = BTreeSet::new();
     let policy_for = |resource: &str| {
         c.resize_policy
             .iter()
@@ -650,21 +668,18 @@ fn container_unit(
             .find(|r| r.resource_name == resource)
             .map_or("NotRequired", |r| r.restart_policy.as_str())
     };
-    if policy_for("cpu") == "NotRequired" {
-        resizable
-            .extend(["CPUWeight", "CPUQuotaPerSecUSec", "CPUQuotaPeriodUSec"].map(String::from));
-    }
-    if policy_for("memory") == "NotRequired" {
-        resizable
-            .extend(["MemoryMax", "MemoryLow", "MemoryHigh", "OOMScoreAdjust"].map(String::from));
-    }
+    let resizable = Resizable {
+        cpu: policy_for("cpu") == "NotRequired",
+        memory: policy_for("memory") == "NotRequired",
+    };
+    p.shrink_to_fit();
 
     Ok(ContainerUnit {
         name,
         container: c.name.clone(),
         init: input.is_init,
         image: image_ref,
-        properties: p,
+        properties: Arc::new(p),
         sensitive_env: env.sensitive,
         resizable,
     })

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::actual::{ActiveState, ActualState, ActualUnit};
 use crate::desired::{ContainerUnit, DesiredPod, RestartPolicy, SliceUnit};
-use crate::units::{IMAGE_FIELD, PodId, Properties, PropertyValue, UnitName};
+use crate::units::{IMAGE_FIELD, PodId, Properties, PropertyValue, SharedProperties, UnitName};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -59,8 +59,8 @@ pub struct Action {
     pub pod: Option<PodId>,
     pub reason: String,
     /// For start, restart and create: every property, secrets redacted.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub properties: Properties,
+    #[serde(skip_serializing_if = "crate::units::no_properties")]
+    pub properties: SharedProperties,
     /// For restart and update: what differs.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub changes: Vec<Change>,
@@ -205,7 +205,7 @@ pub fn plan(input: &PlanInput<'_>) -> (Plan, Vec<Conflict>) {
             unit: unit.name.clone(),
             pod: pod.as_deref().and_then(parse_pod_id),
             reason,
-            properties: Properties::new(),
+            properties: SharedProperties::default(),
             changes: Vec::new(),
         };
         if unit.name.is_slice() {
@@ -289,7 +289,7 @@ fn slice_action(
                 Some(p) => format!("pod {} is new in revision {revision} ({} QoS)", p.id, p.qos),
                 None => format!("the {what} does not exist yet"),
             },
-            properties: slice.properties.clone(),
+            properties: SharedProperties::clone(&slice.properties),
             changes: Vec::new(),
         }),
         Some(a) => {
@@ -299,7 +299,7 @@ fn slice_action(
                 unit: slice.name.clone(),
                 pod: pod_id,
                 reason: describe_changes(&changes),
-                properties: Properties::new(),
+                properties: SharedProperties::default(),
                 changes,
             })
         }
@@ -318,14 +318,15 @@ fn unit_action(
     } else {
         "container"
     };
-    let base = |verb: Verb, reason: String, properties: Properties, changes: Vec<Change>| Action {
-        verb,
-        unit: unit.name.clone(),
-        pod: Some(pod.id.clone()),
-        reason,
-        properties,
-        changes,
-    };
+    let base =
+        |verb: Verb, reason: String, properties: SharedProperties, changes: Vec<Change>| Action {
+            verb,
+            unit: unit.name.clone(),
+            pod: Some(pod.id.clone()),
+            reason,
+            properties,
+            changes,
+        };
     let Some(actual) = actual else {
         let reason = if pod_is_new {
             format!("pod {} is new in revision {revision}", pod.id)
@@ -366,15 +367,13 @@ fn unit_action(
     }
     let redacted = redact_changes(changes);
     let in_place = actual.active_state == ActiveState::Active
-        && redacted
-            .iter()
-            .all(|c| unit.resizable.contains(&c.property));
+        && redacted.iter().all(|c| unit.resizable.allows(&c.property));
     let reason = describe_changes(&redacted);
     if in_place {
         Some(base(
             Verb::Update,
             format!("{reason} (resized in place: resizePolicy NotRequired)"),
-            Properties::new(),
+            SharedProperties::default(),
             redacted,
         ))
     } else {
@@ -402,9 +401,9 @@ fn same(a: &PropertyValue, b: &PropertyValue) -> bool {
 pub fn diff(desired: &Properties, actual: &Properties) -> Vec<Change> {
     desired
         .iter()
-        .filter(|(k, v)| actual.get(*k).is_none_or(|a| !same(v, a)))
+        .filter(|(k, v)| actual.get(k).is_none_or(|a| !same(v, a)))
         .map(|(k, v)| Change {
-            property: k.clone(),
+            property: k.to_string(),
             from: actual.get(k).cloned(),
             to: Some(v.clone()),
         })

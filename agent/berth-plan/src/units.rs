@@ -1,8 +1,10 @@
 //! systemd unit names and properties for pods, and the marker that tells
 //! Berth's units from everyone else's.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -143,7 +145,92 @@ pub enum PropertyValue {
 }
 
 /// Properties by their systemd names, sorted, for stable output and diffs.
-pub type Properties = BTreeMap<String, PropertyValue>;
+/// Names are mostly static strings; only snapshots read from disk own theirs.
+/// A sorted vector rather than a B-tree: a unit has a few dozen properties,
+/// and ten thousand units should not pay for half-empty tree nodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Properties(Vec<(Cow<'static, str>, PropertyValue)>);
+
+impl Properties {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets a property, replacing an earlier value of the same name.
+    pub fn insert(&mut self, name: impl Into<Cow<'static, str>>, value: PropertyValue) {
+        let name = name.into();
+        match self
+            .0
+            .binary_search_by(|(k, _)| k.as_ref().cmp(name.as_ref()))
+        {
+            Ok(i) => self.0[i].1 = value,
+            Err(i) => self.0.insert(i, (name, value)),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&PropertyValue> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_ref().cmp(name))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut PropertyValue> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_ref().cmp(name))
+            .ok()
+            .map(|i| &mut self.0[i].1)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &PropertyValue)> {
+        self.0.iter().map(|(k, v)| (k.as_ref(), v))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn shrink_to_fit(&mut self) {
+        self.0.shrink_to_fit();
+    }
+}
+
+impl<K: Into<Cow<'static, str>>> FromIterator<(K, PropertyValue)> for Properties {
+    fn from_iter<I: IntoIterator<Item = (K, PropertyValue)>>(iter: I) -> Self {
+        let mut props = Self::new();
+        for (k, v) in iter {
+            props.insert(k, v);
+        }
+        props
+    }
+}
+
+impl Serialize for Properties {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(k, v)| (k.as_ref(), v)))
+    }
+}
+
+impl<'de> Deserialize<'de> for Properties {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let map = BTreeMap::<String, PropertyValue>::deserialize(deserializer)?;
+        Ok(Self(
+            map.into_iter().map(|(k, v)| (Cow::Owned(k), v)).collect(),
+        ))
+    }
+}
+
+/// Properties shared between the desired model and the plan's actions, so a
+/// plan for ten thousand pods holds each unit's properties once.
+pub type SharedProperties = Arc<Properties>;
+
+pub fn no_properties(p: &SharedProperties) -> bool {
+    p.is_empty()
+}
 
 #[cfg(test)]
 mod tests {

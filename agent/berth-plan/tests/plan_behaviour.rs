@@ -58,14 +58,14 @@ fn applied(plan: &NodePlan) -> ActualState {
         units.push(ActualUnit {
             name: slice.name.clone(),
             active_state: ActiveState::Active,
-            properties: slice.properties.clone(),
+            properties: (*slice.properties).clone(),
         });
     }
     for pod in &plan.pods {
         units.push(ActualUnit {
             name: pod.slice.name.clone(),
             active_state: ActiveState::Active,
-            properties: pod.slice.properties.clone(),
+            properties: (*pod.slice.properties).clone(),
         });
         for unit in pod.units() {
             units.push(ActualUnit {
@@ -239,11 +239,9 @@ fn units_berth_did_not_create_are_never_touched() {
     actual.units.push(ActualUnit {
         name: UnitName::from_observed("berth-default_web_main.service"),
         active_state: ActiveState::Active,
-        properties: [(
-            "Description".to_string(),
-            PropertyValue::Text("the admin's own".into()),
-        )]
-        .into(),
+        properties: [("Description", PropertyValue::Text("the admin's own".into()))]
+            .into_iter()
+            .collect(),
     });
     let plan = plan_for(&[("pod.yaml", POD)], &actual);
     assert!(

@@ -56,7 +56,7 @@ fn sort(diagnostics: &mut [Diagnostic]) {
 
 /// Machine formats; text output is written by hand.
 fn emit<T: Serialize>(value: &T, output: Output) -> anyhow::Result<()> {
-    let mut out = io::stdout().lock();
+    let mut out = io::BufWriter::new(io::stdout().lock());
     match output {
         Output::Json => {
             serde_json::to_writer_pretty(&mut out, value)?;
@@ -65,6 +65,7 @@ fn emit<T: Serialize>(value: &T, output: Output) -> anyhow::Result<()> {
         Output::Yaml => write!(out, "{}", serde_saphyr::to_string(value)?)?,
         Output::Text => {}
     }
+    out.flush()?;
     Ok(())
 }
 
@@ -107,7 +108,7 @@ pub fn print_plan(catalog: &Catalog, node_plan: &NodePlan, output: Output) -> an
         };
         return emit(&report, output);
     }
-    let mut out = io::stdout().lock();
+    let mut out = io::BufWriter::new(io::stdout().lock());
     let plan = &node_plan.plan;
     writeln!(
         out,
@@ -171,6 +172,7 @@ pub fn print_plan(catalog: &Catalog, node_plan: &NodePlan, output: Output) -> an
             writeln!(out, "  {d}")?;
         }
     }
+    out.flush()?;
     Ok(())
 }
 
@@ -203,7 +205,7 @@ fn write_action(out: &mut impl Write, n: usize, action: &Action) -> io::Result<(
 }
 
 fn write_properties(out: &mut impl Write, props: &Properties) -> io::Result<()> {
-    for (k, v) in props {
+    for (k, v) in props.iter() {
         match v {
             PropertyValue::List(items) if k == "Environment" || k == "LogExtraFields" => {
                 writeln!(out, "       {k}:")?;
