@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs what building and testing Berth needs on Debian or Ubuntu.
+# Idempotent: installs only what is missing.
+set -euo pipefail
+
+need_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+packages=(build-essential pkg-config python3 git ca-certificates)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "deps: installing ${missing[*]}"
+    need_root apt-get update -qq
+    need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
+# Rust: the workspace needs edition 2024 and Rust 1.95 or newer.
+required="1.95"
+if ! command -v cargo >/dev/null 2>&1; then
+    if apt-cache show rustup >/dev/null 2>&1; then
+        echo "deps: installing rustup from the distribution"
+        need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rustup
+        rustup default stable
+    else
+        echo "deps: cargo is missing and this distribution has no rustup package;" >&2
+        echo "      install Rust $required or newer from https://rustup.rs and run again" >&2
+        exit 1
+    fi
+fi
+have=$(rustc --version | awk '{print $2}')
+if [ "$(printf '%s\n%s\n' "$required" "$have" | sort -V | head -n1)" != "$required" ]; then
+    echo "deps: rustc $have is older than $required; run 'rustup update stable'" >&2
+    exit 1
+fi
+for component in rustfmt clippy; do
+    if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+        if command -v rustup >/dev/null 2>&1; then rustup component add "$component"; else
+            echo "deps: cargo $component is missing" >&2; exit 1
+        fi
+    fi
+done
