@@ -368,7 +368,13 @@ fn unit_action(
     let redacted = redact_changes(changes);
     let in_place = actual.active_state == ActiveState::Active
         && redacted.iter().all(|c| unit.resizable.allows(&c.property));
-    let reason = describe_changes(&redacted);
+    let mut reason = describe_changes(&redacted);
+    if actual.active_state == ActiveState::Failed {
+        reason = format!(
+            "{what} {} of pod {} failed; {reason}",
+            unit.container, pod.id
+        );
+    }
     if in_place {
         Some(base(
             Verb::Update,
@@ -472,12 +478,38 @@ fn log_field(v: &Option<PropertyValue>, field: &str) -> Option<String> {
 }
 
 /// `memory limit 128Mi → 256Mi, image busybox:1.36 → busybox:1.37`
+/// The most telling changes first (image, command, environment, memory,
+/// CPU), at most [`REASON_CHANGES`] of them; the action lists them all.
 pub fn describe_changes(changes: &[Change]) -> String {
-    changes
+    let mut ordered: Vec<&Change> = changes.iter().collect();
+    ordered.sort_by_key(|c| importance(&c.property));
+    let mut text: Vec<String> = ordered
         .iter()
-        .map(describe_change)
-        .collect::<Vec<_>>()
-        .join(", ")
+        .take(REASON_CHANGES)
+        .map(|c| describe_change(c))
+        .collect();
+    if ordered.len() > REASON_CHANGES {
+        text.push(format!(
+            "and {} more properties",
+            ordered.len() - REASON_CHANGES
+        ));
+    }
+    text.join(", ")
+}
+
+pub const REASON_CHANGES: usize = 3;
+
+fn importance(property: &str) -> u8 {
+    match property {
+        "LogExtraFields" => 0,
+        "ExecStart" => 1,
+        "Environment" => 2,
+        "Slice" => 3,
+        "MemoryMax" | "CPUQuotaPerSecUSec" => 4,
+        "MemoryLow" | "CPUWeight" => 5,
+        "MemoryHigh" | "OOMScoreAdjust" | "CPUQuotaPeriodUSec" => 6,
+        _ => 7,
+    }
 }
 
 fn describe_change(c: &Change) -> String {

@@ -194,12 +194,17 @@ fn write_action(out: &mut impl Write, n: usize, action: &Action) -> io::Result<(
         return Ok(());
     }
     for c in &action.changes {
-        writeln!(
-            out,
-            "       {} = {}",
-            c.property,
-            c.to.as_ref().map_or("(unset)".to_string(), value_text)
-        )?;
+        let show = |v: &Option<PropertyValue>| v.as_ref().map_or("(unset)".to_string(), value_text);
+        match &c.from {
+            Some(_) => writeln!(
+                out,
+                "       {}: {} → {}",
+                c.property,
+                show(&c.from),
+                show(&c.to)
+            )?,
+            None => writeln!(out, "       {} = {}", c.property, show(&c.to))?,
+        }
     }
     Ok(())
 }

@@ -104,3 +104,72 @@ fn the_pinned_pods_run_only_on_their_node() {
     );
     assert!(value["elsewhere"].as_array().is_some_and(Vec::is_empty));
 }
+
+#[test]
+fn planning_against_a_running_node_gives_the_reasons_a_person_would() {
+    let root = repo_root();
+    let actual =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/web-running.actual.yaml");
+    let run = berth(&[
+        "plan",
+        root.join("manifests/web").to_str().expect("utf-8"),
+        "--images",
+        root.join("image/images.yaml").to_str().expect("utf-8"),
+        "--node",
+        "n1",
+        "--node-memory",
+        "4Gi",
+        "--node-cpus",
+        "2",
+        "--revision",
+        "b7e1c2d",
+        "--actual",
+        actual.to_str().expect("utf-8"),
+    ]);
+    // manifests/web alone lacks the Namespace: every apps/ object is rejected...
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    // ...so their units are held, not pruned; the pod Git dropped is stopped.
+    assert!(
+        run.stdout.contains(
+            "berth-apps_web-0_httpd.service: Deployment/apps/web is not valid in revision b7e1c2d"
+        ),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("stop berth-default_old-job_main.service"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        !run.stdout.contains("berth-admin-debug.service"),
+        "{}",
+        run.stdout
+    );
+
+    let with_namespace = berth(&[
+        "plan",
+        root.join("manifests").to_str().expect("utf-8"),
+        "--images",
+        root.join("image/images.yaml").to_str().expect("utf-8"),
+        "--node",
+        "n1",
+        "--node-memory",
+        "4Gi",
+        "--node-cpus",
+        "2",
+        "--revision",
+        "b7e1c2d",
+        "--namespace",
+        "apps",
+        "--actual",
+        actual.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(
+        with_namespace.code, 0,
+        "{}{}",
+        with_namespace.stdout, with_namespace.stderr
+    );
+    golden("web-running.plan.txt", &with_namespace.stdout);
+}
