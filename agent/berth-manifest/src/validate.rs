@@ -136,15 +136,7 @@ pub fn pod_spec(spec: &PodSpec, path: &FieldPath, issues: &mut Issues) {
             issues,
         );
     }
-    let terms = spec
-        .affinity
-        .as_ref()
-        .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|n| {
-            n.required_during_scheduling_ignored_during_execution
-                .as_ref()
-        });
-    if let Some(required) = terms {
+    if let Some(required) = required_node_affinity(spec) {
         let tpath = path
             .key("affinity")
             .key("nodeAffinity")
@@ -539,54 +531,51 @@ pub fn selector_matches(
 }
 
 pub fn config_map(cm: &ConfigMap, issues: &mut Issues) {
-    let data_keys: BTreeSet<&String> = cm.data.iter().flatten().map(|(k, _)| k).collect();
-    for (section, keys) in [
-        (
-            "data",
-            cm.data.iter().flatten().map(|(k, _)| k).collect::<Vec<_>>(),
-        ),
-        (
-            "binaryData",
-            cm.binary_data
-                .iter()
-                .flatten()
-                .map(|(k, _)| k)
-                .collect::<Vec<_>>(),
-        ),
-    ] {
-        for key in keys {
-            let p = FieldPath::root().key(section).key(key.clone());
+    let data: Vec<&String> = cm.data.iter().flatten().map(|(k, _)| k).collect();
+    let binary: Vec<&String> = cm.binary_data.iter().flatten().map(|(k, _)| k).collect();
+    data_keys(&[("data", &data), ("binaryData", &binary)], true, issues);
+}
+
+pub fn secret(s: &Secret, issues: &mut Issues) {
+    let data: Vec<&String> = s.data.iter().flatten().map(|(k, _)| k).collect();
+    let string_data: Vec<&String> = s.string_data.iter().flatten().map(|(k, _)| k).collect();
+    // stringData may repeat a data key on purpose: it wins, as in Kubernetes.
+    data_keys(
+        &[("data", &data), ("stringData", &string_data)],
+        false,
+        issues,
+    );
+}
+
+/// Keys of a ConfigMap or Secret, which become file names once mounted.
+fn data_keys(sections: &[(&str, &Vec<&String>)], unique_across: bool, issues: &mut Issues) {
+    let mut seen = BTreeSet::new();
+    for (section, keys) in sections {
+        for key in keys.iter() {
+            let p = FieldPath::root().key(*section).key((*key).clone());
             if let Err(e) = names::config_key(key) {
                 err(issues, p.clone(), e);
             }
-            if section == "binaryData" && data_keys.contains(key) {
-                err(issues, p, format!("duplicate of data key {key:?}"));
+            if !seen.insert(*key) && unique_across {
+                err(
+                    issues,
+                    p,
+                    format!("key {key:?} appears in more than one of data and binaryData"),
+                );
             }
         }
     }
 }
 
-pub fn secret(s: &Secret, issues: &mut Issues) {
-    for (section, keys) in [
-        (
-            "data",
-            s.data.iter().flatten().map(|(k, _)| k).collect::<Vec<_>>(),
-        ),
-        (
-            "stringData",
-            s.string_data
-                .iter()
-                .flatten()
-                .map(|(k, _)| k)
-                .collect::<Vec<_>>(),
-        ),
-    ] {
-        for key in keys {
-            if let Err(e) = names::config_key(key) {
-                err(issues, FieldPath::root().key(section).key(key.clone()), e);
-            }
-        }
-    }
+/// The pod's required node affinity, if it has one.
+pub fn required_node_affinity(spec: &PodSpec) -> Option<&k8s_openapi::api::core::v1::NodeSelector> {
+    spec.affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|n| {
+            n.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
 }
 
 pub fn service(s: &Service, issues: &mut Issues) {

@@ -176,15 +176,7 @@ fn placement(object: &LoadedObject, spec: &PodSpec, node: &NodeInfo) -> Result<(
             ));
         }
     }
-    let required = spec
-        .affinity
-        .as_ref()
-        .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|n| {
-            n.required_during_scheduling_ignored_during_execution
-                .as_ref()
-        });
-    if let Some(required) = required {
+    if let Some(required) = berth_manifest::validate::required_node_affinity(spec) {
         let any_term = required.node_selector_terms.iter().any(|term| {
             term.match_expressions
                 .iter()

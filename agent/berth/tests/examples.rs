@@ -5,29 +5,38 @@
 
 mod common;
 
-use common::{berth, golden, repo_root};
+use common::{Run, berth, golden, repo_root};
 
-fn plan_args(output: &str) -> Vec<String> {
+/// `berth plan` on a directory of the repository, for a fixed node.
+fn plan(dir: &str, revision: &str, output: &str, extra: &[&str]) -> Run {
     let root = repo_root();
-    [
+    let dir = root.join(dir);
+    let images = root.join("image/images.yaml");
+    let mut args = vec![
         "plan",
-        root.join("manifests").to_str().expect("utf-8 path"),
+        dir.to_str().expect("utf-8"),
         "--images",
-        root.join("image/images.yaml").to_str().expect("utf-8 path"),
-        "--node",
-        "n1",
+        images.to_str().expect("utf-8"),
         "--node-memory",
         "4Gi",
         "--node-cpus",
         "2",
         "--revision",
-        "example",
+        revision,
         "--output",
         output,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    ];
+    if !extra.contains(&"--node") {
+        args.extend(["--node", "n1"]);
+    }
+    args.extend(extra);
+    berth(&args)
+}
+
+fn actual_snapshot() -> String {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/web-running.actual.yaml");
+    path.to_str().expect("utf-8").to_string()
 }
 
 #[test]
@@ -46,16 +55,14 @@ fn every_example_manifest_validates_without_errors() {
 
 #[test]
 fn example_plan_matches_the_golden_text() {
-    let args = plan_args("text");
-    let run = berth(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let run = plan("manifests", "example", "text", &[]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     golden("manifests.plan.txt", &run.stdout);
 }
 
 #[test]
 fn example_plan_matches_the_golden_json_and_parses() {
-    let args = plan_args("json");
-    let run = berth(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let run = plan("manifests", "example", "json", &[]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let value: serde_json::Value = serde_json::from_str(&run.stdout).expect("valid JSON");
     assert_eq!(value["plan"]["node"], "n1");
@@ -73,8 +80,7 @@ fn example_plan_matches_the_golden_json_and_parses() {
 
 #[test]
 fn example_plan_in_yaml_parses_back() {
-    let args = plan_args("yaml");
-    let run = berth(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let run = plan("manifests", "example", "yaml", &[]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let value: serde_json::Value = serde_saphyr::from_str(&run.stdout).expect("valid YAML");
     assert_eq!(value["plan"]["revision"], "example");
@@ -82,18 +88,15 @@ fn example_plan_in_yaml_parses_back() {
 
 #[test]
 fn the_pinned_pods_run_only_on_their_node() {
-    let mut args = plan_args("json");
-    let at = args.iter().position(|a| a == "n1").expect("node flag");
-    args[at] = "edge-1".into();
-    args.extend(["--node-labels".into(), "disk=ssd".into()]);
-    let run = berth(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let run = plan(
+        "manifests",
+        "example",
+        "json",
+        &["--node", "edge-1", "--node-labels", "disk=ssd"],
+    );
     let value: serde_json::Value = serde_json::from_str(&run.stdout).expect("valid JSON");
-    let units: Vec<&str> = value["plan"]["actions"]
-        .as_array()
-        .expect("actions")
-        .iter()
-        .filter_map(|a| a["unit"].as_str())
-        .collect();
+    let actions = value["plan"]["actions"].as_array().expect("actions");
+    let units: Vec<&str> = actions.iter().filter_map(|a| a["unit"].as_str()).collect();
     assert!(
         units.contains(&"berth-default_metrics-agent_agent.service"),
         "{units:?}"
@@ -106,36 +109,20 @@ fn the_pinned_pods_run_only_on_their_node() {
 }
 
 #[test]
-fn planning_against_a_running_node_gives_the_reasons_a_person_would() {
-    let root = repo_root();
-    let actual =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/web-running.actual.yaml");
-    let run = berth(&[
-        "plan",
-        root.join("manifests/web").to_str().expect("utf-8"),
-        "--images",
-        root.join("image/images.yaml").to_str().expect("utf-8"),
-        "--node",
-        "n1",
-        "--node-memory",
-        "4Gi",
-        "--node-cpus",
-        "2",
-        "--revision",
-        "b7e1c2d",
-        "--actual",
-        actual.to_str().expect("utf-8"),
-    ]);
+fn objects_rejected_for_a_missing_namespace_keep_their_units_running() {
     // manifests/web alone lacks the Namespace: every apps/ object is rejected...
-    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
-    // ...so their units are held, not pruned; the pod Git dropped is stopped.
-    assert!(
-        run.stdout.contains(
-            "berth-apps_web-0_httpd.service: Deployment/apps/web is not valid in revision b7e1c2d"
-        ),
-        "{}",
-        run.stdout
+    let run = plan(
+        "manifests/web",
+        "b7e1c2d",
+        "text",
+        &["--actual", &actual_snapshot()],
     );
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    // ...so their units are held, not pruned; the pod Git dropped is stopped,
+    // and the admin's own unit is not even mentioned.
+    let held =
+        "berth-apps_web-0_httpd.service: Deployment/apps/web is not valid in revision b7e1c2d";
+    assert!(run.stdout.contains(held), "{}", run.stdout);
     assert!(
         run.stdout
             .contains("stop berth-default_old-job_main.service"),
@@ -147,29 +134,16 @@ fn planning_against_a_running_node_gives_the_reasons_a_person_would() {
         "{}",
         run.stdout
     );
+}
 
-    let with_namespace = berth(&[
-        "plan",
-        root.join("manifests").to_str().expect("utf-8"),
-        "--images",
-        root.join("image/images.yaml").to_str().expect("utf-8"),
-        "--node",
-        "n1",
-        "--node-memory",
-        "4Gi",
-        "--node-cpus",
-        "2",
-        "--revision",
+#[test]
+fn planning_against_a_running_node_gives_the_reasons_a_person_would() {
+    let run = plan(
+        "manifests",
         "b7e1c2d",
-        "--namespace",
-        "apps",
-        "--actual",
-        actual.to_str().expect("utf-8"),
-    ]);
-    assert_eq!(
-        with_namespace.code, 0,
-        "{}{}",
-        with_namespace.stdout, with_namespace.stderr
+        "text",
+        &["--namespace", "apps", "--actual", &actual_snapshot()],
     );
-    golden("web-running.plan.txt", &with_namespace.stdout);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    golden("web-running.plan.txt", &run.stdout);
 }
