@@ -90,6 +90,22 @@ pub fn env_var_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The stricter rule systemd applies to `Environment=` names (bash's): ASCII
+/// letters, digits and `_`, not starting with a digit. Kubernetes also allows
+/// `-` and `.`, which systemd would refuse at start, so the plan refuses them.
+pub fn systemd_env_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} cannot be passed to systemd: environment variable names may only hold letters, digits and '_', not starting with a digit"
+        ))
+    }
+}
+
 /// A label or annotation key: an optional DNS subdomain prefix and `/`, then a name.
 pub fn qualified_name(key: &str) -> Result<(), String> {
     let (prefix, name) = match key.split_once('/') {
@@ -163,6 +179,10 @@ mod tests {
         assert!(env_var_name("DB_HOST").is_ok());
         assert!(env_var_name("1X").is_err());
         assert!(env_var_name("A=B").is_err());
+        assert!(env_var_name("my.var").is_ok());
+        assert!(systemd_env_name("my.var").is_err());
+        assert!(systemd_env_name("MY-VAR").is_err());
+        assert!(systemd_env_name("_OK_1").is_ok());
         assert!(qualified_name("app.kubernetes.io/name").is_ok());
         assert!(qualified_name("app").is_ok());
         assert!(qualified_name("Bad Key").is_err());

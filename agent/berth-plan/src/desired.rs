@@ -751,12 +751,10 @@ fn environment(
         let origin_kind = secret.then_some(name);
         for (key, value) in entries {
             let name = format!("{prefix}{key}");
-            if berth_manifest::names::env_var_name(&name).is_err() {
+            if let Err(why) = berth_manifest::names::systemd_env_name(&name) {
                 warnings.push(FieldIssue::warning(
                     fpath.clone(),
-                    format!(
-                        "key {key:?} is skipped: {name:?} is not a valid environment variable name"
-                    ),
+                    format!("key {key:?} is skipped: {why}"),
                 ));
                 continue;
             }
@@ -767,6 +765,10 @@ fn environment(
 
     for (i, var) in c.env.iter().flatten().enumerate() {
         let epath = path.key("env").index(i);
+        if let Err(why) = berth_manifest::names::systemd_env_name(&var.name) {
+            errors.push(FieldIssue::error(epath.key("name"), why));
+            continue;
+        }
         match &var.value_from {
             None => {
                 let value = expand(var.value.as_deref().unwrap_or(""), |n| env.get(n));
@@ -782,17 +784,16 @@ fn environment(
         }
     }
     for (name, value) in &env.entries {
-        if value
-            .chars()
-            .any(|ch| ch.is_control() && ch != '\t' && ch != '\n')
-        {
+        // systemd takes any UTF-8 value (control characters included) but,
+        // like every C environment, not NUL.
+        if value.contains('\0') {
             let at = c
                 .env
                 .iter()
                 .flatten()
                 .position(|v| &v.name == name)
                 .map_or(path.key("env"), |i| path.key("env").index(i));
-            errors.push(FieldIssue::error(at, format!("the value of {name} contains control characters, which systemd does not accept in an environment")));
+            errors.push(FieldIssue::error(at, format!("the value of {name} contains a NUL character, which no process environment can hold")));
         }
     }
     env

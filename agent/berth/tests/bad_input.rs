@@ -198,6 +198,15 @@ fn cases() -> Vec<Case> {
             message: "has no key \"b\"",
         },
         Case {
+            name: "an env name systemd refuses",
+            file: "bad.yaml",
+            content: pod_with("      env:\n        - name: my.setting\n          value: x\n"),
+            line: Some(11),
+            object: Some("Pod/default/bad"),
+            field: Some("spec.containers[0].env[0].name"),
+            message: "cannot be passed to systemd",
+        },
+        Case {
             name: "namespace that is not declared",
             file: "bad.yaml",
             content: "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n  namespace: nowhere\n".into(),
