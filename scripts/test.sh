@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
-echo "== tier 1: cargo test (pure stages, in-memory fakes, the berth binary on files)"
+echo "== tier 1: cargo test (pure stages and the berth binary on real files; no root)"
 cargo test --locked --workspace 2>&1 | tee "$log"
 passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
 if [ "$passed" -eq 0 ]; then
