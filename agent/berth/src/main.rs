@@ -86,6 +86,41 @@ enum Command {
         #[arg(long, hide = true)]
         timings: bool,
     },
+    /// Run the node agent: fetch the configured branch, validate, plan; repeat.
+    Agent {
+        #[command(flatten)]
+        dirs: AgentDirs,
+        /// Run one pass and exit: 0 applied, 1 rejected, 3 failed (config, network).
+        #[arg(long)]
+        once: bool,
+    },
+    /// Show what the agent last fetched, accepted and rejected.
+    Status {
+        #[command(flatten)]
+        dirs: AgentDirs,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct AgentDirs {
+    /// The node config on the ESP.
+    #[arg(
+        long,
+        env = "BERTH_ESP_CONFIG",
+        default_value = "/efi/berth/config.yaml"
+    )]
+    esp_config: PathBuf,
+    /// The agent's state: the Git mirror and state.json.
+    #[arg(long, env = "STATE_DIRECTORY", default_value = "/var/lib/berth")]
+    state_dir: PathBuf,
+    /// systemd credentials (berth.*), when systemd passes them.
+    #[arg(long, env = "CREDENTIALS_DIRECTORY")]
+    credentials_dir: Option<PathBuf>,
+    /// Read instead of /proc/cmdline (for tests).
+    #[arg(long, hide = true, default_value = "/proc/cmdline")]
+    kernel_cmdline: PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -131,7 +166,64 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             plan(&load, &node, &actual, revision, output, timings)
         }
+        Command::Agent { dirs, once } => agent(&dirs, once),
+        Command::Status { dirs, output } => status(&dirs, output),
     }
+}
+
+fn agent_paths(dirs: &AgentDirs) -> anyhow::Result<berth_agent::AgentPaths> {
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_lowercase())
+        .unwrap_or_default();
+    let kernel_cmdline = std::fs::read_to_string(&dirs.kernel_cmdline).unwrap_or_default();
+    // STATE_DIRECTORY may list several directories; Berth asks systemd for one.
+    let state_dir = PathBuf::from(
+        dirs.state_dir
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("/var/lib/berth"),
+    );
+    Ok(berth_agent::AgentPaths {
+        config: berth_agent::config::ConfigSources {
+            esp_file: dirs.esp_config.clone(),
+            credentials_dir: dirs.credentials_dir.clone(),
+            kernel_cmdline,
+            hostname,
+        },
+        state_dir,
+        node_memory_bytes: host_memory().unwrap_or(1 << 30),
+        node_cpu_milli: std::thread::available_parallelism()
+            .map(|n| n.get() as u64 * 1000)
+            .unwrap_or(1000),
+    })
+}
+
+fn agent(dirs: &AgentDirs, once: bool) -> anyhow::Result<ExitCode> {
+    let paths = agent_paths(dirs)?;
+    let log = berth_agent::Log::from_env();
+    let mut agent = berth_agent::Agent::new(paths.clone(), log).with_context(|| {
+        format!(
+            "cannot create the state directory {}",
+            paths.state_dir.display()
+        )
+    })?;
+    if once {
+        let (outcome, _) = agent.pass();
+        return Ok(match outcome {
+            berth_agent::PassOutcome::Applied { .. } => ExitCode::SUCCESS,
+            berth_agent::PassOutcome::Rejected { .. } => ExitCode::from(1),
+            berth_agent::PassOutcome::Failed { .. } => ExitCode::from(3),
+        });
+    }
+    agent.run(&berth_agent::notify::Notifier::from_env())
+}
+
+fn status(dirs: &AgentDirs, output: Output) -> anyhow::Result<ExitCode> {
+    let paths = agent_paths(dirs)?;
+    let state = berth_agent::state::StateStore::new(&paths.state_dir).load();
+    render::print_status(&state, output)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {

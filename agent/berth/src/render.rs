@@ -69,6 +69,33 @@ fn emit<T: Serialize>(value: &T, output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub fn print_status(state: &berth_agent::state::AgentState, output: Output) -> anyhow::Result<()> {
+    if output != Output::Text {
+        return emit(state, output);
+    }
+    let mut out = io::stdout().lock();
+    writeln!(
+        out,
+        "node: {}",
+        state.node.as_deref().unwrap_or("(not configured yet)")
+    )?;
+    match &state.last_good {
+        Some(g) => writeln!(
+            out,
+            "running: {} ({} objects, {} pods, {} actions planned)",
+            g.revision, g.objects, g.pods, g.actions
+        )?,
+        None => writeln!(out, "running: nothing yet")?,
+    }
+    if let Some(a) = &state.last_attempted {
+        writeln!(out, "last attempted: {}", a.revision)?;
+    }
+    for e in &state.errors {
+        writeln!(out, "error: {e}")?;
+    }
+    Ok(())
+}
+
 pub fn print_validation(report: &ValidationReport, output: Output) -> anyhow::Result<()> {
     if output != Output::Text {
         return emit(report, output);

@@ -1,0 +1,561 @@
+//! The node's configuration, merged from three places in a fixed order:
+//! `berth/config.yaml` on the ESP (editable from any OS after flashing), then
+//! systemd credentials `berth.*` (QEMU passes them by SMBIOS), then the
+//! kernel command line `berth.*=`. A later source overrides an earlier one,
+//! field by field, so a test or a one-off boot can change one setting.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use berth_git::{Credentials, Remote};
+use berth_manifest::names;
+use serde::Deserialize;
+
+/// Where a setting came from, for messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    File(PathBuf),
+    Credential(String),
+    KernelCommandLine,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::File(p) => write!(f, "{}", p.display()),
+            Origin::Credential(name) => write!(f, "credential {name}"),
+            Origin::KernelCommandLine => f.write_str("kernel command line"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{origin}: {field}: {message}")]
+pub struct ConfigError {
+    pub origin: String,
+    pub field: String,
+    pub message: String,
+}
+
+fn error(origin: &Origin, field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        origin: origin.to_string(),
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+/// The file's shape. Unknown fields are errors: a typo must not be ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    node: Option<FileNode>,
+    #[serde(default)]
+    git: Option<FileGit>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNode {
+    name: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FileGit {
+    url: Option<String>,
+    branch: Option<String>,
+    path: Option<String>,
+    poll_interval: Option<String>,
+    credentials: Option<FileCredentials>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FileCredentials {
+    ssh_key: Option<PathBuf>,
+    user: Option<String>,
+    token_file: Option<PathBuf>,
+}
+
+/// One source's settings, each with where it came from.
+#[derive(Debug, Default, Clone)]
+struct Layer {
+    node: Option<(String, Origin)>,
+    labels: Option<(BTreeMap<String, String>, Origin)>,
+    url: Option<(String, Origin)>,
+    branch: Option<(String, Origin)>,
+    path: Option<(String, Origin)>,
+    poll: Option<(String, Origin)>,
+    ssh_key: Option<(PathBuf, Origin)>,
+    user: Option<(String, Origin)>,
+    token_file: Option<(PathBuf, Origin)>,
+}
+
+impl Layer {
+    fn over(mut self, top: Layer) -> Layer {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if top.$f.is_some() { self.$f = top.$f; } )* };
+        }
+        take!(
+            node, labels, url, branch, path, poll, ssh_key, user, token_file
+        );
+        self
+    }
+}
+
+/// The merged, validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub node_name: String,
+    pub labels: BTreeMap<String, String>,
+    pub remote: Remote,
+    /// The directory of the branch that holds this node's manifests.
+    pub path: String,
+    pub poll_interval: Duration,
+    pub credentials: Option<Credentials>,
+    /// Which sources contributed, in order.
+    pub sources: Vec<String>,
+}
+
+/// Where to look; `main` builds this from the real paths and the tests from
+/// temporary ones.
+#[derive(Debug, Clone)]
+pub struct ConfigSources {
+    pub esp_file: PathBuf,
+    /// `$CREDENTIALS_DIRECTORY`, when systemd passed credentials.
+    pub credentials_dir: Option<PathBuf>,
+    /// The kernel command line (the contents of /proc/cmdline).
+    pub kernel_cmdline: String,
+    /// Used when no source names the node.
+    pub hostname: String,
+}
+
+pub const DEFAULT_BRANCH: &str = "main";
+pub const DEFAULT_POLL: Duration = Duration::from_secs(60);
+pub const MIN_POLL: Duration = Duration::from_secs(5);
+
+/// Reads every source and merges them. A missing ESP file is not an error in
+/// itself (a missing Git URL is); a malformed one is.
+pub fn load(sources: &ConfigSources) -> Result<NodeConfig, ConfigError> {
+    let mut merged = Layer::default();
+    let mut used = Vec::new();
+    match std::fs::read_to_string(&sources.esp_file) {
+        Ok(text) => {
+            merged = merged.over(parse_file(&text, Origin::File(sources.esp_file.clone()))?);
+            used.push(sources.esp_file.display().to_string());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(error(
+                &Origin::File(sources.esp_file.clone()),
+                "(file)",
+                format!("cannot read: {e}"),
+            ));
+        }
+    }
+    if let Some(dir) = &sources.credentials_dir {
+        let layer = credentials_layer(dir)?;
+        if layer.1 {
+            used.push("systemd credentials".to_string());
+        }
+        merged = merged.over(layer.0);
+    }
+    let cmdline = cmdline_layer(&sources.kernel_cmdline)?;
+    if cmdline.1 {
+        used.push("kernel command line".to_string());
+    }
+    merged = merged.over(cmdline.0);
+    finish(merged, &sources.hostname, used)
+}
+
+fn parse_file(text: &str, origin: Origin) -> Result<Layer, ConfigError> {
+    let file: FileConfig = serde_saphyr::from_str(text).map_err(|e| {
+        let line = e
+            .location()
+            .map(|l| format!("line {}: ", l.line()))
+            .unwrap_or_default();
+        let first = e.to_string().lines().next().unwrap_or("").to_string();
+        error(&origin, "(file)", format!("{line}{first}"))
+    })?;
+    let node = file.node.unwrap_or_default();
+    let git = file.git.unwrap_or_default();
+    let creds = git.credentials.unwrap_or_default();
+    let with = |v: Option<String>| v.map(|v| (v, origin.clone()));
+    Ok(Layer {
+        node: with(node.name),
+        labels: node.labels.map(|l| (l, origin.clone())),
+        url: with(git.url),
+        branch: with(git.branch),
+        path: with(git.path),
+        poll: with(git.poll_interval),
+        ssh_key: creds.ssh_key.map(|p| (p, origin.clone())),
+        user: with(creds.user),
+        token_file: creds.token_file.map(|p| (p, origin.clone())),
+    })
+}
+
+/// Keys shared by credentials (`berth.<key>`) and the kernel command line (`berth.<key>=`).
+const KEYS: [&str; 9] = [
+    "node",
+    "labels",
+    "repo",
+    "branch",
+    "path",
+    "poll",
+    "ssh-key",
+    "user",
+    "token-file",
+];
+
+fn set(layer: &mut Layer, key: &str, value: String, origin: Origin) -> Result<(), ConfigError> {
+    match key {
+        "node" => layer.node = Some((value, origin)),
+        "labels" => layer.labels = Some((parse_labels(&value, &origin)?, origin)),
+        "repo" => layer.url = Some((value, origin)),
+        "branch" => layer.branch = Some((value, origin)),
+        "path" => layer.path = Some((value, origin)),
+        "poll" => layer.poll = Some((value, origin)),
+        "ssh-key" => layer.ssh_key = Some((PathBuf::from(value), origin)),
+        "user" => layer.user = Some((value, origin)),
+        "token-file" => layer.token_file = Some((PathBuf::from(value), origin)),
+        other => {
+            return Err(error(
+                &origin,
+                other,
+                format!(
+                    "unknown setting; known: {}",
+                    KEYS.map(|k| format!("berth.{k}")).join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn credentials_layer(dir: &Path) -> Result<(Layer, bool), ConfigError> {
+    let mut layer = Layer::default();
+    let mut any = false;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok((layer, false));
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    // berth.config (a whole config file) first, single settings on top of it.
+    if let Some(i) = names.iter().position(|n| n == "berth.config") {
+        let name = names.remove(i);
+        let origin = Origin::Credential(name.clone());
+        let text = std::fs::read_to_string(dir.join(&name))
+            .map_err(|e| error(&origin, "(credential)", e.to_string()))?;
+        layer = layer.over(parse_file(&text, origin)?);
+        any = true;
+    }
+    for name in names {
+        let Some(key) = name.strip_prefix("berth.") else {
+            continue;
+        };
+        let origin = Origin::Credential(name.clone());
+        let value = std::fs::read_to_string(dir.join(&name))
+            .map_err(|e| error(&origin, key, e.to_string()))?;
+        set(&mut layer, key, value.trim().to_string(), origin)?;
+        any = true;
+    }
+    Ok((layer, any))
+}
+
+fn cmdline_layer(cmdline: &str) -> Result<(Layer, bool), ConfigError> {
+    let mut layer = Layer::default();
+    let mut any = false;
+    for word in cmdline.split_whitespace() {
+        let Some(setting) = word.strip_prefix("berth.") else {
+            continue;
+        };
+        let Some((key, value)) = setting.split_once('=') else {
+            return Err(error(
+                &Origin::KernelCommandLine,
+                word,
+                "expected berth.<setting>=<value>",
+            ));
+        };
+        set(
+            &mut layer,
+            key,
+            value.to_string(),
+            Origin::KernelCommandLine,
+        )?;
+        any = true;
+    }
+    Ok((layer, any))
+}
+
+fn parse_labels(text: &str, origin: &Origin) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut labels = BTreeMap::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| error(origin, "labels", format!("{pair:?} is not key=value")))?;
+        labels.insert(k.to_string(), v.to_string());
+    }
+    Ok(labels)
+}
+
+/// `30s`, `5m`, `1h`, `1500ms`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+fn finish(layer: Layer, hostname: &str, sources: Vec<String>) -> Result<NodeConfig, ConfigError> {
+    let none = Origin::File(PathBuf::from("(no source)"));
+    let (node_name, node_origin) = layer.node.clone().unwrap_or_else(|| {
+        (
+            hostname.to_string(),
+            Origin::File(PathBuf::from("(hostname)")),
+        )
+    });
+    names::dns1123_subdomain(&node_name).map_err(|e| error(&node_origin, "node.name", e))?;
+    let (labels, labels_origin) = layer
+        .labels
+        .clone()
+        .unwrap_or_else(|| (BTreeMap::new(), none.clone()));
+    for (k, v) in &labels {
+        names::qualified_name(k).map_err(|e| error(&labels_origin, "node.labels", e))?;
+        names::label_value(v).map_err(|e| error(&labels_origin, "node.labels", e))?;
+    }
+    let (url, url_origin) = layer.url.clone().ok_or_else(|| ConfigError {
+        origin: if sources.is_empty() { "no configuration found".into() } else { sources.join(", ") },
+        field: "git.url".into(),
+        message: "no Git URL is configured: set git.url in berth/config.yaml on the ESP, the berth.repo credential, or berth.repo= on the kernel command line".into(),
+    })?;
+    let url_ok = ["git://", "http://", "https://", "ssh://", "file://", "/"]
+        .iter()
+        .any(|p| url.starts_with(p))
+        || (url.contains('@') && url.contains(':'));
+    if !url_ok || url.chars().any(char::is_whitespace) {
+        return Err(error(
+            &url_origin,
+            "git.url",
+            format!(
+                "{url:?} is not a Git URL (git://, https://, ssh://, user@host:path, file:// or an absolute path)"
+            ),
+        ));
+    }
+    let (branch, branch_origin) = layer
+        .branch
+        .clone()
+        .unwrap_or_else(|| (DEFAULT_BRANCH.to_string(), none.clone()));
+    let branch_ok = !branch.is_empty()
+        && !branch.starts_with(['-', '/', '.'])
+        && !branch.ends_with(['/', '.'])
+        && !branch.contains("..")
+        && !branch.ends_with(".lock")
+        && branch
+            .chars()
+            .all(|c| !c.is_control() && !" ~^:?*[\\".contains(c));
+    if !branch_ok {
+        return Err(error(
+            &branch_origin,
+            "git.branch",
+            format!("{branch:?} is not a valid branch name"),
+        ));
+    }
+    let (path, path_origin) = layer
+        .path
+        .clone()
+        .unwrap_or_else(|| (".".to_string(), none.clone()));
+    if path.split('/').any(|c| c == "..") || path.starts_with('/') {
+        return Err(error(
+            &path_origin,
+            "git.path",
+            format!("{path:?} must be a relative path inside the repository without '..'"),
+        ));
+    }
+    let poll_interval = match &layer.poll {
+        None => DEFAULT_POLL,
+        Some((text, origin)) => {
+            let d = parse_duration(text).ok_or_else(|| {
+                error(
+                    origin,
+                    "git.pollInterval",
+                    format!("{text:?} is not a duration such as 30s, 5m or 1h"),
+                )
+            })?;
+            if d < MIN_POLL {
+                return Err(error(
+                    origin,
+                    "git.pollInterval",
+                    format!("{text:?} is shorter than the minimum of 5s"),
+                ));
+            }
+            d
+        }
+    };
+    let user = layer.user.clone().map(|(u, _)| u);
+    let credentials = match (&layer.ssh_key, &layer.token_file) {
+        (Some(_), Some((_, origin))) => {
+            return Err(error(
+                origin,
+                "git.credentials",
+                "set either sshKey or tokenFile, not both",
+            ));
+        }
+        (Some((key, _)), None) => Some(Credentials::SshKey {
+            user: user.unwrap_or_else(|| "git".into()),
+            private_key: key.clone(),
+        }),
+        (None, Some((file, origin))) => {
+            let token = std::fs::read_to_string(file).map_err(|e| {
+                error(
+                    origin,
+                    "git.credentials.tokenFile",
+                    format!("cannot read {}: {e}", file.display()),
+                )
+            })?;
+            Some(Credentials::Token {
+                user: user.unwrap_or_else(|| "x-access-token".into()),
+                token: token.trim().to_string(),
+            })
+        }
+        (None, None) => None,
+    };
+    Ok(NodeConfig {
+        node_name,
+        labels,
+        remote: Remote { url, branch },
+        path,
+        poll_interval,
+        credentials,
+        sources,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dir(PathBuf);
+    impl Dir {
+        fn new(tag: &str) -> Self {
+            let p = std::env::temp_dir().join(format!("berth-config-{}-{tag}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).expect("temp dir");
+            Self(p)
+        }
+        fn write(&self, name: &str, text: &str) -> PathBuf {
+            let p = self.0.join(name);
+            std::fs::write(&p, text).expect("write");
+            p
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn sources(dir: &Dir, cmdline: &str, creds: bool) -> ConfigSources {
+        ConfigSources {
+            esp_file: dir.0.join("config.yaml"),
+            credentials_dir: creds.then(|| dir.0.join("creds")),
+            kernel_cmdline: cmdline.to_string(),
+            hostname: "fallback-host".into(),
+        }
+    }
+
+    #[test]
+    fn later_sources_override_earlier_ones_field_by_field() {
+        let dir = Dir::new("layers");
+        dir.write("config.yaml", "node:\n  name: from-esp\n  labels: {zone: a}\ngit:\n  url: https://example.invalid/x.git\n  branch: main\n  pollInterval: 30s\n");
+        std::fs::create_dir_all(dir.0.join("creds")).expect("creds dir");
+        dir.write("creds/berth.repo", "git://10.0.2.100/desired.git\n");
+        dir.write("creds/berth.node", "from-credential");
+        let c = load(&sources(
+            &dir,
+            "quiet berth.branch=staging root=/dev/vda2",
+            true,
+        ))
+        .expect("valid");
+        assert_eq!(c.node_name, "from-credential");
+        assert_eq!(c.remote.url, "git://10.0.2.100/desired.git");
+        assert_eq!(c.remote.branch, "staging");
+        assert_eq!(c.poll_interval, Duration::from_secs(30));
+        assert_eq!(c.labels.get("zone").map(String::as_str), Some("a"));
+        assert_eq!(c.sources.len(), 3, "{:?}", c.sources);
+    }
+
+    #[test]
+    fn a_typo_in_the_file_names_the_file_and_the_line() {
+        let dir = Dir::new("typo");
+        dir.write(
+            "config.yaml",
+            "git:\n  url: git://h/r.git\n  brnach: main\n",
+        );
+        let e = load(&sources(&dir, "", false)).expect_err("typo");
+        assert!(e.origin.ends_with("config.yaml"), "{e}");
+        assert!(
+            e.message.contains("line 3") && e.message.contains("brnach"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn no_git_url_anywhere_is_a_clear_error() {
+        let dir = Dir::new("nourl");
+        let e = load(&sources(&dir, "", false)).expect_err("no url");
+        assert_eq!(e.field, "git.url");
+        assert!(e.message.contains("berth/config.yaml on the ESP"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_their_source() {
+        let dir = Dir::new("bad");
+        for (cmdline, field) in [
+            ("berth.repo=git://h/r berth.branch=a..b", "git.branch"),
+            ("berth.repo=git://h/r berth.poll=1s", "git.pollInterval"),
+            ("berth.repo=git://h/r berth.poll=soon", "git.pollInterval"),
+            ("berth.repo=git://h/r berth.path=../etc", "git.path"),
+            ("berth.repo=not-a-url", "git.url"),
+            ("berth.repo=git://h/r berth.node=Bad_Name", "node.name"),
+            ("berth.repo=git://h/r berth.labels=novalue", "labels"),
+            ("berth.repo=git://h/r berth.colour=red", "colour"),
+        ] {
+            let e = load(&sources(&dir, cmdline, false)).expect_err(cmdline);
+            assert_eq!(e.field, field, "{cmdline}: {e}");
+            assert_eq!(e.origin, "kernel command line", "{cmdline}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_hostname_names_the_node_when_nothing_else_does() {
+        let dir = Dir::new("host");
+        let c = load(&sources(&dir, "berth.repo=/srv/git/desired.git", false)).expect("valid");
+        assert_eq!(c.node_name, "fallback-host");
+        assert_eq!(c.remote.branch, "main");
+        assert_eq!(c.poll_interval, DEFAULT_POLL);
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1500ms"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("m"), None);
+    }
+}

@@ -1,0 +1,280 @@
+//! The node's Git client. It owns one bare mirror under the agent's state
+//! directory, fetches the configured branch into a private ref with libgit2,
+//! and reads manifests straight from the fetched commit's tree: there is no
+//! working tree to leave half-written when the power goes.
+//!
+//! It must not interpret manifests (that is `berth-manifest`) or decide what
+//! is good (that is the agent); it only moves commits and bytes.
+
+use std::path::{Path, PathBuf};
+
+use berth_manifest::SourceFile;
+use git2::{FetchOptions, Oid, RemoteCallbacks, Repository};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    #[error("cannot open or create the mirror at {path}: {source}")]
+    Mirror { path: PathBuf, source: git2::Error },
+    #[error("fetching branch {branch:?} from {url} failed: {message}")]
+    Fetch {
+        url: String,
+        branch: String,
+        message: String,
+    },
+    #[error("{url} has no branch {branch:?}")]
+    NoSuchBranch { url: String, branch: String },
+    #[error("revision {revision} has no directory {path:?}")]
+    NoSuchPath { revision: String, path: String },
+    #[error("cannot read revision {revision}: {source}")]
+    Read {
+        revision: String,
+        source: git2::Error,
+    },
+}
+
+impl GitError {
+    /// Whether trying again later may help (the network, the server), as
+    /// opposed to a problem only a new commit or new config can fix.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, GitError::Fetch { .. } | GitError::Mirror { .. })
+    }
+}
+
+/// Where to fetch from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remote {
+    pub url: String,
+    pub branch: String,
+}
+
+/// How to authenticate, when the remote needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// An SSH deploy key (private key file), for `ssh://` and `git@` URLs.
+    SshKey { user: String, private_key: PathBuf },
+    /// A token for HTTPS, sent as the password (user `x-access-token` or as given).
+    Token { user: String, token: String },
+}
+
+/// A fetched commit, as 40 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Revision(Oid);
+
+impl Revision {
+    pub fn parse(hex: &str) -> Option<Self> {
+        Oid::from_str(hex).ok().map(Self)
+    }
+    pub fn short(&self) -> String {
+        self.0.to_string()[..12].to_string()
+    }
+}
+
+impl std::fmt::Display for Revision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The agent's bare mirror. Not `Sync` (libgit2 repositories are not): keep
+/// it on one thread.
+pub struct Mirror {
+    path: PathBuf,
+    repo: Repository,
+}
+
+impl std::fmt::Debug for Mirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mirror").field("path", &self.path).finish()
+    }
+}
+
+/// The private ref the fetched branch lands on.
+fn tracking_ref(branch: &str) -> String {
+    format!("refs/berth/fetched/{branch}")
+}
+
+impl Mirror {
+    /// Opens the mirror at `path`, creating it if needed. Lock files left by a
+    /// fetch that a power cut interrupted are removed first: the agent is the
+    /// only writer. A mirror that cannot be opened at all is moved aside and
+    /// created afresh; everything in it can be fetched again.
+    pub fn open(path: &Path) -> Result<Self, GitError> {
+        let err = |source| GitError::Mirror {
+            path: path.to_path_buf(),
+            source,
+        };
+        if path.exists() {
+            remove_stale_locks(path);
+            match Repository::open_bare(path) {
+                Ok(repo) => {
+                    return Ok(Self {
+                        path: path.to_path_buf(),
+                        repo,
+                    });
+                }
+                Err(_) => {
+                    let aside = path.with_extension("broken");
+                    let _ = std::fs::remove_dir_all(&aside);
+                    std::fs::rename(path, &aside)
+                        .map_err(|e| err(git2::Error::from_str(&e.to_string())))?;
+                }
+            }
+        }
+        let repo = Repository::init_bare(path).map_err(err)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            repo,
+        })
+    }
+
+    /// Fetches `remote.branch` and returns the commit it points to.
+    pub fn fetch(
+        &self,
+        remote: &Remote,
+        credentials: Option<&Credentials>,
+    ) -> Result<Revision, GitError> {
+        let fail = |message: String| GitError::Fetch {
+            url: remote.url.clone(),
+            branch: remote.branch.clone(),
+            message,
+        };
+        let mut callbacks = RemoteCallbacks::new();
+        let mut attempts = 0;
+        callbacks.credentials(move |_url, user_from_url, allowed| {
+            attempts += 1;
+            if attempts > 3 {
+                return Err(git2::Error::from_str("the remote refused the credentials"));
+            }
+            match credentials {
+                Some(Credentials::SshKey { user, private_key })
+                    if allowed.contains(git2::CredentialType::SSH_KEY) =>
+                {
+                    git2::Cred::ssh_key(user_from_url.unwrap_or(user), None, private_key, None)
+                }
+                Some(Credentials::Token { user, token })
+                    if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) =>
+                {
+                    git2::Cred::userpass_plaintext(user, token)
+                }
+                _ => Err(git2::Error::from_str(
+                    "the remote asks for credentials and none are configured",
+                )),
+            }
+        });
+        let mut options = FetchOptions::new();
+        options.remote_callbacks(callbacks);
+        options.download_tags(git2::AutotagOption::None);
+        let mut anonymous = self
+            .repo
+            .remote_anonymous(&remote.url)
+            .map_err(|e| fail(e.message().to_string()))?;
+        let refspec = format!(
+            "+refs/heads/{0}:{1}",
+            remote.branch,
+            tracking_ref(&remote.branch)
+        );
+        // Forget the previous fetch of this branch first, so a branch that
+        // disappeared upstream is noticed rather than served from the mirror.
+        if let Ok(mut old) = self.repo.find_reference(&tracking_ref(&remote.branch)) {
+            let _ = old.delete();
+        }
+        anonymous
+            .fetch(&[&refspec], Some(&mut options), None)
+            .map_err(|e| fail(e.message().to_string()))?;
+        match self.repo.refname_to_id(&tracking_ref(&remote.branch)) {
+            Ok(oid) => Ok(Revision(oid)),
+            Err(_) => Err(GitError::NoSuchBranch {
+                url: remote.url.clone(),
+                branch: remote.branch.clone(),
+            }),
+        }
+    }
+
+    /// Whether the mirror holds this commit (a last good revision survives
+    /// restarts only if its objects do).
+    pub fn has(&self, revision: Revision) -> bool {
+        self.repo.find_commit(revision.0).is_ok()
+    }
+
+    /// The YAML files under `subpath` of a revision, as the loader takes them,
+    /// with paths relative to `subpath`. Files over `max_bytes` are returned
+    /// empty-handed as errors by the loader's own size rule, so they are
+    /// skipped here with their size in the name of an empty file.
+    pub fn read_manifests(
+        &self,
+        revision: Revision,
+        subpath: &str,
+    ) -> Result<Vec<SourceFile>, GitError> {
+        let rev = revision.to_string();
+        let read = |source| GitError::Read {
+            revision: rev.clone(),
+            source,
+        };
+        let commit = self.repo.find_commit(revision.0).map_err(read)?;
+        let root = commit.tree().map_err(read)?;
+        let subpath = subpath.trim_matches('/');
+        let tree = if subpath.is_empty() || subpath == "." {
+            root
+        } else {
+            let entry = root
+                .get_path(Path::new(subpath))
+                .map_err(|_| GitError::NoSuchPath {
+                    revision: rev.clone(),
+                    path: subpath.to_string(),
+                })?;
+            self.repo
+                .find_tree(entry.id())
+                .map_err(|_| GitError::NoSuchPath {
+                    revision: rev.clone(),
+                    path: subpath.to_string(),
+                })?
+        };
+        let mut files = Vec::new();
+        let mut walk_error = None;
+        tree.walk(git2::TreeWalkMode::PreOrder, |dir, entry| {
+            let name = entry.name().unwrap_or("");
+            if name.starts_with('.') {
+                return git2::TreeWalkResult::Skip;
+            }
+            let is_yaml = name.ends_with(".yaml") || name.ends_with(".yml");
+            if entry.kind() == Some(git2::ObjectType::Blob) && is_yaml {
+                match self.repo.find_blob(entry.id()) {
+                    Ok(blob) => files.push(SourceFile {
+                        path: PathBuf::from(format!("{dir}{name}")),
+                        text: String::from_utf8_lossy(blob.content()).into_owned(),
+                    }),
+                    Err(e) => {
+                        walk_error = Some(e);
+                        return git2::TreeWalkResult::Abort;
+                    }
+                }
+            }
+            git2::TreeWalkResult::Ok
+        })
+        .map_err(read)?;
+        if let Some(e) = walk_error {
+            return Err(read(e));
+        }
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(files)
+    }
+}
+
+fn remove_stale_locks(path: &Path) {
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                if !p.ends_with("objects") {
+                    stack.push(p);
+                }
+            } else if p.extension().is_some_and(|e| e == "lock") {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+    }
+}

@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Builds the Berth appliance: a raw GPT disk image that boots by UEFI, from
+# Debian 13 packages (mmdebstrap) and the berth binary. No loop devices and no
+# mounts: filesystems are filled from directories (mkfs.ext4 -d, mtools) and
+# placed into the disk file with dd.
+#
+#   image/build.sh [--test] [--berth PATH] [--out DIR]
+#
+# --test adds the test-only command channel (see image/files/test/); release
+# images never contain it. Needs root (files must belong to root in the image).
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+variant=release
+berth_bin="$repo/target/release/berth"
+out="$repo/build"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --test) variant=test ;;
+        --berth) berth_bin=$2; shift ;;
+        --out) out=$2; shift ;;
+        *) echo "build.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+[ "$(id -u)" -eq 0 ] || { echo "build.sh: run as root (the image's files must be owned by root)" >&2; exit 2; }
+[ -x "$berth_bin" ] || { echo "build.sh: $berth_bin is not built (cargo build --release --locked)" >&2; exit 2; }
+for tool in mmdebstrap mkfs.ext4 mkfs.vfat mcopy mmd sfdisk zstd; do
+    command -v "$tool" >/dev/null || { echo "build.sh: $tool is missing (scripts/deps.sh --image)" >&2; exit 2; }
+done
+
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/Cargo.toml" | head -n1)
+suite=trixie
+mirror=${BERTH_MIRROR:-http://deb.debian.org/debian}
+name="berth-$version-amd64"
+[ "$variant" = test ] && name="$name-test"
+mkdir -p "$out/cache"
+started=$(date +%s)
+
+# 1. The Debian root filesystem, cached by package list, suite and mirror.
+packages=$(grep -v '^#' "$here/packages.txt" | grep -v '^$' | sort | paste -sd, -)
+key=$(printf '%s\n%s\n%s\n' "$packages" "$suite" "$mirror" | sha256sum | cut -c1-16)
+rootfs_tar="$out/cache/rootfs-$suite-$key.tar"
+if [ ! -s "$rootfs_tar" ]; then
+    echo "build: mmdebstrap $suite ($packages)"
+    mmdebstrap --variant=minbase --mode=root --format=tar --include="$packages" \
+        --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
+        --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
+        "$suite" "$rootfs_tar.partial" "$mirror"
+    mv "$rootfs_tar.partial" "$rootfs_tar"
+else
+    echo "build: reusing $rootfs_tar"
+fi
+
+# 2. Unpack and make it a node.
+work="$out/work-$variant"
+rm -rf "$work"
+mkdir -p "$work/root" "$work/esp" "$work/var"
+tar -xf "$rootfs_tar" -C "$work/root"
+root="$work/root"
+kver=$(ls "$root/usr/lib/modules" | head -n1)
+
+install -m 0755 "$berth_bin" "$root/usr/bin/berth"
+install -m 0644 "$repo"/systemd-units/*.service "$root/usr/lib/systemd/system/"
+cp -a "$here/files/root/." "$root/"
+if [ "$variant" = test ]; then
+    cp -a "$here/files/test/." "$root/"
+fi
+chroot "$root" systemctl enable berth-agent.service systemd-networkd.service systemd-resolved.service >/dev/null
+[ "$variant" = test ] && chroot "$root" systemctl enable berth-test-channel.service >/dev/null
+# No login on the serial console (nothing to log in as; and a getty hanging
+# up the line loses console output).
+chroot "$root" systemctl mask serial-getty@ttyS0.service >/dev/null
+ln -sf ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
+echo berth > "$root/etc/hostname"
+: > "$root/etc/machine-id"
+
+# Nothing a node does not need: no package manager, no docs, no sound,
+# video or wireless drivers.
+rm -rf "$root"/usr/bin/apt* "$root"/usr/bin/dpkg* "$root"/usr/lib/apt "$root"/var/lib/apt "$root"/var/cache/* \
+    "$root"/usr/share/doc "$root"/usr/share/man "$root"/usr/share/info "$root"/usr/share/locale
+for dir in sound drivers/media drivers/gpu drivers/staging drivers/net/wireless net/wireless net/bluetooth drivers/bluetooth drivers/iio drivers/input/touchscreen; do
+    rm -rf "$root/usr/lib/modules/$kver/kernel/$dir"
+done
+chroot "$root" depmod "$kver"
+
+# 3. Partition identities, known before the filesystems are made.
+esp_uuid=$(cat /proc/sys/kernel/random/uuid)
+root_a_uuid=$(cat /proc/sys/kernel/random/uuid)
+root_b_uuid=$(cat /proc/sys/kernel/random/uuid)
+var_uuid=$(cat /proc/sys/kernel/random/uuid)
+cat > "$root/etc/fstab" <<FSTAB
+PARTUUID=$root_a_uuid /     ext4 ro,noatime 0 1
+PARTUUID=$var_uuid    /var  ext4 rw,noatime,x-systemd.growfs 0 2
+PARTUUID=$esp_uuid    /efi  vfat ro,nofail,umask=0077 0 2
+FSTAB
+mkdir -p "$root/efi"
+
+# /var lives on the data partition; the root keeps an empty mount point.
+cp -a "$root/var/." "$work/var/"
+rm -rf "$root/var"
+mkdir -p "$root/var"
+
+# 4. The ESP: systemd-boot, the kernel and initrd of slot A, the node config.
+esp="$work/esp"
+mkdir -p "$esp/EFI/BOOT" "$esp/EFI/systemd" "$esp/loader/entries" "$esp/berth/a" "$esp/berth"
+cp "$root/usr/lib/systemd/boot/efi/systemd-bootx64.efi" "$esp/EFI/BOOT/BOOTX64.EFI"
+cp "$root/usr/lib/systemd/boot/efi/systemd-bootx64.efi" "$esp/EFI/systemd/systemd-bootx64.efi"
+cp "$root/boot/vmlinuz-$kver" "$esp/berth/a/vmlinuz"
+cp "$root/boot/initrd.img-$kver" "$esp/berth/a/initrd.img"
+printf 'default berth-a.conf\ntimeout 0\nconsole-mode keep\n' > "$esp/loader/loader.conf"
+cat > "$esp/loader/entries/berth-a.conf" <<ENTRY
+title   Berth $version (slot A)
+linux   /berth/a/vmlinuz
+initrd  /berth/a/initrd.img
+options root=PARTUUID=$root_a_uuid ro rootwait console=tty0 console=ttyS0,115200 systemd.show_status=auto quiet
+ENTRY
+cp "$here/files/esp/config.yaml" "$esp/berth/config.yaml"
+
+# 5. Filesystems, from directories.
+mib() { echo $(( ($1 + 1048575) / 1048576 )); }
+root_bytes=$(du -sb "$root" | cut -f1)
+root_mib=$(( $(mib "$root_bytes") * 115 / 100 + 64 ))
+esp_mib=256
+var_mib=256
+mkfs.ext4 -q -F -L berth-root-a -U "$(cat /proc/sys/kernel/random/uuid)" -d "$root" "$work/root-a.img" "${root_mib}M"
+mkfs.ext4 -q -F -L berth-root-b "$work/root-b.img" "${root_mib}M"
+mkfs.ext4 -q -F -L berth-var -d "$work/var" "$work/var.img" "${var_mib}M"
+rm -f "$work/esp.img"
+mkfs.vfat -F 32 -n BERTH-ESP -C "$work/esp.img" $(( esp_mib * 1024 )) >/dev/null
+(cd "$esp" && find . -mindepth 1 -type d | sed 's|^\./||' | while read -r d; do mmd -i "$work/esp.img" "::$d"; done)
+(cd "$esp" && find . -type f | sed 's|^\./||' | while read -r f; do mcopy -i "$work/esp.img" "$f" "::$f"; done)
+
+# 6. The disk: GPT, then each filesystem at its offset.
+img="$out/$name.img"
+total_mib=$(( 1 + esp_mib + root_mib + root_mib + var_mib + 1 ))
+rm -f "$img"
+truncate -s "${total_mib}M" "$img"
+sfdisk --quiet "$img" <<PARTS
+label: gpt
+unit: sectors
+first-lba: 2048
+start=2048, size=$(( esp_mib * 2048 )), type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, uuid=$esp_uuid, name="esp"
+size=$(( root_mib * 2048 )), type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, uuid=$root_a_uuid, name="root-a"
+size=$(( root_mib * 2048 )), type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, uuid=$root_b_uuid, name="root-b"
+size=$(( var_mib * 2048 )), type=4D21B016-B534-45C2-A9FB-5C16E091FD2D, uuid=$var_uuid, name="var"
+PARTS
+offset=1
+for part in esp root-a root-b var; do
+    dd if="$work/$part.img" of="$img" bs=1M seek="$offset" conv=notrunc,sparse status=none
+    size=$(( $(stat -c %s "$work/$part.img") / 1048576 ))
+    offset=$(( offset + size ))
+done
+built=$(date +%s)
+zstd -q -f -T0 -10 "$img" -o "$img.zst"
+done_at=$(date +%s)
+rm -rf "$work"
+echo "build: $img ($(du -h --apparent-size "$img" | cut -f1) raw, $(du -h "$img" | cut -f1) allocated)"
+echo "build: $img.zst ($(du -h "$img.zst" | cut -f1))"
+echo "build: $(( built - started )) s to build, $(( done_at - built )) s to compress"
