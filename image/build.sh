@@ -61,14 +61,13 @@ tar -xf "$rootfs_tar" -C "$work/root"
 root="$work/root"
 kver=$(ls "$root/usr/lib/modules" | head -n1)
 
-install -m 0755 "$berth_bin" "$root/usr/bin/berth"
+install -m 0755 -s "$berth_bin" "$root/usr/bin/berth"
 install -m 0644 "$repo"/systemd-units/*.service "$root/usr/lib/systemd/system/"
 cp -a "$here/files/root/." "$root/"
 if [ "$variant" = test ]; then
     cp -a "$here/files/test/." "$root/"
 fi
 chroot "$root" systemctl enable berth-agent.service systemd-networkd.service systemd-resolved.service >/dev/null
-[ "$variant" = test ] && chroot "$root" systemctl enable berth-test-channel.service >/dev/null
 # No login on the serial console (nothing to log in as; and a getty hanging
 # up the line loses console output).
 chroot "$root" systemctl mask serial-getty@ttyS0.service >/dev/null
@@ -100,7 +99,10 @@ mkdir -p "$root/efi"
 # /var lives on the data partition; the root keeps an empty mount point.
 cp -a "$root/var/." "$work/var/"
 rm -rf "$root/var"
-mkdir -p "$root/var"
+# /var/tmp exists before /var is mounted: early services with PrivateTmp=
+# (systemd-resolved) set up their namespace then.
+mkdir -p "$root/var/tmp"
+chmod 1777 "$root/var/tmp"
 
 # 4. The ESP: systemd-boot, the kernel and initrd of slot A, the node config.
 esp="$work/esp"

@@ -7,7 +7,10 @@ need_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-packages=(build-essential pkg-config python3 git ca-certificates)
+# Build: a C toolchain and OpenSSL headers for libgit2 (https, ssh).
+# Image and QEMU tier: mmdebstrap, filesystem tools, QEMU and OVMF.
+packages=(build-essential pkg-config python3 git ca-certificates libssl-dev zlib1g-dev binutils
+    mmdebstrap e2fsprogs dosfstools mtools fdisk zstd qemu-system-x86 qemu-utils ovmf)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -6,9 +6,13 @@ cd "$(dirname "$0")/.."
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
-echo "== tier 1: cargo test (pure stages and the berth binary on real files; no root)"
+count_passed() {
+    grep -Eo 'test result: ok\. [0-9]+ passed' "$1" | awk '{s += $4} END {print s + 0}'
+}
+
+echo "== tier 1: cargo test (pure stages, the berth binary on real files and Git repositories; no root)"
 cargo test --locked --workspace 2>&1 | tee "$log"
-passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
+passed=$(count_passed "$log")
 if [ "$passed" -eq 0 ]; then
     echo "tier 1 ran no tests: failing" >&2
     exit 1
@@ -21,5 +25,16 @@ cargo run --locked --quiet --bin berth -- validate manifests/ --images image/ima
 echo "== the benchmark script still runs (small corpus, debug build; figures are not checked)"
 python3 scripts/bench_plan.py --pods 200 --runs 1 --berth target/debug/berth
 
-# Tiers 2 (root, network namespaces) and 3 (QEMU) arrive with the capabilities
-# that need them; each will be run here and fail when it runs zero tests.
+echo "== tier 3: the appliance image in QEMU (UEFI, TCG)"
+cargo build --locked --release --bin berth
+sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+sudo_if_needed image/build.sh --test --berth target/release/berth
+cargo test --locked -p berth-qemu-tests -- --ignored --test-threads=1 --nocapture 2>&1 | tee "$log"
+passed=$(count_passed "$log")
+if [ "$passed" -eq 0 ]; then
+    echo "the QEMU tier ran no tests: failing (console logs are under target/qemu-tests/)" >&2
+    exit 1
+fi
+echo "tier 3: $passed QEMU tests passed"
+
+# Tier 2 (root, network namespaces) arrives with pod networking.

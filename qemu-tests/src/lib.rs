@@ -1,0 +1,452 @@
+//! The QEMU harness: boots a Berth test image by UEFI (OVMF) under TCG, with
+//! a Git remote on the host reached only through QEMU's restricted user
+//! network (`guestfwd` to `git daemon --inetd`), and drives it the way users
+//! and later tests need: wait for console lines, push commits, run commands
+//! in the guest through the test-only virtio-serial channel, power off.
+//!
+//! Nothing here listens on a network socket: the command channel is a Unix
+//! socket, the Git daemon runs per connection on QEMU's stdin/stdout.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Fails the test with a message that says where the console log is.
+#[derive(Debug)]
+pub struct HarnessError(pub String);
+
+impl std::fmt::Display for HarnessError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, HarnessError>;
+
+fn fail<T>(message: impl Into<String>) -> Result<T> {
+    Err(HarnessError(message.into()))
+}
+
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// Where the guest finds the host's Git daemon.
+pub const GIT_HOST: &str = "10.0.2.100";
+/// The ESP starts 1 MiB into the disk (see image/build.sh).
+const ESP_OFFSET: u64 = 1024 * 1024;
+
+/// The repository root, for finding the image and writing logs.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap_or_else(|_| PathBuf::from(".."))
+}
+
+/// The test image: `$BERTH_TEST_IMAGE`, or the one `image/build.sh --test` wrote.
+pub fn test_image() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("BERTH_TEST_IMAGE") {
+        return Ok(PathBuf::from(p));
+    }
+    let build = repo_root().join("build");
+    let found = std::fs::read_dir(&build).ok().and_then(|entries| {
+        entries
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().ends_with("-amd64-test.img"))
+    });
+    match found {
+        Some(p) => Ok(p),
+        None => fail(format!(
+            "no test image in {}: run `sudo image/build.sh --test` (make test does)",
+            build.display()
+        )),
+    }
+}
+
+/// Checks that QEMU and OVMF exist, so the tier fails loudly instead of passing empty.
+pub fn check_host() -> Result<()> {
+    for path in [OVMF_CODE, OVMF_VARS] {
+        if !Path::new(path).exists() {
+            return fail(format!("{path} is missing: install the ovmf package"));
+        }
+    }
+    match Command::new("qemu-system-x86_64").arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(()),
+        _ => fail("qemu-system-x86_64 cannot run: install qemu-system-x86"),
+    }
+}
+
+/// A host directory of bare repositories served to the guest as
+/// `git://10.0.2.100/<name>`.
+#[derive(Debug)]
+pub struct GitHost {
+    pub dir: PathBuf,
+    work: PathBuf,
+}
+
+fn git(dir: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=Berth Test",
+            "-c",
+            "user.email=test@berth.invalid",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .map_err(|e| HarnessError(format!("git: {e}")))?;
+    if !out.status.success() {
+        return fail(format!(
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+impl GitHost {
+    /// A bare repository `name` and a work tree to commit to it from.
+    pub fn new(root: &Path, name: &str) -> Result<Self> {
+        let dir = root.join("repos");
+        let bare = dir.join(name);
+        let work = root.join("work");
+        for d in [&bare, &work] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| HarnessError(format!("{}: {e}", d.display())))?;
+        }
+        git(&bare, &["init", "--bare", "-q"])?;
+        git(&work, &["init", "-q"])?;
+        git(
+            &work,
+            &["remote", "add", "origin", bare.to_str().unwrap_or_default()],
+        )?;
+        Ok(Self { dir, work })
+    }
+
+    /// Writes `files` (path, content) into the work tree, commits and pushes
+    /// to `main`; returns the commit.
+    pub fn push(&self, files: &[(&str, &str)], message: &str) -> Result<String> {
+        for (path, content) in files {
+            let p = self.work.join(path);
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| HarnessError(e.to_string()))?;
+            }
+            std::fs::write(&p, content).map_err(|e| HarnessError(e.to_string()))?;
+        }
+        git(&self.work, &["add", "-A"])?;
+        git(
+            &self.work,
+            &["commit", "-q", "--allow-empty", "-m", message],
+        )?;
+        git(&self.work, &["push", "-q", "origin", "HEAD:main"])?;
+        git(&self.work, &["rev-parse", "HEAD"])
+    }
+
+    /// Copies a directory of the repository (such as `manifests/`) into the work tree.
+    pub fn add_dir(&self, from: &Path, to: &str) -> Result<()> {
+        let status = Command::new("cp")
+            .arg("-r")
+            .arg(from)
+            .arg(self.work.join(to))
+            .status()
+            .map_err(|e| HarnessError(e.to_string()))?;
+        if !status.success() {
+            return fail(format!("cp {} failed", from.display()));
+        }
+        Ok(())
+    }
+}
+
+/// How to boot one VM.
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    pub name: String,
+    /// Replaces `berth/config.yaml` on the ESP before boot; `None` removes it.
+    pub esp_config: Option<String>,
+    /// systemd credentials passed by SMBIOS (`berth.repo` → value).
+    pub credentials: Vec<(String, String)>,
+    /// The disk grows to this size (the data partition follows on first boot).
+    pub disk_bytes: u64,
+    pub memory_mib: u32,
+}
+
+impl VmOptions {
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            esp_config: None,
+            credentials: Vec::new(),
+            disk_bytes: 3 << 30,
+            memory_mib: 1024,
+        }
+    }
+}
+
+/// A running guest. Killed when dropped; its console log stays on disk.
+#[derive(Debug)]
+pub struct Vm {
+    child: Child,
+    pub dir: PathBuf,
+    pub console: PathBuf,
+    channel: PathBuf,
+    pub started: Instant,
+}
+
+impl Vm {
+    /// Copies the image, writes the ESP config, and starts QEMU.
+    pub fn boot(image: &Path, git: &GitHost, options: &VmOptions) -> Result<Self> {
+        check_host()?;
+        let dir = repo_root().join("target/qemu-tests").join(&options.name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| HarnessError(format!("{}: {e}", dir.display())))?;
+        let disk = dir.join("disk.img");
+        run(
+            "cp",
+            &["--sparse=always", path_str(image)?, path_str(&disk)?],
+        )?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk)
+            .map_err(|e| HarnessError(e.to_string()))?;
+        f.set_len(
+            options
+                .disk_bytes
+                .max(f.metadata().map_err(|e| HarnessError(e.to_string()))?.len()),
+        )
+        .map_err(|e| HarnessError(e.to_string()))?;
+        let esp = format!("{}@@{ESP_OFFSET}", path_str(&disk)?);
+        match &options.esp_config {
+            Some(text) => {
+                let cfg = dir.join("config.yaml");
+                std::fs::write(&cfg, text).map_err(|e| HarnessError(e.to_string()))?;
+                run(
+                    "mcopy",
+                    &["-o", "-i", &esp, path_str(&cfg)?, "::berth/config.yaml"],
+                )?;
+            }
+            None => run("mdel", &["-i", &esp, "::berth/config.yaml"])?,
+        }
+        let vars = dir.join("OVMF_VARS.fd");
+        std::fs::copy(OVMF_VARS, &vars).map_err(|e| HarnessError(e.to_string()))?;
+        let console = dir.join("console.log");
+        let channel = dir.join("channel.sock");
+        let accel = std::env::var("BERTH_QEMU_ACCEL").unwrap_or_else(|_| "tcg".into());
+        let repos = path_str(&git.dir)?.to_string();
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-machine", "q35", "-accel", &accel, "-m", &options.memory_mib.to_string(), "-smp", "2"])
+            .args(["-display", "none", "-no-reboot"])
+            .args(["-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}")])
+            .args(["-drive", &format!("if=pflash,format=raw,unit=1,file={}", path_str(&vars)?)])
+            .args(["-drive", &format!("file={},format=raw,if=virtio,cache=unsafe", path_str(&disk)?)])
+            .args([
+                "-nic",
+                &format!(
+                    "user,model=virtio-net-pci,restrict=on,guestfwd=tcp:{GIT_HOST}:9418-cmd:git daemon --inetd --export-all --base-path={repos} {repos}"
+                ),
+            ])
+            .args(["-serial", &format!("file:{}", path_str(&console)?)])
+            .args(["-device", "virtio-serial-pci"])
+            .args(["-chardev", &format!("socket,id=berthtest,path={},server=on,wait=off", path_str(&channel)?)])
+            .args(["-device", "virtserialport,chardev=berthtest,name=berth.test"]);
+        for (name, value) in &options.credentials {
+            cmd.args([
+                "-smbios",
+                &format!("type=11,value=io.systemd.credential:{name}={value}"),
+            ]);
+        }
+        let log =
+            std::fs::File::create(dir.join("qemu.log")).map_err(|e| HarnessError(e.to_string()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| HarnessError(e.to_string()))?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| HarnessError(format!("qemu-system-x86_64: {e}")))?;
+        Ok(Self {
+            child,
+            dir,
+            console,
+            channel,
+            started: Instant::now(),
+        })
+    }
+
+    pub fn console_text(&self) -> String {
+        std::fs::read(&self.console)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Waits until the console has a line containing `needle` (after skipping
+    /// the first `skip` matches). Fails early on a line containing `fatal`.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<Duration> {
+        self.wait_for_nth(needle, 0, timeout)
+    }
+
+    pub fn wait_for_nth(
+        &mut self,
+        needle: &str,
+        skip: usize,
+        timeout: Duration,
+    ) -> Result<Duration> {
+        let end = Instant::now() + timeout;
+        loop {
+            let text = self.console_text();
+            if text.matches(needle).count() > skip {
+                return Ok(self.started.elapsed());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return fail(format!(
+                    "QEMU exited ({status}) before {needle:?} appeared; console: {}",
+                    self.console.display()
+                ));
+            }
+            if Instant::now() > end {
+                return fail(format!(
+                    "{needle:?} did not appear within {timeout:?}; console: {}",
+                    self.console.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Runs a shell command in the guest; returns (exit code, output).
+    pub fn exec(&self, command: &str, timeout: Duration) -> Result<(i32, String)> {
+        let end = Instant::now() + timeout;
+        let mut stream = loop {
+            match UnixStream::connect(&self.channel) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(200)),
+                Err(e) => return fail(format!("test channel {}: {e}", self.channel.display())),
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .map_err(|e| HarnessError(e.to_string()))?;
+        // The channel may not be up yet: say hello until it answers.
+        let mut reader = BufReader::new(
+            stream
+                .try_clone()
+                .map_err(|e| HarnessError(e.to_string()))?,
+        );
+        let mut buffer = String::new();
+        'hello: loop {
+            stream
+                .write_all(b"echo __BERTH_HELLO__\n")
+                .map_err(|e| HarnessError(e.to_string()))?;
+            let until = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < until {
+                let mut line = String::new();
+                match reader.read_line(&mut line) {
+                    Ok(0) => break,
+                    Ok(_) => {
+                        buffer.push_str(&line);
+                        if buffer.contains("__BERTH_HELLO__\n__BERTH_TEST_END__ 0") {
+                            break 'hello;
+                        }
+                    }
+                    Err(_) => {}
+                }
+            }
+            if Instant::now() > end {
+                return fail(format!(
+                    "the test channel did not answer within {timeout:?}"
+                ));
+            }
+        }
+        // Drain answers to extra hellos before sending the real command.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut junk = Vec::new();
+        let _ = reader
+            .get_mut()
+            .set_read_timeout(Some(Duration::from_millis(100)));
+        let _ = reader.read_to_end(&mut junk);
+        let marker = "__BERTH_TEST_END__ ";
+        stream
+            .write_all(format!("{command}\n").as_bytes())
+            .map_err(|e| HarnessError(e.to_string()))?;
+        let _ = reader
+            .get_mut()
+            .set_read_timeout(Some(Duration::from_millis(500)));
+        let mut output = String::new();
+        loop {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) => return fail("the test channel closed"),
+                Ok(_) => {
+                    if let Some(rc) = line.trim_end().strip_prefix(marker) {
+                        let code = rc.trim().parse().unwrap_or(-1);
+                        return Ok((code, output));
+                    }
+                    if !line.contains("__BERTH_HELLO__") {
+                        output.push_str(&line);
+                    }
+                }
+                Err(_) if Instant::now() < end => {}
+                Err(e) => {
+                    return fail(format!(
+                        "{command:?} did not finish within {timeout:?}: {e}"
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Asks the guest to power off and waits for QEMU to exit.
+    pub fn poweroff(mut self, timeout: Duration) -> Result<()> {
+        let _ = self.exec("systemctl --no-block poweroff", Duration::from_secs(20));
+        let end = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return Ok(());
+            }
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                return fail(format!(
+                    "the guest did not power off within {timeout:?}; console: {}",
+                    self.console.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str()
+        .ok_or_else(|| HarnessError(format!("{} is not UTF-8", p.display())))
+}
+
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| HarnessError(format!("{program}: {e}")))?;
+    if !out.status.success() {
+        return fail(format!(
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
+/// Parses `berth status --output json` as printed in the guest.
+pub fn status_json(output: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(output)
+        .map_err(|e| HarnessError(format!("berth status is not JSON ({e}): {output}")))
+}

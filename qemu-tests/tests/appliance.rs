@@ -1,0 +1,144 @@
+//! The appliance, booted for real: UEFI (OVMF + systemd-boot) under TCG, the
+//! node config from the ESP and from SMBIOS credentials, a Git remote on the
+//! host, a pushed commit fetched, a bad commit rejected while the last good
+//! revision stays. Run by `scripts/test.sh` with `--ignored`.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)]
+
+use std::time::Duration;
+
+use berth_qemu_tests::{GIT_HOST, GitHost, Vm, VmOptions, repo_root, status_json, test_image};
+
+const BOOT: Duration = Duration::from_secs(180);
+const FETCH: Duration = Duration::from_secs(120);
+
+fn must<T>(r: berth_qemu_tests::Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+#[ignore = "needs QEMU, OVMF and the test image (scripts/test.sh runs it)"]
+fn the_node_boots_fetches_its_branch_and_keeps_the_last_good_revision() {
+    let image = must(test_image());
+    let root = repo_root().join("target/qemu-tests/fetch-git");
+    let _ = std::fs::remove_dir_all(&root);
+    let git = must(GitHost::new(&root, "desired.git"));
+    must(git.add_dir(&repo_root().join("manifests"), "manifests"));
+    let good = must(git.push(&[], "the example manifests"));
+
+    let mut options = VmOptions::new("fetch");
+    // The ESP names the node and the path; SMBIOS credentials name the remote.
+    options.esp_config = Some("node:\n  name: esp-node\n  labels: {disk: ssd}\ngit:\n  branch: main\n  path: manifests\n  pollInterval: 5s\n".into());
+    options
+        .credentials
+        .push(("berth.repo".into(), format!("git://{GIT_HOST}/desired.git")));
+    let mut vm = must(Vm::boot(&image, &git, &options));
+
+    let ready = must(vm.wait_for("berth: agent started", BOOT));
+    let accepted = format!("revision {} accepted", &good[..12]);
+    let fetched = must(vm.wait_for(&accepted, FETCH));
+    println!(
+        "boot to agent ready: {:.1} s; to first revision accepted: {:.1} s",
+        ready.as_secs_f64(),
+        fetched.as_secs_f64()
+    );
+    assert!(
+        vm.console_text().contains("for node esp-node"),
+        "the ESP config was not used; console: {}",
+        vm.console.display()
+    );
+    // The cache pod pinned to disk=ssd is planned: the labels came from the ESP too.
+    assert!(
+        vm.console_text()
+            .contains("start berth-default_cache_cache.service"),
+        "console: {}",
+        vm.console.display()
+    );
+
+    let (rc, out) = must(vm.exec("berth status --output json", Duration::from_secs(60)));
+    assert_eq!(rc, 0, "{out}");
+    assert_eq!(must(status_json(&out))["lastGood"]["revision"], good);
+
+    // A bad commit: reported, and the last good revision stays.
+    let pushed_at = std::time::Instant::now();
+    let bad = must(git.push(&[("manifests/broken.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec: {containers: [{name: c, image: busybox, imagee: typo}]}\n")], "a typo"));
+    must(vm.wait_for(
+        &format!(
+            "revision {} rejected (1 errors); keeping {}",
+            &bad[..12],
+            &good[..12]
+        ),
+        FETCH,
+    ));
+    println!(
+        "push to rejection logged: {:.1} s",
+        pushed_at.elapsed().as_secs_f64()
+    );
+    assert!(
+        vm.console_text().contains("unknown field \"imagee\""),
+        "console: {}",
+        vm.console.display()
+    );
+    let (_, out) = must(vm.exec("berth status --output json", Duration::from_secs(60)));
+    let status = must(status_json(&out));
+    assert_eq!(status["lastGood"]["revision"], good);
+    assert_eq!(status["lastAttempted"]["revision"], bad);
+
+    // The fix is accepted.
+    let pushed_at = std::time::Instant::now();
+    let fixed = must(git.push(
+        &[(
+            "manifests/broken.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: fixed}\n",
+        )],
+        "fix the typo",
+    ));
+    must(vm.wait_for(&format!("revision {} accepted", &fixed[..12]), FETCH));
+    println!(
+        "push to new revision accepted: {:.1} s",
+        pushed_at.elapsed().as_secs_f64()
+    );
+
+    // The appliance's shape: read-only root, /var grown to the disk.
+    let (rc, _) = must(vm.exec("touch /usr/berth-was-here", Duration::from_secs(30)));
+    assert_ne!(rc, 0, "the root filesystem is writable");
+    let (rc, out) = must(vm.exec("df -k /var | tail -n1", Duration::from_secs(30)));
+    assert_eq!(rc, 0, "{out}");
+    let kib: u64 = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    println!("/var: {} MiB on a 3 GiB disk", kib / 1024);
+    assert!(kib > 1024 * 1024, "/var did not grow: {out}");
+    let (rc, out) = must(vm.exec(
+        "systemctl is-active berth-agent.service",
+        Duration::from_secs(30),
+    ));
+    assert_eq!((rc, out.trim()), (0, "active"));
+    must(vm.poweroff(Duration::from_secs(120)));
+}
+
+#[test]
+#[ignore = "needs QEMU, OVMF and the test image (scripts/test.sh runs it)"]
+fn a_node_without_config_says_so_and_keeps_retrying() {
+    let image = must(test_image());
+    let root = repo_root().join("target/qemu-tests/no-config-git");
+    let _ = std::fs::remove_dir_all(&root);
+    let git = must(GitHost::new(&root, "unused.git"));
+    let mut vm = must(Vm::boot(&image, &git, &VmOptions::new("no-config")));
+    must(vm.wait_for("berth: agent started", BOOT));
+    must(vm.wait_for("no Git URL is configured", FETCH));
+    // Retried with backoff, not crash-looping: the same process says it again.
+    must(vm.wait_for_nth("no Git URL is configured", 1, FETCH));
+    let (rc, out) = must(vm.exec(
+        "systemctl show -p NRestarts --value berth-agent.service",
+        Duration::from_secs(60),
+    ));
+    assert_eq!(
+        (rc, out.trim()),
+        (0, "0"),
+        "the agent restarted instead of retrying"
+    );
+    must(vm.poweroff(Duration::from_secs(120)));
+}
