@@ -1,5 +1,7 @@
 # The two commands the README promises, and a few helpers.
-.PHONY: demo test deps build release bench bless
+.PHONY: demo plan-demo image test deps build release bench bless
+
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 deps:
 	scripts/deps.sh
@@ -10,10 +12,22 @@ build: deps
 release: deps
 	cargo build --locked --release
 
-# For now the demo is the plan a node would run for manifests/ (no root, no VM).
-demo: build
+# Builds the appliance image, seeds a local Git repository with manifests/,
+# boots the node in QEMU (UEFI, TCG) and shows it fetching and planning them.
+demo: deps
+	cargo build --locked --release --bin berth
+	$(SUDO) image/build.sh --test --berth target/release/berth
+	cargo run --locked --release -p berth-qemu-tests --bin berth-demo -- $(ARGS)
+
+# Only the plan, without an image or a VM.
+plan-demo: build
 	target/debug/berth validate manifests/ --images image/images.yaml
 	target/debug/berth plan manifests/ --images image/images.yaml --node demo-node
+
+# A release image (no test channel): build/berth-<version>-amd64.img and .img.zst
+image: deps
+	cargo build --locked --release --bin berth
+	$(SUDO) image/build.sh --berth target/release/berth
 
 test: deps
 	scripts/test.sh

@@ -67,10 +67,14 @@ cp -a "$here/files/root/." "$root/"
 if [ "$variant" = test ]; then
     cp -a "$here/files/test/." "$root/"
 fi
-chroot "$root" systemctl enable berth-agent.service systemd-networkd.service systemd-resolved.service >/dev/null
+chroot "$root" systemctl enable berth-agent.service systemd-networkd.service systemd-resolved.service >/dev/null 2>&1
 # No login on the serial console (nothing to log in as; and a getty hanging
 # up the line loses console output).
-chroot "$root" systemctl mask serial-getty@ttyS0.service >/dev/null
+chroot "$root" systemctl mask serial-getty@ttyS0.service >/dev/null 2>&1
+# The root is read-only and replaced whole on update, so the "/usr was
+# updated" jobs (ConditionNeedsUpdate) would run, uselessly, on every boot.
+chroot "$root" systemctl mask systemd-journal-catalog-update.service systemd-update-done.service \
+    ldconfig.service systemd-hwdb-update.service >/dev/null 2>&1
 ln -sf ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
 echo berth > "$root/etc/hostname"
 : > "$root/etc/machine-id"
@@ -126,9 +130,9 @@ root_bytes=$(du -sb "$root" | cut -f1)
 root_mib=$(( $(mib "$root_bytes") * 115 / 100 + 64 ))
 esp_mib=256
 var_mib=256
-mkfs.ext4 -q -F -L berth-root-a -U "$(cat /proc/sys/kernel/random/uuid)" -d "$root" "$work/root-a.img" "${root_mib}M"
-mkfs.ext4 -q -F -L berth-root-b "$work/root-b.img" "${root_mib}M"
-mkfs.ext4 -q -F -L berth-var -d "$work/var" "$work/var.img" "${var_mib}M"
+mkfs.ext4 -q -F -E root_owner=0:0 -L berth-root-a -U "$(cat /proc/sys/kernel/random/uuid)" -d "$root" "$work/root-a.img" "${root_mib}M"
+mkfs.ext4 -q -F -E root_owner=0:0 -L berth-root-b "$work/root-b.img" "${root_mib}M"
+mkfs.ext4 -q -F -E root_owner=0:0 -L berth-var -d "$work/var" "$work/var.img" "${var_mib}M"
 rm -f "$work/esp.img"
 mkfs.vfat -F 32 -n BERTH-ESP -C "$work/esp.img" $(( esp_mib * 1024 )) >/dev/null
 (cd "$esp" && find . -mindepth 1 -type d | sed 's|^\./||' | while read -r d; do mmd -i "$work/esp.img" "::$d"; done)

@@ -58,6 +58,12 @@ fn the_node_boots_fetches_its_branch_and_keeps_the_last_good_revision() {
     let (rc, out) = must(vm.exec("berth status --output json", Duration::from_secs(60)));
     assert_eq!(rc, 0, "{out}");
     assert_eq!(must(status_json(&out))["lastGood"]["revision"], good);
+    // For docs/benchmarks.md: where the boot time goes.
+    let (_, out) = must(vm.exec(
+        "systemd-analyze time; systemd-analyze critical-chain berth-agent.service",
+        Duration::from_secs(60),
+    ));
+    println!("{out}");
 
     // A bad commit: reported, and the last good revision stays.
     let pushed_at = std::time::Instant::now();

@@ -1,0 +1,100 @@
+//! `make demo`: boots the appliance in QEMU against a local Git repository
+//! seeded with `manifests/`, shows the node fetching and planning them, and
+//! powers it off (or keeps it running with `--keep` until Ctrl-C).
+
+use std::io::Write;
+use std::time::Duration;
+
+use berth_qemu_tests::{GIT_HOST, GitHost, Vm, VmOptions, repo_root, test_image};
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("berth-demo: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> berth_qemu_tests::Result<()> {
+    let keep = std::env::args().any(|a| a == "--keep");
+    let image = test_image()?;
+    let root = repo_root().join("target/qemu-tests/demo-git");
+    let _ = std::fs::remove_dir_all(&root);
+    let git = GitHost::new(&root, "desired.git")?;
+    git.add_dir(&repo_root().join("manifests"), "manifests")?;
+    let revision = git.push(&[], "the example manifests")?;
+    let mut options = VmOptions::new("demo");
+    options.esp_config = Some("node:\n  name: demo-node\n  labels: {disk: ssd}\ngit:\n  branch: main\n  path: manifests\n  pollInterval: 10s\n".into());
+    options
+        .credentials
+        .push(("berth.repo".into(), format!("git://{GIT_HOST}/desired.git")));
+    say(&format!(
+        "booting {} by UEFI under TCG; the Git remote is {} on this machine",
+        image.display(),
+        root.join("repos/desired.git").display()
+    ));
+    let vm = Vm::boot(&image, &git, &options)?;
+    let mut shown = 0;
+    let accepted = format!("revision {} accepted", &revision[..12]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    loop {
+        let text = vm.console_text();
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains("berth: ")).collect();
+        for line in &lines[shown..] {
+            say(strip_ansi(line.split("berth: ").nth(1).map_or(*line, |rest| rest)).as_str());
+        }
+        shown = lines.len();
+        if text.contains(&accepted) {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(berth_qemu_tests::HarnessError(format!(
+                "no revision accepted in time; console: {}",
+                vm.console.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (_, status) = vm.exec("berth status", Duration::from_secs(60))?;
+    say(&format!(
+        "node booted and running revision {} after {:.0} s; `berth status` in the guest says:",
+        &revision[..12],
+        vm.started.elapsed().as_secs_f64()
+    ));
+    for line in status.lines() {
+        say(&format!("  {line}"));
+    }
+    if keep {
+        say(&format!(
+            "the node keeps running; push to {} and watch {}; Ctrl-C stops it",
+            root.join("work").display(),
+            vm.console.display()
+        ));
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    say("powering off (make demo ARGS=--keep keeps the node running)");
+    vm.poweroff(Duration::from_secs(120))
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stderr().lock();
+    let _ = writeln!(out, "demo | {line}");
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
