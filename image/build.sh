@@ -75,6 +75,10 @@ chroot "$root" systemctl mask serial-getty@ttyS0.service >/dev/null 2>&1
 # updated" jobs (ConditionNeedsUpdate) would run, uselessly, on every boot.
 chroot "$root" systemctl mask systemd-journal-catalog-update.service systemd-update-done.service \
     ldconfig.service systemd-hwdb-update.service >/dev/null 2>&1
+# Kernel modules and API filesystems an appliance node does not use: each
+# costs a unit start at boot.
+chroot "$root" systemctl mask modprobe@drm.service modprobe@fuse.service modprobe@efi_pstore.service \
+    sys-kernel-debug.mount sys-kernel-tracing.mount sys-fs-fuse-connections.mount dev-hugepages.mount >/dev/null 2>&1
 ln -sf ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
 echo berth > "$root/etc/hostname"
 : > "$root/etc/machine-id"

@@ -239,17 +239,21 @@ impl Vm {
         let accel = std::env::var("BERTH_QEMU_ACCEL").unwrap_or_else(|_| "tcg".into());
         let repos = path_str(&git.dir)?.to_string();
         let mut cmd = Command::new("qemu-system-x86_64");
+        // -nodefaults: no CD-ROM or VGA for the firmware to try first; the
+        // NIC has no option ROM, so OVMF does not attempt a network boot.
         cmd.args(["-machine", "q35", "-accel", &accel, "-m", &options.memory_mib.to_string(), "-smp", "2"])
-            .args(["-display", "none", "-no-reboot"])
+            .args(["-nodefaults", "-display", "none", "-no-reboot"])
             .args(["-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}")])
             .args(["-drive", &format!("if=pflash,format=raw,unit=1,file={}", path_str(&vars)?)])
-            .args(["-drive", &format!("file={},format=raw,if=virtio,cache=unsafe", path_str(&disk)?)])
+            .args(["-drive", &format!("file={},format=raw,if=none,id=disk,cache=unsafe", path_str(&disk)?)])
+            .args(["-device", "virtio-blk-pci,drive=disk,bootindex=0"])
             .args([
-                "-nic",
+                "-netdev",
                 &format!(
-                    "user,model=virtio-net-pci,restrict=on,guestfwd=tcp:{GIT_HOST}:9418-cmd:git daemon --inetd --export-all --base-path={repos} {repos}"
+                    "user,id=net,restrict=on,guestfwd=tcp:{GIT_HOST}:9418-cmd:git daemon --inetd --export-all --base-path={repos} {repos}"
                 ),
             ])
+            .args(["-device", "virtio-net-pci,netdev=net,romfile="])
             .args(["-serial", &format!("file:{}", path_str(&console)?)])
             .args(["-device", "virtio-serial-pci"])
             .args(["-chardev", &format!("socket,id=berthtest,path={},server=on,wait=off", path_str(&channel)?)])
