@@ -87,7 +87,9 @@ pub struct Agent {
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
-const FIRST_BACKOFF: Duration = Duration::from_secs(5);
+/// The first retry comes quickly (the network may still be coming up at
+/// boot); later ones back off to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_LOGGED_ACTIONS: usize = 20;
 
 impl Agent {
