@@ -104,6 +104,15 @@ PARTUUID=$esp_uuid    /efi  vfat ro,nofail,umask=0077 0 2
 FSTAB
 mkdir -p "$root/efi"
 
+# Mount /var from the initrd (see files/initramfs/berth-var), then rebuild
+# the initrd with it and the fstab above.
+hook="$root/etc/initramfs-tools/scripts/local-bottom/berth-var"
+mkdir -p "$(dirname "$hook")"
+sed "s/@VAR_PARTUUID@/$var_uuid/" "$here/files/initramfs/berth-var" > "$hook"
+chmod 0755 "$hook"
+chroot "$root" update-initramfs -u -k "$kver" >"$work/update-initramfs.log" 2>&1 \
+    || { cat "$work/update-initramfs.log" >&2; echo "build: update-initramfs failed" >&2; exit 1; }
+
 # /var lives on the data partition; the root keeps an empty mount point.
 cp -a "$root/var/." "$work/var/"
 rm -rf "$root/var"
