@@ -108,8 +108,10 @@ mkdir -p "$root/efi"
 # the initrd with it and the fstab above.
 hook="$root/etc/initramfs-tools/scripts/local-bottom/berth-var"
 mkdir -p "$(dirname "$hook")"
-sed "s/@VAR_PARTUUID@/$var_uuid/" "$here/files/initramfs/berth-var" > "$hook"
+sed -e "s/@VAR_PARTUUID@/$var_uuid/" -e "s/@ESP_PARTUUID@/$esp_uuid/" "$here/files/initramfs/berth-var" > "$hook"
 chmod 0755 "$hook"
+# The ESP's filesystem and the codepages vfat mounts with by default.
+printf 'vfat\nnls_cp437\nnls_ascii\n' >> "$root/etc/initramfs-tools/modules"
 chroot "$root" update-initramfs -u -k "$kver" >"$work/update-initramfs.log" 2>&1 \
     || { cat "$work/update-initramfs.log" >&2; echo "build: update-initramfs failed" >&2; exit 1; }
 
@@ -133,7 +135,7 @@ cat > "$esp/loader/entries/berth-a.conf" <<ENTRY
 title   Berth $version (slot A)
 linux   /berth/a/vmlinuz
 initrd  /berth/a/initrd.img
-options root=PARTUUID=$root_a_uuid ro rootwait console=tty0 console=ttyS0,115200 systemd.show_status=auto quiet
+options root=PARTUUID=$root_a_uuid ro rootwait console=tty0 console=ttyS0,115200 systemd.show_status=auto quiet panic=10
 ENTRY
 cp "$here/files/esp/config.yaml" "$esp/berth/config.yaml"
 

@@ -281,6 +281,43 @@ impl Vm {
         })
     }
 
+    /// Boots and waits for `needle`. QEMU 7.2's multi-threaded TCG
+    /// occasionally crashes a booting SMP guest in `text_poke` (an int3 oops
+    /// before userspace): such an early kernel panic is retried once, with
+    /// the first console kept as `console-first-boot.log`; a second panic,
+    /// or any other failure, fails.
+    pub fn boot_until(
+        image: &Path,
+        git: &GitHost,
+        options: &VmOptions,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<(Self, Duration)> {
+        let mut vm = Self::boot(image, git, options)?;
+        match vm.wait_for(needle, timeout) {
+            Ok(t) => Ok((vm, t)),
+            Err(e)
+                if e.0.contains("kernel panicked") && !vm.console_text().contains("systemd[1]") =>
+            {
+                let kept = vm.dir.join("console-first-boot.log");
+                drop(vm);
+                let first = repo_root()
+                    .join("target/qemu-tests")
+                    .join(&options.name)
+                    .join("console.log");
+                let saved = std::fs::read(&first).unwrap_or_default();
+                eprintln!(
+                    "qemu-tests: the guest kernel panicked during early boot (a known TCG flake); booting again"
+                );
+                let mut vm = Self::boot(image, git, options)?;
+                let _ = std::fs::write(&kept, saved);
+                let t = vm.wait_for(needle, timeout)?;
+                Ok((vm, t))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn console_text(&self) -> String {
         std::fs::read(&self.console)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
@@ -304,6 +341,12 @@ impl Vm {
             let text = self.console_text();
             if text.matches(needle).count() > skip {
                 return Ok(self.started.elapsed());
+            }
+            if text.contains("Kernel panic") {
+                return fail(format!(
+                    "the guest kernel panicked before {needle:?} appeared; console: {}",
+                    self.console.display()
+                ));
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 return fail(format!(
