@@ -132,15 +132,12 @@ pub fn validate_definition(crd: &CustomResourceDefinition, issues: &mut Vec<Fiel
             ),
         ));
     }
-    if spec.scope != "Namespaced" && spec.scope != "Cluster" {
-        issues.push(FieldIssue::error(
-            spath.key("scope"),
-            format!(
-                "unsupported value {:?}: must be Namespaced or Cluster",
-                spec.scope
-            ),
-        ));
-    }
+    crate::validate::one_of(
+        &spec.scope,
+        &["Namespaced", "Cluster"],
+        spath.key("scope"),
+        issues,
+    );
     if spec.versions.is_empty() {
         issues.push(FieldIssue::error(
             spath.key("versions"),

@@ -20,6 +20,24 @@ fn err(issues: &mut Issues, path: FieldPath, message: impl Into<String>) {
     issues.push(FieldIssue::error(path, message));
 }
 
+/// An enumerated field: `value` must be one of `allowed`, as Kubernetes
+/// reports it ("unsupported value "X": must be A, B or C").
+pub fn one_of(value: &str, allowed: &[&str], path: FieldPath, issues: &mut Issues) {
+    if allowed.contains(&value) {
+        return;
+    }
+    let list = match allowed.split_last() {
+        Some((last, [])) => last.to_string(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    };
+    err(
+        issues,
+        path,
+        format!("unsupported value {value:?}: must be {list}"),
+    );
+}
+
 /// Labels and annotations; the name is checked by the caller, whose rule depends on the kind.
 pub fn metadata(meta: &ObjectMeta, issues: &mut Issues) {
     let path = FieldPath::root().key("metadata");
@@ -102,13 +120,12 @@ pub fn pod_spec(spec: &PodSpec, path: &FieldPath, issues: &mut Issues) {
             }
         }
     }
-    if let Some(policy) = &spec.restart_policy
-        && !["Always", "OnFailure", "Never"].contains(&policy.as_str())
-    {
-        err(
-            issues,
+    if let Some(policy) = &spec.restart_policy {
+        one_of(
+            policy,
+            &["Always", "OnFailure", "Never"],
             path.key("restartPolicy"),
-            format!("unsupported value {policy:?}: must be Always, OnFailure or Never"),
+            issues,
         );
     }
     if let Some(node) = &spec.node_name
@@ -233,13 +250,12 @@ fn container(c: &Container, path: &FieldPath, issues: &mut Issues) {
         ),
         Some(_) => {}
     }
-    if let Some(policy) = &c.image_pull_policy
-        && !["Always", "IfNotPresent", "Never"].contains(&policy.as_str())
-    {
-        err(
-            issues,
+    if let Some(policy) = &c.image_pull_policy {
+        one_of(
+            policy,
+            &["Always", "IfNotPresent", "Never"],
             path.key("imagePullPolicy"),
-            format!("unsupported value {policy:?}: must be Always, IfNotPresent or Never"),
+            issues,
         );
     }
     for (i, e) in c.env.iter().flatten().enumerate() {
@@ -350,26 +366,18 @@ fn container(c: &Container, path: &FieldPath, issues: &mut Issues) {
     }
     for (i, policy) in c.resize_policy.iter().flatten().enumerate() {
         let ppath = path.key("resizePolicy").index(i);
-        if !["cpu", "memory"].contains(&policy.resource_name.as_str()) {
-            err(
-                issues,
-                ppath.key("resourceName"),
-                format!(
-                    "unsupported value {:?}: must be cpu or memory",
-                    policy.resource_name
-                ),
-            );
-        }
-        if !["NotRequired", "RestartContainer"].contains(&policy.restart_policy.as_str()) {
-            err(
-                issues,
-                ppath.key("restartPolicy"),
-                format!(
-                    "unsupported value {:?}: must be NotRequired or RestartContainer",
-                    policy.restart_policy
-                ),
-            );
-        }
+        one_of(
+            &policy.resource_name,
+            &["cpu", "memory"],
+            ppath.key("resourceName"),
+            issues,
+        );
+        one_of(
+            &policy.restart_policy,
+            &["NotRequired", "RestartContainer"],
+            ppath.key("restartPolicy"),
+            issues,
+        );
     }
     let mut port_names = BTreeSet::new();
     for (i, port) in c.ports.iter().flatten().enumerate() {
@@ -381,13 +389,12 @@ fn container(c: &Container, path: &FieldPath, issues: &mut Issues) {
                 format!("{} must be between 1 and 65535", port.container_port),
             );
         }
-        if let Some(proto) = &port.protocol
-            && !["TCP", "UDP", "SCTP"].contains(&proto.as_str())
-        {
-            err(
-                issues,
+        if let Some(proto) = &port.protocol {
+            one_of(
+                proto,
+                &["TCP", "UDP", "SCTP"],
                 ppath.key("protocol"),
-                format!("unsupported value {proto:?}: must be TCP, UDP or SCTP"),
+                issues,
             );
         }
         if let Some(name) = &port.name {
@@ -581,15 +588,12 @@ pub fn required_node_affinity(spec: &PodSpec) -> Option<&k8s_openapi::api::core:
 pub fn service(s: &Service, issues: &mut Issues) {
     let Some(spec) = &s.spec else { return };
     let spath = FieldPath::root().key("spec");
-    if let Some(t) = &spec.type_
-        && !["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"].contains(&t.as_str())
-    {
-        err(
-            issues,
+    if let Some(t) = &spec.type_ {
+        one_of(
+            t,
+            &["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"],
             spath.key("type"),
-            format!(
-                "unsupported value {t:?}: must be ClusterIP, NodePort, LoadBalancer or ExternalName"
-            ),
+            issues,
         );
     }
     if let Some(sel) = &spec.selector {
@@ -635,13 +639,12 @@ pub fn service(s: &Service, issues: &mut Issues) {
                 format!("{np} must be between 1 and 65535"),
             );
         }
-        if let Some(proto) = &port.protocol
-            && !["TCP", "UDP", "SCTP"].contains(&proto.as_str())
-        {
-            err(
-                issues,
+        if let Some(proto) = &port.protocol {
+            one_of(
+                proto,
+                &["TCP", "UDP", "SCTP"],
                 ppath.key("protocol"),
-                format!("unsupported value {proto:?}: must be TCP, UDP or SCTP"),
+                issues,
             );
         }
         if let Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(name)) =
@@ -711,5 +714,41 @@ fn access_modes(modes: Option<&[String]>, path: &FieldPath, issues: &mut Issues)
                 ),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enumerated_fields_are_reported_as_kubernetes_does() {
+        let mut issues = Vec::new();
+        one_of(
+            "Sometimes",
+            &["Always", "OnFailure", "Never"],
+            FieldPath::parse("spec.restartPolicy"),
+            &mut issues,
+        );
+        one_of(
+            "Never",
+            &["Always", "OnFailure", "Never"],
+            FieldPath::parse("spec.restartPolicy"),
+            &mut issues,
+        );
+        one_of(
+            "x",
+            &["cpu", "memory"],
+            FieldPath::parse("resourceName"),
+            &mut issues,
+        );
+        let messages: Vec<&str> = issues.iter().map(|i| i.message.as_str()).collect();
+        assert_eq!(
+            messages,
+            [
+                "unsupported value \"Sometimes\": must be Always, OnFailure or Never",
+                "unsupported value \"x\": must be cpu or memory"
+            ]
+        );
     }
 }
