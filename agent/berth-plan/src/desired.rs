@@ -741,10 +741,7 @@ fn environment(
             Some(entries) => entries,
             None if optional => Vec::new(),
             None => {
-                errors.push(FieldIssue::error(
-                    fpath.key(field).key("name"),
-                    format!("{kind} {ns}/{name} does not exist (set optional: true to allow that)"),
-                ));
+                errors.push(missing_object(kind, ns, name, fpath.key(field).key("name")));
                 continue;
             }
         };
@@ -830,6 +827,58 @@ fn secret_entries(
     out.into_iter().collect()
 }
 
+/// A `configMapKeyRef` or `secretKeyRef`: a key of a named object, which may
+/// be optional.
+struct KeyRef<'a> {
+    kind: &'a str,
+    ns: &'a str,
+    name: &'a str,
+    key: &'a str,
+    optional: bool,
+}
+
+impl KeyRef<'_> {
+    /// `found` is `None` when the object does not exist, `Some(None)` when
+    /// it lacks the key. Missing either is an error unless the ref is optional.
+    fn resolve(
+        &self,
+        found: Option<Option<String>>,
+        path: &FieldPath,
+        errors: &mut Vec<FieldIssue>,
+    ) -> Option<String> {
+        match found {
+            Some(Some(value)) => Some(value),
+            _ if self.optional => None,
+            None => {
+                errors.push(missing_object(
+                    self.kind,
+                    self.ns,
+                    self.name,
+                    path.key("name"),
+                ));
+                None
+            }
+            Some(None) => {
+                errors.push(FieldIssue::error(
+                    path.key("key"),
+                    format!(
+                        "{} {}/{} has no key {:?}",
+                        self.kind, self.ns, self.name, self.key
+                    ),
+                ));
+                None
+            }
+        }
+    }
+}
+
+fn missing_object(kind: &str, ns: &str, name: &str, path: FieldPath) -> FieldIssue {
+    FieldIssue::error(
+        path,
+        format!("{kind} {ns}/{name} does not exist (set optional: true to allow that)"),
+    )
+}
+
 fn value_from(
     input: &ContainerInput<'_>,
     source: &EnvVarSource,
@@ -839,65 +888,40 @@ fn value_from(
 ) -> Option<(String, Option<String>)> {
     let ns = input.instance.id.namespace.as_str();
     if let Some(r) = &source.config_map_key_ref {
-        let optional = r.optional == Some(true);
-        let rpath = path.key("configMapKeyRef");
-        return match ctx.config_maps.get(&(ns, r.name.as_str())) {
-            None if optional => None,
-            None => {
-                errors.push(FieldIssue::error(
-                    rpath.key("name"),
-                    format!(
-                        "ConfigMap {ns}/{} does not exist (set optional: true to allow that)",
-                        r.name
-                    ),
-                ));
-                None
-            }
-            Some(cm) => match cm.data.as_ref().and_then(|d| d.get(&r.key)) {
-                Some(v) => Some((v.clone(), None)),
-                None if optional => None,
-                None => {
-                    errors.push(FieldIssue::error(
-                        rpath.key("key"),
-                        format!("ConfigMap {ns}/{} has no key {:?}", r.name, r.key),
-                    ));
-                    None
-                }
-            },
+        let found = ctx
+            .config_maps
+            .get(&(ns, r.name.as_str()))
+            .map(|cm| cm.data.as_ref().and_then(|d| d.get(&r.key)).cloned());
+        let key = KeyRef {
+            kind: "ConfigMap",
+            ns,
+            name: &r.name,
+            key: &r.key,
+            optional: r.optional == Some(true),
         };
+        return key
+            .resolve(found, &path.key("configMapKeyRef"), errors)
+            .map(|v| (v, None));
     }
     if let Some(r) = &source.secret_key_ref {
-        let optional = r.optional == Some(true);
         let rpath = path.key("secretKeyRef");
-        return match ctx.secrets.get(&(ns, r.name.as_str())) {
-            None if optional => None,
-            None => {
-                errors.push(FieldIssue::error(
-                    rpath.key("name"),
-                    format!(
-                        "Secret {ns}/{} does not exist (set optional: true to allow that)",
-                        r.name
-                    ),
-                ));
-                None
-            }
-            Some(s) => {
-                let entries = secret_entries(s, &rpath, errors);
-                match entries.into_iter().find(|(k, _)| k == &r.key) {
-                    Some((_, v)) => {
-                        Some((v, Some(format!("secret {ns}/{} key {}", r.name, r.key))))
-                    }
-                    None if optional => None,
-                    None => {
-                        errors.push(FieldIssue::error(
-                            rpath.key("key"),
-                            format!("Secret {ns}/{} has no key {:?}", r.name, r.key),
-                        ));
-                        None
-                    }
-                }
-            }
+        let found = ctx.secrets.get(&(ns, r.name.as_str())).map(|s| {
+            secret_entries(s, &rpath, errors)
+                .into_iter()
+                .find(|(k, _)| k == &r.key)
+                .map(|(_, v)| v)
+        });
+        let key = KeyRef {
+            kind: "Secret",
+            ns,
+            name: &r.name,
+            key: &r.key,
+            optional: r.optional == Some(true),
         };
+        let origin = format!("secret {ns}/{} key {}", r.name, r.key);
+        return key
+            .resolve(found, &rpath, errors)
+            .map(|v| (v, Some(origin)));
     }
     if let Some(f) = &source.field_ref {
         let meta = input.instance.metadata;
