@@ -422,48 +422,45 @@ fn redact_changes(changes: Vec<Change>) -> Vec<Change> {
         .map(|mut c| {
             if c.property == "Environment" {
                 // Only names: values may be secrets, on either side.
-                let names = |v: &Option<PropertyValue>| match v {
-                    Some(PropertyValue::List(l)) => l
-                        .iter()
-                        .map(|e| e.split('=').next().unwrap_or("").to_string())
-                        .collect::<Vec<_>>(),
-                    _ => Vec::new(),
-                };
-                let (from, to) = (names(&c.from), names(&c.to));
-                let mut changed: Vec<String> = Vec::new();
-                let old = match &c.from {
-                    Some(PropertyValue::List(l)) => l.clone(),
-                    _ => Vec::new(),
-                };
-                let new = match &c.to {
-                    Some(PropertyValue::List(l)) => l.clone(),
-                    _ => Vec::new(),
-                };
-                for n in &to {
-                    if !from.contains(n) {
-                        changed.push(format!("+{n}"));
-                    } else {
-                        let find = |l: &[String]| {
-                            l.iter()
-                                .find(|e| e.split('=').next() == Some(n.as_str()))
-                                .cloned()
-                        };
-                        if find(&old) != find(&new) {
-                            changed.push(format!("~{n}"));
-                        }
-                    }
-                }
-                for n in &from {
-                    if !to.contains(n) {
-                        changed.push(format!("-{n}"));
-                    }
-                }
+                c.to = Some(PropertyValue::List(environment_changes(&c.from, &c.to)));
                 c.from = None;
-                c.to = Some(PropertyValue::List(changed));
             }
             c
         })
         .collect()
+}
+
+/// `+NAME` added, `~NAME` changed, `-NAME` removed; new names in order,
+/// then removed ones.
+fn environment_changes(from: &Option<PropertyValue>, to: &Option<PropertyValue>) -> Vec<String> {
+    // (name, whole entry): entries compare whole, as systemd holds them.
+    fn entries(v: &Option<PropertyValue>) -> Vec<(&str, &str)> {
+        match v {
+            Some(PropertyValue::List(l)) => l
+                .iter()
+                .map(|e| (e.split('=').next().unwrap_or(""), e.as_str()))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+    fn lookup<'a>(list: &[(&str, &'a str)], name: &str) -> Option<&'a str> {
+        list.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+    }
+    let (old, new) = (entries(from), entries(to));
+    let mut changed = Vec::new();
+    for (name, _) in &new {
+        match lookup(&old, name) {
+            None => changed.push(format!("+{name}")),
+            Some(before) if lookup(&new, name) != Some(before) => changed.push(format!("~{name}")),
+            Some(_) => {}
+        }
+    }
+    for (name, _) in &old {
+        if lookup(&new, name).is_none() {
+            changed.push(format!("-{name}"));
+        }
+    }
+    changed
 }
 
 fn log_field(v: &Option<PropertyValue>, field: &str) -> Option<String> {
