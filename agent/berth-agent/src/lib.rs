@@ -84,6 +84,9 @@ pub struct Agent {
     store: StateStore,
     state: AgentState,
     log: Log,
+    /// Opened on the first pass that needs it and kept: opening cleans up
+    /// what a crashed run left behind, which is needed once per process.
+    mirror: Option<Mirror>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -102,6 +105,7 @@ impl Agent {
             store,
             state,
             log,
+            mirror: None,
         })
     }
 
@@ -129,13 +133,22 @@ impl Agent {
     }
 
     fn fetch_and_plan(&mut self, config: &NodeConfig) -> PassOutcome {
-        let mirror = match Mirror::open(&self.paths.state_dir.join("mirror.git")) {
-            Ok(m) => m,
-            Err(e) => {
-                self.log.error(&e.to_string());
-                return self.failed(e.to_string());
-            }
+        let mirror = match self.mirror.take() {
+            Some(m) => m,
+            None => match Mirror::open(&self.paths.state_dir.join("mirror.git")) {
+                Ok(m) => m,
+                Err(e) => {
+                    self.log.error(&e.to_string());
+                    return self.failed(e.to_string());
+                }
+            },
         };
+        let outcome = self.fetch_with(config, &mirror);
+        self.mirror = Some(mirror);
+        outcome
+    }
+
+    fn fetch_with(&mut self, config: &NodeConfig, mirror: &Mirror) -> PassOutcome {
         let revision = match mirror.fetch(&config.remote, config.credentials.as_ref()) {
             Ok(r) => r,
             Err(e) => {
@@ -181,7 +194,7 @@ impl Agent {
             config.remote.branch,
             short(&rev)
         ));
-        self.evaluate(config, &mirror, revision)
+        self.evaluate(config, mirror, revision)
     }
 
     fn evaluate(
