@@ -86,27 +86,42 @@ pub struct GitHost {
     work: PathBuf,
 }
 
-fn git(dir: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=Berth Test",
-            "-c",
-            "user.email=test@berth.invalid",
-            "-c",
-            "init.defaultBranch=main",
-        ])
-        .args(args)
-        .current_dir(dir)
+/// Runs a host program (in `dir`, when given) and returns its trimmed stdout;
+/// a failure carries the program's stderr.
+fn run_in(dir: Option<&Path>, program: &str, args: &[&str]) -> Result<String> {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    if let Some(dir) = dir {
+        cmd.current_dir(dir);
+    }
+    let out = cmd
         .output()
-        .map_err(|e| HarnessError(format!("git: {e}")))?;
+        .map_err(|e| HarnessError(format!("{program}: {e}")))?;
     if !out.status.success() {
         return fail(format!(
-            "git {args:?}: {}",
+            "{program} {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    run_in(None, program, args).map(drop)
+}
+
+/// `git` with a fixed identity and default branch, whatever the host's config.
+fn git(dir: &Path, args: &[&str]) -> Result<String> {
+    let mut all = vec![
+        "-c",
+        "user.name=Berth Test",
+        "-c",
+        "user.email=test@berth.invalid",
+        "-c",
+        "init.defaultBranch=main",
+    ];
+    all.extend_from_slice(args);
+    run_in(Some(dir), "git", &all)
 }
 
 impl GitHost {
@@ -149,16 +164,10 @@ impl GitHost {
 
     /// Copies a directory of the repository (such as `manifests/`) into the work tree.
     pub fn add_dir(&self, from: &Path, to: &str) -> Result<()> {
-        let status = Command::new("cp")
-            .arg("-r")
-            .arg(from)
-            .arg(self.work.join(to))
-            .status()
-            .map_err(|e| HarnessError(e.to_string()))?;
-        if !status.success() {
-            return fail(format!("cp {} failed", from.display()));
-        }
-        Ok(())
+        run(
+            "cp",
+            &["-r", path_str(from)?, path_str(&self.work.join(to))?],
+        )
     }
 }
 
@@ -476,20 +485,6 @@ impl Drop for Vm {
 fn path_str(p: &Path) -> Result<&str> {
     p.to_str()
         .ok_or_else(|| HarnessError(format!("{} is not UTF-8", p.display())))
-}
-
-fn run(program: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|e| HarnessError(format!("{program}: {e}")))?;
-    if !out.status.success() {
-        return fail(format!(
-            "{program} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(())
 }
 
 /// Parses `berth status --output json` as printed in the guest.

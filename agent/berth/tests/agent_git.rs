@@ -6,68 +6,31 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
+use berth_qemu_tests::GitHost;
 use common::{Run, TempDir, berth};
 
 const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: hello\nspec:\n  containers:\n    - name: main\n      image: busybox:1.37\n      command: [\"sleep\", \"1d\"]\n";
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=Berth Test",
-            "-c",
-            "user.email=test@berth.invalid",
-            "-c",
-            "init.defaultBranch=main",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// A bare "remote" and a work tree that pushes to it.
+/// A bare "remote" and a work tree that pushes to it (the same helper the
+/// QEMU tier serves to guests), in a temporary directory.
 struct Repo {
     dir: TempDir,
+    git: GitHost,
 }
 
 impl Repo {
     fn new() -> Self {
         let dir = TempDir::new("agent");
-        std::fs::create_dir_all(dir.path().join("remote.git")).expect("mkdir");
-        git(&dir.path().join("remote.git"), &["init", "--bare", "-q"]);
-        std::fs::create_dir_all(dir.path().join("work")).expect("mkdir");
-        git(&dir.path().join("work"), &["init", "-q"]);
-        git(
-            &dir.path().join("work"),
-            &[
-                "remote",
-                "add",
-                "origin",
-                dir.path().join("remote.git").to_str().expect("utf-8"),
-            ],
-        );
-        Self { dir }
+        let git = GitHost::new(dir.path(), "remote.git").expect("git repositories");
+        Self { dir, git }
     }
     fn commit(&self, file: &str, text: &str, message: &str) -> String {
-        self.dir.write(&format!("work/{file}"), text);
-        let work = self.dir.path().join("work");
-        git(&work, &["add", "-A"]);
-        git(&work, &["commit", "-q", "-m", message]);
-        git(&work, &["push", "-q", "origin", "HEAD:main"]);
-        git(&work, &["rev-parse", "HEAD"])
+        self.git
+            .push(&[(file, text)], message)
+            .expect("commit and push")
     }
     fn config(&self, extra: &str) {
-        let url = self.dir.path().join("remote.git");
+        let url = self.git.dir.join("remote.git");
         self.dir.write("esp/config.yaml", format!("node:\n  name: n1\ngit:\n  url: {}\n  path: manifests\n  pollInterval: 5s\n{extra}", url.display()));
     }
     fn agent_once(&self) -> Run {
