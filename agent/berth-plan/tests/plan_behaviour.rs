@@ -78,6 +78,15 @@ fn applied(plan: &NodePlan) -> ActualState {
     ActualState { units }
 }
 
+/// The plan's action on `unit`; the test fails if there is none.
+fn action<'a>(plan: &'a NodePlan, unit: &str) -> &'a berth_plan::Action {
+    plan.plan
+        .actions
+        .iter()
+        .find(|a| a.unit.as_str() == unit)
+        .unwrap_or_else(|| panic!("no action on {unit}: {:#?}", plan.plan.actions))
+}
+
 fn verbs(plan: &NodePlan) -> Vec<(Verb, String)> {
     plan.plan
         .actions
@@ -112,24 +121,14 @@ fn a_memory_limit_change_resizes_in_place_by_default() {
         "limits: {cpu: 500m, memory: 128Mi}",
     );
     let plan = plan_for(&[("pod.yaml", &changed)], &before);
-    let unit = plan
-        .plan
-        .actions
-        .iter()
-        .find(|a| a.unit.as_str() == "berth-default_web_main.service")
-        .expect("container action");
+    let unit = action(&plan, "berth-default_web_main.service");
     assert_eq!(unit.verb, Verb::Update);
     assert!(
         unit.reason.contains("memory limit 64Mi → 128Mi"),
         "{}",
         unit.reason
     );
-    let slice = plan
-        .plan
-        .actions
-        .iter()
-        .find(|a| a.unit.as_str() == "berth-burstable-default_web.slice")
-        .expect("slice action");
+    let slice = action(&plan, "berth-burstable-default_web.slice");
     assert_eq!(slice.verb, Verb::UpdateSlice);
 }
 
@@ -140,12 +139,7 @@ fn a_resize_policy_of_restart_container_restarts_it() {
         .replace("limits: {cpu: 500m, memory: 64Mi}", "limits: {cpu: 500m, memory: 128Mi}")
         .replace("      resources:", "      resizePolicy:\n        - {resourceName: memory, restartPolicy: RestartContainer}\n      resources:");
     let plan = plan_for(&[("pod.yaml", &changed)], &before);
-    let unit = plan
-        .plan
-        .actions
-        .iter()
-        .find(|a| a.unit.as_str() == "berth-default_web_main.service")
-        .expect("container action");
+    let unit = action(&plan, "berth-default_web_main.service");
     assert_eq!(unit.verb, Verb::Restart);
     assert!(
         unit.reason.contains("memory limit 64Mi → 128Mi"),
