@@ -661,6 +661,45 @@ fn container_unit(
         ))),
     );
 
+    // The container's own root: an overlay of its image, mounted by the
+    // runtime at this path before the service starts.
+    let rootfs = format!(
+        "{}/{}_{}/rootfs",
+        ctx.node.containers_dir.trim_end_matches('/'),
+        id.key(),
+        c.name
+    );
+    p.insert("RootDirectory", PropertyValue::Text(rootfs.clone()));
+    p.insert("RequiresMountsFor", PropertyValue::List(vec![rootfs]));
+    p.insert("MountAPIVFS", PropertyValue::Bool(true));
+    p.insert("PrivateTmp", PropertyValue::Bool(true));
+    p.insert("PrivatePIDs", PropertyValue::Bool(true));
+    // A bare program name is looked up in the container's PATH, inside its root.
+    if let Some(path) = env.get("PATH") {
+        p.insert(
+            "ExecSearchPath",
+            PropertyValue::List(
+                path.split(':')
+                    .filter(|d| d.starts_with('/'))
+                    .map(str::to_string)
+                    .collect(),
+            ),
+        );
+    }
+    let version = ctx.node.systemd_version;
+    let too_new: Vec<String> = p
+        .iter()
+        .filter(|(k, _)| units::introduced_in(k).is_some_and(|v| v > version))
+        .map(|(k, _)| k.to_string())
+        .collect();
+    if !too_new.is_empty() {
+        p = p
+            .iter()
+            .filter(|(k, _)| !too_new.iter().any(|t| t == k))
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+    }
+
     let policy_for = |resource: &str| {
         c.resize_policy
             .iter()

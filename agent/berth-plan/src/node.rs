@@ -21,9 +21,16 @@ pub struct NodeInfo {
     pub pod_pids_limit: u64,
     /// Only these namespaces run here; empty means all.
     pub namespaces: Vec<String>,
+    /// Where container roots are mounted (`<dir>/<ns>_<pod>_<container>/rootfs`).
+    pub containers_dir: String,
+    /// The node's systemd major version: properties newer than it are left out.
+    pub systemd_version: u32,
 }
 
 pub const DEFAULT_POD_PIDS_LIMIT: u64 = 4096;
+/// Berth's appliance: `/var/lib/berth/containers`, systemd 257 (Debian 13).
+pub const DEFAULT_CONTAINERS_DIR: &str = "/var/lib/berth/containers";
+pub const DEFAULT_SYSTEMD_VERSION: u32 = 257;
 
 impl NodeInfo {
     pub fn new(
@@ -45,6 +52,8 @@ impl NodeInfo {
             cpu_milli,
             pod_pids_limit: DEFAULT_POD_PIDS_LIMIT,
             namespaces: Vec::new(),
+            containers_dir: DEFAULT_CONTAINERS_DIR.to_string(),
+            systemd_version: DEFAULT_SYSTEMD_VERSION,
         }
     }
 }

@@ -393,12 +393,20 @@ fn unit_action(
 }
 
 /// Numbers compare by value whatever their sign type, since a snapshot or a
-/// D-Bus reading may carry either.
-fn same(a: &PropertyValue, b: &PropertyValue) -> bool {
-    use PropertyValue::{Signed, Unsigned};
-    match (a, b) {
+/// D-Bus reading may carry either. Dependency lists read back from systemd
+/// hold the implicit dependencies too, so the desired ones need only be
+/// among them; a boolean may read back as `yes`/`no` from a newer systemd.
+fn same(property: &str, desired: &PropertyValue, actual: &PropertyValue) -> bool {
+    use PropertyValue::{Bool, List, Signed, Text, Unsigned};
+    match (desired, actual) {
         (Unsigned(x), Signed(y)) | (Signed(y), Unsigned(x)) => i128::from(*x) == i128::from(*y),
-        _ => a == b,
+        (List(want), List(have))
+            if matches!(property, "After" | "Requires" | "RequiresMountsFor") =>
+        {
+            want.iter().all(|w| have.contains(w))
+        }
+        (Bool(b), Text(t)) => t == if *b { "yes" } else { "no" },
+        _ => desired == actual,
     }
 }
 
@@ -407,7 +415,7 @@ fn same(a: &PropertyValue, b: &PropertyValue) -> bool {
 pub fn diff(desired: &Properties, actual: &Properties) -> Vec<Change> {
     desired
         .iter()
-        .filter(|(k, v)| actual.get(k).is_none_or(|a| !same(v, a)))
+        .filter(|(k, v)| actual.get(k).is_none_or(|a| !same(k, v, a)))
         .map(|(k, v)| Change {
             property: k.to_string(),
             from: actual.get(k).cloned(),

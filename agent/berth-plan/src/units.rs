@@ -224,6 +224,18 @@ impl<'de> Deserialize<'de> for Properties {
     }
 }
 
+/// Properties that appeared in a systemd version later than 249 (Berth's
+/// floor), with that version: the planner leaves them out for an older
+/// manager, since one unknown property fails a whole `StartTransientUnit`.
+pub fn introduced_in(property: &str) -> Option<u32> {
+    match property {
+        "PrivatePIDs" => Some(257),
+        "RestartSteps" | "RestartMaxDelayUSec" => Some(254),
+        "ExecSearchPath" => Some(250),
+        _ => None,
+    }
+}
+
 /// Properties shared between the desired model and the plan's actions, so a
 /// plan for ten thousand pods holds each unit's properties once.
 pub type SharedProperties = Arc<Properties>;

@@ -1,0 +1,511 @@
+//! The local OCI image store under `/var/lib/berth/images`.
+//!
+//! - `blobs/sha256/<hex>`: content-addressed blobs, each verified against
+//!   its digest before it is renamed into place;
+//! - `rootfs/<manifest hex>/`: an image's layers applied in order (whiteouts
+//!   and opaque directories honoured), written under a `.partial-` name and
+//!   renamed when complete, so a crash never leaves a half image in use;
+//! - `refs.json`: image reference → manifest digest.
+//!
+//! Images arrive as OCI image-layout archives (`oci-layout`, `index.json`,
+//! `blobs/`), as the appliance ships them for air-gapped nodes. Layer
+//! entries that would land outside the root (`..`, absolute paths, writes
+//! through symlinks) are refused.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Component, Path, PathBuf};
+
+use berth_plan::ImageConfig;
+use berth_plan::images::normalize;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{archive}: {message}")]
+    Archive { archive: PathBuf, message: String },
+    #[error("{archive}: blob {digest} does not match its content (got sha256:{actual})")]
+    Digest {
+        archive: PathBuf,
+        digest: String,
+        actual: String,
+    },
+    #[error("{archive}: layer {layer}: entry {entry:?} {why}; the image is refused")]
+    Escape {
+        archive: PathBuf,
+        layer: String,
+        entry: String,
+        why: &'static str,
+    },
+}
+
+fn io_err(path: &Path) -> impl Fn(io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What an import added.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Imported {
+    pub reference: String,
+    pub manifest: String,
+    /// False when the store had it already.
+    pub new: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ImageStore {
+    root: PathBuf,
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    digest: String,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    platform: Option<Platform>,
+}
+
+#[derive(Deserialize)]
+struct Platform {
+    architecture: String,
+    os: String,
+}
+
+#[derive(Deserialize)]
+struct Index {
+    manifests: Vec<Descriptor>,
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    config: Descriptor,
+    layers: Vec<Descriptor>,
+}
+
+#[derive(Deserialize, Default)]
+struct ConfigFile {
+    #[serde(default)]
+    config: Option<RuntimeConfig>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+struct RuntimeConfig {
+    #[serde(default)]
+    entrypoint: Option<Vec<String>>,
+    #[serde(default)]
+    cmd: Option<Vec<String>>,
+    #[serde(default)]
+    env: Option<Vec<String>>,
+    #[serde(default)]
+    working_dir: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+}
+
+/// The largest JSON document (index, manifest, config) read into memory.
+const MAX_JSON: u64 = 4 << 20;
+
+fn valid_digest(digest: &str) -> Option<&str> {
+    let hex = digest.strip_prefix("sha256:")?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+        .then_some(hex)
+}
+
+impl ImageStore {
+    pub fn open(root: &Path) -> Result<Self, ImageError> {
+        for dir in ["blobs/sha256", "rootfs"] {
+            let p = root.join(dir);
+            fs::create_dir_all(&p).map_err(io_err(&p))?;
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    fn blob(&self, hex: &str) -> PathBuf {
+        self.root.join("blobs/sha256").join(hex)
+    }
+
+    fn refs_path(&self) -> PathBuf {
+        self.root.join("refs.json")
+    }
+
+    fn refs(&self) -> BTreeMap<String, String> {
+        fs::read(self.refs_path())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn save_refs(&self, refs: &BTreeMap<String, String>) -> Result<(), ImageError> {
+        let path = self.refs_path();
+        let tmp = self.root.join(".refs.json.tmp");
+        let body = serde_json::to_vec_pretty(refs).unwrap_or_default();
+        (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)
+        })()
+        .map_err(io_err(&path))
+    }
+
+    /// The unpacked root of an image, if the store has it complete.
+    pub fn rootfs(&self, reference: &str) -> Option<PathBuf> {
+        let digest = self.refs().remove(&normalize(reference))?;
+        let hex = valid_digest(&digest)?;
+        let dir = self.root.join("rootfs").join(hex);
+        dir.is_dir().then_some(dir)
+    }
+
+    /// Every image in the store with the config parts pods merge with.
+    pub fn catalog(&self) -> Vec<ImageConfig> {
+        let mut out = Vec::new();
+        for (reference, digest) in self.refs() {
+            let Some(config) = self.image_config(&digest) else {
+                continue;
+            };
+            let rc = config.config.unwrap_or_default();
+            out.push(ImageConfig {
+                reference,
+                entrypoint: rc.entrypoint.unwrap_or_default(),
+                cmd: rc.cmd.unwrap_or_default(),
+                env: rc.env.unwrap_or_default(),
+                working_dir: rc.working_dir.filter(|w| !w.is_empty()),
+                user: rc.user.filter(|u| !u.is_empty()),
+            });
+        }
+        out
+    }
+
+    fn image_config(&self, manifest_digest: &str) -> Option<ConfigFile> {
+        let manifest: Manifest = read_json(&self.blob(valid_digest(manifest_digest)?)).ok()?;
+        read_json(&self.blob(valid_digest(&manifest.config.digest)?)).ok()
+    }
+
+    /// Imports every image of an OCI image-layout archive. Blobs are
+    /// verified; an image whose root is already unpacked is not unpacked again.
+    pub fn import_archive(&self, archive: &Path) -> Result<Vec<Imported>, ImageError> {
+        let bad = |message: String| ImageError::Archive {
+            archive: archive.to_path_buf(),
+            message,
+        };
+        let file = File::open(archive).map_err(io_err(archive))?;
+        let mut tar = tar::Archive::new(file);
+        let mut index: Option<Index> = None;
+        let mut layout_seen = false;
+        for entry in tar.entries().map_err(io_err(archive))? {
+            let mut entry = entry.map_err(io_err(archive))?;
+            let path = entry.path().map_err(io_err(archive))?.into_owned();
+            let name = path.to_string_lossy().trim_start_matches("./").to_string();
+            if name == "index.json" {
+                let mut body = Vec::new();
+                (&mut entry)
+                    .take(MAX_JSON)
+                    .read_to_end(&mut body)
+                    .map_err(io_err(archive))?;
+                index = Some(
+                    serde_json::from_slice(&body)
+                        .map_err(|e| bad(format!("index.json: {e}")))?,
+                );
+            } else if name == "oci-layout" {
+                layout_seen = true;
+            } else if let Some(hex) = name.strip_prefix("blobs/sha256/") {
+                if valid_digest(&format!("sha256:{hex}")).is_none() {
+                    return Err(bad(format!("{name} is not a sha256 blob name")));
+                }
+                self.store_blob(archive, hex, &mut entry)?;
+            }
+        }
+        if !layout_seen {
+            return Err(bad("not an OCI image layout (no oci-layout file)".into()));
+        }
+        let index = index.ok_or_else(|| bad("no index.json".into()))?;
+        let mut imported = Vec::new();
+        let mut refs = self.refs();
+        for m in &index.manifests {
+            let Some(reference) = m
+                .annotations
+                .get("io.containerd.image.name")
+                .or_else(|| m.annotations.get("org.opencontainers.image.ref.name"))
+            else {
+                continue;
+            };
+            let manifest_digest = self.pick_manifest(archive, m)?;
+            let hex = valid_digest(&manifest_digest)
+                .ok_or_else(|| bad(format!("bad digest {manifest_digest:?}")))?;
+            let dir = self.root.join("rootfs").join(hex);
+            let new = !dir.is_dir();
+            if new {
+                self.unpack(archive, &manifest_digest, &dir)?;
+            }
+            let reference = normalize(reference);
+            refs.insert(reference.clone(), manifest_digest.clone());
+            imported.push(Imported {
+                reference,
+                manifest: manifest_digest,
+                new,
+            });
+        }
+        if imported.is_empty() {
+            return Err(bad(
+                "index.json names no image (no org.opencontainers.image.ref.name annotation)"
+                    .into(),
+            ));
+        }
+        self.save_refs(&refs)?;
+        Ok(imported)
+    }
+
+    /// A manifest, or for a multi-platform index the linux/amd64 one.
+    fn pick_manifest(&self, archive: &Path, d: &Descriptor) -> Result<String, ImageError> {
+        if !d.media_type.ends_with("image.index.v1+json")
+            && !d.media_type.ends_with("manifest.list.v2+json")
+        {
+            return Ok(d.digest.clone());
+        }
+        let hex = valid_digest(&d.digest).ok_or_else(|| ImageError::Archive {
+            archive: archive.to_path_buf(),
+            message: format!("bad digest {:?}", d.digest),
+        })?;
+        let nested: Index = read_json(&self.blob(hex))?;
+        nested
+            .manifests
+            .into_iter()
+            .find(|m| {
+                m.platform
+                    .as_ref()
+                    .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
+            })
+            .map(|m| m.digest)
+            .ok_or_else(|| ImageError::Archive {
+                archive: archive.to_path_buf(),
+                message: format!("image index {} has no linux/amd64 image", d.digest),
+            })
+    }
+
+    fn store_blob(&self, archive: &Path, hex: &str, from: &mut impl Read) -> Result<(), ImageError> {
+        let dest = self.blob(hex);
+        if dest.is_file() {
+            return Ok(());
+        }
+        let tmp = self.root.join("blobs/sha256").join(format!(".partial-{hex}"));
+        let mut out = File::create(&tmp).map_err(io_err(&tmp))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = from.read(&mut buf).map_err(io_err(archive))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(io_err(&tmp))?;
+        }
+        out.sync_all().map_err(io_err(&tmp))?;
+        let actual = hex_string(&hasher.finalize());
+        if actual != hex {
+            let _ = fs::remove_file(&tmp);
+            return Err(ImageError::Digest {
+                archive: archive.to_path_buf(),
+                digest: format!("sha256:{hex}"),
+                actual,
+            });
+        }
+        fs::rename(&tmp, &dest).map_err(io_err(&dest))
+    }
+
+    fn unpack(&self, archive: &Path, manifest_digest: &str, dir: &Path) -> Result<(), ImageError> {
+        let bad = |message: String| ImageError::Archive {
+            archive: archive.to_path_buf(),
+            message,
+        };
+        let hex = valid_digest(manifest_digest)
+            .ok_or_else(|| bad(format!("bad digest {manifest_digest:?}")))?;
+        let manifest: Manifest = read_json(&self.blob(hex))?;
+        let partial = self.root.join("rootfs").join(format!(".partial-{hex}"));
+        if partial.exists() {
+            fs::remove_dir_all(&partial).map_err(io_err(&partial))?;
+        }
+        fs::create_dir_all(&partial).map_err(io_err(&partial))?;
+        set_mode(&partial, 0o755)?;
+        let applied = manifest.layers.iter().try_for_each(|layer| {
+            let lhex = valid_digest(&layer.digest)
+                .ok_or_else(|| bad(format!("bad layer digest {:?}", layer.digest)))?;
+            let blob = self.blob(lhex);
+            if !blob.is_file() {
+                return Err(bad(format!("layer {} is not in the archive", layer.digest)));
+            }
+            apply_layer(archive, &blob, &layer.media_type, &layer.digest, &partial)
+        });
+        if let Err(e) = applied {
+            let _ = fs::remove_dir_all(&partial);
+            return Err(e);
+        }
+        fs::rename(&partial, dir).map_err(io_err(dir))
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), ImageError> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err(path))
+}
+
+fn hex_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ImageError> {
+    let mut body = Vec::new();
+    File::open(path)
+        .and_then(|f| f.take(MAX_JSON).read_to_end(&mut body))
+        .map_err(io_err(path))?;
+    serde_json::from_slice(&body).map_err(|e| ImageError::Archive {
+        archive: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// A layer entry's path, relative and with no `..`; `None` for the root itself.
+fn clean_entry_path(raw: &Path) -> Result<Option<PathBuf>, &'static str> {
+    let mut out = PathBuf::new();
+    for c in raw.components() {
+        match c {
+            Component::Normal(part) => out.push(part),
+            Component::CurDir => {}
+            Component::ParentDir => return Err("climbs out with `..`"),
+            Component::RootDir | Component::Prefix(_) => return Err("is an absolute path"),
+        }
+    }
+    Ok((!out.as_os_str().is_empty()).then_some(out))
+}
+
+/// Refuses a path whose existing parents include a symlink: writing
+/// through it could land anywhere on the host.
+fn parents_are_real(root: &Path, rel: &Path) -> bool {
+    let mut cur = root.to_path_buf();
+    let Some(parent) = rel.parent() else {
+        return true;
+    };
+    for c in parent.components() {
+        cur.push(c);
+        match fs::symlink_metadata(&cur) {
+            Ok(m) if m.file_type().is_symlink() => return false,
+            _ => {}
+        }
+    }
+    true
+}
+
+fn remove_any(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn apply_layer(
+    archive: &Path,
+    blob: &Path,
+    media_type: &str,
+    digest: &str,
+    dest: &Path,
+) -> Result<(), ImageError> {
+    let file = File::open(blob).map_err(io_err(blob))?;
+    let reader: Box<dyn Read> = if media_type.ends_with("gzip") {
+        Box::new(flate2::read::GzDecoder::new(file))
+    } else if media_type.ends_with("zstd") {
+        return Err(ImageError::Archive {
+            archive: archive.to_path_buf(),
+            message: format!("layer {digest} is zstd-compressed, which Berth does not unpack yet"),
+        });
+    } else {
+        Box::new(file)
+    };
+    let mut tar = tar::Archive::new(reader);
+    tar.set_preserve_permissions(true);
+    tar.set_preserve_ownerships(true);
+    tar.set_preserve_mtime(true);
+    tar.set_unpack_xattrs(false);
+    tar.set_overwrite(true);
+    let escape = |entry: &Path, why: &'static str| ImageError::Escape {
+        archive: archive.to_path_buf(),
+        layer: digest.to_string(),
+        entry: entry.display().to_string(),
+        why,
+    };
+    // Paths this layer created: an opaque marker hides lower layers only.
+    let mut created: HashSet<PathBuf> = HashSet::new();
+    for entry in tar.entries().map_err(io_err(blob))? {
+        let mut entry = entry.map_err(io_err(blob))?;
+        let raw = entry.path().map_err(io_err(blob))?.into_owned();
+        let rel = match clean_entry_path(&raw) {
+            Ok(Some(p)) => p,
+            Ok(None) => continue,
+            Err(why) => return Err(escape(&raw, why)),
+        };
+        if !parents_are_real(dest, &rel) {
+            return Err(escape(&raw, "would be written through a symlink"));
+        }
+        let file_name = rel
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let parent = rel.parent().map(Path::to_path_buf).unwrap_or_default();
+        if file_name == ".wh..wh..opq" {
+            let dir = dest.join(&parent);
+            if let Ok(children) = fs::read_dir(&dir) {
+                for child in children.flatten() {
+                    let child_rel = parent.join(child.file_name());
+                    if !created.contains(&child_rel) {
+                        remove_any(&child.path()).map_err(io_err(&child.path()))?;
+                    }
+                }
+            }
+            continue;
+        }
+        if let Some(hidden) = file_name.strip_prefix(".wh.") {
+            let target = dest.join(&parent).join(hidden);
+            remove_any(&target).map_err(io_err(&target))?;
+            continue;
+        }
+        let kind = entry.header().entry_type();
+        if kind.is_block_special() || kind.is_character_special() || kind.is_fifo() {
+            // Device nodes come from the runtime (MountAPIVFS), not the image.
+            continue;
+        }
+        let target = dest.join(&rel);
+        if let Ok(m) = fs::symlink_metadata(&target)
+            && !(m.is_dir() && kind.is_dir())
+        {
+            remove_any(&target).map_err(io_err(&target))?;
+        }
+        if kind.is_hard_link()
+            && let Ok(Some(link)) = entry.link_name()
+            && clean_entry_path(&link).is_err()
+        {
+            return Err(escape(&raw, "is a hard link to a path outside the image"));
+        }
+        let inside = entry.unpack_in(dest).map_err(io_err(&target))?;
+        if !inside {
+            return Err(escape(&raw, "would be written outside the image root"));
+        }
+        created.insert(rel);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

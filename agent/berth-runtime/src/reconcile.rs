@@ -1,0 +1,348 @@
+//! The two stages that touch the machine: `observe` reads Berth's units
+//! back from systemd, `apply` carries out a plan. Apply never stops at the
+//! first error: every action is tried (unless one it depends on failed)
+//! and every failure is reported with the unit and pod it concerns.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use berth_plan::plan::Plan;
+use berth_plan::{
+    ActualState, ActualUnit, ContainerUnit, DesiredPod, PodId, Properties, PropertyValue,
+    UnitName, Verb,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::images::ImageStore;
+use crate::rootfs::{ContainerRoots, UserRecords};
+use crate::systemd::{Systemd, SystemdError, UnitDetails};
+
+/// Every unit Berth could have made. Admin units that happen to match are
+/// observed too, so the planner can refuse to touch them.
+pub const UNIT_PATTERNS: &[&str] = &["berth*.slice", "berth-*.service"];
+
+/// What observe saw: the planner's view and the full details for status.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    pub actual: ActualState,
+    pub units: BTreeMap<String, UnitDetails>,
+}
+
+pub fn observe(systemd: &dyn Systemd) -> Result<Observed, SystemdError> {
+    let mut observed = Observed::default();
+    for summary in systemd.list_units(UNIT_PATTERNS)? {
+        if summary.load_state != "loaded" {
+            continue;
+        }
+        // A unit can vanish between the list and the read (a transient
+        // unit that just stopped); it is simply not there any more.
+        let Some(details) = systemd.unit(&summary.name)? else {
+            continue;
+        };
+        observed.actual.units.push(ActualUnit {
+            name: UnitName::from_observed(summary.name.clone()),
+            active_state: details.active_state,
+            properties: details.properties.clone(),
+        });
+        observed.units.insert(summary.name, details);
+    }
+    Ok(observed)
+}
+
+/// The host handles apply works with.
+#[derive(Debug, Clone, Copy)]
+pub struct Host<'a> {
+    pub systemd: &'a dyn Systemd,
+    pub images: &'a ImageStore,
+    pub roots: &'a ContainerRoots,
+    pub users: &'a UserRecords,
+}
+
+impl std::fmt::Debug for dyn Systemd + '_ {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Systemd")
+    }
+}
+
+/// Why an action failed, in the words `kubectl` would use where one exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureReason {
+    /// The image is not in the local store.
+    ImageNotPresent,
+    /// The container's root could not be prepared or mounted.
+    CreateContainerError,
+    /// systemd refused the unit or one of its properties.
+    CreateContainerConfigError,
+    /// The start job failed (a missing binary, a bad user, ...).
+    StartError,
+    /// Stopping or changing a unit failed.
+    KillError,
+    /// A unit it depends on (its slice, an init container) failed first.
+    DependencyFailed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyFailure {
+    pub unit: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    pub verb: String,
+    pub reason: FailureReason,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Units whose action succeeded, with the action.
+    pub done: Vec<(String, Verb)>,
+    pub failed: Vec<ApplyFailure>,
+    /// Container roots and mounts of containers that no longer exist.
+    pub cleaned: Vec<String>,
+}
+
+fn container_key(pod: &PodId, container: &str) -> String {
+    format!("{}_{container}", pod.key())
+}
+
+/// `berth-<ns>_<pod>_<container>.service` → `<ns>_<pod>_<container>`.
+fn key_of_service(unit: &str) -> Option<&str> {
+    unit.strip_prefix("berth-")?.strip_suffix(".service")
+}
+
+fn numeric(props: &Properties, key: &str) -> Option<u32> {
+    match props.get(key) {
+        Some(PropertyValue::Text(t)) => t.parse().ok(),
+        _ => None,
+    }
+}
+
+struct Failure {
+    reason: FailureReason,
+    message: String,
+}
+
+impl From<SystemdError> for Failure {
+    fn from(e: SystemdError) -> Self {
+        let reason = match &e {
+            SystemdError::JobFailed { .. } | SystemdError::JobTimeout { .. } => {
+                FailureReason::StartError
+            }
+            _ => FailureReason::CreateContainerConfigError,
+        };
+        Failure {
+            reason,
+            message: e.to_string(),
+        }
+    }
+}
+
+pub fn apply(host: &Host<'_>, plan: &Plan, pods: &[DesiredPod], observed: &Observed) -> ApplyReport {
+    let units: BTreeMap<&str, (&DesiredPod, &ContainerUnit)> = pods
+        .iter()
+        .flat_map(|p| p.units().map(move |u| (u.name.as_str(), (p, u))))
+        .collect();
+    let slices: BTreeMap<&str, &Properties> = pods
+        .iter()
+        .map(|p| (p.slice.name.as_str(), &*p.slice.properties))
+        .collect();
+    let mut report = ApplyReport::default();
+    let mut failed_pods: BTreeSet<String> = BTreeSet::new();
+    for action in &plan.actions {
+        let unit = action.unit.as_str();
+        let pod = action.pod.as_ref().map(ToString::to_string);
+        if let Some(p) = &pod
+            && failed_pods.contains(p)
+            && matches!(action.verb, Verb::Start | Verb::Restart)
+        {
+            report.failed.push(ApplyFailure {
+                unit: unit.to_string(),
+                pod: pod.clone(),
+                verb: action.verb.as_str().to_string(),
+                reason: FailureReason::DependencyFailed,
+                message: format!("not started: an earlier unit of pod {p} failed"),
+            });
+            continue;
+        }
+        let result: Result<(), Failure> = match action.verb {
+            Verb::CreateSlice => host
+                .systemd
+                .start_transient(unit, &action.properties)
+                .map_err(Failure::from),
+            Verb::UpdateSlice => {
+                let props: Properties = action
+                    .changes
+                    .iter()
+                    .filter_map(|c| {
+                        let v = slices
+                            .get(unit)
+                            .and_then(|p| p.get(&c.property).cloned())
+                            .or_else(|| c.to.clone())?;
+                        Some((c.property.clone(), v))
+                    })
+                    .collect();
+                host.systemd
+                    .set_properties(unit, &props)
+                    .map_err(Failure::from)
+            }
+            Verb::Start | Verb::Restart => match units.get(unit) {
+                Some((p, u)) => start_container(host, p, u, observed.units.get(unit)),
+                None => Err(Failure {
+                    reason: FailureReason::CreateContainerConfigError,
+                    message: format!("unit {unit} is planned but has no desired properties"),
+                }),
+            },
+            Verb::Update => match units.get(unit) {
+                Some((_, u)) => {
+                    let props: Properties = action
+                        .changes
+                        .iter()
+                        .filter_map(|c| {
+                            u.properties_for_apply()
+                                .get(&c.property)
+                                .map(|v| (c.property.clone(), v.clone()))
+                        })
+                        .collect();
+                    host.systemd
+                        .set_properties(unit, &props)
+                        .map_err(Failure::from)
+                }
+                None => Ok(()),
+            },
+            Verb::Stop => stop_container(host, unit),
+            Verb::RemoveSlice => host.systemd.stop(unit).map_err(|e| Failure {
+                reason: FailureReason::KillError,
+                message: e.to_string(),
+            }),
+        };
+        match result {
+            Ok(()) => report.done.push((unit.to_string(), action.verb)),
+            Err(f) => {
+                if let Some(p) = &pod {
+                    failed_pods.insert(p.clone());
+                }
+                report.failed.push(ApplyFailure {
+                    unit: unit.to_string(),
+                    pod,
+                    verb: action.verb.as_str().to_string(),
+                    reason: f.reason,
+                    message: f.message,
+                });
+            }
+        }
+    }
+    report.cleaned = collect_garbage(host, pods);
+    report
+}
+
+fn start_container(
+    host: &Host<'_>,
+    pod: &DesiredPod,
+    unit: &ContainerUnit,
+    existing: Option<&UnitDetails>,
+) -> Result<(), Failure> {
+    let name = unit.name.as_str();
+    let image_root = host.images.rootfs(&unit.image).ok_or_else(|| Failure {
+        reason: FailureReason::ImageNotPresent,
+        message: format!(
+            "image {:?} is not present in the local image store; import it (pulling from registries comes later)",
+            unit.image
+        ),
+    })?;
+    let props = unit.properties_for_apply();
+    if props.get("ExecStart").is_none() {
+        return Err(Failure {
+            reason: FailureReason::CreateContainerConfigError,
+            message: format!("image {:?} gives nothing to run", unit.image),
+        });
+    }
+    if existing.is_some() {
+        host.systemd.stop(name).map_err(|e| Failure {
+            reason: FailureReason::KillError,
+            message: e.to_string(),
+        })?;
+        host.systemd.reset_failed(name).map_err(Failure::from)?;
+    }
+    let key = container_key(&pod.id, &unit.container);
+    let mount = host.roots.mount_unit(&key);
+    let host_err = |e: std::io::Error| Failure {
+        reason: FailureReason::CreateContainerError,
+        message: format!("container root {}: {e}", host.roots.dir(&key).display()),
+    };
+    // A fresh mount every start: the image may have changed.
+    host.systemd.stop(&mount).map_err(Failure::from)?;
+    host.systemd.reset_failed(&mount).map_err(Failure::from)?;
+    let mount_props = host.roots.prepare(&key, &image_root).map_err(host_err)?;
+    host.systemd
+        .start_transient(&mount, &mount_props)
+        .map_err(|e| Failure {
+            reason: FailureReason::CreateContainerError,
+            message: e.to_string(),
+        })?;
+    host.users
+        .ensure(numeric(props, "User"), numeric(props, "Group"))
+        .map_err(host_err)?;
+    host.systemd
+        .start_transient(name, props)
+        .map_err(Failure::from)
+}
+
+fn stop_container(host: &Host<'_>, unit: &str) -> Result<(), Failure> {
+    let kill = |e: SystemdError| Failure {
+        reason: FailureReason::KillError,
+        message: e.to_string(),
+    };
+    host.systemd.stop(unit).map_err(kill)?;
+    host.systemd.reset_failed(unit).map_err(kill)?;
+    if let Some(key) = key_of_service(unit) {
+        host.systemd.stop(&host.roots.mount_unit(key)).map_err(kill)?;
+        host.roots.remove(key).map_err(|e| Failure {
+            reason: FailureReason::KillError,
+            message: format!("container root {}: {e}", host.roots.dir(key).display()),
+        })?;
+    }
+    Ok(())
+}
+
+/// Container mounts and directories whose service is gone and that no pod
+/// wants: left behind when the agent died between steps.
+fn collect_garbage(host: &Host<'_>, pods: &[DesiredPod]) -> Vec<String> {
+    let mut keep: BTreeSet<String> = pods
+        .iter()
+        .flat_map(|p| p.units().map(|u| container_key(&p.id, &u.container)))
+        .collect();
+    let Ok(services) = host.systemd.list_units(&["berth-*.service"]) else {
+        return Vec::new();
+    };
+    keep.extend(
+        services
+            .iter()
+            .filter_map(|s| key_of_service(&s.name).map(str::to_string)),
+    );
+    let mut cleaned = Vec::new();
+    let pattern = host.roots.mount_pattern();
+    let mounts = host.systemd.list_units(&[&pattern]).unwrap_or_default();
+    let mut keys: BTreeSet<String> = host.roots.keys().into_iter().collect();
+    for m in &mounts {
+        if let Some(key) = keys
+            .iter()
+            .find(|k| host.roots.mount_unit(k) == m.name)
+            .cloned()
+            .filter(|k| !keep.contains(k))
+        {
+            if host.systemd.stop(&m.name).is_ok() {
+                cleaned.push(m.name.clone());
+            }
+            keys.insert(key);
+        }
+    }
+    for key in keys.iter().filter(|k| !keep.contains(*k)) {
+        let mount = host.roots.mount_unit(key);
+        if mounts.iter().any(|m| m.name == mount) && !cleaned.contains(&mount) {
+            continue;
+        }
+        if host.roots.remove(key).is_ok() {
+            cleaned.push(host.roots.dir(key).display().to_string());
+        }
+    }
+    cleaned
+}

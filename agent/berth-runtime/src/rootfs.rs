@@ -1,0 +1,213 @@
+//! Per-container root filesystems: an overlay of the image's unpacked root
+//! (read-only, shared) and the container's own writable layer, mounted by
+//! PID 1 as a transient `.mount` unit so the mount is visible to the
+//! container's service whatever mount namespace the agent runs in, and
+//! vanishes at reboot like the service itself.
+//!
+//! `/var/lib/berth/containers/<ns>_<pod>_<container>/{upper,work,rootfs}`.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use berth_plan::{Properties, PropertyValue};
+
+/// Where containers' layers live.
+#[derive(Debug, Clone)]
+pub struct ContainerRoots {
+    base: PathBuf,
+}
+
+/// systemd's path escaping (`systemd-escape --path`), for mount unit names.
+pub fn escape_path(path: &str) -> String {
+    let trimmed = path.trim_matches('/');
+    if trimmed.is_empty() {
+        return "-".into();
+    }
+    let mut out = String::new();
+    for (i, b) in trimmed.bytes().enumerate() {
+        match b {
+            b'/' => out.push('-'),
+            b'.' if i == 0 => out.push_str("\\x2e"),
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b':' | b'_' | b'.' => out.push(b as char),
+            _ => out.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    out
+}
+
+impl ContainerRoots {
+    pub fn new(base: &Path) -> Self {
+        Self {
+            base: base.to_path_buf(),
+        }
+    }
+
+    pub fn dir(&self, key: &str) -> PathBuf {
+        self.base.join(key)
+    }
+
+    pub fn rootfs(&self, key: &str) -> PathBuf {
+        self.dir(key).join("rootfs")
+    }
+
+    /// `var-lib-berth-containers-apps_web\x2d0_httpd-rootfs.mount`
+    pub fn mount_unit(&self, key: &str) -> String {
+        format!("{}.mount", escape_path(&self.rootfs(key).to_string_lossy()))
+    }
+
+    /// The pattern that finds every container mount Berth made.
+    pub fn mount_pattern(&self) -> String {
+        format!("{}-*.mount", escape_path(&self.base.to_string_lossy()))
+    }
+
+    /// Makes the directories and returns the mount unit's properties. The
+    /// writable layer's root is 0755: it becomes the container's `/`, which
+    /// a non-root user must be able to traverse.
+    pub fn prepare(&self, key: &str, image_root: &Path) -> io::Result<Properties> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.dir(key);
+        for sub in ["upper", "work", "rootfs"] {
+            fs::create_dir_all(dir.join(sub))?;
+        }
+        fs::set_permissions(dir.join("upper"), fs::Permissions::from_mode(0o755))?;
+        let options = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            image_root.display(),
+            dir.join("upper").display(),
+            dir.join("work").display()
+        );
+        if options.contains(['\n', ' ']) || image_root.to_string_lossy().contains([',', ':']) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("overlay paths may not contain ',', ':' or spaces: {options}"),
+            ));
+        }
+        Ok([
+            (
+                "Description",
+                PropertyValue::Text(format!("berth container root {key}")),
+            ),
+            ("What", PropertyValue::Text("overlay".into())),
+            ("Type", PropertyValue::Text("overlay".into())),
+            ("Options", PropertyValue::Text(options)),
+        ]
+        .into_iter()
+        .collect())
+    }
+
+    /// Deletes a container's layers once its mount is gone.
+    pub fn remove(&self, key: &str) -> io::Result<()> {
+        match fs::remove_dir_all(self.dir(key)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Container keys that have a directory here.
+    pub fn keys(&self) -> Vec<String> {
+        fs::read_dir(&self.base)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// JSON user and group records in `/run/userdb`, so systemd (and
+/// `nss-systemd`) can resolve a numeric `User=` that only the image knows.
+#[derive(Debug, Clone)]
+pub struct UserRecords {
+    dir: PathBuf,
+}
+
+impl UserRecords {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Makes sure uid (and gid) resolve; uid 0 and gid 0 always do.
+    pub fn ensure(&self, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+        let primary = gid.or(uid).unwrap_or(0);
+        if let Some(uid) = uid.filter(|u| *u != 0) {
+            let name = format!("berth-{uid}");
+            let record = serde_json::json!({
+                "userName": name, "uid": uid, "gid": primary,
+                "disposition": "container", "homeDirectory": "/", "shell": "/bin/sh",
+            });
+            self.write(&format!("{name}.user"), &record)?;
+            self.link(&format!("{uid}.user"), &format!("{name}.user"))?;
+        }
+        for gid in [gid, uid.filter(|_| gid.is_none())].into_iter().flatten() {
+            if gid == 0 {
+                continue;
+            }
+            let name = format!("berth-{gid}");
+            let record = serde_json::json!({
+                "groupName": name, "gid": gid, "disposition": "container",
+            });
+            self.write(&format!("{name}.group"), &record)?;
+            self.link(&format!("{gid}.group"), &format!("{name}.group"))?;
+        }
+        Ok(())
+    }
+
+    fn write(&self, file: &str, record: &serde_json::Value) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        fs::create_dir_all(&self.dir)?;
+        let path = self.dir.join(file);
+        let body = serde_json::to_vec(record).unwrap_or_default();
+        if fs::read(&path).is_ok_and(|old| old == body) {
+            return Ok(());
+        }
+        let tmp = self.dir.join(format!(".{file}.tmp"));
+        fs::write(&tmp, &body)?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644))?;
+        fs::rename(&tmp, &path)
+    }
+
+    fn link(&self, link: &str, target: &str) -> io::Result<()> {
+        let path = self.dir.join(link);
+        if fs::read_link(&path).is_ok_and(|t| t == Path::new(target)) {
+            return Ok(());
+        }
+        let _ = fs::remove_file(&path);
+        std::os::unix::fs::symlink(target, &path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_unit_names_escape_like_systemd_escape_path() {
+        let roots = ContainerRoots::new(Path::new("/var/lib/berth/containers"));
+        assert_eq!(
+            roots.mount_unit("apps_web-0_httpd"),
+            "var-lib-berth-containers-apps_web\\x2d0_httpd-rootfs.mount"
+        );
+        assert_eq!(roots.mount_pattern(), "var-lib-berth-containers-*.mount");
+        assert_eq!(escape_path("/.hidden/a b"), "\\x2ehidden-a\\x20b");
+    }
+
+    #[test]
+    fn user_records_make_numeric_ids_resolvable() {
+        let dir = std::env::temp_dir().join(format!("berth-userdb-{}", std::process::id()));
+        let records = UserRecords::new(&dir);
+        records.ensure(Some(1000), Some(2000)).expect("writes");
+        let user: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.join("1000.user")).expect("link")).expect("json");
+        assert_eq!(user["uid"], 1000);
+        assert_eq!(user["gid"], 2000);
+        assert!(dir.join("2000.group").exists());
+        assert!(!dir.join("1000.group").exists());
+        records.ensure(Some(0), None).expect("root needs nothing");
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}

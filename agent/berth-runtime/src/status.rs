@@ -1,0 +1,338 @@
+//! Pod status on the node, the way `kubectl get pods` shows it: a phase per
+//! pod, a state per container (with restarts and the last exit code), and
+//! usage read from the pod's cgroup. Built from what observe saw, the
+//! failures the last apply recorded, and the cgroup files; no clock inside.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use berth_plan::units::{CONTAINER_FIELD, POD_FIELD, SLICE_DESCRIPTION_PREFIX};
+use berth_plan::{ActiveState, PropertyValue};
+use serde::Serialize;
+
+use crate::reconcile::{ApplyFailure, Observed};
+use crate::systemd::UnitDetails;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Phase {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ContainerState {
+    Running {
+        #[serde(rename = "startedAt")]
+        started_usec: u64,
+    },
+    Waiting {
+        reason: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+    },
+    Terminated {
+        reason: String,
+        #[serde(rename = "exitCode")]
+        exit_code: i32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerStatus {
+    pub name: String,
+    pub unit: String,
+    pub init: bool,
+    pub state: ContainerState,
+    pub ready: bool,
+    pub restart_count: u32,
+    /// The last exit code of the main process, when it has exited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_exit_code: Option<i32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    pub memory_bytes: Option<u64>,
+    pub cpu_usage_usec: Option<u64>,
+    pub oom_kills: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    pub namespace: String,
+    pub name: String,
+    pub phase: Phase,
+    /// `Running`, `CrashLoopBackOff`, `ImageNotPresent`, `Init:0/1`, ...
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qos_class: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slice: Option<String>,
+    pub containers: Vec<ContainerStatus>,
+    /// Microseconds since the epoch the first container started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_usec: Option<u64>,
+    pub usage: Usage,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub messages: Vec<String>,
+}
+
+impl PodStatus {
+    pub fn ready(&self) -> (usize, usize) {
+        let main: Vec<&ContainerStatus> = self.containers.iter().filter(|c| !c.init).collect();
+        (main.iter().filter(|c| c.ready).count(), main.len())
+    }
+
+    pub fn restarts(&self) -> u32 {
+        self.containers.iter().map(|c| c.restart_count).sum()
+    }
+}
+
+fn log_field<'a>(unit: &'a UnitDetails, field: &str) -> Option<&'a str> {
+    match unit.properties.get("LogExtraFields") {
+        Some(PropertyValue::List(fields)) => fields
+            .iter()
+            .find_map(|f| f.strip_prefix(field).and_then(|r| r.strip_prefix('='))),
+        _ => None,
+    }
+}
+
+fn container_state(unit: &UnitDetails) -> (ContainerState, bool, Option<i32>) {
+    let r = &unit.runtime;
+    let exited = (r.exit_code != 0).then_some(if r.exit_code == 1 {
+        r.exit_status
+    } else {
+        128 + r.exit_status
+    });
+    let init = matches!(unit.properties.get("Type"), Some(PropertyValue::Text(t)) if t == "oneshot");
+    match (unit.active_state, unit.sub_state.as_str()) {
+        (ActiveState::Active, "exited") => (
+            ContainerState::Terminated {
+                reason: "Completed".into(),
+                exit_code: exited.unwrap_or(0),
+            },
+            !init,
+            exited,
+        ),
+        (ActiveState::Active | ActiveState::Reloading, _) => (
+            ContainerState::Running {
+                started_usec: r.active_enter_usec,
+            },
+            true,
+            exited,
+        ),
+        (ActiveState::Activating, "auto-restart") => (
+            ContainerState::Waiting {
+                reason: "CrashLoopBackOff".into(),
+                message: Some(format!(
+                    "back-off restarting the container; last exit: {}",
+                    describe_exit(r.exit_code, r.exit_status, &r.result)
+                )),
+            },
+            false,
+            exited,
+        ),
+        (ActiveState::Activating, _) => (
+            ContainerState::Waiting {
+                reason: if init { "PodInitializing" } else { "ContainerCreating" }.into(),
+                message: None,
+            },
+            false,
+            exited,
+        ),
+        (ActiveState::Deactivating, _) => (
+            ContainerState::Waiting {
+                reason: "Terminating".into(),
+                message: None,
+            },
+            false,
+            exited,
+        ),
+        (ActiveState::Failed, _) => (
+            ContainerState::Terminated {
+                reason: match (r.exit_code, r.exit_status, r.result.as_str()) {
+                    (_, _, "oom-kill") => "OOMKilled".into(),
+                    (1, 203, _) => "ExecNotFound".into(),
+                    (1, 217, _) => "UserNotFound".into(),
+                    _ => "Error".into(),
+                },
+                exit_code: exited.unwrap_or(1),
+            },
+            false,
+            exited,
+        ),
+        (ActiveState::Inactive, _) => (
+            ContainerState::Terminated {
+                reason: "Completed".into(),
+                exit_code: exited.unwrap_or(0),
+            },
+            false,
+            exited,
+        ),
+    }
+}
+
+fn describe_exit(code: i32, status: i32, result: &str) -> String {
+    match code {
+        1 => format!("exit code {status} ({result})"),
+        2 | 3 => format!("killed by signal {status} ({result})"),
+        _ => result.to_string(),
+    }
+}
+
+/// Reads usage of a cgroup under `cgroup_root` (`/sys/fs/cgroup`).
+pub fn read_usage(cgroup_root: &Path, control_group: &str) -> Usage {
+    let dir = cgroup_root.join(control_group.trim_start_matches('/'));
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+    let keyed = |f: &str, key: &str| {
+        read(f).and_then(|t| {
+            t.lines().find_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                (k == key).then(|| v.trim().parse().ok()).flatten()
+            })
+        })
+    };
+    Usage {
+        memory_bytes: read("memory.current").and_then(|t| t.trim().parse().ok()),
+        cpu_usage_usec: keyed("cpu.stat", "usage_usec"),
+        oom_kills: keyed("memory.events", "oom_kill"),
+    }
+}
+
+/// Status of every pod that has units, plus pods the last apply could not
+/// start (they have no units, only a failure).
+pub fn pod_statuses(
+    observed: &Observed,
+    failures: &[ApplyFailure],
+    cgroup_root: &Path,
+) -> Vec<PodStatus> {
+    let mut pods: BTreeMap<String, PodStatus> = BTreeMap::new();
+    let entry = |pods: &mut BTreeMap<String, PodStatus>, id: &str| {
+        let (ns, name) = id.split_once('/').unwrap_or(("", id));
+        pods.entry(id.to_string())
+            .or_insert_with(|| PodStatus {
+                namespace: ns.to_string(),
+                name: name.to_string(),
+                phase: Phase::Pending,
+                status: "Pending".into(),
+                qos_class: None,
+                slice: None,
+                containers: Vec::new(),
+                start_usec: None,
+                usage: Usage::default(),
+                messages: Vec::new(),
+            })
+            .name
+            .clone()
+    };
+    for unit in observed.units.values() {
+        if unit.name.ends_with(".slice") {
+            let Some(PropertyValue::Text(d)) = unit.properties.get("Description") else {
+                continue;
+            };
+            let Some(rest) = d.strip_prefix(SLICE_DESCRIPTION_PREFIX) else {
+                continue;
+            };
+            let (id, qos) = rest.split_once(' ').unwrap_or((rest, ""));
+            entry(&mut pods, id);
+            if let Some(p) = pods.get_mut(id) {
+                p.qos_class = Some(qos.trim_matches(['(', ')']).to_string());
+                p.slice = Some(unit.name.clone());
+                p.usage = read_usage(cgroup_root, &unit.runtime.control_group);
+            }
+            continue;
+        }
+        let (Some(id), Some(container)) = (log_field(unit, POD_FIELD), log_field(unit, CONTAINER_FIELD))
+        else {
+            continue;
+        };
+        if !unit.properties.get("LogExtraFields").is_some_and(
+            |f| matches!(f, PropertyValue::List(l) if l.iter().any(|x| x == berth_plan::units::MARKER_FIELD)),
+        ) {
+            continue;
+        }
+        entry(&mut pods, id);
+        let (state, ready, last_exit_code) = container_state(unit);
+        let init = matches!(unit.properties.get("Type"), Some(PropertyValue::Text(t)) if t == "oneshot");
+        if let Some(p) = pods.get_mut(id) {
+            if let ContainerState::Running { started_usec } = &state {
+                p.start_usec = Some(p.start_usec.map_or(*started_usec, |s| s.min(*started_usec)));
+            }
+            p.containers.push(ContainerStatus {
+                name: container.to_string(),
+                unit: unit.name.clone(),
+                init,
+                state,
+                ready,
+                restart_count: unit.runtime.restarts,
+                last_exit_code,
+            });
+        }
+    }
+    let mut failure_reason: BTreeMap<String, String> = BTreeMap::new();
+    for f in failures {
+        let Some(id) = &f.pod else { continue };
+        entry(&mut pods, id);
+        if let Some(p) = pods.get_mut(id) {
+            p.messages.push(format!("{}: {}", f.unit, f.message));
+        }
+        failure_reason
+            .entry(id.clone())
+            .or_insert_with(|| format!("{:?}", f.reason));
+    }
+    for (id, p) in pods.iter_mut() {
+        p.containers.sort_by(|a, b| b.init.cmp(&a.init).then(a.name.cmp(&b.name)));
+        derive_phase(p, failure_reason.get(id));
+    }
+    pods.into_values().collect()
+}
+
+fn derive_phase(p: &mut PodStatus, failure: Option<&String>) {
+    let init: Vec<&ContainerStatus> = p.containers.iter().filter(|c| c.init).collect();
+    let main: Vec<&ContainerStatus> = p.containers.iter().filter(|c| !c.init).collect();
+    let waiting = |c: &&ContainerStatus| match &c.state {
+        ContainerState::Waiting { reason, .. } => Some(reason.clone()),
+        _ => None,
+    };
+    let init_done = init
+        .iter()
+        .filter(|c| matches!(&c.state, ContainerState::Terminated { exit_code: 0, .. }))
+        .count();
+    let failed = main.iter().any(|c| {
+        matches!(&c.state, ContainerState::Terminated { exit_code, .. } if *exit_code != 0)
+    });
+    let all_completed = !main.is_empty()
+        && main
+            .iter()
+            .all(|c| matches!(&c.state, ContainerState::Terminated { exit_code: 0, .. }));
+    let running = main
+        .iter()
+        .any(|c| matches!(&c.state, ContainerState::Running { .. }));
+    (p.phase, p.status) = if let Some(reason) = failure.filter(|_| main.is_empty() || !running) {
+        (Phase::Pending, reason.clone())
+    } else if init_done < init.len() {
+        (Phase::Pending, format!("Init:{init_done}/{}", init.len()))
+    } else if let Some(reason) = main.iter().find_map(waiting) {
+        (
+            if running { Phase::Running } else { Phase::Pending },
+            reason,
+        )
+    } else if failed {
+        (
+            if running { Phase::Running } else { Phase::Failed },
+            "Error".to_string(),
+        )
+    } else if all_completed {
+        (Phase::Succeeded, "Completed".to_string())
+    } else if running {
+        (Phase::Running, "Running".to_string())
+    } else {
+        (Phase::Pending, "Pending".to_string())
+    };
+}

@@ -1,0 +1,223 @@
+//! The part of systemd's manager API Berth uses, as a trait with two
+//! implementations: [`crate::dbus::DbusSystemd`] talks to PID 1, and
+//! [`crate::fake::FakeSystemd`] keeps units in memory with the same
+//! semantics for the loop's unit tests. The contract tests in
+//! `tests/systemd_contract.rs` run against both.
+
+use berth_plan::{ActiveState, Properties};
+
+/// `ListUnitsByPatterns` row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnitSummary {
+    pub name: String,
+    pub load_state: String,
+    pub active_state: ActiveState,
+    pub sub_state: String,
+}
+
+/// A unit as Berth reads it back: the properties it may have set, and the
+/// runtime facts status reports.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UnitDetails {
+    pub name: String,
+    pub active_state: ActiveState,
+    pub sub_state: String,
+    /// Only the properties named in [`READ_BACK`], in Berth's value types.
+    pub properties: Properties,
+    pub runtime: UnitRuntime,
+}
+
+/// What changes while a unit runs; never compared against the plan.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UnitRuntime {
+    /// `NRestarts`: automatic restarts since the unit was started.
+    pub restarts: u32,
+    /// `ExecMainStatus`: exit status or signal number of the last main process.
+    pub exit_status: i32,
+    /// `ExecMainCode`: 1 exited, 2 killed, 3 dumped core (`CLD_*`), 0 none yet.
+    pub exit_code: i32,
+    pub main_pid: u32,
+    /// Microseconds since the epoch the unit last became active; 0 if never.
+    pub active_enter_usec: u64,
+    /// `ControlGroup`, e.g. `/berth.slice/berth-burstable.slice/...`.
+    pub control_group: String,
+    /// `Result`: `success`, `exit-code`, `signal`, `oom-kill`, `resources`, ...
+    pub result: String,
+}
+
+/// Who a `KillUnit` signal goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillWhom {
+    Main,
+    All,
+}
+
+impl KillWhom {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KillWhom::Main => "main",
+            KillWhom::All => "all",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SystemdError {
+    #[error("cannot connect to systemd over D-Bus: {0}")]
+    Connect(String),
+    #[error("unit {unit}: systemd refused {method}: {message}")]
+    Refused {
+        unit: String,
+        method: &'static str,
+        message: String,
+    },
+    #[error("unit {unit}: {method} job ended with result {result:?}{}", detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
+    JobFailed {
+        unit: String,
+        method: &'static str,
+        result: String,
+        detail: Option<String>,
+    },
+    #[error("unit {unit}: {method} job did not finish within {seconds} s")]
+    JobTimeout {
+        unit: String,
+        method: &'static str,
+        seconds: u64,
+    },
+    #[error("unit {unit}: property {property} cannot be sent to systemd: {message}")]
+    Property {
+        unit: String,
+        property: String,
+        message: String,
+    },
+    #[error("D-Bus call {method} failed: {message}")]
+    Bus {
+        method: &'static str,
+        message: String,
+    },
+}
+
+/// systemd's manager, as far as Berth drives it. Methods that queue a job
+/// (start, stop) return once the job has finished, with its result.
+pub trait Systemd: Send + Sync {
+    /// The manager's major version (257 for Debian 13), for gating properties.
+    fn version(&self) -> Result<u32, SystemdError>;
+    /// Loaded units whose names match one of the shell-style patterns.
+    fn list_units(&self, patterns: &[&str]) -> Result<Vec<UnitSummary>, SystemdError>;
+    /// The unit's properties and runtime facts; `None` if it is not loaded.
+    fn unit(&self, name: &str) -> Result<Option<UnitDetails>, SystemdError>;
+    /// `StartTransientUnit` in mode `fail`, waiting for the job.
+    fn start_transient(&self, name: &str, properties: &Properties) -> Result<(), SystemdError>;
+    /// `StopUnit` in mode `replace`, waiting for the job. Stopping a unit
+    /// that is not loaded is not an error.
+    fn stop(&self, name: &str) -> Result<(), SystemdError>;
+    fn kill(&self, name: &str, whom: KillWhom, signal: i32) -> Result<(), SystemdError>;
+    /// Forgets a failed unit, so a transient one of the same name can start.
+    fn reset_failed(&self, name: &str) -> Result<(), SystemdError>;
+    /// `SetUnitProperties` with `runtime=true`: the change lives as long as the unit.
+    fn set_properties(&self, name: &str, properties: &Properties) -> Result<(), SystemdError>;
+}
+
+/// The properties Berth reads back to compare with the plan. Anything else
+/// a unit carries is not Berth's business.
+pub const READ_BACK: &[&str] = &[
+    "After",
+    "CPUQuotaPerSecUSec",
+    "CPUQuotaPeriodUSec",
+    "CPUWeight",
+    "Description",
+    "Environment",
+    "ExecSearchPath",
+    "ExecStart",
+    "Group",
+    "LogExtraFields",
+    "MemoryHigh",
+    "MemoryLow",
+    "MemoryMax",
+    "MountAPIVFS",
+    "OOMScoreAdjust",
+    "Options",
+    "PrivatePIDs",
+    "PrivateTmp",
+    "RemainAfterExit",
+    "Requires",
+    "RequiresMountsFor",
+    "Restart",
+    "RestartMaxDelayUSec",
+    "RestartSteps",
+    "RestartUSec",
+    "RootDirectory",
+    "Slice",
+    "StartLimitIntervalUSec",
+    "TasksMax",
+    "TimeoutStopUSec",
+    "Type",
+    "User",
+    "What",
+    "WorkingDirectory",
+];
+
+/// The D-Bus signature a property is sent with, where the value's own type
+/// does not say it: systemd refuses a `t` where it expects a `u`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    U32,
+    I32,
+    /// `aay`: `LogExtraFields` entries are byte strings.
+    ByteStrings,
+    /// Whatever the value's variant maps to (`t`, `x`, `b`, `s`, `as`, `a(sasb)`).
+    Natural,
+}
+
+pub fn wire_type(property: &str) -> Wire {
+    match property {
+        "RestartSteps" => Wire::U32,
+        "OOMScoreAdjust" => Wire::I32,
+        "LogExtraFields" => Wire::ByteStrings,
+        _ => Wire::Natural,
+    }
+}
+
+pub use berth_plan::units::introduced_in;
+
+/// Shell-style matching with `*` and `?`, as `ListUnitsByPatterns` does.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    let (mut pi, mut ni) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ni;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == '*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_like_list_units_by_patterns() {
+        assert!(glob_match("berth-*.service", "berth-a_b_c.service"));
+        assert!(glob_match("berth*", "berth.slice"));
+        assert!(!glob_match("berth-*.service", "berth-a.slice"));
+        assert!(!glob_match("berth-*", "sshd.service"));
+        assert!(glob_match("a?c", "abc"));
+    }
+}
