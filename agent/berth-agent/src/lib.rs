@@ -12,14 +12,18 @@ pub mod notify;
 pub mod state;
 
 use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use berth_git::{Mirror, Revision};
 use berth_plan::{ActualState, ImageCatalog, NodeInfo};
+use berth_runtime::images::ImageStore;
+use berth_runtime::rootfs::{ContainerRoots, UserRecords};
+use berth_runtime::{Host, Systemd, apply, observe};
 
 use crate::config::{ConfigSources, NodeConfig};
 use crate::notify::Notifier;
-use crate::state::{AgentState, RevisionRecord, StateStore};
+use crate::state::{AgentState, NotAdmittedRecord, RevisionRecord, StateStore};
 
 /// Everything on the host the agent reads or writes.
 #[derive(Debug, Clone)]
@@ -29,6 +33,40 @@ pub struct AgentPaths {
     pub state_dir: PathBuf,
     pub node_memory_bytes: u64,
     pub node_cpu_milli: u64,
+}
+
+/// The machine a pod runs on: systemd, the image store, container roots.
+/// Without one the agent only fetches and plans (`--plan-only`).
+pub struct Runtime {
+    pub systemd: Box<dyn Systemd>,
+    pub images: ImageStore,
+    pub roots: ContainerRoots,
+    pub users: UserRecords,
+    /// `/sys/fs/cgroup`, for usage in status.
+    pub cgroup_root: PathBuf,
+    /// Where the containers' roots are, as the planner writes it into units.
+    pub containers_dir: String,
+    /// OCI archives imported at start (the appliance's air-gap images).
+    pub image_archives: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("images", &self.images)
+            .field("roots", &self.roots)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What wakes the loop besides its poll timer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Fetch and reconcile now (`systemctl reload berth-agent`, SIGHUP).
+    SyncNow,
+    /// A Berth unit changed state: reconcile without fetching.
+    UnitChanged,
+    Shutdown,
 }
 
 /// Log lines go to stderr; under systemd a `<N>` prefix gives journald the priority.
@@ -73,7 +111,7 @@ pub enum PassOutcome {
         revision: String,
         keeping: Option<String>,
     },
-    /// Config, network or mirror trouble: try again after a backoff.
+    /// Config, network, mirror or systemd trouble: try again after a backoff.
     Failed { reason: String },
 }
 
@@ -84,6 +122,7 @@ pub struct Agent {
     store: StateStore,
     state: AgentState,
     log: Log,
+    runtime: Option<Runtime>,
     /// Opened on the first pass that needs it and kept: opening cleans up
     /// what a crashed run left behind, which is needed once per process.
     mirror: Option<Mirror>,
@@ -94,9 +133,18 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// boot); later ones back off to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_LOGGED_ACTIONS: usize = 20;
+/// Unit changes come in bursts (a stop, a restart job, a start); one
+/// reconcile after the burst is enough.
+const UNIT_CHANGE_DEBOUNCE: Duration = Duration::from_secs(1);
+
+/// The revision a pass works on, loaded.
+struct Loaded {
+    revision: String,
+    catalog: berth_manifest::Catalog,
+}
 
 impl Agent {
-    pub fn new(paths: AgentPaths, log: Log) -> std::io::Result<Self> {
+    pub fn new(paths: AgentPaths, log: Log, runtime: Option<Runtime>) -> std::io::Result<Self> {
         std::fs::create_dir_all(&paths.state_dir)?;
         let store = StateStore::new(&paths.state_dir);
         let state = store.load();
@@ -105,6 +153,7 @@ impl Agent {
             store,
             state,
             log,
+            runtime,
             mirror: None,
         })
     }
@@ -113,8 +162,43 @@ impl Agent {
         &self.state
     }
 
-    /// One pass: config → fetch → load → validate → plan → record.
-    pub fn pass(&mut self) -> (PassOutcome, Option<NodeConfig>) {
+    /// Imports the OCI archives shipped with the node into the image store.
+    /// A bad archive is logged and skipped; the others still come in.
+    pub fn import_images(&mut self) {
+        let Some(rt) = &self.runtime else { return };
+        let Some(dir) = &rt.image_archives else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let mut archives: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "tar"))
+            .collect();
+        archives.sort();
+        for archive in archives {
+            match rt.images.import_archive(&archive) {
+                Ok(images) => {
+                    for i in images.iter().filter(|i| i.new) {
+                        self.log.info(&format!(
+                            "image {} imported from {} ({})",
+                            i.reference,
+                            archive.display(),
+                            short(i.manifest.trim_start_matches("sha256:"))
+                        ));
+                    }
+                }
+                Err(e) => self.log.error(&format!("image import failed: {e}")),
+            }
+        }
+    }
+
+    /// One pass: config → fetch → load → validate → observe → plan →
+    /// apply → record. With `fetch` false the last fetched revision is
+    /// reconciled again (a unit changed).
+    pub fn pass(&mut self, fetch: bool) -> (PassOutcome, Option<NodeConfig>) {
         let config = match config::load(&self.paths.config) {
             Ok(c) => c,
             Err(e) => {
@@ -122,7 +206,18 @@ impl Agent {
                 return (self.failed(format!("configuration error: {e}")), None);
             }
         };
-        let outcome = self.fetch_and_plan(&config);
+        let mirror = match self.mirror.take() {
+            Some(m) => m,
+            None => match Mirror::open(&self.paths.state_dir.join("mirror.git")) {
+                Ok(m) => m,
+                Err(e) => {
+                    self.log.error(&e.to_string());
+                    return (self.failed(e.to_string()), Some(config));
+                }
+            },
+        };
+        let outcome = self.pass_with(&config, &mirror, fetch);
+        self.mirror = Some(mirror);
         (outcome, Some(config))
     }
 
@@ -132,35 +227,63 @@ impl Agent {
         PassOutcome::Failed { reason }
     }
 
-    fn fetch_and_plan(&mut self, config: &NodeConfig) -> PassOutcome {
-        let mirror = match self.mirror.take() {
-            Some(m) => m,
-            None => match Mirror::open(&self.paths.state_dir.join("mirror.git")) {
-                Ok(m) => m,
+    fn pass_with(&mut self, config: &NodeConfig, mirror: &Mirror, fetch: bool) -> PassOutcome {
+        let mut fetch_error = None;
+        let mut outcome = None;
+        if fetch {
+            match mirror.fetch(&config.remote, config.credentials.as_ref()) {
+                Ok(revision) => outcome = self.consider(config, mirror, revision),
                 Err(e) => {
-                    self.log.error(&e.to_string());
-                    return self.failed(e.to_string());
+                    let keeping = self
+                        .state
+                        .last_good
+                        .as_ref()
+                        .map_or("nothing yet".to_string(), |g| short(&g.revision));
+                    self.log.error(&format!("{e}; keeping {keeping}; retrying"));
+                    fetch_error = Some(e.to_string());
                 }
+            }
+        }
+        // Reconcile what is good, whether or not Git was reachable: pods
+        // heal while the network is down.
+        let good = self.state.last_good.as_ref().map(|g| g.revision.clone());
+        let reconciled = match good {
+            Some(rev) => match self.load(config, mirror, &rev) {
+                Ok(loaded) => Some(self.reconcile(config, &loaded)),
+                Err(e) => Some(Err(e)),
             },
+            None => None,
         };
-        let outcome = self.fetch_with(config, &mirror);
-        self.mirror = Some(mirror);
-        outcome
+        if let Some(Err(e)) = &reconciled {
+            self.log.error(e);
+        }
+        if let Some(reason) = fetch_error.or_else(|| reconciled.and_then(Result::err)) {
+            self.state.errors = vec![reason.clone()];
+            let _ = self.store.save(&self.state);
+            return PassOutcome::Failed { reason };
+        }
+        if outcome.is_none()
+            && let Some(g) = &self.state.last_good
+        {
+            outcome = Some(PassOutcome::Applied {
+                revision: g.revision.clone(),
+                changed: false,
+            });
+        }
+        let _ = self.store.save(&self.state);
+        outcome.unwrap_or_else(|| PassOutcome::Failed {
+            reason: "no revision fetched yet".into(),
+        })
     }
 
-    fn fetch_with(&mut self, config: &NodeConfig, mirror: &Mirror) -> PassOutcome {
-        let revision = match mirror.fetch(&config.remote, config.credentials.as_ref()) {
-            Ok(r) => r,
-            Err(e) => {
-                let keeping = self
-                    .state
-                    .last_good
-                    .as_ref()
-                    .map_or("nothing yet".to_string(), |g| short(&g.revision));
-                self.log.error(&format!("{e}; keeping {keeping}; retrying"));
-                return self.failed(e.to_string());
-            }
-        };
+    /// A fetched revision: validated once; a good one becomes the one to
+    /// run, a bad one waits for a new commit.
+    fn consider(
+        &mut self,
+        config: &NodeConfig,
+        mirror: &Mirror,
+        revision: Revision,
+    ) -> Option<PassOutcome> {
         let rev = revision.to_string();
         let already_good = self
             .state
@@ -174,19 +297,14 @@ impl Agent {
                 .as_ref()
                 .is_some_and(|a| a.revision == rev)
             && !self.state.errors.is_empty();
-        if already_good || already_rejected {
-            // Nothing new: a rejected revision waits for a new commit.
-            return if already_good {
-                PassOutcome::Applied {
-                    revision: rev,
-                    changed: false,
-                }
-            } else {
-                PassOutcome::Rejected {
-                    revision: rev,
-                    keeping: self.state.last_good.as_ref().map(|g| g.revision.clone()),
-                }
-            };
+        if already_good {
+            return None;
+        }
+        if already_rejected {
+            return Some(PassOutcome::Rejected {
+                revision: rev,
+                keeping: self.state.last_good.as_ref().map(|g| g.revision.clone()),
+            });
         }
         self.log.info(&format!(
             "fetched {} branch {} at {}",
@@ -194,39 +312,22 @@ impl Agent {
             config.remote.branch,
             short(&rev)
         ));
-        self.evaluate(config, mirror, revision)
-    }
-
-    fn evaluate(
-        &mut self,
-        config: &NodeConfig,
-        mirror: &Mirror,
-        revision: Revision,
-    ) -> PassOutcome {
-        let rev = revision.to_string();
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let files = match mirror.read_manifests(revision, &config.path) {
-            Ok(f) => f,
-            Err(e) => return self.reject(&rev, now, vec![e.to_string()]),
+        let now = now_secs();
+        let loaded = match self.load(config, mirror, &rev) {
+            Ok(l) => l,
+            Err(e) => return Some(self.reject(&rev, now, vec![e])),
         };
-        let catalog = berth_manifest::load_sources(files);
-        let node = NodeInfo::new(
-            &config.node_name,
-            config.labels.clone(),
-            self.paths.node_memory_bytes,
-            self.paths.node_cpu_milli,
-        );
-        let images = ImageCatalog::default();
+        let node = self.node_info(config);
+        let images = self.image_catalog();
         let plan = berth_plan::plan_node(
-            &catalog,
+            &loaded.catalog,
             &node,
             &images,
             &ActualState::default(),
             &short(&rev),
         );
-        let mut errors: Vec<String> = catalog
+        let mut errors: Vec<String> = loaded
+            .catalog
             .diagnostics
             .iter()
             .chain(&plan.diagnostics)
@@ -235,7 +336,8 @@ impl Agent {
             .collect();
         errors.sort();
         errors.dedup();
-        for d in catalog
+        for d in loaded
+            .catalog
             .diagnostics
             .iter()
             .chain(&plan.diagnostics)
@@ -244,24 +346,145 @@ impl Agent {
             self.log.warn(&d.to_string());
         }
         if !errors.is_empty() {
-            return self.reject(&rev, now, errors);
+            return Some(self.reject(&rev, now, errors));
         }
         let record = RevisionRecord {
             revision: rev.clone(),
             at: now,
-            objects: catalog.objects.len(),
+            objects: loaded.catalog.objects.len(),
             pods: plan.pods.len(),
-            actions: plan.plan.actions.len(),
+            actions: 0,
         };
         self.log.info(&format!(
-            "revision {} accepted: {} objects, {} pods for node {}, {} actions planned",
+            "revision {} accepted: {} objects, {} pods for node {}",
             short(&rev),
             record.objects,
             record.pods,
             config.node_name,
-            record.actions
         ));
-        for action in plan.plan.actions.iter().take(MAX_LOGGED_ACTIONS) {
+        self.state.node = Some(config.node_name.clone());
+        self.state.last_good = Some(record.clone());
+        self.state.last_attempted = Some(record);
+        self.state.errors.clear();
+        Some(PassOutcome::Applied {
+            revision: rev,
+            changed: true,
+        })
+    }
+
+    fn load(&self, config: &NodeConfig, mirror: &Mirror, rev: &str) -> Result<Loaded, String> {
+        let revision =
+            Revision::parse(rev).ok_or_else(|| format!("state names a bad revision {rev:?}"))?;
+        let files = mirror
+            .read_manifests(revision, &config.path)
+            .map_err(|e| e.to_string())?;
+        Ok(Loaded {
+            revision: rev.to_string(),
+            catalog: berth_manifest::load_sources(files),
+        })
+    }
+
+    fn node_info(&self, config: &NodeConfig) -> NodeInfo {
+        let mut node = NodeInfo::new(
+            &config.node_name,
+            config.labels.clone(),
+            self.paths.node_memory_bytes,
+            self.paths.node_cpu_milli,
+        );
+        if let Some(rt) = &self.runtime {
+            node.containers_dir = rt.containers_dir.clone();
+            if let Ok(v) = rt.systemd.version() {
+                node.systemd_version = v;
+            }
+        }
+        node
+    }
+
+    fn image_catalog(&self) -> ImageCatalog {
+        self.runtime
+            .as_ref()
+            .map(|rt| ImageCatalog::new(rt.images.catalog()))
+            .unwrap_or_default()
+    }
+
+    /// observe → plan → apply for a good revision; records what failed.
+    fn reconcile(&mut self, config: &NodeConfig, loaded: &Loaded) -> Result<(), String> {
+        let node = self.node_info(config);
+        let images = self.image_catalog();
+        let Some(rt) = &self.runtime else {
+            let plan = berth_plan::plan_node(
+                &loaded.catalog,
+                &node,
+                &images,
+                &ActualState::default(),
+                &short(&loaded.revision),
+            );
+            self.log_actions(&plan.plan.actions);
+            return Ok(());
+        };
+        let observed =
+            observe(rt.systemd.as_ref()).map_err(|e| format!("cannot observe units: {e}"))?;
+        let plan = berth_plan::plan_node(
+            &loaded.catalog,
+            &node,
+            &images,
+            &observed.actual,
+            &short(&loaded.revision),
+        );
+        let not_admitted: Vec<NotAdmittedRecord> = plan
+            .not_admitted
+            .iter()
+            .map(|n| NotAdmittedRecord {
+                pod: n.pod.to_string(),
+                reason: n.reason.clone(),
+            })
+            .collect();
+        if not_admitted != self.state.not_admitted {
+            for n in &not_admitted {
+                self.log
+                    .warn(&format!("pod {} is not admitted: {}", n.pod, n.reason));
+            }
+        }
+        self.state.not_admitted = not_admitted;
+        if plan.plan.actions.is_empty() && self.state.failures.is_empty() {
+            return Ok(());
+        }
+        self.log_actions(&plan.plan.actions);
+        let host = Host {
+            systemd: rt.systemd.as_ref(),
+            images: &rt.images,
+            roots: &rt.roots,
+            users: &rt.users,
+        };
+        let report = apply(&host, &plan.plan, &plan.pods, &observed);
+        if report.failed != self.state.failures {
+            for f in &report.failed {
+                self.log.error(&format!(
+                    "{} {}: {:?}: {}",
+                    f.verb, f.unit, f.reason, f.message
+                ));
+            }
+        }
+        for c in &report.cleaned {
+            self.log.info(&format!("cleaned up {c}"));
+        }
+        if !plan.plan.actions.is_empty() {
+            self.log.info(&format!(
+                "revision {}: {} actions applied, {} failed",
+                short(&loaded.revision),
+                report.done.len(),
+                report.failed.len()
+            ));
+        }
+        if let Some(g) = self.state.last_good.as_mut() {
+            g.actions = plan.plan.actions.len();
+        }
+        self.state.failures = report.failed;
+        Ok(())
+    }
+
+    fn log_actions(&self, actions: &[berth_plan::Action]) {
+        for action in actions.iter().take(MAX_LOGGED_ACTIONS) {
             self.log.info(&format!(
                 "plan: {} {}: {}",
                 action.verb.as_str(),
@@ -269,23 +492,11 @@ impl Agent {
                 action.reason
             ));
         }
-        if plan.plan.actions.len() > MAX_LOGGED_ACTIONS {
+        if actions.len() > MAX_LOGGED_ACTIONS {
             self.log.info(&format!(
                 "plan: ... and {} more actions",
-                plan.plan.actions.len() - MAX_LOGGED_ACTIONS
+                actions.len() - MAX_LOGGED_ACTIONS
             ));
-        }
-        self.state.node = Some(config.node_name.clone());
-        self.state.last_good = Some(record.clone());
-        self.state.last_attempted = Some(record);
-        self.state.errors.clear();
-        if let Err(e) = self.store.save(&self.state) {
-            self.log
-                .error(&format!("cannot save {}: {e}", self.store.path().display()));
-        }
-        PassOutcome::Applied {
-            revision: rev,
-            changed: true,
         }
     }
 
@@ -315,14 +526,18 @@ impl Agent {
         }
     }
 
-    /// Runs passes forever: the poll interval after a good or rejected pass,
-    /// a growing backoff after a failed one. Pings the watchdog while waiting.
-    pub fn run(&mut self, notifier: &Notifier) -> ! {
+    /// Runs passes until told to stop: after the (jittered) poll interval,
+    /// at once on [`Wake::SyncNow`], shortly after [`Wake::UnitChanged`]
+    /// (without fetching), and with a growing backoff after a failed pass.
+    /// Pings the watchdog while waiting. Units keep running when it returns.
+    pub fn run(&mut self, notifier: &Notifier, wake: &Receiver<Wake>) {
+        self.import_images();
         notifier.ready("starting");
         self.log.info("agent started");
         let mut backoff = FIRST_BACKOFF;
+        let mut fetch = true;
         loop {
-            let (outcome, config) = self.pass();
+            let (outcome, config) = self.pass(fetch);
             let poll = config.as_ref().map_or(FIRST_BACKOFF, |c| c.poll_interval);
             let wait = match &outcome {
                 PassOutcome::Applied { revision, .. } => {
@@ -348,7 +563,58 @@ impl Agent {
                     w
                 }
             };
-            wait_with_watchdog(jitter(wait), notifier);
+            match wait_for_wake(jitter(wait), notifier, wake) {
+                None => fetch = true,
+                Some(Wake::SyncNow) => fetch = true,
+                Some(Wake::UnitChanged) => fetch = false,
+                Some(Wake::Shutdown) => {
+                    notifier.stopping();
+                    self.log.info("agent stopping; pods keep running");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Waits for the timer or a wake-up, pinging the watchdog. Unit changes are
+/// debounced; a shutdown or sync request wins over them.
+fn wait_for_wake(total: Duration, notifier: &Notifier, wake: &Receiver<Wake>) -> Option<Wake> {
+    let end = Instant::now() + total;
+    loop {
+        notifier.watchdog();
+        let now = Instant::now();
+        if now >= end {
+            return None;
+        }
+        match wake.recv_timeout((end - now).min(notifier.ping_interval())) {
+            Ok(Wake::UnitChanged) => {
+                let settle = Instant::now() + UNIT_CHANGE_DEBOUNCE;
+                let mut result = Wake::UnitChanged;
+                while let Some(left) = settle.checked_duration_since(Instant::now()) {
+                    match wake.recv_timeout(left) {
+                        Ok(Wake::UnitChanged) => {}
+                        Ok(other) => {
+                            result = other;
+                            break;
+                        }
+                        Err(RecvTimeoutError::Timeout) => break,
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                return Some(result);
+            }
+            Ok(other) => return Some(other),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                std::thread::sleep((end - Instant::now().min(end)).min(notifier.ping_interval()));
+            }
         }
     }
 }
@@ -365,16 +631,4 @@ fn jitter(d: Duration) -> Duration {
         .map_or(0, |t| t.subsec_nanos());
     let factor = 0.9 + f64::from(nanos % 1000) / 1000.0 * 0.2;
     d.mul_f64(factor)
-}
-
-fn wait_with_watchdog(total: Duration, notifier: &Notifier) {
-    let end = Instant::now() + total;
-    loop {
-        notifier.watchdog();
-        let now = Instant::now();
-        if now >= end {
-            return;
-        }
-        std::thread::sleep((end - now).min(notifier.ping_interval()));
-    }
 }

@@ -52,6 +52,10 @@ impl Notifier {
         self.send(&format!("STATUS={status}"));
     }
 
+    pub fn stopping(&self) {
+        self.send("STOPPING=1");
+    }
+
     pub fn watchdog(&self) {
         if self.watchdog.is_some() {
             self.send("WATCHDOG=1");

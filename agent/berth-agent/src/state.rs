@@ -16,6 +16,18 @@ pub struct AgentState {
     /// The errors of the last pass, empty when it went well.
     #[serde(default)]
     pub errors: Vec<String>,
+    /// What the last apply could not do, per unit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<berth_runtime::ApplyFailure>,
+    /// Pods the node cannot fit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_admitted: Vec<NotAdmittedRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotAdmittedRecord {
+    pub pod: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -111,6 +111,8 @@ pub struct DesiredPod {
     pub id: PodId,
     /// The object it was declared by (a Pod, or the Deployment of a replica).
     pub source: ObjectRef,
+    /// Where the pod spec sits inside its source object.
+    pub spec_path: &'static str,
     pub qos: QosClass,
     pub restart_policy: RestartPolicy,
     pub slice: SliceUnit,
@@ -119,6 +121,7 @@ pub struct DesiredPod {
     pub containers: Vec<ContainerUnit>,
     /// Requests after defaulting: for the node's QoS slices.
     pub cpu_request_milli: u64,
+    pub memory_request_bytes: u64,
 }
 
 impl DesiredPod {
@@ -294,6 +297,7 @@ pub fn resolve_pod(
         pod: DesiredPod {
             id: instance.id.clone(),
             source: instance.source.id.clone(),
+            spec_path: instance.spec_path,
             qos,
             restart_policy,
             slice: SliceUnit {
@@ -303,6 +307,7 @@ pub fn resolve_pod(
             init_containers: init_units,
             containers: app_units,
             cpu_request_milli: pod_res.cpu_request_milli.unwrap_or(0),
+            memory_request_bytes: pod_res.memory_request_bytes.unwrap_or(0),
         },
         warnings,
     })

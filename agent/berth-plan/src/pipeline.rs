@@ -10,6 +10,8 @@ use crate::desired::{self, Context, DesiredPod, SliceUnit};
 use crate::images::ImageCatalog;
 use crate::node::{self, NodeInfo, NotHere};
 use crate::plan::{self, Plan, PlanInput, Protection};
+use crate::units::PodId;
+use berth_manifest::quantity::{format_bytes, format_cpu_milli};
 
 /// Everything `berth plan` shows.
 #[derive(Debug, Serialize)]
@@ -21,6 +23,8 @@ pub struct NodePlan {
     pub qos_slices: Vec<SliceUnit>,
     /// Pods and Deployments that belong to other nodes.
     pub elsewhere: Vec<NotHere>,
+    /// Pods this node cannot fit: their requests exceed what is left.
+    pub not_admitted: Vec<NotAdmitted>,
     /// Problems found while planning (on top of the catalog's own).
     pub diagnostics: Vec<Diagnostic>,
     /// Objects refused while planning.
@@ -76,6 +80,16 @@ pub fn plan_node(
             }
         }
     }
+    let (mut pods, not_admitted) = admit(pods, node, actual);
+    for n in &not_admitted {
+        if let Some(source) = catalog.objects.iter().find(|o| o.id == n.source) {
+            let issue = FieldIssue::warning(
+                FieldPath::parse(n.spec_path).key("containers"),
+                format!("pod {} is not admitted: {}", n.pod, n.reason),
+            );
+            push_unique(&mut diagnostics, &mut seen, catalog, source, &[issue]);
+        }
+    }
     let qos_slices = desired::qos_slices(&pods);
     let (plan, conflicts) = plan::plan(&PlanInput {
         node: &node.name,
@@ -111,9 +125,75 @@ pub fn plan_node(
         pods,
         qos_slices,
         elsewhere: selection.elsewhere,
+        not_admitted,
         diagnostics,
         rejected,
     }
+}
+
+/// A pod left out because the node cannot fit its requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NotAdmitted {
+    pub pod: PodId,
+    #[serde(skip)]
+    pub source: berth_manifest::ObjectRef,
+    #[serde(skip)]
+    pub spec_path: &'static str,
+    pub reason: String,
+}
+
+/// The kubelet's admission: the sum of requests may not exceed the node's
+/// allocatable CPU and memory. Pods that already run are admitted first, so
+/// a new pod never pushes out a running one; the rest go in name order.
+fn admit(
+    mut pods: Vec<DesiredPod>,
+    node: &NodeInfo,
+    actual: &ActualState,
+) -> (Vec<DesiredPod>, Vec<NotAdmitted>) {
+    let running: BTreeSet<&str> = actual.units.iter().map(|u| u.name.as_str()).collect();
+    pods.sort_by(|a, b| {
+        let ra = running.contains(a.slice.name.as_str());
+        let rb = running.contains(b.slice.name.as_str());
+        rb.cmp(&ra).then_with(|| a.id.cmp(&b.id))
+    });
+    let (mut cpu, mut memory) = (0u64, 0u64);
+    let mut admitted = Vec::with_capacity(pods.len());
+    let mut refused = Vec::new();
+    for pod in pods {
+        let need_cpu = cpu.saturating_add(pod.cpu_request_milli);
+        let need_memory = memory.saturating_add(pod.memory_request_bytes);
+        let reason = if need_cpu > node.cpu_milli {
+            Some(format!(
+                "it requests {} CPU but only {} of the node's {} allocatable are left",
+                format_cpu_milli(pod.cpu_request_milli),
+                format_cpu_milli(node.cpu_milli.saturating_sub(cpu)),
+                format_cpu_milli(node.cpu_milli)
+            ))
+        } else if need_memory > node.memory_bytes {
+            Some(format!(
+                "it requests {} of memory but only {} of the node's {} allocatable are left",
+                format_bytes(pod.memory_request_bytes),
+                format_bytes(node.memory_bytes.saturating_sub(memory)),
+                format_bytes(node.memory_bytes)
+            ))
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => refused.push(NotAdmitted {
+                pod: pod.id.clone(),
+                source: pod.source.clone(),
+                spec_path: pod.spec_path,
+                reason,
+            }),
+            None => {
+                cpu = need_cpu;
+                memory = need_memory;
+                admitted.push(pod);
+            }
+        }
+    }
+    (admitted, refused)
 }
 
 fn push_unique(

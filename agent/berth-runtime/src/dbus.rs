@@ -208,7 +208,10 @@ impl DbusSystemd {
     }
 
     fn unit_path(&self, name: &str) -> Result<Option<OwnedObjectPath>, SystemdError> {
-        match self.manager.call::<_, _, OwnedObjectPath>("GetUnit", &(name,)) {
+        match self
+            .manager
+            .call::<_, _, OwnedObjectPath>("GetUnit", &(name,))
+        {
             Ok(p) => Ok(Some(p)),
             Err(e) if method_error(&e).is_some_and(|(n, _)| n == NO_SUCH_UNIT) => Ok(None),
             Err(e) => Err(bus("GetUnit")(e)),

@@ -219,12 +219,9 @@ impl FakeSystemd {
         s.units.insert(
             slice.to_string(),
             FakeUnit {
-                properties: [(
-                    "Description",
-                    PropertyValue::Text(format!("Slice {slice}")),
-                )]
-                .into_iter()
-                .collect(),
+                properties: [("Description", PropertyValue::Text(format!("Slice {slice}")))]
+                    .into_iter()
+                    .collect(),
                 active: ActiveState::Active,
                 sub: "active".into(),
                 runtime: UnitRuntime::default(),
@@ -407,7 +404,8 @@ impl Systemd for FakeSystemd {
 
     fn kill(&self, name: &str, whom: KillWhom, signal: i32) -> Result<(), SystemdError> {
         let mut s = self.lock();
-        s.calls.push(format!("kill {name} {} {signal}", whom.as_str()));
+        s.calls
+            .push(format!("kill {name} {} {signal}", whom.as_str()));
         let running = s
             .units
             .get(name)
@@ -426,8 +424,7 @@ impl Systemd for FakeSystemd {
     fn reset_failed(&self, name: &str) -> Result<(), SystemdError> {
         let mut s = self.lock();
         s.calls.push(format!("reset-failed {name}"));
-        if s
-            .units
+        if s.units
             .get(name)
             .is_some_and(|u| u.active == ActiveState::Failed && u.transient)
         {

@@ -118,8 +118,11 @@ const MAX_JSON: u64 = 4 << 20;
 
 fn valid_digest(digest: &str) -> Option<&str> {
     let hex = digest.strip_prefix("sha256:")?;
-    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
-        .then_some(hex)
+    (hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+    .then_some(hex)
 }
 
 impl ImageStore {
@@ -216,8 +219,7 @@ impl ImageStore {
                     .read_to_end(&mut body)
                     .map_err(io_err(archive))?;
                 index = Some(
-                    serde_json::from_slice(&body)
-                        .map_err(|e| bad(format!("index.json: {e}")))?,
+                    serde_json::from_slice(&body).map_err(|e| bad(format!("index.json: {e}")))?,
                 );
             } else if name == "oci-layout" {
                 layout_seen = true;
@@ -295,12 +297,20 @@ impl ImageStore {
             })
     }
 
-    fn store_blob(&self, archive: &Path, hex: &str, from: &mut impl Read) -> Result<(), ImageError> {
+    fn store_blob(
+        &self,
+        archive: &Path,
+        hex: &str,
+        from: &mut impl Read,
+    ) -> Result<(), ImageError> {
         let dest = self.blob(hex);
         if dest.is_file() {
             return Ok(());
         }
-        let tmp = self.root.join("blobs/sha256").join(format!(".partial-{hex}"));
+        let tmp = self
+            .root
+            .join("blobs/sha256")
+            .join(format!(".partial-{hex}"));
         let mut out = File::create(&tmp).map_err(io_err(&tmp))?;
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 64 * 1024];

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use berth_plan::plan::Plan;
 use berth_plan::{
-    ActualState, ActualUnit, ContainerUnit, DesiredPod, PodId, Properties, PropertyValue,
-    UnitName, Verb,
+    ActualState, ActualUnit, ContainerUnit, DesiredPod, PodId, Properties, PropertyValue, UnitName,
+    Verb,
 };
 use serde::{Deserialize, Serialize};
 
@@ -136,7 +136,12 @@ impl From<SystemdError> for Failure {
     }
 }
 
-pub fn apply(host: &Host<'_>, plan: &Plan, pods: &[DesiredPod], observed: &Observed) -> ApplyReport {
+pub fn apply(
+    host: &Host<'_>,
+    plan: &Plan,
+    pods: &[DesiredPod],
+    observed: &Observed,
+) -> ApplyReport {
     let units: BTreeMap<&str, (&DesiredPod, &ContainerUnit)> = pods
         .iter()
         .flat_map(|p| p.units().map(move |u| (u.name.as_str(), (p, u))))
@@ -294,7 +299,9 @@ fn stop_container(host: &Host<'_>, unit: &str) -> Result<(), Failure> {
     host.systemd.stop(unit).map_err(kill)?;
     host.systemd.reset_failed(unit).map_err(kill)?;
     if let Some(key) = key_of_service(unit) {
-        host.systemd.stop(&host.roots.mount_unit(key)).map_err(kill)?;
+        host.systemd
+            .stop(&host.roots.mount_unit(key))
+            .map_err(kill)?;
         host.roots.remove(key).map_err(|e| Failure {
             reason: FailureReason::KillError,
             message: format!("container root {}: {e}", host.roots.dir(key).display()),

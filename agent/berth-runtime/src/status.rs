@@ -84,6 +84,28 @@ pub struct PodStatus {
 }
 
 impl PodStatus {
+    /// A pod the node cannot fit, as the kubelet reports it (`OutOfcpu`,
+    /// `OutOfmemory`).
+    pub fn not_admitted(namespace: &str, name: &str, reason: &str) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            phase: Phase::Failed,
+            status: if reason.contains("CPU") {
+                "OutOfcpu"
+            } else {
+                "OutOfmemory"
+            }
+            .to_string(),
+            qos_class: None,
+            slice: None,
+            containers: Vec::new(),
+            start_usec: None,
+            usage: Usage::default(),
+            messages: vec![format!("not admitted: {reason}")],
+        }
+    }
+
     pub fn ready(&self) -> (usize, usize) {
         let main: Vec<&ContainerStatus> = self.containers.iter().filter(|c| !c.init).collect();
         (main.iter().filter(|c| c.ready).count(), main.len())
@@ -110,7 +132,8 @@ fn container_state(unit: &UnitDetails) -> (ContainerState, bool, Option<i32>) {
     } else {
         128 + r.exit_status
     });
-    let init = matches!(unit.properties.get("Type"), Some(PropertyValue::Text(t)) if t == "oneshot");
+    let init =
+        matches!(unit.properties.get("Type"), Some(PropertyValue::Text(t)) if t == "oneshot");
     match (unit.active_state, unit.sub_state.as_str()) {
         (ActiveState::Active, "exited") => (
             ContainerState::Terminated {
@@ -140,7 +163,12 @@ fn container_state(unit: &UnitDetails) -> (ContainerState, bool, Option<i32>) {
         ),
         (ActiveState::Activating, _) => (
             ContainerState::Waiting {
-                reason: if init { "PodInitializing" } else { "ContainerCreating" }.into(),
+                reason: if init {
+                    "PodInitializing"
+                } else {
+                    "ContainerCreating"
+                }
+                .into(),
                 message: None,
             },
             false,
@@ -248,7 +276,8 @@ pub fn pod_statuses(
             }
             continue;
         }
-        let (Some(id), Some(container)) = (log_field(unit, POD_FIELD), log_field(unit, CONTAINER_FIELD))
+        let (Some(id), Some(container)) =
+            (log_field(unit, POD_FIELD), log_field(unit, CONTAINER_FIELD))
         else {
             continue;
         };
@@ -259,7 +288,8 @@ pub fn pod_statuses(
         }
         entry(&mut pods, id);
         let (state, ready, last_exit_code) = container_state(unit);
-        let init = matches!(unit.properties.get("Type"), Some(PropertyValue::Text(t)) if t == "oneshot");
+        let init =
+            matches!(unit.properties.get("Type"), Some(PropertyValue::Text(t)) if t == "oneshot");
         if let Some(p) = pods.get_mut(id) {
             if let ContainerState::Running { started_usec } = &state {
                 p.start_usec = Some(p.start_usec.map_or(*started_usec, |s| s.min(*started_usec)));
@@ -287,7 +317,8 @@ pub fn pod_statuses(
             .or_insert_with(|| format!("{:?}", f.reason));
     }
     for (id, p) in pods.iter_mut() {
-        p.containers.sort_by(|a, b| b.init.cmp(&a.init).then(a.name.cmp(&b.name)));
+        p.containers
+            .sort_by(|a, b| b.init.cmp(&a.init).then(a.name.cmp(&b.name)));
         derive_phase(p, failure_reason.get(id));
     }
     pods.into_values().collect()
@@ -304,9 +335,9 @@ fn derive_phase(p: &mut PodStatus, failure: Option<&String>) {
         .iter()
         .filter(|c| matches!(&c.state, ContainerState::Terminated { exit_code: 0, .. }))
         .count();
-    let failed = main.iter().any(|c| {
-        matches!(&c.state, ContainerState::Terminated { exit_code, .. } if *exit_code != 0)
-    });
+    let failed = main.iter().any(
+        |c| matches!(&c.state, ContainerState::Terminated { exit_code, .. } if *exit_code != 0),
+    );
     let all_completed = !main.is_empty()
         && main
             .iter()
@@ -320,12 +351,20 @@ fn derive_phase(p: &mut PodStatus, failure: Option<&String>) {
         (Phase::Pending, format!("Init:{init_done}/{}", init.len()))
     } else if let Some(reason) = main.iter().find_map(waiting) {
         (
-            if running { Phase::Running } else { Phase::Pending },
+            if running {
+                Phase::Running
+            } else {
+                Phase::Pending
+            },
             reason,
         )
     } else if failed {
         (
-            if running { Phase::Running } else { Phase::Failed },
+            if running {
+                Phase::Running
+            } else {
+                Phase::Failed
+            },
             "Error".to_string(),
         )
     } else if all_completed {

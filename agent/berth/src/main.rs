@@ -93,13 +93,42 @@ enum Command {
         /// Run one pass and exit: 0 applied, 1 rejected, 3 failed (config, network).
         #[arg(long)]
         once: bool,
+        /// Fetch, validate and plan, but touch no unit (no systemd needed).
+        #[arg(long)]
+        plan_only: bool,
+        /// OCI image-layout archives (*.tar) to import at start.
+        #[arg(long, value_name = "DIR", default_value = "/usr/share/berth/images")]
+        image_archives: PathBuf,
     },
-    /// Show what the agent last fetched, accepted and rejected.
+    /// Show what the agent runs: revision, errors, and every pod.
     Status {
         #[command(flatten)]
         dirs: AgentDirs,
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+    },
+    /// Show pods like `kubectl get pods -o wide`, read live from systemd.
+    Get {
+        /// Only `pods` for now.
+        #[arg(value_parser = ["pods", "pod", "po"])]
+        kind: String,
+        #[command(flatten)]
+        dirs: AgentDirs,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Show a container's log from the journal.
+    Logs {
+        /// `NAMESPACE/NAME`, or `NAME` with `-n`.
+        pod: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// Which container; needed when the pod has more than one.
+        #[arg(short = 'c', long)]
+        container: Option<String>,
+        /// Keep printing new lines.
+        #[arg(short = 'f', long)]
+        follow: bool,
     },
 }
 
@@ -166,8 +195,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             plan(&load, &node, &actual, revision, output, timings)
         }
-        Command::Agent { dirs, once } => agent(&dirs, once),
-        Command::Status { dirs, output } => status(&dirs, output),
+        Command::Agent {
+            dirs,
+            once,
+            plan_only,
+            image_archives,
+        } => agent(&dirs, once, plan_only, image_archives),
+        Command::Status { dirs, output } => status(&dirs, output, true),
+        Command::Get { dirs, output, .. } => status(&dirs, output, false),
+        Command::Logs {
+            pod,
+            namespace,
+            container,
+            follow,
+        } => logs(&pod, &namespace, container.as_deref(), follow),
     }
 }
 
@@ -199,31 +240,188 @@ fn agent_paths(dirs: &AgentDirs) -> anyhow::Result<berth_agent::AgentPaths> {
     })
 }
 
-fn agent(dirs: &AgentDirs, once: bool) -> anyhow::Result<ExitCode> {
+/// How long a start or stop may take before the agent reports it as stuck.
+const JOB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+fn runtime(
+    paths: &berth_agent::AgentPaths,
+    image_archives: Option<PathBuf>,
+    listener: Option<berth_runtime::dbus::JobListener>,
+    keepalive: Option<berth_runtime::dbus::Keepalive>,
+) -> anyhow::Result<berth_agent::Runtime> {
+    let systemd = berth_runtime::dbus::DbusSystemd::connect(JOB_TIMEOUT, listener, keepalive)?;
+    let containers = paths.state_dir.join("containers");
+    Ok(berth_agent::Runtime {
+        systemd: Box::new(systemd),
+        images: berth_runtime::images::ImageStore::open(&paths.state_dir.join("images"))?,
+        roots: berth_runtime::rootfs::ContainerRoots::new(&containers),
+        users: berth_runtime::rootfs::UserRecords::new(Path::new("/run/userdb")),
+        cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+        containers_dir: containers.to_string_lossy().into_owned(),
+        image_archives,
+    })
+}
+
+fn agent(
+    dirs: &AgentDirs,
+    once: bool,
+    plan_only: bool,
+    image_archives: PathBuf,
+) -> anyhow::Result<ExitCode> {
+    use berth_agent::Wake;
     let paths = agent_paths(dirs)?;
     let log = berth_agent::Log::from_env();
-    let mut agent = berth_agent::Agent::new(paths.clone(), log).with_context(|| {
+    let notifier = std::sync::Arc::new(berth_agent::notify::Notifier::from_env());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let runtime = if plan_only {
+        None
+    } else {
+        let units = tx.clone();
+        let listener: berth_runtime::dbus::JobListener = Box::new(move |unit, _result| {
+            if unit.starts_with("berth-") {
+                let _ = units.send(Wake::UnitChanged);
+            }
+        });
+        let pinger = std::sync::Arc::clone(&notifier);
+        let keepalive: berth_runtime::dbus::Keepalive = Box::new(move || pinger.watchdog());
+        Some(
+            runtime(
+                &paths,
+                Some(image_archives),
+                Some(listener),
+                Some(keepalive),
+            )
+            .context("the agent manages pods through systemd (use --plan-only to only plan)")?,
+        )
+    };
+    let mut agent = berth_agent::Agent::new(paths.clone(), log, runtime).with_context(|| {
         format!(
             "cannot create the state directory {}",
             paths.state_dir.display()
         )
     })?;
     if once {
-        let (outcome, _) = agent.pass();
+        agent.import_images();
+        let (outcome, _) = agent.pass(true);
         return Ok(match outcome {
             berth_agent::PassOutcome::Applied { .. } => ExitCode::SUCCESS,
             berth_agent::PassOutcome::Rejected { .. } => ExitCode::from(1),
             berth_agent::PassOutcome::Failed { .. } => ExitCode::from(3),
         });
     }
-    agent.run(&berth_agent::notify::Notifier::from_env())
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ])
+    .context("cannot install signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                let wake = if signal == signal_hook::consts::SIGHUP {
+                    Wake::SyncNow
+                } else {
+                    Wake::Shutdown
+                };
+                if tx.send(wake).is_err() {
+                    return;
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+    agent.run(&notifier, &rx);
+    Ok(ExitCode::SUCCESS)
 }
 
-fn status(dirs: &AgentDirs, output: Output) -> anyhow::Result<ExitCode> {
+fn status(dirs: &AgentDirs, output: Output, with_agent: bool) -> anyhow::Result<ExitCode> {
     let paths = agent_paths(dirs)?;
     let state = berth_agent::state::StateStore::new(&paths.state_dir).load();
-    render::print_status(&state, output)?;
+    let observed = match berth_runtime::dbus::DbusSystemd::connect(JOB_TIMEOUT, None, None)
+        .and_then(|systemd| berth_runtime::observe(&systemd))
+    {
+        Ok(o) => o,
+        // The agent's own record is still worth showing without systemd.
+        Err(e) if with_agent => {
+            eprintln!("berth: warning: pods not shown: {e}");
+            berth_runtime::Observed::default()
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut pods = berth_runtime::status::pod_statuses(
+        &observed,
+        &state.failures,
+        Path::new("/sys/fs/cgroup"),
+    );
+    for n in &state.not_admitted {
+        let (ns, name) = n.pod.split_once('/').unwrap_or(("", &n.pod));
+        pods.push(berth_runtime::status::PodStatus::not_admitted(
+            ns, name, &n.reason,
+        ));
+    }
+    let now_usec = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    let node = state.node.clone().unwrap_or_default();
+    if with_agent {
+        render::print_status(&state, &pods, &node, now_usec, output)?;
+    } else {
+        render::print_pods(&pods, &node, now_usec, output)?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+fn logs(
+    pod: &str,
+    namespace: &str,
+    container: Option<&str>,
+    follow: bool,
+) -> anyhow::Result<ExitCode> {
+    let (namespace, name) = pod.split_once('/').unwrap_or((namespace, pod));
+    names::dns1123_label(namespace).map_err(|e| anyhow::anyhow!("namespace: {e}"))?;
+    names::dns1123_subdomain(name).map_err(|e| anyhow::anyhow!("pod: {e}"))?;
+    let unit = match container {
+        Some(c) => {
+            names::dns1123_label(c).map_err(|e| anyhow::anyhow!("--container: {e}"))?;
+            format!("berth-{namespace}_{name}_{c}.service")
+        }
+        None => {
+            use berth_runtime::Systemd as _;
+            let systemd = berth_runtime::dbus::DbusSystemd::connect(JOB_TIMEOUT, None, None)?;
+            let pattern = format!("berth-{namespace}_{name}_*.service");
+            let units: Vec<String> = systemd
+                .list_units(&[&pattern])?
+                .into_iter()
+                .map(|u| u.name)
+                .collect();
+            match units.as_slice() {
+                [one] => one.clone(),
+                [] => bail!("pod {namespace}/{name} has no containers on this node"),
+                many => bail!(
+                    "pod {namespace}/{name} has {} containers; choose one with -c: {}",
+                    many.len(),
+                    many.iter()
+                        .filter_map(|u| u.rsplit('_').next())
+                        .map(|c| c.trim_end_matches(".service"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
+        }
+    };
+    let mut cmd = std::process::Command::new("journalctl");
+    cmd.args(["--no-pager", "-o", "cat", "-u", &unit]);
+    if follow {
+        cmd.arg("-f");
+    }
+    let status = cmd
+        .status()
+        .context("cannot run journalctl (is systemd's journal on this machine?)")?;
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {

@@ -7,6 +7,7 @@ use berth_manifest::{Catalog, Diagnostic, Rejected, Severity};
 use berth_plan::pipeline::NodePlan;
 use berth_plan::plan::Action;
 use berth_plan::{Properties, PropertyValue};
+use berth_runtime::status::PodStatus;
 use serde::Serialize;
 
 use crate::Output;
@@ -69,9 +70,22 @@ fn emit<T: Serialize>(value: &T, output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn print_status(state: &berth_agent::state::AgentState, output: Output) -> anyhow::Result<()> {
+#[derive(Debug, Serialize)]
+struct StatusReport<'a> {
+    #[serde(flatten)]
+    agent: &'a berth_agent::state::AgentState,
+    pods: &'a [PodStatus],
+}
+
+pub fn print_status(
+    state: &berth_agent::state::AgentState,
+    pods: &[PodStatus],
+    node: &str,
+    now_usec: u64,
+    output: Output,
+) -> anyhow::Result<()> {
     if output != Output::Text {
-        return emit(state, output);
+        return emit(&StatusReport { agent: state, pods }, output);
     }
     let mut out = io::stdout().lock();
     writeln!(
@@ -82,7 +96,7 @@ pub fn print_status(state: &berth_agent::state::AgentState, output: Output) -> a
     match &state.last_good {
         Some(g) => writeln!(
             out,
-            "running: {} ({} objects, {} pods, {} actions planned)",
+            "running: {} ({} objects, {} pods, {} actions in the last change)",
             g.revision, g.objects, g.pods, g.actions
         )?,
         None => writeln!(out, "running: nothing yet")?,
@@ -92,6 +106,88 @@ pub fn print_status(state: &berth_agent::state::AgentState, output: Output) -> a
     }
     for e in &state.errors {
         writeln!(out, "error: {e}")?;
+    }
+    writeln!(out)?;
+    drop(out);
+    print_pods(pods, node, now_usec, Output::Text)?;
+    let mut out = io::stdout().lock();
+    for p in pods {
+        for m in &p.messages {
+            writeln!(out, "{}/{}: {m}", p.namespace, p.name)?;
+        }
+    }
+    Ok(())
+}
+
+/// `5s`, `3m12s`, `2h5m`, `4d3h`: kubectl's AGE column.
+fn age(seconds: u64) -> String {
+    match seconds {
+        s if s < 120 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{}s", s / 60, s % 60),
+        s if s < 86_400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+pub fn print_pods(
+    pods: &[PodStatus],
+    node: &str,
+    now_usec: u64,
+    output: Output,
+) -> anyhow::Result<()> {
+    if output != Output::Text {
+        return emit(&pods, output);
+    }
+    let mut rows = vec![
+        [
+            "NAMESPACE",
+            "NAME",
+            "READY",
+            "STATUS",
+            "RESTARTS",
+            "AGE",
+            "QOS",
+            "MEMORY",
+            "CPU",
+            "NODE",
+        ]
+        .map(String::from),
+    ];
+    for p in pods {
+        let (ready, total) = p.ready();
+        rows.push([
+            p.namespace.clone(),
+            p.name.clone(),
+            format!("{ready}/{total}"),
+            p.status.clone(),
+            p.restarts().to_string(),
+            p.start_usec
+                .map_or("-".into(), |s| age(now_usec.saturating_sub(s) / 1_000_000)),
+            p.qos_class.clone().unwrap_or_else(|| "-".into()),
+            p.usage
+                .memory_bytes
+                .map_or("-".into(), |b| format!("{:.1}Mi", b as f64 / 1_048_576.0)),
+            p.usage
+                .cpu_usage_usec
+                .map_or("-".into(), |u| format!("{:.2}s", u as f64 / 1e6)),
+            node.to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = io::stdout().lock();
+    if pods.is_empty() {
+        writeln!(out, "No pods on this node.")?;
+        return Ok(());
+    }
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        writeln!(out, "{}", line.join("   ").trim_end())?;
     }
     Ok(())
 }

@@ -37,6 +37,7 @@ impl Repo {
         berth(&[
             "agent",
             "--once",
+            "--plan-only",
             "--esp-config",
             &self.path("esp/config.yaml"),
             "--state-dir",

@@ -141,14 +141,24 @@ fn an_imported_image_is_unpacked_with_whiteouts_applied_and_its_config_catalogue
     let root = store.rootfs("busybox:1.37").expect("unpacked");
     assert_eq!(fs::read(root.join("bin/sh")).expect("sh"), b"shell");
     assert!(!root.join("etc/gone").exists(), "whiteout removes the file");
-    assert!(!root.join("data/old").exists(), "opaque dir hides the lower layer");
-    assert_eq!(fs::read(root.join("data/new")).expect("new"), b"new", "opaque keeps its own layer");
+    assert!(
+        !root.join("data/old").exists(),
+        "opaque dir hides the lower layer"
+    );
+    assert_eq!(
+        fs::read(root.join("data/new")).expect("new"),
+        b"new",
+        "opaque keeps its own layer"
+    );
     let catalog = store.catalog();
     assert_eq!(catalog[0].cmd, vec!["sh".to_string()]);
     assert_eq!(catalog[0].working_dir.as_deref(), Some("/data"));
     assert_eq!(catalog[0].user.as_deref(), Some("1000:1000"));
     let again = store.import_archive(&tarball).expect("re-import");
-    assert!(!again[0].new, "an image already unpacked is not unpacked again");
+    assert!(
+        !again[0].new,
+        "an image already unpacked is not unpacked again"
+    );
 }
 
 #[test]
@@ -158,7 +168,10 @@ fn layers_that_climb_out_of_the_root_are_refused() {
         ("absolute", vec![Item::File("/etc/escaped", b"x")]),
         (
             "symlink",
-            vec![Item::Symlink("link", "/tmp"), Item::File("link/escaped", b"x")],
+            vec![
+                Item::Symlink("link", "/tmp"),
+                Item::File("link/escaped", b"x"),
+            ],
         ),
     ] {
         let s = Scratch::new(name);
@@ -166,7 +179,10 @@ fn layers_that_climb_out_of_the_root_are_refused() {
         let store = ImageStore::open(&s.0.join("store")).expect("open");
         let err = store.import_archive(&tarball).expect_err("refused");
         assert!(matches!(err, ImageError::Escape { .. }), "{name}: {err}");
-        assert!(store.rootfs("evil:1").is_none(), "{name}: nothing usable is left");
+        assert!(
+            store.rootfs("evil:1").is_none(),
+            "{name}: nothing usable is left"
+        );
         assert!(!s.0.join("escaped").exists());
     }
 }
@@ -174,7 +190,12 @@ fn layers_that_climb_out_of_the_root_are_refused() {
 #[test]
 fn a_blob_that_does_not_match_its_digest_is_refused() {
     let s = Scratch::new("digest");
-    let tarball = archive(&s.0, "a:1", &[layer(&[Item::File("f", b"x")])], serde_json::json!({}));
+    let tarball = archive(
+        &s.0,
+        "a:1",
+        &[layer(&[Item::File("f", b"x")])],
+        serde_json::json!({}),
+    );
     let mut bytes = fs::read(&tarball).expect("read");
     // Flip the layer's content byte inside the outer tar.
     let at = bytes.windows(1).rposition(|w| w == b"x").expect("content");
