@@ -63,6 +63,8 @@ kver=$(ls "$root/usr/lib/modules" | head -n1)
 
 install -m 0755 -s "$berth_bin" "$root/usr/bin/berth"
 install -m 0644 "$repo"/systemd-units/*.service "$root/usr/lib/systemd/system/"
+# The air-gap image store's seed: imported by the agent at start.
+"$here/busybox-oci.sh" "$root" "$root/usr/share/berth/images/busybox.tar"
 cp -a "$here/files/root/." "$root/"
 if [ "$variant" = test ]; then
     cp -a "$here/files/test/." "$root/"

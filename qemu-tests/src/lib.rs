@@ -162,6 +162,11 @@ impl GitHost {
         git(&self.work, &["rev-parse", "HEAD"])
     }
 
+    /// Deletes a file from the work tree; the next push commits the deletion.
+    pub fn remove(&self, path: &str) -> Result<()> {
+        std::fs::remove_file(self.work.join(path)).map_err(|e| HarnessError(format!("{path}: {e}")))
+    }
+
     /// Copies a directory of the repository (such as `manifests/`) into the work tree.
     pub fn add_dir(&self, from: &Path, to: &str) -> Result<()> {
         run(
@@ -243,7 +248,21 @@ impl Vm {
         }
         let vars = dir.join("OVMF_VARS.fd");
         std::fs::copy(OVMF_VARS, &vars).map_err(|e| HarnessError(e.to_string()))?;
-        let console = dir.join("console.log");
+        Self::launch(dir, git, options, "console.log")
+    }
+
+    /// Powers the guest off and boots the same disk again, as a node
+    /// reboot; the new boot's console goes to `console-<boot>.log`.
+    pub fn reboot(self, git: &GitHost, options: &VmOptions, boot: u32) -> Result<Self> {
+        let dir = self.dir.clone();
+        self.poweroff(Duration::from_secs(120))?;
+        Self::launch(dir, git, options, &format!("console-{boot}.log"))
+    }
+
+    fn launch(dir: PathBuf, git: &GitHost, options: &VmOptions, console: &str) -> Result<Self> {
+        let disk = dir.join("disk.img");
+        let vars = dir.join("OVMF_VARS.fd");
+        let console = dir.join(console);
         let channel = dir.join("channel.sock");
         let accel = std::env::var("BERTH_QEMU_ACCEL").unwrap_or_else(|_| "tcg".into());
         let repos = path_str(&git.dir)?.to_string();

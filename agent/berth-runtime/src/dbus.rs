@@ -274,6 +274,7 @@ pub fn to_wire(name: &str, value: &PropertyValue) -> Result<Value<'static>, Stri
                 .map(|s| s.as_bytes().to_vec())
                 .collect::<Vec<Vec<u8>>>(),
         ),
+        (Wire::YesNo, P::Bool(b)) => Value::from(if *b { "yes" } else { "no" }),
         (Wire::Natural, P::Bool(b)) => Value::Bool(*b),
         (Wire::Natural, P::Unsigned(x)) => Value::U64(*x),
         (Wire::Natural, P::Signed(x)) => Value::I64(*x),
@@ -545,5 +546,9 @@ mod tests {
             "aay"
         );
         assert!(to_wire("RestartSteps", &PropertyValue::Unsigned(1 << 40)).is_err());
+        assert_eq!(
+            from_wire(&to_wire("PrivatePIDs", &PropertyValue::Bool(true)).expect("s")),
+            Some(PropertyValue::Text("yes".into()))
+        );
     }
 }

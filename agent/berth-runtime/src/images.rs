@@ -517,5 +517,7 @@ fn apply_layer(
     Ok(())
 }
 
+pub mod archive;
+
 #[cfg(test)]
 mod tests;

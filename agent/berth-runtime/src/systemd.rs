@@ -118,6 +118,34 @@ pub trait Systemd: Send + Sync {
     fn set_properties(&self, name: &str, properties: &Properties) -> Result<(), SystemdError>;
 }
 
+/// A shared handle works like the manager itself (tests keep one to look inside).
+impl<T: Systemd + ?Sized> Systemd for std::sync::Arc<T> {
+    fn version(&self) -> Result<u32, SystemdError> {
+        (**self).version()
+    }
+    fn list_units(&self, patterns: &[&str]) -> Result<Vec<UnitSummary>, SystemdError> {
+        (**self).list_units(patterns)
+    }
+    fn unit(&self, name: &str) -> Result<Option<UnitDetails>, SystemdError> {
+        (**self).unit(name)
+    }
+    fn start_transient(&self, name: &str, properties: &Properties) -> Result<(), SystemdError> {
+        (**self).start_transient(name, properties)
+    }
+    fn stop(&self, name: &str) -> Result<(), SystemdError> {
+        (**self).stop(name)
+    }
+    fn kill(&self, name: &str, whom: KillWhom, signal: i32) -> Result<(), SystemdError> {
+        (**self).kill(name, whom, signal)
+    }
+    fn reset_failed(&self, name: &str) -> Result<(), SystemdError> {
+        (**self).reset_failed(name)
+    }
+    fn set_properties(&self, name: &str, properties: &Properties) -> Result<(), SystemdError> {
+        (**self).set_properties(name, properties)
+    }
+}
+
 /// The properties Berth reads back to compare with the plan. Anything else
 /// a unit carries is not Berth's business.
 pub const READ_BACK: &[&str] = &[
@@ -165,6 +193,9 @@ pub enum Wire {
     I32,
     /// `aay`: `LogExtraFields` entries are byte strings.
     ByteStrings,
+    /// A boolean setting whose D-Bus type is a string (`PrivatePIDs` is `s`:
+    /// it may grow more values than yes and no).
+    YesNo,
     /// Whatever the value's variant maps to (`t`, `x`, `b`, `s`, `as`, `a(sasb)`).
     Natural,
 }
@@ -174,6 +205,7 @@ pub fn wire_type(property: &str) -> Wire {
         "RestartSteps" => Wire::U32,
         "OOMScoreAdjust" => Wire::I32,
         "LogExtraFields" => Wire::ByteStrings,
+        "PrivatePIDs" => Wire::YesNo,
         _ => Wire::Natural,
     }
 }

@@ -68,50 +68,10 @@ fn set_raw_path(h: &mut tar::Header, path: &str) {
     name[..path.len()].copy_from_slice(path.as_bytes());
 }
 
-fn digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex_string(&Sha256::digest(bytes)))
-}
-
 /// An OCI image-layout archive with one image of the given layers.
 fn archive(dir: &Path, reference: &str, layers: &[Vec<u8>], config: serde_json::Value) -> PathBuf {
-    let mut blobs: Vec<(String, Vec<u8>)> = Vec::new();
-    let config = serde_json::to_vec(&config).expect("json");
-    let mut layer_descs = Vec::new();
-    for l in layers {
-        layer_descs.push(serde_json::json!({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest(l), "size": l.len()
-        }));
-        blobs.push((digest(l), l.clone()));
-    }
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest(&config), "size": config.len()},
-        "layers": layer_descs,
-    }))
-    .expect("json");
-    let index = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest(&manifest),
-            "size": manifest.len(), "annotations": {"org.opencontainers.image.ref.name": reference}}],
-    }))
-    .expect("json");
-    blobs.push((digest(&config), config));
-    blobs.push((digest(&manifest), manifest));
-    let mut b = tar::Builder::new(Vec::new());
-    let mut add = |name: &str, body: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(body.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, name, body).expect("append");
-    };
-    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
-    add("index.json", &index);
-    for (d, body) in &blobs {
-        add(&format!("blobs/sha256/{}", &d[7..]), body);
-    }
     let path = dir.join("image.tar");
-    fs::write(&path, b.into_inner().expect("tar")).expect("write archive");
+    super::archive::write(&path, reference, layers, &config).expect("archive");
     path
 }
 

@@ -1,0 +1,330 @@
+//! The agent's loop against the in-memory systemd: Git in, units out.
+//! The same behaviours run against PID 1 in `qemu-tests/tests/pods.rs`.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use berth_agent::config::ConfigSources;
+use berth_agent::{Agent, AgentPaths, Log, PassOutcome, Runtime};
+use berth_plan::ActiveState;
+use berth_runtime::fake::FakeSystemd;
+use berth_runtime::images::{ImageStore, archive};
+use berth_runtime::rootfs::{ContainerRoots, UserRecords};
+use berth_runtime::{FailureReason, Systemd};
+
+struct Node {
+    dir: PathBuf,
+    systemd: Arc<FakeSystemd>,
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
+        .output()
+        .expect("git runs");
+    assert!(out.status.success(), "git {args:?}: {out:?}");
+}
+
+fn pod(name: &str, command: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  containers:\n  - name: main\n    image: busybox:1.37\n    command: [{command}]\n{extra}"
+    )
+}
+
+impl Node {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("berth-loop-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("repo/pods")).unwrap();
+        git(&dir.join("repo"), &["init", "-q", "-b", "main"]);
+        std::fs::create_dir_all(dir.join("archives")).unwrap();
+        let layer = archive::layer(&[("bin/sleep", b"#!", 0o755)]).unwrap();
+        archive::write(
+            &dir.join("archives/busybox.tar"),
+            "busybox:1.37",
+            &[layer],
+            &serde_json::json!({"config": {"Cmd": ["sh"], "Env": ["PATH=/bin"]}}),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("config.yaml"),
+            format!(
+                "node:\n  name: n1\ngit:\n  url: {}\n  path: pods\n",
+                dir.join("repo").display()
+            ),
+        )
+        .unwrap();
+        Self {
+            dir,
+            systemd: Arc::new(FakeSystemd::new(257)),
+        }
+    }
+
+    fn commit(&self, files: &[(&str, Option<String>)]) {
+        for (path, body) in files {
+            let p = self.dir.join("repo").join(path);
+            match body {
+                Some(b) => std::fs::write(&p, b).unwrap(),
+                None => std::fs::remove_file(&p).unwrap(),
+            }
+        }
+        git(&self.dir.join("repo"), &["add", "-A"]);
+        git(&self.dir.join("repo"), &["commit", "-q", "-m", "change"]);
+    }
+
+    /// A fresh agent process on this node: same state dir, same systemd.
+    fn agent(&self) -> Agent {
+        let paths = AgentPaths {
+            config: ConfigSources {
+                esp_file: self.dir.join("config.yaml"),
+                credentials_dir: None,
+                kernel_cmdline: String::new(),
+                hostname: "n1".into(),
+            },
+            state_dir: self.dir.join("state"),
+            node_memory_bytes: 4 << 30,
+            node_cpu_milli: 2000,
+        };
+        let containers = self.dir.join("state/containers");
+        let runtime = Runtime {
+            systemd: Box::new(Arc::clone(&self.systemd)),
+            images: ImageStore::open(&self.dir.join("state/images")).unwrap(),
+            roots: ContainerRoots::new(&containers),
+            users: UserRecords::new(&self.dir.join("userdb")),
+            cgroup_root: self.dir.join("cgroup"),
+            containers_dir: containers.to_string_lossy().into_owned(),
+            image_archives: Some(self.dir.join("archives")),
+        };
+        let mut agent = Agent::new(paths, Log::from_env(), Some(runtime)).unwrap();
+        agent.import_images();
+        agent
+    }
+
+    fn active(&self, unit: &str) -> bool {
+        self.systemd
+            .unit(unit)
+            .unwrap()
+            .is_some_and(|u| u.active_state == ActiveState::Active)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn pushed_pods_start_in_their_slices_and_removed_ones_are_pruned() {
+    let node = Node::new("prune");
+    node.systemd
+        .add_admin_unit("berth-admin-debug.service", "admin debug shell");
+    node.commit(&[
+        (
+            "pods/a.yaml",
+            Some(pod(
+                "a",
+                "sleep, \"100\"",
+                "    resources: {limits: {cpu: 500m, memory: 64Mi}}\n",
+            )),
+        ),
+        ("pods/b.yaml", Some(pod("b", "sleep, \"100\"", ""))),
+    ]);
+    let mut agent = node.agent();
+    let (outcome, _) = agent.pass(true);
+    assert!(
+        matches!(outcome, PassOutcome::Applied { changed: true, .. }),
+        "{outcome:?}"
+    );
+    assert!(node.active("berth-default_a_main.service"));
+    assert!(node.active("berth-guaranteed-default_a.slice"));
+    assert!(node.active("berth-default_b_main.service"));
+    assert!(node.active("berth-besteffort-default_b.slice"));
+    let a = node
+        .systemd
+        .unit("berth-default_a_main.service")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        a.properties.get("MemoryMax"),
+        Some(&berth_plan::PropertyValue::Unsigned(64 << 20))
+    );
+    assert!(
+        node.active("var-lib-berth-containers-default_a_main-rootfs.mount")
+            || node
+                .systemd
+                .unit_names()
+                .iter()
+                .any(|n| n.ends_with("default_a_main-rootfs.mount")),
+        "the container root is mounted: {:?}",
+        node.systemd.unit_names()
+    );
+    assert!(
+        agent.state().failures.is_empty(),
+        "{:?}",
+        agent.state().failures
+    );
+
+    node.commit(&[("pods/b.yaml", None)]);
+    agent.pass(true);
+    assert!(
+        node.systemd
+            .unit("berth-default_b_main.service")
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        node.systemd
+            .unit("berth-besteffort-default_b.slice")
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        !node.dir.join("state/containers/default_b_main").exists(),
+        "the container's layer is deleted"
+    );
+    assert!(node.active("berth-default_a_main.service"));
+    assert!(
+        node.active("berth-admin-debug.service"),
+        "the admin's unit is never touched"
+    );
+}
+
+#[test]
+fn a_restarted_agent_adopts_what_runs_and_changes_nothing() {
+    let node = Node::new("adopt");
+    node.commit(&[("pods/a.yaml", Some(pod("a", "sleep, \"100\"", "")))]);
+    node.agent().pass(true);
+    node.systemd.take_calls();
+    let mut again = node.agent();
+    let (outcome, _) = again.pass(true);
+    assert!(
+        matches!(outcome, PassOutcome::Applied { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(node.systemd.take_calls(), Vec::<String>::new());
+}
+
+#[test]
+fn units_lost_in_a_reboot_are_recreated_once() {
+    let node = Node::new("reboot");
+    node.commit(&[("pods/a.yaml", Some(pod("a", "sleep, \"100\"", "")))]);
+    node.agent().pass(true);
+    // Transient units vanish at reboot; the container directories stay.
+    for unit in node.systemd.unit_names() {
+        node.systemd.stop(&unit).unwrap();
+    }
+    let mut agent = node.agent();
+    agent.pass(true);
+    agent.pass(false);
+    let services: Vec<String> = node
+        .systemd
+        .unit_names()
+        .into_iter()
+        .filter(|n| n.ends_with(".service"))
+        .collect();
+    assert_eq!(services, vec!["berth-default_a_main.service".to_string()]);
+    assert!(node.active("berth-default_a_main.service"));
+}
+
+#[test]
+fn faults_are_reported_per_pod_and_do_not_block_the_others() {
+    let node = Node::new("faults");
+    node.systemd.remove_binary("/no/such/program");
+    node.commit(&[
+        ("pods/ok.yaml", Some(pod("ok", "sleep, \"100\"", ""))),
+        ("pods/nobin.yaml", Some(pod("nobin", "/no/such/program", ""))),
+        (
+            "pods/ghost.yaml",
+            Some(
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: ghost}\nspec:\n  containers:\n  - {name: main, image: registry.example/ghost:1, command: [/x]}\n"
+                    .into(),
+            ),
+        ),
+        (
+            "pods/huge.yaml",
+            Some(pod(
+                "huge",
+                "sleep, \"1\"",
+                "    resources: {requests: {cpu: \"64\"}}\n",
+            )),
+        ),
+    ]);
+    let mut agent = node.agent();
+    agent.pass(true);
+    assert!(node.active("berth-default_ok_main.service"));
+    let failures = &agent.state().failures;
+    let reason = |unit: &str| failures.iter().find(|f| f.unit == unit).map(|f| f.reason);
+    assert_eq!(
+        reason("berth-default_ghost_main.service"),
+        Some(FailureReason::ImageNotPresent)
+    );
+    assert_eq!(
+        reason("berth-default_nobin_main.service"),
+        Some(FailureReason::StartError)
+    );
+    assert!(
+        node.systemd
+            .unit("berth-default_huge_main.service")
+            .unwrap()
+            .is_none()
+    );
+    let refused = &agent.state().not_admitted;
+    assert_eq!(refused.len(), 1);
+    assert!(refused[0].reason.contains("64 CPU"), "{:?}", refused[0]);
+}
+
+#[test]
+fn a_refused_property_fails_only_its_pod() {
+    let node = Node::new("refused");
+    node.systemd.refuse_property("MemoryMax");
+    node.commit(&[
+        (
+            "pods/limited.yaml",
+            Some(pod(
+                "limited",
+                "sleep, \"1\"",
+                "    resources: {limits: {memory: 64Mi}}\n",
+            )),
+        ),
+        ("pods/free.yaml", Some(pod("free", "sleep, \"1\"", ""))),
+    ]);
+    let mut agent = node.agent();
+    agent.pass(true);
+    assert!(node.active("berth-default_free_main.service"));
+    let failure = agent
+        .state()
+        .failures
+        .iter()
+        .find(|f| f.pod.as_deref() == Some("default/limited"))
+        .expect("the limited pod failed");
+    assert!(failure.message.contains("MemoryMax"), "{failure:?}");
+}
+
+#[test]
+fn a_crashing_container_is_restarted_by_systemd_not_by_the_agent() {
+    let node = Node::new("crash");
+    node.commit(&[("pods/a.yaml", Some(pod("a", "sleep, \"100\"", "")))]);
+    let mut agent = node.agent();
+    agent.pass(true);
+    node.systemd.exit_main("berth-default_a_main.service", 3);
+    node.systemd.exit_main("berth-default_a_main.service", 3);
+    node.systemd.take_calls();
+    agent.pass(false);
+    assert_eq!(node.systemd.take_calls(), Vec::<String>::new());
+    let unit = node
+        .systemd
+        .unit("berth-default_a_main.service")
+        .unwrap()
+        .unwrap();
+    assert_eq!(unit.runtime.restarts, 2);
+    assert_eq!(unit.runtime.exit_status, 3);
+}

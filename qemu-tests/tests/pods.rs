@@ -1,0 +1,366 @@
+//! Pods as systemd units on the real appliance: pushed pods run in
+//! `berth.slice/berth-<qos>.slice/...` with the cgroup values the plan
+//! computed, a killed main process is restarted, a removed pod is stopped
+//! and its units are gone, an agent restart and a reboot converge without
+//! duplicates, and an admin's own unit is left alone. Prints the figures
+//! docs/benchmarks.md quotes. Run by `scripts/test.sh` with `--ignored`.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use berth_plan::{NodeInfo, PropertyValue};
+use berth_qemu_tests::{GIT_HOST, GitHost, Vm, VmOptions, repo_root, test_image};
+
+const BOOT: Duration = Duration::from_secs(180);
+const SETTLE: Duration = Duration::from_secs(180);
+
+fn must<T>(r: berth_qemu_tests::Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
+}
+
+const PODS: &[(&str, &str)] = &[
+    (
+        "pods/gold.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: gold}\nspec:\n  containers:\n  - name: main\n    image: busybox:1.37\n    command: [sleep, \"1000000\"]\n    resources:\n      limits: {cpu: 500m, memory: 64Mi}\n",
+    ),
+    (
+        "pods/silver.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: silver}\nspec:\n  securityContext: {runAsUser: 1000, runAsGroup: 1000}\n  containers:\n  - name: main\n    image: busybox:1.37\n    command: [sh, -c, \"echo started as uid `id -u`; exec sleep 1000000\"]\n    resources:\n      requests: {cpu: 250m, memory: 32Mi}\n      limits: {memory: 128Mi}\n",
+    ),
+    (
+        "pods/bronze.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: bronze}\nspec:\n  terminationGracePeriodSeconds: 3\n  containers:\n  - name: main\n    image: busybox:1.37\n    command: [sleep, \"1000000\"]\n",
+    ),
+    (
+        "pods/crasher.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: crasher}\nspec:\n  containers:\n  - name: main\n    image: busybox:1.37\n    command: [sh, -c, \"exit 3\"]\n",
+    ),
+    (
+        "pods/ghost.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: ghost}\nspec:\n  containers:\n  - name: main\n    image: registry.example/ghost:1.0\n    command: [/ghost]\n",
+    ),
+    (
+        "pods/huge.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: huge}\nspec:\n  containers:\n  - name: main\n    image: busybox:1.37\n    command: [sleep, \"1\"]\n    resources:\n      requests: {cpu: \"64\"}\n",
+    ),
+    (
+        "pods/nobin.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: nobin}\nspec:\n  containers:\n  - name: main\n    image: busybox:1.37\n    command: [/no/such/program]\n",
+    ),
+];
+
+/// Runs a guest command that must succeed.
+fn sh(vm: &Vm, command: &str) -> String {
+    let (rc, out) = must(vm.exec(command, Duration::from_secs(60)));
+    assert_eq!(rc, 0, "{command}: {out}");
+    out
+}
+
+/// Polls `berth get pods -o json` until `done` holds.
+fn pods_until(
+    vm: &Vm,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&BTreeMap<String, serde_json::Value>) -> bool,
+) -> BTreeMap<String, serde_json::Value> {
+    let end = Instant::now() + timeout;
+    loop {
+        let (rc, out) = must(vm.exec("berth get pods -o json", Duration::from_secs(60)));
+        let pods: BTreeMap<String, serde_json::Value> = if rc == 0 {
+            serde_json::from_str::<Vec<serde_json::Value>>(&out)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| (p["name"].as_str().unwrap_or_default().to_string(), p))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
+        if done(&pods) {
+            return pods;
+        }
+        assert!(
+            Instant::now() < end,
+            "{what}: not reached within {timeout:?}; last `berth get pods`: {out}\nconsole: {}",
+            vm.console.display()
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+fn status_of(pods: &BTreeMap<String, serde_json::Value>, name: &str) -> String {
+    pods.get(name)
+        .and_then(|p| p["status"].as_str())
+        .unwrap_or("absent")
+        .to_string()
+}
+
+fn unit_of(name: &str) -> String {
+    format!("berth-default_{name}_main.service")
+}
+
+/// `InvocationID` of each unit: a restarted unit gets a new one.
+fn invocations(vm: &Vm, names: &[&str]) -> Vec<String> {
+    names
+        .iter()
+        .map(|n| {
+            sh(
+                vm,
+                &format!("systemctl show -p InvocationID --value {}", unit_of(n)),
+            )
+        })
+        .collect()
+}
+
+/// The cgroup files of a running container, and its oom_score_adj.
+fn cgroup_values(vm: &Vm, name: &str, qos: &str) -> (String, String, String, String) {
+    let dir = format!(
+        "/sys/fs/cgroup/berth.slice/berth-{qos}.slice/berth-{qos}-default_{name}.slice/{}",
+        unit_of(name)
+    );
+    let read = |f: &str| sh(vm, &format!("cat {dir}/{f}")).trim().to_string();
+    let pid = sh(
+        vm,
+        &format!("systemctl show -p MainPID --value {}", unit_of(name)),
+    );
+    let oom = sh(vm, &format!("cat /proc/{}/oom_score_adj", pid.trim()));
+    (
+        read("cpu.weight"),
+        read("cpu.max"),
+        read("memory.max"),
+        oom.trim().to_string(),
+    )
+}
+
+/// The same values as the plan states them, for the node the guest is.
+fn planned_values(
+    manifests: &std::path::Path,
+    memory: u64,
+    cpus: u64,
+) -> BTreeMap<String, (String, String, String, String)> {
+    let catalog = berth_manifest::load_dir(manifests, &berth_manifest::LoadOptions::default())
+        .expect("manifests load");
+    let node = NodeInfo::new("pods", BTreeMap::new(), memory, cpus * 1000);
+    let images = berth_plan::ImageCatalog::new([berth_plan::ImageConfig {
+        reference: "busybox:1.37".into(),
+        cmd: vec!["sh".into()],
+        ..Default::default()
+    }]);
+    let plan = berth_plan::plan_node(
+        &catalog,
+        &node,
+        &images,
+        &berth_plan::ActualState::default(),
+        "t",
+    );
+    let number = |v: Option<&PropertyValue>| match v {
+        Some(PropertyValue::Unsigned(x)) => Some(i128::from(*x)),
+        Some(PropertyValue::Signed(x)) => Some(i128::from(*x)),
+        _ => None,
+    };
+    plan.pods
+        .iter()
+        .flat_map(|p| p.containers.iter().map(move |c| (p, c)))
+        .map(|(p, c)| {
+            let props = c.properties_for_apply();
+            let weight = number(props.get("CPUWeight")).unwrap_or(100);
+            let cpu_max = number(props.get("CPUQuotaPerSecUSec"))
+                .map_or("max 100000".into(), |q| format!("{} 100000", q / 10));
+            let memory_max = number(props.get("MemoryMax")).map_or("max".into(), |m| m.to_string());
+            let oom = number(props.get("OOMScoreAdjust")).unwrap_or(0);
+            (
+                p.id.name.clone(),
+                (weight.to_string(), cpu_max, memory_max, oom.to_string()),
+            )
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs QEMU, OVMF and the test image (scripts/test.sh runs it)"]
+fn pushed_pods_run_as_units_with_their_qos_and_converge_after_restarts() {
+    let image = must(test_image());
+    let root = repo_root().join("target/qemu-tests/pods-git");
+    let _ = std::fs::remove_dir_all(&root);
+    let git = must(GitHost::new(&root, "desired.git"));
+    let first = must(git.push(PODS, "seven pods"));
+
+    let mut options = VmOptions::new("pods");
+    options.esp_config = Some(format!(
+        "node:\n  name: pods\ngit:\n  url: git://{GIT_HOST}/desired.git\n  branch: main\n  path: pods\n  pollInterval: 5s\n"
+    ));
+    let (mut vm, ready) = must(Vm::boot_until(
+        &image,
+        &git,
+        &options,
+        "berth: agent started",
+        BOOT,
+    ));
+    println!("boot to agent ready: {:.1} s", ready.as_secs_f64());
+    // An admin's own unit, named like Berth's: never touched.
+    sh(
+        &vm,
+        "systemd-run --unit berth-admin-debug.service --description 'admin debug shell' sleep 1000000",
+    );
+    let admin_invocation = sh(
+        &vm,
+        "systemctl show -p InvocationID --value berth-admin-debug.service",
+    );
+
+    let fetched = must(vm.wait_for(&format!("at {}", &first[..12]), SETTLE));
+    let pods = pods_until(&vm, "three QoS pods running", SETTLE, |p| {
+        ["gold", "silver", "bronze"]
+            .iter()
+            .all(|n| status_of(p, n) == "Running")
+    });
+    let running_at = vm.started.elapsed();
+    println!(
+        "commit fetched to 3 pods running: {:.1} s",
+        running_at.as_secs_f64() - fetched.as_secs_f64()
+    );
+    assert_eq!(pods["gold"]["qosClass"], "Guaranteed");
+    assert_eq!(pods["silver"]["qosClass"], "Burstable");
+    assert_eq!(pods["bronze"]["qosClass"], "BestEffort");
+
+    // Faults, each reported and none blocking the others.
+    let pods = pods_until(&vm, "faults reported", SETTLE, |p| {
+        status_of(p, "crasher") == "CrashLoopBackOff"
+            && status_of(p, "ghost") == "ImageNotPresent"
+            && status_of(p, "huge") == "OutOfcpu"
+            && status_of(p, "nobin") != "Pending"
+    });
+    println!("{}", sh(&vm, "berth get pods"));
+    let crasher = &pods["crasher"]["containers"][0];
+    assert_eq!(crasher["lastExitCode"], 3, "{crasher}");
+    let nobin = serde_json::to_string(&pods["nobin"]).unwrap();
+    assert!(
+        nobin.contains("203"),
+        "a missing binary shows systemd's 203/EXEC: {nobin}"
+    );
+
+    // The cgroup values are the plan's, for each QoS class.
+    let memory_kib: u64 = sh(
+        &vm,
+        "sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo",
+    )
+    .trim()
+    .parse()
+    .expect("MemTotal");
+    let cpus: u64 = sh(&vm, "nproc").trim().parse().expect("nproc");
+    let manifests = root.join("manifests-for-plan");
+    for (path, body) in PODS {
+        let p = manifests.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, body).unwrap();
+    }
+    let planned = planned_values(&manifests.join("pods"), memory_kib * 1024, cpus);
+    for (name, qos) in [
+        ("gold", "guaranteed"),
+        ("silver", "burstable"),
+        ("bronze", "besteffort"),
+    ] {
+        let actual = cgroup_values(&vm, name, qos);
+        println!(
+            "{name} ({qos}): cpu.weight {} cpu.max {:?} memory.max {} oom_score_adj {}",
+            actual.0, actual.1, actual.2, actual.3
+        );
+        assert_eq!(
+            actual, planned[name],
+            "{name}: cgroup (left) differs from the plan (right)"
+        );
+    }
+    // The image's numeric user came through userdb, and the log through the journal.
+    let pid = sh(
+        &vm,
+        &format!("systemctl show -p MainPID --value {}", unit_of("silver")),
+    );
+    let uid_line = sh(&vm, &format!("grep ^Uid: /proc/{}/status", pid.trim()));
+    assert!(
+        uid_line.split_whitespace().nth(1) == Some("1000"),
+        "{uid_line}"
+    );
+    let log = sh(&vm, "berth logs default/silver");
+    assert!(log.contains("started as uid 1000"), "{log}");
+
+    // A killed main process is restarted by systemd (Restart=always).
+    sh(
+        &vm,
+        &format!(
+            "systemctl kill --kill-whom=main -s KILL {}",
+            unit_of("gold")
+        ),
+    );
+    pods_until(&vm, "gold restarted", SETTLE, |p| {
+        status_of(p, "gold") == "Running"
+            && p["gold"]["containers"][0]["restartCount"].as_u64() == Some(1)
+    });
+
+    // An agent restart disturbs nothing: same invocations, no actions.
+    let before = invocations(&vm, &["gold", "silver", "bronze"]);
+    sh(&vm, "systemctl restart berth-agent.service");
+    must(vm.wait_for_nth("berth: agent started", 1, SETTLE));
+    std::thread::sleep(Duration::from_secs(15));
+    assert_eq!(
+        invocations(&vm, &["gold", "silver", "bronze"]),
+        before,
+        "an agent restart restarted pods"
+    );
+    let rss_kib = sh(
+        &vm,
+        "grep VmRSS /proc/$(systemctl show -p MainPID --value berth-agent)/status",
+    );
+    println!("agent after restart, managing the pods: {}", rss_kib.trim());
+
+    // A removed pod is stopped, its units and its container root gone.
+    must(git.remove("pods/bronze.yaml"));
+    let removal = must(git.push(&[], "remove bronze"));
+    sh(&vm, "systemctl reload berth-agent.service");
+    must(vm.wait_for(&format!("at {}", &removal[..12]), SETTLE));
+    pods_until(&vm, "bronze gone", SETTLE, |p| !p.contains_key("bronze"));
+    let left = sh(
+        &vm,
+        "systemctl list-units --all --plain --no-legend 'berth*bronze*' 'var-lib-berth-containers-default_bronze*'; ls /var/lib/berth/containers",
+    );
+    assert!(
+        !left.contains("bronze"),
+        "bronze left units or files behind: {left}"
+    );
+
+    // The admin's unit is untouched.
+    assert_eq!(
+        sh(
+            &vm,
+            "systemctl show -p InvocationID --value berth-admin-debug.service"
+        ),
+        admin_invocation
+    );
+
+    // A reboot: transient units are gone; the agent recreates each once.
+    let mut vm = must(vm.reboot(&git, &options, 2));
+    must(vm.wait_for("berth: agent started", BOOT));
+    pods_until(&vm, "pods back after reboot", SETTLE, |p| {
+        ["gold", "silver"]
+            .iter()
+            .all(|n| status_of(p, n) == "Running")
+    });
+    let units = sh(
+        &vm,
+        "systemctl list-units --all --plain --no-legend 'berth-default_*.service' | awk '{print $1}' | sort",
+    );
+    let names: Vec<&str> = units.lines().collect();
+    let mut unique = names.clone();
+    unique.dedup();
+    assert_eq!(names, unique, "duplicate units after reboot");
+    assert!(names.contains(&unit_of("gold").as_str()), "{units}");
+    let mounts = sh(
+        &vm,
+        "systemctl list-units --plain --no-legend 'var-lib-berth-containers-*.mount' | wc -l",
+    );
+    println!(
+        "after reboot: {} container units, {} container mounts",
+        names.len(),
+        mounts.trim()
+    );
+    must(vm.poweroff(Duration::from_secs(120)));
+}
