@@ -12,7 +12,8 @@ root=$1
 out=$2
 bb="$root/usr/bin/busybox"
 [ -x "$bb" ] || { echo "busybox-oci.sh: $bb missing (install busybox-static)" >&2; exit 2; }
-version=$("$bb" 2>&1 | head -n1 | sed -n 's/^BusyBox v\([0-9]*\.[0-9]*\).*/\1/p')
+banner=$("$bb" 2>&1 || true)
+version=$(printf '%s\n' "$banner" | sed -n '1s/^BusyBox v\([0-9]*\.[0-9]*\).*/\1/p')
 [ -n "$version" ] || { echo "busybox-oci.sh: cannot tell the busybox version" >&2; exit 2; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

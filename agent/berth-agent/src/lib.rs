@@ -126,6 +126,9 @@ pub struct Agent {
     /// Opened on the first pass that needs it and kept: opening cleans up
     /// what a crashed run left behind, which is needed once per process.
     mirror: Option<Mirror>,
+    /// The last plan logged (verb and unit of each action): a plan that
+    /// repeats (a pod waiting for its image) is logged once.
+    last_logged_plan: Vec<String>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -155,6 +158,7 @@ impl Agent {
             log,
             runtime,
             mirror: None,
+            last_logged_plan: Vec::new(),
         })
     }
 
@@ -447,9 +451,19 @@ impl Agent {
         }
         self.state.not_admitted = not_admitted;
         if plan.plan.actions.is_empty() && self.state.failures.is_empty() {
+            self.last_logged_plan.clear();
             return Ok(());
         }
-        self.log_actions(&plan.plan.actions);
+        let summary: Vec<String> = plan
+            .plan
+            .actions
+            .iter()
+            .map(|a| format!("{} {}", a.verb.as_str(), a.unit))
+            .collect();
+        let repeated = summary == self.last_logged_plan;
+        if !repeated {
+            self.log_actions(&plan.plan.actions);
+        }
         let host = Host {
             systemd: rt.systemd.as_ref(),
             images: &rt.images,
@@ -468,7 +482,7 @@ impl Agent {
         for c in &report.cleaned {
             self.log.info(&format!("cleaned up {c}"));
         }
-        if !plan.plan.actions.is_empty() {
+        if !plan.plan.actions.is_empty() && !repeated {
             self.log.info(&format!(
                 "revision {}: {} actions applied, {} failed",
                 short(&loaded.revision),
@@ -479,6 +493,7 @@ impl Agent {
         if let Some(g) = self.state.last_good.as_mut() {
             g.actions = plan.plan.actions.len();
         }
+        self.last_logged_plan = summary;
         self.state.failures = report.failed;
         Ok(())
     }

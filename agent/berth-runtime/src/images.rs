@@ -210,6 +210,9 @@ impl ImageStore {
         let mut layout_seen = false;
         for entry in tar.entries().map_err(io_err(archive))? {
             let mut entry = entry.map_err(io_err(archive))?;
+            if entry.header().entry_type().is_dir() {
+                continue;
+            }
             let path = entry.path().map_err(io_err(archive))?.into_owned();
             let name = path.to_string_lossy().trim_start_matches("./").to_string();
             if name == "index.json" {

@@ -278,7 +278,9 @@ fn agent(
     } else {
         let units = tx.clone();
         let listener: berth_runtime::dbus::JobListener = Box::new(move |unit, _result| {
-            if unit.starts_with("berth-") {
+            // Pod containers and slices only: the agent's own unit and
+            // anything else named berth-* are not a reason to reconcile.
+            if unit.starts_with("berth-") && (unit.contains('_') || unit.ends_with(".slice")) {
                 let _ = units.send(Wake::UnitChanged);
             }
         });
