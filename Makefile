@@ -1,5 +1,5 @@
 # The two commands the README promises, and a few helpers.
-.PHONY: demo plan-demo image test deps build release bench bless
+.PHONY: demo plan-demo image test deps build release bench bench-pods bless
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
@@ -34,6 +34,12 @@ test: deps
 
 bench: release
 	python3 scripts/bench_plan.py
+
+# Pods on the appliance in QEMU: time to 1 and 50 pods, agent memory and CPU.
+bench-pods: deps
+	cargo build --locked --release --bin berth
+	$(SUDO) image/build.sh --test --berth target/release/berth
+	cargo test --locked --release -p berth-qemu-tests --test bench_pods -- --ignored --nocapture
 
 # Rewrite the golden files after an intended change; review the diff.
 bless:

@@ -29,7 +29,7 @@ echo "== tier 3: the appliance image in QEMU (UEFI, TCG)"
 cargo build --locked --release --bin berth
 sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 sudo_if_needed image/build.sh --test --berth target/release/berth
-cargo test --locked -p berth-qemu-tests -- --ignored --test-threads=1 --nocapture 2>&1 | tee "$log"
+cargo test --locked -p berth-qemu-tests -- --ignored --skip bench_ --test-threads=1 --nocapture 2>&1 | tee "$log"
 passed=$(count_passed "$log")
 if [ "$passed" -eq 0 ]; then
     echo "the QEMU tier ran no tests: failing (console logs are under target/qemu-tests/)" >&2

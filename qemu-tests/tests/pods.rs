@@ -31,7 +31,7 @@ const PODS: &[(&str, &str)] = &[
     ),
     (
         "pods/bronze.yaml",
-        "apiVersion: v1\nkind: Pod\nmetadata: {name: bronze}\nspec:\n  terminationGracePeriodSeconds: 3\n  containers:\n  - name: main\n    image: busybox:1.37\n    command: [sleep, \"1000000\"]\n",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: bronze}\nspec:\n  terminationGracePeriodSeconds: 3\n  containers:\n  - name: main\n    image: busybox:1.37\n    command: [sh, -c, \"trap '' TERM; while :; do sleep 1; done\"]\n",
     ),
     (
         "pods/crasher.yaml",
@@ -312,6 +312,61 @@ fn pushed_pods_run_as_units_with_their_qos_and_converge_after_restarts() {
     );
     println!("agent after restart, managing the pods: {}", rss_kib.trim());
 
+    // A memory limit change is applied live (resizePolicy NotRequired):
+    // the cgroup changes, the process does not.
+    let gold_before = invocations(&vm, &["gold"]);
+    let resized = must(git.push(
+        &[("pods/gold.yaml", &PODS[0].1.replace("64Mi", "96Mi"))],
+        "more memory for gold",
+    ));
+    sh(&vm, "systemctl reload berth-agent.service");
+    must(vm.wait_for(&format!("at {}", &resized[..12]), SETTLE));
+    must(vm.wait_for("update berth-default_gold_main.service", SETTLE));
+    let end = Instant::now() + SETTLE;
+    while cgroup_values(&vm, "gold", "guaranteed").2 != (96u64 << 20).to_string() {
+        assert!(Instant::now() < end, "gold's memory.max did not change");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    assert_eq!(
+        invocations(&vm, &["gold"]),
+        gold_before,
+        "a live resize restarted gold"
+    );
+
+    // The agent killed in the middle of applying a plan: the next start
+    // converges, and nothing is duplicated or leaked.
+    let many = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: many}\nspec:\n  replicas: 12\n  selector: {matchLabels: {app: many}}\n  template:\n    metadata: {labels: {app: many}}\n    spec:\n      terminationGracePeriodSeconds: 5\n      containers:\n      - name: main\n        image: busybox:1.37\n        command: [sleep, \"1000000\"]\n";
+    let burst = must(git.push(&[("pods/many.yaml", many)], "twelve replicas"));
+    sh(&vm, "systemctl reload berth-agent.service");
+    must(vm.wait_for("plan: start berth-default_many-0_main.service", SETTLE));
+    sh(&vm, "systemctl kill -s KILL berth-agent.service");
+    must(vm.wait_for_nth("berth: agent started", 2, SETTLE));
+    let killed_at = vm.started.elapsed();
+    pods_until(&vm, "twelve replicas running after the kill", SETTLE, |p| {
+        (0..12).all(|i| status_of(p, &format!("many-{i}")) == "Running")
+    });
+    println!(
+        "agent SIGKILLed mid-apply of {}: restarted and converged {:.1} s after its restart",
+        &burst[..12],
+        vm.started.elapsed().as_secs_f64() - killed_at.as_secs_f64()
+    );
+    let count = |pattern: &str| {
+        sh(
+            &vm,
+            &format!("systemctl list-units --all --plain --no-legend '{pattern}' | wc -l"),
+        )
+        .trim()
+        .parse::<u32>()
+        .unwrap()
+    };
+    assert_eq!(count("berth-default_many-*_main.service"), 12);
+    assert_eq!(count("var-lib-berth-containers-default_many*.mount"), 12);
+    assert_eq!(count("berth-besteffort-default_many*.slice"), 12);
+    must(git.remove("pods/many.yaml"));
+    must(git.push(&[], "no more replicas"));
+    sh(&vm, "systemctl reload berth-agent.service");
+    pods_until(&vm, "replicas gone", SETTLE, |p| !p.contains_key("many-0"));
+
     // A removed pod is stopped, its units and its container root gone.
     must(git.remove("pods/bronze.yaml"));
     let removal = must(git.push(&[], "remove bronze"));
@@ -325,6 +380,15 @@ fn pushed_pods_run_as_units_with_their_qos_and_converge_after_restarts() {
     assert!(
         !left.contains("bronze"),
         "bronze left units or files behind: {left}"
+    );
+    // bronze ignores SIGTERM: systemd kills it after its 3 s grace period.
+    let journal = sh(
+        &vm,
+        "journalctl --no-pager -u berth-default_bronze_main.service",
+    );
+    assert!(
+        journal.contains("stop-sigterm' timed out. Killing"),
+        "no SIGKILL after the grace period: {journal}"
     );
 
     // The admin's unit is untouched.

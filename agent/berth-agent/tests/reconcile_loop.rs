@@ -328,3 +328,51 @@ fn a_crashing_container_is_restarted_by_systemd_not_by_the_agent() {
     assert_eq!(unit.runtime.restarts, 2);
     assert_eq!(unit.runtime.exit_status, 3);
 }
+
+#[test]
+fn an_apply_cut_short_converges_on_the_next_start_without_duplicates() {
+    let node = Node::new("cut");
+    let files: Vec<(String, Option<String>)> = (0..5)
+        .map(|i| {
+            (
+                format!("pods/p{i}.yaml"),
+                Some(pod(&format!("p{i}"), "sleep, \"100\"", "")),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, Option<String>)> =
+        files.iter().map(|(p, b)| (p.as_str(), b.clone())).collect();
+    node.commit(&refs);
+    // The first agent dies after seven changes: some pods whole, one with a
+    // slice and a mount but no service.
+    node.systemd.cut_after(7);
+    let mut first = node.agent();
+    first.pass(true);
+    assert!(!first.state().failures.is_empty());
+    node.systemd.reconnect();
+    let mut second = node.agent();
+    second.pass(true);
+    assert!(
+        second.state().failures.is_empty(),
+        "{:?}",
+        second.state().failures
+    );
+    let names = node.systemd.unit_names();
+    for i in 0..5 {
+        assert!(
+            node.active(&format!("berth-default_p{i}_main.service")),
+            "{names:?}"
+        );
+        assert_eq!(
+            names
+                .iter()
+                .filter(|n| n.contains(&format!("default_p{i}_main")))
+                .count(),
+            2,
+            "one service and one mount for p{i}: {names:?}"
+        );
+    }
+    node.systemd.take_calls();
+    second.pass(false);
+    assert_eq!(node.systemd.take_calls(), Vec::<String>::new(), "converged");
+}

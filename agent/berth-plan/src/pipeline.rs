@@ -80,6 +80,41 @@ pub fn plan_node(
             }
         }
     }
+    // Two objects that make the same pod (a Pod `web-0` and replica 0 of a
+    // Deployment `web`) would fight over its units: both are refused.
+    let mut by_id: std::collections::BTreeMap<PodId, Vec<berth_manifest::ObjectRef>> =
+        std::collections::BTreeMap::new();
+    for p in &pods {
+        by_id
+            .entry(p.id.clone())
+            .or_default()
+            .push(p.source.clone());
+    }
+    for (id, sources) in by_id.iter().filter(|(_, s)| s.len() > 1) {
+        let names: Vec<String> = sources.iter().map(ToString::to_string).collect();
+        for source in sources {
+            let Some(object) = catalog.objects.iter().find(|o| &o.id == source) else {
+                continue;
+            };
+            let issue = FieldIssue::error(
+                FieldPath::root().key("metadata").key("name"),
+                format!(
+                    "pod {id} is made by {} at once: each is refused, since they would share units; rename one",
+                    names.join(" and ")
+                ),
+            );
+            push_unique(&mut diagnostics, &mut seen, catalog, object, &[issue]);
+            protection.pods.insert(id.to_string());
+            let r = Rejected {
+                source: catalog.source_ref(&object.source, &FieldPath::root()),
+                object: Some(object.id.clone()),
+            };
+            if !rejected.contains(&r) {
+                rejected.push(r);
+            }
+        }
+    }
+    pods.retain(|p| by_id.get(&p.id).is_none_or(|s| s.len() == 1));
     let (mut pods, not_admitted) = admit(pods, node, actual);
     for n in &not_admitted {
         if let Some(source) = catalog.objects.iter().find(|o| o.id == n.source) {

@@ -372,3 +372,29 @@ spec:
         ]
     );
 }
+
+#[test]
+fn a_pod_and_a_deployment_replica_of_the_same_name_are_both_refused() {
+    let files = [(
+        "race.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web-0}\nspec:\n  containers: [{name: main, image: busybox:1.37, command: [sleep, \"1\"]}]\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers: [{name: main, image: busybox:1.37, command: [sleep, \"1\"]}]\n",
+    )];
+    let plan = plan_for(&files, &ActualState::default());
+    let errors: Vec<String> = plan
+        .diagnostics
+        .iter()
+        .filter(|d| d.is_error())
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert!(
+        errors[0].contains("pod default/web-0 is made by"),
+        "{errors:#?}"
+    );
+    let ids: Vec<String> = plan.pods.iter().map(|p| p.id.to_string()).collect();
+    assert_eq!(
+        ids,
+        vec!["default/web-1".to_string()],
+        "the other replica still runs"
+    );
+}

@@ -475,6 +475,32 @@ impl Systemd for DbusSystemd {
         }
     }
 
+    fn stop_all(&self, names: &[&str]) -> Vec<Result<(), SystemdError>> {
+        // Queue every stop job first, then wait: systemd runs them together.
+        let jobs: Vec<Result<Option<OwnedObjectPath>, SystemdError>> = names
+            .iter()
+            .map(|name| {
+                match self
+                    .manager
+                    .call::<_, _, OwnedObjectPath>("StopUnit", &(*name, "replace"))
+                {
+                    Ok(job) => Ok(Some(job)),
+                    Err(e) if method_error(&e).is_some_and(|(n, _)| n == NO_SUCH_UNIT) => Ok(None),
+                    Err(e) => Err(refused(name, "StopUnit")(e)),
+                }
+            })
+            .collect();
+        names
+            .iter()
+            .zip(jobs)
+            .map(|(name, job)| match job {
+                Ok(Some(job)) => self.wait_job(name, "stop", job),
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            })
+            .collect()
+    }
+
     fn kill(&self, name: &str, whom: KillWhom, signal: i32) -> Result<(), SystemdError> {
         self.manager
             .call_method("KillUnit", &(name, whom.as_str(), signal))

@@ -35,6 +35,9 @@ struct FakeState {
     clock_usec: u64,
     /// Every call that changes something, in order: `start NAME`, `stop NAME`, ...
     calls: Vec<String>,
+    /// When set, changing calls beyond this many fail as if the bus went
+    /// away: what an agent killed in the middle of an apply leaves behind.
+    cut_after: Option<usize>,
 }
 
 /// See the module documentation.
@@ -135,6 +138,28 @@ impl FakeSystemd {
     /// Names of all loaded units.
     pub fn unit_names(&self) -> Vec<String> {
         self.lock().units.keys().cloned().collect()
+    }
+
+    /// Lets `n` more changing calls through, then fails every one.
+    pub fn cut_after(&self, n: usize) {
+        let mut s = self.lock();
+        s.cut_after = Some(s.calls.len() + n);
+    }
+
+    /// Undoes [`Self::cut_after`].
+    pub fn reconnect(&self) {
+        self.lock().cut_after = None;
+    }
+
+    fn record(s: &mut FakeState, call: String) -> Result<(), SystemdError> {
+        if s.cut_after.is_some_and(|limit| s.calls.len() >= limit) {
+            return Err(SystemdError::Bus {
+                method: "call",
+                message: "the connection was closed".into(),
+            });
+        }
+        s.calls.push(call);
+        Ok(())
     }
 
     /// Calls that changed something, in order, and forgets them.
@@ -313,7 +338,7 @@ impl Systemd for FakeSystemd {
 
     fn start_transient(&self, name: &str, properties: &Properties) -> Result<(), SystemdError> {
         let mut s = self.lock();
-        s.calls.push(format!("start {name}"));
+        Self::record(&mut s, format!("start {name}"))?;
         self.check_properties(&s, name, "StartTransientUnit", properties)?;
         if s.units.contains_key(name) {
             return Err(SystemdError::Refused {
@@ -397,15 +422,14 @@ impl Systemd for FakeSystemd {
 
     fn stop(&self, name: &str) -> Result<(), SystemdError> {
         let mut s = self.lock();
-        s.calls.push(format!("stop {name}"));
+        Self::record(&mut s, format!("stop {name}"))?;
         Self::stop_locked(&mut s, name);
         Ok(())
     }
 
     fn kill(&self, name: &str, whom: KillWhom, signal: i32) -> Result<(), SystemdError> {
         let mut s = self.lock();
-        s.calls
-            .push(format!("kill {name} {} {signal}", whom.as_str()));
+        Self::record(&mut s, format!("kill {name} {} {signal}", whom.as_str()))?;
         let running = s
             .units
             .get(name)
@@ -423,7 +447,7 @@ impl Systemd for FakeSystemd {
 
     fn reset_failed(&self, name: &str) -> Result<(), SystemdError> {
         let mut s = self.lock();
-        s.calls.push(format!("reset-failed {name}"));
+        Self::record(&mut s, format!("reset-failed {name}"))?;
         if s.units
             .get(name)
             .is_some_and(|u| u.active == ActiveState::Failed && u.transient)
@@ -440,7 +464,7 @@ impl Systemd for FakeSystemd {
 
     fn set_properties(&self, name: &str, properties: &Properties) -> Result<(), SystemdError> {
         let mut s = self.lock();
-        s.calls.push(format!("set-properties {name}"));
+        Self::record(&mut s, format!("set-properties {name}"))?;
         self.check_properties(&s, name, "SetUnitProperties", properties)?;
         let Some(unit) = s.units.get_mut(name) else {
             return Err(SystemdError::Refused {

@@ -152,6 +152,19 @@ pub fn apply(
         .collect();
     let mut report = ApplyReport::default();
     let mut failed_pods: BTreeSet<String> = BTreeSet::new();
+    // Containers Git no longer wants stop together, each with its own
+    // grace period; their mounts and layers go afterwards, one by one.
+    let stops: Vec<&str> = plan
+        .actions
+        .iter()
+        .filter(|a| a.verb == Verb::Stop)
+        .map(|a| a.unit.as_str())
+        .collect();
+    let mut stopped: BTreeMap<&str, Result<(), SystemdError>> = stops
+        .iter()
+        .copied()
+        .zip(host.systemd.stop_all(&stops))
+        .collect();
     for action in &plan.actions {
         let unit = action.unit.as_str();
         let pod = action.pod.as_ref().map(ToString::to_string);
@@ -213,7 +226,13 @@ pub fn apply(
                 }
                 None => Ok(()),
             },
-            Verb::Stop => stop_container(host, unit),
+            Verb::Stop => match stopped.remove(unit) {
+                Some(Err(e)) => Err(Failure {
+                    reason: FailureReason::KillError,
+                    message: e.to_string(),
+                }),
+                _ => stop_container(host, unit),
+            },
             Verb::RemoveSlice => host.systemd.stop(unit).map_err(|e| Failure {
                 reason: FailureReason::KillError,
                 message: e.to_string(),

@@ -111,6 +111,12 @@ pub trait Systemd: Send + Sync {
     /// `StopUnit` in mode `replace`, waiting for the job. Stopping a unit
     /// that is not loaded is not an error.
     fn stop(&self, name: &str) -> Result<(), SystemdError>;
+    /// Stops several units at once and waits for all of them: pods stop in
+    /// parallel, so one that waits out its grace period does not hold up the
+    /// rest. One result per name, in order.
+    fn stop_all(&self, names: &[&str]) -> Vec<Result<(), SystemdError>> {
+        names.iter().map(|n| self.stop(n)).collect()
+    }
     fn kill(&self, name: &str, whom: KillWhom, signal: i32) -> Result<(), SystemdError>;
     /// Forgets a failed unit, so a transient one of the same name can start.
     fn reset_failed(&self, name: &str) -> Result<(), SystemdError>;
@@ -134,6 +140,9 @@ impl<T: Systemd + ?Sized> Systemd for std::sync::Arc<T> {
     }
     fn stop(&self, name: &str) -> Result<(), SystemdError> {
         (**self).stop(name)
+    }
+    fn stop_all(&self, names: &[&str]) -> Vec<Result<(), SystemdError>> {
+        (**self).stop_all(names)
     }
     fn kill(&self, name: &str, whom: KillWhom, signal: i32) -> Result<(), SystemdError> {
         (**self).kill(name, whom, signal)

@@ -1,0 +1,152 @@
+//! Benchmark, not a check: how fast the appliance starts 1 and 50 pods,
+//! and what the agent costs idle and with 50 pods. Prints the figures that
+//! docs/benchmarks.md quotes. `make bench-pods` runs it; the QEMU tier of
+//! `make test` skips it.
+//!
+//! Times come from the guest's own console timestamps: from the agent's
+//! "fetched ... at REV" line to its "revision REV: N actions applied" line,
+//! which it writes once every start job has finished (a `Type=exec` service
+//! is active once its program is executing).
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)]
+
+use std::time::Duration;
+
+use berth_qemu_tests::{GIT_HOST, GitHost, Vm, VmOptions, repo_root, test_image};
+
+const WAIT: Duration = Duration::from_secs(600);
+
+fn must<T>(r: berth_qemu_tests::Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn sh(vm: &Vm, command: &str) -> String {
+    let (rc, out) = must(vm.exec(command, Duration::from_secs(120)));
+    assert_eq!(rc, 0, "{command}: {out}");
+    out
+}
+
+/// The guest clock (seconds since boot) of the first console line holding `needle`.
+fn stamp(vm: &Vm, needle: &str) -> f64 {
+    vm.console_text()
+        .lines()
+        .find(|l| l.contains(needle))
+        .and_then(|l| {
+            let open = l.find('[')?;
+            let close = l[open..].find(']')? + open;
+            l[open + 1..close].trim().parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no console line with {needle:?}"))
+}
+
+fn agent_pid(vm: &Vm) -> String {
+    sh(vm, "systemctl show -p MainPID --value berth-agent.service")
+        .trim()
+        .to_string()
+}
+
+fn rss_kib(vm: &Vm) -> u64 {
+    let line = sh(vm, &format!("grep VmRSS /proc/{}/status", agent_pid(vm)));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The agent's CPU use over `seconds`, in percent of one CPU.
+fn cpu_percent(vm: &Vm, seconds: u64) -> f64 {
+    let ticks = |vm: &Vm| -> u64 {
+        let stat = sh(vm, &format!("cat /proc/{}/stat", agent_pid(vm)));
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let before = ticks(vm);
+    std::thread::sleep(Duration::from_secs(seconds));
+    let after = ticks(vm);
+    (after - before) as f64 / 100.0 / seconds as f64 * 100.0
+}
+
+fn deployment(replicas: u32) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: bench}}\nspec:\n  replicas: {replicas}\n  selector: {{matchLabels: {{app: bench}}}}\n  template:\n    metadata: {{labels: {{app: bench}}}}\n    spec:\n      containers:\n      - name: main\n        image: busybox:1.37\n        command: [sleep, \"1000000\"]\n        resources: {{requests: {{cpu: 10m, memory: 4Mi}}}}\n"
+    )
+}
+
+#[test]
+#[ignore = "benchmark: needs QEMU and the test image (make bench-pods)"]
+fn bench_pods_start_time_and_agent_cost() {
+    let image = must(test_image());
+    let root = repo_root().join("target/qemu-tests/bench-pods-git");
+    let _ = std::fs::remove_dir_all(&root);
+    let git = must(GitHost::new(&root, "desired.git"));
+    let empty = must(git.push(
+        &[(
+            "pods/empty.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: empty}\n",
+        )],
+        "nothing yet",
+    ));
+    let mut options = VmOptions::new("bench-pods");
+    options.esp_config = Some(format!(
+        "node:\n  name: bench\ngit:\n  url: git://{GIT_HOST}/desired.git\n  path: pods\n  pollInterval: 5s\n"
+    ));
+    let (mut vm, _) = must(Vm::boot_until(
+        &image,
+        &git,
+        &options,
+        "berth: agent started",
+        WAIT,
+    ));
+    must(vm.wait_for(&format!("revision {} accepted", &empty[..12]), WAIT));
+    std::thread::sleep(Duration::from_secs(10));
+    let idle_rss = rss_kib(&vm);
+    let idle_cpu = cpu_percent(&vm, 60);
+
+    let mut results = Vec::new();
+    for replicas in [1u32, 50] {
+        let rev = must(git.push(&[("pods/bench.yaml", &deployment(replicas))], "bench"));
+        sh(&vm, "systemctl reload berth-agent.service");
+        let applied = format!("revision {}: ", &rev[..12]);
+        must(vm.wait_for(&applied, WAIT));
+        let line = vm
+            .console_text()
+            .lines()
+            .find(|l| l.contains(&applied))
+            .unwrap_or_default()
+            .to_string();
+        assert!(line.contains(" 0 failed"), "{line}");
+        let seconds = stamp(&vm, &applied) - stamp(&vm, &format!("at {}", &rev[..12]));
+        let running = sh(
+            &vm,
+            "systemctl list-units --plain --no-legend --state=active 'berth-default_bench-*_main.service' | wc -l",
+        );
+        assert_eq!(running.trim(), replicas.to_string());
+        results.push((replicas, seconds));
+        if replicas == 1 {
+            // Back to nothing, so the 50 all start new.
+            let rev = must(git.push(
+                &[(
+                    "pods/bench.yaml",
+                    "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: bench}\n",
+                )],
+                "clear",
+            ));
+            sh(&vm, "systemctl reload berth-agent.service");
+            must(vm.wait_for(&format!("revision {}: ", &rev[..12]), WAIT));
+        }
+    }
+    std::thread::sleep(Duration::from_secs(10));
+    let busy_rss = rss_kib(&vm);
+    let busy_cpu = cpu_percent(&vm, 60);
+    for (replicas, seconds) in &results {
+        println!("bench: commit fetched -> {replicas} pod(s) active: {seconds:.2} s");
+    }
+    println!(
+        "bench: agent idle (no pods): {:.1} MiB resident, {idle_cpu:.2}% CPU over 60 s",
+        idle_rss as f64 / 1024.0
+    );
+    println!(
+        "bench: agent managing 50 pods: {:.1} MiB resident, {busy_cpu:.2}% CPU over 60 s",
+        busy_rss as f64 / 1024.0
+    );
+    must(vm.poweroff(Duration::from_secs(120)));
+}
