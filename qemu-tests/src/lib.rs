@@ -506,6 +506,50 @@ fn path_str(p: &Path) -> Result<&str> {
         .ok_or_else(|| HarnessError(format!("{} is not UTF-8", p.display())))
 }
 
+/// The console signature of QEMU 7.2's multi-threaded TCG bug: the guest
+/// kernel patching its own code (a static key flipped, as when a cgroup
+/// controller is first used) trips over a stale `int3` on another vCPU.
+pub const TCG_FLAKE: &str = "Oops: int3";
+
+/// Runs a QEMU scenario; if it fails and a console of the VM named `name`
+/// shows [`TCG_FLAKE`], runs it once more (the first consoles are kept with
+/// a `flaky-` prefix). Any other failure, or a second flake, fails.
+pub fn retry_on_tcg_flake(name: &str, scenario: impl Fn()) {
+    let dir = repo_root().join("target/qemu-tests").join(name);
+    let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&scenario));
+    let Err(panic) = first else { return };
+    let consoles: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("console"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let flaked = consoles
+        .iter()
+        .any(|p| std::fs::read(p).is_ok_and(|b| String::from_utf8_lossy(&b).contains(TCG_FLAKE)));
+    if !flaked {
+        std::panic::resume_unwind(panic);
+    }
+    let saved: Vec<(PathBuf, Vec<u8>)> = consoles
+        .iter()
+        .filter_map(|p| Some((p.clone(), std::fs::read(p).ok()?)))
+        .collect();
+    eprintln!(
+        "qemu-tests: {name}: the guest kernel hit QEMU's multi-threaded TCG bug ({TCG_FLAKE:?}); running the scenario again"
+    );
+    scenario();
+    for (path, body) in saved {
+        if let Some(file) = path.file_name() {
+            let _ = std::fs::write(dir.join(format!("flaky-{}", file.to_string_lossy())), body);
+        }
+    }
+}
+
 /// Parses `berth status --output json` as printed in the guest.
 pub fn status_json(output: &str) -> Result<serde_json::Value> {
     serde_json::from_str(output)

@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use berth_qemu_tests::{GIT_HOST, GitHost, Vm, VmOptions, repo_root, status_json, test_image};
+use berth_qemu_tests::{
+    GIT_HOST, GitHost, Vm, VmOptions, repo_root, retry_on_tcg_flake, status_json, test_image,
+};
 
 const BOOT: Duration = Duration::from_secs(180);
 const FETCH: Duration = Duration::from_secs(120);
@@ -19,6 +21,11 @@ fn must<T>(r: berth_qemu_tests::Result<T>) -> T {
 #[test]
 #[ignore = "needs QEMU, OVMF and the test image (scripts/test.sh runs it)"]
 fn the_node_boots_fetches_its_branch_and_keeps_the_last_good_revision() {
+    // The example pods start too, so the kernel flips static keys under TCG.
+    retry_on_tcg_flake("fetch", fetch_scenario);
+}
+
+fn fetch_scenario() {
     let image = must(test_image());
     let root = repo_root().join("target/qemu-tests/fetch-git");
     let _ = std::fs::remove_dir_all(&root);

@@ -12,7 +12,9 @@
 
 use std::time::Duration;
 
-use berth_qemu_tests::{GIT_HOST, GitHost, Vm, VmOptions, repo_root, test_image};
+use berth_qemu_tests::{
+    GIT_HOST, GitHost, Vm, VmOptions, repo_root, retry_on_tcg_flake, test_image,
+};
 
 const WAIT: Duration = Duration::from_secs(600);
 
@@ -74,6 +76,10 @@ fn deployment(replicas: u32) -> String {
 #[test]
 #[ignore = "benchmark: needs QEMU and the test image (make bench-pods)"]
 fn bench_pods_start_time_and_agent_cost() {
+    retry_on_tcg_flake("bench-pods", scenario);
+}
+
+fn scenario() {
     let image = must(test_image());
     let root = repo_root().join("target/qemu-tests/bench-pods-git");
     let _ = std::fs::remove_dir_all(&root);

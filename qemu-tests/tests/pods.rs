@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use berth_plan::{NodeInfo, PropertyValue};
-use berth_qemu_tests::{GIT_HOST, GitHost, Vm, VmOptions, repo_root, test_image};
+use berth_qemu_tests::{
+    GIT_HOST, GitHost, Vm, VmOptions, repo_root, retry_on_tcg_flake, test_image,
+};
 
 const BOOT: Duration = Duration::from_secs(180);
 const SETTLE: Duration = Duration::from_secs(180);
@@ -180,6 +182,10 @@ fn planned_values(
 #[test]
 #[ignore = "needs QEMU, OVMF and the test image (scripts/test.sh runs it)"]
 fn pushed_pods_run_as_units_with_their_qos_and_converge_after_restarts() {
+    retry_on_tcg_flake("pods", scenario);
+}
+
+fn scenario() {
     let image = must(test_image());
     let root = repo_root().join("target/qemu-tests/pods-git");
     let _ = std::fs::remove_dir_all(&root);
@@ -207,6 +213,15 @@ fn pushed_pods_run_as_units_with_their_qos_and_converge_after_restarts() {
         &vm,
         "systemctl show -p InvocationID --value berth-admin-debug.service",
     );
+
+    // The in-memory systemd's contract, held against PID 1.
+    let (rc, contract) = must(vm.exec("berth systemd-contract", Duration::from_secs(120)));
+    println!("{contract}");
+    assert_eq!(
+        rc, 0,
+        "PID 1 broke the contract the fake keeps:\n{contract}"
+    );
+    assert_eq!(contract.lines().filter(|l| l.starts_with("ok ")).count(), 7);
 
     let fetched = must(vm.wait_for(&format!("at {}", &first[..12]), SETTLE));
     let pods = pods_until(&vm, "three QoS pods running", SETTLE, |p| {

@@ -4,7 +4,8 @@
 //! stopped with their children, failed units kept until `ResetFailedUnit`,
 //! automatic restarts counted in `NRestarts`, properties refused when the
 //! manager is too old for them, and units an admin made that Berth must not
-//! touch. The contract tests run the same cases against PID 1 in QEMU.
+//! touch. [`crate::contract`] runs the same cases against it and against
+//! PID 1 in QEMU.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;

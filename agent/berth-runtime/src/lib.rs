@@ -8,6 +8,7 @@
 //! It must not decide anything: what to run and why comes from
 //! `berth-plan`; this crate carries the plan out and reports what happened.
 
+pub mod contract;
 pub mod dbus;
 pub mod fake;
 pub mod images;

@@ -1,8 +1,8 @@
 //! The part of systemd's manager API Berth uses, as a trait with two
 //! implementations: [`crate::dbus::DbusSystemd`] talks to PID 1, and
 //! [`crate::fake::FakeSystemd`] keeps units in memory with the same
-//! semantics for the loop's unit tests. The contract tests in
-//! `tests/systemd_contract.rs` run against both.
+//! semantics for the loop's unit tests. The cases in [`crate::contract`]
+//! run against both.
 
 use berth_plan::{ActiveState, Properties};
 

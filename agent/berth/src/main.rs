@@ -117,6 +117,10 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Runs Berth's systemd contract cases against this machine's PID 1
+    /// (the QEMU tier uses it to keep the in-memory fake honest).
+    #[command(hide = true)]
+    SystemdContract,
     /// Show a container's log from the journal.
     Logs {
         /// `NAMESPACE/NAME`, or `NAME` with `-n`.
@@ -203,6 +207,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => agent(&dirs, once, plan_only, image_archives),
         Command::Status { dirs, output } => status(&dirs, output, true),
         Command::Get { dirs, output, .. } => status(&dirs, output, false),
+        Command::SystemdContract => systemd_contract(),
         Command::Logs {
             pod,
             namespace,
@@ -371,6 +376,27 @@ fn status(dirs: &AgentDirs, output: Output, with_agent: bool) -> anyhow::Result<
         render::print_pods(&pods, &node, now_usec, output)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn systemd_contract() -> anyhow::Result<ExitCode> {
+    let systemd = berth_runtime::dbus::DbusSystemd::connect(JOB_TIMEOUT, None, None)?;
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let mut failed = 0;
+    for (name, result) in berth_runtime::contract::run_all(&systemd) {
+        match result {
+            Ok(()) => writeln!(out, "ok {name}")?,
+            Err(e) => {
+                failed += 1;
+                writeln!(out, "FAIL {name}: {e}")?;
+            }
+        }
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn logs(
