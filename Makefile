@@ -39,7 +39,7 @@ bench: release
 bench-pods: deps
 	cargo build --locked --release --bin berth
 	$(SUDO) image/build.sh --test --berth target/release/berth
-	cargo test --locked --release -p berth-qemu-tests --test bench_pods -- --ignored --nocapture
+	cargo test --locked -p berth-qemu-tests --test bench_pods -- --ignored --nocapture
 
 # Rewrite the golden files after an intended change; review the diff.
 bless:

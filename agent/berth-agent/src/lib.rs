@@ -129,6 +129,8 @@ pub struct Agent {
     /// The last plan logged (verb and unit of each action): a plan that
     /// repeats (a pod waiting for its image) is logged once.
     last_logged_plan: Vec<String>,
+    /// The revision last reconciled without error, and when.
+    reconciled: Option<(String, Instant)>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -136,6 +138,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// boot); later ones back off to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_LOGGED_ACTIONS: usize = 20;
+/// How often units are observed and healed when nothing signalled a change,
+/// like the kubelet's periodic sync.
+const RESYNC: Duration = Duration::from_secs(60);
 /// Unit changes come in bursts (a stop, a restart job, a start); one
 /// reconcile after the burst is enough.
 const UNIT_CHANGE_DEBOUNCE: Duration = Duration::from_secs(1);
@@ -159,6 +164,7 @@ impl Agent {
             runtime,
             mirror: None,
             last_logged_plan: Vec::new(),
+            reconciled: None,
         })
     }
 
@@ -251,9 +257,26 @@ impl Agent {
         // Reconcile what is good, whether or not Git was reachable: pods
         // heal while the network is down.
         let good = self.state.last_good.as_ref().map(|g| g.revision.clone());
-        let reconciled = match good {
+        // Observing every unit is the expensive part of a pass; a poll that
+        // found nothing new skips it until a unit changes, the last pass
+        // left failures to retry, or the resync interval comes round (which
+        // also heals changes systemd does not signal, like set-property).
+        let due = !fetch
+            || good != self.reconciled.as_ref().map(|(r, _)| r.clone())
+            || !self.state.failures.is_empty()
+            || self
+                .reconciled
+                .as_ref()
+                .is_none_or(|(_, at)| at.elapsed() >= RESYNC);
+        let reconciled = match good.filter(|_| due) {
             Some(rev) => match self.load(config, mirror, &rev) {
-                Ok(loaded) => Some(self.reconcile(config, &loaded)),
+                Ok(loaded) => {
+                    let result = self.reconcile(config, &loaded);
+                    if result.is_ok() {
+                        self.reconciled = Some((rev, Instant::now()));
+                    }
+                    Some(result)
+                }
                 Err(e) => Some(Err(e)),
             },
             None => None,

@@ -376,3 +376,23 @@ fn an_apply_cut_short_converges_on_the_next_start_without_duplicates() {
     second.pass(false);
     assert_eq!(node.systemd.take_calls(), Vec::<String>::new(), "converged");
 }
+
+#[test]
+fn a_poll_that_finds_nothing_new_does_not_observe_again_until_a_unit_changes() {
+    let node = Node::new("quiet");
+    node.commit(&[("pods/a.yaml", Some(pod("a", "sleep, \"100\"", "")))]);
+    let mut agent = node.agent();
+    agent.pass(true);
+    let after_first = node.systemd.list_count();
+    agent.pass(true);
+    assert_eq!(
+        node.systemd.list_count(),
+        after_first,
+        "an idle poll observed"
+    );
+    // A unit changed (systemd said so): observe and heal.
+    node.systemd.stop("berth-default_a_main.service").unwrap();
+    agent.pass(false);
+    assert!(node.systemd.list_count() > after_first);
+    assert!(node.active("berth-default_a_main.service"), "healed");
+}

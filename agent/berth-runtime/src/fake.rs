@@ -39,6 +39,8 @@ struct FakeState {
     /// When set, changing calls beyond this many fail as if the bus went
     /// away: what an agent killed in the middle of an apply leaves behind.
     cut_after: Option<usize>,
+    /// How many times the unit list was read.
+    lists: usize,
 }
 
 /// See the module documentation.
@@ -139,6 +141,11 @@ impl FakeSystemd {
     /// Names of all loaded units.
     pub fn unit_names(&self) -> Vec<String> {
         self.lock().units.keys().cloned().collect()
+    }
+
+    /// How many times `list_units` was called: each observe calls it.
+    pub fn list_count(&self) -> usize {
+        self.lock().lists
     }
 
     /// Lets `n` more changing calls through, then fails every one.
@@ -301,7 +308,8 @@ impl Systemd for FakeSystemd {
     }
 
     fn list_units(&self, patterns: &[&str]) -> Result<Vec<UnitSummary>, SystemdError> {
-        let s = self.lock();
+        let mut s = self.lock();
+        s.lists += 1;
         Ok(s.units
             .iter()
             .filter(|(n, _)| patterns.is_empty() || patterns.iter().any(|p| glob_match(p, n)))
