@@ -569,9 +569,11 @@ impl Agent {
     /// (without fetching), and with a growing backoff after a failed pass.
     /// Pings the watchdog while waiting. Units keep running when it returns.
     pub fn run(&mut self, notifier: &Notifier, wake: &Receiver<Wake>) {
-        self.import_images();
         notifier.ready("starting");
         self.log.info("agent started");
+        // After readiness: an import (seconds on first boot) is the loop's
+        // work, not start-up's.
+        self.import_images();
         let mut backoff = FIRST_BACKOFF;
         let mut fetch = true;
         loop {

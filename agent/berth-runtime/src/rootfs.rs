@@ -61,12 +61,20 @@ impl ContainerRoots {
         format!("{}-*.mount", escape_path(&self.base.to_string_lossy()))
     }
 
-    /// Makes the directories and returns the mount unit's properties. The
-    /// writable layer's root is 0755: it becomes the container's `/`, which
-    /// a non-root user must be able to traverse.
+    /// Makes the directories, with an empty writable layer, and returns the
+    /// mount unit's properties. The writable layer's root is 0755: it
+    /// becomes the container's `/`, which a non-root user must traverse.
     pub fn prepare(&self, key: &str, image_root: &Path) -> io::Result<Properties> {
         use std::os::unix::fs::PermissionsExt;
         let dir = self.dir(key);
+        // A container created anew starts from its image, as in Kubernetes:
+        // the previous writable layer goes (the mount is already stopped).
+        for sub in ["upper", "work"] {
+            match fs::remove_dir_all(dir.join(sub)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
         for sub in ["upper", "work", "rootfs"] {
             fs::create_dir_all(dir.join(sub))?;
         }
@@ -194,6 +202,29 @@ mod tests {
         );
         assert_eq!(roots.mount_pattern(), "var-lib-berth-containers-*.mount");
         assert_eq!(escape_path("/.hidden/a b"), "\\x2ehidden-a\\x20b");
+    }
+
+    #[test]
+    fn a_container_created_anew_starts_with_an_empty_writable_layer() {
+        let base = std::env::temp_dir().join(format!("berth-roots-{}", std::process::id()));
+        let roots = ContainerRoots::new(&base.join("containers"));
+        let image = base.join("image");
+        fs::create_dir_all(&image).expect("image dir");
+        roots.prepare("ns_p_c", &image).expect("first");
+        fs::write(roots.dir("ns_p_c").join("upper/left-behind"), b"x").expect("write");
+        let props = roots.prepare("ns_p_c", &image).expect("again");
+        assert!(!roots.dir("ns_p_c").join("upper/left-behind").exists());
+        assert_eq!(
+            props.get("Options"),
+            Some(&PropertyValue::Text(format!(
+                "lowerdir={},upperdir={}/containers/ns_p_c/upper,workdir={}/containers/ns_p_c/work",
+                image.display(),
+                base.display(),
+                base.display()
+            )))
+        );
+        assert_eq!(roots.keys(), vec!["ns_p_c".to_string()]);
+        fs::remove_dir_all(&base).expect("cleanup");
     }
 
     #[test]
