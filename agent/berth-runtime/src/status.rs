@@ -135,12 +135,13 @@ fn container_state(unit: &UnitDetails) -> (ContainerState, bool, Option<i32>) {
     let init =
         matches!(unit.properties.get("Type"), Some(PropertyValue::Text(t)) if t == "oneshot");
     match (unit.active_state, unit.sub_state.as_str()) {
+        // A container that ran to completion is not ready, as in kubectl.
         (ActiveState::Active, "exited") => (
             ContainerState::Terminated {
                 reason: "Completed".into(),
                 exit_code: exited.unwrap_or(0),
             },
-            !init,
+            false,
             exited,
         ),
         (ActiveState::Active | ActiveState::Reloading, _) => (
@@ -374,4 +375,108 @@ fn derive_phase(p: &mut PodStatus, failure: Option<&String>) {
     } else {
         (Phase::Pending, "Pending".to_string())
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::FailureReason;
+    use crate::systemd::UnitRuntime;
+    use berth_plan::Properties;
+
+    fn service(pod: &str, active: ActiveState, sub: &str, runtime: UnitRuntime) -> UnitDetails {
+        let props: Properties = [
+            (
+                "LogExtraFields",
+                PropertyValue::List(vec![
+                    "BERTH_MANAGED=1".into(),
+                    format!("BERTH_POD=default/{pod}"),
+                    "BERTH_CONTAINER=main".into(),
+                ]),
+            ),
+            ("Type", PropertyValue::Text("exec".into())),
+        ]
+        .into_iter()
+        .collect();
+        UnitDetails {
+            name: format!("berth-default_{pod}_main.service"),
+            active_state: active,
+            sub_state: sub.into(),
+            properties: props,
+            runtime,
+        }
+    }
+
+    #[test]
+    fn phases_and_reasons_read_like_kubectl() {
+        let mut observed = Observed::default();
+        let units = [
+            service(
+                "up",
+                ActiveState::Active,
+                "running",
+                UnitRuntime {
+                    active_enter_usec: 5,
+                    restarts: 2,
+                    ..UnitRuntime::default()
+                },
+            ),
+            service(
+                "looping",
+                ActiveState::Activating,
+                "auto-restart",
+                UnitRuntime {
+                    exit_code: 1,
+                    exit_status: 3,
+                    restarts: 4,
+                    result: "exit-code".into(),
+                    ..UnitRuntime::default()
+                },
+            ),
+            service(
+                "done",
+                ActiveState::Active,
+                "exited",
+                UnitRuntime {
+                    exit_code: 1,
+                    exit_status: 0,
+                    ..UnitRuntime::default()
+                },
+            ),
+        ];
+        for u in units {
+            observed.units.insert(u.name.clone(), u);
+        }
+        let failures = [ApplyFailure {
+            unit: "berth-default_ghost_main.service".into(),
+            pod: Some("default/ghost".into()),
+            verb: "start".into(),
+            reason: FailureReason::ImageNotPresent,
+            message: "image \"x\" is not present".into(),
+        }];
+        let pods = pod_statuses(&observed, &failures, Path::new("/nonexistent"));
+        let by_name = |n: &str| pods.iter().find(|p| p.name == n).expect(n);
+        let up = by_name("up");
+        assert_eq!(
+            (up.phase, up.status.as_str(), up.ready(), up.restarts()),
+            (Phase::Running, "Running", (1, 1), 2)
+        );
+        let looping = by_name("looping");
+        assert_eq!(
+            (looping.phase, looping.status.as_str()),
+            (Phase::Pending, "CrashLoopBackOff")
+        );
+        assert_eq!(looping.containers[0].last_exit_code, Some(3));
+        let done = by_name("done");
+        assert_eq!(
+            (done.phase, done.status.as_str(), done.ready()),
+            (Phase::Succeeded, "Completed", (0, 1))
+        );
+        let ghost = by_name("ghost");
+        assert_eq!(
+            (ghost.phase, ghost.status.as_str()),
+            (Phase::Pending, "ImageNotPresent")
+        );
+        assert_eq!(ghost.messages.len(), 1);
+    }
 }

@@ -1,6 +1,7 @@
 //! `make demo`: boots the appliance in QEMU against a local Git repository
-//! seeded with `manifests/`, shows the node fetching and planning them, and
-//! powers it off (or keeps it running with `--keep` until Ctrl-C).
+//! seeded with `manifests/`, shows the node fetching them and its pods
+//! coming up, and powers it off (or keeps it running with `--keep` until
+//! Ctrl-C).
 
 use std::io::Write;
 use std::time::Duration;
@@ -53,6 +54,24 @@ fn run() -> berth_qemu_tests::Result<()> {
             )));
         }
         std::thread::sleep(Duration::from_millis(500));
+    }
+    // Then the pods: wait until none is still being created.
+    let settled = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let (rc, out) = vm.exec("berth get pods -o json", Duration::from_secs(60))?;
+        let pods: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
+        let starting = pods.iter().any(|p| {
+            let s = p["status"].as_str().unwrap_or("Pending");
+            s == "Pending" || s == "ContainerCreating" || s.starts_with("Init:")
+        });
+        if rc == 0 && !pods.is_empty() && !starting {
+            break;
+        }
+        if std::time::Instant::now() > settled {
+            say("some pods are still starting; showing them as they are");
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(2));
     }
     let (_, status) = vm.exec("berth status", Duration::from_secs(60))?;
     say(&format!(
