@@ -473,6 +473,20 @@ impl Agent {
             }
         }
         self.state.not_admitted = not_admitted;
+        let mut plan_errors: Vec<String> = plan
+            .diagnostics
+            .iter()
+            .filter(|d| d.is_error())
+            .map(ToString::to_string)
+            .collect();
+        plan_errors.sort();
+        plan_errors.dedup();
+        if plan_errors != self.state.plan_errors {
+            for e in &plan_errors {
+                self.log.error(e);
+            }
+        }
+        self.state.plan_errors = plan_errors;
         if plan.plan.actions.is_empty() && self.state.failures.is_empty() {
             self.last_logged_plan.clear();
             return Ok(());

@@ -19,6 +19,10 @@ pub struct AgentState {
     /// What the last apply could not do, per unit.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failures: Vec<berth_runtime::ApplyFailure>,
+    /// Errors found while planning against what runs (a pod whose unit
+    /// name an admin's unit holds): those pods do not run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plan_errors: Vec<String>,
     /// Pods the node cannot fit.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_admitted: Vec<NotAdmittedRecord>,

@@ -396,3 +396,29 @@ fn a_poll_that_finds_nothing_new_does_not_observe_again_until_a_unit_changes() {
     assert!(node.systemd.list_count() > after_first);
     assert!(node.active("berth-default_a_main.service"), "healed");
 }
+
+#[test]
+fn a_pod_whose_unit_an_admin_holds_is_refused_and_said_so() {
+    let node = Node::new("conflict");
+    node.systemd
+        .add_admin_unit("berth-default_taken_main.service", "the admin's own");
+    node.commit(&[
+        ("pods/taken.yaml", Some(pod("taken", "sleep, \"1\"", ""))),
+        ("pods/free.yaml", Some(pod("free", "sleep, \"1\"", ""))),
+    ]);
+    let mut agent = node.agent();
+    agent.pass(true);
+    assert!(node.active("berth-default_free_main.service"));
+    let errors = &agent.state().plan_errors;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("was not created by Berth"), "{errors:?}");
+    let admin = node
+        .systemd
+        .unit("berth-default_taken_main.service")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        admin.properties.get("Description"),
+        Some(&berth_plan::PropertyValue::Text("the admin's own".into()))
+    );
+}

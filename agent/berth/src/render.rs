@@ -104,7 +104,7 @@ pub fn print_status(
     if let Some(a) = &state.last_attempted {
         writeln!(out, "last attempted: {}", a.revision)?;
     }
-    for e in &state.errors {
+    for e in state.errors.iter().chain(&state.plan_errors) {
         writeln!(out, "error: {e}")?;
     }
     writeln!(out)?;
