@@ -221,7 +221,11 @@ fn scenario() {
         rc, 0,
         "PID 1 broke the contract the fake keeps:\n{contract}"
     );
-    assert_eq!(contract.lines().filter(|l| l.starts_with("ok ")).count(), 7);
+    assert_eq!(
+        contract.lines().filter(|l| l.starts_with("ok ")).count(),
+        berth_runtime::contract::CASES.len(),
+        "{contract}"
+    );
 
     let fetched = must(vm.wait_for(&format!("at {}", &first[..12]), SETTLE));
     let pods = pods_until(&vm, "three QoS pods running", SETTLE, |p| {

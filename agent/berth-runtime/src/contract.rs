@@ -230,6 +230,24 @@ fn stopping_a_slice_stops_what_runs_in_it(systemd: &dyn Systemd) -> Result<(), S
     check(member_gone, "the member outlived its slice")
 }
 
+fn units_started_together_report_each_result(systemd: &dyn Systemd) -> Result<(), String> {
+    let good = "berth-contract-together-a.service";
+    let bad = "berth-contract-together-b.service";
+    let good_props = service(PRESENT, "always");
+    let bad_props = service(MISSING, "no");
+    let results = systemd.start_all(&[(good, &good_props), (bad, &bad_props)]);
+    let good_active =
+        sys(systemd.unit(good))?.is_some_and(|u| u.active_state == ActiveState::Active);
+    cleanup(systemd, &[good, bad]);
+    check(
+        results.len() == 2
+            && results[0].is_ok()
+            && matches!(results[1], Err(SystemdError::JobFailed { .. })),
+        format!("start_all returned {results:?}"),
+    )?;
+    check(good_active, "the good unit is not active")
+}
+
 type Case = fn(&dyn Systemd) -> Result<(), String>;
 
 /// Every case, by name.
@@ -258,6 +276,10 @@ pub const CASES: &[(&str, Case)] = &[
     (
         "stopping_a_slice_stops_what_runs_in_it",
         stopping_a_slice_stops_what_runs_in_it,
+    ),
+    (
+        "units_started_together_report_each_result",
+        units_started_together_report_each_result,
     ),
 ];
 

@@ -475,6 +475,26 @@ impl Systemd for DbusSystemd {
         }
     }
 
+    fn start_all(&self, units: &[(&str, &Properties)]) -> Vec<Result<(), SystemdError>> {
+        // Queue every start, then wait for the jobs: systemd runs them
+        // together and orders them by their dependencies.
+        let aux: Vec<(String, Vec<(String, Value<'static>)>)> = Vec::new();
+        let jobs: Vec<Result<OwnedObjectPath, SystemdError>> = units
+            .iter()
+            .map(|(name, properties)| {
+                let props = wire_properties(name, properties)?;
+                self.manager
+                    .call("StartTransientUnit", &(*name, "fail", props, &aux))
+                    .map_err(refused(name, "StartTransientUnit"))
+            })
+            .collect();
+        units
+            .iter()
+            .zip(jobs)
+            .map(|((name, _), job)| job.and_then(|j| self.wait_job(name, "start", j)))
+            .collect()
+    }
+
     fn stop_all(&self, names: &[&str]) -> Vec<Result<(), SystemdError>> {
         // Queue every stop job first, then wait: systemd runs them together.
         let jobs: Vec<Result<Option<OwnedObjectPath>, SystemdError>> = names

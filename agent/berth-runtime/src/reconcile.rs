@@ -152,6 +152,7 @@ pub fn apply(
         .collect();
     let mut report = ApplyReport::default();
     let mut failed_pods: BTreeSet<String> = BTreeSet::new();
+    let mut pending: Vec<(&berth_plan::Action, Prepared<'_>)> = Vec::new();
     // Containers Git no longer wants stop together, each with its own
     // grace period; their mounts and layers go afterwards, one by one.
     let stops: Vec<&str> = plan
@@ -202,8 +203,13 @@ pub fn apply(
                     .set_properties(unit, &props)
                     .map_err(Failure::from)
             }
+            // Prepared now, started together after the loop.
             Verb::Start | Verb::Restart => match units.get(unit) {
-                Some((p, u)) => start_container(host, p, u, observed.units.get(unit)),
+                Some((p, u)) => {
+                    prepare_container(host, p, u, observed.units.get(unit)).map(|prepared| {
+                        pending.push((action, prepared));
+                    })
+                }
                 None => Err(Failure {
                     reason: FailureReason::CreateContainerConfigError,
                     message: format!("unit {unit} is planned but has no desired properties"),
@@ -239,6 +245,7 @@ pub fn apply(
             }),
         };
         match result {
+            Ok(()) if matches!(action.verb, Verb::Start | Verb::Restart) => {}
             Ok(()) => report.done.push((unit.to_string(), action.verb)),
             Err(f) => {
                 if let Some(p) = &pod {
@@ -254,16 +261,79 @@ pub fn apply(
             }
         }
     }
+    start_prepared(host, &pending, &mut report);
     report.cleaned = collect_garbage(host, pods);
     report
 }
 
-fn start_container(
+/// A container ready to start: its root mount and its service.
+struct Prepared<'a> {
+    mount: String,
+    mount_properties: Properties,
+    properties: &'a Properties,
+}
+
+/// Starts the prepared containers together: every root mount, then every
+/// service, each batch queued at once and waited for, so pods start in
+/// parallel (systemd still orders init containers by `After=`).
+fn start_prepared(
+    host: &Host<'_>,
+    pending: &[(&berth_plan::Action, Prepared<'_>)],
+    report: &mut ApplyReport,
+) {
+    let fail = |report: &mut ApplyReport,
+                action: &berth_plan::Action,
+                reason: FailureReason,
+                message: String| {
+        report.failed.push(ApplyFailure {
+            unit: action.unit.to_string(),
+            pod: action.pod.as_ref().map(ToString::to_string),
+            verb: action.verb.as_str().to_string(),
+            reason,
+            message,
+        });
+    };
+    let mounts: Vec<(&str, &Properties)> = pending
+        .iter()
+        .map(|(_, p)| (p.mount.as_str(), &p.mount_properties))
+        .collect();
+    let mounted = host.systemd.start_all(&mounts);
+    let mut ready = Vec::new();
+    for ((action, prepared), result) in pending.iter().zip(mounted) {
+        match result {
+            Ok(()) => ready.push((*action, prepared)),
+            Err(e) => fail(
+                report,
+                action,
+                FailureReason::CreateContainerError,
+                e.to_string(),
+            ),
+        }
+    }
+    let services: Vec<(&str, &Properties)> = ready
+        .iter()
+        .map(|(a, p)| (a.unit.as_str(), p.properties))
+        .collect();
+    let started = host.systemd.start_all(&services);
+    for ((action, _), result) in ready.iter().zip(started) {
+        match result {
+            Ok(()) => report.done.push((action.unit.to_string(), action.verb)),
+            Err(e) => {
+                let f = Failure::from(e);
+                fail(report, action, f.reason, f.message);
+            }
+        }
+    }
+}
+
+/// Everything before a container's start: its image, the unit it
+/// replaces, a fresh root, its user records.
+fn prepare_container<'a>(
     host: &Host<'_>,
     pod: &DesiredPod,
-    unit: &ContainerUnit,
+    unit: &'a ContainerUnit,
     existing: Option<&UnitDetails>,
-) -> Result<(), Failure> {
+) -> Result<Prepared<'a>, Failure> {
     let name = unit.name.as_str();
     let image_root = host.images.rootfs(&unit.image).ok_or_else(|| Failure {
         reason: FailureReason::ImageNotPresent,
@@ -295,19 +365,15 @@ fn start_container(
     // A fresh mount every start: the image may have changed.
     host.systemd.stop(&mount).map_err(Failure::from)?;
     host.systemd.reset_failed(&mount).map_err(Failure::from)?;
-    let mount_props = host.roots.prepare(&key, &image_root).map_err(host_err)?;
-    host.systemd
-        .start_transient(&mount, &mount_props)
-        .map_err(|e| Failure {
-            reason: FailureReason::CreateContainerError,
-            message: e.to_string(),
-        })?;
+    let mount_properties = host.roots.prepare(&key, &image_root).map_err(host_err)?;
     host.users
         .ensure(numeric(props, "User"), numeric(props, "Group"))
         .map_err(host_err)?;
-    host.systemd
-        .start_transient(name, props)
-        .map_err(Failure::from)
+    Ok(Prepared {
+        mount,
+        mount_properties,
+        properties: props,
+    })
 }
 
 fn stop_container(host: &Host<'_>, unit: &str) -> Result<(), Failure> {

@@ -108,6 +108,14 @@ pub trait Systemd: Send + Sync {
     fn unit(&self, name: &str) -> Result<Option<UnitDetails>, SystemdError>;
     /// `StartTransientUnit` in mode `fail`, waiting for the job.
     fn start_transient(&self, name: &str, properties: &Properties) -> Result<(), SystemdError>;
+    /// Starts several transient units at once and waits for all of them.
+    /// One result per unit, in order.
+    fn start_all(&self, units: &[(&str, &Properties)]) -> Vec<Result<(), SystemdError>> {
+        units
+            .iter()
+            .map(|(n, p)| self.start_transient(n, p))
+            .collect()
+    }
     /// `StopUnit` in mode `replace`, waiting for the job. Stopping a unit
     /// that is not loaded is not an error.
     fn stop(&self, name: &str) -> Result<(), SystemdError>;
@@ -143,6 +151,9 @@ impl<T: Systemd + ?Sized> Systemd for std::sync::Arc<T> {
     }
     fn stop_all(&self, names: &[&str]) -> Vec<Result<(), SystemdError>> {
         (**self).stop_all(names)
+    }
+    fn start_all(&self, units: &[(&str, &Properties)]) -> Vec<Result<(), SystemdError>> {
+        (**self).start_all(units)
     }
     fn kill(&self, name: &str, whom: KillWhom, signal: i32) -> Result<(), SystemdError> {
         (**self).kill(name, whom, signal)
