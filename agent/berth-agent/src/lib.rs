@@ -393,6 +393,12 @@ impl Agent {
         self.state.last_good = Some(record.clone());
         self.state.last_attempted = Some(record);
         self.state.errors.clear();
+        // Recorded before the apply, which may take a while (init
+        // containers run to completion), so `berth status` says it at once.
+        if let Err(e) = self.store.save(&self.state) {
+            self.log
+                .error(&format!("cannot save {}: {e}", self.store.path().display()));
+        }
         Some(PassOutcome::Applied {
             revision: rev,
             changed: true,
