@@ -82,8 +82,10 @@ pub fn check_host() -> Result<()> {
 /// `git://10.0.2.100/<name>`.
 #[derive(Debug)]
 pub struct GitHost {
+    /// Where the bare repositories are (what `git daemon` serves).
     pub dir: PathBuf,
-    work: PathBuf,
+    /// The work tree commits are made from.
+    pub work: PathBuf,
 }
 
 /// Runs a host program (in `dir`, when given) and returns its trimmed stdout;
@@ -141,6 +143,16 @@ impl GitHost {
             &["remote", "add", "origin", bare.to_str().unwrap_or_default()],
         )?;
         Ok(Self { dir, work })
+    }
+
+    /// A bare repository `name` under `target/qemu-tests/<scenario>-git`,
+    /// emptied first, so every run of a scenario starts from nothing.
+    pub fn fresh(scenario: &str, name: &str) -> Result<Self> {
+        let root = repo_root()
+            .join("target/qemu-tests")
+            .join(format!("{scenario}-git"));
+        let _ = std::fs::remove_dir_all(&root);
+        Self::new(&root, name)
     }
 
     /// Writes `files` (path, content) into the work tree, commits and pushes

@@ -27,9 +27,7 @@ fn the_node_boots_fetches_its_branch_and_keeps_the_last_good_revision() {
 
 fn fetch_scenario() {
     let image = must(test_image());
-    let root = repo_root().join("target/qemu-tests/fetch-git");
-    let _ = std::fs::remove_dir_all(&root);
-    let git = must(GitHost::new(&root, "desired.git"));
+    let git = must(GitHost::fresh("fetch", "desired.git"));
     must(git.add_dir(&repo_root().join("manifests"), "manifests"));
     let good = must(git.push(&[], "the example manifests"));
 
@@ -132,9 +130,7 @@ fn fetch_scenario() {
 #[ignore = "needs QEMU, OVMF and the test image (scripts/test.sh runs it)"]
 fn a_node_without_config_says_so_and_keeps_retrying() {
     let image = must(test_image());
-    let root = repo_root().join("target/qemu-tests/no-config-git");
-    let _ = std::fs::remove_dir_all(&root);
-    let git = must(GitHost::new(&root, "unused.git"));
+    let git = must(GitHost::fresh("no-config", "unused.git"));
     let (mut vm, _) = must(Vm::boot_until(
         &image,
         &git,

@@ -12,9 +12,7 @@
 
 use std::time::Duration;
 
-use berth_qemu_tests::{
-    GIT_HOST, GitHost, Vm, VmOptions, repo_root, retry_on_tcg_flake, test_image,
-};
+use berth_qemu_tests::{GIT_HOST, GitHost, Vm, VmOptions, retry_on_tcg_flake, test_image};
 
 const WAIT: Duration = Duration::from_secs(600);
 
@@ -81,9 +79,7 @@ fn bench_pods_start_time_and_agent_cost() {
 
 fn scenario() {
     let image = must(test_image());
-    let root = repo_root().join("target/qemu-tests/bench-pods-git");
-    let _ = std::fs::remove_dir_all(&root);
-    let git = must(GitHost::new(&root, "desired.git"));
+    let git = must(GitHost::fresh("bench-pods", "desired.git"));
     let empty = must(git.push(
         &[(
             "pods/empty.yaml",

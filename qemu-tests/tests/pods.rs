@@ -11,9 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use berth_plan::{NodeInfo, PropertyValue};
-use berth_qemu_tests::{
-    GIT_HOST, GitHost, Vm, VmOptions, repo_root, retry_on_tcg_flake, test_image,
-};
+use berth_qemu_tests::{GIT_HOST, GitHost, Vm, VmOptions, retry_on_tcg_flake, test_image};
 
 const BOOT: Duration = Duration::from_secs(180);
 const SETTLE: Duration = Duration::from_secs(180);
@@ -187,9 +185,7 @@ fn pushed_pods_run_as_units_with_their_qos_and_converge_after_restarts() {
 
 fn scenario() {
     let image = must(test_image());
-    let root = repo_root().join("target/qemu-tests/pods-git");
-    let _ = std::fs::remove_dir_all(&root);
-    let git = must(GitHost::new(&root, "desired.git"));
+    let git = must(GitHost::fresh("pods", "desired.git"));
     let first = must(git.push(PODS, "seven pods"));
 
     let mut options = VmOptions::new("pods");
@@ -267,13 +263,8 @@ fn scenario() {
     .parse()
     .expect("MemTotal");
     let cpus: u64 = sh(&vm, "nproc").trim().parse().expect("nproc");
-    let manifests = root.join("manifests-for-plan");
-    for (path, body) in PODS {
-        let p = manifests.join(path);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(&p, body).unwrap();
-    }
-    let planned = planned_values(&manifests.join("pods"), memory_kib * 1024, cpus);
+    // The work tree still holds exactly the first commit.
+    let planned = planned_values(&git.work.join("pods"), memory_kib * 1024, cpus);
     for (name, qos) in [
         ("gold", "guaranteed"),
         ("silver", "burstable"),

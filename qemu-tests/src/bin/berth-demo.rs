@@ -18,9 +18,7 @@ fn main() {
 fn run() -> berth_qemu_tests::Result<()> {
     let keep = std::env::args().any(|a| a == "--keep");
     let image = test_image()?;
-    let root = repo_root().join("target/qemu-tests/demo-git");
-    let _ = std::fs::remove_dir_all(&root);
-    let git = GitHost::new(&root, "desired.git")?;
+    let git = GitHost::fresh("demo", "desired.git")?;
     git.add_dir(&repo_root().join("manifests"), "manifests")?;
     let revision = git.push(&[], "the example manifests")?;
     let mut options = VmOptions::new("demo");
@@ -31,7 +29,7 @@ fn run() -> berth_qemu_tests::Result<()> {
     say(&format!(
         "booting {} by UEFI under TCG; the Git remote is {} on this machine",
         image.display(),
-        root.join("repos/desired.git").display()
+        git.dir.join("desired.git").display()
     ));
     let vm = Vm::boot(&image, &git, &options)?;
     let mut shown = 0;
@@ -85,7 +83,7 @@ fn run() -> berth_qemu_tests::Result<()> {
     if keep {
         say(&format!(
             "the node keeps running; push to {} and watch {}; Ctrl-C stops it",
-            root.join("work").display(),
+            git.work.display(),
             vm.console.display()
         ));
         loop {
