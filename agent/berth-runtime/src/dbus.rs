@@ -207,6 +207,32 @@ impl DbusSystemd {
         })
     }
 
+    /// `StartTransientUnit` in mode `fail`: the job, not yet finished.
+    fn queue_start(
+        &self,
+        name: &str,
+        properties: &Properties,
+    ) -> Result<OwnedObjectPath, SystemdError> {
+        let props = wire_properties(name, properties)?;
+        let aux: Vec<(String, Vec<(String, Value<'static>)>)> = Vec::new();
+        self.manager
+            .call("StartTransientUnit", &(name, "fail", props, aux))
+            .map_err(refused(name, "StartTransientUnit"))
+    }
+
+    /// `StopUnit` in mode `replace`: the job, or `None` for a unit that is
+    /// not loaded (nothing to stop).
+    fn queue_stop(&self, name: &str) -> Result<Option<OwnedObjectPath>, SystemdError> {
+        match self
+            .manager
+            .call::<_, _, OwnedObjectPath>("StopUnit", &(name, "replace"))
+        {
+            Ok(job) => Ok(Some(job)),
+            Err(e) if method_error(&e).is_some_and(|(n, _)| n == NO_SUCH_UNIT) => Ok(None),
+            Err(e) => Err(refused(name, "StopUnit")(e)),
+        }
+    }
+
     fn unit_path(&self, name: &str) -> Result<Option<OwnedObjectPath>, SystemdError> {
         match self
             .manager
@@ -455,38 +481,23 @@ impl Systemd for DbusSystemd {
     }
 
     fn start_transient(&self, name: &str, properties: &Properties) -> Result<(), SystemdError> {
-        let props = wire_properties(name, properties)?;
-        let aux: Vec<(String, Vec<(String, Value<'static>)>)> = Vec::new();
-        let job: OwnedObjectPath = self
-            .manager
-            .call("StartTransientUnit", &(name, "fail", props, aux))
-            .map_err(refused(name, "StartTransientUnit"))?;
+        let job = self.queue_start(name, properties)?;
         self.wait_job(name, "start", job)
     }
 
     fn stop(&self, name: &str) -> Result<(), SystemdError> {
-        match self
-            .manager
-            .call::<_, _, OwnedObjectPath>("StopUnit", &(name, "replace"))
-        {
-            Ok(job) => self.wait_job(name, "stop", job),
-            Err(e) if method_error(&e).is_some_and(|(n, _)| n == NO_SUCH_UNIT) => Ok(()),
-            Err(e) => Err(refused(name, "StopUnit")(e)),
+        match self.queue_stop(name)? {
+            Some(job) => self.wait_job(name, "stop", job),
+            None => Ok(()),
         }
     }
 
     fn start_all(&self, units: &[(&str, &Properties)]) -> Vec<Result<(), SystemdError>> {
         // Queue every start, then wait for the jobs: systemd runs them
         // together and orders them by their dependencies.
-        let aux: Vec<(String, Vec<(String, Value<'static>)>)> = Vec::new();
-        let jobs: Vec<Result<OwnedObjectPath, SystemdError>> = units
+        let jobs: Vec<_> = units
             .iter()
-            .map(|(name, properties)| {
-                let props = wire_properties(name, properties)?;
-                self.manager
-                    .call("StartTransientUnit", &(*name, "fail", props, &aux))
-                    .map_err(refused(name, "StartTransientUnit"))
-            })
+            .map(|(name, properties)| self.queue_start(name, properties))
             .collect();
         units
             .iter()
@@ -497,26 +508,13 @@ impl Systemd for DbusSystemd {
 
     fn stop_all(&self, names: &[&str]) -> Vec<Result<(), SystemdError>> {
         // Queue every stop job first, then wait: systemd runs them together.
-        let jobs: Vec<Result<Option<OwnedObjectPath>, SystemdError>> = names
-            .iter()
-            .map(|name| {
-                match self
-                    .manager
-                    .call::<_, _, OwnedObjectPath>("StopUnit", &(*name, "replace"))
-                {
-                    Ok(job) => Ok(Some(job)),
-                    Err(e) if method_error(&e).is_some_and(|(n, _)| n == NO_SUCH_UNIT) => Ok(None),
-                    Err(e) => Err(refused(name, "StopUnit")(e)),
-                }
-            })
-            .collect();
+        let jobs: Vec<_> = names.iter().map(|name| self.queue_stop(name)).collect();
         names
             .iter()
             .zip(jobs)
-            .map(|(name, job)| match job {
-                Ok(Some(job)) => self.wait_job(name, "stop", job),
-                Ok(None) => Ok(()),
-                Err(e) => Err(e),
+            .map(|(name, job)| match job? {
+                Some(job) => self.wait_job(name, "stop", job),
+                None => Ok(()),
             })
             .collect()
     }

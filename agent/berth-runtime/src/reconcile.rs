@@ -237,7 +237,7 @@ pub fn apply(
                     reason: FailureReason::KillError,
                     message: e.to_string(),
                 }),
-                _ => stop_container(host, unit),
+                _ => remove_container(host, unit),
             },
             Verb::RemoveSlice => host.systemd.stop(unit).map_err(|e| Failure {
                 reason: FailureReason::KillError,
@@ -376,12 +376,13 @@ fn prepare_container<'a>(
     })
 }
 
-fn stop_container(host: &Host<'_>, unit: &str) -> Result<(), Failure> {
+/// What is left of a container once its service stopped: a failed unit
+/// record, its root mount, its layers.
+fn remove_container(host: &Host<'_>, unit: &str) -> Result<(), Failure> {
     let kill = |e: SystemdError| Failure {
         reason: FailureReason::KillError,
         message: e.to_string(),
     };
-    host.systemd.stop(unit).map_err(kill)?;
     host.systemd.reset_failed(unit).map_err(kill)?;
     if let Some(key) = key_of_service(unit) {
         host.systemd
@@ -413,18 +414,13 @@ fn collect_garbage(host: &Host<'_>, pods: &[DesiredPod]) -> Vec<String> {
     let mut cleaned = Vec::new();
     let pattern = host.roots.mount_pattern();
     let mounts = host.systemd.list_units(&[&pattern]).unwrap_or_default();
-    let mut keys: BTreeSet<String> = host.roots.keys().into_iter().collect();
+    let keys: BTreeSet<String> = host.roots.keys().into_iter().collect();
     for m in &mounts {
-        if let Some(key) = keys
+        let orphan = keys
             .iter()
-            .find(|k| host.roots.mount_unit(k) == m.name)
-            .cloned()
-            .filter(|k| !keep.contains(k))
-        {
-            if host.systemd.stop(&m.name).is_ok() {
-                cleaned.push(m.name.clone());
-            }
-            keys.insert(key);
+            .any(|k| !keep.contains(k) && host.roots.mount_unit(k) == m.name);
+        if orphan && host.systemd.stop(&m.name).is_ok() {
+            cleaned.push(m.name.clone());
         }
     }
     for key in keys.iter().filter(|k| !keep.contains(*k)) {
