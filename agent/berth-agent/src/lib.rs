@@ -240,9 +240,14 @@ impl Agent {
     fn pass_with(&mut self, config: &NodeConfig, mirror: &Mirror, fetch: bool) -> PassOutcome {
         let mut fetch_error = None;
         let mut outcome = None;
+        // A revision accepted in this pass, already loaded: reconciled below
+        // without reading and parsing it a second time.
+        let mut accepted = None;
         if fetch {
             match mirror.fetch(&config.remote, config.credentials.as_ref()) {
-                Ok(revision) => outcome = self.consider(config, mirror, revision),
+                Ok(revision) => {
+                    (outcome, accepted) = self.consider(config, mirror, revision);
+                }
                 Err(e) => {
                     let keeping = self
                         .state
@@ -269,7 +274,10 @@ impl Agent {
                 .as_ref()
                 .is_none_or(|(_, at)| at.elapsed() >= RESYNC);
         let reconciled = match good.filter(|_| due) {
-            Some(rev) => match self.load(config, mirror, &rev) {
+            Some(rev) => match accepted
+                .filter(|l: &Loaded| l.revision == rev)
+                .map_or_else(|| self.load(config, mirror, &rev), Ok)
+            {
                 Ok(loaded) => {
                     let result = self.reconcile(config, &loaded);
                     if result.is_ok() {
@@ -304,13 +312,14 @@ impl Agent {
     }
 
     /// A fetched revision: validated once; a good one becomes the one to
-    /// run, a bad one waits for a new commit.
+    /// run (and is returned loaded, for this pass to reconcile), a bad one
+    /// waits for a new commit.
     fn consider(
         &mut self,
         config: &NodeConfig,
         mirror: &Mirror,
         revision: Revision,
-    ) -> Option<PassOutcome> {
+    ) -> (Option<PassOutcome>, Option<Loaded>) {
         let rev = revision.to_string();
         let already_good = self
             .state
@@ -325,13 +334,17 @@ impl Agent {
                 .is_some_and(|a| a.revision == rev)
             && !self.state.errors.is_empty();
         if already_good {
-            return None;
+            return (None, None);
         }
         if already_rejected {
-            return Some(PassOutcome::Rejected {
-                revision: rev,
-                keeping: self.state.last_good.as_ref().map(|g| g.revision.clone()),
-            });
+            let keeping = self.state.last_good.as_ref().map(|g| g.revision.clone());
+            return (
+                Some(PassOutcome::Rejected {
+                    revision: rev,
+                    keeping,
+                }),
+                None,
+            );
         }
         self.log.info(&format!(
             "fetched {} branch {} at {}",
@@ -342,7 +355,7 @@ impl Agent {
         let now = now_secs();
         let loaded = match self.load(config, mirror, &rev) {
             Ok(l) => l,
-            Err(e) => return Some(self.reject(&rev, now, vec![e])),
+            Err(e) => return (Some(self.reject(&rev, now, vec![e])), None),
         };
         let node = self.node_info(config);
         let images = self.image_catalog();
@@ -373,7 +386,7 @@ impl Agent {
             self.log.warn(&d.to_string());
         }
         if !errors.is_empty() {
-            return Some(self.reject(&rev, now, errors));
+            return (Some(self.reject(&rev, now, errors)), None);
         }
         let record = RevisionRecord {
             revision: rev.clone(),
@@ -399,10 +412,13 @@ impl Agent {
             self.log
                 .error(&format!("cannot save {}: {e}", self.store.path().display()));
         }
-        Some(PassOutcome::Applied {
-            revision: rev,
-            changed: true,
-        })
+        (
+            Some(PassOutcome::Applied {
+                revision: rev,
+                changed: true,
+            }),
+            Some(loaded),
+        )
     }
 
     fn load(&self, config: &NodeConfig, mirror: &Mirror, rev: &str) -> Result<Loaded, String> {
