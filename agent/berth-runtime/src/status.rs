@@ -125,6 +125,11 @@ fn log_field<'a>(unit: &'a UnitDetails, field: &str) -> Option<&'a str> {
     }
 }
 
+/// Init containers are the pod's `Type=oneshot` services.
+fn is_init(unit: &UnitDetails) -> bool {
+    matches!(unit.properties.get("Type"), Some(PropertyValue::Text(t)) if t == "oneshot")
+}
+
 fn container_state(unit: &UnitDetails) -> (ContainerState, bool, Option<i32>) {
     let r = &unit.runtime;
     let exited = (r.exit_code != 0).then_some(if r.exit_code == 1 {
@@ -132,8 +137,7 @@ fn container_state(unit: &UnitDetails) -> (ContainerState, bool, Option<i32>) {
     } else {
         128 + r.exit_status
     });
-    let init =
-        matches!(unit.properties.get("Type"), Some(PropertyValue::Text(t)) if t == "oneshot");
+    let init = is_init(unit);
     match (unit.active_state, unit.sub_state.as_str()) {
         // A container that ran to completion is not ready, as in kubectl.
         (ActiveState::Active, "exited") => (
@@ -289,8 +293,7 @@ pub fn pod_statuses(
         }
         entry(&mut pods, id);
         let (state, ready, last_exit_code) = container_state(unit);
-        let init =
-            matches!(unit.properties.get("Type"), Some(PropertyValue::Text(t)) if t == "oneshot");
+        let init = is_init(unit);
         if let Some(p) = pods.get_mut(id) {
             if let ContainerState::Running { started_usec } = &state {
                 p.start_usec = Some(p.start_usec.map_or(*started_usec, |s| s.min(*started_usec)));
