@@ -7,9 +7,10 @@ need_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-# Build: a C toolchain and OpenSSL headers for libgit2 (https, ssh).
+# Build: a C toolchain and OpenSSL headers for libgit2 (https, ssh);
+# ssh-keygen signs commits in the signature tests.
 # Image and QEMU tier: mmdebstrap, filesystem tools, QEMU and OVMF.
-packages=(build-essential pkg-config python3 git ca-certificates libssl-dev zlib1g-dev binutils
+packages=(build-essential pkg-config python3 git openssh-client ca-certificates libssl-dev zlib1g-dev binutils
     mmdebstrap e2fsprogs dosfstools mtools fdisk zstd qemu-system-x86 qemu-utils ovmf)
 missing=()
 for p in "${packages[@]}"; do

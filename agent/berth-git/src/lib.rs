@@ -11,6 +11,12 @@ use std::path::{Path, PathBuf};
 use berth_manifest::SourceFile;
 use git2::{FetchOptions, Oid, RemoteCallbacks, Repository};
 
+pub mod publish;
+pub mod sshsig;
+
+pub use publish::{FileChange, PushError, PushUpdate};
+pub use sshsig::{AllowedSigners, SignatureError, Signer};
+
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
     #[error("cannot open or create the mirror at {path}: {source}")]
@@ -66,6 +72,9 @@ impl Revision {
     }
     pub fn short(&self) -> String {
         self.0.to_string()[..12].to_string()
+    }
+    pub(crate) fn oid(self) -> Oid {
+        self.0
     }
 }
 
@@ -138,29 +147,7 @@ impl Mirror {
             branch: remote.branch.clone(),
             message,
         };
-        let mut callbacks = RemoteCallbacks::new();
-        let mut attempts = 0;
-        callbacks.credentials(move |_url, user_from_url, allowed| {
-            attempts += 1;
-            if attempts > 3 {
-                return Err(git2::Error::from_str("the remote refused the credentials"));
-            }
-            match credentials {
-                Some(Credentials::SshKey { user, private_key })
-                    if allowed.contains(git2::CredentialType::SSH_KEY) =>
-                {
-                    git2::Cred::ssh_key(user_from_url.unwrap_or(user), None, private_key, None)
-                }
-                Some(Credentials::Token { user, token })
-                    if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) =>
-                {
-                    git2::Cred::userpass_plaintext(user, token)
-                }
-                _ => Err(git2::Error::from_str(
-                    "the remote asks for credentials and none are configured",
-                )),
-            }
-        });
+        let callbacks = remote_callbacks(credentials);
         let mut options = FetchOptions::new();
         options.remote_callbacks(callbacks);
         options.download_tags(git2::AutotagOption::None);
@@ -258,6 +245,36 @@ impl Mirror {
         files.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(files)
     }
+}
+
+/// Callbacks that answer the server's credential requests from the node's
+/// configured credentials, giving up after three refusals (libgit2 asks
+/// again and again otherwise).
+fn remote_callbacks(credentials: Option<&Credentials>) -> RemoteCallbacks<'_> {
+    let mut callbacks = RemoteCallbacks::new();
+    let mut attempts = 0;
+    callbacks.credentials(move |_url, user_from_url, allowed| {
+        attempts += 1;
+        if attempts > 3 {
+            return Err(git2::Error::from_str("the remote refused the credentials"));
+        }
+        match credentials {
+            Some(Credentials::SshKey { user, private_key })
+                if allowed.contains(git2::CredentialType::SSH_KEY) =>
+            {
+                git2::Cred::ssh_key(user_from_url.unwrap_or(user), None, private_key, None)
+            }
+            Some(Credentials::Token { user, token })
+                if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) =>
+            {
+                git2::Cred::userpass_plaintext(user, token)
+            }
+            _ => Err(git2::Error::from_str(
+                "the remote asks for credentials and none are configured",
+            )),
+        }
+    });
+    callbacks
 }
 
 fn remove_stale_locks(path: &Path) {

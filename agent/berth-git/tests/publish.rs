@@ -1,0 +1,443 @@
+//! The node's branches against real Git servers: a bare repository served
+//! by `git daemon --inetd` on loopback (so server-side hooks and
+//! `receive.denyNonFastForwards` run, which libgit2's local transport would
+//! skip), and commits signed by `ssh-keygen` through the `git` command.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use berth_git::{
+    AllowedSigners, FileChange, Mirror, PushError, PushUpdate, Remote, Revision, SignatureError,
+};
+
+struct Tmp(PathBuf);
+
+impl Tmp {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("berth-git-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("temp dir");
+        Self(p)
+    }
+}
+
+impl Drop for Tmp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.org")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.org")
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A bare repository `repo.git` under a served directory, with `main`
+/// holding one manifest, and `git://127.0.0.1:<port>/repo.git` serving it.
+struct Server {
+    root: Tmp,
+    url: String,
+}
+
+impl Server {
+    fn start(tag: &str) -> Self {
+        let root = Tmp::new(tag);
+        let bare = root.0.join("repo.git");
+        git(&root.0, &["init", "-q", "--bare", "-b", "main", "repo.git"]);
+        let work = root.0.join("work");
+        git(&root.0, &["init", "-q", "-b", "main", "work"]);
+        std::fs::write(work.join("pod.yaml"), "kind: Pod\n").expect("write");
+        git(&work, &["add", "."]);
+        git(&work, &["commit", "-q", "-m", "first"]);
+        git(
+            &work,
+            &["push", "-q", bare.to_str().expect("utf-8"), "main"],
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let port = listener.local_addr().expect("addr").port();
+        let base = root.0.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let Ok(input) = conn.try_clone() else { return };
+                let _ = Command::new("git")
+                    .args(["daemon", "--inetd", "--export-all", "--enable=receive-pack"])
+                    .arg(format!("--base-path={}", base.display()))
+                    .arg(&base)
+                    .stdin(Stdio::from(std::os::fd::OwnedFd::from(input)))
+                    .stdout(Stdio::from(std::os::fd::OwnedFd::from(conn)))
+                    .stderr(Stdio::null())
+                    .spawn();
+            }
+        });
+        Self {
+            url: format!("git://127.0.0.1:{port}/repo.git"),
+            root,
+        }
+    }
+    fn bare(&self) -> PathBuf {
+        self.root.0.join("repo.git")
+    }
+    fn rev(&self, refname: &str) -> Option<String> {
+        let out = Command::new("git")
+            .args(["rev-parse", "--verify", "-q", refname])
+            .current_dir(self.bare())
+            .output()
+            .expect("git runs");
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+    fn work(&self) -> PathBuf {
+        self.root.0.join("work")
+    }
+}
+
+fn mirror_for(server: &Server, tag: &str) -> (Tmp, Mirror, Revision) {
+    let dir = Tmp::new(tag);
+    let mirror = Mirror::open(&dir.0.join("mirror.git")).expect("mirror");
+    let remote = Remote {
+        url: server.url.clone(),
+        branch: "main".into(),
+    };
+    let main = mirror.fetch(&remote, None).expect("fetch");
+    (dir, mirror, main)
+}
+
+const AUTHOR: (&str, &str) = ("berth on n1", "berth@n1.invalid");
+
+fn status_update() -> Vec<PushUpdate> {
+    vec![PushUpdate {
+        local: Some("refs/berth/out/status".into()),
+        remote: "refs/heads/berth/status/n1".into(),
+    }]
+}
+
+#[test]
+fn status_and_drift_branches_are_written_pushed_read_and_deleted() {
+    let server = Server::start("write");
+    let (_dir, mirror, main) = mirror_for(&server, "write-m");
+    let status = mirror
+        .commit(
+            "refs/berth/out/status",
+            None,
+            None,
+            &[FileChange {
+                path: "status.yaml".into(),
+                content: Some(b"phase: Running\n".to_vec()),
+            }],
+            "status of n1",
+            AUTHOR,
+        )
+        .expect("commit");
+    let second = mirror
+        .commit(
+            "refs/berth/out/status",
+            Some(status),
+            None,
+            &[FileChange {
+                path: "status.yaml".into(),
+                content: Some(b"phase: Failed\n".to_vec()),
+            }],
+            "status of n1",
+            AUTHOR,
+        )
+        .expect("commit");
+    assert_eq!(mirror.depth(second, 10), 2);
+    // A drift commit sits on the applied desired commit and edits its files.
+    let drift = mirror
+        .commit(
+            "refs/berth/out/drift",
+            Some(main),
+            Some(main),
+            &[
+                FileChange {
+                    path: "pod.yaml".into(),
+                    content: Some(b"kind: Pod # adopted\n".to_vec()),
+                },
+                FileChange {
+                    path: "drift/n1/DRIFT.md".into(),
+                    content: Some(b"# Drift\n".to_vec()),
+                },
+            ],
+            "drift on n1",
+            AUTHOR,
+        )
+        .expect("commit");
+    let mut updates = status_update();
+    updates.push(PushUpdate {
+        local: Some("refs/berth/out/drift".into()),
+        remote: "refs/heads/berth/drift/n1".into(),
+    });
+    mirror.push(&server.url, None, &updates).expect("push");
+    assert_eq!(
+        server.rev("refs/heads/berth/status/n1"),
+        Some(second.to_string())
+    );
+    assert_eq!(
+        server.rev("refs/heads/berth/drift/n1"),
+        Some(drift.to_string())
+    );
+    // The drift commit's parent is the desired commit: its diff is the drift.
+    let diff = git(
+        &server.bare(),
+        &["diff", "--stat", "main", "berth/drift/n1"],
+    );
+    assert!(
+        diff.contains("pod.yaml") && diff.contains("drift/n1/DRIFT.md"),
+        "{diff}"
+    );
+
+    // Any clone reads the branches, local or remote-tracking.
+    let (rev, file) =
+        berth_git::publish::read_branch_file(&server.bare(), "berth/status/n1", "status.yaml")
+            .expect("reads")
+            .expect("branch exists");
+    assert_eq!(rev, second);
+    assert_eq!(file.as_deref(), Some(b"phase: Failed\n".as_slice()));
+    let clone = server.root.0.join("clone");
+    git(
+        &server.root.0,
+        &[
+            "clone",
+            "-q",
+            server.bare().to_str().expect("utf-8"),
+            "clone",
+        ],
+    );
+    let (_, file) =
+        berth_git::publish::read_branch_file(&clone, "berth/drift/n1", "drift/n1/DRIFT.md")
+            .expect("reads")
+            .expect("remote-tracking branch found");
+    assert_eq!(file.as_deref(), Some(b"# Drift\n".as_slice()));
+    assert!(
+        berth_git::publish::read_branch_file(&clone, "berth/status/other", "status.yaml")
+            .expect("reads")
+            .is_none()
+    );
+
+    // Deleting the drift branch when the drift is gone.
+    mirror
+        .push(
+            &server.url,
+            None,
+            &[PushUpdate {
+                local: None,
+                remote: "refs/heads/berth/drift/n1".into(),
+            }],
+        )
+        .expect("delete");
+    assert_eq!(server.rev("refs/heads/berth/drift/n1"), None);
+
+    // A branch deleted by hand is written again by the next push.
+    git(&server.bare(), &["branch", "-D", "berth/status/n1"]);
+    mirror
+        .push(&server.url, None, &status_update())
+        .expect("push");
+    assert_eq!(
+        server.rev("refs/heads/berth/status/n1"),
+        Some(second.to_string())
+    );
+}
+
+#[test]
+fn pushes_the_server_refuses_are_reported_with_its_reason() {
+    let server = Server::start("reject");
+    let (_dir, mirror, _) = mirror_for(&server, "reject-m");
+    let commit = |parent, text: &str| {
+        mirror
+            .commit(
+                "refs/berth/out/status",
+                parent,
+                None,
+                &[FileChange {
+                    path: "status.yaml".into(),
+                    content: Some(text.as_bytes().to_vec()),
+                }],
+                "status",
+                AUTHOR,
+            )
+            .expect("commit")
+    };
+    // Branch protection by a hook.
+    let hook = server.bare().join("hooks/pre-receive");
+    std::fs::write(
+        &hook,
+        "#!/bin/sh\nwhile read old new ref; do case $ref in refs/heads/berth/status/*) echo \"status branches are protected\" >&2; exit 1;; esac; done\n",
+    )
+    .expect("hook");
+    Command::new("chmod")
+        .args(["+x", hook.to_str().expect("utf-8")])
+        .status()
+        .expect("chmod");
+    let first = commit(None, "first");
+    let err = mirror
+        .push(&server.url, None, &status_update())
+        .expect_err("the hook refuses");
+    assert!(err.is_rejection(), "{err}");
+    assert!(
+        err.to_string().contains("refs/heads/berth/status/n1"),
+        "{err}"
+    );
+    assert_eq!(server.rev("refs/heads/berth/status/n1"), None);
+
+    // Non-fast-forward refused by the server's configuration.
+    std::fs::remove_file(&hook).expect("remove hook");
+    mirror
+        .push(&server.url, None, &status_update())
+        .expect("push");
+    assert_eq!(
+        server.rev("refs/heads/berth/status/n1"),
+        Some(first.to_string())
+    );
+    git(
+        &server.bare(),
+        &["config", "receive.denyNonFastForwards", "true"],
+    );
+    commit(None, "second"); // a new root: not a descendant of what the server has
+    let err = mirror
+        .push(&server.url, None, &status_update())
+        .expect_err("non-fast-forward refused");
+    assert!(err.is_rejection(), "{err}");
+    assert_eq!(
+        server.rev("refs/heads/berth/status/n1"),
+        Some(first.to_string())
+    );
+
+    // A server that is not there is a transport error, not a rejection.
+    let closed = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let err = mirror
+        .push(
+            &format!("git://127.0.0.1:{port}/repo.git"),
+            None,
+            &status_update(),
+        )
+        .expect_err("nobody listens");
+    assert!(matches!(err, PushError::Transport { .. }), "{err}");
+}
+
+fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = dir.join(name);
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key)
+        .status()
+        .expect("ssh-keygen runs (package openssh-client)");
+    assert!(status.success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).expect("public key");
+    (key, public.trim().to_string())
+}
+
+fn signed_commit(work: &Path, key: Option<&Path>, file: &str) -> String {
+    std::fs::write(work.join(file), "kind: Pod\n").expect("write");
+    git(work, &["add", "."]);
+    let mut args = vec!["-c".to_string(), "gpg.format=ssh".to_string()];
+    if let Some(k) = key {
+        args.extend(["-c".into(), format!("user.signingkey={}", k.display())]);
+    }
+    args.extend(["commit".into(), "-q".into(), "-m".into(), file.into()]);
+    if key.is_some() {
+        args.push("-S".into());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    git(work, &args);
+    git(work, &["rev-parse", "HEAD"])
+}
+
+#[test]
+fn only_commits_signed_by_allowed_keys_are_accepted() {
+    let server = Server::start("sign");
+    let keys = Tmp::new("sign-keys");
+    let (alice, alice_pub) = keygen(&keys.0, "alice");
+    let (mallory, _) = keygen(&keys.0, "mallory");
+    let allowed = AllowedSigners::parse(&format!("alice@example.org {alice_pub}\n"), "allowed")
+        .expect("parses");
+    let work = server.work();
+    let good = signed_commit(&work, Some(&alice), "a.yaml");
+    let unknown = signed_commit(&work, Some(&mallory), "b.yaml");
+    let unsigned = signed_commit(&work, None, "c.yaml");
+    // The good commit's signature over a changed message: a forgery.
+    let raw = git(&work, &["cat-file", "commit", &good]);
+    let forged_text = raw.replace("\n\na.yaml", "\n\nforged");
+    std::fs::write(work.join("forged"), format!("{forged_text}\n")).expect("write");
+    let forged = git(&work, &["hash-object", "-t", "commit", "-w", "forged"]);
+    git(&work, &["branch", "forged", &forged]);
+    git(
+        &work,
+        &[
+            "push",
+            "-q",
+            "-f",
+            server.bare().to_str().expect("utf-8"),
+            "main",
+            "forged",
+        ],
+    );
+
+    let dir = Tmp::new("sign-m");
+    let mirror = Mirror::open(&dir.0.join("mirror.git")).expect("mirror");
+    for branch in ["main", "forged"] {
+        mirror
+            .fetch(
+                &Remote {
+                    url: server.url.clone(),
+                    branch: branch.into(),
+                },
+                None,
+            )
+            .expect("fetch");
+    }
+    let rev = |hex: &str| Revision::parse(hex).expect("hex");
+    let signer = mirror
+        .verify_commit(rev(&good), &allowed)
+        .expect("alice's commit is accepted");
+    assert_eq!(signer.principals, "alice@example.org");
+    assert!(signer.fingerprint.starts_with("SHA256:"));
+    let fingerprint = Command::new("ssh-keygen")
+        .args(["-l", "-f"])
+        .arg(alice.with_extension("pub"))
+        .output()
+        .expect("ssh-keygen");
+    assert!(
+        String::from_utf8_lossy(&fingerprint.stdout).contains(&signer.fingerprint),
+        "same fingerprint as ssh-keygen -l"
+    );
+    assert!(matches!(
+        mirror.verify_commit(rev(&unknown), &allowed),
+        Err(SignatureError::UnknownKey { .. })
+    ));
+    assert!(matches!(
+        mirror.verify_commit(rev(&unsigned), &allowed),
+        Err(SignatureError::Unsigned(_))
+    ));
+    assert!(matches!(
+        mirror.verify_commit(rev(&forged), &allowed),
+        Err(SignatureError::BadSignature { .. })
+    ));
+    // A key allowed only for another namespace does not count for Git.
+    let file_only = AllowedSigners::parse(
+        &format!("alice@example.org namespaces=\"file\" {alice_pub}\n"),
+        "allowed",
+    )
+    .expect("parses");
+    assert!(matches!(
+        mirror.verify_commit(rev(&good), &file_only),
+        Err(SignatureError::UnknownKey { .. })
+    ));
+}
