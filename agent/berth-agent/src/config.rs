@@ -54,6 +54,26 @@ struct FileConfig {
     node: Option<FileNode>,
     #[serde(default)]
     git: Option<FileGit>,
+    #[serde(default)]
+    status: Option<FileStatus>,
+    #[serde(default)]
+    drift: Option<FileDrift>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FileStatus {
+    publish: Option<bool>,
+    heartbeat: Option<String>,
+    history: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FileDrift {
+    policy: Option<String>,
+    restart_threshold: Option<u32>,
+    ignore: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -71,6 +91,7 @@ struct FileGit {
     path: Option<String>,
     poll_interval: Option<String>,
     credentials: Option<FileCredentials>,
+    allowed_signers: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -93,6 +114,13 @@ struct Layer {
     ssh_key: Option<(PathBuf, Origin)>,
     user: Option<(String, Origin)>,
     token_file: Option<(PathBuf, Origin)>,
+    allowed_signers: Option<(PathBuf, Origin)>,
+    publish: Option<(String, Origin)>,
+    heartbeat: Option<(String, Origin)>,
+    history: Option<(String, Origin)>,
+    drift_policy: Option<(String, Origin)>,
+    restart_threshold: Option<(String, Origin)>,
+    ignore: Option<(Vec<String>, Origin)>,
 }
 
 impl Layer {
@@ -101,7 +129,22 @@ impl Layer {
             ($($f:ident),*) => { $( if top.$f.is_some() { self.$f = top.$f; } )* };
         }
         take!(
-            node, labels, url, branch, path, poll, ssh_key, user, token_file
+            node,
+            labels,
+            url,
+            branch,
+            path,
+            poll,
+            ssh_key,
+            user,
+            token_file,
+            allowed_signers,
+            publish,
+            heartbeat,
+            history,
+            drift_policy,
+            restart_threshold,
+            ignore
         );
         self
     }
@@ -117,6 +160,15 @@ pub struct NodeConfig {
     pub path: String,
     pub poll_interval: Duration,
     pub credentials: Option<Credentials>,
+    /// Only commits signed by these keys are applied, when set.
+    pub allowed_signers: Option<PathBuf>,
+    /// Whether status and drift are pushed to the remote.
+    pub publish: bool,
+    /// A status commit at least this often, and every branch pushed again.
+    pub heartbeat: Duration,
+    /// Status commits kept on the branch before it starts over.
+    pub history: usize,
+    pub drift: crate::drift::Settings,
     /// Which sources contributed, in order.
     pub sources: Vec<String>,
 }
@@ -137,6 +189,9 @@ pub struct ConfigSources {
 pub const DEFAULT_BRANCH: &str = "main";
 pub const DEFAULT_POLL: Duration = Duration::from_secs(60);
 pub const MIN_POLL: Duration = Duration::from_secs(5);
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(300);
+pub const MIN_HEARTBEAT: Duration = Duration::from_secs(10);
+pub const DEFAULT_HISTORY: usize = 100;
 
 /// Reads every source and merges them. A missing ESP file is not an error in
 /// itself (a missing Git URL is); a malformed one is.
@@ -184,6 +239,8 @@ fn parse_file(text: &str, origin: Origin) -> Result<Layer, ConfigError> {
     let node = file.node.unwrap_or_default();
     let git = file.git.unwrap_or_default();
     let creds = git.credentials.unwrap_or_default();
+    let status = file.status.unwrap_or_default();
+    let drift = file.drift.unwrap_or_default();
     let with = |v: Option<String>| v.map(|v| (v, origin.clone()));
     Ok(Layer {
         node: with(node.name),
@@ -195,11 +252,18 @@ fn parse_file(text: &str, origin: Origin) -> Result<Layer, ConfigError> {
         ssh_key: creds.ssh_key.map(|p| (p, origin.clone())),
         user: with(creds.user),
         token_file: creds.token_file.map(|p| (p, origin.clone())),
+        allowed_signers: git.allowed_signers.map(|p| (p, origin.clone())),
+        publish: with(status.publish.map(|b| b.to_string())),
+        heartbeat: with(status.heartbeat),
+        history: with(status.history.map(|n| n.to_string())),
+        drift_policy: with(drift.policy),
+        restart_threshold: with(drift.restart_threshold.map(|n| n.to_string())),
+        ignore: drift.ignore.map(|l| (l, origin.clone())),
     })
 }
 
 /// Keys shared by credentials (`berth.<key>`) and the kernel command line (`berth.<key>=`).
-const KEYS: [&str; 9] = [
+const KEYS: [&str; 16] = [
     "node",
     "labels",
     "repo",
@@ -209,6 +273,13 @@ const KEYS: [&str; 9] = [
     "ssh-key",
     "user",
     "token-file",
+    "allowed-signers",
+    "publish",
+    "heartbeat",
+    "history",
+    "drift-policy",
+    "restart-threshold",
+    "drift-ignore",
 ];
 
 fn set(layer: &mut Layer, key: &str, value: String, origin: Origin) -> Result<(), ConfigError> {
@@ -222,6 +293,21 @@ fn set(layer: &mut Layer, key: &str, value: String, origin: Origin) -> Result<()
         "ssh-key" => layer.ssh_key = Some((PathBuf::from(value), origin)),
         "user" => layer.user = Some((value, origin)),
         "token-file" => layer.token_file = Some((PathBuf::from(value), origin)),
+        "allowed-signers" => layer.allowed_signers = Some((PathBuf::from(value), origin)),
+        "publish" => layer.publish = Some((value, origin)),
+        "heartbeat" => layer.heartbeat = Some((value, origin)),
+        "history" => layer.history = Some((value, origin)),
+        "drift-policy" => layer.drift_policy = Some((value, origin)),
+        "restart-threshold" => layer.restart_threshold = Some((value, origin)),
+        "drift-ignore" => {
+            let fields = value
+                .split(',')
+                .map(str::trim)
+                .filter(|f| !f.is_empty())
+                .map(str::to_string)
+                .collect();
+            layer.ignore = Some((fields, origin));
+        }
         other => {
             return Err(error(
                 &origin,
@@ -433,6 +519,85 @@ fn finish(layer: Layer, hostname: &str, sources: Vec<String>) -> Result<NodeConf
         }
         (None, None) => None,
     };
+    let publish = match &layer.publish {
+        None => true,
+        Some((text, origin)) => match text.as_str() {
+            "true" | "yes" | "1" => true,
+            "false" | "no" | "0" => false,
+            _ => {
+                return Err(error(
+                    origin,
+                    "status.publish",
+                    format!("{text:?} is not true or false"),
+                ));
+            }
+        },
+    };
+    let heartbeat = match &layer.heartbeat {
+        None => DEFAULT_HEARTBEAT,
+        Some((text, origin)) => match parse_duration(text) {
+            Some(d) if d >= MIN_HEARTBEAT => d,
+            Some(_) => {
+                return Err(error(
+                    origin,
+                    "status.heartbeat",
+                    format!("{text:?} is shorter than the minimum of 10s"),
+                ));
+            }
+            None => {
+                return Err(error(
+                    origin,
+                    "status.heartbeat",
+                    format!("{text:?} is not a duration such as 30s, 5m or 1h"),
+                ));
+            }
+        },
+    };
+    let history = match &layer.history {
+        None => DEFAULT_HISTORY,
+        Some((text, origin)) => match text.parse::<usize>() {
+            Ok(n) if (2..=10_000).contains(&n) => n,
+            _ => {
+                return Err(error(
+                    origin,
+                    "status.history",
+                    format!("{text:?} is not a number of commits from 2 to 10000"),
+                ));
+            }
+        },
+    };
+    let mut drift = crate::drift::Settings::default();
+    if let Some((text, origin)) = &layer.drift_policy {
+        drift.policy = crate::drift::Policy::parse(text).ok_or_else(|| {
+            error(
+                origin,
+                "drift.policy",
+                format!("{text:?} is not a drift policy: use heal or report"),
+            )
+        })?;
+    }
+    if let Some((text, origin)) = &layer.restart_threshold {
+        drift.restart_threshold = text.parse().map_err(|_| {
+            error(
+                origin,
+                "drift.restartThreshold",
+                format!("{text:?} is not a whole number"),
+            )
+        })?;
+    }
+    if let Some((fields, origin)) = &layer.ignore {
+        for f in fields {
+            if f.is_empty() || !f.chars().all(|c| c.is_ascii_alphanumeric()) {
+                return Err(error(
+                    origin,
+                    "drift.ignore",
+                    format!("{f:?} is not a field name (a systemd property such as MemoryHigh, or state, restarts, apply)"),
+                ));
+            }
+        }
+        drift.ignore = fields.iter().cloned().collect();
+    }
+    let allowed_signers = layer.allowed_signers.clone().map(|(p, _)| p);
     Ok(NodeConfig {
         node_name,
         labels,
@@ -440,6 +605,11 @@ fn finish(layer: Layer, hostname: &str, sources: Vec<String>) -> Result<NodeConf
         path,
         poll_interval,
         credentials,
+        allowed_signers,
+        publish,
+        heartbeat,
+        history,
+        drift,
         sources,
     })
 }

@@ -8,7 +8,10 @@
 //! directories.
 
 pub mod config;
+pub mod drift;
 pub mod notify;
+pub mod publisher;
+pub mod report;
 pub mod state;
 
 use std::path::PathBuf;
@@ -23,6 +26,7 @@ use berth_runtime::{Host, Systemd, apply, observe};
 
 use crate::config::{ConfigSources, NodeConfig};
 use crate::notify::Notifier;
+use crate::publisher::{DriftCommit, Outgoing, Publisher};
 use crate::state::{AgentState, NotAdmittedRecord, RevisionRecord, StateStore};
 
 /// Everything on the host the agent reads or writes.
@@ -131,6 +135,12 @@ pub struct Agent {
     last_logged_plan: Vec<String>,
     /// The revision last reconciled without error, and when.
     reconciled: Option<(String, Instant)>,
+    /// Pushes status and drift, on its own thread (see [`Agent::publish`]).
+    publisher: Option<Publisher>,
+    /// Pod statuses from the last observation, for the status branch.
+    pods: Vec<berth_runtime::status::PodStatus>,
+    /// The drift branch's commit from the last reconcile, if anything drifted.
+    drift_commit: Option<DriftCommit>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -165,7 +175,30 @@ impl Agent {
             mirror: None,
             last_logged_plan: Vec::new(),
             reconciled: None,
+            publisher: None,
+            pods: Vec::new(),
+            drift_commit: None,
         })
+    }
+
+    /// Starts pushing status and drift branches after each pass.
+    pub fn publish(&mut self) -> std::io::Result<()> {
+        if self.publisher.is_none() {
+            self.publisher = Some(Publisher::start(
+                self.paths.state_dir.join("mirror.git"),
+                self.log,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// Stops publishing after one last attempt to push what is pending.
+    pub fn stop_publishing(&mut self) {
+        if let Some(mut p) = self.publisher.take() {
+            p.stop();
+            self.state.publish = p.record();
+            let _ = self.store.save(&self.state);
+        }
     }
 
     pub fn state(&self) -> &AgentState {
@@ -228,6 +261,7 @@ impl Agent {
         };
         let outcome = self.pass_with(&config, &mirror, fetch);
         self.mirror = Some(mirror);
+        self.send_report(&config);
         (outcome, Some(config))
     }
 
@@ -272,7 +306,7 @@ impl Agent {
             || self
                 .reconciled
                 .as_ref()
-                .is_none_or(|(_, at)| at.elapsed() >= RESYNC);
+                .is_none_or(|(_, at)| at.elapsed() >= RESYNC.min(config.poll_interval));
         let reconciled = match good.filter(|_| due) {
             Some(rev) => match accepted
                 .filter(|l: &Loaded| l.revision == rev)
@@ -353,6 +387,20 @@ impl Agent {
             short(&rev)
         ));
         let now = now_secs();
+        let signer = match &config.allowed_signers {
+            None => None,
+            Some(path) => {
+                let checked = berth_git::AllowedSigners::load(path)
+                    .and_then(|allowed| mirror.verify_commit(revision, &allowed));
+                match checked {
+                    Ok(s) => Some(format!("{} ({})", s.principals, s.fingerprint)),
+                    Err(e) => {
+                        let error = format!("signature check: {e}; not applied");
+                        return (Some(self.reject(&rev, now, vec![error])), None);
+                    }
+                }
+            }
+        };
         let loaded = match self.load(config, mirror, &rev) {
             Ok(l) => l,
             Err(e) => return (Some(self.reject(&rev, now, vec![e])), None),
@@ -402,6 +450,10 @@ impl Agent {
             record.pods,
             config.node_name,
         ));
+        if let Some(s) = &signer {
+            self.log.info(&format!("revision {} is signed by {s}", short(&rev)));
+        }
+        self.state.signed_by = signer;
         self.state.node = Some(config.node_name.clone());
         self.state.last_good = Some(record.clone());
         self.state.last_attempted = Some(record);
@@ -460,7 +512,7 @@ impl Agent {
     fn reconcile(&mut self, config: &NodeConfig, loaded: &Loaded) -> Result<(), String> {
         let node = self.node_info(config);
         let images = self.image_catalog();
-        let Some(rt) = &self.runtime else {
+        let Some(rt) = self.runtime.take() else {
             let plan = berth_plan::plan_node(
                 &loaded.catalog,
                 &node,
@@ -471,12 +523,25 @@ impl Agent {
             self.log_actions(&plan.plan.actions);
             return Ok(());
         };
+        let result = self.reconcile_on(&rt, config, loaded, &node, &images);
+        self.runtime = Some(rt);
+        result
+    }
+
+    fn reconcile_on(
+        &mut self,
+        rt: &Runtime,
+        config: &NodeConfig,
+        loaded: &Loaded,
+        node: &NodeInfo,
+        images: &ImageCatalog,
+    ) -> Result<(), String> {
         let observed =
             observe(rt.systemd.as_ref()).map_err(|e| format!("cannot observe units: {e}"))?;
         let plan = berth_plan::plan_node(
             &loaded.catalog,
-            &node,
-            &images,
+            node,
+            images,
             &observed.actual,
             &short(&loaded.revision),
         );
@@ -509,10 +574,103 @@ impl Agent {
             }
         }
         self.state.plan_errors = plan_errors;
-        if plan.plan.actions.is_empty() && self.state.failures.is_empty() {
+        self.check_boot();
+        let now = now_secs();
+        let mut plan = plan;
+        let classified = drift::classify(
+            std::mem::take(&mut plan.plan.actions),
+            &plan.pods,
+            &loaded.catalog,
+            &self.state.applied,
+            &config.drift,
+            now,
+        );
+        plan.plan.actions = classified.actions;
+        let report = if plan.plan.actions.is_empty() && self.state.failures.is_empty() {
             self.last_logged_plan.clear();
-            return Ok(());
+            berth_runtime::ApplyReport::default()
+        } else {
+            self.apply_plan(rt, &plan, &observed, &loaded.revision)
+        };
+        let failed: std::collections::BTreeSet<&str> =
+            report.failed.iter().map(|f| f.unit.as_str()).collect();
+        // What is now as Git says, by digest: a later departure is drift.
+        let digests = drift::desired_digests(&plan.pods);
+        self.state
+            .applied
+            .retain(|unit, _| digests.contains_key(unit));
+        for (unit, (digest, _)) in &digests {
+            if !failed.contains(unit.as_str()) {
+                self.state.applied.insert(unit.clone(), digest.clone());
+            }
         }
+        let mut outstanding = Vec::new();
+        for mut item in classified.items {
+            if let Some(f) = report.failed.iter().find(|f| f.unit == item.unit) {
+                item.action = format!("heal failed: {:?}: {}", f.reason, f.message);
+                outstanding.push(item);
+            } else if item.policy == drift::Policy::Heal {
+                self.log.warn(&format!(
+                    "drift healed: {} {} {}: {} on the node, {} in Git",
+                    item.object, item.unit, item.field, item.actual, item.desired
+                ));
+                self.state.healed.push(report::Healed {
+                    at: now,
+                    object: item.object,
+                    unit: item.unit,
+                    field: item.field,
+                    found: item.actual,
+                    restored: item.desired,
+                });
+            } else {
+                outstanding.push(item);
+            }
+        }
+        let excess = self
+            .state
+            .healed
+            .len()
+            .saturating_sub(report::HEALED_KEPT);
+        self.state.healed.drain(..excess);
+        self.state.failures = report.failed;
+        let mut pods =
+            berth_runtime::status::pod_statuses(&observed, &self.state.failures, &rt.cgroup_root);
+        for n in &self.state.not_admitted {
+            let (ns, name) = n.pod.split_once('/').unwrap_or(("", &n.pod));
+            pods.push(berth_runtime::status::PodStatus::not_admitted(
+                ns, name, &n.reason,
+            ));
+        }
+        outstanding.extend(drift::standing(
+            &pods,
+            &self.state.failures,
+            &plan.pods,
+            &loaded.catalog,
+            &config.drift,
+            now,
+        ));
+        drift::carry_since(&mut outstanding, &self.state.drift);
+        let was: std::collections::BTreeSet<String> =
+            self.state.drift.iter().map(drift::DriftItem::key).collect();
+        for item in outstanding.iter().filter(|i| !was.contains(&i.key())) {
+            self.log.warn(&format!(
+                "drift reported: {} {} {}: {} on the node, {} in Git",
+                item.object, item.unit, item.field, item.actual, item.desired
+            ));
+        }
+        self.drift_commit = self.drift_commit_for(config, loaded, &outstanding);
+        self.state.drift = outstanding;
+        self.pods = pods;
+        Ok(())
+    }
+
+    fn apply_plan(
+        &mut self,
+        rt: &Runtime,
+        plan: &berth_plan::NodePlan,
+        observed: &berth_runtime::Observed,
+        revision: &str,
+    ) -> berth_runtime::ApplyReport {
         let summary: Vec<String> = plan
             .plan
             .actions
@@ -529,7 +687,7 @@ impl Agent {
             roots: &rt.roots,
             users: &rt.users,
         };
-        let report = apply(&host, &plan.plan, &plan.pods, &observed);
+        let report = apply(&host, &plan.plan, &plan.pods, observed);
         if report.failed != self.state.failures {
             for f in &report.failed {
                 self.log.error(&format!(
@@ -544,7 +702,7 @@ impl Agent {
         if !plan.plan.actions.is_empty() && !repeated {
             self.log.info(&format!(
                 "revision {}: {} actions applied, {} failed",
-                short(&loaded.revision),
+                short(revision),
                 report.done.len(),
                 report.failed.len()
             ));
@@ -553,8 +711,111 @@ impl Agent {
             g.actions = plan.plan.actions.len();
         }
         self.last_logged_plan = summary;
-        self.state.failures = report.failed;
-        Ok(())
+        report
+    }
+
+    /// Transient units do not outlive a boot: digests recorded in an
+    /// earlier boot say nothing about this one.
+    fn check_boot(&mut self) {
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|b| b.trim().to_string())
+            .ok();
+        if boot != self.state.boot_id {
+            self.state.applied.clear();
+            self.state.boot_id = boot;
+        }
+    }
+
+    /// The drift branch's commit: DRIFT.md and the manifest edits that
+    /// adopt what can be adopted, on top of the applied revision.
+    fn drift_commit_for(
+        &self,
+        config: &NodeConfig,
+        loaded: &Loaded,
+        items: &[drift::DriftItem],
+    ) -> Option<DriftCommit> {
+        if items.is_empty() {
+            return None;
+        }
+        let (edits, notes) = drift::adopting_edits(items, &loaded.catalog, &config.path);
+        let text = drift::report(
+            &config.node_name,
+            &short(&loaded.revision),
+            items,
+            &notes,
+            &edits,
+        );
+        let mut files: Vec<berth_git::FileChange> = edits
+            .iter()
+            .map(|e| berth_git::FileChange {
+                path: e.path.clone(),
+                content: Some(e.text.clone().into_bytes()),
+            })
+            .collect();
+        files.push(berth_git::FileChange {
+            path: format!("drift/{}/DRIFT.md", config.node_name),
+            content: Some(text.into_bytes()),
+        });
+        let objects: std::collections::BTreeSet<&str> =
+            items.iter().map(|i| i.object.as_str()).collect();
+        let mut message = format!(
+            "drift on {}: {} field{} on {} object{}\n\n",
+            config.node_name,
+            items.len(),
+            if items.len() == 1 { "" } else { "s" },
+            objects.len(),
+            if objects.len() == 1 { "" } else { "s" },
+        );
+        for item in items.iter().take(10) {
+            message.push_str(&format!(
+                "- {} {}: {} → {}\n",
+                item.object, item.field, item.desired, item.actual
+            ));
+        }
+        if items.len() > 10 {
+            message.push_str(&format!("- … and {} more (see DRIFT.md)\n", items.len() - 10));
+        }
+        Some(DriftCommit {
+            base: loaded.revision.clone(),
+            files,
+            message,
+        })
+    }
+
+    /// Hands this pass's status (and drift) to the publishing thread.
+    fn send_report(&mut self, config: &NodeConfig) {
+        let Some(publisher) = &self.publisher else {
+            return;
+        };
+        self.state.publish = publisher.record();
+        if !config.publish {
+            return;
+        }
+        let doc = report::build(&report::Inputs {
+            node: &config.node_name,
+            labels: &config.labels,
+            cpu_milli: self.paths.node_cpu_milli,
+            memory_bytes: self.paths.node_memory_bytes,
+            state_dir: &self.paths.state_dir,
+            applied: self.state.last_good.as_ref(),
+            attempted: self.state.last_attempted.as_ref(),
+            signed_by: self.state.signed_by.as_deref(),
+            errors: &self.state.errors,
+            pods: &self.pods,
+            policy: config.drift.policy,
+            drift: &self.state.drift,
+            healed: &self.state.healed,
+            now: now_secs(),
+        });
+        publisher.send(Outgoing {
+            url: config.remote.url.clone(),
+            credentials: config.credentials.clone(),
+            node: config.node_name.clone(),
+            status: doc,
+            drift: self.drift_commit.clone(),
+            heartbeat: config.heartbeat,
+            history: config.history,
+        });
     }
 
     fn log_actions(&self, actions: &[berth_plan::Action]) {
@@ -607,6 +868,10 @@ impl Agent {
     pub fn run(&mut self, notifier: &Notifier, wake: &Receiver<Wake>) {
         notifier.ready("starting");
         self.log.info("agent started");
+        if let Err(e) = self.publish() {
+            self.log
+                .error(&format!("cannot start publishing status to Git: {e}"));
+        }
         // After readiness: an import (seconds on first boot) is the loop's
         // work, not start-up's.
         self.import_images();
@@ -645,6 +910,7 @@ impl Agent {
                 Some(Wake::UnitChanged) => fetch = false,
                 Some(Wake::Shutdown) => {
                     notifier.stopping();
+                    self.stop_publishing();
                     self.log.info("agent stopping; pods keep running");
                     return;
                 }
@@ -653,7 +919,7 @@ impl Agent {
     }
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

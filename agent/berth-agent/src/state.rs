@@ -5,7 +5,13 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
+
+use crate::drift::DriftItem;
+use crate::publisher::PublishRecord;
+use crate::report::Healed;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -26,6 +32,25 @@ pub struct AgentState {
     /// Pods the node cannot fit.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_admitted: Vec<NotAdmittedRecord>,
+    /// The boot the `applied` digests belong to: transient units do not
+    /// survive a reboot, so their absence after one is not drift.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    /// Per unit, a digest of the properties last applied (see `drift`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub applied: BTreeMap<String, String>,
+    /// The drift found by the last pass.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drift: Vec<DriftItem>,
+    /// Drift the agent put back, most recent last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub healed: Vec<Healed>,
+    /// Who signed the applied revision, when signatures are required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_by: Option<String>,
+    /// How pushing status and drift goes.
+    #[serde(default)]
+    pub publish: PublishRecord,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

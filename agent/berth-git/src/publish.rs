@@ -187,13 +187,40 @@ impl Mirror {
         updates: &[PushUpdate],
     ) -> Result<(), PushError> {
         let mut rejected = Vec::new();
+        let transport = |e: git2::Error| PushError::Transport {
+            url: url.to_string(),
+            message: e.message().to_string(),
+        };
+        let mut remote = self
+            .repo
+            .remote_anonymous(url)
+            .map_err(|e| PushError::Local(e.message().to_string()))?;
+        let mut connection = remote
+            .connect_auth(
+                git2::Direction::Push,
+                Some(remote_callbacks(credentials)),
+                None,
+            )
+            .map_err(transport)?;
+        // Deleting a ref the server does not have is a refusal in the Git
+        // protocol; a deletion only goes out for a ref that exists there.
+        let advertised: std::collections::BTreeSet<String> = connection
+            .list()
+            .map_err(transport)?
+            .iter()
+            .map(|h| h.name().to_string())
+            .collect();
         let specs: Vec<String> = updates
             .iter()
-            .map(|u| match &u.local {
-                Some(local) => format!("+{local}:{}", u.remote),
-                None => format!(":{}", u.remote),
+            .filter_map(|u| match &u.local {
+                Some(local) => Some(format!("+{local}:{}", u.remote)),
+                None if advertised.contains(&u.remote) => Some(format!(":{}", u.remote)),
+                None => None,
             })
             .collect();
+        if specs.is_empty() {
+            return Ok(());
+        }
         let result = {
             let mut callbacks = remote_callbacks(credentials);
             callbacks.push_update_reference(|refname, status| {
@@ -204,11 +231,7 @@ impl Mirror {
             });
             let mut options = PushOptions::new();
             options.remote_callbacks(callbacks);
-            let mut remote = self
-                .repo
-                .remote_anonymous(url)
-                .map_err(|e| PushError::Local(e.message().to_string()))?;
-            remote.push(&specs, Some(&mut options))
+            connection.remote().push(&specs, Some(&mut options))
         };
         match result {
             Err(e) => Err(PushError::Transport {
@@ -260,4 +283,25 @@ pub fn read_branch_file(
         return Ok(Some((Revision(id), content)));
     }
     Ok(None)
+}
+
+/// The names after `prefix` of every branch under it, local or
+/// remote-tracking, sorted and without repeats: the nodes of a fleet that
+/// reported to this repository.
+pub fn list_branches(repo: &Path, prefix: &str) -> Result<Vec<String>, GitError> {
+    let repository = Repository::open(repo).map_err(|source| GitError::Mirror {
+        path: repo.to_path_buf(),
+        source,
+    })?;
+    let mut names = std::collections::BTreeSet::new();
+    for glob in [format!("refs/heads/{prefix}*"), format!("refs/remotes/*/{prefix}*")] {
+        if let Ok(refs) = repository.references_glob(&glob) {
+            for r in refs.flatten() {
+                if let Some(rest) = r.name().ok().and_then(|n| n.split_once(prefix)).map(|x| x.1) {
+                    names.insert(rest.to_string());
+                }
+            }
+        }
+    }
+    Ok(names.into_iter().collect())
 }

@@ -242,6 +242,17 @@ fn status_and_drift_branches_are_written_pushed_read_and_deleted() {
         )
         .expect("delete");
     assert_eq!(server.rev("refs/heads/berth/drift/n1"), None);
+    // Deleting it again (the node does not know whether a person did) is fine.
+    mirror
+        .push(
+            &server.url,
+            None,
+            &[PushUpdate {
+                local: None,
+                remote: "refs/heads/berth/drift/n1".into(),
+            }],
+        )
+        .expect("deleting an absent branch is not an error");
 
     // A branch deleted by hand is written again by the next push.
     git(&server.bare(), &["branch", "-D", "berth/status/n1"]);

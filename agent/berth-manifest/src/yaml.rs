@@ -171,6 +171,32 @@ pub fn locate(text: &str, chunk: &Chunk, path: &FieldPath) -> Option<u32> {
     (line > 0).then(|| line + chunk.first_line - 1)
 }
 
+/// The byte range in the file of the scalar at `path`, when every part of
+/// the path exists and it ends on a scalar: what a tool that edits one value
+/// in place (the drift branch's adopting change) replaces, leaving the
+/// file's comments and layout alone.
+pub fn scalar_range(text: &str, chunk: &Chunk, path: &FieldPath) -> Option<std::ops::Range<usize>> {
+    let body = &text[chunk.start..chunk.end];
+    let root: Spanned<LocNode> = serde_saphyr::from_str_with_options(body, options()).ok()?;
+    let mut node = &root;
+    for segment in &path.0 {
+        node = match (segment, &node.value) {
+            (PathSegment::Key(k), LocNode::Map(entries)) => {
+                entries.iter().find(|(key, _)| &key.value == k).map(|(_, v)| v)?
+            }
+            (PathSegment::Index(i), LocNode::Seq(items)) => items.get(*i)?,
+            _ => return None,
+        };
+    }
+    if !matches!(node.value, LocNode::Leaf) {
+        return None;
+    }
+    let span = node.referenced.span();
+    let start = usize::try_from(span.byte_offset()?).ok()?;
+    let len = usize::try_from(span.byte_len()?).ok()?;
+    (len > 0 && start + len <= body.len()).then(|| chunk.start + start..chunk.start + start + len)
+}
+
 /// A document tree that remembers where each node is, for [`locate`].
 #[derive(Debug)]
 enum LocNode {
@@ -309,5 +335,25 @@ mod tests {
             locate(text, &chunk, &FieldPath::parse("items[1].image")),
             Some(4)
         );
+    }
+
+    #[test]
+    fn scalar_range_finds_the_value_token_and_nothing_else() {
+        let text = "a: 1\n---\nkind: Pod\nspec:\n  containers:\n  - name: app\n    resources:\n      limits: {cpu: \"1\"}\n      requests:\n        memory: 64Mi   # keep\n";
+        let chunks = split_documents(text);
+        let chunk = &chunks[1];
+        let path = FieldPath::parse("spec.containers[0].resources.requests.memory");
+        let range = scalar_range(text, chunk, &path).expect("found");
+        assert_eq!(&text[range], "64Mi");
+        let quoted = FieldPath::parse("spec.containers[0].resources.limits.cpu");
+        let range = scalar_range(text, chunk, &quoted).expect("found");
+        assert_eq!(&text[range], "\"1\"");
+        for missing in [
+            "spec.containers[0].resources.limits.memory",
+            "spec.containers[1].name",
+            "spec.containers[0].resources",
+        ] {
+            assert_eq!(scalar_range(text, chunk, &FieldPath::parse(missing)), None, "{missing}");
+        }
     }
 }

@@ -8,12 +8,12 @@ use std::path::Path;
 
 use berth_plan::units::{CONTAINER_FIELD, POD_FIELD, SLICE_DESCRIPTION_PREFIX};
 use berth_plan::{ActiveState, PropertyValue};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::reconcile::{ApplyFailure, Observed};
 use crate::systemd::UnitDetails;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Phase {
     Pending,
     Running,
@@ -21,7 +21,7 @@ pub enum Phase {
     Failed,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum ContainerState {
     Running {
@@ -30,7 +30,7 @@ pub enum ContainerState {
     },
     Waiting {
         reason: String,
-        #[serde(skip_serializing_if = "Option::is_none")]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         message: Option<String>,
     },
     Terminated {
@@ -40,7 +40,7 @@ pub enum ContainerState {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerStatus {
     pub name: String,
@@ -50,11 +50,11 @@ pub struct ContainerStatus {
     pub ready: bool,
     pub restart_count: u32,
     /// The last exit code of the main process, when it has exited.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_exit_code: Option<i32>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Usage {
     pub memory_bytes: Option<u64>,
@@ -62,7 +62,7 @@ pub struct Usage {
     pub oom_kills: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodStatus {
     pub namespace: String,
@@ -70,16 +70,17 @@ pub struct PodStatus {
     pub phase: Phase,
     /// `Running`, `CrashLoopBackOff`, `ImageNotPresent`, `Init:0/1`, ...
     pub status: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qos_class: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slice: Option<String>,
     pub containers: Vec<ContainerStatus>,
     /// Microseconds since the epoch the first container started.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_usec: Option<u64>,
+    #[serde(default)]
     pub usage: Usage,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub messages: Vec<String>,
 }
 

@@ -100,12 +100,29 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = "/usr/share/berth/images")]
         image_archives: PathBuf,
     },
-    /// Show what the agent runs: revision, errors, and every pod.
+    /// Show what the agent runs: revision, errors, drift and every pod.
+    /// With --from-git, read a node's status branch from a clone instead
+    /// (every node's, without --node).
     Status {
         #[command(flatten)]
         dirs: AgentDirs,
-        #[arg(long, value_enum, default_value_t = Output::Text)]
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
         output: Output,
+        /// A clone of the desired-state repository (bare or not).
+        #[arg(long, value_name = "REPO")]
+        from_git: Option<PathBuf>,
+        /// The node whose branch to read (with --from-git).
+        #[arg(long, requires = "from_git")]
+        node: Option<String>,
+    },
+    /// Show a node's drift report from its drift branch in a clone: what
+    /// drifted, and what merging the branch would adopt.
+    Drift {
+        /// A clone of the desired-state repository (bare or not).
+        #[arg(long, value_name = "REPO")]
+        from_git: PathBuf,
+        #[arg(long)]
+        node: String,
     },
     /// Show pods like `kubectl get pods -o wide`, read live from systemd.
     Get {
@@ -205,7 +222,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             plan_only,
             image_archives,
         } => agent(&dirs, once, plan_only, image_archives),
-        Command::Status { dirs, output } => status(&dirs, output, true),
+        Command::Status {
+            from_git: Some(repo),
+            node,
+            output,
+            ..
+        } => status_from_git(&repo, node.as_deref(), output),
+        Command::Status { dirs, output, .. } => status(&dirs, output, true),
+        Command::Drift { from_git, node } => drift_from_git(&from_git, &node),
         Command::Get { dirs, output, .. } => status(&dirs, output, false),
         Command::SystemdContract => systemd_contract(),
         Command::Logs {
@@ -309,7 +333,11 @@ fn agent(
     })?;
     if once {
         agent.import_images();
+        agent
+            .publish()
+            .context("cannot start publishing status to Git")?;
         let (outcome, _) = agent.pass(true);
+        agent.stop_publishing();
         return Ok(match outcome {
             berth_agent::PassOutcome::Applied { .. } => ExitCode::SUCCESS,
             berth_agent::PassOutcome::Rejected { .. } => ExitCode::from(1),
@@ -374,6 +402,74 @@ fn status(dirs: &AgentDirs, output: Output, with_agent: bool) -> anyhow::Result<
         render::print_status(&state, &pods, &node, now_usec, output)?;
     } else {
         render::print_pods(&pods, &node, now_usec, output)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status_from_git(
+    repo: &Path,
+    node: Option<&str>,
+    output: Output,
+) -> anyhow::Result<ExitCode> {
+    use berth_agent::publisher::status_branch;
+    use berth_agent::report::{NodeStatusDoc, STATUS_FILE};
+    let read = |node: &str| -> anyhow::Result<NodeStatusDoc> {
+        let branch = status_branch(node);
+        let (rev, file) = berth_git::publish::read_branch_file(repo, &branch, STATUS_FILE)?
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: no branch {branch} (fetch it, or check the node's name)",
+                    repo.display()
+                )
+            })?;
+        let bytes = file.ok_or_else(|| {
+            anyhow::anyhow!("{}: {branch} at {rev} has no {STATUS_FILE}", repo.display())
+        })?;
+        NodeStatusDoc::from_yaml(&String::from_utf8_lossy(&bytes)).map_err(|e| {
+            anyhow::anyhow!("{}: {branch}:{STATUS_FILE} at {rev}: {e}", repo.display())
+        })
+    };
+    let now_usec = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    match node {
+        Some(node) => {
+            names::dns1123_subdomain(node).map_err(|e| anyhow::anyhow!("--node: {e}"))?;
+            render::print_node_status(&read(node)?, now_usec, output)?;
+        }
+        None => {
+            let nodes = berth_git::publish::list_branches(repo, "berth/status/")?;
+            if nodes.is_empty() {
+                anyhow::bail!(
+                    "{}: no berth/status/* branches: no node has reported to this repository yet (or they are not fetched)",
+                    repo.display()
+                );
+            }
+            let docs = nodes
+                .iter()
+                .map(|n| read(n))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            render::print_fleet(&docs, output)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn drift_from_git(repo: &Path, node: &str) -> anyhow::Result<ExitCode> {
+    use std::io::Write as _;
+    names::dns1123_subdomain(node).map_err(|e| anyhow::anyhow!("--node: {e}"))?;
+    let branch = berth_agent::publisher::drift_branch(node);
+    let file = format!("drift/{node}/DRIFT.md");
+    let mut out = std::io::stdout().lock();
+    match berth_git::publish::read_branch_file(repo, &branch, &file)? {
+        None => {
+            writeln!(out, "node {node} reports no drift (no branch {branch})")?;
+        }
+        Some((rev, None)) => anyhow::bail!("{}: {branch} at {rev} has no {file}", repo.display()),
+        Some((rev, Some(text))) => {
+            writeln!(out, "# {branch} at {rev}\n")?;
+            out.write_all(&text)?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

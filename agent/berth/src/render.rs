@@ -107,6 +107,21 @@ pub fn print_status(
     for e in state.errors.iter().chain(&state.plan_errors) {
         writeln!(out, "error: {e}")?;
     }
+    if let Some(s) = &state.signed_by {
+        writeln!(out, "signed by: {s}")?;
+    }
+    write_drift(&mut out, &state.drift)?;
+    let p = &state.publish;
+    match (&p.error, p.last_push) {
+        (Some(e), _) => writeln!(out, "publishing: failing ({} attempts): {e}", p.failures)?,
+        (None, Some(at)) => writeln!(
+            out,
+            "publishing: last push {} ago{}",
+            age((now_usec / 1_000_000).saturating_sub(at)),
+            if p.pending { ", more pending" } else { "" }
+        )?,
+        (None, None) => writeln!(out, "publishing: nothing pushed yet")?,
+    }
     writeln!(out)?;
     drop(out);
     print_pods(pods, node, now_usec, Output::Text)?;
@@ -120,6 +135,110 @@ pub fn print_status(
 }
 
 /// `5s`, `3m12s`, `2h5m`, `4d3h`: kubectl's AGE column.
+fn write_drift(out: &mut impl Write, drift: &[berth_agent::drift::DriftItem]) -> io::Result<()> {
+    if drift.is_empty() {
+        return writeln!(out, "drift: none");
+    }
+    writeln!(out, "drift: {} fields", drift.len())?;
+    for d in drift.iter().take(20) {
+        writeln!(
+            out,
+            "  {} {} {}: {} in Git, {} on the node ({})",
+            d.object,
+            d.container.as_deref().unwrap_or("-"),
+            d.field,
+            d.desired,
+            d.actual,
+            d.action
+        )?;
+    }
+    if drift.len() > 20 {
+        writeln!(out, "  … and {} more", drift.len() - 20)?;
+    }
+    Ok(())
+}
+
+/// A node's status as its status branch says it.
+pub fn print_node_status(
+    doc: &berth_agent::report::NodeStatusDoc,
+    now_usec: u64,
+    output: Output,
+) -> anyhow::Result<()> {
+    if output != Output::Text {
+        return emit(doc, output);
+    }
+    let mut out = io::stdout().lock();
+    writeln!(out, "node: {} (reported {})", doc.node.name, doc.heartbeat)?;
+    match &doc.revisions.applied {
+        Some(g) => writeln!(out, "running: {} ({} pods)", g.revision, g.pods)?,
+        None => writeln!(out, "running: nothing yet")?,
+    }
+    if let Some(a) = &doc.revisions.attempted {
+        writeln!(out, "last attempted: {}", a.revision)?;
+    }
+    for c in &doc.node.conditions {
+        writeln!(
+            out,
+            "condition {}: {} ({}){}",
+            c.kind,
+            c.status,
+            c.reason,
+            if c.message.is_empty() { String::new() } else { format!(": {}", c.message) }
+        )?;
+    }
+    for e in &doc.errors {
+        writeln!(out, "error: {e}")?;
+    }
+    write_drift(&mut out, &doc.drift.items)?;
+    for h in &doc.drift.healed {
+        writeln!(
+            out,
+            "healed: {} {} {}: {} put back to {}",
+            h.object, h.unit, h.field, h.found, h.restored
+        )?;
+    }
+    writeln!(out)?;
+    drop(out);
+    print_pods(&doc.pods, &doc.node.name, now_usec, Output::Text)
+}
+
+/// One line per node of the fleet.
+pub fn print_fleet(docs: &[berth_agent::report::NodeStatusDoc], output: Output) -> anyhow::Result<()> {
+    if output != Output::Text {
+        return emit(&docs, output);
+    }
+    let mut out = io::stdout().lock();
+    writeln!(out, "NODE\tREADY\tREVISION\tPODS\tDRIFT\tREPORTED")?;
+    for d in docs {
+        let ready = d
+            .node
+            .conditions
+            .iter()
+            .find(|c| c.kind == "Ready")
+            .map_or("Unknown", |c| c.status.as_str());
+        let running = d
+            .pods
+            .iter()
+            .filter(|p| p.phase == berth_runtime::status::Phase::Running)
+            .count();
+        writeln!(
+            out,
+            "{}\t{}\t{}\t{}/{}\t{}\t{}",
+            d.node.name,
+            ready,
+            d.revisions
+                .applied
+                .as_ref()
+                .map_or("-".to_string(), |r| r.revision.chars().take(12).collect()),
+            running,
+            d.pods.len(),
+            d.drift.count,
+            d.heartbeat
+        )?;
+    }
+    Ok(())
+}
+
 fn age(seconds: u64) -> String {
     match seconds {
         s if s < 120 => format!("{s}s"),

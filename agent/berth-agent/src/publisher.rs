@@ -1,0 +1,391 @@
+//! Publishing runs on its own thread, so a slow, unreachable or refusing Git
+//! server never holds up the reconcile loop. The loop hands over its latest
+//! report; this thread commits it to local refs in the mirror (so nothing is
+//! lost while the server is away: history keeps accumulating locally) and
+//! pushes with a growing backoff. It commits the status when it changes in
+//! substance and on every heartbeat, and pushes every ref again on each
+//! heartbeat, which also recreates a branch someone deleted.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use berth_git::{Credentials, FileChange, Mirror, PushUpdate, Revision};
+use serde::{Deserialize, Serialize};
+
+use crate::Log;
+use crate::report::{NodeStatusDoc, STATUS_FILE};
+
+/// Local refs the commits are made on, before they are pushed.
+pub const STATUS_REF: &str = "refs/berth/out/status";
+pub const DRIFT_REF: &str = "refs/berth/out/drift";
+
+pub fn status_branch(node: &str) -> String {
+    format!("berth/status/{node}")
+}
+
+pub fn drift_branch(node: &str) -> String {
+    format!("berth/drift/{node}")
+}
+
+/// The drift branch's one commit, on top of the applied desired commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriftCommit {
+    pub base: String,
+    pub files: Vec<FileChange>,
+    pub message: String,
+}
+
+/// One report from the loop.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub url: String,
+    pub credentials: Option<Credentials>,
+    pub node: String,
+    pub status: NodeStatusDoc,
+    /// `None`: no drift, so no drift branch.
+    pub drift: Option<DriftCommit>,
+    pub heartbeat: Duration,
+    pub history: usize,
+}
+
+/// How publishing goes, for `berth status` and the agent's state file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PublishRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_commit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift_commit: Option<String>,
+    /// Seconds since the epoch of the last push the server took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_push: Option<u64>,
+    /// Commits made locally and not yet on the server.
+    #[serde(default)]
+    pub pending: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Failed pushes in a row.
+    #[serde(default)]
+    pub failures: u32,
+}
+
+#[derive(Debug)]
+pub struct Publisher {
+    tx: Option<Sender<Outgoing>>,
+    record: Arc<Mutex<PublishRecord>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+impl Publisher {
+    pub fn start(mirror: PathBuf, log: Log) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let record = Arc::new(Mutex::new(PublishRecord::default()));
+        let shared = Arc::clone(&record);
+        let thread = std::thread::Builder::new()
+            .name("publish".into())
+            .spawn(move || Worker::new(mirror, log, shared).run(&rx))?;
+        Ok(Self {
+            tx: Some(tx),
+            record,
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands over the latest report; never blocks.
+    pub fn send(&self, outgoing: Outgoing) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(outgoing);
+        }
+    }
+
+    pub fn record(&self) -> PublishRecord {
+        self.record.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Stops the thread after one last attempt to push what is pending.
+    pub fn stop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Worker {
+    mirror_path: PathBuf,
+    mirror: Option<Mirror>,
+    log: Log,
+    record: Arc<Mutex<PublishRecord>>,
+    latest: Option<Outgoing>,
+    /// The status last committed, without its volatile parts.
+    committed: Option<String>,
+    committed_at: Option<Instant>,
+    /// The drift last committed (base and files), to commit only on change.
+    drift_committed: Option<(String, Vec<FileChange>)>,
+    /// Something is committed locally that the server may not have.
+    dirty: bool,
+    pushed_at: Option<Instant>,
+    next_attempt: Instant,
+    backoff: Duration,
+    last_error: Option<String>,
+}
+
+impl Worker {
+    fn new(mirror_path: PathBuf, log: Log, record: Arc<Mutex<PublishRecord>>) -> Self {
+        Self {
+            mirror_path,
+            mirror: None,
+            log,
+            record,
+            latest: None,
+            committed: None,
+            committed_at: None,
+            drift_committed: None,
+            dirty: true,
+            pushed_at: None,
+            next_attempt: Instant::now(),
+            backoff: FIRST_BACKOFF,
+            last_error: None,
+        }
+    }
+
+    fn run(mut self, rx: &Receiver<Outgoing>) {
+        loop {
+            let wait = self.wait();
+            match rx.recv_timeout(wait) {
+                Ok(o) => {
+                    self.latest = Some(o);
+                    while let Ok(newer) = rx.try_recv() {
+                        self.latest = Some(newer);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    if self.dirty {
+                        self.next_attempt = Instant::now();
+                        self.step();
+                    }
+                    return;
+                }
+            }
+            self.step();
+        }
+    }
+
+    /// Until the next push attempt or heartbeat; after a failure, never
+    /// sooner than the backoff allows.
+    fn wait(&self) -> Duration {
+        let Some(o) = &self.latest else {
+            return Duration::from_secs(3600);
+        };
+        let now = Instant::now();
+        let retry = self.next_attempt.saturating_duration_since(now);
+        if self.last_error.is_some() {
+            return retry.max(Duration::from_millis(50));
+        }
+        let heartbeat = self.committed_at.map_or(Duration::ZERO, |at| {
+            (at + o.heartbeat).saturating_duration_since(now)
+        });
+        if self.dirty {
+            heartbeat.min(retry)
+        } else {
+            heartbeat
+        }
+        .max(Duration::from_millis(50))
+    }
+
+    fn step(&mut self) {
+        let Some(o) = self.latest.clone() else { return };
+        if self.mirror.is_none() {
+            match Mirror::open_existing(&self.mirror_path) {
+                Ok(m) => self.mirror = Some(m),
+                Err(e) => {
+                    self.fail(format!("cannot open the mirror to publish: {e}"));
+                    return;
+                }
+            }
+        }
+        if let Err(e) = self.commit(&o) {
+            self.fail(e);
+            return;
+        }
+        if self
+            .pushed_at
+            .is_none_or(|at| at.elapsed() >= o.heartbeat)
+        {
+            // Pushed again on each heartbeat: a branch deleted by hand
+            // comes back.
+            self.dirty = true;
+        }
+        if self.dirty && Instant::now() >= self.next_attempt {
+            self.push(&o);
+        }
+        self.publish_record();
+    }
+
+    fn commit(&mut self, o: &Outgoing) -> Result<(), String> {
+        let Some(mirror) = &self.mirror else {
+            return Ok(());
+        };
+        let author = (format!("berth on {}", o.node), format!("berth@{}.node.invalid", o.node));
+        let significant = o.status.significant();
+        let heartbeat_due = self
+            .committed_at
+            .is_none_or(|at| at.elapsed() >= o.heartbeat);
+        if self.committed.is_none() {
+            // After a restart: what the local branch already says.
+            self.committed = mirror
+                .local(STATUS_REF)
+                .and_then(|r| mirror.file_at(r, STATUS_FILE))
+                .and_then(|b| NodeStatusDoc::from_yaml(&String::from_utf8_lossy(&b)).ok())
+                .map(|d| d.significant());
+        }
+        if self.committed.as_ref() != Some(&significant) || heartbeat_due {
+            let mut parent = mirror.local(STATUS_REF);
+            if let Some(p) = parent
+                && mirror.depth(p, o.history) >= o.history
+            {
+                // History stays bounded: start over from this commit.
+                parent = None;
+            }
+            let subject = if self.committed.as_ref() == Some(&significant) {
+                "heartbeat"
+            } else {
+                "status changed"
+            };
+            let message = format!(
+                "{}: {subject}\n\n{} pods, {} drifted fields, applied {}\n",
+                o.node,
+                o.status.pods.len(),
+                o.status.drift.count,
+                o.status
+                    .revisions
+                    .applied
+                    .as_ref()
+                    .map_or("nothing".to_string(), |r| r.revision.clone())
+            );
+            mirror
+                .commit(
+                    STATUS_REF,
+                    parent,
+                    None,
+                    &[FileChange {
+                        path: STATUS_FILE.into(),
+                        content: Some(o.status.to_yaml().into_bytes()),
+                    }],
+                    &message,
+                    (&author.0, &author.1),
+                )
+                .map_err(|e| format!("cannot commit the status: {e}"))?;
+            self.committed = Some(significant);
+            self.committed_at = Some(Instant::now());
+            self.dirty = true;
+        }
+        match &o.drift {
+            Some(d) => {
+                let same = self
+                    .drift_committed
+                    .as_ref()
+                    .is_some_and(|(base, files)| base == &d.base && files == &d.files);
+                if !same || mirror.local(DRIFT_REF).is_none() {
+                    let base = Revision::parse(&d.base)
+                        .ok_or_else(|| format!("bad drift base {:?}", d.base))?;
+                    mirror
+                        .commit(
+                            DRIFT_REF,
+                            Some(base),
+                            Some(base),
+                            &d.files,
+                            &d.message,
+                            (&author.0, &author.1),
+                        )
+                        .map_err(|e| format!("cannot commit the drift: {e}"))?;
+                    self.drift_committed = Some((d.base.clone(), d.files.clone()));
+                    self.dirty = true;
+                }
+            }
+            None => {
+                if mirror.local(DRIFT_REF).is_some() || self.drift_committed.is_some() {
+                    mirror
+                        .delete_local(DRIFT_REF)
+                        .map_err(|e| format!("cannot drop the drift ref: {e}"))?;
+                    self.drift_committed = None;
+                    self.dirty = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, o: &Outgoing) {
+        let Some(mirror) = &self.mirror else { return };
+        let mut updates = Vec::new();
+        if mirror.local(STATUS_REF).is_some() {
+            updates.push(PushUpdate {
+                local: Some(STATUS_REF.into()),
+                remote: format!("refs/heads/{}", status_branch(&o.node)),
+            });
+        }
+        updates.push(PushUpdate {
+            local: mirror.local(DRIFT_REF).map(|_| DRIFT_REF.to_string()),
+            remote: format!("refs/heads/{}", drift_branch(&o.node)),
+        });
+        match mirror.push(&o.url, o.credentials.as_ref(), &updates) {
+            Ok(()) => {
+                if self.last_error.is_some() {
+                    self.log.info("status and drift branches pushed again");
+                }
+                self.dirty = false;
+                self.pushed_at = Some(Instant::now());
+                self.backoff = FIRST_BACKOFF;
+                self.last_error = None;
+                if let Ok(mut r) = self.record.lock() {
+                    r.last_push = Some(crate::now_secs());
+                    r.failures = 0;
+                }
+            }
+            Err(e) => {
+                let rejected = e.is_rejection();
+                self.fail(if rejected {
+                    format!("{e} (pods are unaffected; retrying)")
+                } else {
+                    format!("{e} (status kept locally; retrying)")
+                });
+            }
+        }
+    }
+
+    fn fail(&mut self, message: String) {
+        if self.last_error.as_ref() != Some(&message) {
+            self.log.error(&message);
+        }
+        self.last_error = Some(message);
+        self.next_attempt = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        if let Ok(mut r) = self.record.lock() {
+            r.failures += 1;
+        }
+        self.publish_record();
+    }
+
+    fn publish_record(&self) {
+        let Some(mirror) = &self.mirror else { return };
+        if let Ok(mut r) = self.record.lock() {
+            r.status_commit = mirror.local(STATUS_REF).map(|x| x.to_string());
+            r.drift_commit = mirror.local(DRIFT_REF).map(|x| x.to_string());
+            r.pending = self.dirty;
+            r.error = self.last_error.clone();
+        }
+    }
+}

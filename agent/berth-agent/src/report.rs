@@ -1,0 +1,251 @@
+//! The node's observed state as `status.yaml` on its status branch: node
+//! info and conditions, every pod's status, the revisions, the last pass's
+//! errors and the drift. Read back by `berth status --from-git` on any clone.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use berth_runtime::status::PodStatus;
+use serde::{Deserialize, Serialize};
+
+use crate::drift::{DriftItem, Policy};
+use crate::state::RevisionRecord;
+
+pub const API_VERSION: &str = "berth.dev/v1alpha1";
+pub const KIND: &str = "NodeStatus";
+/// The file on the status branch.
+pub const STATUS_FILE: &str = "status.yaml";
+/// How many drift items status.yaml lists; the count is always complete.
+pub const STATUS_DRIFT_LIMIT: usize = 200;
+/// How many heal records status.yaml keeps.
+pub const HEALED_KEPT: usize = 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatusDoc {
+    pub api_version: String,
+    pub kind: String,
+    pub node: NodeSection,
+    pub revisions: Revisions,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+    #[serde(default)]
+    pub pods: Vec<PodStatus>,
+    pub drift: DriftSection,
+    /// When this document was written (changes on every heartbeat).
+    pub heartbeat: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSection {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub capacity: BTreeMap<String, String>,
+    /// Capacity minus what the node keeps for itself (nothing reserved yet).
+    pub allocatable: BTreeMap<String, String>,
+    pub conditions: Vec<Condition>,
+    pub agent_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `"True"` or `"False"`, as Kubernetes writes them.
+    pub status: String,
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Revisions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied: Option<RevisionRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempted: Option<RevisionRecord>,
+    /// Who signed the applied revision, when signatures are required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_by: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DriftSection {
+    pub policy: Policy,
+    pub count: usize,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<DriftItem>,
+    /// Drift the agent put back, most recent last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub healed: Vec<Healed>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Healed {
+    pub at: u64,
+    pub object: String,
+    pub unit: String,
+    pub field: String,
+    /// What the node had.
+    pub found: String,
+    /// What Git says, which the agent put back.
+    pub restored: String,
+}
+
+/// What the report is built from.
+#[derive(Debug)]
+pub struct Inputs<'a> {
+    pub node: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
+    pub cpu_milli: u64,
+    pub memory_bytes: u64,
+    pub state_dir: &'a Path,
+    pub applied: Option<&'a RevisionRecord>,
+    pub attempted: Option<&'a RevisionRecord>,
+    pub signed_by: Option<&'a str>,
+    pub errors: &'a [String],
+    pub pods: &'a [PodStatus],
+    pub policy: Policy,
+    pub drift: &'a [DriftItem],
+    pub healed: &'a [Healed],
+    pub now: u64,
+}
+
+/// The kubelet's default hard eviction thresholds.
+const MEMORY_AVAILABLE_MIN: u64 = 100 * 1024 * 1024;
+const DISK_AVAILABLE_MIN_PERCENT: u64 = 10;
+
+pub fn build(inputs: &Inputs<'_>) -> NodeStatusDoc {
+    let mut capacity = BTreeMap::new();
+    capacity.insert(
+        "cpu".to_string(),
+        berth_manifest::quantity::format_cpu_milli(inputs.cpu_milli),
+    );
+    capacity.insert(
+        "memory".to_string(),
+        berth_manifest::quantity::format_bytes(inputs.memory_bytes),
+    );
+    let mut conditions = vec![ready(inputs)];
+    conditions.push(match memory_available() {
+        Some(avail) if avail < MEMORY_AVAILABLE_MIN => condition(
+            "MemoryPressure",
+            true,
+            "NodeHasInsufficientMemory",
+            format!("{} available", berth_manifest::quantity::format_bytes(avail)),
+        ),
+        Some(_) => condition("MemoryPressure", false, "NodeHasSufficientMemory", String::new()),
+        None => condition("MemoryPressure", false, "Unknown", "cannot read /proc/meminfo".into()),
+    });
+    conditions.push(match disk_available_percent(inputs.state_dir) {
+        Some(p) if p < DISK_AVAILABLE_MIN_PERCENT => condition(
+            "DiskPressure",
+            true,
+            "NodeHasDiskPressure",
+            format!("{p}% free on {}", inputs.state_dir.display()),
+        ),
+        Some(_) => condition("DiskPressure", false, "NodeHasNoDiskPressure", String::new()),
+        None => condition(
+            "DiskPressure",
+            false,
+            "Unknown",
+            format!("cannot stat {}", inputs.state_dir.display()),
+        ),
+    });
+    let mut pods = inputs.pods.to_vec();
+    pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    NodeStatusDoc {
+        api_version: API_VERSION.into(),
+        kind: KIND.into(),
+        node: NodeSection {
+            name: inputs.node.to_string(),
+            labels: inputs.labels.clone(),
+            allocatable: capacity.clone(),
+            capacity,
+            conditions,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        },
+        revisions: Revisions {
+            applied: inputs.applied.cloned(),
+            attempted: inputs.attempted.cloned(),
+            signed_by: inputs.signed_by.map(str::to_string),
+        },
+        errors: inputs.errors.to_vec(),
+        pods,
+        drift: DriftSection {
+            policy: inputs.policy,
+            count: inputs.drift.len(),
+            items: inputs
+                .drift
+                .iter()
+                .take(STATUS_DRIFT_LIMIT)
+                .cloned()
+                .collect(),
+            healed: inputs.healed.to_vec(),
+        },
+        heartbeat: crate::drift::timestamp(inputs.now),
+    }
+}
+
+fn condition(kind: &str, status: bool, reason: &str, message: String) -> Condition {
+    Condition {
+        kind: kind.into(),
+        status: if status { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message,
+    }
+}
+
+fn ready(inputs: &Inputs<'_>) -> Condition {
+    match (inputs.applied, inputs.errors.first()) {
+        (_, Some(e)) => condition("Ready", false, "PassFailed", e.clone()),
+        (None, None) => condition(
+            "Ready",
+            false,
+            "NoRevision",
+            "no valid revision fetched yet".into(),
+        ),
+        (Some(_), None) => condition("Ready", true, "AgentReady", String::new()),
+    }
+}
+
+fn memory_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn disk_available_percent(path: &Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(path).ok()?;
+    if st.f_blocks == 0 {
+        return None;
+    }
+    Some(st.f_bavail * 100 / st.f_blocks)
+}
+
+impl NodeStatusDoc {
+    /// The document without what changes on its own (the heartbeat time and
+    /// usage counters): two reports that agree here need no new commit.
+    pub fn significant(&self) -> String {
+        let mut quiet = self.clone();
+        quiet.heartbeat.clear();
+        for p in &mut quiet.pods {
+            p.usage = Default::default();
+        }
+        serde_json::to_string(&quiet).unwrap_or_default()
+    }
+
+    pub fn to_yaml(&self) -> String {
+        serde_saphyr::to_string(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    pub fn from_yaml(text: &str) -> Result<Self, String> {
+        serde_saphyr::from_str(text).map_err(|e| e.to_string())
+    }
+}
