@@ -591,7 +591,9 @@ fn finish(layer: Layer, hostname: &str, sources: Vec<String>) -> Result<NodeConf
                 return Err(error(
                     origin,
                     "drift.ignore",
-                    format!("{f:?} is not a field name (a systemd property such as MemoryHigh, or state, restarts, apply)"),
+                    format!(
+                        "{f:?} is not a field name (a systemd property such as MemoryHigh, or state, restarts, apply)"
+                    ),
                 ));
             }
         }

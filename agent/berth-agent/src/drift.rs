@@ -359,9 +359,7 @@ fn manifest_value(property: &str, value: &PropertyValue) -> Option<(&'static str
         "MemoryMax" => Some(("limits.memory", format_bytes(*n))),
         "MemoryLow" => Some(("requests.memory", format_bytes(*n))),
         // Berth writes CPU limits as a quota per second of CPU time.
-        "CPUQuotaPerSecUSec" if n % 1000 == 0 => {
-            Some(("limits.cpu", format_cpu_milli(n / 1000)))
-        }
+        "CPUQuotaPerSecUSec" if n % 1000 == 0 => Some(("limits.cpu", format_cpu_milli(n / 1000))),
         _ => None,
     }
 }
@@ -388,7 +386,10 @@ fn adoptable(
             None => return,
         },
     };
-    item.manifest_field = Some(format!("{}.{list}[{index}].resources.{field}", pod.spec_path));
+    item.manifest_field = Some(format!(
+        "{}.{list}[{index}].resources.{field}",
+        pod.spec_path
+    ));
     item.adopt = Some(value);
 }
 
@@ -434,7 +435,10 @@ pub fn adopting_edits(
         let (Some(field), Some(value)) = (&item.manifest_field, &item.adopt) else {
             continue;
         };
-        let Some(object) = catalog.objects.iter().find(|o| o.id.to_string() == item.object)
+        let Some(object) = catalog
+            .objects
+            .iter()
+            .find(|o| o.id.to_string() == item.object)
         else {
             continue;
         };
@@ -479,7 +483,7 @@ pub fn adopting_edits(
     for (file, mut spans) in by_file {
         let source = &catalog.files[file];
         let mut text = source.text.clone();
-        spans.sort_by(|a, b| b.0.cmp(&a.0));
+        spans.sort_by_key(|s| std::cmp::Reverse(s.0));
         for (start, end, value) in spans {
             text.replace_range(start..end, &value);
         }
@@ -530,7 +534,9 @@ pub fn report(
                 .join(", ")
         ));
     }
-    out.push_str("| object | container | field | in Git | on the node | since | what the agent did |\n");
+    out.push_str(
+        "| object | container | field | in Git | on the node | since | what the agent did |\n",
+    );
     out.push_str("|---|---|---|---|---|---|---|\n");
     for item in items.iter().take(REPORT_LIMIT) {
         let mut did = item.action.clone();

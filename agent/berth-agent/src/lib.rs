@@ -451,7 +451,8 @@ impl Agent {
             config.node_name,
         ));
         if let Some(s) = &signer {
-            self.log.info(&format!("revision {} is signed by {s}", short(&rev)));
+            self.log
+                .info(&format!("revision {} is signed by {s}", short(&rev)));
         }
         self.state.signed_by = signer;
         self.state.node = Some(config.node_name.clone());
@@ -626,11 +627,7 @@ impl Agent {
                 outstanding.push(item);
             }
         }
-        let excess = self
-            .state
-            .healed
-            .len()
-            .saturating_sub(report::HEALED_KEPT);
+        let excess = self.state.healed.len().saturating_sub(report::HEALED_KEPT);
         self.state.healed.drain(..excess);
         self.state.failures = report.failed;
         let mut pods =
@@ -773,7 +770,10 @@ impl Agent {
             ));
         }
         if items.len() > 10 {
-            message.push_str(&format!("- … and {} more (see DRIFT.md)\n", items.len() - 10));
+            message.push_str(&format!(
+                "- … and {} more (see DRIFT.md)\n",
+                items.len() - 10
+            ));
         }
         Some(DriftCommit {
             base: loaded.revision.clone(),

@@ -220,10 +220,7 @@ impl Worker {
             self.fail(e);
             return;
         }
-        if self
-            .pushed_at
-            .is_none_or(|at| at.elapsed() >= o.heartbeat)
-        {
+        if self.pushed_at.is_none_or(|at| at.elapsed() >= o.heartbeat) {
             // Pushed again on each heartbeat: a branch deleted by hand
             // comes back.
             self.dirty = true;
@@ -238,7 +235,10 @@ impl Worker {
         let Some(mirror) = &self.mirror else {
             return Ok(());
         };
-        let author = (format!("berth on {}", o.node), format!("berth@{}.node.invalid", o.node));
+        let author = (
+            format!("berth on {}", o.node),
+            format!("berth@{}.node.invalid", o.node),
+        );
         let significant = o.status.significant();
         let heartbeat_due = self
             .committed_at

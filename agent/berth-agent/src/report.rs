@@ -137,10 +137,23 @@ pub fn build(inputs: &Inputs<'_>) -> NodeStatusDoc {
             "MemoryPressure",
             true,
             "NodeHasInsufficientMemory",
-            format!("{} available", berth_manifest::quantity::format_bytes(avail)),
+            format!(
+                "{} available",
+                berth_manifest::quantity::format_bytes(avail)
+            ),
         ),
-        Some(_) => condition("MemoryPressure", false, "NodeHasSufficientMemory", String::new()),
-        None => condition("MemoryPressure", false, "Unknown", "cannot read /proc/meminfo".into()),
+        Some(_) => condition(
+            "MemoryPressure",
+            false,
+            "NodeHasSufficientMemory",
+            String::new(),
+        ),
+        None => condition(
+            "MemoryPressure",
+            false,
+            "Unknown",
+            "cannot read /proc/meminfo".into(),
+        ),
     });
     conditions.push(match disk_available_percent(inputs.state_dir) {
         Some(p) if p < DISK_AVAILABLE_MIN_PERCENT => condition(
@@ -149,7 +162,12 @@ pub fn build(inputs: &Inputs<'_>) -> NodeStatusDoc {
             "NodeHasDiskPressure",
             format!("{p}% free on {}", inputs.state_dir.display()),
         ),
-        Some(_) => condition("DiskPressure", false, "NodeHasNoDiskPressure", String::new()),
+        Some(_) => condition(
+            "DiskPressure",
+            false,
+            "NodeHasNoDiskPressure",
+            String::new(),
+        ),
         None => condition(
             "DiskPressure",
             false,

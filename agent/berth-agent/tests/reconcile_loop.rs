@@ -43,8 +43,12 @@ impl Node {
     fn new(name: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("berth-loop-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
+        // A bare remote (libgit2 pushes only to bare local repositories)
+        // and a working clone that commits go through.
+        std::fs::create_dir_all(&dir).unwrap();
+        git(&dir, &["init", "-q", "--bare", "-b", "main", "origin.git"]);
+        git(&dir, &["clone", "-q", "origin.git", "repo"]);
         std::fs::create_dir_all(dir.join("repo/pods")).unwrap();
-        git(&dir.join("repo"), &["init", "-q", "-b", "main"]);
         std::fs::create_dir_all(dir.join("archives")).unwrap();
         let layer = archive::layer(&[("bin/sleep", b"#!", 0o755)]).unwrap();
         archive::write(
@@ -58,7 +62,7 @@ impl Node {
             dir.join("config.yaml"),
             format!(
                 "node:\n  name: n1\ngit:\n  url: {}\n  path: pods\n",
-                dir.join("repo").display()
+                dir.join("origin.git").display()
             ),
         )
         .unwrap();
@@ -78,6 +82,14 @@ impl Node {
         }
         git(&self.dir.join("repo"), &["add", "-A"]);
         git(&self.dir.join("repo"), &["commit", "-q", "-m", "change"]);
+        self.push();
+    }
+
+    fn push(&self) {
+        git(
+            &self.dir.join("repo"),
+            &["push", "-q", "-f", "origin", "HEAD:main"],
+        );
     }
 
     /// A fresh agent process on this node: same state dir, same systemd.
@@ -420,5 +432,306 @@ fn a_pod_whose_unit_an_admin_holds_is_refused_and_said_so() {
     assert_eq!(
         admin.properties.get("Description"),
         Some(&berth_plan::PropertyValue::Text("the admin's own".into()))
+    );
+}
+
+// ---- drift and the node's own branches ----
+
+impl Node {
+    fn configure(&self, extra: &str) {
+        let path = self.dir.join("config.yaml");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(extra);
+        std::fs::write(path, text).unwrap();
+    }
+
+    fn branch_file(&self, branch: &str, file: &str) -> Option<String> {
+        berth_git::publish::read_branch_file(&self.dir.join("origin.git"), branch, file)
+            .unwrap()
+            .and_then(|f| f.content)
+            .map(|b| String::from_utf8(b).unwrap())
+    }
+
+    fn memory_max(&self, unit: &str) -> Option<u64> {
+        match self
+            .systemd
+            .unit(unit)
+            .unwrap()?
+            .properties
+            .get("MemoryMax")
+        {
+            Some(berth_plan::PropertyValue::Unsigned(n)) => Some(*n),
+            _ => None,
+        }
+    }
+
+    /// What `systemctl set-property UNIT MemoryMax=…` does.
+    fn set_memory_max(&self, unit: &str, bytes: u64) {
+        let mut p = berth_plan::Properties::new();
+        p.insert("MemoryMax", berth_plan::PropertyValue::Unsigned(bytes));
+        self.systemd.set_properties(unit, &p).unwrap();
+    }
+}
+
+const APP: &str = "berth-default_a_main.service";
+
+fn limited(extra_meta: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: a\n{extra_meta}spec:\n  containers:\n  - name: main\n    image: busybox:1.37\n    command: [sleep, \"100\"]\n    resources:\n      limits:\n        memory: 64Mi   # sized for the test\n"
+    )
+}
+
+#[test]
+fn a_reported_drift_becomes_a_branch_whose_merge_adopts_it() {
+    let node = Node::new("drift-report");
+    node.configure("drift:\n  policy: report\nstatus:\n  heartbeat: 10s\n");
+    node.commit(&[("pods/a.yaml", Some(limited("")))]);
+    let mut agent = node.agent();
+    agent.publish().unwrap();
+    agent.pass(true);
+    assert!(agent.state().drift.is_empty(), "{:?}", agent.state().drift);
+    assert_eq!(node.memory_max(APP), Some(64 << 20));
+
+    node.set_memory_max(APP, 100 << 20);
+    agent.pass(false);
+    let drift = &agent.state().drift;
+    assert_eq!(drift.len(), 1, "{drift:?}");
+    assert_eq!(drift[0].field, "MemoryMax");
+    assert_eq!(drift[0].desired, "64Mi");
+    assert_eq!(drift[0].actual, "100Mi");
+    assert_eq!(drift[0].adopt.as_deref(), Some("100Mi"));
+    assert_eq!(node.memory_max(APP), Some(100 << 20), "report leaves it");
+    agent.stop_publishing();
+
+    // The drift branch: the manifest line changed in place, comment kept,
+    // and the report beside it.
+    let edited = node
+        .branch_file("berth/drift/n1", "pods/a.yaml")
+        .expect("drift branch");
+    assert!(
+        edited.contains("        memory: 100Mi   # sized for the test\n"),
+        "{edited}"
+    );
+    assert_eq!(edited.replace("100Mi", "64Mi"), limited(""));
+    let report = node
+        .branch_file("berth/drift/n1", "drift/n1/DRIFT.md")
+        .expect("report");
+    assert!(
+        report.contains("| Pod/default/a | main | MemoryMax | 64Mi | 100Mi |"),
+        "{report}"
+    );
+    let status = node
+        .branch_file("berth/status/n1", "status.yaml")
+        .expect("status branch");
+    let doc = berth_agent::report::NodeStatusDoc::from_yaml(&status).unwrap();
+    assert_eq!(doc.drift.count, 1);
+    assert_eq!(doc.pods.len(), 1);
+
+    // A reviewer merges: the node adopts it, and the drift is gone.
+    git(&node.dir.join("repo"), &["fetch", "-q", "origin"]);
+    git(
+        &node.dir.join("repo"),
+        &["merge", "-q", "--ff-only", "origin/berth/drift/n1"],
+    );
+    node.push();
+    let mut agent = node.agent();
+    agent.publish().unwrap();
+    node.systemd.take_calls();
+    agent.pass(true);
+    assert!(agent.state().drift.is_empty(), "{:?}", agent.state().drift);
+    assert_eq!(node.memory_max(APP), Some(100 << 20));
+    assert!(
+        !node
+            .systemd
+            .take_calls()
+            .iter()
+            .any(|c| c.contains("start")),
+        "adopting restarts nothing"
+    );
+    agent.pass(false);
+    assert!(agent.state().drift.is_empty(), "no further drift");
+    agent.stop_publishing();
+    assert_eq!(
+        node.branch_file("berth/drift/n1", "drift/n1/DRIFT.md"),
+        None,
+        "the drift branch is removed once the drift is gone"
+    );
+}
+
+#[test]
+fn healed_drift_is_put_back_and_recorded_and_ignored_fields_are_left_alone() {
+    let node = Node::new("drift-heal");
+    node.commit(&[(
+        "pods/a.yaml",
+        Some(limited("  annotations: {berth.dev/drift-policy: heal}\n")),
+    )]);
+    let mut agent = node.agent();
+    agent.pass(true);
+    node.set_memory_max(APP, 100 << 20);
+    agent.pass(false);
+    assert_eq!(node.memory_max(APP), Some(64 << 20), "healed");
+    assert!(agent.state().drift.is_empty());
+    let healed = &agent.state().healed;
+    assert_eq!(healed.len(), 1, "{healed:?}");
+    assert_eq!(
+        (
+            healed[0].field.as_str(),
+            healed[0].found.as_str(),
+            healed[0].restored.as_str()
+        ),
+        ("MemoryMax", "100Mi", "64Mi")
+    );
+
+    // The admin may change MemoryMax on this pod on purpose.
+    node.commit(&[(
+        "pods/a.yaml",
+        Some(limited(
+            "  annotations: {berth.dev/drift-ignore: MemoryMax}\n",
+        )),
+    )]);
+    agent.pass(true);
+    node.set_memory_max(APP, 200 << 20);
+    agent.pass(false);
+    assert_eq!(node.memory_max(APP), Some(200 << 20), "ignored: not healed");
+    assert!(agent.state().drift.is_empty(), "ignored: not reported");
+}
+
+#[test]
+fn a_stopped_unit_is_drift_and_a_new_commit_is_not() {
+    let node = Node::new("drift-stop");
+    node.configure("drift:\n  policy: report\n");
+    node.commit(&[("pods/a.yaml", Some(limited("")))]);
+    let mut agent = node.agent();
+    agent.pass(true);
+    // A change from Git is applied, not reported.
+    node.commit(&[("pods/a.yaml", Some(limited("").replace("64Mi", "96Mi")))]);
+    agent.pass(true);
+    assert!(agent.state().drift.is_empty(), "{:?}", agent.state().drift);
+    assert_eq!(node.memory_max(APP), Some(96 << 20));
+    // Someone stops the container.
+    node.systemd.stop(APP).unwrap();
+    agent.pass(false);
+    let drift = &agent.state().drift;
+    assert_eq!(drift.len(), 1, "{drift:?}");
+    assert_eq!(drift[0].field, "state");
+    assert!(!node.active(APP), "report leaves it stopped");
+}
+
+#[test]
+fn drift_reports_stay_readable_with_many_drifted_fields() {
+    let node = Node::new("drift-many");
+    node.configure("drift:\n  policy: report\n");
+    let pods: Vec<(String, Option<String>)> = (0..60)
+        .map(|i| {
+            (
+                format!("pods/p{i}.yaml"),
+                Some(limited("").replace("name: a", &format!("name: p{i}"))),
+            )
+        })
+        .collect();
+    let files: Vec<(&str, Option<String>)> =
+        pods.iter().map(|(p, b)| (p.as_str(), b.clone())).collect();
+    node.commit(&files);
+    let mut agent = node.agent();
+    agent.publish().unwrap();
+    agent.pass(true);
+    for i in 0..60 {
+        node.set_memory_max(&format!("berth-default_p{i}_main.service"), 80 << 20);
+    }
+    agent.pass(false);
+    assert_eq!(agent.state().drift.len(), 60);
+    agent.stop_publishing();
+    let report = node
+        .branch_file("berth/drift/n1", "drift/n1/DRIFT.md")
+        .expect("report");
+    let rows = report.lines().filter(|l| l.starts_with("| Pod/")).count();
+    assert_eq!(rows, berth_agent::drift::REPORT_LIMIT);
+    assert!(report.contains("…and 10 more: 10 × MemoryMax"), "{report}");
+    // Every file is still edited: the diff adopts all of it.
+    assert!(
+        node.branch_file("berth/drift/n1", "pods/p59.yaml")
+            .unwrap()
+            .contains("memory: 80Mi")
+    );
+}
+
+#[test]
+fn unsigned_or_wrongly_signed_commits_are_not_applied() {
+    let node = Node::new("signed");
+    let keys = node.dir.join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let keygen = |name: &str| {
+        let key = keys.join(name);
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+            .arg(&key)
+            .output()
+            .expect("ssh-keygen (openssh-client)");
+        assert!(out.status.success());
+        key
+    };
+    let alice = keygen("alice");
+    let mallory = keygen("mallory");
+    let public = std::fs::read_to_string(alice.with_extension("pub")).unwrap();
+    std::fs::write(keys.join("allowed"), format!("alice@example.org {public}")).unwrap();
+    node.configure(&format!(
+        "  allowedSigners: {}\n",
+        keys.join("allowed").display()
+    ));
+    let sign_with = |key: &Path| {
+        git(
+            &node.dir.join("repo"),
+            &[
+                "-c",
+                "gpg.format=ssh",
+                "-c",
+                &format!("user.signingkey={}", key.display()),
+                "commit",
+                "-q",
+                "--amend",
+                "--no-edit",
+                "-S",
+            ],
+        );
+        node.push();
+    };
+    node.commit(&[("pods/a.yaml", Some(pod("a", "sleep, \"100\"", "")))]);
+    let mut agent = node.agent();
+    let (outcome, _) = agent.pass(true);
+    assert!(
+        matches!(outcome, PassOutcome::Rejected { .. }),
+        "{outcome:?}"
+    );
+    assert!(
+        agent.state().errors[0].contains("is not signed"),
+        "{:?}",
+        agent.state().errors
+    );
+    assert!(node.systemd.unit_names().is_empty(), "nothing applied");
+
+    sign_with(&mallory);
+    let (outcome, _) = agent.pass(true);
+    assert!(
+        matches!(outcome, PassOutcome::Rejected { .. }),
+        "{outcome:?}"
+    );
+    assert!(agent.state().errors[0].contains("not in the allowed signers"));
+    assert!(node.systemd.unit_names().is_empty(), "nothing applied");
+
+    sign_with(&alice);
+    let (outcome, _) = agent.pass(true);
+    assert!(
+        matches!(outcome, PassOutcome::Applied { .. }),
+        "{outcome:?}"
+    );
+    assert!(node.active(APP));
+    assert!(
+        agent
+            .state()
+            .signed_by
+            .as_deref()
+            .is_some_and(|s| s.starts_with("alice@example.org (SHA256:")),
+        "{:?}",
+        agent.state().signed_by
     );
 }

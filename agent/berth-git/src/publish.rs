@@ -247,6 +247,14 @@ impl Mirror {
     }
 }
 
+/// A branch tip and one file in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BranchFile {
+    pub revision: Revision,
+    /// `None` when the commit has no such file.
+    pub content: Option<Vec<u8>>,
+}
+
 /// Reads `file` from the tip of `branch` in any clone (bare or not): the
 /// local branch if there is one, else a remote-tracking branch of that name.
 /// Returns the commit and the file's bytes; `Ok(None)` when the branch does
@@ -255,7 +263,7 @@ pub fn read_branch_file(
     repo: &Path,
     branch: &str,
     file: &str,
-) -> Result<Option<(Revision, Option<Vec<u8>>)>, GitError> {
+) -> Result<Option<BranchFile>, GitError> {
     let repository = Repository::open(repo).map_err(|source| GitError::Mirror {
         path: repo.to_path_buf(),
         source,
@@ -280,7 +288,10 @@ pub fn read_branch_file(
             .and_then(|t| t.get_path(Path::new(file)).ok())
             .and_then(|e| repository.find_blob(e.id()).ok())
             .map(|b| b.content().to_vec());
-        return Ok(Some((Revision(id), content)));
+        return Ok(Some(BranchFile {
+            revision: Revision(id),
+            content,
+        }));
     }
     Ok(None)
 }
@@ -294,10 +305,18 @@ pub fn list_branches(repo: &Path, prefix: &str) -> Result<Vec<String>, GitError>
         source,
     })?;
     let mut names = std::collections::BTreeSet::new();
-    for glob in [format!("refs/heads/{prefix}*"), format!("refs/remotes/*/{prefix}*")] {
+    for glob in [
+        format!("refs/heads/{prefix}*"),
+        format!("refs/remotes/*/{prefix}*"),
+    ] {
         if let Ok(refs) = repository.references_glob(&glob) {
             for r in refs.flatten() {
-                if let Some(rest) = r.name().ok().and_then(|n| n.split_once(prefix)).map(|x| x.1) {
+                if let Some(rest) = r
+                    .name()
+                    .ok()
+                    .and_then(|n| n.split_once(prefix))
+                    .map(|x| x.1)
+                {
                     names.insert(rest.to_string());
                 }
             }

@@ -3,6 +3,8 @@
 //! `receive.denyNonFastForwards` run, which libgit2's local transport would
 //! skip), and commits signed by `ssh-keygen` through the `git` command.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -203,12 +205,15 @@ fn status_and_drift_branches_are_written_pushed_read_and_deleted() {
     );
 
     // Any clone reads the branches, local or remote-tracking.
-    let (rev, file) =
+    let found =
         berth_git::publish::read_branch_file(&server.bare(), "berth/status/n1", "status.yaml")
             .expect("reads")
             .expect("branch exists");
-    assert_eq!(rev, second);
-    assert_eq!(file.as_deref(), Some(b"phase: Failed\n".as_slice()));
+    assert_eq!(found.revision, second);
+    assert_eq!(
+        found.content.as_deref(),
+        Some(b"phase: Failed\n".as_slice())
+    );
     let clone = server.root.0.join("clone");
     git(
         &server.root.0,
@@ -219,11 +224,10 @@ fn status_and_drift_branches_are_written_pushed_read_and_deleted() {
             "clone",
         ],
     );
-    let (_, file) =
-        berth_git::publish::read_branch_file(&clone, "berth/drift/n1", "drift/n1/DRIFT.md")
-            .expect("reads")
-            .expect("remote-tracking branch found");
-    assert_eq!(file.as_deref(), Some(b"# Drift\n".as_slice()));
+    let found = berth_git::publish::read_branch_file(&clone, "berth/drift/n1", "drift/n1/DRIFT.md")
+        .expect("reads")
+        .expect("remote-tracking branch found");
+    assert_eq!(found.content.as_deref(), Some(b"# Drift\n".as_slice()));
     assert!(
         berth_git::publish::read_branch_file(&clone, "berth/status/other", "status.yaml")
             .expect("reads")

@@ -181,9 +181,10 @@ pub fn scalar_range(text: &str, chunk: &Chunk, path: &FieldPath) -> Option<std::
     let mut node = &root;
     for segment in &path.0 {
         node = match (segment, &node.value) {
-            (PathSegment::Key(k), LocNode::Map(entries)) => {
-                entries.iter().find(|(key, _)| &key.value == k).map(|(_, v)| v)?
-            }
+            (PathSegment::Key(k), LocNode::Map(entries)) => entries
+                .iter()
+                .find(|(key, _)| &key.value == k)
+                .map(|(_, v)| v)?,
             (PathSegment::Index(i), LocNode::Seq(items)) => items.get(*i)?,
             _ => return None,
         };
@@ -353,7 +354,11 @@ mod tests {
             "spec.containers[1].name",
             "spec.containers[0].resources",
         ] {
-            assert_eq!(scalar_range(text, chunk, &FieldPath::parse(missing)), None, "{missing}");
+            assert_eq!(
+                scalar_range(text, chunk, &FieldPath::parse(missing)),
+                None,
+                "{missing}"
+            );
         }
     }
 }

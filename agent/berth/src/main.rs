@@ -406,23 +406,20 @@ fn status(dirs: &AgentDirs, output: Output, with_agent: bool) -> anyhow::Result<
     Ok(ExitCode::SUCCESS)
 }
 
-fn status_from_git(
-    repo: &Path,
-    node: Option<&str>,
-    output: Output,
-) -> anyhow::Result<ExitCode> {
+fn status_from_git(repo: &Path, node: Option<&str>, output: Output) -> anyhow::Result<ExitCode> {
     use berth_agent::publisher::status_branch;
     use berth_agent::report::{NodeStatusDoc, STATUS_FILE};
     let read = |node: &str| -> anyhow::Result<NodeStatusDoc> {
         let branch = status_branch(node);
-        let (rev, file) = berth_git::publish::read_branch_file(repo, &branch, STATUS_FILE)?
-            .ok_or_else(|| {
+        let found =
+            berth_git::publish::read_branch_file(repo, &branch, STATUS_FILE)?.ok_or_else(|| {
                 anyhow::anyhow!(
                     "{}: no branch {branch} (fetch it, or check the node's name)",
                     repo.display()
                 )
             })?;
-        let bytes = file.ok_or_else(|| {
+        let rev = found.revision;
+        let bytes = found.content.ok_or_else(|| {
             anyhow::anyhow!("{}: {branch} at {rev} has no {STATUS_FILE}", repo.display())
         })?;
         NodeStatusDoc::from_yaml(&String::from_utf8_lossy(&bytes)).map_err(|e| {
@@ -465,8 +462,11 @@ fn drift_from_git(repo: &Path, node: &str) -> anyhow::Result<ExitCode> {
         None => {
             writeln!(out, "node {node} reports no drift (no branch {branch})")?;
         }
-        Some((rev, None)) => anyhow::bail!("{}: {branch} at {rev} has no {file}", repo.display()),
-        Some((rev, Some(text))) => {
+        Some(found) => {
+            let rev = found.revision;
+            let text = found.content.ok_or_else(|| {
+                anyhow::anyhow!("{}: {branch} at {rev} has no {file}", repo.display())
+            })?;
             writeln!(out, "# {branch} at {rev}\n")?;
             out.write_all(&text)?;
         }

@@ -183,7 +183,11 @@ pub fn print_node_status(
             c.kind,
             c.status,
             c.reason,
-            if c.message.is_empty() { String::new() } else { format!(": {}", c.message) }
+            if c.message.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", c.message)
+            }
         )?;
     }
     for e in &doc.errors {
@@ -203,7 +207,10 @@ pub fn print_node_status(
 }
 
 /// One line per node of the fleet.
-pub fn print_fleet(docs: &[berth_agent::report::NodeStatusDoc], output: Output) -> anyhow::Result<()> {
+pub fn print_fleet(
+    docs: &[berth_agent::report::NodeStatusDoc],
+    output: Output,
+) -> anyhow::Result<()> {
     if output != Output::Text {
         return emit(&docs, output);
     }
@@ -226,10 +233,11 @@ pub fn print_fleet(docs: &[berth_agent::report::NodeStatusDoc], output: Output) 
             "{}\t{}\t{}\t{}/{}\t{}\t{}",
             d.node.name,
             ready,
-            d.revisions
-                .applied
-                .as_ref()
-                .map_or("-".to_string(), |r| r.revision.chars().take(12).collect()),
+            d.revisions.applied.as_ref().map_or("-".to_string(), |r| r
+                .revision
+                .chars()
+                .take(12)
+                .collect()),
             running,
             d.pods.len(),
             d.drift.count,
