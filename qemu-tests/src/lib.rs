@@ -174,6 +174,11 @@ impl GitHost {
         git(&self.work, &["rev-parse", "HEAD"])
     }
 
+    /// Runs `git` in the work tree (whose `origin` is the bare repository).
+    pub fn git(&self, args: &[&str]) -> Result<String> {
+        git(&self.work, args)
+    }
+
     /// Deletes a file from the work tree; the next push commits the deletion.
     pub fn remove(&self, path: &str) -> Result<()> {
         std::fs::remove_file(self.work.join(path)).map_err(|e| HarnessError(format!("{path}: {e}")))
@@ -290,7 +295,7 @@ impl Vm {
             .args([
                 "-netdev",
                 &format!(
-                    "user,id=net,restrict=on,guestfwd=tcp:{GIT_HOST}:9418-cmd:git daemon --inetd --export-all --base-path={repos} {repos}"
+                    "user,id=net,restrict=on,guestfwd=tcp:{GIT_HOST}:9418-cmd:git daemon --inetd --export-all --enable=receive-pack --base-path={repos} {repos}"
                 ),
             ])
             .args(["-device", "virtio-net-pci,netdev=net,romfile="])
