@@ -137,8 +137,29 @@ fn scenario() {
         }
     }
     std::thread::sleep(Duration::from_secs(10));
+    let bare = git.dir.join("desired.git");
+    let status_commits = || -> u64 {
+        must(git.git(&[
+            "--git-dir",
+            bare.to_str().unwrap(),
+            "rev-list",
+            "--count",
+            "berth/status/bench",
+        ]))
+        .parse()
+        .unwrap()
+    };
+    let commits_before = status_commits();
     let busy_rss = rss_kib(&vm);
     let busy_cpu = cpu_percent(&vm, 60);
+    let commits_in_window = status_commits() - commits_before;
+    let status_bytes = must(git.git(&[
+        "--git-dir",
+        bare.to_str().unwrap(),
+        "cat-file",
+        "-s",
+        "berth/status/bench:status.yaml",
+    ]));
     for (replicas, seconds) in &results {
         println!("bench: commit fetched -> {replicas} pod(s) active: {seconds:.2} s");
     }
@@ -149,6 +170,9 @@ fn scenario() {
     println!(
         "bench: agent managing 50 pods: {:.1} MiB resident, {busy_cpu:.2}% CPU over 60 s",
         busy_rss as f64 / 1024.0
+    );
+    println!(
+        "bench: status.yaml with 50 pods: {status_bytes} bytes; {commits_in_window} status commits in 60 s of steady state (heartbeat 5 min)"
     );
     must(vm.poweroff(Duration::from_secs(120)));
 }

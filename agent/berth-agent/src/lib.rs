@@ -192,6 +192,11 @@ impl Agent {
         Ok(())
     }
 
+    /// How publishing goes right now, when it runs.
+    pub fn publish_record(&self) -> Option<publisher::PublishRecord> {
+        self.publisher.as_ref().map(Publisher::record)
+    }
+
     /// Stops publishing after one last attempt to push what is pending.
     pub fn stop_publishing(&mut self) {
         if let Some(mut p) = self.publisher.take() {
@@ -306,7 +311,7 @@ impl Agent {
             || self
                 .reconciled
                 .as_ref()
-                .is_none_or(|(_, at)| at.elapsed() >= RESYNC.min(config.poll_interval));
+                .is_none_or(|(_, at)| at.elapsed() >= resync(config.poll_interval));
         let reconciled = match good.filter(|_| due) {
             Some(rev) => match accepted
                 .filter(|l: &Loaded| l.revision == rev)
@@ -959,6 +964,13 @@ fn wait_for_wake(total: Duration, notifier: &Notifier, wake: &Receiver<Wake>) ->
             }
         }
     }
+}
+
+/// How long an idle poll may go without observing the units: every poll
+/// observes (so drift shows within one poll interval), allowing for the
+/// poll's jitter; never longer than [`RESYNC`].
+fn resync(poll: Duration) -> Duration {
+    RESYNC.min(poll.mul_f64(0.8))
 }
 
 fn short(rev: &str) -> String {

@@ -735,3 +735,60 @@ fn unsigned_or_wrongly_signed_commits_are_not_applied() {
         agent.state().signed_by
     );
 }
+
+fn wait_for_record(
+    agent: &Agent,
+    what: &str,
+    done: impl Fn(&berth_agent::publisher::PublishRecord) -> bool,
+) -> berth_agent::publisher::PublishRecord {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let record = agent.publish_record().expect("publishing");
+        if done(&record) {
+            return record;
+        }
+        assert!(std::time::Instant::now() < end, "{what}: {record:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn status_waits_locally_while_git_is_away_and_goes_out_when_it_is_back() {
+    let node = Node::new("away");
+    node.commit(&[("pods/a.yaml", Some(limited("")))]);
+    let mut agent = node.agent();
+    agent.publish().unwrap();
+    agent.pass(true);
+    let first = wait_for_record(&agent, "first push", |r| r.last_push.is_some() && !r.pending);
+
+    // The server goes away; a drift is healed meanwhile.
+    let origin = node.dir.join("origin.git");
+    let away = node.dir.join("origin.away");
+    std::fs::rename(&origin, &away).unwrap();
+    node.set_memory_max(APP, 100 << 20);
+    let (outcome, _) = agent.pass(true);
+    assert!(matches!(outcome, PassOutcome::Failed { .. }), "{outcome:?}");
+    agent.pass(false);
+    assert_eq!(node.memory_max(APP), Some(64 << 20), "pods are still healed");
+    assert!(node.active(APP));
+    let failing = wait_for_record(&agent, "push fails", |r| r.error.is_some());
+    assert!(failing.pending);
+    assert_ne!(failing.status_commit, first.status_commit, "committed locally");
+
+    // Back again: what was committed meanwhile goes out by itself.
+    std::fs::rename(&away, &origin).unwrap();
+    wait_for_record(&agent, "pushed after the outage", |r| {
+        r.error.is_none() && !r.pending && r.last_push > first.last_push
+    });
+    agent.stop_publishing();
+    let doc = berth_agent::report::NodeStatusDoc::from_yaml(
+        &node.branch_file("berth/status/n1", "status.yaml").unwrap(),
+    )
+    .unwrap();
+    assert_eq!(doc.drift.healed.len(), 1, "{:?}", doc.drift.healed);
+    assert!(
+        doc.errors.iter().any(|e| e.contains("fetching")),
+        "the outage itself is in the status: {:?}",
+        doc.errors
+    );
+}
