@@ -759,7 +759,9 @@ fn status_waits_locally_while_git_is_away_and_goes_out_when_it_is_back() {
     let mut agent = node.agent();
     agent.publish().unwrap();
     agent.pass(true);
-    let first = wait_for_record(&agent, "first push", |r| r.last_push.is_some() && !r.pending);
+    let first = wait_for_record(&agent, "first push", |r| {
+        r.last_push.is_some() && !r.pending
+    });
 
     // The server goes away; a drift is healed meanwhile.
     let origin = node.dir.join("origin.git");
@@ -769,11 +771,18 @@ fn status_waits_locally_while_git_is_away_and_goes_out_when_it_is_back() {
     let (outcome, _) = agent.pass(true);
     assert!(matches!(outcome, PassOutcome::Failed { .. }), "{outcome:?}");
     agent.pass(false);
-    assert_eq!(node.memory_max(APP), Some(64 << 20), "pods are still healed");
+    assert_eq!(
+        node.memory_max(APP),
+        Some(64 << 20),
+        "pods are still healed"
+    );
     assert!(node.active(APP));
     let failing = wait_for_record(&agent, "push fails", |r| r.error.is_some());
     assert!(failing.pending);
-    assert_ne!(failing.status_commit, first.status_commit, "committed locally");
+    assert_ne!(
+        failing.status_commit, first.status_commit,
+        "committed locally"
+    );
 
     // Back again: what was committed meanwhile goes out by itself.
     std::fs::rename(&away, &origin).unwrap();

@@ -376,11 +376,24 @@ fn unit_action(
         );
     }
     if in_place {
+        // oom_score_adj is given to a process when it starts: systemd
+        // refuses to change it on a running unit, and the kubelet's in-place
+        // resize leaves it as well. It takes effect at the next restart.
+        let live: Vec<Change> = redacted
+            .into_iter()
+            .filter(|c| c.property != "OOMScoreAdjust")
+            .collect();
+        if live.is_empty() {
+            return None;
+        }
         Some(base(
             Verb::Update,
-            format!("{reason} (resized in place: resizePolicy NotRequired)"),
+            format!(
+                "{} (resized in place: resizePolicy NotRequired)",
+                describe_changes(&live)
+            ),
             SharedProperties::default(),
-            redacted,
+            live,
         ))
     } else {
         Some(base(

@@ -398,3 +398,44 @@ fn a_pod_and_a_deployment_replica_of_the_same_name_are_both_refused() {
         "the other replica still runs"
     );
 }
+
+#[test]
+fn an_in_place_resize_leaves_the_oom_score_for_the_next_restart() {
+    const UNIT: &str = "berth-default_web_main.service";
+    let before = applied(&plan_for(&[("pod.yaml", POD)], &ActualState::default()));
+    // A larger request lowers a Burstable pod's oom_score_adj, which systemd
+    // cannot change on a running unit: the resize leaves it out.
+    let resized = POD.replace(
+        "requests: {cpu: 250m, memory: 64Mi}\n        limits: {cpu: 500m, memory: 64Mi}",
+        "requests: {cpu: 250m, memory: 96Mi}\n        limits: {cpu: 500m, memory: 128Mi}",
+    );
+    let plan = plan_for(&[("pod.yaml", &resized)], &before);
+    let unit = action(&plan, UNIT);
+    assert_eq!(unit.verb, Verb::Update);
+    let props: Vec<&str> = unit.changes.iter().map(|c| c.property.as_str()).collect();
+    assert!(
+        props.contains(&"MemoryMax") && props.contains(&"MemoryLow"),
+        "{props:?}"
+    );
+    assert!(!props.contains(&"OOMScoreAdjust"), "{props:?}");
+    // Once the resize is applied, the old score is no reason for an action.
+    let old_score = before
+        .units
+        .iter()
+        .find(|u| u.name.as_str() == UNIT)
+        .and_then(|u| u.properties.get("OOMScoreAdjust").cloned())
+        .expect("score");
+    let mut after = applied(&plan_for(
+        &[("pod.yaml", &resized)],
+        &ActualState::default(),
+    ));
+    for u in after.units.iter_mut().filter(|u| u.name.as_str() == UNIT) {
+        u.properties.insert("OOMScoreAdjust", old_score.clone());
+    }
+    let plan = plan_for(&[("pod.yaml", &resized)], &after);
+    assert!(
+        plan.plan.actions.iter().all(|a| a.unit.as_str() != UNIT),
+        "{:?}",
+        verbs(&plan)
+    );
+}

@@ -172,6 +172,31 @@ fn properties_change_on_a_running_unit(systemd: &dyn Systemd) -> Result<(), Stri
     )
 }
 
+/// oom_score_adj is given to a process when it starts: PID 1 refuses to
+/// change it on a loaded unit, so a resize must leave it for the restart.
+fn a_running_unit_refuses_a_new_oom_score(systemd: &dyn Systemd) -> Result<(), String> {
+    let name = "berth-contract-oom.service";
+    sys(systemd.start_transient(name, &service(PRESENT, "always")))?;
+    let change: Properties = [("OOMScoreAdjust", PropertyValue::Signed(900))]
+        .into_iter()
+        .collect();
+    let set = systemd.set_properties(name, &change);
+    let after = sys(systemd.unit(name))?;
+    cleanup(systemd, &[name]);
+    check(
+        matches!(set, Err(SystemdError::Refused { .. })),
+        format!("SetUnitProperties OOMScoreAdjust returned {set:?}"),
+    )?;
+    let after = after.ok_or("unit vanished")?;
+    check(
+        after.properties.get("OOMScoreAdjust") == Some(&PropertyValue::Signed(500)),
+        format!(
+            "OOMScoreAdjust now {:?}",
+            after.properties.get("OOMScoreAdjust")
+        ),
+    )
+}
+
 fn a_killed_main_process_is_restarted_and_counted(systemd: &dyn Systemd) -> Result<(), String> {
     let name = "berth-contract-kill.service";
     sys(systemd.start_transient(name, &service(PRESENT, "always")))?;
@@ -264,6 +289,10 @@ pub const CASES: &[(&str, Case)] = &[
     (
         "properties_change_on_a_running_unit",
         properties_change_on_a_running_unit,
+    ),
+    (
+        "a_running_unit_refuses_a_new_oom_score",
+        a_running_unit_refuses_a_new_oom_score,
     ),
     (
         "a_killed_main_process_is_restarted_and_counted",

@@ -475,6 +475,20 @@ impl Systemd for FakeSystemd {
         let mut s = self.lock();
         Self::record(&mut s, format!("set-properties {name}"))?;
         self.check_properties(&s, name, "SetUnitProperties", properties)?;
+        // A loaded unit takes only its resource-control (cgroup) settings and
+        // its description at run time; what a process is started with
+        // (oom_score_adj, environment, command) is refused, as PID 1 does.
+        if let Some(key) = properties
+            .iter()
+            .map(|(k, _)| k)
+            .find(|k| !RUNTIME_SETTABLE.contains(k))
+        {
+            return Err(SystemdError::Refused {
+                unit: name.to_string(),
+                method: "SetUnitProperties",
+                message: format!("Cannot set property {key}, or unknown property."),
+            });
+        }
         let Some(unit) = s.units.get_mut(name) else {
             return Err(SystemdError::Refused {
                 unit: name.to_string(),
@@ -488,6 +502,19 @@ impl Systemd for FakeSystemd {
         Ok(())
     }
 }
+
+/// What `SetUnitProperties` changes on a loaded unit: resource control
+/// (systemd's cgroup context) and the description.
+pub const RUNTIME_SETTABLE: &[&str] = &[
+    "Description",
+    "CPUWeight",
+    "CPUQuotaPerSecUSec",
+    "CPUQuotaPeriodUSec",
+    "MemoryMax",
+    "MemoryLow",
+    "MemoryHigh",
+    "TasksMax",
+];
 
 #[cfg(test)]
 mod tests {
