@@ -1,6 +1,6 @@
 //! Publishing runs on its own thread, so a slow, unreachable or refusing Git
 //! server never holds up the reconcile loop. The loop hands over its latest
-//! report; this thread commits it to local refs in the mirror (so nothing is
+//! report; this thread commits it to local refs in an outbox repository (so nothing is
 //! lost while the server is away: history keeps accumulating locally) and
 //! pushes with a growing backoff. It commits the status when it changes in
 //! substance and on every heartbeat, and pushes every ref again on each
@@ -124,7 +124,9 @@ impl Drop for Publisher {
 
 struct Worker {
     mirror_path: PathBuf,
-    mirror: Option<Mirror>,
+    /// `outbox.git` beside the mirror: the node's own commits.
+    outbox_path: PathBuf,
+    outbox: Option<Mirror>,
     log: Log,
     record: Arc<Mutex<PublishRecord>>,
     latest: Option<Outgoing>,
@@ -144,8 +146,9 @@ struct Worker {
 impl Worker {
     fn new(mirror_path: PathBuf, log: Log, record: Arc<Mutex<PublishRecord>>) -> Self {
         Self {
+            outbox_path: mirror_path.with_file_name("outbox.git"),
             mirror_path,
-            mirror: None,
+            outbox: None,
             log,
             record,
             latest: None,
@@ -207,11 +210,11 @@ impl Worker {
 
     fn step(&mut self) {
         let Some(o) = self.latest.clone() else { return };
-        if self.mirror.is_none() {
-            match Mirror::open_existing(&self.mirror_path) {
-                Ok(m) => self.mirror = Some(m),
+        if self.outbox.is_none() {
+            match Mirror::open_outbox(&self.outbox_path, &self.mirror_path) {
+                Ok(m) => self.outbox = Some(m),
                 Err(e) => {
-                    self.fail(format!("cannot open the mirror to publish: {e}"));
+                    self.fail(format!("cannot open the outbox to publish: {e}"));
                     return;
                 }
             }
@@ -232,7 +235,7 @@ impl Worker {
     }
 
     fn commit(&mut self, o: &Outgoing) -> Result<(), String> {
-        let Some(mirror) = &self.mirror else {
+        let Some(outbox) = &self.outbox else {
             return Ok(());
         };
         let author = (
@@ -245,20 +248,31 @@ impl Worker {
             .is_none_or(|at| at.elapsed() >= o.heartbeat);
         if self.committed.is_none() {
             // After a restart: what the local branch already says.
-            self.committed = mirror
+            self.committed = outbox
                 .local(STATUS_REF)
-                .and_then(|r| mirror.file_at(r, STATUS_FILE))
+                .and_then(|r| outbox.file_at(r, STATUS_FILE))
                 .and_then(|b| NodeStatusDoc::from_yaml(&String::from_utf8_lossy(&b)).ok())
                 .map(|d| d.significant());
         }
         if self.committed.as_ref() != Some(&significant) || heartbeat_due {
-            let mut parent = mirror.local(STATUS_REF);
-            if let Some(p) = parent
-                && mirror.depth(p, o.history) >= o.history
-            {
-                // History stays bounded: start over from this commit.
-                parent = None;
+            let parent = outbox.local(STATUS_REF);
+            if parent.is_some_and(|p| outbox.depth(p, o.history) >= o.history) {
+                // History stays bounded, on the branch and on disk: the
+                // outbox starts over empty, this commit becomes the first,
+                // and the drift (if any) is committed again below.
+                let Some(full) = self.outbox.take() else {
+                    return Ok(());
+                };
+                let fresh = full
+                    .reset_outbox(&self.mirror_path)
+                    .map_err(|e| format!("cannot start the outbox over: {e}"))?;
+                self.outbox = Some(fresh);
+                self.drift_committed = None;
+                return self.commit(o);
             }
+            let Some(outbox) = &self.outbox else {
+                return Ok(());
+            };
             let subject = if self.committed.as_ref() == Some(&significant) {
                 "heartbeat"
             } else {
@@ -275,7 +289,7 @@ impl Worker {
                     .as_ref()
                     .map_or("nothing".to_string(), |r| r.revision.clone())
             );
-            mirror
+            outbox
                 .commit(
                     STATUS_REF,
                     parent,
@@ -298,10 +312,10 @@ impl Worker {
                     .drift_committed
                     .as_ref()
                     .is_some_and(|(base, files)| base == &d.base && files == &d.files);
-                if !same || mirror.local(DRIFT_REF).is_none() {
+                if !same || outbox.local(DRIFT_REF).is_none() {
                     let base = Revision::parse(&d.base)
                         .ok_or_else(|| format!("bad drift base {:?}", d.base))?;
-                    mirror
+                    outbox
                         .commit(
                             DRIFT_REF,
                             Some(base),
@@ -316,8 +330,8 @@ impl Worker {
                 }
             }
             None => {
-                if mirror.local(DRIFT_REF).is_some() || self.drift_committed.is_some() {
-                    mirror
+                if outbox.local(DRIFT_REF).is_some() || self.drift_committed.is_some() {
+                    outbox
                         .delete_local(DRIFT_REF)
                         .map_err(|e| format!("cannot drop the drift ref: {e}"))?;
                     self.drift_committed = None;
@@ -329,19 +343,19 @@ impl Worker {
     }
 
     fn push(&mut self, o: &Outgoing) {
-        let Some(mirror) = &self.mirror else { return };
+        let Some(outbox) = &self.outbox else { return };
         let mut updates = Vec::new();
-        if mirror.local(STATUS_REF).is_some() {
+        if outbox.local(STATUS_REF).is_some() {
             updates.push(PushUpdate {
                 local: Some(STATUS_REF.into()),
                 remote: format!("refs/heads/{}", status_branch(&o.node)),
             });
         }
         updates.push(PushUpdate {
-            local: mirror.local(DRIFT_REF).map(|_| DRIFT_REF.to_string()),
+            local: outbox.local(DRIFT_REF).map(|_| DRIFT_REF.to_string()),
             remote: format!("refs/heads/{}", drift_branch(&o.node)),
         });
-        match mirror.push(&o.url, o.credentials.as_ref(), &updates) {
+        match outbox.push(&o.url, o.credentials.as_ref(), &updates) {
             Ok(()) => {
                 if self.last_error.is_some() {
                     self.log.info("status and drift branches pushed again");
@@ -380,10 +394,10 @@ impl Worker {
     }
 
     fn publish_record(&self) {
-        let Some(mirror) = &self.mirror else { return };
+        let Some(outbox) = &self.outbox else { return };
         if let Ok(mut r) = self.record.lock() {
-            r.status_commit = mirror.local(STATUS_REF).map(|x| x.to_string());
-            r.drift_commit = mirror.local(DRIFT_REF).map(|x| x.to_string());
+            r.status_commit = outbox.local(STATUS_REF).map(|x| x.to_string());
+            r.drift_commit = outbox.local(DRIFT_REF).map(|x| x.to_string());
             r.pending = self.dirty;
             r.error = self.last_error.clone();
         }

@@ -801,3 +801,107 @@ fn status_waits_locally_while_git_is_away_and_goes_out_when_it_is_back() {
         doc.errors
     );
 }
+
+#[test]
+fn status_history_and_the_outbox_stay_bounded_and_drift_survives_a_restart_over() {
+    let node = Node::new("bounded");
+    node.configure("status:\n  history: 3\n");
+    let reported = limited("  annotations: {berth.dev/drift-policy: report}\n")
+        .replace("name: a\n", "name: b\n");
+    node.commit(&[
+        ("pods/a.yaml", Some(limited(""))),
+        ("pods/b.yaml", Some(reported)),
+    ]);
+    let mut agent = node.agent();
+    agent.publish().unwrap();
+    agent.pass(true);
+    node.set_memory_max("berth-default_b_main.service", 80 << 20);
+    agent.pass(false);
+    let mut last = wait_for_record(&agent, "drift pushed", |r| {
+        r.drift_commit.is_some() && !r.pending
+    });
+    // Each heal changes the status: one commit per round.
+    for i in 1..=8u64 {
+        node.set_memory_max(APP, (64 + i) << 20);
+        agent.pass(false);
+        let before = last.status_commit.clone();
+        last = wait_for_record(&agent, "status committed and pushed", |r| {
+            r.status_commit != before && !r.pending
+        });
+    }
+    agent.stop_publishing();
+    let count = |git_dir: &Path, rev: &str| -> usize {
+        let out = Command::new("git")
+            .args(["--git-dir"])
+            .arg(git_dir)
+            .args(["rev-list", "--count", rev])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    };
+    let origin = node.dir.join("origin.git");
+    let depth = count(&origin, "berth/status/n1");
+    assert!(
+        (1..=3).contains(&depth),
+        "status history kept to 3: {depth}"
+    );
+    let outbox = node.dir.join("state/outbox.git");
+    let kept = count(&outbox, "refs/berth/out/status");
+    assert!(
+        kept <= 3,
+        "the outbox starts over too: {kept} status commits"
+    );
+    // The drift branch came through every start-over.
+    assert!(
+        node.branch_file("berth/drift/n1", "pods/b.yaml")
+            .unwrap()
+            .contains("memory: 80Mi")
+    );
+    let doc = berth_agent::report::NodeStatusDoc::from_yaml(
+        &node.branch_file("berth/status/n1", "status.yaml").unwrap(),
+    )
+    .unwrap();
+    assert_eq!(doc.drift.healed.len(), 8);
+}
+
+#[test]
+fn a_force_push_that_rewrites_desired_history_is_followed() {
+    let node = Node::new("rewrite");
+    node.configure("drift:\n  policy: report\n");
+    node.commit(&[("pods/a.yaml", Some(limited("")))]);
+    let mut agent = node.agent();
+    agent.publish().unwrap();
+    agent.pass(true);
+    let first = agent.state().last_good.clone().unwrap().revision;
+    node.set_memory_max(APP, 100 << 20);
+    agent.pass(false);
+    wait_for_record(&agent, "drift pushed", |r| {
+        r.drift_commit.is_some() && !r.pending
+    });
+    // History rewritten: the first commit is replaced, not followed.
+    std::fs::write(
+        node.dir.join("repo/pods/a.yaml"),
+        limited("").replace("64Mi", "100Mi"),
+    )
+    .unwrap();
+    git(&node.dir.join("repo"), &["add", "-A"]);
+    git(
+        &node.dir.join("repo"),
+        &["commit", "-q", "--amend", "-m", "rewritten"],
+    );
+    node.push();
+    let (outcome, _) = agent.pass(true);
+    let PassOutcome::Applied { revision, changed } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(changed && revision != first);
+    agent.pass(false);
+    assert!(agent.state().drift.is_empty(), "{:?}", agent.state().drift);
+    agent.stop_publishing();
+    assert_eq!(
+        node.branch_file("berth/drift/n1", "drift/n1/DRIFT.md"),
+        None,
+        "the drift branch on the old history is gone"
+    );
+}

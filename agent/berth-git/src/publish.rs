@@ -73,6 +73,72 @@ impl Mirror {
         })
     }
 
+    /// Opens (creating it if needed) a bare repository for the node's own
+    /// commits that borrows the objects of `mirror` through Git's
+    /// alternates, so a drift commit can sit on a fetched commit without
+    /// copying it. Kept apart from the mirror so it can be thrown away and
+    /// started afresh, which is how its disk use stays bounded (libgit2 has
+    /// no garbage collection).
+    pub fn open_outbox(path: &Path, mirror: &Path) -> Result<Self, GitError> {
+        let err = |source| GitError::Mirror {
+            path: path.to_path_buf(),
+            source,
+        };
+        if Repository::open_bare(path).is_err() {
+            let _ = std::fs::remove_dir_all(path);
+            Repository::init_bare(path).map_err(err)?;
+        }
+        let objects = mirror.join("objects");
+        let alternates = path.join("objects/info/alternates");
+        let want = format!("{}\n", objects.display());
+        if std::fs::read_to_string(&alternates).ok().as_deref() != Some(want.as_str()) {
+            std::fs::create_dir_all(path.join("objects/info"))
+                .and_then(|()| std::fs::write(&alternates, &want))
+                .map_err(|e| err(git2::Error::from_str(&e.to_string())))?;
+        }
+        // Opened after the alternates are in place, so its object database
+        // reads them.
+        let repo = Repository::open_bare(path).map_err(err)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            repo,
+        })
+    }
+
+    /// Empties an outbox made by [`Mirror::open_outbox`]: every commit and
+    /// object in it is gone, the borrowed mirror stays.
+    pub fn reset_outbox(self, mirror: &Path) -> Result<Self, GitError> {
+        let path = self.path.clone();
+        drop(self);
+        let aside = path.with_extension("old");
+        let _ = std::fs::remove_dir_all(&aside);
+        std::fs::rename(&path, &aside).map_err(|e| GitError::Mirror {
+            path: path.clone(),
+            source: git2::Error::from_str(&e.to_string()),
+        })?;
+        let _ = std::fs::remove_dir_all(&aside);
+        Self::open_outbox(&path, mirror)
+    }
+
+    /// Bytes on disk under the repository (for status and benchmarks).
+    pub fn disk_bytes(&self) -> u64 {
+        fn walk(p: &Path) -> u64 {
+            std::fs::read_dir(p)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .map(|e| match e.metadata() {
+                            Ok(m) if m.is_dir() => walk(&e.path()),
+                            Ok(m) => m.len(),
+                            Err(_) => 0,
+                        })
+                        .sum()
+                })
+                .unwrap_or(0)
+        }
+        walk(&self.path)
+    }
+
     /// Where a local ref points, if it exists.
     pub fn local(&self, refname: &str) -> Option<Revision> {
         self.repo.refname_to_id(refname).ok().map(Revision)
