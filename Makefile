@@ -1,5 +1,5 @@
 # The two commands the README promises, and a few helpers.
-.PHONY: demo plan-demo image test deps build release bench bench-pods bless
+.PHONY: demo plan-demo image test deps build release bench bench-pods bench-mirror bless
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
@@ -40,6 +40,11 @@ bench-pods: deps
 	cargo build --locked --release --bin berth
 	$(SUDO) image/build.sh --test --berth target/release/berth
 	cargo test --locked -p berth-qemu-tests --test bench_pods -- --ignored --nocapture
+
+# The agent's memory and disk with a long-lived mirror: 500 desired commits
+# fetched and applied, 500 status commits pushed (in-memory systemd).
+bench-mirror: deps
+	cargo test --locked --release -p berth-agent --test reconcile_loop bench_long_lived_mirror -- --ignored --nocapture
 
 # Rewrite the golden files after an intended change; review the diff.
 bless:

@@ -148,6 +148,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// boot); later ones back off to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_LOGGED_ACTIONS: usize = 20;
+/// Each fetch that brings something adds a pack to the mirror; beyond this
+/// many they are repacked into one.
+const MAX_PACKS: usize = 16;
 /// How often units are observed and healed when nothing signalled a change,
 /// like the kubelet's periodic sync.
 const RESYNC: Duration = Duration::from_secs(60);
@@ -254,7 +257,7 @@ impl Agent {
                 return (self.failed(format!("configuration error: {e}")), None);
             }
         };
-        let mirror = match self.mirror.take() {
+        let mut mirror = match self.mirror.take() {
             Some(m) => m,
             None => match Mirror::open(&self.paths.state_dir.join("mirror.git")) {
                 Ok(m) => m,
@@ -265,6 +268,20 @@ impl Agent {
             },
         };
         let outcome = self.pass_with(&config, &mirror, fetch);
+        if mirror.pack_count() > MAX_PACKS {
+            let keep: Vec<Revision> = self
+                .state
+                .last_good
+                .iter()
+                .filter_map(|g| Revision::parse(&g.revision))
+                .collect();
+            match mirror.compact(&keep) {
+                Ok(n) => self
+                    .log
+                    .info(&format!("mirror repacked: {n} packs into one")),
+                Err(e) => self.log.warn(&format!("cannot repack the mirror: {e}")),
+            }
+        }
         self.mirror = Some(mirror);
         self.send_report(&config);
         (outcome, Some(config))

@@ -905,3 +905,72 @@ fn a_force_push_that_rewrites_desired_history_is_followed() {
         "the drift branch on the old history is gone"
     );
 }
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap()
+}
+
+fn dir_kib(path: &Path) -> u64 {
+    fn walk(p: &Path) -> u64 {
+        std::fs::read_dir(p)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| match e.metadata() {
+                        Ok(m) if m.is_dir() => walk(&e.path()),
+                        Ok(m) => m.len(),
+                        Err(_) => 0,
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+    walk(path) / 1024
+}
+
+/// `make bench-mirror`: the agent (in this process, on the in-memory
+/// systemd) fetching 500 desired commits one after another, each applied
+/// and reported as a status commit; prints resident memory and the sizes
+/// of the mirror and the outbox as they grow.
+#[test]
+#[ignore = "benchmark: make bench-mirror"]
+#[allow(clippy::print_stdout)]
+fn bench_long_lived_mirror() {
+    let node = Node::new("bench-mirror");
+    node.commit(&[("pods/a.yaml", Some(limited("")))]);
+    let mut agent = node.agent();
+    agent.publish().unwrap();
+    agent.pass(true);
+    let start = rss_kib();
+    println!("bench: after the first pass: {start} KiB resident");
+    let mut last_commit = None;
+    for i in 1..=500u32 {
+        node.commit(&[(
+            "pods/config.yaml",
+            Some(format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c}}\ndata: {{round: \"{i}\"}}\n"
+            )),
+        )]);
+        agent.pass(true);
+        let before = last_commit.clone();
+        let record = wait_for_record(&agent, "status pushed", |r| {
+            r.status_commit != before && !r.pending
+        });
+        last_commit = record.status_commit;
+        if [100, 250, 500].contains(&i) {
+            println!(
+                "bench: after {i} desired commits and status commits: {} KiB resident, mirror {} KiB, outbox {} KiB",
+                rss_kib(),
+                dir_kib(&node.dir.join("state/mirror.git")),
+                dir_kib(&node.dir.join("state/outbox.git")),
+            );
+        }
+    }
+    agent.stop_publishing();
+}

@@ -177,6 +177,78 @@ impl Mirror {
         }
     }
 
+    /// How many pack files the mirror holds: every fetch that brings
+    /// anything adds one (libgit2 does not repack).
+    pub fn pack_count(&self) -> usize {
+        std::fs::read_dir(self.path.join("objects/pack"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "pack"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Repacks the mirror into one pack of what its refs and `keep` reach,
+    /// and deletes every other pack and loose object: libgit2 has no
+    /// garbage collection, and without this each fetch adds a pack that
+    /// stays mapped in memory and on disk for good. Returns how many packs
+    /// were replaced. A crash midway leaves the new pack beside the old
+    /// ones (objects are never missing).
+    pub fn compact(&mut self, keep: &[Revision]) -> Result<usize, GitError> {
+        let err = |source| GitError::Mirror {
+            path: self.path.clone(),
+            source,
+        };
+        let pack_dir = self.path.join("objects/pack");
+        let before: Vec<PathBuf> = std::fs::read_dir(&pack_dir)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        let old_packs = before
+            .iter()
+            .filter(|p| p.extension().is_some_and(|x| x == "pack"))
+            .count();
+        let written = {
+            let mut walk = self.repo.revwalk().map_err(err)?;
+            walk.push_glob("*").map_err(err)?;
+            for k in keep {
+                if self.repo.find_commit(k.0).is_ok() {
+                    walk.push(k.0).map_err(err)?;
+                }
+            }
+            let mut builder = self.repo.packbuilder().map_err(err)?;
+            builder.insert_walk(&mut walk).map_err(err)?;
+            std::fs::create_dir_all(&pack_dir)
+                .map_err(|e| err(git2::Error::from_str(&e.to_string())))?;
+            builder.write(&pack_dir, 0).map_err(err)?;
+            builder
+                .name()
+                .map_err(err)?
+                .map(|n| format!("pack-{n}."))
+                .ok_or_else(|| err(git2::Error::from_str("the new pack has no name")))?
+        };
+        // Everything else goes: old packs (with their indexes) and loose
+        // objects, which the new pack now holds. The new pack may carry the
+        // name of an old one (same objects): that one stays.
+        for p in before {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+            if name.is_some_and(|n| !n.starts_with(&written)) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        if let Ok(dirs) = std::fs::read_dir(self.path.join("objects")) {
+            for d in dirs.flatten() {
+                let name = d.file_name();
+                let name = name.to_string_lossy();
+                if name.len() == 2 && name.chars().all(|c| c.is_ascii_hexdigit()) {
+                    let _ = std::fs::remove_dir_all(d.path());
+                }
+            }
+        }
+        self.repo = Repository::open_bare(&self.path).map_err(err)?;
+        Ok(old_packs)
+    }
+
     /// Whether the mirror holds this commit (a last good revision survives
     /// restarts only if its objects do).
     pub fn has(&self, revision: Revision) -> bool {

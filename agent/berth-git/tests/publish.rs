@@ -456,3 +456,49 @@ fn only_commits_signed_by_allowed_keys_are_accepted() {
         Err(SignatureError::UnknownKey { .. })
     ));
 }
+
+#[test]
+fn a_mirror_of_many_fetches_is_repacked_into_one_pack_without_losing_a_commit() {
+    let server = Server::start("compact");
+    let (_dir, mut mirror, first) = mirror_for(&server, "compact-m");
+    let remote = Remote {
+        url: server.url.clone(),
+        branch: "main".into(),
+    };
+    let work = server.work();
+    let bare = server.bare();
+    let mut revisions = vec![first];
+    for i in 0..6 {
+        std::fs::write(work.join("pod.yaml"), format!("kind: Pod # {i}\n")).expect("write");
+        git(&work, &["commit", "-q", "-am", &format!("change {i}")]);
+        git(
+            &work,
+            &["push", "-q", bare.to_str().expect("utf-8"), "main"],
+        );
+        revisions.push(mirror.fetch(&remote, None).expect("fetch"));
+    }
+    assert!(mirror.pack_count() >= 6, "{} packs", mirror.pack_count());
+    let replaced = mirror.compact(&[revisions[0]]).expect("compact");
+    assert!(replaced >= 6);
+    assert_eq!(mirror.pack_count(), 1);
+    for r in &revisions {
+        let files = mirror
+            .read_manifests(*r, ".")
+            .expect("every commit still reads");
+        assert_eq!(files.len(), 1);
+    }
+    // Again, with nothing new: the pack it writes has the same name as the
+    // one there, which must survive.
+    mirror.compact(&[]).expect("compact again");
+    assert_eq!(mirror.pack_count(), 1);
+    assert!(mirror.read_manifests(revisions[6], ".").is_ok());
+    // And fetching goes on as before.
+    std::fs::write(work.join("pod.yaml"), "kind: Pod # after\n").expect("write");
+    git(&work, &["commit", "-q", "-am", "after"]);
+    git(
+        &work,
+        &["push", "-q", bare.to_str().expect("utf-8"), "main"],
+    );
+    let after = mirror.fetch(&remote, None).expect("fetch after compaction");
+    assert!(mirror.read_manifests(after, ".").is_ok());
+}
