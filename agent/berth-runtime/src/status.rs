@@ -80,8 +80,30 @@ pub struct PodStatus {
     pub start_usec: Option<u64>,
     #[serde(default)]
     pub usage: Usage,
+    /// Kubernetes' pod conditions: PodScheduled, Initialized,
+    /// ContainersReady, Ready.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<PodCondition>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub messages: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodCondition {
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `"True"` or `"False"`, as Kubernetes writes them.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+fn condition(kind: &str, ok: bool, reason: Option<&str>) -> PodCondition {
+    PodCondition {
+        kind: kind.to_string(),
+        status: if ok { "True" } else { "False" }.to_string(),
+        reason: reason.filter(|_| !ok).map(str::to_string),
+    }
 }
 
 impl PodStatus {
@@ -103,6 +125,7 @@ impl PodStatus {
             containers: Vec::new(),
             start_usec: None,
             usage: Usage::default(),
+            conditions: vec![condition("PodScheduled", false, Some("Unschedulable"))],
             messages: vec![format!("not admitted: {reason}")],
         }
     }
@@ -260,6 +283,7 @@ pub fn pod_statuses(
                 containers: Vec::new(),
                 start_usec: None,
                 usage: Usage::default(),
+                conditions: Vec::new(),
                 messages: Vec::new(),
             })
             .name
@@ -325,8 +349,29 @@ pub fn pod_statuses(
         p.containers
             .sort_by(|a, b| b.init.cmp(&a.init).then(a.name.cmp(&b.name)));
         derive_phase(p, failure_reason.get(id));
+        derive_conditions(p);
     }
     pods.into_values().collect()
+}
+
+/// As the kubelet sets them: scheduled (admitted) once it has units,
+/// initialized when every init container exited 0, ready when every app
+/// container is.
+fn derive_conditions(p: &mut PodStatus) {
+    let init_done = p
+        .containers
+        .iter()
+        .filter(|c| c.init)
+        .all(|c| matches!(&c.state, ContainerState::Terminated { exit_code: 0, .. }));
+    let (ready, total) = p.ready();
+    let all_ready = total > 0 && ready == total;
+    let not_ready = (!all_ready).then_some("ContainersNotReady");
+    p.conditions = vec![
+        condition("PodScheduled", true, None),
+        condition("Initialized", init_done, Some("ContainersNotInitialized")),
+        condition("ContainersReady", all_ready, not_ready),
+        condition("Ready", all_ready, not_ready),
+    ];
 }
 
 fn derive_phase(p: &mut PodStatus, failure: Option<&String>) {
@@ -482,5 +527,30 @@ mod tests {
             (Phase::Pending, "ImageNotPresent")
         );
         assert_eq!(ghost.messages.len(), 1);
+        let conditions = |p: &PodStatus| -> Vec<(String, String)> {
+            p.conditions
+                .iter()
+                .map(|c| (c.kind.clone(), c.status.clone()))
+                .collect()
+        };
+        let all = |ready: &str| {
+            vec![
+                ("PodScheduled".to_string(), "True".to_string()),
+                ("Initialized".into(), "True".into()),
+                ("ContainersReady".into(), ready.to_string()),
+                ("Ready".into(), ready.to_string()),
+            ]
+        };
+        assert_eq!(conditions(up), all("True"));
+        assert_eq!(conditions(looping), all("False"));
+        assert_eq!(
+            looping.conditions[3].reason.as_deref(),
+            Some("ContainersNotReady")
+        );
+        let unfit = PodStatus::not_admitted("default", "huge", "needs more CPU");
+        assert_eq!(
+            conditions(&unfit),
+            vec![("PodScheduled".to_string(), "False".to_string())]
+        );
     }
 }
