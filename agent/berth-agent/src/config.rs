@@ -64,6 +64,7 @@ struct FileConfig {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct FileStatus {
     publish: Option<bool>,
+    push_options: Option<Vec<String>>,
     heartbeat: Option<String>,
     history: Option<usize>,
 }
@@ -121,6 +122,7 @@ struct Layer {
     drift_policy: Option<(String, Origin)>,
     restart_threshold: Option<(String, Origin)>,
     ignore: Option<(Vec<String>, Origin)>,
+    push_options: Option<(Vec<String>, Origin)>,
 }
 
 impl Layer {
@@ -144,7 +146,8 @@ impl Layer {
             history,
             drift_policy,
             restart_threshold,
-            ignore
+            ignore,
+            push_options
         );
         self
     }
@@ -168,6 +171,9 @@ pub struct NodeConfig {
     pub heartbeat: Duration,
     /// Status commits kept on the branch before it starts over.
     pub history: usize,
+    /// Sent with drift branch pushes (`git push -o`), for forges that open
+    /// a merge request from a push.
+    pub push_options: Vec<String>,
     pub drift: crate::drift::Settings,
     /// Which sources contributed, in order.
     pub sources: Vec<String>,
@@ -259,11 +265,12 @@ fn parse_file(text: &str, origin: Origin) -> Result<Layer, ConfigError> {
         drift_policy: with(drift.policy),
         restart_threshold: with(drift.restart_threshold.map(|n| n.to_string())),
         ignore: drift.ignore.map(|l| (l, origin.clone())),
+        push_options: status.push_options.map(|l| (l, origin.clone())),
     })
 }
 
 /// Keys shared by credentials (`berth.<key>`) and the kernel command line (`berth.<key>=`).
-const KEYS: [&str; 16] = [
+const KEYS: [&str; 17] = [
     "node",
     "labels",
     "repo",
@@ -280,6 +287,7 @@ const KEYS: [&str; 16] = [
     "drift-policy",
     "restart-threshold",
     "drift-ignore",
+    "push-options",
 ];
 
 fn set(layer: &mut Layer, key: &str, value: String, origin: Origin) -> Result<(), ConfigError> {
@@ -307,6 +315,15 @@ fn set(layer: &mut Layer, key: &str, value: String, origin: Origin) -> Result<()
                 .map(str::to_string)
                 .collect();
             layer.ignore = Some((fields, origin));
+        }
+        "push-options" => {
+            let options = value
+                .split(',')
+                .map(str::trim)
+                .filter(|o| !o.is_empty())
+                .map(str::to_string)
+                .collect();
+            layer.push_options = Some((options, origin));
         }
         other => {
             return Err(error(
@@ -599,6 +616,24 @@ fn finish(layer: Layer, hostname: &str, sources: Vec<String>) -> Result<NodeConf
         }
         drift.ignore = fields.iter().cloned().collect();
     }
+    let push_options = match &layer.push_options {
+        None => Vec::new(),
+        Some((options, origin)) => {
+            if let Some(bad) = options
+                .iter()
+                .find(|o| o.is_empty() || o.chars().any(|c| c.is_control()))
+            {
+                return Err(error(
+                    origin,
+                    "status.pushOptions",
+                    format!(
+                        "{bad:?} is not a push option (one line of text, such as merge_request.create)"
+                    ),
+                ));
+            }
+            options.clone()
+        }
+    };
     let allowed_signers = layer.allowed_signers.clone().map(|(p, _)| p);
     Ok(NodeConfig {
         node_name,
@@ -611,6 +646,7 @@ fn finish(layer: Layer, hostname: &str, sources: Vec<String>) -> Result<NodeConf
         publish,
         heartbeat,
         history,
+        push_options,
         drift,
         sources,
     })
@@ -705,11 +741,80 @@ mod tests {
             ("berth.repo=git://h/r berth.node=Bad_Name", "node.name"),
             ("berth.repo=git://h/r berth.labels=novalue", "labels"),
             ("berth.repo=git://h/r berth.colour=red", "colour"),
+            (
+                "berth.repo=git://h/r berth.drift-policy=maybe",
+                "drift.policy",
+            ),
+            (
+                "berth.repo=git://h/r berth.heartbeat=1s",
+                "status.heartbeat",
+            ),
+            (
+                "berth.repo=git://h/r berth.heartbeat=often",
+                "status.heartbeat",
+            ),
+            ("berth.repo=git://h/r berth.history=1", "status.history"),
+            (
+                "berth.repo=git://h/r berth.publish=perhaps",
+                "status.publish",
+            ),
+            (
+                "berth.repo=git://h/r berth.restart-threshold=-1",
+                "drift.restartThreshold",
+            ),
+            (
+                "berth.repo=git://h/r berth.drift-ignore=Memory.Max",
+                "drift.ignore",
+            ),
         ] {
             let e = load(&sources(&dir, cmdline, false)).expect_err(cmdline);
             assert_eq!(e.field, field, "{cmdline}: {e}");
             assert_eq!(e.origin, "kernel command line", "{cmdline}: {e}");
         }
+    }
+
+    #[test]
+    fn status_and_drift_settings_are_read_with_their_defaults() {
+        let dir = Dir::new("drift");
+        let file = dir.write(
+            "config.yaml",
+            "git:\n  url: git://h/r\n  allowedSigners: /efi/berth/allowed\nstatus:\n  heartbeat: 2m\n  history: 20\n  pushOptions: [merge_request.create]\ndrift:\n  policy: report\n  restartThreshold: 3\n  ignore: [MemoryHigh, state]\n",
+        );
+        let mut src = sources(&dir, "", false);
+        src.esp_file = file;
+        let c = load(&src).expect("valid");
+        assert_eq!(c.heartbeat, Duration::from_secs(120));
+        assert_eq!(c.history, 20);
+        assert_eq!(c.push_options, vec!["merge_request.create".to_string()]);
+        assert_eq!(c.drift.policy, crate::drift::Policy::Report);
+        assert_eq!(c.drift.restart_threshold, 3);
+        assert!(c.drift.ignore.contains("MemoryHigh") && c.drift.ignore.contains("state"));
+        assert_eq!(c.allowed_signers, Some(PathBuf::from("/efi/berth/allowed")));
+        assert!(c.publish);
+        std::fs::remove_file(&src.esp_file).expect("remove");
+        let d = load(&sources(&dir, "berth.repo=git://h/r", false)).expect("valid");
+        assert_eq!(
+            (
+                d.heartbeat,
+                d.history,
+                d.drift.policy,
+                d.drift.restart_threshold
+            ),
+            (
+                DEFAULT_HEARTBEAT,
+                DEFAULT_HISTORY,
+                crate::drift::Policy::Heal,
+                5
+            )
+        );
+        let e = {
+            dir.write(
+                "config.yaml",
+                "git:\n  url: git://h/r\ndrift:\n  polcy: heal\n",
+            );
+            load(&src).expect_err("typo")
+        };
+        assert!(e.message.contains("polcy"), "{e}");
     }
 
     #[test]

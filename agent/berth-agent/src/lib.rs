@@ -837,6 +837,7 @@ impl Agent {
             drift: self.drift_commit.clone(),
             heartbeat: config.heartbeat,
             history: config.history,
+            push_options: config.push_options.clone(),
         });
     }
 

@@ -48,6 +48,8 @@ pub struct Outgoing {
     pub drift: Option<DriftCommit>,
     pub heartbeat: Duration,
     pub history: usize,
+    /// Sent with the drift branch's push (it then goes out on its own).
+    pub push_options: Vec<String>,
 }
 
 /// How publishing goes, for `berth status` and the agent's state file.
@@ -351,11 +353,28 @@ impl Worker {
                 remote: format!("refs/heads/{}", status_branch(&o.node)),
             });
         }
-        updates.push(PushUpdate {
+        let drift = PushUpdate {
             local: outbox.local(DRIFT_REF).map(|_| DRIFT_REF.to_string()),
             remote: format!("refs/heads/{}", drift_branch(&o.node)),
-        });
-        match outbox.push(&o.url, o.credentials.as_ref(), &updates) {
+        };
+        let result = if o.push_options.is_empty() {
+            updates.push(drift);
+            outbox.push(&o.url, o.credentials.as_ref(), &updates)
+        } else {
+            // Options apply to a whole push: the drift branch goes on its
+            // own, so a forge opens a merge request for it alone.
+            outbox
+                .push(&o.url, o.credentials.as_ref(), &updates)
+                .and_then(|()| {
+                    outbox.push_with_options(
+                        &o.url,
+                        o.credentials.as_ref(),
+                        &[drift],
+                        &o.push_options,
+                    )
+                })
+        };
+        match result {
             Ok(()) => {
                 if self.last_error.is_some() {
                     self.log.info("status and drift branches pushed again");

@@ -252,6 +252,19 @@ impl Mirror {
         credentials: Option<&Credentials>,
         updates: &[PushUpdate],
     ) -> Result<(), PushError> {
+        self.push_with_options(url, credentials, updates, &[])
+    }
+
+    /// [`Mirror::push`] with push options (`git push -o`), which forges
+    /// such as GitLab read to open a merge request from the push. The
+    /// server must advertise them (`receive.advertisePushOptions`).
+    pub fn push_with_options(
+        &self,
+        url: &str,
+        credentials: Option<&Credentials>,
+        updates: &[PushUpdate],
+        push_options: &[String],
+    ) -> Result<(), PushError> {
         let mut rejected = Vec::new();
         let transport = |e: git2::Error| PushError::Transport {
             url: url.to_string(),
@@ -297,6 +310,8 @@ impl Mirror {
             });
             let mut options = PushOptions::new();
             options.remote_callbacks(callbacks);
+            let push_options: Vec<&str> = push_options.iter().map(String::as_str).collect();
+            options.remote_push_options(&push_options);
             connection.remote().push(&specs, Some(&mut options))
         };
         match result {

@@ -502,3 +502,56 @@ fn a_mirror_of_many_fetches_is_repacked_into_one_pack_without_losing_a_commit() 
     let after = mirror.fetch(&remote, None).expect("fetch after compaction");
     assert!(mirror.read_manifests(after, ".").is_ok());
 }
+
+#[test]
+fn push_options_reach_the_server_for_forges_that_open_merge_requests() {
+    let server = Server::start("options");
+    let (_dir, mirror, main) = mirror_for(&server, "options-m");
+    git(
+        &server.bare(),
+        &["config", "receive.advertisePushOptions", "true"],
+    );
+    let seen = server.root.0.join("options-seen");
+    let hook = server.bare().join("hooks/pre-receive");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\ni=0\nwhile [ $i -lt ${{GIT_PUSH_OPTION_COUNT:-0}} ]; do eval echo \\$GIT_PUSH_OPTION_$i >> {}; i=$((i+1)); done\ncat >/dev/null\n",
+            seen.display()
+        ),
+    )
+    .expect("hook");
+    Command::new("chmod")
+        .args(["+x", hook.to_str().expect("utf-8")])
+        .status()
+        .expect("chmod");
+    mirror
+        .commit(
+            "refs/berth/out/drift",
+            Some(main),
+            Some(main),
+            &[FileChange {
+                path: "drift/n1/DRIFT.md".into(),
+                content: Some(b"# Drift\n".to_vec()),
+            }],
+            "drift",
+            AUTHOR,
+        )
+        .expect("commit");
+    mirror
+        .push_with_options(
+            &server.url,
+            None,
+            &[PushUpdate {
+                local: Some("refs/berth/out/drift".into()),
+                remote: "refs/heads/berth/drift/n1".into(),
+            }],
+            &[
+                "merge_request.create".to_string(),
+                "merge_request.target=main".to_string(),
+            ],
+        )
+        .expect("push");
+    let got = std::fs::read_to_string(&seen).expect("the hook saw options");
+    assert_eq!(got, "merge_request.create\nmerge_request.target=main\n");
+}
