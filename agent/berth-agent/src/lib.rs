@@ -319,16 +319,17 @@ impl Agent {
         // heal while the network is down.
         let good = self.state.last_good.as_ref().map(|g| g.revision.clone());
         // Observing every unit is the expensive part of a pass; a poll that
-        // found nothing new skips it until a unit changes, the last pass
-        // left failures to retry, or the resync interval comes round (which
-        // also heals changes systemd does not signal, like set-property).
+        // found nothing new skips it until a unit changes (PID 1 signals
+        // finished jobs and changed properties, `set-property` included),
+        // the last pass left failures to retry, or the resync interval comes
+        // round (which catches whatever systemd does not signal).
         let due = !fetch
             || good != self.reconciled.as_ref().map(|(r, _)| r.clone())
             || !self.state.failures.is_empty()
             || self
                 .reconciled
                 .as_ref()
-                .is_none_or(|(_, at)| at.elapsed() >= resync(config.poll_interval));
+                .is_none_or(|(_, at)| at.elapsed() >= RESYNC);
         let reconciled = match good.filter(|_| due) {
             Some(rev) => match accepted
                 .filter(|l: &Loaded| l.revision == rev)
@@ -982,13 +983,6 @@ fn wait_for_wake(total: Duration, notifier: &Notifier, wake: &Receiver<Wake>) ->
             }
         }
     }
-}
-
-/// How long an idle poll may go without observing the units: every poll
-/// observes (so drift shows within one poll interval), allowing for the
-/// poll's jitter; never longer than [`RESYNC`].
-fn resync(poll: Duration) -> Duration {
-    RESYNC.min(poll.mul_f64(0.8))
 }
 
 fn short(rev: &str) -> String {
