@@ -322,11 +322,17 @@ fn scenario() {
         doc.pods.len()
     );
     println!(
-        "agent memory: {}",
+        "agent memory: {}, {} bytes charged to its cgroup (mirror pages included)",
+        sh(
+            &vm,
+            "grep VmRSS /proc/$(systemctl show -p MainPID --value berth-agent.service)/status"
+        )
+        .trim(),
         sh(
             &vm,
             "systemctl show -p MemoryCurrent --value berth-agent.service"
         )
+        .trim()
     );
     must(vm.poweroff(Duration::from_secs(60)));
 }

@@ -141,6 +141,44 @@ pub struct Agent {
     pods: Vec<berth_runtime::status::PodStatus>,
     /// The drift branch's commit from the last reconcile, if anything drifted.
     drift_commit: Option<DriftCommit>,
+    /// The resource files of every observed Berth cgroup as last read: an
+    /// idle poll reads them again instead of observing every unit over
+    /// D-Bus, and observes only when one changed (`systemctl set-property`
+    /// writes them, and PID 1 signals nothing for it).
+    limits: Option<CgroupLimits>,
+}
+
+/// Resource-control files of Berth's cgroups, by cgroup path.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct CgroupLimits(std::collections::BTreeMap<String, Vec<String>>);
+
+/// What `SetUnitProperties` can change on a running unit shows up here.
+const LIMIT_FILES: [&str; 6] = [
+    "memory.max",
+    "memory.low",
+    "memory.high",
+    "cpu.max",
+    "cpu.weight",
+    "pids.max",
+];
+
+impl CgroupLimits {
+    fn read<'a>(root: &std::path::Path, groups: impl Iterator<Item = &'a str>) -> Self {
+        let mut out = std::collections::BTreeMap::new();
+        for group in groups.filter(|g| !g.is_empty()) {
+            let dir = root.join(group.trim_start_matches('/'));
+            let values = LIMIT_FILES
+                .iter()
+                .map(|f| std::fs::read_to_string(dir.join(f)).unwrap_or_default())
+                .collect();
+            out.insert(group.to_string(), values);
+        }
+        Self(out)
+    }
+
+    fn reread(&self, root: &std::path::Path) -> Self {
+        Self::read(root, self.0.keys().map(String::as_str))
+    }
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -181,6 +219,7 @@ impl Agent {
             publisher: None,
             pods: Vec::new(),
             drift_commit: None,
+            limits: None,
         })
     }
 
@@ -319,17 +358,19 @@ impl Agent {
         // heal while the network is down.
         let good = self.state.last_good.as_ref().map(|g| g.revision.clone());
         // Observing every unit is the expensive part of a pass; a poll that
-        // found nothing new skips it until a unit changes (PID 1 signals
-        // finished jobs and changed properties, `set-property` included),
-        // the last pass left failures to retry, or the resync interval comes
-        // round (which catches whatever systemd does not signal).
+        // found nothing new skips it unless a unit changed (PID 1 signals
+        // finished jobs), a resource file of a Berth cgroup changed (what
+        // `systemctl set-property` does, which PID 1 does not signal), the
+        // last pass left failures to retry, or the resync interval came
+        // round (which catches whatever else systemd does not signal).
         let due = !fetch
             || good != self.reconciled.as_ref().map(|(r, _)| r.clone())
             || !self.state.failures.is_empty()
             || self
                 .reconciled
                 .as_ref()
-                .is_none_or(|(_, at)| at.elapsed() >= RESYNC);
+                .is_none_or(|(_, at)| at.elapsed() >= RESYNC)
+            || self.limits_changed();
         let reconciled = match good.filter(|_| due) {
             Some(rev) => match accepted
                 .filter(|l: &Loaded| l.revision == rev)
@@ -681,6 +722,16 @@ impl Agent {
         self.drift_commit = self.drift_commit_for(config, loaded, &outstanding);
         self.state.drift = outstanding;
         self.pods = pods;
+        // Read after the apply, so what it changed is not mistaken for a
+        // change on the next poll.
+        self.limits = Some(CgroupLimits::read(
+            &rt.cgroup_root,
+            observed
+                .units
+                .values()
+                .filter(|u| u.name.starts_with("berth"))
+                .map(|u| u.runtime.control_group.as_str()),
+        ));
         Ok(())
     }
 
@@ -732,6 +783,16 @@ impl Agent {
         }
         self.last_logged_plan = summary;
         report
+    }
+
+    /// Whether a resource file of a Berth cgroup differs from what the last
+    /// observation read: a few small file reads per unit, where observing
+    /// is two D-Bus calls per unit.
+    fn limits_changed(&self) -> bool {
+        match (&self.limits, &self.runtime) {
+            (Some(before), Some(rt)) => before.reread(&rt.cgroup_root) != *before,
+            _ => false,
+        }
     }
 
     /// Transient units do not outlive a boot: digests recorded in an

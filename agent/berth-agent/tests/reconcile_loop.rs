@@ -974,3 +974,31 @@ fn bench_long_lived_mirror() {
     }
     agent.stop_publishing();
 }
+
+#[test]
+fn an_idle_poll_notices_a_changed_cgroup_limit_without_observing_every_unit() {
+    let node = Node::new("limits");
+    node.configure("drift:\n  policy: report\n");
+    node.commit(&[("pods/a.yaml", Some(limited("")))]);
+    let mut agent = node.agent();
+    agent.pass(true);
+    agent.pass(false); // the started units observed, their cgroups read
+    let lists = node.systemd.list_count();
+    agent.pass(true);
+    assert_eq!(node.systemd.list_count(), lists, "an idle poll observed");
+    // What `systemctl set-property` does: the unit's property and its
+    // cgroup file change, and PID 1 sends no job signal.
+    let unit = node.systemd.unit(APP).unwrap().unwrap();
+    let dir = node
+        .dir
+        .join("cgroup")
+        .join(unit.runtime.control_group.trim_start_matches('/'));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("memory.max"), "104857600\n").unwrap();
+    node.set_memory_max(APP, 100 << 20);
+    agent.pass(true);
+    assert!(node.systemd.list_count() > lists, "the change was observed");
+    let drift = &agent.state().drift;
+    assert_eq!(drift.len(), 1, "{drift:?}");
+    assert_eq!(drift[0].field, "MemoryMax");
+}

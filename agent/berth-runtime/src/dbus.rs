@@ -23,34 +23,9 @@ const DEST: &str = "org.freedesktop.systemd1";
 const PATH: &str = "/org/freedesktop/systemd1";
 const MANAGER: &str = "org.freedesktop.systemd1.Manager";
 const NO_SUCH_UNIT: &str = "org.freedesktop.systemd1.NoSuchUnit";
-const UNIT_PATH: &str = "/org/freedesktop/systemd1/unit";
-
-/// The unit a systemd object path names: `…/unit/berth_2dx_2eservice` is
-/// `berth-x.service` (every byte but `[A-Za-z0-9]` is `_` and two hex digits).
-pub fn unit_of_path(path: &str) -> Option<String> {
-    let escaped = path.strip_prefix(UNIT_PATH)?.strip_prefix('/')?;
-    let bytes = escaped.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'_' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
 
 /// Called for every finished job with the unit's name and the job's result.
 pub type JobListener = Box<dyn Fn(&str, &str) + Send + Sync>;
-/// Called with a unit's name when PID 1 says its properties changed
-/// (`PropertiesChanged`, which it also sends for `SetUnitProperties`, so a
-/// `systemctl set-property` is noticed at once).
-pub type ChangeListener = Box<dyn Fn(&str) + Send + Sync>;
 /// Called about once a second while a call waits for a job (the watchdog).
 pub type Keepalive = Box<dyn Fn() + Send + Sync>;
 
@@ -151,46 +126,10 @@ impl DbusSystemd {
         listener: Option<JobListener>,
         keepalive: Option<Keepalive>,
     ) -> Result<Self, SystemdError> {
-        Self::connect_watching(job_timeout, listener, None, keepalive)
-    }
-
-    /// [`DbusSystemd::connect`], also calling `changes` for every unit whose
-    /// properties PID 1 says changed.
-    pub fn connect_watching(
-        job_timeout: Duration,
-        listener: Option<JobListener>,
-        changes: Option<ChangeListener>,
-        keepalive: Option<Keepalive>,
-    ) -> Result<Self, SystemdError> {
         let connect = |e: zbus::Error| SystemdError::Connect(e.to_string());
         let conn = Connection::system().map_err(connect)?;
         let manager = Proxy::new(&conn, DEST, PATH, MANAGER).map_err(connect)?;
         let signals = manager.receive_signal("JobRemoved").map_err(connect)?;
-        if let Some(changes) = changes {
-            let rule = zbus::MatchRule::builder()
-                .msg_type(zbus::message::Type::Signal)
-                .sender(DEST)
-                .and_then(|b| b.interface("org.freedesktop.DBus.Properties"))
-                .and_then(|b| b.member("PropertiesChanged"))
-                .and_then(|b| b.path_namespace(UNIT_PATH))
-                .map_err(connect)?
-                .build();
-            let stream = zbus::blocking::MessageIterator::for_match_rule(rule, &conn, Some(1024))
-                .map_err(connect)?;
-            std::thread::Builder::new()
-                .name("systemd-changes".into())
-                .spawn(move || {
-                    for message in stream.flatten() {
-                        let header = message.header();
-                        if let Some(unit) = header.path().and_then(|p| unit_of_path(p.as_str())) {
-                            changes(&unit);
-                        }
-                    }
-                })
-                .map_err(|e| {
-                    SystemdError::Connect(format!("cannot start the change listener: {e}"))
-                })?;
-        }
         manager
             .call_method("Subscribe", &())
             .map_err(bus("Subscribe"))?;
@@ -607,25 +546,6 @@ impl Systemd for DbusSystemd {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn unit_names_come_back_from_object_paths() {
-        for (path, unit) in [
-            (
-                "/org/freedesktop/systemd1/unit/berth_2ddefault_5fweb_5fmain_2eservice",
-                Some("berth-default_web_main.service"),
-            ),
-            (
-                "/org/freedesktop/systemd1/unit/berth_2dburstable_2ddefault_5fweb_5cx2d0_2eslice",
-                Some("berth-burstable-default_web\\x2d0.slice"),
-            ),
-            ("/org/freedesktop/systemd1/unit/bad_zz", None),
-            ("/org/freedesktop/systemd1/unit/trunc_2", None),
-            ("/org/freedesktop/systemd1/job/42", None),
-        ] {
-            assert_eq!(unit_of_path(path).as_deref(), unit, "{path}");
-        }
-    }
 
     #[test]
     fn values_survive_the_trip_to_the_wire_and_back() {

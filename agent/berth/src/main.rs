@@ -276,15 +276,9 @@ fn runtime(
     paths: &berth_agent::AgentPaths,
     image_archives: Option<PathBuf>,
     listener: Option<berth_runtime::dbus::JobListener>,
-    changes: Option<berth_runtime::dbus::ChangeListener>,
     keepalive: Option<berth_runtime::dbus::Keepalive>,
 ) -> anyhow::Result<berth_agent::Runtime> {
-    let systemd = berth_runtime::dbus::DbusSystemd::connect_watching(
-        JOB_TIMEOUT,
-        listener,
-        changes,
-        keepalive,
-    )?;
+    let systemd = berth_runtime::dbus::DbusSystemd::connect(JOB_TIMEOUT, listener, keepalive)?;
     let containers = paths.state_dir.join("containers");
     Ok(berth_agent::Runtime {
         systemd: Box::new(systemd),
@@ -319,13 +313,6 @@ fn agent(
                 let _ = units.send(Wake::UnitChanged);
             }
         });
-        let changed = tx.clone();
-        let changes: berth_runtime::dbus::ChangeListener = Box::new(move |unit| {
-            // `systemctl set-property` on a pod's unit: drift to look at now.
-            if unit.starts_with("berth-") && (unit.contains('_') || unit.ends_with(".slice")) {
-                let _ = changed.send(Wake::UnitChanged);
-            }
-        });
         let pinger = std::sync::Arc::clone(&notifier);
         let keepalive: berth_runtime::dbus::Keepalive = Box::new(move || pinger.watchdog());
         Some(
@@ -333,7 +320,6 @@ fn agent(
                 &paths,
                 Some(image_archives),
                 Some(listener),
-                Some(changes),
                 Some(keepalive),
             )
             .context("the agent manages pods through systemd (use --plan-only to only plan)")?,
