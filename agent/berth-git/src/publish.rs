@@ -120,25 +120,6 @@ impl Mirror {
         Self::open_outbox(&path, mirror)
     }
 
-    /// Bytes on disk under the repository (for status and benchmarks).
-    pub fn disk_bytes(&self) -> u64 {
-        fn walk(p: &Path) -> u64 {
-            std::fs::read_dir(p)
-                .map(|entries| {
-                    entries
-                        .flatten()
-                        .map(|e| match e.metadata() {
-                            Ok(m) if m.is_dir() => walk(&e.path()),
-                            Ok(m) => m.len(),
-                            Err(_) => 0,
-                        })
-                        .sum()
-                })
-                .unwrap_or(0)
-        }
-        walk(&self.path)
-    }
-
     /// Where a local ref points, if it exists.
     pub fn local(&self, refname: &str) -> Option<Revision> {
         self.repo.refname_to_id(refname).ok().map(Revision)
