@@ -240,7 +240,11 @@ fn scenario() {
 
     // Faults, each reported and none blocking the others.
     let pods = pods_until(&vm, "faults reported", SETTLE, |p| {
+        // The exit code shows once an observation falls in the back-off
+        // (unit and service properties are two reads, and a restart can
+        // start between them and reset the main process's status).
         status_of(p, "crasher") == "CrashLoopBackOff"
+            && p["crasher"]["containers"][0]["lastExitCode"] == 3
             && status_of(p, "ghost") == "ImageNotPresent"
             && status_of(p, "huge") == "OutOfcpu"
             && status_of(p, "nobin") != "Pending"
