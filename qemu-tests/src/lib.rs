@@ -409,50 +409,69 @@ impl Vm {
         }
     }
 
-    /// Runs a shell command in the guest; returns (exit code, output).
-    pub fn exec(&self, command: &str, timeout: Duration) -> Result<(i32, String)> {
-        let end = Instant::now() + timeout;
-        let mut stream = loop {
-            match UnixStream::connect(&self.channel) {
-                Ok(s) => break s,
-                Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(200)),
-                Err(e) => return fail(format!("test channel {}: {e}", self.channel.display())),
-            }
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_millis(500)))
-            .map_err(|e| HarnessError(e.to_string()))?;
-        // The channel may not be up yet: say hello until it answers.
-        let mut reader = BufReader::new(
-            stream
-                .try_clone()
-                .map_err(|e| HarnessError(e.to_string()))?,
-        );
-        let mut buffer = String::new();
-        'hello: loop {
-            stream
-                .write_all(b"echo __BERTH_HELLO__\n")
-                .map_err(|e| HarnessError(e.to_string()))?;
-            let until = Instant::now() + Duration::from_secs(2);
-            while Instant::now() < until {
-                let mut line = String::new();
-                match reader.read_line(&mut line) {
-                    Ok(0) => break,
-                    Ok(_) => {
-                        buffer.push_str(&line);
-                        if buffer.contains("__BERTH_HELLO__\n__BERTH_TEST_END__ 0") {
-                            break 'hello;
-                        }
-                    }
-                    Err(_) => {}
-                }
-            }
+    /// Connects to the test channel and says hello until the guest answers.
+    /// QEMU may drop the connection while the guest's end of the port is
+    /// not open yet (at boot, after a reboot): then it connects again.
+    fn open_channel(
+        &self,
+        end: Instant,
+        timeout: Duration,
+    ) -> Result<(UnixStream, BufReader<UnixStream>)> {
+        'connect: loop {
             if Instant::now() > end {
                 return fail(format!(
                     "the test channel did not answer within {timeout:?}"
                 ));
             }
+            let mut stream = match UnixStream::connect(&self.channel) {
+                Ok(s) => s,
+                Err(_) if Instant::now() < end => {
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
+                Err(e) => return fail(format!("test channel {}: {e}", self.channel.display())),
+            };
+            stream
+                .set_read_timeout(Some(Duration::from_millis(500)))
+                .map_err(|e| HarnessError(e.to_string()))?;
+            let mut reader = BufReader::new(
+                stream
+                    .try_clone()
+                    .map_err(|e| HarnessError(e.to_string()))?,
+            );
+            let mut buffer = String::new();
+            loop {
+                if stream.write_all(b"echo __BERTH_HELLO__\n").is_err() {
+                    std::thread::sleep(Duration::from_millis(500));
+                    continue 'connect;
+                }
+                let until = Instant::now() + Duration::from_secs(2);
+                while Instant::now() < until {
+                    let mut line = String::new();
+                    match reader.read_line(&mut line) {
+                        Ok(0) => break,
+                        Ok(_) => {
+                            buffer.push_str(&line);
+                            if buffer.contains("__BERTH_HELLO__\n__BERTH_TEST_END__ 0") {
+                                return Ok((stream, reader));
+                            }
+                        }
+                        Err(_) => {}
+                    }
+                }
+                if Instant::now() > end {
+                    return fail(format!(
+                        "the test channel did not answer within {timeout:?}"
+                    ));
+                }
+            }
         }
+    }
+
+    /// Runs a shell command in the guest; returns (exit code, output).
+    pub fn exec(&self, command: &str, timeout: Duration) -> Result<(i32, String)> {
+        let end = Instant::now() + timeout;
+        let (mut stream, mut reader) = self.open_channel(end, timeout)?;
         // Drain answers to extra hellos before sending the real command.
         std::thread::sleep(Duration::from_millis(300));
         let mut junk = Vec::new();
