@@ -7,7 +7,7 @@
 //! Nothing here listens on a network socket: the command channel is a Unix
 //! socket, the Git daemon runs per connection on QEMU's stdin/stdout.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -472,14 +472,34 @@ impl Vm {
     pub fn exec(&self, command: &str, timeout: Duration) -> Result<(i32, String)> {
         let end = Instant::now() + timeout;
         let (mut stream, mut reader) = self.open_channel(end, timeout)?;
-        // Drain answers to extra hellos before sending the real command.
-        std::thread::sleep(Duration::from_millis(300));
-        let mut junk = Vec::new();
-        let _ = reader
-            .get_mut()
-            .set_read_timeout(Some(Duration::from_millis(100)));
-        let _ = reader.read_to_end(&mut junk);
         let marker = "__BERTH_TEST_END__ ";
+        // Answers to earlier hellos may still be on their way from a slow
+        // guest: a marker of this call's own shows where they end.
+        let sync = format!(
+            "__BERTH_SYNC_{}__",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        stream
+            .write_all(format!("echo {sync}\n").as_bytes())
+            .map_err(|e| HarnessError(e.to_string()))?;
+        let mut synced = false;
+        loop {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) => return fail("the test channel closed"),
+                Ok(_) if line.contains(&sync) => synced = true,
+                Ok(_) if synced && line.starts_with(marker) => break,
+                Ok(_) => {}
+                Err(_) => {}
+            }
+            if Instant::now() > end {
+                return fail(format!(
+                    "the test channel did not answer within {timeout:?}"
+                ));
+            }
+        }
         stream
             .write_all(format!("{command}\n").as_bytes())
             .map_err(|e| HarnessError(e.to_string()))?;
