@@ -113,7 +113,7 @@ pub fn digest(properties: &berth_plan::Properties) -> String {
 }
 
 /// Every desired unit of the node with its digest and pod.
-pub fn desired_digests(pods: &[DesiredPod]) -> BTreeMap<String, (String, usize)> {
+fn desired_digests(pods: &[DesiredPod]) -> BTreeMap<String, (String, usize)> {
     let mut out = BTreeMap::new();
     for (i, pod) in pods.iter().enumerate() {
         out.insert(
@@ -137,6 +137,9 @@ pub struct Classified {
     pub actions: Vec<Action>,
     /// Drift found in the plan, before the apply (`action` says what will be done).
     pub items: Vec<DriftItem>,
+    /// Every desired unit's digest and pod index, for recording what the
+    /// apply put in place.
+    pub digests: BTreeMap<String, (String, usize)>,
 }
 
 /// Splits a plan's actions into changes and drift, and holds back the
@@ -168,12 +171,7 @@ pub fn classify(
             .and_then(|a| a.get(POLICY_ANNOTATION))
             .and_then(|p| Policy::parse(p))
             .unwrap_or(settings.policy);
-        let ignored = |field: &str| {
-            settings.ignore.contains(field)
-                || annotations
-                    .and_then(|a| a.get(IGNORE_ANNOTATION))
-                    .is_some_and(|list| list.split(',').any(|f| f.trim() == field))
-        };
+        let ignored = |field: &str| is_ignored(settings, annotations, field);
         let container = pod
             .units()
             .find(|u| u.name == action.unit)
@@ -240,6 +238,7 @@ pub fn classify(
             out.actions.push(action);
         }
     }
+    out.digests = digests;
     out
 }
 
@@ -260,12 +259,8 @@ pub fn standing(
             .map(|p| (p.source.clone(), p))
     };
     let ignored = |object: Option<&ObjectRef>, field: &str| {
-        settings.ignore.contains(field)
-            || object
-                .and_then(|id| catalog.objects.iter().find(|o| &o.id == id))
-                .and_then(|o| annotations(&o.object))
-                .and_then(|a| a.get(IGNORE_ANNOTATION))
-                .is_some_and(|list| list.split(',').any(|f| f.trim() == field))
+        let found = object.and_then(|id| catalog.objects.iter().find(|o| &o.id == id));
+        is_ignored(settings, found.and_then(|o| annotations(&o.object)), field)
     };
     for status in statuses {
         let pod = format!("{}/{}", status.namespace, status.name);
@@ -328,6 +323,19 @@ pub fn carry_since(items: &mut [DriftItem], previous: &[DriftItem]) {
             item.since = item.since.min(*since);
         }
     }
+}
+
+/// Whether the node's config or the object's annotation leaves `field` to
+/// the admin.
+fn is_ignored(
+    settings: &Settings,
+    annotations: Option<&BTreeMap<String, String>>,
+    field: &str,
+) -> bool {
+    settings.ignore.contains(field)
+        || annotations
+            .and_then(|a| a.get(IGNORE_ANNOTATION))
+            .is_some_and(|list| list.split(',').any(|f| f.trim() == field))
 }
 
 fn annotations(object: &Object) -> Option<&BTreeMap<String, String>> {

@@ -660,11 +660,11 @@ impl Agent {
         let failed: std::collections::BTreeSet<&str> =
             report.failed.iter().map(|f| f.unit.as_str()).collect();
         // What is now as Git says, by digest: a later departure is drift.
-        let digests = drift::desired_digests(&plan.pods);
+        let digests = &classified.digests;
         self.state
             .applied
             .retain(|unit, _| digests.contains_key(unit));
-        for (unit, (digest, _)) in &digests {
+        for (unit, (digest, _)) in digests {
             if !failed.contains(unit.as_str()) {
                 self.state.applied.insert(unit.clone(), digest.clone());
             }
