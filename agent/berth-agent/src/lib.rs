@@ -694,14 +694,7 @@ impl Agent {
         let excess = self.state.healed.len().saturating_sub(report::HEALED_KEPT);
         self.state.healed.drain(..excess);
         self.state.failures = report.failed;
-        let mut pods =
-            berth_runtime::status::pod_statuses(&observed, &self.state.failures, &rt.cgroup_root);
-        for n in &self.state.not_admitted {
-            let (ns, name) = n.pod.split_once('/').unwrap_or(("", &n.pod));
-            pods.push(berth_runtime::status::PodStatus::not_admitted(
-                ns, name, &n.reason,
-            ));
-        }
+        let pods = self.state.pod_statuses(&observed, &rt.cgroup_root);
         outstanding.extend(drift::standing(
             &pods,
             &self.state.failures,

@@ -53,6 +53,25 @@ pub struct AgentState {
     pub publish: PublishRecord,
 }
 
+impl AgentState {
+    /// Every pod's status: those with units as observed, those the last
+    /// apply could not start, and those the node could not admit.
+    pub fn pod_statuses(
+        &self,
+        observed: &berth_runtime::Observed,
+        cgroup_root: &Path,
+    ) -> Vec<berth_runtime::status::PodStatus> {
+        let mut pods = berth_runtime::status::pod_statuses(observed, &self.failures, cgroup_root);
+        for n in &self.not_admitted {
+            let (ns, name) = n.pod.split_once('/').unwrap_or(("", &n.pod));
+            pods.push(berth_runtime::status::PodStatus::not_admitted(
+                ns, name, &n.reason,
+            ));
+        }
+        pods
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NotAdmittedRecord {
     pub pod: String,

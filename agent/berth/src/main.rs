@@ -383,17 +383,7 @@ fn status(dirs: &AgentDirs, output: Output, with_agent: bool) -> anyhow::Result<
         }
         Err(e) => return Err(e.into()),
     };
-    let mut pods = berth_runtime::status::pod_statuses(
-        &observed,
-        &state.failures,
-        Path::new("/sys/fs/cgroup"),
-    );
-    for n in &state.not_admitted {
-        let (ns, name) = n.pod.split_once('/').unwrap_or(("", &n.pod));
-        pods.push(berth_runtime::status::PodStatus::not_admitted(
-            ns, name, &n.reason,
-        ));
-    }
+    let pods = state.pod_statuses(&observed, Path::new("/sys/fs/cgroup"));
     let now_usec = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64);
