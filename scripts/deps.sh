@@ -8,9 +8,10 @@ need_root() {
 }
 
 # Build: a C toolchain and OpenSSL headers for libgit2 (https, ssh);
-# ssh-keygen signs commits in the signature tests.
+# ssh-keygen signs commits in the signature tests; nftables (the `nft` tool)
+# programs Services, in the privileged tests as on the node.
 # Image and QEMU tier: mmdebstrap, filesystem tools, QEMU and OVMF.
-packages=(build-essential pkg-config python3 git openssh-client ca-certificates libssl-dev zlib1g-dev binutils
+packages=(build-essential pkg-config python3 git openssh-client nftables ca-certificates libssl-dev zlib1g-dev binutils
     mmdebstrap e2fsprogs dosfstools mtools fdisk zstd qemu-system-x86 qemu-utils ovmf)
 missing=()
 for p in "${packages[@]}"; do

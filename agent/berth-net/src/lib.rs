@@ -5,11 +5,13 @@
 //!   on disk across restarts and reboots.
 //! - [`netns`]: named network namespaces made without forking.
 //! - [`link`]: the bridge, veth pairs, addresses and routes over rtnetlink.
+//! - [`nft`]: Services as one nftables table replaced atomically.
 
 pub mod cidr;
 pub mod ipam;
 pub mod link;
 pub mod netns;
+pub mod nft;
 
 pub use cidr::Cidr;
 
@@ -31,3 +33,19 @@ pub fn host_if_name(pod_key: &str) -> String {
 
 /// Every host-side veth Berth makes starts with this.
 pub const HOST_IF_PREFIX: &str = "bv";
+
+/// The kernel switches a node needs for pod traffic, in the calling
+/// thread's network namespace: forwarding, and bridged IPv4 passing the
+/// `ip` hooks so a Service reply from a pod on the same bridge is un-NATed
+/// (the `br_netfilter` module; the image loads it at boot).
+pub fn enable_forwarding() -> Result<(), String> {
+    let set = |path: &str| std::fs::write(path, b"1").map_err(|e| format!("{path}: {e}"));
+    set("/proc/sys/net/ipv4/ip_forward")?;
+    let bridged = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+    if !std::path::Path::new(bridged).exists() {
+        return Err(format!(
+            "{bridged} is missing: the br_netfilter module is not loaded, so a pod cannot reach a Service whose endpoint is on the same bridge"
+        ));
+    }
+    set(bridged)
+}

@@ -14,10 +14,10 @@ use futures_lite::StreamExt;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkMessage,
+    InfoBridgePort, InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkMessage,
 };
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
-use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::cidr::Cidr;
 use crate::netns::NetnsDir;
@@ -366,7 +366,18 @@ pub fn ensure_pod(netns: &NetnsDir, bridge: &str, want: &PodLink) -> Result<bool
             )
             .execute()
             .await
-            .map_err(ctx(format!("attaching {host_if} to the bridge")))
+            .map_err(ctx(format!("attaching {host_if} to the bridge")))?;
+        // Hairpin: a pod's Service traffic DNATed back to the pod itself is
+        // bridged out of the port it came in by.
+        h.link()
+            .set_port(
+                LinkBridgePort::new(link.header.index)
+                    .append_info_data(InfoBridgePort::HairpinMode(true))
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(ctx(format!("hairpin mode on {host_if}")))
     })?;
     drop(ns_file);
     let inside = want.clone();

@@ -1,0 +1,409 @@
+//! Services as one nftables table, `ip berth`, owned by the agent and
+//! replaced whole in one transaction (`nft -f -`): the kernel applies the
+//! delete and the new table atomically, so no packet sees half a ruleset,
+//! and an admin's other tables are never read or touched.
+//!
+//! Layout, per Service port:
+//! - `services` maps `cluster IP . protocol . port` to the port's chain;
+//!   `node-ports` maps `protocol . port` on any local address likewise;
+//! - the port's chain picks an endpoint with `numgen random` (after the
+//!   client's affinity set, when the Service asks for `ClientIP`);
+//! - the endpoint's chain marks hairpin traffic (a pod reaching itself
+//!   through its Service) for masquerade and DNATs;
+//! - a Service port without endpoints is refused (a TCP reset, so
+//!   `connect` fails at once; ICMP for UDP) instead of timing out.
+//!
+//! Pods reach each other without NAT; traffic leaving the pod prefix is
+//! masqueraded.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+
+use crate::cidr::Cidr;
+
+pub const TABLE: &str = "berth";
+/// The packet mark bit that asks for masquerade (kube-proxy's choice too).
+const MASQ_MARK: u32 = 0x4000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn word(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortRules {
+    /// The Service port's name, or its number when it has none.
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub node_port: Option<u16>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRules {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ip: Ipv4Addr,
+    /// `sessionAffinity: ClientIP`, with its timeout in seconds.
+    pub affinity_seconds: Option<u32>,
+    pub ports: Vec<PortRules>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ruleset {
+    pub pod_cidr: Cidr,
+    pub services: Vec<ServiceRules>,
+}
+
+fn port_chain(s: &ServiceRules, p: &PortRules) -> String {
+    format!("svc_{}_{}_{}", s.namespace, s.name, p.name)
+}
+
+fn endpoint_chain(s: &ServiceRules, p: &PortRules, e: &Endpoint) -> String {
+    format!(
+        "ep_{}_{}_{}_{}_{}",
+        s.namespace, s.name, p.name, e.ip, e.port
+    )
+}
+
+fn affinity_set(s: &ServiceRules, p: &PortRules, e: &Endpoint) -> String {
+    format!(
+        "aff_{}_{}_{}_{}_{}",
+        s.namespace, s.name, p.name, e.ip, e.port
+    )
+}
+
+/// The whole table as `nft -f` input: create (so the delete never fails),
+/// delete, and define again, which nft applies as one transaction.
+pub fn render(rules: &Ruleset) -> String {
+    let mut out = String::with_capacity(4096 + rules.services.len() * 1024);
+    let _ = writeln!(out, "table ip {TABLE}\ndelete table ip {TABLE}");
+    let _ = writeln!(out, "table ip {TABLE} {{");
+    let mut service_elems = Vec::new();
+    let mut node_port_elems = Vec::new();
+    let mut closed = Vec::new();
+    let mut closed_node_ports = Vec::new();
+    let mut chains = String::new();
+    let mut sets = String::new();
+    for s in &rules.services {
+        for p in &s.ports {
+            let proto = p.protocol.word();
+            let key = format!("{} . {proto} . {}", s.cluster_ip, p.port);
+            if p.endpoints.is_empty() {
+                closed.push(key);
+                if let Some(np) = p.node_port {
+                    closed_node_ports.push(format!("{proto} . {np}"));
+                }
+                continue;
+            }
+            let chain = port_chain(s, p);
+            service_elems.push(format!("{key} : goto {chain}"));
+            if let Some(np) = p.node_port {
+                node_port_elems.push(format!("{proto} . {np} : goto {chain}"));
+            }
+            let _ = writeln!(chains, "\tchain {chain} {{");
+            if let Some(timeout) = s.affinity_seconds {
+                for e in &p.endpoints {
+                    let set = affinity_set(s, p, e);
+                    let _ = writeln!(
+                        sets,
+                        "\tset {set} {{\n\t\ttype ipv4_addr\n\t\tflags dynamic,timeout\n\t\ttimeout {timeout}s\n\t}}"
+                    );
+                    let _ = writeln!(
+                        chains,
+                        "\t\tip saddr @{set} goto {}",
+                        endpoint_chain(s, p, e)
+                    );
+                }
+            }
+            let targets: Vec<String> = p
+                .endpoints
+                .iter()
+                .enumerate()
+                .map(|(i, e)| format!("{i} : goto {}", endpoint_chain(s, p, e)))
+                .collect();
+            let _ = writeln!(
+                chains,
+                "\t\tnumgen random mod {} vmap {{ {} }}\n\t}}",
+                p.endpoints.len(),
+                targets.join(", ")
+            );
+            for e in &p.endpoints {
+                let _ = writeln!(chains, "\tchain {} {{", endpoint_chain(s, p, e));
+                let _ = writeln!(
+                    chains,
+                    "\t\tip saddr {} meta mark set meta mark or {MASQ_MARK:#x}",
+                    e.ip
+                );
+                if s.affinity_seconds.is_some() {
+                    let _ = writeln!(
+                        chains,
+                        "\t\tupdate @{} {{ ip saddr }}",
+                        affinity_set(s, p, e)
+                    );
+                }
+                let _ = writeln!(
+                    chains,
+                    "\t\tmeta l4proto {proto} dnat to {}:{}\n\t}}",
+                    e.ip, e.port
+                );
+            }
+        }
+    }
+    let elements = |items: &[String]| -> String {
+        if items.is_empty() {
+            String::new()
+        } else {
+            format!("\t\telements = {{ {} }}\n", items.join(",\n\t\t\t"))
+        }
+    };
+    let _ = write!(
+        out,
+        "\tmap services {{\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n{}\t}}\n",
+        elements(&service_elems)
+    );
+    let _ = write!(
+        out,
+        "\tmap node-ports {{\n\t\ttype inet_proto . inet_service : verdict\n{}\t}}\n",
+        elements(&node_port_elems)
+    );
+    let _ = write!(
+        out,
+        "\tset no-endpoints {{\n\t\ttype ipv4_addr . inet_proto . inet_service\n{}\t}}\n",
+        elements(&closed)
+    );
+    let _ = write!(
+        out,
+        "\tset no-endpoint-node-ports {{\n\t\ttype inet_proto . inet_service\n{}\t}}\n",
+        elements(&closed_node_ports)
+    );
+    out.push_str(&sets);
+    let pods = rules.pod_cidr;
+    let _ = write!(
+        out,
+        "\tchain services {{
+\t\tip daddr . meta l4proto . th dport vmap @services
+\t\tfib daddr type local meta l4proto . th dport vmap @node-ports
+\t}}
+\tchain prerouting {{
+\t\ttype nat hook prerouting priority -100; policy accept;
+\t\tjump services
+\t}}
+\tchain output {{
+\t\ttype nat hook output priority -100; policy accept;
+\t\tjump services
+\t}}
+\tchain postrouting {{
+\t\ttype nat hook postrouting priority 100; policy accept;
+\t\tmeta mark & {MASQ_MARK:#x} == {MASQ_MARK:#x} masquerade
+\t\tip saddr {pods} ip daddr != {pods} masquerade
+\t}}
+\tchain refuse {{
+\t\tip daddr . meta l4proto . th dport @no-endpoints goto refused
+\t\tfib daddr type local meta l4proto . th dport @no-endpoint-node-ports goto refused
+\t}}
+\tchain refused {{
+\t\tmeta l4proto tcp reject with tcp reset
+\t\treject
+\t}}
+\tchain input {{
+\t\ttype filter hook input priority 0; policy accept;
+\t\tct state new jump refuse
+\t}}
+\tchain forward {{
+\t\ttype filter hook forward priority 0; policy accept;
+\t\tct state new jump refuse
+\t}}
+\tchain output-filter {{
+\t\ttype filter hook output priority 0; policy accept;
+\t\tct state new jump refuse
+\t}}
+"
+    );
+    out.push_str(&chains);
+    out.push_str("}\n");
+    out
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("running nft: {0}")]
+    Spawn(#[from] std::io::Error),
+    #[error("nft refused the {TABLE} table: {0}")]
+    Refused(String),
+}
+
+/// Runs `nft` with `args`, feeding `input` on stdin; returns stdout.
+fn nft(args: &[&str], input: Option<&str>) -> Result<String, NftError> {
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin.write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(NftError::Refused(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Replaces the table in one transaction.
+pub fn apply(text: &str) -> Result<(), NftError> {
+    nft(&["-f", "-"], Some(text)).map(|_| ())
+}
+
+/// The table as the kernel has it now, without counters and without the
+/// clients learnt by affinity sets (they change with traffic, not with
+/// anyone's edit). `None` when the table is not there.
+pub fn listing() -> Result<Option<String>, NftError> {
+    match nft(&["-s", "list", "table", "ip", TABLE], None) {
+        Ok(text) => Ok(Some(without_learnt_elements(&text))),
+        Err(NftError::Refused(msg)) if msg.contains("No such file or directory") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes the table (used when the node has no pod network any more).
+pub fn remove() -> Result<(), NftError> {
+    apply(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n"))
+}
+
+fn without_learnt_elements(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_affinity = false;
+    let mut skipping = false;
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with("set ") {
+            in_affinity = t.starts_with("set aff_");
+        }
+        if skipping {
+            if t.ends_with('}') {
+                skipping = false;
+            }
+            continue;
+        }
+        if in_affinity && t.starts_with("elements = {") {
+            skipping = !t.ends_with('}');
+            continue;
+        }
+        if t == "}" {
+            in_affinity = false;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used)]
+    use super::*;
+
+    fn web(endpoints: Vec<Endpoint>, affinity: Option<u32>) -> Ruleset {
+        Ruleset {
+            pod_cidr: "10.88.0.0/16".parse().expect("valid"),
+            services: vec![ServiceRules {
+                namespace: "default".into(),
+                name: "web".into(),
+                cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
+                affinity_seconds: affinity,
+                ports: vec![PortRules {
+                    name: "http".into(),
+                    protocol: Protocol::Tcp,
+                    port: 80,
+                    node_port: Some(30080),
+                    endpoints,
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn a_service_maps_its_ip_and_node_port_to_a_random_endpoint() {
+        let text = render(&web(
+            vec![
+                Endpoint {
+                    ip: Ipv4Addr::new(10, 88, 0, 2),
+                    port: 8080,
+                },
+                Endpoint {
+                    ip: Ipv4Addr::new(10, 88, 0, 3),
+                    port: 8080,
+                },
+            ],
+            None,
+        ));
+        assert!(text.starts_with("table ip berth\ndelete table ip berth\n"));
+        assert!(text.contains("elements = { 10.96.0.10 . tcp . 80 : goto svc_default_web_http }"));
+        assert!(text.contains("elements = { tcp . 30080 : goto svc_default_web_http }"));
+        assert!(text.contains(
+            "numgen random mod 2 vmap { 0 : goto ep_default_web_http_10.88.0.2_8080, 1 : goto ep_default_web_http_10.88.0.3_8080 }"
+        ));
+        assert!(text.contains("ip saddr 10.88.0.3 meta mark set meta mark or 0x4000"));
+        assert!(text.contains("meta l4proto tcp dnat to 10.88.0.3:8080"));
+        assert!(text.contains("ip saddr 10.88.0.0/16 ip daddr != 10.88.0.0/16 masquerade"));
+        assert!(!text.contains("aff_"));
+    }
+
+    #[test]
+    fn no_endpoints_means_refused_and_affinity_adds_a_set_per_endpoint() {
+        let text = render(&web(Vec::new(), None));
+        assert!(text.contains("set no-endpoints {\n\t\ttype ipv4_addr . inet_proto . inet_service\n\t\telements = { 10.96.0.10 . tcp . 80 }"));
+        assert!(text.contains("elements = { tcp . 30080 }"));
+        assert!(!text.contains("chain svc_"));
+        let sticky = render(&web(
+            vec![Endpoint {
+                ip: Ipv4Addr::new(10, 88, 0, 2),
+                port: 8080,
+            }],
+            Some(10800),
+        ));
+        assert!(sticky.contains("set aff_default_web_http_10.88.0.2_8080 {"));
+        assert!(sticky.contains("timeout 10800s"));
+        assert!(sticky.contains(
+            "ip saddr @aff_default_web_http_10.88.0.2_8080 goto ep_default_web_http_10.88.0.2_8080"
+        ));
+        assert!(sticky.contains("update @aff_default_web_http_10.88.0.2_8080 { ip saddr }"));
+    }
+
+    #[test]
+    fn learnt_affinity_clients_are_not_part_of_the_listing() {
+        let listed = "table ip berth {\n\tset aff_x {\n\t\ttype ipv4_addr\n\t\tflags dynamic,timeout\n\t\ttimeout 3h\n\t\telements = { 10.88.0.3 timeout 3h expires 2h59m,\n\t\t\t     10.88.0.4 timeout 3h expires 1h }\n\t}\n\tset no-endpoints {\n\t\ttype ipv4_addr\n\t\telements = { 10.96.0.1 }\n\t}\n}\n";
+        let kept = without_learnt_elements(listed);
+        assert!(!kept.contains("10.88.0.3"));
+        assert!(!kept.contains("10.88.0.4"));
+        assert!(kept.contains("timeout 3h\n\t}"));
+        assert!(kept.contains("elements = { 10.96.0.1 }"));
+    }
+}
