@@ -58,6 +58,19 @@ struct FileConfig {
     status: Option<FileStatus>,
     #[serde(default)]
     drift: Option<FileDrift>,
+    #[serde(default)]
+    network: Option<FileNetwork>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FileNetwork {
+    #[serde(rename = "podCIDR")]
+    pod_cidr: Option<String>,
+    #[serde(rename = "serviceCIDR")]
+    service_cidr: Option<String>,
+    cluster_domain: Option<String>,
+    node_port_range: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -123,6 +136,10 @@ struct Layer {
     restart_threshold: Option<(String, Origin)>,
     ignore: Option<(Vec<String>, Origin)>,
     push_options: Option<(Vec<String>, Origin)>,
+    pod_cidr: Option<(String, Origin)>,
+    service_cidr: Option<(String, Origin)>,
+    cluster_domain: Option<(String, Origin)>,
+    node_port_range: Option<(String, Origin)>,
 }
 
 impl Layer {
@@ -147,7 +164,11 @@ impl Layer {
             drift_policy,
             restart_threshold,
             ignore,
-            push_options
+            push_options,
+            pod_cidr,
+            service_cidr,
+            cluster_domain,
+            node_port_range
         );
         self
     }
@@ -175,6 +196,8 @@ pub struct NodeConfig {
     /// a merge request from a push.
     pub push_options: Vec<String>,
     pub drift: crate::drift::Settings,
+    /// Pod and Service ranges, cluster domain, node port range.
+    pub network: berth_net::NetworkSettings,
     /// Which sources contributed, in order.
     pub sources: Vec<String>,
 }
@@ -247,6 +270,7 @@ fn parse_file(text: &str, origin: Origin) -> Result<Layer, ConfigError> {
     let creds = git.credentials.unwrap_or_default();
     let status = file.status.unwrap_or_default();
     let drift = file.drift.unwrap_or_default();
+    let network = file.network.unwrap_or_default();
     let with = |v: Option<String>| v.map(|v| (v, origin.clone()));
     Ok(Layer {
         node: with(node.name),
@@ -266,11 +290,15 @@ fn parse_file(text: &str, origin: Origin) -> Result<Layer, ConfigError> {
         restart_threshold: with(drift.restart_threshold.map(|n| n.to_string())),
         ignore: drift.ignore.map(|l| (l, origin.clone())),
         push_options: status.push_options.map(|l| (l, origin.clone())),
+        pod_cidr: with(network.pod_cidr),
+        service_cidr: with(network.service_cidr),
+        cluster_domain: with(network.cluster_domain),
+        node_port_range: with(network.node_port_range),
     })
 }
 
 /// Keys shared by credentials (`berth.<key>`) and the kernel command line (`berth.<key>=`).
-const KEYS: [&str; 17] = [
+const KEYS: [&str; 21] = [
     "node",
     "labels",
     "repo",
@@ -288,6 +316,10 @@ const KEYS: [&str; 17] = [
     "restart-threshold",
     "drift-ignore",
     "push-options",
+    "pod-cidr",
+    "service-cidr",
+    "cluster-domain",
+    "node-port-range",
 ];
 
 fn set(layer: &mut Layer, key: &str, value: String, origin: Origin) -> Result<(), ConfigError> {
@@ -306,6 +338,10 @@ fn set(layer: &mut Layer, key: &str, value: String, origin: Origin) -> Result<()
         "heartbeat" => layer.heartbeat = Some((value, origin)),
         "history" => layer.history = Some((value, origin)),
         "drift-policy" => layer.drift_policy = Some((value, origin)),
+        "pod-cidr" => layer.pod_cidr = Some((value, origin)),
+        "service-cidr" => layer.service_cidr = Some((value, origin)),
+        "cluster-domain" => layer.cluster_domain = Some((value, origin)),
+        "node-port-range" => layer.node_port_range = Some((value, origin)),
         "restart-threshold" => layer.restart_threshold = Some((value, origin)),
         "drift-ignore" => {
             let fields = value
@@ -421,6 +457,10 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         "h" => n.checked_mul(3600).map(Duration::from_secs),
         _ => None,
     }
+}
+
+fn setting_text(v: &Option<(String, Origin)>) -> Option<&str> {
+    v.as_ref().map(|(t, _)| t.as_str())
 }
 
 fn finish(layer: Layer, hostname: &str, sources: Vec<String>) -> Result<NodeConfig, ConfigError> {
@@ -634,6 +674,25 @@ fn finish(layer: Layer, hostname: &str, sources: Vec<String>) -> Result<NodeConf
             options.clone()
         }
     };
+    let network = berth_net::NetworkSettings::parse(
+        setting_text(&layer.pod_cidr),
+        setting_text(&layer.service_cidr),
+        setting_text(&layer.cluster_domain),
+        setting_text(&layer.node_port_range),
+    )
+    .map_err(|e| {
+        let origin = match e.field {
+            "network.podCIDR" => &layer.pod_cidr,
+            "network.serviceCIDR" => layer
+                .service_cidr
+                .as_ref()
+                .map_or(&layer.pod_cidr, |_| &layer.service_cidr),
+            "network.clusterDomain" => &layer.cluster_domain,
+            _ => &layer.node_port_range,
+        };
+        let origin = origin.as_ref().map_or(none.clone(), |(_, o)| o.clone());
+        error(&origin, e.field, e.message)
+    })?;
     let allowed_signers = layer.allowed_signers.clone().map(|(p, _)| p);
     Ok(NodeConfig {
         node_name,
@@ -648,6 +707,7 @@ fn finish(layer: Layer, hostname: &str, sources: Vec<String>) -> Result<NodeConf
         history,
         push_options,
         drift,
+        network,
         sources,
     })
 }
@@ -722,6 +782,31 @@ mod tests {
     }
 
     #[test]
+    fn network_settings_come_from_the_file_and_a_bad_one_names_file_and_field() {
+        let dir = Dir::new("network");
+        dir.write(
+            "config.yaml",
+            "git:\n  url: git://h/r.git\nnetwork:\n  podCIDR: 172.30.0.0/16\n  serviceCIDR: 172.31.0.0/16\n  clusterDomain: example.internal\n  nodePortRange: 31000-31999\n",
+        );
+        let c = load(&sources(&dir, "", false)).expect("valid");
+        assert_eq!(c.network.pod_cidr.to_string(), "172.30.0.0/16");
+        assert_eq!(c.network.service_cidr.to_string(), "172.31.0.0/16");
+        assert_eq!(c.network.cluster_domain, "example.internal");
+        assert_eq!(c.network.node_ports, (31000, 31999));
+        dir.write(
+            "config.yaml",
+            "git:\n  url: git://h/r.git\nnetwork:\n  podCIDR: 10.96.0.0/16\n",
+        );
+        let e = load(&sources(&dir, "", false)).expect_err("overlap");
+        assert!(e.origin.ends_with("config.yaml"), "{e}");
+        assert_eq!(e.field, "network.serviceCIDR");
+        assert!(
+            e.message.contains("overlaps the pod range 10.96.0.0/16"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn no_git_url_anywhere_is_a_clear_error() {
         let dir = Dir::new("nourl");
         let e = load(&sources(&dir, "", false)).expect_err("no url");
@@ -741,6 +826,18 @@ mod tests {
             ("berth.repo=git://h/r berth.node=Bad_Name", "node.name"),
             ("berth.repo=git://h/r berth.labels=novalue", "labels"),
             ("berth.repo=git://h/r berth.colour=red", "colour"),
+            (
+                "berth.repo=git://h/r berth.pod-cidr=10.88.0.0/33",
+                "network.podCIDR",
+            ),
+            (
+                "berth.repo=git://h/r berth.service-cidr=10.88.0.0/24",
+                "network.serviceCIDR",
+            ),
+            (
+                "berth.repo=git://h/r berth.node-port-range=80",
+                "network.nodePortRange",
+            ),
             (
                 "berth.repo=git://h/r berth.drift-policy=maybe",
                 "drift.policy",

@@ -25,6 +25,12 @@ pub enum CidrError {
 }
 
 impl Cidr {
+    /// `0.0.0.0/0`.
+    pub const ZERO: Cidr = Cidr {
+        network: Ipv4Addr::UNSPECIFIED,
+        prefix: 0,
+    };
+
     pub fn new(address: Ipv4Addr, prefix: u8) -> Option<Self> {
         (prefix <= 32).then(|| Self {
             network: Ipv4Addr::from(u32::from(address) & mask(prefix)),

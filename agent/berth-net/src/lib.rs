@@ -12,8 +12,10 @@ pub mod ipam;
 pub mod link;
 pub mod netns;
 pub mod nft;
+pub mod settings;
 
 pub use cidr::Cidr;
+pub use settings::NetworkSettings;
 
 /// A short stable hash of a text, for names and starting points.
 pub fn short_hash(text: &str) -> u32 {
