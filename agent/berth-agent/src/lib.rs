@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod drift;
+pub mod network;
 pub mod notify;
 pub mod publisher;
 pub mod report;
@@ -146,6 +147,8 @@ pub struct Agent {
     /// D-Bus, and observes only when one changed (`systemctl set-property`
     /// writes them, and PID 1 signals nothing for it).
     limits: Option<CgroupLimits>,
+    /// The pod network, when this node runs one (see [`Agent::with_network`]).
+    network: Option<network::PodNetwork>,
 }
 
 /// Resource-control files of Berth's cgroups, by cgroup path.
@@ -220,7 +223,15 @@ impl Agent {
             pods: Vec::new(),
             drift_commit: None,
             limits: None,
+            network: None,
         })
+    }
+
+    /// Gives every pod its own network namespace, address and DNS, and
+    /// programs Services. Without it pods share the node's network.
+    pub fn with_network(mut self, paths: network::NetworkPaths) -> Self {
+        self.network = Some(network::PodNetwork::new(paths));
+        self
     }
 
     /// Starts pushing status and drift branches after each pass.
@@ -370,7 +381,11 @@ impl Agent {
                 .reconciled
                 .as_ref()
                 .is_none_or(|(_, at)| at.elapsed() >= RESYNC)
-            || self.limits_changed();
+            || self.limits_changed()
+            || self
+                .network
+                .as_ref()
+                .is_some_and(network::PodNetwork::table_drifted);
         let reconciled = match good.filter(|_| due) {
             Some(rev) => match accepted
                 .filter(|l: &Loaded| l.revision == rev)
@@ -557,6 +572,10 @@ impl Agent {
             self.paths.node_memory_bytes,
             self.paths.node_cpu_milli,
         );
+        node.netns_dir = self
+            .network
+            .as_ref()
+            .map(|n| n.netns_dir().display().to_string());
         if let Some(rt) = &self.runtime {
             node.containers_dir = rt.containers_dir.clone();
             if let Ok(v) = rt.systemd.version() {
@@ -651,12 +670,15 @@ impl Agent {
             now,
         );
         plan.plan.actions = classified.actions;
-        let report = if plan.plan.actions.is_empty() && self.state.failures.is_empty() {
+        let (blocked, pod_files) = self.wire_pods(config, &mut plan);
+        let mut report = if plan.plan.actions.is_empty() && self.state.failures.is_empty() {
             self.last_logged_plan.clear();
             berth_runtime::ApplyReport::default()
         } else {
-            self.apply_plan(rt, &plan, &observed, &loaded.revision)
+            self.apply_plan(rt, &plan, &observed, &loaded.revision, pod_files.as_ref())
         };
+        report.failed.extend(blocked);
+        self.unwire_others(&plan.pods);
         let failed: std::collections::BTreeSet<&str> =
             report.failed.iter().map(|f| f.unit.as_str()).collect();
         // What is now as Git says, by digest: a later departure is drift.
@@ -695,6 +717,7 @@ impl Agent {
         self.state.healed.drain(..excess);
         self.state.failures = report.failed;
         let pods = self.state.pod_statuses(&observed, &rt.cgroup_root);
+        self.program_services(&loaded.catalog, &plan.pods, &pods, now);
         outstanding.extend(drift::standing(
             &pods,
             &self.state.failures,
@@ -734,6 +757,7 @@ impl Agent {
         plan: &berth_plan::NodePlan,
         observed: &berth_runtime::Observed,
         revision: &str,
+        pod_files: Option<&network::PodFiles>,
     ) -> berth_runtime::ApplyReport {
         let summary: Vec<String> = plan
             .plan
@@ -750,6 +774,7 @@ impl Agent {
             images: &rt.images,
             roots: &rt.roots,
             users: &rt.users,
+            pod_files,
         };
         let report = apply(&host, &plan.plan, &plan.pods, observed);
         if report.failed != self.state.failures {
@@ -776,6 +801,158 @@ impl Agent {
         }
         self.last_logged_plan = summary;
         report
+    }
+
+    /// Prepares the node's network and wires every pod that has its own.
+    /// Pods that could not be wired lose their start actions (a container
+    /// must not start outside its namespace) and come back as failures.
+    fn wire_pods(
+        &mut self,
+        config: &NodeConfig,
+        plan: &mut berth_plan::NodePlan,
+    ) -> (Vec<berth_runtime::ApplyFailure>, Option<network::PodFiles>) {
+        let Some(net) = self.network.as_mut() else {
+            return (Vec::new(), None);
+        };
+        let wired = match net.prepare_node(&config.network) {
+            Ok(notes) => {
+                for n in notes {
+                    self.log.warn(&n);
+                }
+                self.state.network.error = None;
+                net.wire(&plan.pods)
+            }
+            Err(e) => {
+                if self.state.network.error.as_deref() != Some(e.as_str()) {
+                    self.log.error(&format!("pod network: {e}"));
+                }
+                self.state.network.error = Some(e.clone());
+                plan.pods
+                    .iter()
+                    .filter(|p| !p.host_network)
+                    .map(|p| {
+                        (
+                            p.id.key(),
+                            network::Wired::Failed(format!(
+                                "the node's pod network is not ready: {e}"
+                            )),
+                        )
+                    })
+                    .collect()
+            }
+        };
+        self.state.network.pod_ips = plan
+            .pods
+            .iter()
+            .filter_map(|p| Some((p.id.to_string(), net.pod_ip(&p.id.key())?.to_string())))
+            .filter(|(id, _)| {
+                plan.pods
+                    .iter()
+                    .any(|p| p.id.to_string() == *id && !p.host_network)
+            })
+            .collect();
+        let mut blocked = Vec::new();
+        for pod in &plan.pods {
+            let key = pod.id.key();
+            if let Some(network::Wired::Failed(message)) = wired.get(&key) {
+                blocked.push(berth_runtime::ApplyFailure {
+                    unit: format!("{}/{key}", net.netns_dir().display()),
+                    pod: Some(pod.id.to_string()),
+                    verb: "start".into(),
+                    reason: berth_runtime::FailureReason::FailedCreatePodSandBox,
+                    message: message.clone(),
+                });
+            }
+        }
+        let blocked_pods: std::collections::BTreeSet<String> =
+            blocked.iter().filter_map(|f| f.pod.clone()).collect();
+        plan.plan.actions.retain(|a| {
+            !(matches!(a.verb, berth_plan::Verb::Start | berth_plan::Verb::Restart)
+                && a.pod
+                    .as_ref()
+                    .is_some_and(|p| blocked_pods.contains(&p.to_string())))
+        });
+        (blocked, Some(net.pod_files(&plan.pods)))
+    }
+
+    /// Removes the network of pods Git no longer wants (their containers
+    /// stopped in this pass's apply) and of anything a crash left behind.
+    fn unwire_others(&mut self, pods: &[berth_plan::DesiredPod]) {
+        let Some(net) = self.network.as_mut() else {
+            return;
+        };
+        let keep: std::collections::BTreeSet<String> = pods
+            .iter()
+            .filter(|p| !p.host_network)
+            .map(|p| p.id.key())
+            .collect();
+        for removed in net.unwire_others(&keep) {
+            self.log.info(&format!("pod network: removed {removed}"));
+        }
+    }
+
+    /// Gives pod statuses their IPs and programs Services over the pods
+    /// that are ready. A table edited or deleted by hand is put back and
+    /// recorded as healed drift.
+    fn program_services(
+        &mut self,
+        catalog: &berth_manifest::Catalog,
+        desired: &[berth_plan::DesiredPod],
+        pods: &[berth_runtime::status::PodStatus],
+        now: u64,
+    ) {
+        let Some(net) = self.network.as_mut() else {
+            return;
+        };
+        // Endpoints follow readiness (no probes yet: every container running).
+        let ready: std::collections::BTreeMap<String, std::net::Ipv4Addr> = pods
+            .iter()
+            .filter(|p| {
+                p.conditions
+                    .iter()
+                    .any(|c| c.kind == "Ready" && c.status == "True")
+            })
+            .filter_map(|p| {
+                let ip = p.pod_ip.as_deref()?.parse().ok()?;
+                Some((format!("{}_{}", p.namespace, p.name), ip))
+            })
+            .collect();
+        if self.state.network.error.is_some() {
+            return;
+        }
+        match net.program_services(catalog, desired, &ready) {
+            Ok(drifted) => {
+                if let Some(how) = drifted {
+                    self.log.warn(&format!(
+                        "drift healed: nftables table ip {} was {how} outside Berth; restored",
+                        berth_net::nft::TABLE
+                    ));
+                    self.state.healed.push(report::Healed {
+                        at: now,
+                        object: "Services".into(),
+                        unit: format!("nftables table ip {}", berth_net::nft::TABLE),
+                        field: "rules".into(),
+                        found: how,
+                        restored: "the rules for every Service".into(),
+                    });
+                    let excess = self.state.healed.len().saturating_sub(report::HEALED_KEPT);
+                    self.state.healed.drain(..excess);
+                }
+                if net.service_problems != self.state.network.problems {
+                    for p in &net.service_problems {
+                        self.log.warn(p);
+                    }
+                }
+                self.state.network.problems = net.service_problems.clone();
+                self.state.network.services = net.service_records();
+            }
+            Err(e) => {
+                if self.state.network.error.as_deref() != Some(e.as_str()) {
+                    self.log.error(&format!("Services: {e}"));
+                }
+                self.state.network.error = Some(format!("Services: {e}"));
+            }
+        }
     }
 
     /// Whether a resource file of a Berth cgroup differs from what the last
@@ -882,6 +1059,7 @@ impl Agent {
             policy: config.drift.policy,
             drift: &self.state.drift,
             healed: &self.state.healed,
+            network: &self.state.network,
             now: now_secs(),
         });
         publisher.send(Outgoing {

@@ -32,6 +32,9 @@ pub struct NodeStatusDoc {
     #[serde(default)]
     pub pods: Vec<PodStatus>,
     pub drift: DriftSection,
+    /// Services as programmed, and what the network could not do.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub network: crate::state::NetworkRecord,
     /// When this document was written (changes on every heartbeat).
     pub heartbeat: String,
 }
@@ -114,7 +117,12 @@ pub struct Inputs<'a> {
     pub policy: Policy,
     pub drift: &'a [DriftItem],
     pub healed: &'a [Healed],
+    pub network: &'a crate::state::NetworkRecord,
     pub now: u64,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// The kubelet's default hard eviction thresholds.
@@ -205,6 +213,11 @@ pub fn build(inputs: &Inputs<'_>) -> NodeStatusDoc {
                 .cloned()
                 .collect(),
             healed: inputs.healed.to_vec(),
+        },
+        network: crate::state::NetworkRecord {
+            // Each pod carries its own IP.
+            pod_ips: BTreeMap::new(),
+            ..inputs.network.clone()
         },
         heartbeat: crate::drift::timestamp(inputs.now),
     }

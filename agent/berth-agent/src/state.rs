@@ -51,6 +51,39 @@ pub struct AgentState {
     /// How pushing status and drift goes.
     #[serde(default)]
     pub publish: PublishRecord,
+    /// The pod network and Services as last programmed.
+    #[serde(default)]
+    pub network: NetworkRecord,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkRecord {
+    /// Why the node's pod network is not ready, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// What Services could not get (a node port, an endpoint port).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceRecord>,
+    /// Pod IPs by `namespace/name` (the lease book is the truth; this is
+    /// what status shows).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_ips: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceRecord {
+    /// `namespace/name`.
+    pub name: String,
+    #[serde(rename = "clusterIP")]
+    pub cluster_ip: String,
+    /// `80/TCP`, `80:30080/TCP` as kubectl shows them.
+    pub ports: Vec<String>,
+    /// `ip:port` of each ready endpoint.
+    pub endpoints: Vec<String>,
 }
 
 impl AgentState {
@@ -62,6 +95,13 @@ impl AgentState {
         cgroup_root: &Path,
     ) -> Vec<berth_runtime::status::PodStatus> {
         let mut pods = berth_runtime::status::pod_statuses(observed, &self.failures, cgroup_root);
+        for p in pods.iter_mut() {
+            p.pod_ip = self
+                .network
+                .pod_ips
+                .get(&format!("{}/{}", p.namespace, p.name))
+                .cloned();
+        }
         for n in &self.not_admitted {
             let (ns, name) = n.pod.split_once('/').unwrap_or(("", &n.pod));
             pods.push(berth_runtime::status::PodStatus::not_admitted(

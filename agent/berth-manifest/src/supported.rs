@@ -70,6 +70,7 @@ const POD_SPEC: &[&str] = &[
     // There is no API server, hence no token to mount: false and true mean the same.
     "automountServiceAccountToken",
     "enableServiceLinks",
+    "hostNetwork",
 ];
 
 /// A tree of supported paths. A leaf supports everything below it.
@@ -240,7 +241,8 @@ mod tests {
                     "resources": {"limits": {"cpu": "1", "ephemeral-storage": "1Gi"}},
                     "livenessProbe": {"exec": {"command": ["true"]}}
                 }],
-                "hostNetwork": true
+                "hostNetwork": true,
+                "dnsPolicy": "None"
             },
             "status": {"phase": "Running"}
         });
@@ -254,7 +256,7 @@ mod tests {
                 "metadata.uid",
                 "spec.containers[0].livenessProbe",
                 "spec.containers[0].resources.limits.ephemeral-storage",
-                "spec.hostNetwork",
+                "spec.dnsPolicy",
                 "status"
             ]
         );

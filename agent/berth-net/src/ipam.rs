@@ -156,15 +156,28 @@ pub struct PortPool {
 }
 
 impl PortPool {
-    pub fn lease(&mut self, owner: &str, range: (u16, u16)) -> Option<u16> {
+    /// The owner's port in `range`, or a new one that is neither leased
+    /// nor in `reserved` (ports other owners name explicitly).
+    pub fn lease(
+        &mut self,
+        owner: &str,
+        range: (u16, u16),
+        reserved: &BTreeSet<u16>,
+    ) -> Option<u16> {
         if let Some(p) = self
             .leases
             .get(owner)
-            .filter(|p| (range.0..=range.1).contains(p))
+            .filter(|p| (range.0..=range.1).contains(p) && !reserved.contains(p))
         {
             return Some(*p);
         }
-        let used: BTreeSet<u16> = self.leases.values().copied().collect();
+        let mut used: BTreeSet<u16> = self
+            .leases
+            .iter()
+            .filter(|(o, _)| o.as_str() != owner)
+            .map(|(_, p)| *p)
+            .collect();
+        used.extend(reserved);
         // Start from a hash of the owner so ports do not shift when another
         // Service is added before this one.
         let span = u32::from(range.1 - range.0) + 1;
@@ -335,13 +348,22 @@ mod tests {
     fn node_ports_are_unique_and_stable() {
         let mut ports = PortPool::default();
         let range = (30000, 30002);
-        let a = ports.lease("a", range).expect("free");
-        let b = ports.lease("b", range).expect("free");
-        let c = ports.lease("c", range).expect("free");
-        assert_eq!(ports.lease("a", range), Some(a));
-        let all: BTreeSet<u16> = [a, b, c].into();
-        assert_eq!(all.len(), 3);
-        assert_eq!(ports.lease("d", range), None);
+        let none = BTreeSet::new();
+        let a = ports.lease("a", range, &none).expect("free");
+        let b = ports.lease("b", range, &none).expect("free");
+        assert_eq!(ports.lease("a", range, &none), Some(a));
+        assert_ne!(a, b);
+        let left = (30000..=30002)
+            .find(|p| *p != a && *p != b)
+            .expect("one left");
+        // A port someone names explicitly is not handed out.
+        let reserved: BTreeSet<u16> = [left].into();
+        assert_eq!(ports.lease("c", range, &reserved), None);
+        assert_eq!(ports.lease("c", range, &none), Some(left));
+        // A dynamic owner gives its port up when another names it.
+        ports.leases.remove("c");
+        let named: BTreeSet<u16> = [a].into();
+        assert_eq!(ports.lease("a", range, &named), Some(left));
     }
 
     #[test]

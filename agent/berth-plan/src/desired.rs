@@ -122,6 +122,21 @@ pub struct DesiredPod {
     /// Requests after defaulting: for the node's QoS slices.
     pub cpu_request_milli: u64,
     pub memory_request_bytes: u64,
+    /// The pod's labels, for Service selectors.
+    pub labels: BTreeMap<String, String>,
+    /// Ports its containers declare, for a Service's named `targetPort`.
+    pub ports: Vec<DeclaredPort>,
+    /// `spec.hostNetwork`: the node's network namespace instead of its own.
+    pub host_network: bool,
+}
+
+/// A container port as the pod spec declares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeclaredPort {
+    pub name: Option<String>,
+    pub port: u16,
+    /// `TCP`, `UDP` or `SCTP`, as written (TCP when absent).
+    pub protocol: String,
 }
 
 impl DesiredPod {
@@ -308,6 +323,20 @@ pub fn resolve_pod(
             containers: app_units,
             cpu_request_milli: pod_res.cpu_request_milli.unwrap_or(0),
             memory_request_bytes: pod_res.memory_request_bytes.unwrap_or(0),
+            labels: instance.metadata.labels.clone().unwrap_or_default(),
+            ports: spec
+                .containers
+                .iter()
+                .flat_map(|c| c.ports.iter().flatten())
+                .filter_map(|p| {
+                    Some(DeclaredPort {
+                        name: p.name.clone(),
+                        port: u16::try_from(p.container_port).ok()?,
+                        protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                    })
+                })
+                .collect(),
+            host_network: spec.host_network == Some(true),
         },
         warnings,
     })
@@ -677,6 +706,16 @@ fn container_unit(
     p.insert("RootDirectory", PropertyValue::Text(rootfs.clone()));
     p.insert("RequiresMountsFor", PropertyValue::List(vec![rootfs]));
     p.insert("MountAPIVFS", PropertyValue::Bool(true));
+    // The pod's own network namespace, made and wired by the agent before
+    // the container starts.
+    if let Some(dir) = &ctx.node.netns_dir
+        && input.instance.spec.host_network != Some(true)
+    {
+        p.insert(
+            "NetworkNamespacePath",
+            PropertyValue::Text(format!("{}/{}", dir.trim_end_matches('/'), id.key())),
+        );
+    }
     p.insert("PrivateTmp", PropertyValue::Bool(true));
     p.insert("PrivatePIDs", PropertyValue::Bool(true));
     // A bare program name is looked up in the container's PATH, inside its root.

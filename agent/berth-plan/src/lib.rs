@@ -17,7 +17,7 @@ pub mod resources;
 pub mod units;
 
 pub use actual::{ActiveState, ActualState, ActualUnit};
-pub use desired::{ContainerUnit, DesiredPod, SliceUnit};
+pub use desired::{ContainerUnit, DeclaredPort, DesiredPod, SliceUnit};
 pub use images::{ImageCatalog, ImageConfig};
 pub use node::NodeInfo;
 pub use pipeline::{NodePlan, plan_node, validate_pods};

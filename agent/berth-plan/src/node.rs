@@ -25,12 +25,17 @@ pub struct NodeInfo {
     pub containers_dir: String,
     /// The node's systemd major version: properties newer than it are left out.
     pub systemd_version: u32,
+    /// Where pods' network namespaces are bound (`/run/netns`); `None` runs
+    /// every pod in the node's namespace (a node without pod networking).
+    pub netns_dir: Option<String>,
 }
 
 pub const DEFAULT_POD_PIDS_LIMIT: u64 = 4096;
 /// Berth's appliance: `/var/lib/berth/containers`, systemd 257 (Debian 13).
 pub const DEFAULT_CONTAINERS_DIR: &str = "/var/lib/berth/containers";
 pub const DEFAULT_SYSTEMD_VERSION: u32 = 257;
+/// Where `ip netns` looks too, so `ip netns exec <ns>_<pod>` works on a node.
+pub const DEFAULT_NETNS_DIR: &str = "/run/netns";
 
 impl NodeInfo {
     pub fn new(
@@ -54,6 +59,7 @@ impl NodeInfo {
             namespaces: Vec::new(),
             containers_dir: DEFAULT_CONTAINERS_DIR.to_string(),
             systemd_version: DEFAULT_SYSTEMD_VERSION,
+            netns_dir: Some(DEFAULT_NETNS_DIR.to_string()),
         }
     }
 }

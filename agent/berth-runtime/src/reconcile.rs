@@ -55,6 +55,10 @@ pub struct Host<'a> {
     pub images: &'a ImageStore,
     pub roots: &'a ContainerRoots,
     pub users: &'a UserRecords,
+    /// Files copied into each container's writable layer before it starts,
+    /// by pod key: `(path inside the root, file on the node)`. The pod
+    /// network's `etc/resolv.conf`, `etc/hosts` and `etc/hostname`.
+    pub pod_files: Option<&'a BTreeMap<String, Vec<(String, std::path::PathBuf)>>>,
 }
 
 impl std::fmt::Debug for dyn Systemd + '_ {
@@ -78,6 +82,8 @@ pub enum FailureReason {
     KillError,
     /// A unit it depends on (its slice, an init container) failed first.
     DependencyFailed,
+    /// The pod's network (namespace, address, veth) could not be made.
+    FailedCreatePodSandBox,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -366,6 +372,21 @@ fn prepare_container<'a>(
     host.systemd.stop(&mount).map_err(Failure::from)?;
     host.systemd.reset_failed(&mount).map_err(Failure::from)?;
     let mount_properties = host.roots.prepare(&key, &image_root).map_err(host_err)?;
+    for (inside, source) in host
+        .pod_files
+        .and_then(|f| f.get(&pod.id.key()))
+        .into_iter()
+        .flatten()
+    {
+        let upper = host.roots.dir(&key).join("upper");
+        copy_into_layer(&upper, inside, source).map_err(|e| Failure {
+            reason: FailureReason::CreateContainerError,
+            message: format!(
+                "copying {} into the container as /{inside}: {e}",
+                source.display()
+            ),
+        })?;
+    }
     host.users
         .ensure(numeric(props, "User"), numeric(props, "Group"))
         .map_err(host_err)?;
@@ -374,6 +395,35 @@ fn prepare_container<'a>(
         mount_properties,
         properties: props,
     })
+}
+
+/// Copies a file into a container's writable layer, readable by every user
+/// of the container. A directory made in the upper layer hides the image's
+/// own mode, so each one is made 0755 whatever the agent's umask.
+fn copy_into_layer(
+    upper: &std::path::Path,
+    inside: &str,
+    source: &std::path::Path,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut dir = upper.to_path_buf();
+    let parts: Vec<&str> = inside
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != "..")
+        .collect();
+    let Some((file, dirs)) = parts.split_last() else {
+        return Ok(());
+    };
+    for d in dirs {
+        dir.push(d);
+        if !dir.is_dir() {
+            std::fs::create_dir(&dir)?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        }
+    }
+    let target = dir.join(file);
+    std::fs::copy(source, &target)?;
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644))
 }
 
 /// What is left of a container once its service stopped: a failed unit

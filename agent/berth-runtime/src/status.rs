@@ -86,6 +86,9 @@ pub struct PodStatus {
     pub conditions: Vec<PodCondition>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub messages: Vec<String>,
+    /// The pod's address on the pod network (absent with `hostNetwork`).
+    #[serde(rename = "podIP", default, skip_serializing_if = "Option::is_none")]
+    pub pod_ip: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +130,7 @@ impl PodStatus {
             usage: Usage::default(),
             conditions: vec![condition("PodScheduled", false, Some("Unschedulable"))],
             messages: vec![format!("not admitted: {reason}")],
+            pod_ip: None,
         }
     }
 
@@ -285,6 +289,7 @@ pub fn pod_statuses(
                 usage: Usage::default(),
                 conditions: Vec::new(),
                 messages: Vec::new(),
+                pod_ip: None,
             })
             .name
             .clone()

@@ -325,12 +325,20 @@ fn agent(
             .context("the agent manages pods through systemd (use --plan-only to only plan)")?,
         )
     };
+    let with_pods = runtime.is_some();
     let mut agent = berth_agent::Agent::new(paths.clone(), log, runtime).with_context(|| {
         format!(
             "cannot create the state directory {}",
             paths.state_dir.display()
         )
     })?;
+    if with_pods {
+        agent = agent.with_network(berth_agent::network::NetworkPaths {
+            netns_dir: PathBuf::from(berth_plan::node::DEFAULT_NETNS_DIR),
+            files_dir: PathBuf::from("/run/berth/pods"),
+            leases: paths.state_dir.join("network/leases.json"),
+        });
+    }
     if once {
         agent.import_images();
         agent

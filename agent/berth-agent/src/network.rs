@@ -1,0 +1,631 @@
+//! The pod network on this node: the bridge, each pod's namespace, veth and
+//! address, the files that tell a pod its DNS server, and Services as one
+//! nftables table.
+//!
+//! Order within a pass: [`PodNetwork::prepare_node`] and
+//! [`PodNetwork::wire`] before the plan is applied (a container joins its
+//! pod's namespace when it starts), [`PodNetwork::unwire_others`] after it
+//! (a removed pod's containers are stopped by then), and
+//! [`PodNetwork::program_services`] last, with the pods' readiness.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use berth_manifest::Object;
+use berth_net::NetworkSettings;
+use berth_net::ipam::LeaseBook;
+use berth_net::link::{self, PodLink};
+use berth_net::netns::NetnsDir;
+use berth_net::nft::{self, Endpoint, PortRules, Protocol, Ruleset, ServiceRules};
+use berth_net::settings::BRIDGE;
+use berth_plan::DesiredPod;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+/// Where the network keeps its state and binds namespaces.
+#[derive(Debug, Clone)]
+pub struct NetworkPaths {
+    /// `/run/netns`.
+    pub netns_dir: PathBuf,
+    /// `/run/berth/pods`: `<pod key>/resolv.conf`, `hosts`, `hostname`.
+    pub files_dir: PathBuf,
+    /// `/var/lib/berth/network/leases.json`.
+    pub leases: PathBuf,
+}
+
+/// A pod's place on the network after [`PodNetwork::wire`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wired {
+    Ip(Ipv4Addr),
+    Failed(String),
+}
+
+#[derive(Debug)]
+pub struct PodNetwork {
+    paths: NetworkPaths,
+    netns: NetnsDir,
+    settings: Option<NetworkSettings>,
+    book: Option<LeaseBook>,
+    /// The table text last applied, and the kernel's listing right after.
+    rendered: Option<String>,
+    listed: Option<String>,
+    ruleset: Option<Ruleset>,
+    /// What the last programming refused or warned about, per Service.
+    pub service_problems: Vec<String>,
+}
+
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when not given.
+const DEFAULT_AFFINITY_SECONDS: u32 = 10_800;
+
+impl PodNetwork {
+    pub fn new(paths: NetworkPaths) -> Self {
+        Self {
+            netns: NetnsDir::new(&paths.netns_dir),
+            paths,
+            settings: None,
+            book: None,
+            rendered: None,
+            listed: None,
+            ruleset: None,
+            service_problems: Vec::new(),
+        }
+    }
+
+    pub fn netns_dir(&self) -> &Path {
+        self.netns.dir()
+    }
+
+    /// The bridge with the gateway address, the Service range routed onto
+    /// it, forwarding on. Cheap when all is in place: a few netlink reads.
+    pub fn prepare_node(&mut self, settings: &NetworkSettings) -> Result<Vec<String>, String> {
+        let mut notes = Vec::new();
+        if self.settings.as_ref() != Some(settings) {
+            let (mut book, problem) =
+                LeaseBook::load(&self.paths.leases, settings.pod_cidr, settings.service_cidr);
+            if let Some(p) = problem {
+                notes.push(p);
+                self.rebuild_leases(&mut book);
+            }
+            self.book = Some(book);
+            self.settings = Some(settings.clone());
+            self.rendered = None;
+        }
+        let own = node_addresses().map_err(|e| format!("reading the node's addresses: {e}"))?;
+        if let Some(clash) = settings.clash_with(&own) {
+            return Err(format!("{}: {}", clash.field, clash.message));
+        }
+        let (gateway, pods, services) =
+            (settings.gateway(), settings.pod_cidr, settings.service_cidr);
+        link::with_netlink(|h| async move {
+            let index = link::ensure_bridge(&h, BRIDGE, gateway, pods).await?;
+            link::ensure_link_route(&h, services, index).await
+        })
+        .map_err(|e| format!("bridge {BRIDGE}: {e}"))?;
+        berth_net::enable_forwarding()?;
+        Ok(notes)
+    }
+
+    /// After the lease file was lost: each live namespace still says its
+    /// address, so running pods keep theirs.
+    fn rebuild_leases(&self, book: &mut LeaseBook) {
+        for name in self.netns.list() {
+            if let Ok(Some((ip, _))) = link::pod_address(&self.netns, &name) {
+                let _ = book.pods.lease_exact(&name, ip);
+            }
+        }
+    }
+
+    /// Leases an address for every pod with its own network and wires it.
+    /// A pod that cannot be wired is returned with the reason; its
+    /// containers must not start.
+    pub fn wire(&mut self, pods: &[DesiredPod]) -> BTreeMap<String, Wired> {
+        let mut out = BTreeMap::new();
+        let (Some(settings), Some(book)) = (self.settings.clone(), self.book.as_mut()) else {
+            return out;
+        };
+        let before = book.clone();
+        for pod in pods.iter().filter(|p| !p.host_network) {
+            let key = pod.id.key();
+            let ip = match book.pods.lease(&key) {
+                Ok(ip) => ip,
+                Err(e) => {
+                    out.insert(key, Wired::Failed(format!("no pod IP: {e}")));
+                    continue;
+                }
+            };
+            let want = PodLink {
+                netns: key.clone(),
+                host_if: berth_net::host_if_name(&key),
+                ip,
+                prefix: settings.pod_cidr.prefix(),
+                gateway: settings.gateway(),
+            };
+            let wired = link::ensure_pod(&self.netns, BRIDGE, &want)
+                .map_err(|e| format!("wiring the pod network: {e}"))
+                .and_then(|_| {
+                    write_pod_files(&self.paths.files_dir, pod, ip, &settings)
+                        .map_err(|e| format!("writing the pod's resolv.conf and hosts: {e}"))
+                });
+            out.insert(
+                key,
+                match wired {
+                    Ok(()) => Wired::Ip(ip),
+                    Err(e) => Wired::Failed(e),
+                },
+            );
+        }
+        if *book != before
+            && let Err(e) = book.save(&self.paths.leases)
+        {
+            for w in out.values_mut() {
+                if let Wired::Ip(_) = w {
+                    *w = Wired::Failed(format!(
+                        "cannot save the address leases to {}: {e}",
+                        self.paths.leases.display()
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// Removes the namespaces, veths, files and leases of pods not in
+    /// `keep` (by pod key): those Git no longer wants, and leftovers of a
+    /// crash. Returns what was removed.
+    pub fn unwire_others(&mut self, keep: &BTreeSet<String>) -> Vec<String> {
+        let mut removed = Vec::new();
+        for name in self.netns.list() {
+            if keep.contains(&name) {
+                continue;
+            }
+            match link::remove_pod(&self.netns, &name, &berth_net::host_if_name(&name)) {
+                Ok(()) => removed.push(format!("network namespace {name}")),
+                Err(e) => removed.push(format!("network namespace {name} (not removed: {e})")),
+            }
+            let _ = std::fs::remove_dir_all(self.paths.files_dir.join(&name));
+        }
+        // Host ends whose pod is gone (a crash between the veth and the
+        // namespace).
+        let wanted: BTreeSet<String> = keep.iter().map(|k| berth_net::host_if_name(k)).collect();
+        if let Ok(names) =
+            link::with_netlink(
+                |h| async move { link::links_named(&h, berth_net::HOST_IF_PREFIX).await },
+            )
+        {
+            for n in names.into_iter().filter(|n| !wanted.contains(n)) {
+                let name = n.clone();
+                if link::with_netlink(|h| async move { link::delete_link(&h, &name).await }).is_ok()
+                {
+                    removed.push(format!("veth {n}"));
+                }
+            }
+        }
+        if let Some(book) = self.book.as_mut() {
+            let gone = book.pods.retain(keep);
+            if !gone.is_empty() {
+                for (owner, ip) in &gone {
+                    removed.push(format!("lease {ip} of {owner}"));
+                }
+                let _ = book.save(&self.paths.leases);
+            }
+        }
+        removed
+    }
+
+    /// Builds the Services table from the catalog and the pods that are
+    /// ready, and applies it when it differs from what the kernel has.
+    /// Returns whether the kernel's table had drifted from the last one
+    /// applied (edited or deleted by hand).
+    pub fn program_services(
+        &mut self,
+        catalog: &berth_manifest::Catalog,
+        pods: &[DesiredPod],
+        ready: &BTreeMap<String, Ipv4Addr>,
+    ) -> Result<Option<String>, String> {
+        let (Some(settings), Some(book)) = (self.settings.clone(), self.book.as_mut()) else {
+            return Ok(None);
+        };
+        let before = book.clone();
+        let (ruleset, problems) = services(catalog, pods, ready, &settings, book);
+        if *book != before {
+            book.save(&self.paths.leases).map_err(|e| {
+                format!("cannot save leases to {}: {e}", self.paths.leases.display())
+            })?;
+        }
+        self.service_problems = problems;
+        let text = nft::render(&ruleset);
+        self.ruleset = Some(ruleset);
+        let listing = nft::listing().map_err(|e| e.to_string())?;
+        let drifted = match (&self.listed, &listing) {
+            (Some(want), Some(have)) if want != have => Some("edited".to_string()),
+            (Some(_), None) => Some("deleted".to_string()),
+            _ => None,
+        };
+        if self.rendered.as_deref() != Some(text.as_str()) || drifted.is_some() || listing.is_none()
+        {
+            nft::apply(&text).map_err(|e| e.to_string())?;
+            self.rendered = Some(text);
+            self.listed = nft::listing().map_err(|e| e.to_string())?;
+        }
+        Ok(drifted)
+    }
+
+    /// Whether the kernel's table still is the one last applied: the idle
+    /// poll's check (one `nft list`).
+    pub fn table_drifted(&self) -> bool {
+        match &self.listed {
+            None => false,
+            Some(want) => nft::listing().ok().flatten().as_ref() != Some(want),
+        }
+    }
+
+    pub fn pod_files(&self, pods: &[DesiredPod]) -> PodFiles {
+        pod_files(&self.paths.files_dir, pods)
+    }
+
+    /// The Services as last programmed, for status.
+    pub fn service_records(&self) -> Vec<crate::state::ServiceRecord> {
+        let Some(rules) = &self.ruleset else {
+            return Vec::new();
+        };
+        rules
+            .services
+            .iter()
+            .map(|s| crate::state::ServiceRecord {
+                name: format!("{}/{}", s.namespace, s.name),
+                cluster_ip: s.cluster_ip.to_string(),
+                ports: s
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        let proto = p.protocol.word().to_uppercase();
+                        match p.node_port {
+                            Some(np) => format!("{}:{np}/{proto}", p.port),
+                            None => format!("{}/{proto}", p.port),
+                        }
+                    })
+                    .collect(),
+                endpoints: {
+                    let mut e: Vec<String> = s
+                        .ports
+                        .iter()
+                        .flat_map(|p| p.endpoints.iter().map(|e| format!("{}:{}", e.ip, e.port)))
+                        .collect();
+                    e.sort();
+                    e.dedup();
+                    e
+                },
+            })
+            .collect()
+    }
+
+    /// The pod's leased address, if it has one.
+    pub fn pod_ip(&self, key: &str) -> Option<Ipv4Addr> {
+        self.book.as_ref().and_then(|b| b.pods.get(key))
+    }
+
+    /// Cluster IPs by `namespace/name`, for status and DNS.
+    pub fn cluster_ips(&self) -> BTreeMap<String, Ipv4Addr> {
+        self.book
+            .as_ref()
+            .map(|b| b.services.leases.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// IPv4 addresses of the node's links other than Berth's own.
+fn node_addresses() -> Result<Vec<(String, Ipv4Addr, u8)>, link::LinkError> {
+    link::with_netlink(|h| async move {
+        let mut out = Vec::new();
+        let mut links = h.link().get().execute();
+        let mut found = Vec::new();
+        use futures_lite::StreamExt;
+        while let Some(l) = links.next().await {
+            let l = l.map_err(|e| link::LinkError::Netlink {
+                what: "listing links".into(),
+                source: e,
+            })?;
+            if let Some(name) = link::link_name(&l)
+                && name != "lo"
+                && name != BRIDGE
+                && !name.starts_with(berth_net::HOST_IF_PREFIX)
+            {
+                found.push((name.to_string(), l.header.index));
+            }
+        }
+        for (name, index) in found {
+            for (ip, prefix) in link::addresses(&h, index).await? {
+                out.push((name.clone(), ip, prefix));
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname` as a pod sees them:
+/// the node's bridge address answers DNS, with Kubernetes' search path.
+fn write_pod_files(
+    dir: &Path,
+    pod: &DesiredPod,
+    ip: Ipv4Addr,
+    settings: &NetworkSettings,
+) -> std::io::Result<()> {
+    let dir = dir.join(pod.id.key());
+    std::fs::create_dir_all(&dir)?;
+    let domain = &settings.cluster_domain;
+    let ns = &pod.id.namespace;
+    let files = [
+        (
+            "resolv.conf",
+            format!(
+                "nameserver {}\nsearch {ns}.svc.{domain} svc.{domain} {domain}\noptions ndots:5\n",
+                settings.gateway()
+            ),
+        ),
+        (
+            "hosts",
+            format!(
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{ip}\t{}\n",
+                pod.id.name
+            ),
+        ),
+        ("hostname", format!("{}\n", pod.id.name)),
+    ];
+    for (name, text) in files {
+        let path = dir.join(name);
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+            std::fs::write(&path, text)?;
+        }
+    }
+    Ok(())
+}
+
+/// Files copied into containers' roots, by pod key: `(path inside the
+/// container, file on the node)`.
+pub type PodFiles = BTreeMap<String, Vec<(String, PathBuf)>>;
+
+/// The files written into each container's root before it starts.
+fn pod_files(files_dir: &Path, pods: &[DesiredPod]) -> PodFiles {
+    pods.iter()
+        .filter(|p| !p.host_network)
+        .map(|p| {
+            let dir = files_dir.join(p.id.key());
+            (
+                p.id.key(),
+                ["resolv.conf", "hosts", "hostname"]
+                    .iter()
+                    .map(|f| (format!("etc/{f}"), dir.join(f)))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+fn protocol(text: Option<&str>) -> Result<Protocol, String> {
+    match text.unwrap_or("TCP") {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        other => Err(format!(
+            "protocol {other} is not supported (TCP and UDP are)"
+        )),
+    }
+}
+
+/// Services of the catalog as nftables rules, leasing cluster IPs and node
+/// ports; with every problem, named by Service and field.
+pub fn services(
+    catalog: &berth_manifest::Catalog,
+    pods: &[DesiredPod],
+    ready: &BTreeMap<String, Ipv4Addr>,
+    settings: &NetworkSettings,
+    book: &mut LeaseBook,
+) -> (Ruleset, Vec<String>) {
+    let mut problems = Vec::new();
+    let mut rules = Vec::new();
+    let mut live = BTreeSet::new();
+    let mut live_ports = BTreeSet::new();
+    let mut taken_ports: BTreeMap<u16, String> = BTreeMap::new();
+    let list: Vec<(
+        &berth_manifest::LoadedObject,
+        &k8s_openapi::api::core::v1::Service,
+    )> = catalog
+        .objects
+        .iter()
+        .filter_map(|o| match &o.object {
+            Object::Service(s) => Some((o, s.as_ref())),
+            _ => None,
+        })
+        .collect();
+    // Node ports written in Git are claimed first, in a stable order, so a
+    // Service without one never takes a port another one names.
+    for (o, svc) in &list {
+        let id = format!(
+            "{}/{}",
+            o.id.namespace.as_deref().unwrap_or("default"),
+            o.id.name
+        );
+        for (i, p) in svc
+            .spec
+            .iter()
+            .flat_map(|s| s.ports.iter().flatten())
+            .enumerate()
+        {
+            if let Some(np) = p.node_port {
+                let field = format!("Service {id}: spec.ports[{i}].nodePort");
+                let Ok(np) = u16::try_from(np) else { continue };
+                if !(settings.node_ports.0..=settings.node_ports.1).contains(&np) {
+                    problems.push(format!(
+                        "{field}: {np} is outside the node port range {}-{}",
+                        settings.node_ports.0, settings.node_ports.1
+                    ));
+                } else if let Some(other) = taken_ports.get(&np) {
+                    problems.push(format!("{field}: {np} is already taken by {other}"));
+                } else {
+                    taken_ports.insert(np, id.clone());
+                }
+            }
+        }
+    }
+    for (o, svc) in list {
+        let ns = o.id.namespace.clone().unwrap_or_else(|| "default".into());
+        let id = format!("{ns}/{}", o.id.name);
+        let Some(spec) = &svc.spec else { continue };
+        let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
+        if !matches!(kind, "ClusterIP" | "NodePort") {
+            problems.push(format!(
+                "Service {id}: spec.type {kind} is not supported (ClusterIP and NodePort are); it is not programmed"
+            ));
+            continue;
+        }
+        let headless = spec.cluster_ip.as_deref() == Some("None");
+        live.insert(id.clone());
+        let cluster_ip = if headless {
+            None
+        } else {
+            let leased = match spec.cluster_ip.as_deref().filter(|c| !c.is_empty()) {
+                Some(text) => match text.parse::<Ipv4Addr>() {
+                    Ok(ip) => book
+                        .services
+                        .lease_exact(&id, ip)
+                        .map(|()| ip)
+                        .map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("{text:?} is not an IPv4 address")),
+                },
+                None => book.services.lease(&id).map_err(|e| e.to_string()),
+            };
+            match leased {
+                Ok(ip) => Some(ip),
+                Err(e) => {
+                    problems.push(format!("Service {id}: spec.clusterIP: {e}"));
+                    continue;
+                }
+            }
+        };
+        let selector = spec.selector.clone().unwrap_or_default();
+        let members: Vec<&DesiredPod> = if selector.is_empty() {
+            Vec::new()
+        } else {
+            pods.iter()
+                .filter(|p| {
+                    p.id.namespace == ns && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+                })
+                .collect()
+        };
+        if !selector.is_empty() && members.is_empty() {
+            problems.push(format!(
+                "Service {id}: spec.selector matches no pod on this node; it has no endpoints"
+            ));
+        }
+        let affinity_seconds = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .and_then(|t| u32::try_from(t).ok())
+                .unwrap_or(DEFAULT_AFFINITY_SECONDS)
+        });
+        let mut ports = Vec::new();
+        for (i, p) in spec.ports.iter().flatten().enumerate() {
+            let field = format!("Service {id}: spec.ports[{i}]");
+            let proto = match protocol(p.protocol.as_deref()) {
+                Ok(pr) => pr,
+                Err(e) => {
+                    problems.push(format!("{field}.protocol: {e}"));
+                    continue;
+                }
+            };
+            let Ok(port) = u16::try_from(p.port) else {
+                continue;
+            };
+            let name = p.name.clone().unwrap_or_else(|| port.to_string());
+            let node_port = if kind == "NodePort" {
+                let owner = format!("{id}/{name}");
+                match p.node_port.and_then(|n| u16::try_from(n).ok()) {
+                    Some(np) if taken_ports.get(&np) == Some(&id) => {
+                        book.node_ports.leases.insert(owner.clone(), np);
+                        live_ports.insert(owner);
+                        Some(np)
+                    }
+                    Some(_) => continue,
+                    None => {
+                        // Ports other Services name in Git are not for the taking.
+                        let reserved: BTreeSet<u16> = taken_ports
+                            .iter()
+                            .filter(|(_, other)| **other != id)
+                            .map(|(np, _)| *np)
+                            .collect();
+                        match book
+                            .node_ports
+                            .lease(&owner, settings.node_ports, &reserved)
+                        {
+                            Some(np) => {
+                                live_ports.insert(owner);
+                                Some(np)
+                            }
+                            None => {
+                                problems
+                                    .push(format!("{field}.nodePort: the node port range is full"));
+                                None
+                            }
+                        }
+                    }
+                }
+            } else {
+                None
+            };
+            let mut endpoints = Vec::new();
+            for pod in &members {
+                let Some(ip) = ready.get(&pod.id.key()) else {
+                    continue;
+                };
+                let target = match &p.target_port {
+                    None => Some(port),
+                    Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+                    Some(IntOrString::String(n)) => pod
+                        .ports
+                        .iter()
+                        .find(|d| d.name.as_deref() == Some(n.as_str()))
+                        .map(|d| d.port),
+                };
+                match target {
+                    Some(t) => endpoints.push(Endpoint { ip: *ip, port: t }),
+                    None => problems.push(format!(
+                        "{field}.targetPort: no container of pod {} declares a port named {:?}; the pod is not an endpoint",
+                        pod.id,
+                        match &p.target_port {
+                            Some(IntOrString::String(n)) => n.as_str(),
+                            _ => "",
+                        }
+                    )),
+                }
+            }
+            if cluster_ip.is_some() {
+                ports.push(PortRules {
+                    name,
+                    protocol: proto,
+                    port,
+                    node_port,
+                    endpoints,
+                });
+            }
+        }
+        if let Some(cluster_ip) = cluster_ip {
+            rules.push(ServiceRules {
+                namespace: ns,
+                name: o.id.name.clone(),
+                cluster_ip,
+                affinity_seconds,
+                ports,
+            });
+        }
+    }
+    book.services.retain(&live);
+    book.node_ports.leases.retain(|k, _| live_ports.contains(k));
+    (
+        Ruleset {
+            pod_cidr: settings.pod_cidr,
+            services: rules,
+        },
+        problems,
+    )
+}
