@@ -106,7 +106,6 @@ impl BuiltinKind {
     /// capability that will act on them.
     pub fn not_acted_on_yet(self) -> Option<&'static str> {
         match self {
-            Self::Service => Some("Services are programmed once pod networking lands"),
             Self::PersistentVolume | Self::PersistentVolumeClaim | Self::StorageClass => {
                 Some("volumes are provisioned once local storage lands")
             }

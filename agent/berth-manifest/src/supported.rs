@@ -73,6 +73,27 @@ const POD_SPEC: &[&str] = &[
     "hostNetwork",
 ];
 
+/// Service spec fields the node programs. Single-stack IPv4 on one node:
+/// the IP family fields and the traffic policies (every endpoint is local)
+/// change nothing, so they are accepted as written.
+const SERVICE_SPEC: &[&str] = &[
+    "type",
+    "selector.*",
+    "ports[].name",
+    "ports[].protocol",
+    "ports[].port",
+    "ports[].targetPort",
+    "ports[].nodePort",
+    "clusterIP",
+    "clusterIPs",
+    "sessionAffinity",
+    "sessionAffinityConfig.clientIP.timeoutSeconds",
+    "ipFamilies",
+    "ipFamilyPolicy",
+    "externalTrafficPolicy",
+    "internalTrafficPolicy",
+];
+
 /// A tree of supported paths. A leaf supports everything below it.
 #[derive(Debug, Default)]
 struct Tree {
@@ -143,9 +164,13 @@ fn tree_for(kind: BuiltinKind) -> Tree {
             }
         }
         BuiltinKind::Namespace => {}
+        BuiltinKind::Service => {
+            for p in SERVICE_SPEC {
+                tree.insert("spec", p);
+            }
+        }
         // Validated whole; acted on by later capabilities (see `not_acted_on_yet`).
-        BuiltinKind::Service
-        | BuiltinKind::PersistentVolume
+        BuiltinKind::PersistentVolume
         | BuiltinKind::PersistentVolumeClaim
         | BuiltinKind::StorageClass => {
             for p in [
@@ -260,5 +285,25 @@ mod tests {
                 "status"
             ]
         );
+    }
+
+    #[test]
+    fn service_fields_the_node_does_not_program_are_named() {
+        let svc = serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web"},
+            "spec": {
+                "type": "NodePort", "selector": {"app": "web"}, "clusterIP": "10.96.0.10",
+                "sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}},
+                "ports": [{"name": "http", "port": 80, "targetPort": "http", "nodePort": 30080, "appProtocol": "http"}],
+                "externalIPs": ["192.0.2.1"]
+            }
+        });
+        let found: Vec<String> = unsupported_fields(BuiltinKind::Service, &svc)
+            .iter()
+            .map(|i| i.path.to_string())
+            .collect();
+        assert_eq!(found, ["spec.externalIPs", "spec.ports[0].appProtocol"]);
     }
 }
