@@ -204,6 +204,9 @@ pub struct VmOptions {
     /// The disk grows to this size (the data partition follows on first boot).
     pub disk_bytes: u64,
     pub memory_mib: u32,
+    /// `(port on the host's 127.0.0.1, port on the guest)`: QEMU forwards
+    /// TCP connections to the guest's own address, as traffic from outside.
+    pub host_forwards: Vec<(u16, u16)>,
 }
 
 impl VmOptions {
@@ -214,6 +217,7 @@ impl VmOptions {
             credentials: Vec::new(),
             disk_bytes: 3 << 30,
             memory_mib: 1024,
+            host_forwards: Vec::new(),
         }
     }
 }
@@ -295,7 +299,12 @@ impl Vm {
             .args([
                 "-netdev",
                 &format!(
-                    "user,id=net,restrict=on,guestfwd=tcp:{GIT_HOST}:9418-cmd:git daemon --inetd --export-all --enable=receive-pack --base-path={repos} {repos}"
+                    "user,id=net,restrict=on,guestfwd=tcp:{GIT_HOST}:9418-cmd:git daemon --inetd --export-all --enable=receive-pack --base-path={repos} {repos}{}",
+                    options
+                        .host_forwards
+                        .iter()
+                        .map(|(host, guest)| format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"))
+                        .collect::<String>()
                 ),
             ])
             .args(["-device", "virtio-net-pci,netdev=net,romfile="])
@@ -610,4 +619,57 @@ pub fn retry_on_tcg_flake(name: &str, scenario: impl Fn()) {
 pub fn status_json(output: &str) -> Result<serde_json::Value> {
     serde_json::from_str(output)
         .map_err(|e| HarnessError(format!("berth status is not JSON ({e}): {output}")))
+}
+
+/// Unwraps a harness result, panicking with its message.
+pub fn must<T>(r: Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
+}
+
+impl Vm {
+    /// Runs a guest command that must succeed; returns its output.
+    pub fn sh(&self, command: &str) -> String {
+        let (rc, out) = must(self.exec(command, Duration::from_secs(60)));
+        assert_eq!(rc, 0, "{command}: {out}");
+        out
+    }
+
+    /// Polls `berth get pods -o json` until `done` holds; pods by name.
+    pub fn pods_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&std::collections::BTreeMap<String, serde_json::Value>) -> bool,
+    ) -> std::collections::BTreeMap<String, serde_json::Value> {
+        let end = Instant::now() + timeout;
+        loop {
+            let (rc, out) = must(self.exec("berth get pods -o json", Duration::from_secs(60)));
+            let pods: std::collections::BTreeMap<String, serde_json::Value> = if rc == 0 {
+                serde_json::from_str::<Vec<serde_json::Value>>(&out)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|p| (p["name"].as_str().unwrap_or_default().to_string(), p))
+                    .collect()
+            } else {
+                std::collections::BTreeMap::new()
+            };
+            if done(&pods) {
+                return pods;
+            }
+            assert!(
+                Instant::now() < end,
+                "{what}: not reached within {timeout:?}; last `berth get pods`: {out}\nconsole: {}",
+                self.console.display()
+            );
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+}
+
+/// A free TCP port on the host's loopback, for a QEMU forward.
+pub fn free_loopback_port() -> Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| HarnessError(format!("no free port on 127.0.0.1: {e}")))
 }

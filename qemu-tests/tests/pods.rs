@@ -58,35 +58,13 @@ fn sh(vm: &Vm, command: &str) -> String {
     out
 }
 
-/// Polls `berth get pods -o json` until `done` holds.
 fn pods_until(
     vm: &Vm,
     what: &str,
     timeout: Duration,
     done: impl Fn(&BTreeMap<String, serde_json::Value>) -> bool,
 ) -> BTreeMap<String, serde_json::Value> {
-    let end = Instant::now() + timeout;
-    loop {
-        let (rc, out) = must(vm.exec("berth get pods -o json", Duration::from_secs(60)));
-        let pods: BTreeMap<String, serde_json::Value> = if rc == 0 {
-            serde_json::from_str::<Vec<serde_json::Value>>(&out)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|p| (p["name"].as_str().unwrap_or_default().to_string(), p))
-                .collect()
-        } else {
-            BTreeMap::new()
-        };
-        if done(&pods) {
-            return pods;
-        }
-        assert!(
-            Instant::now() < end,
-            "{what}: not reached within {timeout:?}; last `berth get pods`: {out}\nconsole: {}",
-            vm.console.display()
-        );
-        std::thread::sleep(Duration::from_secs(2));
-    }
+    vm.pods_until(what, timeout, done)
 }
 
 fn status_of(pods: &BTreeMap<String, serde_json::Value>, name: &str) -> String {

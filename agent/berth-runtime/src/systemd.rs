@@ -183,6 +183,7 @@ pub const READ_BACK: &[&str] = &[
     "MemoryLow",
     "MemoryMax",
     "MountAPIVFS",
+    "NetworkNamespacePath",
     "OOMScoreAdjust",
     "Options",
     "PrivatePIDs",
@@ -271,5 +272,41 @@ mod tests {
         assert!(!glob_match("berth-*.service", "berth-a.slice"));
         assert!(!glob_match("berth-*", "sshd.service"));
         assert!(glob_match("a?c", "abc"));
+    }
+}
+
+#[cfg(test)]
+mod read_back_tests {
+    use super::*;
+
+    /// Every property the planner sets is read back, or a converged node
+    /// would see it "unset" on every pass and restart its containers.
+    #[test]
+    fn every_planned_property_is_read_back() {
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  securityContext: {runAsUser: 1000, runAsGroup: 1000}\n  initContainers:\n  - {name: init, image: busybox:1.37, command: [\"true\"]}\n  containers:\n  - name: c\n    image: busybox:1.37\n    command: [sleep, \"1\"]\n    workingDir: /tmp\n    env: [{name: A, value: b}]\n    resources:\n      requests: {cpu: 100m, memory: 16Mi}\n      limits: {cpu: 200m, memory: 32Mi}\n";
+        let catalog = berth_manifest::load_sources(vec![berth_manifest::SourceFile {
+            path: "p.yaml".into(),
+            text: pod.into(),
+        }]);
+        let node = berth_plan::NodeInfo::new("n", Default::default(), 1 << 30, 2000);
+        let images = berth_plan::ImageCatalog::new([berth_plan::ImageConfig {
+            reference: "busybox:1.37".into(),
+            cmd: vec!["sh".into()],
+            env: vec!["PATH=/bin".into()],
+            ..Default::default()
+        }]);
+        let plan = berth_plan::plan_node(&catalog, &node, &images, &Default::default(), "r");
+        assert_eq!(plan.pods.len(), 1, "{:?}", plan.diagnostics);
+        let pod = &plan.pods[0];
+        let mut keys: Vec<&str> = pod.slice.properties.iter().map(|(k, _)| k).collect();
+        for u in pod.units() {
+            keys.extend(u.properties_for_apply().iter().map(|(k, _)| k));
+        }
+        assert!(keys.contains(&"NetworkNamespacePath"));
+        let missing: Vec<&&str> = keys.iter().filter(|k| !READ_BACK.contains(k)).collect();
+        assert!(
+            missing.is_empty(),
+            "planned but never read back: {missing:?}"
+        );
     }
 }

@@ -1,0 +1,282 @@
+//! Pod networking on the real appliance: each pod gets its own namespace
+//! and address, pods talk by pod IP, a client pod reaches a Service by its
+//! cluster IP with traffic spread over two backends, the NodePort answers
+//! from the host through QEMU's forward on loopback, a deleted nftables
+//! table is put back and reported, and a reboot keeps every pod's address.
+//! Run by `scripts/test.sh` with `--ignored`.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use berth_qemu_tests::{
+    GIT_HOST, GitHost, Vm, VmOptions, free_loopback_port, must, retry_on_tcg_flake, test_image,
+};
+
+const BOOT: Duration = Duration::from_secs(180);
+const SETTLE: Duration = Duration::from_secs(240);
+const CLUSTER_IP: &str = "10.96.0.50";
+const NODE_PORT: u16 = 30080;
+
+const MANIFESTS: &[(&str, &str)] = &[
+    (
+        "net/echo.yaml",
+        "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: echo}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: echo}}
+  template:
+    metadata: {labels: {app: echo}}
+    spec:
+      containers:
+      - name: httpd
+        image: busybox:1.37
+        command: [sh, -c, \"mkdir -p /tmp/www && cat /etc/hostname > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www\"]
+        ports:
+        - {name: http, containerPort: 8080}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.50
+  selector: {app: echo}
+  ports:
+  - {name: web, port: 80, targetPort: http, nodePort: 30080}
+",
+    ),
+    (
+        "net/client.yaml",
+        "apiVersion: v1
+kind: Pod
+metadata: {name: client}
+spec:
+  containers:
+  - name: main
+    image: busybox:1.37
+    command: [sleep, \"1000000\"]
+",
+    ),
+    (
+        "net/empty.yaml",
+        "apiVersion: v1
+kind: Service
+metadata: {name: nobody}
+spec:
+  selector: {app: nobody}
+  ports:
+  - {port: 80}
+",
+    ),
+];
+
+/// One HTTP GET from inside the client pod's network namespace, with the
+/// node's own busybox.
+fn get_from_client(vm: &Vm, url: &str) -> (i32, String) {
+    must(vm.exec(
+        &format!("ip netns exec default_client busybox wget -q -T 5 -O - {url}"),
+        Duration::from_secs(60),
+    ))
+}
+
+fn http_get(port: u16) -> std::io::Result<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: node\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .trim()
+        .to_string())
+}
+
+fn ips(pods: &BTreeMap<String, serde_json::Value>) -> BTreeMap<String, String> {
+    pods.iter()
+        .filter_map(|(n, p)| Some((n.clone(), p["podIP"].as_str()?.to_string())))
+        .collect()
+}
+
+fn running_with_ips(p: &BTreeMap<String, serde_json::Value>) -> bool {
+    ["echo-0", "echo-1", "client"].iter().all(|n| {
+        p.get(*n)
+            .is_some_and(|p| p["status"] == "Running" && p["podIP"].is_string())
+    })
+}
+
+#[test]
+#[ignore = "needs QEMU, OVMF and the test image (scripts/test.sh runs it)"]
+fn pods_talk_services_balance_node_ports_answer_and_addresses_survive_a_reboot() {
+    retry_on_tcg_flake("network", scenario);
+}
+
+fn scenario() {
+    let image = must(test_image());
+    let git = must(GitHost::fresh("network", "desired.git"));
+    let first = must(git.push(MANIFESTS, "echo behind a Service, a client"));
+    let host_port = must(free_loopback_port());
+    let mut options = VmOptions::new("network");
+    options.esp_config = Some(format!(
+        "node:\n  name: net\ngit:\n  url: git://{GIT_HOST}/desired.git\n  branch: main\n  path: net\n  pollInterval: 5s\n"
+    ));
+    options.host_forwards = vec![(host_port, NODE_PORT)];
+    let (mut vm, _) = must(Vm::boot_until(
+        &image,
+        &git,
+        &options,
+        "berth: agent started",
+        BOOT,
+    ));
+    let fetched = must(vm.wait_for(&format!("at {}", &first[..12]), SETTLE));
+    let pods = vm.pods_until("three pods running with IPs", SETTLE, running_with_ips);
+    println!(
+        "commit fetched to 3 pods running with IPs: {:.1} s",
+        vm.started.elapsed().as_secs_f64() - fetched.as_secs_f64()
+    );
+    let before = ips(&pods);
+    println!("pod IPs: {before:?}");
+    let distinct: std::collections::BTreeSet<&String> = before.values().collect();
+    assert_eq!(
+        distinct.len(),
+        3,
+        "each pod has its own address: {before:?}"
+    );
+    assert!(
+        before.values().all(|ip| ip.starts_with("10.88.")),
+        "{before:?}"
+    );
+
+    // Each pod is alone in its namespace with lo and eth0.
+    let links = vm.sh("ip netns exec default_client ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 | sort");
+    assert_eq!(
+        links.split_whitespace().collect::<Vec<_>>(),
+        ["eth0", "lo"],
+        "{links}"
+    );
+    // Containers see their pod's resolv.conf and hosts.
+    let pid = vm.sh("systemctl show -p MainPID --value berth-default_client_main.service");
+    let resolv = vm.sh(&format!("cat /proc/{}/root/etc/resolv.conf", pid.trim()));
+    assert!(resolv.contains("nameserver 10.88.0.1"), "{resolv}");
+    assert!(
+        resolv.contains("search default.svc.cluster.local svc.cluster.local cluster.local"),
+        "{resolv}"
+    );
+
+    // Pod to pod, by pod IP, no NAT: the server sees the client's address.
+    let echo0 = &before["echo-0"];
+    let (rc, body) = get_from_client(&vm, &format!("http://{echo0}:8080/"));
+    assert_eq!(
+        (rc, body.trim()),
+        (0, "echo-0"),
+        "client → echo-0 by pod IP"
+    );
+
+    // Pod to Service by cluster IP: both backends answer.
+    let end = Instant::now() + SETTLE;
+    let mut seen: BTreeMap<String, u32> = BTreeMap::new();
+    while seen.len() < 2 || seen.values().sum::<u32>() < 16 {
+        assert!(
+            Instant::now() < end,
+            "cluster IP spread: {seen:?}\n{}",
+            vm.sh("berth status")
+        );
+        let (rc, body) = get_from_client(&vm, &format!("http://{CLUSTER_IP}/"));
+        if rc == 0 {
+            *seen.entry(body.trim().to_string()).or_default() += 1;
+        } else {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    println!(
+        "cluster IP answers over {} requests: {seen:?}",
+        seen.values().sum::<u32>()
+    );
+    assert!(
+        seen.keys().all(|k| k == "echo-0" || k == "echo-1"),
+        "{seen:?}"
+    );
+
+    // A Service that selects nothing refuses at once.
+    let status = berth_qemu_tests::status_json(&vm.sh("berth status -o json")).expect("json");
+    let services = status["network"]["services"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let nobody = services
+        .iter()
+        .find(|s| s["name"] == "default/nobody")
+        .unwrap_or_else(|| panic!("status lists default/nobody: {services:?}"));
+    let nobody_ip = nobody["clusterIP"].as_str().expect("leased").to_string();
+    assert!(nobody_ip.starts_with("10.96."), "{nobody_ip}");
+    let problems = status["network"]["problems"].to_string();
+    assert!(
+        problems.contains("default/nobody: spec.selector matches no pod"),
+        "{problems}"
+    );
+    let (rc, out) = get_from_client(&vm, &format!("http://{nobody_ip}/"));
+    assert_ne!(rc, 0, "no endpoints: {out}");
+    assert!(out.contains("refused"), "refused, not timed out: {out}");
+
+    // The NodePort, from the host, through QEMU's forward on loopback.
+    let end = Instant::now() + SETTLE;
+    let answer = loop {
+        match http_get(host_port) {
+            Ok(body) if !body.is_empty() => break body,
+            other => {
+                assert!(Instant::now() < end, "node port from the host: {other:?}");
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        }
+    };
+    assert!(answer == "echo-0" || answer == "echo-1", "{answer}");
+
+    // The table deleted by hand: put back, and recorded as healed drift.
+    vm.sh("nft delete table ip berth");
+    let end = Instant::now() + SETTLE;
+    loop {
+        let status = berth_qemu_tests::status_json(&vm.sh("berth status -o json")).expect("json");
+        let healed = status["healed"].to_string();
+        if healed.contains("nftables table ip berth") {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the deleted table was not restored: {healed}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let (rc, body) = get_from_client(&vm, &format!("http://{CLUSTER_IP}/"));
+    assert_eq!(rc, 0, "the Service answers again: {body}");
+
+    // A reboot: the namespaces are gone with /run; the pods come back with
+    // the same addresses.
+    let mut vm = must(vm.reboot(&git, &options, 2));
+    must(vm.wait_for("berth: agent started", BOOT));
+    let pods = vm.pods_until("pods back after reboot", SETTLE, running_with_ips);
+    assert_eq!(ips(&pods), before, "addresses kept across the reboot");
+    let (rc, body) = get_from_client(&vm, &format!("http://{echo0}:8080/"));
+    assert_eq!((rc, body.trim()), (0, "echo-0"), "after the reboot");
+
+    // Removing the client pod removes its namespace and lease.
+    must(git.remove("net/client.yaml"));
+    must(git.push(&[], "client removed"));
+    let end = Instant::now() + SETTLE;
+    loop {
+        let left = vm.sh("ls /run/netns");
+        if !left.contains("default_client") {
+            break;
+        }
+        assert!(Instant::now() < end, "the client's namespace stays: {left}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let leases = vm.sh("cat /var/lib/berth/network/leases.json");
+    assert!(!leases.contains("default_client"), "{leases}");
+    must(vm.poweroff(Duration::from_secs(120)));
+}
