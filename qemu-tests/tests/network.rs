@@ -2,7 +2,8 @@
 //! and address, pods talk by pod IP, a client pod reaches a Service by its
 //! cluster IP with traffic spread over two backends, the NodePort answers
 //! from the host through QEMU's forward on loopback, a deleted nftables
-//! table is put back and reported, and a reboot keeps every pod's address.
+//! table is put back and reported, names resolve through the cluster DNS
+//! responder, and a reboot keeps every pod's address.
 //! Run by `scripts/test.sh` with `--ignored`.
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)]
@@ -80,6 +81,17 @@ spec:
 fn get_from_client(vm: &Vm, url: &str) -> (i32, String) {
     must(vm.exec(
         &format!("ip netns exec default_client busybox wget -q -T 5 -O - {url}"),
+        Duration::from_secs(60),
+    ))
+}
+
+/// A command run inside the client pod's container (its network, mount
+/// and root), so it resolves names with the pod's own resolv.conf.
+fn in_client(vm: &Vm, command: &str) -> (i32, String) {
+    must(vm.exec(
+        &format!(
+            "nsenter -t $(systemctl show -p MainPID --value berth-default_client_main.service) -n -m -r -w -- {command}"
+        ),
         Duration::from_secs(60),
     ))
 }
@@ -202,6 +214,40 @@ fn scenario() {
         seen.keys().all(|k| k == "echo-0" || k == "echo-1"),
         "{seen:?}"
     );
+
+    // By DNS name, short (the pod's search path) and full; SRV for the
+    // named port; other names forwarded to the node's resolver.
+    let mut by_name: BTreeMap<String, u32> = BTreeMap::new();
+    for _ in 0..8 {
+        let (rc, body) = in_client(&vm, "/bin/wget -q -T 5 -O - http://echo/");
+        assert_eq!(rc, 0, "wget http://echo/ in the client pod: {body}");
+        *by_name.entry(body.trim().to_string()).or_default() += 1;
+    }
+    println!("by DNS name: {by_name:?}");
+    assert!(
+        by_name.keys().all(|k| k == "echo-0" || k == "echo-1"),
+        "{by_name:?}"
+    );
+    let (rc, out) = in_client(&vm, "/bin/nslookup echo.default.svc.cluster.local");
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains(CLUSTER_IP), "{out}");
+    let (rc, out) = in_client(
+        &vm,
+        "/bin/nslookup -type=srv _web._tcp.echo.default.svc.cluster.local",
+    );
+    assert_eq!(rc, 0, "{out}");
+    assert!(
+        out.contains("80") && out.contains("echo.default.svc.cluster.local"),
+        "{out}"
+    );
+    let (rc, out) = in_client(&vm, "/bin/nslookup nosuch.default.svc.cluster.local");
+    assert_ne!(rc, 0, "an unknown Service is NXDOMAIN: {out}");
+    let (rc, out) = in_client(&vm, "/bin/nslookup localhost.");
+    assert_eq!(
+        rc, 0,
+        "a name outside the cluster is forwarded to the node's resolver: {out}"
+    );
+    assert!(out.contains("127.0.0.1"), "{out}");
 
     // A Service that selects nothing refuses at once.
     let status = berth_qemu_tests::status_json(&vm.sh("berth status -o json")).expect("json");

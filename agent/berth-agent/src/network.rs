@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use berth_manifest::Object;
 use berth_net::NetworkSettings;
+use berth_net::dns::{self, DnsServer, Zone};
 use berth_net::ipam::LeaseBook;
 use berth_net::link::{self, PodLink};
 use berth_net::netns::NetnsDir;
@@ -31,6 +32,9 @@ pub struct NetworkPaths {
     pub files_dir: PathBuf,
     /// `/var/lib/berth/network/leases.json`.
     pub leases: PathBuf,
+    /// The node's own resolver list (`/etc/resolv.conf`): where names
+    /// outside the cluster domain are forwarded.
+    pub upstream_resolv_conf: PathBuf,
 }
 
 /// A pod's place on the network after [`PodNetwork::wire`].
@@ -50,6 +54,8 @@ pub struct PodNetwork {
     rendered: Option<String>,
     listed: Option<String>,
     ruleset: Option<Ruleset>,
+    /// The cluster DNS responder on the bridge address.
+    dns: Option<DnsServer>,
     /// What the last programming refused or warned about, per Service.
     pub service_problems: Vec<String>,
 }
@@ -67,6 +73,7 @@ impl PodNetwork {
             rendered: None,
             listed: None,
             ruleset: None,
+            dns: None,
             service_problems: Vec::new(),
         }
     }
@@ -102,6 +109,25 @@ impl PodNetwork {
         })
         .map_err(|e| format!("bridge {BRIDGE}: {e}"))?;
         berth_net::enable_forwarding()?;
+        let address = std::net::SocketAddr::from((gateway, 53));
+        if self.dns.as_ref().map(|d| d.address) != Some(address) {
+            // The old responder (another gateway) stops when dropped.
+            let old = self.dns.take().map(|d| d.zone());
+            let resolv =
+                std::fs::read_to_string(&self.paths.upstream_resolv_conf).unwrap_or_default();
+            let upstreams = dns::upstreams_from(&resolv, gateway);
+            if upstreams.is_empty() {
+                notes.push(format!(
+                    "{}: no nameserver: pods resolve cluster names only",
+                    self.paths.upstream_resolv_conf.display()
+                ));
+            }
+            let zone = old.map(|z| (*z).clone()).unwrap_or_default();
+            self.dns = Some(
+                DnsServer::start(address, upstreams, zone)
+                    .map_err(|e| format!("cluster DNS on {address}: {e}"))?,
+            );
+        }
         Ok(notes)
     }
 
@@ -226,7 +252,12 @@ impl PodNetwork {
             return Ok(None);
         };
         let before = book.clone();
-        let (ruleset, problems) = services(catalog, pods, ready, &settings, book);
+        let (ruleset, zone, problems) = services(catalog, pods, ready, &settings, book);
+        if let Some(server) = &self.dns
+            && *server.zone() != zone
+        {
+            server.set_zone(zone);
+        }
         if *book != before {
             book.save(&self.paths.leases).map_err(|e| {
                 format!("cannot save leases to {}: {e}", self.paths.leases.display())
@@ -419,8 +450,12 @@ pub fn services(
     ready: &BTreeMap<String, Ipv4Addr>,
     settings: &NetworkSettings,
     book: &mut LeaseBook,
-) -> (Ruleset, Vec<String>) {
+) -> (Ruleset, Zone, Vec<String>) {
     let mut problems = Vec::new();
+    let mut zone = Zone {
+        domain: settings.cluster_domain.clone(),
+        services: BTreeMap::new(),
+    };
     let mut rules = Vec::new();
     let mut live = BTreeSet::new();
     let mut live_ports = BTreeSet::new();
@@ -516,6 +551,30 @@ pub fn services(
                 "Service {id}: spec.selector matches no pod on this node; it has no endpoints"
             ));
         }
+        zone.services.insert(
+            (ns.clone(), o.id.name.clone()),
+            dns::ServiceEntry {
+                namespace: ns.clone(),
+                name: o.id.name.clone(),
+                cluster_ip,
+                endpoints: members
+                    .iter()
+                    .filter_map(|p| ready.get(&p.id.key()).copied())
+                    .collect(),
+                ports: spec
+                    .ports
+                    .iter()
+                    .flatten()
+                    .filter_map(|p| {
+                        Some(dns::ServicePort {
+                            name: p.name.clone(),
+                            protocol: p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase(),
+                            port: u16::try_from(p.port).ok()?,
+                        })
+                    })
+                    .collect(),
+            },
+        );
         let affinity_seconds = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
             spec.session_affinity_config
                 .as_ref()
@@ -626,6 +685,195 @@ pub fn services(
             pod_cidr: settings.pod_cidr,
             services: rules,
         },
+        zone,
         problems,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used)]
+    use super::*;
+
+    const YAML: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: web-a, labels: {app: web}}
+spec:
+  containers:
+  - name: c
+    image: busybox:1.37
+    ports: [{name: http, containerPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-b, labels: {app: web}}
+spec:
+  containers:
+  - {name: c, image: busybox:1.37}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: http, nodePort: 30080}
+  - {name: metrics, port: 9090, protocol: UDP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: clash}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports:
+  - {name: one, port: 81, nodePort: 30080}
+  - {name: two, port: 82, nodePort: 40000}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lonely}
+spec:
+  selector: {app: nothing}
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: heads}
+spec:
+  clusterIP: None
+  selector: {app: web}
+  ports: [{name: http, port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: outside}
+spec:
+  clusterIP: 192.168.1.1
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: dynamic}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{port: 83}]
+";
+
+    fn fixture() -> (berth_manifest::Catalog, Vec<DesiredPod>) {
+        let catalog = berth_manifest::load_sources(vec![berth_manifest::SourceFile {
+            path: "s.yaml".into(),
+            text: YAML.into(),
+        }]);
+        let node = berth_plan::NodeInfo::new("n", BTreeMap::new(), 1 << 30, 2000);
+        let images = berth_plan::ImageCatalog::new([berth_plan::ImageConfig {
+            reference: "busybox:1.37".into(),
+            cmd: vec!["sh".into()],
+            ..Default::default()
+        }]);
+        let plan = berth_plan::plan_node(&catalog, &node, &images, &Default::default(), "r");
+        (catalog, plan.pods)
+    }
+
+    #[test]
+    fn services_get_addresses_ports_and_endpoints_and_every_problem_is_named() {
+        let (catalog, pods) = fixture();
+        assert_eq!(pods.len(), 2);
+        let settings = NetworkSettings::default();
+        let mut book = LeaseBook::new(settings.pod_cidr, settings.service_cidr);
+        let ready: BTreeMap<String, Ipv4Addr> = [
+            ("default_web-a".to_string(), Ipv4Addr::new(10, 88, 0, 2)),
+            ("default_web-b".to_string(), Ipv4Addr::new(10, 88, 0, 3)),
+        ]
+        .into();
+        let (rules, zone, problems) = services(&catalog, &pods, &ready, &settings, &mut book);
+        let joined = problems.join("\n");
+        for expected in [
+            "Service default/clash: spec.ports[0].nodePort: 30080 is already taken by default/web",
+            "Service default/clash: spec.ports[1].nodePort: 40000 is outside the node port range 30000-32767",
+            "Service default/web: spec.ports[0].targetPort: no container of pod default/web-b declares a port named \"http\"; the pod is not an endpoint",
+            "Service default/lonely: spec.selector matches no pod on this node; it has no endpoints",
+            "Service default/outside: spec.clusterIP: 192.168.1.1 is outside 10.96.0.0/12",
+        ] {
+            assert!(
+                joined.contains(expected),
+                "missing {expected:?} in:\n{joined}"
+            );
+        }
+        let web = rules
+            .services
+            .iter()
+            .find(|s| s.name == "web")
+            .expect("web");
+        assert_eq!(web.ports[0].node_port, Some(30080));
+        assert_eq!(
+            web.ports[0].endpoints,
+            [Endpoint {
+                ip: Ipv4Addr::new(10, 88, 0, 2),
+                port: 8080
+            }]
+        );
+        // No targetPort: the port itself, on every ready member; UDP kept.
+        assert_eq!(web.ports[1].protocol, Protocol::Udp);
+        assert_eq!(web.ports[1].endpoints.len(), 2);
+        assert!(web.ports[1].endpoints.iter().all(|e| e.port == 9090));
+        // The clashing port is left out; the Service's other ports stay.
+        let clash = rules
+            .services
+            .iter()
+            .find(|s| s.name == "clash")
+            .expect("clash");
+        assert!(clash.ports.is_empty(), "{clash:?}");
+        // A dynamic node port is in range and never one another Service named.
+        let dynamic = rules
+            .services
+            .iter()
+            .find(|s| s.name == "dynamic")
+            .expect("dynamic");
+        let np = dynamic.ports[0].node_port.expect("leased");
+        assert!((30000..=32767).contains(&np) && np != 30080, "{np}");
+        // Headless: no rules, a DNS name with the pods' addresses.
+        assert!(rules.services.iter().all(|s| s.name != "heads"));
+        let heads = &zone.services[&("default".to_string(), "heads".to_string())];
+        assert_eq!(heads.cluster_ip, None);
+        assert_eq!(heads.endpoints.len(), 2);
+        // Leases are stable across passes, and released with their Service.
+        let ip = web.cluster_ip;
+        let (again, _, _) = services(&catalog, &pods, &ready, &settings, &mut book);
+        assert_eq!(
+            again
+                .services
+                .iter()
+                .find(|s| s.name == "web")
+                .expect("web")
+                .cluster_ip,
+            ip
+        );
+        let empty = berth_manifest::load_sources(Vec::new());
+        services(&empty, &[], &BTreeMap::new(), &settings, &mut book);
+        assert!(book.services.leases.is_empty());
+        assert!(book.node_ports.leases.is_empty());
+    }
+
+    #[test]
+    fn pod_files_point_pods_at_the_bridge_for_dns() {
+        let (_, pods) = fixture();
+        let dir = std::env::temp_dir().join(format!("berth-podfiles-{}", std::process::id()));
+        let settings = NetworkSettings::default();
+        write_pod_files(&dir, &pods[0], Ipv4Addr::new(10, 88, 0, 2), &settings).expect("written");
+        let key = pods[0].id.key();
+        let resolv =
+            std::fs::read_to_string(dir.join(&key).join("resolv.conf")).expect("resolv.conf");
+        assert_eq!(
+            resolv,
+            "nameserver 10.88.0.1\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"
+        );
+        let hosts = std::fs::read_to_string(dir.join(&key).join("hosts")).expect("hosts");
+        assert!(hosts.contains("10.88.0.2\tweb-a"), "{hosts}");
+        let files = pod_files(&dir, &pods);
+        assert_eq!(files[&key][0].0, "etc/resolv.conf");
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

@@ -5,9 +5,11 @@
 //!   on disk across restarts and reboots.
 //! - [`netns`]: named network namespaces made without forking.
 //! - [`link`]: the bridge, veth pairs, addresses and routes over rtnetlink.
+//! - [`dns`]: the cluster DNS responder.
 //! - [`nft`]: Services as one nftables table replaced atomically.
 
 pub mod cidr;
+pub mod dns;
 pub mod ipam;
 pub mod link;
 pub mod netns;

@@ -337,6 +337,7 @@ fn agent(
             netns_dir: PathBuf::from(berth_plan::node::DEFAULT_NETNS_DIR),
             files_dir: PathBuf::from("/run/berth/pods"),
             leases: paths.state_dir.join("network/leases.json"),
+            upstream_resolv_conf: PathBuf::from("/etc/resolv.conf"),
         });
     }
     if once {
