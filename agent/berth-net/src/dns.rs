@@ -293,11 +293,13 @@ pub fn upstreams_from(resolv_conf: &str, skip: Ipv4Addr) -> Vec<SocketAddr> {
         .collect()
 }
 
-/// A running responder. Dropping it stops the threads (within a second).
+/// A running responder. Dropping it stops its threads and frees the port
+/// before `drop` returns.
 #[derive(Debug)]
 pub struct DnsServer {
     zone: Arc<RwLock<Arc<Zone>>>,
     stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
     pub address: SocketAddr,
 }
 
@@ -316,21 +318,27 @@ impl DnsServer {
         let zone = Arc::new(RwLock::new(Arc::new(zone)));
         let stop = Arc::new(AtomicBool::new(false));
         let upstreams = Arc::new(upstreams);
+        let mut threads = Vec::new();
         {
             let (zone, stop, upstreams) = (zone.clone(), stop.clone(), upstreams.clone());
-            std::thread::Builder::new()
-                .name("berth-dns-udp".into())
-                .spawn(move || serve_udp(udp, zone, upstreams, stop))?;
+            threads.push(
+                std::thread::Builder::new()
+                    .name("berth-dns-udp".into())
+                    .spawn(move || serve_udp(udp, zone, upstreams, stop))?,
+            );
         }
         {
             let (zone, stop, upstreams) = (zone.clone(), stop.clone(), upstreams.clone());
-            std::thread::Builder::new()
-                .name("berth-dns-tcp".into())
-                .spawn(move || serve_tcp(tcp, zone, upstreams, stop))?;
+            threads.push(
+                std::thread::Builder::new()
+                    .name("berth-dns-tcp".into())
+                    .spawn(move || serve_tcp(tcp, zone, upstreams, stop))?,
+            );
         }
         Ok(Self {
             zone,
             stop,
+            threads,
             address,
         })
     }
@@ -349,6 +357,13 @@ impl DnsServer {
 impl Drop for DnsServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        // An empty datagram wakes the UDP loop at once (the TCP loop polls).
+        if let Ok(s) = UdpSocket::bind((self.address.ip(), 0)) {
+            let _ = s.send_to(&[], self.address);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
     }
 }
 
