@@ -19,6 +19,28 @@ if [ "$passed" -eq 0 ]; then
 fi
 echo "tier 1: $passed tests passed"
 
+sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+echo "== tier 2: privileged tests (root, each in a throwaway network namespace: real netlink, nftables, DNS)"
+# Built as the calling user, run as root.
+bins=$(cargo test --locked -p berth-net -p berth-agent --no-run --message-format=json 2>/dev/null \
+    | python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("wiring", "services", "pod_network"):
+        print(m["executable"])')
+: > "$log"
+for bin in $bins; do
+    sudo_if_needed "$bin" --ignored 2>&1 | tee -a "$log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
+done
+passed=$(count_passed "$log")
+if [ "$passed" -eq 0 ]; then
+    echo "tier 2 ran no tests: failing" >&2
+    exit 1
+fi
+echo "tier 2: $passed privileged tests passed"
+
 echo "== the examples validate"
 cargo run --locked --quiet --bin berth -- validate manifests/ --images image/images.yaml
 
@@ -27,7 +49,6 @@ python3 scripts/bench_plan.py --pods 200 --runs 1 --berth target/debug/berth
 
 echo "== tier 3: the appliance image in QEMU (UEFI, TCG)"
 cargo build --locked --release --bin berth
-sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 sudo_if_needed image/build.sh --test --berth target/release/berth
 cargo test --locked -p berth-qemu-tests -- --ignored --skip bench_ --test-threads=1 --nocapture 2>&1 | tee "$log"
 passed=$(count_passed "$log")
@@ -37,4 +58,3 @@ if [ "$passed" -eq 0 ]; then
 fi
 echo "tier 3: $passed QEMU tests passed"
 
-# Tier 2 (root, network namespaces) arrives with pod networking.

@@ -50,8 +50,8 @@ pub struct PodNetwork {
     netns: NetnsDir,
     settings: Option<NetworkSettings>,
     book: Option<LeaseBook>,
-    /// The table text last applied, and the kernel's listing right after.
-    rendered: Option<String>,
+    /// The rules last applied, and the kernel's listing right after.
+    applied: Option<Ruleset>,
     listed: Option<String>,
     ruleset: Option<Ruleset>,
     /// The cluster DNS responder on the bridge address.
@@ -70,7 +70,7 @@ impl PodNetwork {
             paths,
             settings: None,
             book: None,
-            rendered: None,
+            applied: None,
             listed: None,
             ruleset: None,
             dns: None,
@@ -95,7 +95,7 @@ impl PodNetwork {
             }
             self.book = Some(book);
             self.settings = Some(settings.clone());
-            self.rendered = None;
+            self.applied = None;
         }
         let own = node_addresses().map_err(|e| format!("reading the node's addresses: {e}"))?;
         if let Some(clash) = settings.clash_with(&own) {
@@ -264,20 +264,31 @@ impl PodNetwork {
             })?;
         }
         self.service_problems = problems;
-        let text = nft::render(&ruleset);
-        self.ruleset = Some(ruleset);
         let listing = nft::listing().map_err(|e| e.to_string())?;
         let drifted = match (&self.listed, &listing) {
             (Some(want), Some(have)) if want != have => Some("edited".to_string()),
             (Some(_), None) => Some("deleted".to_string()),
             _ => None,
         };
-        if self.rendered.as_deref() != Some(text.as_str()) || drifted.is_some() || listing.is_none()
-        {
-            nft::apply(&text).map_err(|e| e.to_string())?;
-            self.rendered = Some(text);
+        let in_place = listing.is_some() && drifted.is_none();
+        let text = match &self.applied {
+            Some(old) if in_place && *old == ruleset => None,
+            // Only what changed, in one small transaction.
+            Some(old) if in_place => {
+                Some(nft::render_update(old, &ruleset).unwrap_or_else(|| nft::render(&ruleset)))
+            }
+            _ => Some(nft::render(&ruleset)),
+        };
+        if let Some(text) = text {
+            // An update that the kernel refuses (a chain someone removed
+            // between the check and now) falls back to the whole table.
+            if nft::apply(&text).is_err() {
+                nft::apply(&nft::render(&ruleset)).map_err(|e| e.to_string())?;
+            }
+            self.applied = Some(ruleset.clone());
             self.listed = nft::listing().map_err(|e| e.to_string())?;
         }
+        self.ruleset = Some(ruleset);
         Ok(drifted)
     }
 

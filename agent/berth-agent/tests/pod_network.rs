@@ -70,6 +70,7 @@ fn small() -> NetworkSettings {
 }
 
 #[test]
+#[ignore = "privileged: needs root; scripts/test.sh runs it in tier 2"]
 fn a_pool_that_runs_out_names_the_pods_left_without_an_address() {
     let (paths, dir) = sandbox("pool");
     let mut net = PodNetwork::new(paths);
@@ -107,6 +108,7 @@ fn a_pool_that_runs_out_names_the_pods_left_without_an_address() {
 }
 
 #[test]
+#[ignore = "privileged: needs root; scripts/test.sh runs it in tier 2"]
 fn addresses_survive_a_restart_and_a_lost_lease_file_and_crash_leftovers_go() {
     let (paths, dir) = sandbox("restart");
     let settings = small();

@@ -16,6 +16,7 @@
 //! Pods reach each other without NAT; traffic leaving the pod prefix is
 //! masqueraded.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::Ipv4Addr;
@@ -92,47 +93,47 @@ fn affinity_set(s: &ServiceRules, p: &PortRules, e: &Endpoint) -> String {
     )
 }
 
-/// The whole table as `nft -f` input: create (so the delete never fails),
-/// delete, and define again, which nft applies as one transaction.
-pub fn render(rules: &Ruleset) -> String {
-    let mut out = String::with_capacity(4096 + rules.services.len() * 1024);
-    let _ = writeln!(out, "table ip {TABLE}\ndelete table ip {TABLE}");
-    let _ = writeln!(out, "table ip {TABLE} {{");
-    let mut service_elems = Vec::new();
-    let mut node_port_elems = Vec::new();
-    let mut closed = Vec::new();
-    let mut closed_node_ports = Vec::new();
-    let mut chains = String::new();
-    let mut sets = String::new();
+/// The table as named objects: what a full rendering writes and what an
+/// update compares.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Objects {
+    /// Service-port and endpoint chains: name → rules.
+    chains: BTreeMap<String, Vec<String>>,
+    /// Affinity sets: name → timeout in seconds.
+    sets: BTreeMap<String, u32>,
+    /// `services` map: key → chain.
+    services: BTreeMap<String, String>,
+    /// `node-ports` map: key → chain.
+    node_ports: BTreeMap<String, String>,
+    closed: BTreeSet<String>,
+    closed_node_ports: BTreeSet<String>,
+}
+
+fn objects(rules: &Ruleset) -> Objects {
+    let mut o = Objects::default();
     for s in &rules.services {
         for p in &s.ports {
             let proto = p.protocol.word();
             let key = format!("{} . {proto} . {}", s.cluster_ip, p.port);
             if p.endpoints.is_empty() {
-                closed.push(key);
+                o.closed.insert(key);
                 if let Some(np) = p.node_port {
-                    closed_node_ports.push(format!("{proto} . {np}"));
+                    o.closed_node_ports.insert(format!("{proto} . {np}"));
                 }
                 continue;
             }
             let chain = port_chain(s, p);
-            service_elems.push(format!("{key} : goto {chain}"));
+            o.services.insert(key, chain.clone());
             if let Some(np) = p.node_port {
-                node_port_elems.push(format!("{proto} . {np} : goto {chain}"));
+                o.node_ports
+                    .insert(format!("{proto} . {np}"), chain.clone());
             }
-            let _ = writeln!(chains, "\tchain {chain} {{");
+            let mut rules = Vec::new();
             if let Some(timeout) = s.affinity_seconds {
                 for e in &p.endpoints {
                     let set = affinity_set(s, p, e);
-                    let _ = writeln!(
-                        sets,
-                        "\tset {set} {{\n\t\ttype ipv4_addr\n\t\tflags dynamic,timeout\n\t\ttimeout {timeout}s\n\t}}"
-                    );
-                    let _ = writeln!(
-                        chains,
-                        "\t\tip saddr @{set} goto {}",
-                        endpoint_chain(s, p, e)
-                    );
+                    o.sets.insert(set.clone(), timeout);
+                    rules.push(format!("ip saddr @{set} goto {}", endpoint_chain(s, p, e)));
                 }
             }
             let targets: Vec<String> = p
@@ -141,62 +142,175 @@ pub fn render(rules: &Ruleset) -> String {
                 .enumerate()
                 .map(|(i, e)| format!("{i} : goto {}", endpoint_chain(s, p, e)))
                 .collect();
-            let _ = writeln!(
-                chains,
-                "\t\tnumgen random mod {} vmap {{ {} }}\n\t}}",
+            rules.push(format!(
+                "numgen random mod {} vmap {{ {} }}",
                 p.endpoints.len(),
                 targets.join(", ")
-            );
+            ));
+            o.chains.insert(chain, rules);
             for e in &p.endpoints {
-                let _ = writeln!(chains, "\tchain {} {{", endpoint_chain(s, p, e));
-                let _ = writeln!(
-                    chains,
-                    "\t\tip saddr {} meta mark set meta mark or {MASQ_MARK:#x}",
+                let mut rules = vec![format!(
+                    "ip saddr {} meta mark set meta mark or {MASQ_MARK:#x}",
                     e.ip
-                );
+                )];
                 if s.affinity_seconds.is_some() {
-                    let _ = writeln!(
-                        chains,
-                        "\t\tupdate @{} {{ ip saddr }}",
-                        affinity_set(s, p, e)
-                    );
+                    rules.push(format!("update @{} {{ ip saddr }}", affinity_set(s, p, e)));
                 }
-                let _ = writeln!(
-                    chains,
-                    "\t\tmeta l4proto {proto} dnat to {}:{}\n\t}}",
-                    e.ip, e.port
-                );
+                rules.push(format!("meta l4proto {proto} dnat to {}:{}", e.ip, e.port));
+                o.chains.insert(endpoint_chain(s, p, e), rules);
             }
         }
     }
-    let elements = |items: &[String]| -> String {
+    o
+}
+
+fn set_definition(timeout: u32) -> String {
+    format!("type ipv4_addr; flags dynamic,timeout; timeout {timeout}s;")
+}
+
+/// Only what changed from `old` to `new`, as one `nft -f` transaction:
+/// chains made or rewritten, map and set elements added or removed, chains
+/// and sets no longer used deleted last. `None` when the change touches
+/// the table's frame (the pod range), which takes a full rendering.
+pub fn render_update(old: &Ruleset, new: &Ruleset) -> Option<String> {
+    if old.pod_cidr != new.pod_cidr {
+        return None;
+    }
+    let (a, b) = (objects(old), objects(new));
+    let mut out = String::new();
+    let t = TABLE;
+    for (set, timeout) in &b.sets {
+        if a.sets.get(set) != Some(timeout) {
+            if a.sets.contains_key(set) {
+                // A set's timeout cannot change in place: a full rendering.
+                return None;
+            }
+            let _ = writeln!(
+                out,
+                "add set ip {t} {set} {{ {} }}",
+                set_definition(*timeout)
+            );
+        }
+    }
+    let changed: Vec<(&String, &Vec<String>)> = b
+        .chains
+        .iter()
+        .filter(|(name, rules)| a.chains.get(*name) != Some(*rules))
+        .collect();
+    for (name, _) in &changed {
+        if !a.chains.contains_key(*name) {
+            let _ = writeln!(out, "add chain ip {t} {name}");
+        }
+    }
+    // Endpoint chains before the port chains that jump to them.
+    let mut ordered = changed.clone();
+    ordered.sort_by_key(|(name, _)| !name.starts_with("ep_"));
+    for (name, rules) in ordered {
+        if a.chains.contains_key(name) {
+            let _ = writeln!(out, "flush chain ip {t} {name}");
+        }
+        for r in rules {
+            let _ = writeln!(out, "add rule ip {t} {name} {r}");
+        }
+    }
+    let map_update = |out: &mut String,
+                      map: &str,
+                      a: &BTreeMap<String, String>,
+                      b: &BTreeMap<String, String>| {
+        for (k, v) in a {
+            if b.get(k) != Some(v) {
+                let _ = writeln!(out, "delete element ip {t} {map} {{ {k} }}");
+            }
+        }
+        for (k, v) in b {
+            if a.get(k) != Some(v) {
+                let _ = writeln!(out, "add element ip {t} {map} {{ {k} : goto {v} }}");
+            }
+        }
+    };
+    map_update(&mut out, "services", &a.services, &b.services);
+    map_update(&mut out, "node-ports", &a.node_ports, &b.node_ports);
+    let set_update = |out: &mut String, set: &str, a: &BTreeSet<String>, b: &BTreeSet<String>| {
+        for k in a.difference(b) {
+            let _ = writeln!(out, "delete element ip {t} {set} {{ {k} }}");
+        }
+        for k in b.difference(a) {
+            let _ = writeln!(out, "add element ip {t} {set} {{ {k} }}");
+        }
+    };
+    set_update(&mut out, "no-endpoints", &a.closed, &b.closed);
+    set_update(
+        &mut out,
+        "no-endpoint-node-ports",
+        &a.closed_node_ports,
+        &b.closed_node_ports,
+    );
+    // Port chains before the endpoint chains they jump to.
+    let mut gone: Vec<&String> = a
+        .chains
+        .keys()
+        .filter(|n| !b.chains.contains_key(*n))
+        .collect();
+    gone.sort_by_key(|name| name.starts_with("ep_"));
+    for name in &gone {
+        let _ = writeln!(out, "flush chain ip {t} {name}");
+    }
+    for name in &gone {
+        let _ = writeln!(out, "delete chain ip {t} {name}");
+    }
+    for set in a.sets.keys().filter(|s| !b.sets.contains_key(*s)) {
+        let _ = writeln!(out, "delete set ip {t} {set}");
+    }
+    Some(out)
+}
+
+/// The whole table as `nft -f` input: create (so the delete never fails),
+/// delete, and define again, which nft applies as one transaction.
+pub fn render(rules: &Ruleset) -> String {
+    let o = objects(rules);
+    let mut out = String::with_capacity(4096 + rules.services.len() * 1024);
+    let _ = writeln!(out, "table ip {TABLE}\ndelete table ip {TABLE}");
+    let _ = writeln!(out, "table ip {TABLE} {{");
+    let elements = |items: Vec<String>| -> String {
         if items.is_empty() {
             String::new()
         } else {
             format!("\t\telements = {{ {} }}\n", items.join(",\n\t\t\t"))
         }
     };
+    let verdicts =
+        |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| format!("{k} : goto {v}")).collect();
     let _ = write!(
         out,
         "\tmap services {{\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n{}\t}}\n",
-        elements(&service_elems)
+        elements(verdicts(&o.services))
     );
     let _ = write!(
         out,
         "\tmap node-ports {{\n\t\ttype inet_proto . inet_service : verdict\n{}\t}}\n",
-        elements(&node_port_elems)
+        elements(verdicts(&o.node_ports))
     );
     let _ = write!(
         out,
         "\tset no-endpoints {{\n\t\ttype ipv4_addr . inet_proto . inet_service\n{}\t}}\n",
-        elements(&closed)
+        elements(o.closed.iter().cloned().collect())
     );
     let _ = write!(
         out,
         "\tset no-endpoint-node-ports {{\n\t\ttype inet_proto . inet_service\n{}\t}}\n",
-        elements(&closed_node_ports)
+        elements(o.closed_node_ports.iter().cloned().collect())
     );
-    out.push_str(&sets);
+    for (set, timeout) in &o.sets {
+        let _ = writeln!(out, "\tset {set} {{ {} }}", set_definition(*timeout));
+    }
+    let mut chains = String::new();
+    for (name, rules) in &o.chains {
+        let _ = writeln!(chains, "\tchain {name} {{");
+        for r in rules {
+            let _ = writeln!(chains, "\t\t{r}");
+        }
+        let _ = writeln!(chains, "\t}}");
+    }
     let pods = rules.pod_cidr;
     let _ = write!(
         out,
@@ -405,5 +519,58 @@ mod tests {
         assert!(!kept.contains("10.88.0.4"));
         assert!(kept.contains("timeout 3h\n\t}"));
         assert!(kept.contains("elements = { 10.96.0.1 }"));
+    }
+
+    #[test]
+    fn an_update_touches_only_what_changed() {
+        let two = web(
+            vec![
+                Endpoint {
+                    ip: Ipv4Addr::new(10, 88, 0, 2),
+                    port: 8080,
+                },
+                Endpoint {
+                    ip: Ipv4Addr::new(10, 88, 0, 3),
+                    port: 8080,
+                },
+            ],
+            None,
+        );
+        assert_eq!(render_update(&two, &two).as_deref(), Some(""));
+        let one = web(
+            vec![Endpoint {
+                ip: Ipv4Addr::new(10, 88, 0, 3),
+                port: 8080,
+            }],
+            None,
+        );
+        let update = render_update(&two, &one).expect("in place");
+        assert_eq!(
+            update,
+            "flush chain ip berth svc_default_web_http
+add rule ip berth svc_default_web_http numgen random mod 1 vmap { 0 : goto ep_default_web_http_10.88.0.3_8080 }
+flush chain ip berth ep_default_web_http_10.88.0.2_8080
+delete chain ip berth ep_default_web_http_10.88.0.2_8080
+"
+        );
+        // The last endpoint gone: out of the maps, into the refusing sets.
+        let none = web(Vec::new(), None);
+        let update = render_update(&one, &none).expect("in place");
+        assert!(
+            update.contains("delete element ip berth services { 10.96.0.10 . tcp . 80 }"),
+            "{update}"
+        );
+        assert!(
+            update.contains("add element ip berth no-endpoints { 10.96.0.10 . tcp . 80 }"),
+            "{update}"
+        );
+        assert!(
+            update.contains("add element ip berth no-endpoint-node-ports { tcp . 30080 }"),
+            "{update}"
+        );
+        // A new pod range is a new frame: the whole table.
+        let mut moved = one.clone();
+        moved.pod_cidr = "10.89.0.0/16".parse().expect("valid");
+        assert_eq!(render_update(&one, &moved), None);
     }
 }

@@ -122,6 +122,7 @@ fn rules(endpoints: &[&PodLink]) -> Ruleset {
 }
 
 #[test]
+#[ignore = "privileged: needs root; scripts/test.sh runs it in tier 2"]
 fn cluster_ips_spread_over_endpoints_node_ports_answer_and_a_flushed_table_is_noticed() {
     let dir = sandbox("spread");
     let cidr = "10.88.0.0/24".parse().unwrap();
@@ -211,6 +212,7 @@ fn cluster_ips_spread_over_endpoints_node_ports_answer_and_a_flushed_table_is_no
 }
 
 #[test]
+#[ignore = "privileged: needs root; scripts/test.sh runs it in tier 2"]
 fn session_affinity_keeps_a_client_on_one_endpoint() {
     let dir = sandbox("affinity");
     let cidr = "10.88.0.0/24".parse().unwrap();
@@ -244,4 +246,93 @@ fn session_affinity_keeps_a_client_on_one_endpoint() {
         nft::listing().expect("listed").as_deref(),
         Some(applied.as_str())
     );
+}
+
+/// A listing reduced to what it says, whatever order the kernel keeps:
+/// every rule line and every element, counted.
+fn meaning(listing: &str) -> Vec<String> {
+    let mut items: Vec<String> = Vec::new();
+    let mut in_elements = false;
+    for line in listing.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let body = if let Some(rest) = line.strip_prefix("elements = {") {
+            in_elements = true;
+            rest
+        } else {
+            line
+        };
+        if in_elements {
+            let end = body.ends_with('}');
+            for e in body.trim_end_matches('}').split(',') {
+                let e = e.trim();
+                if !e.is_empty() {
+                    items.push(format!("element {e}"));
+                }
+            }
+            in_elements = !end;
+        } else {
+            items.push(body.to_string());
+        }
+    }
+    items.sort();
+    items
+}
+
+#[test]
+#[ignore = "privileged: needs root; scripts/test.sh runs it in tier 2"]
+fn an_update_in_place_leaves_the_same_table_as_a_full_rewrite() {
+    let _dir = sandbox("update");
+    let a = |ip: u8| Endpoint {
+        ip: Ipv4Addr::new(10, 88, 0, ip),
+        port: 8080,
+    };
+    let build = |web: Vec<Endpoint>, api: Vec<Endpoint>, sticky: Option<u32>| Ruleset {
+        pod_cidr: "10.88.0.0/24".parse().unwrap(),
+        services: vec![
+            ServiceRules {
+                namespace: "default".into(),
+                name: "web".into(),
+                cluster_ip: VIP,
+                affinity_seconds: sticky,
+                ports: vec![PortRules {
+                    name: "http".into(),
+                    protocol: Protocol::Tcp,
+                    port: 80,
+                    node_port: Some(30080),
+                    endpoints: web,
+                }],
+            },
+            ServiceRules {
+                namespace: "default".into(),
+                name: "api".into(),
+                cluster_ip: EMPTY_VIP,
+                affinity_seconds: None,
+                ports: vec![PortRules {
+                    name: "dns".into(),
+                    protocol: Protocol::Udp,
+                    port: 53,
+                    node_port: None,
+                    endpoints: api,
+                }],
+            },
+        ],
+    };
+    let steps = [
+        build(vec![a(2), a(3)], vec![], None),
+        build(vec![a(3)], vec![a(4)], None),
+        build(vec![a(3), a(5), a(6)], vec![a(4), a(2)], Some(60)),
+        build(vec![], vec![a(4)], Some(60)),
+        build(vec![a(7)], vec![], None),
+    ];
+    nft::apply(&nft::render(&steps[0])).expect("first table");
+    for pair in steps.windows(2) {
+        let update = nft::render_update(&pair[0], &pair[1]).expect("in place");
+        nft::apply(&update).unwrap_or_else(|e| panic!("{e}\n{update}"));
+        let incremental = nft::listing().expect("listed").expect("exists");
+        nft::apply(&nft::render(&pair[1])).expect("full");
+        let full = nft::listing().expect("listed").expect("exists");
+        assert_eq!(meaning(&incremental), meaning(&full), "after:\n{update}");
+        // Continue from the incremental state, as the agent does.
+        nft::apply(&nft::render(&pair[0])).expect("back");
+        nft::apply(&update).expect("again");
+    }
 }
