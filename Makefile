@@ -1,5 +1,5 @@
 # The two commands the README promises, and a few helpers.
-.PHONY: demo plan-demo image test deps build release bench bench-pods bench-mirror bless
+.PHONY: demo plan-demo image test deps build release bench bench-pods bench-net bench-mirror bless
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
@@ -43,6 +43,12 @@ bench-pods: deps
 
 # The agent's memory and disk with a long-lived mirror: 500 desired commits
 # fetched and applied, 500 status commits pushed (in-memory systemd).
+# Pod networking (root): TCP over veth/bridge/Service, the Services table at
+# 1,000 Services, DNS queries per second.
+bench-net: deps
+	cargo build --locked --release -p berth-net --example netbench
+	$(SUDO) target/release/examples/netbench
+
 bench-mirror: deps
 	cargo test --locked --release -p berth-agent --test reconcile_loop bench_long_lived_mirror -- --ignored --nocapture
 

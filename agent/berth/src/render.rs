@@ -111,6 +111,27 @@ pub fn print_status(
         writeln!(out, "signed by: {s}")?;
     }
     write_drift(&mut out, &state.drift)?;
+    let net = &state.network;
+    if let Some(e) = &net.error {
+        writeln!(out, "pod network: {e}")?;
+    }
+    for s in &net.services {
+        writeln!(
+            out,
+            "service {}: {} {} → {}",
+            s.name,
+            s.cluster_ip,
+            s.ports.join(","),
+            if s.endpoints.is_empty() {
+                "no endpoints".to_string()
+            } else {
+                s.endpoints.join(" ")
+            }
+        )?;
+    }
+    for p in &net.problems {
+        writeln!(out, "service problem: {p}")?;
+    }
     let p = &state.publish;
     match (&p.error, p.last_push) {
         (Some(e), _) => writeln!(out, "publishing: failing ({} attempts): {e}", p.failures)?,
@@ -276,6 +297,7 @@ pub fn print_pods(
             "QOS",
             "MEMORY",
             "CPU",
+            "IP",
             "NODE",
         ]
         .map(String::from),
@@ -297,6 +319,7 @@ pub fn print_pods(
             p.usage
                 .cpu_usage_usec
                 .map_or("-".into(), |u| format!("{:.2}s", u as f64 / 1e6)),
+            p.pod_ip.clone().unwrap_or_else(|| "-".into()),
             node.to_string(),
         ]);
     }

@@ -26,6 +26,13 @@ fn run() -> berth_qemu_tests::Result<()> {
     options
         .credentials
         .push(("berth.repo".into(), format!("git://{GIT_HOST}/desired.git")));
+    // The example Service's node port, on this machine's loopback.
+    let host_port = if std::net::TcpListener::bind(("127.0.0.1", NODE_PORT)).is_ok() {
+        NODE_PORT
+    } else {
+        berth_qemu_tests::free_loopback_port()?
+    };
+    options.host_forwards.push((host_port, NODE_PORT));
     say(&format!(
         "booting {} by UEFI under TCG; the Git remote is {} on this machine",
         image.display(),
@@ -80,6 +87,14 @@ fn run() -> berth_qemu_tests::Result<()> {
     for line in status.lines() {
         say(&format!("  {line}"));
     }
+    // The Service from outside the node: QEMU forwards the host's loopback
+    // port to the node port, the node's nftables table spreads it.
+    for _ in 0..4 {
+        match http_get(host_port) {
+            Ok(body) => say(&format!("GET http://localhost:{host_port}/ → {body}")),
+            Err(e) => say(&format!("GET http://localhost:{host_port}/ failed: {e}")),
+        }
+    }
     if keep {
         say(&format!(
             "the node keeps running; push to {} and watch {}; Ctrl-C stops it",
@@ -92,6 +107,23 @@ fn run() -> berth_qemu_tests::Result<()> {
     }
     say("powering off (make demo ARGS=--keep keeps the node running)");
     vm.poweroff(Duration::from_secs(120))
+}
+
+const NODE_PORT: u16 = 30080;
+
+fn http_get(port: u16) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: demo\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .trim()
+        .to_string())
 }
 
 fn say(line: &str) {
