@@ -673,3 +673,19 @@ pub fn free_loopback_port() -> Result<u16> {
         .map(|a| a.port())
         .map_err(|e| HarnessError(format!("no free port on 127.0.0.1: {e}")))
 }
+
+/// `GET /` on the host's loopback `port` (a QEMU forward); the body.
+pub fn http_get_loopback(port: u16) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: node\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .trim()
+        .to_string())
+}

@@ -9,11 +9,11 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)]
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use berth_qemu_tests::{
-    GIT_HOST, GitHost, Vm, VmOptions, free_loopback_port, must, retry_on_tcg_flake, test_image,
+    GIT_HOST, GitHost, Vm, VmOptions, free_loopback_port, http_get_loopback, must,
+    retry_on_tcg_flake, test_image,
 };
 
 const BOOT: Duration = Duration::from_secs(180);
@@ -94,20 +94,6 @@ fn in_client(vm: &Vm, command: &str) -> (i32, String) {
         ),
         Duration::from_secs(60),
     ))
-}
-
-fn http_get(port: u16) -> std::io::Result<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(b"GET / HTTP/1.0\r\nHost: node\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    Ok(text
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .trim()
-        .to_string())
 }
 
 fn ips(pods: &BTreeMap<String, serde_json::Value>) -> BTreeMap<String, String> {
@@ -273,7 +259,7 @@ fn scenario() {
     // The NodePort, from the host, through QEMU's forward on loopback.
     let end = Instant::now() + SETTLE;
     let answer = loop {
-        match http_get(host_port) {
+        match http_get_loopback(host_port) {
             Ok(body) if !body.is_empty() => break body,
             other => {
                 assert!(Instant::now() < end, "node port from the host: {other:?}");

@@ -28,10 +28,9 @@ const ROUND_TRIPS: u32 = 20_000;
 
 fn main() {
     assert!(nix::unistd::geteuid().is_root(), "netbench needs root");
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("own network namespace");
+    link::isolate_thread().expect("a network namespace of its own");
     let dir = std::env::temp_dir().join(format!("berth-netbench-{}", std::process::id()));
     let netns = NetnsDir::new(dir.join("netns"));
-    up("lo");
 
     // The node: bridge, forwarding, Service range routed to the bridge.
     let pods: berth_net::Cidr = "10.88.0.0/24".parse().unwrap();
@@ -195,24 +194,6 @@ fn main() {
     let _ = nft::remove();
     let _ = std::fs::remove_dir_all(&dir);
     let _ = dns::TTL;
-}
-
-fn up(name: &str) {
-    let name = name.to_string();
-    link::with_netlink(|h| async move {
-        let l = link::link_by_name(&h, &name).await?.expect("link");
-        h.link()
-            .set(
-                rtnetlink::LinkUnspec::new_with_index(l.header.index)
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .expect("up");
-        Ok(())
-    })
-    .expect("netlink");
 }
 
 fn pod(name: &str, last: u8) -> PodLink {

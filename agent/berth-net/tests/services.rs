@@ -18,25 +18,37 @@ fn sandbox(name: &str) -> NetnsDir {
         nix::unistd::geteuid().is_root(),
         "the privileged networking tests need root (CI runs them as root)"
     );
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare the test's netns");
+    link::isolate_thread().expect("a network namespace of the test's own");
     let dir = std::env::temp_dir().join(format!("berth-nft-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch");
-    link::with_netlink(|h| async move {
-        let lo = link::link_by_name(&h, "lo").await?.expect("lo");
-        h.link()
-            .set(
-                rtnetlink::LinkUnspec::new_with_index(lo.header.index)
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .expect("lo up");
-        Ok(())
-    })
-    .expect("netlink");
     NetnsDir::new(dir.join("netns"))
+}
+
+/// A node as the agent makes it (the bridge, the Service range routed onto
+/// it so a cluster IP is never "network unreachable", forwarding), two
+/// pods serving their names on 8080, and a client pod.
+fn node_with_two_servers(name: &str) -> (NetnsDir, PodLink, PodLink, PodLink) {
+    let dir = sandbox(name);
+    let cidr = "10.88.0.0/24".parse().unwrap();
+    let gw = Ipv4Addr::new(10, 88, 0, 1);
+    link::with_netlink(|h| async move {
+        let index = link::ensure_bridge(&h, "berth0", gw, cidr).await?;
+        link::ensure_link_route(&h, "10.96.0.0/12".parse().unwrap(), index).await
+    })
+    .expect("bridge and service route");
+    berth_net::enable_forwarding().expect("forwarding and br_netfilter");
+    let (a, b, client) = (
+        pod("default_a", 2),
+        pod("default_b", 3),
+        pod("default_c", 4),
+    );
+    for p in [&a, &b, &client] {
+        link::ensure_pod(&dir, "berth0", p).expect("wired");
+    }
+    serve(&dir, &a, 8080);
+    serve(&dir, &b, 8080);
+    (dir, a, b, client)
 }
 
 fn pod(name: &str, last: u8) -> PodLink {
@@ -124,27 +136,7 @@ fn rules(endpoints: &[&PodLink]) -> Ruleset {
 #[test]
 #[ignore = "privileged: needs root; scripts/test.sh runs it in tier 2"]
 fn cluster_ips_spread_over_endpoints_node_ports_answer_and_a_flushed_table_is_noticed() {
-    let dir = sandbox("spread");
-    let cidr = "10.88.0.0/24".parse().unwrap();
-    let gw = Ipv4Addr::new(10, 88, 0, 1);
-    // As the agent does: the bridge, and the Service range routed onto it
-    // so a cluster IP is never "network unreachable".
-    link::with_netlink(|h| async move {
-        let index = link::ensure_bridge(&h, "berth0", gw, cidr).await?;
-        link::ensure_link_route(&h, "10.96.0.0/12".parse().unwrap(), index).await
-    })
-    .expect("bridge and service route");
-    berth_net::enable_forwarding().expect("forwarding and br_netfilter");
-    let (a, b, client) = (
-        pod("default_a", 2),
-        pod("default_b", 3),
-        pod("default_c", 4),
-    );
-    for p in [&a, &b, &client] {
-        link::ensure_pod(&dir, "berth0", p).expect("wired");
-    }
-    serve(&dir, &a, 8080);
-    serve(&dir, &b, 8080);
+    let (dir, a, b, client) = node_with_two_servers("spread");
 
     let ruleset = rules(&[&a, &b]);
     nft::apply(&nft::render(&ruleset)).expect("nft accepts the table");
@@ -169,6 +161,7 @@ fn cluster_ips_spread_over_endpoints_node_ports_answer_and_a_flushed_table_is_no
     }
 
     // The node port on the node's own address, from the node itself.
+    let gw = Ipv4Addr::new(10, 88, 0, 1);
     let who = ask(SocketAddrV4::new(gw, 30080)).expect("node port answers");
     assert!(who == "default_a" || who == "default_b", "{who}");
 
@@ -214,22 +207,7 @@ fn cluster_ips_spread_over_endpoints_node_ports_answer_and_a_flushed_table_is_no
 #[test]
 #[ignore = "privileged: needs root; scripts/test.sh runs it in tier 2"]
 fn session_affinity_keeps_a_client_on_one_endpoint() {
-    let dir = sandbox("affinity");
-    let cidr = "10.88.0.0/24".parse().unwrap();
-    let gw = Ipv4Addr::new(10, 88, 0, 1);
-    link::with_netlink(|h| async move { link::ensure_bridge(&h, "berth0", gw, cidr).await })
-        .expect("bridge");
-    berth_net::enable_forwarding().expect("forwarding and br_netfilter");
-    let (a, b, client) = (
-        pod("default_a", 2),
-        pod("default_b", 3),
-        pod("default_c", 4),
-    );
-    for p in [&a, &b, &client] {
-        link::ensure_pod(&dir, "berth0", p).expect("wired");
-    }
-    serve(&dir, &a, 8080);
-    serve(&dir, &b, 8080);
+    let (dir, a, b, client) = node_with_two_servers("affinity");
     let mut ruleset = rules(&[&a, &b]);
     ruleset.services[0].affinity_seconds = Some(600);
     nft::apply(&nft::render(&ruleset)).expect("nft accepts affinity sets");

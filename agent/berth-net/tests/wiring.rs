@@ -20,21 +20,7 @@ fn sandbox(name: &str) -> (NetnsDir, PathBuf) {
         nix::unistd::geteuid().is_root(),
         "the privileged networking tests need root (CI runs them as root)"
     );
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare the test's netns");
-    link::with_netlink(|h| async move {
-        let lo = link::link_by_name(&h, "lo").await?.expect("lo");
-        h.link()
-            .set(
-                rtnetlink::LinkUnspec::new_with_index(lo.header.index)
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .expect("lo up");
-        Ok(())
-    })
-    .expect("netlink");
+    link::isolate_thread().expect("a network namespace of the test's own");
     let dir = std::env::temp_dir().join(format!("berth-net-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");

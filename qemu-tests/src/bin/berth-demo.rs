@@ -90,7 +90,7 @@ fn run() -> berth_qemu_tests::Result<()> {
     // The Service from outside the node: QEMU forwards the host's loopback
     // port to the node port, the node's nftables table spreads it.
     for _ in 0..4 {
-        match http_get(host_port) {
+        match berth_qemu_tests::http_get_loopback(host_port) {
             Ok(body) => say(&format!("GET http://localhost:{host_port}/ → {body}")),
             Err(e) => say(&format!("GET http://localhost:{host_port}/ failed: {e}")),
         }
@@ -110,21 +110,6 @@ fn run() -> berth_qemu_tests::Result<()> {
 }
 
 const NODE_PORT: u16 = 30080;
-
-fn http_get(port: u16) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(b"GET / HTTP/1.0\r\nHost: demo\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    Ok(text
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .trim()
-        .to_string())
-}
 
 fn say(line: &str) {
     let mut out = std::io::stderr().lock();
