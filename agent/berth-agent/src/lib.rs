@@ -384,7 +384,7 @@ impl Agent {
             || self.limits_changed()
             || self
                 .network
-                .as_ref()
+                .as_mut()
                 .is_some_and(network::PodNetwork::table_drifted);
         let reconciled = match good.filter(|_| due) {
             Some(rev) => match accepted

@@ -53,6 +53,9 @@ pub struct PodNetwork {
     /// The rules last applied, and the kernel's listing right after.
     applied: Option<Ruleset>,
     listed: Option<String>,
+    /// The nftables generation read just before `listed` was: while it
+    /// has not moved, nothing has touched any table, ours included.
+    listed_generation: Option<u32>,
     ruleset: Option<Ruleset>,
     /// The cluster DNS responder on the bridge address.
     dns: Option<DnsServer>,
@@ -72,6 +75,7 @@ impl PodNetwork {
             book: None,
             applied: None,
             listed: None,
+            listed_generation: None,
             ruleset: None,
             dns: None,
             service_problems: Vec::new(),
@@ -264,7 +268,7 @@ impl PodNetwork {
             })?;
         }
         self.service_problems = problems;
-        let listing = nft::listing().map_err(|e| e.to_string())?;
+        let listing = self.kernel_table()?;
         let drifted = match (&self.listed, &listing) {
             (Some(want), Some(have)) if want != have => Some("edited".to_string()),
             (Some(_), None) => Some("deleted".to_string()),
@@ -286,18 +290,38 @@ impl PodNetwork {
                 nft::apply(&nft::render(&ruleset)).map_err(|e| e.to_string())?;
             }
             self.applied = Some(ruleset.clone());
+            self.listed_generation = nft::generation().ok();
             self.listed = nft::listing().map_err(|e| e.to_string())?;
         }
         self.ruleset = Some(ruleset);
         Ok(drifted)
     }
 
+    /// The kernel's listing of the table, or the one kept when the nftables
+    /// generation says nothing changed since it was taken.
+    fn kernel_table(&mut self) -> Result<Option<String>, String> {
+        let generation = nft::generation().ok();
+        if generation.is_some() && generation == self.listed_generation {
+            return Ok(self.listed.clone());
+        }
+        let listing = nft::listing().map_err(|e| e.to_string())?;
+        if listing.is_some() && listing == self.listed {
+            // Someone changed another table: ours is as it was.
+            self.listed_generation = generation;
+        }
+        Ok(listing)
+    }
+
     /// Whether the kernel's table still is the one last applied: the idle
-    /// poll's check (one `nft list`).
-    pub fn table_drifted(&self) -> bool {
-        match &self.listed {
-            None => false,
-            Some(want) => nft::listing().ok().flatten().as_ref() != Some(want),
+    /// poll's check. One netlink round trip while no nftables transaction
+    /// happened; one `nft list` when one did.
+    pub fn table_drifted(&mut self) -> bool {
+        if self.listed.is_none() {
+            return false;
+        }
+        match self.kernel_table() {
+            Ok(have) => have != self.listed,
+            Err(_) => false,
         }
     }
 

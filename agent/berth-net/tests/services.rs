@@ -314,3 +314,31 @@ fn an_update_in_place_leaves_the_same_table_as_a_full_rewrite() {
         nft::apply(&update).expect("again");
     }
 }
+
+#[test]
+#[ignore = "privileged: needs root; scripts/test.sh runs it in tier 2"]
+fn the_generation_moves_with_every_transaction_and_only_then() {
+    let _dir = sandbox("generation");
+    let before = nft::generation().expect("NFT_MSG_GETGEN answers");
+    assert_eq!(
+        nft::generation().expect("again"),
+        before,
+        "reading changes nothing"
+    );
+    nft::apply(&nft::render(&rules(&[]))).expect("applied");
+    let after = nft::generation().expect("read");
+    assert_ne!(after, before, "our own transaction");
+    nft::listing().expect("listed");
+    assert_eq!(
+        nft::generation().expect("read"),
+        after,
+        "listing changes nothing"
+    );
+    // Someone else's table counts too: anything may have touched ours.
+    let other = std::process::Command::new("nft")
+        .args(["add", "table", "ip", "admin"])
+        .status()
+        .expect("nft");
+    assert!(other.success());
+    assert_ne!(nft::generation().expect("read"), after);
+}
