@@ -59,6 +59,8 @@ pub struct PodNetwork {
     ruleset: Option<Ruleset>,
     /// The cluster DNS responder on the bridge address.
     dns: Option<DnsServer>,
+    /// Why it is not running (or has nowhere to forward), for status.
+    dns_problem: Option<String>,
     /// What the last programming refused or warned about, per Service.
     pub service_problems: Vec<String>,
 }
@@ -78,6 +80,7 @@ impl PodNetwork {
             listed_generation: None,
             ruleset: None,
             dns: None,
+            dns_problem: None,
             service_problems: Vec::new(),
         }
     }
@@ -120,17 +123,26 @@ impl PodNetwork {
             let resolv =
                 std::fs::read_to_string(&self.paths.upstream_resolv_conf).unwrap_or_default();
             let upstreams = dns::upstreams_from(&resolv, gateway);
-            if upstreams.is_empty() {
-                notes.push(format!(
-                    "{}: no nameserver: pods resolve cluster names only",
-                    self.paths.upstream_resolv_conf.display()
-                ));
-            }
             let zone = old.map(|z| (*z).clone()).unwrap_or_default();
-            self.dns = Some(
-                DnsServer::start(address, upstreams, zone)
-                    .map_err(|e| format!("cluster DNS on {address}: {e}"))?,
-            );
+            // Without DNS pods still run and reach each other by address:
+            // a responder that cannot start is reported, not fatal, and
+            // tried again on the next pass.
+            let problem = match DnsServer::start(address, upstreams.clone(), zone) {
+                Ok(server) => {
+                    self.dns = Some(server);
+                    upstreams.is_empty().then(|| {
+                        format!(
+                            "{}: no nameserver: pods resolve cluster names only",
+                            self.paths.upstream_resolv_conf.display()
+                        )
+                    })
+                }
+                Err(e) => Some(format!("cluster DNS on {address}: {e}; retrying")),
+            };
+            if problem.is_some() && problem != self.dns_problem {
+                notes.extend(problem.clone());
+            }
+            self.dns_problem = problem;
         }
         Ok(notes)
     }
@@ -268,6 +280,7 @@ impl PodNetwork {
             })?;
         }
         self.service_problems = problems;
+        self.service_problems.extend(self.dns_problem.clone());
         let listing = self.kernel_table()?;
         let drifted = match (&self.listed, &listing) {
             (Some(want), Some(have)) if want != have => Some("edited".to_string()),

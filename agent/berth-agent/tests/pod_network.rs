@@ -159,3 +159,39 @@ fn addresses_survive_a_restart_and_a_lost_lease_file_and_crash_leftovers_go() {
     assert_eq!(left, want);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+#[ignore = "privileged: needs root; scripts/test.sh runs it in tier 2"]
+fn a_taken_dns_port_is_reported_and_pods_are_wired_anyway() {
+    let (paths, dir) = sandbox("dns-port");
+    // Someone else's resolver holds port 53 on every address.
+    let blocker = std::net::UdpSocket::bind("0.0.0.0:53").expect("port 53 in the test's namespace");
+    let mut net = PodNetwork::new(paths);
+    let notes = net
+        .prepare_node(&small())
+        .expect("the node network without DNS");
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.starts_with("cluster DNS on 10.99.0.1:53: ") && n.ends_with("; retrying")),
+        "{notes:?}"
+    );
+    let wired = net.wire(&pods(2));
+    assert!(
+        wired.values().all(|w| matches!(w, Wired::Ip(_))),
+        "{wired:?}"
+    );
+    // Reported once, not on every pass; gone once the port is free.
+    assert!(net.prepare_node(&small()).expect("again").is_empty());
+    drop(blocker);
+    assert!(net.prepare_node(&small()).expect("again").is_empty());
+    let catalog = berth_manifest::load_sources(Vec::new());
+    net.program_services(&catalog, &[], &BTreeMap::new())
+        .expect("programmed");
+    assert!(
+        net.service_problems.is_empty(),
+        "{:?}",
+        net.service_problems
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
