@@ -643,7 +643,13 @@ impl Vm {
     ) -> std::collections::BTreeMap<String, serde_json::Value> {
         let end = Instant::now() + timeout;
         loop {
-            let (rc, out) = must(self.exec("berth get pods -o json", Duration::from_secs(60)));
+            // A guest busy starting many units under TCG can be slow to
+            // answer one call: that is a poll that saw nothing yet, not a
+            // failure, until the deadline.
+            let (rc, out) = match self.exec("berth get pods -o json", Duration::from_secs(60)) {
+                Ok(r) => r,
+                Err(e) => (-1, e.to_string()),
+            };
             let pods: std::collections::BTreeMap<String, serde_json::Value> = if rc == 0 {
                 serde_json::from_str::<Vec<serde_json::Value>>(&out)
                     .unwrap_or_default()
