@@ -78,6 +78,14 @@ fn run() -> berth_qemu_tests::Result<()> {
         }
         std::thread::sleep(Duration::from_secs(2));
     }
+    // Endpoints (and the addresses in the saved status) follow one pass
+    // after the pods start: give the node up to a minute.
+    let ready_by = std::time::Instant::now() + Duration::from_secs(60);
+    while berth_qemu_tests::http_get_loopback(host_port).is_err()
+        && std::time::Instant::now() < ready_by
+    {
+        std::thread::sleep(Duration::from_secs(2));
+    }
     let (_, status) = vm.exec("berth status", Duration::from_secs(60))?;
     say(&format!(
         "node booted and running revision {} after {:.0} s; `berth status` in the guest says:",
@@ -89,14 +97,6 @@ fn run() -> berth_qemu_tests::Result<()> {
     }
     // The Service from outside the node: QEMU forwards the host's loopback
     // port to the node port, the node's nftables table spreads it.
-    // Endpoints follow readiness one pass after the pods start: give the
-    // node up to a minute before reporting a failure.
-    let ready_by = std::time::Instant::now() + Duration::from_secs(60);
-    while berth_qemu_tests::http_get_loopback(host_port).is_err()
-        && std::time::Instant::now() < ready_by
-    {
-        std::thread::sleep(Duration::from_secs(2));
-    }
     for _ in 0..4 {
         match berth_qemu_tests::http_get_loopback(host_port) {
             Ok(body) => say(&format!("GET http://localhost:{host_port}/ → {body}")),
