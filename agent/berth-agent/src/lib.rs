@@ -844,12 +844,8 @@ impl Agent {
         self.state.network.pod_ips = plan
             .pods
             .iter()
+            .filter(|p| !p.host_network)
             .filter_map(|p| Some((p.id.to_string(), net.pod_ip(&p.id.key())?.to_string())))
-            .filter(|(id, _)| {
-                plan.pods
-                    .iter()
-                    .any(|p| p.id.to_string() == *id && !p.host_network)
-            })
             .collect();
         let mut blocked = Vec::new();
         for pod in &plan.pods {
