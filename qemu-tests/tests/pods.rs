@@ -218,14 +218,15 @@ fn scenario() {
 
     // Faults, each reported and none blocking the others.
     let pods = pods_until(&vm, "faults reported", SETTLE, |p| {
-        // The exit code shows once an observation falls in the back-off
+        // An exit code shows once an observation falls in the back-off
         // (unit and service properties are two reads, and a restart can
-        // start between them and reset the main process's status).
+        // start between them and reset the main process's status); the
+        // same holds for the missing binary's 203/EXEC.
         status_of(p, "crasher") == "CrashLoopBackOff"
             && p["crasher"]["containers"][0]["lastExitCode"] == 3
             && status_of(p, "ghost") == "ImageNotPresent"
             && status_of(p, "huge") == "OutOfcpu"
-            && status_of(p, "nobin") != "Pending"
+            && p["nobin"]["containers"][0]["lastExitCode"] == 203
     });
     println!("{}", sh(&vm, "berth get pods"));
     let crasher = &pods["crasher"]["containers"][0];
