@@ -15,6 +15,7 @@ pub mod objects;
 pub mod quantity;
 pub mod supported;
 pub mod validate;
+pub mod volumes;
 pub mod yaml;
 
 pub use diag::{Diagnostic, FieldIssue, FieldPath, ObjectRef, PathSegment, Severity, SourceRef};

@@ -632,7 +632,10 @@ fn decode_builtin(kind: BuiltinKind, value: Value, issues: &mut Vec<FieldIssue>)
             validate::metadata(&p.metadata, issues);
             validate::persistent_volume_claim(p, issues);
         }
-        Object::StorageClass(s) => validate::metadata(&s.metadata, issues),
+        Object::StorageClass(s) => {
+            validate::metadata(&s.metadata, issues);
+            validate::storage_class(s, issues);
+        }
         Object::CustomResourceDefinition(c) => {
             validate::metadata(&c.metadata, issues);
             crd::validate_definition(c, issues);
@@ -640,12 +643,6 @@ fn decode_builtin(kind: BuiltinKind, value: Value, issues: &mut Vec<FieldIssue>)
         Object::Custom(_) => {}
     }
     issues.extend(unsupported);
-    if let Some(why) = kind.not_acted_on_yet() {
-        issues.push(FieldIssue::warning(
-            root,
-            format!("validated, but not acted on yet: {why}"),
-        ));
-    }
     Some(object)
 }
 

@@ -101,17 +101,6 @@ impl BuiltinKind {
             .into_iter()
             .find(|k| k.api_version() == api_version && k.kind() == kind)
     }
-
-    /// Kinds Berth loads and validates but does not act on yet, with the
-    /// capability that will act on them.
-    pub fn not_acted_on_yet(self) -> Option<&'static str> {
-        match self {
-            Self::PersistentVolume | Self::PersistentVolumeClaim | Self::StorageClass => {
-                Some("volumes are provisioned once local storage lands")
-            }
-            _ => None,
-        }
-    }
 }
 
 /// The API group of an `apiVersion`: `apps/v1` → `apps`, `v1` → ``.

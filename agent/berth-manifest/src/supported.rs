@@ -51,6 +51,10 @@ const CONTAINER: &[&str] = &[
     "securityContext.runAsUser",
     "securityContext.runAsGroup",
     "securityContext.runAsNonRoot",
+    "volumeMounts[].name",
+    "volumeMounts[].mountPath",
+    "volumeMounts[].readOnly",
+    "volumeMounts[].subPath",
 ];
 
 /// Pod spec fields, relative to the pod spec.
@@ -71,6 +75,9 @@ const POD_SPEC: &[&str] = &[
     "automountServiceAccountToken",
     "enableServiceLinks",
     "hostNetwork",
+    // Each volume's source is checked by `volumes::pod_volumes`, which
+    // refuses the types a node cannot provide.
+    "volumes",
 ];
 
 /// Service spec fields the node programs. Single-stack IPv4 on one node:
@@ -92,6 +99,31 @@ const SERVICE_SPEC: &[&str] = &[
     "ipFamilyPolicy",
     "externalTrafficPolicy",
     "internalTrafficPolicy",
+];
+
+/// PersistentVolume spec fields: local volumes on this node. Other volume
+/// sources are refused by `validate::persistent_volume`.
+const PV_SPEC: &[&str] = &[
+    "capacity.storage",
+    "accessModes",
+    "persistentVolumeReclaimPolicy",
+    "storageClassName",
+    "local.path",
+    "hostPath.path",
+    "hostPath.type",
+    "claimRef.namespace",
+    "claimRef.name",
+    "volumeMode",
+    // Local volumes name their node; on one node it can only be this one.
+    "nodeAffinity",
+];
+
+const PVC_SPEC: &[&str] = &[
+    "accessModes",
+    "resources.requests.storage",
+    "storageClassName",
+    "volumeName",
+    "volumeMode",
 ];
 
 /// A tree of supported paths. A leaf supports everything below it.
@@ -169,18 +201,24 @@ fn tree_for(kind: BuiltinKind) -> Tree {
                 tree.insert("spec", p);
             }
         }
-        // Validated whole; acted on by later capabilities (see `not_acted_on_yet`).
-        BuiltinKind::PersistentVolume
-        | BuiltinKind::PersistentVolumeClaim
-        | BuiltinKind::StorageClass => {
+        BuiltinKind::PersistentVolume => {
+            for p in PV_SPEC {
+                tree.insert("spec", p);
+            }
+        }
+        BuiltinKind::PersistentVolumeClaim => {
+            for p in PVC_SPEC {
+                tree.insert("spec", p);
+            }
+        }
+        BuiltinKind::StorageClass => {
             for p in [
-                "spec",
                 "provisioner",
                 "parameters",
                 "reclaimPolicy",
                 "volumeBindingMode",
                 "allowVolumeExpansion",
-                "mountOptions",
+                // One node: every topology is this node's.
                 "allowedTopologies",
             ] {
                 tree.insert("", p);

@@ -8,6 +8,7 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, Container, NodeSelectorTerm, PersistentVolume, PersistentVolumeClaim, PodSpec,
     Secret, Service,
 };
+use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 
 use crate::diag::{FieldIssue, FieldPath};
@@ -83,6 +84,7 @@ pub fn quantity(text: &str, path: &FieldPath, issues: &mut Issues) -> Option<Qua
 }
 
 pub fn pod_spec(spec: &PodSpec, path: &FieldPath, issues: &mut Issues) {
+    crate::volumes::pod_volumes(spec, path, issues);
     if spec.containers.is_empty() {
         err(
             issues,
@@ -662,20 +664,118 @@ const ACCESS_MODES: [&str; 4] = [
     "ReadWriteOncePod",
 ];
 
+/// The provisioner built into every Berth node.
+pub const LOCAL_PROVISIONER: &str = "berth.dev/local";
+
+/// Fields of a PersistentVolume spec that are not a volume source.
+const PV_NOT_SOURCES: &[&str] = &[
+    "capacity",
+    "accessModes",
+    "persistentVolumeReclaimPolicy",
+    "storageClassName",
+    "claimRef",
+    "volumeMode",
+    "nodeAffinity",
+    "mountOptions",
+    "volumeAttributesClassName",
+];
+
+fn storage_size(
+    map: Option<&BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
+    path: &FieldPath,
+    issues: &mut Issues,
+) {
+    match map.and_then(|m| m.get("storage")) {
+        None => err(issues, path.key("storage"), "required"),
+        Some(q) => {
+            if let Some(parsed) = quantity(&q.0, &path.key("storage"), issues)
+                && let Err(e) = parsed.units()
+            {
+                err(issues, path.key("storage"), e.to_string());
+            }
+        }
+    }
+}
+
+fn volume_mode(mode: Option<&str>, path: FieldPath, issues: &mut Issues) {
+    if let Some(m) = mode
+        && m != "Filesystem"
+    {
+        err(
+            issues,
+            path,
+            format!("unsupported value {m:?}: Berth nodes provide Filesystem volumes only"),
+        );
+    }
+}
+
 pub fn persistent_volume(pv: &PersistentVolume, issues: &mut Issues) {
     let Some(spec) = &pv.spec else {
         err(issues, FieldPath::root().key("spec"), "required");
         return;
     };
     let spath = FieldPath::root().key("spec");
-    for (name, q) in spec.capacity.iter().flatten() {
-        quantity(&q.0, &spath.key("capacity").key(name.clone()), issues);
+    storage_size(spec.capacity.as_ref(), &spath.key("capacity"), issues);
+    if spec.access_modes.as_ref().is_none_or(Vec::is_empty) {
+        err(issues, spath.key("accessModes"), "required: at least one access mode");
     }
     access_modes(
         spec.access_modes.as_deref(),
         &spath.key("accessModes"),
         issues,
     );
+    if let Some(policy) = &spec.persistent_volume_reclaim_policy {
+        one_of(
+            policy,
+            &["Retain", "Delete"],
+            spath.key("persistentVolumeReclaimPolicy"),
+            issues,
+        );
+    }
+    volume_mode(spec.volume_mode.as_deref(), spath.key("volumeMode"), issues);
+    let sources: Vec<String> = serde_json::to_value(spec)
+        .ok()
+        .as_ref()
+        .and_then(serde_json::Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter(|(k, v)| !v.is_null() && !PV_NOT_SOURCES.contains(&k.as_str()))
+                .map(|(k, _)| k.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    for s in &sources {
+        if s != "local" && s != "hostPath" {
+            err(
+                issues,
+                spath.key(s.clone()),
+                format!("volume source {s} is not available on a Berth node; use local or hostPath"),
+            );
+        }
+    }
+    match sources.len() {
+        0 => err(
+            issues,
+            spath.key("local"),
+            "required: a PersistentVolume on a Berth node is a local directory (spec.local.path or spec.hostPath.path)",
+        ),
+        1 => {}
+        _ => err(
+            issues,
+            spath.clone(),
+            format!("may not specify more than one volume source; found {}", sources.join(", ")),
+        ),
+    }
+    for (field, path) in [
+        ("local", spec.local.as_ref().map(|l| l.path.as_str())),
+        ("hostPath", spec.host_path.as_ref().map(|h| h.path.as_str())),
+    ] {
+        if let Some(p) = path
+            && let Err(e) = crate::volumes::absolute_path(p)
+        {
+            err(issues, spath.key(field).key("path"), e);
+        }
+    }
 }
 
 pub fn persistent_volume_claim(pvc: &PersistentVolumeClaim, issues: &mut Issues) {
@@ -684,22 +784,64 @@ pub fn persistent_volume_claim(pvc: &PersistentVolumeClaim, issues: &mut Issues)
         return;
     };
     let spath = FieldPath::root().key("spec");
-    if let Some(res) = &spec.resources {
-        for (section, map) in [("requests", &res.requests), ("limits", &res.limits)] {
-            for (name, q) in map.iter().flatten() {
-                quantity(
-                    &q.0,
-                    &spath.key("resources").key(section).key(name.clone()),
-                    issues,
-                );
-            }
-        }
+    storage_size(
+        spec.resources.as_ref().and_then(|r| r.requests.as_ref()),
+        &spath.key("resources").key("requests"),
+        issues,
+    );
+    if spec.access_modes.as_ref().is_none_or(Vec::is_empty) {
+        err(issues, spath.key("accessModes"), "required: at least one access mode");
     }
     access_modes(
         spec.access_modes.as_deref(),
         &spath.key("accessModes"),
         issues,
     );
+    volume_mode(spec.volume_mode.as_deref(), spath.key("volumeMode"), issues);
+}
+
+pub fn storage_class(sc: &StorageClass, issues: &mut Issues) {
+    let root = FieldPath::root();
+    if sc.provisioner.is_empty() {
+        err(issues, root.key("provisioner"), "required");
+    } else if sc.provisioner != LOCAL_PROVISIONER && sc.provisioner != "kubernetes.io/no-provisioner" {
+        issues.push(FieldIssue::warning(
+            root.key("provisioner"),
+            format!(
+                "no provisioner {:?} runs on a Berth node (the built-in one is {LOCAL_PROVISIONER}); claims of this class bind to matching PersistentVolumes only",
+                sc.provisioner
+            ),
+        ));
+    }
+    if let Some(policy) = &sc.reclaim_policy {
+        one_of(policy, &["Delete", "Retain"], root.key("reclaimPolicy"), issues);
+    }
+    if let Some(mode) = &sc.volume_binding_mode {
+        one_of(
+            mode,
+            &["Immediate", "WaitForFirstConsumer"],
+            root.key("volumeBindingMode"),
+            issues,
+        );
+    }
+    if sc.provisioner == LOCAL_PROVISIONER {
+        for (key, value) in sc.parameters.iter().flatten() {
+            let path = root.key("parameters").key(key.clone());
+            match key.as_str() {
+                "fsType" | "csi.storage.k8s.io/fstype" if value == "ext4" => {}
+                "fsType" | "csi.storage.k8s.io/fstype" => err(
+                    issues,
+                    path,
+                    format!("unsupported value {value:?}: the local provisioner makes ext4 filesystems"),
+                ),
+                _ => err(
+                    issues,
+                    path,
+                    format!("the local provisioner has no parameter {key:?}; it takes fsType: ext4 only"),
+                ),
+            }
+        }
+    }
 }
 
 fn access_modes(modes: Option<&[String]>, path: &FieldPath, issues: &mut Issues) {

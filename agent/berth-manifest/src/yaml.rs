@@ -27,6 +27,9 @@ fn options() -> Options {
     let mut options = Options::default();
     options.budget = Some(budget);
     options.with_snippet = false;
+    // Kubernetes reads YAML 1.1, where `defaultMode: 0644` is octal (420);
+    // YAML 1.2 would read 644 (a mode of 01204).
+    options.legacy_octal_numbers = true;
     options
 }
 
