@@ -416,6 +416,7 @@ pub fn render(property: &str, value: Option<&PropertyValue>) -> String {
         Some(PropertyValue::Text(t)) => t.clone(),
         Some(PropertyValue::List(l)) => l.join(" "),
         Some(PropertyValue::Exec(e)) => format!("{e:?}"),
+        Some(PropertyValue::Binds(b)) => berth_plan::units::binds_text(b),
     }
 }
 

@@ -10,6 +10,7 @@ use berth_manifest::{Catalog, FieldIssue, FieldPath, Object, ObjectRef, Quantity
 use serde::Serialize;
 
 use crate::expand::expand;
+use crate::volumes::{PodVolume, SubPathBind};
 use crate::images::{ImageCatalog, ImageConfig};
 use crate::node::{NodeInfo, PodInstance};
 use crate::resources::{self, ContainerResources, QosClass};
@@ -55,6 +56,8 @@ pub struct ContainerUnit {
     /// Resource properties that may change without a restart, by the
     /// container's `resizePolicy`.
     pub resizable: Resizable,
+    /// `subPath` mounts the agent stages before the container starts.
+    pub sub_paths: Vec<SubPathBind>,
 }
 
 impl ContainerUnit {
@@ -128,6 +131,8 @@ pub struct DesiredPod {
     pub ports: Vec<DeclaredPort>,
     /// `spec.hostNetwork`: the node's network namespace instead of its own.
     pub host_network: bool,
+    /// `spec.volumes`, resolved; made ready by the agent before containers start.
+    pub volumes: Vec<PodVolume>,
 }
 
 /// A container port as the pod spec declares it.
@@ -155,6 +160,14 @@ pub struct Context<'a> {
 }
 
 impl<'a> Context<'a> {
+    pub fn config_map(&self, namespace: &str, name: &str) -> Option<&'a ConfigMap> {
+        self.config_maps.get(&(namespace, name)).copied()
+    }
+
+    pub fn secret(&self, namespace: &str, name: &str) -> Option<&'a Secret> {
+        self.secrets.get(&(namespace, name)).copied()
+    }
+
     pub fn new(catalog: &'a Catalog, node: &'a NodeInfo, images: &'a ImageCatalog) -> Self {
         let mut config_maps = BTreeMap::new();
         let mut secrets = BTreeMap::new();
@@ -236,6 +249,10 @@ pub fn resolve_pod(
         }
     };
 
+    let pod_res = pod_resources(&resources[..init.len()], &resources[init.len()..]);
+    let volumes =
+        crate::volumes::pod_volumes(instance, ctx, pod_res.memory_limit_bytes, &mut errors);
+
     let mut init_units: Vec<ContainerUnit> = Vec::new();
     let mut app_units = Vec::new();
     for ((is_init, index, container), res) in all.iter().zip(&resources) {
@@ -264,6 +281,7 @@ pub fn resolve_pod(
             restart_policy,
             slice,
             after,
+            volumes: &volumes,
         };
         match container_unit(&input, ctx, &mut warnings) {
             Ok(unit) if *is_init => init_units.push(unit),
@@ -278,7 +296,6 @@ pub fn resolve_pod(
         return Err(errors);
     };
 
-    let pod_res = pod_resources(&resources[..init.len()], &resources[init.len()..]);
     let mut slice_props = Properties::new();
     slice_props.insert(
         "Description",
@@ -337,6 +354,7 @@ pub fn resolve_pod(
                 })
                 .collect(),
             host_network: spec.host_network == Some(true),
+            volumes,
         },
         warnings,
     })
@@ -435,6 +453,7 @@ struct ContainerInput<'a> {
     restart_policy: RestartPolicy,
     slice: &'a UnitName,
     after: Vec<String>,
+    volumes: &'a [PodVolume],
 }
 
 /// An ordered environment in which a later definition replaces an earlier one in place.
@@ -718,6 +737,14 @@ fn container_unit(
     }
     p.insert("PrivateTmp", PropertyValue::Bool(true));
     p.insert("PrivatePIDs", PropertyValue::Bool(true));
+    let (rw, ro, sub_paths) =
+        crate::volumes::container_binds(id, c, input.volumes, &ctx.node.volumes);
+    if !rw.is_empty() {
+        p.insert("BindPaths", PropertyValue::Binds(rw));
+    }
+    if !ro.is_empty() {
+        p.insert("BindReadOnlyPaths", PropertyValue::Binds(ro));
+    }
     // A bare program name is looked up in the container's PATH, inside its root.
     if let Some(path) = env.get("PATH") {
         p.insert(
@@ -765,6 +792,7 @@ fn container_unit(
         properties: Arc::new(p),
         sensitive_env: env.sensitive,
         resizable,
+        sub_paths,
     })
 }
 

@@ -15,6 +15,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod resources;
 pub mod units;
+pub mod volumes;
 
 pub use actual::{ActiveState, ActualState, ActualUnit};
 pub use desired::{ContainerUnit, DeclaredPort, DesiredPod, SliceUnit};

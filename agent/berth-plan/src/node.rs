@@ -28,6 +28,8 @@ pub struct NodeInfo {
     /// Where pods' network namespaces are bound (`/run/netns`); `None` runs
     /// every pod in the node's namespace (a node without pod networking).
     pub netns_dir: Option<String>,
+    /// Where pod volumes live, and which host paths pods may bind.
+    pub volumes: crate::volumes::VolumeDirs,
 }
 
 pub const DEFAULT_POD_PIDS_LIMIT: u64 = 4096;
@@ -60,6 +62,7 @@ impl NodeInfo {
             containers_dir: DEFAULT_CONTAINERS_DIR.to_string(),
             systemd_version: DEFAULT_SYSTEMD_VERSION,
             netns_dir: Some(DEFAULT_NETNS_DIR.to_string()),
+            volumes: crate::volumes::VolumeDirs::default(),
         }
     }
 }

@@ -547,6 +547,7 @@ fn describe_change(c: &Change) -> String {
             .collect::<Vec<_>>()
             .join("; "),
         Some(PropertyValue::List(l)) => format!("{l:?}"),
+        Some(PropertyValue::Binds(b)) => crate::units::binds_text(b),
         Some(PropertyValue::Bool(b)) => b.to_string(),
         Some(PropertyValue::Unsigned(n)) => n.to_string(),
         Some(PropertyValue::Signed(n)) => n.to_string(),

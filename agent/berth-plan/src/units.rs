@@ -132,6 +132,39 @@ pub struct ExecCommand {
     pub argv: Vec<String>,
 }
 
+/// One entry of `BindPaths=` or `BindReadOnlyPaths=`: systemd's `a(ssbt)`
+/// (source, destination, ignore a missing source, mount flags).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindMount {
+    pub source: String,
+    pub destination: String,
+    /// `rbind`, systemd's default: mounts below the source come along.
+    pub recursive: bool,
+}
+
+/// As a unit file writes it: `source:destination`, `:norbind` when flat.
+impl fmt::Display for BindMount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.source, self.destination)?;
+        if !self.recursive {
+            f.write_str(":norbind")?;
+        }
+        Ok(())
+    }
+}
+
+/// Binds the way a unit file lists them, space-separated.
+pub fn binds_text(binds: &[BindMount]) -> String {
+    binds
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `MS_REC`, the flag systemd reports for a recursive bind.
+pub const MS_REC: u64 = 16384;
+
 /// A unit property value, in the types systemd's D-Bus API uses.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -141,6 +174,7 @@ pub enum PropertyValue {
     Signed(i64),
     Text(String),
     Exec(Vec<ExecCommand>),
+    Binds(Vec<BindMount>),
     List(Vec<String>),
 }
 

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use berth_plan::plan::diff;
-use berth_plan::units::ExecCommand;
+use berth_plan::units::{BindMount, ExecCommand};
 use berth_plan::{ActiveState, Properties, PropertyValue};
 
 use crate::systemd::{KillWhom, Systemd, SystemdError};
@@ -51,6 +51,24 @@ fn service(program: &str, restart: &str) -> Properties {
             PropertyValue::Exec(vec![ExecCommand {
                 path: program.into(),
                 argv: vec![program.into(), "1000".into()],
+            }]),
+        ),
+        // Binds of directories onto themselves: every system has them, and
+        // the unit's view of the node stays the same.
+        (
+            "BindPaths",
+            PropertyValue::Binds(vec![BindMount {
+                source: "/tmp".into(),
+                destination: "/tmp".into(),
+                recursive: true,
+            }]),
+        ),
+        (
+            "BindReadOnlyPaths",
+            PropertyValue::Binds(vec![BindMount {
+                source: "/usr".into(),
+                destination: "/usr".into(),
+                recursive: true,
             }]),
         ),
     ]

@@ -10,7 +10,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_plan::{ActiveState, Properties, PropertyValue, units::ExecCommand};
+use berth_plan::units::{BindMount, ExecCommand, MS_REC};
+use berth_plan::{ActiveState, Properties, PropertyValue};
 use zbus::blocking::{Connection, Proxy};
 use zbus::zvariant::{Array, OwnedObjectPath, OwnedValue, Value};
 
@@ -306,6 +307,19 @@ pub fn to_wire(name: &str, value: &PropertyValue) -> Result<Value<'static>, Stri
         (Wire::Natural, P::Signed(x)) => Value::I64(*x),
         (Wire::Natural, P::Text(s)) => Value::from(s.clone()),
         (Wire::Natural, P::List(items)) => Value::from(items.clone()),
+        (Wire::Natural, P::Binds(binds)) => Value::from(
+            binds
+                .iter()
+                .map(|b| {
+                    (
+                        b.source.clone(),
+                        b.destination.clone(),
+                        false,
+                        if b.recursive { MS_REC } else { 0 },
+                    )
+                })
+                .collect::<Vec<(String, String, bool, u64)>>(),
+        ),
         (Wire::Natural, P::Exec(commands)) => Value::from(
             commands
                 .iter()
@@ -340,6 +354,7 @@ pub fn from_wire(value: &Value<'_>) -> Option<PropertyValue> {
 fn array_from_wire(array: &Array<'_>) -> Option<PropertyValue> {
     let mut strings = Vec::new();
     let mut commands = Vec::new();
+    let mut binds = Vec::new();
     for item in array.iter() {
         match item {
             Value::Str(s) => strings.push(s.to_string()),
@@ -352,6 +367,22 @@ fn array_from_wire(array: &Array<'_>) -> Option<PropertyValue> {
                     })
                     .collect();
                 strings.push(String::from_utf8_lossy(&raw).into_owned());
+            }
+            Value::Structure(s)
+                if matches!(
+                    s.fields(),
+                    [Value::Str(_), Value::Str(_), Value::Bool(_), Value::U64(_)]
+                ) =>
+            {
+                if let [Value::Str(source), Value::Str(destination), _, Value::U64(flags)] =
+                    s.fields()
+                {
+                    binds.push(BindMount {
+                        source: source.to_string(),
+                        destination: destination.to_string(),
+                        recursive: flags & MS_REC != 0,
+                    });
+                }
             }
             Value::Structure(s) => {
                 let fields = s.fields();
@@ -374,7 +405,9 @@ fn array_from_wire(array: &Array<'_>) -> Option<PropertyValue> {
             _ => return None,
         }
     }
-    Some(if commands.is_empty() {
+    Some(if !binds.is_empty() {
+        PropertyValue::Binds(binds)
+    } else if commands.is_empty() {
         PropertyValue::List(strings)
     } else {
         PropertyValue::Exec(commands)

@@ -170,6 +170,8 @@ impl<T: Systemd + ?Sized> Systemd for std::sync::Arc<T> {
 /// a unit carries is not Berth's business.
 pub const READ_BACK: &[&str] = &[
     "After",
+    "BindPaths",
+    "BindReadOnlyPaths",
     "CPUQuotaPerSecUSec",
     "CPUQuotaPeriodUSec",
     "CPUWeight",
@@ -283,7 +285,7 @@ mod read_back_tests {
     /// would see it "unset" on every pass and restart its containers.
     #[test]
     fn every_planned_property_is_read_back() {
-        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  securityContext: {runAsUser: 1000, runAsGroup: 1000}\n  initContainers:\n  - {name: init, image: busybox:1.37, command: [\"true\"]}\n  containers:\n  - name: c\n    image: busybox:1.37\n    command: [sleep, \"1\"]\n    workingDir: /tmp\n    env: [{name: A, value: b}]\n    resources:\n      requests: {cpu: 100m, memory: 16Mi}\n      limits: {cpu: 200m, memory: 32Mi}\n";
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  securityContext: {runAsUser: 1000, runAsGroup: 1000}\n  volumes: [{name: a, emptyDir: {}}, {name: b, emptyDir: {}}]\n  initContainers:\n  - {name: init, image: busybox:1.37, command: [\"true\"]}\n  containers:\n  - name: c\n    image: busybox:1.37\n    command: [sleep, \"1\"]\n    workingDir: /tmp\n    volumeMounts: [{name: a, mountPath: /a}, {name: b, mountPath: /b, readOnly: true}]\n    env: [{name: A, value: b}]\n    resources:\n      requests: {cpu: 100m, memory: 16Mi}\n      limits: {cpu: 200m, memory: 32Mi}\n";
         let catalog = berth_manifest::load_sources(vec![berth_manifest::SourceFile {
             path: "p.yaml".into(),
             text: pod.into(),
@@ -302,7 +304,13 @@ mod read_back_tests {
         for u in pod.units() {
             keys.extend(u.properties_for_apply().iter().map(|(k, _)| k));
         }
-        assert!(keys.contains(&"NetworkNamespacePath"));
+        for key in [
+            "NetworkNamespacePath",
+            "BindPaths",
+            "BindReadOnlyPaths",
+        ] {
+            assert!(keys.contains(&key), "{key} not planned");
+        }
         let missing: Vec<&&str> = keys.iter().filter(|k| !READ_BACK.contains(k)).collect();
         assert!(
             missing.is_empty(),

@@ -528,5 +528,6 @@ fn value_text(v: &PropertyValue) -> String {
             .collect::<Vec<_>>()
             .join("; "),
         PropertyValue::List(items) => items.join(" "),
+        PropertyValue::Binds(binds) => berth_plan::units::binds_text(binds),
     }
 }

@@ -1,0 +1,483 @@
+//! A pod's volumes, resolved against the catalog: where each lives on the
+//! node, what goes in it, and the bind mounts each container gets.
+//!
+//! Paths are fixed by the pod and volume names, so a unit's `BindPaths=`
+//! never changes when a ConfigMap's content or a claim's volume does: the
+//! agent updates what is behind the path instead of restarting containers.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use berth_manifest::k8s_openapi::api::core::v1::{Container, KeyToPath, Volume};
+use berth_manifest::{FieldIssue, FieldPath, Quantity};
+
+use crate::desired::Context;
+use crate::node::PodInstance;
+use crate::units::{BindMount, PodId};
+
+/// Bytes that must not reach a log, a plan printout or a status file.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Sensitive(pub Vec<u8>);
+
+impl fmt::Debug for Sensitive {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<{} bytes>", self.0.len())
+    }
+}
+
+/// One file of a ConfigMap or Secret volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectedFile {
+    /// Relative to the volume, already checked for `..` and absolute paths.
+    pub path: String,
+    pub mode: u32,
+    pub data: Sensitive,
+}
+
+/// What `hostPath.type` asks to find (or make) at the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostPathType {
+    /// No check.
+    Any,
+    DirectoryOrCreate,
+    Directory,
+    FileOrCreate,
+    File,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+impl HostPathType {
+    fn parse(text: Option<&str>) -> Self {
+        match text.unwrap_or("") {
+            "DirectoryOrCreate" => Self::DirectoryOrCreate,
+            "Directory" => Self::Directory,
+            "FileOrCreate" => Self::FileOrCreate,
+            "File" => Self::File,
+            "Socket" => Self::Socket,
+            "CharDevice" => Self::CharDevice,
+            "BlockDevice" => Self::BlockDevice,
+            _ => Self::Any,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VolumeSource {
+    /// A directory on the data partition, or a tmpfs of `size_bytes`.
+    EmptyDir {
+        memory: bool,
+        size_bytes: Option<u64>,
+    },
+    HostPath {
+        kind: HostPathType,
+    },
+    /// A ConfigMap or Secret, rendered to files. Secrets live on tmpfs only.
+    Files {
+        kind: &'static str,
+        object: String,
+        files: Vec<ProjectedFile>,
+        secret: bool,
+    },
+    Claim {
+        claim: String,
+        read_only: bool,
+    },
+}
+
+/// A volume of a pod, and where it lives on the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodVolume {
+    pub name: String,
+    pub source: VolumeSource,
+    /// What containers bind: a directory the agent makes, a hostPath, or
+    /// the claim's mount point.
+    pub host_path: String,
+}
+
+/// A container's bind of a volume's `subPath`: the agent resolves it inside
+/// the volume without following symlinks out of it, and binds the result
+/// at `stage`, which is what the unit's `BindPaths=` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubPathBind {
+    pub volume: String,
+    pub sub_path: String,
+    pub stage: String,
+    /// Kubernetes makes a missing subPath a directory.
+    pub create: bool,
+}
+
+/// Where volumes of every pod live on the node.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VolumeDirs {
+    /// Disk-backed `emptyDir`s: `<dir>/<ns>_<pod>/<volume>`.
+    pub disk_dir: String,
+    /// tmpfs-backed volumes (memory `emptyDir`, ConfigMaps, Secrets).
+    pub run_dir: String,
+    /// Staged `subPath` binds: `<dir>/<ns>_<pod>/<container>/<n>`.
+    pub sub_path_dir: String,
+    /// Claims' mount points: `<dir>/<ns>_<claim>`.
+    pub claims_dir: String,
+    /// `hostPath` volumes must lie under one of these.
+    pub host_path_prefixes: Vec<String>,
+}
+
+pub const DEFAULT_DISK_DIR: &str = "/var/lib/berth/volumes";
+pub const DEFAULT_RUN_DIR: &str = "/run/berth/volumes";
+pub const DEFAULT_SUB_PATH_DIR: &str = "/run/berth/subpaths";
+pub const DEFAULT_CLAIMS_DIR: &str = "/var/lib/berth/storage/claims";
+
+impl Default for VolumeDirs {
+    fn default() -> Self {
+        Self {
+            disk_dir: DEFAULT_DISK_DIR.into(),
+            run_dir: DEFAULT_RUN_DIR.into(),
+            sub_path_dir: DEFAULT_SUB_PATH_DIR.into(),
+            claims_dir: DEFAULT_CLAIMS_DIR.into(),
+            host_path_prefixes: Vec::new(),
+        }
+    }
+}
+
+impl VolumeDirs {
+    pub fn claim_dir(&self, namespace: &str, claim: &str) -> String {
+        format!("{}/{namespace}_{claim}", self.claims_dir.trim_end_matches('/'))
+    }
+}
+
+/// Is `path` equal to or below `prefix`, component-wise?
+pub fn under_prefix(path: &str, prefix: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    prefix.is_empty()
+        || path == prefix
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+fn file_mode(m: Option<i32>) -> u32 {
+    m.and_then(|m| u32::try_from(m).ok()).unwrap_or(0o644)
+}
+
+/// The files of a ConfigMap or Secret volume: every key, or `items`.
+fn project(
+    entries: &BTreeMap<String, Vec<u8>>,
+    items: Option<&[KeyToPath]>,
+    default_mode: Option<i32>,
+    describe: &str,
+    path: &FieldPath,
+    errors: &mut Vec<FieldIssue>,
+) -> Vec<ProjectedFile> {
+    let default = file_mode(default_mode);
+    match items {
+        Some(items) if !items.is_empty() => items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, item)| match entries.get(&item.key) {
+                Some(data) => Some(ProjectedFile {
+                    path: item.path.clone(),
+                    mode: item.mode.map_or(default, |m| file_mode(Some(m))),
+                    data: Sensitive(data.clone()),
+                }),
+                None => {
+                    errors.push(FieldIssue::error(
+                        path.key("items").index(i).key("key"),
+                        format!("{describe} has no key {:?}", item.key),
+                    ));
+                    None
+                }
+            })
+            .collect(),
+        _ => entries
+            .iter()
+            .map(|(k, v)| ProjectedFile {
+                path: k.clone(),
+                mode: default,
+                data: Sensitive(v.clone()),
+            })
+            .collect(),
+    }
+}
+
+/// Resolves `spec.volumes`. Errors name fields relative to the source object.
+pub fn pod_volumes(
+    instance: &PodInstance<'_>,
+    ctx: &Context<'_>,
+    memory_limit: Option<u64>,
+    errors: &mut Vec<FieldIssue>,
+) -> Vec<PodVolume> {
+    let id = &instance.id;
+    let dirs = &ctx.node.volumes;
+    let spec_path = FieldPath::parse(instance.spec_path);
+    let mut out = Vec::new();
+    for (i, v) in instance.spec.volumes.iter().flatten().enumerate() {
+        let vpath = spec_path.key("volumes").index(i);
+        if let Some(volume) = pod_volume(id, v, &vpath, ctx, memory_limit, dirs, errors) {
+            out.push(volume);
+        }
+    }
+    out
+}
+
+fn pod_volume(
+    id: &PodId,
+    v: &Volume,
+    vpath: &FieldPath,
+    ctx: &Context<'_>,
+    memory_limit: Option<u64>,
+    dirs: &VolumeDirs,
+    errors: &mut Vec<FieldIssue>,
+) -> Option<PodVolume> {
+    let run = || {
+        format!(
+            "{}/{}/{}",
+            dirs.run_dir.trim_end_matches('/'),
+            id.key(),
+            v.name
+        )
+    };
+    let (source, host_path) = if let Some(h) = &v.host_path {
+        if !dirs
+            .host_path_prefixes
+            .iter()
+            .any(|p| under_prefix(&h.path, p))
+        {
+            let allowed = if dirs.host_path_prefixes.is_empty() {
+                "none".to_string()
+            } else {
+                dirs.host_path_prefixes.join(", ")
+            };
+            errors.push(FieldIssue::error(
+                vpath.key("hostPath").key("path"),
+                format!(
+                    "{:?} is not under a prefix this node allows for hostPath volumes (storage.hostPathPrefixes: {allowed})",
+                    h.path
+                ),
+            ));
+            return None;
+        }
+        (
+            VolumeSource::HostPath {
+                kind: HostPathType::parse(h.type_.as_deref()),
+            },
+            h.path.clone(),
+        )
+    } else if let Some(c) = &v.config_map {
+        let found = ctx.config_map(&id.namespace, &c.name);
+        let describe = format!("ConfigMap {}/{}", id.namespace, c.name);
+        let entries: BTreeMap<String, Vec<u8>> = match found {
+            Some(cm) => cm
+                .data
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
+                .chain(
+                    cm.binary_data
+                        .iter()
+                        .flatten()
+                        .map(|(k, v)| (k.clone(), v.0.clone())),
+                )
+                .collect(),
+            None if c.optional == Some(true) => BTreeMap::new(),
+            None => {
+                errors.push(FieldIssue::error(
+                    vpath.key("configMap").key("name"),
+                    format!("{describe} not found; the pod cannot start without it (set optional: true to start with an empty volume)"),
+                ));
+                return None;
+            }
+        };
+        let mut item_errors = Vec::new();
+        let files = project(
+            &entries,
+            c.items.as_deref(),
+            c.default_mode,
+            &describe,
+            &vpath.key("configMap"),
+            &mut item_errors,
+        );
+        if c.optional != Some(true) {
+            errors.append(&mut item_errors);
+        }
+        (
+            VolumeSource::Files {
+                kind: "ConfigMap",
+                object: c.name.clone(),
+                files,
+                secret: false,
+            },
+            run(),
+        )
+    } else if let Some(s) = &v.secret {
+        let name = s.secret_name.clone().unwrap_or_default();
+        let describe = format!("Secret {}/{name}", id.namespace);
+        let entries: BTreeMap<String, Vec<u8>> = match ctx.secret(&id.namespace, &name) {
+            Some(secret) => secret
+                .data
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.0.clone()))
+                .chain(
+                    secret
+                        .string_data
+                        .iter()
+                        .flatten()
+                        .map(|(k, v)| (k.clone(), v.clone().into_bytes())),
+                )
+                .collect(),
+            None if s.optional == Some(true) => BTreeMap::new(),
+            None => {
+                errors.push(FieldIssue::error(
+                    vpath.key("secret").key("secretName"),
+                    format!("{describe} not found; the pod cannot start without it (set optional: true to start with an empty volume)"),
+                ));
+                return None;
+            }
+        };
+        let mut item_errors = Vec::new();
+        let files = project(
+            &entries,
+            s.items.as_deref(),
+            s.default_mode,
+            &describe,
+            &vpath.key("secret"),
+            &mut item_errors,
+        );
+        if s.optional != Some(true) {
+            errors.append(&mut item_errors);
+        }
+        (
+            VolumeSource::Files {
+                kind: "Secret",
+                object: name,
+                files,
+                secret: true,
+            },
+            run(),
+        )
+    } else if let Some(c) = &v.persistent_volume_claim {
+        (
+            VolumeSource::Claim {
+                claim: c.claim_name.clone(),
+                read_only: c.read_only == Some(true),
+            },
+            dirs.claim_dir(&id.namespace, &c.claim_name),
+        )
+    } else {
+        // emptyDir, also when no source is set (the API server's default).
+        let e = v.empty_dir.as_ref();
+        let memory = e.and_then(|e| e.medium.as_deref()) == Some("Memory");
+        let limit = e
+            .and_then(|e| e.size_limit.as_ref())
+            .and_then(|q| Quantity::parse(&q.0).ok())
+            .and_then(|q| q.units().ok());
+        if memory {
+            // Like the kubelet: the size limit, else the pod's memory limit,
+            // else tmpfs' own default (half the node's memory).
+            let size = limit.or(memory_limit);
+            (
+                VolumeSource::EmptyDir {
+                    memory: true,
+                    size_bytes: size,
+                },
+                run(),
+            )
+        } else {
+            (
+                VolumeSource::EmptyDir {
+                    memory: false,
+                    size_bytes: limit,
+                },
+                format!(
+                    "{}/{}/{}",
+                    dirs.disk_dir.trim_end_matches('/'),
+                    id.key(),
+                    v.name
+                ),
+            )
+        }
+    };
+    Some(PodVolume {
+        name: v.name.clone(),
+        source,
+        host_path,
+    })
+}
+
+/// A container's `volumeMounts` as systemd binds: `(read-write, read-only)`,
+/// and the `subPath` binds the agent stages for them.
+pub fn container_binds(
+    id: &PodId,
+    container: &Container,
+    volumes: &[PodVolume],
+    dirs: &VolumeDirs,
+) -> (Vec<BindMount>, Vec<BindMount>, Vec<SubPathBind>) {
+    let mut rw = Vec::new();
+    let mut ro = Vec::new();
+    let mut staged = Vec::new();
+    for (n, m) in container.volume_mounts.iter().flatten().enumerate() {
+        let Some(volume) = volumes.iter().find(|v| v.name == m.name) else {
+            continue;
+        };
+        let forced_ro = match &volume.source {
+            VolumeSource::Files { .. } => true,
+            VolumeSource::Claim { read_only, .. } => *read_only,
+            _ => false,
+        };
+        let source = match m.sub_path.as_deref().filter(|s| !s.is_empty()) {
+            Some(sub) => {
+                let stage = format!(
+                    "{}/{}/{}/{n}",
+                    dirs.sub_path_dir.trim_end_matches('/'),
+                    id.key(),
+                    container.name
+                );
+                staged.push(SubPathBind {
+                    volume: volume.name.clone(),
+                    sub_path: sub.trim_end_matches('/').to_string(),
+                    stage: stage.clone(),
+                    create: !matches!(volume.source, VolumeSource::Files { .. }),
+                });
+                stage
+            }
+            None => volume.host_path.clone(),
+        };
+        let bind = BindMount {
+            source,
+            destination: m.mount_path.trim_end_matches('/').to_string(),
+            recursive: true,
+        };
+        if forced_ro || m.read_only == Some(true) {
+            ro.push(bind);
+        } else {
+            rw.push(bind);
+        }
+    }
+    (rw, ro, staged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_match_whole_components() {
+        assert!(under_prefix("/srv/data", "/srv"));
+        assert!(under_prefix("/srv", "/srv/"));
+        assert!(!under_prefix("/srvx/data", "/srv"));
+        assert!(!under_prefix("/etc", "/srv"));
+    }
+
+    #[test]
+    fn secret_bytes_do_not_show_in_debug_output() {
+        let f = ProjectedFile {
+            path: "token".into(),
+            mode: 0o400,
+            data: Sensitive(b"hunter2".to_vec()),
+        };
+        let shown = format!("{f:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("<7 bytes>"), "{shown}");
+    }
+}
