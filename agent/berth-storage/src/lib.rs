@@ -1,0 +1,69 @@
+//! Local storage for pods, with the kernel's own primitives.
+//!
+//! - [`podvol`]: a pod's own volumes (`emptyDir` on disk or as a sized
+//!   tmpfs, `hostPath`, ConfigMap and Secret files swapped atomically) and
+//!   `subPath` binds resolved without following symlinks out of the volume.
+//! - [`driver`]: the boundary where a CSI node plugin would plug in, and
+//!   [`loopfs::LoopDriver`], the built-in provisioner: one ext4 filesystem
+//!   image per claim on a loop device, so a claim's size is a hard limit
+//!   (`ENOSPC`, not `EDQUOT`) and one full volume cannot touch another.
+//! - [`book`]: which volumes exist and whose they are, kept across crashes.
+//! - [`binder`]: pure binding of claims to volumes, as Kubernetes does it.
+
+pub mod binder;
+pub mod book;
+pub mod driver;
+pub mod loopfs;
+pub mod mounts;
+pub mod podvol;
+
+use std::io::Write;
+use std::path::Path;
+
+/// Writes `data` to `path` so that a crash leaves the old or the new
+/// content, never a torn file.
+pub fn atomic_write(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// `1073741824` → `1Gi`, for messages.
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["", "Ki", "Mi", "Gi", "Ti"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value.fract() == 0.0 {
+        format!("{value}{}", UNITS[unit])
+    } else {
+        format!("{value:.1}{}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_like_quantities() {
+        assert_eq!(format_size(1 << 30), "1Gi");
+        assert_eq!(format_size(64 << 20), "64Mi");
+        assert_eq!(format_size(1536 << 20), "1.5Gi");
+        assert_eq!(format_size(100), "100");
+    }
+}

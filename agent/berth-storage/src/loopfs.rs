@@ -1,0 +1,279 @@
+//! The built-in provisioner: an ext4 filesystem image per volume, attached
+//! to a loop device with direct I/O and mounted `nosuid,nodev`.
+//!
+//! Layout under the driver's directory (on the data partition):
+//! `images/<name>.img` (sparse), `staged/<name>` (mount point).
+//! An image is made as `<name>.img.new` and renamed only once `mkfs` has
+//! finished, so a crash never leaves a half-made image under a real name.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nix::mount::MsFlags;
+
+use crate::driver::{DriverError, VolumeDriver, VolumeStats};
+use crate::mounts;
+
+pub const PROVISIONER: &str = "berth.dev/local";
+
+/// ext4's smallest sensible size with a journal.
+pub const MIN_BYTES: u64 = 8 << 20;
+
+#[derive(Debug, Clone)]
+pub struct LoopDriver {
+    dir: PathBuf,
+}
+
+impl LoopDriver {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn image(&self, name: &str) -> PathBuf {
+        self.dir.join("images").join(format!("{name}.img"))
+    }
+
+    pub fn staging(&self, name: &str) -> PathBuf {
+        self.dir.join("staged").join(name)
+    }
+
+    /// The loop device a file is attached to, from sysfs.
+    fn loop_of(file: &Path) -> Option<PathBuf> {
+        let entries = std::fs::read_dir("/sys/block").ok()?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("loop") {
+                continue;
+            }
+            let backing = std::fs::read_to_string(e.path().join("loop/backing_file"))
+                .unwrap_or_default();
+            if Path::new(backing.trim_end()) == file {
+                return Some(PathBuf::from("/dev").join(name));
+            }
+        }
+        None
+    }
+
+    fn attach(file: &Path) -> Result<PathBuf, DriverError> {
+        if let Some(dev) = Self::loop_of(file) {
+            return Ok(dev);
+        }
+        let out = run(
+            Command::new("losetup")
+                .args(["--find", "--show", "--direct-io=on", "--nooverlap"])
+                .arg(file),
+        )?;
+        Ok(PathBuf::from(out.trim()))
+    }
+
+    fn detach(file: &Path) -> Result<(), DriverError> {
+        if let Some(dev) = Self::loop_of(file) {
+            run(Command::new("losetup").arg("-d").arg(&dev))?;
+        }
+        Ok(())
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<String, DriverError> {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .output()
+        .map_err(|e| DriverError::io(format!("running {shown}"), e))?;
+    if !out.status.success() {
+        return Err(DriverError::Tool(format!(
+            "{shown} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn round_up(bytes: u64) -> u64 {
+    bytes.max(MIN_BYTES).div_ceil(1 << 20) * (1 << 20)
+}
+
+impl VolumeDriver for LoopDriver {
+    fn provisioner(&self) -> &str {
+        PROVISIONER
+    }
+
+    fn free_bytes(&self) -> Result<u64, DriverError> {
+        std::fs::create_dir_all(self.dir.join("images"))
+            .map_err(|e| DriverError::io(self.dir.display().to_string(), e))?;
+        let (_, free) = mounts::fs_size(&self.dir)
+            .map_err(|e| DriverError::io(self.dir.display().to_string(), e))?;
+        // Sparse images may still grow to their full size: that space is promised.
+        let mut promised = 0u64;
+        for e in std::fs::read_dir(self.dir.join("images"))
+            .map_err(|e| DriverError::io("listing images", e))?
+            .flatten()
+        {
+            if let Ok(m) = e.metadata() {
+                promised += m.len().saturating_sub(m.blocks() * 512);
+            }
+        }
+        Ok(free.saturating_sub(promised))
+    }
+
+    fn create(&self, name: &str, bytes: u64) -> Result<u64, DriverError> {
+        let image = self.image(name);
+        if let Ok(m) = std::fs::metadata(&image) {
+            return Ok(m.len());
+        }
+        let size = round_up(bytes);
+        let free = self.free_bytes()?;
+        if size > free {
+            return Err(DriverError::NoSpace(format!(
+                "requested {} but the node has {} free for volumes",
+                crate::format_size(size),
+                crate::format_size(free)
+            )));
+        }
+        let new = image.with_extension("img.new");
+        let _ = std::fs::remove_file(&new);
+        let make = || -> Result<(), DriverError> {
+            let f = std::fs::File::create(&new)
+                .map_err(|e| DriverError::io(new.display().to_string(), e))?;
+            f.set_len(size)
+                .map_err(|e| DriverError::io(new.display().to_string(), e))?;
+            // No reserved blocks: the claim's size is all the pod's.
+            run(Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-m", "0", "-E", "nodiscard", "-L"])
+                .arg(name.chars().take(16).collect::<String>())
+                .arg(&new))?;
+            f.sync_all()
+                .map_err(|e| DriverError::io(new.display().to_string(), e))?;
+            std::fs::rename(&new, &image)
+                .map_err(|e| DriverError::io(image.display().to_string(), e))?;
+            if let Some(dir) = image.parent() {
+                let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+            }
+            Ok(())
+        };
+        make().inspect_err(|_| {
+            let _ = std::fs::remove_file(&new);
+        })?;
+        Ok(size)
+    }
+
+    fn delete(&self, name: &str) -> Result<(), DriverError> {
+        self.unstage(name)?;
+        let image = self.image(name);
+        for f in [image.clone(), image.with_extension("img.new")] {
+            match std::fs::remove_file(&f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(DriverError::io(f.display().to_string(), e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn expand(&self, name: &str, bytes: u64) -> Result<u64, DriverError> {
+        let image = self.image(name);
+        let current = std::fs::metadata(&image)
+            .map_err(|e| DriverError::io(image.display().to_string(), e))?
+            .len();
+        let size = round_up(bytes);
+        if size <= current {
+            return Ok(current);
+        }
+        let free = self.free_bytes()?;
+        if size - current > free {
+            return Err(DriverError::NoSpace(format!(
+                "growing to {} needs {} more but the node has {} free for volumes",
+                crate::format_size(size),
+                crate::format_size(size - current),
+                crate::format_size(free)
+            )));
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .and_then(|f| f.set_len(size))
+            .map_err(|e| DriverError::io(image.display().to_string(), e))?;
+        let dev = Self::attach(&image)?;
+        run(Command::new("losetup").arg("-c").arg(&dev))?;
+        self.stage(name)?;
+        // Online resize of the mounted filesystem.
+        run(Command::new("resize2fs").arg(&dev))?;
+        Ok(size)
+    }
+
+    fn stage(&self, name: &str) -> Result<PathBuf, DriverError> {
+        let image = self.image(name);
+        if !image.exists() {
+            return Err(DriverError::NotFound(format!(
+                "volume image {} is missing",
+                image.display()
+            )));
+        }
+        let target = self.staging(name);
+        if mounts::is_mount_point(&target) {
+            return Ok(target);
+        }
+        std::fs::create_dir_all(&target)
+            .map_err(|e| DriverError::io(target.display().to_string(), e))?;
+        let dev = Self::attach(&image)?;
+        nix::mount::mount(
+            Some(dev.as_path()),
+            &target,
+            Some("ext4"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME,
+            None::<&str>,
+        )
+        .map_err(|e| {
+            DriverError::io(
+                format!("mounting {} at {}", dev.display(), target.display()),
+                e.into(),
+            )
+        })?;
+        Ok(target)
+    }
+
+    fn unstage(&self, name: &str) -> Result<(), DriverError> {
+        let target = self.staging(name);
+        if mounts::is_mount_point(&target) {
+            nix::mount::umount2(&target, nix::mount::MntFlags::empty()).map_err(|e| {
+                DriverError::io(format!("unmounting {}", target.display()), e.into())
+            })?;
+        }
+        Self::detach(&self.image(name))?;
+        let _ = std::fs::remove_dir(&target);
+        Ok(())
+    }
+
+    fn list(&self) -> Result<Vec<String>, DriverError> {
+        let dir = self.dir.join("images");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(DriverError::io(dir.display().to_string(), e)),
+        };
+        let mut names: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".img"))
+                    .map(str::to_string)
+            })
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    fn stats(&self, name: &str) -> Result<VolumeStats, DriverError> {
+        let target = self.staging(name);
+        let s = nix::sys::statvfs::statvfs(&target)
+            .map_err(|e| DriverError::io(target.display().to_string(), e.into()))?;
+        let unit = s.fragment_size();
+        Ok(VolumeStats {
+            capacity_bytes: s.blocks() * unit,
+            used_bytes: (s.blocks() - s.blocks_free()) * unit,
+            available_bytes: s.blocks_available() * unit,
+        })
+    }
+}
