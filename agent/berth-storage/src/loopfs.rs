@@ -90,6 +90,23 @@ fn run(cmd: &mut Command) -> Result<String, DriverError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Free bytes of an unmounted ext4 image, from its superblock.
+fn ext4_free_bytes(image: &Path) -> Result<u64, DriverError> {
+    let out = run(Command::new("dumpe2fs").arg("-h").arg(image))?;
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    match (field("Free blocks:"), field("Block size:")) {
+        (Some(free), Some(size)) => Ok(free * size),
+        _ => Err(DriverError::Tool(format!(
+            "dumpe2fs -h {} did not report free blocks",
+            image.display()
+        ))),
+    }
+}
+
 fn round_up(bytes: u64) -> u64 {
     bytes.max(MIN_BYTES).div_ceil(1 << 20) * (1 << 20)
 }
@@ -119,10 +136,10 @@ impl VolumeDriver for LoopDriver {
 
     fn create(&self, name: &str, bytes: u64) -> Result<u64, DriverError> {
         let image = self.image(name);
-        if let Ok(m) = std::fs::metadata(&image) {
-            return Ok(m.len());
-        }
         let size = round_up(bytes);
+        if image.exists() {
+            return Ok(size);
+        }
         let free = self.free_bytes()?;
         if size > free {
             return Err(DriverError::NoSpace(format!(
@@ -143,6 +160,21 @@ impl VolumeDriver for LoopDriver {
                 .args(["-q", "-F", "-m", "0", "-E", "nodiscard", "-L"])
                 .arg(name.chars().take(16).collect::<String>())
                 .arg(&new))?;
+            // ext4's own overhead (journal, inode tables) comes on top, so
+            // the pod can store what the claim asked for.
+            // (Plus room for the file's own extent blocks.)
+            let want = size + size / 64 + (1 << 20);
+            let mut len = size;
+            for _ in 0..3 {
+                let free = ext4_free_bytes(&new)?;
+                if free >= want {
+                    break;
+                }
+                len = (len + want - free).div_ceil(1 << 20) * (1 << 20);
+                f.set_len(len)
+                    .map_err(|e| DriverError::io(new.display().to_string(), e))?;
+                run(Command::new("resize2fs").arg("-f").arg(&new))?;
+            }
             f.sync_all()
                 .map_err(|e| DriverError::io(new.display().to_string(), e))?;
             std::fs::rename(&new, &image)
@@ -173,33 +205,41 @@ impl VolumeDriver for LoopDriver {
 
     fn expand(&self, name: &str, bytes: u64) -> Result<u64, DriverError> {
         let image = self.image(name);
-        let current = std::fs::metadata(&image)
-            .map_err(|e| DriverError::io(image.display().to_string(), e))?
-            .len();
         let size = round_up(bytes);
-        if size <= current {
-            return Ok(current);
-        }
-        let free = self.free_bytes()?;
-        if size - current > free {
-            return Err(DriverError::NoSpace(format!(
-                "growing to {} needs {} more but the node has {} free for volumes",
-                crate::format_size(size),
-                crate::format_size(size - current),
-                crate::format_size(free)
-            )));
-        }
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&image)
-            .and_then(|f| f.set_len(size))
-            .map_err(|e| DriverError::io(image.display().to_string(), e))?;
-        let dev = Self::attach(&image)?;
-        run(Command::new("losetup").arg("-c").arg(&dev))?;
         self.stage(name)?;
-        // Online resize of the mounted filesystem.
-        run(Command::new("resize2fs").arg(&dev))?;
-        Ok(size)
+        let dev = Self::attach(&image)?;
+        for _ in 0..4 {
+            let stats = self.stats(name)?;
+            let usable = stats.available_bytes + stats.used_bytes;
+            if usable >= size {
+                return Ok(size);
+            }
+            let missing = (size - usable).div_ceil(1 << 20) * (1 << 20);
+            let free = self.free_bytes()?;
+            if missing > free {
+                return Err(DriverError::NoSpace(format!(
+                    "growing to {} needs {} more but the node has {} free for volumes",
+                    crate::format_size(size),
+                    crate::format_size(missing),
+                    crate::format_size(free)
+                )));
+            }
+            let len = std::fs::metadata(&image)
+                .map_err(|e| DriverError::io(image.display().to_string(), e))?
+                .len();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&image)
+                .and_then(|f| f.set_len(len + missing))
+                .map_err(|e| DriverError::io(image.display().to_string(), e))?;
+            run(Command::new("losetup").arg("-c").arg(&dev))?;
+            // Online resize of the mounted filesystem.
+            run(Command::new("resize2fs").arg(&dev))?;
+        }
+        Err(DriverError::Tool(format!(
+            "{name} did not reach {} after growing it",
+            crate::format_size(size)
+        )))
     }
 
     fn stage(&self, name: &str) -> Result<PathBuf, DriverError> {
