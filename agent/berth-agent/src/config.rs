@@ -60,6 +60,14 @@ struct FileConfig {
     drift: Option<FileDrift>,
     #[serde(default)]
     network: Option<FileNetwork>,
+    #[serde(default)]
+    storage: Option<FileStorage>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FileStorage {
+    host_path_prefixes: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -140,6 +148,7 @@ struct Layer {
     service_cidr: Option<(String, Origin)>,
     cluster_domain: Option<(String, Origin)>,
     node_port_range: Option<(String, Origin)>,
+    host_path_prefixes: Option<(Vec<String>, Origin)>,
 }
 
 impl Layer {
@@ -168,7 +177,8 @@ impl Layer {
             pod_cidr,
             service_cidr,
             cluster_domain,
-            node_port_range
+            node_port_range,
+            host_path_prefixes
         );
         self
     }
@@ -198,6 +208,9 @@ pub struct NodeConfig {
     pub drift: crate::drift::Settings,
     /// Pod and Service ranges, cluster domain, node port range.
     pub network: berth_net::NetworkSettings,
+    /// `storage.hostPathPrefixes`: the only places hostPath volumes and
+    /// static PersistentVolumes may bind (none by default).
+    pub host_path_prefixes: Vec<String>,
     /// Which sources contributed, in order.
     pub sources: Vec<String>,
 }
@@ -271,6 +284,7 @@ fn parse_file(text: &str, origin: Origin) -> Result<Layer, ConfigError> {
     let status = file.status.unwrap_or_default();
     let drift = file.drift.unwrap_or_default();
     let network = file.network.unwrap_or_default();
+    let storage = file.storage.unwrap_or_default();
     let with = |v: Option<String>| v.map(|v| (v, origin.clone()));
     Ok(Layer {
         node: with(node.name),
@@ -294,6 +308,7 @@ fn parse_file(text: &str, origin: Origin) -> Result<Layer, ConfigError> {
         service_cidr: with(network.service_cidr),
         cluster_domain: with(network.cluster_domain),
         node_port_range: with(network.node_port_range),
+        host_path_prefixes: storage.host_path_prefixes.map(|l| (l, origin.clone())),
     })
 }
 
@@ -693,6 +708,22 @@ fn finish(layer: Layer, hostname: &str, sources: Vec<String>) -> Result<NodeConf
         let origin = origin.as_ref().map_or(none.clone(), |(_, o)| o.clone());
         error(&origin, e.field, e.message)
     })?;
+    let mut host_path_prefixes = Vec::new();
+    if let Some((prefixes, origin)) = &layer.host_path_prefixes {
+        for p in prefixes {
+            if let Err(e) = berth_manifest::volumes::absolute_path(p) {
+                return Err(error(origin, "storage.hostPathPrefixes", e));
+            }
+            if p.trim_end_matches('/').is_empty() {
+                return Err(error(
+                    origin,
+                    "storage.hostPathPrefixes",
+                    "\"/\" would let pods bind the whole node; name the directories they may use",
+                ));
+            }
+            host_path_prefixes.push(p.trim_end_matches('/').to_string());
+        }
+    }
     let allowed_signers = layer.allowed_signers.clone().map(|(p, _)| p);
     Ok(NodeConfig {
         node_name,
@@ -708,6 +739,7 @@ fn finish(layer: Layer, hostname: &str, sources: Vec<String>) -> Result<NodeConf
         push_options,
         drift,
         network,
+        host_path_prefixes,
         sources,
     })
 }

@@ -14,6 +14,7 @@ pub mod notify;
 pub mod publisher;
 pub mod report;
 pub mod state;
+pub mod storage;
 
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -149,6 +150,8 @@ pub struct Agent {
     limits: Option<CgroupLimits>,
     /// The pod network, when this node runs one (see [`Agent::with_network`]).
     network: Option<network::PodNetwork>,
+    /// Claims and pod volumes, when this node keeps them (see [`Agent::with_storage`]).
+    storage: Option<storage::Storage>,
 }
 
 /// Resource-control files of Berth's cgroups, by cgroup path.
@@ -224,7 +227,19 @@ impl Agent {
             drift_commit: None,
             limits: None,
             network: None,
+            storage: None,
         })
+    }
+
+    /// Provisions claims with `driver` (its book under `dir`) and makes
+    /// pod volumes ready. Without it, pods with volumes do not start.
+    pub fn with_storage(
+        mut self,
+        dir: impl Into<std::path::PathBuf>,
+        driver: Box<dyn berth_storage::driver::VolumeDriver>,
+    ) -> Self {
+        self.storage = Some(storage::Storage::new(dir, driver));
+        self
     }
 
     /// Gives every pod its own network namespace, address and DNS, and
@@ -576,6 +591,7 @@ impl Agent {
             .network
             .as_ref()
             .map(|n| n.netns_dir().display().to_string());
+        node.volumes.host_path_prefixes = config.host_path_prefixes.clone();
         if let Some(rt) = &self.runtime {
             node.containers_dir = rt.containers_dir.clone();
             if let Ok(v) = rt.systemd.version() {
@@ -670,7 +686,9 @@ impl Agent {
             now,
         );
         plan.plan.actions = classified.actions;
-        let (blocked, pod_files) = self.wire_pods(config, &mut plan);
+        let (mut blocked, pod_files) = self.wire_pods(config, &mut plan);
+        let dirs = self.node_info(config).volumes;
+        blocked.extend(self.prepare_volumes(&loaded.catalog, &mut plan, &dirs));
         let mut report = if plan.plan.actions.is_empty() && self.state.failures.is_empty() {
             self.last_logged_plan.clear();
             berth_runtime::ApplyReport::default()
@@ -679,6 +697,11 @@ impl Agent {
         };
         report.failed.extend(blocked);
         self.unwire_others(&plan.pods);
+        if let Some(storage) = &self.storage {
+            for line in storage.remove_others(&plan.pods, &dirs) {
+                self.log.info(&line);
+            }
+        }
         let failed: std::collections::BTreeSet<&str> =
             report.failed.iter().map(|f| f.unit.as_str()).collect();
         // What is now as Git says, by digest: a later departure is drift.
@@ -871,6 +894,50 @@ impl Agent {
         (blocked, Some(net.pod_files(&plan.pods)))
     }
 
+    /// Binds claims, publishes their volumes and makes every pod's volumes
+    /// ready. Pods whose volumes are not ready lose their start actions and
+    /// show `FailedMount` with the reason.
+    fn prepare_volumes(
+        &mut self,
+        catalog: &berth_manifest::Catalog,
+        plan: &mut berth_plan::NodePlan,
+        dirs: &berth_plan::volumes::VolumeDirs,
+    ) -> Vec<berth_runtime::ApplyFailure> {
+        let with_volumes = plan.pods.iter().any(|p| !p.volumes.is_empty());
+        let Some(storage) = self.storage.as_mut() else {
+            if !with_volumes {
+                return Vec::new();
+            }
+            let blocked = block_pods(
+                plan,
+                plan.pods
+                    .iter()
+                    .filter(|p| !p.volumes.is_empty())
+                    .map(|p| {
+                        (
+                            p.id.key(),
+                            "this node keeps no volumes (the agent runs without storage)"
+                                .to_string(),
+                        )
+                    })
+                    .collect(),
+            );
+            return blocked;
+        };
+        let (record, lines) = storage.reconcile(catalog, &plan.pods, dirs);
+        for line in lines {
+            self.log.info(&line);
+        }
+        let blocked = storage.prepare_pods(&plan.pods, dirs);
+        for p in &record.problems {
+            if !self.state.storage.problems.contains(p) {
+                self.log.error(&format!("storage: {p}"));
+            }
+        }
+        self.state.storage = record;
+        block_pods(plan, blocked)
+    }
+
     /// Removes the network of pods Git no longer wants (their containers
     /// stopped in this pass's apply) and of anything a crash left behind.
     fn unwire_others(&mut self, pods: &[berth_plan::DesiredPod]) {
@@ -1056,6 +1123,7 @@ impl Agent {
             drift: &self.state.drift,
             healed: &self.state.healed,
             network: &self.state.network,
+            storage: &self.state.storage,
             now: now_secs(),
         });
         publisher.send(Outgoing {
@@ -1225,4 +1293,30 @@ fn jitter(d: Duration) -> Duration {
         .map_or(0, |t| t.subsec_nanos());
     let factor = 0.9 + f64::from(nanos % 1000) / 1000.0 * 0.2;
     d.mul_f64(factor)
+}
+
+/// Removes the start actions of pods that cannot start, and says why.
+fn block_pods(
+    plan: &mut berth_plan::NodePlan,
+    reasons: std::collections::BTreeMap<String, String>,
+) -> Vec<berth_runtime::ApplyFailure> {
+    let mut blocked = Vec::new();
+    let mut ids = std::collections::BTreeSet::new();
+    for pod in &plan.pods {
+        if let Some(message) = reasons.get(&pod.id.key()) {
+            ids.insert(pod.id.to_string());
+            blocked.push(berth_runtime::ApplyFailure {
+                unit: format!("volumes of {}", pod.id),
+                pod: Some(pod.id.to_string()),
+                verb: "start".into(),
+                reason: berth_runtime::FailureReason::FailedMount,
+                message: message.clone(),
+            });
+        }
+    }
+    plan.plan.actions.retain(|a| {
+        !(matches!(a.verb, berth_plan::Verb::Start | berth_plan::Verb::Restart)
+            && a.pod.as_ref().is_some_and(|p| ids.contains(&p.to_string())))
+    });
+    blocked
 }

@@ -35,6 +35,9 @@ pub struct NodeStatusDoc {
     /// Services as programmed, and what the network could not do.
     #[serde(default, skip_serializing_if = "is_default")]
     pub network: crate::state::NetworkRecord,
+    /// Claims (phase, capacity, usage) and provisioned volumes.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub storage: crate::storage::StorageRecord,
     /// When this document was written (changes on every heartbeat).
     pub heartbeat: String,
 }
@@ -118,6 +121,7 @@ pub struct Inputs<'a> {
     pub drift: &'a [DriftItem],
     pub healed: &'a [Healed],
     pub network: &'a crate::state::NetworkRecord,
+    pub storage: &'a crate::storage::StorageRecord,
     pub now: u64,
 }
 
@@ -219,6 +223,7 @@ pub fn build(inputs: &Inputs<'_>) -> NodeStatusDoc {
             pod_ips: BTreeMap::new(),
             ..inputs.network.clone()
         },
+        storage: inputs.storage.clone(),
         heartbeat: crate::drift::timestamp(inputs.now),
     }
 }

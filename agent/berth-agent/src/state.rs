@@ -54,6 +54,9 @@ pub struct AgentState {
     /// The pod network and Services as last programmed.
     #[serde(default)]
     pub network: NetworkRecord,
+    /// Claims and volumes as last reconciled.
+    #[serde(default)]
+    pub storage: crate::storage::StorageRecord,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

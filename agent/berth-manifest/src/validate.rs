@@ -717,7 +717,11 @@ pub fn persistent_volume(pv: &PersistentVolume, issues: &mut Issues) {
     let spath = FieldPath::root().key("spec");
     storage_size(spec.capacity.as_ref(), &spath.key("capacity"), issues);
     if spec.access_modes.as_ref().is_none_or(Vec::is_empty) {
-        err(issues, spath.key("accessModes"), "required: at least one access mode");
+        err(
+            issues,
+            spath.key("accessModes"),
+            "required: at least one access mode",
+        );
     }
     access_modes(
         spec.access_modes.as_deref(),
@@ -749,7 +753,9 @@ pub fn persistent_volume(pv: &PersistentVolume, issues: &mut Issues) {
             err(
                 issues,
                 spath.key(s.clone()),
-                format!("volume source {s} is not available on a Berth node; use local or hostPath"),
+                format!(
+                    "volume source {s} is not available on a Berth node; use local or hostPath"
+                ),
             );
         }
     }
@@ -763,7 +769,10 @@ pub fn persistent_volume(pv: &PersistentVolume, issues: &mut Issues) {
         _ => err(
             issues,
             spath.clone(),
-            format!("may not specify more than one volume source; found {}", sources.join(", ")),
+            format!(
+                "may not specify more than one volume source; found {}",
+                sources.join(", ")
+            ),
         ),
     }
     for (field, path) in [
@@ -790,7 +799,11 @@ pub fn persistent_volume_claim(pvc: &PersistentVolumeClaim, issues: &mut Issues)
         issues,
     );
     if spec.access_modes.as_ref().is_none_or(Vec::is_empty) {
-        err(issues, spath.key("accessModes"), "required: at least one access mode");
+        err(
+            issues,
+            spath.key("accessModes"),
+            "required: at least one access mode",
+        );
     }
     access_modes(
         spec.access_modes.as_deref(),
@@ -804,7 +817,9 @@ pub fn storage_class(sc: &StorageClass, issues: &mut Issues) {
     let root = FieldPath::root();
     if sc.provisioner.is_empty() {
         err(issues, root.key("provisioner"), "required");
-    } else if sc.provisioner != LOCAL_PROVISIONER && sc.provisioner != "kubernetes.io/no-provisioner" {
+    } else if sc.provisioner != LOCAL_PROVISIONER
+        && sc.provisioner != "kubernetes.io/no-provisioner"
+    {
         issues.push(FieldIssue::warning(
             root.key("provisioner"),
             format!(
@@ -814,7 +829,12 @@ pub fn storage_class(sc: &StorageClass, issues: &mut Issues) {
         ));
     }
     if let Some(policy) = &sc.reclaim_policy {
-        one_of(policy, &["Delete", "Retain"], root.key("reclaimPolicy"), issues);
+        one_of(
+            policy,
+            &["Delete", "Retain"],
+            root.key("reclaimPolicy"),
+            issues,
+        );
     }
     if let Some(mode) = &sc.volume_binding_mode {
         one_of(
@@ -832,12 +852,16 @@ pub fn storage_class(sc: &StorageClass, issues: &mut Issues) {
                 "fsType" | "csi.storage.k8s.io/fstype" => err(
                     issues,
                     path,
-                    format!("unsupported value {value:?}: the local provisioner makes ext4 filesystems"),
+                    format!(
+                        "unsupported value {value:?}: the local provisioner makes ext4 filesystems"
+                    ),
                 ),
                 _ => err(
                     issues,
                     path,
-                    format!("the local provisioner has no parameter {key:?}; it takes fsType: ext4 only"),
+                    format!(
+                        "the local provisioner has no parameter {key:?}; it takes fsType: ext4 only"
+                    ),
                 ),
             }
         }

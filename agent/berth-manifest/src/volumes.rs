@@ -86,7 +86,9 @@ fn mode(m: i32, path: FieldPath, issues: &mut Issues) {
         err(
             issues,
             path,
-            format!("{m} is not a valid file mode: must be between 0 and 0777 (octal), both inclusive"),
+            format!(
+                "{m} is not a valid file mode: must be between 0 and 0777 (octal), both inclusive"
+            ),
         );
     }
 }
@@ -236,7 +238,12 @@ fn volume(v: &Volume, vpath: &FieldPath, issues: &mut Issues) {
     }
 }
 
-fn mounts(c: &Container, volumes: &BTreeMap<&str, &Volume>, cpath: &FieldPath, issues: &mut Issues) {
+fn mounts(
+    c: &Container,
+    volumes: &BTreeMap<&str, &Volume>,
+    cpath: &FieldPath,
+    issues: &mut Issues,
+) {
     let mut paths = BTreeSet::new();
     for (i, m) in c.volume_mounts.iter().flatten().enumerate() {
         let mpath = cpath.key("volumeMounts").index(i);
@@ -295,7 +302,8 @@ mod tests {
 
     #[test]
     fn a_valid_pod_has_no_issues() {
-        let spec = "containers: []\nvolumes:\n- {name: a, secret: {secretName: s, defaultMode: 0440}}\n";
+        let spec =
+            "containers: []\nvolumes:\n- {name: a, secret: {secretName: s, defaultMode: 0440}}\n";
         let chunk = crate::yaml::Chunk {
             index: 0,
             first_line: 1,
@@ -342,7 +350,9 @@ mod tests {
         );
         assert_eq!(
             found,
-            ["spec.volumes[0]: may not specify more than one volume type; found emptyDir, hostPath"]
+            [
+                "spec.volumes[0]: may not specify more than one volume type; found emptyDir, hostPath"
+            ]
         );
     }
 }

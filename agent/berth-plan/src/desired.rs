@@ -10,7 +10,6 @@ use berth_manifest::{Catalog, FieldIssue, FieldPath, Object, ObjectRef, Quantity
 use serde::Serialize;
 
 use crate::expand::expand;
-use crate::volumes::{PodVolume, SubPathBind};
 use crate::images::{ImageCatalog, ImageConfig};
 use crate::node::{NodeInfo, PodInstance};
 use crate::resources::{self, ContainerResources, QosClass};
@@ -18,6 +17,7 @@ use crate::units::{
     self, CONTAINER_FIELD, ExecCommand, IMAGE_FIELD, MARKER_FIELD, OWNER_FIELD, POD_FIELD, PodId,
     Properties, PropertyValue, SLICE_DESCRIPTION_PREFIX, SharedProperties, UnitName,
 };
+use crate::volumes::{PodVolume, SubPathBind};
 
 /// The `PATH` container runtimes set when the image does not.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

@@ -142,7 +142,10 @@ impl Default for VolumeDirs {
 
 impl VolumeDirs {
     pub fn claim_dir(&self, namespace: &str, claim: &str) -> String {
-        format!("{}/{namespace}_{claim}", self.claims_dir.trim_end_matches('/'))
+        format!(
+            "{}/{namespace}_{claim}",
+            self.claims_dir.trim_end_matches('/')
+        )
     }
 }
 

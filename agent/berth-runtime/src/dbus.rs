@@ -374,8 +374,12 @@ fn array_from_wire(array: &Array<'_>) -> Option<PropertyValue> {
                     [Value::Str(_), Value::Str(_), Value::Bool(_), Value::U64(_)]
                 ) =>
             {
-                if let [Value::Str(source), Value::Str(destination), _, Value::U64(flags)] =
-                    s.fields()
+                if let [
+                    Value::Str(source),
+                    Value::Str(destination),
+                    _,
+                    Value::U64(flags),
+                ] = s.fields()
                 {
                     binds.push(BindMount {
                         source: source.to_string(),

@@ -84,6 +84,9 @@ pub enum FailureReason {
     DependencyFailed,
     /// The pod's network (namespace, address, veth) could not be made.
     FailedCreatePodSandBox,
+    /// A volume could not be made ready (a claim not bound, a subPath
+    /// leading out of its volume, a hostPath not allowed).
+    FailedMount,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

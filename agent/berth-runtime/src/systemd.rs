@@ -304,11 +304,7 @@ mod read_back_tests {
         for u in pod.units() {
             keys.extend(u.properties_for_apply().iter().map(|(k, _)| k));
         }
-        for key in [
-            "NetworkNamespacePath",
-            "BindPaths",
-            "BindReadOnlyPaths",
-        ] {
+        for key in ["NetworkNamespacePath", "BindPaths", "BindReadOnlyPaths"] {
             assert!(keys.contains(&key), "{key} not planned");
         }
         let missing: Vec<&&str> = keys.iter().filter(|k| !READ_BACK.contains(k)).collect();

@@ -62,13 +62,24 @@ pub enum Step {
         bytes: u64,
     },
     /// The claim is gone; policy Retain: keep the data, never bind again.
-    Release { volume: String },
+    Release {
+        volume: String,
+    },
     /// The claim is gone; policy Delete (or the volume was never used).
-    Delete { volume: String },
-    BindStatic { pv: String, claim: ClaimRef },
-    ReleaseStatic { pv: String },
+    Delete {
+        volume: String,
+    },
+    BindStatic {
+        pv: String,
+        claim: ClaimRef,
+    },
+    ReleaseStatic {
+        pv: String,
+    },
     /// The PV object left Git: forget its binding.
-    ForgetStatic { pv: String },
+    ForgetStatic {
+        pv: String,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -317,9 +328,9 @@ pub fn record(book: &mut Book, step: &Step) {
             bytes,
             reclaim,
         } => {
-            book.next_serial = book.next_serial.max(
-                crate::book::parse_volume_name(volume).map_or(0, |(_, s)| s + 1),
-            );
+            book.next_serial = book
+                .next_serial
+                .max(crate::book::parse_volume_name(volume).map_or(0, |(_, s)| s + 1));
             book.volumes.insert(
                 volume.clone(),
                 crate::book::Provisioned {
@@ -462,7 +473,13 @@ mod tests {
         }
         let mut thief = spec("d", Some("manual"), 10);
         thief.volume_name = Some("small".into());
-        let d2 = decide(&book, &[claims[0].clone(), thief], &pvs, &[], &BTreeSet::new());
+        let d2 = decide(
+            &book,
+            &[claims[0].clone(), thief],
+            &pvs,
+            &[],
+            &BTreeSet::new(),
+        );
         assert!(matches!(
             &d2.bindings[&claim("d")],
             Binding::Pending { reason, message } if reason == "VolumeBound" && message.contains("apps/a")
@@ -521,10 +538,22 @@ mod tests {
             },
         );
         let claims = [spec("data", None, 128)];
-        let no = decide(&book, &claims, &[], &[local(false, false, Reclaim::Delete)], &BTreeSet::new());
+        let no = decide(
+            &book,
+            &claims,
+            &[],
+            &[local(false, false, Reclaim::Delete)],
+            &BTreeSet::new(),
+        );
         assert!(no.steps.is_empty());
         assert!(no.notes[&claim("data")].contains("allowVolumeExpansion"));
-        let yes = decide(&book, &claims, &[], &[local(false, true, Reclaim::Delete)], &BTreeSet::new());
+        let yes = decide(
+            &book,
+            &claims,
+            &[],
+            &[local(false, true, Reclaim::Delete)],
+            &BTreeSet::new(),
+        );
         assert_eq!(
             yes.steps,
             [Step::Expand {

@@ -164,9 +164,9 @@ impl Book {
 
     /// The live volume of a claim (not Released or being deleted).
     pub fn volume_of(&self, claim: &ClaimRef) -> Option<(&String, &Provisioned)> {
-        self.volumes.iter().find(|(_, v)| {
-            &v.claim == claim && matches!(v.phase, Phase::Creating | Phase::Bound)
-        })
+        self.volumes
+            .iter()
+            .find(|(_, v)| &v.claim == claim && matches!(v.phase, Phase::Creating | Phase::Bound))
     }
 }
 

@@ -46,8 +46,8 @@ impl LoopDriver {
             if !name.starts_with("loop") {
                 continue;
             }
-            let backing = std::fs::read_to_string(e.path().join("loop/backing_file"))
-                .unwrap_or_default();
+            let backing =
+                std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
             if Path::new(backing.trim_end()) == file {
                 return Some(PathBuf::from("/dev").join(name));
             }
@@ -59,11 +59,9 @@ impl LoopDriver {
         if let Some(dev) = Self::loop_of(file) {
             return Ok(dev);
         }
-        let out = run(
-            Command::new("losetup")
-                .args(["--find", "--show", "--direct-io=on", "--nooverlap"])
-                .arg(file),
-        )?;
+        let out = run(Command::new("losetup")
+            .args(["--find", "--show", "--direct-io=on", "--nooverlap"])
+            .arg(file))?;
         Ok(PathBuf::from(out.trim()))
     }
 

@@ -5,7 +5,9 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use berth_plan::volumes::{HostPathType, PodVolume, ProjectedFile, SubPathBind, VolumeSource, under_prefix};
+use berth_plan::volumes::{
+    HostPathType, PodVolume, ProjectedFile, SubPathBind, VolumeSource, under_prefix,
+};
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 use nix::sys::stat::Mode;
@@ -61,7 +63,9 @@ fn remount_size(path: &Path, size: u64) -> Result<(), String> {
         None::<&str>,
         path,
         None::<&str>,
-        nix::mount::MsFlags::MS_REMOUNT | nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        nix::mount::MsFlags::MS_REMOUNT
+            | nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV,
         Some(format!("size={size}").as_str()),
     )
     .map_err(|e| format!("resizing the tmpfs at {}: {e}", path.display()))
@@ -238,7 +242,10 @@ pub fn stage_sub_path(volume_root: &Path, bind: &SubPathBind) -> Result<(), Stri
             "subPath {:?} of volume {} leads outside the volume; refused",
             bind.sub_path, bind.volume
         ),
-        other => format!("subPath {:?} of volume {}: {other}", bind.sub_path, bind.volume),
+        other => format!(
+            "subPath {:?} of volume {}: {other}",
+            bind.sub_path, bind.volume
+        ),
     };
     let target = match open_beneath(&root, &bind.sub_path, OFlag::O_PATH) {
         Ok(fd) => fd,
@@ -246,14 +253,22 @@ pub fn stage_sub_path(volume_root: &Path, bind: &SubPathBind) -> Result<(), Stri
             // Made one component at a time, each beneath the root.
             let mut made = String::new();
             for part in bind.sub_path.split('/').filter(|p| !p.is_empty()) {
-                let parent = if made.is_empty() { ".".to_string() } else { made.clone() };
+                let parent = if made.is_empty() {
+                    ".".to_string()
+                } else {
+                    made.clone()
+                };
                 let dirfd = open_beneath(&root, &parent, OFlag::O_PATH | OFlag::O_DIRECTORY)
                     .map_err(escape)?;
                 match nix::sys::stat::mkdirat(&dirfd, part, Mode::from_bits_truncate(0o755)) {
                     Ok(()) | Err(Errno::EEXIST) => {}
                     Err(e) => return Err(escape(e)),
                 }
-                made = if made.is_empty() { part.to_string() } else { format!("{made}/{part}") };
+                made = if made.is_empty() {
+                    part.to_string()
+                } else {
+                    format!("{made}/{part}")
+                };
             }
             open_beneath(&root, &bind.sub_path, OFlag::O_PATH).map_err(escape)?
         }
@@ -263,14 +278,22 @@ pub fn stage_sub_path(volume_root: &Path, bind: &SubPathBind) -> Result<(), Stri
         .map(|s| s.st_mode & libc_s_ifmt() == libc_s_ifdir())
         .map_err(|e| format!("subPath {:?}: {e}", bind.sub_path))?;
     if let Some(parent) = stage.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("creating {}: {e}", parent.display()))?;
     }
     if is_dir {
-        std::fs::create_dir_all(&stage).map_err(|e| format!("creating {}: {e}", stage.display()))?;
+        std::fs::create_dir_all(&stage)
+            .map_err(|e| format!("creating {}: {e}", stage.display()))?;
     } else if !stage.exists() {
         std::fs::write(&stage, b"").map_err(|e| format!("creating {}: {e}", stage.display()))?;
     }
-    mounts::bind_fd(&target, &stage).map_err(|e| format!("binding subPath {:?} at {}: {e}", bind.sub_path, stage.display()))
+    mounts::bind_fd(&target, &stage).map_err(|e| {
+        format!(
+            "binding subPath {:?} at {}: {e}",
+            bind.sub_path,
+            stage.display()
+        )
+    })
 }
 
 const fn libc_s_ifmt() -> u32 {
@@ -290,7 +313,8 @@ pub fn remove_pod(dirs: &berth_plan::volumes::VolumeDirs, key: &str) -> Result<(
         if !dir.exists() {
             continue;
         }
-        mounts::unmount_below(&dir).map_err(|e| format!("unmounting below {}: {e}", dir.display()))?;
+        mounts::unmount_below(&dir)
+            .map_err(|e| format!("unmounting below {}: {e}", dir.display()))?;
         std::fs::remove_dir_all(&dir).map_err(|e| format!("removing {}: {e}", dir.display()))?;
     }
     Ok(())
@@ -301,7 +325,11 @@ pub fn pods_on_disk(dirs: &berth_plan::volumes::VolumeDirs) -> BTreeSet<String> 
     let mut keys = BTreeSet::new();
     for base in [&dirs.sub_path_dir, &dirs.run_dir, &dirs.disk_dir] {
         if let Ok(entries) = std::fs::read_dir(base) {
-            keys.extend(entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()));
+            keys.extend(
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned()),
+            );
         }
     }
     keys

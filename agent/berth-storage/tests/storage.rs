@@ -7,7 +7,9 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use berth_plan::volumes::{HostPathType, PodVolume, ProjectedFile, Sensitive, SubPathBind, VolumeSource};
+use berth_plan::volumes::{
+    HostPathType, PodVolume, ProjectedFile, Sensitive, SubPathBind, VolumeSource,
+};
 use berth_storage::driver::{DriverError, VolumeDriver};
 use berth_storage::loopfs::LoopDriver;
 use berth_storage::{mounts, podvol};
@@ -16,7 +18,10 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(name: &str) -> Self {
-        let dir = PathBuf::from(format!("/var/tmp/berth-storage-test-{name}-{}", std::process::id()));
+        let dir = PathBuf::from(format!(
+            "/var/tmp/berth-storage-test-{name}-{}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         Self(dir)
@@ -62,14 +67,18 @@ fn a_provisioned_volume_holds_its_size_and_keeps_its_data() {
     assert_eq!(driver.list().unwrap(), ["pvc_t_a_0", "pvc_t_b_0"]);
 
     let a = driver.stage("pvc_t_a_0").expect("stage");
-    assert_eq!(driver.stage("pvc_t_a_0").unwrap(), a, "staging twice is one mount");
+    assert_eq!(
+        driver.stage("pvc_t_a_0").unwrap(),
+        a,
+        "staging twice is one mount"
+    );
     let b = driver.stage("pvc_t_b_0").expect("stage b");
     std::fs::write(b.join("keep"), b"other volume").unwrap();
 
     let (written, err) = fill(&a.join("big"), 64);
     assert_eq!(err.raw_os_error(), Some(28), "ENOSPC, not {err}");
     assert!(
-        written >= 32 << 20 && written <= 36 << 20,
+        ((32 << 20)..=(36 << 20)).contains(&written),
         "wrote {written} bytes into a 32 MiB volume: all it asked for, and little more"
     );
     // The other volume and the data partition are untouched.
@@ -107,7 +116,12 @@ fn too_big_a_claim_leaves_nothing_behind_and_a_half_made_image_is_made_again() {
         other => panic!("expected NoSpace, got {other:?}"),
     }
     assert!(driver.list().unwrap().is_empty());
-    assert!(std::fs::read_dir(scratch.0.join("storage/images")).unwrap().next().is_none());
+    assert!(
+        std::fs::read_dir(scratch.0.join("storage/images"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
 
     // A crash during mkfs leaves `<name>.img.new`; the next create starts over.
     std::fs::write(driver.image("pvc_t_c_0").with_extension("img.new"), b"torn").unwrap();
@@ -142,9 +156,15 @@ fn sub_paths_stay_inside_their_volume_even_through_planted_symlinks() {
     std::os::unix::fs::symlink("app/conf", volume.join("inner-link")).unwrap();
 
     let stages = scratch.0.join("stages");
-    for (i, bad) in ["abs-link", "rel-link", "rel-link/key", "abs-link/new/dir"].iter().enumerate() {
-        let err = podvol::stage_sub_path(&volume, &sub("data", bad, &stages.join(i.to_string()), true))
-            .expect_err(bad);
+    for (i, bad) in ["abs-link", "rel-link", "rel-link/key", "abs-link/new/dir"]
+        .iter()
+        .enumerate()
+    {
+        let err = podvol::stage_sub_path(
+            &volume,
+            &sub("data", bad, &stages.join(i.to_string()), true),
+        )
+        .expect_err(bad);
         assert!(err.contains("leads outside the volume"), "{bad}: {err}");
         assert!(!mounts::is_mount_point(&stages.join(i.to_string())));
     }
@@ -192,15 +212,31 @@ fn config_files_are_swapped_whole_on_tmpfs_and_memory_volumes_are_sized() {
         host_path: dir.display().to_string(),
     };
     podvol::prepare(&volume, &[]).unwrap();
-    assert!(mounts::is_mount_point(&dir), "secret files live on their own tmpfs");
+    assert!(
+        mounts::is_mount_point(&dir),
+        "secret files live on their own tmpfs"
+    );
     assert_eq!(std::fs::read_to_string(dir.join("token")).unwrap(), "v1");
     assert_eq!(
-        std::fs::metadata(dir.join("token")).unwrap().permissions().mode() & 0o777,
+        std::fs::metadata(dir.join("token"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
         0o400
     );
-    assert_eq!(std::fs::read_to_string(dir.join("conf/app.yaml")).unwrap(), "a: 1");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("conf/app.yaml")).unwrap(),
+        "a: 1"
+    );
     // Unchanged content: nothing is rewritten.
-    assert!(!podvol::write_projected(&dir, &files(&[("token", "v1", 0o400), ("conf/app.yaml", "a: 1", 0o644)])).unwrap());
+    assert!(
+        !podvol::write_projected(
+            &dir,
+            &files(&[("token", "v1", 0o400), ("conf/app.yaml", "a: 1", 0o644)])
+        )
+        .unwrap()
+    );
     // A new version: one switch of ..data; the removed name disappears.
     let before = std::fs::read_link(dir.join("..data")).unwrap();
     assert!(podvol::write_projected(&dir, &files(&[("token", "v2", 0o400)])).unwrap());
@@ -237,10 +273,16 @@ fn host_paths_are_checked_where_they_really_lead() {
         source: VolumeSource::HostPath { kind },
         host_path: path.display().to_string(),
     };
-    let err = podvol::prepare(&vol(allowed.join("etc-link"), HostPathType::Any), &prefixes).unwrap_err();
+    let err =
+        podvol::prepare(&vol(allowed.join("etc-link"), HostPathType::Any), &prefixes).unwrap_err();
     assert!(err.contains("outside the prefixes"), "{err}");
-    podvol::prepare(&vol(allowed.join("made/here"), HostPathType::DirectoryOrCreate), &prefixes).unwrap();
+    podvol::prepare(
+        &vol(allowed.join("made/here"), HostPathType::DirectoryOrCreate),
+        &prefixes,
+    )
+    .unwrap();
     assert!(allowed.join("made/here").is_dir());
-    let err = podvol::prepare(&vol(allowed.join("made"), HostPathType::File), &prefixes).unwrap_err();
+    let err =
+        podvol::prepare(&vol(allowed.join("made"), HostPathType::File), &prefixes).unwrap_err();
     assert!(err.contains("is not a file"), "{err}");
 }

@@ -339,6 +339,11 @@ fn agent(
             leases: paths.state_dir.join("network/leases.json"),
             upstream_resolv_conf: PathBuf::from("/etc/resolv.conf"),
         });
+        let storage_dir = paths.state_dir.join("storage");
+        agent = agent.with_storage(
+            storage_dir.clone(),
+            Box::new(berth_storage::loopfs::LoopDriver::new(storage_dir)),
+        );
     }
     if once {
         agent.import_images();

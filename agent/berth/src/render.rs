@@ -132,6 +132,36 @@ pub fn print_status(
     for p in &net.problems {
         writeln!(out, "service problem: {p}")?;
     }
+    for c in &state.storage.claims {
+        let size = |b: Option<u64>| b.map_or("-".to_string(), berth_storage::format_size);
+        write!(
+            out,
+            "claim {}/{}: {} {} {} used of {}",
+            c.namespace,
+            c.name,
+            c.phase,
+            c.volume.as_deref().unwrap_or("-"),
+            size(c.used_bytes),
+            size(c.capacity_bytes)
+        )?;
+        for cond in &c.conditions {
+            write!(out, " [{cond}]")?;
+        }
+        if let (Some(r), Some(m)) = (&c.reason, &c.message) {
+            write!(out, " ({r}: {m})")?;
+        }
+        writeln!(out)?;
+    }
+    for v in state.storage.volumes.iter().filter(|v| v.phase != "Bound") {
+        writeln!(
+            out,
+            "volume {}: {} ({}), was claim {}",
+            v.name, v.phase, v.reclaim_policy, v.claim
+        )?;
+    }
+    for p in &state.storage.problems {
+        writeln!(out, "storage problem: {p}")?;
+    }
     let p = &state.publish;
     match (&p.error, p.last_push) {
         (Some(e), _) => writeln!(out, "publishing: failing ({} attempts): {e}", p.failures)?,
