@@ -1,5 +1,5 @@
 # The two commands the README promises, and a few helpers.
-.PHONY: demo plan-demo image test deps build release bench bench-pods bench-net bench-mirror bless
+.PHONY: demo plan-demo image test deps build release bench bench-pods bench-net bench-storage bench-mirror bless
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
@@ -48,6 +48,10 @@ bench-pods: deps
 bench-net: deps
 	cargo build --locked --release -p berth-net --example netbench
 	$(SUDO) target/release/examples/netbench
+
+bench-storage: deps
+	cargo build --locked --release -p berth-storage --example storagebench
+	$(SUDO) target/release/examples/storagebench
 
 bench-mirror: deps
 	cargo test --locked --release -p berth-agent --test reconcile_loop bench_long_lived_mirror -- --ignored --nocapture

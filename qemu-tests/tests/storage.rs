@@ -1,0 +1,348 @@
+//! Local storage on the real appliance: a pod writes to a provisioned
+//! claim, the data outlives the pod and a reboot, a write past the claim's
+//! size fails with ENOSPC inside the pod while the node carries on, a
+//! ConfigMap change reaches the mounted file, a claim grows online, and
+//! Delete and Retain do what they say.
+//! Run by `scripts/test.sh` with `--ignored`.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)]
+
+use std::time::{Duration, Instant};
+
+use berth_qemu_tests::{GIT_HOST, GitHost, Vm, VmOptions, must, retry_on_tcg_flake, test_image};
+
+const BOOT: Duration = Duration::from_secs(180);
+const SETTLE: Duration = Duration::from_secs(240);
+
+const CLASSES: &str = "apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata:
+  name: local
+  annotations: {storageclass.kubernetes.io/is-default-class: \"true\"}
+provisioner: berth.dev/local
+reclaimPolicy: Delete
+volumeBindingMode: WaitForFirstConsumer
+allowVolumeExpansion: true
+---
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: keep}
+provisioner: berth.dev/local
+reclaimPolicy: Retain
+volumeBindingMode: Immediate
+";
+
+fn claim(name: &str, class: &str, size: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: {name}}}
+spec:
+  storageClassName: {class}
+  accessModes: [ReadWriteOnce]
+  resources: {{requests: {{storage: {size}}}}}
+"
+    )
+}
+
+fn config(greeting: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: ConfigMap
+metadata: {{name: app}}
+data: {{greeting: {greeting}}}
+"
+    )
+}
+
+/// Writes its birth time once; keeps the claim, a subPath of it, the
+/// ConfigMap and a memory volume mounted.
+const WRITER: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: writer}
+spec:
+  containers:
+  - name: main
+    image: busybox:1.37
+    command: [sh, -c, \"[ -f /data/born ] || cat /proc/sys/kernel/random/uuid > /data/born; echo sub > /sub/marker; exec sleep 1000000\"]
+    volumeMounts:
+    - {name: data, mountPath: /data}
+    - {name: data, mountPath: /sub, subPath: nested/dir}
+    - {name: cfg, mountPath: /etc/app}
+    - {name: scratch, mountPath: /scratch}
+  volumes:
+  - name: data
+    persistentVolumeClaim: {claimName: data}
+  - name: cfg
+    configMap: {name: app}
+  - name: scratch
+    emptyDir: {medium: Memory, sizeLimit: 4Mi}
+";
+
+/// Writes past its claim's size and says how that ended.
+const FILLER: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: filler}
+spec:
+  containers:
+  - name: main
+    image: busybox:1.37
+    command: [sh, -c, \"dd if=/dev/zero of=/data/fill bs=1M count=64 2>&1; echo dd-exit=$?; exec sleep 1000000\"]
+    volumeMounts:
+    - {name: data, mountPath: /data}
+  volumes:
+  - name: data
+    persistentVolumeClaim: {claimName: kept}
+";
+
+fn files(
+    greeting: &str,
+    data_size: &str,
+    writer: bool,
+    filler: bool,
+) -> Vec<(&'static str, String)> {
+    let mut f = vec![
+        ("st/classes.yaml", CLASSES.to_string()),
+        ("st/config.yaml", config(greeting)),
+        ("st/data.yaml", claim("data", "local", data_size)),
+        ("st/kept.yaml", claim("kept", "keep", "16Mi")),
+    ];
+    if writer {
+        f.push(("st/writer.yaml", WRITER.to_string()));
+    }
+    if filler {
+        f.push(("st/filler.yaml", FILLER.to_string()));
+    }
+    f
+}
+
+fn push(git: &GitHost, files: &[(&'static str, String)], message: &str) -> String {
+    let borrowed: Vec<(&str, &str)> = files.iter().map(|(p, t)| (*p, t.as_str())).collect();
+    must(git.push(&borrowed, message))
+}
+
+fn status(vm: &Vm) -> serde_json::Value {
+    berth_qemu_tests::status_json(&vm.sh("berth status -o json")).expect("status json")
+}
+
+/// Polls the agent's status until `done` holds.
+fn status_until(
+    vm: &Vm,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let end = Instant::now() + SETTLE;
+    loop {
+        let s = status(vm);
+        if done(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < end,
+            "{what}: not within {SETTLE:?}\n{}",
+            vm.sh("berth status; journalctl -u berth-agent --no-pager | tail -n 30")
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+fn claim_of<'a>(s: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    s["storage"]["claims"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == name)
+}
+
+/// A command inside the writer's container (its mounts and root).
+fn in_writer(vm: &Vm, command: &str) -> (i32, String) {
+    must(vm.exec(
+        &format!(
+            "nsenter -t $(systemctl show -p MainPID --value berth-default_writer_main.service) -m -r -w -- {command}"
+        ),
+        Duration::from_secs(60),
+    ))
+}
+
+fn running(vm: &Vm, names: &[&str]) {
+    vm.pods_until(&format!("{names:?} running"), SETTLE, |p| {
+        names
+            .iter()
+            .all(|n| p.get(*n).is_some_and(|p| p["status"] == "Running"))
+    });
+}
+
+#[test]
+#[ignore = "needs QEMU, OVMF and the test image (scripts/test.sh runs it)"]
+fn claims_hold_data_and_size_and_follow_their_reclaim_policy() {
+    retry_on_tcg_flake("storage", scenario);
+}
+
+fn scenario() {
+    let image = must(test_image());
+    let git = must(GitHost::fresh("storage", "desired.git"));
+    let first = push(
+        &git,
+        &files("hello", "32Mi", true, true),
+        "claims and two pods",
+    );
+    let mut options = VmOptions::new("storage");
+    options.esp_config = Some(format!(
+        "node:\n  name: st\ngit:\n  url: git://{GIT_HOST}/desired.git\n  branch: main\n  path: st\n  pollInterval: 5s\n"
+    ));
+    let (mut vm, _) = must(Vm::boot_until(
+        &image,
+        &git,
+        &options,
+        "berth: agent started",
+        BOOT,
+    ));
+    let fetched = must(vm.wait_for(&format!("at {}", &first[..12]), SETTLE));
+    running(&vm, &["writer", "filler"]);
+    println!(
+        "commit fetched to 2 pods running on provisioned claims: {:.1} s",
+        vm.started.elapsed().as_secs_f64() - fetched.as_secs_f64()
+    );
+    let s = status(&vm);
+    for name in ["data", "kept"] {
+        let c = claim_of(&s, name).unwrap_or_else(|| panic!("claim {name} in {s}"));
+        assert_eq!(c["phase"], "Bound", "{c}");
+    }
+
+    // The pod wrote to its claim; the subPath landed inside it.
+    let born = vm.sh("cat /var/lib/berth/storage/claims/default_data/born");
+    assert_eq!(born.trim().len(), 36, "{born}");
+    assert_eq!(
+        vm.sh("cat /var/lib/berth/storage/claims/default_data/nested/dir/marker")
+            .trim(),
+        "sub"
+    );
+    let (rc, df) = in_writer(&vm, "/bin/df -k /data /scratch");
+    assert_eq!(rc, 0, "{df}");
+    println!("{df}");
+
+    // Past the claim's size: ENOSPC inside the pod, the node carries on.
+    let end = Instant::now() + SETTLE;
+    let log = loop {
+        let log = vm.sh("journalctl BERTH_POD=default/filler --no-pager -o cat");
+        if log.contains("dd-exit=") {
+            break log;
+        }
+        assert!(Instant::now() < end, "the filler never finished: {log}");
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    assert!(log.contains("No space left on device"), "{log}");
+    assert!(!log.contains("dd-exit=0"), "{log}");
+    let s = status_until(&vm, "the full claim shows as Full", |s| {
+        claim_of(s, "kept").is_some_and(|c| c["conditions"].to_string().contains("Full"))
+    });
+    println!("full claim: {}", claim_of(&s, "kept").unwrap());
+    let (rc, out) = in_writer(
+        &vm,
+        "/bin/sh -c 'echo still-fine > /data/after-fill && cat /data/after-fill'",
+    );
+    assert_eq!(
+        (rc, out.trim()),
+        (0, "still-fine"),
+        "another claim is unaffected"
+    );
+    let var_free: u64 = vm
+        .sh("df --output=avail -B1M /var | tail -n1")
+        .trim()
+        .parse()
+        .expect("df");
+    assert!(
+        var_free > 100,
+        "the data partition keeps its space: {var_free} MiB"
+    );
+
+    // A ConfigMap change reaches the mounted file.
+    let (rc, out) = in_writer(&vm, "/bin/cat /etc/app/greeting");
+    assert_eq!((rc, out.trim()), (0, "hello"));
+    push(&git, &files("bonjour", "32Mi", true, true), "new greeting");
+    let end = Instant::now() + SETTLE;
+    loop {
+        let (_, out) = in_writer(&vm, "/bin/cat /etc/app/greeting");
+        if out.trim() == "bonjour" {
+            break;
+        }
+        assert!(Instant::now() < end, "the greeting is still {out:?}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+
+    // The claim grows online, with the pod running.
+    push(
+        &git,
+        &files("bonjour", "64Mi", true, true),
+        "data grows to 64Mi",
+    );
+    let s = status_until(&vm, "data grown to 64Mi", |s| {
+        claim_of(s, "data").is_some_and(|c| c["capacityBytes"] == 64u64 << 20)
+    });
+    println!("grown: {}", claim_of(&s, "data").unwrap());
+    let (rc, out) = in_writer(&vm, "/bin/dd if=/dev/zero of=/data/big bs=1M count=48");
+    assert_eq!(rc, 0, "48 MiB fit after growing: {out}");
+    in_writer(&vm, "/bin/rm /data/big");
+
+    // The pod deleted and made again: the claim's data is still there.
+    must(git.remove("st/writer.yaml"));
+    push(
+        &git,
+        &files("bonjour", "64Mi", false, true),
+        "writer removed",
+    );
+    vm.pods_until("writer gone", SETTLE, |p| !p.contains_key("writer"));
+    assert_eq!(
+        vm.sh("cat /var/lib/berth/storage/claims/default_data/born"),
+        born
+    );
+    push(&git, &files("bonjour", "64Mi", true, true), "writer back");
+    running(&vm, &["writer"]);
+    let (_, again) = in_writer(&vm, "/bin/cat /data/born");
+    assert_eq!(
+        again.trim(),
+        born.trim(),
+        "same data after the pod came back"
+    );
+
+    // A reboot: loop devices and mounts are gone with the old kernel; the
+    // claims come back with their data.
+    let mut vm = must(vm.reboot(&git, &options, 2));
+    must(vm.wait_for("berth: agent started", BOOT));
+    running(&vm, &["writer", "filler"]);
+    let (_, after) = in_writer(&vm, "/bin/cat /data/born");
+    assert_eq!(after.trim(), born.trim(), "same data after the reboot");
+
+    // Delete and Retain: both claims and pods leave Git.
+    let images_before = vm.sh("ls /var/lib/berth/storage/images");
+    println!(
+        "images: {}",
+        images_before
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    for f in [
+        "st/writer.yaml",
+        "st/filler.yaml",
+        "st/data.yaml",
+        "st/kept.yaml",
+    ] {
+        must(git.remove(f));
+    }
+    must(git.push(&[], "claims removed"));
+    let s = status_until(&vm, "claims released", |s| {
+        s["storage"]["claims"].as_array().is_none_or(Vec::is_empty)
+            && s["storage"]["volumes"].to_string().contains("Released")
+    });
+    let images = vm.sh("ls /var/lib/berth/storage/images");
+    assert!(
+        !images.contains("pvc_default_data_"),
+        "Delete removed the data claim's volume: {images}"
+    );
+    assert!(
+        images.contains("pvc_default_kept_"),
+        "Retain kept the other: {images}"
+    );
+    println!("volumes after release: {}", s["storage"]["volumes"]);
+    must(vm.poweroff(Duration::from_secs(120)));
+}
