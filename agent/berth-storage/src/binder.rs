@@ -130,9 +130,18 @@ pub fn decide(
             Some(name) => name.clone(),
             None => default_class.clone().unwrap_or_default(),
         };
-        // 1. Already bound: keep it.
+        // 1. Already bound: keep it. One still `Creating` was cut short by
+        // a crash: made again under the same name (creation is idempotent).
         if let Some((name, v)) = book.volume_of(&c.claim) {
-            if c.request_bytes > v.capacity_bytes {
+            if v.phase == Phase::Creating {
+                d.steps.push(Step::Provision {
+                    volume: name.clone(),
+                    claim: c.claim.clone(),
+                    class: v.class.clone(),
+                    bytes: v.capacity_bytes,
+                    reclaim: v.reclaim,
+                });
+            } else if c.request_bytes > v.capacity_bytes {
                 let allows = classes
                     .iter()
                     .find(|k| k.name == v.class)
@@ -434,9 +443,12 @@ mod tests {
                 reclaim: Reclaim::Delete
             }]
         );
-        // Recorded, the next pass keeps it and provisions nothing again.
+        // Made and recorded, the next pass keeps it and provisions nothing again.
         let mut book = Book::default();
         record(&mut book, &d.steps[0]);
+        for v in book.volumes.values_mut() {
+            v.phase = Phase::Bound;
+        }
         let again = decide(&book, &claims, &[], &classes, &used);
         assert!(again.steps.is_empty(), "{:?}", again.steps);
         assert_eq!(
@@ -445,6 +457,18 @@ mod tests {
                 volume: "pvc_apps_data_0".into()
             }
         );
+    }
+
+    #[test]
+    fn a_provisioning_cut_short_by_a_crash_is_finished_under_the_same_name() {
+        let classes = [local(false, false, Reclaim::Delete)];
+        let claims = [spec("data", None, 64)];
+        let first = decide(&Book::default(), &claims, &[], &classes, &BTreeSet::new());
+        let mut book = Book::default();
+        record(&mut book, &first.steps[0]);
+        // The agent died here: the intent is in the book, the disk has nothing.
+        let again = decide(&book, &claims, &[], &classes, &BTreeSet::new());
+        assert_eq!(again.steps, first.steps, "the same volume, not a second one");
     }
 
     #[test]
