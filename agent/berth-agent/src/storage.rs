@@ -239,6 +239,14 @@ impl Storage {
             if !self.save(&book, &mut problems) {
                 break;
             }
+            // A volume leaving its claim leaves the claim's mount point first.
+            if let Step::Release { volume } | Step::Delete { volume } = step
+                && let Some(v) = book.volumes.get(volume)
+            {
+                let target = PathBuf::from(dirs.claim_dir(&v.claim.namespace, &v.claim.name));
+                let _ = mounts::unmount(&target);
+                let _ = std::fs::remove_dir(&target);
+            }
             match self.carry_out(step, &mut book) {
                 Ok(Some(line)) => log.push(line),
                 Ok(None) => {}

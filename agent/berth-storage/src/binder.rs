@@ -468,7 +468,10 @@ mod tests {
         record(&mut book, &first.steps[0]);
         // The agent died here: the intent is in the book, the disk has nothing.
         let again = decide(&book, &claims, &[], &classes, &BTreeSet::new());
-        assert_eq!(again.steps, first.steps, "the same volume, not a second one");
+        assert_eq!(
+            again.steps, first.steps,
+            "the same volume, not a second one"
+        );
     }
 
     #[test]
