@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 
 /// Usage at or above this share of a claim's capacity shows as a condition.
 pub const NEAR_FULL_PERCENT: u64 = 90;
+/// Less than this left counts as full.
+pub const FULL_BELOW_BYTES: u64 = 1 << 20;
 
 /// A claim as status shows it, like `kubectl get pvc`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -464,7 +466,9 @@ impl Storage {
                     if let Ok(stats) = self.driver.stats(volume) {
                         r.used_bytes = Some(stats.used_bytes);
                         let total = stats.used_bytes + stats.available_bytes;
-                        if stats.available_bytes == 0 {
+                        // Full: what is left cannot take a file's next block
+                        // group (ext4 keeps a little room it never hands out).
+                        if stats.available_bytes < FULL_BELOW_BYTES {
                             r.conditions.push("Full".into());
                         } else if total > 0 && stats.used_bytes * 100 >= total * NEAR_FULL_PERCENT {
                             r.conditions.push("NearFull".into());
