@@ -284,6 +284,19 @@ fn scenario() {
         std::thread::sleep(Duration::from_secs(2));
     }
 
+    // The claim's mount point unmounted by hand: mounted again, and the
+    // heal recorded (within the agent's one-minute resync).
+    vm.sh("umount /var/lib/berth/storage/claims/default_data");
+    status_until(&vm, "the unmounted claim healed", |s| {
+        s["healed"]
+            .to_string()
+            .contains("PersistentVolumeClaim/default/data")
+    });
+    assert_eq!(
+        vm.sh("cat /var/lib/berth/storage/claims/default_data/born"),
+        born
+    );
+
     // The claim grows online, with the pod running.
     push(
         &git,

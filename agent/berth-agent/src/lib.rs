@@ -924,9 +924,26 @@ impl Agent {
             );
             return blocked;
         };
-        let (record, lines) = storage.reconcile(catalog, &plan.pods, dirs);
+        let (record, lines, remounted) = storage.reconcile(catalog, &plan.pods, dirs);
         for line in lines {
             self.log.info(&line);
+        }
+        for r in remounted {
+            self.log.warn(&format!(
+                "drift healed: the volume of claim {} was unmounted from {} outside Berth; mounted again",
+                r.claim,
+                r.path.display()
+            ));
+            self.state.healed.push(report::Healed {
+                at: now_secs(),
+                object: format!("PersistentVolumeClaim/{}", r.claim),
+                unit: r.path.display().to_string(),
+                field: "mount".into(),
+                found: "not mounted".into(),
+                restored: "the claim's volume".into(),
+            });
+            let excess = self.state.healed.len().saturating_sub(report::HEALED_KEPT);
+            self.state.healed.drain(..excess);
         }
         let blocked = storage.prepare_pods(&plan.pods, dirs);
         for p in &record.problems {

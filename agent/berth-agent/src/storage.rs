@@ -71,6 +71,16 @@ pub struct Storage {
     driver: Box<dyn VolumeDriver>,
     book: Option<Book>,
     bindings: BTreeMap<ClaimRef, Binding>,
+    /// Claim mount points this agent mounted; one found unmounted later
+    /// was undone outside Berth (drift, put back and reported).
+    published: BTreeSet<PathBuf>,
+}
+
+/// A claim mount point found unmounted and mounted again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remounted {
+    pub claim: String,
+    pub path: PathBuf,
 }
 
 impl std::fmt::Debug for Storage {
@@ -178,6 +188,7 @@ impl Storage {
             driver,
             book: None,
             bindings: BTreeMap::new(),
+            published: BTreeSet::new(),
         }
     }
 
@@ -196,13 +207,15 @@ impl Storage {
     }
 
     /// Binds claims and publishes their volumes. Returns the storage
-    /// status and lines for the journal.
+    /// status, lines for the journal, and the claim mounts that were
+    /// undone by hand and put back.
     pub fn reconcile(
         &mut self,
         catalog: &Catalog,
         pods: &[DesiredPod],
         dirs: &VolumeDirs,
-    ) -> (StorageRecord, Vec<String>) {
+    ) -> (StorageRecord, Vec<String>, Vec<Remounted>) {
+        let mut remounted = Vec::new();
         let mut problems = Vec::new();
         let mut log = Vec::new();
         let mut book = match self.book.take() {
@@ -223,10 +236,14 @@ impl Storage {
                         (n, len)
                     })
                     .collect();
-                for name in b.adopt(&on_disk) {
+                let adopted = b.adopt(&on_disk);
+                for name in &adopted {
                     log.push(format!(
                         "storage: adopted volume {name}, found on disk without a record (kept: Retain)"
                     ));
+                }
+                if !adopted.is_empty() {
+                    self.save(&b, &mut problems);
                 }
                 b
             }
@@ -333,6 +350,10 @@ impl Storage {
                 .map_err(|e| e.to_string())
                 .and_then(|()| mounts::bind(&source, &target).map_err(|e| e.to_string()));
             match made {
+                Ok(()) if self.published.contains(&target) => remounted.push(Remounted {
+                    claim: claim.to_string(),
+                    path: target.clone(),
+                }),
                 Ok(()) => log.push(format!(
                     "storage: claim {claim} mounted at {}",
                     target.display()
@@ -366,7 +387,8 @@ impl Storage {
         let record = self.status(&book, &bindings, &decision.notes, problems);
         self.book = Some(book);
         self.bindings = bindings;
-        (record, log)
+        self.published = claim_dirs;
+        (record, log, remounted)
     }
 
     /// Performs one step; the book already holds its intent.
