@@ -814,6 +814,30 @@ mod tests {
     }
 
     #[test]
+    fn host_path_prefixes_are_absolute_directories_and_never_the_root() {
+        let dir = Dir::new("storage");
+        dir.write(
+            "config.yaml",
+            "git:\n  url: git://h/r.git\nstorage:\n  hostPathPrefixes: [/srv/, /data]\n",
+        );
+        let c = load(&sources(&dir, "", false)).expect("valid");
+        assert_eq!(c.host_path_prefixes, ["/srv", "/data"]);
+        for (bad, says) in [
+            ("[srv]", "absolute"),
+            ("[/]", "whole node"),
+            ("[/srv/../etc]", "'..'"),
+        ] {
+            dir.write(
+                "config.yaml",
+                &format!("git:\n  url: git://h/r.git\nstorage:\n  hostPathPrefixes: {bad}\n"),
+            );
+            let e = load(&sources(&dir, "", false)).expect_err(bad);
+            assert_eq!(e.field, "storage.hostPathPrefixes", "{e}");
+            assert!(e.message.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn network_settings_come_from_the_file_and_a_bad_one_names_file_and_field() {
         let dir = Dir::new("network");
         dir.write(
