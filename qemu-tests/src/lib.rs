@@ -627,6 +627,17 @@ pub fn must<T>(r: Result<T>) -> T {
 }
 
 impl Vm {
+    /// Runs `command` inside a running container: its unit's main process's
+    /// network and mount namespaces, root and working directory.
+    pub fn in_container(&self, unit: &str, command: &str) -> (i32, String) {
+        must(self.exec(
+            &format!(
+                "nsenter -t $(systemctl show -p MainPID --value {unit}) -n -m -r -w -- {command}"
+            ),
+            Duration::from_secs(60),
+        ))
+    }
+
     /// Runs a guest command that must succeed; returns its output.
     pub fn sh(&self, command: &str) -> String {
         let (rc, out) = must(self.exec(command, Duration::from_secs(60)));

@@ -88,12 +88,7 @@ fn get_from_client(vm: &Vm, url: &str) -> (i32, String) {
 /// A command run inside the client pod's container (its network, mount
 /// and root), so it resolves names with the pod's own resolv.conf.
 fn in_client(vm: &Vm, command: &str) -> (i32, String) {
-    must(vm.exec(
-        &format!(
-            "nsenter -t $(systemctl show -p MainPID --value berth-default_client_main.service) -n -m -r -w -- {command}"
-        ),
-        Duration::from_secs(60),
-    ))
+    vm.in_container("berth-default_client_main.service", command)
 }
 
 fn ips(pods: &BTreeMap<String, serde_json::Value>) -> BTreeMap<String, String> {

@@ -155,12 +155,7 @@ fn claim_of<'a>(s: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::
 
 /// A command inside the writer's container (its mounts and root).
 fn in_writer(vm: &Vm, command: &str) -> (i32, String) {
-    must(vm.exec(
-        &format!(
-            "nsenter -t $(systemctl show -p MainPID --value berth-default_writer_main.service) -m -r -w -- {command}"
-        ),
-        Duration::from_secs(60),
-    ))
+    vm.in_container("berth-default_writer_main.service", command)
 }
 
 fn running(vm: &Vm, names: &[&str]) {

@@ -203,6 +203,61 @@ fn project(
     }
 }
 
+/// A ConfigMap or Secret volume, before its object is looked up.
+struct FilesSource<'a> {
+    kind: &'static str,
+    field: &'static str,
+    name_field: &'static str,
+    name: &'a str,
+    optional: bool,
+    items: Option<&'a [KeyToPath]>,
+    default_mode: Option<i32>,
+}
+
+impl FilesSource<'_> {
+    /// `entries` is the object's keys and values, `None` when it does not
+    /// exist: an error unless the volume is optional (then it is empty).
+    fn resolve(
+        &self,
+        namespace: &str,
+        entries: Option<BTreeMap<String, Vec<u8>>>,
+        vpath: &FieldPath,
+        errors: &mut Vec<FieldIssue>,
+    ) -> Option<VolumeSource> {
+        let describe = format!("{} {namespace}/{}", self.kind, self.name);
+        let path = vpath.key(self.field);
+        let entries = match entries {
+            Some(e) => e,
+            None if self.optional => BTreeMap::new(),
+            None => {
+                errors.push(FieldIssue::error(
+                    path.key(self.name_field),
+                    format!("{describe} not found; the pod cannot start without it (set optional: true to start with an empty volume)"),
+                ));
+                return None;
+            }
+        };
+        let mut item_errors = Vec::new();
+        let files = project(
+            &entries,
+            self.items,
+            self.default_mode,
+            &describe,
+            &path,
+            &mut item_errors,
+        );
+        if !self.optional {
+            errors.append(&mut item_errors);
+        }
+        Some(VolumeSource::Files {
+            kind: self.kind,
+            object: self.name.to_string(),
+            files,
+            secret: self.kind == "Secret",
+        })
+    }
+}
+
 /// Resolves `spec.volumes`. Errors name fields relative to the source object.
 pub fn pod_volumes(
     instance: &PodInstance<'_>,
@@ -267,11 +322,8 @@ fn pod_volume(
             h.path.clone(),
         )
     } else if let Some(c) = &v.config_map {
-        let found = ctx.config_map(&id.namespace, &c.name);
-        let describe = format!("ConfigMap {}/{}", id.namespace, c.name);
-        let entries: BTreeMap<String, Vec<u8>> = match found {
-            Some(cm) => cm
-                .data
+        let entries = ctx.config_map(&id.namespace, &c.name).map(|cm| {
+            cm.data
                 .iter()
                 .flatten()
                 .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
@@ -281,42 +333,22 @@ fn pod_volume(
                         .flatten()
                         .map(|(k, v)| (k.clone(), v.0.clone())),
                 )
-                .collect(),
-            None if c.optional == Some(true) => BTreeMap::new(),
-            None => {
-                errors.push(FieldIssue::error(
-                    vpath.key("configMap").key("name"),
-                    format!("{describe} not found; the pod cannot start without it (set optional: true to start with an empty volume)"),
-                ));
-                return None;
-            }
+                .collect()
+        });
+        let files = FilesSource {
+            kind: "ConfigMap",
+            field: "configMap",
+            name_field: "name",
+            name: &c.name,
+            optional: c.optional == Some(true),
+            items: c.items.as_deref(),
+            default_mode: c.default_mode,
         };
-        let mut item_errors = Vec::new();
-        let files = project(
-            &entries,
-            c.items.as_deref(),
-            c.default_mode,
-            &describe,
-            &vpath.key("configMap"),
-            &mut item_errors,
-        );
-        if c.optional != Some(true) {
-            errors.append(&mut item_errors);
-        }
-        (
-            VolumeSource::Files {
-                kind: "ConfigMap",
-                object: c.name.clone(),
-                files,
-                secret: false,
-            },
-            run(),
-        )
+        (files.resolve(&id.namespace, entries, vpath, errors)?, run())
     } else if let Some(s) = &v.secret {
         let name = s.secret_name.clone().unwrap_or_default();
-        let describe = format!("Secret {}/{name}", id.namespace);
-        let entries: BTreeMap<String, Vec<u8>> = match ctx.secret(&id.namespace, &name) {
-            Some(secret) => secret
+        let entries = ctx.secret(&id.namespace, &name).map(|secret| {
+            secret
                 .data
                 .iter()
                 .flatten()
@@ -328,37 +360,18 @@ fn pod_volume(
                         .flatten()
                         .map(|(k, v)| (k.clone(), v.clone().into_bytes())),
                 )
-                .collect(),
-            None if s.optional == Some(true) => BTreeMap::new(),
-            None => {
-                errors.push(FieldIssue::error(
-                    vpath.key("secret").key("secretName"),
-                    format!("{describe} not found; the pod cannot start without it (set optional: true to start with an empty volume)"),
-                ));
-                return None;
-            }
+                .collect()
+        });
+        let files = FilesSource {
+            kind: "Secret",
+            field: "secret",
+            name_field: "secretName",
+            name: &name,
+            optional: s.optional == Some(true),
+            items: s.items.as_deref(),
+            default_mode: s.default_mode,
         };
-        let mut item_errors = Vec::new();
-        let files = project(
-            &entries,
-            s.items.as_deref(),
-            s.default_mode,
-            &describe,
-            &vpath.key("secret"),
-            &mut item_errors,
-        );
-        if s.optional != Some(true) {
-            errors.append(&mut item_errors);
-        }
-        (
-            VolumeSource::Files {
-                kind: "Secret",
-                object: name,
-                files,
-                secret: true,
-            },
-            run(),
-        )
+        (files.resolve(&id.namespace, entries, vpath, errors)?, run())
     } else if let Some(c) = &v.persistent_volume_claim {
         (
             VolumeSource::Claim {
@@ -470,6 +483,89 @@ mod tests {
         assert!(under_prefix("/srv", "/srv/"));
         assert!(!under_prefix("/srvx/data", "/srv"));
         assert!(!under_prefix("/etc", "/srv"));
+    }
+
+    fn plan(docs: &str, prefixes: &[&str]) -> crate::NodePlan {
+        let catalog = berth_manifest::load_sources(vec![berth_manifest::SourceFile {
+            path: "p.yaml".into(),
+            text: docs.into(),
+        }]);
+        let mut node = crate::NodeInfo::new("n", Default::default(), 1 << 30, 2000);
+        node.volumes.host_path_prefixes = prefixes.iter().map(|p| p.to_string()).collect();
+        let images = crate::ImageCatalog::new([crate::ImageConfig {
+            reference: "busybox:1.37".into(),
+            cmd: vec!["sh".into()],
+            ..Default::default()
+        }]);
+        crate::plan_node(&catalog, &node, &images, &Default::default(), "r")
+    }
+
+    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n  - name: c\n    image: busybox:1.37\n    volumeMounts:\n    - {name: cfg, mountPath: /etc/app}\n    - {name: host, mountPath: /host, readOnly: true}\n    - {name: cfg, mountPath: /etc/one, subPath: a.conf}\n  volumes:\n  - name: cfg\n    configMap: {name: app, items: [{key: a, path: a.conf, mode: 0600}]}\n  - name: host\n    hostPath: {path: /srv/data, type: Directory}\n";
+
+    #[test]
+    fn volumes_become_binds_at_fixed_paths() {
+        let docs = format!(
+            "{POD}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: app}}\ndata: {{a: x, b: z}}\n"
+        );
+        let p = plan(&docs, &["/srv"]);
+        assert_eq!(p.pods.len(), 1, "{:?}", p.diagnostics);
+        let pod = &p.pods[0];
+        let files = match &pod.volumes[0].source {
+            VolumeSource::Files { files, .. } => files.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            files,
+            [ProjectedFile {
+                path: "a.conf".into(),
+                mode: 0o600,
+                data: Sensitive(b"x".to_vec())
+            }]
+        );
+        let unit = &pod.containers[0];
+        let props = unit.properties_for_apply();
+        let ro = match props.get("BindReadOnlyPaths") {
+            Some(crate::PropertyValue::Binds(b)) => crate::units::binds_text(b),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            ro,
+            "/run/berth/volumes/default_p/cfg:/etc/app /srv/data:/host /run/berth/subpaths/default_p/c/2:/etc/one"
+        );
+        assert!(
+            props.get("BindPaths").is_none(),
+            "ConfigMaps are never writable"
+        );
+        assert_eq!(unit.sub_paths[0].sub_path, "a.conf");
+    }
+
+    #[test]
+    fn missing_objects_keys_and_disallowed_host_paths_are_named() {
+        let docs = format!(
+            "{POD}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: app}}\ndata: {{b: z}}\n"
+        );
+        let p = plan(&docs, &["/srv/other"]);
+        assert!(p.pods.is_empty());
+        let found: Vec<String> = p.diagnostics.iter().map(ToString::to_string).collect();
+        let text = found.join("\n");
+        assert!(
+            text.contains(
+                "spec.volumes[0].configMap.items[0].key: ConfigMap default/app has no key \"a\""
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("spec.volumes[1].hostPath.path: \"/srv/data\" is not under a prefix this node allows for hostPath volumes (storage.hostPathPrefixes: /srv/other)"),
+            "{text}"
+        );
+        let p = plan(POD, &["/srv"]);
+        let text = p
+            .diagnostics
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(text.contains("ConfigMap default/app not found"), "{text}");
     }
 
     #[test]
