@@ -22,6 +22,7 @@ pub const SUPPORTED_SOURCES: &[&str] = &[
     "configMap",
     "secret",
     "persistentVolumeClaim",
+    "projected",
 ];
 
 /// `hostPath.type` values, as Kubernetes spells them ("" means no check).
@@ -181,8 +182,15 @@ pub fn pod_volumes(spec: &PodSpec, path: &FieldPath, issues: &mut Issues) {
 fn volume(v: &Volume, vpath: &FieldPath, issues: &mut Issues) {
     if let Some(e) = &v.empty_dir {
         let p = vpath.key("emptyDir");
-        if let Some(medium) = &e.medium {
-            crate::validate::one_of(medium, &["", "Memory"], p.key("medium"), issues);
+        if let Some(medium) = e.medium.as_deref()
+            && !medium.is_empty()
+            && medium != "Memory"
+        {
+            err(
+                issues,
+                p.key("medium"),
+                format!("unsupported value {medium:?}: must be \"\" (the node's disk) or Memory"),
+            );
         }
         if let Some(limit) = &e.size_limit
             && let Err(e) = Quantity::parse(&limit.0).and_then(|q| q.units())
@@ -226,6 +234,63 @@ fn volume(v: &Volume, vpath: &FieldPath, issues: &mut Issues) {
         items(s.items.as_deref(), &p, issues);
         if let Some(m) = s.default_mode {
             mode(m, p.key("defaultMode"), issues);
+        }
+    }
+    if let Some(pr) = &v.projected {
+        let p = vpath.key("projected");
+        if let Some(m) = pr.default_mode {
+            mode(m, p.key("defaultMode"), issues);
+        }
+        for (i, source) in pr.sources.iter().flatten().enumerate() {
+            let spath = p.key("sources").index(i);
+            let set: Vec<String> = serde_json::to_value(source)
+                .ok()
+                .as_ref()
+                .and_then(serde_json::Value::as_object)
+                .map(|m| {
+                    m.iter()
+                        .filter(|(_, v)| !v.is_null())
+                        .map(|(k, _)| k.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            if set.len() != 1 {
+                err(
+                    issues,
+                    spath.clone(),
+                    format!("must set exactly one source; found {}", set.len()),
+                );
+            }
+            for name in set.iter().filter(|n| *n != "configMap" && *n != "secret") {
+                err(
+                    issues,
+                    spath.key(name.clone()),
+                    format!(
+                        "projected source {name} is not available on a Berth node; use configMap or secret"
+                    ),
+                );
+            }
+            for (field, name, its) in [
+                (
+                    "configMap",
+                    source.config_map.as_ref().map(|c| c.name.as_str()),
+                    source.config_map.as_ref().and_then(|c| c.items.as_deref()),
+                ),
+                (
+                    "secret",
+                    source.secret.as_ref().map(|c| c.name.as_str()),
+                    source.secret.as_ref().and_then(|c| c.items.as_deref()),
+                ),
+            ] {
+                let Some(name) = name else { continue };
+                let fpath = spath.key(field);
+                if name.is_empty() {
+                    err(issues, fpath.key("name"), "required");
+                } else if let Err(e) = names::dns1123_subdomain(name) {
+                    err(issues, fpath.key("name"), e);
+                }
+                items(its, &fpath, issues);
+            }
         }
     }
     if let Some(c) = &v.persistent_volume_claim {
@@ -316,7 +381,7 @@ mod tests {
             "YAML 1.1 octal, as Kubernetes reads it"
         );
         let found = check(
-            "containers:\n- name: c\n  volumeMounts:\n  - {name: data, mountPath: /data, subPath: a/b}\n  - {name: cfg, mountPath: /etc/app, readOnly: true}\nvolumes:\n- name: data\n  persistentVolumeClaim: {claimName: data}\n- name: cfg\n  configMap:\n    name: app\n    defaultMode: 0644\n    items: [{key: a, path: conf/a.yaml, mode: 0600}]\n- name: scratch\n",
+            "containers:\n- name: c\n  volumeMounts:\n  - {name: data, mountPath: /data, subPath: a/b}\n  - {name: cfg, mountPath: /etc/app, readOnly: true}\nvolumes:\n- name: data\n  persistentVolumeClaim: {claimName: data}\n- name: cfg\n  configMap:\n    name: app\n    defaultMode: 0644\n    items: [{key: a, path: conf/a.yaml, mode: 0600}]\n- name: scratch\n- name: both\n  projected:\n    defaultMode: 0400\n    sources:\n    - configMap: {name: app}\n    - secret: {name: tls, items: [{key: tls.crt, path: certs/tls.crt}]}\n",
         );
         assert!(found.is_empty(), "{found:?}");
     }
@@ -331,14 +396,28 @@ mod tests {
             [
                 "spec.volumes[0].hostPath.path: \"/srv/../etc\" must not contain '..'",
                 "spec.volumes[1].name: duplicate volume name \"a\"",
-                "spec.volumes[1].emptyDir.medium: unsupported value \"HugePages\": must be  or Memory",
-                "spec.volumes[2].nfs: volume type nfs is not available on a Berth node; use one of emptyDir, hostPath, configMap, secret, persistentVolumeClaim",
+                "spec.volumes[1].emptyDir.medium: unsupported value \"HugePages\": must be \"\" (the node's disk) or Memory",
+                "spec.volumes[2].nfs: volume type nfs is not available on a Berth node; use one of emptyDir, hostPath, configMap, secret, persistentVolumeClaim, projected",
                 "spec.volumes[3].secret.items[0].path: \"/abs\" must be a relative path",
                 "spec.volumes[3].secret.defaultMode: 1000 is not a valid file mode: must be between 0 and 0777 (octal), both inclusive",
                 "spec.containers[0].volumeMounts[0].name: volume \"nope\" is not declared in spec.volumes",
                 "spec.containers[0].volumeMounts[0].mountPath: \"data\" must be an absolute path",
                 "spec.containers[0].volumeMounts[1].subPath: \"../../etc\" must not contain '..'",
                 "spec.containers[0].volumeMounts[2].mountPath: \"/x/\" is mounted more than once",
+            ]
+        );
+    }
+
+    #[test]
+    fn projected_sources_other_than_config_maps_and_secrets_are_refused() {
+        let found = check(
+            "containers:\n- name: c\nvolumes:\n- name: p\n  projected:\n    sources:\n    - serviceAccountToken: {path: token}\n    - configMap: {name: a, items: [{key: k, path: ../x}]}\n",
+        );
+        assert_eq!(
+            found,
+            [
+                "spec.volumes[0].projected.sources[0].serviceAccountToken: projected source serviceAccountToken is not available on a Berth node; use configMap or secret",
+                "spec.volumes[0].projected.sources[1].configMap.items[0].path: \"../x\" must not contain '..'",
             ]
         );
     }

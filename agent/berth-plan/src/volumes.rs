@@ -203,6 +203,48 @@ fn project(
     }
 }
 
+fn config_map_entries(
+    ctx: &Context<'_>,
+    namespace: &str,
+    name: &str,
+) -> Option<BTreeMap<String, Vec<u8>>> {
+    ctx.config_map(namespace, name).map(|cm| {
+        cm.data
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
+            .chain(
+                cm.binary_data
+                    .iter()
+                    .flatten()
+                    .map(|(k, v)| (k.clone(), v.0.clone())),
+            )
+            .collect()
+    })
+}
+
+fn secret_entries(
+    ctx: &Context<'_>,
+    namespace: &str,
+    name: &str,
+) -> Option<BTreeMap<String, Vec<u8>>> {
+    ctx.secret(namespace, name).map(|secret| {
+        secret
+            .data
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.0.clone()))
+            .chain(
+                secret
+                    .string_data
+                    .iter()
+                    .flatten()
+                    .map(|(k, v)| (k.clone(), v.clone().into_bytes())),
+            )
+            .collect()
+    })
+}
+
 /// A ConfigMap or Secret volume, before its object is looked up.
 struct FilesSource<'a> {
     kind: &'static str,
@@ -322,19 +364,7 @@ fn pod_volume(
             h.path.clone(),
         )
     } else if let Some(c) = &v.config_map {
-        let entries = ctx.config_map(&id.namespace, &c.name).map(|cm| {
-            cm.data
-                .iter()
-                .flatten()
-                .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
-                .chain(
-                    cm.binary_data
-                        .iter()
-                        .flatten()
-                        .map(|(k, v)| (k.clone(), v.0.clone())),
-                )
-                .collect()
-        });
+        let entries = config_map_entries(ctx, &id.namespace, &c.name);
         let files = FilesSource {
             kind: "ConfigMap",
             field: "configMap",
@@ -347,21 +377,7 @@ fn pod_volume(
         (files.resolve(&id.namespace, entries, vpath, errors)?, run())
     } else if let Some(s) = &v.secret {
         let name = s.secret_name.clone().unwrap_or_default();
-        let entries = ctx.secret(&id.namespace, &name).map(|secret| {
-            secret
-                .data
-                .iter()
-                .flatten()
-                .map(|(k, v)| (k.clone(), v.0.clone()))
-                .chain(
-                    secret
-                        .string_data
-                        .iter()
-                        .flatten()
-                        .map(|(k, v)| (k.clone(), v.clone().into_bytes())),
-                )
-                .collect()
-        });
+        let entries = secret_entries(ctx, &id.namespace, &name);
         let files = FilesSource {
             kind: "Secret",
             field: "secret",
@@ -372,6 +388,72 @@ fn pod_volume(
             default_mode: s.default_mode,
         };
         (files.resolve(&id.namespace, entries, vpath, errors)?, run())
+    } else if let Some(pr) = &v.projected {
+        // The sources' files side by side in one volume, each source with
+        // the volume's default mode unless its items say otherwise.
+        let mut all: Vec<ProjectedFile> = Vec::new();
+        let mut secret = false;
+        let mut objects = Vec::new();
+        for (i, source) in pr.sources.iter().flatten().enumerate() {
+            let spath = vpath.key("projected").key("sources").index(i);
+            let (files, entries) = if let Some(c) = &source.config_map {
+                (
+                    FilesSource {
+                        kind: "ConfigMap",
+                        field: "configMap",
+                        name_field: "name",
+                        name: &c.name,
+                        optional: c.optional == Some(true),
+                        items: c.items.as_deref(),
+                        default_mode: pr.default_mode,
+                    },
+                    config_map_entries(ctx, &id.namespace, &c.name),
+                )
+            } else if let Some(c) = &source.secret {
+                (
+                    FilesSource {
+                        kind: "Secret",
+                        field: "secret",
+                        name_field: "name",
+                        name: &c.name,
+                        optional: c.optional == Some(true),
+                        items: c.items.as_deref(),
+                        default_mode: pr.default_mode,
+                    },
+                    secret_entries(ctx, &id.namespace, &c.name),
+                )
+            } else {
+                continue;
+            };
+            let Some(VolumeSource::Files {
+                files: mut got,
+                secret: s,
+                ..
+            }) = files.resolve(&id.namespace, entries, &spath, errors)
+            else {
+                return None;
+            };
+            secret |= s;
+            objects.push(format!("{} {}", files.kind, files.name));
+            for f in &got {
+                if all.iter().any(|a| a.path == f.path) {
+                    errors.push(FieldIssue::error(
+                        spath.clone(),
+                        format!("{} {} projects {:?}, which an earlier source of this volume already projects", files.kind, files.name, f.path),
+                    ));
+                }
+            }
+            all.append(&mut got);
+        }
+        (
+            VolumeSource::Files {
+                kind: "projected",
+                object: objects.join(", "),
+                files: all,
+                secret,
+            },
+            run(),
+        )
     } else if let Some(c) = &v.persistent_volume_claim {
         (
             VolumeSource::Claim {
@@ -566,6 +648,22 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         assert!(text.contains("ConfigMap default/app not found"), "{text}");
+    }
+
+    #[test]
+    fn projected_volumes_merge_their_sources() {
+        let docs = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n  - name: c\n    image: busybox:1.37\n    volumeMounts: [{name: all, mountPath: /etc/all}]\n  volumes:\n  - name: all\n    projected:\n      defaultMode: 0440\n      sources:\n      - configMap: {name: app}\n      - secret: {name: tls, items: [{key: key, path: tls/key.pem, mode: 0400}]}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: app}\ndata: {a: x}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: tls}\nstringData: {key: k}\n";
+        let p = plan(docs, &[]);
+        assert_eq!(p.pods.len(), 1, "{:?}", p.diagnostics);
+        match &p.pods[0].volumes[0].source {
+            VolumeSource::Files { files, secret, .. } => {
+                let got: Vec<(&str, u32)> =
+                    files.iter().map(|f| (f.path.as_str(), f.mode)).collect();
+                assert_eq!(got, [("a", 0o440), ("tls/key.pem", 0o400)]);
+                assert!(*secret);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
