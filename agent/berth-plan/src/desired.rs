@@ -250,8 +250,13 @@ pub fn resolve_pod(
     };
 
     let pod_res = pod_resources(&resources[..init.len()], &resources[init.len()..]);
-    let volumes =
-        crate::volumes::pod_volumes(instance, ctx, pod_res.memory_limit_bytes, &mut errors);
+    let volumes = crate::volumes::pod_volumes(
+        instance,
+        ctx,
+        pod_res.memory_limit_bytes,
+        &mut errors,
+        &mut warnings,
+    );
 
     let mut init_units: Vec<ContainerUnit> = Vec::new();
     let mut app_units = Vec::new();

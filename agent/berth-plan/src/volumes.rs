@@ -300,12 +300,14 @@ impl FilesSource<'_> {
     }
 }
 
-/// Resolves `spec.volumes`. Errors name fields relative to the source object.
+/// Resolves `spec.volumes`. Errors and warnings name fields relative to
+/// the source object.
 pub fn pod_volumes(
     instance: &PodInstance<'_>,
     ctx: &Context<'_>,
     memory_limit: Option<u64>,
     errors: &mut Vec<FieldIssue>,
+    warnings: &mut Vec<FieldIssue>,
 ) -> Vec<PodVolume> {
     let id = &instance.id;
     let dirs = &ctx.node.volumes;
@@ -313,6 +315,15 @@ pub fn pod_volumes(
     let mut out = Vec::new();
     for (i, v) in instance.spec.volumes.iter().flatten().enumerate() {
         let vpath = spec_path.key("volumes").index(i);
+        if let Some(e) = &v.empty_dir
+            && e.medium.as_deref() != Some("Memory")
+            && e.size_limit.is_some()
+        {
+            warnings.push(FieldIssue::warning(
+                vpath.key("emptyDir").key("sizeLimit"),
+                "not enforced for an emptyDir on the node's disk yet (use medium: Memory, or a claim, for a hard limit)",
+            ));
+        }
         if let Some(volume) = pod_volume(id, v, &vpath, ctx, memory_limit, dirs, errors) {
             out.push(volume);
         }
@@ -648,6 +659,19 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         assert!(text.contains("ConfigMap default/app not found"), "{text}");
+    }
+
+    #[test]
+    fn a_size_limit_the_node_cannot_enforce_is_a_warning() {
+        let docs = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n  - name: c\n    image: busybox:1.37\n  volumes:\n  - {name: disk, emptyDir: {sizeLimit: 1Gi}}\n  - {name: mem, emptyDir: {medium: Memory, sizeLimit: 1Gi}}\n";
+        let p = plan(docs, &[]);
+        assert_eq!(p.pods.len(), 1);
+        let found: Vec<String> = p.diagnostics.iter().map(ToString::to_string).collect();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].contains("spec.volumes[0].emptyDir.sizeLimit: not enforced"),
+            "{found:?}"
+        );
     }
 
     #[test]
