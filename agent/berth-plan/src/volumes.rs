@@ -256,7 +256,43 @@ struct FilesSource<'a> {
     default_mode: Option<i32>,
 }
 
-impl FilesSource<'_> {
+impl<'a> FilesSource<'a> {
+    fn config_map(
+        name: &'a str,
+        optional: Option<bool>,
+        items: Option<&'a [KeyToPath]>,
+        default_mode: Option<i32>,
+    ) -> Self {
+        Self {
+            kind: "ConfigMap",
+            field: "configMap",
+            name_field: "name",
+            name,
+            optional: optional == Some(true),
+            items,
+            default_mode,
+        }
+    }
+
+    /// `name_field` is `secretName` in a volume, `name` in a projection.
+    fn secret(
+        name: &'a str,
+        name_field: &'static str,
+        optional: Option<bool>,
+        items: Option<&'a [KeyToPath]>,
+        default_mode: Option<i32>,
+    ) -> Self {
+        Self {
+            kind: "Secret",
+            field: "secret",
+            name_field,
+            name,
+            optional: optional == Some(true),
+            items,
+            default_mode,
+        }
+    }
+
     /// `entries` is the object's keys and values, `None` when it does not
     /// exist: an error unless the volume is optional (then it is empty).
     fn resolve(
@@ -376,28 +412,19 @@ fn pod_volume(
         )
     } else if let Some(c) = &v.config_map {
         let entries = config_map_entries(ctx, &id.namespace, &c.name);
-        let files = FilesSource {
-            kind: "ConfigMap",
-            field: "configMap",
-            name_field: "name",
-            name: &c.name,
-            optional: c.optional == Some(true),
-            items: c.items.as_deref(),
-            default_mode: c.default_mode,
-        };
+        let files =
+            FilesSource::config_map(&c.name, c.optional, c.items.as_deref(), c.default_mode);
         (files.resolve(&id.namespace, entries, vpath, errors)?, run())
     } else if let Some(s) = &v.secret {
         let name = s.secret_name.clone().unwrap_or_default();
         let entries = secret_entries(ctx, &id.namespace, &name);
-        let files = FilesSource {
-            kind: "Secret",
-            field: "secret",
-            name_field: "secretName",
-            name: &name,
-            optional: s.optional == Some(true),
-            items: s.items.as_deref(),
-            default_mode: s.default_mode,
-        };
+        let files = FilesSource::secret(
+            &name,
+            "secretName",
+            s.optional,
+            s.items.as_deref(),
+            s.default_mode,
+        );
         (files.resolve(&id.namespace, entries, vpath, errors)?, run())
     } else if let Some(pr) = &v.projected {
         // The sources' files side by side in one volume, each source with
@@ -409,28 +436,23 @@ fn pod_volume(
             let spath = vpath.key("projected").key("sources").index(i);
             let (files, entries) = if let Some(c) = &source.config_map {
                 (
-                    FilesSource {
-                        kind: "ConfigMap",
-                        field: "configMap",
-                        name_field: "name",
-                        name: &c.name,
-                        optional: c.optional == Some(true),
-                        items: c.items.as_deref(),
-                        default_mode: pr.default_mode,
-                    },
+                    FilesSource::config_map(
+                        &c.name,
+                        c.optional,
+                        c.items.as_deref(),
+                        pr.default_mode,
+                    ),
                     config_map_entries(ctx, &id.namespace, &c.name),
                 )
             } else if let Some(c) = &source.secret {
                 (
-                    FilesSource {
-                        kind: "Secret",
-                        field: "secret",
-                        name_field: "name",
-                        name: &c.name,
-                        optional: c.optional == Some(true),
-                        items: c.items.as_deref(),
-                        default_mode: pr.default_mode,
-                    },
+                    FilesSource::secret(
+                        &c.name,
+                        "name",
+                        c.optional,
+                        c.items.as_deref(),
+                        pr.default_mode,
+                    ),
                     secret_entries(ctx, &id.namespace, &c.name),
                 )
             } else {
