@@ -687,7 +687,7 @@ impl Agent {
         );
         plan.plan.actions = classified.actions;
         let (mut blocked, pod_files) = self.wire_pods(config, &mut plan);
-        let dirs = self.node_info(config).volumes;
+        let dirs = node.volumes.clone();
         blocked.extend(self.prepare_volumes(&loaded.catalog, &mut plan, &dirs));
         let mut report = if plan.plan.actions.is_empty() && self.state.failures.is_empty() {
             self.last_logged_plan.clear();
@@ -870,27 +870,20 @@ impl Agent {
             .filter(|p| !p.host_network)
             .filter_map(|p| Some((p.id.to_string(), net.pod_ip(&p.id.key())?.to_string())))
             .collect();
-        let mut blocked = Vec::new();
-        for pod in &plan.pods {
-            let key = pod.id.key();
-            if let Some(network::Wired::Failed(message)) = wired.get(&key) {
-                blocked.push(berth_runtime::ApplyFailure {
-                    unit: format!("{}/{key}", net.netns_dir().display()),
-                    pod: Some(pod.id.to_string()),
-                    verb: "start".into(),
-                    reason: berth_runtime::FailureReason::FailedCreatePodSandBox,
-                    message: message.clone(),
-                });
-            }
-        }
-        let blocked_pods: std::collections::BTreeSet<String> =
-            blocked.iter().filter_map(|f| f.pod.clone()).collect();
-        plan.plan.actions.retain(|a| {
-            !(matches!(a.verb, berth_plan::Verb::Start | berth_plan::Verb::Restart)
-                && a.pod
-                    .as_ref()
-                    .is_some_and(|p| blocked_pods.contains(&p.to_string())))
-        });
+        let failed = wired
+            .into_iter()
+            .filter_map(|(key, w)| match w {
+                network::Wired::Failed(message) => Some((key, message)),
+                network::Wired::Ip(_) => None,
+            })
+            .collect();
+        let netns_dir = net.netns_dir().display().to_string();
+        let blocked = block_pods(
+            plan,
+            failed,
+            berth_runtime::FailureReason::FailedCreatePodSandBox,
+            |pod| format!("{netns_dir}/{}", pod.id.key()),
+        );
         (blocked, Some(net.pod_files(&plan.pods)))
     }
 
@@ -908,21 +901,23 @@ impl Agent {
             if !with_volumes {
                 return Vec::new();
             }
-            let blocked = block_pods(
+            let unready = plan
+                .pods
+                .iter()
+                .filter(|p| !p.volumes.is_empty())
+                .map(|p| {
+                    (
+                        p.id.key(),
+                        "this node keeps no volumes (the agent runs without storage)".to_string(),
+                    )
+                })
+                .collect();
+            return block_pods(
                 plan,
-                plan.pods
-                    .iter()
-                    .filter(|p| !p.volumes.is_empty())
-                    .map(|p| {
-                        (
-                            p.id.key(),
-                            "this node keeps no volumes (the agent runs without storage)"
-                                .to_string(),
-                        )
-                    })
-                    .collect(),
+                unready,
+                berth_runtime::FailureReason::FailedMount,
+                volumes_of,
             );
-            return blocked;
         };
         let (record, lines, remounted) = storage.reconcile(catalog, &plan.pods, dirs);
         for line in lines {
@@ -952,7 +947,12 @@ impl Agent {
             }
         }
         self.state.storage = record;
-        block_pods(plan, blocked)
+        block_pods(
+            plan,
+            blocked,
+            berth_runtime::FailureReason::FailedMount,
+            volumes_of,
+        )
     }
 
     /// Removes the network of pods Git no longer wants (their containers
@@ -1312,10 +1312,13 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(factor)
 }
 
-/// Removes the start actions of pods that cannot start, and says why.
+/// Removes the start actions of pods that cannot start, and says why:
+/// `reasons` maps a pod's key to the message, `unit` names what failed.
 fn block_pods(
     plan: &mut berth_plan::NodePlan,
     reasons: std::collections::BTreeMap<String, String>,
+    reason: berth_runtime::FailureReason,
+    unit: impl Fn(&berth_plan::DesiredPod) -> String,
 ) -> Vec<berth_runtime::ApplyFailure> {
     let mut blocked = Vec::new();
     let mut ids = std::collections::BTreeSet::new();
@@ -1323,10 +1326,10 @@ fn block_pods(
         if let Some(message) = reasons.get(&pod.id.key()) {
             ids.insert(pod.id.to_string());
             blocked.push(berth_runtime::ApplyFailure {
-                unit: format!("volumes of {}", pod.id),
+                unit: unit(pod),
                 pod: Some(pod.id.to_string()),
                 verb: "start".into(),
-                reason: berth_runtime::FailureReason::FailedMount,
+                reason,
                 message: message.clone(),
             });
         }
@@ -1336,4 +1339,9 @@ fn block_pods(
             && a.pod.as_ref().is_some_and(|p| ids.contains(&p.to_string())))
     });
     blocked
+}
+
+/// What a pod whose volumes are not ready failed at, for its status.
+fn volumes_of(pod: &berth_plan::DesiredPod) -> String {
+    format!("volumes of {}", pod.id)
 }
