@@ -223,19 +223,7 @@ impl Storage {
             None => {
                 let (mut b, note) = Book::load(&self.book_path());
                 problems.extend(note);
-                let on_disk: Vec<(String, u64)> = self
-                    .driver
-                    .list()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|n| {
-                        let len =
-                            std::fs::metadata(self.dir.join("images").join(format!("{n}.img")))
-                                .map(|m| m.len())
-                                .unwrap_or(0);
-                        (n, len)
-                    })
-                    .collect();
+                let on_disk = self.driver.list().unwrap_or_default();
                 let adopted = b.adopt(&on_disk);
                 for name in &adopted {
                     log.push(format!(

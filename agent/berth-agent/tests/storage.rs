@@ -46,7 +46,7 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = mounts::unmount_below(&self.0);
         let driver = LoopDriver::new(self.storage());
-        for v in driver.list().unwrap_or_default() {
+        for (v, _) in driver.list().unwrap_or_default() {
             let _ = driver.delete(&v);
         }
         let _ = std::fs::remove_dir_all(&self.0);

@@ -737,17 +737,7 @@ pub fn persistent_volume(pv: &PersistentVolume, issues: &mut Issues) {
         );
     }
     volume_mode(spec.volume_mode.as_deref(), spath.key("volumeMode"), issues);
-    let sources: Vec<String> = serde_json::to_value(spec)
-        .ok()
-        .as_ref()
-        .and_then(serde_json::Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter(|(k, v)| !v.is_null() && !PV_NOT_SOURCES.contains(&k.as_str()))
-                .map(|(k, _)| k.clone())
-                .collect()
-        })
-        .unwrap_or_default();
+    let sources = crate::volumes::set_fields(spec, PV_NOT_SOURCES);
     for s in &sources {
         if s != "local" && s != "hostPath" {
             err(

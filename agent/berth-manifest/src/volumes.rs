@@ -37,16 +37,16 @@ pub const HOST_PATH_TYPES: &[&str] = &[
     "BlockDevice",
 ];
 
-/// The sources a volume sets, by field name (none means `emptyDir`, as
-/// the API server defaults it).
-pub fn sources_of(volume: &Volume) -> Vec<String> {
-    serde_json::to_value(volume)
+/// The fields an object sets, by their names in YAML, leaving out
+/// `except`: which source a volume, projection or PersistentVolume names.
+pub fn set_fields(object: &impl serde::Serialize, except: &[&str]) -> Vec<String> {
+    serde_json::to_value(object)
         .ok()
         .as_ref()
         .and_then(serde_json::Value::as_object)
         .map(|m| {
             m.iter()
-                .filter(|(k, v)| k.as_str() != "name" && !v.is_null())
+                .filter(|(k, v)| !v.is_null() && !except.contains(&k.as_str()))
                 .map(|(k, _)| k.clone())
                 .collect()
         })
@@ -140,7 +140,8 @@ pub fn pod_volumes(spec: &PodSpec, path: &FieldPath, issues: &mut Issues) {
                 format!("duplicate volume name {:?}", v.name),
             );
         }
-        let sources = sources_of(v);
+        // None set means emptyDir, as the API server defaults it.
+        let sources = set_fields(v, &["name"]);
         if sources.len() > 1 {
             err(
                 issues,
@@ -243,17 +244,7 @@ fn volume(v: &Volume, vpath: &FieldPath, issues: &mut Issues) {
         }
         for (i, source) in pr.sources.iter().flatten().enumerate() {
             let spath = p.key("sources").index(i);
-            let set: Vec<String> = serde_json::to_value(source)
-                .ok()
-                .as_ref()
-                .and_then(serde_json::Value::as_object)
-                .map(|m| {
-                    m.iter()
-                        .filter(|(_, v)| !v.is_null())
-                        .map(|(k, _)| k.clone())
-                        .collect()
-                })
-                .unwrap_or_default();
+            let set = set_fields(source, &[]);
             if set.len() != 1 {
                 err(
                     issues,

@@ -73,10 +73,9 @@ pub enum VolumeSource {
     HostPath {
         kind: HostPathType,
     },
-    /// A ConfigMap or Secret, rendered to files. Secrets live on tmpfs only.
+    /// ConfigMaps and Secrets, rendered to files; `secret` when any of
+    /// them is a Secret. Such volumes live on tmpfs only.
     Files {
-        kind: &'static str,
-        object: String,
         files: Vec<ProjectedFile>,
         secret: bool,
     },
@@ -302,6 +301,25 @@ impl<'a> FilesSource<'a> {
         vpath: &FieldPath,
         errors: &mut Vec<FieldIssue>,
     ) -> Option<VolumeSource> {
+        self.files(namespace, entries, vpath, errors)
+            .map(|files| VolumeSource::Files {
+                files,
+                secret: self.is_secret(),
+            })
+    }
+
+    fn is_secret(&self) -> bool {
+        self.kind == "Secret"
+    }
+
+    /// The files, or `None` (with an error) for a missing object.
+    fn files(
+        &self,
+        namespace: &str,
+        entries: Option<BTreeMap<String, Vec<u8>>>,
+        vpath: &FieldPath,
+        errors: &mut Vec<FieldIssue>,
+    ) -> Option<Vec<ProjectedFile>> {
         let describe = format!("{} {namespace}/{}", self.kind, self.name);
         let path = vpath.key(self.field);
         let entries = match entries {
@@ -327,12 +345,7 @@ impl<'a> FilesSource<'a> {
         if !self.optional {
             errors.append(&mut item_errors);
         }
-        Some(VolumeSource::Files {
-            kind: self.kind,
-            object: self.name.to_string(),
-            files,
-            secret: self.kind == "Secret",
-        })
+        Some(files)
     }
 }
 
@@ -431,7 +444,6 @@ fn pod_volume(
         // the volume's default mode unless its items say otherwise.
         let mut all: Vec<ProjectedFile> = Vec::new();
         let mut secret = false;
-        let mut objects = Vec::new();
         for (i, source) in pr.sources.iter().flatten().enumerate() {
             let spath = vpath.key("projected").key("sources").index(i);
             let (files, entries) = if let Some(c) = &source.config_map {
@@ -458,16 +470,8 @@ fn pod_volume(
             } else {
                 continue;
             };
-            let Some(VolumeSource::Files {
-                files: mut got,
-                secret: s,
-                ..
-            }) = files.resolve(&id.namespace, entries, &spath, errors)
-            else {
-                return None;
-            };
-            secret |= s;
-            objects.push(format!("{} {}", files.kind, files.name));
+            let mut got = files.files(&id.namespace, entries, &spath, errors)?;
+            secret |= files.is_secret();
             for f in &got {
                 if all.iter().any(|a| a.path == f.path) {
                     errors.push(FieldIssue::error(
@@ -478,15 +482,7 @@ fn pod_volume(
             }
             all.append(&mut got);
         }
-        (
-            VolumeSource::Files {
-                kind: "projected",
-                object: objects.join(", "),
-                files: all,
-                secret,
-            },
-            run(),
-        )
+        (VolumeSource::Files { files: all, secret }, run())
     } else if let Some(c) = &v.persistent_volume_claim {
         (
             VolumeSource::Claim {

@@ -59,8 +59,9 @@ pub trait VolumeDriver: Send + Sync {
     /// Makes the volume's filesystem available on the node; returns where.
     fn stage(&self, name: &str) -> Result<PathBuf, DriverError>;
     fn unstage(&self, name: &str) -> Result<(), DriverError>;
-    /// The volumes this driver holds (`ListVolumes`).
-    fn list(&self) -> Result<Vec<String>, DriverError>;
+    /// The volumes this driver holds and the space each takes
+    /// (`ListVolumes`), sorted by name.
+    fn list(&self) -> Result<Vec<(String, u64)>, DriverError>;
     /// Capacity and usage of a staged volume (`NodeGetVolumeStats`).
     fn stats(&self, name: &str) -> Result<VolumeStats, DriverError>;
 }

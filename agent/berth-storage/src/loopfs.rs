@@ -283,24 +283,22 @@ impl VolumeDriver for LoopDriver {
         Ok(())
     }
 
-    fn list(&self) -> Result<Vec<String>, DriverError> {
+    fn list(&self) -> Result<Vec<(String, u64)>, DriverError> {
         let dir = self.dir.join("images");
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(DriverError::io(dir.display().to_string(), e)),
         };
-        let mut names: Vec<String> = entries
+        let mut volumes: Vec<(String, u64)> = entries
             .flatten()
             .filter_map(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_suffix(".img"))
-                    .map(str::to_string)
+                let name = e.file_name().to_str()?.strip_suffix(".img")?.to_string();
+                Some((name, e.metadata().ok()?.len()))
             })
             .collect();
-        names.sort();
-        Ok(names)
+        volumes.sort();
+        Ok(volumes)
     }
 
     fn stats(&self, name: &str) -> Result<VolumeStats, DriverError> {

@@ -10,7 +10,7 @@ use berth_plan::volumes::{
 };
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
-use nix::sys::stat::Mode;
+use nix::sys::stat::{Mode, SFlag};
 
 use crate::mounts;
 
@@ -275,7 +275,7 @@ pub fn stage_sub_path(volume_root: &Path, bind: &SubPathBind) -> Result<(), Stri
         Err(e) => return Err(escape(e)),
     };
     let is_dir = nix::sys::stat::fstat(&target)
-        .map(|s| s.st_mode & libc_s_ifmt() == libc_s_ifdir())
+        .map(|s| SFlag::from_bits_truncate(s.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR)
         .map_err(|e| format!("subPath {:?}: {e}", bind.sub_path))?;
     if let Some(parent) = stage.parent() {
         std::fs::create_dir_all(parent)
@@ -294,14 +294,6 @@ pub fn stage_sub_path(volume_root: &Path, bind: &SubPathBind) -> Result<(), Stri
             stage.display()
         )
     })
-}
-
-const fn libc_s_ifmt() -> u32 {
-    0o170000
-}
-
-const fn libc_s_ifdir() -> u32 {
-    0o040000
 }
 
 /// Removes what a pod's volumes left on the node: staged subPaths, tmpfs
