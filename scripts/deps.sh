@@ -11,7 +11,10 @@ need_root() {
 # ssh-keygen signs commits in the signature tests; nftables (the `nft` tool)
 # programs Services, in the privileged tests as on the node.
 # Image and QEMU tier: mmdebstrap, filesystem tools, QEMU and OVMF.
+# Registry tests: Debian's docker-registry, htpasswd for its login, and
+# busybox-static for the images the tests build and push.
 packages=(build-essential pkg-config python3 git openssh-client nftables ca-certificates libssl-dev zlib1g-dev binutils
+    docker-registry apache2-utils busybox-static
     mmdebstrap e2fsprogs dosfstools mtools fdisk zstd qemu-system-x86 qemu-utils ovmf)
 missing=()
 for p in "${packages[@]}"; do

@@ -21,13 +21,13 @@ echo "tier 1: $passed tests passed"
 
 sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-echo "== tier 2: privileged tests (root: real netlink, nftables and DNS in throwaway network namespaces; loop devices, ext4, tmpfs and binds in scratch directories)"
+echo "== tier 2: privileged tests (root: real netlink, nftables and DNS in throwaway network namespaces; loop devices, ext4, tmpfs and binds in scratch directories; pulls from a real registry on loopback)"
 # Built as the calling user, run as root.
-bins=$(cargo test --locked -p berth-net -p berth-agent -p berth-storage --no-run --message-format=json 2>/dev/null \
+bins=$(cargo test --locked -p berth-net -p berth-agent -p berth-storage -p berth-registry --no-run --message-format=json 2>/dev/null \
     | python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("wiring", "services", "pod_network", "storage"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("wiring", "services", "pod_network", "storage", "registry"):
         print(m["executable"])')
 : > "$log"
 for bin in $bins; do

@@ -62,6 +62,47 @@ pub struct Imported {
 #[derive(Debug, Clone)]
 pub struct ImageStore {
     root: PathBuf,
+    /// `refs.json` is read, changed and written by the agent's loop (import,
+    /// collection) and by the puller's thread (a finished pull).
+    refs_lock: std::sync::Arc<std::sync::Mutex<()>>,
+}
+
+/// Bounds on what unpacking one image may write: a layer that inflates
+/// past them (a decompression bomb, or simply a full disk) fails the
+/// image cleanly, with its partial root removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpackLimits {
+    /// The most bytes of file content one image may unpack to.
+    pub max_bytes: u64,
+    /// Unpacking stops when the store's filesystem has less free than this.
+    pub min_free_bytes: u64,
+}
+
+impl Default for UnpackLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 16 << 30,
+            min_free_bytes: 64 << 20,
+        }
+    }
+}
+
+/// One image in the store, for `berth images` and collection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredImage {
+    pub reference: String,
+    pub manifest: String,
+    /// Bytes of its unpacked root (file contents, as `du` counts blocks).
+    pub size: u64,
+    /// When a container last started from it (or it was unpacked), Unix seconds.
+    pub last_used: u64,
+}
+
+/// What one collection removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Collected {
+    pub images: Vec<String>,
+    pub bytes: u64,
 }
 
 #[derive(Deserialize)]
@@ -133,7 +174,211 @@ impl ImageStore {
         }
         Ok(Self {
             root: root.to_path_buf(),
+            refs_lock: Default::default(),
         })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Whether the store holds this blob, verified.
+    pub fn has_blob(&self, digest: &str) -> bool {
+        valid_digest(digest).is_some_and(|hex| self.blob(hex).is_file())
+    }
+
+    /// Reads a stored JSON blob (a manifest or config), at most 4 MiB.
+    pub fn read_blob(&self, digest: &str) -> Option<Vec<u8>> {
+        let hex = valid_digest(digest)?;
+        let mut body = Vec::new();
+        File::open(self.blob(hex))
+            .and_then(|f| f.take(MAX_JSON).read_to_end(&mut body))
+            .ok()?;
+        Some(body)
+    }
+
+    /// Where a blob being downloaded is kept until it is whole: a pull cut
+    /// short resumes from what is there.
+    pub fn partial_blob(&self, digest: &str) -> Option<PathBuf> {
+        let hex = valid_digest(digest)?;
+        Some(
+            self.root
+                .join("blobs/sha256")
+                .join(format!(".partial-{hex}")),
+        )
+    }
+
+    /// Checks a downloaded blob against its digest and moves it into the
+    /// store; a blob that does not match is deleted.
+    pub fn commit_blob(&self, source: &str, digest: &str) -> Result<(), ImageError> {
+        let bad = |message: String| ImageError::Archive {
+            archive: PathBuf::from(source),
+            message,
+        };
+        let hex = valid_digest(digest).ok_or_else(|| bad(format!("bad digest {digest:?}")))?;
+        let partial = self
+            .root
+            .join("blobs/sha256")
+            .join(format!(".partial-{hex}"));
+        let mut file = File::open(&partial).map_err(io_err(&partial))?;
+        let actual = sha256_hex(&mut file).map_err(io_err(&partial))?;
+        if actual != hex {
+            let _ = fs::remove_file(&partial);
+            return Err(ImageError::Digest {
+                archive: PathBuf::from(source),
+                digest: digest.to_string(),
+                actual,
+            });
+        }
+        File::open(&partial)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(&partial))?;
+        let dest = self.blob(hex);
+        fs::rename(&partial, &dest).map_err(io_err(&dest))
+    }
+
+    /// Stores a small blob held in memory (a manifest), verified.
+    pub fn put_blob(&self, source: &str, digest: &str, body: &[u8]) -> Result<(), ImageError> {
+        let hex = valid_digest(digest).ok_or_else(|| ImageError::Archive {
+            archive: PathBuf::from(source),
+            message: format!("bad digest {digest:?}"),
+        })?;
+        self.store_blob(Path::new(source), hex, &mut &body[..])
+    }
+
+    /// The manifest digest a reference points to in the store.
+    pub fn resolve(&self, reference: &str) -> Option<String> {
+        let _guard = self.lock();
+        self.refs().remove(&normalize(reference))
+    }
+
+    /// Unpacks a manifest whose blobs are all stored (unless its root is
+    /// unpacked already) and points `reference` at it. True when the root
+    /// was unpacked now.
+    pub fn install(
+        &self,
+        source: &str,
+        reference: &str,
+        manifest_digest: &str,
+        limits: UnpackLimits,
+    ) -> Result<bool, ImageError> {
+        let hex = valid_digest(manifest_digest).ok_or_else(|| ImageError::Archive {
+            archive: PathBuf::from(source),
+            message: format!("bad digest {manifest_digest:?}"),
+        })?;
+        let dir = self.root.join("rootfs").join(hex);
+        let new = !dir.is_dir();
+        if new {
+            self.unpack_limited(Path::new(source), manifest_digest, &dir, limits)?;
+        }
+        let _guard = self.lock();
+        let mut refs = self.refs();
+        refs.insert(normalize(reference), manifest_digest.to_string());
+        self.save_refs(&refs)?;
+        Ok(new)
+    }
+
+    /// Marks an image as used now (a container started from it), for
+    /// collection by age.
+    pub fn touch(&self, manifest_digest: &str) {
+        if let Some(hex) = valid_digest(manifest_digest) {
+            let dir = self.root.join("rootfs").join(hex);
+            if let Ok(f) = File::open(&dir) {
+                let _ = f.set_modified(std::time::SystemTime::now());
+            }
+        }
+    }
+
+    /// Every image in the store.
+    pub fn list(&self) -> Vec<StoredImage> {
+        let refs = {
+            let _guard = self.lock();
+            self.refs()
+        };
+        refs.into_iter()
+            .filter_map(|(reference, manifest)| {
+                let dir = self.root.join("rootfs").join(valid_digest(&manifest)?);
+                let last_used = fs::metadata(&dir)
+                    .ok()?
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_secs());
+                Some(StoredImage {
+                    size: disk_usage(&dir),
+                    reference,
+                    manifest,
+                    last_used,
+                })
+            })
+            .collect()
+    }
+
+    /// Removes the images for which `remove` says yes, oldest use first,
+    /// and never one whose manifest is in `keep`; then every blob and root
+    /// no remaining image needs. `remove` sees each candidate with the
+    /// bytes freed so far and returns whether to go on.
+    pub fn collect(
+        &self,
+        keep: &HashSet<String>,
+        mut remove: impl FnMut(&StoredImage, u64) -> bool,
+    ) -> Result<Collected, ImageError> {
+        let mut images = self.list();
+        images.sort_by_key(|i| i.last_used);
+        let mut out = Collected::default();
+        let mut gone: HashSet<String> = HashSet::new();
+        for image in &images {
+            if keep.contains(&image.manifest) || !remove(image, out.bytes) {
+                continue;
+            }
+            gone.insert(image.reference.clone());
+            out.images.push(image.reference.clone());
+        }
+        let _guard = self.lock();
+        let mut refs = self.refs();
+        if !gone.is_empty() {
+            refs.retain(|r, _| !gone.contains(r));
+            self.save_refs(&refs)?;
+        }
+        // What the remaining images and the kept ones (a running container's
+        // image whose tag has since moved) need: manifests, configs, layers.
+        // Roots and blobs nothing needs (such an old image once its last
+        // container is gone) are swept.
+        let mut needed: HashSet<String> = HashSet::new();
+        for digest in refs.values().chain(keep) {
+            needed.insert(digest.clone());
+            if let Some(hex) = valid_digest(digest)
+                && let Ok(m) = read_json::<Manifest>(&self.blob(hex))
+            {
+                needed.insert(m.config.digest);
+                needed.extend(m.layers.into_iter().map(|l| l.digest));
+            }
+        }
+        let roots = self.root.join("rootfs");
+        for entry in fs::read_dir(&roots).map_err(io_err(&roots))?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || needed.contains(&format!("sha256:{name}")) {
+                continue;
+            }
+            out.bytes += disk_usage(&entry.path());
+            fs::remove_dir_all(entry.path()).map_err(io_err(&entry.path()))?;
+        }
+        let blobs = self.root.join("blobs/sha256");
+        for entry in fs::read_dir(&blobs).map_err(io_err(&blobs))?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || needed.contains(&format!("sha256:{name}")) {
+                continue;
+            }
+            out.bytes += entry.metadata().map_or(0, |m| m.len());
+            fs::remove_file(entry.path()).map_err(io_err(&entry.path()))?;
+        }
+        Ok(out)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.refs_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn blob(&self, hex: &str) -> PathBuf {
@@ -339,6 +584,16 @@ impl ImageStore {
     }
 
     fn unpack(&self, archive: &Path, manifest_digest: &str, dir: &Path) -> Result<(), ImageError> {
+        self.unpack_limited(archive, manifest_digest, dir, UnpackLimits::default())
+    }
+
+    fn unpack_limited(
+        &self,
+        archive: &Path,
+        manifest_digest: &str,
+        dir: &Path,
+        limits: UnpackLimits,
+    ) -> Result<(), ImageError> {
         let bad = |message: String| ImageError::Archive {
             archive: archive.to_path_buf(),
             message,
@@ -352,6 +607,7 @@ impl ImageStore {
         }
         fs::create_dir_all(&partial).map_err(io_err(&partial))?;
         set_mode(&partial, 0o755)?;
+        let budget = std::cell::Cell::new(0u64);
         let applied = manifest.layers.iter().try_for_each(|layer| {
             let lhex = valid_digest(&layer.digest)
                 .ok_or_else(|| bad(format!("bad layer digest {:?}", layer.digest)))?;
@@ -359,7 +615,25 @@ impl ImageStore {
             if !blob.is_file() {
                 return Err(bad(format!("layer {} is not in the archive", layer.digest)));
             }
-            apply_layer(archive, &blob, &layer.media_type, &layer.digest, &partial)
+            let file = File::open(&blob).map_err(io_err(&blob))?;
+            let decoded: Box<dyn Read> = if layer.media_type.ends_with("gzip") {
+                Box::new(flate2::read::GzDecoder::new(file))
+            } else if layer.media_type.ends_with("zstd") {
+                return Err(bad(format!(
+                    "layer {} is zstd-compressed, which Berth does not unpack yet",
+                    layer.digest
+                )));
+            } else {
+                Box::new(file)
+            };
+            let limited = Limited {
+                inner: decoded,
+                used: &budget,
+                limits,
+                dest: &partial,
+                next_check: 0,
+            };
+            apply_layer(archive, limited, &blob, &layer.digest, &partial)
         });
         if let Err(e) = applied {
             let _ = fs::remove_dir_all(&partial);
@@ -369,9 +643,49 @@ impl ImageStore {
     }
 }
 
+/// Bytes a tree takes on disk (allocated blocks), not following symlinks;
+/// hard links inside the tree are counted once.
+pub fn disk_usage(root: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut seen = HashSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if m.nlink() > 1 && !m.is_dir() && !seen.insert((m.dev(), m.ino())) {
+                continue;
+            }
+            total += m.blocks() * 512;
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    total
+}
+
 fn set_mode(path: &Path, mode: u32) -> Result<(), ImageError> {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err(path))
+}
+
+/// The sha256 of a stream, in hex.
+pub fn sha256_hex(from: &mut impl Read) -> io::Result<String> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hex_string(&hasher.finalize()));
+        }
+        hasher.update(&buf[..n]);
+    }
 }
 
 fn hex_string(bytes: &[u8]) -> String {
@@ -429,24 +743,57 @@ fn remove_any(path: &Path) -> io::Result<()> {
     }
 }
 
+/// The decompressed stream of a layer, counted against the image's budget
+/// and the filesystem's free space.
+struct Limited<'a, R> {
+    inner: R,
+    used: &'a std::cell::Cell<u64>,
+    limits: UnpackLimits,
+    dest: &'a Path,
+    next_check: u64,
+}
+
+/// How often (in bytes unpacked) free space is read again.
+const FREE_CHECK_EVERY: u64 = 32 << 20;
+
+impl<R: Read> Read for Limited<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let used = self.used.get() + n as u64;
+        self.used.set(used);
+        if used > self.limits.max_bytes {
+            return Err(io::Error::other(format!(
+                "the image unpacks to more than {} bytes (a decompression bomb, or an image bigger than the node allows); refused",
+                self.limits.max_bytes
+            )));
+        }
+        if used >= self.next_check {
+            self.next_check = used + FREE_CHECK_EVERY;
+            if let Ok(st) = rustix::fs::statvfs(self.dest) {
+                let free = st.f_bavail.saturating_mul(st.f_frsize);
+                if free < self.limits.min_free_bytes {
+                    return Err(io::Error::new(
+                        io::ErrorKind::StorageFull,
+                        format!(
+                            "the disk is nearly full ({free} bytes free, {} kept free); the image is not unpacked",
+                            self.limits.min_free_bytes
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Applies one layer's tar stream (already decompressed) to `dest`.
 fn apply_layer(
     archive: &Path,
+    reader: impl Read,
     blob: &Path,
-    media_type: &str,
     digest: &str,
     dest: &Path,
 ) -> Result<(), ImageError> {
-    let file = File::open(blob).map_err(io_err(blob))?;
-    let reader: Box<dyn Read> = if media_type.ends_with("gzip") {
-        Box::new(flate2::read::GzDecoder::new(file))
-    } else if media_type.ends_with("zstd") {
-        return Err(ImageError::Archive {
-            archive: archive.to_path_buf(),
-            message: format!("layer {digest} is zstd-compressed, which Berth does not unpack yet"),
-        });
-    } else {
-        Box::new(file)
-    };
     let mut tar = tar::Archive::new(reader);
     tar.set_preserve_permissions(true);
     tar.set_preserve_ownerships(true);
@@ -511,7 +858,14 @@ fn apply_layer(
         {
             return Err(escape(&raw, "is a hard link to a path outside the image"));
         }
-        let inside = entry.unpack_in(dest).map_err(io_err(&target))?;
+        // The tar crate wraps the real cause; keep it in the message.
+        let inside = entry.unpack_in(dest).map_err(|e| {
+            let cause = std::error::Error::source(&e)
+                .and_then(|c| c.source().or(Some(c)))
+                .map(|c| format!(": {c}"))
+                .unwrap_or_default();
+            io_err(&target)(io::Error::new(e.kind(), format!("{e}{cause}")))
+        })?;
         if !inside {
             return Err(escape(&raw, "would be written outside the image root"));
         }

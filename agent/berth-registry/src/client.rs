@@ -1,0 +1,649 @@
+//! The distribution API, as far as pulling goes: manifests by tag or
+//! digest (image indexes resolved to the node's platform), blobs resumed
+//! where a cut pull left them, every byte checked against its digest
+//! before the image store takes it.
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use base64::Engine;
+use berth_runtime::images::{ImageError, ImageStore, UnpackLimits};
+use serde::Deserialize;
+
+use crate::auth::{Challenge, Credential, matching, parse_challenge};
+use crate::reference::{InvalidReference, Reference};
+
+/// How the node reaches registries, from its config.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// By registry name as references write it (`registry.example:5000`,
+    /// `docker.io`).
+    pub hosts: BTreeMap<String, HostConfig>,
+    /// Connecting, and waiting for any one read, give up after this.
+    pub timeout: Duration,
+    pub limits: UnpackLimits,
+    /// `amd64`, `arm64`: which image of a multi-platform index to take.
+    pub architecture: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostConfig {
+    /// Endpoints tried before the registry itself, in order, each a URL
+    /// (`https://mirror.example`, `http://10.0.2.100:5000`).
+    pub mirrors: Vec<String>,
+    /// The registry itself speaks plain HTTP. Only ever when the node
+    /// config says so.
+    pub insecure: bool,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            hosts: BTreeMap::new(),
+            timeout: Duration::from_secs(30),
+            limits: UnpackLimits::default(),
+            architecture: node_architecture().to_string(),
+        }
+    }
+}
+
+/// The node's platform in OCI's words.
+pub fn node_architecture() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        other => other,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error(transparent)]
+    InvalidName(#[from] InvalidReference),
+    #[error("{endpoint}: pull access denied for {repository}: {message}")]
+    Unauthorized {
+        endpoint: String,
+        repository: String,
+        message: String,
+    },
+    #[error("{endpoint}: {reference} not found")]
+    NotFound { endpoint: String, reference: String },
+    #[error("{endpoint}: cannot reach the registry: {message}")]
+    Unreachable { endpoint: String, message: String },
+    #[error("{endpoint}: {message}")]
+    Protocol { endpoint: String, message: String },
+    #[error("{endpoint}: {what} has digest sha256:{actual}, not the {expected} asked for; refused")]
+    Digest {
+        endpoint: String,
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    #[error(transparent)]
+    Store(#[from] ImageError),
+}
+
+impl PullError {
+    /// Credentials were refused or missing: retrying soon will not help.
+    pub fn is_auth(&self) -> bool {
+        matches!(self, PullError::Unauthorized { .. })
+    }
+}
+
+/// What a pull's bytes are up to, read by status while it runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub done: AtomicU64,
+    pub total: AtomicU64,
+}
+
+/// What a pull gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pulled {
+    pub reference: String,
+    pub manifest: String,
+    /// Bytes downloaded now (blobs the store had are not counted).
+    pub downloaded: u64,
+    /// False when the store already had this exact image.
+    pub new: bool,
+}
+
+const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+const MAX_MANIFEST: u64 = 4 << 20;
+
+#[derive(Deserialize)]
+struct Descriptor {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    digest: String,
+    size: u64,
+    #[serde(default)]
+    platform: Option<Platform>,
+}
+
+#[derive(Deserialize)]
+struct Platform {
+    architecture: String,
+    os: String,
+}
+
+#[derive(Deserialize)]
+struct ManifestOrIndex {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    #[serde(default)]
+    manifests: Option<Vec<Descriptor>>,
+    #[serde(default)]
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Option<Vec<Descriptor>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    agent: ureq::Agent,
+    config: RegistryConfig,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let mut r = bytes;
+    berth_runtime::images::sha256_hex(&mut r).unwrap_or_default()
+}
+
+impl Client {
+    pub fn new(config: RegistryConfig) -> Self {
+        let tls = ureq::tls::TlsConfig::builder()
+            .provider(ureq::tls::TlsProvider::NativeTls)
+            .root_certs(ureq::tls::RootCerts::PlatformVerifier)
+            .build();
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .tls_config(tls)
+            .timeout_connect(Some(config.timeout))
+            .timeout_recv_response(Some(config.timeout))
+            .timeout_recv_body(Some(config.timeout))
+            .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .new_agent();
+        Self { agent, config }
+    }
+
+    pub fn config(&self) -> &RegistryConfig {
+        &self.config
+    }
+
+    /// Where `reference` can be pulled from: its mirrors, then itself.
+    fn endpoints(&self, r: &Reference) -> Vec<String> {
+        let host = self
+            .config
+            .hosts
+            .get(&r.registry)
+            .cloned()
+            .unwrap_or_default();
+        let mut out: Vec<String> = host
+            .mirrors
+            .iter()
+            .map(|m| m.trim_end_matches('/').to_string())
+            .collect();
+        let scheme = if host.insecure { "http" } else { "https" };
+        out.push(format!("{scheme}://{}", r.api_host()));
+        out
+    }
+
+    /// Pulls `reference` into `store` (blobs it has are not fetched again)
+    /// and points the reference at what it got.
+    pub fn pull(
+        &self,
+        store: &ImageStore,
+        reference: &str,
+        creds: &[Credential],
+        progress: &Progress,
+    ) -> Result<Pulled, PullError> {
+        let r = Reference::parse(reference)?;
+        let endpoints = self.endpoints(&r);
+        let mut last = None;
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            let mut session = Session {
+                agent: &self.agent,
+                timeout: self.config.timeout,
+                endpoint,
+                reference: &r,
+                creds: matching(creds, &r.registry, &r.repository),
+                auth: None,
+            };
+            match self.pull_from(&mut session, store, progress) {
+                Ok(p) => return Ok(p),
+                // A mirror that fails is skipped; the registry itself has the last word.
+                Err(e) if i + 1 < endpoints.len() => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| PullError::Unreachable {
+            endpoint: r.registry.clone(),
+            message: "no endpoint".into(),
+        }))
+    }
+
+    fn pull_from(
+        &self,
+        s: &mut Session<'_>,
+        store: &ImageStore,
+        progress: &Progress,
+    ) -> Result<Pulled, PullError> {
+        let r = s.reference;
+        let (digest, body) = s.manifest(r.manifest_ref(), r.digest.as_deref())?;
+        let parsed: ManifestOrIndex = serde_json::from_slice(&body)
+            .map_err(|e| s.protocol(format!("manifest of {r} is not JSON: {e}")))?;
+        let (manifest_digest, manifest_body, manifest) = if let Some(list) = &parsed.manifests {
+            let wanted = &self.config.architecture;
+            let pick = list
+                .iter()
+                .find(|d| {
+                    d.platform
+                        .as_ref()
+                        .is_some_and(|p| p.os == "linux" && &p.architecture == wanted)
+                })
+                .ok_or_else(|| {
+                    s.protocol(format!("image index of {r} has no linux/{wanted} image"))
+                })?;
+            if pick.size > MAX_MANIFEST {
+                return Err(s.protocol(format!(
+                    "manifest {} is {} bytes, too big",
+                    pick.digest, pick.size
+                )));
+            }
+            let (d, body) = s.manifest(&pick.digest, Some(&pick.digest))?;
+            let m: ManifestOrIndex = serde_json::from_slice(&body)
+                .map_err(|e| s.protocol(format!("manifest {d} is not JSON: {e}")))?;
+            if m.manifests.is_some() {
+                return Err(s.protocol(format!("manifest {d} is another index; refused")));
+            }
+            (d, body, m)
+        } else {
+            (digest, body, parsed)
+        };
+        let (Some(config), Some(layers)) = (&manifest.config, &manifest.layers) else {
+            return Err(s.protocol(format!(
+                "manifest of {r} ({}) has no config or layers; schema 1 manifests are not supported",
+                manifest.media_type
+            )));
+        };
+        for l in layers {
+            let t = l.media_type.as_str();
+            let known = t.ends_with("tar") || t.ends_with("tar+gzip") || t.ends_with("tar.gzip");
+            if !known {
+                return Err(s.protocol(format!(
+                    "layer {} has media type {t:?}, which Berth does not unpack",
+                    l.digest
+                )));
+            }
+        }
+        let missing: Vec<&Descriptor> = std::iter::once(config)
+            .chain(layers)
+            .filter(|d| !store.has_blob(&d.digest))
+            .collect();
+        let total: u64 = missing.iter().map(|d| d.size).sum();
+        progress.total.store(total, Ordering::Relaxed);
+        progress.done.store(0, Ordering::Relaxed);
+        let mut downloaded = 0;
+        for d in &missing {
+            downloaded += s.blob(store, d, progress)?;
+        }
+        let source = format!("{}/{}", s.endpoint, r.repository);
+        store.put_blob(&source, &manifest_digest, &manifest_body)?;
+        let new = store.install(
+            &source,
+            &r.to_string(),
+            &manifest_digest,
+            self.config.limits,
+        )?;
+        Ok(Pulled {
+            reference: r.to_string(),
+            manifest: manifest_digest,
+            downloaded,
+            new,
+        })
+    }
+}
+
+/// The slowest average rate a blob may arrive at, in bytes per second.
+const MIN_RATE: u64 = 256 * 1024;
+
+struct Session<'a> {
+    agent: &'a ureq::Agent,
+    timeout: Duration,
+    endpoint: &'a str,
+    reference: &'a Reference,
+    /// Credentials still to try, most specific first.
+    creds: Vec<&'a Credential>,
+    auth: Option<String>,
+}
+
+impl Session<'_> {
+    fn protocol(&self, message: String) -> PullError {
+        PullError::Protocol {
+            endpoint: self.endpoint.to_string(),
+            message,
+        }
+    }
+
+    fn unreachable(&self, e: impl std::fmt::Display) -> PullError {
+        PullError::Unreachable {
+            endpoint: self.endpoint.to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    fn denied(&self, message: String) -> PullError {
+        PullError::Unauthorized {
+            endpoint: self.endpoint.to_string(),
+            repository: self.reference.repository.clone(),
+            message,
+        }
+    }
+
+    /// A GET that logs in when the registry asks: basic or token auth,
+    /// trying each matching credential in turn.
+    fn get(
+        &mut self,
+        url: &str,
+        headers: &[(&str, String)],
+    ) -> Result<ureq::http::Response<ureq::Body>, PullError> {
+        self.get_within(url, headers, Some(self.timeout))
+    }
+
+    fn get_within(
+        &mut self,
+        url: &str,
+        headers: &[(&str, String)],
+        body_timeout: Option<Duration>,
+    ) -> Result<ureq::http::Response<ureq::Body>, PullError> {
+        let mut tried_anonymous = false;
+        loop {
+            let mut req = self
+                .agent
+                .get(url)
+                .config()
+                .timeout_recv_body(body_timeout)
+                .build();
+            for (k, v) in headers {
+                req = req.header(*k, v);
+            }
+            if let Some(a) = &self.auth {
+                req = req.header("Authorization", a);
+            }
+            let resp = req.call().map_err(|e| self.unreachable(e))?;
+            let status = resp.status().as_u16();
+            if status != 401 {
+                if status == 403 {
+                    return Err(self.denied("the registry answered 403 Forbidden".into()));
+                }
+                return Ok(resp);
+            }
+            let challenge = resp
+                .headers()
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_challenge);
+            // A token without credentials is how public images are pulled;
+            // that is tried once before any credential.
+            let cred = if self.auth.is_none()
+                && !tried_anonymous
+                && matches!(challenge, Some(Challenge::Bearer { .. }))
+                && self.creds.is_empty()
+            {
+                tried_anonymous = true;
+                None
+            } else if self.creds.is_empty() {
+                return Err(self.denied(if self.auth.is_some() {
+                    "the credentials were refused".into()
+                } else {
+                    "the registry wants a login and no imagePullSecret has credentials for it"
+                        .into()
+                }));
+            } else {
+                Some(self.creds.remove(0))
+            };
+            self.auth = Some(match challenge {
+                Some(Challenge::Basic) | None => {
+                    let c = cred.ok_or_else(|| self.denied("the registry wants a login".into()))?;
+                    basic(c)
+                }
+                Some(Challenge::Bearer {
+                    realm,
+                    service,
+                    scope,
+                }) => self.token(&realm, service.as_deref(), scope.as_deref(), cred)?,
+            });
+        }
+    }
+
+    fn token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: Option<&str>,
+        cred: Option<&Credential>,
+    ) -> Result<String, PullError> {
+        let scope = scope.map_or_else(
+            || format!("repository:{}:pull", self.reference.repository),
+            str::to_string,
+        );
+        let mut req = self.agent.get(realm).query("scope", &scope);
+        if let Some(s) = service {
+            req = req.query("service", s);
+        }
+        if let Some(c) = cred {
+            req = req.header("Authorization", basic(c));
+        }
+        let mut resp = req.call().map_err(|e| self.unreachable(e))?;
+        if !resp.status().is_success() {
+            return Err(self.denied(format!(
+                "the token service {realm} answered {}",
+                resp.status()
+            )));
+        }
+        #[derive(Deserialize)]
+        struct Token {
+            #[serde(default)]
+            token: Option<String>,
+            #[serde(default)]
+            access_token: Option<String>,
+        }
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(1 << 20)
+            .read_to_vec()
+            .map_err(|e| self.unreachable(e))?;
+        let t: Token = serde_json::from_slice(&body)
+            .map_err(|e| self.protocol(format!("token from {realm} is not JSON: {e}")))?;
+        let token = t
+            .token
+            .or(t.access_token)
+            .ok_or_else(|| self.protocol(format!("{realm} gave no token")))?;
+        Ok(format!("Bearer {token}"))
+    }
+
+    /// Fetches a manifest and checks its digest: against the one asked
+    /// for, or for a tag against what the registry says it is.
+    fn manifest(
+        &mut self,
+        reference: &str,
+        expected: Option<&str>,
+    ) -> Result<(String, Vec<u8>), PullError> {
+        let url = format!(
+            "{}/v2/{}/manifests/{reference}",
+            self.endpoint, self.reference.repository
+        );
+        let mut resp = self.get(&url, &[("Accept", MANIFEST_TYPES.to_string())])?;
+        match resp.status().as_u16() {
+            200 => {}
+            404 => {
+                return Err(PullError::NotFound {
+                    endpoint: self.endpoint.to_string(),
+                    reference: format!("{}:{reference}", self.reference.repository),
+                });
+            }
+            s => {
+                return Err(
+                    self.protocol(format!("manifest {reference}: the registry answered {s}"))
+                );
+            }
+        }
+        let claimed = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_MANIFEST)
+            .read_to_vec()
+            .map_err(|e| self.unreachable(format!("manifest {reference}: {e}")))?;
+        let actual = sha256_hex(&body);
+        let digest = format!("sha256:{actual}");
+        if let Some(want) = expected.or(claimed.as_deref().filter(|c| c.starts_with("sha256:")))
+            && want != digest
+        {
+            return Err(PullError::Digest {
+                endpoint: self.endpoint.to_string(),
+                what: format!("manifest {reference}"),
+                expected: want.to_string(),
+                actual,
+            });
+        }
+        Ok((digest, body))
+    }
+
+    /// Downloads one blob into the store, resuming a partial download.
+    /// Returns the bytes fetched now.
+    fn blob(
+        &mut self,
+        store: &ImageStore,
+        d: &Descriptor,
+        progress: &Progress,
+    ) -> Result<u64, PullError> {
+        let partial = store
+            .partial_blob(&d.digest)
+            .ok_or_else(|| self.protocol(format!("bad digest {:?}", d.digest)))?;
+        let io_fail = |e: io::Error| {
+            // A write that failed (the disk full) leaves nothing behind.
+            let _ = fs::remove_file(&partial);
+            PullError::Store(ImageError::Io {
+                path: partial.clone(),
+                source: e,
+            })
+        };
+        let mut have = fs::metadata(&partial).map_or(0, |m| m.len());
+        if have > d.size {
+            fs::remove_file(&partial).map_err(io_fail)?;
+            have = 0;
+        }
+        progress.done.fetch_add(have, Ordering::Relaxed);
+        let url = format!(
+            "{}/v2/{}/blobs/{}",
+            self.endpoint, self.reference.repository, d.digest
+        );
+        let mut fetched = 0;
+        if have < d.size {
+            let headers = if have > 0 {
+                vec![("Range", format!("bytes={have}-"))]
+            } else {
+                Vec::new()
+            };
+            // A stalled transfer is cut: the body must come at 256 KiB/s on
+            // average. What arrived stays, and the next pull resumes there.
+            let budget = self.timeout + Duration::from_secs((d.size - have) / MIN_RATE);
+            let mut resp = self.get_within(&url, &headers, Some(budget))?;
+            let mut file = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(false)
+                .open(&partial)
+                .map_err(io_fail)?;
+            match resp.status().as_u16() {
+                206 if have > 0 => {
+                    file.seek(io::SeekFrom::Start(have)).map_err(io_fail)?;
+                }
+                200 => {
+                    // The registry sends it whole: start again.
+                    progress.done.fetch_sub(have, Ordering::Relaxed);
+                    file.set_len(0).map_err(io_fail)?;
+                    have = 0;
+                }
+                404 => {
+                    return Err(PullError::NotFound {
+                        endpoint: self.endpoint.to_string(),
+                        reference: format!("blob {}", d.digest),
+                    });
+                }
+                s => {
+                    return Err(
+                        self.protocol(format!("blob {}: the registry answered {s}", d.digest))
+                    );
+                }
+            }
+            let want = d.size - have;
+            // One byte more than promised is enough to know it lies.
+            let mut body = resp
+                .body_mut()
+                .with_config()
+                .limit(u64::MAX)
+                .reader()
+                .take(want + 1);
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = body
+                    .read(&mut buf)
+                    .map_err(|e| self.unreachable(format!("blob {}: {e}", d.digest)))?;
+                if n == 0 {
+                    break;
+                }
+                fetched += n as u64;
+                if fetched > want {
+                    let _ = fs::remove_file(&partial);
+                    return Err(self.protocol(format!(
+                        "blob {} is longer than the {} bytes its descriptor says; refused",
+                        d.digest, d.size
+                    )));
+                }
+                file.write_all(&buf[..n]).map_err(io_fail)?;
+                progress.done.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            file.sync_data().map_err(io_fail)?;
+            if have + fetched < d.size {
+                return Err(self.unreachable(format!(
+                    "blob {} ended after {} of {} bytes; the next pull resumes there",
+                    d.digest,
+                    have + fetched,
+                    d.size
+                )));
+            }
+        }
+        let source = format!("{}/{}", self.endpoint, self.reference.repository);
+        store.commit_blob(&source, &d.digest).map_err(|e| match e {
+            ImageError::Digest { digest, actual, .. } => PullError::Digest {
+                endpoint: self.endpoint.to_string(),
+                what: format!("blob {digest}"),
+                expected: digest,
+                actual,
+            },
+            other => PullError::Store(other),
+        })?;
+        Ok(fetched)
+    }
+}
+
+fn basic(c: &Credential) -> String {
+    let raw = format!("{}:{}", c.username, c.password);
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    )
+}

@@ -1,0 +1,595 @@
+//! Pulls against a real registry (Debian's `docker-registry`) on loopback,
+//! and against hand-made servers for what a real one does not do (hang,
+//! answer garbage, send more than it promised). Run by `make test` (tier 2,
+//! as root: the full-disk case mounts a small tmpfs).
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use berth_registry::fixtures::{self, OCI_INDEX, OCI_MANIFEST, TestRegistry};
+use berth_registry::{Client, Credential, HostConfig, Progress, PullError, RegistryConfig};
+use berth_runtime::images::{ImageStore, UnpackLimits, archive};
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("berth-registry-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.join("small"))
+            .output();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn client_for(hosts: &[&str]) -> Client {
+    let mut config = RegistryConfig {
+        timeout: Duration::from_secs(3),
+        ..RegistryConfig::default()
+    };
+    for h in hosts {
+        config.hosts.insert(
+            h.to_string(),
+            HostConfig {
+                mirrors: vec![],
+                insecure: true,
+            },
+        );
+    }
+    Client::new(config)
+}
+
+fn config(cmd: &[&str]) -> serde_json::Value {
+    serde_json::json!({"architecture": "amd64", "os": "linux", "config": {"Cmd": cmd, "Env": ["PATH=/bin"]}})
+}
+
+fn pull(
+    client: &Client,
+    store: &ImageStore,
+    reference: &str,
+    creds: &[Credential],
+) -> Result<berth_registry::Pulled, PullError> {
+    client.pull(store, reference, creds, &Progress::default())
+}
+
+#[test]
+#[ignore = "needs docker-registry; run by make test (tier 2)"]
+fn images_pull_by_tag_and_digest_and_a_second_pull_fetches_nothing() {
+    let s = Scratch::new("tag");
+    let reg = TestRegistry::start(&s.0.join("reg"), None).unwrap();
+    let base = fixtures::gzip(&archive::layer(&[("etc/base", b"base\n", 0o644)]).unwrap());
+    let app = fixtures::gzip(&archive::layer(&[("app/hello", b"hello\n", 0o755)]).unwrap());
+    let digest = reg
+        .push_image(
+            "team/app",
+            "1.0",
+            &[base.clone(), app.clone()],
+            true,
+            &config(&["/app/hello"]),
+        )
+        .unwrap();
+    let store = ImageStore::open(&s.0.join("store")).unwrap();
+    let client = client_for(&[&reg.host()]);
+    let by_tag = format!("{}/team/app:1.0", reg.host());
+
+    let progress = Progress::default();
+    let p = client.pull(&store, &by_tag, &[], &progress).unwrap();
+    assert_eq!(p.manifest, digest);
+    assert!(p.new);
+    assert!(p.downloaded >= (base.len() + app.len()) as u64);
+    assert_eq!(
+        progress.done.load(Ordering::Relaxed),
+        progress.total.load(Ordering::Relaxed)
+    );
+    let root = store.rootfs(&by_tag).expect("unpacked");
+    assert_eq!(
+        std::fs::read_to_string(root.join("app/hello")).unwrap(),
+        "hello\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/base")).unwrap(),
+        "base\n"
+    );
+    let catalog = store.catalog();
+    let entry = catalog
+        .iter()
+        .find(|c| c.reference == by_tag)
+        .expect("catalogued");
+    assert_eq!(entry.cmd, ["/app/hello"]);
+
+    let again = pull(&client, &store, &by_tag, &[]).unwrap();
+    assert_eq!((again.downloaded, again.new), (0, false));
+
+    // By digest: the same image, nothing fetched, its own reference.
+    let by_digest = format!("{}/team/app@{digest}", reg.host());
+    let d = pull(&client, &store, &by_digest, &[]).unwrap();
+    assert_eq!((d.manifest.as_str(), d.downloaded), (digest.as_str(), 0));
+    assert_eq!(store.rootfs(&by_digest), Some(root));
+
+    // A second image sharing the base layer fetches only its own.
+    let other = fixtures::gzip(&archive::layer(&[("app/other", b"x", 0o644)]).unwrap());
+    reg.push_image(
+        "team/other",
+        "1",
+        &[base.clone(), other.clone()],
+        true,
+        &config(&["/x"]),
+    )
+    .unwrap();
+    // Cross-repository: the registry has the base layer under team/app only,
+    // so it is pushed again; the store still has it and fetches only the rest.
+    let o = pull(
+        &client,
+        &store,
+        &format!("{}/team/other:1", reg.host()),
+        &[],
+    )
+    .unwrap();
+    let config_len = serde_json::to_vec(&config(&["/x"])).unwrap().len() as u64;
+    assert_eq!(o.downloaded, other.len() as u64 + config_len);
+
+    // A tag or digest the registry does not have.
+    let e = pull(
+        &client,
+        &store,
+        &format!("{}/team/app:9.9", reg.host()),
+        &[],
+    )
+    .unwrap_err();
+    assert!(matches!(e, PullError::NotFound { .. }), "{e}");
+    let e = pull(
+        &client,
+        &store,
+        &format!("{}/team/app@sha256:{}", reg.host(), "0".repeat(64)),
+        &[],
+    )
+    .unwrap_err();
+    assert!(matches!(e, PullError::NotFound { .. }), "{e}");
+}
+
+#[test]
+#[ignore = "needs docker-registry; run by make test (tier 2)"]
+fn a_multi_platform_index_gives_the_nodes_platform() {
+    let s = Scratch::new("index");
+    let reg = TestRegistry::start(&s.0.join("reg"), None).unwrap();
+    let mut entries = Vec::new();
+    for arch in ["arm64", "amd64", "s390x"] {
+        let layer = archive::layer(&[("arch", arch.as_bytes(), 0o644)]).unwrap();
+        let body = reg
+            .image_manifest("multi", &[layer], false, &config(&["/x"]))
+            .unwrap();
+        let d = reg
+            .push_manifest("multi", &fixtures::digest(&body), OCI_MANIFEST, &body)
+            .unwrap();
+        entries.push(
+            serde_json::json!({"mediaType": OCI_MANIFEST, "digest": d, "size": body.len(),
+            "platform": {"architecture": arch, "os": "linux"}}),
+        );
+    }
+    let index = serde_json::to_vec(
+        &serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}),
+    )
+    .unwrap();
+    reg.push_manifest("multi", "v1", OCI_INDEX, &index).unwrap();
+    let store = ImageStore::open(&s.0.join("store")).unwrap();
+    let mut config = RegistryConfig {
+        timeout: Duration::from_secs(3),
+        ..RegistryConfig::default()
+    };
+    config.hosts.insert(
+        reg.host(),
+        HostConfig {
+            mirrors: vec![],
+            insecure: true,
+        },
+    );
+    for arch in ["amd64", "arm64"] {
+        config.architecture = arch.into();
+        let client = Client::new(config.clone());
+        let r = format!("{}/multi:v1", reg.host());
+        pull(&client, &store, &r, &[]).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(store.rootfs(&r).unwrap().join("arch")).unwrap(),
+            arch
+        );
+    }
+    config.architecture = "riscv64".into();
+    let e = pull(
+        &Client::new(config),
+        &store,
+        &format!("{}/multi:v1", reg.host()),
+        &[],
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("no linux/riscv64 image"), "{e}");
+}
+
+#[test]
+#[ignore = "needs docker-registry; run by make test (tier 2)"]
+fn a_registry_with_a_login_needs_the_right_pull_secret() {
+    let s = Scratch::new("auth");
+    let reg = TestRegistry::start(&s.0.join("reg"), Some(("puller", "right-pw"))).unwrap();
+    let layer = archive::layer(&[("f", b"private", 0o644)]).unwrap();
+    reg.push_image("private/app", "1", &[layer], false, &config(&["/f"]))
+        .unwrap();
+    let store = ImageStore::open(&s.0.join("store")).unwrap();
+    let client = client_for(&[&reg.host()]);
+    let r = format!("{}/private/app:1", reg.host());
+    let secret = |pw: &str| {
+        let body = format!(
+            r#"{{"auths": {{"{}": {{"username": "puller", "password": "{pw}"}}}}}}"#,
+            reg.host()
+        );
+        berth_registry::parse_docker_config(".dockerconfigjson", body.as_bytes()).unwrap()
+    };
+
+    let e = pull(&client, &store, &r, &[]).unwrap_err();
+    assert!(
+        e.is_auth() && e.to_string().contains("no imagePullSecret"),
+        "{e}"
+    );
+    let e = pull(&client, &store, &r, &secret("wrong")).unwrap_err();
+    assert!(e.is_auth() && e.to_string().contains("refused"), "{e}");
+    assert!(store.rootfs(&r).is_none());
+    // A wrong credential for the host, then a right one for the repository:
+    // each is tried, the most specific first.
+    let mut both = secret("wrong");
+    let body = format!(
+        r#"{{"auths": {{"{}/private": {{"username": "puller", "password": "right-pw"}}}}}}"#,
+        reg.host()
+    );
+    both.extend(berth_registry::parse_docker_config(".dockerconfigjson", body.as_bytes()).unwrap());
+    pull(&client, &store, &r, &both).unwrap();
+    assert!(store.rootfs(&r).is_some());
+}
+
+#[test]
+#[ignore = "needs docker-registry; run by make test (tier 2)"]
+fn corrupted_content_is_refused_and_nothing_of_it_is_kept() {
+    let s = Scratch::new("corrupt");
+    let reg = TestRegistry::start(&s.0.join("reg"), None).unwrap();
+    let layer = fixtures::gzip(&archive::layer(&[("f", &[7u8; 100_000], 0o644)]).unwrap());
+    reg.push_image("bad", "1", std::slice::from_ref(&layer), true, &config(&["/f"]))
+        .unwrap();
+    // Flip bytes of the layer where the registry stores it, keeping its size.
+    let file = reg.blob_file(&fixtures::digest(&layer));
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&file, &bytes).unwrap();
+    let store = ImageStore::open(&s.0.join("store")).unwrap();
+    let client = client_for(&[&reg.host()]);
+    let r = format!("{}/bad:1", reg.host());
+    let e = pull(&client, &store, &r, &[]).unwrap_err();
+    assert!(matches!(e, PullError::Digest { .. }), "{e}");
+    assert!(store.rootfs(&r).is_none());
+    assert!(!store.has_blob(&fixtures::digest(&layer)));
+    assert!(
+        !store
+            .partial_blob(&fixtures::digest(&layer))
+            .unwrap()
+            .exists()
+    );
+
+    // A digest reference the registry serves other content for is refused
+    // too: the manifest pushed under a digest tag is checked on arrival.
+    let good = reg
+        .image_manifest(
+            "pin",
+            &[archive::layer(&[("g", b"g", 0o644)]).unwrap()],
+            false,
+            &config(&["/g"]),
+        )
+        .unwrap();
+    let digest = reg.push_manifest("pin", "1", OCI_MANIFEST, &good).unwrap();
+    let e = pull(
+        &client,
+        &store,
+        &format!("{}/pin@sha256:{}", reg.host(), "1".repeat(64)),
+        &[],
+    )
+    .unwrap_err();
+    assert!(matches!(e, PullError::NotFound { .. }), "{e}");
+    pull(
+        &client,
+        &store,
+        &format!("{}/pin@{digest}", reg.host()),
+        &[],
+    )
+    .unwrap();
+}
+
+#[test]
+#[ignore = "needs docker-registry; run by make test (tier 2)"]
+fn a_cut_download_resumes_where_it_stopped() {
+    let s = Scratch::new("resume");
+    let reg = TestRegistry::start(&s.0.join("reg"), None).unwrap();
+    let big: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let layer = archive::layer(&[("big", &big, 0o644)]).unwrap();
+    reg.push_image("resume", "1", std::slice::from_ref(&layer), false, &config(&["/big"]))
+        .unwrap();
+    let store = ImageStore::open(&s.0.join("store")).unwrap();
+    // What a pull cut at a third left behind.
+    let third = layer.len() / 3;
+    std::fs::write(
+        store.partial_blob(&fixtures::digest(&layer)).unwrap(),
+        &layer[..third],
+    )
+    .unwrap();
+    let client = client_for(&[&reg.host()]);
+    let p = pull(&client, &store, &format!("{}/resume:1", reg.host()), &[]).unwrap();
+    let config_len = serde_json::to_vec(&config(&["/big"])).unwrap().len();
+    assert_eq!(p.downloaded as usize, layer.len() - third + config_len);
+    let root = store.rootfs(&format!("{}/resume:1", reg.host())).unwrap();
+    assert_eq!(std::fs::read(root.join("big")).unwrap(), big);
+
+    // A partial file of garbage fails the digest check, is deleted, and the
+    // next pull starts over and succeeds.
+    let store2 = ImageStore::open(&s.0.join("store2")).unwrap();
+    std::fs::write(
+        store2.partial_blob(&fixtures::digest(&layer)).unwrap(),
+        vec![0u8; third],
+    )
+    .unwrap();
+    let e = pull(&client, &store2, &format!("{}/resume:1", reg.host()), &[]).unwrap_err();
+    assert!(matches!(e, PullError::Digest { .. }), "{e}");
+    pull(&client, &store2, &format!("{}/resume:1", reg.host()), &[]).unwrap();
+}
+
+#[test]
+#[ignore = "needs docker-registry; run by make test (tier 2)"]
+fn a_moved_tag_gives_the_new_image_and_the_old_stays_while_a_container_uses_it() {
+    let s = Scratch::new("moved");
+    let reg = TestRegistry::start(&s.0.join("reg"), None).unwrap();
+    let store = ImageStore::open(&s.0.join("store")).unwrap();
+    let client = client_for(&[&reg.host()]);
+    let r = format!("{}/moving:stable", reg.host());
+    let v1 = reg
+        .push_image(
+            "moving",
+            "stable",
+            &[archive::layer(&[("v", b"1", 0o644)]).unwrap()],
+            false,
+            &config(&["/v"]),
+        )
+        .unwrap();
+    pull(&client, &store, &r, &[]).unwrap();
+    let old_root = store.rootfs(&r).unwrap();
+    let v2 = reg
+        .push_image(
+            "moving",
+            "stable",
+            &[archive::layer(&[("v", b"2", 0o644)]).unwrap()],
+            false,
+            &config(&["/v"]),
+        )
+        .unwrap();
+    let p = pull(&client, &store, &r, &[]).unwrap();
+    assert_eq!((p.manifest.as_str(), p.new), (v2.as_str(), true));
+    assert_eq!(
+        std::fs::read_to_string(store.rootfs(&r).unwrap().join("v")).unwrap(),
+        "2"
+    );
+    // A container still runs on v1: collection keeps its root.
+    let keep: HashSet<String> = [v1.clone(), v2.clone()].into_iter().collect();
+    let c = store.collect(&keep, |_, _| true).unwrap();
+    assert!(c.images.is_empty());
+    assert!(old_root.is_dir());
+    // Once it is gone, v1's root and blobs are swept; v2 is kept while wanted.
+    let keep: HashSet<String> = [v2.clone()].into_iter().collect();
+    let c = store.collect(&keep, |_, _| true).unwrap();
+    assert!(c.images.is_empty() && c.bytes > 0);
+    assert!(!old_root.exists());
+    assert!(!store.has_blob(&v1));
+    assert!(store.rootfs(&r).is_some());
+    // Unwanted, it goes, blobs and all.
+    let c = store.collect(&HashSet::new(), |_, _| true).unwrap();
+    assert_eq!(c.images, std::slice::from_ref(&r));
+    assert!(store.rootfs(&r).is_none() && !store.has_blob(&v2));
+}
+
+#[test]
+#[ignore = "needs docker-registry; run by make test (tier 2)"]
+fn hostile_layers_are_refused_and_leave_no_root() {
+    let s = Scratch::new("hostile");
+    let reg = TestRegistry::start(&s.0.join("reg"), None).unwrap();
+    let store = ImageStore::open(&s.0.join("store")).unwrap();
+    let client = client_for(&[&reg.host()]);
+    // `../escaped` written as a raw name (the tar crate refuses to build it).
+    let mut climb = archive::layer(&[("placeholder", b"x", 0o644)]).unwrap();
+    climb[..11].copy_from_slice(b"../escaped\0");
+    let mut h = tar::Header::from_byte_slice(&climb[..512]).clone();
+    h.set_cksum();
+    climb[..512].copy_from_slice(h.as_bytes());
+    // A symlink out of the root, then a file written through it.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut link = tar::Header::new_gnu();
+    link.set_entry_type(tar::EntryType::Symlink);
+    link.set_size(0);
+    link.set_uid(0);
+    link.set_gid(0);
+    link.set_mode(0o777);
+    link.set_mtime(0);
+    b.append_link(&mut link, "out", s.0.join("outside").to_str().unwrap())
+        .unwrap();
+    let mut f = tar::Header::new_gnu();
+    f.set_size(1);
+    f.set_mode(0o644);
+    f.set_uid(0);
+    f.set_gid(0);
+    f.set_mtime(0);
+    b.append_data(&mut f, "out/planted", &b"x"[..]).unwrap();
+    let through = b.into_inner().unwrap();
+    std::fs::create_dir_all(s.0.join("outside")).unwrap();
+    // A decompression bomb: 64 MiB of zeros in a few kilobytes.
+    let bomb = fixtures::gzip(&archive::layer(&[("zeros", &vec![0u8; 64 << 20], 0o644)]).unwrap());
+    assert!(bomb.len() < 1 << 20);
+    for (name, layer, gz, why) in [
+        ("climb", climb, false, "`..`"),
+        ("through", through, false, "symlink"),
+        ("bomb", bomb, true, "more than"),
+    ] {
+        reg.push_image(name, "1", &[layer], gz, &config(&["/x"]))
+            .unwrap();
+        let mut config = client.config().clone();
+        config.limits = UnpackLimits {
+            max_bytes: 16 << 20,
+            ..UnpackLimits::default()
+        };
+        let e = pull(
+            &Client::new(config),
+            &store,
+            &format!("{}/{name}:1", reg.host()),
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains(why), "{name}: {e}");
+        assert!(store.rootfs(&format!("{}/{name}:1", reg.host())).is_none());
+    }
+    assert!(!s.0.join("outside/planted").exists());
+    assert!(!s.0.join("escaped").exists() && !s.0.join("store/escaped").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(s.0.join("store/rootfs"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+#[ignore = "needs root and docker-registry; run by make test (tier 2)"]
+fn a_disk_that_fills_during_a_pull_fails_it_cleanly() {
+    let s = Scratch::new("full");
+    let reg = TestRegistry::start(&s.0.join("reg"), None).unwrap();
+    let noise: Vec<u8> = (0..12_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    reg.push_image(
+        "large",
+        "1",
+        &[archive::layer(&[("noise", &noise, 0o644)]).unwrap()],
+        false,
+        &config(&["/x"]),
+    )
+    .unwrap();
+    let small = s.0.join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let out = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&small)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mount tmpfs (needs root): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store = ImageStore::open(&small).unwrap();
+    let client = client_for(&[&reg.host()]);
+    let e = pull(&client, &store, &format!("{}/large:1", reg.host()), &[]).unwrap_err();
+    assert!(e.to_string().contains("No space left on device"), "{e}");
+    assert!(store.list().is_empty());
+    let used: u64 = berth_runtime::images::disk_usage(&small);
+    assert!(used < 1 << 20, "{used} bytes left behind");
+}
+
+/// A server that accepts and then does what `answer` says with each connection.
+fn fake_server(answer: impl Fn(&mut std::net::TcpStream) + Send + 'static) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            answer(&mut conn);
+        }
+    });
+    port
+}
+
+fn fault(port: u16, timeout: Duration) -> (PullError, Duration) {
+    let s = Scratch::new(&format!("fault{port}"));
+    let store = ImageStore::open(&s.0.join("store")).unwrap();
+    let host = format!("127.0.0.1:{port}");
+    let mut config = RegistryConfig {
+        timeout,
+        ..RegistryConfig::default()
+    };
+    config.hosts.insert(
+        host.clone(),
+        HostConfig {
+            mirrors: vec![],
+            insecure: true,
+        },
+    );
+    let start = Instant::now();
+    let e = pull(&Client::new(config), &store, &format!("{host}/app:1"), &[]).unwrap_err();
+    assert!(store.list().is_empty());
+    (e, start.elapsed())
+}
+
+#[test]
+fn a_registry_that_is_down_hangs_or_answers_garbage_fails_the_pull_clearly() {
+    // Down: nothing listens.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (e, _) = fault(port, Duration::from_secs(2));
+    assert!(matches!(e, PullError::Unreachable { .. }), "{e}");
+    // Hangs: accepts and never answers; the pull gives up after the timeout.
+    let port = fake_server(|_| std::thread::sleep(Duration::from_secs(30)));
+    let (e, took) = fault(port, Duration::from_secs(1));
+    assert!(matches!(e, PullError::Unreachable { .. }), "{e}");
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    // Garbage instead of HTTP.
+    let port = fake_server(|c| {
+        let _ = c.write_all(b"\x00\x01garbage garbage\r\n\r\n");
+    });
+    let (e, _) = fault(port, Duration::from_secs(2));
+    assert!(
+        matches!(
+            e,
+            PullError::Unreachable { .. } | PullError::Protocol { .. }
+        ),
+        "{e}"
+    );
+    // HTTP, but the manifest is not JSON.
+    let port = fake_server(|c| {
+        let _ = c.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot json!",
+        );
+    });
+    let (e, _) = fault(port, Duration::from_secs(2));
+    assert!(e.to_string().contains("not JSON"), "{e}");
+    // A manifest whose Docker-Content-Digest disagrees with its bytes.
+    let port = fake_server(|c| {
+        let body = br#"{"schemaVersion":2,"config":{"digest":"sha256:00","size":1},"layers":[]}"#;
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nDocker-Content-Digest: sha256:{}\r\nConnection: close\r\n\r\n",
+            body.len(),
+            "a".repeat(64)
+        );
+        let _ = c.write_all(head.as_bytes());
+        let _ = c.write_all(body);
+    });
+    let (e, _) = fault(port, Duration::from_secs(2));
+    assert!(matches!(e, PullError::Digest { .. }), "{e}");
+}
