@@ -26,6 +26,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
     need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
+# Debian's package enables a registry on all addresses, port 5000; the tests
+# start their own on 127.0.0.1 with a config of their own, so it is stopped.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled docker-registry >/dev/null 2>&1; then
+    need_root systemctl disable --now docker-registry >/dev/null 2>&1 || true
+fi
+
 # Rust: the workspace needs edition 2024 and Rust 1.95 or newer.
 required="1.95"
 if ! command -v cargo >/dev/null 2>&1; then

@@ -39,7 +39,7 @@ const PODS: &[(&str, &str)] = &[
     ),
     (
         "pods/ghost.yaml",
-        "apiVersion: v1\nkind: Pod\nmetadata: {name: ghost}\nspec:\n  containers:\n  - name: main\n    image: registry.example/ghost:1.0\n    command: [/ghost]\n",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: ghost}\nspec:\n  containers:\n  - name: main\n    image: registry.example/ghost:1.0\n    imagePullPolicy: Never\n    command: [/ghost]\n",
     ),
     (
         "pods/huge.yaml",
@@ -224,7 +224,7 @@ fn scenario() {
         // same holds for the missing binary's 203/EXEC.
         status_of(p, "crasher") == "CrashLoopBackOff"
             && p["crasher"]["containers"][0]["lastExitCode"] == 3
-            && status_of(p, "ghost") == "ImageNotPresent"
+            && status_of(p, "ghost") == "ErrImageNeverPull"
             && status_of(p, "huge") == "OutOfcpu"
             && p["nobin"]["containers"][0]["lastExitCode"] == 203
     });

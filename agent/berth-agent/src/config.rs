@@ -62,6 +62,40 @@ struct FileConfig {
     network: Option<FileNetwork>,
     #[serde(default)]
     storage: Option<FileStorage>,
+    #[serde(default)]
+    images: Option<FileImages>,
+    #[serde(default)]
+    security: Option<FileSecurity>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FileImages {
+    registries: Option<BTreeMap<String, FileRegistry>>,
+    pull_timeout: Option<String>,
+    gc: Option<FileImageGc>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FileRegistry {
+    mirrors: Option<Vec<String>>,
+    insecure: Option<bool>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FileImageGc {
+    high_threshold_percent: Option<u8>,
+    low_threshold_percent: Option<u8>,
+    minimum_age: Option<String>,
+    maximum_age: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FileSecurity {
+    allow_privileged: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -149,6 +183,8 @@ struct Layer {
     cluster_domain: Option<(String, Origin)>,
     node_port_range: Option<(String, Origin)>,
     host_path_prefixes: Option<(Vec<String>, Origin)>,
+    images: Option<(FileImages, Origin)>,
+    allow_privileged: Option<(bool, Origin)>,
 }
 
 impl Layer {
@@ -178,7 +214,9 @@ impl Layer {
             service_cidr,
             cluster_domain,
             node_port_range,
-            host_path_prefixes
+            host_path_prefixes,
+            images,
+            allow_privileged
         );
         self
     }
@@ -211,6 +249,10 @@ pub struct NodeConfig {
     /// `storage.hostPathPrefixes`: the only places hostPath volumes and
     /// static PersistentVolumes may bind (none by default).
     pub host_path_prefixes: Vec<String>,
+    /// `images`: registries (mirrors, plain HTTP), pull timeout, collection.
+    pub images: ImageSettings,
+    /// `security.allowPrivileged`: whether `privileged: true` containers may run.
+    pub allow_privileged: bool,
     /// Which sources contributed, in order.
     pub sources: Vec<String>,
 }
@@ -285,6 +327,8 @@ fn parse_file(text: &str, origin: Origin) -> Result<Layer, ConfigError> {
     let drift = file.drift.unwrap_or_default();
     let network = file.network.unwrap_or_default();
     let storage = file.storage.unwrap_or_default();
+    let images = file.images;
+    let security = file.security.unwrap_or_default();
     let with = |v: Option<String>| v.map(|v| (v, origin.clone()));
     Ok(Layer {
         node: with(node.name),
@@ -309,6 +353,8 @@ fn parse_file(text: &str, origin: Origin) -> Result<Layer, ConfigError> {
         cluster_domain: with(network.cluster_domain),
         node_port_range: with(network.node_port_range),
         host_path_prefixes: storage.host_path_prefixes.map(|l| (l, origin.clone())),
+        images: images.map(|i| (i, origin.clone())),
+        allow_privileged: security.allow_privileged.map(|b| (b, origin.clone())),
     })
 }
 
@@ -725,6 +771,11 @@ fn finish(layer: Layer, hostname: &str, sources: Vec<String>) -> Result<NodeConf
         }
     }
     let allowed_signers = layer.allowed_signers.clone().map(|(p, _)| p);
+    let images = match &layer.images {
+        None => ImageSettings::default(),
+        Some((file, origin)) => image_settings(file, origin)?,
+    };
+    let allow_privileged = layer.allow_privileged.as_ref().is_some_and(|(b, _)| *b);
     Ok(NodeConfig {
         node_name,
         labels,
@@ -740,8 +791,137 @@ fn finish(layer: Layer, hostname: &str, sources: Vec<String>) -> Result<NodeConf
         drift,
         network,
         host_path_prefixes,
+        images,
+        allow_privileged,
         sources,
     })
+}
+
+/// How the node pulls and keeps images.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageSettings {
+    /// By registry name as image references write it.
+    pub registries: BTreeMap<String, RegistrySettings>,
+    pub pull_timeout: Duration,
+    /// Collection starts when the image filesystem is fuller than this...
+    pub gc_high_percent: u8,
+    /// ...and frees unused images until it is below this.
+    pub gc_low_percent: u8,
+    /// An unused image younger than this is never collected.
+    pub gc_minimum_age: Duration,
+    /// An image unused for longer than this is collected whatever the disk
+    /// says (none by default, as in the kubelet).
+    pub gc_maximum_age: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegistrySettings {
+    pub mirrors: Vec<String>,
+    pub insecure: bool,
+}
+
+impl Default for ImageSettings {
+    fn default() -> Self {
+        Self {
+            registries: BTreeMap::new(),
+            pull_timeout: Duration::from_secs(30),
+            gc_high_percent: 85,
+            gc_low_percent: 80,
+            gc_minimum_age: Duration::from_secs(120),
+            gc_maximum_age: None,
+        }
+    }
+}
+
+fn image_settings(file: &FileImages, origin: &Origin) -> Result<ImageSettings, ConfigError> {
+    let mut out = ImageSettings::default();
+    for (name, r) in file.registries.iter().flatten() {
+        let field = format!("images.registries.{name}");
+        if name.is_empty() || name.contains(['/', ' ']) || name.starts_with("http") {
+            return Err(error(
+                origin,
+                &field,
+                "a registry is named as image references name it: host[:port], no scheme or path",
+            ));
+        }
+        let mut mirrors = Vec::new();
+        for (i, m) in r.mirrors.iter().flatten().enumerate() {
+            let rest = m
+                .strip_prefix("https://")
+                .or_else(|| m.strip_prefix("http://"));
+            let ok = rest.is_some_and(|h| {
+                let host = h.trim_end_matches('/');
+                !host.is_empty() && !host.contains(['/', ' ', '?', '#', '@'])
+            });
+            if !ok {
+                return Err(error(
+                    origin,
+                    &format!("{field}.mirrors[{i}]"),
+                    format!(
+                        "{m:?} is not a mirror URL (http://host[:port] or https://host[:port])"
+                    ),
+                ));
+            }
+            mirrors.push(m.trim_end_matches('/').to_string());
+        }
+        out.registries.insert(
+            name.clone(),
+            RegistrySettings {
+                mirrors,
+                insecure: r.insecure.unwrap_or(false),
+            },
+        );
+    }
+    if let Some(t) = &file.pull_timeout {
+        out.pull_timeout = parse_duration(t)
+            .filter(|d| *d >= Duration::from_secs(1))
+            .ok_or_else(|| {
+                error(
+                    origin,
+                    "images.pullTimeout",
+                    format!("{t:?} is not a duration of at least 1s (30s, 2m)"),
+                )
+            })?;
+    }
+    if let Some(gc) = &file.gc {
+        let pct = |v: Option<u8>, name: &str, default: u8| match v {
+            None => Ok(default),
+            Some(p) if (1..=100).contains(&p) => Ok(p),
+            Some(p) => Err(error(
+                origin,
+                &format!("images.gc.{name}"),
+                format!("{p} is not a percentage from 1 to 100"),
+            )),
+        };
+        out.gc_high_percent = pct(gc.high_threshold_percent, "highThresholdPercent", 85)?;
+        out.gc_low_percent = pct(gc.low_threshold_percent, "lowThresholdPercent", 80)?;
+        if out.gc_low_percent > out.gc_high_percent {
+            return Err(error(
+                origin,
+                "images.gc.lowThresholdPercent",
+                "must not be above highThresholdPercent",
+            ));
+        }
+        if let Some(t) = &gc.minimum_age {
+            out.gc_minimum_age = parse_duration(t).ok_or_else(|| {
+                error(
+                    origin,
+                    "images.gc.minimumAge",
+                    format!("{t:?} is not a duration (2m, 1h)"),
+                )
+            })?;
+        }
+        if let Some(t) = &gc.maximum_age {
+            out.gc_maximum_age = Some(parse_duration(t).ok_or_else(|| {
+                error(
+                    origin,
+                    "images.gc.maximumAge",
+                    format!("{t:?} is not a duration (1h, 168h)"),
+                )
+            })?);
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod drift;
+pub mod images;
 pub mod network;
 pub mod notify;
 pub mod publisher;
@@ -152,6 +153,8 @@ pub struct Agent {
     network: Option<network::PodNetwork>,
     /// Claims and pod volumes, when this node keeps them (see [`Agent::with_storage`]).
     storage: Option<storage::Storage>,
+    /// Pulls and collection of images.
+    images: images::Images,
 }
 
 /// Resource-control files of Berth's cgroups, by cgroup path.
@@ -228,7 +231,13 @@ impl Agent {
             limits: None,
             network: None,
             storage: None,
+            images: images::Images::new(),
         })
+    }
+
+    /// A finished image pull wakes [`Agent::run`] through this sender.
+    pub fn set_waker(&mut self, waker: std::sync::mpsc::Sender<Wake>) {
+        self.images.set_waker(waker);
     }
 
     /// Provisions claims with `driver` (its book under `dir`) and makes
@@ -592,6 +601,7 @@ impl Agent {
             .as_ref()
             .map(|n| n.netns_dir().display().to_string());
         node.volumes.host_path_prefixes = config.host_path_prefixes.clone();
+        node.allow_privileged = config.allow_privileged;
         if let Some(rt) = &self.runtime {
             node.containers_dir = rt.containers_dir.clone();
             if let Ok(v) = rt.systemd.version() {
@@ -686,7 +696,16 @@ impl Agent {
             now,
         );
         plan.plan.actions = classified.actions;
-        let (mut blocked, pod_files) = self.wire_pods(config, &mut plan);
+        let starting = images::starting(&plan);
+        let waits = self
+            .images
+            .ensure(&config.images, rt, &plan.pods, &starting, &self.log);
+        let mut blocked = Vec::new();
+        for (reason, pods) in waits {
+            blocked.extend(block_pods(&mut plan, pods, reason, image_of));
+        }
+        let (wired, pod_files) = self.wire_pods(config, &mut plan);
+        blocked.extend(wired);
         let dirs = node.volumes.clone();
         blocked.extend(self.prepare_volumes(&loaded.catalog, &mut plan, &dirs));
         let mut report = if plan.plan.actions.is_empty() && self.state.failures.is_empty() {
@@ -702,6 +721,10 @@ impl Agent {
                 self.log.info(&line);
             }
         }
+        let collected = self
+            .images
+            .collect(&config.images, rt, &plan.pods, &self.log);
+        self.state.images = self.images.record(collected);
         let failed: std::collections::BTreeSet<&str> =
             report.failed.iter().map(|f| f.unit.as_str()).collect();
         // What is now as Git says, by digest: a later departure is drift.
@@ -1339,6 +1362,13 @@ fn block_pods(
             && a.pod.as_ref().is_some_and(|p| ids.contains(&p.to_string())))
     });
     blocked
+}
+
+/// What a pod waiting for its image failed at, for its status.
+fn image_of(pod: &berth_plan::DesiredPod) -> String {
+    pod.units()
+        .next()
+        .map_or_else(|| format!("image of {}", pod.id), |u| u.name.to_string())
 }
 
 /// What a pod whose volumes are not ready failed at, for its status.

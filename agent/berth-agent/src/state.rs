@@ -57,6 +57,9 @@ pub struct AgentState {
     /// Claims and volumes as last reconciled.
     #[serde(default)]
     pub storage: crate::storage::StorageRecord,
+    /// Image pulls under way or failed, and what collection removed.
+    #[serde(default)]
+    pub images: crate::images::ImagesRecord,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -257,7 +257,7 @@ fn faults_are_reported_per_pod_and_do_not_block_the_others() {
         (
             "pods/ghost.yaml",
             Some(
-                "apiVersion: v1\nkind: Pod\nmetadata: {name: ghost}\nspec:\n  containers:\n  - {name: main, image: registry.example/ghost:1, command: [/x]}\n"
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: ghost}\nspec:\n  containers:\n  - {name: main, image: registry.example/ghost:1, imagePullPolicy: Never, command: [/x]}\n"
                     .into(),
             ),
         ),
@@ -277,7 +277,7 @@ fn faults_are_reported_per_pod_and_do_not_block_the_others() {
     let reason = |unit: &str| failures.iter().find(|f| f.unit == unit).map(|f| f.reason);
     assert_eq!(
         reason("berth-default_ghost_main.service"),
-        Some(FailureReason::ImageNotPresent)
+        Some(FailureReason::ErrImageNeverPull)
     );
     assert_eq!(
         reason("berth-default_nobin_main.service"),

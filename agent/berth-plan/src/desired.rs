@@ -58,6 +58,42 @@ pub struct ContainerUnit {
     pub resizable: Resizable,
     /// `subPath` mounts the agent stages before the container starts.
     pub sub_paths: Vec<SubPathBind>,
+    /// `imagePullPolicy`, defaulted as the API server does.
+    pub pull_policy: PullPolicy,
+    /// `runAsNonRoot` with the user left to the image: checked against the
+    /// resolved user when the container starts.
+    pub verify_non_root: bool,
+}
+
+/// When the image is pulled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullPolicy {
+    /// Before every start of the container (the tag is resolved again).
+    Always,
+    IfNotPresent,
+    /// Only the local store; a missing image is `ErrImageNeverPull`.
+    Never,
+}
+
+impl PullPolicy {
+    /// The API server's default: `Always` for `:latest` or no tag, else `IfNotPresent`.
+    pub fn resolve(field: Option<&str>, image: &str) -> Self {
+        match field {
+            Some("Always") => Self::Always,
+            Some("Never") => Self::Never,
+            Some(_) => Self::IfNotPresent,
+            None => {
+                let last = image.rsplit('/').next().unwrap_or("");
+                let latest = !image.contains('@')
+                    && last.split_once(':').is_none_or(|(_, tag)| tag == "latest");
+                if latest {
+                    Self::Always
+                } else {
+                    Self::IfNotPresent
+                }
+            }
+        }
+    }
 }
 
 impl ContainerUnit {
@@ -133,6 +169,75 @@ pub struct DesiredPod {
     pub host_network: bool,
     /// `spec.volumes`, resolved; made ready by the agent before containers start.
     pub volumes: Vec<PodVolume>,
+    /// `spec.imagePullSecrets` that exist and hold a Docker config.
+    pub pull_secrets: Vec<PullSecret>,
+}
+
+/// A Docker config from an image pull Secret: `.dockerconfigjson` (type
+/// `kubernetes.io/dockerconfigjson`) or `.dockercfg` (`kubernetes.io/dockercfg`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullSecret {
+    pub name: String,
+    pub key: &'static str,
+    pub data: crate::volumes::Sensitive,
+}
+
+/// The kubelet's rule: a pull Secret that is missing or of the wrong type
+/// is warned about, and the pull goes on without it.
+fn pull_secrets(
+    instance: &PodInstance<'_>,
+    ctx: &Context<'_>,
+    spec_path: &FieldPath,
+    warnings: &mut Vec<FieldIssue>,
+) -> Vec<PullSecret> {
+    let mut out = Vec::new();
+    for (i, r) in instance
+        .spec
+        .image_pull_secrets
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        let path = spec_path.key("imagePullSecrets").index(i).key("name");
+        let ns = instance.id.namespace.as_str();
+        let Some(secret) = ctx.secret(ns, &r.name) else {
+            warnings.push(FieldIssue::warning(
+                path,
+                format!(
+                    "Secret {ns}/{} does not exist; images are pulled without it",
+                    r.name
+                ),
+            ));
+            continue;
+        };
+        let key = match secret.type_.as_deref() {
+            Some("kubernetes.io/dockerconfigjson") => ".dockerconfigjson",
+            Some("kubernetes.io/dockercfg") => ".dockercfg",
+            other => {
+                warnings.push(FieldIssue::warning(path, format!(
+                    "Secret {ns}/{} is of type {:?}, not kubernetes.io/dockerconfigjson; images are pulled without it",
+                    r.name,
+                    other.unwrap_or("Opaque")
+                )));
+                continue;
+            }
+        };
+        match crate::volumes::secret_entries(ctx, ns, &r.name).and_then(|mut e| e.remove(key)) {
+            Some(data) => out.push(PullSecret {
+                name: r.name.clone(),
+                key,
+                data: crate::volumes::Sensitive(data),
+            }),
+            None => warnings.push(FieldIssue::warning(
+                path,
+                format!(
+                    "Secret {ns}/{} has no {key} key; images are pulled without it",
+                    r.name
+                ),
+            )),
+        }
+    }
+    out
 }
 
 /// A container port as the pod spec declares it.
@@ -330,6 +435,7 @@ pub fn resolve_pod(
     }
     slice_props.insert("TasksMax", PropertyValue::Unsigned(ctx.node.pod_pids_limit));
 
+    let pull_secrets = pull_secrets(instance, ctx, &spec_path, &mut warnings);
     Ok(Resolved {
         pod: DesiredPod {
             id: instance.id.clone(),
@@ -360,6 +466,7 @@ pub fn resolve_pod(
                 .collect(),
             host_network: spec.host_network == Some(true),
             volumes,
+            pull_secrets,
         },
         warnings,
     })
@@ -578,14 +685,34 @@ fn container_unit(
         .and_then(|s| s.run_as_non_root)
         .or(pod_sc.and_then(|s| s.run_as_non_root))
         .unwrap_or(false);
-    if non_root {
-        match uid {
-            Some(0) => errors.push(FieldIssue::error(path.key("securityContext").key("runAsNonRoot"), "runAsNonRoot is set but the container would run as root (uid 0)")),
-            None if image.is_none() => warnings.push(FieldIssue::warning(path.key("securityContext").key("runAsNonRoot"), "the user comes from the image; runAsNonRoot is checked when the image is present")),
-            None => errors.push(FieldIssue::error(path.key("securityContext").key("runAsNonRoot"), "runAsNonRoot is set but neither the pod nor the image names a non-root user: set runAsUser")),
-            _ => {}
-        }
+    let explicit_uid = sc
+        .and_then(|s| s.run_as_user)
+        .or(pod_sc.and_then(|s| s.run_as_user));
+    // The kubelet's rule: a uid written in the manifest is checked now; one
+    // left to the image is checked when the container starts, and a root
+    // image then shows CreateContainerConfigError on the pod.
+    if non_root && explicit_uid == Some(0) {
+        errors.push(FieldIssue::error(
+            path.key("securityContext").key("runAsNonRoot"),
+            "runAsNonRoot is set but runAsUser is 0 (root)",
+        ));
     }
+    let verify_non_root = non_root && explicit_uid.is_none();
+    if let Some(sc) = sc {
+        crate::security::check_combination(sc, &path.key("securityContext"), &mut errors);
+    }
+    let mut isolation = Properties::new();
+    let seccomp = crate::security::isolate(
+        &crate::security::Input {
+            pod: pod_sc,
+            pod_path: &FieldPath::parse(input.instance.spec_path),
+            container: sc,
+            allow_privileged: ctx.node.allow_privileged,
+            path,
+        },
+        &mut isolation,
+        &mut errors,
+    );
     if image.is_some_and(|i| {
         i.user
             .as_deref()
@@ -617,6 +744,7 @@ fn container_unit(
         format!("{POD_FIELD}={id}"),
         format!("{CONTAINER_FIELD}={}", c.name),
         format!("{IMAGE_FIELD}={image_ref}"),
+        format!("{}={seccomp}", crate::security::SECCOMP_FIELD),
     ];
     if let Some(owner) = &input.instance.owner {
         fields.push(format!("{OWNER_FIELD}={owner}"));
@@ -742,6 +870,9 @@ fn container_unit(
     }
     p.insert("PrivateTmp", PropertyValue::Bool(true));
     p.insert("PrivatePIDs", PropertyValue::Bool(true));
+    for (k, v) in isolation.iter() {
+        p.insert(k.to_string(), v.clone());
+    }
     let (rw, ro, sub_paths) =
         crate::volumes::container_binds(id, c, input.volumes, &ctx.node.volumes);
     if !rw.is_empty() {
@@ -789,6 +920,7 @@ fn container_unit(
     };
     p.shrink_to_fit();
 
+    let pull_policy = PullPolicy::resolve(c.image_pull_policy.as_deref(), &image_ref);
     Ok(ContainerUnit {
         name,
         container: c.name.clone(),
@@ -798,6 +930,8 @@ fn container_unit(
         sensitive_env: env.sensitive,
         resizable,
         sub_paths,
+        pull_policy,
+        verify_non_root,
     })
 }
 

@@ -14,11 +14,12 @@ pub mod node;
 pub mod pipeline;
 pub mod plan;
 pub mod resources;
+pub mod security;
 pub mod units;
 pub mod volumes;
 
 pub use actual::{ActiveState, ActualState, ActualUnit};
-pub use desired::{ContainerUnit, DeclaredPort, DesiredPod, SliceUnit};
+pub use desired::{ContainerUnit, DeclaredPort, DesiredPod, PullPolicy, PullSecret, SliceUnit};
 pub use images::{ImageCatalog, ImageConfig};
 pub use node::NodeInfo;
 pub use pipeline::{NodePlan, plan_node, validate_pods};

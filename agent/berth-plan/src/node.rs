@@ -30,6 +30,8 @@ pub struct NodeInfo {
     pub netns_dir: Option<String>,
     /// Where pod volumes live, and which host paths pods may bind.
     pub volumes: crate::volumes::VolumeDirs,
+    /// `securityContext.privileged` is refused unless the node config allows it.
+    pub allow_privileged: bool,
 }
 
 pub const DEFAULT_POD_PIDS_LIMIT: u64 = 4096;
@@ -63,6 +65,7 @@ impl NodeInfo {
             systemd_version: DEFAULT_SYSTEMD_VERSION,
             netns_dir: Some(DEFAULT_NETNS_DIR.to_string()),
             volumes: crate::volumes::VolumeDirs::default(),
+            allow_privileged: false,
         }
     }
 }

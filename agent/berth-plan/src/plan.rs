@@ -428,6 +428,7 @@ fn same(property: &str, desired: &PropertyValue, actual: &PropertyValue) -> bool
 pub fn diff(desired: &Properties, actual: &Properties) -> Vec<Change> {
     desired
         .iter()
+        .filter(|(k, _)| !crate::security::WRITE_ONLY.contains(k))
         .filter(|(k, v)| actual.get(k).is_none_or(|a| !same(k, v, a)))
         .map(|(k, v)| Change {
             property: k.to_string(),

@@ -222,7 +222,7 @@ fn config_map_entries(
     })
 }
 
-fn secret_entries(
+pub(crate) fn secret_entries(
     ctx: &Context<'_>,
     namespace: &str,
     name: &str,

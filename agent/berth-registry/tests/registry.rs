@@ -264,8 +264,14 @@ fn corrupted_content_is_refused_and_nothing_of_it_is_kept() {
     let s = Scratch::new("corrupt");
     let reg = TestRegistry::start(&s.0.join("reg"), None).unwrap();
     let layer = fixtures::gzip(&archive::layer(&[("f", &[7u8; 100_000], 0o644)]).unwrap());
-    reg.push_image("bad", "1", std::slice::from_ref(&layer), true, &config(&["/f"]))
-        .unwrap();
+    reg.push_image(
+        "bad",
+        "1",
+        std::slice::from_ref(&layer),
+        true,
+        &config(&["/f"]),
+    )
+    .unwrap();
     // Flip bytes of the layer where the registry stores it, keeping its size.
     let file = reg.blob_file(&fixtures::digest(&layer));
     let mut bytes = std::fs::read(&file).unwrap();
@@ -323,8 +329,14 @@ fn a_cut_download_resumes_where_it_stopped() {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     let layer = archive::layer(&[("big", &big, 0o644)]).unwrap();
-    reg.push_image("resume", "1", std::slice::from_ref(&layer), false, &config(&["/big"]))
-        .unwrap();
+    reg.push_image(
+        "resume",
+        "1",
+        std::slice::from_ref(&layer),
+        false,
+        &config(&["/big"]),
+    )
+    .unwrap();
     let store = ImageStore::open(&s.0.join("store")).unwrap();
     // What a pull cut at a third left behind.
     let third = layer.len() / 3;

@@ -302,6 +302,11 @@ pub fn to_wire(name: &str, value: &PropertyValue) -> Result<Value<'static>, Stri
                 .collect::<Vec<Vec<u8>>>(),
         ),
         (Wire::YesNo, P::Bool(b)) => Value::from(if *b { "yes" } else { "no" }),
+        (Wire::SyscallFilter, P::List(items)) => {
+            let deny = items.first().is_some_and(|f| f == "~");
+            let names: Vec<String> = items.iter().skip(usize::from(deny)).cloned().collect();
+            Value::Structure((!deny, names).into())
+        }
         (Wire::Natural, P::Bool(b)) => Value::Bool(*b),
         (Wire::Natural, P::Unsigned(x)) => Value::U64(*x),
         (Wire::Natural, P::Signed(x)) => Value::I64(*x),

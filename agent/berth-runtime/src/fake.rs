@@ -230,7 +230,8 @@ impl FakeSystemd {
     ) -> Result<(), SystemdError> {
         for (key, _) in properties.iter() {
             let too_new = introduced_in(key).is_some_and(|v| v > self.version);
-            if !READ_BACK.contains(&key) || s.refused.contains(key) || too_new {
+            let known = READ_BACK.contains(&key) || berth_plan::security::WRITE_ONLY.contains(&key);
+            if !known || s.refused.contains(key) || too_new {
                 return Err(SystemdError::Refused {
                     unit: name.to_string(),
                     method,
@@ -339,7 +340,13 @@ impl Systemd for FakeSystemd {
                 name: name.to_string(),
                 active_state: u.active,
                 sub_state: u.sub.clone(),
-                properties: u.properties.clone(),
+                // Only what the D-Bus side reads back, as PID 1 would give it.
+                properties: u
+                    .properties
+                    .iter()
+                    .filter(|(k, _)| READ_BACK.contains(k))
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect(),
                 runtime,
             }
         }))

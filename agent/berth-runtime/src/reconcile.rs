@@ -68,10 +68,20 @@ impl std::fmt::Debug for dyn Systemd + '_ {
 }
 
 /// Why an action failed, in the words `kubectl` would use where one exists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum FailureReason {
     /// The image is not in the local store.
     ImageNotPresent,
+    /// The image is being pulled (what `kubectl` shows while it is).
+    ContainerCreating,
+    /// The last pull of the image failed.
+    ErrImagePull,
+    /// The pull failed and is not tried again before its back-off ends.
+    ImagePullBackOff,
+    /// `imagePullPolicy: Never` and the image is not in the store.
+    ErrImageNeverPull,
+    /// The image reference is not one.
+    InvalidImageName,
     /// The container's root could not be prepared or mounted.
     CreateContainerError,
     /// systemd refused the unit or one of its properties.
@@ -347,11 +357,20 @@ fn prepare_container<'a>(
     let image_root = host.images.rootfs(&unit.image).ok_or_else(|| Failure {
         reason: FailureReason::ImageNotPresent,
         message: format!(
-            "image {:?} is not present in the local image store; import it (pulling from registries comes later)",
+            "image {:?} is not in the local image store (removed since it was pulled?); it is pulled again on the next pass",
             unit.image
         ),
     })?;
     let props = unit.properties_for_apply();
+    if unit.verify_non_root && numeric(props, "User").unwrap_or(0) == 0 {
+        return Err(Failure {
+            reason: FailureReason::CreateContainerConfigError,
+            message: format!(
+                "container has runAsNonRoot and image {:?} will run as root: set runAsUser, or use an image with a non-root USER",
+                unit.image
+            ),
+        });
+    }
     if props.get("ExecStart").is_none() {
         return Err(Failure {
             reason: FailureReason::CreateContainerConfigError,
@@ -375,6 +394,12 @@ fn prepare_container<'a>(
     host.systemd.stop(&mount).map_err(Failure::from)?;
     host.systemd.reset_failed(&mount).map_err(Failure::from)?;
     let mount_properties = host.roots.prepare(&key, &image_root).map_err(host_err)?;
+    // Which image the container runs on, so collection keeps it even after
+    // its tag moves on; and its last use, for collection by age.
+    if let Some(manifest) = host.images.resolve(&unit.image) {
+        host.roots.record_image(&key, &manifest).map_err(host_err)?;
+        host.images.touch(&manifest);
+    }
     for (inside, source) in host
         .pod_files
         .and_then(|f| f.get(&pod.id.key()))

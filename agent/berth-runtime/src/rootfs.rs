@@ -104,6 +104,21 @@ impl ContainerRoots {
         .collect())
     }
 
+    /// Records the manifest digest of the image a container's root is made of.
+    pub fn record_image(&self, key: &str, manifest: &str) -> io::Result<()> {
+        fs::write(self.dir(key).join("image"), manifest)
+    }
+
+    /// The images of every container that has a root here: these are in
+    /// use, whatever tags point at now.
+    pub fn images_in_use(&self) -> std::collections::HashSet<String> {
+        self.keys()
+            .iter()
+            .filter_map(|k| fs::read_to_string(self.dir(k).join("image")).ok())
+            .map(|s| s.trim().to_string())
+            .collect()
+    }
+
     /// Deletes a container's layers once its mount is gone.
     pub fn remove(&self, key: &str) -> io::Result<()> {
         match fs::remove_dir_all(self.dir(key)) {

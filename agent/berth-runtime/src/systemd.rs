@@ -172,6 +172,7 @@ pub const READ_BACK: &[&str] = &[
     "After",
     "BindPaths",
     "BindReadOnlyPaths",
+    "CapabilityBoundingSet",
     "CPUQuotaPerSecUSec",
     "CPUQuotaPeriodUSec",
     "CPUWeight",
@@ -186,10 +187,17 @@ pub const READ_BACK: &[&str] = &[
     "MemoryMax",
     "MountAPIVFS",
     "NetworkNamespacePath",
+    "NoNewPrivileges",
     "OOMScoreAdjust",
     "Options",
+    "PrivateDevices",
     "PrivatePIDs",
     "PrivateTmp",
+    "ProtectControlGroups",
+    "ProtectKernelLogs",
+    "ProtectKernelModules",
+    "ProtectKernelTunables",
+    "ReadOnlyPaths",
     "RemainAfterExit",
     "Requires",
     "RequiresMountsFor",
@@ -197,9 +205,11 @@ pub const READ_BACK: &[&str] = &[
     "RestartMaxDelayUSec",
     "RestartSteps",
     "RestartUSec",
+    "RestrictNamespaces",
     "RootDirectory",
     "Slice",
     "StartLimitIntervalUSec",
+    "SystemCallErrorNumber",
     "TasksMax",
     "TimeoutStopUSec",
     "Type",
@@ -219,6 +229,8 @@ pub enum Wire {
     /// A boolean setting whose D-Bus type is a string (`PrivatePIDs` is `s`:
     /// it may grow more values than yes and no).
     YesNo,
+    /// `(bas)`: a list whose first item is `~` is a deny list, as in unit files.
+    SyscallFilter,
     /// Whatever the value's variant maps to (`t`, `x`, `b`, `s`, `as`, `a(sasb)`).
     Natural,
 }
@@ -229,6 +241,8 @@ pub fn wire_type(property: &str) -> Wire {
         "OOMScoreAdjust" => Wire::I32,
         "LogExtraFields" => Wire::ByteStrings,
         "PrivatePIDs" => Wire::YesNo,
+        "SystemCallFilter" => Wire::SyscallFilter,
+        "SystemCallErrorNumber" => Wire::I32,
         _ => Wire::Natural,
     }
 }
@@ -307,7 +321,10 @@ mod read_back_tests {
         for key in ["NetworkNamespacePath", "BindPaths", "BindReadOnlyPaths"] {
             assert!(keys.contains(&key), "{key} not planned");
         }
-        let missing: Vec<&&str> = keys.iter().filter(|k| !READ_BACK.contains(k)).collect();
+        let missing: Vec<&&str> = keys
+            .iter()
+            .filter(|k| !READ_BACK.contains(k) && !berth_plan::security::WRITE_ONLY.contains(k))
+            .collect();
         assert!(
             missing.is_empty(),
             "planned but never read back: {missing:?}"

@@ -1,6 +1,7 @@
 //! `berth`: the command users run. This binary parses flags, reads files,
 //! and prints; every decision lives in the library crates.
 
+mod exec;
 mod render;
 
 use std::collections::BTreeMap;
@@ -151,6 +152,31 @@ enum Command {
         #[arg(short = 'f', long)]
         follow: bool,
     },
+    /// Run a command in a running container, like `kubectl exec`.
+    Exec {
+        /// `NAMESPACE/NAME`, or `NAME` with `-n`.
+        pod: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// Which container; needed when the pod has more than one.
+        #[arg(short = 'c', long)]
+        container: Option<String>,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// The second half of `exec`: enter process PID's namespaces and run.
+    #[command(hide = true)]
+    ExecEnter {
+        pid: u32,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List the node's images and the pulls under way, like `crictl images`.
+    Images {
+        #[command(flatten)]
+        dirs: AgentDirs,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -238,6 +264,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             container,
             follow,
         } => logs(&pod, &namespace, container.as_deref(), follow),
+        Command::Exec {
+            pod,
+            namespace,
+            container,
+            command,
+        } => exec::exec(
+            &container_unit(&pod, &namespace, container.as_deref())?,
+            &command,
+        ),
+        Command::ExecEnter { pid, command } => exec::enter(pid, &command),
+        Command::Images { dirs } => images(&dirs),
     }
 }
 
@@ -332,6 +369,7 @@ fn agent(
             paths.state_dir.display()
         )
     })?;
+    agent.set_waker(tx.clone());
     if with_pods {
         agent = agent.with_network(berth_agent::network::NetworkPaths {
             netns_dir: PathBuf::from(berth_plan::node::DEFAULT_NETNS_DIR),
@@ -499,16 +537,62 @@ fn systemd_contract() -> anyhow::Result<ExitCode> {
     })
 }
 
-fn logs(
-    pod: &str,
-    namespace: &str,
-    container: Option<&str>,
-    follow: bool,
-) -> anyhow::Result<ExitCode> {
+/// `berth images`: what the store holds, and pulls not yet done.
+#[allow(clippy::print_stdout)]
+fn images(dirs: &AgentDirs) -> anyhow::Result<ExitCode> {
+    let paths = agent_paths(dirs)?;
+    let store = berth_runtime::images::ImageStore::open(&paths.state_dir.join("images"))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    println!(
+        "{:<60} {:<19} {:>10} {:>10}",
+        "IMAGE", "DIGEST", "SIZE", "LAST USED"
+    );
+    let mut list = store.list();
+    list.sort_by(|a, b| a.reference.cmp(&b.reference));
+    for i in &list {
+        println!(
+            "{:<60} {:<19} {:>10} {:>10}",
+            i.reference,
+            i.manifest.get(..19).unwrap_or(&i.manifest),
+            format!("{:.1}MB", i.size as f64 / 1e6),
+            render::age(now.saturating_sub(i.last_used))
+        );
+    }
+    let pulls = berth_registry::puller::read_pulls(&store);
+    let open: Vec<_> = pulls
+        .iter()
+        .filter(|(_, p)| p.phase != berth_registry::PullPhase::Done)
+        .collect();
+    if !open.is_empty() {
+        println!(
+            "\n{:<60} {:<8} {:>21} ERROR",
+            "PULLING", "PHASE", "PROGRESS"
+        );
+        for (reference, p) in open {
+            println!(
+                "{:<60} {:<8} {:>21} {}",
+                reference,
+                format!("{:?}", p.phase),
+                format!(
+                    "{:.1}/{:.1}MB",
+                    p.bytes_done as f64 / 1e6,
+                    p.bytes_total as f64 / 1e6
+                ),
+                p.error.as_deref().unwrap_or("")
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The service of a pod's container: the one named, or the only one.
+fn container_unit(pod: &str, namespace: &str, container: Option<&str>) -> anyhow::Result<String> {
     let (namespace, name) = pod.split_once('/').unwrap_or((namespace, pod));
     names::dns1123_label(namespace).map_err(|e| anyhow::anyhow!("namespace: {e}"))?;
     names::dns1123_subdomain(name).map_err(|e| anyhow::anyhow!("pod: {e}"))?;
-    let unit = match container {
+    Ok(match container {
         Some(c) => {
             names::dns1123_label(c).map_err(|e| anyhow::anyhow!("--container: {e}"))?;
             format!("berth-{namespace}_{name}_{c}.service")
@@ -536,7 +620,16 @@ fn logs(
                 ),
             }
         }
-    };
+    })
+}
+
+fn logs(
+    pod: &str,
+    namespace: &str,
+    container: Option<&str>,
+    follow: bool,
+) -> anyhow::Result<ExitCode> {
+    let unit = container_unit(pod, namespace, container)?;
     let mut cmd = std::process::Command::new("journalctl");
     cmd.args(["--no-pager", "-o", "cat", "-u", &unit]);
     if follow {

@@ -298,7 +298,7 @@ pub fn print_fleet(
     Ok(())
 }
 
-fn age(seconds: u64) -> String {
+pub fn age(seconds: u64) -> String {
     match seconds {
         s if s < 120 => format!("{s}s"),
         s if s < 3600 => format!("{}m{}s", s / 60, s % 60),

@@ -1,0 +1,211 @@
+//! `berth exec POD [-c CONTAINER] -- CMD`: runs a command in a running
+//! container, like `kubectl exec`.
+//!
+//! Two steps, because a process that has threads may not change its mount
+//! namespace: `berth exec` asks systemd (over D-Bus, which starts threads)
+//! for the container's main process, then runs itself again as the hidden
+//! `berth exec-enter PID -- CMD`, single-threaded, which takes everything
+//! from that process: its cgroup, its namespaces (mount, PID, network, UTS,
+//! IPC, cgroup), its root directory and working directory, its environment,
+//! its user and group, its capability bounding set and `no_new_privs`.
+//! The seccomp filter is not copied (no interface gives it back); the
+//! command runs under the rest.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use nix::sched::CloneFlags;
+
+/// What `/proc/<pid>/status` says of a process's credentials.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Creds {
+    pub uid: u32,
+    pub gid: u32,
+    pub cap_bounding: u64,
+    pub no_new_privs: bool,
+}
+
+/// Reads the lines of `/proc/<pid>/status` that matter here.
+pub fn parse_status(text: &str) -> anyhow::Result<Creds> {
+    let mut c = Creds::default();
+    let mut seen = 0;
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let first = value.split_whitespace().next().unwrap_or("");
+        match key {
+            // Real, effective, saved, filesystem: the effective one.
+            "Uid" => {
+                c.uid = value.split_whitespace().nth(1).unwrap_or(first).parse()?;
+                seen |= 1;
+            }
+            "Gid" => {
+                c.gid = value.split_whitespace().nth(1).unwrap_or(first).parse()?;
+                seen |= 2;
+            }
+            "CapBnd" => {
+                c.cap_bounding = u64::from_str_radix(first, 16)?;
+                seen |= 4;
+            }
+            "NoNewPrivs" => c.no_new_privs = first == "1",
+            _ => {}
+        }
+    }
+    if seen != 7 {
+        bail!("the process status has no Uid, Gid or CapBnd line");
+    }
+    Ok(c)
+}
+
+/// `0::/berth.slice/.../berth-x.service` → the cgroup's path under /sys/fs/cgroup.
+pub fn parse_cgroup(text: &str) -> Option<&str> {
+    text.lines().find_map(|l| l.strip_prefix("0::"))
+}
+
+/// The first half: find the main process, then run `exec-enter` on it.
+pub fn exec(unit: &str, command: &[String]) -> anyhow::Result<ExitCode> {
+    use berth_runtime::Systemd as _;
+    if command.is_empty() {
+        bail!("no command given: berth exec POD -- COMMAND [ARGS...]");
+    }
+    let systemd = berth_runtime::dbus::DbusSystemd::connect(crate::JOB_TIMEOUT, None, None)?;
+    let Some(details) = systemd.unit(unit)? else {
+        bail!("{unit} is not on this node");
+    };
+    let pid = details.runtime.main_pid;
+    if pid == 0 || details.active_state != berth_plan::ActiveState::Active {
+        bail!(
+            "container {unit} is not running ({:?}, {}); nothing to exec into",
+            details.active_state,
+            details.sub_state
+        );
+    }
+    let me = std::env::current_exe().context("cannot find the berth binary")?;
+    let status = std::process::Command::new(me)
+        .arg("exec-enter")
+        .arg(pid.to_string())
+        .arg("--")
+        .args(command)
+        .status()
+        .context("cannot run berth exec-enter")?;
+    Ok(exit_code(status))
+}
+
+fn exit_code(status: std::process::ExitStatus) -> ExitCode {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+        (None, Some(sig)) => ExitCode::from(u8::try_from(128 + sig).unwrap_or(1)),
+        _ => ExitCode::from(1),
+    }
+}
+
+/// The second half, single-threaded: join the process's cgroup and
+/// namespaces and run the command as it runs.
+pub fn enter(pid: u32, command: &[String]) -> anyhow::Result<ExitCode> {
+    let Some((program, args)) = command.split_first() else {
+        bail!("no command given");
+    };
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let read = |name: &str| -> anyhow::Result<String> {
+        std::fs::read_to_string(proc_dir.join(name))
+            .with_context(|| format!("cannot read {}", proc_dir.join(name).display()))
+    };
+    let creds = parse_status(&read("status")?)?;
+    let cgroup = read("cgroup")?;
+    let cgroup = parse_cgroup(&cgroup).context("the process is in no cgroup v2 group")?;
+    let environ = std::fs::read(proc_dir.join("environ")).context("cannot read its environment")?;
+    let env: Vec<(String, String)> = environ
+        .split(|b| *b == 0)
+        .filter_map(|e| {
+            let e = String::from_utf8_lossy(e);
+            e.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect();
+    let cwd = std::fs::read_link(proc_dir.join("cwd")).unwrap_or_else(|_| PathBuf::from("/"));
+    let open = |name: &str| -> anyhow::Result<File> {
+        File::open(proc_dir.join(name))
+            .with_context(|| format!("cannot open {}", proc_dir.join(name).display()))
+    };
+    let namespaces = [
+        ("ns/ipc", CloneFlags::CLONE_NEWIPC),
+        ("ns/uts", CloneFlags::CLONE_NEWUTS),
+        ("ns/net", CloneFlags::CLONE_NEWNET),
+        ("ns/cgroup", CloneFlags::CLONE_NEWCGROUP),
+        ("ns/pid", CloneFlags::CLONE_NEWPID),
+        ("ns/mnt", CloneFlags::CLONE_NEWNS),
+    ]
+    .into_iter()
+    .map(|(name, flag)| open(name).map(|f| (name, f, flag)))
+    .collect::<anyhow::Result<Vec<_>>>()?;
+    let root = open("root")?;
+
+    // The cgroup first, while /sys/fs/cgroup is still the node's.
+    let procs = Path::new("/sys/fs/cgroup")
+        .join(cgroup.trim_start_matches('/'))
+        .join("cgroup.procs");
+    std::fs::write(&procs, std::process::id().to_string())
+        .with_context(|| format!("cannot join the container's cgroup ({})", procs.display()))?;
+    for (name, fd, flag) in &namespaces {
+        // Namespaces it shares with the node are joined as well: a no-op.
+        nix::sched::setns(fd.as_fd(), *flag)
+            .with_context(|| format!("cannot enter {name} of process {pid}"))?;
+    }
+    nix::unistd::fchdir(root.as_fd()).context("cannot reach the container's root")?;
+    nix::unistd::chroot(".").context("cannot enter the container's root")?;
+    let _ = nix::unistd::chdir(&cwd);
+    // Capabilities the container may not have, gone from ours (and so from
+    // the command's), and no regaining of privileges if it may not.
+    for bit in 0..64u32 {
+        if creds.cap_bounding & (1 << bit) == 0 {
+            let cap = rustix::thread::CapabilitySet::from_bits_retain(1 << bit);
+            if rustix::thread::capability_is_in_bounding_set(cap).unwrap_or(false) {
+                rustix::thread::remove_capability_from_bounding_set(cap)
+                    .with_context(|| format!("cannot drop capability {bit}"))?;
+            }
+        }
+    }
+    if creds.no_new_privs {
+        rustix::thread::set_no_new_privs(true).context("cannot set no_new_privs")?;
+    }
+    use std::os::unix::process::CommandExt;
+    let status = std::process::Command::new(program)
+        .args(args)
+        .env_clear()
+        .envs(env)
+        .uid(creds.uid)
+        .gid(creds.gid)
+        .status()
+        .with_context(|| format!("cannot run {program:?} in the container"))?;
+    Ok(exit_code(status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_status_and_cgroup_lines_are_read() {
+        let status = "Name:\tsh\nUid:\t1000\t1000\t1000\t1000\nGid:\t2000\t2000\t2000\t2000\nCapBnd:\t00000000a80425fb\nNoNewPrivs:\t1\n";
+        assert_eq!(
+            parse_status(status).unwrap(),
+            Creds {
+                uid: 1000,
+                gid: 2000,
+                cap_bounding: 0xa80425fb,
+                no_new_privs: true
+            }
+        );
+        assert!(parse_status("Name:\tsh\n").is_err());
+        assert_eq!(
+            parse_cgroup("0::/berth.slice/berth-besteffort.slice/x.service\n"),
+            Some("/berth.slice/berth-besteffort.slice/x.service")
+        );
+        assert_eq!(parse_cgroup("1:name=systemd:/\n"), None);
+    }
+}
