@@ -1,5 +1,5 @@
 # The two commands the README promises, and a few helpers.
-.PHONY: demo plan-demo image test deps build release bench bench-pods bench-net bench-storage bench-mirror bless
+.PHONY: demo plan-demo image test deps build release bench bench-pods bench-net bench-storage bench-images bench-mirror bless
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
@@ -52,6 +52,13 @@ bench-net: deps
 bench-storage: deps
 	cargo build --locked --release -p berth-storage --example storagebench
 	$(SUDO) target/release/examples/storagebench
+
+# Pulls of a 50 MB and a 500 MB image from a registry on loopback, against
+# skopeo copy + umoci unpack in the same run; disk of 10 containers of one image.
+bench-images: deps
+	@command -v skopeo >/dev/null && command -v umoci >/dev/null || $(SUDO) apt-get install -y -qq skopeo umoci
+	cargo build --locked --release -p berth-registry --example bench_pull
+	target/release/examples/bench_pull
 
 bench-mirror: deps
 	cargo test --locked --release -p berth-agent --test reconcile_loop bench_long_lived_mirror -- --ignored --nocapture

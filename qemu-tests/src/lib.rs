@@ -207,6 +207,14 @@ pub struct VmOptions {
     /// `(port on the host's 127.0.0.1, port on the guest)`: QEMU forwards
     /// TCP connections to the guest's own address, as traffic from outside.
     pub host_forwards: Vec<(u16, u16)>,
+    /// `(guest address:port, port on the host's 127.0.0.1)`: each connection
+    /// the guest makes to `10.0.2.x:port` reaches a server the test started
+    /// on the host's loopback (a registry), through `berth-tcp-pipe`. Guest
+    /// ports must differ: QEMU names each forward by its port.
+    pub guest_forwards: Vec<(String, u16)>,
+    /// The `berth-tcp-pipe` binary the forwards run (tests pass
+    /// `env!("CARGO_BIN_EXE_berth-tcp-pipe")`).
+    pub tcp_pipe: Option<PathBuf>,
 }
 
 impl VmOptions {
@@ -218,6 +226,8 @@ impl VmOptions {
             disk_bytes: 3 << 30,
             memory_mib: 1024,
             host_forwards: Vec::new(),
+            guest_forwards: Vec::new(),
+            tcp_pipe: None,
         }
     }
 }
@@ -304,6 +314,13 @@ impl Vm {
                         .host_forwards
                         .iter()
                         .map(|(host, guest)| format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"))
+                        .chain(options.guest_forwards.iter().map(|(guest, host)| {
+                            let pipe = options
+                                .tcp_pipe
+                                .as_deref()
+                                .map_or("berth-tcp-pipe".into(), |p| p.display().to_string());
+                            format!(",guestfwd=tcp:{guest}-cmd:{pipe} {host}")
+                        }))
                         .collect::<String>()
                 ),
             ])

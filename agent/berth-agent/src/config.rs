@@ -994,6 +994,60 @@ mod tests {
     }
 
     #[test]
+    fn image_settings_are_read_and_bad_ones_name_their_field() {
+        let dir = Dir::new("images");
+        dir.write(
+            "config.yaml",
+            "git:\n  url: git://h/r.git\nimages:\n  registries:\n    registry.example:\n      mirrors: [\"http://10.0.2.100:5000/\"]\n    \"10.0.2.101:5000\": {insecure: true}\n  pullTimeout: 1m\n  gc: {highThresholdPercent: 90, lowThresholdPercent: 70, minimumAge: 5m, maximumAge: 168h}\nsecurity: {allowPrivileged: true}\n",
+        );
+        let c = load(&sources(&dir, "", false)).expect("valid");
+        assert_eq!(
+            c.images.registries["registry.example"].mirrors,
+            ["http://10.0.2.100:5000"]
+        );
+        assert!(c.images.registries["10.0.2.101:5000"].insecure);
+        assert!(!c.images.registries["registry.example"].insecure);
+        assert_eq!(c.images.pull_timeout, Duration::from_secs(60));
+        assert_eq!(
+            (c.images.gc_high_percent, c.images.gc_low_percent),
+            (90, 70)
+        );
+        assert_eq!(
+            c.images.gc_maximum_age,
+            Some(Duration::from_secs(168 * 3600))
+        );
+        assert!(c.allow_privileged);
+        dir.write("config.yaml", "git:\n  url: git://h/r.git\n");
+        let plain = load(&sources(&dir, "", false)).expect("valid");
+        assert_eq!(plain.images, ImageSettings::default());
+        assert!(!plain.allow_privileged);
+        for (bad, field) in [
+            (
+                "images:\n  registries:\n    \"https://r.example\": {}\n",
+                "images.registries.https://r.example",
+            ),
+            (
+                "images:\n  registries:\n    r.example: {mirrors: [ftp://m]}\n",
+                "images.registries.r.example.mirrors[0]",
+            ),
+            (
+                "images:\n  gc: {highThresholdPercent: 101}\n",
+                "images.gc.highThresholdPercent",
+            ),
+            (
+                "images:\n  gc: {highThresholdPercent: 50, lowThresholdPercent: 60}\n",
+                "images.gc.lowThresholdPercent",
+            ),
+            ("images:\n  pullTimeout: soon\n", "images.pullTimeout"),
+            ("images:\n  pullTimout: 1m\n", "pullTimout"),
+        ] {
+            dir.write("config.yaml", &format!("git:\n  url: git://h/r.git\n{bad}"));
+            let e = load(&sources(&dir, "", false)).expect_err(bad);
+            assert!(e.to_string().contains(field), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn host_path_prefixes_are_absolute_directories_and_never_the_root() {
         let dir = Dir::new("storage");
         dir.write(

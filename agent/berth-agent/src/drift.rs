@@ -291,6 +291,16 @@ pub fn standing(
         }
     }
     for f in failures {
+        // A pull under way or retrying is progress, shown in status with
+        // its bytes and back-off; as drift its text would change every pass.
+        if matches!(
+            f.reason,
+            berth_runtime::FailureReason::ContainerCreating
+                | berth_runtime::FailureReason::ErrImagePull
+                | berth_runtime::FailureReason::ImagePullBackOff
+        ) {
+            continue;
+        }
         let pod = f.pod.clone().unwrap_or_default();
         let found = source(&pod);
         let object = found.as_ref().map(|(o, _)| o);

@@ -91,7 +91,7 @@ impl Images {
                 ..RegistryConfig::default()
             };
             let waker = self.waker.clone();
-            let on_done: Box<dyn Fn() + Send> = Box::new(move || {
+            let on_done: Box<dyn Fn() + Send + Sync> = Box::new(move || {
                 if let Some(w) = &waker {
                     let _ = w.send(Wake::UnitChanged);
                 }
@@ -243,12 +243,11 @@ impl Images {
                 if now.saturating_sub(status.finished_at.unwrap_or(0)) < ERR_PULL_SHOWN_SECS {
                     (FailureReason::ErrImagePull, format!("{error}{hint}"))
                 } else {
+                    // No countdown here: the pod's status would change every
+                    // pass. `berth status` and `berth images` show it.
                     (
                         FailureReason::ImagePullBackOff,
-                        format!(
-                            "Back-off pulling image {reference:?} (next try in {}s): {error}{hint}",
-                            status.retry_at.saturating_sub(now)
-                        ),
+                        format!("Back-off pulling image {reference:?}: {error}{hint}"),
                     )
                 }
             }
@@ -295,10 +294,10 @@ impl Images {
             .checked_div(total)
             .map_or(0, |free_pct| 100u64.saturating_sub(free_pct));
         let pressure = used_pct > u64::from(settings.gc_high_percent);
-        let by_age = settings.gc_maximum_age.is_some()
-            && self
-                .last_age_collect
-                .is_none_or(|t| t.elapsed() >= AGE_COLLECT_EVERY);
+        let by_age = settings.gc_maximum_age.is_some_and(|max| {
+            self.last_age_collect
+                .is_none_or(|t| t.elapsed() >= AGE_COLLECT_EVERY.min(max))
+        });
         if !pressure && !by_age {
             return Vec::new();
         }

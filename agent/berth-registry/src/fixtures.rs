@@ -265,13 +265,24 @@ pub fn busybox_layer(files: &[(&str, &[u8], u32)]) -> Result<Vec<u8>, String> {
     let mut all: Vec<(&str, &[u8], u32)> = vec![("bin/busybox", &busybox, 0o755)];
     all.extend_from_slice(files);
     let mut b = tar::Builder::new(Vec::new());
+    let header = |kind: tar::EntryType, mode: u32, size: u64| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h
+    };
     for dir in [
         "bin", "etc", "tmp", "proc", "sys", "dev", "run", "var", "data",
     ] {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_mode(if dir == "tmp" { 0o1777 } else { 0o755 });
-        h.set_size(0);
+        let mut h = header(
+            tar::EntryType::Directory,
+            if dir == "tmp" { 0o1777 } else { 0o755 },
+            0,
+        );
         b.append_data(&mut h, dir, &[][..])
             .map_err(|e| e.to_string())?;
     }
@@ -279,18 +290,12 @@ pub fn busybox_layer(files: &[(&str, &[u8], u32)]) -> Result<Vec<u8>, String> {
         "sh", "ls", "cat", "echo", "sleep", "id", "ps", "touch", "mkdir", "wc", "dd", "httpd",
         "stat", "hostname", "head", "grep",
     ] {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_mode(0o777);
-        h.set_size(0);
+        let mut h = header(tar::EntryType::Symlink, 0o777, 0);
         b.append_link(&mut h, format!("bin/{applet}"), "busybox")
             .map_err(|e| e.to_string())?;
     }
     for (path, body, mode) in all {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(mode);
-        h.set_size(body.len() as u64);
-        h.set_entry_type(tar::EntryType::Regular);
+        let mut h = header(tar::EntryType::Regular, mode, body.len() as u64);
         b.append_data(&mut h, path, body)
             .map_err(|e| e.to_string())?;
     }

@@ -111,8 +111,10 @@ pub fn read_pulls(store: &ImageStore) -> BTreeMap<String, PullStatus> {
 }
 
 impl Puller {
-    /// Starts the pulling thread. `on_done` runs after every pull, done or failed.
-    pub fn start(client: Client, store: ImageStore, on_done: Box<dyn Fn() + Send>) -> Self {
+    /// Starts the pulling thread. `on_done` runs after every pull, done or
+    /// failed, and again when a failed pull's back-off is over (so the
+    /// caller asks again then, not at its next periodic pass).
+    pub fn start(client: Client, store: ImageStore, on_done: Box<dyn Fn() + Send + Sync>) -> Self {
         let shared = Arc::new(Shared {
             states: Mutex::new(BTreeMap::new()),
             progress: Mutex::new(BTreeMap::new()),
@@ -123,7 +125,7 @@ impl Puller {
         let worker = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("berth-puller".into())
-            .spawn(move || work(&client, &store, &worker, &rx, on_done.as_ref()))
+            .spawn(move || work(&client, &store, &worker, &rx, Arc::from(on_done)))
             .map(drop)
             .unwrap_or_else(|e| eprintln!("berth: cannot start the image puller: {e}"));
         Self { shared, tx }
@@ -337,7 +339,7 @@ fn work(
     store: &ImageStore,
     shared: &Arc<Shared>,
     rx: &Receiver<Job>,
-    on_done: &(dyn Fn() + Send),
+    on_done: Arc<dyn Fn() + Send + Sync>,
 ) {
     let live = |r: &str, mut s: PullStatus| {
         if s.phase == PullPhase::Pulling
@@ -389,6 +391,22 @@ fn work(
             Ok(Err(e)) => Err((e.to_string(), e.is_auth())),
             Err(_) => Err(("the pull panicked".to_string(), false)),
         };
+        if result.is_err() {
+            let failures = shared
+                .states
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&job.reference)
+                .map_or(0, |s| s.failures);
+            let wake = Arc::clone(&on_done);
+            let delay = Duration::from_secs(backoff_secs(failures + 1) + 1);
+            let _ = std::thread::Builder::new()
+                .name("berth-pull-retry".into())
+                .spawn(move || {
+                    std::thread::sleep(delay);
+                    wake();
+                });
+        }
         finish(shared, &job.reference, job.seq, result, Some(&progress));
         shared
             .progress

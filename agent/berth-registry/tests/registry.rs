@@ -605,3 +605,150 @@ fn a_registry_that_is_down_hangs_or_answers_garbage_fails_the_pull_clearly() {
     let (e, _) = fault(port, Duration::from_secs(2));
     assert!(matches!(e, PullError::Digest { .. }), "{e}");
 }
+
+#[test]
+#[ignore = "needs docker-registry; run by make test (tier 2)"]
+fn mirrors_are_tried_first_and_a_failing_one_falls_back_to_the_registry() {
+    let s = Scratch::new("mirror");
+    let origin = TestRegistry::start(&s.0.join("origin"), None).unwrap();
+    let mirror = TestRegistry::start(&s.0.join("mirror"), None).unwrap();
+    // The same name, different content: which one answered shows in the file.
+    origin
+        .push_image(
+            "app",
+            "1",
+            &[archive::layer(&[("from", b"origin", 0o644)]).unwrap()],
+            false,
+            &config(&["/x"]),
+        )
+        .unwrap();
+    mirror
+        .push_image(
+            "app",
+            "1",
+            &[archive::layer(&[("from", b"mirror", 0o644)]).unwrap()],
+            false,
+            &config(&["/x"]),
+        )
+        .unwrap();
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let r = format!("{}/app:1", origin.host());
+    for (mirrors, expect) in [
+        (vec![mirror.url()], "mirror"),
+        (
+            vec![format!("http://127.0.0.1:{dead}"), mirror.url()],
+            "mirror",
+        ),
+        (vec![format!("http://127.0.0.1:{dead}")], "origin"),
+    ] {
+        let store =
+            ImageStore::open(&s.0.join(format!("store-{}", mirrors.len()) + expect)).unwrap();
+        let mut config = RegistryConfig {
+            timeout: Duration::from_secs(3),
+            ..RegistryConfig::default()
+        };
+        config.hosts.insert(
+            origin.host(),
+            HostConfig {
+                mirrors: mirrors.clone(),
+                insecure: true,
+            },
+        );
+        pull(&Client::new(config), &store, &r, &[]).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(store.rootfs(&r).unwrap().join("from")).unwrap(),
+            expect,
+            "{mirrors:?}"
+        );
+    }
+    // Without `insecure`, the registry is spoken to over TLS only: a plain
+    // HTTP registry then fails rather than being used in the clear.
+    let store = ImageStore::open(&s.0.join("store-tls")).unwrap();
+    let e = pull(
+        &Client::new(RegistryConfig {
+            timeout: Duration::from_secs(3),
+            ..RegistryConfig::default()
+        }),
+        &store,
+        &r,
+        &[],
+    )
+    .unwrap_err();
+    assert!(matches!(e, PullError::Unreachable { .. }), "{e}");
+}
+
+#[test]
+fn the_puller_pulls_once_per_image_and_waits_out_its_back_off() {
+    use berth_registry::{PullPhase, Puller};
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+    // A registry that refuses every login: each connection is counted.
+    let hits = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&hits);
+    let port = fake_server(move |c| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        let _ = c.write_all(b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"x\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    });
+    let s = Scratch::new("puller");
+    let store = ImageStore::open(&s.0.join("store")).unwrap();
+    let host = format!("127.0.0.1:{port}");
+    let mut config = RegistryConfig {
+        timeout: Duration::from_secs(2),
+        ..RegistryConfig::default()
+    };
+    config.hosts.insert(
+        host.clone(),
+        HostConfig {
+            mirrors: vec![],
+            insecure: true,
+        },
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let puller = Puller::start(
+        Client::new(config),
+        store.clone(),
+        Box::new(move || {
+            let _ = tx.send(());
+        }),
+    );
+    let reference = format!("{host}/app:1");
+    // Many pods asking at once: one pull.
+    let first = puller.request(&reference, vec![], true);
+    for _ in 0..20 {
+        assert_eq!(puller.request(&reference, vec![], true).seq, first.seq);
+    }
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("the pull ends");
+    let failed = puller.status(&reference).unwrap();
+    assert_eq!(failed.phase, PullPhase::Failed);
+    assert!(failed.auth_error, "{failed:?}");
+    assert!(
+        failed
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("no imagePullSecret"),
+        "{failed:?}"
+    );
+    assert!(
+        failed.retry_at >= failed.finished_at.unwrap() + berth_registry::puller::FIRST_BACKOFF_SECS
+    );
+    let after_one = hits.load(Ordering::SeqCst);
+    assert_eq!(after_one, 1);
+    // Asked again and again within the back-off: no new attempt.
+    for _ in 0..50 {
+        assert_eq!(puller.request(&reference, vec![], true).seq, first.seq);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(hits.load(Ordering::SeqCst), after_one);
+    // What `berth images` reads shows the failure.
+    let recorded = berth_registry::puller::read_pulls(&store);
+    assert_eq!(recorded[&reference].phase, PullPhase::Failed);
+    assert_eq!(berth_registry::puller::backoff_secs(1), 10);
+    assert_eq!(berth_registry::puller::backoff_secs(3), 40);
+    assert_eq!(berth_registry::puller::backoff_secs(30), 300);
+}

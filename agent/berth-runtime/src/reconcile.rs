@@ -393,7 +393,23 @@ fn prepare_container<'a>(
     // A fresh mount every start: the image may have changed.
     host.systemd.stop(&mount).map_err(Failure::from)?;
     host.systemd.reset_failed(&mount).map_err(Failure::from)?;
-    let mount_properties = host.roots.prepare(&key, &image_root).map_err(host_err)?;
+    // systemd 257 leaves a `RootDirectory=` root writable under
+    // `ReadOnlyPaths=/` (measured), so the overlay itself is mounted `ro`.
+    let mode = crate::rootfs::RootMode {
+        read_only: matches!(props.get("ReadOnlyPaths"), Some(PropertyValue::List(l)) if l.iter().any(|p| p == "/")),
+        mount_points: ["BindPaths", "BindReadOnlyPaths"]
+            .iter()
+            .filter_map(|k| match props.get(k) {
+                Some(PropertyValue::Binds(b)) => Some(b.iter().map(|b| b.destination.clone())),
+                _ => None,
+            })
+            .flatten()
+            .collect(),
+    };
+    let mount_properties = host
+        .roots
+        .prepare_with(&key, &image_root, &mode)
+        .map_err(host_err)?;
     // Which image the container runs on, so collection keeps it even after
     // its tag moves on; and its last use, for collection by age.
     if let Some(manifest) = host.images.resolve(&unit.image) {

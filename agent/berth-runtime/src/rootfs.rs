@@ -12,6 +12,19 @@ use std::path::{Path, PathBuf};
 
 use berth_plan::{Properties, PropertyValue};
 
+/// How a container's root is mounted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RootMode {
+    /// `readOnlyRootFilesystem`: the overlay is mounted `ro`.
+    pub read_only: bool,
+    /// Where volumes are bound inside the container.
+    pub mount_points: Vec<String>,
+}
+
+/// Where systemd mounts inside a container's root (API filesystems,
+/// `PrivateTmp=`).
+const API_MOUNT_POINTS: &[&str] = &["dev", "proc", "sys", "run", "tmp", "var/tmp"];
+
 /// Where containers' layers live.
 #[derive(Debug, Clone)]
 pub struct ContainerRoots {
@@ -65,6 +78,18 @@ impl ContainerRoots {
     /// mount unit's properties. The writable layer's root is 0755: it
     /// becomes the container's `/`, which a non-root user must traverse.
     pub fn prepare(&self, key: &str, image_root: &Path) -> io::Result<Properties> {
+        self.prepare_with(key, image_root, &RootMode::default())
+    }
+
+    /// As [`ContainerRoots::prepare`]; a read-only root is mounted `ro`, with
+    /// the directories systemd mounts on made beforehand in the writable
+    /// layer (a read-only root cannot have them made at start).
+    pub fn prepare_with(
+        &self,
+        key: &str,
+        image_root: &Path,
+        mode: &RootMode,
+    ) -> io::Result<Properties> {
         use std::os::unix::fs::PermissionsExt;
         let dir = self.dir(key);
         // A container created anew starts from its image, as in Kubernetes:
@@ -79,11 +104,36 @@ impl ContainerRoots {
             fs::create_dir_all(dir.join(sub))?;
         }
         fs::set_permissions(dir.join("upper"), fs::Permissions::from_mode(0o755))?;
+        if mode.read_only {
+            for point in API_MOUNT_POINTS
+                .iter()
+                .copied()
+                .chain(mode.mount_points.iter().map(String::as_str))
+            {
+                let rel = point.trim_start_matches('/');
+                if rel.is_empty() || rel.split('/').any(|c| c == "..") {
+                    continue;
+                }
+                // Already in the image (or a file there): nothing to make.
+                if fs::symlink_metadata(image_root.join(rel)).is_ok() {
+                    continue;
+                }
+                let mut cur = dir.join("upper");
+                for c in rel.split('/').filter(|c| !c.is_empty()) {
+                    cur.push(c);
+                    if fs::symlink_metadata(&cur).is_err() {
+                        fs::create_dir(&cur)?;
+                        fs::set_permissions(&cur, fs::Permissions::from_mode(0o755))?;
+                    }
+                }
+            }
+        }
         let options = format!(
-            "lowerdir={},upperdir={},workdir={}",
+            "lowerdir={},upperdir={},workdir={}{}",
             image_root.display(),
             dir.join("upper").display(),
-            dir.join("work").display()
+            dir.join("work").display(),
+            if mode.read_only { ",ro" } else { "" }
         );
         if options.contains(['\n', ' ']) || image_root.to_string_lossy().contains([',', ':']) {
             return Err(io::Error::new(
@@ -217,6 +267,33 @@ mod tests {
         );
         assert_eq!(roots.mount_pattern(), "var-lib-berth-containers-*.mount");
         assert_eq!(escape_path("/.hidden/a b"), "\\x2ehidden-a\\x20b");
+    }
+
+    #[test]
+    fn a_read_only_root_is_mounted_ro_with_its_mount_points_made_first() {
+        let base = std::env::temp_dir().join(format!("berth-roots-ro-{}", std::process::id()));
+        let roots = ContainerRoots::new(&base.join("containers"));
+        let image = base.join("image");
+        fs::create_dir_all(image.join("tmp")).expect("image dir");
+        let mode = RootMode {
+            read_only: true,
+            mount_points: vec!["/data/cache".into(), "/../escape".into()],
+        };
+        let props = roots
+            .prepare_with("ns_p_c", &image, &mode)
+            .expect("prepare");
+        let upper = roots.dir("ns_p_c").join("upper");
+        for made in ["dev", "proc", "sys", "run", "var/tmp", "data/cache"] {
+            assert!(upper.join(made).is_dir(), "{made}");
+        }
+        // What the image has is not shadowed; nothing climbs out.
+        assert!(!upper.join("tmp").exists());
+        assert!(
+            !base.join("containers/escape").exists()
+                && !roots.dir("ns_p_c").join("escape").exists()
+        );
+        assert!(matches!(props.get("Options"), Some(PropertyValue::Text(o)) if o.ends_with(",ro")));
+        fs::remove_dir_all(&base).expect("cleanup");
     }
 
     #[test]

@@ -6,9 +6,9 @@
 //! for the container's main process, then runs itself again as the hidden
 //! `berth exec-enter PID -- CMD`, single-threaded, which takes everything
 //! from that process: its cgroup, its namespaces (mount, PID, network, UTS,
-//! IPC, cgroup), its root directory and working directory, its environment,
+//! IPC, cgroup), its root directory, its environment,
 //! its user and group, its capability bounding set and `no_new_privs`.
-//! The seccomp filter is not copied (no interface gives it back); the
+//! The working directory is the unit's. The seccomp filter is not copied (no interface gives it back); the
 //! command runs under the rest.
 
 use std::fs::File;
@@ -84,10 +84,16 @@ pub fn exec(unit: &str, command: &[String]) -> anyhow::Result<ExitCode> {
             details.sub_state
         );
     }
+    let workdir = match details.properties.get("WorkingDirectory") {
+        Some(berth_plan::PropertyValue::Text(d)) if d.starts_with('/') => d.clone(),
+        _ => "/".to_string(),
+    };
     let me = std::env::current_exe().context("cannot find the berth binary")?;
     let status = std::process::Command::new(me)
         .arg("exec-enter")
         .arg(pid.to_string())
+        .arg("--workdir")
+        .arg(workdir)
         .arg("--")
         .args(command)
         .status()
@@ -106,7 +112,7 @@ fn exit_code(status: std::process::ExitStatus) -> ExitCode {
 
 /// The second half, single-threaded: join the process's cgroup and
 /// namespaces and run the command as it runs.
-pub fn enter(pid: u32, command: &[String]) -> anyhow::Result<ExitCode> {
+pub fn enter(pid: u32, workdir: &Path, command: &[String]) -> anyhow::Result<ExitCode> {
     let Some((program, args)) = command.split_first() else {
         bail!("no command given");
     };
@@ -127,7 +133,6 @@ pub fn enter(pid: u32, command: &[String]) -> anyhow::Result<ExitCode> {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
         })
         .collect();
-    let cwd = std::fs::read_link(proc_dir.join("cwd")).unwrap_or_else(|_| PathBuf::from("/"));
     let open = |name: &str| -> anyhow::Result<File> {
         File::open(proc_dir.join(name))
             .with_context(|| format!("cannot open {}", proc_dir.join(name).display()))
@@ -158,7 +163,10 @@ pub fn enter(pid: u32, command: &[String]) -> anyhow::Result<ExitCode> {
     }
     nix::unistd::fchdir(root.as_fd()).context("cannot reach the container's root")?;
     nix::unistd::chroot(".").context("cannot enter the container's root")?;
-    let _ = nix::unistd::chdir(&cwd);
+    // The container's working directory (its unit's), else its root.
+    if nix::unistd::chdir(workdir).is_err() {
+        nix::unistd::chdir("/").context("cannot enter the container's root")?;
+    }
     // Capabilities the container may not have, gone from ours (and so from
     // the command's), and no regaining of privileges if it may not.
     for bit in 0..64u32 {

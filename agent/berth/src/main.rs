@@ -169,6 +169,8 @@ enum Command {
     #[command(hide = true)]
     ExecEnter {
         pid: u32,
+        #[arg(long, default_value = "/")]
+        workdir: PathBuf,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -273,7 +275,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             &container_unit(&pod, &namespace, container.as_deref())?,
             &command,
         ),
-        Command::ExecEnter { pid, command } => exec::enter(pid, &command),
+        Command::ExecEnter {
+            pid,
+            workdir,
+            command,
+        } => exec::enter(pid, &workdir, &command),
         Command::Images { dirs } => images(&dirs),
     }
 }

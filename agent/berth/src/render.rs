@@ -162,6 +162,31 @@ pub fn print_status(
     for p in &state.storage.problems {
         writeln!(out, "storage problem: {p}")?;
     }
+    for (reference, p) in &state.images.pulls {
+        match &p.error {
+            Some(e) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                writeln!(
+                    out,
+                    "image {reference}: pull failed {} time(s), next try in {}s: {e}",
+                    p.failures,
+                    p.retry_at.saturating_sub(now)
+                )?
+            }
+            None => writeln!(
+                out,
+                "image {reference}: {:?}, {:.1} of {:.1} MB",
+                p.phase,
+                p.bytes_done as f64 / 1e6,
+                p.bytes_total as f64 / 1e6
+            )?,
+        }
+    }
+    for reference in &state.images.collected {
+        writeln!(out, "image {reference}: collected (unused)")?;
+    }
     let p = &state.publish;
     match (&p.error, p.last_push) {
         (Some(e), _) => writeln!(out, "publishing: failing ({} attempts): {e}", p.failures)?,
