@@ -54,11 +54,15 @@ bench-storage: deps
 	$(SUDO) target/release/examples/storagebench
 
 # Pulls of a 50 MB and a 500 MB image from a registry on loopback, against
-# skopeo copy + umoci unpack in the same run; disk of 10 containers of one image.
+# skopeo copy + umoci unpack in the same run; then on the appliance (QEMU):
+# commit to a pod running on each, and the disk of 10 pods of one image.
 bench-images: deps
 	@command -v skopeo >/dev/null && command -v umoci >/dev/null || $(SUDO) apt-get install -y -qq skopeo umoci
 	cargo build --locked --release -p berth-registry --example bench_pull
 	target/release/examples/bench_pull
+	cargo build --locked --release --bin berth
+	$(SUDO) image/build.sh --test --berth target/release/berth
+	cargo test --locked -p berth-qemu-tests --test bench_images -- --ignored --nocapture
 
 bench-mirror: deps
 	cargo test --locked --release -p berth-agent --test reconcile_loop bench_long_lived_mirror -- --ignored --nocapture

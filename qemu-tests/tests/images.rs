@@ -277,6 +277,8 @@ fn scenario() {
 
     // Both pods of team/app gone: once unused for maximumAge its image goes;
     // the images pods still run stay.
+    must(git.remove("im/pulled.yaml"));
+    must(git.remove("im/rootimg.yaml"));
     push(&git, &manifests("s3cret", false), "team/app no longer used");
     let end = Instant::now() + SETTLE;
     loop {

@@ -162,7 +162,7 @@ impl Images {
                     log.info(&format!("pulling image {reference}"))
                 }
                 PullPhase::Done => log.info(&format!(
-                    "pulled image {reference} ({}, {})",
+                    "pulled image {reference} ({}, {} downloaded)",
                     status.manifest.as_deref().unwrap_or("?"),
                     megabytes(status.bytes_total)
                 )),
