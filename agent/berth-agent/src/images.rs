@@ -289,11 +289,8 @@ impl Images {
         };
         let total = st.f_blocks.saturating_mul(st.f_frsize);
         let free = st.f_bavail.saturating_mul(st.f_frsize);
-        let used_pct = free
-            .saturating_mul(100)
-            .checked_div(total)
-            .map_or(0, |free_pct| 100u64.saturating_sub(free_pct));
-        let pressure = used_pct > u64::from(settings.gc_high_percent);
+        let (used_pct, need) = pressure(total, free, settings);
+        let pressure = need > 0;
         let by_age = settings.gc_maximum_age.is_some_and(|max| {
             self.last_age_collect
                 .is_none_or(|t| t.elapsed() >= AGE_COLLECT_EVERY.min(max))
@@ -310,11 +307,6 @@ impl Images {
                 .flat_map(DesiredPod::units)
                 .filter_map(|u| rt.images.resolve(&u.image)),
         );
-        let need = if pressure {
-            total.saturating_mul(used_pct - u64::from(settings.gc_low_percent)) / 100
-        } else {
-            0
-        };
         let now = now_secs();
         let min_age = settings.gc_minimum_age.as_secs();
         let max_age = settings.gc_maximum_age.map(|d| d.as_secs());
@@ -354,6 +346,20 @@ impl Default for Images {
     }
 }
 
+/// How full the image disk is (percent), and how many bytes collection
+/// must free: none below the high threshold, else down to the low one.
+pub fn pressure(total: u64, free: u64, settings: &ImageSettings) -> (u64, u64) {
+    let used_pct = free
+        .saturating_mul(100)
+        .checked_div(total)
+        .map_or(0, |free_pct| 100u64.saturating_sub(free_pct));
+    if used_pct <= u64::from(settings.gc_high_percent) {
+        return (used_pct, 0);
+    }
+    let target_used = total / 100 * u64::from(settings.gc_low_percent);
+    (used_pct, (total - free).saturating_sub(target_used).max(1))
+}
+
 /// The containers the plan starts (or restarts).
 pub fn starting(plan: &berth_plan::NodePlan) -> BTreeSet<String> {
     plan.plan
@@ -380,4 +386,23 @@ fn credentials(pod: &DesiredPod, log: &Log) -> Vec<Credential> {
 
 fn megabytes(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collection_frees_down_to_the_low_threshold_only_above_the_high_one() {
+        let s = ImageSettings::default();
+        let gib = 1u64 << 30;
+        // 84 % used: nothing to do.
+        assert_eq!(pressure(100 * gib, 16 * gib, &s), (84, 0));
+        // 90 % used: free 10 GiB to reach 80 %.
+        assert_eq!(pressure(100 * gib, 10 * gib, &s), (90, 10 * gib));
+        // A full disk: 20 % of it.
+        assert_eq!(pressure(100 * gib, 0, &s), (100, 20 * gib));
+        // No filesystem size known: nothing.
+        assert_eq!(pressure(0, 0, &s), (0, 0));
+    }
 }

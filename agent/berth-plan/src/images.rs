@@ -55,7 +55,19 @@ impl ImageCatalog {
 
 /// `busybox` and `docker.io/library/busybox:latest` are the same image.
 pub fn normalize(reference: &str) -> String {
-    let mut r = reference.to_string();
+    // `app:1.2@sha256:…` is the digest's image: the tag is only a label.
+    let mut r = match reference.split_once('@') {
+        Some((name, digest)) => {
+            let (dir, last) = name.rsplit_once('/').map_or(("", name), |(d, l)| (d, l));
+            let last = last.split_once(':').map_or(last, |(n, _)| n);
+            if dir.is_empty() {
+                format!("{last}@{digest}")
+            } else {
+                format!("{dir}/{last}@{digest}")
+            }
+        }
+        None => reference.to_string(),
+    };
     let last = r.rsplit('/').next().unwrap_or("");
     if !last.contains(':') && !r.contains('@') {
         r.push_str(":latest");
@@ -86,6 +98,10 @@ mod tests {
         assert_eq!(
             normalize("registry.example/app@sha256:ab"),
             "registry.example/app@sha256:ab"
+        );
+        assert_eq!(
+            normalize("localhost:5000/team/app:1.2@sha256:ab"),
+            "localhost:5000/team/app@sha256:ab"
         );
     }
 }

@@ -29,15 +29,20 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
 
 /// An image of `mb` megabytes in `layers` gzip layers, plus busybox.
 fn push(reg: &TestRegistry, name: &str, mb: usize, layers: usize) -> u64 {
-    let mut blobs = vec![fixtures::gzip(&fixtures::busybox_layer(&[]).unwrap())];
+    let busybox = fixtures::busybox_layer(&[]).unwrap();
+    // umoci wants the uncompressed layers' digests (`rootfs.diff_ids`).
+    let mut diff_ids = vec![fixtures::digest(&busybox)];
+    let mut blobs = vec![fixtures::gzip(&busybox)];
     for i in 0..layers {
         let files = noise(mb * 1_000_000 / layers, (mb * 31 + i) as u64);
         let path = format!("data/blob{i}");
         let tar = berth_runtime::images::archive::layer(&[(&path, &files, 0o644)]).unwrap();
+        diff_ids.push(fixtures::digest(&tar));
         blobs.push(fixtures::gzip(&tar));
     }
     let total: u64 = blobs.iter().map(|b| b.len() as u64).sum();
-    let config = serde_json::json!({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["sleep", "1000"]}});
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux",
+        "config": {"Cmd": ["sleep", "1000"]}, "rootfs": {"type": "layers", "diff_ids": diff_ids}});
     reg.push_image(name, "1", &blobs, true, &config).unwrap();
     total
 }

@@ -476,10 +476,44 @@ fn hostile_layers_are_refused_and_leave_no_root() {
         assert!(store.rootfs(&format!("{}/{name}:1", reg.host())).is_none());
     }
     assert!(!s.0.join("outside/planted").exists());
+    // A device node in a layer is not made (devices come from the runtime's
+    // private /dev); the rest of the layer is.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut dev = tar::Header::new_gnu();
+    dev.set_entry_type(tar::EntryType::Char);
+    dev.set_device_major(1).unwrap();
+    dev.set_device_minor(1).unwrap();
+    dev.set_size(0);
+    dev.set_mode(0o666);
+    dev.set_uid(0);
+    dev.set_gid(0);
+    dev.set_mtime(0);
+    b.append_data(&mut dev, "mem", &[][..]).unwrap();
+    let mut f = tar::Header::new_gnu();
+    f.set_size(2);
+    f.set_mode(0o644);
+    f.set_uid(0);
+    f.set_gid(0);
+    f.set_mtime(0);
+    b.append_data(&mut f, "ok", &b"ok"[..]).unwrap();
+    reg.push_image(
+        "devices",
+        "1",
+        &[b.into_inner().unwrap()],
+        false,
+        &config(&["/x"]),
+    )
+    .unwrap();
+    let r = format!("{}/devices:1", reg.host());
+    pull(&client, &store, &r, &[]).unwrap();
+    let root = store.rootfs(&r).unwrap();
+    assert!(root.join("ok").is_file());
+    assert!(std::fs::symlink_metadata(root.join("mem")).is_err());
     assert!(!s.0.join("escaped").exists() && !s.0.join("store/escaped").exists());
     let leftovers: Vec<_> = std::fs::read_dir(s.0.join("store/rootfs"))
         .unwrap()
         .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".partial"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
