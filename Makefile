@@ -62,7 +62,7 @@ bench-images: deps
 	target/release/examples/bench_pull
 	cargo build --locked --release --bin berth
 	$(SUDO) image/build.sh --test --berth target/release/berth
-	cargo test --locked -p berth-qemu-tests --test bench_images -- --ignored --nocapture
+	cargo test --locked --release -p berth-qemu-tests --test bench_images -- --ignored --nocapture
 
 bench-mirror: deps
 	cargo test --locked --release -p berth-agent --test reconcile_loop bench_long_lived_mirror -- --ignored --nocapture

@@ -1164,6 +1164,7 @@ impl Agent {
             healed: &self.state.healed,
             network: &self.state.network,
             storage: &self.state.storage,
+            images: &self.state.images,
             now: now_secs(),
         });
         publisher.send(Outgoing {

@@ -38,6 +38,11 @@ pub struct NodeStatusDoc {
     /// Claims (phase, capacity, usage) and provisioned volumes.
     #[serde(default, skip_serializing_if = "is_default")]
     pub storage: crate::storage::StorageRecord,
+    /// Image pulls under way, and failing ones with their error. Byte counts
+    /// are left to `berth images` and the pods' messages: here they would
+    /// make every poll a change.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub images: ImagesSection,
     /// When this document was written (changes on every heartbeat).
     pub heartbeat: String,
 }
@@ -122,7 +127,34 @@ pub struct Inputs<'a> {
     pub healed: &'a [Healed],
     pub network: &'a crate::state::NetworkRecord,
     pub storage: &'a crate::storage::StorageRecord,
+    pub images: &'a crate::images::ImagesRecord,
     pub now: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImagesSection {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pulling: Vec<String>,
+    /// By reference: the last error, after how many failures.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub failing: BTreeMap<String, String>,
+}
+
+impl ImagesSection {
+    fn from_record(r: &crate::images::ImagesRecord) -> Self {
+        let mut out = Self::default();
+        for (reference, p) in &r.pulls {
+            match &p.error {
+                Some(e) if p.phase == berth_registry::PullPhase::Failed => {
+                    out.failing
+                        .insert(reference.clone(), format!("{e} ({} failures)", p.failures));
+                }
+                _ => out.pulling.push(reference.clone()),
+            }
+        }
+        out
+    }
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -224,6 +256,7 @@ pub fn build(inputs: &Inputs<'_>) -> NodeStatusDoc {
             ..inputs.network.clone()
         },
         storage: inputs.storage.clone(),
+        images: ImagesSection::from_record(inputs.images),
         heartbeat: crate::drift::timestamp(inputs.now),
     }
 }

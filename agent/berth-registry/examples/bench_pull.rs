@@ -13,20 +13,6 @@ use berth_registry::fixtures::{self, TestRegistry};
 use berth_registry::{Client, HostConfig, Progress, RegistryConfig};
 use berth_runtime::images::{ImageStore, disk_usage};
 
-/// Incompressible bytes (xorshift), as most real layers are after gzip.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// An image of `mb` megabytes in `layers` gzip layers, plus busybox.
 fn push(reg: &TestRegistry, name: &str, mb: usize, layers: usize) -> u64 {
     let busybox = fixtures::busybox_layer(&[]).unwrap();
@@ -34,7 +20,7 @@ fn push(reg: &TestRegistry, name: &str, mb: usize, layers: usize) -> u64 {
     let mut diff_ids = vec![fixtures::digest(&busybox)];
     let mut blobs = vec![fixtures::gzip(&busybox)];
     for i in 0..layers {
-        let files = noise(mb * 1_000_000 / layers, (mb * 31 + i) as u64);
+        let files = fixtures::noise(mb * 1_000_000 / layers, (mb * 31 + i) as u64);
         let path = format!("data/blob{i}");
         let tar = berth_runtime::images::archive::layer(&[(&path, &files, 0o644)]).unwrap();
         diff_ids.push(fixtures::digest(&tar));

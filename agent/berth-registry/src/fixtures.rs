@@ -250,6 +250,33 @@ pub fn digest(body: &[u8]) -> String {
     )
 }
 
+/// Incompressible bytes (xorshift), as most real layers are after gzip:
+/// the benchmarks' layer contents.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A tar header owned by root, dated the epoch.
+pub fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h
+}
+
 /// A gzip-compressed copy of a layer.
 pub fn gzip(layer: &[u8]) -> Vec<u8> {
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -265,16 +292,6 @@ pub fn busybox_layer(files: &[(&str, &[u8], u32)]) -> Result<Vec<u8>, String> {
     let mut all: Vec<(&str, &[u8], u32)> = vec![("bin/busybox", &busybox, 0o755)];
     all.extend_from_slice(files);
     let mut b = tar::Builder::new(Vec::new());
-    let header = |kind: tar::EntryType, mode: u32, size: u64| {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(kind);
-        h.set_mode(mode);
-        h.set_size(size);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        h
-    };
     for dir in [
         "bin", "etc", "tmp", "proc", "sys", "dev", "run", "var", "data",
     ] {

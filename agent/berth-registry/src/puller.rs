@@ -246,19 +246,8 @@ impl Puller {
         self.save();
     }
 
-    fn with_progress(&self, reference: &str, mut s: PullStatus) -> PullStatus {
-        if s.phase == PullPhase::Pulling
-            && let Some(p) = self
-                .shared
-                .progress
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get(reference)
-        {
-            s.bytes_done = p.done.load(Ordering::Relaxed);
-            s.bytes_total = p.total.load(Ordering::Relaxed);
-        }
-        s
+    fn with_progress(&self, reference: &str, s: PullStatus) -> PullStatus {
+        live(&self.shared, reference, s)
     }
 
     fn finish(
@@ -275,6 +264,21 @@ impl Puller {
     fn save(&self) {
         save(&self.shared, |r, s| self.with_progress(r, s));
     }
+}
+
+/// A status with the byte counts of its pull, if it runs.
+fn live(shared: &Shared, reference: &str, mut s: PullStatus) -> PullStatus {
+    if s.phase == PullPhase::Pulling
+        && let Some(p) = shared
+            .progress
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(reference)
+    {
+        s.bytes_done = p.done.load(Ordering::Relaxed);
+        s.bytes_total = p.total.load(Ordering::Relaxed);
+    }
+    s
 }
 
 fn finish(
@@ -341,19 +345,7 @@ fn work(
     rx: &Receiver<Job>,
     on_done: Arc<dyn Fn() + Send + Sync>,
 ) {
-    let live = |r: &str, mut s: PullStatus| {
-        if s.phase == PullPhase::Pulling
-            && let Some(p) = shared
-                .progress
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get(r)
-        {
-            s.bytes_done = p.done.load(Ordering::Relaxed);
-            s.bytes_total = p.total.load(Ordering::Relaxed);
-        }
-        s
-    };
+    let live = |r: &str, st: PullStatus| live(shared, r, st);
     while let Ok(job) = rx.recv() {
         let progress = Arc::new(Progress::default());
         {

@@ -432,21 +432,10 @@ fn hostile_layers_are_refused_and_leave_no_root() {
     climb[..512].copy_from_slice(h.as_bytes());
     // A symlink out of the root, then a file written through it.
     let mut b = tar::Builder::new(Vec::new());
-    let mut link = tar::Header::new_gnu();
-    link.set_entry_type(tar::EntryType::Symlink);
-    link.set_size(0);
-    link.set_uid(0);
-    link.set_gid(0);
-    link.set_mode(0o777);
-    link.set_mtime(0);
+    let mut link = fixtures::header(tar::EntryType::Symlink, 0o777, 0);
     b.append_link(&mut link, "out", s.0.join("outside").to_str().unwrap())
         .unwrap();
-    let mut f = tar::Header::new_gnu();
-    f.set_size(1);
-    f.set_mode(0o644);
-    f.set_uid(0);
-    f.set_gid(0);
-    f.set_mtime(0);
+    let mut f = fixtures::header(tar::EntryType::Regular, 0o644, 1);
     b.append_data(&mut f, "out/planted", &b"x"[..]).unwrap();
     let through = b.into_inner().unwrap();
     std::fs::create_dir_all(s.0.join("outside")).unwrap();
@@ -479,22 +468,11 @@ fn hostile_layers_are_refused_and_leave_no_root() {
     // A device node in a layer is not made (devices come from the runtime's
     // private /dev); the rest of the layer is.
     let mut b = tar::Builder::new(Vec::new());
-    let mut dev = tar::Header::new_gnu();
-    dev.set_entry_type(tar::EntryType::Char);
+    let mut dev = fixtures::header(tar::EntryType::Char, 0o666, 0);
     dev.set_device_major(1).unwrap();
     dev.set_device_minor(1).unwrap();
-    dev.set_size(0);
-    dev.set_mode(0o666);
-    dev.set_uid(0);
-    dev.set_gid(0);
-    dev.set_mtime(0);
     b.append_data(&mut dev, "mem", &[][..]).unwrap();
-    let mut f = tar::Header::new_gnu();
-    f.set_size(2);
-    f.set_mode(0o644);
-    f.set_uid(0);
-    f.set_gid(0);
-    f.set_mtime(0);
+    let mut f = fixtures::header(tar::EntryType::Regular, 0o644, 2);
     b.append_data(&mut f, "ok", &b"ok"[..]).unwrap();
     reg.push_image(
         "devices",
