@@ -363,6 +363,7 @@ impl Session<'_> {
         body_timeout: Option<Duration>,
     ) -> Result<ureq::http::Response<ureq::Body>, PullError> {
         let mut tried_anonymous = false;
+        let mut tried_credentials = false;
         loop {
             let mut req = self
                 .agent
@@ -399,13 +400,14 @@ impl Session<'_> {
                 tried_anonymous = true;
                 None
             } else if self.creds.is_empty() {
-                return Err(self.denied(if self.auth.is_some() {
+                return Err(self.denied(if tried_credentials {
                     "the credentials were refused".into()
                 } else {
                     "the registry wants a login and no imagePullSecret has credentials for it"
                         .into()
                 }));
             } else {
+                tried_credentials = true;
                 Some(self.creds.remove(0))
             };
             self.auth = Some(match challenge {

@@ -764,3 +764,143 @@ fn the_puller_pulls_once_per_image_and_waits_out_its_back_off() {
     assert_eq!(berth_registry::puller::backoff_secs(3), 40);
     assert_eq!(berth_registry::puller::backoff_secs(30), 300);
 }
+
+/// A registry that speaks token auth, as Docker Hub and most hosted ones
+/// do: `401` with a `Bearer` challenge, a token service that checks the
+/// login, and content only for the token it issued.
+fn token_registry(user: &'static str, password: &'static str) -> (u16, String) {
+    use std::collections::HashMap;
+    let config = serde_json::to_vec(&config(&["/hello"])).unwrap();
+    let layer = archive::layer(&[("hello", b"from behind a token", 0o644)]).unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": fixtures::digest(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": fixtures::digest(&layer), "size": layer.len()}],
+    }))
+    .unwrap();
+    let manifest_digest = fixtures::digest(&manifest);
+    let mut content: HashMap<String, Vec<u8>> = HashMap::new();
+    content.insert("/v2/team/app/manifests/1".into(), manifest);
+    content.insert(
+        format!("/v2/team/app/blobs/{}", fixtures::digest(&config)),
+        config,
+    );
+    content.insert(
+        format!("/v2/team/app/blobs/{}", fixtures::digest(&layer)),
+        layer,
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let basic = format!(
+        "Basic {}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            format!("{user}:{password}")
+        )
+    );
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = vec![0u8; 8192];
+            let n = conn.read(&mut buf).unwrap_or(0);
+            let request = String::from_utf8_lossy(&buf[..n]).to_string();
+            let path = request.split_whitespace().nth(1).unwrap_or("").to_string();
+            let auth = request
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("Authorization: ")
+                        .or_else(|| l.strip_prefix("authorization: "))
+                })
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            let reply = |c: &mut std::net::TcpStream, status: &str, extra: &str, body: &[u8]| {
+                let head = format!(
+                    "HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = c.write_all(head.as_bytes());
+                let _ = c.write_all(body);
+            };
+            if path.starts_with("/token?") {
+                assert!(
+                    path.contains("scope=repository%3Ateam%2Fapp%3Apull")
+                        || path.contains("scope=repository:team/app:pull"),
+                    "{path}"
+                );
+                let token = if auth == basic {
+                    "GOOD"
+                } else if auth.is_empty() {
+                    "ANONYMOUS"
+                } else {
+                    ""
+                };
+                if token.is_empty() {
+                    reply(&mut conn, "401 Unauthorized", "", b"{}");
+                } else {
+                    reply(
+                        &mut conn,
+                        "200 OK",
+                        "",
+                        format!("{{\"token\": \"{token}\"}}").as_bytes(),
+                    );
+                }
+            } else if auth != "Bearer GOOD" {
+                let challenge = format!(
+                    "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"test\",scope=\"repository:team/app:pull\"\r\n"
+                );
+                reply(&mut conn, "401 Unauthorized", &challenge, b"");
+            } else if let Some(body) = content.get(&path) {
+                reply(&mut conn, "200 OK", "", body);
+            } else {
+                reply(&mut conn, "404 Not Found", "", b"");
+            }
+        }
+    });
+    (port, manifest_digest)
+}
+
+#[test]
+fn token_auth_logs_in_with_the_pull_secret_and_refuses_without_it() {
+    let (port, digest) = token_registry("robot", "t0ken");
+    let s = Scratch::new("token");
+    let host = format!("127.0.0.1:{port}");
+    let mut config = RegistryConfig {
+        timeout: Duration::from_secs(3),
+        ..RegistryConfig::default()
+    };
+    config.hosts.insert(
+        host.clone(),
+        HostConfig {
+            mirrors: vec![],
+            insecure: true,
+        },
+    );
+    let client = Client::new(config);
+    let reference = format!("{host}/team/app:1");
+    let creds = |pw: &str| {
+        let body =
+            format!(r#"{{"auths": {{"{host}": {{"username": "robot", "password": "{pw}"}}}}}}"#);
+        berth_registry::parse_docker_config(".dockerconfigjson", body.as_bytes()).unwrap()
+    };
+    // Anonymous: a token, but not one that reads this repository.
+    let store = ImageStore::open(&s.0.join("anonymous")).unwrap();
+    let e = pull(&client, &store, &reference, &[]).unwrap_err();
+    assert!(
+        e.is_auth() && e.to_string().contains("no imagePullSecret"),
+        "{e}"
+    );
+    // A wrong password: the token service says no.
+    let e = pull(&client, &store, &reference, &creds("wrong")).unwrap_err();
+    assert!(
+        e.is_auth() && e.to_string().contains("token service"),
+        "{e}"
+    );
+    // The right one.
+    let p = pull(&client, &store, &reference, &creds("t0ken")).unwrap();
+    assert_eq!(p.manifest, digest);
+    let root = store.rootfs(&reference).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(root.join("hello")).unwrap(),
+        "from behind a token"
+    );
+}
