@@ -59,7 +59,7 @@ fn status(git: &GitHost) -> Option<NodeStatusDoc> {
         .map(|t| NodeStatusDoc::from_yaml(&t).unwrap())
 }
 
-/// Polls the host side every 100 ms until `done` gives a value.
+/// Polls every 500 ms until `done` gives a value.
 fn until<T>(what: &str, vm: &Vm, timeout: Duration, mut done: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + timeout;
     loop {
@@ -71,18 +71,27 @@ fn until<T>(what: &str, vm: &Vm, timeout: Duration, mut done: impl FnMut() -> Op
             "{what}: not within {timeout:?}; console: {}",
             vm.console.display()
         );
-        std::thread::sleep(Duration::from_millis(100));
+        // Some polls run a command in the guest: under TCG each is a few
+        // hundred milliseconds of work for it.
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
 fn memory_max(vm: &Vm, name: &str) -> u64 {
-    sh(
+    // Bounded, and if PID 1 does not answer, what the guest is doing is
+    // shown instead of a test channel that went quiet.
+    let out = sh(
         vm,
-        &format!("systemctl show -p MemoryMax --value {}", unit(name)),
-    )
-    .trim()
-    .parse()
-    .unwrap()
+        &format!(
+            "timeout 20 systemctl show -p MemoryMax --value {} || {{ echo SYSTEMCTL-HUNG; ps -eo pid,stat,wchan:30,etime,cmd; cat /proc/1/stack; }}",
+            unit(name)
+        ),
+    );
+    assert!(
+        !out.contains("SYSTEMCTL-HUNG"),
+        "systemctl show did not answer:\n{out}"
+    );
+    out.trim().parse().unwrap()
 }
 
 /// The host's `berth` binary (scripts/test.sh builds it before this tier).
