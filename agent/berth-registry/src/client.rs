@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
-use berth_runtime::images::{ImageError, ImageStore, UnpackLimits};
+use berth_runtime::images::{ImageError, ImageStore, Platform, UnpackLimits, node_architecture};
 use serde::Deserialize;
 
 use crate::auth::{Challenge, Credential, matching, parse_challenge};
@@ -47,16 +47,6 @@ impl Default for RegistryConfig {
             limits: UnpackLimits::default(),
             architecture: node_architecture().to_string(),
         }
-    }
-}
-
-/// The node's platform in OCI's words.
-pub fn node_architecture() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        other => other,
     }
 }
 
@@ -123,12 +113,6 @@ struct Descriptor {
     size: u64,
     #[serde(default)]
     platform: Option<Platform>,
-}
-
-#[derive(Deserialize)]
-struct Platform {
-    architecture: String,
-    os: String,
 }
 
 #[derive(Deserialize)]
@@ -242,11 +226,7 @@ impl Client {
             let wanted = &self.config.architecture;
             let pick = list
                 .iter()
-                .find(|d| {
-                    d.platform
-                        .as_ref()
-                        .is_some_and(|p| p.os == "linux" && &p.architecture == wanted)
-                })
+                .find(|d| d.platform.as_ref().is_some_and(|p| p.is(wanted)))
                 .ok_or_else(|| {
                     s.protocol(format!("image index of {r} has no linux/{wanted} image"))
                 })?;

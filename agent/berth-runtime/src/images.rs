@@ -116,10 +116,29 @@ struct Descriptor {
     platform: Option<Platform>,
 }
 
-#[derive(Deserialize)]
-struct Platform {
-    architecture: String,
-    os: String,
+/// An index entry's platform, as OCI indexes and Docker manifest lists
+/// write it.
+#[derive(Debug, Deserialize)]
+pub struct Platform {
+    pub architecture: String,
+    pub os: String,
+}
+
+impl Platform {
+    /// Whether this is Linux on `architecture`.
+    pub fn is(&self, architecture: &str) -> bool {
+        self.os == "linux" && self.architecture == architecture
+    }
+}
+
+/// The node's platform in OCI's words: the image of an index a node takes.
+pub fn node_architecture() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        other => other,
+    }
 }
 
 #[derive(Deserialize)]
@@ -185,16 +204,6 @@ impl ImageStore {
     /// Whether the store holds this blob, verified.
     pub fn has_blob(&self, digest: &str) -> bool {
         valid_digest(digest).is_some_and(|hex| self.blob(hex).is_file())
-    }
-
-    /// Reads a stored JSON blob (a manifest or config), at most 4 MiB.
-    pub fn read_blob(&self, digest: &str) -> Option<Vec<u8>> {
-        let hex = valid_digest(digest)?;
-        let mut body = Vec::new();
-        File::open(self.blob(hex))
-            .and_then(|f| f.take(MAX_JSON).read_to_end(&mut body))
-            .ok()?;
-        Some(body)
     }
 
     /// Where a blob being downloaded is kept until it is whole: a pull cut
@@ -518,7 +527,7 @@ impl ImageStore {
         Ok(imported)
     }
 
-    /// A manifest, or for a multi-platform index the linux/amd64 one.
+    /// A manifest, or for a multi-platform index the node's platform's one.
     fn pick_manifest(&self, archive: &Path, d: &Descriptor) -> Result<String, ImageError> {
         if !d.media_type.ends_with("image.index.v1+json")
             && !d.media_type.ends_with("manifest.list.v2+json")
@@ -530,18 +539,15 @@ impl ImageStore {
             message: format!("bad digest {:?}", d.digest),
         })?;
         let nested: Index = read_json(&self.blob(hex))?;
+        let arch = node_architecture();
         nested
             .manifests
             .into_iter()
-            .find(|m| {
-                m.platform
-                    .as_ref()
-                    .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
-            })
+            .find(|m| m.platform.as_ref().is_some_and(|p| p.is(arch)))
             .map(|m| m.digest)
             .ok_or_else(|| ImageError::Archive {
                 archive: archive.to_path_buf(),
-                message: format!("image index {} has no linux/amd64 image", d.digest),
+                message: format!("image index {} has no linux/{arch} image", d.digest),
             })
     }
 
