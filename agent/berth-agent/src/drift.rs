@@ -291,14 +291,8 @@ pub fn standing(
         }
     }
     for f in failures {
-        // A pull under way or retrying is progress, shown in status with
-        // its bytes and back-off; as drift its text would change every pass.
-        if matches!(
-            f.reason,
-            berth_runtime::FailureReason::ContainerCreating
-                | berth_runtime::FailureReason::ErrImagePull
-                | berth_runtime::FailureReason::ImagePullBackOff
-        ) {
+        // A pull under way or retrying is shown in status, not as drift.
+        if f.reason.is_pulling() {
             continue;
         }
         let pod = f.pod.clone().unwrap_or_default();

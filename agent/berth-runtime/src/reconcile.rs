@@ -99,6 +99,19 @@ pub enum FailureReason {
     FailedMount,
 }
 
+impl FailureReason {
+    /// A pull under way or backing off: progress the pod's status shows,
+    /// not a difference from Git (its message changes from pass to pass).
+    pub fn is_pulling(self) -> bool {
+        matches!(
+            self,
+            FailureReason::ContainerCreating
+                | FailureReason::ErrImagePull
+                | FailureReason::ImagePullBackOff
+        )
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ApplyFailure {
