@@ -232,7 +232,9 @@ impl VmOptions {
     }
 }
 
-/// A running guest. Killed when dropped; its console log stays on disk.
+/// A running guest. Killed when dropped; its console log stays on disk, and
+/// so does its disk image when the test is failing (a passing test's 300 MB
+/// disk is deleted: eight of them filled CI's disk).
 #[derive(Debug)]
 pub struct Vm {
     child: Child,
@@ -240,6 +242,7 @@ pub struct Vm {
     pub console: PathBuf,
     channel: PathBuf,
     pub started: Instant,
+    keep_disk: bool,
 }
 
 impl Vm {
@@ -286,7 +289,9 @@ impl Vm {
     /// reboot; the new boot's console goes to `console-<boot>.log`.
     pub fn reboot(self, git: &GitHost, options: &VmOptions, boot: u32) -> Result<Self> {
         let dir = self.dir.clone();
-        self.poweroff(Duration::from_secs(120))?;
+        let mut this = self;
+        this.keep_disk = true;
+        this.poweroff(Duration::from_secs(120))?;
         Self::launch(dir, git, options, &format!("console-{boot}.log"))
     }
 
@@ -349,6 +354,7 @@ impl Vm {
             console,
             channel,
             started: Instant::now(),
+            keep_disk: false,
         })
     }
 
@@ -580,6 +586,9 @@ impl Drop for Vm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if !self.keep_disk && !std::thread::panicking() {
+            let _ = std::fs::remove_file(self.dir.join("disk.img"));
+        }
     }
 }
 
