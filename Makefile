@@ -1,5 +1,5 @@
 # The two commands the README promises, and a few helpers.
-.PHONY: demo plan-demo image test deps build release bench bench-pods bench-net bench-storage bench-images bench-mirror bless
+.PHONY: demo plan-demo image test deps build release bench bench-pods bench-net bench-storage bench-images bench-mirror bench-boot bless
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
@@ -40,6 +40,13 @@ bench-pods: deps
 	cargo build --locked --release --bin berth
 	$(SUDO) image/build.sh --test --berth target/release/berth
 	cargo test --locked -p berth-qemu-tests --test bench_pods -- --ignored --nocapture
+
+# Where the boot time goes: QEMU start to the agent ready, by phase, over
+# several boots (BERTH_BENCH_BOOTS, 3 by default).
+bench-boot: deps
+	cargo build --locked --release --bin berth
+	$(SUDO) image/build.sh --test --berth target/release/berth
+	cargo test --locked -p berth-qemu-tests --test bench_boot -- --ignored --nocapture
 
 # The agent's memory and disk with a long-lived mirror: 500 desired commits
 # fetched and applied, 500 status commits pushed (in-memory systemd).

@@ -116,8 +116,14 @@ hook="$root/etc/initramfs-tools/scripts/local-bottom/berth-var"
 mkdir -p "$(dirname "$hook")"
 sed -e "s/@VAR_PARTUUID@/$var_uuid/" -e "s/@ESP_PARTUUID@/$esp_uuid/" "$here/files/initramfs/berth-var" > "$hook"
 chmod 0755 "$hook"
-# The ESP's filesystem and the codepages vfat mounts with by default.
-printf 'vfat\nnls_cp437\nnls_ascii\n' >> "$root/etc/initramfs-tools/modules"
+# The ESP's filesystem and the codepages vfat mounts with by default; and
+# the modules the agent relies on (bridged pod traffic passes the ip hooks,
+# so a Service reply from a pod on the node's bridge is un-NATed; provisioned
+# volumes are ext4 images on loop devices), loaded here rather than by
+# systemd-modules-load, which would sit before sysinit.target.
+printf 'vfat\nnls_cp437\nnls_ascii\nbr_netfilter\nloop\n' >> "$root/etc/initramfs-tools/modules"
+# Nothing left for systemd-modules-load (Debian's /etc/modules is empty).
+rm -f "$root/etc/modules-load.d/modules.conf"
 chroot "$root" update-initramfs -u -k "$kver" >"$work/update-initramfs.log" 2>&1 \
     || { cat "$work/update-initramfs.log" >&2; echo "build: update-initramfs failed" >&2; exit 1; }
 

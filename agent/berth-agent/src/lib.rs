@@ -213,7 +213,11 @@ struct Loaded {
 
 impl Agent {
     pub fn new(paths: AgentPaths, log: Log, runtime: Option<Runtime>) -> std::io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(&paths.state_dir)?;
+        // Credentials, pull secrets and Secrets' data live below: the agent's
+        // own, whatever umask it was started with.
+        std::fs::set_permissions(&paths.state_dir, std::fs::Permissions::from_mode(0o700))?;
         let store = StateStore::new(&paths.state_dir);
         let state = store.load();
         Ok(Self {

@@ -211,6 +211,25 @@ fn pushed_pods_start_in_their_slices_and_removed_ones_are_pruned() {
 }
 
 #[test]
+fn the_state_directory_is_the_agents_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let node = Node::new("state-mode");
+    // As found on a node whose directory was made by someone else.
+    std::fs::create_dir_all(node.dir.join("state")).unwrap();
+    std::fs::set_permissions(
+        node.dir.join("state"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let _agent = node.agent();
+    let mode = std::fs::metadata(node.dir.join("state"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
+}
+
+#[test]
 fn a_restarted_agent_adopts_what_runs_and_changes_nothing() {
     let node = Node::new("adopt");
     node.commit(&[("pods/a.yaml", Some(pod("a", "sleep, \"100\"", "")))]);
