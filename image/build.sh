@@ -69,7 +69,7 @@ cp -a "$here/files/root/." "$root/"
 if [ "$variant" = test ]; then
     cp -a "$here/files/test/." "$root/"
 fi
-chroot "$root" systemctl enable berth-agent.service systemd-networkd.service systemd-resolved.service >/dev/null 2>&1
+chroot "$root" systemctl enable berth-agent.service berth-online-sync.service systemd-networkd.service systemd-resolved.service >/dev/null 2>&1
 # No login on the serial console (nothing to log in as; and a getty hanging
 # up the line loses console output).
 chroot "$root" systemctl mask serial-getty@ttyS0.service >/dev/null 2>&1
@@ -85,6 +85,15 @@ chroot "$root" systemctl mask modprobe@drm.service modprobe@fuse.service modprob
 # node without LVM never needs; its boot-time reaper costs seconds under TCG.
 chroot "$root" systemctl mask e2scrub_reap.service e2scrub_all.timer e2scrub_all.service >/dev/null 2>&1
 rm -f "$root/usr/lib/udev/rules.d/96-e2scrub.rules" "$root/etc/cron.d/e2scrub_all"
+# Generators run at every boot, before the first unit starts (each a few
+# hundred milliseconds of emulated CPU under TCG). The node's mounts come
+# from /etc/fstab and it has no logins, SysV scripts, rc.local, sshd,
+# hibernation, offline updates or TPM units: only the fstab generator and
+# the debug one (systemd.debug_shell for someone at the console) stay.
+mkdir -p "$root/etc/systemd/system-generators"
+for gen in getty gpt-auto hibernate-resume rc-local run ssh system-update sysv tpm2; do
+    ln -sf /dev/null "$root/etc/systemd/system-generators/systemd-$gen-generator"
+done
 ln -sf ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
 echo berth > "$root/etc/hostname"
 : > "$root/etc/machine-id"
@@ -116,13 +125,10 @@ hook="$root/etc/initramfs-tools/scripts/local-bottom/berth-var"
 mkdir -p "$(dirname "$hook")"
 sed -e "s/@VAR_PARTUUID@/$var_uuid/" -e "s/@ESP_PARTUUID@/$esp_uuid/" "$here/files/initramfs/berth-var" > "$hook"
 chmod 0755 "$hook"
-# The ESP's filesystem and the codepages vfat mounts with by default; and
-# the modules the agent relies on (bridged pod traffic passes the ip hooks,
-# so a Service reply from a pod on the node's bridge is un-NATed; provisioned
-# volumes are ext4 images on loop devices), loaded here rather than by
-# systemd-modules-load, which would sit before sysinit.target.
-printf 'vfat\nnls_cp437\nnls_ascii\nbr_netfilter\nloop\n' >> "$root/etc/initramfs-tools/modules"
-# Nothing left for systemd-modules-load (Debian's /etc/modules is empty).
+# The ESP's filesystem and the codepages vfat mounts with by default.
+printf 'vfat\nnls_cp437\nnls_ascii\n' >> "$root/etc/initramfs-tools/modules"
+# Nothing for systemd-modules-load (Debian's /etc/modules is empty): the
+# agent's unit loads what it needs, early and in parallel.
 rm -f "$root/etc/modules-load.d/modules.conf"
 chroot "$root" update-initramfs -u -k "$kver" >"$work/update-initramfs.log" 2>&1 \
     || { cat "$work/update-initramfs.log" >&2; echo "build: update-initramfs failed" >&2; exit 1; }

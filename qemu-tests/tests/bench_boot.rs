@@ -2,7 +2,8 @@
 //! starting to the agent being ready. Boots the test image several times
 //! (`BERTH_BENCH_BOOTS`, 3 by default) and prints, per boot and as medians:
 //!
-//! - QEMU start → `berth: agent started` on the console, as the host sees it;
+//! - QEMU start → `berth: agent started` on the console, and → the pushed
+//!   revision accepted, as the host sees it;
 //! - firmware, boot loader, kernel (with the initrd) and userspace, as
 //!   systemd reads them (the firmware and loader from systemd-boot's EFI
 //!   variables);
@@ -17,19 +18,9 @@
 
 use std::time::Duration;
 
-use berth_qemu_tests::{GIT_HOST, GitHost, Vm, VmOptions, test_image};
+use berth_qemu_tests::{GIT_HOST, GitHost, Vm, VmOptions, must, test_image};
 
 const BOOT: Duration = Duration::from_secs(300);
-
-fn must<T>(r: berth_qemu_tests::Result<T>) -> T {
-    r.unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn sh(vm: &Vm, command: &str) -> String {
-    let (rc, out) = must(vm.exec(command, Duration::from_secs(120)));
-    assert_eq!(rc, 0, "{command}: {out}");
-    out
-}
 
 /// `1min 2.345s`, `12.991s`, `850ms` → seconds.
 fn span_secs(text: &str) -> Option<f64> {
@@ -67,10 +58,9 @@ fn phases(analyze: &str) -> Vec<(String, f64)> {
 }
 
 fn monotonic_secs(vm: &Vm, property: &str) -> f64 {
-    let out = sh(
-        vm,
-        &format!("systemctl show -p {property} --value berth-agent.service"),
-    );
+    let out = vm.sh(&format!(
+        "systemctl show -p {property} --value berth-agent.service"
+    ));
     out.trim().parse::<f64>().unwrap() / 1e6
 }
 
@@ -109,7 +99,8 @@ fn bench_boot_to_agent_ready() {
         .unwrap_or(3);
     let image = must(test_image());
     let git = must(GitHost::fresh("bench-boot", "desired.git"));
-    must(git.push(&[("README", "nothing to run\n")], "empty"));
+    let revision = must(git.push(&[("README", "nothing to run\n")], "empty"));
+    let accepted = format!("revision {} accepted", &revision[..12]);
     let mut options = VmOptions::new("bench-boot");
     options.esp_config = Some("node:\n  name: bench\ngit:\n  branch: main\n".into());
     options
@@ -118,22 +109,28 @@ fn bench_boot_to_agent_ready() {
 
     let mut rows: Vec<Vec<(String, f64)>> = Vec::new();
     for boot in 1..=boots {
-        let (vm, ready) = must(Vm::boot_until(
+        let (mut vm, ready) = must(Vm::boot_until(
             &image,
             &git,
             &options,
             "berth: agent started",
             BOOT,
         ));
+        let fetched = must(vm.wait_for(&accepted, BOOT));
         // systemd-analyze answers once the boot is finished.
-        let analyze = sh(
-            &vm,
+        let (rc, analyze) = must(vm.exec(
             "systemctl is-system-running --wait >/dev/null; systemd-analyze time",
-        );
+            Duration::from_secs(300),
+        ));
+        assert_eq!(rc, 0, "systemd-analyze time: {analyze}");
         let mut row = vec![(
             "host: QEMU start → agent ready".to_string(),
             ready.as_secs_f64(),
         )];
+        row.push((
+            "host: QEMU start → revision accepted".to_string(),
+            fetched.as_secs_f64(),
+        ));
         row.extend(phases(&analyze));
         row.push((
             "guest: agent exec'd".into(),
@@ -153,13 +150,12 @@ fn bench_boot_to_agent_ready() {
         if boot == 1 {
             println!(
                 "{}",
-                sh(
-                    &vm,
+                vm.sh(
                     "systemd-analyze critical-chain berth-agent.service --no-pager; systemd-analyze blame --no-pager | head -n 25; journalctl -b -o short-monotonic --no-pager -u berth-agent.service -u dbus.service | head -n 12"
                 )
             );
             println!("the kernel log's longest silences before systemd started:");
-            for (gap, line) in longest_gaps(&sh(&vm, "dmesg"), 15) {
+            for (gap, line) in longest_gaps(&vm.sh("dmesg"), 15) {
                 println!("  {gap:>5.2} s before {line}");
             }
         }
