@@ -287,11 +287,10 @@ impl Vm {
 
     /// Powers the guest off and boots the same disk again, as a node
     /// reboot; the new boot's console goes to `console-<boot>.log`.
-    pub fn reboot(self, git: &GitHost, options: &VmOptions, boot: u32) -> Result<Self> {
+    pub fn reboot(mut self, git: &GitHost, options: &VmOptions, boot: u32) -> Result<Self> {
         let dir = self.dir.clone();
-        let mut this = self;
-        this.keep_disk = true;
-        this.poweroff(Duration::from_secs(120))?;
+        self.keep_disk = true;
+        self.poweroff(Duration::from_secs(120))?;
         Self::launch(dir, git, options, &format!("console-{boot}.log"))
     }
 

@@ -123,14 +123,16 @@ fn bench_boot_to_agent_ready() {
             Duration::from_secs(300),
         ));
         assert_eq!(rc, 0, "systemd-analyze time: {analyze}");
-        let mut row = vec![(
-            "host: QEMU start → agent ready".to_string(),
-            ready.as_secs_f64(),
-        )];
-        row.push((
-            "host: QEMU start → revision accepted".to_string(),
-            fetched.as_secs_f64(),
-        ));
+        let mut row = vec![
+            (
+                "host: QEMU start → agent ready".to_string(),
+                ready.as_secs_f64(),
+            ),
+            (
+                "host: QEMU start → revision accepted".to_string(),
+                fetched.as_secs_f64(),
+            ),
+        ];
         row.extend(phases(&analyze));
         row.push((
             "guest: agent exec'd".into(),
@@ -163,10 +165,10 @@ fn bench_boot_to_agent_ready() {
         must(vm.poweroff(Duration::from_secs(120)));
     }
     println!("medians of {boots} boots:");
-    for (i, (name, _)) in rows[0].iter().enumerate() {
+    for (name, _) in &rows[0] {
         let values: Vec<f64> = rows
             .iter()
-            .filter_map(|r| r.get(i).filter(|(n, _)| n == name).map(|(_, v)| *v))
+            .filter_map(|r| r.iter().find(|(n, _)| n == name).map(|(_, v)| *v))
             .collect();
         println!("  {name:<34} {:>7.2} s", median(values));
     }

@@ -38,9 +38,9 @@ impl Drop for Scratch {
 }
 
 /// A config that speaks plain HTTP to these registries.
-fn plain_http(hosts: &[&str], timeout_secs: u64) -> RegistryConfig {
+fn plain_http(hosts: &[&str], timeout: Duration) -> RegistryConfig {
     let mut config = RegistryConfig {
-        timeout: Duration::from_secs(timeout_secs),
+        timeout,
         ..RegistryConfig::default()
     };
     for h in hosts {
@@ -56,7 +56,7 @@ fn plain_http(hosts: &[&str], timeout_secs: u64) -> RegistryConfig {
 }
 
 fn client_for(hosts: &[&str]) -> Client {
-    Client::new(plain_http(hosts, 3))
+    Client::new(plain_http(hosts, Duration::from_secs(3)))
 }
 
 fn config(cmd: &[&str]) -> serde_json::Value {
@@ -192,7 +192,7 @@ fn a_multi_platform_index_gives_the_nodes_platform() {
     .unwrap();
     reg.push_manifest("multi", "v1", OCI_INDEX, &index).unwrap();
     let store = ImageStore::open(&s.0.join("store")).unwrap();
-    let mut config = plain_http(&[&reg.host()], 3);
+    let mut config = plain_http(&[&reg.host()], Duration::from_secs(3));
     for arch in ["amd64", "arm64"] {
         config.architecture = arch.into();
         let client = Client::new(config.clone());
@@ -546,8 +546,7 @@ fn fault(port: u16, timeout: Duration) -> (PullError, Duration) {
     let s = Scratch::new(&format!("fault{port}"));
     let store = ImageStore::open(&s.0.join("store")).unwrap();
     let host = format!("127.0.0.1:{port}");
-    let mut config = plain_http(&[&host], 1);
-    config.timeout = timeout;
+    let config = plain_http(&[&host], timeout);
     let start = Instant::now();
     let e = pull(&Client::new(config), &store, &format!("{host}/app:1"), &[]).unwrap_err();
     assert!(store.list().is_empty());
@@ -645,7 +644,7 @@ fn mirrors_are_tried_first_and_a_failing_one_falls_back_to_the_registry() {
     ] {
         let store =
             ImageStore::open(&s.0.join(format!("store-{}", mirrors.len()) + expect)).unwrap();
-        let mut config = plain_http(&[&origin.host()], 3);
+        let mut config = plain_http(&[&origin.host()], Duration::from_secs(3));
         if let Some(h) = config.hosts.get_mut(&origin.host()) {
             h.mirrors = mirrors.clone();
         }
@@ -687,7 +686,7 @@ fn the_puller_pulls_once_per_image_and_waits_out_its_back_off() {
     let s = Scratch::new("puller");
     let store = ImageStore::open(&s.0.join("store")).unwrap();
     let host = format!("127.0.0.1:{port}");
-    let config = plain_http(&[&host], 2);
+    let config = plain_http(&[&host], Duration::from_secs(2));
     let (tx, rx) = std::sync::mpsc::channel();
     let puller = Puller::start(
         Client::new(config),
@@ -833,7 +832,7 @@ fn token_auth_logs_in_with_the_pull_secret_and_refuses_without_it() {
     let (port, digest) = token_registry("robot", "t0ken");
     let s = Scratch::new("token");
     let host = format!("127.0.0.1:{port}");
-    let config = plain_http(&[&host], 3);
+    let config = plain_http(&[&host], Duration::from_secs(3));
     let client = Client::new(config);
     let reference = format!("{host}/team/app:1");
     let creds = |pw: &str| {
