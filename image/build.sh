@@ -26,7 +26,7 @@ while [ $# -gt 0 ]; do
 done
 [ "$(id -u)" -eq 0 ] || { echo "build.sh: run as root (the image's files must be owned by root)" >&2; exit 2; }
 [ -x "$berth_bin" ] || { echo "build.sh: $berth_bin is not built (cargo build --release --locked)" >&2; exit 2; }
-for tool in mmdebstrap mkfs.ext4 mkfs.vfat mcopy mmd sfdisk zstd; do
+for tool in mmdebstrap mkfs.ext4 mkfs.vfat mcopy mmd sfdisk zstd cpio; do
     command -v "$tool" >/dev/null || { echo "build.sh: $tool is missing (scripts/deps.sh --image)" >&2; exit 2; }
 done
 
@@ -77,10 +77,15 @@ chroot "$root" systemctl mask serial-getty@ttyS0.service >/dev/null 2>&1
 # updated" jobs (ConditionNeedsUpdate) would run, uselessly, on every boot.
 chroot "$root" systemctl mask systemd-journal-catalog-update.service systemd-update-done.service \
     ldconfig.service systemd-hwdb-update.service >/dev/null 2>&1
-# Kernel modules and API filesystems an appliance node does not use: each
-# costs a unit start at boot.
+# Kernel modules, API filesystems and boot services an appliance node does
+# not use (no device mapper, configfs, static device nodes for modules it
+# does not load, udev rules or network config from credentials or the kernel
+# command line): each costs a unit start at boot, while the agent starts.
 chroot "$root" systemctl mask modprobe@drm.service modprobe@fuse.service modprobe@efi_pstore.service \
+    modprobe@dm_mod.service modprobe@configfs.service sys-kernel-config.mount kmod-static-nodes.service \
+    systemd-udev-load-credentials.service systemd-network-generator.service \
     sys-kernel-debug.mount sys-kernel-tracing.mount sys-fs-fuse-connections.mount dev-hugepages.mount >/dev/null 2>&1
+chroot "$root" systemctl set-default multi-user.target >/dev/null 2>&1
 # e2fsprogs (for provisioned volumes) brings LVM snapshot scrubbing, which a
 # node without LVM never needs; its boot-time reaper costs seconds under TCG.
 chroot "$root" systemctl mask e2scrub_reap.service e2scrub_all.timer e2scrub_all.service >/dev/null 2>&1
@@ -112,26 +117,23 @@ esp_uuid=$(cat /proc/sys/kernel/random/uuid)
 root_a_uuid=$(cat /proc/sys/kernel/random/uuid)
 root_b_uuid=$(cat /proc/sys/kernel/random/uuid)
 var_uuid=$(cat /proc/sys/kernel/random/uuid)
+# No fsck pass from systemd: the root is read-only (never written at run
+# time), the initrd checks /var with e2fsck -p before it mounts it, and the
+# ESP is mounted read-only.
 cat > "$root/etc/fstab" <<FSTAB
-PARTUUID=$root_a_uuid /     ext4 ro,noatime 0 1
-PARTUUID=$var_uuid    /var  ext4 rw,noatime,x-systemd.growfs 0 2
-PARTUUID=$esp_uuid    /efi  vfat ro,nofail,umask=0077 0 2
+PARTUUID=$root_a_uuid /     ext4 ro,noatime 0 0
+PARTUUID=$var_uuid    /var  ext4 rw,noatime,x-systemd.growfs 0 0
+PARTUUID=$esp_uuid    /efi  vfat ro,nofail,umask=0077 0 0
 FSTAB
 mkdir -p "$root/efi"
 
-# Mount /var from the initrd (see files/initramfs/berth-var), then rebuild
-# the initrd with it and the fstab above.
-hook="$root/etc/initramfs-tools/scripts/local-bottom/berth-var"
-mkdir -p "$(dirname "$hook")"
-sed -e "s/@VAR_PARTUUID@/$var_uuid/" -e "s/@ESP_PARTUUID@/$esp_uuid/" "$here/files/initramfs/berth-var" > "$hook"
-chmod 0755 "$hook"
-# The ESP's filesystem and the codepages vfat mounts with by default.
-printf 'vfat\nnls_cp437\nnls_ascii\n' >> "$root/etc/initramfs-tools/modules"
 # Nothing for systemd-modules-load (Debian's /etc/modules is empty): the
 # agent's unit loads what it needs, early and in parallel.
 rm -f "$root/etc/modules-load.d/modules.conf"
-chroot "$root" update-initramfs -u -k "$kver" >"$work/update-initramfs.log" 2>&1 \
-    || { cat "$work/update-initramfs.log" >&2; echo "build: update-initramfs failed" >&2; exit 1; }
+# Berth's own initrd (image/initrd/): it mounts the root, /var and the ESP
+# without udev. The kernel package's initramfs-tools image is not used.
+"$here/initrd/build.sh" "$root" "$kver" "$work/initrd.img"
+rm -f "$root/boot/initrd.img-$kver"
 
 # /var lives on the data partition; the root keeps an empty mount point.
 cp -a "$root/var/." "$work/var/"
@@ -147,7 +149,7 @@ mkdir -p "$esp/EFI/BOOT" "$esp/EFI/systemd" "$esp/loader/entries" "$esp/berth/a"
 cp "$root/usr/lib/systemd/boot/efi/systemd-bootx64.efi" "$esp/EFI/BOOT/BOOTX64.EFI"
 cp "$root/usr/lib/systemd/boot/efi/systemd-bootx64.efi" "$esp/EFI/systemd/systemd-bootx64.efi"
 cp "$root/boot/vmlinuz-$kver" "$esp/berth/a/vmlinuz"
-cp "$root/boot/initrd.img-$kver" "$esp/berth/a/initrd.img"
+cp "$work/initrd.img" "$esp/berth/a/initrd.img"
 printf 'default berth-a.conf\ntimeout 0\nconsole-mode keep\n' > "$esp/loader/loader.conf"
 cat > "$esp/loader/entries/berth-a.conf" <<ENTRY
 title   Berth $version (slot A)

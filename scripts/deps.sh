@@ -15,7 +15,7 @@ need_root() {
 # busybox-static for the images the tests build and push.
 packages=(build-essential pkg-config python3 git openssh-client nftables ca-certificates libssl-dev zlib1g-dev binutils
     docker-registry apache2-utils busybox-static
-    mmdebstrap e2fsprogs dosfstools mtools fdisk zstd qemu-system-x86 qemu-utils ovmf)
+    mmdebstrap e2fsprogs dosfstools mtools fdisk zstd cpio qemu-system-x86 qemu-utils ovmf)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
