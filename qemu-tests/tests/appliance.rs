@@ -123,6 +123,27 @@ fn fetch_scenario() {
         Duration::from_secs(30),
     ));
     assert_eq!((rc, out.trim()), (0, "active"));
+    // Berth's initrd mounted the root read-only and /var and the ESP as the
+    // root's fstab says; the agent's start loaded the modules it relies on;
+    // nothing the image masks or reorders left a unit failed.
+    let (rc, out) = must(vm.exec(
+        "findmnt -n -o OPTIONS / | cut -d, -f1; findmnt -n -o OPTIONS /var | cut -d, -f1; findmnt -n -o OPTIONS /efi | cut -d, -f1",
+        Duration::from_secs(30),
+    ));
+    assert_eq!(
+        (rc, out.split_whitespace().collect::<Vec<_>>()),
+        (0, vec!["ro", "rw", "ro"])
+    );
+    let (rc, out) = must(vm.exec(
+        "test -e /proc/sys/net/bridge/bridge-nf-call-iptables && test -e /dev/loop-control",
+        Duration::from_secs(30),
+    ));
+    assert_eq!(rc, 0, "br_netfilter or loop is not loaded: {out}");
+    let (_, out) = must(vm.exec(
+        "systemctl is-system-running --wait; systemctl --failed --no-legend --plain",
+        Duration::from_secs(120),
+    ));
+    assert_eq!(out.trim(), "running", "the boot left units failed");
     must(vm.poweroff(Duration::from_secs(120)));
 }
 

@@ -1,6 +1,8 @@
 //! Benchmark, not a check: where the appliance's boot time goes, from QEMU
-//! starting to the agent being ready. Boots the test image several times
-//! (`BERTH_BENCH_BOOTS`, 3 by default) and prints, per boot and as medians:
+//! starting to the agent being ready. Boots the test image on a fresh
+//! machine several times (`BERTH_BENCH_BOOTS`, 3 by default), each time
+//! followed by a reboot of the same machine (firmware variables and disk
+//! kept), and prints, per boot and as medians of each kind:
 //!
 //! - QEMU start → `berth: agent started` on the console, and → the pushed
 //!   revision accepted, as the host sees it;
@@ -112,8 +114,9 @@ fn bench_boot_to_agent_ready() {
         .credentials
         .push(("berth.repo".into(), format!("git://{GIT_HOST}/desired.git")));
 
-    let mut rows: Vec<Vec<(String, f64)>> = Vec::new();
-    for boot in 1..=boots {
+    let mut firsts: Vec<Vec<(String, f64)>> = Vec::new();
+    let mut reboots: Vec<Vec<(String, f64)>> = Vec::new();
+    for round in 1..=boots {
         let (mut vm, ready) = must(Vm::boot_until(
             &image,
             &git,
@@ -122,39 +125,12 @@ fn bench_boot_to_agent_ready() {
             BOOT,
         ));
         let fetched = must(vm.wait_for(&accepted, BOOT));
-        // systemd-analyze answers once the boot is finished.
-        let (rc, analyze) = must(vm.exec(
-            "systemctl is-system-running --wait >/dev/null; systemd-analyze time",
-            Duration::from_secs(300),
-        ));
-        assert_eq!(rc, 0, "systemd-analyze time: {analyze}");
-        let mut row = vec![
-            (
-                "host: QEMU start → agent ready".to_string(),
-                ready.as_secs_f64(),
-            ),
-            (
-                "host: QEMU start → revision accepted".to_string(),
-                fetched.as_secs_f64(),
-            ),
-        ];
-        row.extend(phases(&analyze));
-        row.push((
-            "guest: agent exec'd".into(),
-            monotonic_secs(&vm, "ExecMainStartTimestampMonotonic"),
-        ));
-        let ready_at = monotonic_secs(&vm, "ActiveEnterTimestampMonotonic");
-        row.push(("guest: agent ready".into(), ready_at));
-        // The kernel figure ends where userspace begins, on the same clock.
-        if let Some((_, kernel)) = row.iter().find(|(n, _)| n == "kernel") {
-            let after = ready_at - kernel;
-            row.push(("guest: userspace start → agent ready".into(), after));
-        }
-        println!("boot {boot}:");
-        for (name, secs) in &row {
-            println!("  {name:<34} {secs:>7.2} s");
-        }
-        if boot == 1 {
+        let row = measure(&vm, ready, Some(fetched));
+        print_row(
+            &format!("round {round}, first boot (empty firmware variables)"),
+            &row,
+        );
+        if round == 1 {
             let show = std::env::var("BERTH_BENCH_BOOT_SHOW").unwrap_or_else(|_| DETAILS.into());
             println!("{}", vm.sh(&show));
             println!("the kernel log's longest silences before systemd started:");
@@ -162,16 +138,70 @@ fn bench_boot_to_agent_ready() {
                 println!("  {gap:>5.2} s before {line}");
             }
         }
-        rows.push(row);
+        firsts.push(row);
+        // The same machine again: the firmware has its boot entries, the
+        // data partition has grown, the agent has its state (a node's
+        // every later boot, an update's reboot).
+        let mut vm = must(vm.reboot(&git, &options, 2));
+        let ready = must(vm.wait_for("berth: agent started", BOOT));
+        let row = measure(&vm, ready, None);
+        print_row(&format!("round {round}, reboot"), &row);
+        reboots.push(row);
         must(vm.poweroff(Duration::from_secs(120)));
     }
-    println!("medians of {boots} boots:");
+    print_medians(&format!("medians of {boots} first boots"), &firsts);
+    print_medians(&format!("medians of {boots} reboots"), &reboots);
+}
+
+/// The figures of one boot that has reached "agent started": the host's
+/// times, systemd's phases and the agent unit's timestamps.
+fn measure(vm: &Vm, ready: Duration, fetched: Option<Duration>) -> Vec<(String, f64)> {
+    // systemd-analyze answers once the boot is finished.
+    let (rc, analyze) = must(vm.exec(
+        "systemctl is-system-running --wait >/dev/null; systemd-analyze time",
+        Duration::from_secs(300),
+    ));
+    assert_eq!(rc, 0, "systemd-analyze time: {analyze}");
+    let mut row = vec![(
+        "host: QEMU start → agent ready".to_string(),
+        ready.as_secs_f64(),
+    )];
+    if let Some(fetched) = fetched {
+        row.push((
+            "host: QEMU start → revision accepted".to_string(),
+            fetched.as_secs_f64(),
+        ));
+    }
+    row.extend(phases(&analyze));
+    row.push((
+        "guest: agent exec'd".into(),
+        monotonic_secs(vm, "ExecMainStartTimestampMonotonic"),
+    ));
+    let ready_at = monotonic_secs(vm, "ActiveEnterTimestampMonotonic");
+    row.push(("guest: agent ready".into(), ready_at));
+    // The kernel figure ends where userspace begins, on the same clock.
+    if let Some((_, kernel)) = row.iter().find(|(n, _)| n == "kernel") {
+        let after = ready_at - kernel;
+        row.push(("guest: userspace start → agent ready".into(), after));
+    }
+    row
+}
+
+fn print_row(title: &str, row: &[(String, f64)]) {
+    println!("{title}:");
+    for (name, secs) in row {
+        println!("  {name:<38} {secs:>7.2} s");
+    }
+}
+
+fn print_medians(title: &str, rows: &[Vec<(String, f64)>]) {
+    println!("{title}:");
     for (name, _) in &rows[0] {
         let values: Vec<f64> = rows
             .iter()
             .filter_map(|r| r.iter().find(|(n, _)| n == name).map(|(_, v)| *v))
             .collect();
-        println!("  {name:<34} {:>7.2} s", median(values));
+        println!("  {name:<38} {:>7.2} s", median(values));
     }
 }
 
