@@ -294,6 +294,39 @@ impl Vm {
         Self::launch(dir, git, options, &format!("console-{boot}.log"))
     }
 
+    /// Reboots (as [`Vm::reboot`]) and waits for `needle`. A kernel panic
+    /// before it, QEMU's TCG bug as in [`Vm::boot_until`], powers the same
+    /// disk on again (as a node that crashed while booting would be), up to
+    /// [`TCG_ATTEMPTS`] boots in all; the panicked boots' consoles stay as
+    /// `console-<boot>.log`, `console-<boot>-2.log`, ...
+    pub fn reboot_until(
+        self,
+        git: &GitHost,
+        options: &VmOptions,
+        boot: u32,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<(Self, Duration)> {
+        let mut vm = self.reboot(git, options, boot)?;
+        let mut attempt = 1;
+        loop {
+            match vm.wait_for(needle, timeout) {
+                Ok(t) => return Ok((vm, t)),
+                Err(e) if attempt < TCG_ATTEMPTS && vm.console_text().contains(TCG_FLAKE) => {
+                    eprintln!(
+                        "qemu-tests: the guest kernel hit QEMU's TCG bug ({TCG_FLAKE:?}) while rebooting: {e}; powering it on again"
+                    );
+                    attempt += 1;
+                    let dir = vm.dir.clone();
+                    vm.keep_disk = true;
+                    drop(vm);
+                    vm = Self::launch(dir, git, options, &format!("console-{boot}-{attempt}.log"))?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     fn launch(dir: PathBuf, git: &GitHost, options: &VmOptions, console: &str) -> Result<Self> {
         let disk = dir.join("disk.img");
         let vars = dir.join("OVMF_VARS.fd");

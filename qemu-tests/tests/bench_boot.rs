@@ -145,8 +145,8 @@ fn bench_boot_to_agent_ready() {
             // The same machine again: the firmware has its boot entries, the
             // data partition has grown, the agent has its state (a node's
             // every later boot, an update's reboot).
-            let mut vm = must(vm.reboot(&git, &options, 2));
-            let ready = must(vm.wait_for("berth: agent started", BOOT));
+            let (vm, ready) =
+                must(vm.reboot_until(&git, &options, 2, "berth: agent started", BOOT));
             let again = measure(&vm, ready, None);
             print_row(&format!("round {round}, reboot"), &again);
             must(vm.poweroff(Duration::from_secs(120)));

@@ -284,8 +284,7 @@ fn scenario() {
 
     // A reboot: the namespaces are gone with /run; the pods come back with
     // the same addresses.
-    let mut vm = must(vm.reboot(&git, &options, 2));
-    must(vm.wait_for("berth: agent started", BOOT));
+    let (vm, _) = must(vm.reboot_until(&git, &options, 2, "berth: agent started", BOOT));
     let pods = vm.pods_until("pods back after reboot", SETTLE, running_with_ips);
     assert_eq!(ips(&pods), before, "addresses kept across the reboot");
     let (rc, body) = get_from_client(&vm, &format!("http://{echo0}:8080/"));

@@ -394,8 +394,7 @@ fn scenario() {
     );
 
     // A reboot: transient units are gone; the agent recreates each once.
-    let mut vm = must(vm.reboot(&git, &options, 2));
-    must(vm.wait_for("berth: agent started", BOOT));
+    let (vm, _) = must(vm.reboot_until(&git, &options, 2, "berth: agent started", BOOT));
     pods_until(&vm, "pods back after reboot", SETTLE, |p| {
         ["gold", "silver"]
             .iter()

@@ -329,8 +329,7 @@ fn scenario() {
 
     // A reboot: loop devices and mounts are gone with the old kernel; the
     // claims come back with their data.
-    let mut vm = must(vm.reboot(&git, &options, 2));
-    must(vm.wait_for("berth: agent started", BOOT));
+    let (vm, _) = must(vm.reboot_until(&git, &options, 2, "berth: agent started", BOOT));
     running(&vm, &["writer", "filler"]);
     let (_, after) = in_writer(&vm, "/bin/cat /data/born");
     assert_eq!(after.trim(), born.trim(), "same data after the reboot");
