@@ -10,12 +10,13 @@ need_root() {
 # Build: a C toolchain and OpenSSL headers for libgit2 (https, ssh);
 # ssh-keygen signs commits in the signature tests; nftables (the `nft` tool)
 # programs Services, in the privileged tests as on the node.
-# Image and QEMU tier: mmdebstrap, filesystem tools, QEMU and OVMF.
+# Image and QEMU tier: mmdebstrap, filesystem tools, xz and cpio (the initrd),
+# QEMU and OVMF.
 # Registry tests: Debian's docker-registry, htpasswd for its login, and
 # busybox-static for the images the tests build and push.
 packages=(build-essential pkg-config python3 git openssh-client nftables ca-certificates libssl-dev zlib1g-dev binutils
     docker-registry apache2-utils busybox-static
-    mmdebstrap e2fsprogs dosfstools mtools fdisk zstd cpio qemu-system-x86 qemu-utils ovmf)
+    mmdebstrap e2fsprogs dosfstools mtools fdisk zstd xz-utils cpio qemu-system-x86 qemu-utils ovmf)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
