@@ -128,7 +128,7 @@ FSTAB
 mkdir -p "$root/efi"
 
 # Nothing for systemd-modules-load (Debian's /etc/modules is empty): the
-# agent's unit loads what it needs, early and in parallel.
+# initrd loads the modules the agent relies on (usr/lib/berth/boot-modules).
 rm -f "$root/etc/modules-load.d/modules.conf"
 # Berth's own initrd (image/initrd/): it mounts the root, /var and the ESP
 # without udev. The kernel package's initramfs-tools image is not used.

@@ -652,23 +652,16 @@ pub const TCG_ATTEMPTS: u32 = 3;
 pub fn retry_on_tcg_flake(name: &str, scenario: impl Fn()) {
     let dir = repo_root().join("target/qemu-tests").join(name);
     let mut saved: Vec<(String, Vec<u8>)> = Vec::new();
-    for attempt in 1..=TCG_ATTEMPTS {
+    let mut attempt = 1;
+    let outcome = loop {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&scenario));
-        let Err(panic) = outcome else {
-            for (file, body) in &saved {
-                let _ = std::fs::write(dir.join(file), body);
-            }
-            return;
-        };
-        let flaked = attempt < TCG_ATTEMPTS
+        let flaked = outcome.is_err()
+            && attempt < TCG_ATTEMPTS
             && consoles_of(&dir).iter().any(|p| {
                 std::fs::read(p).is_ok_and(|b| String::from_utf8_lossy(&b).contains(TCG_FLAKE))
             });
         if !flaked {
-            for (file, body) in &saved {
-                let _ = std::fs::write(dir.join(file), body);
-            }
-            std::panic::resume_unwind(panic);
+            break outcome;
         }
         for path in consoles_of(&dir) {
             if let (Some(file), Ok(body)) = (path.file_name(), std::fs::read(&path)) {
@@ -678,6 +671,13 @@ pub fn retry_on_tcg_flake(name: &str, scenario: impl Fn()) {
         eprintln!(
             "qemu-tests: {name}: the guest kernel hit QEMU's multi-threaded TCG bug ({TCG_FLAKE:?}); running the scenario again"
         );
+        attempt += 1;
+    };
+    for (file, body) in &saved {
+        let _ = std::fs::write(dir.join(file), body);
+    }
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
     }
 }
 
