@@ -8,18 +8,15 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
-use berth_plan::{ContainerUnit, DesiredPod, PullPolicy, Verb};
+use berth_plan::{ContainerUnit, DesiredPod, ImageFact, NodePlan, PullFact, PullPolicy, Verb};
 use berth_registry::{
     Client, Credential, HostConfig, PullPhase, PullStatus, Puller, RegistryConfig,
 };
-use berth_runtime::FailureReason;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ImageSettings;
 use crate::{Log, Runtime, Wake, now_secs};
 
-/// A failed pull shows `ErrImagePull` this long, then `ImagePullBackOff`.
-const ERR_PULL_SHOWN_SECS: u64 = 10;
 /// Collection by age runs this often; by pressure, whenever the disk is full.
 const AGE_COLLECT_EVERY: Duration = Duration::from_secs(600);
 
@@ -103,54 +100,84 @@ impl Images {
         }
     }
 
-    /// For every container the plan starts, makes sure its image is here
-    /// by its pull policy. Returns the pods that must wait, by pod key, with
-    /// the reason and message their status shows.
-    pub fn ensure(
+    /// How the image of every desired container stands: whether its name
+    /// is a reference, whether it is here, the latest pull of it, and for
+    /// `Always` the pull asked for its pending start. Facts for the planner,
+    /// which decides what waits and what is pulled.
+    pub fn facts(
         &mut self,
         settings: &ImageSettings,
         rt: &Runtime,
         pods: &[DesiredPod],
-        starting: &BTreeSet<String>,
-        log: &Log,
-    ) -> BTreeMap<FailureReason, BTreeMap<String, String>> {
-        let now = now_secs();
-        let mut waits: BTreeMap<FailureReason, BTreeMap<String, String>> = BTreeMap::new();
+    ) -> BTreeMap<String, ImageFact> {
         let puller = self.puller(settings, rt);
-        let mut wanted: HashSet<String> = HashSet::new();
-        for pod in pods {
-            let units: Vec<&ContainerUnit> = pod
-                .units()
-                .filter(|u| starting.contains(u.name.as_str()))
-                .collect();
-            if units.is_empty() {
+        let mut out = BTreeMap::new();
+        for unit in pods.iter().flat_map(DesiredPod::units) {
+            if out.contains_key(&unit.image) {
                 continue;
             }
-            let creds = credentials(pod, log);
-            for unit in units {
-                let reference = match berth_registry::Reference::parse(&unit.image) {
-                    Ok(r) => r.to_string(),
-                    Err(e) => {
-                        waits
-                            .entry(FailureReason::InvalidImageName)
-                            .or_default()
-                            .insert(pod.id.key(), e.to_string());
-                        continue;
+            let fact = match berth_registry::Reference::parse(&unit.image) {
+                Err(e) => ImageFact {
+                    invalid: Some(e.to_string()),
+                    ..ImageFact::default()
+                },
+                Ok(r) => {
+                    let reference = r.to_string();
+                    ImageFact {
+                        present: rt.images.rootfs(&reference).is_some(),
+                        pull: puller.status(&reference).map(pull_fact),
+                        fresh_pull: self.fresh.get(&reference).copied(),
+                        reference: Some(reference),
+                        invalid: None,
                     }
-                };
-                wanted.insert(reference.clone());
-                if let Some((reason, message)) =
-                    self.decide(&puller, rt, unit, &reference, &creds, now)
-                {
-                    waits
-                        .entry(reason)
-                        .or_default()
-                        .entry(pod.id.key())
-                        .or_insert(message);
                 }
+            };
+            out.insert(unit.image.clone(), fact);
+        }
+        out
+    }
+
+    /// Carries out the plan's pulls (each a request the puller keeps to
+    /// one download per image), and forgets the fresh pulls of `Always`
+    /// containers no longer about to start.
+    pub fn pull(&mut self, settings: &ImageSettings, rt: &Runtime, plan: &NodePlan, log: &Log) {
+        let puller = self.puller(settings, rt);
+        let units: BTreeMap<&str, (&DesiredPod, &ContainerUnit)> = plan
+            .pods
+            .iter()
+            .flat_map(|p| p.units().map(move |u| (u.name.as_str(), (p, u))))
+            .collect();
+        for action in plan.plan.actions.iter().filter(|a| a.verb == Verb::Pull) {
+            let (Some(reference), Some((pod, unit))) =
+                (&action.image, units.get(action.unit.as_str()))
+            else {
+                continue;
+            };
+            let status = puller.request(reference, credentials(pod, log), true);
+            if unit.pull_policy == PullPolicy::Always {
+                self.fresh.insert(reference.clone(), status.seq);
+            }
+        }
+        // The references of containers starting, or waiting to: a fresh
+        // pull counts for their start only.
+        let mut wanted: HashSet<String> = HashSet::new();
+        let starting = plan
+            .plan
+            .actions
+            .iter()
+            .filter(|a| matches!(a.verb, Verb::Start | Verb::Restart | Verb::Pull))
+            .map(|a| &a.unit)
+            .chain(plan.plan.held.iter().flat_map(|h| &h.units));
+        for unit in starting {
+            if let Some(r) = units
+                .get(unit.as_str())
+                .and_then(|(_, u)| berth_registry::Reference::parse(&u.image).ok())
+            {
+                wanted.insert(r.to_string());
             }
         }
         self.fresh.retain(|r, _| wanted.contains(r));
+        let now = now_secs();
         for (reference, status) in puller.all() {
             let key = (status.phase, status.seq);
             if self.logged.get(&reference) == Some(&key) {
@@ -174,84 +201,6 @@ impl Images {
                 )),
             }
         }
-        waits
-    }
-
-    fn decide(
-        &mut self,
-        puller: &Puller,
-        rt: &Runtime,
-        unit: &ContainerUnit,
-        reference: &str,
-        creds: &[Credential],
-        now: u64,
-    ) -> Option<(FailureReason, String)> {
-        let present = rt.images.rootfs(reference).is_some();
-        let status = match unit.pull_policy {
-            PullPolicy::Never if present => return None,
-            PullPolicy::Never => {
-                return Some((
-                    FailureReason::ErrImageNeverPull,
-                    format!("image {reference:?} is not present with pull policy of Never"),
-                ));
-            }
-            PullPolicy::IfNotPresent if present => return None,
-            PullPolicy::IfNotPresent => puller.request(reference, creds.to_vec(), true),
-            PullPolicy::Always => {
-                let asked = self.fresh.get(reference).copied();
-                let current = puller.status(reference);
-                match (asked, current) {
-                    (Some(seq), Some(s))
-                        if s.seq >= seq && s.phase == PullPhase::Done && present =>
-                    {
-                        return None;
-                    }
-                    (Some(seq), Some(s)) if s.seq >= seq && s.phase != PullPhase::Failed => s,
-                    _ => {
-                        let s = puller.request(reference, creds.to_vec(), true);
-                        self.fresh.insert(reference.to_string(), s.seq);
-                        s
-                    }
-                }
-            }
-        };
-        Some(match status.phase {
-            PullPhase::Queued => (
-                FailureReason::ContainerCreating,
-                format!("waiting to pull image {reference:?}"),
-            ),
-            PullPhase::Pulling => (
-                FailureReason::ContainerCreating,
-                format!(
-                    "pulling image {reference:?}: {} of {}",
-                    megabytes(status.bytes_done),
-                    megabytes(status.bytes_total)
-                ),
-            ),
-            // Done but not here: removed meanwhile; the next pass asks again.
-            PullPhase::Done => (
-                FailureReason::ContainerCreating,
-                format!("image {reference:?} was pulled; starting"),
-            ),
-            PullPhase::Failed => {
-                let error = status.error.unwrap_or_default();
-                let hint = if status.auth_error {
-                    " (check the pod's imagePullSecrets)"
-                } else {
-                    ""
-                };
-                if now.saturating_sub(status.finished_at.unwrap_or(0)) < ERR_PULL_SHOWN_SECS {
-                    (FailureReason::ErrImagePull, format!("{error}{hint}"))
-                } else {
-                    // No countdown here: the pod's status would change every
-                    // pass. `berth status` and `berth images` show it.
-                    (
-                        FailureReason::ImagePullBackOff,
-                        format!("Back-off pulling image {reference:?}: {error}{hint}"),
-                    )
-                }
-            }
-        })
     }
 
     /// What status shows: pulls not yet done well.
@@ -360,14 +309,23 @@ pub fn pressure(total: u64, free: u64, settings: &ImageSettings) -> (u64, u64) {
     (used_pct, (total - free).saturating_sub(target_used).max(1))
 }
 
-/// The containers the plan starts (or restarts).
-pub fn starting(plan: &berth_plan::NodePlan) -> BTreeSet<String> {
-    plan.plan
-        .actions
-        .iter()
-        .filter(|a| matches!(a.verb, Verb::Start | Verb::Restart))
-        .map(|a| a.unit.to_string())
-        .collect()
+/// The puller's word for a pull, in the planner's terms.
+fn pull_fact(status: PullStatus) -> PullFact {
+    PullFact {
+        phase: match status.phase {
+            PullPhase::Queued => berth_plan::PullPhase::Queued,
+            PullPhase::Pulling => berth_plan::PullPhase::Pulling,
+            PullPhase::Done => berth_plan::PullPhase::Done,
+            PullPhase::Failed => berth_plan::PullPhase::Failed,
+        },
+        seq: status.seq,
+        bytes_done: status.bytes_done,
+        bytes_total: status.bytes_total,
+        finished_at: status.finished_at,
+        retry_at: status.retry_at,
+        error: status.error,
+        auth_error: status.auth_error,
+    }
 }
 
 fn credentials(pod: &DesiredPod, log: &Log) -> Vec<Credential> {
@@ -384,9 +342,7 @@ fn credentials(pod: &DesiredPod, log: &Log) -> Vec<Credential> {
     out
 }
 
-fn megabytes(bytes: u64) -> String {
-    format!("{:.1} MB", bytes as f64 / 1e6)
-}
+use berth_plan::waits::megabytes;
 
 #[cfg(test)]
 mod tests {

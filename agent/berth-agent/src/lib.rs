@@ -10,27 +10,33 @@
 pub mod config;
 pub mod drift;
 pub mod images;
+mod intake;
+mod limits;
 pub mod network;
 pub mod notify;
 pub mod publisher;
+mod reconcile;
 pub mod report;
 pub mod state;
 pub mod storage;
+mod wake;
 
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use berth_git::{Mirror, Revision};
-use berth_plan::{ActualState, ImageCatalog, NodeInfo};
+use berth_plan::{ImageCatalog, NodeInfo};
+use berth_runtime::Systemd;
 use berth_runtime::images::ImageStore;
 use berth_runtime::rootfs::{ContainerRoots, UserRecords};
-use berth_runtime::{Host, Systemd, apply, observe};
 
 use crate::config::{ConfigSources, NodeConfig};
+use crate::limits::CgroupLimits;
 use crate::notify::Notifier;
 use crate::publisher::{DriftCommit, Outgoing, Publisher};
-use crate::state::{AgentState, NotAdmittedRecord, RevisionRecord, StateStore};
+use crate::state::{AgentState, StateStore};
+use crate::wake::{jitter, wait_for_wake};
 
 /// Everything on the host the agent reads or writes.
 #[derive(Debug, Clone)]
@@ -157,58 +163,24 @@ pub struct Agent {
     images: images::Images,
 }
 
-/// Resource-control files of Berth's cgroups, by cgroup path.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-struct CgroupLimits(std::collections::BTreeMap<String, Vec<String>>);
-
-/// What `SetUnitProperties` can change on a running unit shows up here.
-const LIMIT_FILES: [&str; 6] = [
-    "memory.max",
-    "memory.low",
-    "memory.high",
-    "cpu.max",
-    "cpu.weight",
-    "pids.max",
-];
-
-impl CgroupLimits {
-    fn read<'a>(root: &std::path::Path, groups: impl Iterator<Item = &'a str>) -> Self {
-        let mut out = std::collections::BTreeMap::new();
-        for group in groups.filter(|g| !g.is_empty()) {
-            let dir = root.join(group.trim_start_matches('/'));
-            let values = LIMIT_FILES
-                .iter()
-                .map(|f| std::fs::read_to_string(dir.join(f)).unwrap_or_default())
-                .collect();
-            out.insert(group.to_string(), values);
-        }
-        Self(out)
-    }
-
-    fn reread(&self, root: &std::path::Path) -> Self {
-        Self::read(root, self.0.keys().map(String::as_str))
-    }
-}
-
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// The first retry comes quickly (the network may still be coming up at
 /// boot); later ones back off to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-const MAX_LOGGED_ACTIONS: usize = 20;
+pub(crate) const MAX_LOGGED_ACTIONS: usize = 20;
 /// Each fetch that brings something adds a pack to the mirror; beyond this
 /// many they are repacked into one.
 const MAX_PACKS: usize = 16;
 /// How often units are observed and healed when nothing signalled a change,
 /// like the kubelet's periodic sync.
 const RESYNC: Duration = Duration::from_secs(60);
-/// Unit changes come in bursts (a stop, a restart job, a start); one
-/// reconcile after the burst is enough.
-const UNIT_CHANGE_DEBOUNCE: Duration = Duration::from_secs(1);
 
 /// The revision a pass works on, loaded.
 struct Loaded {
     revision: String,
     catalog: berth_manifest::Catalog,
+    /// Who signed it, when the node requires signatures.
+    signer: Option<String>,
 }
 
 impl Agent {
@@ -374,13 +346,13 @@ impl Agent {
     fn pass_with(&mut self, config: &NodeConfig, mirror: &Mirror, fetch: bool) -> PassOutcome {
         let mut fetch_error = None;
         let mut outcome = None;
-        // A revision accepted in this pass, already loaded: reconciled below
-        // without reading and parsing it a second time.
-        let mut accepted = None;
+        // A new revision, verified and loaded: planned in this pass, and
+        // accepted or rejected by that plan.
+        let mut candidate = None;
         if fetch {
             match mirror.fetch(&config.remote, config.credentials.as_ref()) {
                 Ok(revision) => {
-                    (outcome, accepted) = self.consider(config, mirror, revision);
+                    (outcome, candidate) = self.intake(config, mirror, revision);
                 }
                 Err(e) => {
                     let keeping = self
@@ -402,7 +374,8 @@ impl Agent {
         // `systemctl set-property` does, which PID 1 does not signal), the
         // last pass left failures to retry, or the resync interval came
         // round (which catches whatever else systemd does not signal).
-        let due = !fetch
+        let due = candidate.is_some()
+            || !fetch
             || good != self.reconciled.as_ref().map(|(r, _)| r.clone())
             || !self.state.failures.is_empty()
             || self
@@ -414,22 +387,8 @@ impl Agent {
                 .network
                 .as_mut()
                 .is_some_and(network::PodNetwork::table_drifted);
-        let reconciled = match good.filter(|_| due) {
-            Some(rev) => match accepted
-                .filter(|l: &Loaded| l.revision == rev)
-                .map_or_else(|| self.load(config, mirror, &rev), Ok)
-            {
-                Ok(loaded) => {
-                    let result = self.reconcile(config, &loaded);
-                    if result.is_ok() {
-                        self.reconciled = Some((rev, Instant::now()));
-                    }
-                    Some(result)
-                }
-                Err(e) => Some(Err(e)),
-            },
-            None => None,
-        };
+        let reconciled = (due && (candidate.is_some() || good.is_some()))
+            .then(|| self.reconcile(config, mirror, candidate, &mut outcome));
         if let Some(Err(e)) = &reconciled {
             self.log.error(e);
         }
@@ -452,148 +411,7 @@ impl Agent {
         })
     }
 
-    /// A fetched revision: validated once; a good one becomes the one to
-    /// run (and is returned loaded, for this pass to reconcile), a bad one
-    /// waits for a new commit.
-    fn consider(
-        &mut self,
-        config: &NodeConfig,
-        mirror: &Mirror,
-        revision: Revision,
-    ) -> (Option<PassOutcome>, Option<Loaded>) {
-        let rev = revision.to_string();
-        let already_good = self
-            .state
-            .last_good
-            .as_ref()
-            .is_some_and(|g| g.revision == rev);
-        let already_rejected = !already_good
-            && self
-                .state
-                .last_attempted
-                .as_ref()
-                .is_some_and(|a| a.revision == rev)
-            && !self.state.errors.is_empty();
-        if already_good {
-            return (None, None);
-        }
-        if already_rejected {
-            let keeping = self.state.last_good.as_ref().map(|g| g.revision.clone());
-            return (
-                Some(PassOutcome::Rejected {
-                    revision: rev,
-                    keeping,
-                }),
-                None,
-            );
-        }
-        self.log.info(&format!(
-            "fetched {} branch {} at {}",
-            config.remote.url,
-            config.remote.branch,
-            short(&rev)
-        ));
-        let now = now_secs();
-        let signer = match &config.allowed_signers {
-            None => None,
-            Some(path) => {
-                let checked = berth_git::AllowedSigners::load(path)
-                    .and_then(|allowed| mirror.verify_commit(revision, &allowed));
-                match checked {
-                    Ok(s) => Some(format!("{} ({})", s.principals, s.fingerprint)),
-                    Err(e) => {
-                        let error = format!("signature check: {e}; not applied");
-                        return (Some(self.reject(&rev, now, vec![error])), None);
-                    }
-                }
-            }
-        };
-        let loaded = match self.load(config, mirror, &rev) {
-            Ok(l) => l,
-            Err(e) => return (Some(self.reject(&rev, now, vec![e])), None),
-        };
-        let node = self.node_info(config);
-        let images = self.image_catalog();
-        let plan = berth_plan::plan_node(
-            &loaded.catalog,
-            &node,
-            &images,
-            &ActualState::default(),
-            &short(&rev),
-        );
-        let mut errors: Vec<String> = loaded
-            .catalog
-            .diagnostics
-            .iter()
-            .chain(&plan.diagnostics)
-            .filter(|d| d.is_error())
-            .map(|d| d.to_string())
-            .collect();
-        errors.sort();
-        errors.dedup();
-        for d in loaded
-            .catalog
-            .diagnostics
-            .iter()
-            .chain(&plan.diagnostics)
-            .filter(|d| !d.is_error())
-        {
-            self.log.warn(&d.to_string());
-        }
-        if !errors.is_empty() {
-            return (Some(self.reject(&rev, now, errors)), None);
-        }
-        let record = RevisionRecord {
-            revision: rev.clone(),
-            at: now,
-            objects: loaded.catalog.objects.len(),
-            pods: plan.pods.len(),
-            actions: 0,
-        };
-        self.log.info(&format!(
-            "revision {} accepted: {} objects, {} pods for node {}",
-            short(&rev),
-            record.objects,
-            record.pods,
-            config.node_name,
-        ));
-        if let Some(s) = &signer {
-            self.log
-                .info(&format!("revision {} is signed by {s}", short(&rev)));
-        }
-        self.state.signed_by = signer;
-        self.state.node = Some(config.node_name.clone());
-        self.state.last_good = Some(record.clone());
-        self.state.last_attempted = Some(record);
-        self.state.errors.clear();
-        // Recorded before the apply, which may take a while (init
-        // containers run to completion), so `berth status` says it at once.
-        if let Err(e) = self.store.save(&self.state) {
-            self.log
-                .error(&format!("cannot save {}: {e}", self.store.path().display()));
-        }
-        (
-            Some(PassOutcome::Applied {
-                revision: rev,
-                changed: true,
-            }),
-            Some(loaded),
-        )
-    }
-
-    fn load(&self, config: &NodeConfig, mirror: &Mirror, rev: &str) -> Result<Loaded, String> {
-        let revision =
-            Revision::parse(rev).ok_or_else(|| format!("state names a bad revision {rev:?}"))?;
-        let files = mirror
-            .read_manifests(revision, &config.path)
-            .map_err(|e| e.to_string())?;
-        Ok(Loaded {
-            revision: rev.to_string(),
-            catalog: berth_manifest::load_sources(files),
-        })
-    }
-
-    fn node_info(&self, config: &NodeConfig) -> NodeInfo {
+    pub(crate) fn node_info(&self, config: &NodeConfig) -> NodeInfo {
         let mut node = NodeInfo::new(
             &config.node_name,
             config.labels.clone(),
@@ -606,6 +424,7 @@ impl Agent {
             .map(|n| n.netns_dir().display().to_string());
         node.volumes.host_path_prefixes = config.host_path_prefixes.clone();
         node.allow_privileged = config.allow_privileged;
+        node.drift = config.drift.clone();
         if let Some(rt) = &self.runtime {
             node.containers_dir = rt.containers_dir.clone();
             if let Ok(v) = rt.systemd.version() {
@@ -615,532 +434,11 @@ impl Agent {
         node
     }
 
-    fn image_catalog(&self) -> ImageCatalog {
+    pub(crate) fn image_catalog(&self) -> ImageCatalog {
         self.runtime
             .as_ref()
             .map(|rt| ImageCatalog::new(rt.images.catalog()))
             .unwrap_or_default()
-    }
-
-    /// observe → plan → apply for a good revision; records what failed.
-    fn reconcile(&mut self, config: &NodeConfig, loaded: &Loaded) -> Result<(), String> {
-        let node = self.node_info(config);
-        let images = self.image_catalog();
-        let Some(rt) = self.runtime.take() else {
-            let plan = berth_plan::plan_node(
-                &loaded.catalog,
-                &node,
-                &images,
-                &ActualState::default(),
-                &short(&loaded.revision),
-            );
-            self.log_actions(&plan.plan.actions);
-            return Ok(());
-        };
-        let result = self.reconcile_on(&rt, config, loaded, &node, &images);
-        self.runtime = Some(rt);
-        result
-    }
-
-    fn reconcile_on(
-        &mut self,
-        rt: &Runtime,
-        config: &NodeConfig,
-        loaded: &Loaded,
-        node: &NodeInfo,
-        images: &ImageCatalog,
-    ) -> Result<(), String> {
-        let observed =
-            observe(rt.systemd.as_ref()).map_err(|e| format!("cannot observe units: {e}"))?;
-        let plan = berth_plan::plan_node(
-            &loaded.catalog,
-            node,
-            images,
-            &observed.actual,
-            &short(&loaded.revision),
-        );
-        let not_admitted: Vec<NotAdmittedRecord> = plan
-            .not_admitted
-            .iter()
-            .map(|n| NotAdmittedRecord {
-                pod: n.pod.to_string(),
-                reason: n.reason.clone(),
-            })
-            .collect();
-        if not_admitted != self.state.not_admitted {
-            for n in &not_admitted {
-                self.log
-                    .warn(&format!("pod {} is not admitted: {}", n.pod, n.reason));
-            }
-        }
-        self.state.not_admitted = not_admitted;
-        let mut plan_errors: Vec<String> = plan
-            .diagnostics
-            .iter()
-            .filter(|d| d.is_error())
-            .map(ToString::to_string)
-            .collect();
-        plan_errors.sort();
-        plan_errors.dedup();
-        if plan_errors != self.state.plan_errors {
-            for e in &plan_errors {
-                self.log.error(e);
-            }
-        }
-        self.state.plan_errors = plan_errors;
-        self.check_boot();
-        let now = now_secs();
-        let mut plan = plan;
-        let classified = drift::classify(
-            std::mem::take(&mut plan.plan.actions),
-            &plan.pods,
-            &loaded.catalog,
-            &self.state.applied,
-            &config.drift,
-            now,
-        );
-        plan.plan.actions = classified.actions;
-        let starting = images::starting(&plan);
-        let waits = self
-            .images
-            .ensure(&config.images, rt, &plan.pods, &starting, &self.log);
-        let mut blocked = Vec::new();
-        for (reason, pods) in waits {
-            blocked.extend(block_pods(&mut plan, pods, reason, image_of));
-        }
-        let (wired, pod_files) = self.wire_pods(config, &mut plan);
-        blocked.extend(wired);
-        let dirs = node.volumes.clone();
-        blocked.extend(self.prepare_volumes(&loaded.catalog, &mut plan, &dirs));
-        let mut report = if plan.plan.actions.is_empty() && self.state.failures.is_empty() {
-            self.last_logged_plan.clear();
-            berth_runtime::ApplyReport::default()
-        } else {
-            self.apply_plan(rt, &plan, &observed, &loaded.revision, pod_files.as_ref())
-        };
-        report.failed.extend(blocked);
-        self.unwire_others(&plan.pods);
-        if let Some(storage) = &self.storage {
-            for line in storage.remove_others(&plan.pods, &dirs) {
-                self.log.info(&line);
-            }
-        }
-        let collected = self
-            .images
-            .collect(&config.images, rt, &plan.pods, &self.log);
-        self.state.images = self.images.record(collected);
-        let failed: std::collections::BTreeSet<&str> =
-            report.failed.iter().map(|f| f.unit.as_str()).collect();
-        // What is now as Git says, by digest: a later departure is drift.
-        let digests = &classified.digests;
-        self.state
-            .applied
-            .retain(|unit, _| digests.contains_key(unit));
-        for (unit, (digest, _)) in digests {
-            if !failed.contains(unit.as_str()) {
-                self.state.applied.insert(unit.clone(), digest.clone());
-            }
-        }
-        let mut outstanding = Vec::new();
-        for mut item in classified.items {
-            if let Some(f) = report.failed.iter().find(|f| f.unit == item.unit) {
-                item.action = format!("heal failed: {:?}: {}", f.reason, f.message);
-                outstanding.push(item);
-            } else if item.policy == drift::Policy::Heal {
-                self.log.warn(&format!(
-                    "drift healed: {} {} {}: {} on the node, {} in Git",
-                    item.object, item.unit, item.field, item.actual, item.desired
-                ));
-                self.state.healed.push(report::Healed {
-                    at: now,
-                    object: item.object,
-                    unit: item.unit,
-                    field: item.field,
-                    found: item.actual,
-                    restored: item.desired,
-                });
-            } else {
-                outstanding.push(item);
-            }
-        }
-        let excess = self.state.healed.len().saturating_sub(report::HEALED_KEPT);
-        self.state.healed.drain(..excess);
-        self.state.failures = report.failed;
-        let pods = self.state.pod_statuses(&observed, &rt.cgroup_root);
-        self.program_services(&loaded.catalog, &plan.pods, &pods, now);
-        outstanding.extend(drift::standing(
-            &pods,
-            &self.state.failures,
-            &plan.pods,
-            &loaded.catalog,
-            &config.drift,
-            now,
-        ));
-        drift::carry_since(&mut outstanding, &self.state.drift);
-        let was: std::collections::BTreeSet<String> =
-            self.state.drift.iter().map(drift::DriftItem::key).collect();
-        for item in outstanding.iter().filter(|i| !was.contains(&i.key())) {
-            self.log.warn(&format!(
-                "drift reported: {} {} {}: {} on the node, {} in Git",
-                item.object, item.unit, item.field, item.actual, item.desired
-            ));
-        }
-        self.drift_commit = self.drift_commit_for(config, loaded, &outstanding);
-        self.state.drift = outstanding;
-        self.pods = pods;
-        // Read after the apply, so what it changed is not mistaken for a
-        // change on the next poll.
-        self.limits = Some(CgroupLimits::read(
-            &rt.cgroup_root,
-            observed
-                .units
-                .values()
-                .filter(|u| u.name.starts_with("berth"))
-                .map(|u| u.runtime.control_group.as_str()),
-        ));
-        Ok(())
-    }
-
-    fn apply_plan(
-        &mut self,
-        rt: &Runtime,
-        plan: &berth_plan::NodePlan,
-        observed: &berth_runtime::Observed,
-        revision: &str,
-        pod_files: Option<&network::PodFiles>,
-    ) -> berth_runtime::ApplyReport {
-        let summary: Vec<String> = plan
-            .plan
-            .actions
-            .iter()
-            .map(|a| format!("{} {}", a.verb.as_str(), a.unit))
-            .collect();
-        let repeated = summary == self.last_logged_plan;
-        if !repeated {
-            self.log_actions(&plan.plan.actions);
-        }
-        let host = Host {
-            systemd: rt.systemd.as_ref(),
-            images: &rt.images,
-            roots: &rt.roots,
-            users: &rt.users,
-            pod_files,
-        };
-        let report = apply(&host, &plan.plan, &plan.pods, observed);
-        if report.failed != self.state.failures {
-            for f in &report.failed {
-                self.log.error(&format!(
-                    "{} {}: {:?}: {}",
-                    f.verb, f.unit, f.reason, f.message
-                ));
-            }
-        }
-        for c in &report.cleaned {
-            self.log.info(&format!("cleaned up {c}"));
-        }
-        if !plan.plan.actions.is_empty() && !repeated {
-            self.log.info(&format!(
-                "revision {}: {} actions applied, {} failed",
-                short(revision),
-                report.done.len(),
-                report.failed.len()
-            ));
-        }
-        if let Some(g) = self.state.last_good.as_mut() {
-            g.actions = plan.plan.actions.len();
-        }
-        self.last_logged_plan = summary;
-        report
-    }
-
-    /// Prepares the node's network and wires every pod that has its own.
-    /// Pods that could not be wired lose their start actions (a container
-    /// must not start outside its namespace) and come back as failures.
-    fn wire_pods(
-        &mut self,
-        config: &NodeConfig,
-        plan: &mut berth_plan::NodePlan,
-    ) -> (Vec<berth_runtime::ApplyFailure>, Option<network::PodFiles>) {
-        let Some(net) = self.network.as_mut() else {
-            return (Vec::new(), None);
-        };
-        let wired = match net.prepare_node(&config.network) {
-            Ok(notes) => {
-                for n in notes {
-                    self.log.warn(&n);
-                }
-                self.state.network.error = None;
-                net.wire(&plan.pods)
-            }
-            Err(e) => {
-                if self.state.network.error.as_deref() != Some(e.as_str()) {
-                    self.log.error(&format!("pod network: {e}"));
-                }
-                self.state.network.error = Some(e.clone());
-                plan.pods
-                    .iter()
-                    .filter(|p| !p.host_network)
-                    .map(|p| {
-                        (
-                            p.id.key(),
-                            network::Wired::Failed(format!(
-                                "the node's pod network is not ready: {e}"
-                            )),
-                        )
-                    })
-                    .collect()
-            }
-        };
-        self.state.network.pod_ips = plan
-            .pods
-            .iter()
-            .filter(|p| !p.host_network)
-            .filter_map(|p| Some((p.id.to_string(), net.pod_ip(&p.id.key())?.to_string())))
-            .collect();
-        let failed = wired
-            .into_iter()
-            .filter_map(|(key, w)| match w {
-                network::Wired::Failed(message) => Some((key, message)),
-                network::Wired::Ip(_) => None,
-            })
-            .collect();
-        let netns_dir = net.netns_dir().display().to_string();
-        let blocked = block_pods(
-            plan,
-            failed,
-            berth_runtime::FailureReason::FailedCreatePodSandBox,
-            |pod| format!("{netns_dir}/{}", pod.id.key()),
-        );
-        (blocked, Some(net.pod_files(&plan.pods)))
-    }
-
-    /// Binds claims, publishes their volumes and makes every pod's volumes
-    /// ready. Pods whose volumes are not ready lose their start actions and
-    /// show `FailedMount` with the reason.
-    fn prepare_volumes(
-        &mut self,
-        catalog: &berth_manifest::Catalog,
-        plan: &mut berth_plan::NodePlan,
-        dirs: &berth_plan::volumes::VolumeDirs,
-    ) -> Vec<berth_runtime::ApplyFailure> {
-        let with_volumes = plan.pods.iter().any(|p| !p.volumes.is_empty());
-        let Some(storage) = self.storage.as_mut() else {
-            if !with_volumes {
-                return Vec::new();
-            }
-            let unready = plan
-                .pods
-                .iter()
-                .filter(|p| !p.volumes.is_empty())
-                .map(|p| {
-                    (
-                        p.id.key(),
-                        "this node keeps no volumes (the agent runs without storage)".to_string(),
-                    )
-                })
-                .collect();
-            return block_pods(
-                plan,
-                unready,
-                berth_runtime::FailureReason::FailedMount,
-                volumes_of,
-            );
-        };
-        let (record, lines, remounted) = storage.reconcile(catalog, &plan.pods, dirs);
-        for line in lines {
-            self.log.info(&line);
-        }
-        for r in remounted {
-            self.log.warn(&format!(
-                "drift healed: the volume of claim {} was unmounted from {} outside Berth; mounted again",
-                r.claim,
-                r.path.display()
-            ));
-            self.state.healed.push(report::Healed {
-                at: now_secs(),
-                object: format!("PersistentVolumeClaim/{}", r.claim),
-                unit: r.path.display().to_string(),
-                field: "mount".into(),
-                found: "not mounted".into(),
-                restored: "the claim's volume".into(),
-            });
-            let excess = self.state.healed.len().saturating_sub(report::HEALED_KEPT);
-            self.state.healed.drain(..excess);
-        }
-        let blocked = storage.prepare_pods(&plan.pods, dirs);
-        for p in &record.problems {
-            if !self.state.storage.problems.contains(p) {
-                self.log.error(&format!("storage: {p}"));
-            }
-        }
-        self.state.storage = record;
-        block_pods(
-            plan,
-            blocked,
-            berth_runtime::FailureReason::FailedMount,
-            volumes_of,
-        )
-    }
-
-    /// Removes the network of pods Git no longer wants (their containers
-    /// stopped in this pass's apply) and of anything a crash left behind.
-    fn unwire_others(&mut self, pods: &[berth_plan::DesiredPod]) {
-        let Some(net) = self.network.as_mut() else {
-            return;
-        };
-        let keep: std::collections::BTreeSet<String> = pods
-            .iter()
-            .filter(|p| !p.host_network)
-            .map(|p| p.id.key())
-            .collect();
-        for removed in net.unwire_others(&keep) {
-            self.log.info(&format!("pod network: removed {removed}"));
-        }
-    }
-
-    /// Gives pod statuses their IPs and programs Services over the pods
-    /// that are ready. A table edited or deleted by hand is put back and
-    /// recorded as healed drift.
-    fn program_services(
-        &mut self,
-        catalog: &berth_manifest::Catalog,
-        desired: &[berth_plan::DesiredPod],
-        pods: &[berth_runtime::status::PodStatus],
-        now: u64,
-    ) {
-        let Some(net) = self.network.as_mut() else {
-            return;
-        };
-        // Endpoints follow readiness (no probes yet: every container running).
-        let ready: std::collections::BTreeMap<String, std::net::Ipv4Addr> = pods
-            .iter()
-            .filter(|p| {
-                p.conditions
-                    .iter()
-                    .any(|c| c.kind == "Ready" && c.status == "True")
-            })
-            .filter_map(|p| {
-                let ip = p.pod_ip.as_deref()?.parse().ok()?;
-                Some((format!("{}_{}", p.namespace, p.name), ip))
-            })
-            .collect();
-        if self.state.network.error.is_some() {
-            return;
-        }
-        match net.program_services(catalog, desired, &ready) {
-            Ok(drifted) => {
-                if let Some(how) = drifted {
-                    self.log.warn(&format!(
-                        "drift healed: nftables table ip {} was {how} outside Berth; restored",
-                        berth_net::nft::TABLE
-                    ));
-                    self.state.healed.push(report::Healed {
-                        at: now,
-                        object: "Services".into(),
-                        unit: format!("nftables table ip {}", berth_net::nft::TABLE),
-                        field: "rules".into(),
-                        found: how,
-                        restored: "the rules for every Service".into(),
-                    });
-                    let excess = self.state.healed.len().saturating_sub(report::HEALED_KEPT);
-                    self.state.healed.drain(..excess);
-                }
-                if net.service_problems != self.state.network.problems {
-                    for p in &net.service_problems {
-                        self.log.warn(p);
-                    }
-                }
-                self.state.network.problems = net.service_problems.clone();
-                self.state.network.services = net.service_records();
-            }
-            Err(e) => {
-                if self.state.network.error.as_deref() != Some(e.as_str()) {
-                    self.log.error(&format!("Services: {e}"));
-                }
-                self.state.network.error = Some(format!("Services: {e}"));
-            }
-        }
-    }
-
-    /// Whether a resource file of a Berth cgroup differs from what the last
-    /// observation read: a few small file reads per unit, where observing
-    /// is two D-Bus calls per unit.
-    fn limits_changed(&self) -> bool {
-        match (&self.limits, &self.runtime) {
-            (Some(before), Some(rt)) => before.reread(&rt.cgroup_root) != *before,
-            _ => false,
-        }
-    }
-
-    /// Transient units do not outlive a boot: digests recorded in an
-    /// earlier boot say nothing about this one.
-    fn check_boot(&mut self) {
-        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-            .map(|b| b.trim().to_string())
-            .ok();
-        if boot != self.state.boot_id {
-            self.state.applied.clear();
-            self.state.boot_id = boot;
-        }
-    }
-
-    /// The drift branch's commit: DRIFT.md and the manifest edits that
-    /// adopt what can be adopted, on top of the applied revision.
-    fn drift_commit_for(
-        &self,
-        config: &NodeConfig,
-        loaded: &Loaded,
-        items: &[drift::DriftItem],
-    ) -> Option<DriftCommit> {
-        if items.is_empty() {
-            return None;
-        }
-        let (edits, notes) = drift::adopting_edits(items, &loaded.catalog, &config.path);
-        let text = drift::report(
-            &config.node_name,
-            &short(&loaded.revision),
-            items,
-            &notes,
-            &edits,
-        );
-        let mut files: Vec<berth_git::FileChange> = edits
-            .iter()
-            .map(|e| berth_git::FileChange {
-                path: e.path.clone(),
-                content: Some(e.text.clone().into_bytes()),
-            })
-            .collect();
-        files.push(berth_git::FileChange {
-            path: format!("drift/{}/DRIFT.md", config.node_name),
-            content: Some(text.into_bytes()),
-        });
-        let objects: std::collections::BTreeSet<&str> =
-            items.iter().map(|i| i.object.as_str()).collect();
-        let mut message = format!(
-            "drift on {}: {} field{} on {} object{}\n\n",
-            config.node_name,
-            items.len(),
-            if items.len() == 1 { "" } else { "s" },
-            objects.len(),
-            if objects.len() == 1 { "" } else { "s" },
-        );
-        for item in items.iter().take(10) {
-            message.push_str(&format!(
-                "- {} {}: {} → {}\n",
-                item.object, item.field, item.desired, item.actual
-            ));
-        }
-        if items.len() > 10 {
-            message.push_str(&format!(
-                "- … and {} more (see DRIFT.md)\n",
-                items.len() - 10
-            ));
-        }
-        Some(DriftCommit {
-            base: loaded.revision.clone(),
-            files,
-            message,
-        })
     }
 
     /// Hands this pass's status (and drift) to the publishing thread.
@@ -1181,49 +479,6 @@ impl Agent {
             history: config.history,
             push_options: config.push_options.clone(),
         });
-    }
-
-    fn log_actions(&self, actions: &[berth_plan::Action]) {
-        for action in actions.iter().take(MAX_LOGGED_ACTIONS) {
-            self.log.info(&format!(
-                "plan: {} {}: {}",
-                action.verb.as_str(),
-                action.unit,
-                action.reason
-            ));
-        }
-        if actions.len() > MAX_LOGGED_ACTIONS {
-            self.log.info(&format!(
-                "plan: ... and {} more actions",
-                actions.len() - MAX_LOGGED_ACTIONS
-            ));
-        }
-    }
-
-    fn reject(&mut self, rev: &str, now: u64, errors: Vec<String>) -> PassOutcome {
-        let keeping = self.state.last_good.as_ref().map(|g| g.revision.clone());
-        self.log.error(&format!(
-            "revision {} rejected ({} errors); keeping {}",
-            short(rev),
-            errors.len(),
-            keeping.as_deref().map_or("nothing yet".to_string(), short)
-        ));
-        for e in &errors {
-            self.log.error(e);
-        }
-        self.state.last_attempted = Some(RevisionRecord {
-            revision: rev.to_string(),
-            at: now,
-            objects: 0,
-            pods: 0,
-            actions: 0,
-        });
-        self.state.errors = errors;
-        let _ = self.store.save(&self.state);
-        PassOutcome::Rejected {
-            revision: rev.to_string(),
-            keeping,
-        }
     }
 
     /// Runs passes until told to stop: after the (jittered) poll interval,
@@ -1290,93 +545,6 @@ pub(crate) fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Waits for the timer or a wake-up, pinging the watchdog. Unit changes are
-/// debounced; a shutdown or sync request wins over them.
-fn wait_for_wake(total: Duration, notifier: &Notifier, wake: &Receiver<Wake>) -> Option<Wake> {
-    let end = Instant::now() + total;
-    loop {
-        notifier.watchdog();
-        let now = Instant::now();
-        if now >= end {
-            return None;
-        }
-        match wake.recv_timeout((end - now).min(notifier.ping_interval())) {
-            Ok(Wake::UnitChanged) => {
-                let settle = Instant::now() + UNIT_CHANGE_DEBOUNCE;
-                let mut result = Wake::UnitChanged;
-                while let Some(left) = settle.checked_duration_since(Instant::now()) {
-                    match wake.recv_timeout(left) {
-                        Ok(Wake::UnitChanged) => {}
-                        Ok(other) => {
-                            result = other;
-                            break;
-                        }
-                        Err(RecvTimeoutError::Timeout) => break,
-                        Err(RecvTimeoutError::Disconnected) => break,
-                    }
-                }
-                return Some(result);
-            }
-            Ok(other) => return Some(other),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => {
-                std::thread::sleep((end - Instant::now().min(end)).min(notifier.ping_interval()));
-            }
-        }
-    }
-}
-
-fn short(rev: &str) -> String {
+pub(crate) fn short(rev: &str) -> String {
     rev.chars().take(12).collect()
-}
-
-/// ±10%, from the clock's nanoseconds: enough to keep a fleet from polling
-/// in lockstep, without a random number crate.
-fn jitter(d: Duration) -> Duration {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |t| t.subsec_nanos());
-    let factor = 0.9 + f64::from(nanos % 1000) / 1000.0 * 0.2;
-    d.mul_f64(factor)
-}
-
-/// Removes the start actions of pods that cannot start, and says why:
-/// `reasons` maps a pod's key to the message, `unit` names what failed.
-fn block_pods(
-    plan: &mut berth_plan::NodePlan,
-    reasons: std::collections::BTreeMap<String, String>,
-    reason: berth_runtime::FailureReason,
-    unit: impl Fn(&berth_plan::DesiredPod) -> String,
-) -> Vec<berth_runtime::ApplyFailure> {
-    let mut blocked = Vec::new();
-    let mut ids = std::collections::BTreeSet::new();
-    for pod in &plan.pods {
-        if let Some(message) = reasons.get(&pod.id.key()) {
-            ids.insert(pod.id.to_string());
-            blocked.push(berth_runtime::ApplyFailure {
-                unit: unit(pod),
-                pod: Some(pod.id.to_string()),
-                verb: "start".into(),
-                reason,
-                message: message.clone(),
-            });
-        }
-    }
-    plan.plan.actions.retain(|a| {
-        !(matches!(a.verb, berth_plan::Verb::Start | berth_plan::Verb::Restart)
-            && a.pod.as_ref().is_some_and(|p| ids.contains(&p.to_string())))
-    });
-    blocked
-}
-
-/// What a pod waiting for its image failed at, for its status.
-fn image_of(pod: &berth_plan::DesiredPod) -> String {
-    pod.units()
-        .next()
-        .map_or_else(|| format!("image of {}", pod.id), |u| u.name.to_string())
-}
-
-/// What a pod whose volumes are not ready failed at, for its status.
-fn volumes_of(pod: &berth_plan::DesiredPod) -> String {
-    format!("volumes of {}", pod.id)
 }

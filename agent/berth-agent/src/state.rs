@@ -164,16 +164,54 @@ impl StateStore {
     }
 
     pub fn save(&self, state: &AgentState) -> std::io::Result<()> {
-        let tmp = self.path.with_extension("json.tmp");
-        {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?)?;
+        write_json(&self.path, state)
+    }
+
+    /// `observed.json`: what the last pass planned from, for `berth
+    /// observe` and `berth plan --actual`.
+    pub fn observed_path(&self) -> PathBuf {
+        self.path.with_file_name(OBSERVED_FILE)
+    }
+
+    /// `plan.json`: the plan the last pass applied.
+    pub fn plan_path(&self) -> PathBuf {
+        self.path.with_file_name(PLAN_FILE)
+    }
+
+    /// Records what a pass planned from and what it applied. Both are for
+    /// people and tests; neither is read back by the agent, so they are
+    /// written whole but not synced.
+    pub fn save_pass(
+        &self,
+        observed: &berth_plan::ActualState,
+        plan: &berth_plan::Plan,
+    ) -> std::io::Result<()> {
+        write_file(&self.observed_path(), observed, false)?;
+        write_file(&self.plan_path(), plan, false)
+    }
+}
+
+pub const OBSERVED_FILE: &str = "observed.json";
+pub const PLAN_FILE: &str = "plan.json";
+
+fn write_json(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+    write_file(path, value, true)
+}
+
+/// Written to a temporary file and renamed over, so a reader never sees
+/// half a file; with `sync`, a power cut leaves the old or the new one.
+fn write_file(path: &Path, value: &impl Serialize, sync: bool) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?)?;
+        if sync {
             f.sync_all()?;
         }
-        std::fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
     }
+    std::fs::rename(&tmp, path)?;
+    if sync && let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }

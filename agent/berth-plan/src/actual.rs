@@ -1,5 +1,16 @@
-//! What is running on the node, as `observe` reports it: units and their
-//! properties. Until the agent observes systemd, it comes from a snapshot file.
+//! What the node knows before it decides, as `observe` reports it: the
+//! units that run and their properties, and every fact the planner weighs
+//! besides them (which images are here or coming, how each pod's network
+//! and volumes stand, which unit was last applied as which digest). The
+//! agent writes it to `observed.yaml` in its state directory each pass
+//! (`berth observe` prints it), and `berth plan --actual` replays it: the
+//! same snapshot gives the same plan the node applied.
+//!
+//! A fact left out is taken as satisfied: a plan from YAML alone (no
+//! snapshot) shows the node's steady state, every image present and every
+//! pod wired.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -8,8 +19,102 @@ use crate::units::{MARKER_FIELD, OWNER_FIELD, POD_FIELD, Properties, PropertyVal
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ActualState {
+    /// The node as its agent planned for it (its config and capacity); a
+    /// replay uses it unless the command line says otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<crate::node::NodeInfo>,
+    /// Seconds since the epoch when this was observed: the planner's only clock.
+    #[serde(default)]
+    pub observed_at: u64,
     #[serde(default)]
     pub units: Vec<ActualUnit>,
+    /// Per unit, the digest of the desired properties Berth last applied to
+    /// it in this boot: a unit that departs from the very properties
+    /// applied has drifted; one whose desired properties changed has not.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub applied: BTreeMap<String, String>,
+    /// Images by the name a container gives (`busybox:1.37`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub images: BTreeMap<String, ImageFact>,
+    /// Per pod (`namespace/name`): what the node prepared for it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pods: BTreeMap<String, PodFacts>,
+}
+
+/// An image as the node has it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageFact {
+    /// The reference as a registry reads it (`docker.io/library/busybox:1.37`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// Why the name is not a reference at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invalid: Option<String>,
+    /// In the node's image store.
+    #[serde(default)]
+    pub present: bool,
+    /// The latest pull of the reference since the agent started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull: Option<PullFact>,
+    /// For `imagePullPolicy: Always`: the number of the pull asked for the
+    /// start that is pending; a container starts on a pull at least as new.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fresh_pull: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PullPhase {
+    Queued,
+    Pulling,
+    Done,
+    Failed,
+}
+
+/// A pull of an image, as the puller reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PullFact {
+    pub phase: PullPhase,
+    /// Grows with every pull asked.
+    pub seq: u64,
+    #[serde(default)]
+    pub bytes_done: u64,
+    #[serde(default)]
+    pub bytes_total: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<u64>,
+    /// A failed pull is not tried again before this (seconds since the epoch).
+    #[serde(default)]
+    pub retry_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The credentials were missing or refused.
+    #[serde(default)]
+    pub auth_error: bool,
+}
+
+/// What the node prepared for one pod.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodFacts {
+    /// Its own network namespace: wired, or why not. Absent for a pod on
+    /// the node's network, or a node without pod networking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<Wiring>,
+    /// Its volumes: absent when it has none, or they are ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes_not_ready: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum Wiring {
+    /// Namespace, veth and address are in place.
+    Wired { ip: String },
+    /// Why the pod could not be wired.
+    Failed { message: String },
 }
 
 /// systemd's `ActiveState`.

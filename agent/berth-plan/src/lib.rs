@@ -4,25 +4,35 @@
 //! the node from what runs to what Git wants, each with its reason.
 //!
 //! Everything here is pure: no systemd, no files, no clock. `observe` and
-//! `apply` live in the host adapters; this crate only computes values.
+//! `apply` live in the host adapters; this crate only computes values. It
+//! is the one place where the node's decisions are taken: what starts,
+//! stops, changes, waits, is pulled, and which difference is drift. The
+//! agent applies the plan it is given and nothing else, so `berth plan
+//! --actual` on the agent's snapshot prints exactly what the node does.
 
 pub mod actual;
 pub mod desired;
+pub mod drift;
 pub mod expand;
 pub mod images;
 pub mod node;
 pub mod pipeline;
 pub mod plan;
+pub mod reason;
 pub mod resources;
 pub mod security;
 pub mod units;
 pub mod volumes;
+pub mod waits;
 
-pub use actual::{ActiveState, ActualState, ActualUnit};
+pub use actual::{
+    ActiveState, ActualState, ActualUnit, ImageFact, PodFacts, PullFact, PullPhase, Wiring,
+};
 pub use desired::{ContainerUnit, DeclaredPort, DesiredPod, PullPolicy, PullSecret, SliceUnit};
 pub use images::{ImageCatalog, ImageConfig};
 pub use node::NodeInfo;
-pub use pipeline::{NodePlan, plan_node, validate_pods};
-pub use plan::{Action, Change, Plan, Verb};
+pub use pipeline::{DesiredNode, NodePlan, desire, plan_desired, plan_node, validate_pods};
+pub use plan::{Action, Change, Held, Plan, Verb};
+pub use reason::{FailureReason, HoldReason};
 pub use resources::QosClass;
 pub use units::{PodId, Properties, PropertyValue, UnitName};

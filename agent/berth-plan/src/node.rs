@@ -5,12 +5,13 @@ use std::collections::BTreeMap;
 use berth_manifest::k8s_openapi::api::core::v1::{NodeSelectorRequirement, PodSpec};
 use berth_manifest::{Catalog, LoadedObject, Object, ObjectRef};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::units::PodId;
 
-/// What the planner knows about the node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// What the planner knows about the node: its config and capacity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NodeInfo {
     pub name: String,
     /// Including the well-known labels every Kubernetes node carries.
@@ -32,6 +33,9 @@ pub struct NodeInfo {
     pub volumes: crate::volumes::VolumeDirs,
     /// `securityContext.privileged` is refused unless the node config allows it.
     pub allow_privileged: bool,
+    /// What drift is healed, what reported, what ignored.
+    #[serde(default)]
+    pub drift: crate::drift::Settings,
 }
 
 pub const DEFAULT_POD_PIDS_LIMIT: u64 = 4096;
@@ -66,6 +70,7 @@ impl NodeInfo {
             netns_dir: Some(DEFAULT_NETNS_DIR.to_string()),
             volumes: crate::volumes::VolumeDirs::default(),
             allow_privileged: false,
+            drift: crate::drift::Settings::default(),
         }
     }
 }

@@ -1,21 +1,39 @@
-//! The planning stages chained: select → desired → diff → plan.
+//! The planning stages chained, each a function from values to values:
+//!
+//! 1. [`desire`]: select the objects for this node, resolve each into a
+//!    [`DesiredPod`], refuse pods two objects make at once or whose units
+//!    belong to someone else, and admit what fits (pods that run first).
+//! 2. [`plan_desired`]: diff the desired node against what runs, classify
+//!    each difference as a change from Git or drift (healed or held by its
+//!    policy), and hold back the starts of pods whose images, network or
+//!    volumes are not ready, asking for the pulls they need.
+//!
+//! [`plan_node`] is both. The agent runs the first, prepares the network
+//! and volumes of the pods it returns (facts for the second), and runs the
+//! second; `berth plan --actual` runs both on the snapshot the agent wrote.
+//! Both give the same plan, since the first reads only the units.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use berth_manifest::{Catalog, Diagnostic, FieldIssue, FieldPath, Rejected, Severity};
+use berth_manifest::{
+    Catalog, Diagnostic, FieldIssue, FieldPath, LoadedObject, ObjectRef, Rejected, Severity,
+};
 use serde::Serialize;
 
-use crate::actual::ActualState;
+use crate::actual::{ActualState, ActualUnit};
 use crate::desired::{self, Context, DesiredPod, SliceUnit};
+use crate::drift::{self, DriftItem};
 use crate::images::ImageCatalog;
 use crate::node::{self, NodeInfo, NotHere};
 use crate::plan::{self, Plan, PlanInput, Protection};
 use crate::units::PodId;
+use crate::waits;
 use berth_manifest::quantity::{format_bytes, format_cpu_milli};
 
-/// Everything `berth plan` shows.
+/// Everything `berth plan` shows, and everything the node applies.
 #[derive(Debug, Serialize)]
 pub struct NodePlan {
+    /// Pulls first, then the unit actions; what waits is in `plan.held`.
     pub plan: Plan,
     #[serde(skip)]
     pub pods: Vec<DesiredPod>,
@@ -25,13 +43,37 @@ pub struct NodePlan {
     pub elsewhere: Vec<NotHere>,
     /// Pods this node cannot fit: their requests exceed what is left.
     pub not_admitted: Vec<NotAdmitted>,
-    /// Problems found while planning (on top of the catalog's own).
+    /// Problems of the revision found while planning (on top of the
+    /// catalog's own): an error here rejects a new revision.
     pub diagnostics: Vec<Diagnostic>,
+    /// Pods refused because a unit they need is not Berth's: a problem of
+    /// the node, not of the revision.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<Diagnostic>,
     /// Objects refused while planning.
     pub rejected: Vec<Rejected>,
+    /// Where the node departs from the very units last applied.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub drift: Vec<DriftItem>,
+    /// Every desired unit's digest: what the apply puts in place.
+    #[serde(skip)]
+    pub digests: BTreeMap<String, String>,
 }
 
-/// Plans `node` from `catalog`, against what `actual` says runs.
+/// The node as Git wants it, before it is compared with what runs.
+#[derive(Debug)]
+pub struct DesiredNode {
+    pub pods: Vec<DesiredPod>,
+    pub qos_slices: Vec<SliceUnit>,
+    pub elsewhere: Vec<NotHere>,
+    pub not_admitted: Vec<NotAdmitted>,
+    pub diagnostics: Vec<Diagnostic>,
+    pub conflicts: Vec<Diagnostic>,
+    pub rejected: Vec<Rejected>,
+    protection: Protection,
+}
+
+/// Plans `node` from `catalog`, against what `actual` says the node has.
 pub fn plan_node(
     catalog: &Catalog,
     node: &NodeInfo,
@@ -39,51 +81,95 @@ pub fn plan_node(
     actual: &ActualState,
     revision: &str,
 ) -> NodePlan {
+    let desired = desire(catalog, node, images, &actual.units);
+    plan_desired(desired, catalog, node, actual, revision)
+}
+
+/// Objects by identity, for the lookups every stage makes.
+struct Index<'a>(BTreeMap<&'a ObjectRef, &'a LoadedObject>);
+
+impl<'a> Index<'a> {
+    fn new(catalog: &'a Catalog) -> Self {
+        Self(catalog.objects.iter().map(|o| (&o.id, o)).collect())
+    }
+    fn get(&self, id: &ObjectRef) -> Option<&'a LoadedObject> {
+        self.0.get(id).copied()
+    }
+}
+
+/// Diagnostics without repeats: the replicas of one Deployment share theirs.
+struct Diagnostics<'a> {
+    catalog: &'a Catalog,
+    out: Vec<Diagnostic>,
+    seen: BTreeSet<(ObjectRef, String, String)>,
+}
+
+impl<'a> Diagnostics<'a> {
+    fn new(catalog: &'a Catalog) -> Self {
+        Self {
+            catalog,
+            out: Vec::new(),
+            seen: BTreeSet::new(),
+        }
+    }
+    fn push(&mut self, source: &LoadedObject, issues: &[FieldIssue]) {
+        for issue in issues {
+            let key = (
+                source.id.clone(),
+                issue.path.to_string(),
+                issue.message.clone(),
+            );
+            if self.seen.insert(key) {
+                self.out.push(self.catalog.diagnostic(source, issue));
+            }
+        }
+    }
+}
+
+fn reject(rejected: &mut Vec<Rejected>, catalog: &Catalog, object: &LoadedObject) {
+    let r = Rejected {
+        source: catalog.source_ref(&object.source, &FieldPath::root()),
+        object: Some(object.id.clone()),
+    };
+    if !rejected.contains(&r) {
+        rejected.push(r);
+    }
+}
+
+/// Stage 1: the pods this node runs, as Git wants them. Reads only the
+/// units of `actual` (which are Berth's, which run), never other facts.
+pub fn desire(
+    catalog: &Catalog,
+    node: &NodeInfo,
+    images: &ImageCatalog,
+    units: &[ActualUnit],
+) -> DesiredNode {
+    let index = Index::new(catalog);
     let selection = node::select(catalog, node);
     let ctx = Context::new(catalog, node, images);
-    let mut diagnostics = Vec::new();
+    let mut diagnostics = Diagnostics::new(catalog);
     let mut rejected = Vec::new();
     let mut protection = protection_from(catalog);
     let mut pods = Vec::new();
-    let mut seen = BTreeSet::new();
     for instance in &selection.pods {
         match desired::resolve_pod(instance, &ctx) {
             Ok(resolved) => {
-                push_unique(
-                    &mut diagnostics,
-                    &mut seen,
-                    catalog,
-                    instance.source,
-                    &resolved.warnings,
-                );
+                diagnostics.push(instance.source, &resolved.warnings);
                 pods.push(resolved.pod);
             }
             Err(errors) => {
-                push_unique(
-                    &mut diagnostics,
-                    &mut seen,
-                    catalog,
-                    instance.source,
-                    &errors,
-                );
+                diagnostics.push(instance.source, &errors);
                 protection.pods.insert(instance.id.to_string());
                 if let Some(owner) = &instance.owner {
                     protection.owners.insert(owner.to_string());
                 }
-                let r = Rejected {
-                    source: catalog.source_ref(&instance.source.source, &FieldPath::root()),
-                    object: Some(instance.source.id.clone()),
-                };
-                if !rejected.contains(&r) {
-                    rejected.push(r);
-                }
+                reject(&mut rejected, catalog, instance.source);
             }
         }
     }
     // Two objects that make the same pod (a Pod `web-0` and replica 0 of a
     // Deployment `web`) would fight over its units: both are refused.
-    let mut by_id: std::collections::BTreeMap<PodId, Vec<berth_manifest::ObjectRef>> =
-        std::collections::BTreeMap::new();
+    let mut by_id: BTreeMap<PodId, Vec<ObjectRef>> = BTreeMap::new();
     for p in &pods {
         by_id
             .entry(p.id.clone())
@@ -93,7 +179,7 @@ pub fn plan_node(
     for (id, sources) in by_id.iter().filter(|(_, s)| s.len() > 1) {
         let names: Vec<String> = sources.iter().map(ToString::to_string).collect();
         for source in sources {
-            let Some(object) = catalog.objects.iter().find(|o| &o.id == source) else {
+            let Some(object) = index.get(source) else {
                 continue;
             };
             let issue = FieldIssue::error(
@@ -103,66 +189,105 @@ pub fn plan_node(
                     names.join(" and ")
                 ),
             );
-            push_unique(&mut diagnostics, &mut seen, catalog, object, &[issue]);
+            diagnostics.push(object, &[issue]);
             protection.pods.insert(id.to_string());
-            let r = Rejected {
-                source: catalog.source_ref(&object.source, &FieldPath::root()),
-                object: Some(object.id.clone()),
-            };
-            if !rejected.contains(&r) {
-                rejected.push(r);
-            }
+            reject(&mut rejected, catalog, object);
         }
     }
     pods.retain(|p| by_id.get(&p.id).is_none_or(|s| s.len() == 1));
-    let (mut pods, not_admitted) = admit(pods, node, actual);
+    // A pod whose unit names are taken by units Berth did not create is
+    // refused as a whole; the foreign units are never touched.
+    let actual: BTreeMap<&str, &ActualUnit> = units.iter().map(|u| (u.name.as_str(), u)).collect();
+    let mut conflicts = Vec::new();
+    pods.retain(|pod| {
+        let found = plan::conflicts(pod, &actual);
+        if found.is_empty() {
+            return true;
+        }
+        protection.pods.insert(pod.id.to_string());
+        if let Some(source) = index.get(&pod.source) {
+            for conflict in found {
+                let issue = FieldIssue::error(
+                    FieldPath::root().key("metadata").key("name"),
+                    format!(
+                        "pod {} needs unit {}, which exists but was not created by Berth; Berth leaves it alone, so the pod cannot run here",
+                        conflict.pod, conflict.unit
+                    ),
+                );
+                conflicts.push(catalog.diagnostic(source, &issue));
+            }
+            reject(&mut rejected, catalog, source);
+        }
+        false
+    });
+    let (pods, not_admitted) = admit(pods, node, units);
     for n in &not_admitted {
-        if let Some(source) = catalog.objects.iter().find(|o| o.id == n.source) {
+        if let Some(source) = index.get(&n.source) {
             let issue = FieldIssue::warning(
                 FieldPath::parse(n.spec_path).key("containers"),
                 format!("pod {} is not admitted: {}", n.pod, n.reason),
             );
-            push_unique(&mut diagnostics, &mut seen, catalog, source, &[issue]);
+            diagnostics.push(source, &[issue]);
         }
     }
     let qos_slices = desired::qos_slices(&pods);
-    let (plan, conflicts) = plan::plan(&PlanInput {
-        node: &node.name,
-        revision,
-        pods: &pods,
-        qos_slices: &qos_slices,
-        actual,
-        protection: &protection,
-    });
-    let conflicted: BTreeSet<_> = conflicts.iter().map(|c| c.pod.clone()).collect();
-    for conflict in conflicts {
-        if let Some(source) = catalog.objects.iter().find(|o| {
-            pods.iter()
-                .any(|p| p.id == conflict.pod && p.source == o.id)
-        }) {
-            let issue = FieldIssue::error(
-                FieldPath::root().key("metadata").key("name"),
-                format!(
-                    "pod {} needs unit {}, which exists but was not created by Berth; Berth leaves it alone, so the pod cannot run here",
-                    conflict.pod, conflict.unit
-                ),
-            );
-            diagnostics.push(catalog.diagnostic(source, &issue));
-            rejected.push(Rejected {
-                source: catalog.source_ref(&source.source, &FieldPath::root()),
-                object: Some(source.id.clone()),
-            });
-        }
-    }
-    pods.retain(|p| !conflicted.contains(&p.id));
-    NodePlan {
-        plan,
+    DesiredNode {
         pods,
         qos_slices,
         elsewhere: selection.elsewhere,
         not_admitted,
-        diagnostics,
+        diagnostics: diagnostics.out,
+        conflicts,
         rejected,
+        protection,
+    }
+}
+
+/// Stage 2: the actions that take the node from `actual` to `desired`,
+/// drift classified and starts held until their pods are ready.
+pub fn plan_desired(
+    desired: DesiredNode,
+    catalog: &Catalog,
+    node: &NodeInfo,
+    actual: &ActualState,
+    revision: &str,
+) -> NodePlan {
+    let mut plan = plan::plan(&PlanInput {
+        node: &node.name,
+        revision,
+        pods: &desired.pods,
+        qos_slices: &desired.qos_slices,
+        actual,
+        protection: &desired.protection,
+    });
+    let classified = drift::classify(
+        std::mem::take(&mut plan.actions),
+        &desired.pods,
+        catalog,
+        &actual.applied,
+        &node.drift,
+        actual.observed_at,
+    );
+    let gated = waits::gate(classified.actions, &desired.pods, actual, node);
+    plan.actions = gated.pulls;
+    plan.actions.extend(gated.actions);
+    plan.held.extend(classified.held);
+    plan.held.extend(gated.held);
+    NodePlan {
+        plan,
+        pods: desired.pods,
+        qos_slices: desired.qos_slices,
+        elsewhere: desired.elsewhere,
+        not_admitted: desired.not_admitted,
+        diagnostics: desired.diagnostics,
+        conflicts: desired.conflicts,
+        rejected: desired.rejected,
+        drift: classified.items,
+        digests: classified
+            .digests
+            .into_iter()
+            .map(|(unit, (digest, _))| (unit, digest))
+            .collect(),
     }
 }
 
@@ -183,9 +308,9 @@ pub struct NotAdmitted {
 fn admit(
     mut pods: Vec<DesiredPod>,
     node: &NodeInfo,
-    actual: &ActualState,
+    units: &[ActualUnit],
 ) -> (Vec<DesiredPod>, Vec<NotAdmitted>) {
-    let running: BTreeSet<&str> = actual.units.iter().map(|u| u.name.as_str()).collect();
+    let running: BTreeSet<&str> = units.iter().map(|u| u.name.as_str()).collect();
     pods.sort_by(|a, b| {
         let ra = running.contains(a.slice.name.as_str());
         let rb = running.contains(b.slice.name.as_str());
@@ -231,21 +356,6 @@ fn admit(
     (admitted, refused)
 }
 
-fn push_unique(
-    out: &mut Vec<Diagnostic>,
-    seen: &mut BTreeSet<String>,
-    catalog: &Catalog,
-    source: &berth_manifest::LoadedObject,
-    issues: &[FieldIssue],
-) {
-    for issue in issues {
-        let key = format!("{}|{}|{}", source.id, issue.path, issue.message);
-        if seen.insert(key) {
-            out.push(catalog.diagnostic(source, issue));
-        }
-    }
-}
-
 /// What the catalog's rejections protect from pruning.
 fn protection_from(catalog: &Catalog) -> Protection {
     let mut protection = Protection::default();
@@ -284,31 +394,19 @@ fn protection_from(catalog: &Catalog) -> Protection {
 pub fn validate_pods(catalog: &Catalog, images: &ImageCatalog) -> (Vec<Diagnostic>, Vec<Rejected>) {
     let node = NodeInfo::new("validate", Default::default(), 8 << 30, 2000);
     let ctx = Context::new(catalog, &node, images);
-    let mut diagnostics = Vec::new();
+    let mut diagnostics = Diagnostics::new(catalog);
     let mut rejected = Vec::new();
-    let mut seen = BTreeSet::new();
     for instance in node::all_pods(catalog) {
         let issues = match desired::resolve_pod(&instance, &ctx) {
             Ok(r) => r.warnings,
             Err(e) => {
-                let r = Rejected {
-                    source: catalog.source_ref(&instance.source.source, &FieldPath::root()),
-                    object: Some(instance.source.id.clone()),
-                };
-                if !rejected.contains(&r) {
-                    rejected.push(r);
-                }
+                reject(&mut rejected, catalog, instance.source);
                 e
             }
         };
-        push_unique(
-            &mut diagnostics,
-            &mut seen,
-            catalog,
-            instance.source,
-            &issues,
-        );
+        diagnostics.push(instance.source, &issues);
     }
+    let mut diagnostics = diagnostics.out;
     diagnostics.sort_by(|a, b| {
         (a.severity != Severity::Error)
             .cmp(&(b.severity != Severity::Error))

@@ -8,11 +8,15 @@ use serde::Serialize;
 
 use crate::actual::{ActiveState, ActualState, ActualUnit};
 use crate::desired::{ContainerUnit, DesiredPod, RestartPolicy, SliceUnit};
+use crate::reason::HoldReason;
 use crate::units::{IMAGE_FIELD, PodId, Properties, PropertyValue, SharedProperties, UnitName};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Verb {
+    /// Ask for an image to be pulled, in the background: the containers
+    /// that need it wait (held) until it is here.
+    Pull,
     /// Stop and forget a unit Git no longer wants.
     Stop,
     /// Create a slice with its properties.
@@ -32,6 +36,7 @@ pub enum Verb {
 impl Verb {
     pub fn as_str(self) -> &'static str {
         match self {
+            Verb::Pull => "pull",
             Verb::Stop => "stop",
             Verb::CreateSlice => "create slice",
             Verb::UpdateSlice => "update slice",
@@ -58,6 +63,9 @@ pub struct Action {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pod: Option<PodId>,
     pub reason: String,
+    /// For a pull: the image reference.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// For start, restart and create: every property, secrets redacted.
     #[serde(skip_serializing_if = "crate::units::no_properties")]
     pub properties: SharedProperties,
@@ -66,11 +74,20 @@ pub struct Action {
     pub changes: Vec<Change>,
 }
 
-/// Units the plan leaves alone on purpose, and why.
+/// What the plan leaves alone on purpose in this pass, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Held {
-    pub unit: UnitName,
-    pub reason: String,
+    /// The unit left alone, or for a pod that waits, what it waits on (its
+    /// first container's unit for an image, its network namespace, its
+    /// volumes): what its status names.
+    pub unit: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodId>,
+    pub reason: HoldReason,
+    pub message: String,
+    /// The starts and restarts this holds back.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub units: Vec<UnitName>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -111,33 +128,33 @@ pub struct Conflict {
     pub unit: UnitName,
 }
 
-pub fn plan(input: &PlanInput<'_>) -> (Plan, Vec<Conflict>) {
+/// The units of `pod` that exist on the node but are not Berth's: the pod
+/// cannot run here, and the foreign units are never touched.
+pub fn conflicts(pod: &DesiredPod, actual: &BTreeMap<&str, &ActualUnit>) -> Vec<Conflict> {
+    std::iter::once(&pod.slice.name)
+        .chain(pod.units().map(|u| &u.name))
+        .filter(|n| actual.get(n.as_str()).is_some_and(|u| !u.is_berths()))
+        .map(|unit| Conflict {
+            pod: pod.id.clone(),
+            unit: unit.clone(),
+        })
+        .collect()
+}
+
+/// The diff: the actions that take the node's units from what runs to what
+/// Git wants, and the units left alone because their objects are invalid.
+/// `input.pods` holds no conflicted pod (the desired stage took them out).
+pub fn plan(input: &PlanInput<'_>) -> Plan {
     let actual: BTreeMap<&str, &ActualUnit> = input
         .actual
         .units
         .iter()
         .map(|u| (u.name.as_str(), u))
         .collect();
-    let mut conflicts = Vec::new();
     let mut wanted: BTreeSet<&str> = BTreeSet::new();
     let mut pods: Vec<&DesiredPod> = input.pods.iter().collect();
     pods.sort_by(|a, b| a.id.cmp(&b.id));
-
-    // A pod whose unit names are taken by units Berth did not create is
-    // refused as a whole; the foreign units are never touched.
-    pods.retain(|pod| {
-        let names = std::iter::once(&pod.slice.name).chain(pod.units().map(|u| &u.name));
-        let taken: Vec<&UnitName> = names
-            .filter(|n| actual.get(n.as_str()).is_some_and(|u| !u.is_berths()))
-            .collect();
-        for unit in &taken {
-            conflicts.push(Conflict {
-                pod: pod.id.clone(),
-                unit: (*unit).clone(),
-            });
-        }
-        taken.is_empty()
-    });
+    let pod_ids: BTreeSet<String> = pods.iter().map(|p| p.id.to_string()).collect();
     for pod in &pods {
         wanted.insert(pod.slice.name.as_str());
         wanted.extend(pod.units().map(|u| u.name.as_str()));
@@ -145,7 +162,6 @@ pub fn plan(input: &PlanInput<'_>) -> (Plan, Vec<Conflict>) {
     for slice in input.qos_slices {
         wanted.insert(slice.name.as_str());
     }
-    let conflicted: BTreeSet<String> = conflicts.iter().map(|c| c.pod.to_string()).collect();
 
     let mut actions = Vec::new();
     let mut held = Vec::new();
@@ -159,10 +175,7 @@ pub fn plan(input: &PlanInput<'_>) -> (Plan, Vec<Conflict>) {
         let pod = unit.pod();
         let protected_by = if let Some(reason) = &input.protection.hold_all {
             Some(reason.clone())
-        } else if let Some(p) = pod
-            .as_ref()
-            .filter(|p| input.protection.pods.contains(*p) || conflicted.contains(*p))
-        {
+        } else if let Some(p) = pod.as_ref().filter(|p| input.protection.pods.contains(*p)) {
             Some(format!(
                 "pod {p} is not valid in revision {}; its last good state keeps running",
                 input.revision
@@ -179,14 +192,15 @@ pub fn plan(input: &PlanInput<'_>) -> (Plan, Vec<Conflict>) {
         };
         if let Some(reason) = protected_by {
             held.push(Held {
-                unit: unit.name.clone(),
-                reason,
+                unit: unit.name.to_string(),
+                pod: pod.as_deref().and_then(parse_pod_id),
+                reason: HoldReason::LastGoodKept,
+                message: reason,
+                units: Vec::new(),
             });
             continue;
         }
-        let still_wanted = pod
-            .as_ref()
-            .is_some_and(|p| pods.iter().any(|d| &d.id.to_string() == p));
+        let still_wanted = pod.as_ref().is_some_and(|p| pod_ids.contains(p));
         let reason = match (&pod, still_wanted, unit.name.is_slice()) {
             (Some(p), true, true) => format!("pod {p} moved to another QoS class slice"),
             (Some(p), true, false) => format!(
@@ -205,6 +219,7 @@ pub fn plan(input: &PlanInput<'_>) -> (Plan, Vec<Conflict>) {
             unit: unit.name.clone(),
             pod: pod.as_deref().and_then(parse_pod_id),
             reason,
+            image: None,
             properties: SharedProperties::default(),
             changes: Vec::new(),
         };
@@ -254,15 +269,12 @@ pub fn plan(input: &PlanInput<'_>) -> (Plan, Vec<Conflict>) {
     // Children before parents: a slice's depth is its count of '-'.
     removals.sort_by_key(|a| std::cmp::Reverse(a.unit.as_str().matches('-').count()));
     actions.extend(removals);
-    (
-        Plan {
-            node: input.node.to_string(),
-            revision: input.revision.to_string(),
-            actions,
-            held,
-        },
-        conflicts,
-    )
+    Plan {
+        node: input.node.to_string(),
+        revision: input.revision.to_string(),
+        actions,
+        held,
+    }
 }
 
 fn parse_pod_id(text: &str) -> Option<PodId> {
@@ -289,6 +301,7 @@ fn slice_action(
                 Some(p) => format!("pod {} is new in revision {revision} ({} QoS)", p.id, p.qos),
                 None => format!("the {what} does not exist yet"),
             },
+            image: None,
             properties: SharedProperties::clone(&slice.properties),
             changes: Vec::new(),
         }),
@@ -299,6 +312,7 @@ fn slice_action(
                 unit: slice.name.clone(),
                 pod: pod_id,
                 reason: describe_changes(&changes),
+                image: None,
                 properties: SharedProperties::default(),
                 changes,
             })
@@ -324,6 +338,7 @@ fn unit_action(
             unit: unit.name.clone(),
             pod: Some(pod.id.clone()),
             reason,
+            image: None,
             properties,
             changes,
         };

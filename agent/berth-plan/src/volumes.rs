@@ -108,7 +108,8 @@ pub struct SubPathBind {
 }
 
 /// Where volumes of every pod live on the node.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VolumeDirs {
     /// Disk-backed `emptyDir`s: `<dir>/<ns>_<pod>/<volume>`.
     pub disk_dir: String,

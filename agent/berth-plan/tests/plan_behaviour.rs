@@ -75,7 +75,10 @@ fn applied(plan: &NodePlan) -> ActualState {
             });
         }
     }
-    ActualState { units }
+    ActualState {
+        units,
+        ..ActualState::default()
+    }
 }
 
 /// The plan's action on `unit`; the test fails if there is none.
@@ -248,12 +251,14 @@ fn units_berth_did_not_create_are_never_touched() {
         plan.plan.actions
     );
     assert_eq!(plan.rejected.len(), 1);
+    // A problem of the node, not of the revision: it does not reject a commit.
+    assert!(plan.diagnostics.iter().all(|d| !d.is_error()));
     assert!(
-        plan.diagnostics[0]
+        plan.conflicts[0]
             .message
             .contains("was not created by Berth"),
         "{}",
-        plan.diagnostics[0].message
+        plan.conflicts[0].message
     );
 }
 

@@ -67,50 +67,7 @@ impl std::fmt::Debug for dyn Systemd + '_ {
     }
 }
 
-/// Why an action failed, in the words `kubectl` would use where one exists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum FailureReason {
-    /// The image is not in the local store.
-    ImageNotPresent,
-    /// The image is being pulled (what `kubectl` shows while it is).
-    ContainerCreating,
-    /// The last pull of the image failed.
-    ErrImagePull,
-    /// The pull failed and is not tried again before its back-off ends.
-    ImagePullBackOff,
-    /// `imagePullPolicy: Never` and the image is not in the store.
-    ErrImageNeverPull,
-    /// The image reference is not one.
-    InvalidImageName,
-    /// The container's root could not be prepared or mounted.
-    CreateContainerError,
-    /// systemd refused the unit or one of its properties.
-    CreateContainerConfigError,
-    /// The start job failed (a missing binary, a bad user, ...).
-    StartError,
-    /// Stopping or changing a unit failed.
-    KillError,
-    /// A unit it depends on (its slice, an init container) failed first.
-    DependencyFailed,
-    /// The pod's network (namespace, address, veth) could not be made.
-    FailedCreatePodSandBox,
-    /// A volume could not be made ready (a claim not bound, a subPath
-    /// leading out of its volume, a hostPath not allowed).
-    FailedMount,
-}
-
-impl FailureReason {
-    /// A pull under way or backing off: progress the pod's status shows,
-    /// not a difference from Git (its message changes from pass to pass).
-    pub fn is_pulling(self) -> bool {
-        matches!(
-            self,
-            FailureReason::ContainerCreating
-                | FailureReason::ErrImagePull
-                | FailureReason::ImagePullBackOff
-        )
-    }
-}
+pub use berth_plan::FailureReason;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -198,7 +155,8 @@ pub fn apply(
         .copied()
         .zip(host.systemd.stop_all(&stops))
         .collect();
-    for action in &plan.actions {
+    // Pulls are the image puller's to carry out, not systemd's.
+    for action in plan.actions.iter().filter(|a| a.verb != Verb::Pull) {
         let unit = action.unit.as_str();
         let pod = action.pod.as_ref().map(ToString::to_string);
         if let Some(p) = &pod
@@ -215,6 +173,7 @@ pub fn apply(
             continue;
         }
         let result: Result<(), Failure> = match action.verb {
+            Verb::Pull => Ok(()),
             Verb::CreateSlice => host
                 .systemd
                 .start_transient(unit, &action.properties)

@@ -6,7 +6,7 @@ use std::io::{self, Write};
 use berth_manifest::{Catalog, Diagnostic, Rejected, Severity};
 use berth_plan::pipeline::NodePlan;
 use berth_plan::plan::Action;
-use berth_plan::{Properties, PropertyValue};
+use berth_plan::{HoldReason, Properties, PropertyValue};
 use berth_runtime::status::PodStatus;
 use serde::Serialize;
 
@@ -455,10 +455,45 @@ pub fn print_plan(catalog: &Catalog, node_plan: &NodePlan, output: Output) -> an
     for (i, action) in plan.actions.iter().enumerate() {
         write_action(&mut out, i + 1, action)?;
     }
-    if !plan.held.is_empty() {
-        writeln!(out, "\nLeft running on purpose ({}):", plan.held.len())?;
-        for h in &plan.held {
-            writeln!(out, "  {}: {}", h.unit, h.reason)?;
+    let (waiting, kept): (Vec<_>, Vec<_>) = plan
+        .held
+        .iter()
+        .partition(|h| matches!(h.reason, HoldReason::Waiting(_)));
+    if !waiting.is_empty() {
+        writeln!(out, "\nWaiting, not started yet ({}):", waiting.len())?;
+        for h in waiting {
+            let pod = h
+                .pod
+                .as_ref()
+                .map(|p| format!("pod {p}: "))
+                .unwrap_or_default();
+            writeln!(
+                out,
+                "  {pod}{}: {}: {}",
+                h.unit,
+                h.reason.as_str(),
+                h.message
+            )?;
+        }
+    }
+    if !kept.is_empty() {
+        writeln!(out, "\nLeft running on purpose ({}):", kept.len())?;
+        for h in kept {
+            writeln!(out, "  {}: {}", h.unit, h.message)?;
+        }
+    }
+    if !node_plan.drift.is_empty() {
+        writeln!(
+            out,
+            "\nDrift from the units last applied ({}):",
+            node_plan.drift.len()
+        )?;
+        for d in &node_plan.drift {
+            writeln!(
+                out,
+                "  {} {} {}: {} on the node, {} in Git; {}",
+                d.object, d.unit, d.field, d.actual, d.desired, d.action
+            )?;
         }
     }
     if !node_plan.elsewhere.is_empty() {
@@ -510,12 +545,11 @@ fn write_action(out: &mut impl Write, n: usize, action: &Action) -> io::Result<(
         .as_ref()
         .map(|p| format!("  [pod {p}]"))
         .unwrap_or_default();
-    writeln!(
-        out,
-        "\n{n:>3}. {} {}{pod}",
-        action.verb.as_str(),
-        action.unit
-    )?;
+    let what = match &action.image {
+        Some(image) => format!("image {image}"),
+        None => action.unit.to_string(),
+    };
+    writeln!(out, "\n{n:>3}. {} {what}{pod}", action.verb.as_str())?;
     writeln!(out, "     why: {}", action.reason)?;
     write_properties(out, &action.properties)?;
     if !action.properties.is_empty() {

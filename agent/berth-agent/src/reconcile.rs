@@ -1,0 +1,661 @@
+//! Reconcile: one pass over a revision, as the stages of the design say.
+//!
+//! 1. observe systemd: the units that run;
+//! 2. desired: the pods this node runs (`berth_plan::desire`), and for a
+//!    new revision the verdict on it from that same plan's diagnostics;
+//! 3. prepare what those pods need before they start: the node's network
+//!    and each pod's wiring, claims and volumes; how it went, the images'
+//!    state and the digests last applied are facts of the observed state;
+//! 4. plan (`berth_plan::plan_desired`): every action and every hold,
+//!    drift classified; written with the observed state to the state
+//!    directory, so `berth plan --actual` replays it;
+//! 5. apply: the plan's pulls, then its unit actions, nothing else;
+//! 6. record: failures and holds for pod status, digests, drift, Services.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use berth_plan::{
+    ActualState, DesiredNode, HoldReason, ImageCatalog, NodeInfo, PodFacts, Verb, Wiring,
+};
+use berth_runtime::{ApplyFailure, Host, Observed, apply, observe};
+
+use crate::config::NodeConfig;
+use crate::drift::DriftItem;
+use crate::limits::CgroupLimits;
+use crate::publisher::DriftCommit;
+use crate::state::NotAdmittedRecord;
+use crate::{
+    Agent, Loaded, MAX_LOGGED_ACTIONS, PassOutcome, Runtime, drift, network, now_secs, report,
+    short,
+};
+
+impl Agent {
+    /// Plans and applies `candidate` (a new revision, accepted here by its
+    /// plan or rejected) or else the last good revision. `outcome` gets the
+    /// verdict on the candidate.
+    pub(crate) fn reconcile(
+        &mut self,
+        config: &NodeConfig,
+        mirror: &berth_git::Mirror,
+        candidate: Option<Loaded>,
+        outcome: &mut Option<PassOutcome>,
+    ) -> Result<(), String> {
+        let node = self.node_info(config);
+        let images = self.image_catalog();
+        let rt = self.runtime.take();
+        let result = self.reconcile_with(
+            rt.as_ref(),
+            config,
+            mirror,
+            candidate,
+            outcome,
+            &node,
+            &images,
+        );
+        self.runtime = rt;
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn reconcile_with(
+        &mut self,
+        rt: Option<&Runtime>,
+        config: &NodeConfig,
+        mirror: &berth_git::Mirror,
+        candidate: Option<Loaded>,
+        outcome: &mut Option<PassOutcome>,
+        node: &NodeInfo,
+        images: &ImageCatalog,
+    ) -> Result<(), String> {
+        let observed = match rt {
+            Some(rt) => {
+                observe(rt.systemd.as_ref()).map_err(|e| format!("cannot observe units: {e}"))?
+            }
+            None => Observed::default(),
+        };
+        self.check_boot();
+        let mut chosen = None;
+        if let Some(loaded) = candidate {
+            let desired = berth_plan::desire(&loaded.catalog, node, images, &observed.actual.units);
+            match self.accept(config, &loaded, &desired) {
+                Ok(o) => {
+                    *outcome = Some(o);
+                    chosen = Some((loaded, desired));
+                }
+                Err(o) => *outcome = Some(o),
+            }
+        }
+        let (loaded, desired) = match chosen {
+            Some(c) => c,
+            None => {
+                let Some(good) = self.state.last_good.as_ref().map(|g| g.revision.clone()) else {
+                    return Ok(());
+                };
+                let loaded = self.load(config, mirror, &good)?;
+                let desired =
+                    berth_plan::desire(&loaded.catalog, node, images, &observed.actual.units);
+                (loaded, desired)
+            }
+        };
+        match rt {
+            Some(rt) => self.reconcile_on(rt, config, &loaded, desired, &observed, node)?,
+            None => {
+                // Plan only: nothing runs, nothing is prepared.
+                let actual = ActualState {
+                    node: Some(node.clone()),
+                    observed_at: now_secs(),
+                    ..ActualState::default()
+                };
+                let plan = berth_plan::plan_desired(
+                    desired,
+                    &loaded.catalog,
+                    node,
+                    &actual,
+                    &short(&loaded.revision),
+                );
+                self.log_actions(&plan.plan.actions);
+            }
+        }
+        self.reconciled = Some((loaded.revision.clone(), std::time::Instant::now()));
+        Ok(())
+    }
+
+    fn reconcile_on(
+        &mut self,
+        rt: &Runtime,
+        config: &NodeConfig,
+        loaded: &Loaded,
+        desired: DesiredNode,
+        observed: &Observed,
+        node: &NodeInfo,
+    ) -> Result<(), String> {
+        let now = now_secs();
+        // Prepare, and gather the facts the plan weighs.
+        let (wiring, pod_files) = self.wire_pods(config, &desired.pods);
+        let dirs = node.volumes.clone();
+        let volumes = self.prepare_volumes(&loaded.catalog, &desired.pods, &dirs);
+        let mut pods: BTreeMap<String, PodFacts> = BTreeMap::new();
+        for (pod, w) in wiring {
+            pods.entry(pod).or_default().network = Some(w);
+        }
+        for (pod, message) in volumes {
+            pods.entry(pod).or_default().volumes_not_ready = Some(message);
+        }
+        let actual = ActualState {
+            node: Some(node.clone()),
+            observed_at: now,
+            units: observed.actual.units.clone(),
+            applied: self.state.applied.clone(),
+            images: self.images.facts(&config.images, rt, &desired.pods),
+            pods,
+        };
+        let plan = berth_plan::plan_desired(
+            desired,
+            &loaded.catalog,
+            node,
+            &actual,
+            &short(&loaded.revision),
+        );
+        if let Err(e) = self.store.save_pass(&actual, &plan.plan) {
+            self.log.warn(&format!(
+                "cannot record the pass in {}: {e}",
+                self.paths.state_dir.display()
+            ));
+        }
+        self.record_plan_problems(&plan);
+        // Apply: the pulls, then the units.
+        self.images.pull(&config.images, rt, &plan, &self.log);
+        let units_to_apply = plan.plan.actions.iter().any(|a| a.verb != Verb::Pull);
+        let mut report = if !units_to_apply && self.state.failures.is_empty() {
+            self.last_logged_plan.clear();
+            berth_runtime::ApplyReport::default()
+        } else {
+            self.apply_plan(rt, &plan, observed, &loaded.revision, pod_files.as_ref())
+        };
+        // What waits shows on the pod as a failure would, with its reason.
+        report
+            .failed
+            .extend(plan.plan.held.iter().filter_map(|h| match h.reason {
+                HoldReason::Waiting(reason) => Some(ApplyFailure {
+                    unit: h.unit.clone(),
+                    pod: h.pod.as_ref().map(ToString::to_string),
+                    verb: "start".into(),
+                    reason,
+                    message: h.message.clone(),
+                }),
+                _ => None,
+            }));
+        self.unwire_others(&plan.pods);
+        if let Some(storage) = &self.storage {
+            for line in storage.remove_others(&plan.pods, &dirs) {
+                self.log.info(&line);
+            }
+        }
+        let collected = self
+            .images
+            .collect(&config.images, rt, &plan.pods, &self.log);
+        self.state.images = self.images.record(collected);
+        // What is now as Git says, by digest: a later departure is drift.
+        // A unit whose action failed, or that waits, is not in place.
+        let not_in_place: BTreeSet<&str> = report
+            .failed
+            .iter()
+            .map(|f| f.unit.as_str())
+            .chain(
+                plan.plan
+                    .held
+                    .iter()
+                    .flat_map(|h| h.units.iter().map(|u| u.as_str())),
+            )
+            .collect();
+        self.state
+            .applied
+            .retain(|unit, _| plan.digests.contains_key(unit));
+        for (unit, digest) in &plan.digests {
+            if !not_in_place.contains(unit.as_str()) {
+                self.state.applied.insert(unit.clone(), digest.clone());
+            }
+        }
+        let mut outstanding = Vec::new();
+        for mut item in plan.drift.iter().cloned() {
+            if let Some(f) = report.failed.iter().find(|f| f.unit == item.unit) {
+                item.action = format!("heal failed: {:?}: {}", f.reason, f.message);
+                outstanding.push(item);
+            } else if item.policy == drift::Policy::Heal {
+                self.log.warn(&format!(
+                    "drift healed: {} {} {}: {} on the node, {} in Git",
+                    item.object, item.unit, item.field, item.actual, item.desired
+                ));
+                self.state.healed.push(report::Healed {
+                    at: now,
+                    object: item.object,
+                    unit: item.unit,
+                    field: item.field,
+                    found: item.actual,
+                    restored: item.desired,
+                });
+            } else {
+                outstanding.push(item);
+            }
+        }
+        let excess = self.state.healed.len().saturating_sub(report::HEALED_KEPT);
+        self.state.healed.drain(..excess);
+        self.state.failures = report.failed;
+        let pods = self.state.pod_statuses(observed, &rt.cgroup_root);
+        self.program_services(&loaded.catalog, &plan.pods, &pods, now);
+        outstanding.extend(drift::standing(
+            &pods,
+            &self.state.failures,
+            &plan.pods,
+            &loaded.catalog,
+            &config.drift,
+            now,
+        ));
+        drift::carry_since(&mut outstanding, &self.state.drift);
+        let was: BTreeSet<String> = self.state.drift.iter().map(DriftItem::key).collect();
+        for item in outstanding.iter().filter(|i| !was.contains(&i.key())) {
+            self.log.warn(&format!(
+                "drift reported: {} {} {}: {} on the node, {} in Git",
+                item.object, item.unit, item.field, item.actual, item.desired
+            ));
+        }
+        self.drift_commit = self.drift_commit_for(config, loaded, &outstanding);
+        self.state.drift = outstanding;
+        self.pods = pods;
+        // Read after the apply, so what it changed is not mistaken for a
+        // change on the next poll.
+        self.limits = Some(CgroupLimits::read(
+            &rt.cgroup_root,
+            observed
+                .units
+                .values()
+                .filter(|u| u.name.starts_with("berth"))
+                .map(|u| u.runtime.control_group.as_str()),
+        ));
+        Ok(())
+    }
+
+    /// Pods not admitted and pods refused against what runs: logged when
+    /// they change, kept for status.
+    fn record_plan_problems(&mut self, plan: &berth_plan::NodePlan) {
+        let not_admitted: Vec<NotAdmittedRecord> = plan
+            .not_admitted
+            .iter()
+            .map(|n| NotAdmittedRecord {
+                pod: n.pod.to_string(),
+                reason: n.reason.clone(),
+            })
+            .collect();
+        if not_admitted != self.state.not_admitted {
+            for n in &not_admitted {
+                self.log
+                    .warn(&format!("pod {} is not admitted: {}", n.pod, n.reason));
+            }
+        }
+        self.state.not_admitted = not_admitted;
+        let mut plan_errors: Vec<String> = plan
+            .diagnostics
+            .iter()
+            .chain(&plan.conflicts)
+            .filter(|d| d.is_error())
+            .map(ToString::to_string)
+            .collect();
+        plan_errors.sort();
+        plan_errors.dedup();
+        if plan_errors != self.state.plan_errors {
+            for e in &plan_errors {
+                self.log.error(e);
+            }
+        }
+        self.state.plan_errors = plan_errors;
+    }
+
+    fn apply_plan(
+        &mut self,
+        rt: &Runtime,
+        plan: &berth_plan::NodePlan,
+        observed: &berth_runtime::Observed,
+        revision: &str,
+        pod_files: Option<&network::PodFiles>,
+    ) -> berth_runtime::ApplyReport {
+        let summary: Vec<String> = plan
+            .plan
+            .actions
+            .iter()
+            .map(|a| format!("{} {}", a.verb.as_str(), a.unit))
+            .collect();
+        let repeated = summary == self.last_logged_plan;
+        if !repeated {
+            self.log_actions(&plan.plan.actions);
+        }
+        let host = Host {
+            systemd: rt.systemd.as_ref(),
+            images: &rt.images,
+            roots: &rt.roots,
+            users: &rt.users,
+            pod_files,
+        };
+        let report = apply(&host, &plan.plan, &plan.pods, observed);
+        if report.failed != self.state.failures {
+            for f in &report.failed {
+                self.log.error(&format!(
+                    "{} {}: {:?}: {}",
+                    f.verb, f.unit, f.reason, f.message
+                ));
+            }
+        }
+        for c in &report.cleaned {
+            self.log.info(&format!("cleaned up {c}"));
+        }
+        if !plan.plan.actions.is_empty() && !repeated {
+            self.log.info(&format!(
+                "revision {}: {} actions applied, {} failed",
+                short(revision),
+                report.done.len(),
+                report.failed.len()
+            ));
+        }
+        if let Some(g) = self.state.last_good.as_mut() {
+            g.actions = plan.plan.actions.len();
+        }
+        self.last_logged_plan = summary;
+        report
+    }
+
+    /// Prepares the node's network and wires every pod that has its own.
+    /// Returns how each pod's wiring stands, by pod, for the plan (a pod
+    /// not wired does not start: a container must not run outside its
+    /// namespace), and the files each pod's containers get.
+    fn wire_pods(
+        &mut self,
+        config: &NodeConfig,
+        pods: &[berth_plan::DesiredPod],
+    ) -> (BTreeMap<String, Wiring>, Option<network::PodFiles>) {
+        let Some(net) = self.network.as_mut() else {
+            return (BTreeMap::new(), None);
+        };
+        let wired = match net.prepare_node(&config.network) {
+            Ok(notes) => {
+                for n in notes {
+                    self.log.warn(&n);
+                }
+                self.state.network.error = None;
+                net.wire(pods)
+            }
+            Err(e) => {
+                if self.state.network.error.as_deref() != Some(e.as_str()) {
+                    self.log.error(&format!("pod network: {e}"));
+                }
+                self.state.network.error = Some(e.clone());
+                pods.iter()
+                    .filter(|p| !p.host_network)
+                    .map(|p| {
+                        (
+                            p.id.key(),
+                            network::Wired::Failed(format!(
+                                "the node's pod network is not ready: {e}"
+                            )),
+                        )
+                    })
+                    .collect()
+            }
+        };
+        self.state.network.pod_ips = pods
+            .iter()
+            .filter(|p| !p.host_network)
+            .filter_map(|p| Some((p.id.to_string(), net.pod_ip(&p.id.key())?.to_string())))
+            .collect();
+        let by_key: BTreeMap<String, String> = pods
+            .iter()
+            .map(|p| (p.id.key(), p.id.to_string()))
+            .collect();
+        let wiring = wired
+            .into_iter()
+            .filter_map(|(key, w)| {
+                let pod = by_key.get(&key)?.clone();
+                Some(match w {
+                    network::Wired::Failed(message) => (pod, Wiring::Failed { message }),
+                    network::Wired::Ip(ip) => (pod, Wiring::Wired { ip: ip.to_string() }),
+                })
+            })
+            .collect();
+        (wiring, Some(net.pod_files(pods)))
+    }
+
+    /// Binds claims, publishes their volumes and makes every pod's volumes
+    /// ready. Returns, by pod, why its volumes are not ready: the plan
+    /// holds those pods, and they show `FailedMount` with the reason.
+    fn prepare_volumes(
+        &mut self,
+        catalog: &berth_manifest::Catalog,
+        pods: &[berth_plan::DesiredPod],
+        dirs: &berth_plan::volumes::VolumeDirs,
+    ) -> BTreeMap<String, String> {
+        let Some(storage) = self.storage.as_mut() else {
+            return pods
+                .iter()
+                .filter(|p| !p.volumes.is_empty())
+                .map(|p| {
+                    (
+                        p.id.to_string(),
+                        "this node keeps no volumes (the agent runs without storage)".to_string(),
+                    )
+                })
+                .collect();
+        };
+        let (record, lines, remounted) = storage.reconcile(catalog, pods, dirs);
+        for line in lines {
+            self.log.info(&line);
+        }
+        for r in remounted {
+            self.log.warn(&format!(
+                "drift healed: the volume of claim {} was unmounted from {} outside Berth; mounted again",
+                r.claim,
+                r.path.display()
+            ));
+            self.state.healed.push(report::Healed {
+                at: now_secs(),
+                object: format!("PersistentVolumeClaim/{}", r.claim),
+                unit: r.path.display().to_string(),
+                field: "mount".into(),
+                found: "not mounted".into(),
+                restored: "the claim's volume".into(),
+            });
+            let excess = self.state.healed.len().saturating_sub(report::HEALED_KEPT);
+            self.state.healed.drain(..excess);
+        }
+        let unready = storage.prepare_pods(pods, dirs);
+        for p in &record.problems {
+            if !self.state.storage.problems.contains(p) {
+                self.log.error(&format!("storage: {p}"));
+            }
+        }
+        self.state.storage = record;
+        let by_key: BTreeMap<String, String> = pods
+            .iter()
+            .map(|p| (p.id.key(), p.id.to_string()))
+            .collect();
+        unready
+            .into_iter()
+            .filter_map(|(key, message)| Some((by_key.get(&key)?.clone(), message)))
+            .collect()
+    }
+
+    /// Removes the network of pods Git no longer wants (their containers
+    /// stopped in this pass's apply) and of anything a crash left behind.
+    fn unwire_others(&mut self, pods: &[berth_plan::DesiredPod]) {
+        let Some(net) = self.network.as_mut() else {
+            return;
+        };
+        let keep: std::collections::BTreeSet<String> = pods
+            .iter()
+            .filter(|p| !p.host_network)
+            .map(|p| p.id.key())
+            .collect();
+        for removed in net.unwire_others(&keep) {
+            self.log.info(&format!("pod network: removed {removed}"));
+        }
+    }
+
+    /// Gives pod statuses their IPs and programs Services over the pods
+    /// that are ready. A table edited or deleted by hand is put back and
+    /// recorded as healed drift.
+    fn program_services(
+        &mut self,
+        catalog: &berth_manifest::Catalog,
+        desired: &[berth_plan::DesiredPod],
+        pods: &[berth_runtime::status::PodStatus],
+        now: u64,
+    ) {
+        let Some(net) = self.network.as_mut() else {
+            return;
+        };
+        // Endpoints follow readiness (no probes yet: every container running).
+        let ready: std::collections::BTreeMap<String, std::net::Ipv4Addr> = pods
+            .iter()
+            .filter(|p| {
+                p.conditions
+                    .iter()
+                    .any(|c| c.kind == "Ready" && c.status == "True")
+            })
+            .filter_map(|p| {
+                let ip = p.pod_ip.as_deref()?.parse().ok()?;
+                Some((format!("{}_{}", p.namespace, p.name), ip))
+            })
+            .collect();
+        if self.state.network.error.is_some() {
+            return;
+        }
+        match net.program_services(catalog, desired, &ready) {
+            Ok(drifted) => {
+                if let Some(how) = drifted {
+                    self.log.warn(&format!(
+                        "drift healed: nftables table ip {} was {how} outside Berth; restored",
+                        berth_net::nft::TABLE
+                    ));
+                    self.state.healed.push(report::Healed {
+                        at: now,
+                        object: "Services".into(),
+                        unit: format!("nftables table ip {}", berth_net::nft::TABLE),
+                        field: "rules".into(),
+                        found: how,
+                        restored: "the rules for every Service".into(),
+                    });
+                    let excess = self.state.healed.len().saturating_sub(report::HEALED_KEPT);
+                    self.state.healed.drain(..excess);
+                }
+                if net.service_problems != self.state.network.problems {
+                    for p in &net.service_problems {
+                        self.log.warn(p);
+                    }
+                }
+                self.state.network.problems = net.service_problems.clone();
+                self.state.network.services = net.service_records();
+            }
+            Err(e) => {
+                if self.state.network.error.as_deref() != Some(e.as_str()) {
+                    self.log.error(&format!("Services: {e}"));
+                }
+                self.state.network.error = Some(format!("Services: {e}"));
+            }
+        }
+    }
+
+    /// Whether a resource file of a Berth cgroup differs from what the last
+    /// observation read: a few small file reads per unit, where observing
+    /// is two D-Bus calls per unit.
+    pub(crate) fn limits_changed(&self) -> bool {
+        match (&self.limits, &self.runtime) {
+            (Some(before), Some(rt)) => before.reread(&rt.cgroup_root) != *before,
+            _ => false,
+        }
+    }
+
+    /// Transient units do not outlive a boot: digests recorded in an
+    /// earlier boot say nothing about this one.
+    fn check_boot(&mut self) {
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|b| b.trim().to_string())
+            .ok();
+        if boot != self.state.boot_id {
+            self.state.applied.clear();
+            self.state.boot_id = boot;
+        }
+    }
+
+    /// The drift branch's commit: DRIFT.md and the manifest edits that
+    /// adopt what can be adopted, on top of the applied revision.
+    fn drift_commit_for(
+        &self,
+        config: &NodeConfig,
+        loaded: &Loaded,
+        items: &[drift::DriftItem],
+    ) -> Option<DriftCommit> {
+        if items.is_empty() {
+            return None;
+        }
+        let (edits, notes) = drift::adopting_edits(items, &loaded.catalog, &config.path);
+        let text = drift::report(
+            &config.node_name,
+            &short(&loaded.revision),
+            items,
+            &notes,
+            &edits,
+        );
+        let mut files: Vec<berth_git::FileChange> = edits
+            .iter()
+            .map(|e| berth_git::FileChange {
+                path: e.path.clone(),
+                content: Some(e.text.clone().into_bytes()),
+            })
+            .collect();
+        files.push(berth_git::FileChange {
+            path: format!("drift/{}/DRIFT.md", config.node_name),
+            content: Some(text.into_bytes()),
+        });
+        let objects: std::collections::BTreeSet<&str> =
+            items.iter().map(|i| i.object.as_str()).collect();
+        let mut message = format!(
+            "drift on {}: {} field{} on {} object{}\n\n",
+            config.node_name,
+            items.len(),
+            if items.len() == 1 { "" } else { "s" },
+            objects.len(),
+            if objects.len() == 1 { "" } else { "s" },
+        );
+        for item in items.iter().take(10) {
+            message.push_str(&format!(
+                "- {} {}: {} → {}\n",
+                item.object, item.field, item.desired, item.actual
+            ));
+        }
+        if items.len() > 10 {
+            message.push_str(&format!(
+                "- … and {} more (see DRIFT.md)\n",
+                items.len() - 10
+            ));
+        }
+        Some(DriftCommit {
+            base: loaded.revision.clone(),
+            files,
+            message,
+        })
+    }
+
+    fn log_actions(&self, actions: &[berth_plan::Action]) {
+        for action in actions.iter().take(MAX_LOGGED_ACTIONS) {
+            self.log.info(&format!(
+                "plan: {} {}: {}",
+                action.verb.as_str(),
+                action.unit,
+                action.reason
+            ));
+        }
+        if actions.len() > MAX_LOGGED_ACTIONS {
+            self.log.info(&format!(
+                "plan: ... and {} more actions",
+                actions.len() - MAX_LOGGED_ACTIONS
+            ));
+        }
+    }
+}
