@@ -26,7 +26,7 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use berth_git::{Mirror, Revision};
-use berth_plan::{ImageCatalog, NodeInfo};
+use berth_plan::NodeInfo;
 use berth_runtime::Systemd;
 use berth_runtime::images::ImageStore;
 use berth_runtime::rootfs::{ContainerRoots, UserRecords};
@@ -434,10 +434,11 @@ impl Agent {
         node
     }
 
-    pub(crate) fn image_catalog(&self) -> ImageCatalog {
+    /// The configs of the images in the store, for the planner.
+    pub(crate) fn image_configs(&self) -> Vec<berth_plan::ImageConfig> {
         self.runtime
             .as_ref()
-            .map(|rt| ImageCatalog::new(rt.images.catalog()))
+            .map(|rt| rt.images.catalog())
             .unwrap_or_default()
     }
 

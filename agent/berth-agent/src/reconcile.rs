@@ -41,7 +41,7 @@ impl Agent {
         outcome: &mut Option<PassOutcome>,
     ) -> Result<(), String> {
         let node = self.node_info(config);
-        let images = self.image_catalog();
+        let image_configs = self.image_configs();
         let rt = self.runtime.take();
         let result = self.reconcile_with(
             rt.as_ref(),
@@ -50,7 +50,7 @@ impl Agent {
             candidate,
             outcome,
             &node,
-            &images,
+            image_configs,
         );
         self.runtime = rt;
         result
@@ -65,8 +65,9 @@ impl Agent {
         candidate: Option<Loaded>,
         outcome: &mut Option<PassOutcome>,
         node: &NodeInfo,
-        images: &ImageCatalog,
+        image_configs: Vec<berth_plan::ImageConfig>,
     ) -> Result<(), String> {
+        let images = &ImageCatalog::new(image_configs.clone());
         let observed = match rt {
             Some(rt) => {
                 observe(rt.systemd.as_ref()).map_err(|e| format!("cannot observe units: {e}"))?
@@ -98,7 +99,9 @@ impl Agent {
             }
         };
         match rt {
-            Some(rt) => self.reconcile_on(rt, config, &loaded, desired, &observed, node)?,
+            Some(rt) => {
+                self.reconcile_on(rt, config, &loaded, desired, &observed, node, image_configs)?
+            }
             None => {
                 // Plan only: nothing runs, nothing is prepared.
                 let actual = ActualState {
@@ -120,6 +123,7 @@ impl Agent {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn reconcile_on(
         &mut self,
         rt: &Runtime,
@@ -128,6 +132,7 @@ impl Agent {
         desired: DesiredNode,
         observed: &Observed,
         node: &NodeInfo,
+        image_configs: Vec<berth_plan::ImageConfig>,
     ) -> Result<(), String> {
         let now = now_secs();
         // Prepare, and gather the facts the plan weighs.
@@ -147,6 +152,7 @@ impl Agent {
             units: observed.actual.units.clone(),
             applied: self.state.applied.clone(),
             images: self.images.facts(&config.images, rt, &desired.pods),
+            image_configs,
             pods,
         };
         let plan = berth_plan::plan_desired(

@@ -1021,3 +1021,219 @@ fn an_idle_poll_notices_a_changed_cgroup_limit_without_observing_every_unit() {
     assert_eq!(drift.len(), 1, "{drift:?}");
     assert_eq!(drift[0].field, "MemoryMax");
 }
+
+/// The plan the agent's last pass applied (`plan.json`) is the plan
+/// `plan_node` makes from the snapshot it wrote (`observed.json`) and the
+/// same manifests, and systemd saw exactly its unit actions. With
+/// `BERTH_BLESS=1` the case is recorded for the CLI's replay test
+/// (`agent/berth/tests/data/replay/<case>/`).
+fn replay_matches_what_was_applied(node: &Node, case: &str, calls: &[String]) -> serde_json::Value {
+    let state = node.dir.join("state");
+    let observed_text = std::fs::read_to_string(state.join("observed.json")).unwrap();
+    let observed: berth_plan::ActualState = serde_json::from_str(&observed_text).unwrap();
+    let applied_text = std::fs::read_to_string(state.join("plan.json")).unwrap();
+    let applied: serde_json::Value = serde_json::from_str(&applied_text).unwrap();
+    let sources = manifests(&node.dir.join("repo/pods"));
+    let catalog = berth_manifest::load_sources(sources.clone());
+    let images = berth_plan::ImageCatalog::new(observed.image_configs.clone());
+    let replay = berth_plan::plan_node(
+        &catalog,
+        observed.node.as_ref().expect("the snapshot names its node"),
+        &images,
+        &observed,
+        applied["revision"].as_str().unwrap(),
+    );
+    assert_eq!(
+        serde_json::to_value(&replay.plan).unwrap(),
+        applied,
+        "{case}: the replayed plan differs from the applied one"
+    );
+    // Every unit action reached systemd, and nothing else was started.
+    for action in &replay.plan.actions {
+        let unit = action.unit.as_str();
+        let expected = match action.verb {
+            berth_plan::Verb::Pull => continue,
+            berth_plan::Verb::Start | berth_plan::Verb::Restart | berth_plan::Verb::CreateSlice => {
+                format!("start {unit}")
+            }
+            berth_plan::Verb::Stop | berth_plan::Verb::RemoveSlice => format!("stop {unit}"),
+            berth_plan::Verb::Update | berth_plan::Verb::UpdateSlice => {
+                format!("set-properties {unit}")
+            }
+        };
+        assert!(
+            calls.contains(&expected),
+            "{case}: {expected} not in {calls:?}"
+        );
+    }
+    for call in calls
+        .iter()
+        .filter(|c| c.starts_with("start berth-") && c.ends_with(".service"))
+    {
+        let unit = call.trim_start_matches("start ");
+        assert!(
+            replay.plan.actions.iter().any(|a| a.unit.as_str() == unit),
+            "{case}: {call} is not in the plan"
+        );
+    }
+    if std::env::var_os("BERTH_BLESS").is_some() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../berth/tests/data/replay")
+            .join(case);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("manifests")).unwrap();
+        for s in &sources {
+            std::fs::write(dir.join("manifests").join(&s.path), &s.text).unwrap();
+        }
+        std::fs::write(dir.join("observed.json"), observed_text).unwrap();
+        std::fs::write(dir.join("plan.json"), applied_text).unwrap();
+    }
+    applied
+}
+
+fn manifests(dir: &Path) -> Vec<berth_manifest::SourceFile> {
+    let mut out: Vec<berth_manifest::SourceFile> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| berth_manifest::SourceFile {
+            path: e.file_name().into(),
+            text: std::fs::read_to_string(e.path()).unwrap(),
+        })
+        .collect();
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out
+}
+
+fn verbs(plan: &serde_json::Value) -> Vec<String> {
+    plan["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            format!(
+                "{} {}",
+                a["verb"].as_str().unwrap(),
+                a["unit"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+fn held(plan: &serde_json::Value) -> Vec<String> {
+    plan["held"]
+        .as_array()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    format!(
+                        "{} {}",
+                        h["reason"].as_str().unwrap(),
+                        h["unit"].as_str().unwrap()
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_plan_replayed_from_a_fresh_nodes_snapshot_is_the_one_it_applied() {
+    let node = Node::new("replay-fresh");
+    node.commit(&[("pods/a.yaml", Some(limited("")))]);
+    let mut agent = node.agent();
+    node.systemd.take_calls();
+    agent.pass(true);
+    let calls = node.systemd.take_calls();
+    let plan = replay_matches_what_was_applied(&node, "fresh-node", &calls);
+    assert!(verbs(&plan).contains(&format!("start {APP}")), "{plan:#}");
+    assert!(node.active(APP));
+}
+
+#[test]
+fn the_plan_replayed_from_a_drifted_nodes_snapshot_heals_and_holds_as_the_node_did() {
+    let node = Node::new("replay-drift");
+    let b = limited("  annotations: {berth.dev/drift-policy: report}\n")
+        .replace("name: a\n", "name: b\n");
+    node.commit(&[("pods/a.yaml", Some(limited(""))), ("pods/b.yaml", Some(b))]);
+    let mut agent = node.agent();
+    agent.pass(true);
+    let b_unit = "berth-default_b_main.service";
+    node.set_memory_max(APP, 100 << 20);
+    node.set_memory_max(b_unit, 100 << 20);
+    node.systemd.take_calls();
+    agent.pass(false);
+    let calls = node.systemd.take_calls();
+    let plan = replay_matches_what_was_applied(&node, "running-with-drift", &calls);
+    assert_eq!(verbs(&plan), vec![format!("update {APP}")], "{plan:#}");
+    assert_eq!(
+        held(&plan),
+        vec![format!("DriftReported {b_unit}")],
+        "{plan:#}"
+    );
+    assert_eq!(node.memory_max(APP), Some(64 << 20), "healed");
+    assert_eq!(
+        node.memory_max(b_unit),
+        Some(100 << 20),
+        "reported, left as found"
+    );
+}
+
+#[test]
+fn the_plan_replayed_while_a_pull_is_under_way_pulls_and_waits_as_the_node_did() {
+    let node = Node::new("replay-pull");
+    // Nothing listens on port 9 of loopback: the pull is asked, then fails.
+    let pod = limited("").replace("busybox:1.37", "127.0.0.1:9/missing:1");
+    node.commit(&[("pods/a.yaml", Some(pod))]);
+    let mut agent = node.agent();
+    node.systemd.take_calls();
+    agent.pass(true);
+    let calls = node.systemd.take_calls();
+    let plan = replay_matches_what_was_applied(&node, "pull-under-way", &calls);
+    assert_eq!(verbs(&plan)[0], format!("pull {APP}"), "{plan:#}");
+    assert_eq!(plan["actions"][0]["image"], "127.0.0.1:9/missing:1");
+    assert!(!verbs(&plan).contains(&format!("start {APP}")), "{plan:#}");
+    assert_eq!(
+        held(&plan),
+        vec![format!("ContainerCreating {APP}")],
+        "{plan:#}"
+    );
+    assert!(!calls.iter().any(|c| c.contains(APP)), "{calls:?}");
+    assert_eq!(
+        agent.state().failures[0].reason,
+        FailureReason::ContainerCreating
+    );
+}
+
+#[test]
+fn the_plan_replayed_while_a_claim_is_not_ready_holds_its_pod_as_the_node_did() {
+    let node = Node::new("replay-claim");
+    let claim = "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: data}\nspec:\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests: {storage: 64Mi}\n";
+    let pod = format!(
+        "{}    volumeMounts:\n    - {{name: data, mountPath: /data}}\n  volumes:\n  - name: data\n    persistentVolumeClaim: {{claimName: data}}\n",
+        limited("")
+    );
+    let other = limited("").replace("name: a\n", "name: b\n");
+    node.commit(&[
+        ("pods/a.yaml", Some(pod)),
+        ("pods/b.yaml", Some(other)),
+        ("pods/claim.yaml", Some(claim.to_string())),
+    ]);
+    // This agent keeps no volumes: the claim cannot be made ready.
+    let mut agent = node.agent();
+    node.systemd.take_calls();
+    agent.pass(true);
+    let calls = node.systemd.take_calls();
+    let plan = replay_matches_what_was_applied(&node, "claim-not-ready", &calls);
+    assert_eq!(
+        held(&plan),
+        vec!["FailedMount volumes of default/a".to_string()],
+        "{plan:#}"
+    );
+    assert!(!verbs(&plan).contains(&format!("start {APP}")), "{plan:#}");
+    assert!(
+        node.active("berth-default_b_main.service"),
+        "the other pod runs"
+    );
+    assert!(!node.active(APP));
+    assert_eq!(agent.state().failures[0].reason, FailureReason::FailedMount);
+}

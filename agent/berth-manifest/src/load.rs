@@ -50,7 +50,7 @@ pub enum LoadError {
     NotManifests { path: PathBuf },
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct SourceFile {
     /// Relative to the loaded directory.
     pub path: PathBuf,

@@ -36,6 +36,11 @@ pub struct ActualState {
     /// Images by the name a container gives (`busybox:1.37`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub images: BTreeMap<String, ImageFact>,
+    /// The configs of the images in the node's store (entrypoint, command,
+    /// environment, user), which the planner merges into containers; a
+    /// replay uses them unless `--images` is given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_configs: Vec<crate::images::ImageConfig>,
     /// Per pod (`namespace/name`): what the node prepared for it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pods: BTreeMap<String, PodFacts>,

@@ -75,7 +75,9 @@ enum Command {
         /// The node's CPUs, as a quantity (default: this machine's).
         #[arg(long, value_name = "QUANTITY")]
         node_cpus: Option<String>,
-        /// What runs now, as a YAML snapshot of units (default: nothing).
+        /// What the node has now: a snapshot of units and facts, as `berth
+        /// observe` prints it (default: nothing runs, every image is here).
+        /// Its node is used unless --node and the like describe another.
         #[arg(long, value_name = "FILE")]
         actual: Option<PathBuf>,
         /// The revision to name in reasons (default: a digest of the files).
@@ -179,6 +181,18 @@ enum Command {
         #[command(flatten)]
         dirs: AgentDirs,
     },
+    /// Print what the agent's last pass planned from: its units, images,
+    /// pulls, pod wiring, volumes, applied digests and the node's config.
+    /// `berth plan --actual FILE` on it prints the plan that pass applied.
+    Observe {
+        #[command(flatten)]
+        dirs: AgentDirs,
+        /// Print the plan the last pass applied instead.
+        #[arg(long)]
+        applied: bool,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Yaml)]
+        output: Output,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -231,16 +245,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output,
             timings,
         } => {
-            let node = node_info(
-                node,
-                &node_labels,
-                namespaces,
-                node_memory.as_deref(),
-                node_cpus.as_deref(),
-            )?;
             let actual = match actual {
                 Some(path) => read_yaml::<ActualState>(&path).context("--actual")?,
                 None => ActualState::default(),
+            };
+            // A snapshot's node (what its agent planned for) is replayed
+            // as it was, unless the command line describes another.
+            let flags_given = node.is_some()
+                || !node_labels.is_empty()
+                || !namespaces.is_empty()
+                || node_memory.is_some()
+                || node_cpus.is_some();
+            let node = match &actual.node {
+                Some(recorded) if !flags_given => recorded.clone(),
+                _ => node_info(
+                    node,
+                    &node_labels,
+                    namespaces,
+                    node_memory.as_deref(),
+                    node_cpus.as_deref(),
+                )?,
             };
             plan(&load, &node, &actual, revision, output, timings)
         }
@@ -281,7 +305,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command,
         } => exec::enter(pid, &workdir, &command),
         Command::Images { dirs } => images(&dirs),
+        Command::Observe {
+            dirs,
+            applied,
+            output,
+        } => observe(&dirs, applied, output),
     }
+}
+
+fn observe(dirs: &AgentDirs, applied: bool, output: Output) -> anyhow::Result<ExitCode> {
+    let paths = agent_paths(dirs)?;
+    let store = berth_agent::state::StateStore::new(&paths.state_dir);
+    let path = if applied {
+        store.plan_path()
+    } else {
+        store.observed_path()
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read {}: has the agent run a pass on this node?",
+            path.display()
+        )
+    })?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let output = if output == Output::Text {
+        Output::Yaml
+    } else {
+        output
+    };
+    render::emit(&value, output)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn agent_paths(dirs: &AgentDirs) -> anyhow::Result<berth_agent::AgentPaths> {
@@ -697,7 +751,11 @@ fn plan(
     output: Output,
     timings: bool,
 ) -> anyhow::Result<ExitCode> {
-    let images = image_catalog(load)?;
+    // A snapshot's image configs are what its agent planned with.
+    let images = match &load.images {
+        None if !actual.image_configs.is_empty() => ImageCatalog::new(actual.image_configs.clone()),
+        _ => image_catalog(load)?,
+    };
     let started = std::time::Instant::now();
     let catalog = load_catalog(load)?;
     let loaded = started.elapsed();

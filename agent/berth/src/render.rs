@@ -56,7 +56,7 @@ fn sort(diagnostics: &mut [Diagnostic]) {
 }
 
 /// Machine formats; text output is written by hand.
-fn emit<T: Serialize>(value: &T, output: Output) -> anyhow::Result<()> {
+pub fn emit<T: Serialize>(value: &T, output: Output) -> anyhow::Result<()> {
     let mut out = io::BufWriter::new(io::stdout().lock());
     match output {
         Output::Json => {
