@@ -76,4 +76,5 @@ bench-mirror: deps
 
 # Rewrite the golden files after an intended change; review the diff.
 bless:
-	BERTH_BLESS=1 cargo test --locked -p berth --test examples
+	BERTH_BLESS=1 cargo test --locked -p berth-agent --test reconcile_loop replay
+	BERTH_BLESS=1 cargo test --locked -p berth --test examples --test replay

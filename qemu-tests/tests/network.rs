@@ -244,7 +244,7 @@ fn scenario() {
     assert!(nobody_ip.starts_with("10.96."), "{nobody_ip}");
     let problems = status["network"]["problems"].to_string();
     assert!(
-        problems.contains("default/nobody: spec.selector matches no pod"),
+        problems.contains("Service/default/nobody: spec.selector: matches no pod"),
         "{problems}"
     );
     let (rc, out) = get_from_client(&vm, &format!("http://{nobody_ip}/"));

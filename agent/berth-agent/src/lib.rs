@@ -425,6 +425,10 @@ impl Agent {
         node.volumes.host_path_prefixes = config.host_path_prefixes.clone();
         node.allow_privileged = config.allow_privileged;
         node.drift = config.drift.clone();
+        node.node_ports = berth_plan::services::NodePortRange {
+            first: config.network.node_ports.0,
+            last: config.network.node_ports.1,
+        };
         if let Some(rt) = &self.runtime {
             node.containers_dir = rt.containers_dir.clone();
             if let Ok(v) = rt.systemd.version() {

@@ -12,7 +12,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use berth_manifest::Object;
 use berth_net::NetworkSettings;
 use berth_net::dns::{self, DnsServer, Zone};
 use berth_net::ipam::LeaseBook;
@@ -21,7 +20,7 @@ use berth_net::netns::NetnsDir;
 use berth_net::nft::{self, Endpoint, PortRules, Protocol, Ruleset, ServiceRules};
 use berth_net::settings::BRIDGE;
 use berth_plan::DesiredPod;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use berth_plan::services::{NodePort, ServicePlan, ServiceProtocol};
 
 /// Where the network keeps its state and binds namespaces.
 #[derive(Debug, Clone)]
@@ -64,9 +63,6 @@ pub struct PodNetwork {
     /// What the last programming refused or warned about, per Service.
     pub service_problems: Vec<String>,
 }
-
-/// `sessionAffinityConfig.clientIP.timeoutSeconds` when not given.
-const DEFAULT_AFFINITY_SECONDS: u32 = 10_800;
 
 impl PodNetwork {
     pub fn new(paths: NetworkPaths) -> Self {
@@ -260,15 +256,14 @@ impl PodNetwork {
     /// applied (edited or deleted by hand).
     pub fn program_services(
         &mut self,
-        catalog: &berth_manifest::Catalog,
-        pods: &[DesiredPod],
+        plan: &ServicePlan,
         ready: &BTreeMap<String, Ipv4Addr>,
     ) -> Result<Option<String>, String> {
         let (Some(settings), Some(book)) = (self.settings.clone(), self.book.as_mut()) else {
             return Ok(None);
         };
         let before = book.clone();
-        let (ruleset, zone, problems) = services(catalog, pods, ready, &settings, book);
+        let (ruleset, zone, problems) = services(plan, ready, &settings, book);
         if let Some(server) = &self.dns
             && *server.zone() != zone
         {
@@ -480,21 +475,12 @@ fn pod_files(files_dir: &Path, pods: &[DesiredPod]) -> PodFiles {
         .collect()
 }
 
-fn protocol(text: Option<&str>) -> Result<Protocol, String> {
-    match text.unwrap_or("TCP") {
-        "TCP" => Ok(Protocol::Tcp),
-        "UDP" => Ok(Protocol::Udp),
-        other => Err(format!(
-            "protocol {other} is not supported (TCP and UDP are)"
-        )),
-    }
-}
-
-/// Services of the catalog as nftables rules, leasing cluster IPs and node
-/// ports; with every problem, named by Service and field.
+/// The planner's Services as nftables rules and DNS records: leases
+/// cluster IPs and the node ports left to the node, and fills endpoints
+/// from the pods that are ready. Returns what leasing could not do, named
+/// by Service and field; every other problem is the planner's diagnostic.
 pub fn services(
-    catalog: &berth_manifest::Catalog,
-    pods: &[DesiredPod],
+    plan: &ServicePlan,
     ready: &BTreeMap<String, Ipv4Addr>,
     settings: &NetworkSettings,
     book: &mut LeaseBook,
@@ -507,65 +493,13 @@ pub fn services(
     let mut rules = Vec::new();
     let mut live = BTreeSet::new();
     let mut live_ports = BTreeSet::new();
-    let mut taken_ports: BTreeMap<u16, String> = BTreeMap::new();
-    let list: Vec<(
-        &berth_manifest::LoadedObject,
-        &k8s_openapi::api::core::v1::Service,
-    )> = catalog
-        .objects
-        .iter()
-        .filter_map(|o| match &o.object {
-            Object::Service(s) => Some((o, s.as_ref())),
-            _ => None,
-        })
-        .collect();
-    // Node ports written in Git are claimed first, in a stable order, so a
-    // Service without one never takes a port another one names.
-    for (o, svc) in &list {
-        let id = format!(
-            "{}/{}",
-            o.id.namespace.as_deref().unwrap_or("default"),
-            o.id.name
-        );
-        for (i, p) in svc
-            .spec
-            .iter()
-            .flat_map(|s| s.ports.iter().flatten())
-            .enumerate()
-        {
-            if let Some(np) = p.node_port {
-                let field = format!("Service {id}: spec.ports[{i}].nodePort");
-                let Ok(np) = u16::try_from(np) else { continue };
-                if !(settings.node_ports.0..=settings.node_ports.1).contains(&np) {
-                    problems.push(format!(
-                        "{field}: {np} is outside the node port range {}-{}",
-                        settings.node_ports.0, settings.node_ports.1
-                    ));
-                } else if let Some(other) = taken_ports.get(&np) {
-                    problems.push(format!("{field}: {np} is already taken by {other}"));
-                } else {
-                    taken_ports.insert(np, id.clone());
-                }
-            }
-        }
-    }
-    for (o, svc) in list {
-        let ns = o.id.namespace.clone().unwrap_or_else(|| "default".into());
-        let id = format!("{ns}/{}", o.id.name);
-        let Some(spec) = &svc.spec else { continue };
-        let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
-        if !matches!(kind, "ClusterIP" | "NodePort") {
-            problems.push(format!(
-                "Service {id}: spec.type {kind} is not supported (ClusterIP and NodePort are); it is not programmed"
-            ));
-            continue;
-        }
-        let headless = spec.cluster_ip.as_deref() == Some("None");
+    for svc in &plan.services {
+        let id = svc.id();
         live.insert(id.clone());
-        let cluster_ip = if headless {
+        let cluster_ip = if svc.headless {
             None
         } else {
-            let leased = match spec.cluster_ip.as_deref().filter(|c| !c.is_empty()) {
+            let leased = match svc.cluster_ip.as_deref() {
                 Some(text) => match text.parse::<Ipv4Addr>() {
                     Ok(ip) => book
                         .services
@@ -584,147 +518,91 @@ pub fn services(
                 }
             }
         };
-        let selector = spec.selector.clone().unwrap_or_default();
-        let members: Vec<&DesiredPod> = if selector.is_empty() {
-            Vec::new()
-        } else {
-            pods.iter()
-                .filter(|p| {
-                    p.id.namespace == ns && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
-                })
-                .collect()
-        };
-        if !selector.is_empty() && members.is_empty() {
-            problems.push(format!(
-                "Service {id}: spec.selector matches no pod on this node; it has no endpoints"
-            ));
-        }
         zone.services.insert(
-            (ns.clone(), o.id.name.clone()),
+            (svc.namespace.clone(), svc.name.clone()),
             dns::ServiceEntry {
-                namespace: ns.clone(),
-                name: o.id.name.clone(),
+                namespace: svc.namespace.clone(),
+                name: svc.name.clone(),
                 cluster_ip,
-                endpoints: members
+                endpoints: svc
+                    .members
                     .iter()
-                    .filter_map(|p| ready.get(&p.id.key()).copied())
+                    .filter_map(|p| ready.get(&p.key()).copied())
                     .collect(),
-                ports: spec
-                    .ports
+                ports: svc
+                    .dns_ports
                     .iter()
-                    .flatten()
-                    .filter_map(|p| {
-                        Some(dns::ServicePort {
-                            name: p.name.clone(),
-                            protocol: p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase(),
-                            port: u16::try_from(p.port).ok()?,
-                        })
+                    .map(|p| dns::ServicePort {
+                        name: p.name.clone(),
+                        protocol: p.protocol.clone(),
+                        port: p.port,
                     })
                     .collect(),
             },
         );
-        let affinity_seconds = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-            spec.session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .and_then(|t| u32::try_from(t).ok())
-                .unwrap_or(DEFAULT_AFFINITY_SECONDS)
-        });
+        let Some(cluster_ip) = cluster_ip else {
+            continue;
+        };
         let mut ports = Vec::new();
-        for (i, p) in spec.ports.iter().flatten().enumerate() {
-            let field = format!("Service {id}: spec.ports[{i}]");
-            let proto = match protocol(p.protocol.as_deref()) {
-                Ok(pr) => pr,
-                Err(e) => {
-                    problems.push(format!("{field}.protocol: {e}"));
-                    continue;
+        for p in &svc.ports {
+            let node_port = match p.node_port {
+                None => None,
+                Some(NodePort::Fixed(np)) => {
+                    let owner = format!("{id}/{}", p.name);
+                    book.node_ports.leases.insert(owner.clone(), np);
+                    live_ports.insert(owner);
+                    Some(np)
                 }
-            };
-            let Ok(port) = u16::try_from(p.port) else {
-                continue;
-            };
-            let name = p.name.clone().unwrap_or_else(|| port.to_string());
-            let node_port = if kind == "NodePort" {
-                let owner = format!("{id}/{name}");
-                match p.node_port.and_then(|n| u16::try_from(n).ok()) {
-                    Some(np) if taken_ports.get(&np) == Some(&id) => {
-                        book.node_ports.leases.insert(owner.clone(), np);
-                        live_ports.insert(owner);
-                        Some(np)
-                    }
-                    Some(_) => continue,
-                    None => {
-                        // Ports other Services name in Git are not for the taking.
-                        let reserved: BTreeSet<u16> = taken_ports
-                            .iter()
-                            .filter(|(_, other)| **other != id)
-                            .map(|(np, _)| *np)
-                            .collect();
-                        match book
-                            .node_ports
-                            .lease(&owner, settings.node_ports, &reserved)
-                        {
-                            Some(np) => {
-                                live_ports.insert(owner);
-                                Some(np)
-                            }
-                            None => {
-                                problems
-                                    .push(format!("{field}.nodePort: the node port range is full"));
-                                None
-                            }
+                Some(NodePort::Leased) => {
+                    let owner = format!("{id}/{}", p.name);
+                    // Ports Services name in Git are not for the taking.
+                    let reserved: BTreeSet<u16> = plan.fixed_node_ports.keys().copied().collect();
+                    match book
+                        .node_ports
+                        .lease(&owner, settings.node_ports, &reserved)
+                    {
+                        Some(np) => {
+                            live_ports.insert(owner);
+                            Some(np)
+                        }
+                        None => {
+                            problems.push(format!(
+                                "Service {id}: port {}: the node port range is full",
+                                p.name
+                            ));
+                            None
                         }
                     }
                 }
-            } else {
-                None
             };
-            let mut endpoints = Vec::new();
-            for pod in &members {
-                let Some(ip) = ready.get(&pod.id.key()) else {
-                    continue;
-                };
-                let target = match &p.target_port {
-                    None => Some(port),
-                    Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
-                    Some(IntOrString::String(n)) => pod
-                        .ports
-                        .iter()
-                        .find(|d| d.name.as_deref() == Some(n.as_str()))
-                        .map(|d| d.port),
-                };
-                match target {
-                    Some(t) => endpoints.push(Endpoint { ip: *ip, port: t }),
-                    None => problems.push(format!(
-                        "{field}.targetPort: no container of pod {} declares a port named {:?}; the pod is not an endpoint",
-                        pod.id,
-                        match &p.target_port {
-                            Some(IntOrString::String(n)) => n.as_str(),
-                            _ => "",
-                        }
-                    )),
-                }
-            }
-            if cluster_ip.is_some() {
-                ports.push(PortRules {
-                    name,
-                    protocol: proto,
-                    port,
-                    node_port,
-                    endpoints,
-                });
-            }
-        }
-        if let Some(cluster_ip) = cluster_ip {
-            rules.push(ServiceRules {
-                namespace: ns,
-                name: o.id.name.clone(),
-                cluster_ip,
-                affinity_seconds,
-                ports,
+            let endpoints = p
+                .targets
+                .iter()
+                .filter_map(|(pod, port)| {
+                    Some(Endpoint {
+                        ip: *ready.get(&pod.key())?,
+                        port: *port,
+                    })
+                })
+                .collect();
+            ports.push(PortRules {
+                name: p.name.clone(),
+                protocol: match p.protocol {
+                    ServiceProtocol::Tcp => Protocol::Tcp,
+                    ServiceProtocol::Udp => Protocol::Udp,
+                },
+                port: p.port,
+                node_port,
+                endpoints,
             });
         }
+        rules.push(ServiceRules {
+            namespace: svc.namespace.clone(),
+            name: svc.name.clone(),
+            cluster_ip,
+            affinity_seconds: svc.affinity_seconds,
+            ports,
+        });
     }
     book.services.retain(&live);
     book.node_ports.leases.retain(|k, _| live_ports.contains(k));
@@ -810,7 +688,7 @@ spec:
   ports: [{port: 83}]
 ";
 
-    fn fixture() -> (berth_manifest::Catalog, Vec<DesiredPod>) {
+    fn fixture() -> (berth_plan::NodePlan, Vec<DesiredPod>) {
         let catalog = berth_manifest::load_sources(vec![berth_manifest::SourceFile {
             path: "s.yaml".into(),
             text: YAML.into(),
@@ -822,12 +700,13 @@ spec:
             ..Default::default()
         }]);
         let plan = berth_plan::plan_node(&catalog, &node, &images, &Default::default(), "r");
-        (catalog, plan.pods)
+        let pods = plan.pods.clone();
+        (plan, pods)
     }
 
     #[test]
     fn services_get_addresses_ports_and_endpoints_and_every_problem_is_named() {
-        let (catalog, pods) = fixture();
+        let (plan, pods) = fixture();
         assert_eq!(pods.len(), 2);
         let settings = NetworkSettings::default();
         let mut book = LeaseBook::new(settings.pod_cidr, settings.service_cidr);
@@ -836,13 +715,20 @@ spec:
             ("default_web-b".to_string(), Ipv4Addr::new(10, 88, 0, 3)),
         ]
         .into();
-        let (rules, zone, problems) = services(&catalog, &pods, &ready, &settings, &mut book);
-        let joined = problems.join("\n");
+        let (rules, zone, problems) = services(&plan.services, &ready, &settings, &mut book);
+        // The planner names what is wrong in Git; leasing, what the node cannot do.
+        let joined = plan
+            .diagnostics
+            .iter()
+            .map(ToString::to_string)
+            .chain(problems)
+            .collect::<Vec<_>>()
+            .join("\n");
         for expected in [
-            "Service default/clash: spec.ports[0].nodePort: 30080 is already taken by default/web",
-            "Service default/clash: spec.ports[1].nodePort: 40000 is outside the node port range 30000-32767",
-            "Service default/web: spec.ports[0].targetPort: no container of pod default/web-b declares a port named \"http\"; the pod is not an endpoint",
-            "Service default/lonely: spec.selector matches no pod on this node; it has no endpoints",
+            "Service/default/clash: spec.ports[0].nodePort: 30080 is already taken by Service default/web",
+            "Service/default/clash: spec.ports[1].nodePort: 40000 is outside the node port range 30000-32767",
+            "Service/default/web: spec.ports[0].targetPort: no container of pod default/web-b declares a port named \"http\": the pod is not an endpoint",
+            "Service/default/lonely: spec.selector: matches no pod on this node: the Service has no endpoints",
             "Service default/outside: spec.clusterIP: 192.168.1.1 is outside 10.96.0.0/12",
         ] {
             assert!(
@@ -889,7 +775,7 @@ spec:
         assert_eq!(heads.endpoints.len(), 2);
         // Leases are stable across passes, and released with their Service.
         let ip = web.cluster_ip;
-        let (again, _, _) = services(&catalog, &pods, &ready, &settings, &mut book);
+        let (again, _, _) = services(&plan.services, &ready, &settings, &mut book);
         assert_eq!(
             again
                 .services
@@ -899,8 +785,12 @@ spec:
                 .cluster_ip,
             ip
         );
-        let empty = berth_manifest::load_sources(Vec::new());
-        services(&empty, &[], &BTreeMap::new(), &settings, &mut book);
+        services(
+            &berth_plan::services::ServicePlan::default(),
+            &BTreeMap::new(),
+            &settings,
+            &mut book,
+        );
         assert!(book.services.leases.is_empty());
         assert!(book.node_ports.leases.is_empty());
     }

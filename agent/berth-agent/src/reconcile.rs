@@ -248,7 +248,7 @@ impl Agent {
         self.state.healed.drain(..excess);
         self.state.failures = report.failed;
         let pods = self.state.pod_statuses(observed, &rt.cgroup_root);
-        self.program_services(&loaded.catalog, &plan.pods, &pods, now);
+        self.program_services(&plan, &pods, now);
         outstanding.extend(drift::standing(
             &pods,
             &self.state.failures,
@@ -508,8 +508,7 @@ impl Agent {
     /// recorded as healed drift.
     fn program_services(
         &mut self,
-        catalog: &berth_manifest::Catalog,
-        desired: &[berth_plan::DesiredPod],
+        plan: &berth_plan::NodePlan,
         pods: &[berth_runtime::status::PodStatus],
         now: u64,
     ) {
@@ -532,7 +531,7 @@ impl Agent {
         if self.state.network.error.is_some() {
             return;
         }
-        match net.program_services(catalog, desired, &ready) {
+        match net.program_services(&plan.services, &ready) {
             Ok(drifted) => {
                 if let Some(how) = drifted {
                     self.log.warn(&format!(
@@ -550,12 +549,20 @@ impl Agent {
                     let excess = self.state.healed.len().saturating_sub(report::HEALED_KEPT);
                     self.state.healed.drain(..excess);
                 }
-                if net.service_problems != self.state.network.problems {
-                    for p in &net.service_problems {
+                // The planner's word on Services, then what leasing could not do.
+                let problems: Vec<String> = plan
+                    .diagnostics
+                    .iter()
+                    .filter(|d| d.object.as_ref().is_some_and(|o| o.kind == "Service"))
+                    .map(ToString::to_string)
+                    .chain(net.service_problems.iter().cloned())
+                    .collect();
+                if problems != self.state.network.problems {
+                    for p in &problems {
                         self.log.warn(p);
                     }
                 }
-                self.state.network.problems = net.service_problems.clone();
+                self.state.network.problems = problems;
                 self.state.network.services = net.service_records();
             }
             Err(e) => {

@@ -101,6 +101,42 @@ fn bytes_of(
         .unwrap_or(0)
 }
 
+/// What `berth validate` says of claims: those no PersistentVolume and no
+/// StorageClass can serve on a fresh node (the binder's own decision,
+/// against an empty book, with every claim in use), each a warning on the
+/// claim's `spec.storageClassName` with file and line. They would stay
+/// `Pending`, as Kubernetes leaves them.
+pub fn claim_diagnostics(catalog: &Catalog) -> Vec<berth_manifest::Diagnostic> {
+    let (claims, pvs, classes) = inputs(catalog);
+    let in_use: BTreeSet<ClaimRef> = claims.iter().map(|c| c.claim.clone()).collect();
+    let decision = binder::decide(
+        &berth_storage::book::Book::default(),
+        &claims,
+        &pvs,
+        &classes,
+        &in_use,
+    );
+    let mut out = Vec::new();
+    for (claim, binding) in &decision.bindings {
+        let Binding::Pending { reason, message } = binding else {
+            continue;
+        };
+        let Some(object) = catalog.objects.iter().find(|o| {
+            matches!(o.object, Object::PersistentVolumeClaim(_))
+                && o.id.name == claim.name
+                && o.id.namespace.clone().unwrap_or_default() == claim.namespace
+        }) else {
+            continue;
+        };
+        let issue = berth_manifest::FieldIssue::warning(
+            berth_manifest::FieldPath::parse("spec.storageClassName"),
+            format!("no class can serve the claim ({reason}): {message}; it stays Pending"),
+        );
+        out.push(catalog.diagnostic(object, &issue));
+    }
+    out
+}
+
 /// Claims, static PVs and classes as the binder takes them.
 fn inputs(catalog: &Catalog) -> (Vec<ClaimSpec>, Vec<StaticPv>, Vec<ClassSpec>) {
     let (mut claims, mut pvs, mut classes) = (Vec::new(), Vec::new(), Vec::new());

@@ -185,9 +185,11 @@ fn a_taken_dns_port_is_reported_and_pods_are_wired_anyway() {
     assert!(net.prepare_node(&small()).expect("again").is_empty());
     drop(blocker);
     assert!(net.prepare_node(&small()).expect("again").is_empty());
-    let catalog = berth_manifest::load_sources(Vec::new());
-    net.program_services(&catalog, &[], &BTreeMap::new())
-        .expect("programmed");
+    net.program_services(
+        &berth_plan::services::ServicePlan::default(),
+        &BTreeMap::new(),
+    )
+    .expect("programmed");
     assert!(
         net.service_problems.is_empty(),
         "{:?}",

@@ -21,6 +21,7 @@ pub mod plan;
 pub mod reason;
 pub mod resources;
 pub mod security;
+pub mod services;
 pub mod units;
 pub mod volumes;
 pub mod waits;

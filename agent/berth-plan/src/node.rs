@@ -36,6 +36,9 @@ pub struct NodeInfo {
     /// What drift is healed, what reported, what ignored.
     #[serde(default)]
     pub drift: crate::drift::Settings,
+    /// Node ports a Service may name (`network.nodePortRange`).
+    #[serde(default)]
+    pub node_ports: crate::services::NodePortRange,
 }
 
 pub const DEFAULT_POD_PIDS_LIMIT: u64 = 4096;
@@ -71,6 +74,7 @@ impl NodeInfo {
             volumes: crate::volumes::VolumeDirs::default(),
             allow_privileged: false,
             drift: crate::drift::Settings::default(),
+            node_ports: crate::services::DEFAULT_NODE_PORTS,
         }
     }
 }

@@ -26,6 +26,7 @@ use crate::drift::{self, DriftItem};
 use crate::images::ImageCatalog;
 use crate::node::{self, NodeInfo, NotHere};
 use crate::plan::{self, Plan, PlanInput, Protection};
+use crate::services::{self, ServicePlan};
 use crate::units::PodId;
 use crate::waits;
 use berth_manifest::quantity::{format_bytes, format_cpu_milli};
@@ -58,6 +59,9 @@ pub struct NodePlan {
     /// Every desired unit's digest: what the apply puts in place.
     #[serde(skip)]
     pub digests: BTreeMap<String, String>,
+    /// The Services this node programs, over its pods.
+    #[serde(skip_serializing_if = "crate::services::ServicePlan::is_empty")]
+    pub services: ServicePlan,
 }
 
 /// The node as Git wants it, before it is compared with what runs.
@@ -70,6 +74,7 @@ pub struct DesiredNode {
     pub diagnostics: Vec<Diagnostic>,
     pub conflicts: Vec<Diagnostic>,
     pub rejected: Vec<Rejected>,
+    pub services: ServicePlan,
     protection: Protection,
 }
 
@@ -231,14 +236,19 @@ pub fn desire(
         }
     }
     let qos_slices = desired::qos_slices(&pods);
+    let (services, service_diagnostics) =
+        services::plan_services(catalog, &pods, node.node_ports, "on this node");
+    let mut diagnostics = diagnostics.out;
+    diagnostics.extend(service_diagnostics);
     DesiredNode {
         pods,
         qos_slices,
         elsewhere: selection.elsewhere,
         not_admitted,
-        diagnostics: diagnostics.out,
+        diagnostics,
         conflicts,
         rejected,
+        services,
         protection,
     }
 }
@@ -282,6 +292,7 @@ pub fn plan_desired(
         diagnostics: desired.diagnostics,
         conflicts: desired.conflicts,
         rejected: desired.rejected,
+        services: desired.services,
         drift: classified.items,
         digests: classified
             .digests
@@ -396,9 +407,13 @@ pub fn validate_pods(catalog: &Catalog, images: &ImageCatalog) -> (Vec<Diagnosti
     let ctx = Context::new(catalog, &node, images);
     let mut diagnostics = Diagnostics::new(catalog);
     let mut rejected = Vec::new();
+    let mut pods = Vec::new();
     for instance in node::all_pods(catalog) {
         let issues = match desired::resolve_pod(&instance, &ctx) {
-            Ok(r) => r.warnings,
+            Ok(r) => {
+                pods.push(r.pod);
+                r.warnings
+            }
             Err(e) => {
                 reject(&mut rejected, catalog, instance.source);
                 e
@@ -407,6 +422,9 @@ pub fn validate_pods(catalog: &Catalog, images: &ImageCatalog) -> (Vec<Diagnosti
         diagnostics.push(instance.source, &issues);
     }
     let mut diagnostics = diagnostics.out;
+    let (_, service_diagnostics) =
+        services::plan_services(catalog, &pods, node.node_ports, "in the repository");
+    diagnostics.extend(service_diagnostics);
     diagnostics.sort_by(|a, b| {
         (a.severity != Severity::Error)
             .cmp(&(b.severity != Severity::Error))

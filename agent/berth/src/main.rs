@@ -732,7 +732,8 @@ fn load_catalog(load: &LoadArgs) -> anyhow::Result<berth_manifest::Catalog> {
 fn validate(load: &LoadArgs, strict: bool, output: Output) -> anyhow::Result<ExitCode> {
     let images = image_catalog(load)?;
     let catalog = load_catalog(load)?;
-    let (pod_diags, pod_rejected) = berth_plan::validate_pods(&catalog, &images);
+    let (mut pod_diags, pod_rejected) = berth_plan::validate_pods(&catalog, &images);
+    pod_diags.extend(berth_agent::storage::claim_diagnostics(&catalog));
     let report = render::ValidationReport::new(&catalog, pod_diags, pod_rejected);
     render::print_validation(&report, output)?;
     let failed = report.errors > 0 || (strict && report.warnings > 0);

@@ -416,3 +416,122 @@ fn bad_flags_are_refused_with_the_flag_named() {
         missing.stderr
     );
 }
+
+/// Services and claims are planned too: what a node could not program or
+/// bind is reported by `berth validate` with file, line, object and field.
+#[test]
+fn validate_reports_service_and_claim_problems_with_file_line_object_and_field() {
+    let dir = TempDir::new("services");
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: web, labels: {app: web}}\nspec:\n  containers:\n  - {name: c, image: busybox:1.37, command: [sleep, \"1\"]}\n";
+    let services = "apiVersion: v1
+kind: Service
+metadata: {name: a}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports:
+  - {port: 80, nodePort: 30080}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b}
+spec:
+  type: NodePort
+  selector: {app: nobody}
+  ports:
+  - {name: one, port: 80, nodePort: 30080}
+  - {name: two, port: 81, nodePort: 40000}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb}
+spec:
+  type: LoadBalancer
+  selector: {app: web}
+  ports: [{port: 80}]
+";
+    let claim = "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: data}\nspec:\n  accessModes: [ReadWriteOnce]\n  storageClassName: fast\n  resources: {requests: {storage: 1Gi}}\n";
+    dir.write("pod.yaml", pod);
+    dir.write("services.yaml", services);
+    dir.write("claim.yaml", claim);
+    let run = berth(&["validate", dir.path().to_str().unwrap(), "--output", "json"]);
+    assert_eq!(
+        run.code, 1,
+        "node port errors fail validation: {}{}",
+        run.stdout, run.stderr
+    );
+    let report: Value = serde_json::from_str(&run.stdout).unwrap();
+    let found = diagnostics(&report);
+    let expect = [
+        (
+            "services.yaml",
+            17,
+            "error",
+            "Service/default/b",
+            "spec.ports[0].nodePort",
+            "30080 is already taken by Service default/a",
+        ),
+        (
+            "services.yaml",
+            18,
+            "error",
+            "Service/default/b",
+            "spec.ports[1].nodePort",
+            "40000 is outside the node port range 30000-32767",
+        ),
+        (
+            "services.yaml",
+            15,
+            "warning",
+            "Service/default/b",
+            "spec.selector",
+            "matches no pod in the repository",
+        ),
+        (
+            "services.yaml",
+            24,
+            "warning",
+            "Service/default/lb",
+            "spec.type",
+            "type LoadBalancer is not supported",
+        ),
+        (
+            "claim.yaml",
+            6,
+            "warning",
+            "PersistentVolumeClaim/default/data",
+            "spec.storageClassName",
+            "StorageClass \"fast\" does not exist",
+        ),
+    ];
+    for (file, line, severity, object, field, message) in expect {
+        assert!(
+            found.iter().any(|d| d["source"]["file"] == file
+                && d["source"]["line"] == line
+                && d["severity"] == severity
+                && object_name(d) == object
+                && d["field"] == field
+                && d["message"].as_str().is_some_and(|m| m.contains(message))),
+            "no {severity} at {file}:{line} on {object} {field} saying {message:?} in {found:#?}"
+        );
+    }
+    // Nothing is said of the Service that is fine.
+    assert!(
+        found.iter().all(|d| object_name(d) != "Service/default/a"),
+        "{found:#?}"
+    );
+}
+
+/// `Kind/namespace/name` of a diagnostic's object.
+fn object_name(d: &Value) -> String {
+    let obj = &d["object"];
+    let ns = obj["namespace"]
+        .as_str()
+        .map(|n| format!("{n}/"))
+        .unwrap_or_default();
+    format!(
+        "{}/{ns}{}",
+        obj["kind"].as_str().unwrap_or(""),
+        obj["name"].as_str().unwrap_or("")
+    )
+}

@@ -6,7 +6,7 @@
 //! a fresh node, a running node with drift, a pull under way, a claim not
 //! ready. `unwired-pod` is `fresh-node` with the pod network of a node
 //! whose wiring failed (tier 1 has no netlink to fail for real); its
-//! `plan.json` was written by this command and reviewed.
+//! `plan.json` was written by this command and reviewed (see its `DERIVED`).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -59,6 +59,10 @@ fn the_plan_printed_from_each_recorded_snapshot_is_the_plan_the_node_applied() {
             run.stderr
         );
         let printed: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        if std::env::var_os("BERTH_BLESS").is_some() && case.join("DERIVED").is_file() {
+            let text = serde_json::to_string_pretty(&printed["plan"]).unwrap();
+            std::fs::write(case.join("plan.json"), text).unwrap();
+        }
         let applied: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(case.join("plan.json")).unwrap())
                 .unwrap();

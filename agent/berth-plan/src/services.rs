@@ -1,0 +1,326 @@
+//! Services as a node runs them: which are programmed, their ports, the
+//! node ports written in Git (in range, each owned by one Service), and the
+//! pods each selects with the port every pod serves on. Every problem is a
+//! diagnostic on the Service's own field, so `berth validate` and `berth
+//! plan` report it with file and line. The agent leases cluster IPs and the
+//! node ports left to it, and programs the table from this; it decides
+//! nothing of its own.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use berth_manifest::{Catalog, Diagnostic, FieldIssue, FieldPath, LoadedObject, Object};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::{Deserialize, Serialize};
+
+use crate::desired::DesiredPod;
+use crate::units::PodId;
+
+/// The node port range Kubernetes uses by default (`--service-node-port-range`).
+pub const DEFAULT_NODE_PORTS: NodePortRange = NodePortRange {
+    first: 30000,
+    last: 32767,
+};
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when not given: 3 hours.
+pub const DEFAULT_AFFINITY_SECONDS: u32 = 10_800;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodePortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl NodePortRange {
+    pub fn contains(self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+impl Default for NodePortRange {
+    fn default() -> Self {
+        DEFAULT_NODE_PORTS
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ServiceProtocol {
+    Tcp,
+    Udp,
+}
+
+impl ServiceProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceProtocol::Tcp => "tcp",
+            ServiceProtocol::Udp => "udp",
+        }
+    }
+}
+
+/// A Service this node programs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredService {
+    pub namespace: String,
+    pub name: String,
+    /// `clusterIP: None`: a DNS name for its pods' addresses, no rules.
+    pub headless: bool,
+    /// `spec.clusterIP` as written, when one is asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_ip: Option<String>,
+    /// `sessionAffinity: ClientIP`, for this many seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity_seconds: Option<u32>,
+    /// Every port as written, for DNS (SRV records), programmed or not.
+    pub dns_ports: Vec<DnsPort>,
+    /// The ports that are programmed.
+    pub ports: Vec<DesiredServicePort>,
+    /// The pods on this node it selects (none without a selector).
+    pub members: Vec<PodId>,
+}
+
+impl DesiredService {
+    /// `namespace/name`.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DnsPort {
+    pub name: Option<String>,
+    /// Lower case, as SRV names have it.
+    pub protocol: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredServicePort {
+    /// Its name, or its number when it has none.
+    pub name: String,
+    pub protocol: ServiceProtocol,
+    pub port: u16,
+    pub node_port: Option<NodePort>,
+    /// The port each member pod serves it on; a member that declares no
+    /// port of the `targetPort` name is not an endpoint.
+    pub targets: Vec<(PodId, u16)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum NodePort {
+    /// Written in Git: in range and this Service's alone.
+    Fixed(u16),
+    /// Left to the node to lease from its range.
+    Leased,
+}
+
+/// What the Services of a catalog come to on a node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePlan {
+    pub services: Vec<DesiredService>,
+    /// Node ports written in Git, by the Service that owns them: a leased
+    /// one is never one of these.
+    pub fixed_node_ports: BTreeMap<u16, String>,
+}
+
+/// The Services of `catalog` over `pods`: `pods` are the pods of this node
+/// (`berth plan`, the agent) or of every node (`berth validate`, where a
+/// selector that matches no pod anywhere is worth a warning).
+pub fn plan_services(
+    catalog: &Catalog,
+    pods: &[DesiredPod],
+    range: NodePortRange,
+    scope: &str,
+) -> (ServicePlan, Vec<Diagnostic>) {
+    let mut out = ServicePlan::default();
+    let mut diagnostics = Vec::new();
+    let list: Vec<(&LoadedObject, &k8s_openapi::api::core::v1::Service)> = catalog
+        .objects
+        .iter()
+        .filter_map(|o| match &o.object {
+            Object::Service(s) => Some((o, s.as_ref())),
+            _ => None,
+        })
+        .collect();
+    // Node ports written in Git are claimed first, in the catalog's order,
+    // so a Service without one never takes a port another one names.
+    let mut refused: BTreeSet<(String, usize)> = BTreeSet::new();
+    for (o, svc) in &list {
+        let id = service_id(o);
+        for (i, p) in svc
+            .spec
+            .iter()
+            .flat_map(|s| s.ports.iter().flatten())
+            .enumerate()
+        {
+            let Some(np) = p.node_port else { continue };
+            let path = FieldPath::parse("spec")
+                .key("ports")
+                .index(i)
+                .key("nodePort");
+            let issue = match u16::try_from(np).ok().filter(|n| range.contains(*n)) {
+                None => Some(format!(
+                    "{np} is outside the node port range {}-{}",
+                    range.first, range.last
+                )),
+                Some(n) => match out.fixed_node_ports.get(&n) {
+                    Some(other) => Some(format!("{n} is already taken by Service {other}")),
+                    None => {
+                        out.fixed_node_ports.insert(n, id.clone());
+                        None
+                    }
+                },
+            };
+            if let Some(message) = issue {
+                refused.insert((id.clone(), i));
+                diagnostics.push(catalog.diagnostic(o, &FieldIssue::error(path, message)));
+            }
+        }
+    }
+    for (o, svc) in list {
+        let namespace = o.id.namespace.clone().unwrap_or_else(|| "default".into());
+        let id = service_id(o);
+        let Some(spec) = &svc.spec else { continue };
+        let spath = FieldPath::parse("spec");
+        let warn = |path: FieldPath, message: String| {
+            catalog.diagnostic(o, &FieldIssue::warning(path, message))
+        };
+        let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
+        if !matches!(kind, "ClusterIP" | "NodePort") {
+            diagnostics.push(warn(
+                spath.key("type"),
+                format!(
+                    "type {kind} is not supported (ClusterIP and NodePort are): the Service is not programmed"
+                ),
+            ));
+            continue;
+        }
+        let selector = spec.selector.clone().unwrap_or_default();
+        let members: Vec<&DesiredPod> = if selector.is_empty() {
+            Vec::new()
+        } else {
+            pods.iter()
+                .filter(|p| {
+                    p.id.namespace == namespace
+                        && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+                })
+                .collect()
+        };
+        if !selector.is_empty() && members.is_empty() {
+            diagnostics.push(warn(
+                spath.key("selector"),
+                format!("matches no pod {scope}: the Service has no endpoints"),
+            ));
+        }
+        let mut ports = Vec::new();
+        let mut dns_ports = Vec::new();
+        for (i, p) in spec.ports.iter().flatten().enumerate() {
+            let ppath = spath.key("ports").index(i);
+            let Ok(port) = u16::try_from(p.port) else {
+                continue;
+            };
+            let written = p.protocol.as_deref().unwrap_or("TCP");
+            dns_ports.push(DnsPort {
+                name: p.name.clone(),
+                protocol: written.to_ascii_lowercase(),
+                port,
+            });
+            let protocol = match written {
+                "TCP" => ServiceProtocol::Tcp,
+                "UDP" => ServiceProtocol::Udp,
+                other => {
+                    diagnostics.push(warn(
+                        ppath.key("protocol"),
+                        format!(
+                            "protocol {other} is not supported (TCP and UDP are): the port is not programmed"
+                        ),
+                    ));
+                    continue;
+                }
+            };
+            if refused.contains(&(id.clone(), i)) {
+                continue;
+            }
+            let node_port = (kind == "NodePort").then(|| {
+                match p.node_port.and_then(|n| u16::try_from(n).ok()) {
+                    Some(n) => NodePort::Fixed(n),
+                    None => NodePort::Leased,
+                }
+            });
+            let mut targets = Vec::new();
+            for pod in &members {
+                let target = match &p.target_port {
+                    None => Some(port),
+                    Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+                    Some(IntOrString::String(n)) => pod
+                        .ports
+                        .iter()
+                        .find(|d| d.name.as_deref() == Some(n.as_str()))
+                        .map(|d| d.port),
+                };
+                match target {
+                    Some(t) => targets.push((pod.id.clone(), t)),
+                    None => diagnostics.push(warn(
+                        ppath.key("targetPort"),
+                        format!(
+                            "no container of pod {} declares a port named {:?}: the pod is not an endpoint",
+                            pod.id,
+                            match &p.target_port {
+                                Some(IntOrString::String(n)) => n.as_str(),
+                                _ => "",
+                            }
+                        ),
+                    )),
+                }
+            }
+            ports.push(DesiredServicePort {
+                name: p.name.clone().unwrap_or_else(|| port.to_string()),
+                protocol,
+                port,
+                node_port,
+                targets,
+            });
+        }
+        let headless = spec.cluster_ip.as_deref() == Some("None");
+        let affinity_seconds = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .and_then(|t| u32::try_from(t).ok())
+                .unwrap_or(DEFAULT_AFFINITY_SECONDS)
+        });
+        out.services.push(DesiredService {
+            namespace,
+            name: o.id.name.clone(),
+            headless,
+            cluster_ip: spec
+                .cluster_ip
+                .clone()
+                .filter(|c| !c.is_empty() && c != "None"),
+            affinity_seconds,
+            dns_ports,
+            ports,
+            members: members.iter().map(|p| p.id.clone()).collect(),
+        });
+    }
+    (out, diagnostics)
+}
+
+fn service_id(o: &LoadedObject) -> String {
+    format!(
+        "{}/{}",
+        o.id.namespace.as_deref().unwrap_or("default"),
+        o.id.name
+    )
+}
+
+impl ServicePlan {
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+}
