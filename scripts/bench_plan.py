@@ -193,9 +193,9 @@ def run_once(berth, root, node):
 
 SHAPES = {
     # name: (generator, node flags, pods the plan must keep; None = all)
-    "baseline": (generate, ["--node-memory", "256Gi", "--node-cpus", "64"], None),
+    "baseline": (generate, ["--node-memory", "2Ti", "--node-cpus", "2000"], None),
     "full-node": (generate, ["--node-memory", "4Gi", "--node-cpus", "2"], "some"),
-    "wide": (generate_wide, ["--node-memory", "1024Gi", "--node-cpus", "1000"], None),
+    "wide": (generate_wide, ["--node-memory", "2Ti", "--node-cpus", "2000"], None),
 }
 
 

@@ -257,13 +257,14 @@ impl PodNetwork {
     pub fn program_services(
         &mut self,
         plan: &ServicePlan,
+        pods: &[DesiredPod],
         ready: &BTreeMap<String, Ipv4Addr>,
     ) -> Result<Option<String>, String> {
         let (Some(settings), Some(book)) = (self.settings.clone(), self.book.as_mut()) else {
             return Ok(None);
         };
         let before = book.clone();
-        let (ruleset, zone, problems) = services(plan, ready, &settings, book);
+        let (ruleset, zone, problems) = services(plan, pods, ready, &settings, book);
         if let Some(server) = &self.dns
             && *server.zone() != zone
         {
@@ -481,6 +482,7 @@ fn pod_files(files_dir: &Path, pods: &[DesiredPod]) -> PodFiles {
 /// by Service and field; every other problem is the planner's diagnostic.
 pub fn services(
     plan: &ServicePlan,
+    pods: &[DesiredPod],
     ready: &BTreeMap<String, Ipv4Addr>,
     settings: &NetworkSettings,
     book: &mut LeaseBook,
@@ -527,7 +529,7 @@ pub fn services(
                 endpoints: svc
                     .members
                     .iter()
-                    .filter_map(|p| ready.get(&p.key()).copied())
+                    .filter_map(|i| ready.get(&pods.get(*i as usize)?.id.key()).copied())
                     .collect(),
                 ports: svc
                     .dns_ports
@@ -575,13 +577,15 @@ pub fn services(
                     }
                 }
             };
-            let endpoints = p
-                .targets
+            let endpoints = svc
+                .members
                 .iter()
-                .filter_map(|(pod, port)| {
+                .enumerate()
+                .filter_map(|(n, i)| {
+                    let pod = pods.get(*i as usize)?;
                     Some(Endpoint {
-                        ip: *ready.get(&pod.key())?,
-                        port: *port,
+                        ip: *ready.get(&pod.id.key())?,
+                        port: p.target.port_of(n)?,
                     })
                 })
                 .collect();
@@ -715,7 +719,8 @@ spec:
             ("default_web-b".to_string(), Ipv4Addr::new(10, 88, 0, 3)),
         ]
         .into();
-        let (rules, zone, problems) = services(&plan.services, &ready, &settings, &mut book);
+        let (rules, zone, problems) =
+            services(&plan.services, &plan.pods, &ready, &settings, &mut book);
         // The planner names what is wrong in Git; leasing, what the node cannot do.
         let joined = plan
             .diagnostics
@@ -775,7 +780,7 @@ spec:
         assert_eq!(heads.endpoints.len(), 2);
         // Leases are stable across passes, and released with their Service.
         let ip = web.cluster_ip;
-        let (again, _, _) = services(&plan.services, &ready, &settings, &mut book);
+        let (again, _, _) = services(&plan.services, &plan.pods, &ready, &settings, &mut book);
         assert_eq!(
             again
                 .services
@@ -787,6 +792,7 @@ spec:
         );
         services(
             &berth_plan::services::ServicePlan::default(),
+            &[],
             &BTreeMap::new(),
             &settings,
             &mut book,

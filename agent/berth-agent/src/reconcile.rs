@@ -214,10 +214,11 @@ impl Agent {
                     .flat_map(|h| h.units.iter().map(|u| u.as_str())),
             )
             .collect();
+        let digests = berth_plan::drift::unit_digests(&plan.pods);
         self.state
             .applied
-            .retain(|unit, _| plan.digests.contains_key(unit));
-        for (unit, digest) in &plan.digests {
+            .retain(|unit, _| digests.contains_key(unit));
+        for (unit, digest) in &digests {
             if !not_in_place.contains(unit.as_str()) {
                 self.state.applied.insert(unit.clone(), digest.clone());
             }
@@ -531,7 +532,7 @@ impl Agent {
         if self.state.network.error.is_some() {
             return;
         }
-        match net.program_services(&plan.services, &ready) {
+        match net.program_services(&plan.services, &plan.pods, &ready) {
             Ok(drifted) => {
                 if let Some(how) = drifted {
                     self.log.warn(&format!(

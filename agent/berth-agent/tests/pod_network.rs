@@ -187,6 +187,7 @@ fn a_taken_dns_port_is_reported_and_pods_are_wired_anyway() {
     assert!(net.prepare_node(&small()).expect("again").is_empty());
     net.program_services(
         &berth_plan::services::ServicePlan::default(),
+        &[],
         &BTreeMap::new(),
     )
     .expect("programmed");

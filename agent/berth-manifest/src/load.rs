@@ -123,6 +123,19 @@ impl Catalog {
         }
     }
 
+    /// The same, but at the object's own line: for issues a stage reports
+    /// in bulk (a full node refusing thousands of pods), where finding the
+    /// field's line would parse each object's text again.
+    pub fn diagnostic_at_object(&self, object: &LoadedObject, issue: &FieldIssue) -> Diagnostic {
+        Diagnostic {
+            severity: issue.severity,
+            source: self.source_ref(&object.source, &FieldPath::root()),
+            object: Some(object.id.clone()),
+            field: (!issue.path.is_root()).then(|| issue.path.to_string()),
+            message: issue.message.clone(),
+        }
+    }
+
     pub fn error_count(&self) -> usize {
         self.diagnostics.iter().filter(|d| d.is_error()).count()
     }

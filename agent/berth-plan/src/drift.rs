@@ -116,22 +116,33 @@ pub fn digest(properties: &crate::units::Properties) -> String {
     hash.iter().take(12).map(|b| format!("{b:02x}")).collect()
 }
 
-/// Every desired unit of the node with its digest and pod.
-fn desired_digests(pods: &[DesiredPod]) -> BTreeMap<String, (String, usize)> {
+/// Every desired unit of the node with its digest: what the apply puts in
+/// place, for the agent to record.
+pub fn unit_digests(pods: &[DesiredPod]) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    for (i, pod) in pods.iter().enumerate() {
-        out.insert(
-            pod.slice.name.to_string(),
-            (digest(&pod.slice.properties), i),
-        );
+    for pod in pods {
+        out.insert(pod.slice.name.to_string(), digest(&pod.slice.properties));
         for unit in pod.units() {
-            out.insert(
-                unit.name.to_string(),
-                (digest(unit.properties_for_apply()), i),
-            );
+            out.insert(unit.name.to_string(), digest(unit.properties_for_apply()));
         }
     }
     out
+}
+
+/// The desired properties of a unit, and the index of its pod.
+fn desired_unit<'a>(
+    pods: &'a [DesiredPod],
+    units: &BTreeMap<&str, usize>,
+    unit: &str,
+) -> Option<(&'a crate::units::Properties, usize)> {
+    let i = *units.get(unit)?;
+    let pod = &pods[i];
+    if pod.slice.name.as_str() == unit {
+        return Some((&pod.slice.properties, i));
+    }
+    pod.units()
+        .find(|u| u.name.as_str() == unit)
+        .map(|u| (u.properties_for_apply(), i))
 }
 
 /// The outcome of classifying a plan.
@@ -143,9 +154,6 @@ pub struct Classified {
     pub items: Vec<DriftItem>,
     /// The actions of drift left as found (policy `report`).
     pub held: Vec<Held>,
-    /// Every desired unit's digest and pod index, for recording what the
-    /// apply put in place.
-    pub digests: BTreeMap<String, (String, usize)>,
 }
 
 /// Splits a plan's actions into changes and drift, and holds back the
@@ -159,20 +167,37 @@ pub fn classify(
     settings: &Settings,
     now: u64,
 ) -> Classified {
-    let digests = desired_digests(pods);
+    let mut out = Classified::default();
+    // Only a unit applied before can have drifted: a node's first plan, and
+    // `berth plan` without a snapshot, digest nothing.
+    if applied.is_empty() {
+        out.actions = actions;
+        return out;
+    }
+    let units: BTreeMap<&str, usize> = pods
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| {
+            std::iter::once((p.slice.name.as_str(), i))
+                .chain(p.units().map(move |u| (u.name.as_str(), i)))
+        })
+        .collect();
     let objects: BTreeMap<&ObjectRef, &Object> =
         catalog.objects.iter().map(|o| (&o.id, &o.object)).collect();
-    let mut out = Classified::default();
     for mut action in actions {
-        let Some((want, pod_index)) = digests.get(action.unit.as_str()) else {
+        let Some(was) = applied.get(action.unit.as_str()) else {
             out.actions.push(action);
             continue;
         };
-        if applied.get(action.unit.as_str()) != Some(want) {
+        let Some((properties, pod_index)) = desired_unit(pods, &units, action.unit.as_str()) else {
+            out.actions.push(action);
+            continue;
+        };
+        if digest(properties) != *was {
             out.actions.push(action);
             continue;
         }
-        let pod = &pods[*pod_index];
+        let pod = &pods[pod_index];
         let object = objects.get(&pod.source).copied();
         let annotations = object.and_then(annotations);
         let policy = annotations
@@ -254,7 +279,6 @@ pub fn classify(
             });
         }
     }
-    out.digests = digests;
     out
 }
 

@@ -56,9 +56,6 @@ pub struct NodePlan {
     /// Where the node departs from the very units last applied.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub drift: Vec<DriftItem>,
-    /// Every desired unit's digest: what the apply puts in place.
-    #[serde(skip)]
-    pub digests: BTreeMap<String, String>,
     /// The Services this node programs, over its pods.
     #[serde(skip_serializing_if = "crate::services::ServicePlan::is_empty")]
     pub services: ServicePlan,
@@ -118,6 +115,18 @@ impl<'a> Diagnostics<'a> {
         }
     }
     fn push(&mut self, source: &LoadedObject, issues: &[FieldIssue]) {
+        self.push_with(source, issues, Catalog::diagnostic);
+    }
+    /// At the object's line: for issues that come by the thousand.
+    fn push_at_object(&mut self, source: &LoadedObject, issues: &[FieldIssue]) {
+        self.push_with(source, issues, Catalog::diagnostic_at_object);
+    }
+    fn push_with(
+        &mut self,
+        source: &LoadedObject,
+        issues: &[FieldIssue],
+        make: fn(&Catalog, &LoadedObject, &FieldIssue) -> Diagnostic,
+    ) {
         for issue in issues {
             let key = (
                 source.id.clone(),
@@ -125,7 +134,7 @@ impl<'a> Diagnostics<'a> {
                 issue.message.clone(),
             );
             if self.seen.insert(key) {
-                self.out.push(self.catalog.diagnostic(source, issue));
+                self.out.push(make(self.catalog, source, issue));
             }
         }
     }
@@ -232,12 +241,12 @@ pub fn desire(
                 FieldPath::parse(n.spec_path).key("containers"),
                 format!("pod {} is not admitted: {}", n.pod, n.reason),
             );
-            diagnostics.push(source, &[issue]);
+            diagnostics.push_at_object(source, &[issue]);
         }
     }
     let qos_slices = desired::qos_slices(&pods);
     let (services, service_diagnostics) =
-        services::plan_services(catalog, &pods, node.node_ports, "on this node");
+        services::plan_services(catalog, &pods, node.node_ports, services::Scope::Node);
     let mut diagnostics = diagnostics.out;
     diagnostics.extend(service_diagnostics);
     DesiredNode {
@@ -294,11 +303,6 @@ pub fn plan_desired(
         rejected: desired.rejected,
         services: desired.services,
         drift: classified.items,
-        digests: classified
-            .digests
-            .into_iter()
-            .map(|(unit, (digest, _))| (unit, digest))
-            .collect(),
     }
 }
 
@@ -423,7 +427,7 @@ pub fn validate_pods(catalog: &Catalog, images: &ImageCatalog) -> (Vec<Diagnosti
     }
     let mut diagnostics = diagnostics.out;
     let (_, service_diagnostics) =
-        services::plan_services(catalog, &pods, node.node_ports, "in the repository");
+        services::plan_services(catalog, &pods, node.node_ports, services::Scope::Repository);
     diagnostics.extend(service_diagnostics);
     diagnostics.sort_by(|a, b| {
         (a.severity != Severity::Error)

@@ -13,7 +13,6 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::{Deserialize, Serialize};
 
 use crate::desired::DesiredPod;
-use crate::units::PodId;
 
 /// The node port range Kubernetes uses by default (`--service-node-port-range`).
 pub const DEFAULT_NODE_PORTS: NodePortRange = NodePortRange {
@@ -76,8 +75,14 @@ pub struct DesiredService {
     pub dns_ports: Vec<DnsPort>,
     /// The ports that are programmed.
     pub ports: Vec<DesiredServicePort>,
-    /// The pods on this node it selects (none without a selector).
-    pub members: Vec<PodId>,
+    /// The pods it selects (none without a selector), as indices into the
+    /// pods the plan was made over: a Service of 200 pods costs 800 bytes.
+    #[serde(rename = "selected", serialize_with = "count")]
+    pub members: Vec<u32>,
+}
+
+fn count<S: serde::Serializer>(members: &[u32], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(members.len() as u64)
 }
 
 impl DesiredService {
@@ -103,9 +108,33 @@ pub struct DesiredServicePort {
     pub protocol: ServiceProtocol,
     pub port: u16,
     pub node_port: Option<NodePort>,
-    /// The port each member pod serves it on; a member that declares no
-    /// port of the `targetPort` name is not an endpoint.
-    pub targets: Vec<(PodId, u16)>,
+    /// The port the members serve it on.
+    pub target: Target,
+}
+
+/// Where a Service port's traffic goes in its member pods.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Target {
+    /// The same port in every member.
+    Port(u16),
+    /// A named port, per member in the order of `members`: `None` for a
+    /// member that declares no port of that name (not an endpoint).
+    Named {
+        name: String,
+        #[serde(skip)]
+        ports: Vec<Option<u16>>,
+    },
+}
+
+impl Target {
+    /// The port member `i` (an index into `members`) serves on.
+    pub fn port_of(&self, i: usize) -> Option<u16> {
+        match self {
+            Target::Port(p) => Some(*p),
+            Target::Named { ports, .. } => ports.get(i).copied().flatten(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -127,17 +156,46 @@ pub struct ServicePlan {
     pub fixed_node_ports: BTreeMap<u16, String>,
 }
 
-/// The Services of `catalog` over `pods`: `pods` are the pods of this node
-/// (`berth plan`, the agent) or of every node (`berth validate`, where a
-/// selector that matches no pod anywhere is worth a warning).
+/// `Catalog::diagnostic` or `Catalog::diagnostic_at_object`.
+type MakeDiagnostic = fn(&Catalog, &LoadedObject, &FieldIssue) -> Diagnostic;
+
+/// Over which pods Services are planned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The pods of one node (`berth plan`, the agent). Warnings about
+    /// selectors and target ports point at the Service's first line: a node
+    /// that runs few of many pods has thousands, and finding each field's
+    /// line would parse every Service again.
+    Node,
+    /// The pods of every node (`berth validate`): every warning at its field.
+    Repository,
+}
+
+/// The Services of `catalog` over `pods` (this node's, or every node's).
 pub fn plan_services(
     catalog: &Catalog,
     pods: &[DesiredPod],
     range: NodePortRange,
-    scope: &str,
+    scope: Scope,
 ) -> (ServicePlan, Vec<Diagnostic>) {
+    let (where_, bulk): (&str, fn(&Catalog, &LoadedObject, &FieldIssue) -> Diagnostic) = match scope
+    {
+        Scope::Node => ("on this node", Catalog::diagnostic_at_object),
+        Scope::Repository => ("in the repository", Catalog::diagnostic),
+    };
     let mut out = ServicePlan::default();
     let mut diagnostics = Vec::new();
+    // Pods by namespace, label and value: a selector looks up its first
+    // label and checks the rest on those pods only.
+    let mut by_label: BTreeMap<(&str, &str, &str), Vec<u32>> = BTreeMap::new();
+    for (i, pod) in pods.iter().enumerate() {
+        for (k, v) in &pod.labels {
+            by_label
+                .entry((pod.id.namespace.as_str(), k.as_str(), v.as_str()))
+                .or_default()
+                .push(i as u32);
+        }
+    }
     let list: Vec<(&LoadedObject, &k8s_openapi::api::core::v1::Service)> = catalog
         .objects
         .iter()
@@ -200,20 +258,30 @@ pub fn plan_services(
             continue;
         }
         let selector = spec.selector.clone().unwrap_or_default();
-        let members: Vec<&DesiredPod> = if selector.is_empty() {
-            Vec::new()
-        } else {
-            pods.iter()
-                .filter(|p| {
-                    p.id.namespace == namespace
-                        && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+        let members: Vec<u32> = match selector.iter().next() {
+            None => Vec::new(),
+            Some((k, v)) => by_label
+                .get(&(namespace.as_str(), k.as_str(), v.as_str()))
+                .map(|candidates| {
+                    candidates
+                        .iter()
+                        .copied()
+                        .filter(|i| {
+                            let labels = &pods[*i as usize].labels;
+                            selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+                        })
+                        .collect()
                 })
-                .collect()
+                .unwrap_or_default(),
         };
         if !selector.is_empty() && members.is_empty() {
-            diagnostics.push(warn(
-                spath.key("selector"),
-                format!("matches no pod {scope}: the Service has no endpoints"),
+            diagnostics.push(bulk(
+                catalog,
+                o,
+                &FieldIssue::warning(
+                    spath.key("selector"),
+                    format!("matches no pod {where_}: the Service has no endpoints"),
+                ),
             ));
         }
         let mut ports = Vec::new();
@@ -251,38 +319,48 @@ pub fn plan_services(
                     None => NodePort::Leased,
                 }
             });
-            let mut targets = Vec::new();
-            for pod in &members {
-                let target = match &p.target_port {
-                    None => Some(port),
-                    Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
-                    Some(IntOrString::String(n)) => pod
-                        .ports
-                        .iter()
-                        .find(|d| d.name.as_deref() == Some(n.as_str()))
-                        .map(|d| d.port),
-                };
-                match target {
-                    Some(t) => targets.push((pod.id.clone(), t)),
-                    None => diagnostics.push(warn(
-                        ppath.key("targetPort"),
-                        format!(
-                            "no container of pod {} declares a port named {:?}: the pod is not an endpoint",
-                            pod.id,
-                            match &p.target_port {
-                                Some(IntOrString::String(n)) => n.as_str(),
-                                _ => "",
-                            }
-                        ),
-                    )),
+            let target = match &p.target_port {
+                None => Target::Port(port),
+                Some(IntOrString::Int(n)) => match u16::try_from(*n) {
+                    Ok(n) => Target::Port(n),
+                    Err(_) => continue,
+                },
+                Some(IntOrString::String(name)) => {
+                    let mut found = Vec::with_capacity(members.len());
+                    for i in &members {
+                        let pod = &pods[*i as usize];
+                        let port = pod
+                            .ports
+                            .iter()
+                            .find(|d| d.name.as_deref() == Some(name.as_str()))
+                            .map(|d| d.port);
+                        if port.is_none() {
+                            diagnostics.push(bulk(
+                                catalog,
+                                o,
+                                &FieldIssue::warning(
+                                    ppath.key("targetPort"),
+                                    format!(
+                                        "no container of pod {} declares a port named {name:?}: the pod is not an endpoint",
+                                        pod.id
+                                    ),
+                                ),
+                            ));
+                        }
+                        found.push(port);
+                    }
+                    Target::Named {
+                        name: name.clone(),
+                        ports: found,
+                    }
                 }
-            }
+            };
             ports.push(DesiredServicePort {
                 name: p.name.clone().unwrap_or_else(|| port.to_string()),
                 protocol,
                 port,
                 node_port,
-                targets,
+                target,
             });
         }
         let headless = spec.cluster_ip.as_deref() == Some("None");
@@ -305,7 +383,7 @@ pub fn plan_services(
             affinity_seconds,
             dns_ports,
             ports,
-            members: members.iter().map(|p| p.id.clone()).collect(),
+            members,
         });
     }
     (out, diagnostics)
