@@ -178,8 +178,7 @@ pub fn plan_services(
     range: NodePortRange,
     scope: Scope,
 ) -> (ServicePlan, Vec<Diagnostic>) {
-    let (where_, bulk): (&str, fn(&Catalog, &LoadedObject, &FieldIssue) -> Diagnostic) = match scope
-    {
+    let (where_, bulk): (&str, MakeDiagnostic) = match scope {
         Scope::Node => ("on this node", Catalog::diagnostic_at_object),
         Scope::Repository => ("in the repository", Catalog::diagnostic),
     };
