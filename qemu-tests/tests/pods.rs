@@ -374,6 +374,33 @@ fn scenario() {
         !left.contains("bronze"),
         "bronze left units or files behind: {left}"
     );
+    // The agent's lines about a pod carry it as a journal field, and every
+    // line of a pass its revision.
+    let about_bronze = sh(
+        &vm,
+        "journalctl --no-pager -o cat _SYSTEMD_UNIT=berth-agent.service BERTH_POD=default/bronze",
+    );
+    for line in [
+        "plan: start berth-default_bronze_main.service",
+        "plan: stop berth-default_bronze_main.service",
+    ] {
+        assert!(
+            about_bronze.contains(line),
+            "journalctl BERTH_POD=default/bronze lacks {line:?}: {about_bronze}"
+        );
+    }
+    let in_pass = sh(
+        &vm,
+        &format!(
+            "journalctl --no-pager -o cat _SYSTEMD_UNIT=berth-agent.service BERTH_REVISION={}",
+            &removal[..12]
+        ),
+    );
+    assert!(
+        in_pass.contains("plan: stop berth-default_bronze_main.service"),
+        "journalctl BERTH_REVISION={}: {in_pass}",
+        &removal[..12]
+    );
     // bronze ignores SIGTERM: systemd kills it after its 3 s grace period.
     let journal = sh(
         &vm,

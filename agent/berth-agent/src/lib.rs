@@ -46,6 +46,9 @@ pub struct AgentPaths {
     pub state_dir: PathBuf,
     pub node_memory_bytes: u64,
     pub node_cpu_milli: u64,
+    /// `/proc/net`: whether the node has a default route yet, so a fetch
+    /// tried before the network is up says so instead of failing.
+    pub proc_net: PathBuf,
 }
 
 /// The machine a pod runs on: systemd, the image store, container roots.
@@ -82,36 +85,42 @@ pub enum Wake {
     Shutdown,
 }
 
-/// Log lines go to stderr; under systemd a `<N>` prefix gives journald the priority.
-#[derive(Debug, Clone, Copy)]
-pub struct Log {
-    journal: bool,
-}
+/// The agent's lines, as `tracing` events: the binary decides where they go
+/// (the journal with fields, the console, stderr). Lines about one pod
+/// carry `BERTH_POD` and `BERTH_UNIT`; every line of a pass carries the
+/// pass's `BERTH_REVISION` (a span).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Log;
 
 impl Log {
     pub fn from_env() -> Self {
-        Self {
-            journal: std::env::var_os("JOURNAL_STREAM").is_some(),
-        }
-    }
-    fn line(&self, priority: u8, message: &str) {
-        for line in message.lines() {
-            if self.journal {
-                eprintln!("<{priority}>berth: {line}");
-            } else {
-                eprintln!("berth: {line}");
-            }
-        }
+        Self
     }
     pub fn info(&self, message: &str) {
-        self.line(6, message);
+        tracing::info!("{message}");
     }
     pub fn warn(&self, message: &str) {
-        self.line(4, message);
+        tracing::warn!("{message}");
     }
     pub fn error(&self, message: &str) {
-        self.line(3, message);
+        tracing::error!("{message}");
     }
+    /// A line about one pod (and one of its units, when there is one).
+    pub fn pod(&self, level: Level, pod: &str, unit: &str, message: &str) {
+        match level {
+            Level::Info => tracing::info!(berth_pod = pod, berth_unit = unit, "{message}"),
+            Level::Warn => tracing::warn!(berth_pod = pod, berth_unit = unit, "{message}"),
+            Level::Error => tracing::error!(berth_pod = pod, berth_unit = unit, "{message}"),
+        }
+    }
+}
+
+/// How much a line matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Info,
+    Warn,
+    Error,
 }
 
 /// What one pass ended with.
@@ -161,6 +170,13 @@ pub struct Agent {
     storage: Option<storage::Storage>,
     /// Pulls and collection of images.
     images: images::Images,
+    /// `pod|reason` of every pod waiting in the last pass, so a wait is
+    /// logged when it begins, not on every pass.
+    waiting: std::collections::BTreeSet<String>,
+    /// A fetch has succeeded since the agent started.
+    fetched_once: bool,
+    /// The line saying the agent waits for the network was logged.
+    waiting_for_network: bool,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -208,6 +224,9 @@ impl Agent {
             network: None,
             storage: None,
             images: images::Images::new(),
+            waiting: std::collections::BTreeSet::new(),
+            fetched_once: false,
+            waiting_for_network: false,
         })
     }
 
@@ -352,6 +371,8 @@ impl Agent {
         if fetch {
             match mirror.fetch(&config.remote, config.credentials.as_ref()) {
                 Ok(revision) => {
+                    self.fetched_once = true;
+                    self.waiting_for_network = false;
                     (outcome, candidate) = self.intake(config, mirror, revision);
                 }
                 Err(e) => {
@@ -360,8 +381,21 @@ impl Agent {
                         .last_good
                         .as_ref()
                         .map_or("nothing yet".to_string(), |g| short(&g.revision));
-                    self.log.error(&format!("{e}; keeping {keeping}; retrying"));
-                    fetch_error = Some(e.to_string());
+                    if !self.fetched_once && !has_default_route(&self.paths.proc_net) {
+                        // At boot the agent is up before the network: one
+                        // line says so, not a failure at every retry.
+                        if !self.waiting_for_network {
+                            self.log.info(&format!(
+                                "waiting for the network to reach {} ({e}); keeping {keeping}",
+                                config.remote.url
+                            ));
+                            self.waiting_for_network = true;
+                        }
+                        fetch_error = Some(format!("waiting for the network: {e}"));
+                    } else {
+                        self.log.error(&format!("{e}; keeping {keeping}; retrying"));
+                        fetch_error = Some(e.to_string());
+                    }
                 }
             }
         }
@@ -505,6 +539,7 @@ impl Agent {
         loop {
             let (outcome, config) = self.pass(fetch);
             let poll = config.as_ref().map_or(FIRST_BACKOFF, |c| c.poll_interval);
+            let poll_interval = config.as_ref().map(|c| c.poll_interval);
             let wait = match &outcome {
                 PassOutcome::Applied { revision, .. } => {
                     notifier.status(&format!("running revision {}", short(revision)));
@@ -523,9 +558,7 @@ impl Agent {
                 PassOutcome::Failed { reason } => {
                     notifier.status(&format!("retrying in {}s: {reason}", backoff.as_secs()));
                     let w = backoff;
-                    backoff = (backoff * 2)
-                        .min(MAX_BACKOFF)
-                        .min(poll.max(FIRST_BACKOFF) * 4);
+                    backoff = next_backoff(backoff, poll_interval);
                     w
                 }
             };
@@ -550,6 +583,66 @@ pub(crate) fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The wait after `current` when a pass failed again: doubling, up to four
+/// poll intervals; without a config there is no interval, and a node left
+/// unconfigured says so less and less often, up to every five minutes.
+fn next_backoff(current: Duration, poll_interval: Option<Duration>) -> Duration {
+    let ceiling = poll_interval
+        .map_or(MAX_BACKOFF, |p| p.max(FIRST_BACKOFF) * 4)
+        .min(MAX_BACKOFF);
+    (current * 2).min(ceiling)
+}
+
+/// Whether `/proc/net/route` or `ipv6_route` holds a default route. When
+/// neither can be read, the network is taken as up (errors are errors).
+fn has_default_route(proc_net: &std::path::Path) -> bool {
+    let v4 = std::fs::read_to_string(proc_net.join("route"));
+    let v6 = std::fs::read_to_string(proc_net.join("ipv6_route"));
+    if v4.is_err() && v6.is_err() {
+        return true;
+    }
+    // IPv4: Iface, Destination (hex), Gateway, ...: a default route has
+    // destination 00000000. IPv6: destination (32 hex digits) and its
+    // prefix length first; the kernel lists the unreachable ::/0 of `lo`
+    // too, so only a route through another device counts.
+    let v4_default = v4.is_ok_and(|t| {
+        t.lines()
+            .skip(1)
+            .any(|l| l.split_whitespace().nth(1) == Some("00000000"))
+    });
+    let v6_default = v6.is_ok_and(|t| {
+        t.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() >= 10
+                && f[0] == "00000000000000000000000000000000"
+                && f[1] == "00"
+                && f[9] != "lo"
+        })
+    });
+    v4_default || v6_default
+}
+
 pub(crate) fn short(rev: &str) -> String {
     rev.chars().take(12).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_double_up_to_four_polls_and_an_unconfigured_node_up_to_five_minutes() {
+        let mut wait = FIRST_BACKOFF;
+        let mut seen = Vec::new();
+        for _ in 0..12 {
+            wait = next_backoff(wait, None);
+            seen.push(wait.as_secs());
+        }
+        assert_eq!(seen, [2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300, 300]);
+        let poll = Some(Duration::from_secs(5));
+        assert_eq!(
+            next_backoff(Duration::from_secs(16), poll),
+            Duration::from_secs(20)
+        );
+    }
 }

@@ -25,8 +25,8 @@ use crate::limits::CgroupLimits;
 use crate::publisher::DriftCommit;
 use crate::state::NotAdmittedRecord;
 use crate::{
-    Agent, Loaded, MAX_LOGGED_ACTIONS, PassOutcome, Runtime, drift, network, now_secs, report,
-    short,
+    Agent, Level, Loaded, MAX_LOGGED_ACTIONS, PassOutcome, Runtime, drift, network, now_secs,
+    report, short,
 };
 
 impl Agent {
@@ -98,6 +98,9 @@ impl Agent {
                 (loaded, desired)
             }
         };
+        // Every line of the pass from here names its revision.
+        let _pass =
+            tracing::info_span!("pass", berth_revision = %short(&loaded.revision)).entered();
         match rt {
             Some(rt) => {
                 self.reconcile_on(rt, config, &loaded, desired, &observed, node, image_configs)?
@@ -178,6 +181,7 @@ impl Agent {
         } else {
             self.apply_plan(rt, &plan, observed, &loaded.revision, pod_files.as_ref())
         };
+        self.log_waits(&plan.plan.held);
         // What waits shows on the pod as a failure would, with its reason.
         report
             .failed
@@ -229,10 +233,15 @@ impl Agent {
                 item.action = format!("heal failed: {:?}: {}", f.reason, f.message);
                 outstanding.push(item);
             } else if item.policy == drift::Policy::Heal {
-                self.log.warn(&format!(
-                    "drift healed: {} {} {}: {} on the node, {} in Git",
-                    item.object, item.unit, item.field, item.actual, item.desired
-                ));
+                self.log.pod(
+                    Level::Warn,
+                    &item.pod,
+                    &item.unit,
+                    &format!(
+                        "drift healed: {} {} {}: {} on the node, {} in Git",
+                        item.object, item.unit, item.field, item.actual, item.desired
+                    ),
+                );
                 self.state.healed.push(report::Healed {
                     at: now,
                     object: item.object,
@@ -261,10 +270,15 @@ impl Agent {
         drift::carry_since(&mut outstanding, &self.state.drift);
         let was: BTreeSet<String> = self.state.drift.iter().map(DriftItem::key).collect();
         for item in outstanding.iter().filter(|i| !was.contains(&i.key())) {
-            self.log.warn(&format!(
-                "drift reported: {} {} {}: {} on the node, {} in Git",
-                item.object, item.unit, item.field, item.actual, item.desired
-            ));
+            self.log.pod(
+                Level::Warn,
+                &item.pod,
+                &item.unit,
+                &format!(
+                    "drift reported: {} {} {}: {} on the node, {} in Git",
+                    item.object, item.unit, item.field, item.actual, item.desired
+                ),
+            );
         }
         self.drift_commit = self.drift_commit_for(config, loaded, &outstanding);
         self.state.drift = outstanding;
@@ -282,6 +296,28 @@ impl Agent {
         Ok(())
     }
 
+    /// Pods that wait (for an image, their network, their volumes): each
+    /// logged when it starts waiting or its reason changes.
+    fn log_waits(&mut self, held: &[berth_plan::Held]) {
+        let mut now = BTreeSet::new();
+        for h in held {
+            let (HoldReason::Waiting(reason), Some(pod)) = (h.reason, &h.pod) else {
+                continue;
+            };
+            let key = format!("{pod}|{}", reason.as_str());
+            if !self.waiting.contains(&key) {
+                self.log.pod(
+                    Level::Info,
+                    &pod.to_string(),
+                    &h.unit,
+                    &format!("pod {pod} waits: {}: {}", reason.as_str(), h.message),
+                );
+            }
+            now.insert(key);
+        }
+        self.waiting = now;
+    }
+
     /// Pods not admitted and pods refused against what runs: logged when
     /// they change, kept for status.
     fn record_plan_problems(&mut self, plan: &berth_plan::NodePlan) {
@@ -295,8 +331,12 @@ impl Agent {
             .collect();
         if not_admitted != self.state.not_admitted {
             for n in &not_admitted {
-                self.log
-                    .warn(&format!("pod {} is not admitted: {}", n.pod, n.reason));
+                self.log.pod(
+                    Level::Warn,
+                    &n.pod,
+                    "",
+                    &format!("pod {} is not admitted: {}", n.pod, n.reason),
+                );
             }
         }
         self.state.not_admitted = not_admitted;
@@ -345,10 +385,11 @@ impl Agent {
         let report = apply(&host, &plan.plan, &plan.pods, observed);
         if report.failed != self.state.failures {
             for f in &report.failed {
-                self.log.error(&format!(
-                    "{} {}: {:?}: {}",
-                    f.verb, f.unit, f.reason, f.message
-                ));
+                let line = format!("{} {}: {:?}: {}", f.verb, f.unit, f.reason, f.message);
+                match &f.pod {
+                    Some(pod) => self.log.pod(Level::Error, pod, &f.unit, &line),
+                    None => self.log.error(&line),
+                }
             }
         }
         for c in &report.cleaned {
@@ -658,12 +699,19 @@ impl Agent {
 
     fn log_actions(&self, actions: &[berth_plan::Action]) {
         for action in actions.iter().take(MAX_LOGGED_ACTIONS) {
-            self.log.info(&format!(
+            let line = format!(
                 "plan: {} {}: {}",
                 action.verb.as_str(),
-                action.unit,
+                action.image.as_deref().unwrap_or(action.unit.as_str()),
                 action.reason
-            ));
+            );
+            match &action.pod {
+                Some(pod) => {
+                    self.log
+                        .pod(Level::Info, &pod.to_string(), action.unit.as_str(), &line)
+                }
+                None => self.log.info(&line),
+            }
         }
         if actions.len() > MAX_LOGGED_ACTIONS {
             self.log.info(&format!(

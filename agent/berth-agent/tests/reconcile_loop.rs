@@ -104,6 +104,7 @@ impl Node {
             state_dir: self.dir.join("state"),
             node_memory_bytes: 4 << 30,
             node_cpu_milli: 2000,
+            proc_net: self.dir.join("proc-net"),
         };
         let containers = self.dir.join("state/containers");
         let runtime = Runtime {
@@ -1236,4 +1237,46 @@ fn the_plan_replayed_while_a_claim_is_not_ready_holds_its_pod_as_the_node_did() 
     );
     assert!(!node.active(APP));
     assert_eq!(agent.state().failures[0].reason, FailureReason::FailedMount);
+}
+
+#[test]
+fn a_fetch_before_the_network_is_up_waits_for_it_and_after_that_fails_as_an_error() {
+    let node = Node::new("no-network");
+    // Nothing listens on port 1 of loopback: every fetch fails at once.
+    std::fs::write(
+        node.dir.join("config.yaml"),
+        "node:\n  name: n1\ngit:\n  url: git://127.0.0.1:1/desired.git\n  path: pods\n",
+    )
+    .unwrap();
+    let routes = node.dir.join("proc-net");
+    std::fs::create_dir_all(&routes).unwrap();
+    // Only the link's own prefix, no default route: the network is not up.
+    std::fs::write(
+        routes.join("route"),
+        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n\
+         eth0\t0002000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\n",
+    )
+    .unwrap();
+    let mut agent = node.agent();
+    let (outcome, _) = agent.pass(true);
+    match outcome {
+        PassOutcome::Failed { reason } => {
+            assert!(reason.starts_with("waiting for the network: "), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // A default route: the same failure is now an error of its own.
+    std::fs::write(
+        routes.join("route"),
+        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n\
+         eth0\t00000000\t0202000A\t0003\t0\t0\t0\t00000000\n",
+    )
+    .unwrap();
+    let (outcome, _) = agent.pass(true);
+    match outcome {
+        PassOutcome::Failed { reason } => {
+            assert!(!reason.starts_with("waiting for the network"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -2,6 +2,7 @@
 //! and prints; every decision lives in the library crates.
 
 mod exec;
+mod logging;
 mod render;
 
 use std::collections::BTreeMap;
@@ -363,6 +364,7 @@ fn agent_paths(dirs: &AgentDirs) -> anyhow::Result<berth_agent::AgentPaths> {
         node_cpu_milli: std::thread::available_parallelism()
             .map(|n| n.get() as u64 * 1000)
             .unwrap_or(1000),
+        proc_net: PathBuf::from("/proc/net"),
     })
 }
 
@@ -396,6 +398,7 @@ fn agent(
 ) -> anyhow::Result<ExitCode> {
     use berth_agent::Wake;
     let paths = agent_paths(dirs)?;
+    logging::init();
     let log = berth_agent::Log::from_env();
     let notifier = std::sync::Arc::new(berth_agent::notify::Notifier::from_env());
     let (tx, rx) = std::sync::mpsc::channel();
