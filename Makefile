@@ -65,7 +65,7 @@ bench-storage: deps
 # commit to a pod running on each, and the disk of 10 pods of one image.
 bench-images: deps
 	@command -v skopeo >/dev/null && command -v umoci >/dev/null || $(SUDO) apt-get install -y -qq skopeo umoci
-	cargo build --locked --release -p berth-registry --example bench_pull
+	cargo build --locked --release -p berth-registry --features fixtures --example bench_pull
 	target/release/examples/bench_pull
 	cargo build --locked --release --bin berth
 	$(SUDO) image/build.sh --test --berth target/release/berth

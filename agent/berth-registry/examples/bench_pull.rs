@@ -9,9 +9,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use berth_images::{ImageStore, disk_usage};
 use berth_registry::fixtures::{self, TestRegistry};
 use berth_registry::{Client, HostConfig, Progress, RegistryConfig};
-use berth_runtime::images::{ImageStore, disk_usage};
 
 /// An image of `mb` megabytes in `layers` gzip layers, plus busybox.
 fn push(reg: &TestRegistry, name: &str, mb: usize, layers: usize) -> u64 {
@@ -22,7 +22,7 @@ fn push(reg: &TestRegistry, name: &str, mb: usize, layers: usize) -> u64 {
     for i in 0..layers {
         let files = fixtures::noise(mb * 1_000_000 / layers, (mb * 31 + i) as u64);
         let path = format!("data/blob{i}");
-        let tar = berth_runtime::images::archive::layer(&[(&path, &files, 0o644)]).unwrap();
+        let tar = berth_images::archive::layer(&[(&path, &files, 0o644)]).unwrap();
         diff_ids.push(fixtures::digest(&tar));
         blobs.push(fixtures::gzip(&tar));
     }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
-use berth_runtime::images::{ImageError, ImageStore, Platform, UnpackLimits, node_architecture};
+use berth_images::{ImageError, ImageStore, Platform, UnpackLimits, node_architecture};
 use serde::Deserialize;
 
 use crate::auth::{Challenge, Credential, matching, parse_challenge};
@@ -135,7 +135,7 @@ pub struct Client {
 
 fn sha256_hex(bytes: &[u8]) -> String {
     let mut r = bytes;
-    berth_runtime::images::sha256_hex(&mut r).unwrap_or_default()
+    berth_images::sha256_hex(&mut r).unwrap_or_default()
 }
 
 impl Client {

@@ -246,7 +246,7 @@ pub fn digest(body: &[u8]) -> String {
     let mut r = body;
     format!(
         "sha256:{}",
-        berth_runtime::images::sha256_hex(&mut r).unwrap_or_default()
+        berth_images::sha256_hex(&mut r).unwrap_or_default()
     )
 }
 

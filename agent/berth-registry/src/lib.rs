@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod client;
+#[cfg(feature = "fixtures")]
 pub mod fixtures;
 pub mod puller;
 pub mod reference;

@@ -11,7 +11,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use berth_runtime::images::ImageStore;
+use berth_images::ImageStore;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Credential;

@@ -12,9 +12,9 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use berth_images::{ImageStore, UnpackLimits, archive};
 use berth_registry::fixtures::{self, OCI_INDEX, OCI_MANIFEST, TestRegistry};
 use berth_registry::{Client, Credential, HostConfig, Progress, PullError, RegistryConfig};
-use berth_runtime::images::{ImageStore, UnpackLimits, archive};
 
 struct Scratch(PathBuf);
 
@@ -524,7 +524,7 @@ fn a_disk_that_fills_during_a_pull_fails_it_cleanly() {
     let e = pull(&client, &store, &format!("{}/large:1", reg.host()), &[]).unwrap_err();
     assert!(e.to_string().contains("No space left on device"), "{e}");
     assert!(store.list().is_empty());
-    let used: u64 = berth_runtime::images::disk_usage(&small);
+    let used: u64 = berth_images::disk_usage(&small);
     assert!(used < 1 << 20, "{used} bytes left behind");
 }
 

@@ -11,7 +11,8 @@
 pub mod contract;
 pub mod dbus;
 pub mod fake;
-pub mod images;
+/// The image store, in its own crate (`berth-images`).
+pub use berth_images as images;
 pub mod reconcile;
 pub mod rootfs;
 pub mod status;

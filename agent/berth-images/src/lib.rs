@@ -11,6 +11,10 @@
 //! `blobs/`), as the appliance ships them for air-gapped nodes. Layer
 //! entries that would land outside the root (`..`, absolute paths, writes
 //! through symlinks) are refused.
+//!
+//! Its own crate, so that the registry client that fills it and the
+//! runtime that mounts its roots share it without one depending on the
+//! other (the registry needs no D-Bus).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
