@@ -206,6 +206,23 @@ fn scenario() {
     println!("claims: {}", s["storage"]["claims"]);
 
     // The pod wrote to its claim; the subPath landed inside it.
+    // The fake volume driver's contract, held against the loop-device
+    // driver on the appliance (online growth included, which needs
+    // CAP_SYS_RESOURCE the build machines do not give).
+    let (rc, contract) = must(vm.exec(
+        "berth storage-contract /var/lib/berth/storage-contract",
+        Duration::from_secs(180),
+    ));
+    println!("{contract}");
+    assert_eq!(
+        rc, 0,
+        "the loop driver broke the contract the fake keeps:\n{contract}"
+    );
+    assert_eq!(
+        contract.lines().filter(|l| l.starts_with("ok ")).count(),
+        berth_storage::contract::CASES.len(),
+        "{contract}"
+    );
     let born = vm.sh("cat /var/lib/berth/storage/claims/default_data/born");
     assert_eq!(born.trim().len(), 36, "{born}");
     assert_eq!(

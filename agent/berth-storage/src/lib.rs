@@ -9,10 +9,14 @@
 //!   (`ENOSPC`, not `EDQUOT`) and one full volume cannot touch another.
 //! - [`book`]: which volumes exist and whose they are, kept across crashes.
 //! - [`binder`]: pure binding of claims to volumes, as Kubernetes does it.
+//! - [`fake::FakeDriver`]: the driver without root (directories and
+//!   numbers), and [`contract`]: the cases both drivers must pass.
 
 pub mod binder;
 pub mod book;
+pub mod contract;
 pub mod driver;
+pub mod fake;
 pub mod loopfs;
 pub mod mounts;
 pub mod podvol;

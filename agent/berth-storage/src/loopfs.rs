@@ -105,7 +105,7 @@ fn ext4_free_bytes(image: &Path) -> Result<u64, DriverError> {
     }
 }
 
-fn round_up(bytes: u64) -> u64 {
+pub(crate) fn round_up(bytes: u64) -> u64 {
     bytes.max(MIN_BYTES).div_ceil(1 << 20) * (1 << 20)
 }
 

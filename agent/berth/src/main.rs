@@ -142,6 +142,10 @@ enum Command {
     /// (the QEMU tier uses it to keep the in-memory fake honest).
     #[command(hide = true)]
     SystemdContract,
+    /// Runs Berth's volume driver contract cases against the loop-device
+    /// driver in DIR (the QEMU tier uses it to keep the fake driver honest).
+    #[command(hide = true)]
+    StorageContract { dir: PathBuf },
     /// Show a container's log from the journal.
     Logs {
         /// `NAMESPACE/NAME`, or `NAME` with `-n`.
@@ -285,6 +289,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Drift { from_git, node } => drift_from_git(&from_git, &node),
         Command::Get { dirs, output, .. } => status(&dirs, output, false),
         Command::SystemdContract => systemd_contract(),
+        Command::StorageContract { dir } => storage_contract(&dir),
         Command::Logs {
             pod,
             namespace,
@@ -593,6 +598,32 @@ fn systemd_contract() -> anyhow::Result<ExitCode> {
             }
         }
     }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+#[allow(clippy::print_stdout)]
+fn storage_contract(dir: &Path) -> anyhow::Result<ExitCode> {
+    use berth_storage::driver::VolumeDriver as _;
+    let mut failed = 0;
+    for (name, case) in berth_storage::contract::CASES {
+        let driver = berth_storage::loopfs::LoopDriver::new(dir.join(name.replace(' ', "-")));
+        let result = case(&driver);
+        for (volume, _) in driver.list().unwrap_or_default() {
+            let _ = driver.delete(&volume);
+        }
+        match result {
+            Ok(()) => println!("ok {name}"),
+            Err(e) => {
+                failed += 1;
+                println!("FAIL {name}: {e}");
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
