@@ -1,0 +1,443 @@
+//! One container of a pod as a systemd service: first the container
+//! checks (what to run, where, as whom, isolated how), then the unit's
+//! properties from what they found. Its environment is resolved in
+//! [`super::environment`].
+
+use std::sync::Arc;
+
+use berth_manifest::k8s_openapi::api::core::v1::Container;
+use berth_manifest::{FieldIssue, FieldPath};
+
+use super::environment::{Env, environment};
+use super::{
+    ContainerUnit, Context, DEFAULT_GRACE_SECONDS, PullPolicy, RESTART_INITIAL_USEC,
+    RESTART_MAX_USEC, RESTART_STEPS, Resizable, RestartPolicy,
+};
+use crate::expand::expand;
+use crate::node::PodInstance;
+use crate::resources::{self, ContainerResources, QosClass};
+use crate::units::{
+    self, CONTAINER_FIELD, ExecCommand, IMAGE_FIELD, MARKER_FIELD, OWNER_FIELD, POD_FIELD,
+    Properties, PropertyValue, UnitName,
+};
+use crate::volumes::{PodVolume, SubPathBind};
+
+pub(super) struct ContainerInput<'a> {
+    pub(super) instance: &'a PodInstance<'a>,
+    pub(super) container: &'a Container,
+    pub(super) is_init: bool,
+    pub(super) path: &'a FieldPath,
+    pub(super) resources: ContainerResources,
+    pub(super) qos: QosClass,
+    pub(super) restart_policy: RestartPolicy,
+    pub(super) slice: &'a UnitName,
+    pub(super) after: Vec<String>,
+    pub(super) volumes: &'a [PodVolume],
+}
+
+/// What the checks of a container found: what its unit is made of.
+struct Checked {
+    name: UnitName,
+    image_ref: String,
+    env: Env,
+    argv: Option<Vec<String>>,
+    working_dir: Option<String>,
+    uid: Option<i64>,
+    gid: Option<i64>,
+    verify_non_root: bool,
+    /// Capabilities, seccomp and the rest, from the security context.
+    isolation: Properties,
+    /// The seccomp profile's name, for the journal field.
+    seccomp: &'static str,
+}
+
+/// One container as a service unit: checked, then its properties.
+pub(super) fn container_unit(
+    input: &ContainerInput<'_>,
+    ctx: &Context<'_>,
+    warnings: &mut Vec<FieldIssue>,
+) -> Result<ContainerUnit, Vec<FieldIssue>> {
+    let checked = check(input, ctx, warnings)?;
+    let (p, sub_paths) = properties(input, ctx, &checked);
+    let c = input.container;
+    let policy_for = |resource: &str| {
+        c.resize_policy
+            .iter()
+            .flatten()
+            .find(|r| r.resource_name == resource)
+            .map_or("NotRequired", |r| r.restart_policy.as_str())
+    };
+    let resizable = Resizable {
+        cpu: policy_for("cpu") == "NotRequired",
+        memory: policy_for("memory") == "NotRequired",
+    };
+    let pull_policy = PullPolicy::resolve(c.image_pull_policy.as_deref(), &checked.image_ref);
+    Ok(ContainerUnit {
+        name: checked.name,
+        container: c.name.clone(),
+        init: input.is_init,
+        image: checked.image_ref,
+        properties: Arc::new(p),
+        sensitive_env: checked.env.sensitive,
+        resizable,
+        sub_paths,
+        pull_policy,
+        verify_non_root: checked.verify_non_root,
+    })
+}
+
+/// The container checks: what to run (the command merged with the image's
+/// Entrypoint and Cmd, `$(VAR)` expanded), where, as whom, and isolated
+/// how; every problem with its field.
+fn check(
+    input: &ContainerInput<'_>,
+    ctx: &Context<'_>,
+    warnings: &mut Vec<FieldIssue>,
+) -> Result<Checked, Vec<FieldIssue>> {
+    let c = input.container;
+    let path = input.path;
+    let id = &input.instance.id;
+    let mut errors = Vec::new();
+    let image_ref = c.image.clone().unwrap_or_default();
+    let image = ctx.images.get(&image_ref);
+    let name = match units::container_service(id, &c.name) {
+        Ok(n) => n,
+        Err(e) => return Err(vec![FieldIssue::error(path.key("name"), e.to_string())]),
+    };
+
+    let env = environment(input, image, ctx, &mut errors, warnings);
+    let lookup = |n: &str| env.get(n);
+    let command: Option<Vec<String>> = c
+        .command
+        .clone()
+        .filter(|v| !v.is_empty())
+        .map(|v| v.iter().map(|a| expand(a, lookup)).collect());
+    let args: Option<Vec<String>> = c
+        .args
+        .clone()
+        .filter(|v| !v.is_empty())
+        .map(|v| v.iter().map(|a| expand(a, lookup)).collect());
+    let argv: Option<Vec<String>> = match (command, args, image) {
+        (Some(cmd), Some(args), _) => Some(cmd.into_iter().chain(args).collect()),
+        (Some(cmd), None, _) => Some(cmd),
+        (None, Some(args), Some(img)) => Some(img.entrypoint.iter().cloned().chain(args).collect()),
+        (None, None, Some(img)) => Some(
+            img.entrypoint
+                .iter()
+                .chain(img.cmd.iter())
+                .cloned()
+                .collect(),
+        ),
+        (None, _, None) => None,
+    };
+    match &argv {
+        Some(v) if v.is_empty() => errors.push(FieldIssue::error(
+            path.key("command"),
+            format!("nothing to run: the container sets no command and image {image_ref:?} has neither Entrypoint nor Cmd"),
+        )),
+        Some(v) if v[0].is_empty() => errors.push(FieldIssue::error(path.key("command"), "the program to run is an empty string")),
+        None => warnings.push(FieldIssue::warning(
+            path.key("command"),
+            format!("the command comes from image {image_ref:?}, which this plan does not know (pass --images); it is resolved when the image is present"),
+        )),
+        _ => {}
+    }
+
+    let working_dir = c
+        .working_dir
+        .clone()
+        .filter(|w| !w.is_empty())
+        .or_else(|| image.and_then(|i| i.working_dir.clone()));
+    if let Some(dir) = &working_dir
+        && !dir.starts_with('/')
+    {
+        errors.push(FieldIssue::error(
+            path.key("workingDir"),
+            format!("{dir:?} must be an absolute path"),
+        ));
+    }
+
+    let pod_sc = input.instance.spec.security_context.as_ref();
+    let sc = c.security_context.as_ref();
+    let (image_uid, image_gid) = image
+        .and_then(|i| i.user.as_deref())
+        .map(parse_image_user)
+        .unwrap_or((None, None));
+    let uid = sc
+        .and_then(|s| s.run_as_user)
+        .or(pod_sc.and_then(|s| s.run_as_user))
+        .or(image_uid);
+    let gid = sc
+        .and_then(|s| s.run_as_group)
+        .or(pod_sc.and_then(|s| s.run_as_group))
+        .or(image_gid);
+    let non_root = sc
+        .and_then(|s| s.run_as_non_root)
+        .or(pod_sc.and_then(|s| s.run_as_non_root))
+        .unwrap_or(false);
+    let explicit_uid = sc
+        .and_then(|s| s.run_as_user)
+        .or(pod_sc.and_then(|s| s.run_as_user));
+    // The kubelet's rule: a uid written in the manifest is checked now; one
+    // left to the image is checked when the container starts, and a root
+    // image then shows CreateContainerConfigError on the pod.
+    if non_root && explicit_uid == Some(0) {
+        errors.push(FieldIssue::error(
+            path.key("securityContext").key("runAsNonRoot"),
+            "runAsNonRoot is set but runAsUser is 0 (root)",
+        ));
+    }
+    let verify_non_root = non_root && explicit_uid.is_none();
+    if let Some(sc) = sc {
+        crate::security::check_combination(sc, &path.key("securityContext"), &mut errors);
+    }
+    let mut isolation = Properties::new();
+    let seccomp = crate::security::isolate(
+        &crate::security::Input {
+            pod: pod_sc,
+            pod_path: &FieldPath::parse(input.instance.spec_path),
+            container: sc,
+            allow_privileged: ctx.node.allow_privileged,
+            path,
+        },
+        &mut isolation,
+        &mut errors,
+    );
+    if image.is_some_and(|i| {
+        i.user
+            .as_deref()
+            .is_some_and(|u| parse_image_user(u).0.is_none() && !u.is_empty())
+    }) && uid.is_none()
+    {
+        warnings.push(FieldIssue::warning(path.key("securityContext").key("runAsUser"), "the image names its user by name; it is resolved from the image's /etc/passwd at start"));
+    }
+
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Checked {
+        name,
+        image_ref,
+        env,
+        argv,
+        working_dir,
+        uid,
+        gid,
+        verify_non_root,
+        isolation,
+        seccomp,
+    })
+}
+
+/// The unit properties of a checked container: identity and log fields,
+/// the command, environment and user, restart policy, resources, its root,
+/// namespaces, isolation and volumes; minus what the node's systemd is too
+/// old for. Returns them with the container's staged `subPath` binds.
+fn properties(
+    input: &ContainerInput<'_>,
+    ctx: &Context<'_>,
+    checked: &Checked,
+) -> (Properties, Vec<SubPathBind>) {
+    let c = input.container;
+    let id = &input.instance.id;
+    let Checked {
+        image_ref,
+        env,
+        argv,
+        working_dir,
+        uid,
+        gid,
+        isolation,
+        seccomp,
+        ..
+    } = checked;
+    let mut p = Properties::new();
+    let u = PropertyValue::Unsigned;
+    let text = |s: &str| PropertyValue::Text(s.to_string());
+    p.insert(
+        "Description",
+        PropertyValue::Text(format!(
+            "berth {}container {} of pod {}",
+            if input.is_init { "init " } else { "" },
+            c.name,
+            id
+        )),
+    );
+    p.insert("Slice", PropertyValue::Text(input.slice.to_string()));
+    let mut fields = vec![
+        MARKER_FIELD.to_string(),
+        format!("{POD_FIELD}={id}"),
+        format!("{CONTAINER_FIELD}={}", c.name),
+        format!("{IMAGE_FIELD}={image_ref}"),
+        format!("{}={seccomp}", crate::security::SECCOMP_FIELD),
+    ];
+    if let Some(owner) = &input.instance.owner {
+        fields.push(format!("{OWNER_FIELD}={owner}"));
+    }
+    p.insert("LogExtraFields", PropertyValue::List(fields));
+    if let Some(argv) = argv {
+        p.insert(
+            "ExecStart",
+            PropertyValue::Exec(vec![ExecCommand {
+                path: argv[0].clone(),
+                argv: argv.clone(),
+            }]),
+        );
+    }
+    p.insert(
+        "Environment",
+        PropertyValue::List(
+            env.entries
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
+        ),
+    );
+    if let Some(dir) = working_dir {
+        p.insert("WorkingDirectory", PropertyValue::Text(dir.clone()));
+    }
+    if let Some(uid) = uid {
+        p.insert("User", PropertyValue::Text(uid.to_string()));
+    }
+    if let Some(gid) = gid {
+        p.insert("Group", PropertyValue::Text(gid.to_string()));
+    }
+    if input.is_init {
+        p.insert("Type", text("oneshot"));
+        p.insert("RemainAfterExit", PropertyValue::Bool(true));
+    } else {
+        p.insert("Type", text("exec"));
+    }
+    let restart = match (input.is_init, input.restart_policy) {
+        (_, RestartPolicy::Never) => "no",
+        (true, _) | (false, RestartPolicy::OnFailure) => "on-failure",
+        (false, RestartPolicy::Always) => "always",
+    };
+    p.insert("Restart", text(restart));
+    if restart != "no" {
+        p.insert("RestartUSec", u(RESTART_INITIAL_USEC));
+        p.insert("RestartMaxDelayUSec", u(RESTART_MAX_USEC));
+        p.insert("RestartSteps", u(RESTART_STEPS));
+        // Kubernetes never gives up restarting; neither may systemd's start limit.
+        p.insert("StartLimitIntervalUSec", u(0));
+    }
+    if !input.is_init && input.restart_policy != RestartPolicy::Always {
+        // A container that ran to completion stays visible as exited, so it
+        // is not mistaken for a missing one and started again.
+        p.insert("RemainAfterExit", PropertyValue::Bool(true));
+    }
+    if !input.after.is_empty() {
+        p.insert("After", PropertyValue::List(input.after.clone()));
+        p.insert("Requires", PropertyValue::List(input.after.clone()));
+    }
+    let grace = input
+        .instance
+        .spec
+        .termination_grace_period_seconds
+        .unwrap_or(DEFAULT_GRACE_SECONDS)
+        .max(0) as u64;
+    p.insert("TimeoutStopUSec", u(grace * 1_000_000));
+
+    let res = input.resources;
+    let shares = resources::milli_to_shares(res.cpu_request_milli.unwrap_or(0));
+    p.insert("CPUWeight", u(resources::shares_to_weight(shares)));
+    if let Some(limit) = res.cpu_limit_milli {
+        p.insert(
+            "CPUQuotaPerSecUSec",
+            u(resources::quota_per_sec(resources::milli_to_quota(limit))),
+        );
+        p.insert("CPUQuotaPeriodUSec", u(resources::CPU_PERIOD_USEC));
+    }
+    if let Some(limit) = res.memory_limit_bytes {
+        p.insert("MemoryMax", u(limit));
+    }
+    if let Some(request) = res.memory_request_bytes {
+        p.insert("MemoryLow", u(request));
+    }
+    if input.qos != QosClass::Guaranteed
+        && let Some(high) = resources::memory_high(
+            res.memory_request_bytes.unwrap_or(0),
+            res.memory_limit_bytes,
+            ctx.node.memory_bytes,
+        )
+    {
+        p.insert("MemoryHigh", u(high));
+    }
+    p.insert(
+        "OOMScoreAdjust",
+        PropertyValue::Signed(i64::from(resources::oom_score_adj(
+            input.qos,
+            res.memory_request_bytes.unwrap_or(0),
+            ctx.node.memory_bytes,
+        ))),
+    );
+
+    // The container's own root: an overlay of its image, mounted by the
+    // runtime at this path before the service starts.
+    let rootfs = format!(
+        "{}/{}_{}/rootfs",
+        ctx.node.containers_dir.trim_end_matches('/'),
+        id.key(),
+        c.name
+    );
+    p.insert("RootDirectory", PropertyValue::Text(rootfs.clone()));
+    p.insert("RequiresMountsFor", PropertyValue::List(vec![rootfs]));
+    p.insert("MountAPIVFS", PropertyValue::Bool(true));
+    // The pod's own network namespace, made and wired by the agent before
+    // the container starts.
+    if let Some(dir) = &ctx.node.netns_dir
+        && input.instance.spec.host_network != Some(true)
+    {
+        p.insert(
+            "NetworkNamespacePath",
+            PropertyValue::Text(format!("{}/{}", dir.trim_end_matches('/'), id.key())),
+        );
+    }
+    p.insert("PrivateTmp", PropertyValue::Bool(true));
+    p.insert("PrivatePIDs", PropertyValue::Bool(true));
+    for (k, v) in isolation.iter() {
+        p.insert(k.to_string(), v.clone());
+    }
+    let (rw, ro, sub_paths) =
+        crate::volumes::container_binds(id, c, input.volumes, &ctx.node.volumes);
+    if !rw.is_empty() {
+        p.insert("BindPaths", PropertyValue::Binds(rw));
+    }
+    if !ro.is_empty() {
+        p.insert("BindReadOnlyPaths", PropertyValue::Binds(ro));
+    }
+    // A bare program name is looked up in the container's PATH, inside its root.
+    if let Some(path) = env.get("PATH") {
+        p.insert(
+            "ExecSearchPath",
+            PropertyValue::List(
+                path.split(':')
+                    .filter(|d| d.starts_with('/'))
+                    .map(str::to_string)
+                    .collect(),
+            ),
+        );
+    }
+    let version = ctx.node.systemd_version;
+    let too_new: Vec<String> = p
+        .iter()
+        .filter(|(k, _)| units::introduced_in(k).is_some_and(|v| v > version))
+        .map(|(k, _)| k.to_string())
+        .collect();
+    if !too_new.is_empty() {
+        p = p
+            .iter()
+            .filter(|(k, _)| !too_new.iter().any(|t| t == k))
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+    }
+    p.shrink_to_fit();
+    (p, sub_paths)
+}
+
+fn parse_image_user(user: &str) -> (Option<i64>, Option<i64>) {
+    let (u, g) = user
+        .split_once(':')
+        .map_or((user, None), |(u, g)| (u, Some(g)));
+    (u.parse().ok(), g.and_then(|g| g.parse().ok()))
+}
