@@ -14,8 +14,11 @@ use berth_registry::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::clock::now_secs;
 use crate::config::ImageSettings;
-use crate::{Log, Runtime, Wake, now_secs};
+use crate::host::Runtime;
+use crate::log::Log;
+use crate::wake::Wake;
 
 /// Collection by age runs this often; by pressure, whenever the disk is full.
 const AGE_COLLECT_EVERY: Duration = Duration::from_secs(600);

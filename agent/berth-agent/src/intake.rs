@@ -6,9 +6,10 @@
 use berth_git::{Mirror, Revision};
 use berth_plan::DesiredNode;
 
+use crate::agent::{Agent, Loaded, PassOutcome};
+use crate::clock::{now_secs, short};
 use crate::config::NodeConfig;
 use crate::state::RevisionRecord;
-use crate::{Agent, Loaded, PassOutcome, now_secs, short};
 
 impl Agent {
     /// A fetched revision: one already applied needs nothing, one already

@@ -12,10 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use berth_git::{Credentials, FileChange, Mirror, PushUpdate, Revision};
-use serde::{Deserialize, Serialize};
 
-use crate::Log;
+use crate::log::Log;
 use crate::report::{NodeStatusDoc, STATUS_FILE};
+pub use crate::state::PublishRecord;
 
 /// Local refs the commits are made on, before they are pushed.
 pub const STATUS_REF: &str = "refs/berth/out/status";
@@ -50,27 +50,6 @@ pub struct Outgoing {
     pub history: usize,
     /// Sent with the drift branch's push (it then goes out on its own).
     pub push_options: Vec<String>,
-}
-
-/// How publishing goes, for `berth status` and the agent's state file.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PublishRecord {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status_commit: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub drift_commit: Option<String>,
-    /// Seconds since the epoch of the last push the server took.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_push: Option<u64>,
-    /// Commits made locally and not yet on the server.
-    #[serde(default)]
-    pub pending: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// Failed pushes in a row.
-    #[serde(default)]
-    pub failures: u32,
 }
 
 #[derive(Debug)]
@@ -384,7 +363,7 @@ impl Worker {
                 self.backoff = FIRST_BACKOFF;
                 self.last_error = None;
                 if let Ok(mut r) = self.record.lock() {
-                    r.last_push = Some(crate::now_secs());
+                    r.last_push = Some(crate::clock::now_secs());
                     r.failures = 0;
                 }
             }

@@ -19,15 +19,16 @@ use berth_plan::{
 };
 use berth_runtime::{ApplyFailure, Host, Observed, apply, observe};
 
+use crate::agent::{Agent, Loaded, MAX_LOGGED_ACTIONS, PassOutcome};
+use crate::clock::{now_secs, short};
 use crate::config::NodeConfig;
 use crate::drift::DriftItem;
+use crate::host::Runtime;
 use crate::limits::CgroupLimits;
+use crate::log::Level;
 use crate::publisher::DriftCommit;
 use crate::state::NotAdmittedRecord;
-use crate::{
-    Agent, Level, Loaded, MAX_LOGGED_ACTIONS, PassOutcome, Runtime, drift, network, now_secs,
-    report, short,
-};
+use crate::{drift, network, state};
 
 impl Agent {
     /// Plans and applies `candidate` (a new revision, accepted here by its
@@ -242,7 +243,7 @@ impl Agent {
                         item.object, item.unit, item.field, item.actual, item.desired
                     ),
                 );
-                self.state.healed.push(report::Healed {
+                self.state.healed.push(state::Healed {
                     at: now,
                     object: item.object,
                     unit: item.unit,
@@ -254,7 +255,7 @@ impl Agent {
                 outstanding.push(item);
             }
         }
-        let excess = self.state.healed.len().saturating_sub(report::HEALED_KEPT);
+        let excess = self.state.healed.len().saturating_sub(state::HEALED_KEPT);
         self.state.healed.drain(..excess);
         self.state.failures = report.failed;
         let pods = self.state.pod_statuses(observed, &rt.cgroup_root);
@@ -501,7 +502,7 @@ impl Agent {
                 r.claim,
                 r.path.display()
             ));
-            self.state.healed.push(report::Healed {
+            self.state.healed.push(state::Healed {
                 at: now_secs(),
                 object: format!("PersistentVolumeClaim/{}", r.claim),
                 unit: r.path.display().to_string(),
@@ -509,7 +510,7 @@ impl Agent {
                 found: "not mounted".into(),
                 restored: "the claim's volume".into(),
             });
-            let excess = self.state.healed.len().saturating_sub(report::HEALED_KEPT);
+            let excess = self.state.healed.len().saturating_sub(state::HEALED_KEPT);
             self.state.healed.drain(..excess);
         }
         let unready = storage.prepare_pods(pods, dirs);
@@ -580,7 +581,7 @@ impl Agent {
                         "drift healed: nftables table ip {} was {how} outside Berth; restored",
                         berth_net::nft::TABLE
                     ));
-                    self.state.healed.push(report::Healed {
+                    self.state.healed.push(state::Healed {
                         at: now,
                         object: "Services".into(),
                         unit: format!("nftables table ip {}", berth_net::nft::TABLE),
@@ -588,7 +589,7 @@ impl Agent {
                         found: how,
                         restored: "the rules for every Service".into(),
                     });
-                    let excess = self.state.healed.len().saturating_sub(report::HEALED_KEPT);
+                    let excess = self.state.healed.len().saturating_sub(state::HEALED_KEPT);
                     self.state.healed.drain(..excess);
                 }
                 // The planner's word on Services, then what leasing could not do.

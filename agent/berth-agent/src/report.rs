@@ -9,7 +9,7 @@ use berth_runtime::status::PodStatus;
 use serde::{Deserialize, Serialize};
 
 use crate::drift::{DriftItem, Policy};
-use crate::state::RevisionRecord;
+use crate::state::{Healed, RevisionRecord};
 
 pub const API_VERSION: &str = "berth.dev/v1alpha1";
 pub const KIND: &str = "NodeStatus";
@@ -17,8 +17,6 @@ pub const KIND: &str = "NodeStatus";
 pub const STATUS_FILE: &str = "status.yaml";
 /// How many drift items status.yaml lists; the count is always complete.
 pub const STATUS_DRIFT_LIMIT: usize = 200;
-/// How many heal records status.yaml keeps.
-pub const HEALED_KEPT: usize = 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -94,19 +92,6 @@ pub struct DriftSection {
     /// Drift the agent put back, most recent last.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub healed: Vec<Healed>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Healed {
-    pub at: u64,
-    pub object: String,
-    pub unit: String,
-    pub field: String,
-    /// What the node had.
-    pub found: String,
-    /// What Git says, which the agent put back.
-    pub restored: String,
 }
 
 /// What the report is built from.

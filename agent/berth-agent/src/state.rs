@@ -10,8 +10,6 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::drift::DriftItem;
-use crate::publisher::PublishRecord;
-use crate::report::Healed;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -214,4 +212,42 @@ fn write_file(path: &Path, value: &impl Serialize, sync: bool) -> std::io::Resul
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+/// How many heal records status.yaml keeps.
+pub const HEALED_KEPT: usize = 20;
+
+/// Drift the agent put back: what it found, and what Git says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Healed {
+    pub at: u64,
+    pub object: String,
+    pub unit: String,
+    pub field: String,
+    /// What the node had.
+    pub found: String,
+    /// What Git says, which the agent put back.
+    pub restored: String,
+}
+
+/// How publishing goes, for `berth status` and the agent's state file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PublishRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_commit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift_commit: Option<String>,
+    /// Seconds since the epoch of the last push the server took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_push: Option<u64>,
+    /// Commits made locally and not yet on the server.
+    #[serde(default)]
+    pub pending: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Failed pushes in a row.
+    #[serde(default)]
+    pub failures: u32,
 }

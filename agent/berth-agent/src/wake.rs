@@ -4,8 +4,17 @@
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::Wake;
 use crate::notify::Notifier;
+
+/// What wakes the loop besides its poll timer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Fetch and reconcile now (`systemctl reload berth-agent`, SIGHUP).
+    SyncNow,
+    /// A Berth unit changed state: reconcile without fetching.
+    UnitChanged,
+    Shutdown,
+}
 
 /// Unit changes come in bursts (a stop, a restart job, a start); one
 /// reconcile after the burst is enough.

@@ -1,0 +1,536 @@
+//! The agent's loop state and its pass: config → fetch → intake →
+//! reconcile (`reconcile.rs`) → report, and the loop that runs passes on
+//! the poll timer, "sync now" and unit changes, with back-off after a
+//! failed one.
+
+use std::path::PathBuf;
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use berth_git::{Mirror, Revision};
+use berth_plan::NodeInfo;
+
+use crate::clock::{now_secs, short};
+use crate::config::{self, NodeConfig};
+use crate::host::{AgentPaths, Runtime};
+use crate::limits::CgroupLimits;
+use crate::log::Log;
+use crate::notify::Notifier;
+use crate::publisher::{self, DriftCommit, Outgoing, Publisher};
+use crate::state::{AgentState, StateStore};
+use crate::wake::{Wake, jitter, wait_for_wake};
+use crate::{images, network, report, storage};
+
+/// What one pass ended with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PassOutcome {
+    /// A valid revision is in place (new or unchanged).
+    Applied { revision: String, changed: bool },
+    /// The fetched revision is invalid; the last good one stays.
+    Rejected {
+        revision: String,
+        keeping: Option<String>,
+    },
+    /// Config, network, mirror or systemd trouble: try again after a backoff.
+    Failed { reason: String },
+}
+
+/// The agent's loop state, between passes.
+#[derive(Debug)]
+pub struct Agent {
+    pub(crate) paths: AgentPaths,
+    pub(crate) store: StateStore,
+    pub(crate) state: AgentState,
+    pub(crate) log: Log,
+    pub(crate) runtime: Option<Runtime>,
+    /// Opened on the first pass that needs it and kept: opening cleans up
+    /// what a crashed run left behind, which is needed once per process.
+    pub(crate) mirror: Option<Mirror>,
+    /// The last plan logged (verb and unit of each action): a plan that
+    /// repeats (a pod waiting for its image) is logged once.
+    pub(crate) last_logged_plan: Vec<String>,
+    /// The revision last reconciled without error, and when.
+    pub(crate) reconciled: Option<(String, Instant)>,
+    /// Pushes status and drift, on its own thread (see [`Agent::publish`]).
+    pub(crate) publisher: Option<Publisher>,
+    /// Pod statuses from the last observation, for the status branch.
+    pub(crate) pods: Vec<berth_runtime::status::PodStatus>,
+    /// The drift branch's commit from the last reconcile, if anything drifted.
+    pub(crate) drift_commit: Option<DriftCommit>,
+    /// The resource files of every observed Berth cgroup as last read: an
+    /// idle poll reads them again instead of observing every unit over
+    /// D-Bus, and observes only when one changed (`systemctl set-property`
+    /// writes them, and PID 1 signals nothing for it).
+    pub(crate) limits: Option<CgroupLimits>,
+    /// The pod network, when this node runs one (see [`Agent::with_network`]).
+    pub(crate) network: Option<network::PodNetwork>,
+    /// Claims and pod volumes, when this node keeps them (see [`Agent::with_storage`]).
+    pub(crate) storage: Option<storage::Storage>,
+    /// Pulls and collection of images.
+    pub(crate) images: images::Images,
+    /// `pod|reason` of every pod waiting in the last pass, so a wait is
+    /// logged when it begins, not on every pass.
+    pub(crate) waiting: std::collections::BTreeSet<String>,
+    /// A fetch has succeeded since the agent started.
+    pub(crate) fetched_once: bool,
+    /// The line saying the agent waits for the network was logged.
+    pub(crate) waiting_for_network: bool,
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// The first retry comes quickly (the network may still be coming up at
+/// boot); later ones back off to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+pub(crate) const MAX_LOGGED_ACTIONS: usize = 20;
+/// Each fetch that brings something adds a pack to the mirror; beyond this
+/// many they are repacked into one.
+const MAX_PACKS: usize = 16;
+/// How often units are observed and healed when nothing signalled a change,
+/// like the kubelet's periodic sync.
+const RESYNC: Duration = Duration::from_secs(60);
+
+/// The revision a pass works on, loaded.
+pub(crate) struct Loaded {
+    pub(crate) revision: String,
+    pub(crate) catalog: berth_manifest::Catalog,
+    /// Who signed it, when the node requires signatures.
+    pub(crate) signer: Option<String>,
+}
+
+impl Agent {
+    pub fn new(paths: AgentPaths, log: Log, runtime: Option<Runtime>) -> std::io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(&paths.state_dir)?;
+        // Credentials, pull secrets and Secrets' data live below: the agent's
+        // own, whatever umask it was started with.
+        std::fs::set_permissions(&paths.state_dir, std::fs::Permissions::from_mode(0o700))?;
+        let store = StateStore::new(&paths.state_dir);
+        let state = store.load();
+        Ok(Self {
+            paths,
+            store,
+            state,
+            log,
+            runtime,
+            mirror: None,
+            last_logged_plan: Vec::new(),
+            reconciled: None,
+            publisher: None,
+            pods: Vec::new(),
+            drift_commit: None,
+            limits: None,
+            network: None,
+            storage: None,
+            images: images::Images::new(),
+            waiting: std::collections::BTreeSet::new(),
+            fetched_once: false,
+            waiting_for_network: false,
+        })
+    }
+
+    /// A finished image pull wakes [`Agent::run`] through this sender.
+    pub fn set_waker(&mut self, waker: std::sync::mpsc::Sender<Wake>) {
+        self.images.set_waker(waker);
+    }
+
+    /// Provisions claims with `driver` (its book under `dir`) and makes
+    /// pod volumes ready. Without it, pods with volumes do not start.
+    pub fn with_storage(
+        mut self,
+        dir: impl Into<std::path::PathBuf>,
+        driver: Box<dyn berth_storage::driver::VolumeDriver>,
+    ) -> Self {
+        self.storage = Some(storage::Storage::new(dir, driver));
+        self
+    }
+
+    /// Gives every pod its own network namespace, address and DNS, and
+    /// programs Services. Without it pods share the node's network.
+    pub fn with_network(mut self, paths: network::NetworkPaths) -> Self {
+        self.network = Some(network::PodNetwork::new(paths));
+        self
+    }
+
+    /// Starts pushing status and drift branches after each pass.
+    pub fn publish(&mut self) -> std::io::Result<()> {
+        if self.publisher.is_none() {
+            self.publisher = Some(Publisher::start(
+                self.paths.state_dir.join("mirror.git"),
+                self.log,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// How publishing goes right now, when it runs.
+    pub fn publish_record(&self) -> Option<publisher::PublishRecord> {
+        self.publisher.as_ref().map(Publisher::record)
+    }
+
+    /// Stops publishing after one last attempt to push what is pending.
+    pub fn stop_publishing(&mut self) {
+        if let Some(mut p) = self.publisher.take() {
+            p.stop();
+            self.state.publish = p.record();
+            let _ = self.store.save(&self.state);
+        }
+    }
+
+    pub fn state(&self) -> &AgentState {
+        &self.state
+    }
+
+    /// Imports the OCI archives shipped with the node into the image store.
+    /// A bad archive is logged and skipped; the others still come in.
+    pub fn import_images(&mut self) {
+        let Some(rt) = &self.runtime else { return };
+        let Some(dir) = &rt.image_archives else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let mut archives: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "tar"))
+            .collect();
+        archives.sort();
+        for archive in archives {
+            match rt.images.import_archive(&archive) {
+                Ok(images) => {
+                    for i in images.iter().filter(|i| i.new) {
+                        self.log.info(&format!(
+                            "image {} imported from {} ({})",
+                            i.reference,
+                            archive.display(),
+                            short(i.manifest.trim_start_matches("sha256:"))
+                        ));
+                    }
+                }
+                Err(e) => self.log.error(&format!("image import failed: {e}")),
+            }
+        }
+    }
+
+    /// One pass: config → fetch → load → validate → observe → plan →
+    /// apply → record. With `fetch` false the last fetched revision is
+    /// reconciled again (a unit changed).
+    pub fn pass(&mut self, fetch: bool) -> (PassOutcome, Option<NodeConfig>) {
+        let config = match config::load(&self.paths.config) {
+            Ok(c) => c,
+            Err(e) => {
+                self.log.error(&format!("configuration error: {e}"));
+                return (self.failed(format!("configuration error: {e}")), None);
+            }
+        };
+        let mut mirror = match self.mirror.take() {
+            Some(m) => m,
+            None => match Mirror::open(&self.paths.state_dir.join("mirror.git")) {
+                Ok(m) => m,
+                Err(e) => {
+                    self.log.error(&e.to_string());
+                    return (self.failed(e.to_string()), Some(config));
+                }
+            },
+        };
+        let outcome = self.pass_with(&config, &mirror, fetch);
+        if mirror.pack_count() > MAX_PACKS {
+            let keep: Vec<Revision> = self
+                .state
+                .last_good
+                .iter()
+                .filter_map(|g| Revision::parse(&g.revision))
+                .collect();
+            match mirror.compact(&keep) {
+                Ok(n) => self
+                    .log
+                    .info(&format!("mirror repacked: {n} packs into one")),
+                Err(e) => self.log.warn(&format!("cannot repack the mirror: {e}")),
+            }
+        }
+        self.mirror = Some(mirror);
+        self.send_report(&config);
+        (outcome, Some(config))
+    }
+
+    fn failed(&mut self, reason: String) -> PassOutcome {
+        self.state.errors = vec![reason.clone()];
+        let _ = self.store.save(&self.state);
+        PassOutcome::Failed { reason }
+    }
+
+    fn pass_with(&mut self, config: &NodeConfig, mirror: &Mirror, fetch: bool) -> PassOutcome {
+        let mut fetch_error = None;
+        let mut outcome = None;
+        // A new revision, verified and loaded: planned in this pass, and
+        // accepted or rejected by that plan.
+        let mut candidate = None;
+        if fetch {
+            match mirror.fetch(&config.remote, config.credentials.as_ref()) {
+                Ok(revision) => {
+                    self.fetched_once = true;
+                    self.waiting_for_network = false;
+                    (outcome, candidate) = self.intake(config, mirror, revision);
+                }
+                Err(e) => {
+                    let keeping = self
+                        .state
+                        .last_good
+                        .as_ref()
+                        .map_or("nothing yet".to_string(), |g| short(&g.revision));
+                    if !self.fetched_once && !has_default_route(&self.paths.proc_net) {
+                        // At boot the agent is up before the network: one
+                        // line says so, not a failure at every retry.
+                        if !self.waiting_for_network {
+                            self.log.info(&format!(
+                                "waiting for the network to reach {} ({e}); keeping {keeping}",
+                                config.remote.url
+                            ));
+                            self.waiting_for_network = true;
+                        }
+                        fetch_error = Some(format!("waiting for the network: {e}"));
+                    } else {
+                        self.log.error(&format!("{e}; keeping {keeping}; retrying"));
+                        fetch_error = Some(e.to_string());
+                    }
+                }
+            }
+        }
+        // Reconcile what is good, whether or not Git was reachable: pods
+        // heal while the network is down.
+        let good = self.state.last_good.as_ref().map(|g| g.revision.clone());
+        // Observing every unit is the expensive part of a pass; a poll that
+        // found nothing new skips it unless a unit changed (PID 1 signals
+        // finished jobs), a resource file of a Berth cgroup changed (what
+        // `systemctl set-property` does, which PID 1 does not signal), the
+        // last pass left failures to retry, or the resync interval came
+        // round (which catches whatever else systemd does not signal).
+        let due = candidate.is_some()
+            || !fetch
+            || good != self.reconciled.as_ref().map(|(r, _)| r.clone())
+            || !self.state.failures.is_empty()
+            || self
+                .reconciled
+                .as_ref()
+                .is_none_or(|(_, at)| at.elapsed() >= RESYNC)
+            || self.limits_changed()
+            || self
+                .network
+                .as_mut()
+                .is_some_and(network::PodNetwork::table_drifted);
+        let reconciled = (due && (candidate.is_some() || good.is_some()))
+            .then(|| self.reconcile(config, mirror, candidate, &mut outcome));
+        if let Some(Err(e)) = &reconciled {
+            self.log.error(e);
+        }
+        if let Some(reason) = fetch_error.or_else(|| reconciled.and_then(Result::err)) {
+            self.state.errors = vec![reason.clone()];
+            let _ = self.store.save(&self.state);
+            return PassOutcome::Failed { reason };
+        }
+        if outcome.is_none()
+            && let Some(g) = &self.state.last_good
+        {
+            outcome = Some(PassOutcome::Applied {
+                revision: g.revision.clone(),
+                changed: false,
+            });
+        }
+        let _ = self.store.save(&self.state);
+        outcome.unwrap_or_else(|| PassOutcome::Failed {
+            reason: "no revision fetched yet".into(),
+        })
+    }
+
+    pub(crate) fn node_info(&self, config: &NodeConfig) -> NodeInfo {
+        let mut node = NodeInfo::new(
+            &config.node_name,
+            config.labels.clone(),
+            self.paths.node_memory_bytes,
+            self.paths.node_cpu_milli,
+        );
+        node.netns_dir = self
+            .network
+            .as_ref()
+            .map(|n| n.netns_dir().display().to_string());
+        node.volumes.host_path_prefixes = config.host_path_prefixes.clone();
+        node.allow_privileged = config.allow_privileged;
+        node.drift = config.drift.clone();
+        node.node_ports = berth_plan::services::NodePortRange {
+            first: config.network.node_ports.0,
+            last: config.network.node_ports.1,
+        };
+        if let Some(rt) = &self.runtime {
+            node.containers_dir = rt.containers_dir.clone();
+            if let Ok(v) = rt.systemd.version() {
+                node.systemd_version = v;
+            }
+        }
+        node
+    }
+
+    /// The configs of the images in the store, for the planner.
+    pub(crate) fn image_configs(&self) -> Vec<berth_plan::ImageConfig> {
+        self.runtime
+            .as_ref()
+            .map(|rt| rt.images.catalog())
+            .unwrap_or_default()
+    }
+
+    /// Hands this pass's status (and drift) to the publishing thread.
+    fn send_report(&mut self, config: &NodeConfig) {
+        let Some(publisher) = &self.publisher else {
+            return;
+        };
+        self.state.publish = publisher.record();
+        if !config.publish {
+            return;
+        }
+        let doc = report::build(&report::Inputs {
+            node: &config.node_name,
+            labels: &config.labels,
+            cpu_milli: self.paths.node_cpu_milli,
+            memory_bytes: self.paths.node_memory_bytes,
+            state_dir: &self.paths.state_dir,
+            applied: self.state.last_good.as_ref(),
+            attempted: self.state.last_attempted.as_ref(),
+            signed_by: self.state.signed_by.as_deref(),
+            errors: &self.state.errors,
+            pods: &self.pods,
+            policy: config.drift.policy,
+            drift: &self.state.drift,
+            healed: &self.state.healed,
+            network: &self.state.network,
+            storage: &self.state.storage,
+            images: &self.state.images,
+            now: now_secs(),
+        });
+        publisher.send(Outgoing {
+            url: config.remote.url.clone(),
+            credentials: config.credentials.clone(),
+            node: config.node_name.clone(),
+            status: doc,
+            drift: self.drift_commit.clone(),
+            heartbeat: config.heartbeat,
+            history: config.history,
+            push_options: config.push_options.clone(),
+        });
+    }
+
+    /// Runs passes until told to stop: after the (jittered) poll interval,
+    /// at once on [`Wake::SyncNow`], shortly after [`Wake::UnitChanged`]
+    /// (without fetching), and with a growing backoff after a failed pass.
+    /// Pings the watchdog while waiting. Units keep running when it returns.
+    pub fn run(&mut self, notifier: &Notifier, wake: &Receiver<Wake>) {
+        notifier.ready("starting");
+        self.log.info("agent started");
+        if let Err(e) = self.publish() {
+            self.log
+                .error(&format!("cannot start publishing status to Git: {e}"));
+        }
+        // After readiness: an import (seconds on first boot) is the loop's
+        // work, not start-up's.
+        self.import_images();
+        let mut backoff = FIRST_BACKOFF;
+        let mut fetch = true;
+        loop {
+            let (outcome, config) = self.pass(fetch);
+            let poll = config.as_ref().map_or(FIRST_BACKOFF, |c| c.poll_interval);
+            let poll_interval = config.as_ref().map(|c| c.poll_interval);
+            let wait = match &outcome {
+                PassOutcome::Applied { revision, .. } => {
+                    notifier.status(&format!("running revision {}", short(revision)));
+                    backoff = FIRST_BACKOFF;
+                    poll
+                }
+                PassOutcome::Rejected { revision, keeping } => {
+                    notifier.status(&format!(
+                        "revision {} rejected; running {}",
+                        short(revision),
+                        keeping.as_deref().map_or("nothing".to_string(), short)
+                    ));
+                    backoff = FIRST_BACKOFF;
+                    poll
+                }
+                PassOutcome::Failed { reason } => {
+                    notifier.status(&format!("retrying in {}s: {reason}", backoff.as_secs()));
+                    let w = backoff;
+                    backoff = next_backoff(backoff, poll_interval);
+                    w
+                }
+            };
+            match wait_for_wake(jitter(wait), notifier, wake) {
+                None => fetch = true,
+                Some(Wake::SyncNow) => fetch = true,
+                Some(Wake::UnitChanged) => fetch = false,
+                Some(Wake::Shutdown) => {
+                    notifier.stopping();
+                    self.stop_publishing();
+                    self.log.info("agent stopping; pods keep running");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The wait after `current` when a pass failed again: doubling, up to four
+/// poll intervals; without a config there is no interval, and a node left
+/// unconfigured says so less and less often, up to every five minutes.
+fn next_backoff(current: Duration, poll_interval: Option<Duration>) -> Duration {
+    let ceiling = poll_interval
+        .map_or(MAX_BACKOFF, |p| p.max(FIRST_BACKOFF) * 4)
+        .min(MAX_BACKOFF);
+    (current * 2).min(ceiling)
+}
+
+/// Whether `/proc/net/route` or `ipv6_route` holds a default route. When
+/// neither can be read, the network is taken as up (errors are errors).
+fn has_default_route(proc_net: &std::path::Path) -> bool {
+    let v4 = std::fs::read_to_string(proc_net.join("route"));
+    let v6 = std::fs::read_to_string(proc_net.join("ipv6_route"));
+    if v4.is_err() && v6.is_err() {
+        return true;
+    }
+    // IPv4: Iface, Destination (hex), Gateway, ...: a default route has
+    // destination 00000000. IPv6: destination (32 hex digits) and its
+    // prefix length first; the kernel lists the unreachable ::/0 of `lo`
+    // too, so only a route through another device counts.
+    let v4_default = v4.is_ok_and(|t| {
+        t.lines()
+            .skip(1)
+            .any(|l| l.split_whitespace().nth(1) == Some("00000000"))
+    });
+    let v6_default = v6.is_ok_and(|t| {
+        t.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() >= 10
+                && f[0] == "00000000000000000000000000000000"
+                && f[1] == "00"
+                && f[9] != "lo"
+        })
+    });
+    v4_default || v6_default
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_double_up_to_four_polls_and_an_unconfigured_node_up_to_five_minutes() {
+        let mut wait = FIRST_BACKOFF;
+        let mut seen = Vec::new();
+        for _ in 0..12 {
+            wait = next_backoff(wait, None);
+            seen.push(wait.as_secs());
+        }
+        assert_eq!(seen, [2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300, 300]);
+        let poll = Some(Duration::from_secs(5));
+        assert_eq!(
+            next_backoff(Duration::from_secs(16), poll),
+            Duration::from_secs(20)
+        );
+    }
+}
