@@ -12,7 +12,7 @@
 //! while it plans, so `berth plan --actual` shows the same split the node
 //! makes; the agent turns the findings into the status and drift branches.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use berth_manifest::quantity::{format_bytes, format_cpu_milli};
 use berth_manifest::{Catalog, Object, ObjectRef};
@@ -29,46 +29,7 @@ pub const POLICY_ANNOTATION: &str = "berth.dev/drift-policy";
 /// Per object: comma-separated fields whose drift is the admin's business.
 pub const IGNORE_ANNOTATION: &str = "berth.dev/drift-ignore";
 
-/// What the agent does about drift.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Policy {
-    /// Put it back, and record that it happened.
-    Heal,
-    /// Leave it as found and report it.
-    Report,
-}
-
-impl Policy {
-    pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "heal" => Some(Policy::Heal),
-            "report" => Some(Policy::Report),
-            _ => None,
-        }
-    }
-}
-
-/// The node's drift settings (from its config).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct Settings {
-    pub policy: Policy,
-    /// A container restarted more often than this is reported.
-    pub restart_threshold: u32,
-    /// Fields never reported or healed on any object.
-    pub ignore: BTreeSet<String>,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            policy: Policy::Heal,
-            restart_threshold: 5,
-            ignore: BTreeSet::new(),
-        }
-    }
-}
+pub use crate::node::{DriftPolicy as Policy, DriftSettings as Settings};
 
 /// The pseudo-fields besides unit properties.
 pub const FIELD_STATE: &str = "state";

@@ -11,6 +11,7 @@
 //! --actual` on the agent's snapshot prints exactly what the node does.
 
 pub mod actual;
+pub mod context;
 pub mod desired;
 pub mod drift;
 pub mod expand;
@@ -21,6 +22,7 @@ pub mod plan;
 pub mod reason;
 pub mod resources;
 pub mod security;
+pub mod select;
 pub mod services;
 pub mod units;
 pub mod volumes;

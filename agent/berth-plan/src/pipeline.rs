@@ -21,11 +21,13 @@ use berth_manifest::{
 use serde::Serialize;
 
 use crate::actual::{ActualState, ActualUnit};
-use crate::desired::{self, Context, DesiredPod, SliceUnit};
+use crate::context::Context;
+use crate::desired::{self, DesiredPod, SliceUnit};
 use crate::drift::{self, DriftItem};
 use crate::images::ImageCatalog;
-use crate::node::{self, NodeInfo, NotHere};
+use crate::node::NodeInfo;
 use crate::plan::{self, Plan, PlanInput, Protection};
+use crate::select::{self, NotHere};
 use crate::services::{self, ServicePlan};
 use crate::units::PodId;
 use crate::waits;
@@ -159,7 +161,7 @@ pub fn desire(
     units: &[ActualUnit],
 ) -> DesiredNode {
     let index = Index::new(catalog);
-    let selection = node::select(catalog, node);
+    let selection = select::select(catalog, node);
     let ctx = Context::new(catalog, node, images);
     let mut diagnostics = Diagnostics::new(catalog);
     let mut rejected = Vec::new();
@@ -412,7 +414,7 @@ pub fn validate_pods(catalog: &Catalog, images: &ImageCatalog) -> (Vec<Diagnosti
     let mut diagnostics = Diagnostics::new(catalog);
     let mut rejected = Vec::new();
     let mut pods = Vec::new();
-    for instance in node::all_pods(catalog) {
+    for instance in select::all_pods(catalog) {
         let issues = match desired::resolve_pod(&instance, &ctx) {
             Ok(r) => {
                 pods.push(r.pod);

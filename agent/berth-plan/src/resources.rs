@@ -2,6 +2,10 @@
 //! weights, CFS quotas, OOM score adjustments and memory.high, with the
 //! numbers the kubelet and runc use.
 
+use std::collections::BTreeMap;
+
+use berth_manifest::Quantity;
+use berth_manifest::k8s_openapi::api::core::v1::Container;
 use serde::Serialize;
 
 /// Kubernetes' quality-of-service class of a pod.
@@ -170,6 +174,60 @@ pub fn memory_high(request: u64, limit: Option<u64>, capacity: u64) -> Option<u6
         + u128::from(ceiling - request) * u128::from(MEMORY_THROTTLING_FACTOR_TENTHS) / 10;
     let high = (high as u64) / PAGE_SIZE * PAGE_SIZE;
     (high > request && high < ceiling).then_some(high)
+}
+
+pub fn container_resources(c: &Container) -> ContainerResources {
+    let get = |section: &Option<
+        BTreeMap<String, berth_manifest::k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    >,
+               name: &str,
+               cpu: bool| {
+        let q = section.as_ref()?.get(name)?;
+        let parsed = Quantity::parse(&q.0).ok()?;
+        if cpu {
+            parsed.milli().ok()
+        } else {
+            parsed.units().ok()
+        }
+    };
+    let Some(r) = &c.resources else {
+        return ContainerResources::default();
+    };
+    ContainerResources {
+        cpu_request_milli: get(&r.requests, "cpu", true),
+        cpu_limit_milli: get(&r.limits, "cpu", true),
+        memory_request_bytes: get(&r.requests, "memory", false),
+        memory_limit_bytes: get(&r.limits, "memory", false),
+    }
+    .defaulted()
+}
+
+/// The pod's effective resources: the larger of the app containers' sum and
+/// the largest init container; a limit only when every container has one.
+pub fn pod_resources(
+    init: &[ContainerResources],
+    app: &[ContainerResources],
+) -> ContainerResources {
+    fn combine(
+        init: &[ContainerResources],
+        app: &[ContainerResources],
+        get: impl Fn(&ContainerResources) -> Option<u64>,
+        all_required: bool,
+    ) -> Option<u64> {
+        if all_required && init.iter().chain(app).any(|c| get(c).is_none()) {
+            return None;
+        }
+        let sum: u64 = app.iter().filter_map(&get).sum();
+        let max_init = init.iter().filter_map(&get).max().unwrap_or(0);
+        let v = sum.max(max_init);
+        (v > 0).then_some(v)
+    }
+    ContainerResources {
+        cpu_request_milli: combine(init, app, |c| c.cpu_request_milli, false),
+        cpu_limit_milli: combine(init, app, |c| c.cpu_limit_milli, true),
+        memory_request_bytes: combine(init, app, |c| c.memory_request_bytes, false),
+        memory_limit_bytes: combine(init, app, |c| c.memory_limit_bytes, true),
+    }
 }
 
 #[cfg(test)]

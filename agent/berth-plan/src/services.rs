@@ -10,36 +10,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use berth_manifest::{Catalog, Diagnostic, FieldIssue, FieldPath, LoadedObject, Object};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::desired::DesiredPod;
 
-/// The node port range Kubernetes uses by default (`--service-node-port-range`).
-pub const DEFAULT_NODE_PORTS: NodePortRange = NodePortRange {
-    first: 30000,
-    last: 32767,
-};
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when not given: 3 hours.
 pub const DEFAULT_AFFINITY_SECONDS: u32 = 10_800;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct NodePortRange {
-    pub first: u16,
-    pub last: u16,
-}
-
-impl NodePortRange {
-    pub fn contains(self, port: u16) -> bool {
-        (self.first..=self.last).contains(&port)
-    }
-}
-
-impl Default for NodePortRange {
-    fn default() -> Self {
-        DEFAULT_NODE_PORTS
-    }
-}
+pub use crate::node::{DEFAULT_NODE_PORTS, NodePortRange};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "UPPERCASE")]

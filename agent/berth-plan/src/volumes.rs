@@ -11,8 +11,11 @@ use std::fmt;
 use berth_manifest::k8s_openapi::api::core::v1::{Container, KeyToPath, Volume};
 use berth_manifest::{FieldIssue, FieldPath, Quantity};
 
-use crate::desired::Context;
-use crate::node::PodInstance;
+use crate::context::Context;
+pub use crate::node::{
+    DEFAULT_CLAIMS_DIR, DEFAULT_DISK_DIR, DEFAULT_RUN_DIR, DEFAULT_SUB_PATH_DIR, VolumeDirs,
+};
+use crate::select::PodInstance;
 use crate::units::{BindMount, PodId};
 
 /// Bytes that must not reach a log, a plan printout or a status file.
@@ -105,39 +108,6 @@ pub struct SubPathBind {
     pub stage: String,
     /// Kubernetes makes a missing subPath a directory.
     pub create: bool,
-}
-
-/// Where volumes of every pod live on the node.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct VolumeDirs {
-    /// Disk-backed `emptyDir`s: `<dir>/<ns>_<pod>/<volume>`.
-    pub disk_dir: String,
-    /// tmpfs-backed volumes (memory `emptyDir`, ConfigMaps, Secrets).
-    pub run_dir: String,
-    /// Staged `subPath` binds: `<dir>/<ns>_<pod>/<container>/<n>`.
-    pub sub_path_dir: String,
-    /// Claims' mount points: `<dir>/<ns>_<claim>`.
-    pub claims_dir: String,
-    /// `hostPath` volumes must lie under one of these.
-    pub host_path_prefixes: Vec<String>,
-}
-
-pub const DEFAULT_DISK_DIR: &str = "/var/lib/berth/volumes";
-pub const DEFAULT_RUN_DIR: &str = "/run/berth/volumes";
-pub const DEFAULT_SUB_PATH_DIR: &str = "/run/berth/subpaths";
-pub const DEFAULT_CLAIMS_DIR: &str = "/var/lib/berth/storage/claims";
-
-impl Default for VolumeDirs {
-    fn default() -> Self {
-        Self {
-            disk_dir: DEFAULT_DISK_DIR.into(),
-            run_dir: DEFAULT_RUN_DIR.into(),
-            sub_path_dir: DEFAULT_SUB_PATH_DIR.into(),
-            claims_dir: DEFAULT_CLAIMS_DIR.into(),
-            host_path_prefixes: Vec::new(),
-        }
-    }
 }
 
 impl VolumeDirs {

@@ -5,35 +5,22 @@
 
 use std::sync::Arc;
 
-use berth_manifest::k8s_openapi::api::core::v1::Container;
 use berth_manifest::{FieldIssue, FieldPath};
 
 use super::environment::{Env, environment};
-use super::{
-    ContainerUnit, Context, DEFAULT_GRACE_SECONDS, PullPolicy, RESTART_INITIAL_USEC,
-    RESTART_MAX_USEC, RESTART_STEPS, Resizable, RestartPolicy,
+use super::input::ContainerInput;
+use super::model::{
+    ContainerUnit, DEFAULT_GRACE_SECONDS, PullPolicy, RESTART_INITIAL_USEC, RESTART_MAX_USEC,
+    RESTART_STEPS, Resizable, RestartPolicy,
 };
+use crate::context::Context;
 use crate::expand::expand;
-use crate::node::PodInstance;
-use crate::resources::{self, ContainerResources, QosClass};
+use crate::resources::{self, QosClass};
 use crate::units::{
     self, CONTAINER_FIELD, ExecCommand, IMAGE_FIELD, MARKER_FIELD, OWNER_FIELD, POD_FIELD,
     Properties, PropertyValue, UnitName,
 };
-use crate::volumes::{PodVolume, SubPathBind};
-
-pub(super) struct ContainerInput<'a> {
-    pub(super) instance: &'a PodInstance<'a>,
-    pub(super) container: &'a Container,
-    pub(super) is_init: bool,
-    pub(super) path: &'a FieldPath,
-    pub(super) resources: ContainerResources,
-    pub(super) qos: QosClass,
-    pub(super) restart_policy: RestartPolicy,
-    pub(super) slice: &'a UnitName,
-    pub(super) after: Vec<String>,
-    pub(super) volumes: &'a [PodVolume],
-}
+use crate::volumes::SubPathBind;
 
 /// What the checks of a container found: what its unit is made of.
 struct Checked {

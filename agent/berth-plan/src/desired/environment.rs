@@ -9,10 +9,12 @@ use std::collections::BTreeMap;
 use berth_manifest::k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVarSource, Secret};
 use berth_manifest::{FieldIssue, FieldPath, Quantity};
 
-use super::container::ContainerInput;
-use super::{Context, DEFAULT_PATH, container_resources};
+use super::input::ContainerInput;
+use super::model::DEFAULT_PATH;
+use crate::context::Context;
 use crate::expand::expand;
 use crate::images::ImageConfig;
+use crate::resources::container_resources;
 
 /// An ordered environment in which a later definition replaces an earlier one in place.
 #[derive(Default)]

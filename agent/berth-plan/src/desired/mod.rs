@@ -4,186 +4,26 @@
 
 mod container;
 mod environment;
+mod input;
+mod model;
 
-use container::{ContainerInput, container_unit};
+use container::container_unit;
+use input::ContainerInput;
+pub use model::{
+    ContainerUnit, DEFAULT_GRACE_SECONDS, DEFAULT_PATH, DeclaredPort, DesiredPod, PullPolicy,
+    PullSecret, RESTART_INITIAL_USEC, RESTART_MAX_USEC, RESTART_STEPS, Resizable, RestartPolicy,
+    SliceUnit,
+};
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use berth_manifest::k8s_openapi::api::core::v1::{ConfigMap, Container, Secret};
-use berth_manifest::{Catalog, FieldIssue, FieldPath, Object, ObjectRef, Quantity};
-use serde::Serialize;
+use berth_manifest::k8s_openapi::api::core::v1::Container;
+use berth_manifest::{FieldIssue, FieldPath};
 
-use crate::images::ImageCatalog;
-use crate::node::{NodeInfo, PodInstance};
-use crate::resources::{self, ContainerResources, QosClass};
-use crate::units::{
-    self, PodId, Properties, PropertyValue, SLICE_DESCRIPTION_PREFIX, SharedProperties, UnitName,
-};
-use crate::volumes::{PodVolume, SubPathBind};
-
-/// The `PATH` container runtimes set when the image does not.
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-/// Kubernetes' default `terminationGracePeriodSeconds`.
-pub const DEFAULT_GRACE_SECONDS: i64 = 30;
-/// The kubelet's crash-loop back-off: 10 s doubling up to 5 min.
-pub const RESTART_INITIAL_USEC: u64 = 10_000_000;
-pub const RESTART_MAX_USEC: u64 = 300_000_000;
-pub const RESTART_STEPS: u64 = 5;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum RestartPolicy {
-    Always,
-    OnFailure,
-    Never,
-}
-
-/// A slice unit with its properties.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct SliceUnit {
-    pub name: UnitName,
-    pub properties: SharedProperties,
-}
-
-/// One container as a transient service.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ContainerUnit {
-    pub name: UnitName,
-    pub container: String,
-    pub init: bool,
-    pub image: String,
-    properties: SharedProperties,
-    /// Environment entries that hold secret values, by variable name, with
-    /// where they come from; every rendering shows this instead of the value.
-    sensitive_env: BTreeMap<String, String>,
-    /// Resource properties that may change without a restart, by the
-    /// container's `resizePolicy`.
-    pub resizable: Resizable,
-    /// `subPath` mounts the agent stages before the container starts.
-    pub sub_paths: Vec<SubPathBind>,
-    /// `imagePullPolicy`, defaulted as the API server does.
-    pub pull_policy: PullPolicy,
-    /// `runAsNonRoot` with the user left to the image: checked against the
-    /// resolved user when the container starts.
-    pub verify_non_root: bool,
-}
-
-/// When the image is pulled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PullPolicy {
-    /// Before every start of the container (the tag is resolved again).
-    Always,
-    IfNotPresent,
-    /// Only the local store; a missing image is `ErrImageNeverPull`.
-    Never,
-}
-
-impl PullPolicy {
-    /// The API server's default: `Always` for `:latest` or no tag, else `IfNotPresent`.
-    pub fn resolve(field: Option<&str>, image: &str) -> Self {
-        match field {
-            Some("Always") => Self::Always,
-            Some("Never") => Self::Never,
-            Some(_) => Self::IfNotPresent,
-            None => {
-                let last = image.rsplit('/').next().unwrap_or("");
-                let latest = !image.contains('@')
-                    && last.split_once(':').is_none_or(|(_, tag)| tag == "latest");
-                if latest {
-                    Self::Always
-                } else {
-                    Self::IfNotPresent
-                }
-            }
-        }
-    }
-}
-
-impl ContainerUnit {
-    /// The exact properties to send to systemd, secrets included. Only the
-    /// apply stage may call this.
-    pub fn properties_for_apply(&self) -> &Properties {
-        &self.properties
-    }
-
-    /// The properties with secret values replaced by where they come from:
-    /// what every plan, log and status shows.
-    pub fn properties_redacted(&self) -> SharedProperties {
-        if self.sensitive_env.is_empty() {
-            return Arc::clone(&self.properties);
-        }
-        let mut props = (*self.properties).clone();
-        if let Some(PropertyValue::List(env)) = props.get_mut("Environment") {
-            for entry in env.iter_mut() {
-                let name = entry.split('=').next().unwrap_or("").to_string();
-                if let Some(origin) = self.sensitive_env.get(&name) {
-                    *entry = format!("{name}=<{origin}>");
-                }
-            }
-        }
-        Arc::new(props)
-    }
-
-    pub fn is_sensitive(&self, env_name: &str) -> bool {
-        self.sensitive_env.contains_key(env_name)
-    }
-}
-
-/// Which resources a running container may change without a restart, by
-/// its `resizePolicy` (Kubernetes' in-place resize; `NotRequired` by default).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Resizable {
-    pub cpu: bool,
-    pub memory: bool,
-}
-
-impl Resizable {
-    pub fn allows(self, property: &str) -> bool {
-        match property {
-            "CPUWeight" | "CPUQuotaPerSecUSec" | "CPUQuotaPeriodUSec" => self.cpu,
-            "MemoryMax" | "MemoryLow" | "MemoryHigh" | "OOMScoreAdjust" => self.memory,
-            _ => false,
-        }
-    }
-}
-
-/// A pod, ready to be planned.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DesiredPod {
-    pub id: PodId,
-    /// The object it was declared by (a Pod, or the Deployment of a replica).
-    pub source: ObjectRef,
-    /// Where the pod spec sits inside its source object.
-    pub spec_path: &'static str,
-    pub qos: QosClass,
-    pub restart_policy: RestartPolicy,
-    pub slice: SliceUnit,
-    /// In the order they run.
-    pub init_containers: Vec<ContainerUnit>,
-    pub containers: Vec<ContainerUnit>,
-    /// Requests after defaulting: for the node's QoS slices.
-    pub cpu_request_milli: u64,
-    pub memory_request_bytes: u64,
-    /// The pod's labels, for Service selectors.
-    pub labels: BTreeMap<String, String>,
-    /// Ports its containers declare, for a Service's named `targetPort`.
-    pub ports: Vec<DeclaredPort>,
-    /// `spec.hostNetwork`: the node's network namespace instead of its own.
-    pub host_network: bool,
-    /// `spec.volumes`, resolved; made ready by the agent before containers start.
-    pub volumes: Vec<PodVolume>,
-    /// `spec.imagePullSecrets` that exist and hold a Docker config.
-    pub pull_secrets: Vec<PullSecret>,
-}
-
-/// A Docker config from an image pull Secret: `.dockerconfigjson` (type
-/// `kubernetes.io/dockerconfigjson`) or `.dockercfg` (`kubernetes.io/dockercfg`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PullSecret {
-    pub name: String,
-    pub key: &'static str,
-    pub data: crate::volumes::Sensitive,
-}
+pub use crate::context::Context;
+use crate::resources::{self, ContainerResources, QosClass, container_resources, pod_resources};
+use crate::select::PodInstance;
+use crate::units::{self, Properties, PropertyValue, SLICE_DESCRIPTION_PREFIX};
 
 /// The kubelet's rule: a pull Secret that is missing or of the wrong type
 /// is warned about, and the pull goes on without it.
@@ -241,63 +81,6 @@ fn pull_secrets(
         }
     }
     out
-}
-
-/// A container port as the pod spec declares it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeclaredPort {
-    pub name: Option<String>,
-    pub port: u16,
-    /// `TCP`, `UDP` or `SCTP`, as written (TCP when absent).
-    pub protocol: String,
-}
-
-impl DesiredPod {
-    pub fn units(&self) -> impl Iterator<Item = &ContainerUnit> {
-        self.init_containers.iter().chain(self.containers.iter())
-    }
-}
-
-/// Inputs every pod resolves against.
-#[derive(Debug)]
-pub struct Context<'a> {
-    pub node: &'a NodeInfo,
-    pub images: &'a ImageCatalog,
-    config_maps: BTreeMap<(&'a str, &'a str), &'a ConfigMap>,
-    secrets: BTreeMap<(&'a str, &'a str), &'a Secret>,
-}
-
-impl<'a> Context<'a> {
-    pub fn config_map(&self, namespace: &str, name: &str) -> Option<&'a ConfigMap> {
-        self.config_maps.get(&(namespace, name)).copied()
-    }
-
-    pub fn secret(&self, namespace: &str, name: &str) -> Option<&'a Secret> {
-        self.secrets.get(&(namespace, name)).copied()
-    }
-
-    pub fn new(catalog: &'a Catalog, node: &'a NodeInfo, images: &'a ImageCatalog) -> Self {
-        let mut config_maps = BTreeMap::new();
-        let mut secrets = BTreeMap::new();
-        for o in &catalog.objects {
-            let ns = o.id.namespace.as_deref().unwrap_or("");
-            match &o.object {
-                Object::ConfigMap(c) => {
-                    config_maps.insert((ns, o.id.name.as_str()), c.as_ref());
-                }
-                Object::Secret(s) => {
-                    secrets.insert((ns, o.id.name.as_str()), s.as_ref());
-                }
-                _ => {}
-            }
-        }
-        Self {
-            node,
-            images,
-            config_maps,
-            secrets,
-        }
-    }
 }
 
 /// A pod that resolved, and what the planner should warn about.
@@ -505,55 +288,4 @@ pub fn qos_slices(pods: &[DesiredPod]) -> Vec<SliceUnit> {
         });
     }
     slices
-}
-
-pub(super) fn container_resources(c: &Container) -> ContainerResources {
-    let get = |section: &Option<
-        BTreeMap<String, berth_manifest::k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
-    >,
-               name: &str,
-               cpu: bool| {
-        let q = section.as_ref()?.get(name)?;
-        let parsed = Quantity::parse(&q.0).ok()?;
-        if cpu {
-            parsed.milli().ok()
-        } else {
-            parsed.units().ok()
-        }
-    };
-    let Some(r) = &c.resources else {
-        return ContainerResources::default();
-    };
-    ContainerResources {
-        cpu_request_milli: get(&r.requests, "cpu", true),
-        cpu_limit_milli: get(&r.limits, "cpu", true),
-        memory_request_bytes: get(&r.requests, "memory", false),
-        memory_limit_bytes: get(&r.limits, "memory", false),
-    }
-    .defaulted()
-}
-
-/// The pod's effective resources: the larger of the app containers' sum and
-/// the largest init container; a limit only when every container has one.
-fn pod_resources(init: &[ContainerResources], app: &[ContainerResources]) -> ContainerResources {
-    fn combine(
-        init: &[ContainerResources],
-        app: &[ContainerResources],
-        get: impl Fn(&ContainerResources) -> Option<u64>,
-        all_required: bool,
-    ) -> Option<u64> {
-        if all_required && init.iter().chain(app).any(|c| get(c).is_none()) {
-            return None;
-        }
-        let sum: u64 = app.iter().filter_map(&get).sum();
-        let max_init = init.iter().filter_map(&get).max().unwrap_or(0);
-        let v = sum.max(max_init);
-        (v > 0).then_some(v)
-    }
-    ContainerResources {
-        cpu_request_milli: combine(init, app, |c| c.cpu_request_milli, false),
-        cpu_limit_milli: combine(init, app, |c| c.cpu_limit_milli, true),
-        memory_request_bytes: combine(init, app, |c| c.memory_request_bytes, false),
-        memory_limit_bytes: combine(init, app, |c| c.memory_limit_bytes, true),
-    }
 }

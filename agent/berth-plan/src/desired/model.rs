@@ -1,0 +1,190 @@
+//! The desired node's model: a pod, its slice and its container units,
+//! with every property computed; what the diff and the apply work on.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use berth_manifest::ObjectRef;
+use serde::Serialize;
+
+use crate::resources::QosClass;
+use crate::units::{PodId, Properties, PropertyValue, SharedProperties, UnitName};
+use crate::volumes::{PodVolume, SubPathBind};
+
+/// The `PATH` container runtimes set when the image does not.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Kubernetes' default `terminationGracePeriodSeconds`.
+pub const DEFAULT_GRACE_SECONDS: i64 = 30;
+/// The kubelet's crash-loop back-off: 10 s doubling up to 5 min.
+pub const RESTART_INITIAL_USEC: u64 = 10_000_000;
+pub const RESTART_MAX_USEC: u64 = 300_000_000;
+pub const RESTART_STEPS: u64 = 5;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum RestartPolicy {
+    Always,
+    OnFailure,
+    Never,
+}
+
+/// A slice unit with its properties.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SliceUnit {
+    pub name: UnitName,
+    pub properties: SharedProperties,
+}
+
+/// One container as a transient service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerUnit {
+    pub name: UnitName,
+    pub container: String,
+    pub init: bool,
+    pub image: String,
+    pub(crate) properties: SharedProperties,
+    /// Environment entries that hold secret values, by variable name, with
+    /// where they come from; every rendering shows this instead of the value.
+    pub(crate) sensitive_env: BTreeMap<String, String>,
+    /// Resource properties that may change without a restart, by the
+    /// container's `resizePolicy`.
+    pub resizable: Resizable,
+    /// `subPath` mounts the agent stages before the container starts.
+    pub sub_paths: Vec<SubPathBind>,
+    /// `imagePullPolicy`, defaulted as the API server does.
+    pub pull_policy: PullPolicy,
+    /// `runAsNonRoot` with the user left to the image: checked against the
+    /// resolved user when the container starts.
+    pub verify_non_root: bool,
+}
+
+/// When the image is pulled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullPolicy {
+    /// Before every start of the container (the tag is resolved again).
+    Always,
+    IfNotPresent,
+    /// Only the local store; a missing image is `ErrImageNeverPull`.
+    Never,
+}
+
+impl PullPolicy {
+    /// The API server's default: `Always` for `:latest` or no tag, else `IfNotPresent`.
+    pub fn resolve(field: Option<&str>, image: &str) -> Self {
+        match field {
+            Some("Always") => Self::Always,
+            Some("Never") => Self::Never,
+            Some(_) => Self::IfNotPresent,
+            None => {
+                let last = image.rsplit('/').next().unwrap_or("");
+                let latest = !image.contains('@')
+                    && last.split_once(':').is_none_or(|(_, tag)| tag == "latest");
+                if latest {
+                    Self::Always
+                } else {
+                    Self::IfNotPresent
+                }
+            }
+        }
+    }
+}
+
+impl ContainerUnit {
+    /// The exact properties to send to systemd, secrets included. Only the
+    /// apply stage may call this.
+    pub fn properties_for_apply(&self) -> &Properties {
+        &self.properties
+    }
+
+    /// The properties with secret values replaced by where they come from:
+    /// what every plan, log and status shows.
+    pub fn properties_redacted(&self) -> SharedProperties {
+        if self.sensitive_env.is_empty() {
+            return Arc::clone(&self.properties);
+        }
+        let mut props = (*self.properties).clone();
+        if let Some(PropertyValue::List(env)) = props.get_mut("Environment") {
+            for entry in env.iter_mut() {
+                let name = entry.split('=').next().unwrap_or("").to_string();
+                if let Some(origin) = self.sensitive_env.get(&name) {
+                    *entry = format!("{name}=<{origin}>");
+                }
+            }
+        }
+        Arc::new(props)
+    }
+
+    pub fn is_sensitive(&self, env_name: &str) -> bool {
+        self.sensitive_env.contains_key(env_name)
+    }
+}
+
+/// Which resources a running container may change without a restart, by
+/// its `resizePolicy` (Kubernetes' in-place resize; `NotRequired` by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resizable {
+    pub cpu: bool,
+    pub memory: bool,
+}
+
+impl Resizable {
+    pub fn allows(self, property: &str) -> bool {
+        match property {
+            "CPUWeight" | "CPUQuotaPerSecUSec" | "CPUQuotaPeriodUSec" => self.cpu,
+            "MemoryMax" | "MemoryLow" | "MemoryHigh" | "OOMScoreAdjust" => self.memory,
+            _ => false,
+        }
+    }
+}
+
+/// A pod, ready to be planned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredPod {
+    pub id: PodId,
+    /// The object it was declared by (a Pod, or the Deployment of a replica).
+    pub source: ObjectRef,
+    /// Where the pod spec sits inside its source object.
+    pub spec_path: &'static str,
+    pub qos: QosClass,
+    pub restart_policy: RestartPolicy,
+    pub slice: SliceUnit,
+    /// In the order they run.
+    pub init_containers: Vec<ContainerUnit>,
+    pub containers: Vec<ContainerUnit>,
+    /// Requests after defaulting: for the node's QoS slices.
+    pub cpu_request_milli: u64,
+    pub memory_request_bytes: u64,
+    /// The pod's labels, for Service selectors.
+    pub labels: BTreeMap<String, String>,
+    /// Ports its containers declare, for a Service's named `targetPort`.
+    pub ports: Vec<DeclaredPort>,
+    /// `spec.hostNetwork`: the node's network namespace instead of its own.
+    pub host_network: bool,
+    /// `spec.volumes`, resolved; made ready by the agent before containers start.
+    pub volumes: Vec<PodVolume>,
+    /// `spec.imagePullSecrets` that exist and hold a Docker config.
+    pub pull_secrets: Vec<PullSecret>,
+}
+
+/// A Docker config from an image pull Secret: `.dockerconfigjson` (type
+/// `kubernetes.io/dockerconfigjson`) or `.dockercfg` (`kubernetes.io/dockercfg`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullSecret {
+    pub name: String,
+    pub key: &'static str,
+    pub data: crate::volumes::Sensitive,
+}
+
+/// A container port as the pod spec declares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeclaredPort {
+    pub name: Option<String>,
+    pub port: u16,
+    /// `TCP`, `UDP` or `SCTP`, as written (TCP when absent).
+    pub protocol: String,
+}
+
+impl DesiredPod {
+    pub fn units(&self) -> impl Iterator<Item = &ContainerUnit> {
+        self.init_containers.iter().chain(self.containers.iter())
+    }
+}
