@@ -195,6 +195,23 @@ impl fmt::Display for FieldPath {
     }
 }
 
+/// An enumerated field: `value` must be one of `allowed`, as Kubernetes
+/// reports it ("unsupported value "X": must be A, B or C").
+pub fn one_of(value: &str, allowed: &[&str], path: FieldPath, issues: &mut Vec<FieldIssue>) {
+    if allowed.contains(&value) {
+        return;
+    }
+    let list = match allowed.split_last() {
+        Some((last, [])) => last.to_string(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    };
+    issues.push(FieldIssue::error(
+        path,
+        format!("unsupported value {value:?}: must be {list}"),
+    ));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,23 +21,7 @@ fn err(issues: &mut Issues, path: FieldPath, message: impl Into<String>) {
     issues.push(FieldIssue::error(path, message));
 }
 
-/// An enumerated field: `value` must be one of `allowed`, as Kubernetes
-/// reports it ("unsupported value "X": must be A, B or C").
-pub fn one_of(value: &str, allowed: &[&str], path: FieldPath, issues: &mut Issues) {
-    if allowed.contains(&value) {
-        return;
-    }
-    let list = match allowed.split_last() {
-        Some((last, [])) => last.to_string(),
-        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
-        None => String::new(),
-    };
-    err(
-        issues,
-        path,
-        format!("unsupported value {value:?}: must be {list}"),
-    );
-}
+pub use crate::diag::one_of;
 
 /// Labels and annotations; the name is checked by the caller, whose rule depends on the kind.
 pub fn metadata(meta: &ObjectMeta, issues: &mut Issues) {

@@ -207,7 +207,7 @@ fn volume(v: &Volume, vpath: &FieldPath, issues: &mut Issues) {
             err(issues, p.key("path"), e);
         }
         if let Some(t) = &h.type_ {
-            crate::validate::one_of(t, HOST_PATH_TYPES, p.key("type"), issues);
+            crate::diag::one_of(t, HOST_PATH_TYPES, p.key("type"), issues);
         }
     }
     if let Some(c) = &v.config_map {
