@@ -84,11 +84,7 @@ impl VolumeDriver for FakeDriver {
         }
         let free = Self::free(&volumes, self.space);
         if size > free {
-            return Err(DriverError::NoSpace(format!(
-                "requested {} but the node has {} free for volumes",
-                crate::format_size(size),
-                crate::format_size(free)
-            )));
+            return Err(crate::no_room_to_create(size, free));
         }
         let path = self.path(name);
         std::fs::create_dir_all(&path)
@@ -127,12 +123,7 @@ impl VolumeDriver for FakeDriver {
         }
         let missing = size - v.capacity;
         if missing > free {
-            return Err(DriverError::NoSpace(format!(
-                "growing to {} needs {} more but the node has {} free for volumes",
-                crate::format_size(size),
-                crate::format_size(missing),
-                crate::format_size(free)
-            )));
+            return Err(crate::no_room_to_grow(size, missing, free));
         }
         v.capacity = size;
         Ok(size)

@@ -59,6 +59,25 @@ pub fn format_size(bytes: u64) -> String {
     }
 }
 
+/// A volume the node cannot make: what was asked, and what is free.
+pub fn no_room_to_create(size: u64, free: u64) -> driver::DriverError {
+    driver::DriverError::NoSpace(format!(
+        "requested {} but the node has {} free for volumes",
+        format_size(size),
+        format_size(free)
+    ))
+}
+
+/// A volume the node cannot grow: to what, what it lacks, and what is free.
+pub fn no_room_to_grow(size: u64, missing: u64, free: u64) -> driver::DriverError {
+    driver::DriverError::NoSpace(format!(
+        "growing to {} needs {} more but the node has {} free for volumes",
+        format_size(size),
+        format_size(missing),
+        format_size(free)
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -140,11 +140,7 @@ impl VolumeDriver for LoopDriver {
         }
         let free = self.free_bytes()?;
         if size > free {
-            return Err(DriverError::NoSpace(format!(
-                "requested {} but the node has {} free for volumes",
-                crate::format_size(size),
-                crate::format_size(free)
-            )));
+            return Err(crate::no_room_to_create(size, free));
         }
         let new = image.with_extension("img.new");
         let _ = std::fs::remove_file(&new);
@@ -215,12 +211,7 @@ impl VolumeDriver for LoopDriver {
             let missing = (size - usable).div_ceil(1 << 20) * (1 << 20);
             let free = self.free_bytes()?;
             if missing > free {
-                return Err(DriverError::NoSpace(format!(
-                    "growing to {} needs {} more but the node has {} free for volumes",
-                    crate::format_size(size),
-                    crate::format_size(missing),
-                    crate::format_size(free)
-                )));
+                return Err(crate::no_room_to_grow(size, missing, free));
             }
             let len = std::fs::metadata(&image)
                 .map_err(|e| DriverError::io(image.display().to_string(), e))?

@@ -301,18 +301,7 @@ fn bad_input_is_reported_precisely_and_the_rest_is_still_planned() {
             d["severity"] == "error"
                 && d["source"]["file"] == case.file
                 && case.line.is_none_or(|l| d["source"]["line"] == l)
-                && case.object.is_none_or(|o| {
-                    let obj = &d["object"];
-                    let ns = obj["namespace"]
-                        .as_str()
-                        .map(|n| format!("{n}/"))
-                        .unwrap_or_default();
-                    format!(
-                        "{}/{ns}{}",
-                        obj["kind"].as_str().unwrap_or(""),
-                        obj["name"].as_str().unwrap_or("")
-                    ) == o
-                })
+                && case.object.is_none_or(|o| object_name(d) == o)
                 && case.field.is_none_or(|f| d["field"] == f)
                 && d["message"]
                     .as_str()
