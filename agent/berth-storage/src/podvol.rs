@@ -14,6 +14,62 @@ use nix::sys::stat::{Mode, SFlag};
 
 use crate::mounts;
 
+/// Why a pod's volume could not be made ready; the pod shows `FailedMount`
+/// with this message.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// A file or directory could not be made, written or removed.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A mount, remount, bind or unmount failed.
+    #[error("{what} {}: {source}", path.display())]
+    Mount {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Errno,
+    },
+    /// The claim's volume is not published yet: the pod waits for it.
+    #[error("claim {0} has no volume mounted yet")]
+    ClaimNotReady(String),
+    /// A `hostPath` that leads outside what the node allows.
+    #[error("hostPath {} resolves to {real}, outside the prefixes this node allows ({allowed})", path.display())]
+    HostPathOutside {
+        path: PathBuf,
+        real: String,
+        allowed: String,
+    },
+    /// A `hostPath` of the wrong type.
+    #[error("hostPath {} is not {want}", path.display())]
+    HostPathType { path: PathBuf, want: &'static str },
+    /// A `subPath` whose resolution leaves its volume (`..`, a symlink).
+    #[error("subPath {sub_path:?} of volume {volume} leads outside the volume; refused")]
+    Escape { sub_path: String, volume: String },
+    /// A `subPath` that could not be resolved for another reason.
+    #[error("subPath {sub_path:?} of volume {volume}: {source}")]
+    SubPath {
+        sub_path: String,
+        volume: String,
+        #[source]
+        source: Errno,
+    },
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> VolumeError {
+    let path = path.to_path_buf();
+    move |source| VolumeError::Io { what, path, source }
+}
+
+fn mount(what: &'static str, path: &Path) -> impl FnOnce(Errno) -> VolumeError {
+    let path = path.to_path_buf();
+    move |source| VolumeError::Mount { what, path, source }
+}
+
 /// tmpfs size of a ConfigMap or Secret volume: room for its files and
 /// their next version side by side during a swap.
 fn files_tmpfs_size(files: &[ProjectedFile]) -> u64 {
@@ -23,14 +79,14 @@ fn files_tmpfs_size(files: &[ProjectedFile]) -> u64 {
 
 /// Makes one volume ready at its host path. `claim_ready` is checked for
 /// claims, which the storage pass publishes before pods are prepared.
-pub fn prepare(volume: &PodVolume, host_path_prefixes: &[String]) -> Result<(), String> {
+pub fn prepare(volume: &PodVolume, host_path_prefixes: &[String]) -> Result<(), VolumeError> {
     let path = Path::new(&volume.host_path);
     match &volume.source {
         VolumeSource::EmptyDir { memory, size_bytes } => {
             make_dir(path, 0o777)?;
             if *memory && !mounts::is_mount_point(path) {
                 mounts::mount_tmpfs(path, *size_bytes, 0o777)
-                    .map_err(|e| format!("mounting a tmpfs at {}: {e}", path.display()))?;
+                    .map_err(mount("mounting a tmpfs at", path))?;
             }
             Ok(())
         }
@@ -39,7 +95,7 @@ pub fn prepare(volume: &PodVolume, host_path_prefixes: &[String]) -> Result<(), 
             if !mounts::is_mount_point(path) {
                 // Secrets never touch a disk, whatever is under /run.
                 mounts::mount_tmpfs(path, Some(files_tmpfs_size(files)), 0o755)
-                    .map_err(|e| format!("mounting a tmpfs at {}: {e}", path.display()))?;
+                    .map_err(mount("mounting a tmpfs at", path))?;
             } else if let Ok((total, _)) = mounts::fs_size(path)
                 && total < files_tmpfs_size(files)
             {
@@ -52,13 +108,13 @@ pub fn prepare(volume: &PodVolume, host_path_prefixes: &[String]) -> Result<(), 
             if mounts::is_mount_point(path) {
                 Ok(())
             } else {
-                Err(format!("claim {claim} has no volume mounted yet"))
+                Err(VolumeError::ClaimNotReady(claim.to_string()))
             }
         }
     }
 }
 
-fn remount_size(path: &Path, size: u64) -> Result<(), String> {
+fn remount_size(path: &Path, size: u64) -> Result<(), VolumeError> {
     nix::mount::mount(
         None::<&str>,
         path,
@@ -68,43 +124,43 @@ fn remount_size(path: &Path, size: u64) -> Result<(), String> {
             | nix::mount::MsFlags::MS_NODEV,
         Some(format!("size={size}").as_str()),
     )
-    .map_err(|e| format!("resizing the tmpfs at {}: {e}", path.display()))
+    .map_err(mount("resizing the tmpfs at", path))
 }
 
-fn make_dir(path: &Path, mode: u32) -> Result<(), String> {
+fn make_dir(path: &Path, mode: u32) -> Result<(), VolumeError> {
     if !path.is_dir() {
-        std::fs::create_dir_all(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+        std::fs::create_dir_all(path).map_err(io("creating", path))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| format!("setting the mode of {}: {e}", path.display()))?;
+            .map_err(io("setting the mode of", path))?;
     }
     Ok(())
 }
 
-fn host_path(path: &Path, kind: HostPathType, prefixes: &[String]) -> Result<(), String> {
-    let shown = path.display();
+fn host_path(path: &Path, kind: HostPathType, prefixes: &[String]) -> Result<(), VolumeError> {
     match kind {
         HostPathType::DirectoryOrCreate if !path.exists() => {
-            std::fs::create_dir_all(path).map_err(|e| format!("creating {shown}: {e}"))?;
+            std::fs::create_dir_all(path).map_err(io("creating", path))?;
         }
         HostPathType::FileOrCreate if !path.exists() => {
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|e| format!("creating {shown}: {e}"))?;
+                .map_err(io("creating", path))?;
         }
         _ => {}
     }
     // A symlink under an allowed prefix must not lead out of it.
-    let real = std::fs::canonicalize(path).map_err(|e| format!("hostPath {shown}: {e}"))?;
+    let real = std::fs::canonicalize(path).map_err(io("hostPath", path))?;
     let real_text = real.to_string_lossy();
     if !prefixes.iter().any(|p| under_prefix(&real_text, p)) {
-        return Err(format!(
-            "hostPath {shown} resolves to {real_text}, outside the prefixes this node allows ({})",
-            prefixes.join(", ")
-        ));
+        return Err(VolumeError::HostPathOutside {
+            path: path.to_path_buf(),
+            real: real_text.into_owned(),
+            allowed: prefixes.join(", "),
+        });
     }
-    let meta = std::fs::metadata(&real).map_err(|e| format!("hostPath {shown}: {e}"))?;
+    let meta = std::fs::metadata(&real).map_err(io("hostPath", path))?;
     let ft = meta.file_type();
     let (ok, want) = match kind {
         HostPathType::Any => (true, ""),
@@ -117,7 +173,10 @@ fn host_path(path: &Path, kind: HostPathType, prefixes: &[String]) -> Result<(),
     if ok {
         Ok(())
     } else {
-        Err(format!("hostPath {shown} is not {want}"))
+        Err(VolumeError::HostPathType {
+            path: path.to_path_buf(),
+            want,
+        })
     }
 }
 
@@ -126,14 +185,13 @@ fn host_path(path: &Path, kind: HostPathType, prefixes: &[String]) -> Result<(),
 /// directory, `..data` is switched to it with one rename, and each
 /// top-level name is a symlink through `..data`. Returns whether anything
 /// changed.
-pub fn write_projected(dir: &Path, files: &[ProjectedFile]) -> Result<bool, String> {
+pub fn write_projected(dir: &Path, files: &[ProjectedFile]) -> Result<bool, VolumeError> {
     let data_link = dir.join("..data");
     if let Ok(current) = std::fs::read_link(&data_link)
         && same_content(&dir.join(&current), files)
     {
         return Ok(false);
     }
-    let err = |what: &str, p: &Path, e: std::io::Error| format!("{what} {}: {e}", p.display());
     let stamp = format!(
         "..{}",
         std::time::SystemTime::now()
@@ -142,23 +200,23 @@ pub fn write_projected(dir: &Path, files: &[ProjectedFile]) -> Result<bool, Stri
             .unwrap_or_default()
     );
     let new_dir = dir.join(&stamp);
-    std::fs::create_dir(&new_dir).map_err(|e| err("creating", &new_dir, e))?;
+    std::fs::create_dir(&new_dir).map_err(io("creating", &new_dir))?;
     std::fs::set_permissions(&new_dir, std::fs::Permissions::from_mode(0o755))
-        .map_err(|e| err("setting the mode of", &new_dir, e))?;
+        .map_err(io("setting the mode of", &new_dir))?;
     for f in files {
         let target = new_dir.join(&f.path);
         if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| err("creating", parent, e))?;
+            std::fs::create_dir_all(parent).map_err(io("creating", parent))?;
         }
-        std::fs::write(&target, &f.data.0).map_err(|e| err("writing", &target, e))?;
+        std::fs::write(&target, &f.data.0).map_err(io("writing", &target))?;
         std::fs::set_permissions(&target, std::fs::Permissions::from_mode(f.mode))
-            .map_err(|e| err("setting the mode of", &target, e))?;
+            .map_err(io("setting the mode of", &target))?;
     }
     let tmp_link = dir.join("..data_tmp");
     let _ = std::fs::remove_file(&tmp_link);
-    std::os::unix::fs::symlink(&stamp, &tmp_link).map_err(|e| err("linking", &tmp_link, e))?;
+    std::os::unix::fs::symlink(&stamp, &tmp_link).map_err(io("linking", &tmp_link))?;
     let old = std::fs::read_link(&data_link).ok();
-    std::fs::rename(&tmp_link, &data_link).map_err(|e| err("switching", &data_link, e))?;
+    std::fs::rename(&tmp_link, &data_link).map_err(io("switching", &data_link))?;
     // Top-level names through ..data; names no longer present are removed.
     let top: BTreeSet<String> = files
         .iter()
@@ -169,7 +227,7 @@ pub fn write_projected(dir: &Path, files: &[ProjectedFile]) -> Result<bool, Stri
         if std::fs::read_link(&link).ok().as_deref() != Some(Path::new(&format!("..data/{name}"))) {
             let _ = std::fs::remove_file(&link);
             std::os::unix::fs::symlink(format!("..data/{name}"), &link)
-                .map_err(|e| err("linking", &link, e))?;
+                .map_err(io("linking", &link))?;
         }
     }
     if let Ok(entries) = std::fs::read_dir(dir) {
@@ -226,7 +284,7 @@ fn open_beneath(root: &OwnedFd, path: &str, flags: OFlag) -> nix::Result<OwnedFd
 /// (`openat2` with `RESOLVE_BENEATH`, so no `..` or symlink can lead out,
 /// even one the pod planted), then bound from the open descriptor, so
 /// nothing can swap the path between the check and the mount.
-pub fn stage_sub_path(volume_root: &Path, bind: &SubPathBind) -> Result<(), String> {
+pub fn stage_sub_path(volume_root: &Path, bind: &SubPathBind) -> Result<(), VolumeError> {
     let stage = PathBuf::from(&bind.stage);
     if mounts::is_mount_point(&stage) {
         return Ok(());
@@ -236,16 +294,17 @@ pub fn stage_sub_path(volume_root: &Path, bind: &SubPathBind) -> Result<(), Stri
         OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| format!("opening volume {}: {e}", volume_root.display()))?;
+    .map_err(mount("opening volume", volume_root))?;
     let escape = |e: Errno| match e {
-        Errno::EXDEV | Errno::ELOOP => format!(
-            "subPath {:?} of volume {} leads outside the volume; refused",
-            bind.sub_path, bind.volume
-        ),
-        other => format!(
-            "subPath {:?} of volume {}: {other}",
-            bind.sub_path, bind.volume
-        ),
+        Errno::EXDEV | Errno::ELOOP => VolumeError::Escape {
+            sub_path: bind.sub_path.clone(),
+            volume: bind.volume.clone(),
+        },
+        source => VolumeError::SubPath {
+            sub_path: bind.sub_path.clone(),
+            volume: bind.volume.clone(),
+            source,
+        },
     };
     let target = match open_beneath(&root, &bind.sub_path, OFlag::O_PATH) {
         Ok(fd) => fd,
@@ -276,38 +335,29 @@ pub fn stage_sub_path(volume_root: &Path, bind: &SubPathBind) -> Result<(), Stri
     };
     let is_dir = nix::sys::stat::fstat(&target)
         .map(|s| SFlag::from_bits_truncate(s.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR)
-        .map_err(|e| format!("subPath {:?}: {e}", bind.sub_path))?;
+        .map_err(escape)?;
     if let Some(parent) = stage.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        std::fs::create_dir_all(parent).map_err(io("creating", parent))?;
     }
     if is_dir {
-        std::fs::create_dir_all(&stage)
-            .map_err(|e| format!("creating {}: {e}", stage.display()))?;
+        std::fs::create_dir_all(&stage).map_err(io("creating", &stage))?;
     } else if !stage.exists() {
-        std::fs::write(&stage, b"").map_err(|e| format!("creating {}: {e}", stage.display()))?;
+        std::fs::write(&stage, b"").map_err(io("creating", &stage))?;
     }
-    mounts::bind_fd(&target, &stage).map_err(|e| {
-        format!(
-            "binding subPath {:?} at {}: {e}",
-            bind.sub_path,
-            stage.display()
-        )
-    })
+    mounts::bind_fd(&target, &stage).map_err(mount("binding the subPath at", &stage))
 }
 
 /// Removes what a pod's volumes left on the node: staged subPaths, tmpfs
 /// mounts and disk `emptyDir`s (their data ends with the pod, as in
 /// Kubernetes). `key` is `<namespace>_<pod>`.
-pub fn remove_pod(dirs: &berth_plan::volumes::VolumeDirs, key: &str) -> Result<(), String> {
+pub fn remove_pod(dirs: &berth_plan::volumes::VolumeDirs, key: &str) -> Result<(), VolumeError> {
     for base in [&dirs.sub_path_dir, &dirs.run_dir, &dirs.disk_dir] {
         let dir = Path::new(base).join(key);
         if !dir.exists() {
             continue;
         }
-        mounts::unmount_below(&dir)
-            .map_err(|e| format!("unmounting below {}: {e}", dir.display()))?;
-        std::fs::remove_dir_all(&dir).map_err(|e| format!("removing {}: {e}", dir.display()))?;
+        mounts::unmount_below(&dir).map_err(io("unmounting below", &dir))?;
+        std::fs::remove_dir_all(&dir).map_err(io("removing", &dir))?;
     }
     Ok(())
 }

@@ -168,7 +168,8 @@ fn sub_paths_stay_inside_their_volume_even_through_planted_symlinks() {
             &volume,
             &sub("data", bad, &stages.join(i.to_string()), true),
         )
-        .expect_err(bad);
+        .expect_err(bad)
+        .to_string();
         assert!(err.contains("leads outside the volume"), "{bad}: {err}");
         assert!(!mounts::is_mount_point(&stages.join(i.to_string())));
     }
@@ -275,8 +276,9 @@ fn host_paths_are_checked_where_they_really_lead() {
         source: VolumeSource::HostPath { kind },
         host_path: path.display().to_string(),
     };
-    let err =
-        podvol::prepare(&vol(allowed.join("etc-link"), HostPathType::Any), &prefixes).unwrap_err();
+    let err = podvol::prepare(&vol(allowed.join("etc-link"), HostPathType::Any), &prefixes)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("outside the prefixes"), "{err}");
     podvol::prepare(
         &vol(allowed.join("made/here"), HostPathType::DirectoryOrCreate),
@@ -284,8 +286,9 @@ fn host_paths_are_checked_where_they_really_lead() {
     )
     .unwrap();
     assert!(allowed.join("made/here").is_dir());
-    let err =
-        podvol::prepare(&vol(allowed.join("made"), HostPathType::File), &prefixes).unwrap_err();
+    let err = podvol::prepare(&vol(allowed.join("made"), HostPathType::File), &prefixes)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("is not a file"), "{err}");
 }
 
