@@ -12,9 +12,18 @@ use std::io::Write as _;
 use std::sync::Mutex;
 
 use tracing::field::{Field, Visit};
-use tracing::{Event, Level, Subscriber};
+use tracing::{Event, Level, Metadata, Subscriber};
+use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::prelude::*;
+
+/// Berth's own lines from `info` up; other crates' (zbus logs every D-Bus
+/// message at `trace`) from `warn` up only: on a serial console, a flood
+/// of them would slow the node down.
+fn wanted(meta: &Metadata<'_>) -> bool {
+    let ours = meta.target().starts_with("berth");
+    *meta.level() <= if ours { Level::INFO } else { Level::WARN }
+}
 
 /// The readable line of every event: its message, one line at a time.
 struct ReadableLines {
@@ -101,8 +110,55 @@ pub fn init() {
             priority_prefix: under_journal,
         }),
     };
-    let subscriber = tracing_subscriber::registry().with(journald).with(readable);
+    let subscriber = tracing_subscriber::registry()
+        .with(journald.with_filter(filter_fn(wanted)))
+        .with(readable.with_filter(filter_fn(wanted)));
     if tracing::subscriber::set_global_default(subscriber).is_err() {
         eprintln!("berth: logging was set up twice; keeping the first");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer the test reads back.
+    #[derive(Clone, Default)]
+    struct Buffer(std::sync::Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .map_err(|_| std::io::ErrorKind::Other)?
+                .extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn only_berths_lines_and_other_crates_warnings_reach_the_console() {
+        let buffer = Buffer::default();
+        let lines = ReadableLines {
+            out: Mutex::new(Box::new(buffer.clone())),
+            priority_prefix: true,
+        };
+        let subscriber = tracing_subscriber::registry().with(lines.with_filter(filter_fn(wanted)));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(target: "berth_agent::reconcile", berth_pod = "default/a", "plan: start a\nsecond line");
+            tracing::debug!(target: "berth_agent::reconcile", "too chatty");
+            tracing::trace!(target: "zbus::connection", "Sending message");
+            tracing::info!(target: "zbus::connection", "connected");
+            tracing::warn!(target: "zbus::connection", "the bus went away");
+        });
+        let text = String::from_utf8(buffer.0.lock().map(|b| b.clone()).unwrap_or_default())
+            .unwrap_or_default();
+        assert_eq!(
+            text,
+            "<6>berth: plan: start a\n<6>berth: second line\n<4>berth: the bus went away\n"
+        );
     }
 }
