@@ -158,6 +158,7 @@ impl Agent {
             images: self.images.facts(&config.images, rt, &desired.pods),
             image_configs,
             pods,
+            environment_digests: false,
         };
         let plan = berth_plan::plan_desired(
             desired,

@@ -178,13 +178,15 @@ impl StateStore {
 
     /// Records what a pass planned from and what it applied. Both are for
     /// people and tests; neither is read back by the agent, so they are
-    /// written whole but not synced.
+    /// written whole but not synced. Neither holds a secret: the plan's
+    /// properties are redacted, the snapshot's environment values digested.
     pub fn save_pass(
         &self,
         observed: &berth_plan::ActualState,
         plan: &berth_plan::Plan,
     ) -> std::io::Result<()> {
-        write_file(&self.observed_path(), observed, false)?;
+        // Environment values may come from Secrets: the file holds digests.
+        write_file(&self.observed_path(), &observed.without_secrets(), false)?;
         write_file(&self.plan_path(), plan, false)
     }
 }

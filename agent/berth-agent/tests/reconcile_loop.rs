@@ -1280,3 +1280,32 @@ fn a_fetch_before_the_network_is_up_waits_for_it_and_after_that_fails_as_an_erro
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn the_snapshot_holds_no_secret_and_still_replays_the_plan_applied() {
+    let node = Node::new("replay-secret");
+    let secret = "apiVersion: v1\nkind: Secret\nmetadata: {name: token}\nstringData: {token: s3cr3t-replay-value}\n";
+    let pod = format!(
+        "{}    env:\n    - name: TOKEN\n      valueFrom: {{secretKeyRef: {{name: token, key: token}}}}\n",
+        limited("")
+    );
+    node.commit(&[
+        ("pods/a.yaml", Some(pod.clone())),
+        ("pods/secret.yaml", Some(secret.to_string())),
+    ]);
+    let mut agent = node.agent();
+    agent.pass(true);
+    // A second pass, with the units running: the snapshot holds their
+    // environment, and a memory change gives the plan something to do.
+    node.commit(&[("pods/a.yaml", Some(pod.replace("64Mi", "96Mi")))]);
+    node.systemd.take_calls();
+    agent.pass(true);
+    let calls = node.systemd.take_calls();
+    let observed = std::fs::read_to_string(node.dir.join("state/observed.json")).unwrap();
+    assert!(!observed.contains("s3cr3t-replay-value"), "{observed}");
+    assert!(observed.contains("TOKEN=sha256:"), "{observed}");
+    let plan = replay_matches_what_was_applied(&node, "secret-env", &calls);
+    assert!(verbs(&plan).contains(&format!("update {APP}")), "{plan:#}");
+    let applied = std::fs::read_to_string(node.dir.join("state/plan.json")).unwrap();
+    assert!(!applied.contains("s3cr3t-replay-value"), "{applied}");
+}

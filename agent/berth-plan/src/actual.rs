@@ -44,6 +44,42 @@ pub struct ActualState {
     /// Per pod (`namespace/name`): what the node prepared for it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pods: BTreeMap<String, PodFacts>,
+    /// The units' `Environment` values are digests (see
+    /// [`ActualState::without_secrets`]): the planner compares the desired
+    /// values by the same digest.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub environment_digests: bool,
+}
+
+impl ActualState {
+    /// The snapshot as it may leave the node: every `Environment` value of
+    /// every unit replaced by a digest of it (values may come from Secrets,
+    /// and a snapshot is meant to be copied into bug reports and CI jobs).
+    /// Planning on it gives the same plan, since the planner then digests
+    /// the desired values alike.
+    pub fn without_secrets(&self) -> Self {
+        let mut out = self.clone();
+        if !out.environment_digests {
+            for unit in &mut out.units {
+                digest_environment(&mut unit.properties);
+            }
+            out.environment_digests = true;
+        }
+        out
+    }
+}
+
+/// `NAME=value` → `NAME=sha256:<first 16 bytes, hex>`, in place.
+pub fn digest_environment(properties: &mut Properties) {
+    use sha2::Digest as _;
+    if let Some(PropertyValue::List(env)) = properties.get_mut("Environment") {
+        for entry in env.iter_mut() {
+            let (name, value) = entry.split_once('=').unwrap_or((entry.as_str(), ""));
+            let hash = sha2::Sha256::digest(value.as_bytes());
+            let hex: String = hash.iter().take(16).map(|b| format!("{b:02x}")).collect();
+            *entry = format!("{name}=sha256:{hex}");
+        }
+    }
 }
 
 /// An image as the node has it.

@@ -261,6 +261,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 actual.get(unit.name.as_str()).copied(),
                 is_new,
                 input.revision,
+                input.actual.environment_digests,
             ) {
                 actions.push(a);
             }
@@ -326,6 +327,7 @@ fn unit_action(
     actual: Option<&ActualUnit>,
     pod_is_new: bool,
     revision: &str,
+    environment_digests: bool,
 ) -> Option<Action> {
     let what = if unit.init {
         "init container"
@@ -355,7 +357,18 @@ fn unit_action(
             Vec::new(),
         ));
     };
-    let changes = diff(unit.properties_for_apply(), &actual.properties);
+    // A snapshot that left the node holds digests of environment values:
+    // the desired ones are compared as digests too.
+    let digested;
+    let desired = if environment_digests {
+        let mut p = unit.properties_for_apply().clone();
+        crate::actual::digest_environment(&mut p);
+        digested = p;
+        &digested
+    } else {
+        unit.properties_for_apply()
+    };
+    let changes = diff(desired, &actual.properties);
     let restarts = pod.restart_policy != RestartPolicy::Never;
     if changes.is_empty() {
         return match actual.active_state {
