@@ -66,6 +66,7 @@ pub fn gate(
         if units.is_empty() {
             continue;
         }
+        let held_before = out.held.len();
         let held_units: Vec<UnitName> = units.iter().map(|u| u.name.clone()).collect();
         let first_unit = pod
             .units()
@@ -130,11 +131,7 @@ pub fn gate(
                 units: held_units.clone(),
             });
         }
-        if out
-            .held
-            .last()
-            .is_some_and(|h| h.pod.as_ref() == Some(&pod.id))
-        {
+        if out.held.len() > held_before {
             blocked.insert(pod.id.to_string());
         }
     }
