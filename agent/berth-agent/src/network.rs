@@ -12,13 +12,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use berth_net::NetworkSettings;
-use berth_net::dns::{self, DnsServer, Zone};
+use berth_net::dns::{self, Zone};
 use berth_net::ipam::LeaseBook;
-use berth_net::link::{self, PodLink};
-use berth_net::netns::NetnsDir;
-use berth_net::nft::{self, Endpoint, PortRules, Protocol, Ruleset, ServiceRules};
+use berth_net::link::PodLink;
+use berth_net::nft::{Endpoint, PortRules, Protocol, Ruleset, ServiceRules};
 use berth_net::settings::BRIDGE;
+use berth_net::{KernelHost, NetworkHost, NetworkSettings, Resolver};
 use berth_plan::DesiredPod;
 use berth_plan::services::{NodePort, ServicePlan, ServiceProtocol};
 
@@ -46,7 +45,8 @@ pub enum Wired {
 #[derive(Debug)]
 pub struct PodNetwork {
     paths: NetworkPaths,
-    netns: NetnsDir,
+    /// The kernel, or a fake in tests.
+    host: Box<dyn NetworkHost>,
     settings: Option<NetworkSettings>,
     book: Option<LeaseBook>,
     /// The rules last applied, and the kernel's listing right after.
@@ -57,7 +57,7 @@ pub struct PodNetwork {
     listed_generation: Option<u32>,
     ruleset: Option<Ruleset>,
     /// The cluster DNS responder on the bridge address.
-    dns: Option<DnsServer>,
+    dns: Option<Box<dyn Resolver>>,
     /// Why it is not running (or has nowhere to forward), for status.
     dns_problem: Option<String>,
     /// What the last programming refused or warned about, per Service.
@@ -65,9 +65,16 @@ pub struct PodNetwork {
 }
 
 impl PodNetwork {
+    /// The pod network on this node's kernel.
     pub fn new(paths: NetworkPaths) -> Self {
+        let host = KernelHost::new(&paths.netns_dir);
+        Self::with_host(paths, Box::new(host))
+    }
+
+    /// The pod network on any host: [`berth_net::fake::FakeHost`] in tests.
+    pub fn with_host(paths: NetworkPaths, host: Box<dyn NetworkHost>) -> Self {
         Self {
-            netns: NetnsDir::new(&paths.netns_dir),
+            host,
             paths,
             settings: None,
             book: None,
@@ -82,7 +89,7 @@ impl PodNetwork {
     }
 
     pub fn netns_dir(&self) -> &Path {
-        self.netns.dir()
+        &self.paths.netns_dir
     }
 
     /// The bridge with the gateway address, the Service range routed onto
@@ -100,20 +107,21 @@ impl PodNetwork {
             self.settings = Some(settings.clone());
             self.applied = None;
         }
-        let own = node_addresses().map_err(|e| format!("reading the node's addresses: {e}"))?;
+        let own = self
+            .host
+            .node_addresses()
+            .map_err(|e| format!("reading the node's addresses: {e}"))?;
         if let Some(clash) = settings.clash_with(&own) {
             return Err(format!("{}: {}", clash.field, clash.message));
         }
         let (gateway, pods, services) =
             (settings.gateway(), settings.pod_cidr, settings.service_cidr);
-        link::with_netlink(|h| async move {
-            let index = link::ensure_bridge(&h, BRIDGE, gateway, pods).await?;
-            link::ensure_link_route(&h, services, index).await
-        })
-        .map_err(|e| format!("bridge {BRIDGE}: {e}"))?;
-        berth_net::enable_forwarding()?;
+        self.host
+            .ensure_bridge(gateway, pods, services)
+            .map_err(|e| format!("bridge {BRIDGE}: {e}"))?;
+        self.host.enable_forwarding().map_err(|e| e.to_string())?;
         let address = std::net::SocketAddr::from((gateway, 53));
-        if self.dns.as_ref().map(|d| d.address) != Some(address) {
+        if self.dns.as_ref().map(|d| d.address()) != Some(address) {
             // The old responder (another gateway) stops when dropped.
             let old = self.dns.take().map(|d| d.zone());
             let resolv =
@@ -123,7 +131,7 @@ impl PodNetwork {
             // Without DNS pods still run and reach each other by address:
             // a responder that cannot start is reported, not fatal, and
             // tried again on the next pass.
-            let problem = match DnsServer::start(address, upstreams.clone(), zone) {
+            let problem = match self.host.start_resolver(address, upstreams.clone(), zone) {
                 Ok(server) => {
                     self.dns = Some(server);
                     upstreams.is_empty().then(|| {
@@ -146,8 +154,8 @@ impl PodNetwork {
     /// After the lease file was lost: each live namespace still says its
     /// address, so running pods keep theirs.
     fn rebuild_leases(&self, book: &mut LeaseBook) {
-        for name in self.netns.list() {
-            if let Ok(Some((ip, _))) = link::pod_address(&self.netns, &name) {
+        for name in self.host.pod_namespaces() {
+            if let Ok(Some((ip, _))) = self.host.pod_address(&name) {
                 let _ = book.pods.lease_exact(&name, ip);
             }
         }
@@ -178,7 +186,9 @@ impl PodNetwork {
                 prefix: settings.pod_cidr.prefix(),
                 gateway: settings.gateway(),
             };
-            let wired = link::ensure_pod(&self.netns, BRIDGE, &want)
+            let wired = self
+                .host
+                .ensure_pod(&want)
                 .map_err(|e| format!("wiring the pod network: {e}"))
                 .and_then(|_| {
                     write_pod_files(&self.paths.files_dir, pod, ip, &settings)
@@ -212,11 +222,11 @@ impl PodNetwork {
     /// crash. Returns what was removed.
     pub fn unwire_others(&mut self, keep: &BTreeSet<String>) -> Vec<String> {
         let mut removed = Vec::new();
-        for name in self.netns.list() {
+        for name in self.host.pod_namespaces() {
             if keep.contains(&name) {
                 continue;
             }
-            match link::remove_pod(&self.netns, &name, &berth_net::host_if_name(&name)) {
+            match self.host.remove_pod(&name, &berth_net::host_if_name(&name)) {
                 Ok(()) => removed.push(format!("network namespace {name}")),
                 Err(e) => removed.push(format!("network namespace {name} (not removed: {e})")),
             }
@@ -225,15 +235,9 @@ impl PodNetwork {
         // Host ends whose pod is gone (a crash between the veth and the
         // namespace).
         let wanted: BTreeSet<String> = keep.iter().map(|k| berth_net::host_if_name(k)).collect();
-        if let Ok(names) =
-            link::with_netlink(
-                |h| async move { link::links_named(&h, berth_net::HOST_IF_PREFIX).await },
-            )
-        {
+        if let Ok(names) = self.host.pod_host_links() {
             for n in names.into_iter().filter(|n| !wanted.contains(n)) {
-                let name = n.clone();
-                if link::with_netlink(|h| async move { link::delete_link(&h, &name).await }).is_ok()
-                {
+                if self.host.delete_link(&n).is_ok_and(|deleted| deleted) {
                     removed.push(format!("veth {n}"));
                 }
             }
@@ -284,23 +288,14 @@ impl PodNetwork {
             _ => None,
         };
         let in_place = listing.is_some() && drifted.is_none();
-        let text = match &self.applied {
-            Some(old) if in_place && *old == ruleset => None,
-            // Only what changed, in one small transaction.
-            Some(old) if in_place => {
-                Some(nft::render_update(old, &ruleset).unwrap_or_else(|| nft::render(&ruleset)))
-            }
-            _ => Some(nft::render(&ruleset)),
-        };
-        if let Some(text) = text {
-            // An update that the kernel refuses (a chain someone removed
-            // between the check and now) falls back to the whole table.
-            if nft::apply(&text).is_err() {
-                nft::apply(&nft::render(&ruleset)).map_err(|e| e.to_string())?;
-            }
+        let old = self.applied.as_ref().filter(|_| in_place);
+        if old != Some(&ruleset) {
+            self.host
+                .apply_table(old, &ruleset)
+                .map_err(|e| e.to_string())?;
             self.applied = Some(ruleset.clone());
-            self.listed_generation = nft::generation().ok();
-            self.listed = nft::listing().map_err(|e| e.to_string())?;
+            self.listed_generation = self.host.table_generation();
+            self.listed = self.host.table_listing().map_err(|e| e.to_string())?;
         }
         self.ruleset = Some(ruleset);
         Ok(drifted)
@@ -309,11 +304,11 @@ impl PodNetwork {
     /// The kernel's listing of the table, or the one kept when the nftables
     /// generation says nothing changed since it was taken.
     fn kernel_table(&mut self) -> Result<Option<String>, String> {
-        let generation = nft::generation().ok();
+        let generation = self.host.table_generation();
         if generation.is_some() && generation == self.listed_generation {
             return Ok(self.listed.clone());
         }
-        let listing = nft::listing().map_err(|e| e.to_string())?;
+        let listing = self.host.table_listing().map_err(|e| e.to_string())?;
         if listing.is_some() && listing == self.listed {
             // Someone changed another table: ours is as it was.
             self.listed_generation = generation;
@@ -386,35 +381,6 @@ impl PodNetwork {
             .map(|b| b.services.leases.clone())
             .unwrap_or_default()
     }
-}
-
-/// IPv4 addresses of the node's links other than Berth's own.
-fn node_addresses() -> Result<Vec<(String, Ipv4Addr, u8)>, link::LinkError> {
-    link::with_netlink(|h| async move {
-        let mut out = Vec::new();
-        let mut links = h.link().get().execute();
-        let mut found = Vec::new();
-        use futures_lite::StreamExt;
-        while let Some(l) = links.next().await {
-            let l = l.map_err(|e| link::LinkError::Netlink {
-                what: "listing links".into(),
-                source: e,
-            })?;
-            if let Some(name) = link::link_name(&l)
-                && name != "lo"
-                && name != BRIDGE
-                && !name.starts_with(berth_net::HOST_IF_PREFIX)
-            {
-                found.push((name.to_string(), l.header.index));
-            }
-        }
-        for (name, index) in found {
-            for (ip, prefix) in link::addresses(&h, index).await? {
-                out.push((name.clone(), ip, prefix));
-            }
-        }
-        Ok(out)
-    })
 }
 
 /// `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname` as a pod sees them:
@@ -799,6 +765,264 @@ spec:
         );
         assert!(book.services.leases.is_empty());
         assert!(book.node_ports.leases.is_empty());
+    }
+
+    /// A pod network on an in-memory node, with its files in a scratch
+    /// directory.
+    fn on_fake(name: &str) -> (PodNetwork, berth_net::fake::FakeHost, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("berth-fakenet-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch");
+        std::fs::write(dir.join("resolv.conf"), "nameserver 192.168.122.1\n").expect("resolv.conf");
+        let paths = NetworkPaths {
+            netns_dir: dir.join("netns"),
+            files_dir: dir.join("pods"),
+            leases: dir.join("state/leases.json"),
+            upstream_resolv_conf: dir.join("resolv.conf"),
+        };
+        let host = berth_net::fake::FakeHost::new();
+        (
+            PodNetwork::with_host(paths, Box::new(host.clone())),
+            host,
+            dir,
+        )
+    }
+
+    fn small() -> NetworkSettings {
+        NetworkSettings::parse(Some("10.99.0.0/28"), Some("10.98.0.0/24"), None, None)
+            .expect("settings")
+    }
+
+    fn ips(wired: &BTreeMap<String, Wired>) -> BTreeMap<String, Ipv4Addr> {
+        wired
+            .iter()
+            .filter_map(|(k, w)| match w {
+                Wired::Ip(ip) => Some((k.clone(), *ip)),
+                Wired::Failed(_) => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_pass_wires_pods_programs_services_and_dns_and_notices_hand_edits() {
+        let (mut net, host, dir) = on_fake("pass");
+        let (plan, pods) = fixture();
+        let settings = NetworkSettings::default();
+        assert_eq!(
+            net.prepare_node(&settings).expect("node"),
+            Vec::<String>::new()
+        );
+        let gateway = settings.gateway();
+        assert_eq!(
+            host.bridge(),
+            Some((gateway, settings.pod_cidr.prefix(), settings.service_cidr))
+        );
+        assert!(host.forwarding());
+        let dns_at = std::net::SocketAddr::from((gateway, 53));
+        assert_eq!(host.resolvers(), [dns_at]);
+
+        let wired = net.wire(&pods);
+        let ready = ips(&wired);
+        assert_eq!(ready.len(), 2, "{wired:?}");
+        assert_eq!(host.pod_namespaces().len(), 2);
+        assert_eq!(
+            net.pod_ip("default_web-a"),
+            ready.get("default_web-a").copied()
+        );
+        assert!(dir.join("pods/default_web-a/resolv.conf").is_file());
+
+        assert_eq!(
+            net.program_services(&plan.services, &pods, &ready),
+            Ok(None)
+        );
+        let table = host.table().expect("a table applied");
+        let web = table
+            .services
+            .iter()
+            .find(|s| s.name == "web")
+            .expect("web");
+        assert_eq!(web.ports[0].endpoints.len(), 1, "{web:?}");
+        let zone = host.zone_at(dns_at).expect("the responder's zone");
+        let entry = &zone.services[&("default".to_string(), "web".to_string())];
+        assert_eq!(entry.cluster_ip, Some(web.cluster_ip));
+
+        // Nothing changed: nothing applied, and another program's table
+        // (the generation moves, ours is as it was) is not drift.
+        let work = host.changes();
+        assert_eq!(
+            net.program_services(&plan.services, &pods, &ready),
+            Ok(None)
+        );
+        host.touch_other_table();
+        assert!(!net.table_drifted());
+        assert_eq!(
+            net.program_services(&plan.services, &pods, &ready),
+            Ok(None)
+        );
+        assert_eq!(host.changes(), work, "an unchanged table was applied again");
+
+        // A pod that stops being ready leaves the endpoints, in one apply.
+        let mut fewer = ready.clone();
+        fewer.remove("default_web-a");
+        assert_eq!(
+            net.program_services(&plan.services, &pods, &fewer),
+            Ok(None)
+        );
+        let table = host.table().expect("table");
+        let web = table
+            .services
+            .iter()
+            .find(|s| s.name == "web")
+            .expect("web");
+        assert!(web.ports[0].endpoints.is_empty(), "{web:?}");
+        assert_eq!(host.changes(), work + 1);
+
+        // Edited or deleted by hand: noticed, reported, put back.
+        host.edit_table_by_hand();
+        assert!(net.table_drifted());
+        assert_eq!(
+            net.program_services(&plan.services, &pods, &fewer),
+            Ok(Some("edited".to_string()))
+        );
+        assert!(!net.table_drifted());
+        host.delete_table_by_hand();
+        assert_eq!(
+            net.program_services(&plan.services, &pods, &fewer),
+            Ok(Some("deleted".to_string()))
+        );
+        assert_eq!(host.table(), Some(table));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_pool_that_runs_out_names_the_pod_and_leases_come_back_after_a_restart_or_a_lost_file() {
+        let (mut net, host, dir) = on_fake("pool");
+        net.prepare_node(&small()).expect("node");
+        let all = berth_plan_pods(14);
+        let wired = net.wire(&all);
+        let failed: Vec<&Wired> = wired
+            .values()
+            .filter(|w| matches!(w, Wired::Failed(_)))
+            .collect();
+        assert_eq!(
+            failed,
+            [&Wired::Failed(
+                "no pod IP: the pool 10.99.0.0/28 has no free address: 13 of 13 are leased; widen the prefix in the node config".into()
+            )]
+        );
+        // Fewer replicas: their leases come back, and the pod left out
+        // gets one.
+        let keep: BTreeSet<String> = all[..12].iter().map(|p| p.id.key()).collect();
+        let removed = net.unwire_others(&keep);
+        assert!(
+            removed.iter().any(|r| r.starts_with("lease ")),
+            "{removed:?}"
+        );
+        assert_eq!(host.pod_namespaces().len(), 12);
+        let first = net.wire(&all[..13]);
+        assert_eq!(ips(&first).len(), 13, "{first:?}");
+
+        // The agent restarts: the same addresses, nothing remade.
+        let paths = net.paths.clone();
+        drop(net);
+        let work = host.changes();
+        let mut net = PodNetwork::with_host(paths.clone(), Box::new(host.clone()));
+        net.prepare_node(&small()).expect("node");
+        assert_eq!(net.wire(&all[..13]), first);
+        assert_eq!(host.changes(), work, "a restart remade wiring");
+
+        // The lease file is lost: addresses are read back from the pods'
+        // namespaces, so running pods keep theirs.
+        std::fs::write(&paths.leases, b"{ half a file").expect("corrupt");
+        drop(net);
+        let mut net = PodNetwork::with_host(paths, Box::new(host.clone()));
+        let notes = net.prepare_node(&small()).expect("node");
+        assert!(
+            notes.iter().any(|n| n.contains("not a lease book")),
+            "{notes:?}"
+        );
+        assert_eq!(net.wire(&all[..13]), first);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn broken_wiring_is_remade_and_crash_leftovers_are_collected() {
+        let (mut net, host, dir) = on_fake("leftovers");
+        net.prepare_node(&small()).expect("node");
+        let three = berth_plan_pods(3);
+        let first = net.wire(&three);
+        let key = three[0].id.key();
+        host.break_pod(&key);
+        let work = host.changes();
+        assert_eq!(net.wire(&three), first, "remade with the same address");
+        assert_eq!(host.changes(), work + 1, "only the broken pod was remade");
+
+        host.add_stray_namespace("default_ghost");
+        let stray = berth_net::host_if_name("default_gone");
+        host.add_stray_link(&stray);
+        let keep: BTreeSet<String> = three.iter().map(|p| p.id.key()).collect();
+        let removed = net.unwire_others(&keep);
+        assert!(
+            removed.contains(&"network namespace default_ghost".to_string()),
+            "{removed:?}"
+        );
+        assert!(removed.contains(&format!("veth {stray}")), "{removed:?}");
+        assert_eq!(host.pod_namespaces(), keep.into_iter().collect::<Vec<_>>());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_taken_dns_port_is_reported_once_and_pods_are_wired_anyway() {
+        let (mut net, host, dir) = on_fake("dns");
+        let settings = small();
+        // Someone else's resolver holds port 53 on every address.
+        let blocker = host
+            .start_resolver(
+                std::net::SocketAddr::from((Ipv4Addr::UNSPECIFIED, 53)),
+                Vec::new(),
+                Zone::default(),
+            )
+            .expect("the other resolver");
+        let notes = net
+            .prepare_node(&settings)
+            .expect("the node network without DNS");
+        assert_eq!(
+            notes,
+            ["cluster DNS on 10.99.0.1:53: Address already in use; retrying"]
+        );
+        assert_eq!(ips(&net.wire(&berth_plan_pods(2))).len(), 2);
+        assert!(net.prepare_node(&settings).expect("again").is_empty());
+        drop(blocker);
+        assert!(net.prepare_node(&settings).expect("again").is_empty());
+        assert!(
+            host.resolvers()
+                .contains(&std::net::SocketAddr::from((settings.gateway(), 53)))
+        );
+        net.program_services(&ServicePlan::default(), &[], &BTreeMap::new())
+            .expect("programmed");
+        assert!(
+            net.service_problems.is_empty(),
+            "{:?}",
+            net.service_problems
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn berth_plan_pods(replicas: u32) -> Vec<DesiredPod> {
+        let yaml = format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\nspec:\n  replicas: {replicas}\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec:\n      containers:\n      - {{name: c, image: busybox:1.37}}\n"
+        );
+        let catalog = berth_manifest::load_sources(vec![berth_manifest::SourceFile {
+            path: "web.yaml".into(),
+            text: yaml,
+        }]);
+        let node = berth_plan::NodeInfo::new("n", BTreeMap::new(), 64 << 30, 64_000);
+        let images = berth_plan::ImageCatalog::new([berth_plan::ImageConfig {
+            reference: "busybox:1.37".into(),
+            cmd: vec!["sh".into()],
+            ..Default::default()
+        }]);
+        berth_plan::plan_node(&catalog, &node, &images, &Default::default(), "r").pods
     }
 
     #[test]

@@ -7,9 +7,15 @@
 //! - [`link`]: the bridge, veth pairs, addresses and routes over rtnetlink.
 //! - [`dns`]: the cluster DNS responder.
 //! - [`nft`]: Services as one nftables table replaced atomically.
+//! - [`host`]: all of the above as one [`NetworkHost`] trait, done by the
+//!   kernel ([`host::KernelHost`]) or in memory ([`fake::FakeHost`]), held
+//!   to the same behaviour by the cases in [`contract`].
 
 pub mod cidr;
+pub mod contract;
 pub mod dns;
+pub mod fake;
+pub mod host;
 pub mod ipam;
 pub mod link;
 pub mod netns;
@@ -17,6 +23,7 @@ pub mod nft;
 pub mod settings;
 
 pub use cidr::Cidr;
+pub use host::{HostError, KernelHost, NetworkHost, Resolver};
 pub use settings::NetworkSettings;
 
 /// A short stable hash of a text, for names and starting points.

@@ -477,6 +477,36 @@ pub fn remove() -> Result<(), NftError> {
     apply(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n"))
 }
 
+/// A listing reduced to what it says, whatever order the kernel keeps:
+/// every rule line and every element, counted. Two listings of the same
+/// table (one updated in place, one written whole) have the same meaning.
+pub fn meaning(listing: &str) -> Vec<String> {
+    let mut items: Vec<String> = Vec::new();
+    let mut in_elements = false;
+    for line in listing.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let body = if let Some(rest) = line.strip_prefix("elements = {") {
+            in_elements = true;
+            rest
+        } else {
+            line
+        };
+        if in_elements {
+            let end = body.ends_with('}');
+            for e in body.trim_end_matches('}').split(',') {
+                let e = e.trim();
+                if !e.is_empty() {
+                    items.push(format!("element {e}"));
+                }
+            }
+            in_elements = !end;
+        } else {
+            items.push(body.to_string());
+        }
+    }
+    items.sort();
+    items
+}
+
 fn without_learnt_elements(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut in_affinity = false;

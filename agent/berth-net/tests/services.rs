@@ -226,35 +226,6 @@ fn session_affinity_keeps_a_client_on_one_endpoint() {
     );
 }
 
-/// A listing reduced to what it says, whatever order the kernel keeps:
-/// every rule line and every element, counted.
-fn meaning(listing: &str) -> Vec<String> {
-    let mut items: Vec<String> = Vec::new();
-    let mut in_elements = false;
-    for line in listing.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        let body = if let Some(rest) = line.strip_prefix("elements = {") {
-            in_elements = true;
-            rest
-        } else {
-            line
-        };
-        if in_elements {
-            let end = body.ends_with('}');
-            for e in body.trim_end_matches('}').split(',') {
-                let e = e.trim();
-                if !e.is_empty() {
-                    items.push(format!("element {e}"));
-                }
-            }
-            in_elements = !end;
-        } else {
-            items.push(body.to_string());
-        }
-    }
-    items.sort();
-    items
-}
-
 #[test]
 #[ignore = "privileged: needs root; scripts/test.sh runs it in tier 2"]
 fn an_update_in_place_leaves_the_same_table_as_a_full_rewrite() {
@@ -308,7 +279,11 @@ fn an_update_in_place_leaves_the_same_table_as_a_full_rewrite() {
         let incremental = nft::listing().expect("listed").expect("exists");
         nft::apply(&nft::render(&pair[1])).expect("full");
         let full = nft::listing().expect("listed").expect("exists");
-        assert_eq!(meaning(&incremental), meaning(&full), "after:\n{update}");
+        assert_eq!(
+            nft::meaning(&incremental),
+            nft::meaning(&full),
+            "after:\n{update}"
+        );
         // Continue from the incremental state, as the agent does.
         nft::apply(&nft::render(&pair[0])).expect("back");
         nft::apply(&update).expect("again");
