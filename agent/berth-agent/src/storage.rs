@@ -12,7 +12,8 @@ use berth_plan::volumes::{VolumeDirs, VolumeSource};
 use berth_storage::binder::{self, Binding, ClaimSpec, ClassSpec, StaticPv, Step};
 use berth_storage::book::{Book, ClaimRef, Phase, Reclaim};
 use berth_storage::driver::{DriverError, VolumeDriver};
-use berth_storage::{mounts, podvol};
+use berth_storage::mounts::{KernelMounts, Mounts};
+use berth_storage::podvol;
 use serde::{Deserialize, Serialize};
 
 /// Usage at or above this share of a claim's capacity shows as a condition.
@@ -69,6 +70,8 @@ pub struct StorageRecord {
 pub struct Storage {
     dir: PathBuf,
     driver: Box<dyn VolumeDriver>,
+    /// The node's mount table, or a fake in tests.
+    mounts: Box<dyn Mounts>,
     book: Option<Book>,
     bindings: BTreeMap<ClaimRef, Binding>,
     /// Claim mount points this agent mounted; one found unmounted later
@@ -218,10 +221,22 @@ fn mounted_claims(pods: &[DesiredPod]) -> BTreeSet<ClaimRef> {
 }
 
 impl Storage {
+    /// Storage on the node's own mount table.
     pub fn new(dir: impl Into<PathBuf>, driver: Box<dyn VolumeDriver>) -> Self {
+        Self::with_mounts(dir, driver, Box::new(KernelMounts))
+    }
+
+    /// Storage on any mount table: [`berth_storage::fake::FakeMounts`] in
+    /// tests.
+    pub fn with_mounts(
+        dir: impl Into<PathBuf>,
+        driver: Box<dyn VolumeDriver>,
+        mounts: Box<dyn Mounts>,
+    ) -> Self {
         Self {
             dir: dir.into(),
             driver,
+            mounts,
             book: None,
             bindings: BTreeMap::new(),
             published: BTreeSet::new(),
@@ -287,7 +302,7 @@ impl Storage {
                 && let Some(v) = book.volumes.get(volume)
             {
                 let target = PathBuf::from(dirs.claim_dir(&v.claim.namespace, &v.claim.name));
-                let _ = mounts::unmount(&target);
+                let _ = self.mounts.unmount(&target);
                 let _ = std::fs::remove_dir(&target);
             }
             match self.carry_out(step, &mut book) {
@@ -367,12 +382,16 @@ impl Storage {
                 Binding::Pending { .. } => continue,
             };
             claim_dirs.insert(target.clone());
-            if mounts::is_mount_point(&target) {
+            if self.mounts.is_mount_point(&target) {
                 continue;
             }
             let made = std::fs::create_dir_all(&target)
                 .map_err(|e| e.to_string())
-                .and_then(|()| mounts::bind(&source, &target).map_err(|e| e.to_string()));
+                .and_then(|()| {
+                    self.mounts
+                        .bind(&source, &target)
+                        .map_err(|e| e.to_string())
+                });
             match made {
                 Ok(()) if self.published.contains(&target) => remounted.push(Remounted {
                     claim: claim.to_string(),
@@ -403,7 +422,7 @@ impl Storage {
                 if claim_dirs.contains(&path) || held {
                     continue;
                 }
-                let _ = mounts::unmount(&path);
+                let _ = self.mounts.unmount(&path);
                 let _ = std::fs::remove_dir(&path);
             }
         }
@@ -524,7 +543,7 @@ impl Storage {
                 Binding::Static { pv, path } => {
                     r.phase = "Bound".into();
                     r.volume = Some(pv.clone());
-                    if let Ok((total, free)) = mounts::fs_size(Path::new(path)) {
+                    if let Ok((total, free)) = self.mounts.fs_size(Path::new(path)) {
                         r.capacity_bytes = Some(total);
                         r.used_bytes = Some(total - free);
                     }
@@ -595,7 +614,7 @@ impl Storage {
                     Some(_) => {}
                 }
             }
-            podvol::prepare(v, &dirs.host_path_prefixes)
+            podvol::prepare(v, &dirs.host_path_prefixes, self.mounts.as_ref())
                 .map_err(|e| format!("volume {:?}: {e}", v.name))?;
         }
         for unit in pod.units() {
@@ -603,7 +622,7 @@ impl Storage {
                 let Some(v) = pod.volumes.iter().find(|v| v.name == sub.volume) else {
                     continue;
                 };
-                podvol::stage_sub_path(Path::new(&v.host_path), sub)
+                podvol::stage_sub_path(Path::new(&v.host_path), sub, self.mounts.as_ref())
                     .map_err(|e| format!("container {}: {e}", unit.container))?;
             }
         }
@@ -618,11 +637,220 @@ impl Storage {
             if keep.contains(&key) {
                 continue;
             }
-            match podvol::remove_pod(dirs, &key) {
+            match podvol::remove_pod(dirs, &key, self.mounts.as_ref()) {
                 Ok(()) => removed.push(format!("storage: removed the volumes of pod {key}")),
                 Err(e) => removed.push(format!("storage: pod {key}: {e}")),
             }
         }
         removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The storage pass on the in-memory driver and mount table (both held
+    //! to the real ones' contracts in tier 2); the real provisioner's own
+    //! pass tests are in `tests/storage.rs`.
+    #![allow(clippy::expect_used)]
+
+    use super::*;
+    use berth_storage::fake::{FakeDriver, FakeMounts};
+
+    const DOCS: &str = "apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata:
+  name: local
+  annotations: {storageclass.kubernetes.io/is-default-class: \"true\"}
+provisioner: berth.dev/local
+reclaimPolicy: Delete
+volumeBindingMode: Immediate
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: data}
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 16Mi}}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: huge}
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 8Gi}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings}
+data: {mode: fast}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: app}
+spec:
+  containers:
+  - name: main
+    image: busybox:1.37
+    volumeMounts:
+    - {name: data, mountPath: /data, subPath: inner}
+    - {name: scratch, mountPath: /scratch}
+    - {name: settings, mountPath: /etc/app}
+  volumes:
+  - name: data
+    persistentVolumeClaim: {claimName: data}
+  - name: scratch
+    emptyDir: {medium: Memory, sizeLimit: 8Mi}
+  - name: settings
+    configMap: {name: settings}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: waits}
+spec:
+  containers:
+  - name: main
+    image: busybox:1.37
+    volumeMounts: [{name: big, mountPath: /big}]
+  volumes:
+  - name: big
+    persistentVolumeClaim: {claimName: huge}
+";
+
+    fn scratch(name: &str) -> (PathBuf, VolumeDirs) {
+        let dir =
+            std::env::temp_dir().join(format!("berth-storage-pass-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch");
+        let dirs = VolumeDirs {
+            disk_dir: dir.join("volumes").display().to_string(),
+            run_dir: dir.join("run").display().to_string(),
+            sub_path_dir: dir.join("subpaths").display().to_string(),
+            claims_dir: dir.join("claims").display().to_string(),
+            host_path_prefixes: Vec::new(),
+        };
+        (dir, dirs)
+    }
+
+    fn load(text: &str, dirs: &VolumeDirs) -> (Catalog, Vec<DesiredPod>) {
+        let catalog = berth_manifest::load_sources(vec![berth_manifest::SourceFile {
+            path: "storage.yaml".into(),
+            text: text.into(),
+        }]);
+        let mut node = berth_plan::NodeInfo::new("n", BTreeMap::new(), 1 << 30, 2000);
+        node.volumes = dirs.clone();
+        let images = berth_plan::ImageCatalog::new([berth_plan::ImageConfig {
+            reference: "busybox:1.37".into(),
+            cmd: vec!["sh".into()],
+            ..Default::default()
+        }]);
+        let plan = berth_plan::plan_node(&catalog, &node, &images, &Default::default(), "r");
+        (catalog, plan.pods)
+    }
+
+    #[test]
+    fn claims_are_provisioned_and_published_pods_prepared_hand_edits_healed_and_leavers_removed() {
+        let (dir, dirs) = scratch("pass");
+        let (catalog, pods) = load(DOCS, &dirs);
+        let mounts = FakeMounts::new(dir.join("stash"));
+        let driver = FakeDriver::new(dir.join("storage/volumes"), 1 << 30);
+        let mut storage = Storage::with_mounts(
+            dir.join("storage"),
+            Box::new(driver),
+            Box::new(mounts.clone()),
+        );
+
+        let (record, log, remounted) = storage.reconcile(&catalog, &pods, &dirs);
+        let phase = |name: &str| {
+            let c = record.claims.iter().find(|c| c.name == name).expect(name);
+            (c.phase.clone(), c.reason.clone())
+        };
+        assert_eq!(phase("data"), ("Bound".to_string(), None), "{record:?}");
+        assert_eq!(
+            phase("huge"),
+            (
+                "Pending".to_string(),
+                Some("ProvisioningFailed".to_string())
+            )
+        );
+        assert!(remounted.is_empty());
+        assert!(
+            log.iter()
+                .any(|l| l.contains("claim default/data mounted at")),
+            "{log:?}"
+        );
+        let claim_dir = PathBuf::from(dirs.claim_dir("default", "data"));
+        assert!(mounts.is_mount_point(&claim_dir));
+        // What is written at the claim's mount point is in its volume.
+        std::fs::write(claim_dir.join("keep"), b"precious").expect("write");
+        let volume = record.claims[0].volume.clone().expect("a volume");
+        assert_eq!(
+            std::fs::read(dir.join("storage/volumes").join(&volume).join("keep"))
+                .expect("in the volume"),
+            b"precious"
+        );
+
+        // The pod on the bound claim is ready; the one on the claim that
+        // cannot be provisioned waits, with the reason.
+        let blocked = storage.prepare_pods(&pods, &dirs);
+        assert_eq!(blocked.keys().collect::<Vec<_>>(), ["default_waits"]);
+        assert!(
+            blocked["default_waits"]
+                .contains("claim default/huge is not bound (ProvisioningFailed)"),
+            "{blocked:?}"
+        );
+        assert!(
+            claim_dir.join("inner").is_dir(),
+            "the subPath made in the claim"
+        );
+        let points = mounts.mount_points();
+        let under = |base: &str| points.iter().filter(|p| p.starts_with(base)).count();
+        // subPath bind, memory emptyDir and ConfigMap tmpfs.
+        assert_eq!(under(&dirs.sub_path_dir), 1, "{points:?}");
+        assert_eq!(under(&dirs.run_dir), 2, "{points:?}");
+        let app = pods.iter().find(|p| p.id.name == "app").expect("app");
+        let settings = app
+            .volumes
+            .iter()
+            .find(|v| v.name == "settings")
+            .expect("settings");
+        assert_eq!(
+            std::fs::read_to_string(Path::new(&settings.host_path).join("mode"))
+                .expect("projected"),
+            "fast"
+        );
+
+        // A second pass changes nothing.
+        let (_, log, remounted) = storage.reconcile(&catalog, &pods, &dirs);
+        assert!(
+            log.is_empty() && remounted.is_empty(),
+            "{log:?} {remounted:?}"
+        );
+        assert!(storage.prepare_pods(&pods, &dirs).len() == 1);
+
+        // The claim's mount undone by hand: put back, reported, data there.
+        mounts.unmount(&claim_dir).expect("unmount by hand");
+        let (_, _, remounted) = storage.reconcile(&catalog, &pods, &dirs);
+        assert_eq!(remounted.len(), 1, "{remounted:?}");
+        assert_eq!(
+            std::fs::read(claim_dir.join("keep")).expect("back"),
+            b"precious"
+        );
+
+        // Pods and claims leave Git: the claim's mount and volume go
+        // (Delete), and so do the pods' volume directories and mounts.
+        let (catalog, pods) = load(DOCS.split("---").next().expect("the class"), &dirs);
+        let (record, _, _) = storage.reconcile(&catalog, &pods, &dirs);
+        assert!(
+            record.claims.is_empty() && record.volumes.is_empty(),
+            "{record:?}"
+        );
+        assert!(!mounts.is_mount_point(&claim_dir));
+        let removed = storage.remove_others(&pods, &dirs);
+        assert!(
+            removed.contains(&"storage: removed the volumes of pod default_app".to_string()),
+            "{removed:?}"
+        );
+        assert_eq!(mounts.mount_points(), Vec::<PathBuf>::new());
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

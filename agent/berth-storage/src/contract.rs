@@ -4,6 +4,7 @@
 //! what went wrong instead of panicking, so the caller names the driver.
 
 use crate::driver::{DriverError, VolumeDriver};
+use crate::mounts::Mounts;
 
 /// A case: its name, and the check, given a driver with no volumes.
 pub type Case = (&'static str, fn(&dyn VolumeDriver) -> Result<(), String>);
@@ -138,8 +139,167 @@ fn unstage_and_delete_are_idempotent(d: &dyn VolumeDriver) -> Result<(), String>
     }
 }
 
+/// A mount case: its name, and the check, given the mount table and an
+/// empty scratch directory nothing is mounted under.
+pub type MountCase = (
+    &'static str,
+    fn(&dyn Mounts, &std::path::Path) -> Result<(), String>,
+);
+
+pub const MOUNT_CASES: &[MountCase] = &[
+    (
+        "a bind shows its source at the target, writes land in the source, and unmounting shows what was under it",
+        bind_shows_the_source,
+    ),
+    (
+        "a tmpfs has its size, keeps its files when resized, and they go when it is unmounted",
+        tmpfs_is_sized_and_private,
+    ),
+    (
+        "binding an open descriptor binds the file it refers to",
+        bind_fd_binds_the_file,
+    ),
+    (
+        "everything mounted below a directory is unmounted, nested and stacked mounts too",
+        unmount_below_takes_everything,
+    ),
+];
+
+/// Runs every mount case in its own directory under `scratch`; returns the
+/// failures. Whatever a case leaves mounted is unmounted after it.
+pub fn run_mounts(m: &dyn Mounts, scratch: &std::path::Path) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (i, (name, case)) in MOUNT_CASES.iter().enumerate() {
+        let dir = scratch.join(format!("case-{i}"));
+        let outcome = std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("scratch {}: {e}", dir.display()))
+            .and_then(|()| case(m, &dir));
+        let _ = m.unmount_below(&dir);
+        if let Err(e) = outcome {
+            failures.push(format!("{name}: {e}"));
+        }
+    }
+    failures
+}
+
+fn io_e(e: std::io::Error) -> String {
+    e.to_string()
+}
+
+fn bind_shows_the_source(m: &dyn Mounts, dir: &std::path::Path) -> Result<(), String> {
+    let (source, target) = (dir.join("source"), dir.join("target"));
+    std::fs::create_dir_all(&source).map_err(io_e)?;
+    std::fs::create_dir_all(&target).map_err(io_e)?;
+    std::fs::write(source.join("a"), "from the source").map_err(io_e)?;
+    std::fs::write(target.join("under"), "hidden").map_err(io_e)?;
+    check(!m.is_mount_point(&target), || {
+        "a plain directory is a mount point".into()
+    })?;
+    m.bind(&source, &target).map_err(|e| format!("bind: {e}"))?;
+    check(m.is_mount_point(&target), || {
+        "not a mount point after bind".into()
+    })?;
+    let seen = std::fs::read_to_string(target.join("a")).map_err(io_e)?;
+    check(seen == "from the source", || format!("read {seen:?}"))?;
+    check(!target.join("under").exists(), || {
+        "the target's own file shows through".into()
+    })?;
+    std::fs::write(target.join("b"), "through the mount").map_err(io_e)?;
+    check(source.join("b").is_file(), || {
+        "a write did not land in the source".into()
+    })?;
+    m.unmount(&target).map_err(|e| format!("unmount: {e}"))?;
+    check(!m.is_mount_point(&target), || "still a mount point".into())?;
+    check(
+        target.join("under").is_file() && !target.join("a").exists(),
+        || "the target's own files are not back".into(),
+    )?;
+    m.unmount(&target)
+        .map_err(|e| format!("a second unmount: {e}"))
+}
+
+fn tmpfs_is_sized_and_private(m: &dyn Mounts, dir: &std::path::Path) -> Result<(), String> {
+    let target = dir.join("tmp");
+    std::fs::create_dir_all(&target).map_err(io_e)?;
+    m.mount_tmpfs(&target, Some(MIB), 0o755)
+        .map_err(|e| format!("mount: {e}"))?;
+    check(m.is_mount_point(&target), || "not a mount point".into())?;
+    let (total, free) = m.fs_size(&target).map_err(io_e)?;
+    check(total == MIB && free <= total, || {
+        format!("size {total}, free {free}")
+    })?;
+    std::fs::write(target.join("f"), vec![7u8; 4096]).map_err(io_e)?;
+    let (_, after) = m.fs_size(&target).map_err(io_e)?;
+    check(after < free, || {
+        format!("free {free} → {after} after a write")
+    })?;
+    m.resize_tmpfs(&target, 2 * MIB)
+        .map_err(|e| format!("resize: {e}"))?;
+    let (grown, _) = m.fs_size(&target).map_err(io_e)?;
+    check(grown == 2 * MIB, || format!("resized to {grown}"))?;
+    check(target.join("f").is_file(), || "a resize lost a file".into())?;
+    m.unmount(&target).map_err(|e| format!("unmount: {e}"))?;
+    check(!target.join("f").exists(), || {
+        "a tmpfs file outlived its mount".into()
+    })?;
+    check(m.resize_tmpfs(&target, MIB).is_err(), || {
+        "resized a tmpfs that is not there".into()
+    })
+}
+
+fn bind_fd_binds_the_file(m: &dyn Mounts, dir: &std::path::Path) -> Result<(), String> {
+    let (source, target) = (dir.join("config"), dir.join("staged"));
+    std::fs::write(&source, "key=value").map_err(io_e)?;
+    std::fs::write(&target, "").map_err(io_e)?;
+    let fd = nix::fcntl::open(
+        &source,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| format!("open: {e}"))?;
+    use std::os::fd::AsFd;
+    m.bind_fd(fd.as_fd(), &target)
+        .map_err(|e| format!("bind_fd: {e}"))?;
+    drop(fd);
+    let seen = std::fs::read_to_string(&target).map_err(io_e)?;
+    check(seen == "key=value", || format!("read {seen:?}"))?;
+    m.unmount(&target).map_err(|e| format!("unmount: {e}"))?;
+    let empty = std::fs::read_to_string(&target).map_err(io_e)?;
+    check(empty.is_empty(), || format!("after unmount: {empty:?}"))
+}
+
+fn unmount_below_takes_everything(m: &dyn Mounts, dir: &std::path::Path) -> Result<(), String> {
+    let (outer, source) = (dir.join("pod"), dir.join("volume"));
+    std::fs::create_dir_all(&outer).map_err(io_e)?;
+    std::fs::create_dir_all(&source).map_err(io_e)?;
+    m.mount_tmpfs(&outer, Some(MIB), 0o755)
+        .map_err(|e| format!("tmpfs: {e}"))?;
+    let inner = outer.join("data");
+    std::fs::create_dir_all(&inner).map_err(io_e)?;
+    m.bind(&source, &inner)
+        .map_err(|e| format!("nested bind: {e}"))?;
+    m.mount_tmpfs(&inner, Some(MIB), 0o755)
+        .map_err(|e| format!("stacked tmpfs: {e}"))?;
+    m.unmount_below(dir).map_err(io_e)?;
+    check(
+        !m.is_mount_point(&outer) && !m.is_mount_point(&inner),
+        || "something is still mounted".into(),
+    )?;
+    std::fs::remove_dir(&outer).map_err(|e| format!("the emptied mount point: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn fake_mounts_keep_the_mount_contract() {
+        let root = std::env::temp_dir().join(format!("berth-fake-mounts-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let mounts = crate::fake::FakeMounts::new(root.join("stash"));
+        let failures = super::run_mounts(&mounts, &root.join("cases"));
+        let _ = std::fs::remove_dir_all(&root);
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
     #[test]
     fn the_fake_driver_keeps_the_driver_contract() {
         let root = std::env::temp_dir().join(format!("berth-fake-driver-{}", std::process::id()));

@@ -1,6 +1,6 @@
 //! Mount table reads and the few mounts storage makes.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags};
@@ -105,6 +105,68 @@ pub fn fs_size(path: &Path) -> std::io::Result<(u64, u64)> {
     let s = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
     let unit = s.fragment_size();
     Ok((s.blocks() * unit, s.blocks_available() * unit))
+}
+
+/// The mounts the storage pass and pod volumes make, as one trait:
+/// [`KernelMounts`] calls the kernel, [`FakeMounts`](crate::fake::FakeMounts)
+/// imitates it in a scratch directory without root. The cases in
+/// [`contract::MOUNT_CASES`](crate::contract::MOUNT_CASES) hold both to the
+/// same behaviour.
+pub trait Mounts: Send + Sync + std::fmt::Debug {
+    /// Whether something is mounted exactly at `path`.
+    fn is_mount_point(&self, path: &Path) -> bool;
+    /// Shows `source` (a directory or a file) at `target`, which exists.
+    fn bind(&self, source: &Path, target: &Path) -> nix::Result<()>;
+    /// Shows what an open descriptor refers to at `target`.
+    fn bind_fd(&self, fd: BorrowedFd<'_>, target: &Path) -> nix::Result<()>;
+    /// Unmounts `target`, showing what was under it again; not mounted is
+    /// fine.
+    fn unmount(&self, target: &Path) -> nix::Result<()>;
+    /// Unmounts every mount at or below `dir`, deepest first.
+    fn unmount_below(&self, dir: &Path) -> std::io::Result<()>;
+    /// A tmpfs of `size` bytes (tmpfs' default when `None`) at `target`.
+    fn mount_tmpfs(&self, target: &Path, size: Option<u64>, mode: u32) -> nix::Result<()>;
+    /// Gives the tmpfs at `target` a new size, keeping its files.
+    fn resize_tmpfs(&self, target: &Path, size: u64) -> nix::Result<()>;
+    /// Bytes of the filesystem holding `path`: (total, free).
+    fn fs_size(&self, path: &Path) -> std::io::Result<(u64, u64)>;
+}
+
+/// The node's own mount table.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KernelMounts;
+
+impl Mounts for KernelMounts {
+    fn is_mount_point(&self, path: &Path) -> bool {
+        is_mount_point(path)
+    }
+    fn bind(&self, source: &Path, target: &Path) -> nix::Result<()> {
+        bind(source, target)
+    }
+    fn bind_fd(&self, fd: BorrowedFd<'_>, target: &Path) -> nix::Result<()> {
+        bind_fd(&fd, target)
+    }
+    fn unmount(&self, target: &Path) -> nix::Result<()> {
+        unmount(target)
+    }
+    fn unmount_below(&self, dir: &Path) -> std::io::Result<()> {
+        unmount_below(dir)
+    }
+    fn mount_tmpfs(&self, target: &Path, size: Option<u64>, mode: u32) -> nix::Result<()> {
+        mount_tmpfs(target, size, mode)
+    }
+    fn resize_tmpfs(&self, target: &Path, size: u64) -> nix::Result<()> {
+        nix::mount::mount(
+            None::<&str>,
+            target,
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(format!("size={size}").as_str()),
+        )
+    }
+    fn fs_size(&self, path: &Path) -> std::io::Result<(u64, u64)> {
+        fs_size(path)
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! A pod's own volumes on the node, made ready before its containers start.
 
 use std::collections::BTreeSet;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -12,7 +12,7 @@ use nix::errno::Errno;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 use nix::sys::stat::{Mode, SFlag};
 
-use crate::mounts;
+use crate::mounts::Mounts;
 
 /// Why a pod's volume could not be made ready; the pod shows `FailedMount`
 /// with this message.
@@ -79,52 +79,47 @@ fn files_tmpfs_size(files: &[ProjectedFile]) -> u64 {
 
 /// Makes one volume ready at its host path. `claim_ready` is checked for
 /// claims, which the storage pass publishes before pods are prepared.
-pub fn prepare(volume: &PodVolume, host_path_prefixes: &[String]) -> Result<(), VolumeError> {
+pub fn prepare(
+    volume: &PodVolume,
+    host_path_prefixes: &[String],
+    mounts: &dyn Mounts,
+) -> Result<(), VolumeError> {
     let path = Path::new(&volume.host_path);
     match &volume.source {
         VolumeSource::EmptyDir { memory, size_bytes } => {
             make_dir(path, 0o777)?;
-            if *memory && !mounts::is_mount_point(path) {
-                mounts::mount_tmpfs(path, *size_bytes, 0o777)
+            if *memory && !mounts.is_mount_point(path) {
+                mounts
+                    .mount_tmpfs(path, *size_bytes, 0o777)
                     .map_err(mount("mounting a tmpfs at", path))?;
             }
             Ok(())
         }
         VolumeSource::Files { files, .. } => {
             make_dir(path, 0o755)?;
-            if !mounts::is_mount_point(path) {
+            if !mounts.is_mount_point(path) {
                 // Secrets never touch a disk, whatever is under /run.
-                mounts::mount_tmpfs(path, Some(files_tmpfs_size(files)), 0o755)
+                mounts
+                    .mount_tmpfs(path, Some(files_tmpfs_size(files)), 0o755)
                     .map_err(mount("mounting a tmpfs at", path))?;
-            } else if let Ok((total, _)) = mounts::fs_size(path)
+            } else if let Ok((total, _)) = mounts.fs_size(path)
                 && total < files_tmpfs_size(files)
             {
-                remount_size(path, files_tmpfs_size(files))?;
+                mounts
+                    .resize_tmpfs(path, files_tmpfs_size(files))
+                    .map_err(mount("resizing the tmpfs at", path))?;
             }
             write_projected(path, files).map(|_| ())
         }
         VolumeSource::HostPath { kind } => host_path(path, *kind, host_path_prefixes),
         VolumeSource::Claim { claim, .. } => {
-            if mounts::is_mount_point(path) {
+            if mounts.is_mount_point(path) {
                 Ok(())
             } else {
                 Err(VolumeError::ClaimNotReady(claim.to_string()))
             }
         }
     }
-}
-
-fn remount_size(path: &Path, size: u64) -> Result<(), VolumeError> {
-    nix::mount::mount(
-        None::<&str>,
-        path,
-        None::<&str>,
-        nix::mount::MsFlags::MS_REMOUNT
-            | nix::mount::MsFlags::MS_NOSUID
-            | nix::mount::MsFlags::MS_NODEV,
-        Some(format!("size={size}").as_str()),
-    )
-    .map_err(mount("resizing the tmpfs at", path))
 }
 
 fn make_dir(path: &Path, mode: u32) -> Result<(), VolumeError> {
@@ -284,9 +279,13 @@ fn open_beneath(root: &OwnedFd, path: &str, flags: OFlag) -> nix::Result<OwnedFd
 /// (`openat2` with `RESOLVE_BENEATH`, so no `..` or symlink can lead out,
 /// even one the pod planted), then bound from the open descriptor, so
 /// nothing can swap the path between the check and the mount.
-pub fn stage_sub_path(volume_root: &Path, bind: &SubPathBind) -> Result<(), VolumeError> {
+pub fn stage_sub_path(
+    volume_root: &Path,
+    bind: &SubPathBind,
+    mounts: &dyn Mounts,
+) -> Result<(), VolumeError> {
     let stage = PathBuf::from(&bind.stage);
-    if mounts::is_mount_point(&stage) {
+    if mounts.is_mount_point(&stage) {
         return Ok(());
     }
     let root = nix::fcntl::open(
@@ -344,19 +343,27 @@ pub fn stage_sub_path(volume_root: &Path, bind: &SubPathBind) -> Result<(), Volu
     } else if !stage.exists() {
         std::fs::write(&stage, b"").map_err(io("creating", &stage))?;
     }
-    mounts::bind_fd(&target, &stage).map_err(mount("binding the subPath at", &stage))
+    mounts
+        .bind_fd(target.as_fd(), &stage)
+        .map_err(mount("binding the subPath at", &stage))
 }
 
 /// Removes what a pod's volumes left on the node: staged subPaths, tmpfs
 /// mounts and disk `emptyDir`s (their data ends with the pod, as in
 /// Kubernetes). `key` is `<namespace>_<pod>`.
-pub fn remove_pod(dirs: &berth_plan::volumes::VolumeDirs, key: &str) -> Result<(), VolumeError> {
+pub fn remove_pod(
+    dirs: &berth_plan::volumes::VolumeDirs,
+    key: &str,
+    mounts: &dyn Mounts,
+) -> Result<(), VolumeError> {
     for base in [&dirs.sub_path_dir, &dirs.run_dir, &dirs.disk_dir] {
         let dir = Path::new(base).join(key);
         if !dir.exists() {
             continue;
         }
-        mounts::unmount_below(&dir).map_err(io("unmounting below", &dir))?;
+        mounts
+            .unmount_below(&dir)
+            .map_err(io("unmounting below", &dir))?;
         std::fs::remove_dir_all(&dir).map_err(io("removing", &dir))?;
     }
     Ok(())

@@ -167,6 +167,7 @@ fn sub_paths_stay_inside_their_volume_even_through_planted_symlinks() {
         let err = podvol::stage_sub_path(
             &volume,
             &sub("data", bad, &stages.join(i.to_string()), true),
+            &mounts::KernelMounts,
         )
         .expect_err(bad)
         .to_string();
@@ -177,14 +178,29 @@ fn sub_paths_stay_inside_their_volume_even_through_planted_symlinks() {
 
     // A symlink that stays inside is followed, like any path in the volume.
     let ok = stages.join("ok");
-    podvol::stage_sub_path(&volume, &sub("data", "inner-link", &ok, false)).unwrap();
+    podvol::stage_sub_path(
+        &volume,
+        &sub("data", "inner-link", &ok, false),
+        &mounts::KernelMounts,
+    )
+    .unwrap();
     assert_eq!(std::fs::read(ok.join("a.txt")).unwrap(), b"inside");
     // A file subPath, and a missing directory made inside.
     let file = stages.join("file");
-    podvol::stage_sub_path(&volume, &sub("data", "app/conf/a.txt", &file, false)).unwrap();
+    podvol::stage_sub_path(
+        &volume,
+        &sub("data", "app/conf/a.txt", &file, false),
+        &mounts::KernelMounts,
+    )
+    .unwrap();
     assert_eq!(std::fs::read(&file).unwrap(), b"inside");
     let made = stages.join("made");
-    podvol::stage_sub_path(&volume, &sub("data", "new/deeper", &made, true)).unwrap();
+    podvol::stage_sub_path(
+        &volume,
+        &sub("data", "new/deeper", &made, true),
+        &mounts::KernelMounts,
+    )
+    .unwrap();
     assert!(volume.join("new/deeper").is_dir());
     std::fs::write(made.join("x"), b"1").unwrap();
     assert_eq!(std::fs::read(volume.join("new/deeper/x")).unwrap(), b"1");
@@ -214,7 +230,7 @@ fn config_files_are_swapped_whole_on_tmpfs_and_memory_volumes_are_sized() {
         },
         host_path: dir.display().to_string(),
     };
-    podvol::prepare(&volume, &[]).unwrap();
+    podvol::prepare(&volume, &[], &mounts::KernelMounts).unwrap();
     assert!(
         mounts::is_mount_point(&dir),
         "secret files live on their own tmpfs"
@@ -257,7 +273,7 @@ fn config_files_are_swapped_whole_on_tmpfs_and_memory_volumes_are_sized() {
         },
         host_path: mem.display().to_string(),
     };
-    podvol::prepare(&memory, &[]).unwrap();
+    podvol::prepare(&memory, &[], &mounts::KernelMounts).unwrap();
     let (written, err) = fill(&mem.join("fill"), 16);
     assert_eq!(err.raw_os_error(), Some(28), "{err}");
     assert!(written <= 4 << 20, "{written}");
@@ -276,19 +292,28 @@ fn host_paths_are_checked_where_they_really_lead() {
         source: VolumeSource::HostPath { kind },
         host_path: path.display().to_string(),
     };
-    let err = podvol::prepare(&vol(allowed.join("etc-link"), HostPathType::Any), &prefixes)
-        .unwrap_err()
-        .to_string();
+    let err = podvol::prepare(
+        &vol(allowed.join("etc-link"), HostPathType::Any),
+        &prefixes,
+        &mounts::KernelMounts,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("outside the prefixes"), "{err}");
     podvol::prepare(
         &vol(allowed.join("made/here"), HostPathType::DirectoryOrCreate),
         &prefixes,
+        &mounts::KernelMounts,
     )
     .unwrap();
     assert!(allowed.join("made/here").is_dir());
-    let err = podvol::prepare(&vol(allowed.join("made"), HostPathType::File), &prefixes)
-        .unwrap_err()
-        .to_string();
+    let err = podvol::prepare(
+        &vol(allowed.join("made"), HostPathType::File),
+        &prefixes,
+        &mounts::KernelMounts,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("is not a file"), "{err}");
 }
 
@@ -319,5 +344,17 @@ fn the_loop_driver_keeps_the_driver_contract() {
         ran += 1;
     }
     assert_eq!(ran, berth_storage::contract::CASES.len() - 1);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The mount cases the fake mount table passes in `cargo test`, on the
+/// kernel's: so the storage pass's tier-1 tests (on the fake) mean what
+/// they say about real mounts.
+#[test]
+#[ignore = "privileged: tmpfs and bind mounts (root)"]
+fn the_kernel_mounts_keep_the_mount_contract() {
+    let scratch = Scratch::new("mount-contract");
+    assert!(!berth_storage::contract::MOUNT_CASES.is_empty());
+    let failures = berth_storage::contract::run_mounts(&mounts::KernelMounts, &scratch.0);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
