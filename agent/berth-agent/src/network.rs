@@ -237,7 +237,8 @@ impl PodNetwork {
         let wanted: BTreeSet<String> = keep.iter().map(|k| berth_net::host_if_name(k)).collect();
         if let Ok(names) = self.host.pod_host_links() {
             for n in names.into_iter().filter(|n| !wanted.contains(n)) {
-                if self.host.delete_link(&n).is_ok_and(|deleted| deleted) {
+                // Gone either way: deleted now, or with its peer a moment ago.
+                if self.host.delete_link(&n).is_ok() {
                     removed.push(format!("veth {n}"));
                 }
             }
