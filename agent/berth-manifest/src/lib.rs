@@ -9,6 +9,7 @@
 
 pub mod crd;
 pub mod diag;
+mod fastyaml;
 pub mod load;
 pub mod names;
 pub mod objects;

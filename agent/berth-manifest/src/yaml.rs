@@ -1,5 +1,9 @@
 //! The one place that knows which YAML crate Berth uses.
 //!
+//! Documents in the common subset of manifests are read by
+//! [`fastyaml`](crate::fastyaml) (block structure, single-line values),
+//! everything else and every error by `serde-saphyr`.
+//!
 //! `serde-saphyr` is pure Rust, rejects duplicate keys, and bounds aliases,
 //! nesting and event counts, so a hostile manifest cannot exhaust the agent.
 //! Everything else in Berth sees `serde_json::Value` documents and line numbers.
@@ -116,7 +120,10 @@ pub struct YamlError {
 /// empty or `null`.
 pub fn parse_chunk(text: &str, chunk: &Chunk) -> Result<Option<serde_json::Value>, YamlError> {
     let body = &text[chunk.start..chunk.end];
-    match serde_saphyr::from_str_with_options::<serde_json::Value>(body, options()) {
+    if let Some(value) = crate::fastyaml::parse(body) {
+        return Ok(Some(value));
+    }
+    match general(body) {
         Ok(serde_json::Value::Null) => Ok(None),
         Ok(value) => Ok(Some(value)),
         Err(err) => {
@@ -131,6 +138,11 @@ pub fn parse_chunk(text: &str, chunk: &Chunk) -> Result<Option<serde_json::Value
             })
         }
     }
+}
+
+/// The general parser, with Berth's limits.
+pub(crate) fn general(body: &str) -> Result<serde_json::Value, serde_saphyr::Error> {
+    serde_saphyr::from_str_with_options::<serde_json::Value>(body, options())
 }
 
 /// The crate's messages end with its own position suffix; Berth prints the
