@@ -4,7 +4,7 @@
 //! own types with unknown fields rejected, and checked. A bad document or
 //! object is rejected with diagnostics; the rest of the tree is still loaded.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -747,12 +747,17 @@ fn check_custom_objects(catalog: &mut Catalog, pending: Vec<LoadedObject>) {
 }
 
 fn check_duplicates(catalog: &mut Catalog) {
-    let mut by_id: BTreeMap<ObjectRef, Vec<usize>> = BTreeMap::new();
+    // Hashed by reference: no identity is copied, and 30,000 objects are
+    // grouped in one pass.
+    let mut by_id: std::collections::HashMap<&ObjectRef, Vec<usize>> =
+        std::collections::HashMap::with_capacity(catalog.objects.len());
     for (i, o) in catalog.objects.iter().enumerate() {
-        by_id.entry(o.id.clone()).or_default().push(i);
+        by_id.entry(&o.id).or_default().push(i);
     }
+    let mut groups: Vec<Vec<usize>> = by_id.into_values().filter(|v| v.len() > 1).collect();
+    groups.sort_by(|a, b| catalog.objects[a[0]].id.cmp(&catalog.objects[b[0]].id));
     let mut drop = BTreeSet::new();
-    for indices in by_id.values().filter(|v| v.len() > 1) {
+    for indices in &groups {
         let places: Vec<String> = indices
             .iter()
             .map(|&i| {

@@ -1,7 +1,7 @@
 //! What resolving a pod looks things up in: the catalog's ConfigMaps and
 //! Secrets by namespace and name, the node, and the image configs.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use berth_manifest::k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use berth_manifest::{Catalog, Object};
@@ -14,8 +14,8 @@ use crate::node::NodeInfo;
 pub struct Context<'a> {
     pub node: &'a NodeInfo,
     pub images: &'a ImageCatalog,
-    pub(crate) config_maps: BTreeMap<(&'a str, &'a str), &'a ConfigMap>,
-    pub(crate) secrets: BTreeMap<(&'a str, &'a str), &'a Secret>,
+    pub(crate) config_maps: HashMap<(&'a str, &'a str), &'a ConfigMap>,
+    pub(crate) secrets: HashMap<(&'a str, &'a str), &'a Secret>,
 }
 
 impl<'a> Context<'a> {
@@ -28,8 +28,8 @@ impl<'a> Context<'a> {
     }
 
     pub fn new(catalog: &'a Catalog, node: &'a NodeInfo, images: &'a ImageCatalog) -> Self {
-        let mut config_maps = BTreeMap::new();
-        let mut secrets = BTreeMap::new();
+        let mut config_maps = HashMap::new();
+        let mut secrets = HashMap::new();
         for o in &catalog.objects {
             let ns = o.id.namespace.as_deref().unwrap_or("");
             match &o.object {

@@ -6,7 +6,8 @@
 //! node ports left to it, and programs the table from this; it decides
 //! nothing of its own.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use berth_manifest::{Catalog, Diagnostic, FieldIssue, FieldPath, LoadedObject, Object};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -54,9 +55,10 @@ pub struct DesiredService {
     /// The ports that are programmed.
     pub ports: Vec<DesiredServicePort>,
     /// The pods it selects (none without a selector), as indices into the
-    /// pods the plan was made over: a Service of 200 pods costs 800 bytes.
+    /// pods the plan was made over: a Service of 200 pods costs 800 bytes,
+    /// and Services with the same selector share one list.
     #[serde(rename = "selected", serialize_with = "count")]
-    pub members: Vec<u32>,
+    pub members: Arc<[u32]>,
 }
 
 fn count<S: serde::Serializer>(members: &[u32], s: S) -> Result<S::Ok, S::Error> {
@@ -101,7 +103,7 @@ pub enum Target {
     Named {
         name: String,
         #[serde(skip)]
-        ports: Vec<Option<u16>>,
+        ports: Arc<[Option<u16>]>,
     },
 }
 
@@ -134,6 +136,12 @@ pub struct ServicePlan {
     pub fixed_node_ports: BTreeMap<u16, String>,
 }
 
+/// A Service's `spec.selector`.
+type Selector = BTreeMap<String, String>;
+
+/// One shared member list, by address and length.
+type MembersKey = (*const u32, usize);
+
 /// `Catalog::diagnostic` or `Catalog::diagnostic_at_object`.
 type MakeDiagnostic = fn(&Catalog, &LoadedObject, &FieldIssue) -> Diagnostic;
 
@@ -164,7 +172,7 @@ pub fn plan_services(
     let mut diagnostics = Vec::new();
     // Pods by namespace, label and value: a selector looks up its first
     // label and checks the rest on those pods only.
-    let mut by_label: BTreeMap<(&str, &str, &str), Vec<u32>> = BTreeMap::new();
+    let mut by_label: HashMap<(&str, &str, &str), Vec<u32>> = HashMap::new();
     for (i, pod) in pods.iter().enumerate() {
         for (k, v) in &pod.labels {
             by_label
@@ -216,6 +224,9 @@ pub fn plan_services(
             }
         }
     }
+    let empty = BTreeMap::new();
+    let mut selected: HashMap<(String, &Selector), Arc<[u32]>> = HashMap::new();
+    let mut named: HashMap<(MembersKey, &str), Arc<[Option<u16>]>> = HashMap::new();
     for (o, svc) in list {
         let namespace = o.id.namespace.clone().unwrap_or_else(|| "default".into());
         let id = service_id(o);
@@ -234,23 +245,28 @@ pub fn plan_services(
             ));
             continue;
         }
-        let selector = spec.selector.clone().unwrap_or_default();
-        let members: Vec<u32> = match selector.iter().next() {
-            None => Vec::new(),
-            Some((k, v)) => by_label
-                .get(&(namespace.as_str(), k.as_str(), v.as_str()))
-                .map(|candidates| {
-                    candidates
-                        .iter()
-                        .copied()
-                        .filter(|i| {
-                            let labels = &pods[*i as usize].labels;
-                            selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
-        };
+        let selector = spec.selector.as_ref().unwrap_or(&empty);
+        // Many Services often share a selector (one per port group, per
+        // tier): their members are found once.
+        let members = selected
+            .entry((namespace.clone(), selector))
+            .or_insert_with(|| match selector.iter().next() {
+                None => Arc::from([]),
+                Some((k, v)) => by_label
+                    .get(&(namespace.as_str(), k.as_str(), v.as_str()))
+                    .map(|candidates| {
+                        candidates
+                            .iter()
+                            .copied()
+                            .filter(|i| {
+                                let labels = &pods[*i as usize].labels;
+                                selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_else(|| Arc::from([])),
+            })
+            .clone();
         if !selector.is_empty() && members.is_empty() {
             diagnostics.push(bulk(
                 catalog,
@@ -303,14 +319,25 @@ pub fn plan_services(
                     Err(_) => continue,
                 },
                 Some(IntOrString::String(name)) => {
-                    let mut found = Vec::with_capacity(members.len());
-                    for i in &members {
+                    // Per member list and name, found once.
+                    let key = ((members.as_ptr(), members.len()), name.as_str());
+                    let found = named
+                        .entry(key)
+                        .or_insert_with(|| {
+                            members
+                                .iter()
+                                .map(|i| {
+                                    pods[*i as usize]
+                                        .ports
+                                        .iter()
+                                        .find(|d| d.name.as_deref() == Some(name.as_str()))
+                                        .map(|d| d.port)
+                                })
+                                .collect()
+                        })
+                        .clone();
+                    for (i, port) in members.iter().zip(found.iter()) {
                         let pod = &pods[*i as usize];
-                        let port = pod
-                            .ports
-                            .iter()
-                            .find(|d| d.name.as_deref() == Some(name.as_str()))
-                            .map(|d| d.port);
                         if port.is_none() {
                             diagnostics.push(bulk(
                                 catalog,
@@ -324,7 +351,6 @@ pub fn plan_services(
                                 ),
                             ));
                         }
-                        found.push(port);
                     }
                     Target::Named {
                         name: name.clone(),
