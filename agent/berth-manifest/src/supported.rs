@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use crate::diag::{FieldIssue, FieldPath};
+use crate::diag::{FieldIssue, FieldPath, PathSegment};
 use crate::objects::BuiltinKind;
 
 /// Fields a Kubernetes API server sets; in Git they are leftovers of
@@ -246,11 +246,25 @@ pub fn unsupported_fields(kind: BuiltinKind, value: &serde_json::Value) -> Vec<F
         .position(|k| *k == kind)
         .unwrap_or(0);
     let mut issues = Vec::new();
-    walk(&trees[index], value, &FieldPath::root(), &mut issues);
+    walk(&trees[index], value, &mut Vec::new(), &mut issues);
     issues
 }
 
-fn walk(tree: &Tree, value: &serde_json::Value, path: &FieldPath, issues: &mut Vec<FieldIssue>) {
+/// A step of the path being walked, borrowed from the document.
+#[derive(Clone, Copy)]
+enum Step<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+/// `path` is where `value` sits; it is extended and restored in place, and
+/// turned into a [`FieldPath`] only for a field that is reported.
+fn walk<'a>(
+    tree: &Tree,
+    value: &'a serde_json::Value,
+    path: &mut Vec<Step<'a>>,
+    issues: &mut Vec<FieldIssue>,
+) {
     if tree.leaf {
         return;
     }
@@ -260,26 +274,41 @@ fn walk(tree: &Tree, value: &serde_json::Value, path: &FieldPath, issues: &mut V
                 if child.is_null() {
                     continue;
                 }
-                let child_path = path.key(key.clone());
+                path.push(Step::Key(key));
                 match tree
                     .children
                     .get(key.as_str())
                     .or_else(|| tree.children.get("*"))
                 {
-                    Some(sub) => walk(sub, child, &child_path, issues),
-                    None => issues.push(unsupported(&child_path)),
+                    Some(sub) => walk(sub, child, path, issues),
+                    None => issues.push(unsupported(&field_path(path))),
                 }
+                path.pop();
             }
         }
         serde_json::Value::Array(items) => {
             if let Some(sub) = tree.children.get("[]") {
                 for (i, item) in items.iter().enumerate() {
-                    walk(sub, item, &path.index(i), issues);
+                    path.push(Step::Index(i));
+                    walk(sub, item, path, issues);
+                    path.pop();
                 }
             }
         }
         _ => {}
     }
+}
+
+fn field_path(steps: &[Step<'_>]) -> FieldPath {
+    FieldPath(
+        steps
+            .iter()
+            .map(|s| match s {
+                Step::Key(k) => PathSegment::Key((*k).to_string()),
+                Step::Index(i) => PathSegment::Index(*i),
+            })
+            .collect(),
+    )
 }
 
 fn unsupported(path: &FieldPath) -> FieldIssue {

@@ -218,14 +218,16 @@ pub fn desire(
     }
     // Two objects that make the same pod (a Pod `web-0` and replica 0 of a
     // Deployment `web`) would fight over its units: both are refused.
-    let mut by_id: BTreeMap<PodId, Vec<ObjectRef>> = BTreeMap::new();
+    let mut by_id: std::collections::HashMap<&PodId, Vec<&ObjectRef>> =
+        std::collections::HashMap::with_capacity(pods.len());
     for p in &pods {
-        by_id
-            .entry(p.id.clone())
-            .or_default()
-            .push(p.source.clone());
+        by_id.entry(&p.id).or_default().push(&p.source);
     }
-    for (id, sources) in by_id.iter().filter(|(_, s)| s.len() > 1) {
+    let mut shared: Vec<(&PodId, Vec<&ObjectRef>)> =
+        by_id.into_iter().filter(|(_, s)| s.len() > 1).collect();
+    shared.sort();
+    let refused: BTreeSet<PodId> = shared.iter().map(|(id, _)| (*id).clone()).collect();
+    for (id, sources) in &shared {
         let names: Vec<String> = sources.iter().map(ToString::to_string).collect();
         for source in sources {
             let Some(object) = index.get(source) else {
@@ -243,7 +245,8 @@ pub fn desire(
             reject(&mut rejected, catalog, object);
         }
     }
-    pods.retain(|p| by_id.get(&p.id).is_none_or(|s| s.len() == 1));
+    drop(shared);
+    pods.retain(|p| !refused.contains(&p.id));
     // A pod whose unit names are taken by units Berth did not create is
     // refused as a whole; the foreign units are never touched.
     let actual: BTreeMap<&str, &ActualUnit> = units.iter().map(|u| (u.name.as_str(), u)).collect();
