@@ -11,6 +11,7 @@ pub mod crd;
 pub mod diag;
 mod fastyaml;
 pub mod load;
+pub mod model;
 pub mod names;
 pub mod objects;
 pub mod quantity;

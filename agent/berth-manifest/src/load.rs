@@ -19,6 +19,7 @@ use crate::objects::{BuiltinKind, CustomObject, Object, group_of};
 use crate::supported;
 use crate::validate;
 use crate::yaml::{self, Chunk};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 
 /// Namespaces that exist on every Kubernetes cluster without being declared.
 pub const BUILTIN_NAMESPACES: [&str; 4] =
@@ -594,9 +595,22 @@ fn decode_builtin(kind: BuiltinKind, value: Value, issues: &mut Vec<FieldIssue>)
     let object = match kind {
         BuiltinKind::Pod => decode(value, issues).map(|p| Object::Pod(Box::new(p))),
         BuiltinKind::Deployment => decode(value, issues).map(|d| Object::Deployment(Box::new(d))),
-        BuiltinKind::Service => decode(value, issues).map(|s| Object::Service(Box::new(s))),
-        BuiltinKind::ConfigMap => decode(value, issues).map(|c| Object::ConfigMap(Box::new(c))),
-        BuiltinKind::Secret => decode(value, issues).map(|s| Object::Secret(Box::new(s))),
+        // Checked as Kubernetes types, then kept as Berth's own.
+        BuiltinKind::Service => decode(value, issues).map(|s: Service| {
+            validate::metadata(&s.metadata, issues);
+            validate::service(&s, issues);
+            Object::Service(Box::new(s.into()))
+        }),
+        BuiltinKind::ConfigMap => decode(value, issues).map(|c: ConfigMap| {
+            validate::metadata(&c.metadata, issues);
+            validate::config_map(&c, issues);
+            Object::ConfigMap(Box::new(c.into()))
+        }),
+        BuiltinKind::Secret => decode(value, issues).map(|s: Secret| {
+            validate::metadata(&s.metadata, issues);
+            validate::secret(&s, issues);
+            Object::Secret(Box::new(s.into()))
+        }),
         BuiltinKind::Namespace => decode(value, issues).map(|n| Object::Namespace(Box::new(n))),
         BuiltinKind::PersistentVolume => {
             decode(value, issues).map(|p| Object::PersistentVolume(Box::new(p)))
@@ -624,18 +638,8 @@ fn decode_builtin(kind: BuiltinKind, value: Value, issues: &mut Vec<FieldIssue>)
             validate::metadata(&d.metadata, issues);
             validate::deployment(d, issues);
         }
-        Object::Service(s) => {
-            validate::metadata(&s.metadata, issues);
-            validate::service(s, issues);
-        }
-        Object::ConfigMap(c) => {
-            validate::metadata(&c.metadata, issues);
-            validate::config_map(c, issues);
-        }
-        Object::Secret(s) => {
-            validate::metadata(&s.metadata, issues);
-            validate::secret(s, issues);
-        }
+        // Validated above, before conversion.
+        Object::Service(_) | Object::ConfigMap(_) | Object::Secret(_) => {}
         Object::Namespace(n) => validate::metadata(&n.metadata, issues),
         Object::PersistentVolume(p) => {
             validate::metadata(&p.metadata, issues);

@@ -1,9 +1,8 @@
 //! The typed objects Berth accepts, by `apiVersion` and `kind`.
 
+use crate::model::{ConfigMapData, SecretData, ServiceSpec};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{
-    ConfigMap, Namespace, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service,
-};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 
@@ -12,9 +11,10 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 pub enum Object {
     Pod(Box<Pod>),
     Deployment(Box<Deployment>),
-    Service(Box<Service>),
-    ConfigMap(Box<ConfigMap>),
-    Secret(Box<Secret>),
+    /// Berth's own types from here on (see [`crate::model`]).
+    Service(Box<ServiceSpec>),
+    ConfigMap(Box<ConfigMapData>),
+    Secret(Box<SecretData>),
     Namespace(Box<Namespace>),
     PersistentVolume(Box<PersistentVolume>),
     PersistentVolumeClaim(Box<PersistentVolumeClaim>),

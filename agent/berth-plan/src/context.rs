@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use berth_manifest::k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use berth_manifest::model::{ConfigMapData as ConfigMap, SecretData as Secret};
 use berth_manifest::{Catalog, Object};
 
 use crate::images::ImageCatalog;

@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use berth_manifest::model::{Entries, ServiceSpec};
 use berth_manifest::{Catalog, Diagnostic, FieldIssue, FieldPath, LoadedObject, Object};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
@@ -137,7 +138,7 @@ pub struct ServicePlan {
 }
 
 /// A Service's `spec.selector`.
-type Selector = BTreeMap<String, String>;
+type Selector = Entries<String>;
 
 /// One shared member list, by address and length.
 type MembersKey = (*const u32, usize);
@@ -181,7 +182,7 @@ pub fn plan_services(
                 .push(i as u32);
         }
     }
-    let list: Vec<(&LoadedObject, &k8s_openapi::api::core::v1::Service)> = catalog
+    let list: Vec<(&LoadedObject, &ServiceSpec)> = catalog
         .objects
         .iter()
         .filter_map(|o| match &o.object {
@@ -194,12 +195,7 @@ pub fn plan_services(
     let mut refused: BTreeSet<(String, usize)> = BTreeSet::new();
     for (o, svc) in &list {
         let id = service_id(o);
-        for (i, p) in svc
-            .spec
-            .iter()
-            .flat_map(|s| s.ports.iter().flatten())
-            .enumerate()
-        {
+        for (i, p) in svc.ports.iter().enumerate() {
             let Some(np) = p.node_port else { continue };
             let path = FieldPath::parse("spec")
                 .key("ports")
@@ -224,13 +220,13 @@ pub fn plan_services(
             }
         }
     }
-    let empty = BTreeMap::new();
+    let empty = Entries::default();
     let mut selected: HashMap<(String, &Selector), Arc<[u32]>> = HashMap::new();
     let mut named: HashMap<(MembersKey, &str), Arc<[Option<u16>]>> = HashMap::new();
     for (o, svc) in list {
         let namespace = o.id.namespace.clone().unwrap_or_else(|| "default".into());
         let id = service_id(o);
-        let Some(spec) = &svc.spec else { continue };
+        let spec = svc;
         let spath = FieldPath::parse("spec");
         let warn = |path: FieldPath, message: String| {
             catalog.diagnostic(o, &FieldIssue::warning(path, message))
@@ -279,7 +275,7 @@ pub fn plan_services(
         }
         let mut ports = Vec::new();
         let mut dns_ports = Vec::new();
-        for (i, p) in spec.ports.iter().flatten().enumerate() {
+        for (i, p) in spec.ports.iter().enumerate() {
             let ppath = spath.key("ports").index(i);
             let Ok(port) = u16::try_from(p.port) else {
                 continue;
@@ -368,10 +364,7 @@ pub fn plan_services(
         }
         let headless = spec.cluster_ip.as_deref() == Some("None");
         let affinity_seconds = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-            spec.session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
+            spec.affinity_timeout_seconds
                 .and_then(|t| u32::try_from(t).ok())
                 .unwrap_or(DEFAULT_AFFINITY_SECONDS)
         });

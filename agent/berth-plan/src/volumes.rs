@@ -181,14 +181,8 @@ fn config_map_entries(
     ctx.config_map(namespace, name).map(|cm| {
         cm.data
             .iter()
-            .flatten()
             .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
-            .chain(
-                cm.binary_data
-                    .iter()
-                    .flatten()
-                    .map(|(k, v)| (k.clone(), v.0.clone())),
-            )
+            .chain(cm.binary_data.iter().map(|(k, v)| (k.clone(), v.clone())))
             .collect()
     })
 }
@@ -202,13 +196,11 @@ pub(crate) fn secret_entries(
         secret
             .data
             .iter()
-            .flatten()
-            .map(|(k, v)| (k.clone(), v.0.clone()))
+            .map(|(k, v)| (k.clone(), v.clone()))
             .chain(
                 secret
                     .string_data
                     .iter()
-                    .flatten()
                     .map(|(k, v)| (k.clone(), v.clone().into_bytes())),
             )
             .collect()

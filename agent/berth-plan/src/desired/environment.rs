@@ -6,7 +6,8 @@
 
 use std::collections::BTreeMap;
 
-use berth_manifest::k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVarSource, Secret};
+use berth_manifest::k8s_openapi::api::core::v1::{Container, EnvVarSource};
+use berth_manifest::model::{ConfigMapData as ConfigMap, SecretData as Secret};
 use berth_manifest::{FieldIssue, FieldPath, Quantity};
 
 use super::input::ContainerInput;
@@ -154,7 +155,6 @@ pub(super) fn environment(
 fn config_map_entries(cm: &ConfigMap) -> Vec<(String, String)> {
     cm.data
         .iter()
-        .flatten()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
@@ -165,8 +165,8 @@ fn secret_entries(
     errors: &mut Vec<FieldIssue>,
 ) -> Vec<(String, String)> {
     let mut out: BTreeMap<String, String> = BTreeMap::new();
-    for (k, v) in s.data.iter().flatten() {
-        match String::from_utf8(v.0.clone()) {
+    for (k, v) in s.data.iter() {
+        match String::from_utf8(v.clone()) {
             Ok(text) => {
                 out.insert(k.clone(), text);
             }
@@ -176,7 +176,7 @@ fn secret_entries(
             )),
         }
     }
-    for (k, v) in s.string_data.iter().flatten() {
+    for (k, v) in s.string_data.iter() {
         out.insert(k.clone(), v.clone());
     }
     out.into_iter().collect()
@@ -246,7 +246,7 @@ fn value_from(
         let found = ctx
             .config_maps
             .get(&(ns, r.name.as_str()))
-            .map(|cm| cm.data.as_ref().and_then(|d| d.get(&r.key)).cloned());
+            .map(|cm| cm.data.get(&r.key).cloned());
         let key = KeyRef {
             kind: "ConfigMap",
             ns,
