@@ -52,9 +52,10 @@ pub struct ActualState {
 }
 
 impl ActualState {
-    /// The snapshot as it may leave the node: every `Environment` value of
-    /// every unit replaced by a digest of it (values may come from Secrets,
-    /// and a snapshot is meant to be copied into bug reports and CI jobs).
+    /// The snapshot as it may leave the node: every `Environment` value and
+    /// every `ExecStart` argument of every unit replaced by a digest of it
+    /// (values may come from Secrets, and a snapshot is meant to be copied
+    /// into bug reports and CI jobs).
     /// Planning on it gives the same plan, since the planner then digests
     /// the desired values alike.
     pub fn without_secrets(&self) -> Self {
@@ -69,15 +70,27 @@ impl ActualState {
     }
 }
 
-/// `NAME=value` → `NAME=sha256:<first 16 bytes, hex>`, in place.
+/// `NAME=value` → `NAME=sha256:<first 16 bytes, hex>`, and every argument
+/// of `ExecStart` after the program (a `$(VAR)` of a Secret in `args` puts
+/// its value there) → `sha256:<...>`, in place.
 pub fn digest_environment(properties: &mut Properties) {
     use sha2::Digest as _;
+    let digest = |value: &str| {
+        let hash = sha2::Sha256::digest(value.as_bytes());
+        let hex: String = hash.iter().take(16).map(|b| format!("{b:02x}")).collect();
+        format!("sha256:{hex}")
+    };
     if let Some(PropertyValue::List(env)) = properties.get_mut("Environment") {
         for entry in env.iter_mut() {
             let (name, value) = entry.split_once('=').unwrap_or((entry.as_str(), ""));
-            let hash = sha2::Sha256::digest(value.as_bytes());
-            let hex: String = hash.iter().take(16).map(|b| format!("{b:02x}")).collect();
-            *entry = format!("{name}=sha256:{hex}");
+            *entry = format!("{name}={}", digest(value));
+        }
+    }
+    if let Some(PropertyValue::Exec(commands)) = properties.get_mut("ExecStart") {
+        for command in commands.iter_mut() {
+            for arg in command.argv.iter_mut().skip(1) {
+                *arg = digest(arg);
+            }
         }
     }
 }

@@ -393,7 +393,16 @@ fn unit_action(
             _ => None,
         };
     }
-    let redacted = redact_changes(changes);
+    let mut redacted = redact_changes(changes);
+    if !unit.sensitive_env.is_empty() {
+        // The command line may hold a secret on either side: the new one
+        // as plans show it, the old one not at all.
+        let shown = unit.properties_redacted();
+        for c in redacted.iter_mut().filter(|c| c.property == "ExecStart") {
+            c.from = None;
+            c.to = shown.get("ExecStart").cloned();
+        }
+    }
     let in_place = actual.active_state == ActiveState::Active
         && redacted.iter().all(|c| unit.resizable.allows(&c.property));
     let mut reason = describe_changes(&redacted);

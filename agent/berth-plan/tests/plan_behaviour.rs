@@ -196,6 +196,63 @@ fn secret_values_never_appear_in_a_plan_or_its_reasons() {
 }
 
 #[test]
+fn a_secret_expanded_into_the_command_line_or_another_variable_never_appears() {
+    let pod = POD
+        .replace(
+            r#"command: ["httpd", "-f"]"#,
+            r#"command: ["httpd", "-f"]
+      args: ["--token=$(TOKEN)", "--plain=$(MODE)"]"#,
+        )
+        .replace(
+            "      env:\n",
+            "      env:\n        - {name: MODE, value: fast}\n",
+        )
+        .replace(
+            "            secretKeyRef: {name: creds, key: token}\n",
+            "            secretKeyRef: {name: creds, key: token}\n        - {name: HEADER, value: \"Bearer $(TOKEN)\"}\n",
+        );
+    let first = plan_for(&[("pod.yaml", &pod)], &ActualState::default());
+    let json = serde_json::to_string(&first).expect("serializes");
+    assert!(!json.contains("hunter2"), "{json}");
+    assert!(
+        json.contains(r#""--token=<secret default/creds key token>","--plain=fast""#),
+        "{json}"
+    );
+    assert!(
+        json.contains("HEADER=<$(TOKEN): secret default/creds key token>"),
+        "{json}"
+    );
+    // The unit itself gets the values.
+    let unit = first.pods[0].units().next().expect("one unit");
+    let Some(PropertyValue::Exec(exec)) = unit.properties_for_apply().get("ExecStart") else {
+        panic!("no command")
+    };
+    assert_eq!(
+        exec[0].argv,
+        ["httpd", "-f", "--token=hunter2-very-secret", "--plain=fast"]
+    );
+    // A rotated secret restarts the container; neither value is shown.
+    let before = applied(&first);
+    let rotated = pod.replace("hunter2-very-secret", "rotated-secret-value");
+    let plan = plan_for(&[("pod.yaml", &rotated)], &before);
+    let json = serde_json::to_string(&plan).expect("serializes");
+    assert!(
+        !json.contains("hunter2") && !json.contains("rotated-secret-value"),
+        "{json}"
+    );
+    assert_eq!(plan.plan.actions[0].verb, Verb::Restart);
+    // The snapshot that leaves the node holds digests of the command's
+    // arguments too, and plans the same.
+    let snapshot = before.without_secrets();
+    let text = serde_json::to_string(&snapshot).expect("serializes");
+    assert!(!text.contains("hunter2"), "{text}");
+    let again = plan_for(&[("pod.yaml", &pod)], &snapshot);
+    assert!(again.plan.actions.is_empty(), "{:#?}", again.plan.actions);
+    let replanned = plan_for(&[("pod.yaml", &rotated)], &snapshot);
+    assert_eq!(replanned.plan.actions[0].verb, Verb::Restart);
+}
+
+#[test]
 fn pods_removed_from_git_are_stopped_and_their_slices_removed_last() {
     let before = applied(&plan_for(&[("pod.yaml", POD)], &ActualState::default()));
     let plan = plan_for(

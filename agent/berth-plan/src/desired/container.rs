@@ -28,6 +28,8 @@ struct Checked {
     image_ref: String,
     env: Env,
     argv: Option<Vec<String>>,
+    /// `argv` as plans show it, when a secret went into it.
+    argv_shown: Option<Vec<String>>,
     working_dir: Option<String>,
     uid: Option<i64>,
     gid: Option<i64>,
@@ -65,6 +67,7 @@ pub(super) fn container_unit(
         init: input.is_init,
         image: checked.image_ref,
         properties: Arc::new(p),
+        exec_shown: checked.argv_shown,
         sensitive_env: checked.env.sensitive,
         resizable,
         sub_paths,
@@ -94,6 +97,28 @@ fn check(
 
     let env = environment(input, image, ctx, &mut errors, warnings);
     let lookup = |n: &str| env.get(n);
+    // The command line as plans, logs and status show it: a `$(VAR)` of a
+    // secret stays a placeholder there (the unit itself gets the value).
+    let shown: Option<Vec<String>> = (!env.sensitive.is_empty()
+        && c.command
+            .iter()
+            .chain(c.args.iter())
+            .flatten()
+            .any(|a| a.contains("$(")))
+    .then(|| {
+        let (cmd, args) = (
+            c.command.as_deref().unwrap_or(&[]),
+            c.args.as_deref().unwrap_or(&[]),
+        );
+        let head: Vec<String> = if cmd.is_empty() {
+            image.map(|i| i.entrypoint.clone()).unwrap_or_default()
+        } else {
+            cmd.iter().map(|a| env.expand_shown(a)).collect()
+        };
+        head.into_iter()
+            .chain(args.iter().map(|a| env.expand_shown(a)))
+            .collect()
+    });
     let command: Option<Vec<String>> = c
         .command
         .clone()
@@ -202,11 +227,13 @@ fn check(
     if !errors.is_empty() {
         return Err(errors);
     }
+    let argv_shown = shown.filter(|s| argv.as_ref().is_some_and(|a| a != s));
     Ok(Checked {
         name,
         image_ref,
         env,
         argv,
+        argv_shown,
         working_dir,
         uid,
         gid,

@@ -46,6 +46,29 @@ impl Env {
     pub(super) fn get(&self, name: &str) -> Option<String> {
         self.index.get(name).map(|&i| self.entries[i].1.clone())
     }
+
+    /// `$(VAR)` expanded in `text`, and, when a sensitive variable went
+    /// into it, where that one comes from: the result holds its secret.
+    pub(super) fn expand_tracked(&self, text: &str) -> (String, Option<String>) {
+        let hit = std::cell::RefCell::new(None);
+        let value = expand(text, |n| {
+            if let Some(origin) = self.sensitive.get(n) {
+                hit.borrow_mut()
+                    .get_or_insert_with(|| format!("$({n}): {origin}"));
+            }
+            self.get(n)
+        });
+        (value, hit.into_inner())
+    }
+
+    /// `$(VAR)` expanded as every plan shows it: a sensitive variable as
+    /// `<where it comes from>`, never its value.
+    pub(super) fn expand_shown(&self, text: &str) -> String {
+        expand(text, |n| match self.sensitive.get(n) {
+            Some(origin) => Some(format!("<{origin}>")),
+            None => self.get(n),
+        })
+    }
 }
 
 pub(super) fn environment(
@@ -124,8 +147,9 @@ pub(super) fn environment(
         }
         match &var.value_from {
             None => {
-                let value = expand(var.value.as_deref().unwrap_or(""), |n| env.get(n));
-                env.set(&var.name, value, None);
+                // A value built from a secret is as secret as it is.
+                let (value, sensitive) = env.expand_tracked(var.value.as_deref().unwrap_or(""));
+                env.set(&var.name, value, sensitive);
             }
             Some(source) => {
                 if let Some((value, sensitive)) =

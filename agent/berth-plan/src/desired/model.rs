@@ -45,6 +45,9 @@ pub struct ContainerUnit {
     /// Environment entries that hold secret values, by variable name, with
     /// where they come from; every rendering shows this instead of the value.
     pub(crate) sensitive_env: BTreeMap<String, String>,
+    /// The command line with each secret `$(VAR)` as a placeholder, when
+    /// one went into it: what plans show instead of `ExecStart`'s argv.
+    pub(crate) exec_shown: Option<Vec<String>>,
     /// Resource properties that may change without a restart, by the
     /// container's `resizePolicy`.
     pub resizable: Resizable,
@@ -98,10 +101,18 @@ impl ContainerUnit {
     /// The properties with secret values replaced by where they come from:
     /// what every plan, log and status shows.
     pub fn properties_redacted(&self) -> SharedProperties {
-        if self.sensitive_env.is_empty() {
+        if self.sensitive_env.is_empty() && self.exec_shown.is_none() {
             return Arc::clone(&self.properties);
         }
         let mut props = (*self.properties).clone();
+        if let (Some(shown), Some(PropertyValue::Exec(exec))) =
+            (&self.exec_shown, props.get_mut("ExecStart"))
+        {
+            for command in exec.iter_mut() {
+                command.path = shown.first().cloned().unwrap_or_default();
+                command.argv = shown.clone();
+            }
+        }
         if let Some(PropertyValue::List(env)) = props.get_mut("Environment") {
             for entry in env.iter_mut() {
                 let name = entry.split('=').next().unwrap_or("").to_string();
