@@ -156,6 +156,7 @@ impl Agent {
         if self.publisher.is_none() {
             self.publisher = Some(Publisher::start(
                 self.paths.state_dir.join("mirror.git"),
+                self.paths.proc_net.clone(),
                 self.log,
             )?);
         }
@@ -487,7 +488,7 @@ fn next_backoff(current: Duration, poll_interval: Option<Duration>) -> Duration 
 
 /// Whether `/proc/net/route` or `ipv6_route` holds a default route. When
 /// neither can be read, the network is taken as up (errors are errors).
-fn has_default_route(proc_net: &std::path::Path) -> bool {
+pub(crate) fn has_default_route(proc_net: &std::path::Path) -> bool {
     let v4 = std::fs::read_to_string(proc_net.join("route"));
     let v6 = std::fs::read_to_string(proc_net.join("ipv6_route"));
     if v4.is_err() && v6.is_err() {

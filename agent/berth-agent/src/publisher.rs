@@ -63,13 +63,14 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 impl Publisher {
-    pub fn start(mirror: PathBuf, log: Log) -> std::io::Result<Self> {
+    /// `proc_net` (`/proc/net`) says whether the node has a route out yet.
+    pub fn start(mirror: PathBuf, proc_net: PathBuf, log: Log) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel();
         let record = Arc::new(Mutex::new(PublishRecord::default()));
         let shared = Arc::clone(&record);
         let thread = std::thread::Builder::new()
             .name("publish".into())
-            .spawn(move || Worker::new(mirror, log, shared).run(&rx))?;
+            .spawn(move || Worker::new(mirror, proc_net, log, shared).run(&rx))?;
         Ok(Self {
             tx: Some(tx),
             record,
@@ -105,6 +106,10 @@ impl Drop for Publisher {
 
 struct Worker {
     mirror_path: PathBuf,
+    /// `/proc/net`: whether the node has a route out yet.
+    proc_net: PathBuf,
+    /// Said once: the first push waits for the network (at boot).
+    waiting_for_network: bool,
     /// `outbox.git` beside the mirror: the node's own commits.
     outbox_path: PathBuf,
     outbox: Option<Mirror>,
@@ -125,10 +130,17 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(mirror_path: PathBuf, log: Log, record: Arc<Mutex<PublishRecord>>) -> Self {
+    fn new(
+        mirror_path: PathBuf,
+        proc_net: PathBuf,
+        log: Log,
+        record: Arc<Mutex<PublishRecord>>,
+    ) -> Self {
         Self {
             outbox_path: mirror_path.with_file_name("outbox.git"),
             mirror_path,
+            proc_net,
+            waiting_for_network: false,
             outbox: None,
             log,
             record,
@@ -355,7 +367,10 @@ impl Worker {
         };
         match result {
             Ok(()) => {
-                if self.last_error.is_some() {
+                if self.waiting_for_network {
+                    self.log.info("status and drift branches pushed");
+                    self.waiting_for_network = false;
+                } else if self.last_error.is_some() {
                     self.log.info("status and drift branches pushed again");
                 }
                 self.dirty = false;
@@ -366,6 +381,24 @@ impl Worker {
                     r.last_push = Some(crate::clock::now_secs());
                     r.failures = 0;
                 }
+            }
+            Err(e)
+                if self.pushed_at.is_none()
+                    && !e.is_rejection()
+                    && !crate::agent::has_default_route(&self.proc_net) =>
+            {
+                // At boot the agent is up before the network: one line
+                // says so, not a failure at every retry.
+                if !self.waiting_for_network {
+                    self.log.info(&format!(
+                        "waiting for the network to push the status and drift branches ({e}); kept locally"
+                    ));
+                    self.waiting_for_network = true;
+                }
+                self.last_error = Some(format!("waiting for the network: {e}"));
+                self.next_attempt = Instant::now() + self.backoff;
+                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                self.publish_record();
             }
             Err(e) => {
                 let rejected = e.is_rejection();

@@ -1282,6 +1282,53 @@ fn a_fetch_before_the_network_is_up_waits_for_it_and_after_that_fails_as_an_erro
 }
 
 #[test]
+fn a_push_before_the_network_is_up_waits_for_it_and_after_that_fails_as_an_error() {
+    let node = Node::new("no-network-push");
+    std::fs::write(
+        node.dir.join("config.yaml"),
+        "node:\n  name: n1\ngit:\n  url: git://127.0.0.1:1/desired.git\n  path: pods\n",
+    )
+    .unwrap();
+    let routes = node.dir.join("proc-net");
+    std::fs::create_dir_all(&routes).unwrap();
+    std::fs::write(
+        routes.join("route"),
+        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n\
+         eth0\t0002000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\n",
+    )
+    .unwrap();
+    let mut agent = node.agent();
+    agent.publish().unwrap();
+    agent.pass(true);
+    let waiting = wait_for_record(&agent, "a push tried", |r| r.error.is_some());
+    assert!(
+        waiting
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("waiting for the network: ")),
+        "{waiting:?}"
+    );
+    assert_eq!(waiting.failures, 0, "{waiting:?}");
+    assert!(waiting.pending, "{waiting:?}");
+    // A default route: the same failure is now a failure.
+    std::fs::write(
+        routes.join("route"),
+        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n\
+         eth0\t00000000\t0202000A\t0003\t0\t0\t0\t00000000\n",
+    )
+    .unwrap();
+    agent.pass(true);
+    let failed = wait_for_record(&agent, "a push failed", |r| r.failures > 0);
+    assert!(
+        failed
+            .error
+            .as_deref()
+            .is_some_and(|e| !e.starts_with("waiting for the network")),
+        "{failed:?}"
+    );
+}
+
+#[test]
 fn the_snapshot_holds_no_secret_and_still_replays_the_plan_applied() {
     let node = Node::new("replay-secret");
     let secret = "apiVersion: v1\nkind: Secret\nmetadata: {name: token}\nstringData: {token: s3cr3t-replay-value}\n";
