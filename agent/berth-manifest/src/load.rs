@@ -19,7 +19,8 @@ use crate::objects::{BuiltinKind, CustomObject, Object, group_of};
 use crate::supported;
 use crate::validate;
 use crate::yaml::{self, Chunk};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 
 /// Namespaces that exist on every Kubernetes cluster without being declared.
 pub const BUILTIN_NAMESPACES: [&str; 4] =
@@ -593,8 +594,19 @@ fn decode_builtin(kind: BuiltinKind, value: Value, issues: &mut Vec<FieldIssue>)
     // into the typed object instead of copying them).
     let unsupported = supported::unsupported_fields(kind, &value);
     let object = match kind {
-        BuiltinKind::Pod => decode(value, issues).map(|p| Object::Pod(Box::new(p))),
-        BuiltinKind::Deployment => decode(value, issues).map(|d| Object::Deployment(Box::new(d))),
+        BuiltinKind::Pod => decode(value, issues).map(|p: Pod| {
+            validate::metadata(&p.metadata, issues);
+            match &p.spec {
+                Some(spec) => validate::pod_spec(spec, &FieldPath::root().key("spec"), issues),
+                None => issues.push(FieldIssue::error(FieldPath::root().key("spec"), "required")),
+            }
+            Object::Pod(Box::new(p.into()))
+        }),
+        BuiltinKind::Deployment => decode(value, issues).map(|d: Deployment| {
+            validate::metadata(&d.metadata, issues);
+            validate::deployment(&d, issues);
+            Object::Deployment(Box::new(d.into()))
+        }),
         // Checked as Kubernetes types, then kept as Berth's own.
         BuiltinKind::Service => decode(value, issues).map(|s: Service| {
             validate::metadata(&s.metadata, issues);
@@ -625,21 +637,13 @@ fn decode_builtin(kind: BuiltinKind, value: Value, issues: &mut Vec<FieldIssue>)
             decode(value, issues).map(|c| Object::CustomResourceDefinition(Box::new(c)))
         }
     }?;
-    let root = FieldPath::root();
     match &object {
-        Object::Pod(p) => {
-            validate::metadata(&p.metadata, issues);
-            match &p.spec {
-                Some(spec) => validate::pod_spec(spec, &root.key("spec"), issues),
-                None => issues.push(FieldIssue::error(root.key("spec"), "required")),
-            }
-        }
-        Object::Deployment(d) => {
-            validate::metadata(&d.metadata, issues);
-            validate::deployment(d, issues);
-        }
         // Validated above, before conversion.
-        Object::Service(_) | Object::ConfigMap(_) | Object::Secret(_) => {}
+        Object::Pod(_)
+        | Object::Deployment(_)
+        | Object::Service(_)
+        | Object::ConfigMap(_)
+        | Object::Secret(_) => {}
         Object::Namespace(n) => validate::metadata(&n.metadata, issues),
         Object::PersistentVolume(p) => {
             validate::metadata(&p.metadata, issues);

@@ -5,12 +5,14 @@
 //! bytes even for one entry; these are a fraction of that, and later
 //! stages never see the wire types.
 //!
-//! Converted so far: Services, ConfigMaps and Secrets. Pods and Deployments
-//! still reach the planner as Kubernetes types.
+//! Converted: Services, ConfigMaps, Secrets, and Pods and Deployments down
+//! to their containers (whose parts, such as `env` and `volumeMounts`, are
+//! still Kubernetes' own types, as are pod volumes and metadata).
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{self as core, ConfigMap, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 /// Key-value pairs sorted by key, looked up by binary search: a map that
@@ -188,5 +190,149 @@ mod tests {
         );
         assert_eq!(e.len(), 3);
         assert!(Entries::<u8>::default().is_empty());
+    }
+}
+
+/// A Pod, as Berth runs it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PodObject {
+    pub metadata: ObjectMeta,
+    pub spec: Option<PodSpec>,
+}
+
+impl From<core::Pod> for PodObject {
+    fn from(p: core::Pod) -> Self {
+        Self {
+            metadata: p.metadata,
+            spec: p.spec.map(PodSpec::from),
+        }
+    }
+}
+
+/// A Deployment, as Berth runs it: its replicas of one pod template.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeploymentObject {
+    pub metadata: ObjectMeta,
+    pub spec: Option<DeploymentSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeploymentSpec {
+    pub replicas: Option<i32>,
+    pub template: PodTemplate,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PodTemplate {
+    pub metadata: Option<ObjectMeta>,
+    pub spec: Option<PodSpec>,
+}
+
+impl From<k8s_openapi::api::apps::v1::Deployment> for DeploymentObject {
+    fn from(d: k8s_openapi::api::apps::v1::Deployment) -> Self {
+        Self {
+            metadata: d.metadata,
+            spec: d.spec.map(|s| DeploymentSpec {
+                replicas: s.replicas,
+                template: PodTemplate {
+                    metadata: s.template.metadata,
+                    spec: s.template.spec.map(PodSpec::from),
+                },
+            }),
+        }
+    }
+}
+
+/// A pod's spec: the fields Berth acts on, under Kubernetes' names and
+/// types (the rest were reported when the object was loaded). Large and
+/// rarely set parts are boxed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PodSpec {
+    pub containers: Vec<Container>,
+    pub init_containers: Option<Vec<Container>>,
+    pub volumes: Option<Vec<core::Volume>>,
+    pub host_network: Option<bool>,
+    pub hostname: Option<String>,
+    pub node_name: Option<String>,
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// `affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution`.
+    pub required_node_affinity: Option<core::NodeSelector>,
+    pub image_pull_secrets: Option<Vec<core::LocalObjectReference>>,
+    pub restart_policy: Option<String>,
+    pub security_context: Option<Box<core::PodSecurityContext>>,
+    pub service_account_name: Option<String>,
+    pub termination_grace_period_seconds: Option<i64>,
+    pub enable_service_links: Option<bool>,
+    pub resources: Option<core::ResourceRequirements>,
+}
+
+impl From<core::PodSpec> for PodSpec {
+    fn from(s: core::PodSpec) -> Self {
+        let mut containers: Vec<Container> =
+            s.containers.into_iter().map(Container::from).collect();
+        containers.shrink_to_fit();
+        Self {
+            containers,
+            init_containers: s
+                .init_containers
+                .map(|v| v.into_iter().map(Container::from).collect()),
+            volumes: s.volumes,
+            host_network: s.host_network,
+            hostname: s.hostname,
+            node_name: s.node_name,
+            node_selector: s.node_selector,
+            required_node_affinity: s
+                .affinity
+                .and_then(|a| a.node_affinity)
+                .and_then(|n| n.required_during_scheduling_ignored_during_execution),
+            image_pull_secrets: s.image_pull_secrets,
+            restart_policy: s.restart_policy,
+            security_context: s.security_context.map(Box::new),
+            service_account_name: s.service_account_name,
+            termination_grace_period_seconds: s.termination_grace_period_seconds,
+            enable_service_links: s.enable_service_links,
+            resources: s.resources,
+        }
+    }
+}
+
+/// A container: the fields Berth acts on, under Kubernetes' names and types.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Container {
+    pub name: String,
+    pub image: Option<String>,
+    pub image_pull_policy: Option<String>,
+    pub command: Option<Vec<String>>,
+    pub args: Option<Vec<String>>,
+    pub working_dir: Option<String>,
+    pub env: Option<Vec<core::EnvVar>>,
+    pub env_from: Option<Vec<core::EnvFromSource>>,
+    pub ports: Option<Vec<core::ContainerPort>>,
+    pub resize_policy: Option<Vec<core::ContainerResizePolicy>>,
+    pub resources: Option<core::ResourceRequirements>,
+    /// `Always` on an init container: a sidecar.
+    pub restart_policy: Option<String>,
+    pub security_context: Option<Box<core::SecurityContext>>,
+    pub volume_mounts: Option<Vec<core::VolumeMount>>,
+}
+
+impl From<core::Container> for Container {
+    fn from(c: core::Container) -> Self {
+        Self {
+            name: c.name,
+            image: c.image,
+            image_pull_policy: c.image_pull_policy,
+            command: c.command,
+            args: c.args,
+            working_dir: c.working_dir,
+            env: c.env,
+            env_from: c.env_from,
+            ports: c.ports,
+            resize_policy: c.resize_policy,
+            resources: c.resources,
+            restart_policy: c.restart_policy,
+            security_context: c.security_context.map(Box::new),
+            volume_mounts: c.volume_mounts,
+        }
     }
 }

@@ -1,16 +1,15 @@
 //! The typed objects Berth accepts, by `apiVersion` and `kind`.
 
-use crate::model::{ConfigMapData, SecretData, ServiceSpec};
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
+use crate::model::{ConfigMapData, DeploymentObject, PodObject, SecretData, ServiceSpec};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 
 /// A validated object from Git.
 #[derive(Debug, Clone)]
 pub enum Object {
-    Pod(Box<Pod>),
-    Deployment(Box<Deployment>),
+    Pod(Box<PodObject>),
+    Deployment(Box<DeploymentObject>),
     /// Berth's own types from here on (see [`crate::model`]).
     Service(Box<ServiceSpec>),
     ConfigMap(Box<ConfigMapData>),

@@ -274,7 +274,7 @@ pub fn annotations(object: &Object) -> Option<&BTreeMap<String, String>> {
     }
 }
 
-fn pod_spec(object: &Object) -> Option<&berth_manifest::k8s_openapi::api::core::v1::PodSpec> {
+fn pod_spec(object: &Object) -> Option<&berth_manifest::model::PodSpec> {
     match object {
         Object::Pod(p) => p.spec.as_ref(),
         Object::Deployment(d) => d.spec.as_ref().and_then(|s| s.template.spec.as_ref()),

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use berth_manifest::Quantity;
-use berth_manifest::k8s_openapi::api::core::v1::Container;
+use berth_manifest::model::Container;
 use serde::Serialize;
 
 /// Kubernetes' quality-of-service class of a pod.

@@ -4,7 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use berth_manifest::k8s_openapi::api::core::v1::{NodeSelectorRequirement, PodSpec};
+use berth_manifest::k8s_openapi::api::core::v1::NodeSelectorRequirement;
+use berth_manifest::model::PodSpec;
 use berth_manifest::{Catalog, LoadedObject, Object, ObjectRef};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
@@ -139,7 +140,7 @@ fn placement(object: &LoadedObject, spec: &PodSpec, node: &NodeInfo) -> Result<(
             ));
         }
     }
-    if let Some(required) = berth_manifest::validate::required_node_affinity(spec) {
+    if let Some(required) = &spec.required_node_affinity {
         let any_term = required.node_selector_terms.iter().any(|term| {
             term.match_expressions
                 .iter()

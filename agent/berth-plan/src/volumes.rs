@@ -8,7 +8,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use berth_manifest::k8s_openapi::api::core::v1::{Container, KeyToPath, Volume};
+use berth_manifest::k8s_openapi::api::core::v1::{KeyToPath, Volume};
+use berth_manifest::model::Container;
 use berth_manifest::{FieldIssue, FieldPath, Quantity};
 
 use crate::context::Context;

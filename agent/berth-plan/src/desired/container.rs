@@ -169,8 +169,8 @@ fn check(
         ));
     }
 
-    let pod_sc = input.instance.spec.security_context.as_ref();
-    let sc = c.security_context.as_ref();
+    let pod_sc = input.instance.spec.security_context.as_deref();
+    let sc = c.security_context.as_deref();
     let (image_uid, image_gid) = image
         .and_then(|i| i.user.as_deref())
         .map(parse_image_user)

@@ -6,7 +6,8 @@
 
 use std::collections::BTreeMap;
 
-use berth_manifest::k8s_openapi::api::core::v1::{Container, EnvVarSource};
+use berth_manifest::k8s_openapi::api::core::v1::EnvVarSource;
+use berth_manifest::model::Container;
 use berth_manifest::model::{ConfigMapData as ConfigMap, SecretData as Secret};
 use berth_manifest::{FieldIssue, FieldPath, Quantity};
 

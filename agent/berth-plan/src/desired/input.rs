@@ -1,7 +1,7 @@
 //! One container to resolve, with what its pod decided for it.
 
 use berth_manifest::FieldPath;
-use berth_manifest::k8s_openapi::api::core::v1::Container;
+use berth_manifest::model::Container;
 
 use crate::resources::{ContainerResources, QosClass};
 use crate::select::PodInstance;

@@ -17,7 +17,7 @@ pub use model::{
 
 use std::sync::Arc;
 
-use berth_manifest::k8s_openapi::api::core::v1::Container;
+use berth_manifest::model::Container;
 use berth_manifest::{FieldIssue, FieldPath};
 
 pub use crate::context::Context;
