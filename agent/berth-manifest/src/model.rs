@@ -309,7 +309,7 @@ pub struct Container {
     pub env_from: Option<Vec<core::EnvFromSource>>,
     pub ports: Option<Vec<core::ContainerPort>>,
     pub resize_policy: Option<Vec<core::ContainerResizePolicy>>,
-    pub resources: Option<core::ResourceRequirements>,
+    pub resources: Resources,
     /// `Always` on an init container: a sidecar.
     pub restart_policy: Option<String>,
     pub security_context: Option<Box<core::SecurityContext>>,
@@ -329,10 +329,46 @@ impl From<core::Container> for Container {
             env_from: c.env_from,
             ports: c.ports,
             resize_policy: c.resize_policy,
-            resources: c.resources,
+            resources: c
+                .resources
+                .as_ref()
+                .map(Resources::from)
+                .unwrap_or_default(),
             restart_policy: c.restart_policy,
             security_context: c.security_context.map(Box::new),
             volume_mounts: c.volume_mounts,
+        }
+    }
+}
+
+/// A container's `resources`, the quantities Berth acts on parsed once:
+/// CPU in millicores, memory in bytes, as written (a limit without a
+/// request is defaulted by the planner, as Kubernetes does).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resources {
+    pub cpu_request_milli: Option<u64>,
+    pub cpu_limit_milli: Option<u64>,
+    pub memory_request_bytes: Option<u64>,
+    pub memory_limit_bytes: Option<u64>,
+}
+
+impl From<&core::ResourceRequirements> for Resources {
+    fn from(r: &core::ResourceRequirements) -> Self {
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity as Wire;
+        // Validation refused the object if any of these does not parse.
+        let get = |section: &Option<BTreeMap<String, Wire>>, name: &str| {
+            let q = crate::Quantity::parse(&section.as_ref()?.get(name)?.0).ok()?;
+            if name == "cpu" {
+                q.milli().ok()
+            } else {
+                q.units().ok()
+            }
+        };
+        Self {
+            cpu_request_milli: get(&r.requests, "cpu"),
+            cpu_limit_milli: get(&r.limits, "cpu"),
+            memory_request_bytes: get(&r.requests, "memory"),
+            memory_limit_bytes: get(&r.limits, "memory"),
         }
     }
 }

@@ -2,9 +2,6 @@
 //! weights, CFS quotas, OOM score adjustments and memory.high, with the
 //! numbers the kubelet and runc use.
 
-use std::collections::BTreeMap;
-
-use berth_manifest::Quantity;
 use berth_manifest::model::Container;
 use serde::Serialize;
 
@@ -177,27 +174,12 @@ pub fn memory_high(request: u64, limit: Option<u64>, capacity: u64) -> Option<u6
 }
 
 pub fn container_resources(c: &Container) -> ContainerResources {
-    let get = |section: &Option<
-        BTreeMap<String, berth_manifest::k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
-    >,
-               name: &str,
-               cpu: bool| {
-        let q = section.as_ref()?.get(name)?;
-        let parsed = Quantity::parse(&q.0).ok()?;
-        if cpu {
-            parsed.milli().ok()
-        } else {
-            parsed.units().ok()
-        }
-    };
-    let Some(r) = &c.resources else {
-        return ContainerResources::default();
-    };
+    let r = c.resources;
     ContainerResources {
-        cpu_request_milli: get(&r.requests, "cpu", true),
-        cpu_limit_milli: get(&r.limits, "cpu", true),
-        memory_request_bytes: get(&r.requests, "memory", false),
-        memory_limit_bytes: get(&r.limits, "memory", false),
+        cpu_request_milli: r.cpu_request_milli,
+        cpu_limit_milli: r.cpu_limit_milli,
+        memory_request_bytes: r.memory_request_bytes,
+        memory_limit_bytes: r.memory_limit_bytes,
     }
     .defaulted()
 }
