@@ -196,14 +196,14 @@ mod tests {
 /// A Pod, as Berth runs it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PodObject {
-    pub metadata: ObjectMeta,
+    pub metadata: Meta,
     pub spec: Option<PodSpec>,
 }
 
 impl From<core::Pod> for PodObject {
     fn from(p: core::Pod) -> Self {
         Self {
-            metadata: p.metadata,
+            metadata: p.metadata.into(),
             spec: p.spec.map(PodSpec::from),
         }
     }
@@ -212,7 +212,7 @@ impl From<core::Pod> for PodObject {
 /// A Deployment, as Berth runs it: its replicas of one pod template.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DeploymentObject {
-    pub metadata: ObjectMeta,
+    pub metadata: Meta,
     pub spec: Option<DeploymentSpec>,
 }
 
@@ -224,18 +224,18 @@ pub struct DeploymentSpec {
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PodTemplate {
-    pub metadata: Option<ObjectMeta>,
+    pub metadata: Option<Meta>,
     pub spec: Option<PodSpec>,
 }
 
 impl From<k8s_openapi::api::apps::v1::Deployment> for DeploymentObject {
     fn from(d: k8s_openapi::api::apps::v1::Deployment) -> Self {
         Self {
-            metadata: d.metadata,
+            metadata: d.metadata.into(),
             spec: d.spec.map(|s| DeploymentSpec {
                 replicas: s.replicas,
                 template: PodTemplate {
-                    metadata: s.template.metadata,
+                    metadata: s.template.metadata.map(Meta::from),
                     spec: s.template.spec.map(PodSpec::from),
                 },
             }),
@@ -305,7 +305,7 @@ pub struct Container {
     pub command: Option<Vec<String>>,
     pub args: Option<Vec<String>>,
     pub working_dir: Option<String>,
-    pub env: Option<Vec<core::EnvVar>>,
+    pub env: Option<Vec<EnvVar>>,
     pub env_from: Option<Vec<core::EnvFromSource>>,
     pub ports: Option<Vec<core::ContainerPort>>,
     pub resize_policy: Option<Vec<core::ContainerResizePolicy>>,
@@ -325,7 +325,7 @@ impl From<core::Container> for Container {
             command: c.command,
             args: c.args,
             working_dir: c.working_dir,
-            env: c.env,
+            env: c.env.map(|v| v.into_iter().map(EnvVar::from).collect()),
             env_from: c.env_from,
             ports: c.ports,
             resize_policy: c.resize_policy,
@@ -369,6 +369,42 @@ impl From<&core::ResourceRequirements> for Resources {
             cpu_limit_milli: get(&r.limits, "cpu"),
             memory_request_bytes: get(&r.requests, "memory"),
             memory_limit_bytes: get(&r.limits, "memory"),
+        }
+    }
+}
+
+/// One `env` entry (Kubernetes' own is 360 bytes before its data, most of
+/// it the rarely used `valueFrom`, boxed here).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EnvVar {
+    pub name: String,
+    pub value: Option<String>,
+    pub value_from: Option<Box<core::EnvVarSource>>,
+}
+
+impl From<core::EnvVar> for EnvVar {
+    fn from(v: core::EnvVar) -> Self {
+        Self {
+            name: v.name,
+            value: v.value,
+            value_from: v.value_from.map(Box::new),
+        }
+    }
+}
+
+/// The metadata Berth reads beyond the name and namespace (which are the
+/// object's identity, [`crate::ObjectRef`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Meta {
+    pub labels: Option<BTreeMap<String, String>>,
+    pub annotations: Option<BTreeMap<String, String>>,
+}
+
+impl From<ObjectMeta> for Meta {
+    fn from(m: ObjectMeta) -> Self {
+        Self {
+            labels: m.labels,
+            annotations: m.annotations,
         }
     }
 }

@@ -5,9 +5,8 @@
 use std::collections::BTreeMap;
 
 use berth_manifest::k8s_openapi::api::core::v1::NodeSelectorRequirement;
-use berth_manifest::model::PodSpec;
+use berth_manifest::model::{Meta, PodSpec};
 use berth_manifest::{Catalog, LoadedObject, Object, ObjectRef};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
 use crate::node::NodeInfo;
@@ -17,7 +16,7 @@ use crate::units::PodId;
 #[derive(Debug, Clone)]
 pub struct PodInstance<'a> {
     pub id: PodId,
-    pub metadata: &'a ObjectMeta,
+    pub metadata: &'a Meta,
     pub spec: &'a PodSpec,
     /// The object the pod comes from (the Pod itself or its Deployment).
     pub source: &'a LoadedObject,
