@@ -170,7 +170,66 @@ impl From<Service> for ServiceSpec {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::expect_used)]
     use super::*;
+
+    #[test]
+    fn a_pod_keeps_what_berth_acts_on_with_quantities_parsed() {
+        let pod: core::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "labels": {"app": "web"}, "uid": "x"},
+            "spec": {
+                "serviceAccount": "old-spelling",
+                "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": [{"key": "disk", "operator": "Exists"}]}]
+                }}},
+                "containers": [{
+                    "name": "main",
+                    "image": "busybox:1.37",
+                    "env": [{"name": "A", "value": "1"},
+                            {"name": "B", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                    "resources": {"requests": {"cpu": "250m", "memory": "64Mi"},
+                                  "limits": {"cpu": "1", "memory": "1Gi"}}
+                }]
+            }
+        }))
+        .expect("a pod");
+        let pod = PodObject::from(pod);
+        assert_eq!(
+            pod.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("app"))
+                .map(String::as_str),
+            Some("web")
+        );
+        let spec = pod.spec.expect("spec");
+        assert_eq!(spec.service_account_name.as_deref(), Some("old-spelling"));
+        assert_eq!(
+            spec.required_node_affinity
+                .expect("affinity")
+                .node_selector_terms
+                .len(),
+            1
+        );
+        let c = &spec.containers[0];
+        assert_eq!(
+            c.resources,
+            Resources {
+                cpu_request_milli: Some(250),
+                cpu_limit_milli: Some(1000),
+                memory_request_bytes: Some(64 << 20),
+                memory_limit_bytes: Some(1 << 30),
+            }
+        );
+        let env = c.env.as_ref().expect("env");
+        assert_eq!(env[0].value.as_deref(), Some("1"));
+        assert!(
+            env[1]
+                .value_from
+                .as_ref()
+                .is_some_and(|f| f.field_ref.is_some())
+        );
+    }
 
     #[test]
     fn entries_find_every_key_and_iterate_in_order() {
@@ -288,7 +347,9 @@ impl From<core::PodSpec> for PodSpec {
             image_pull_secrets: s.image_pull_secrets,
             restart_policy: s.restart_policy,
             security_context: s.security_context.map(Box::new),
-            service_account_name: s.service_account_name,
+            // `serviceAccount` is the deprecated spelling; the API server
+            // copies it into `serviceAccountName` when only it is set.
+            service_account_name: s.service_account_name.or(s.service_account),
             termination_grace_period_seconds: s.termination_grace_period_seconds,
             enable_service_links: s.enable_service_links,
             resources: s.resources,
