@@ -659,18 +659,23 @@ spec:
   ports: [{port: 83}]
 ";
 
-    fn fixture() -> (berth_plan::NodePlan, Vec<DesiredPod>) {
+    /// The plan of `yaml` on a large node that knows busybox.
+    fn plan_of(yaml: String) -> berth_plan::NodePlan {
         let catalog = berth_manifest::load_sources(vec![berth_manifest::SourceFile {
             path: "s.yaml".into(),
-            text: YAML.into(),
+            text: yaml,
         }]);
-        let node = berth_plan::NodeInfo::new("n", BTreeMap::new(), 1 << 30, 2000);
+        let node = berth_plan::NodeInfo::new("n", BTreeMap::new(), 64 << 30, 64_000);
         let images = berth_plan::ImageCatalog::new([berth_plan::ImageConfig {
             reference: "busybox:1.37".into(),
             cmd: vec!["sh".into()],
             ..Default::default()
         }]);
-        let plan = berth_plan::plan_node(&catalog, &node, &images, &Default::default(), "r");
+        berth_plan::plan_node(&catalog, &node, &images, &Default::default(), "r")
+    }
+
+    fn fixture() -> (berth_plan::NodePlan, Vec<DesiredPod>) {
+        let plan = plan_of(YAML.into());
         let pods = plan.pods.clone();
         (plan, pods)
     }
@@ -1013,17 +1018,7 @@ spec:
         let yaml = format!(
             "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\nspec:\n  replicas: {replicas}\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec:\n      containers:\n      - {{name: c, image: busybox:1.37}}\n"
         );
-        let catalog = berth_manifest::load_sources(vec![berth_manifest::SourceFile {
-            path: "web.yaml".into(),
-            text: yaml,
-        }]);
-        let node = berth_plan::NodeInfo::new("n", BTreeMap::new(), 64 << 30, 64_000);
-        let images = berth_plan::ImageCatalog::new([berth_plan::ImageConfig {
-            reference: "busybox:1.37".into(),
-            cmd: vec!["sh".into()],
-            ..Default::default()
-        }]);
-        berth_plan::plan_node(&catalog, &node, &images, &Default::default(), "r").pods
+        plan_of(yaml).pods
     }
 
     #[test]

@@ -1239,10 +1239,10 @@ fn the_plan_replayed_while_a_claim_is_not_ready_holds_its_pod_as_the_node_did() 
     assert_eq!(agent.state().failures[0].reason, FailureReason::FailedMount);
 }
 
-#[test]
-fn a_fetch_before_the_network_is_up_waits_for_it_and_after_that_fails_as_an_error() {
-    let node = Node::new("no-network");
-    // Nothing listens on port 1 of loopback: every fetch fails at once.
+/// A node whose remote nobody answers (port 1 of loopback) and whose
+/// routes (`proc-net/route`) have no default route yet: as at boot.
+fn node_before_the_network(name: &str) -> (Node, std::path::PathBuf) {
+    let node = Node::new(name);
     std::fs::write(
         node.dir.join("config.yaml"),
         "node:\n  name: n1\ngit:\n  url: git://127.0.0.1:1/desired.git\n  path: pods\n",
@@ -1257,6 +1257,23 @@ fn a_fetch_before_the_network_is_up_waits_for_it_and_after_that_fails_as_an_erro
          eth0\t0002000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\n",
     )
     .unwrap();
+    let route_file = routes.join("route");
+    (node, route_file)
+}
+
+/// The network comes up: a default route through 10.0.2.2.
+fn add_default_route(route_file: &std::path::Path) {
+    std::fs::write(
+        route_file,
+        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n\
+         eth0\t00000000\t0202000A\t0003\t0\t0\t0\t00000000\n",
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_fetch_before_the_network_is_up_waits_for_it_and_after_that_fails_as_an_error() {
+    let (node, route_file) = node_before_the_network("no-network");
     let mut agent = node.agent();
     let (outcome, _) = agent.pass(true);
     match outcome {
@@ -1266,12 +1283,7 @@ fn a_fetch_before_the_network_is_up_waits_for_it_and_after_that_fails_as_an_erro
         other => panic!("{other:?}"),
     }
     // A default route: the same failure is now an error of its own.
-    std::fs::write(
-        routes.join("route"),
-        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n\
-         eth0\t00000000\t0202000A\t0003\t0\t0\t0\t00000000\n",
-    )
-    .unwrap();
+    add_default_route(&route_file);
     let (outcome, _) = agent.pass(true);
     match outcome {
         PassOutcome::Failed { reason } => {
@@ -1283,20 +1295,7 @@ fn a_fetch_before_the_network_is_up_waits_for_it_and_after_that_fails_as_an_erro
 
 #[test]
 fn a_push_before_the_network_is_up_waits_for_it_and_after_that_fails_as_an_error() {
-    let node = Node::new("no-network-push");
-    std::fs::write(
-        node.dir.join("config.yaml"),
-        "node:\n  name: n1\ngit:\n  url: git://127.0.0.1:1/desired.git\n  path: pods\n",
-    )
-    .unwrap();
-    let routes = node.dir.join("proc-net");
-    std::fs::create_dir_all(&routes).unwrap();
-    std::fs::write(
-        routes.join("route"),
-        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n\
-         eth0\t0002000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\n",
-    )
-    .unwrap();
+    let (node, route_file) = node_before_the_network("no-network-push");
     let mut agent = node.agent();
     agent.publish().unwrap();
     agent.pass(true);
@@ -1311,12 +1310,7 @@ fn a_push_before_the_network_is_up_waits_for_it_and_after_that_fails_as_an_error
     assert_eq!(waiting.failures, 0, "{waiting:?}");
     assert!(waiting.pending, "{waiting:?}");
     // A default route: the same failure is now a failure.
-    std::fs::write(
-        routes.join("route"),
-        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n\
-         eth0\t00000000\t0202000A\t0003\t0\t0\t0\t00000000\n",
-    )
-    .unwrap();
+    add_default_route(&route_file);
     agent.pass(true);
     let failed = wait_for_record(&agent, "a push failed", |r| r.failures > 0);
     assert!(

@@ -168,6 +168,20 @@ fn an_image_change_restarts_the_container_and_says_so() {
     );
 }
 
+/// Plans `pod` with its Secret rotated over `before`: the container is
+/// restarted, and neither the old value nor the new one is in the plan.
+fn rotated_without_showing_it(pod: &str, before: &ActualState) -> NodePlan {
+    let rotated = pod.replace("hunter2-very-secret", "rotated-secret-value");
+    let plan = plan_for(&[("pod.yaml", &rotated)], before);
+    let json = serde_json::to_string(&plan).expect("serializes");
+    assert!(
+        !json.contains("hunter2") && !json.contains("rotated-secret-value"),
+        "{json}"
+    );
+    assert_eq!(plan.plan.actions[0].verb, Verb::Restart);
+    plan
+}
+
 #[test]
 fn secret_values_never_appear_in_a_plan_or_its_reasons() {
     let first = plan_for(&[("pod.yaml", POD)], &ActualState::default());
@@ -178,14 +192,7 @@ fn secret_values_never_appear_in_a_plan_or_its_reasons() {
         "{json}"
     );
     let before = applied(&first);
-    let rotated = POD.replace("hunter2-very-secret", "rotated-secret-value");
-    let plan = plan_for(&[("pod.yaml", &rotated)], &before);
-    let json = serde_json::to_string(&plan).expect("serializes");
-    assert!(
-        !json.contains("hunter2") && !json.contains("rotated-secret-value"),
-        "{json}"
-    );
-    assert_eq!(plan.plan.actions[0].verb, Verb::Restart);
+    let plan = rotated_without_showing_it(POD, &before);
     assert_eq!(plan.plan.actions[0].reason, "environment ~TOKEN");
     // The apply stage still gets the real value.
     let unit = plan.pods[0].units().next().expect("one unit");
@@ -233,14 +240,8 @@ fn a_secret_expanded_into_the_command_line_or_another_variable_never_appears() {
     );
     // A rotated secret restarts the container; neither value is shown.
     let before = applied(&first);
+    rotated_without_showing_it(&pod, &before);
     let rotated = pod.replace("hunter2-very-secret", "rotated-secret-value");
-    let plan = plan_for(&[("pod.yaml", &rotated)], &before);
-    let json = serde_json::to_string(&plan).expect("serializes");
-    assert!(
-        !json.contains("hunter2") && !json.contains("rotated-secret-value"),
-        "{json}"
-    );
-    assert_eq!(plan.plan.actions[0].verb, Verb::Restart);
     // The snapshot that leaves the node holds digests of the command's
     // arguments too, and plans the same.
     let snapshot = before.without_secrets();
