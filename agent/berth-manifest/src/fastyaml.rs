@@ -23,7 +23,7 @@ pub fn parse(body: &str) -> Option<Value> {
         return None;
     }
     let mut lines = Vec::new();
-    for (i, raw) in body.split('\n').enumerate() {
+    for raw in body.split('\n') {
         let raw = raw.strip_suffix('\r').unwrap_or(raw);
         if raw.contains('\t') {
             return None;
@@ -47,7 +47,6 @@ pub fn parse(body: &str) -> Option<Value> {
                 return None;
             }
         }
-        let _ = i;
         lines.push(Line { indent, text });
     }
     if lines.is_empty() || lines[0].indent != 0 {
