@@ -96,51 +96,37 @@ fn check(
     };
 
     let env = environment(input, image, ctx, &mut errors, warnings);
-    let lookup = |n: &str| env.get(n);
-    // The command line as plans, logs and status show it: a `$(VAR)` of a
-    // secret stays a placeholder there (the unit itself gets the value).
-    let shown: Option<Vec<String>> = (!env.sensitive.is_empty()
-        && c.command
-            .iter()
-            .chain(c.args.iter())
-            .flatten()
-            .any(|a| a.contains("$(")))
-    .then(|| {
-        let (cmd, args) = (
-            c.command.as_deref().unwrap_or(&[]),
-            c.args.as_deref().unwrap_or(&[]),
-        );
-        let head: Vec<String> = if cmd.is_empty() {
-            image.map(|i| i.entrypoint.clone()).unwrap_or_default()
-        } else {
-            cmd.iter().map(|a| env.expand_shown(a)).collect()
+    // The command merged with the image's Entrypoint and Cmd as Kubernetes
+    // does, each written argument `$(VAR)`-expanded by `expand_arg`.
+    let command_line = |expand_arg: &dyn Fn(&str) -> String| -> Option<Vec<String>> {
+        let expanded = |v: &Option<Vec<String>>| {
+            v.as_ref()
+                .filter(|v| !v.is_empty())
+                .map(|v| v.iter().map(|a| expand_arg(a)).collect::<Vec<String>>())
         };
-        head.into_iter()
-            .chain(args.iter().map(|a| env.expand_shown(a)))
-            .collect()
-    });
-    let command: Option<Vec<String>> = c
-        .command
-        .clone()
-        .filter(|v| !v.is_empty())
-        .map(|v| v.iter().map(|a| expand(a, lookup)).collect());
-    let args: Option<Vec<String>> = c
-        .args
-        .clone()
-        .filter(|v| !v.is_empty())
-        .map(|v| v.iter().map(|a| expand(a, lookup)).collect());
-    let argv: Option<Vec<String>> = match (command, args, image) {
-        (Some(cmd), Some(args), _) => Some(cmd.into_iter().chain(args).collect()),
-        (Some(cmd), None, _) => Some(cmd),
-        (None, Some(args), Some(img)) => Some(img.entrypoint.iter().cloned().chain(args).collect()),
-        (None, None, Some(img)) => Some(
-            img.entrypoint
-                .iter()
-                .chain(img.cmd.iter())
-                .cloned()
-                .collect(),
-        ),
-        (None, _, None) => None,
+        match (expanded(&c.command), expanded(&c.args), image) {
+            (Some(cmd), Some(args), _) => Some(cmd.into_iter().chain(args).collect()),
+            (Some(cmd), None, _) => Some(cmd),
+            (None, Some(args), Some(img)) => {
+                Some(img.entrypoint.iter().cloned().chain(args).collect())
+            }
+            (None, None, Some(img)) => Some(
+                img.entrypoint
+                    .iter()
+                    .chain(img.cmd.iter())
+                    .cloned()
+                    .collect(),
+            ),
+            (None, _, None) => None,
+        }
+    };
+    let argv = command_line(&|a| expand(a, |n| env.get(n)));
+    // As plans, logs and status show it: a `$(VAR)` of a secret stays a
+    // placeholder there (the unit itself gets the value).
+    let shown = if env.sensitive.is_empty() {
+        None
+    } else {
+        command_line(&|a| env.expand_shown(a))
     };
     match &argv {
         Some(v) if v.is_empty() => errors.push(FieldIssue::error(
