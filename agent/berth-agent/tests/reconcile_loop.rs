@@ -451,7 +451,7 @@ fn a_pod_whose_unit_an_admin_holds_is_refused_and_said_so() {
         .unwrap();
     assert_eq!(
         admin.properties.get("Description"),
-        Some(&berth_plan::PropertyValue::Text("the admin's own".into()))
+        Some(&berth_plan::PropertyValue::text("the admin's own"))
     );
 }
 

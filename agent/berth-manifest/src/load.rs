@@ -296,6 +296,9 @@ pub fn load_sources(files: Vec<SourceFile>) -> Catalog {
         ..Catalog::default()
     };
     let outcomes = load_files_parallel(&catalog.files);
+    catalog
+        .objects
+        .reserve_exact(outcomes.iter().map(|o| o.accepted.len()).sum());
     let mut pending_custom = Vec::new();
     for (file, outcome) in outcomes.into_iter().enumerate() {
         for mut d in outcome.broken {

@@ -10,6 +10,7 @@
 //! still Kubernetes' own types, as are pod volumes and metadata).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{self as core, ConfigMap, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -138,6 +139,18 @@ pub struct ServicePort {
     pub node_port: Option<i32>,
 }
 
+impl From<k8s_openapi::api::core::v1::ServicePort> for ServicePort {
+    fn from(p: k8s_openapi::api::core::v1::ServicePort) -> Self {
+        Self {
+            name: p.name,
+            protocol: p.protocol,
+            port: p.port,
+            target_port: p.target_port,
+            node_port: p.node_port,
+        }
+    }
+}
+
 impl From<Service> for ServiceSpec {
     fn from(s: Service) -> Self {
         let Some(spec) = s.spec else {
@@ -146,18 +159,7 @@ impl From<Service> for ServiceSpec {
         Self {
             type_: spec.type_,
             selector: spec.selector.map(Entries::from),
-            ports: spec
-                .ports
-                .unwrap_or_default()
-                .into_iter()
-                .map(|p| ServicePort {
-                    name: p.name,
-                    protocol: p.protocol,
-                    port: p.port,
-                    target_port: p.target_port,
-                    node_port: p.node_port,
-                })
-                .collect(),
+            ports: convert(spec.ports.unwrap_or_default()),
             cluster_ip: spec.cluster_ip,
             session_affinity: spec.session_affinity,
             affinity_timeout_seconds: spec
@@ -195,11 +197,7 @@ mod tests {
         .expect("a pod");
         let pod = PodObject::from(pod);
         assert_eq!(
-            pod.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get("app"))
-                .map(String::as_str),
+            pod.metadata.labels.get("app").map(String::as_str),
             Some("web")
         );
         let spec = pod.spec.expect("spec");
@@ -250,6 +248,15 @@ mod tests {
         assert_eq!(e.len(), 3);
         assert!(Entries::<u8>::default().is_empty());
     }
+}
+
+/// Each item converted into a vector of exactly their number. (`collect`
+/// would reuse the wire vector's allocation, sized for the larger wire
+/// type, and keep it.)
+fn convert<T, U: From<T>>(wire: Vec<T>) -> Vec<U> {
+    let mut out = Vec::with_capacity(wire.len());
+    out.extend(wire.into_iter().map(U::from));
+    out
 }
 
 /// A Pod, as Berth runs it.
@@ -327,14 +334,9 @@ pub struct PodSpec {
 
 impl From<core::PodSpec> for PodSpec {
     fn from(s: core::PodSpec) -> Self {
-        let mut containers: Vec<Container> =
-            s.containers.into_iter().map(Container::from).collect();
-        containers.shrink_to_fit();
         Self {
-            containers,
-            init_containers: s
-                .init_containers
-                .map(|v| v.into_iter().map(Container::from).collect()),
+            containers: convert(s.containers),
+            init_containers: s.init_containers.map(convert),
             volumes: s.volumes,
             host_network: s.host_network,
             hostname: s.hostname,
@@ -386,7 +388,7 @@ impl From<core::Container> for Container {
             command: c.command,
             args: c.args,
             working_dir: c.working_dir,
-            env: c.env.map(|v| v.into_iter().map(EnvVar::from).collect()),
+            env: c.env.map(convert),
             env_from: c.env_from,
             ports: c.ports,
             resize_policy: c.resize_policy,
@@ -457,14 +459,19 @@ impl From<core::EnvVar> for EnvVar {
 /// object's identity, [`crate::ObjectRef`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Meta {
-    pub labels: Option<BTreeMap<String, String>>,
+    /// Empty when the object has none. Shared: every pod a Deployment makes
+    /// holds its template's labels once.
+    pub labels: Labels,
     pub annotations: Option<BTreeMap<String, String>>,
 }
+
+/// An object's labels.
+pub type Labels = Arc<Entries<String>>;
 
 impl From<ObjectMeta> for Meta {
     fn from(m: ObjectMeta) -> Self {
         Self {
-            labels: m.labels,
+            labels: Arc::new(m.labels.map(Entries::from).unwrap_or_default()),
             annotations: m.annotations,
         }
     }

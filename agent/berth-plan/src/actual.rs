@@ -14,7 +14,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::units::{MARKER_FIELD, OWNER_FIELD, POD_FIELD, Properties, PropertyValue, UnitName};
+use crate::units::{
+    ExecCommand, MARKER_FIELD, OWNER_FIELD, POD_FIELD, Properties, PropertyValue, UnitName,
+};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -81,17 +83,27 @@ pub fn digest_environment(properties: &mut Properties) {
         format!("sha256:{hex}")
     };
     if let Some(PropertyValue::List(env)) = properties.get_mut("Environment") {
-        for entry in env.iter_mut() {
-            let (name, value) = entry.split_once('=').unwrap_or((entry.as_str(), ""));
-            *entry = format!("{name}={}", digest(value));
-        }
+        *env = env
+            .iter()
+            .map(|entry| {
+                let (name, value) = entry.split_once('=').unwrap_or((entry.as_str(), ""));
+                format!("{name}={}", digest(value))
+            })
+            .collect();
     }
     if let Some(PropertyValue::Exec(commands)) = properties.get_mut("ExecStart") {
-        for command in commands.iter_mut() {
-            for arg in command.argv.iter_mut().skip(1) {
-                *arg = digest(arg);
-            }
-        }
+        *commands = commands
+            .iter()
+            .map(|command| ExecCommand {
+                path: command.path.clone(),
+                argv: command
+                    .argv
+                    .iter()
+                    .enumerate()
+                    .map(|(i, arg)| if i == 0 { arg.clone() } else { digest(arg) })
+                    .collect(),
+            })
+            .collect();
     }
 }
 

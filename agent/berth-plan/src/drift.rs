@@ -341,7 +341,7 @@ pub fn render(property: &str, value: Option<&PropertyValue>) -> String {
         Some(PropertyValue::Unsigned(n)) => n.to_string(),
         Some(PropertyValue::Signed(n)) => n.to_string(),
         Some(PropertyValue::Bool(b)) => b.to_string(),
-        Some(PropertyValue::Text(t)) => t.clone(),
+        Some(PropertyValue::Text(t)) => t.to_string(),
         Some(PropertyValue::List(l)) => l.join(" "),
         Some(PropertyValue::Exec(e)) => format!("{e:?}"),
         Some(PropertyValue::Binds(b)) => crate::units::binds_text(b),

@@ -163,7 +163,8 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         wanted.insert(slice.name.as_str());
     }
 
-    let mut actions = Vec::new();
+    // A slice and its units per pod, at most: one allocation.
+    let mut actions = Vec::with_capacity(wanted.len() + input.actual.units.len());
     let mut held = Vec::new();
     let mut removals = Vec::new();
     for unit in input
@@ -270,6 +271,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     // Children before parents: a slice's depth is its count of '-'.
     removals.sort_by_key(|a| std::cmp::Reverse(a.unit.as_str().matches('-').count()));
     actions.extend(removals);
+    actions.shrink_to_fit();
     Plan {
         node: input.node.to_string(),
         revision: input.revision.to_string(),
@@ -455,7 +457,7 @@ fn same(property: &str, desired: &PropertyValue, actual: &PropertyValue) -> bool
         {
             want.iter().all(|w| have.contains(w))
         }
-        (Bool(b), Text(t)) => t == if *b { "yes" } else { "no" },
+        (Bool(b), Text(t)) => &**t == if *b { "yes" } else { "no" },
         _ => desired == actual,
     }
 }
@@ -481,7 +483,7 @@ fn redact_changes(changes: Vec<Change>) -> Vec<Change> {
         .map(|mut c| {
             if c.property == "Environment" {
                 // Only names: values may be secrets, on either side.
-                c.to = Some(PropertyValue::List(environment_changes(&c.from, &c.to)));
+                c.to = Some(PropertyValue::list(environment_changes(&c.from, &c.to)));
                 c.from = None;
             }
             c
@@ -578,7 +580,7 @@ fn describe_change(c: &Change) -> String {
         |v: &Option<PropertyValue>| num(v).map_or("unset".to_string(), |n| format_bytes(n as u64));
     let plain = |v: &Option<PropertyValue>| match v {
         None => "unset".to_string(),
-        Some(PropertyValue::Text(t)) => t.clone(),
+        Some(PropertyValue::Text(t)) => t.to_string(),
         Some(PropertyValue::Exec(e)) => e
             .iter()
             .map(|x| format!("{:?}", x.argv))

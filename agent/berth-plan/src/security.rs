@@ -14,6 +14,8 @@
 //! `/proc/sys`, `/sys`, kernel modules, the kernel log and the cgroup tree
 //! out of reach (`ProtectKernel*=`, `ProtectControlGroups=`).
 
+use std::sync::LazyLock;
+
 use berth_manifest::diag::{FieldIssue, FieldPath};
 use k8s_openapi::api::core::v1::{PodSecurityContext, SecurityContext};
 
@@ -223,7 +225,7 @@ pub fn isolate(
         .and_then(|s| s.read_only_root_filesystem)
         .unwrap_or(false)
     {
-        p.insert("ReadOnlyPaths", PropertyValue::List(vec!["/".into()]));
+        p.insert("ReadOnlyPaths", PropertyValue::list(vec!["/".into()]));
     }
     let (profile, profile_path) = match sc.and_then(|s| s.seccomp_profile.as_ref()) {
         Some(s) => (Some(s), scpath.key("seccompProfile")),
@@ -234,13 +236,19 @@ pub fn isolate(
     };
     match profile.map(|s| s.type_.as_str()) {
         None | Some("RuntimeDefault") => {
-            let mut filter = vec!["~".to_string()];
-            filter.extend(RUNTIME_DEFAULT_DENY.iter().map(|s| s.to_string()));
-            p.insert("SystemCallFilter", PropertyValue::List(filter));
-            p.insert(
-                "SystemCallArchitectures",
-                PropertyValue::List(vec!["native".into()]),
-            );
+            // The same lists for every container: held once.
+            static FILTER: LazyLock<PropertyValue> = LazyLock::new(|| {
+                PropertyValue::list(
+                    std::iter::once("~")
+                        .chain(RUNTIME_DEFAULT_DENY.iter().copied())
+                        .map(str::to_string)
+                        .collect::<Vec<_>>(),
+                )
+            });
+            static NATIVE: LazyLock<PropertyValue> =
+                LazyLock::new(|| PropertyValue::list(["native".to_string()]));
+            p.insert("SystemCallFilter", FILTER.clone());
+            p.insert("SystemCallArchitectures", NATIVE.clone());
             p.insert("SystemCallErrorNumber", PropertyValue::Signed(1));
             // No new namespaces of any kind (clone, unshare and setns flags).
             p.insert("RestrictNamespaces", PropertyValue::Unsigned(0));
@@ -368,7 +376,7 @@ mod tests {
         assert_eq!(p.get("NoNewPrivileges"), Some(&PropertyValue::Bool(false)));
         assert_eq!(
             p.get("ReadOnlyPaths"),
-            Some(&PropertyValue::List(vec!["/".into()]))
+            Some(&PropertyValue::list(vec!["/".into()]))
         );
         assert_eq!(profile, "Unconfined");
         assert!(p.get("SystemCallFilter").is_none());

@@ -175,7 +175,7 @@ pub fn plan_services(
     // label and checks the rest on those pods only.
     let mut by_label: HashMap<(&str, &str, &str), Vec<u32>> = HashMap::new();
     for (i, pod) in pods.iter().enumerate() {
-        for (k, v) in &pod.labels {
+        for (k, v) in pod.labels.iter() {
             by_label
                 .entry((pod.id.namespace.as_str(), k.as_str(), v.as_str()))
                 .or_default()
@@ -220,6 +220,7 @@ pub fn plan_services(
             }
         }
     }
+    out.services.reserve_exact(list.len());
     let empty = Entries::default();
     let mut selected: HashMap<(String, &Selector), Arc<[u32]>> = HashMap::new();
     let mut named: HashMap<(MembersKey, &str), Arc<[Option<u16>]>> = HashMap::new();
@@ -273,8 +274,8 @@ pub fn plan_services(
                 ),
             ));
         }
-        let mut ports = Vec::new();
-        let mut dns_ports = Vec::new();
+        let mut ports = Vec::with_capacity(spec.ports.len());
+        let mut dns_ports = Vec::with_capacity(spec.ports.len());
         for (i, p) in spec.ports.iter().enumerate() {
             let ppath = spath.key("ports").index(i);
             let Ok(port) = u16::try_from(p.port) else {

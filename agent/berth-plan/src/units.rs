@@ -165,17 +165,52 @@ pub fn binds_text(binds: &[BindMount]) -> String {
 /// `MS_REC`, the flag systemd reports for a recursive bind.
 pub const MS_REC: u64 = 16384;
 
-/// A unit property value, in the types systemd's D-Bus API uses.
+/// A unit property value, in the types systemd's D-Bus API uses. Text and
+/// lists are reference-counted: a value many units share (a seccomp filter,
+/// a search path) is held once, and a plan, its drift and its snapshot
+/// clone values without copying them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum PropertyValue {
     Bool(bool),
     Unsigned(u64),
     Signed(i64),
-    Text(String),
-    Exec(Vec<ExecCommand>),
-    Binds(Vec<BindMount>),
-    List(Vec<String>),
+    Text(Arc<str>),
+    Exec(Arc<[ExecCommand]>),
+    Binds(Arc<[BindMount]>),
+    List(Arc<[String]>),
+}
+
+impl PropertyValue {
+    pub fn text(s: impl Into<Arc<str>>) -> Self {
+        Self::Text(s.into())
+    }
+
+    pub fn list(items: impl Into<Arc<[String]>>) -> Self {
+        Self::List(items.into())
+    }
+
+    pub fn exec(commands: impl Into<Arc<[ExecCommand]>>) -> Self {
+        Self::Exec(commands.into())
+    }
+
+    pub fn binds(binds: impl Into<Arc<[BindMount]>>) -> Self {
+        Self::Binds(binds.into())
+    }
+
+    pub fn as_text(&self) -> Option<&str> {
+        match self {
+            Self::Text(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    pub fn as_list(&self) -> Option<&[String]> {
+        match self {
+            Self::List(l) => Some(l),
+            _ => None,
+        }
+    }
 }
 
 /// Properties by their systemd names, sorted, for stable output and diffs.
@@ -226,6 +261,18 @@ impl Properties {
 
     pub fn len(&self) -> usize {
         self.0.len()
+    }
+
+    /// Sets every property of `other`, replacing earlier values.
+    pub fn extend_from(&mut self, other: &Properties) {
+        for (k, v) in &other.0 {
+            self.insert(k.clone(), v.clone());
+        }
+    }
+
+    /// Keeps the properties whose names pass `keep`.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.0.retain(|(k, _)| keep(k));
     }
 
     pub fn shrink_to_fit(&mut self) {

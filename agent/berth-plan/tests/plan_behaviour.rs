@@ -294,7 +294,7 @@ fn units_berth_did_not_create_are_never_touched() {
     actual.units.push(ActualUnit {
         name: UnitName::from_observed("berth-default_web_main.service"),
         active_state: ActiveState::Active,
-        properties: [("Description", PropertyValue::Text("the admin's own".into()))]
+        properties: [("Description", PropertyValue::text("the admin's own"))]
             .into_iter()
             .collect(),
     });

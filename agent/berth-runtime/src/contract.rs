@@ -21,12 +21,9 @@ const SLICE: &str = "berth-contract.slice";
 
 fn service(program: &str, restart: &str) -> Properties {
     let mut p: Properties = [
-        (
-            "Description",
-            PropertyValue::Text("systemd contract case".into()),
-        ),
+        ("Description", PropertyValue::text("systemd contract case")),
         ("Slice", PropertyValue::Text(SLICE.into())),
-        ("Type", PropertyValue::Text("exec".into())),
+        ("Type", PropertyValue::text("exec")),
         ("Restart", PropertyValue::Text(restart.into())),
         ("RestartUSec", PropertyValue::Unsigned(100_000)),
         ("StartLimitIntervalUSec", PropertyValue::Unsigned(0)),
@@ -38,17 +35,17 @@ fn service(program: &str, restart: &str) -> Properties {
         ("RestartMaxDelayUSec", PropertyValue::Unsigned(1_000_000)),
         (
             "Environment",
-            PropertyValue::List(vec!["A=1".into(), "B=two words".into()]),
+            PropertyValue::list(vec!["A=1".into(), "B=two words".into()]),
         ),
         (
             "LogExtraFields",
             // Not Berth's marker: an agent running beside the cases must
             // leave their units alone.
-            PropertyValue::List(vec!["CONTRACT=1".into(), "CONTRACT_CASE=t/p".into()]),
+            PropertyValue::list(vec!["CONTRACT=1".into(), "CONTRACT_CASE=t/p".into()]),
         ),
         (
             "ExecStart",
-            PropertyValue::Exec(vec![ExecCommand {
+            PropertyValue::exec(vec![ExecCommand {
                 path: program.into(),
                 argv: vec![program.into(), "1000".into()],
             }]),
@@ -57,7 +54,7 @@ fn service(program: &str, restart: &str) -> Properties {
         // the unit's view of the node stays the same.
         (
             "BindPaths",
-            PropertyValue::Binds(vec![BindMount {
+            PropertyValue::binds(vec![BindMount {
                 source: "/tmp".into(),
                 destination: "/tmp".into(),
                 recursive: true,
@@ -65,7 +62,7 @@ fn service(program: &str, restart: &str) -> Properties {
         ),
         (
             "BindReadOnlyPaths",
-            PropertyValue::Binds(vec![BindMount {
+            PropertyValue::binds(vec![BindMount {
                 source: "/usr".into(),
                 destination: "/usr".into(),
                 recursive: true,
@@ -246,12 +243,9 @@ fn stopping_removes_a_transient_unit_and_unknown_units_stop_quietly(
 
 fn stopping_a_slice_stops_what_runs_in_it(systemd: &dyn Systemd) -> Result<(), String> {
     let name = "berth-contract-member.service";
-    let slice_props: Properties = [(
-        "Description",
-        PropertyValue::Text("systemd contract slice".into()),
-    )]
-    .into_iter()
-    .collect();
+    let slice_props: Properties = [("Description", PropertyValue::text("systemd contract slice"))]
+        .into_iter()
+        .collect();
     sys(systemd
         .start_transient(SLICE, &slice_props)
         .or_else(|e| match e {

@@ -310,8 +310,8 @@ pub fn to_wire(name: &str, value: &PropertyValue) -> Result<Value<'static>, Stri
         (Wire::Natural, P::Bool(b)) => Value::Bool(*b),
         (Wire::Natural, P::Unsigned(x)) => Value::U64(*x),
         (Wire::Natural, P::Signed(x)) => Value::I64(*x),
-        (Wire::Natural, P::Text(s)) => Value::from(s.clone()),
-        (Wire::Natural, P::List(items)) => Value::from(items.clone()),
+        (Wire::Natural, P::Text(s)) => Value::from(s.to_string()),
+        (Wire::Natural, P::List(items)) => Value::from(items.to_vec()),
         (Wire::Natural, P::Binds(binds)) => Value::from(
             binds
                 .iter()
@@ -348,8 +348,8 @@ pub fn from_wire(value: &Value<'_>) -> Option<PropertyValue> {
         Value::I16(x) => P::Signed(i64::from(*x)),
         Value::I32(x) => P::Signed(i64::from(*x)),
         Value::I64(x) => P::Signed(*x),
-        Value::Str(s) => P::Text(s.to_string()),
-        Value::ObjectPath(p) => P::Text(p.to_string()),
+        Value::Str(s) => P::text(s.as_str()),
+        Value::ObjectPath(p) => P::text(p.as_str()),
         Value::Value(inner) => return from_wire(inner),
         Value::Array(a) => return array_from_wire(a),
         _ => return None,
@@ -415,11 +415,11 @@ fn array_from_wire(array: &Array<'_>) -> Option<PropertyValue> {
         }
     }
     Some(if !binds.is_empty() {
-        PropertyValue::Binds(binds)
+        PropertyValue::Binds(binds.into())
     } else if commands.is_empty() {
-        PropertyValue::List(strings)
+        PropertyValue::List(strings.into())
     } else {
-        PropertyValue::Exec(commands)
+        PropertyValue::Exec(commands.into())
     })
 }
 
@@ -488,7 +488,7 @@ impl Systemd for DbusSystemd {
             all.get(k)
                 .and_then(|v| from_wire(v))
                 .and_then(|v| match v {
-                    PropertyValue::Text(t) => Some(t),
+                    PropertyValue::Text(t) => Some(t.to_string()),
                     _ => None,
                 })
                 .unwrap_or_default()
@@ -595,19 +595,19 @@ mod tests {
             ("MemoryMax", PropertyValue::Unsigned(67_108_864)),
             ("OOMScoreAdjust", PropertyValue::Signed(-997)),
             ("RestartSteps", PropertyValue::Unsigned(5)),
-            ("Type", PropertyValue::Text("exec".into())),
+            ("Type", PropertyValue::text("exec")),
             ("RemainAfterExit", PropertyValue::Bool(true)),
             (
                 "Environment",
-                PropertyValue::List(vec!["A=1".into(), "B=2".into()]),
+                PropertyValue::list(vec!["A=1".into(), "B=2".into()]),
             ),
             (
                 "LogExtraFields",
-                PropertyValue::List(vec!["BERTH_MANAGED=1".into()]),
+                PropertyValue::list(vec!["BERTH_MANAGED=1".into()]),
             ),
             (
                 "ExecStart",
-                PropertyValue::Exec(vec![ExecCommand {
+                PropertyValue::exec(vec![ExecCommand {
                     path: "sh".into(),
                     argv: vec!["sh".into(), "-c".into(), "sleep 1".into()],
                 }]),
@@ -625,7 +625,7 @@ mod tests {
             "u"
         );
         assert_eq!(
-            to_wire("LogExtraFields", &PropertyValue::List(vec!["X=1".into()]))
+            to_wire("LogExtraFields", &PropertyValue::list(vec!["X=1".into()]))
                 .expect("aay")
                 .value_signature()
                 .to_string(),
@@ -634,7 +634,7 @@ mod tests {
         assert!(to_wire("RestartSteps", &PropertyValue::Unsigned(1 << 40)).is_err());
         assert_eq!(
             from_wire(&to_wire("PrivatePIDs", &PropertyValue::Bool(true)).expect("s")),
-            Some(PropertyValue::Text("yes".into()))
+            Some(PropertyValue::text("yes"))
         );
     }
 }

@@ -52,7 +52,7 @@ pub struct FakeSystemd {
 
 fn text(props: &Properties, key: &str) -> Option<String> {
     match props.get(key) {
-        Some(PropertyValue::Text(t)) => Some(t.clone()),
+        Some(PropertyValue::Text(t)) => Some(t.to_string()),
         _ => None,
     }
 }
@@ -253,7 +253,7 @@ impl FakeSystemd {
         s.units.insert(
             slice.to_string(),
             FakeUnit {
-                properties: [("Description", PropertyValue::Text(format!("Slice {slice}")))]
+                properties: [("Description", PropertyValue::text(format!("Slice {slice}")))]
                     .into_iter()
                     .collect(),
                 active: ActiveState::Active,

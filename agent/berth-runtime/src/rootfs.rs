@@ -144,11 +144,11 @@ impl ContainerRoots {
         Ok([
             (
                 "Description",
-                PropertyValue::Text(format!("berth container root {key}")),
+                PropertyValue::text(format!("berth container root {key}")),
             ),
-            ("What", PropertyValue::Text("overlay".into())),
-            ("Type", PropertyValue::Text("overlay".into())),
-            ("Options", PropertyValue::Text(options)),
+            ("What", PropertyValue::text("overlay")),
+            ("Type", PropertyValue::text("overlay")),
+            ("Options", PropertyValue::text(options)),
         ]
         .into_iter()
         .collect())
@@ -308,7 +308,7 @@ mod tests {
         assert!(!roots.dir("ns_p_c").join("upper/left-behind").exists());
         assert_eq!(
             props.get("Options"),
-            Some(&PropertyValue::Text(format!(
+            Some(&PropertyValue::text(format!(
                 "lowerdir={},upperdir={}/containers/ns_p_c/upper,workdir={}/containers/ns_p_c/work",
                 image.display(),
                 base.display(),

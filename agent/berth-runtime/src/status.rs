@@ -155,7 +155,7 @@ fn log_field<'a>(unit: &'a UnitDetails, field: &str) -> Option<&'a str> {
 
 /// Init containers are the pod's `Type=oneshot` services.
 fn is_init(unit: &UnitDetails) -> bool {
-    matches!(unit.properties.get("Type"), Some(PropertyValue::Text(t)) if t == "oneshot")
+    matches!(unit.properties.get("Type"), Some(PropertyValue::Text(t)) if &**t == "oneshot")
 }
 
 fn container_state(unit: &UnitDetails) -> (ContainerState, bool, Option<i32>) {
@@ -442,13 +442,13 @@ mod tests {
         let props: Properties = [
             (
                 "LogExtraFields",
-                PropertyValue::List(vec![
+                PropertyValue::list(vec![
                     "BERTH_MANAGED=1".into(),
                     format!("BERTH_POD=default/{pod}"),
                     "BERTH_CONTAINER=main".into(),
                 ]),
             ),
-            ("Type", PropertyValue::Text("exec".into())),
+            ("Type", PropertyValue::text("exec")),
         ]
         .into_iter()
         .collect();

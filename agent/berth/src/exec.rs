@@ -85,7 +85,7 @@ pub fn exec(unit: &str, command: &[String]) -> anyhow::Result<ExitCode> {
         );
     }
     let workdir = match details.properties.get("WorkingDirectory") {
-        Some(berth_plan::PropertyValue::Text(d)) if d.starts_with('/') => d.clone(),
+        Some(berth_plan::PropertyValue::Text(d)) if d.starts_with('/') => d.to_string(),
         _ => "/".to_string(),
     };
     let me = std::env::current_exe().context("cannot find the berth binary")?;

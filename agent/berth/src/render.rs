@@ -576,7 +576,7 @@ fn write_properties(out: &mut impl Write, props: &Properties) -> io::Result<()> 
         match v {
             PropertyValue::List(items) if k == "Environment" || k == "LogExtraFields" => {
                 writeln!(out, "       {k}:")?;
-                for item in items {
+                for item in items.iter() {
                     writeln!(out, "         {item}")?;
                 }
             }
@@ -604,7 +604,7 @@ fn value_text(v: &PropertyValue) -> String {
         PropertyValue::Bool(b) => if *b { "yes" } else { "no" }.to_string(),
         PropertyValue::Unsigned(n) => n.to_string(),
         PropertyValue::Signed(n) => n.to_string(),
-        PropertyValue::Text(t) => t.clone(),
+        PropertyValue::Text(t) => t.to_string(),
         PropertyValue::Exec(cmds) => cmds
             .iter()
             .map(|c| {

@@ -10,8 +10,8 @@ use berth_manifest::{FieldIssue, FieldPath};
 use super::environment::{Env, environment};
 use super::input::ContainerInput;
 use super::model::{
-    ContainerUnit, DEFAULT_GRACE_SECONDS, PullPolicy, RESTART_INITIAL_USEC, RESTART_MAX_USEC,
-    RESTART_STEPS, Resizable, RestartPolicy,
+    ContainerUnit, DEFAULT_GRACE_SECONDS, DEFAULT_PATH, PullPolicy, RESTART_INITIAL_USEC,
+    RESTART_MAX_USEC, RESTART_STEPS, Resizable, RestartPolicy,
 };
 use crate::context::Context;
 use crate::expand::expand;
@@ -253,17 +253,16 @@ fn properties(
     } = checked;
     let mut p = Properties::new();
     let u = PropertyValue::Unsigned;
-    let text = |s: &str| PropertyValue::Text(s.to_string());
     p.insert(
         "Description",
-        PropertyValue::Text(format!(
+        PropertyValue::text(format!(
             "berth {}container {} of pod {}",
             if input.is_init { "init " } else { "" },
             c.name,
             id
         )),
     );
-    p.insert("Slice", PropertyValue::Text(input.slice.to_string()));
+    p.insert("Slice", PropertyValue::text(input.slice.as_str()));
     let mut fields = vec![
         MARKER_FIELD.to_string(),
         format!("{POD_FIELD}={id}"),
@@ -274,46 +273,46 @@ fn properties(
     if let Some(owner) = &input.instance.owner {
         fields.push(format!("{OWNER_FIELD}={owner}"));
     }
-    p.insert("LogExtraFields", PropertyValue::List(fields));
+    p.insert("LogExtraFields", PropertyValue::list(fields));
     if let Some(argv) = argv {
         p.insert(
             "ExecStart",
-            PropertyValue::Exec(vec![ExecCommand {
+            PropertyValue::Exec(Arc::new([ExecCommand {
                 path: argv[0].clone(),
                 argv: argv.clone(),
-            }]),
+            }])),
         );
     }
     p.insert(
         "Environment",
-        PropertyValue::List(
+        PropertyValue::list(
             env.entries
                 .iter()
                 .map(|(k, v)| format!("{k}={v}"))
-                .collect(),
+                .collect::<Vec<_>>(),
         ),
     );
     if let Some(dir) = working_dir {
-        p.insert("WorkingDirectory", PropertyValue::Text(dir.clone()));
+        p.insert("WorkingDirectory", PropertyValue::text(dir.as_str()));
     }
     if let Some(uid) = uid {
-        p.insert("User", PropertyValue::Text(uid.to_string()));
+        p.insert("User", PropertyValue::text(uid.to_string()));
     }
     if let Some(gid) = gid {
-        p.insert("Group", PropertyValue::Text(gid.to_string()));
+        p.insert("Group", PropertyValue::text(gid.to_string()));
     }
     if input.is_init {
-        p.insert("Type", text("oneshot"));
+        p.insert("Type", PropertyValue::text("oneshot"));
         p.insert("RemainAfterExit", PropertyValue::Bool(true));
     } else {
-        p.insert("Type", text("exec"));
+        p.insert("Type", PropertyValue::text("exec"));
     }
     let restart = match (input.is_init, input.restart_policy) {
         (_, RestartPolicy::Never) => "no",
         (true, _) | (false, RestartPolicy::OnFailure) => "on-failure",
         (false, RestartPolicy::Always) => "always",
     };
-    p.insert("Restart", text(restart));
+    p.insert("Restart", PropertyValue::text(restart));
     if restart != "no" {
         p.insert("RestartUSec", u(RESTART_INITIAL_USEC));
         p.insert("RestartMaxDelayUSec", u(RESTART_MAX_USEC));
@@ -327,8 +326,9 @@ fn properties(
         p.insert("RemainAfterExit", PropertyValue::Bool(true));
     }
     if !input.after.is_empty() {
-        p.insert("After", PropertyValue::List(input.after.clone()));
-        p.insert("Requires", PropertyValue::List(input.after.clone()));
+        let after = PropertyValue::list(input.after.as_slice());
+        p.insert("After", after.clone());
+        p.insert("Requires", after);
     }
     let grace = input
         .instance
@@ -380,8 +380,8 @@ fn properties(
         id.key(),
         c.name
     );
-    p.insert("RootDirectory", PropertyValue::Text(rootfs.clone()));
-    p.insert("RequiresMountsFor", PropertyValue::List(vec![rootfs]));
+    p.insert("RootDirectory", PropertyValue::text(rootfs.as_str()));
+    p.insert("RequiresMountsFor", PropertyValue::list([rootfs]));
     p.insert("MountAPIVFS", PropertyValue::Bool(true));
     // The pod's own network namespace, made and wired by the agent before
     // the container starts.
@@ -390,49 +390,48 @@ fn properties(
     {
         p.insert(
             "NetworkNamespacePath",
-            PropertyValue::Text(format!("{}/{}", dir.trim_end_matches('/'), id.key())),
+            PropertyValue::text(format!("{}/{}", dir.trim_end_matches('/'), id.key())),
         );
     }
     p.insert("PrivateTmp", PropertyValue::Bool(true));
     p.insert("PrivatePIDs", PropertyValue::Bool(true));
-    for (k, v) in isolation.iter() {
-        p.insert(k.to_string(), v.clone());
-    }
+    p.extend_from(isolation);
     let (rw, ro, sub_paths) =
         crate::volumes::container_binds(id, c, input.volumes, &ctx.node.volumes);
     if !rw.is_empty() {
-        p.insert("BindPaths", PropertyValue::Binds(rw));
+        p.insert("BindPaths", PropertyValue::Binds(rw.into()));
     }
     if !ro.is_empty() {
-        p.insert("BindReadOnlyPaths", PropertyValue::Binds(ro));
+        p.insert("BindReadOnlyPaths", PropertyValue::Binds(ro.into()));
     }
     // A bare program name is looked up in the container's PATH, inside its root.
     if let Some(path) = env.get("PATH") {
-        p.insert(
-            "ExecSearchPath",
-            PropertyValue::List(
-                path.split(':')
-                    .filter(|d| d.starts_with('/'))
-                    .map(str::to_string)
-                    .collect(),
-            ),
-        );
+        p.insert("ExecSearchPath", search_path(&path));
     }
     let version = ctx.node.systemd_version;
-    let too_new: Vec<String> = p
-        .iter()
-        .filter(|(k, _)| units::introduced_in(k).is_some_and(|v| v > version))
-        .map(|(k, _)| k.to_string())
-        .collect();
-    if !too_new.is_empty() {
-        p = p
-            .iter()
-            .filter(|(k, _)| !too_new.iter().any(|t| t == k))
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect();
-    }
+    p.retain(|k| units::introduced_in(k).is_none_or(|v| v <= version));
     p.shrink_to_fit();
     (p, sub_paths)
+}
+
+/// `ExecSearchPath` from a `PATH`: its absolute directories. Nearly every
+/// container has the default `PATH`, whose list all units share.
+fn search_path(path: &str) -> PropertyValue {
+    static DEFAULT: std::sync::LazyLock<PropertyValue> =
+        std::sync::LazyLock::new(|| directories(DEFAULT_PATH));
+    fn directories(path: &str) -> PropertyValue {
+        PropertyValue::list(
+            path.split(':')
+                .filter(|d| d.starts_with('/'))
+                .map(str::to_string)
+                .collect::<Vec<_>>(),
+        )
+    }
+    if path == DEFAULT_PATH {
+        DEFAULT.clone()
+    } else {
+        directories(path)
+    }
 }
 
 fn parse_image_user(user: &str) -> (Option<i64>, Option<i64>) {

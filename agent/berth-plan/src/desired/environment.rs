@@ -325,13 +325,7 @@ fn value_from(
             ),
             _ => {
                 if let Some(k) = bracket("metadata.labels['") {
-                    Some(
-                        meta.labels
-                            .as_ref()
-                            .and_then(|l| l.get(&k))
-                            .cloned()
-                            .unwrap_or_default(),
-                    )
+                    Some(meta.labels.get(&k).cloned().unwrap_or_default())
                 } else if let Some(k) = bracket("metadata.annotations['") {
                     Some(
                         meta.annotations

@@ -149,8 +149,8 @@ pub fn resolve_pod(
         &mut warnings,
     );
 
-    let mut init_units: Vec<ContainerUnit> = Vec::new();
-    let mut app_units = Vec::new();
+    let mut init_units: Vec<ContainerUnit> = Vec::with_capacity(init.len());
+    let mut app_units = Vec::with_capacity(spec.containers.len());
     for ((is_init, index, container), res) in all.iter().zip(&resources) {
         let list = if *is_init {
             "initContainers"
@@ -195,7 +195,7 @@ pub fn resolve_pod(
     let mut slice_props = Properties::new();
     slice_props.insert(
         "Description",
-        PropertyValue::Text(format!("{SLICE_DESCRIPTION_PREFIX}{} ({qos})", instance.id)),
+        PropertyValue::text(format!("{SLICE_DESCRIPTION_PREFIX}{} ({qos})", instance.id)),
     );
     let shares = resources::milli_to_shares(if qos == QosClass::BestEffort {
         0
@@ -237,25 +237,32 @@ pub fn resolve_pod(
             containers: app_units,
             cpu_request_milli: pod_res.cpu_request_milli.unwrap_or(0),
             memory_request_bytes: pod_res.memory_request_bytes.unwrap_or(0),
-            labels: instance.metadata.labels.clone().unwrap_or_default(),
-            ports: spec
-                .containers
-                .iter()
-                .flat_map(|c| c.ports.iter().flatten())
-                .filter_map(|p| {
-                    Some(DeclaredPort {
-                        name: p.name.clone(),
-                        port: u16::try_from(p.container_port).ok()?,
-                        protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
-                    })
-                })
-                .collect(),
+            labels: instance.metadata.labels.clone(),
+            ports: declared_ports(spec),
             host_network: spec.host_network == Some(true),
             volumes,
             pull_secrets,
         },
         warnings,
     })
+}
+
+/// The ports a pod's containers declare, in a vector of their number.
+fn declared_ports(spec: &berth_manifest::model::PodSpec) -> Vec<DeclaredPort> {
+    let declared = || {
+        spec.containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+    };
+    let mut ports = Vec::with_capacity(declared().count());
+    ports.extend(declared().filter_map(|p| {
+        Some(DeclaredPort {
+            name: p.name.clone(),
+            port: u16::try_from(p.container_port).ok()?,
+            protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+        })
+    }));
+    ports
 }
 
 /// The QoS-level slices for a set of pods: BestEffort gets the minimum
@@ -279,7 +286,7 @@ pub fn qos_slices(pods: &[DesiredPod]) -> Vec<SliceUnit> {
         let mut properties = Properties::new();
         properties.insert(
             "Description",
-            PropertyValue::Text(format!("berth {qos} pods")),
+            PropertyValue::text(format!("berth {qos} pods")),
         );
         properties.insert("CPUWeight", PropertyValue::Unsigned(weight));
         slices.push(SliceUnit {

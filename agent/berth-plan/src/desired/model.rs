@@ -8,7 +8,7 @@ use berth_manifest::ObjectRef;
 use serde::Serialize;
 
 use crate::resources::QosClass;
-use crate::units::{PodId, Properties, PropertyValue, SharedProperties, UnitName};
+use crate::units::{ExecCommand, PodId, Properties, PropertyValue, SharedProperties, UnitName};
 use crate::volumes::{PodVolume, SubPathBind};
 
 /// The `PATH` container runtimes set when the image does not.
@@ -108,18 +108,25 @@ impl ContainerUnit {
         if let (Some(shown), Some(PropertyValue::Exec(exec))) =
             (&self.exec_shown, props.get_mut("ExecStart"))
         {
-            for command in exec.iter_mut() {
-                command.path = shown.first().cloned().unwrap_or_default();
-                command.argv = shown.clone();
-            }
+            *exec = exec
+                .iter()
+                .map(|_| ExecCommand {
+                    path: shown.first().cloned().unwrap_or_default(),
+                    argv: shown.clone(),
+                })
+                .collect();
         }
         if let Some(PropertyValue::List(env)) = props.get_mut("Environment") {
-            for entry in env.iter_mut() {
-                let name = entry.split('=').next().unwrap_or("").to_string();
-                if let Some(origin) = self.sensitive_env.get(&name) {
-                    *entry = format!("{name}=<{origin}>");
-                }
-            }
+            *env = env
+                .iter()
+                .map(|entry| {
+                    let name = entry.split('=').next().unwrap_or("");
+                    match self.sensitive_env.get(name) {
+                        Some(origin) => format!("{name}=<{origin}>"),
+                        None => entry.clone(),
+                    }
+                })
+                .collect();
         }
         Arc::new(props)
     }
@@ -165,7 +172,7 @@ pub struct DesiredPod {
     pub cpu_request_milli: u64,
     pub memory_request_bytes: u64,
     /// The pod's labels, for Service selectors.
-    pub labels: BTreeMap<String, String>,
+    pub labels: berth_manifest::model::Labels,
     /// Ports its containers declare, for a Service's named `targetPort`.
     pub ports: Vec<DeclaredPort>,
     /// `spec.hostNetwork`: the node's network namespace instead of its own.
