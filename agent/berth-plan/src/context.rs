@@ -2,12 +2,18 @@
 //! Secrets by namespace and name, the node, and the image configs.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use berth_manifest::model::{ConfigMapData as ConfigMap, SecretData as Secret};
 use berth_manifest::{Catalog, Object};
 
 use crate::images::ImageCatalog;
 use crate::node::NodeInfo;
+use crate::units::{Properties, Property};
+
+/// At most this many distinct shared property sets are kept; a repository
+/// with more kinds of containers than that shares the first ones only.
+const SHARED_SETS: usize = 64;
 
 /// Inputs every pod resolves against.
 #[derive(Debug)]
@@ -16,6 +22,8 @@ pub struct Context<'a> {
     pub images: &'a ImageCatalog,
     pub(crate) config_maps: HashMap<(&'a str, &'a str), &'a ConfigMap>,
     pub(crate) secrets: HashMap<(&'a str, &'a str), &'a Secret>,
+    /// Property sets many units have in common, each held once.
+    shared: Mutex<Vec<Arc<[Property]>>>,
 }
 
 impl<'a> Context<'a> {
@@ -25,6 +33,23 @@ impl<'a> Context<'a> {
 
     pub fn secret(&self, namespace: &str, name: &str) -> Option<&'a Secret> {
         self.secrets.get(&(namespace, name)).copied()
+    }
+
+    /// `props` as a shared set: the one already held when an earlier unit
+    /// had the same.
+    pub(crate) fn shared_properties(&self, props: Properties) -> Arc<[Property]> {
+        // A panic elsewhere cannot leave the list half-changed: use it as is.
+        let mut sets = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let same =
+            |set: &Arc<[Property]>| set.iter().map(|(k, v)| (k.as_ref(), v)).eq(props.iter());
+        if let Some(set) = sets.iter().find(|s| same(s)) {
+            return Arc::clone(set);
+        }
+        let set = props.share();
+        if sets.len() < SHARED_SETS {
+            sets.push(Arc::clone(&set));
+        }
+        set
     }
 
     pub fn new(catalog: &'a Catalog, node: &'a NodeInfo, images: &'a ImageCatalog) -> Self {
@@ -47,6 +72,7 @@ impl<'a> Context<'a> {
             images,
             config_maps,
             secrets,
+            shared: Mutex::default(),
         }
     }
 }

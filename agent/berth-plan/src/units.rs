@@ -213,72 +213,170 @@ impl PropertyValue {
     }
 }
 
+/// One property: its systemd name (mostly a static string; only snapshots
+/// read from disk own theirs) and its value.
+pub type Property = (Cow<'static, str>, PropertyValue);
+
 /// Properties by their systemd names, sorted, for stable output and diffs.
-/// Names are mostly static strings; only snapshots read from disk own theirs.
+///
 /// A sorted vector rather than a B-tree: a unit has a few dozen properties,
-/// and ten thousand units should not pay for half-empty tree nodes.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Properties(Vec<(Cow<'static, str>, PropertyValue)>);
+/// and ten thousand units should not pay for half-empty tree nodes. Most of
+/// a container's properties (its isolation, restart policy, sandbox) are
+/// the same for every container with the same security context, so a unit
+/// may rest on a shared sorted set ([`Properties::on`]) and hold only its
+/// own properties; its own win over the shared ones of the same name.
+/// Everything that reads properties sees one sorted set either way.
+#[derive(Debug, Clone, Default)]
+pub struct Properties {
+    own: Vec<Property>,
+    shared: Option<Arc<[Property]>>,
+}
+
+fn find<'p>(list: &'p [Property], name: &str) -> Result<usize, usize> {
+    list.binary_search_by(|(k, _)| k.as_ref().cmp(name))
+}
 
 impl Properties {
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Properties resting on `shared` (sorted by name, as [`Properties::share`] makes it).
+    pub fn on(shared: Arc<[Property]>) -> Self {
+        Self {
+            own: Vec::new(),
+            shared: Some(shared),
+        }
+    }
+
+    /// These properties as a shared set for [`Properties::on`].
+    pub fn share(&self) -> Arc<[Property]> {
+        self.iter()
+            .map(|(k, v)| (self.name_of(k), v.clone()))
+            .collect()
+    }
+
+    /// The stored name for `k`, borrowed when it is static.
+    fn name_of(&self, k: &str) -> Cow<'static, str> {
+        let stored = |list: &[Property]| find(list, k).ok().map(|i| list[i].0.clone());
+        stored(&self.own)
+            .or_else(|| self.shared.as_deref().and_then(stored))
+            .unwrap_or_else(|| Cow::Owned(k.to_string()))
+    }
+
     /// Sets a property, replacing an earlier value of the same name.
     pub fn insert(&mut self, name: impl Into<Cow<'static, str>>, value: PropertyValue) {
         let name = name.into();
-        match self
-            .0
-            .binary_search_by(|(k, _)| k.as_ref().cmp(name.as_ref()))
-        {
-            Ok(i) => self.0[i].1 = value,
-            Err(i) => self.0.insert(i, (name, value)),
+        match find(&self.own, &name) {
+            Ok(i) => self.own[i].1 = value,
+            Err(i) => self.own.insert(i, (name, value)),
         }
     }
 
     pub fn get(&self, name: &str) -> Option<&PropertyValue> {
-        self.0
-            .binary_search_by(|(k, _)| k.as_ref().cmp(name))
-            .ok()
-            .map(|i| &self.0[i].1)
+        let at = |list: &'_ [Property]| find(list, name).ok();
+        match at(&self.own) {
+            Some(i) => Some(&self.own[i].1),
+            None => {
+                let shared = self.shared.as_deref()?;
+                at(shared).map(|i| &shared[i].1)
+            }
+        }
     }
 
+    /// A value to change in place: a shared one is copied into this unit's
+    /// own first.
     pub fn get_mut(&mut self, name: &str) -> Option<&mut PropertyValue> {
-        self.0
-            .binary_search_by(|(k, _)| k.as_ref().cmp(name))
-            .ok()
-            .map(|i| &mut self.0[i].1)
+        if find(&self.own, name).is_err() {
+            let shared = self.shared.as_deref()?;
+            let i = find(shared, name).ok()?;
+            let (k, v) = shared[i].clone();
+            self.insert(k, v);
+        }
+        let i = find(&self.own, name).ok()?;
+        Some(&mut self.own[i].1)
     }
 
+    /// In name order; a unit's own value hides a shared one of the same name.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &PropertyValue)> {
-        self.0.iter().map(|(k, v)| (k.as_ref(), v))
+        Merged {
+            own: &self.own,
+            shared: self.shared.as_deref().unwrap_or(&[]),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.own.is_empty() && self.shared.as_deref().is_none_or(<[_]>::is_empty)
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.iter().count()
     }
 
     /// Sets every property of `other`, replacing earlier values.
     pub fn extend_from(&mut self, other: &Properties) {
-        for (k, v) in &other.0 {
-            self.insert(k.clone(), v.clone());
+        for (k, v) in other.iter() {
+            let name = other.name_of(k);
+            self.insert(name, v.clone());
         }
     }
 
-    /// Keeps the properties whose names pass `keep`.
+    /// Keeps the properties whose names pass `keep`. A shared set that
+    /// loses one becomes this unit's own.
     pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
-        self.0.retain(|(k, _)| keep(k));
+        if let Some(shared) = &self.shared
+            && shared.iter().any(|(k, _)| !keep(k))
+        {
+            let mut all = Properties::new();
+            all.extend_from(self);
+            *self = all;
+        }
+        self.own.retain(|(k, _)| keep(k));
     }
 
     pub fn shrink_to_fit(&mut self) {
-        self.0.shrink_to_fit();
+        self.own.shrink_to_fit();
     }
 }
+
+/// Two sorted lists as one; the first wins on equal names.
+struct Merged<'p> {
+    own: &'p [Property],
+    shared: &'p [Property],
+}
+
+impl<'p> Iterator for Merged<'p> {
+    type Item = (&'p str, &'p PropertyValue);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let take = |list: &mut &'p [Property]| {
+            let ((k, v), rest) = list.split_first()?;
+            *list = rest;
+            Some((k.as_ref(), v))
+        };
+        match (self.own.first(), self.shared.first()) {
+            (Some((a, _)), Some((b, _))) => match a.as_ref().cmp(b.as_ref()) {
+                std::cmp::Ordering::Less => take(&mut self.own),
+                std::cmp::Ordering::Greater => take(&mut self.shared),
+                std::cmp::Ordering::Equal => {
+                    take(&mut self.shared);
+                    take(&mut self.own)
+                }
+            },
+            (Some(_), None) => take(&mut self.own),
+            (None, _) => take(&mut self.shared),
+        }
+    }
+}
+
+/// Equal when they list the same properties, however they are stored.
+impl PartialEq for Properties {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Properties {}
 
 impl<K: Into<Cow<'static, str>>> FromIterator<(K, PropertyValue)> for Properties {
     fn from_iter<I: IntoIterator<Item = (K, PropertyValue)>>(iter: I) -> Self {
@@ -292,16 +390,17 @@ impl<K: Into<Cow<'static, str>>> FromIterator<(K, PropertyValue)> for Properties
 
 impl Serialize for Properties {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_map(self.0.iter().map(|(k, v)| (k.as_ref(), v)))
+        serializer.collect_map(self.iter())
     }
 }
 
 impl<'de> Deserialize<'de> for Properties {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let map = BTreeMap::<String, PropertyValue>::deserialize(deserializer)?;
-        Ok(Self(
-            map.into_iter().map(|(k, v)| (Cow::Owned(k), v)).collect(),
-        ))
+        Ok(Self {
+            own: map.into_iter().map(|(k, v)| (Cow::Owned(k), v)).collect(),
+            shared: None,
+        })
     }
 }
 
@@ -367,5 +466,62 @@ mod tests {
             pod_slice(QosClass::BestEffort, &pod),
             Err(UnitNameError::TooLong { .. })
         ));
+    }
+
+    #[test]
+    fn properties_on_a_shared_set_read_as_one_sorted_set() {
+        let shared: Properties = [
+            ("Restart", PropertyValue::text("always")),
+            ("PrivateTmp", PropertyValue::Bool(true)),
+            ("Type", PropertyValue::text("exec")),
+        ]
+        .into_iter()
+        .collect();
+        let set = shared.share();
+        let mut p = Properties::on(Arc::clone(&set));
+        p.insert("Description", PropertyValue::text("own"));
+        p.insert("Type", PropertyValue::text("oneshot"));
+        let names: Vec<&str> = p.iter().map(|(k, _)| k).collect();
+        assert_eq!(names, ["Description", "PrivateTmp", "Restart", "Type"]);
+        assert_eq!(p.len(), 4);
+        // The unit's own value wins over the shared one, which is untouched.
+        assert_eq!(
+            p.get("Type").and_then(PropertyValue::as_text),
+            Some("oneshot")
+        );
+        assert_eq!(
+            set.iter()
+                .find(|(k, _)| k == "Type")
+                .map(|(_, v)| v.as_text()),
+            Some(Some("exec"))
+        );
+        // The same properties stored flat compare equal and serialize the same.
+        let flat: Properties = p.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        assert_eq!(p, flat);
+        assert_eq!(
+            serde_json::to_string(&p).expect("json"),
+            serde_json::to_string(&flat).expect("json")
+        );
+        // Changing a shared value in place changes this unit only.
+        let mut q = Properties::on(Arc::clone(&set));
+        if let Some(PropertyValue::Text(t)) = q.get_mut("Restart") {
+            *t = "no".into();
+        }
+        assert_eq!(
+            q.get("Restart").and_then(PropertyValue::as_text),
+            Some("no")
+        );
+        assert_eq!(
+            Properties::on(Arc::clone(&set))
+                .get("Restart")
+                .and_then(PropertyValue::as_text),
+            Some("always")
+        );
+        // Dropping a shared property leaves the rest.
+        q.retain(|k| k != "PrivateTmp");
+        let names: Vec<&str> = q.iter().map(|(k, _)| k).collect();
+        assert_eq!(names, ["Restart", "Type"]);
+        assert!(!q.is_empty());
+        assert!(Properties::on(Arc::from([])).is_empty());
     }
 }

@@ -251,7 +251,8 @@ fn properties(
         seccomp,
         ..
     } = checked;
-    let mut p = Properties::new();
+    let version = ctx.node.systemd_version;
+    let mut p = Properties::on(ctx.shared_properties(common(input, isolation, version)));
     let u = PropertyValue::Unsigned;
     p.insert(
         "Description",
@@ -300,30 +301,6 @@ fn properties(
     }
     if let Some(gid) = gid {
         p.insert("Group", PropertyValue::text(gid.to_string()));
-    }
-    if input.is_init {
-        p.insert("Type", PropertyValue::text("oneshot"));
-        p.insert("RemainAfterExit", PropertyValue::Bool(true));
-    } else {
-        p.insert("Type", PropertyValue::text("exec"));
-    }
-    let restart = match (input.is_init, input.restart_policy) {
-        (_, RestartPolicy::Never) => "no",
-        (true, _) | (false, RestartPolicy::OnFailure) => "on-failure",
-        (false, RestartPolicy::Always) => "always",
-    };
-    p.insert("Restart", PropertyValue::text(restart));
-    if restart != "no" {
-        p.insert("RestartUSec", u(RESTART_INITIAL_USEC));
-        p.insert("RestartMaxDelayUSec", u(RESTART_MAX_USEC));
-        p.insert("RestartSteps", u(RESTART_STEPS));
-        // Kubernetes never gives up restarting; neither may systemd's start limit.
-        p.insert("StartLimitIntervalUSec", u(0));
-    }
-    if !input.is_init && input.restart_policy != RestartPolicy::Always {
-        // A container that ran to completion stays visible as exited, so it
-        // is not mistaken for a missing one and started again.
-        p.insert("RemainAfterExit", PropertyValue::Bool(true));
     }
     if !input.after.is_empty() {
         let after = PropertyValue::list(input.after.as_slice());
@@ -382,7 +359,6 @@ fn properties(
     );
     p.insert("RootDirectory", PropertyValue::text(rootfs.as_str()));
     p.insert("RequiresMountsFor", PropertyValue::list([rootfs]));
-    p.insert("MountAPIVFS", PropertyValue::Bool(true));
     // The pod's own network namespace, made and wired by the agent before
     // the container starts.
     if let Some(dir) = &ctx.node.netns_dir
@@ -393,9 +369,6 @@ fn properties(
             PropertyValue::text(format!("{}/{}", dir.trim_end_matches('/'), id.key())),
         );
     }
-    p.insert("PrivateTmp", PropertyValue::Bool(true));
-    p.insert("PrivatePIDs", PropertyValue::Bool(true));
-    p.extend_from(isolation);
     let (rw, ro, sub_paths) =
         crate::volumes::container_binds(id, c, input.volumes, &ctx.node.volumes);
     if !rw.is_empty() {
@@ -408,10 +381,47 @@ fn properties(
     if let Some(path) = env.get("PATH") {
         p.insert("ExecSearchPath", search_path(&path));
     }
-    let version = ctx.node.systemd_version;
     p.retain(|k| units::introduced_in(k).is_none_or(|v| v <= version));
     p.shrink_to_fit();
     (p, sub_paths)
+}
+
+/// The properties a container shares with every other of the same kind
+/// (init or not), restart policy and isolation: how it runs and restarts,
+/// its sandbox, minus what the node's systemd is too old for.
+fn common(input: &ContainerInput<'_>, isolation: &Properties, version: u32) -> Properties {
+    let mut p = Properties::new();
+    let u = PropertyValue::Unsigned;
+    if input.is_init {
+        p.insert("Type", PropertyValue::text("oneshot"));
+        p.insert("RemainAfterExit", PropertyValue::Bool(true));
+    } else {
+        p.insert("Type", PropertyValue::text("exec"));
+    }
+    let restart = match (input.is_init, input.restart_policy) {
+        (_, RestartPolicy::Never) => "no",
+        (true, _) | (false, RestartPolicy::OnFailure) => "on-failure",
+        (false, RestartPolicy::Always) => "always",
+    };
+    p.insert("Restart", PropertyValue::text(restart));
+    if restart != "no" {
+        p.insert("RestartUSec", u(RESTART_INITIAL_USEC));
+        p.insert("RestartMaxDelayUSec", u(RESTART_MAX_USEC));
+        p.insert("RestartSteps", u(RESTART_STEPS));
+        // Kubernetes never gives up restarting; neither may systemd's start limit.
+        p.insert("StartLimitIntervalUSec", u(0));
+    }
+    if !input.is_init && input.restart_policy != RestartPolicy::Always {
+        // A container that ran to completion stays visible as exited, so it
+        // is not mistaken for a missing one and started again.
+        p.insert("RemainAfterExit", PropertyValue::Bool(true));
+    }
+    p.insert("MountAPIVFS", PropertyValue::Bool(true));
+    p.insert("PrivateTmp", PropertyValue::Bool(true));
+    p.insert("PrivatePIDs", PropertyValue::Bool(true));
+    p.extend_from(isolation);
+    p.retain(|k| units::introduced_in(k).is_none_or(|v| v <= version));
+    p
 }
 
 /// `ExecSearchPath` from a `PATH`: its absolute directories. Nearly every
