@@ -232,7 +232,7 @@ pub struct Properties {
     shared: Option<Arc<[Property]>>,
 }
 
-fn find<'p>(list: &'p [Property], name: &str) -> Result<usize, usize> {
+fn find(list: &[Property], name: &str) -> Result<usize, usize> {
     list.binary_search_by(|(k, _)| k.as_ref().cmp(name))
 }
 
