@@ -49,6 +49,12 @@ const PODS: &[(&str, &str)] = &[
         "pods/nobin.yaml",
         "apiVersion: v1\nkind: Pod\nmetadata: {name: nobin}\nspec:\n  containers:\n  - name: main\n    image: busybox:1.37\n    command: [/no/such/program]\n",
     ),
+    // Asks for what would reach root on the node; the node's level is the
+    // default, baseline.
+    (
+        "pods/rootish.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: rootish}\nspec:\n  securityContext:\n    seccompProfile: {type: Unconfined}\n  containers:\n  - name: main\n    image: busybox:1.37\n    command: [sleep, \"1000000\"]\n    securityContext:\n      capabilities: {add: [SYS_ADMIN]}\n",
+    ),
 ];
 
 /// Runs a guest command that must succeed.
@@ -164,7 +170,7 @@ fn pushed_pods_run_as_units_with_their_qos_and_converge_after_restarts() {
 fn scenario() {
     let image = must(test_image());
     let git = must(GitHost::fresh("pods", "desired.git"));
-    let first = must(git.push(PODS, "seven pods"));
+    let first = must(git.push(PODS, "eight pods"));
 
     let mut options = VmOptions::new("pods");
     options.esp_config = Some(format!(
@@ -226,9 +232,25 @@ fn scenario() {
             && p["crasher"]["containers"][0]["lastExitCode"] == 3
             && status_of(p, "ghost") == "ErrImageNeverPull"
             && status_of(p, "huge") == "OutOfcpu"
+            && status_of(p, "rootish") == "Forbidden"
             && p["nobin"]["containers"][0]["lastExitCode"] == 203
     });
     println!("{}", sh(&vm, "berth get pods"));
+    // The pod that asked for SYS_ADMIN without seccomp never got a unit.
+    let rootish = serde_json::to_string(&pods["rootish"]).unwrap();
+    assert!(
+        rootish.contains("capabilities_baseline") && rootish.contains("seccompProfile_baseline"),
+        "{rootish}"
+    );
+    assert_eq!(
+        sh(
+            &vm,
+            "systemctl list-units --all --no-legend 'berth-default_rootish*'"
+        )
+        .trim(),
+        "",
+        "a pod Pod Security refuses has a unit"
+    );
     let crasher = &pods["crasher"]["containers"][0];
     assert_eq!(crasher["lastExitCode"], 3, "{crasher}");
     let nobin = serde_json::to_string(&pods["nobin"]).unwrap();

@@ -356,7 +356,7 @@ impl Agent {
             .as_ref()
             .map(|n| n.netns_dir().display().to_string());
         node.volumes.host_path_prefixes = config.host_path_prefixes.clone();
-        node.allow_privileged = config.allow_privileged;
+        node.pod_security = config.pod_security;
         node.drift = config.drift.clone();
         node.node_ports = berth_plan::services::NodePortRange {
             first: config.network.node_ports.0,

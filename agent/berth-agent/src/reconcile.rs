@@ -328,6 +328,7 @@ impl Agent {
             .iter()
             .map(|n| NotAdmittedRecord {
                 pod: n.pod.to_string(),
+                status: n.status.to_string(),
                 reason: n.reason.clone(),
             })
             .collect();

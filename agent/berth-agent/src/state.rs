@@ -109,7 +109,10 @@ impl AgentState {
         for n in &self.not_admitted {
             let (ns, name) = n.pod.split_once('/').unwrap_or(("", &n.pod));
             pods.push(berth_runtime::status::PodStatus::not_admitted(
-                ns, name, &n.reason,
+                ns,
+                name,
+                n.status(),
+                &n.reason,
             ));
         }
         pods
@@ -119,7 +122,21 @@ impl AgentState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NotAdmittedRecord {
     pub pod: String,
+    /// `OutOfcpu`, `OutOfmemory`, `Forbidden`; absent in older state files.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub status: String,
     pub reason: String,
+}
+
+impl NotAdmittedRecord {
+    /// Its status word; an older record is read from its reason.
+    pub fn status(&self) -> &str {
+        match self.status.as_str() {
+            "" if self.reason.contains("CPU") => "OutOfcpu",
+            "" => "OutOfmemory",
+            s => s,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -289,6 +289,14 @@ fn faults_are_reported_per_pod_and_do_not_block_the_others() {
                 "    resources: {requests: {cpu: \"64\"}}\n",
             )),
         ),
+        (
+            "pods/root.yaml",
+            Some(pod(
+                "root",
+                "sleep, \"1\"",
+                "    securityContext: {privileged: true}\n",
+            )),
+        ),
     ]);
     let mut agent = node.agent();
     agent.pass(true);
@@ -310,8 +318,31 @@ fn faults_are_reported_per_pod_and_do_not_block_the_others() {
             .is_none()
     );
     let refused = &agent.state().not_admitted;
-    assert_eq!(refused.len(), 1);
+    assert_eq!(refused.len(), 2);
     assert!(refused[0].reason.contains("64 CPU"), "{:?}", refused[0]);
+    assert_eq!(refused[0].status(), "OutOfcpu");
+    // A privileged container on a node of the default (baseline) level:
+    // refused alone, with the check and field; the revision is accepted.
+    assert_eq!(refused[1].pod, "default/root");
+    assert_eq!(refused[1].status(), "Forbidden");
+    assert!(
+        refused[1].reason.contains(
+            "privileged (spec.containers[0].securityContext.privileged: must not be true)"
+        ),
+        "{:?}",
+        refused[1]
+    );
+    assert!(
+        node.systemd
+            .unit("berth-default_root_main.service")
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        agent.state().errors.is_empty(),
+        "{:?}",
+        agent.state().errors
+    );
 }
 
 #[test]

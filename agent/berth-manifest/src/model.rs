@@ -318,6 +318,10 @@ pub struct PodSpec {
     pub init_containers: Option<Vec<Container>>,
     pub volumes: Option<Vec<core::Volume>>,
     pub host_network: Option<bool>,
+    /// `hostPID` and `hostIPC`: not supported (ignored with a warning), but
+    /// Pod Security refuses a pod that asks for them.
+    pub host_pid: Option<bool>,
+    pub host_ipc: Option<bool>,
     pub hostname: Option<String>,
     pub node_name: Option<String>,
     pub node_selector: Option<BTreeMap<String, String>>,
@@ -339,6 +343,8 @@ impl From<core::PodSpec> for PodSpec {
             init_containers: s.init_containers.map(convert),
             volumes: s.volumes,
             host_network: s.host_network,
+            host_pid: s.host_pid,
+            host_ipc: s.host_ipc,
             hostname: s.hostname,
             node_name: s.node_name,
             node_selector: s.node_selector,
@@ -377,10 +383,14 @@ pub struct Container {
     pub restart_policy: Option<String>,
     pub security_context: Option<Box<core::SecurityContext>>,
     pub volume_mounts: Option<Vec<core::VolumeMount>>,
+    /// `host` fields of its probes and lifecycle handlers, by their path
+    /// inside the container (Pod Security refuses them).
+    pub probe_hosts: Vec<(String, String)>,
 }
 
 impl From<core::Container> for Container {
     fn from(c: core::Container) -> Self {
+        let probe_hosts = probe_hosts(&c);
         Self {
             name: c.name,
             image: c.image,
@@ -400,8 +410,46 @@ impl From<core::Container> for Container {
             restart_policy: c.restart_policy,
             security_context: c.security_context.map(Box::new),
             volume_mounts: c.volume_mounts,
+            probe_hosts,
         }
     }
+}
+
+/// The `host` a container's probes and lifecycle handlers name, by path.
+fn probe_hosts(c: &core::Container) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut note = |path: String, host: &Option<String>| {
+        if let Some(h) = host.as_ref().filter(|h| !h.is_empty()) {
+            out.push((path, h.clone()));
+        }
+    };
+    for (name, probe) in [
+        ("livenessProbe", &c.liveness_probe),
+        ("readinessProbe", &c.readiness_probe),
+        ("startupProbe", &c.startup_probe),
+    ] {
+        let Some(p) = probe else { continue };
+        if let Some(h) = &p.http_get {
+            note(format!("{name}.httpGet.host"), &h.host);
+        }
+        if let Some(t) = &p.tcp_socket {
+            note(format!("{name}.tcpSocket.host"), &t.host);
+        }
+    }
+    for (name, handler) in c
+        .lifecycle
+        .iter()
+        .flat_map(|l| [("postStart", &l.post_start), ("preStop", &l.pre_stop)])
+    {
+        let Some(h) = handler else { continue };
+        if let Some(g) = &h.http_get {
+            note(format!("lifecycle.{name}.httpGet.host"), &g.host);
+        }
+        if let Some(t) = &h.tcp_socket {
+            note(format!("lifecycle.{name}.tcpSocket.host"), &t.host);
+        }
+    }
+    out
 }
 
 /// A container's `resources`, the quantities Berth acts on parsed once:

@@ -19,6 +19,7 @@ pub mod images;
 pub mod node;
 pub mod pipeline;
 pub mod plan;
+pub mod podsecurity;
 pub mod reason;
 pub mod resources;
 pub mod security;

@@ -28,8 +28,10 @@ pub struct NodeInfo {
     pub netns_dir: Option<String>,
     /// Where pod volumes live, and which host paths pods may bind.
     pub volumes: VolumeDirs,
-    /// `securityContext.privileged` is refused unless the node config allows it.
-    pub allow_privileged: bool,
+    /// The Pod Security Standard pods are held to (`security.podSecurity`);
+    /// a namespace may ask for a stricter one.
+    #[serde(default)]
+    pub pod_security: crate::podsecurity::Level,
     /// What drift is healed, what reported, what ignored.
     #[serde(default)]
     pub drift: DriftSettings,
@@ -69,7 +71,7 @@ impl NodeInfo {
             systemd_version: DEFAULT_SYSTEMD_VERSION,
             netns_dir: Some(DEFAULT_NETNS_DIR.to_string()),
             volumes: VolumeDirs::default(),
-            allow_privileged: false,
+            pod_security: crate::podsecurity::Level::default(),
             drift: DriftSettings::default(),
             node_ports: DEFAULT_NODE_PORTS,
         }

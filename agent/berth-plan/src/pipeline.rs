@@ -27,6 +27,7 @@ use crate::drift::{self, DriftItem};
 use crate::images::ImageCatalog;
 use crate::node::NodeInfo;
 use crate::plan::{self, Plan, PlanInput, Protection};
+use crate::podsecurity;
 use crate::select::{self, NotHere};
 use crate::services::{self, ServicePlan};
 use crate::units::PodId;
@@ -202,6 +203,8 @@ pub fn desire(
     let mut rejected = Vec::new();
     let mut protection = protection_from(catalog);
     let mut pods = Vec::new();
+    let mut forbidden = Vec::new();
+    let (levels, level_problems) = podsecurity::namespace_levels(catalog);
     let resolved = in_parallel(&selection.pods, |instance| {
         desired::resolve_pod(instance, &ctx)
     });
@@ -209,7 +212,13 @@ pub fn desire(
         match outcome {
             Ok(resolved) => {
                 diagnostics.push(instance.source, &resolved.warnings);
-                pods.push(resolved.pod);
+                match pod_security(instance, node.pod_security, &levels) {
+                    None => pods.push(resolved.pod),
+                    Some((refusal, issues)) => {
+                        diagnostics.push(instance.source, &issues);
+                        forbidden.push(refusal);
+                    }
+                }
             }
             Err(errors) => {
                 diagnostics.push(instance.source, &errors);
@@ -277,7 +286,7 @@ pub fn desire(
         }
         false
     });
-    let (pods, not_admitted) = admit(pods, node, units);
+    let (pods, mut not_admitted) = admit(pods, node, units);
     for n in &not_admitted {
         if let Some(source) = index.get(&n.source) {
             let issue = FieldIssue::warning(
@@ -287,10 +296,12 @@ pub fn desire(
             diagnostics.push_at_object(source, &[issue]);
         }
     }
+    not_admitted.extend(forbidden);
     let qos_slices = desired::qos_slices(&pods);
     let (services, service_diagnostics) =
         services::plan_services(catalog, &pods, node.node_ports, services::Scope::Node);
     let mut diagnostics = diagnostics.out;
+    diagnostics.extend(level_problems);
     diagnostics.extend(service_diagnostics);
     DesiredNode {
         pods,
@@ -349,7 +360,8 @@ pub fn plan_desired(
     }
 }
 
-/// A pod left out because the node cannot fit its requests.
+/// A pod left out because the node cannot fit its requests, or because it
+/// asks for more than its Pod Security level allows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NotAdmitted {
     pub pod: PodId,
@@ -357,7 +369,56 @@ pub struct NotAdmitted {
     pub source: berth_manifest::ObjectRef,
     #[serde(skip)]
     pub spec_path: &'static str,
+    /// Kubernetes' word for it: `OutOfcpu`, `OutOfmemory`, `Forbidden`.
+    pub status: &'static str,
     pub reason: String,
+}
+
+/// A pod's Pod Security verdict: `None` when it may run; else its refusal
+/// and one warning per broken check, at its field.
+fn pod_security(
+    instance: &select::PodInstance<'_>,
+    node_level: podsecurity::Level,
+    namespaces: &BTreeMap<&str, podsecurity::Level>,
+) -> Option<(NotAdmitted, Vec<FieldIssue>)> {
+    let asked = namespaces.get(instance.id.namespace.as_str()).copied();
+    let level = podsecurity::effective(node_level, asked);
+    let violations =
+        podsecurity::check(instance.metadata, instance.spec, instance.spec_path, level);
+    if violations.is_empty() {
+        return None;
+    }
+    let origin = if asked.is_some_and(|a| a > node_level) {
+        format!(
+            "the label {} of namespace {}",
+            podsecurity::ENFORCE_LABEL,
+            instance.id.namespace
+        )
+    } else {
+        "the node's security.podSecurity".to_string()
+    };
+    let issues = violations
+        .iter()
+        .map(|v| {
+            FieldIssue::warning(
+                v.path.clone(),
+                format!(
+                    "pod {} is refused: Pod Security level \"{level}\" ({origin}) forbids it, check {}: {}",
+                    instance.id, v.check, v.detail
+                ),
+            )
+        })
+        .collect();
+    Some((
+        NotAdmitted {
+            pod: instance.id.clone(),
+            source: instance.source.id.clone(),
+            spec_path: instance.spec_path,
+            status: "Forbidden",
+            reason: podsecurity::reason(level, &origin, &violations),
+        },
+        issues,
+    ))
 }
 
 /// The kubelet's admission: the sum of requests may not exceed the node's
@@ -381,27 +442,34 @@ fn admit(
         let need_cpu = cpu.saturating_add(pod.cpu_request_milli);
         let need_memory = memory.saturating_add(pod.memory_request_bytes);
         let reason = if need_cpu > node.cpu_milli {
-            Some(format!(
-                "it requests {} CPU but only {} of the node's {} allocatable are left",
-                format_cpu_milli(pod.cpu_request_milli),
-                format_cpu_milli(node.cpu_milli.saturating_sub(cpu)),
-                format_cpu_milli(node.cpu_milli)
+            Some((
+                "OutOfcpu",
+                format!(
+                    "it requests {} CPU but only {} of the node's {} allocatable are left",
+                    format_cpu_milli(pod.cpu_request_milli),
+                    format_cpu_milli(node.cpu_milli.saturating_sub(cpu)),
+                    format_cpu_milli(node.cpu_milli)
+                ),
             ))
         } else if need_memory > node.memory_bytes {
-            Some(format!(
-                "it requests {} of memory but only {} of the node's {} allocatable are left",
-                format_bytes(pod.memory_request_bytes),
-                format_bytes(node.memory_bytes.saturating_sub(memory)),
-                format_bytes(node.memory_bytes)
+            Some((
+                "OutOfmemory",
+                format!(
+                    "it requests {} of memory but only {} of the node's {} allocatable are left",
+                    format_bytes(pod.memory_request_bytes),
+                    format_bytes(node.memory_bytes.saturating_sub(memory)),
+                    format_bytes(node.memory_bytes)
+                ),
             ))
         } else {
             None
         };
         match reason {
-            Some(reason) => refused.push(NotAdmitted {
+            Some((status, reason)) => refused.push(NotAdmitted {
                 pod: pod.id.clone(),
                 source: pod.source.clone(),
                 spec_path: pod.spec_path,
+                status,
                 reason,
             }),
             None => {
@@ -449,18 +517,38 @@ fn protection_from(catalog: &Catalog) -> Protection {
 /// Resolves every pod of the catalog whatever its node, so that `berth
 /// validate` reports broken references (a missing ConfigMap key, say)
 /// without a node in mind.
-pub fn validate_pods(catalog: &Catalog, images: &ImageCatalog) -> (Vec<Diagnostic>, Vec<Rejected>) {
+///
+/// A pod that breaks a check of its Pod Security level (`level`, or its
+/// namespace's when stricter) is an error here: a node refuses to run it.
+pub fn validate_pods(
+    catalog: &Catalog,
+    images: &ImageCatalog,
+    level: podsecurity::Level,
+) -> (Vec<Diagnostic>, Vec<Rejected>) {
     let node = NodeInfo::new("validate", Default::default(), 8 << 30, 2000);
+    let (levels, level_problems) = podsecurity::namespace_levels(catalog);
     let ctx = Context::new(catalog, &node, images);
     let mut diagnostics = Diagnostics::new(catalog);
     let mut rejected = Vec::new();
     let mut pods = Vec::new();
     for instance in select::all_pods(catalog) {
         let issues = match desired::resolve_pod(&instance, &ctx) {
-            Ok(r) => {
-                pods.push(r.pod);
-                r.warnings
-            }
+            Ok(r) => match pod_security(&instance, level, &levels) {
+                None => {
+                    pods.push(r.pod);
+                    r.warnings
+                }
+                Some((_, refused)) => {
+                    reject(&mut rejected, catalog, instance.source);
+                    let mut issues = r.warnings;
+                    issues.extend(
+                        refused
+                            .into_iter()
+                            .map(|i| FieldIssue::error(i.path, i.message)),
+                    );
+                    issues
+                }
+            },
             Err(e) => {
                 reject(&mut rejected, catalog, instance.source);
                 e
@@ -469,6 +557,7 @@ pub fn validate_pods(catalog: &Catalog, images: &ImageCatalog) -> (Vec<Diagnosti
         diagnostics.push(instance.source, &issues);
     }
     let mut diagnostics = diagnostics.out;
+    diagnostics.extend(level_problems);
     let (_, service_diagnostics) =
         services::plan_services(catalog, &pods, node.node_ports, services::Scope::Repository);
     diagnostics.extend(service_diagnostics);

@@ -8,7 +8,7 @@
 //! | `allowPrivilegeEscalation` | false | `NoNewPrivileges=` |
 //! | `seccompProfile` | `RuntimeDefault` | `SystemCallFilter=~...`, `RestrictNamespaces=yes` |
 //! | `readOnlyRootFilesystem` | false | `ReadOnlyPaths=/` |
-//! | `privileged` | false (refused unless the node allows it) | none of the above, the host's `/dev` |
+//! | `privileged` | false (only at Pod Security level `privileged`, see [`crate::podsecurity`]) | none of the above, the host's `/dev` |
 //!
 //! Always, unless privileged: a minimal `/dev` (`PrivateDevices=`), and
 //! `/proc/sys`, `/sys`, kernel modules, the kernel log and the cgroup tree
@@ -153,13 +153,13 @@ pub struct Input<'a> {
     /// Where the pod spec sits (`spec`, `spec.template.spec`).
     pub pod_path: &'a FieldPath,
     pub container: Option<&'a SecurityContext>,
-    pub allow_privileged: bool,
     /// Where the container sits in its source (`spec.containers[0]`).
     pub path: &'a FieldPath,
 }
 
 /// Adds the isolation properties, or says why the container may not run.
-/// Returns the seccomp profile's name for the journal field.
+/// Returns the seccomp profile's name for the journal field. Whether the
+/// pod may ask for this much is Pod Security's decision, taken before.
 pub fn isolate(
     input: &Input<'_>,
     p: &mut Properties,
@@ -168,12 +168,6 @@ pub fn isolate(
     let sc = input.container;
     let scpath = input.path.key("securityContext");
     let privileged = sc.and_then(|s| s.privileged).unwrap_or(false);
-    if privileged && !input.allow_privileged {
-        errors.push(FieldIssue::error(
-            scpath.key("privileged"),
-            "privileged containers are not allowed on this node (the node config's security.allowPrivileged)",
-        ));
-    }
     if privileged {
         // The host's /dev, every capability, no filter: what Kubernetes gives.
         p.insert("CapabilityBoundingSet", PropertyValue::Unsigned(ALL_CAPS));
@@ -302,10 +296,7 @@ mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{Capabilities, SeccompProfile};
 
-    fn run(
-        sc: Option<SecurityContext>,
-        allow: bool,
-    ) -> (Properties, Vec<FieldIssue>, &'static str) {
+    fn run(sc: Option<SecurityContext>) -> (Properties, Vec<FieldIssue>, &'static str) {
         let mut p = Properties::new();
         let mut errors = Vec::new();
         let path = FieldPath::root().key("spec").key("containers").index(0);
@@ -314,7 +305,6 @@ mod tests {
                 pod: None,
                 pod_path: &FieldPath::root().key("spec"),
                 container: sc.as_ref(),
-                allow_privileged: allow,
                 path: &path,
             },
             &mut p,
@@ -337,7 +327,7 @@ mod tests {
 
     #[test]
     fn defaults_are_the_runtime_capabilities_no_new_privileges_and_a_filter() {
-        let (p, errors, profile) = run(None, false);
+        let (p, errors, profile) = run(None);
         assert!(errors.is_empty());
         assert_eq!(profile, "RuntimeDefault");
         let got = caps(&p);
@@ -370,7 +360,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let (p, errors, profile) = run(Some(sc), false);
+        let (p, errors, profile) = run(Some(sc));
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(caps(&p), ["NET_ADMIN", "SYS_TIME"]);
         assert_eq!(p.get("NoNewPrivileges"), Some(&PropertyValue::Bool(false)));
@@ -383,14 +373,12 @@ mod tests {
     }
 
     #[test]
-    fn privileged_needs_the_node_and_bad_names_are_refused() {
+    fn privileged_gets_everything_and_bad_names_are_refused() {
         let privileged = SecurityContext {
             privileged: Some(true),
             ..Default::default()
         };
-        let (_, errors, _) = run(Some(privileged.clone()), false);
-        assert!(errors[0].message.contains("allowPrivileged"), "{errors:?}");
-        let (p, errors, _) = run(Some(privileged), true);
+        let (p, errors, _) = run(Some(privileged));
         assert!(errors.is_empty());
         assert_eq!(caps(&p).len(), CAPABILITIES.len());
         assert!(p.get("NoNewPrivileges").is_none() && p.get("PrivateDevices").is_none());
@@ -405,7 +393,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let (_, errors, _) = run(Some(bad), false);
+        let (_, errors, _) = run(Some(bad));
         let text: Vec<String> = errors
             .iter()
             .map(|e| format!("{}: {}", e.path, e.message))

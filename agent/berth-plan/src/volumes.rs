@@ -567,6 +567,8 @@ mod tests {
         }]);
         let mut node = crate::NodeInfo::new("n", Default::default(), 1 << 30, 2000);
         node.volumes.host_path_prefixes = prefixes.iter().map(|p| p.to_string()).collect();
+        // hostPath volumes: only the privileged level allows them.
+        node.pod_security = crate::podsecurity::Level::Privileged;
         let images = crate::ImageCatalog::new([crate::ImageConfig {
             reference: "busybox:1.37".into(),
             cmd: vec!["sh".into()],

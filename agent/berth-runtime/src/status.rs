@@ -110,19 +110,15 @@ fn condition(kind: &str, ok: bool, reason: Option<&str>) -> PodCondition {
 }
 
 impl PodStatus {
-    /// A pod the node cannot fit, as the kubelet reports it (`OutOfcpu`,
-    /// `OutOfmemory`).
-    pub fn not_admitted(namespace: &str, name: &str, reason: &str) -> Self {
+    /// A pod the node does not run, as the kubelet reports it: `OutOfcpu`
+    /// or `OutOfmemory` when it cannot fit, `Forbidden` when its Pod
+    /// Security level refuses it.
+    pub fn not_admitted(namespace: &str, name: &str, status: &str, reason: &str) -> Self {
         Self {
             namespace: namespace.to_string(),
             name: name.to_string(),
             phase: Phase::Failed,
-            status: if reason.contains("CPU") {
-                "OutOfcpu"
-            } else {
-                "OutOfmemory"
-            }
-            .to_string(),
+            status: status.to_string(),
             qos_class: None,
             slice: None,
             containers: Vec::new(),
@@ -552,7 +548,8 @@ mod tests {
             looping.conditions[3].reason.as_deref(),
             Some("ContainersNotReady")
         );
-        let unfit = PodStatus::not_admitted("default", "huge", "needs more CPU");
+        let unfit = PodStatus::not_admitted("default", "huge", "OutOfcpu", "needs more CPU");
+        assert_eq!(unfit.status, "OutOfcpu");
         assert_eq!(
             conditions(&unfit),
             vec![("PodScheduled".to_string(), "False".to_string())]

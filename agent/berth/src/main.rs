@@ -54,6 +54,10 @@ enum Command {
         /// Treat warnings (fields Berth does not act on yet) as errors.
         #[arg(long)]
         strict: bool,
+        /// The Pod Security level pods are checked against (a node's
+        /// `security.podSecurity`; a namespace's label may ask for stricter).
+        #[arg(long, value_enum, default_value_t = PodSecurityArg::Baseline)]
+        pod_security: PodSecurityArg,
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -76,6 +80,9 @@ enum Command {
         /// The node's CPUs, as a quantity (default: this machine's).
         #[arg(long, value_name = "QUANTITY")]
         node_cpus: Option<String>,
+        /// The node's Pod Security level (default: baseline, or the snapshot's).
+        #[arg(long, value_enum)]
+        pod_security: Option<PodSecurityArg>,
         /// What the node has now: a snapshot of units and facts, as `berth
         /// observe` prints it (default: nothing runs, every image is here).
         /// Its node is used unless --node and the like describe another.
@@ -236,8 +243,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Validate {
             load,
             strict,
+            pod_security,
             output,
-        } => validate(&load, strict, output),
+        } => validate(&load, strict, pod_security.into(), output),
         Command::Plan {
             load,
             node,
@@ -245,6 +253,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             namespaces,
             node_memory,
             node_cpus,
+            pod_security,
             actual,
             revision,
             output,
@@ -261,7 +270,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 || !namespaces.is_empty()
                 || node_memory.is_some()
                 || node_cpus.is_some();
-            let node = match &actual.node {
+            let mut node = match &actual.node {
                 Some(recorded) if !flags_given => recorded.clone(),
                 _ => node_info(
                     node,
@@ -271,6 +280,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     node_cpus.as_deref(),
                 )?,
             };
+            if let Some(level) = pod_security {
+                node.pod_security = level.into();
+            }
             plan(&load, &node, &actual, revision, output, timings)
         }
         Command::Agent {
@@ -763,10 +775,33 @@ fn load_catalog(load: &LoadArgs) -> anyhow::Result<berth_manifest::Catalog> {
     Ok(berth_manifest::load_dir(&load.dir, &options)?)
 }
 
-fn validate(load: &LoadArgs, strict: bool, output: Output) -> anyhow::Result<ExitCode> {
+/// `--pod-security`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum PodSecurityArg {
+    Privileged,
+    Baseline,
+    Restricted,
+}
+
+impl From<PodSecurityArg> for berth_plan::podsecurity::Level {
+    fn from(a: PodSecurityArg) -> Self {
+        match a {
+            PodSecurityArg::Privileged => Self::Privileged,
+            PodSecurityArg::Baseline => Self::Baseline,
+            PodSecurityArg::Restricted => Self::Restricted,
+        }
+    }
+}
+
+fn validate(
+    load: &LoadArgs,
+    strict: bool,
+    pod_security: berth_plan::podsecurity::Level,
+    output: Output,
+) -> anyhow::Result<ExitCode> {
     let images = image_catalog(load)?;
     let catalog = load_catalog(load)?;
-    let (mut pod_diags, pod_rejected) = berth_plan::validate_pods(&catalog, &images);
+    let (mut pod_diags, pod_rejected) = berth_plan::validate_pods(&catalog, &images, pod_security);
     pod_diags.extend(berth_agent::storage::claim_diagnostics(&catalog));
     let report = render::ValidationReport::new(&catalog, pod_diags, pod_rejected);
     render::print_validation(&report, output)?;

@@ -59,6 +59,7 @@ pub(super) struct FileImageGc {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct FileSecurity {
+    pub(super) pod_security: Option<String>,
     pub(super) allow_privileged: Option<bool>,
 }
 
@@ -148,6 +149,7 @@ pub(super) struct Layer {
     pub(super) node_port_range: Option<(String, Origin)>,
     pub(super) host_path_prefixes: Option<(Vec<String>, Origin)>,
     pub(super) images: Option<(FileImages, Origin)>,
+    pub(super) pod_security: Option<(String, Origin)>,
     pub(super) allow_privileged: Option<(bool, Origin)>,
 }
 
@@ -180,6 +182,7 @@ impl Layer {
             node_port_range,
             host_path_prefixes,
             images,
+            pod_security,
             allow_privileged
         );
         self
@@ -229,6 +232,7 @@ pub(super) fn parse_file(text: &str, origin: Origin) -> Result<Layer, ConfigErro
         node_port_range: with(network.node_port_range),
         host_path_prefixes: storage.host_path_prefixes.map(|l| (l, origin.clone())),
         images: images.map(|i| (i, origin.clone())),
+        pod_security: security.pod_security.map(|l| (l, origin.clone())),
         allow_privileged: security.allow_privileged.map(|b| (b, origin.clone())),
     })
 }

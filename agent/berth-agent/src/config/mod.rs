@@ -78,6 +78,7 @@ pub fn load(sources: &ConfigSources) -> Result<NodeConfig, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use berth_plan::podsecurity::Level;
     use std::time::Duration;
 
     struct Dir(PathBuf);
@@ -168,11 +169,40 @@ mod tests {
             c.images.gc_maximum_age,
             Some(Duration::from_secs(168 * 3600))
         );
-        assert!(c.allow_privileged);
+        assert_eq!(c.pod_security, Level::Privileged);
         dir.write("config.yaml", "git:\n  url: git://h/r.git\n");
         let plain = load(&sources(&dir, "", false)).expect("valid");
         assert_eq!(plain.images, ImageSettings::default());
-        assert!(!plain.allow_privileged);
+        assert_eq!(plain.pod_security, Level::Baseline);
+        for (text, level) in [
+            ("security: {podSecurity: restricted}", Level::Restricted),
+            (
+                "security: {podSecurity: privileged, allowPrivileged: true}",
+                Level::Privileged,
+            ),
+            ("security: {allowPrivileged: false}", Level::Baseline),
+        ] {
+            dir.write(
+                "config.yaml",
+                &format!("git:\n  url: git://h/r.git\n{text}\n"),
+            );
+            let c = load(&sources(&dir, "", false)).expect(text);
+            assert_eq!(c.pod_security, level, "{text}");
+        }
+        for (text, field) in [
+            ("security: {podSecurity: strict}", "security.podSecurity"),
+            (
+                "security: {podSecurity: baseline, allowPrivileged: true}",
+                "security.allowPrivileged",
+            ),
+        ] {
+            dir.write(
+                "config.yaml",
+                &format!("git:\n  url: git://h/r.git\n{text}\n"),
+            );
+            let e = load(&sources(&dir, "", false)).expect_err(text);
+            assert_eq!(e.field, field, "{e}");
+        }
         for (bad, field) in [
             (
                 "images:\n  registries:\n    \"https://r.example\": {}\n",

@@ -41,8 +41,10 @@ pub struct NodeConfig {
     pub host_path_prefixes: Vec<String>,
     /// `images`: registries (mirrors, plain HTTP), pull timeout, collection.
     pub images: ImageSettings,
-    /// `security.allowPrivileged`: whether `privileged: true` containers may run.
-    pub allow_privileged: bool,
+    /// `security.podSecurity`: the Pod Security Standard pods are held to
+    /// (`baseline` unless set; `security.allowPrivileged: true`, the older
+    /// spelling, means `privileged`).
+    pub pod_security: berth_plan::podsecurity::Level,
     /// Which sources contributed, in order.
     pub sources: Vec<String>,
 }
@@ -309,7 +311,7 @@ pub(super) fn finish(
         None => ImageSettings::default(),
         Some((file, origin)) => image_settings(file, origin)?,
     };
-    let allow_privileged = layer.allow_privileged.as_ref().is_some_and(|(b, _)| *b);
+    let pod_security = pod_security(&layer)?;
     Ok(NodeConfig {
         node_name,
         labels,
@@ -326,7 +328,45 @@ pub(super) fn finish(
         network,
         host_path_prefixes,
         images,
-        allow_privileged,
+        pod_security,
         sources,
     })
+}
+
+/// `security.podSecurity`, or what the older `security.allowPrivileged` meant.
+fn pod_security(layer: &Layer) -> Result<berth_plan::podsecurity::Level, ConfigError> {
+    use berth_plan::podsecurity::Level;
+    let legacy = layer.allow_privileged.as_ref().map(|(b, o)| {
+        (
+            if *b {
+                Level::Privileged
+            } else {
+                Level::Baseline
+            },
+            o,
+        )
+    });
+    let Some((text, origin)) = &layer.pod_security else {
+        return Ok(legacy.map_or(Level::Baseline, |(l, _)| l));
+    };
+    let level = Level::parse(text).ok_or_else(|| {
+        error(
+            origin,
+            "security.podSecurity",
+            format!("{text:?} is not a Pod Security level: privileged, baseline or restricted"),
+        )
+    })?;
+    if let Some((older, o)) = legacy
+        && (older == Level::Privileged) != (level == Level::Privileged)
+    {
+        return Err(error(
+            o,
+            "security.allowPrivileged",
+            format!(
+                "says {} but security.podSecurity is {level}: remove allowPrivileged (podSecurity: privileged is its meaning)",
+                older == Level::Privileged
+            ),
+        ));
+    }
+    Ok(level)
 }

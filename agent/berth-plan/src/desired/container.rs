@@ -195,7 +195,6 @@ fn check(
             pod: pod_sc,
             pod_path: &FieldPath::parse(input.instance.spec_path),
             container: sc,
-            allow_privileged: ctx.node.allow_privileged,
             path,
         },
         &mut isolation,
