@@ -49,6 +49,12 @@ const PODS: &[(&str, &str)] = &[
         "pods/nobin.yaml",
         "apiVersion: v1\nkind: Pod\nmetadata: {name: nobin}\nspec:\n  containers:\n  - name: main\n    image: busybox:1.37\n    command: [/no/such/program]\n",
     ),
+    // A command line with `$` in every form: Kubernetes expands `$(VAR)`
+    // and turns `$$` into `$`; the shell gets the rest as written.
+    (
+        "pods/dollars.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: dollars}\nspec:\n  containers:\n  - name: main\n    image: busybox:1.37\n    env: [{name: GREETING, value: hi}]\n    command: [sh, -c]\n    args:\n    - |-\n      for i in 1 2; do echo \"loop=${i}\"; done\n      echo 'twice=$$$$'\n      echo \"var=$(GREETING)\"\n      echo 'escaped=$$(GREETING)'\n      X=set; echo \"plain=$X\"\n      exec sleep 1000000\n",
+    ),
     // Asks for what would reach root on the node; the node's level is the
     // default, baseline.
     (
@@ -170,7 +176,7 @@ fn pushed_pods_run_as_units_with_their_qos_and_converge_after_restarts() {
 fn scenario() {
     let image = must(test_image());
     let git = must(GitHost::fresh("pods", "desired.git"));
-    let first = must(git.push(PODS, "eight pods"));
+    let first = must(git.push(PODS, "nine pods"));
 
     let mut options = VmOptions::new("pods");
     options.esp_config = Some(format!(
@@ -233,6 +239,7 @@ fn scenario() {
             && status_of(p, "ghost") == "ErrImageNeverPull"
             && status_of(p, "huge") == "OutOfcpu"
             && status_of(p, "rootish") == "Forbidden"
+            && status_of(p, "dollars") == "Running"
             && p["nobin"]["containers"][0]["lastExitCode"] == 203
     });
     println!("{}", sh(&vm, "berth get pods"));
@@ -297,6 +304,29 @@ fn scenario() {
     );
     let log = sh(&vm, "berth logs default/silver");
     assert!(log.contains("started as uid 1000"), "{log}");
+    // Kubernetes' rules for `$`, and nothing of systemd's.
+    let log = sh(&vm, "berth logs default/dollars");
+    let printed: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .filter(|w| {
+            ["loop=", "twice=", "var=", "escaped=", "plain="]
+                .iter()
+                .any(|p| w.starts_with(p))
+        })
+        .collect();
+    assert_eq!(
+        printed,
+        [
+            "loop=1",
+            "loop=2",
+            "twice=$$",
+            "var=hi",
+            "escaped=$(GREETING)",
+            "plain=set"
+        ],
+        "{log}"
+    );
 
     // A killed main process is restarted by systemd (Restart=always).
     sh(

@@ -17,7 +17,7 @@ use zbus::zvariant::{Array, OwnedObjectPath, OwnedValue, Value};
 
 use crate::systemd::{
     KillWhom, READ_BACK, Systemd, SystemdError, UnitDetails, UnitRuntime, UnitSummary, Wire,
-    wire_type,
+    wire_name, wire_type,
 };
 
 const DEST: &str = "org.freedesktop.systemd1";
@@ -325,6 +325,18 @@ pub fn to_wire(name: &str, value: &PropertyValue) -> Result<Value<'static>, Stri
                 })
                 .collect::<Vec<(String, String, bool, u64)>>(),
         ),
+        (Wire::ExecNoExpand, P::Exec(commands)) => Value::from(
+            commands
+                .iter()
+                .map(|c| {
+                    (
+                        c.path.clone(),
+                        c.argv.clone(),
+                        vec!["no-env-expand".to_string()],
+                    )
+                })
+                .collect::<Vec<(String, Vec<String>, Vec<String>)>>(),
+        ),
         (Wire::Natural, P::Exec(commands)) => Value::from(
             commands
                 .iter()
@@ -431,7 +443,7 @@ fn wire_properties(
         .iter()
         .map(|(k, v)| {
             to_wire(k, v)
-                .map(|w| (k.to_string(), w))
+                .map(|w| (wire_name(k).to_string(), w))
                 .map_err(|message| SystemdError::Property {
                     unit: unit.to_string(),
                     property: k.to_string(),
@@ -632,6 +644,26 @@ mod tests {
             "aay"
         );
         assert!(to_wire("RestartSteps", &PropertyValue::Unsigned(1 << 40)).is_err());
+        // The command line goes as ExecStartEx, with systemd's own `$`
+        // expansion off: `${i}` and `$$` reach the program as written.
+        let exec = PropertyValue::exec(vec![ExecCommand {
+            path: "sh".into(),
+            argv: vec!["sh".into(), "-c".into(), "echo ${i} $$".into()],
+        }]);
+        assert_eq!(wire_name("ExecStart"), "ExecStartEx");
+        let wire = to_wire("ExecStart", &exec).expect("encodes");
+        assert_eq!(wire.value_signature().to_string(), "a(sasas)");
+        let Value::Array(commands) = &wire else {
+            panic!("{wire:?}")
+        };
+        let Some(Value::Structure(command)) = commands.first() else {
+            panic!("{wire:?}")
+        };
+        assert_eq!(
+            command.fields().get(2),
+            Some(&Value::from(vec!["no-env-expand".to_string()]))
+        );
+        assert_eq!(from_wire(&wire), Some(exec));
         assert_eq!(
             from_wire(&to_wire("PrivatePIDs", &PropertyValue::Bool(true)).expect("s")),
             Some(PropertyValue::text("yes"))

@@ -231,6 +231,11 @@ pub enum Wire {
     YesNo,
     /// `(bas)`: a list whose first item is `~` is a deny list, as in unit files.
     SyscallFilter,
+    /// `a(sasas)` under the property's `Ex` name, flagged `no-env-expand`
+    /// (a unit file's `:` prefix): systemd would otherwise expand `$VAR`,
+    /// `${VAR}` and `$$` in the command line after Berth's own `$(VAR)`
+    /// expansion, which Kubernetes does not do.
+    ExecNoExpand,
     /// Whatever the value's variant maps to (`t`, `x`, `b`, `s`, `as`, `a(sasb)`).
     Natural,
 }
@@ -243,7 +248,16 @@ pub fn wire_type(property: &str) -> Wire {
         "PrivatePIDs" => Wire::YesNo,
         "SystemCallFilter" => Wire::SyscallFilter,
         "SystemCallErrorNumber" => Wire::I32,
+        "ExecStart" => Wire::ExecNoExpand,
         _ => Wire::Natural,
+    }
+}
+
+/// The name a property is sent under.
+pub fn wire_name(property: &str) -> &str {
+    match wire_type(property) {
+        Wire::ExecNoExpand => "ExecStartEx",
+        _ => property,
     }
 }
 
