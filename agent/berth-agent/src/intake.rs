@@ -69,6 +69,24 @@ impl Agent {
                 }
             }
         };
+        // A good signature is not enough: an older signed commit pushed
+        // back over the branch would bring back what was replaced.
+        if signer.is_some()
+            && !config.allow_rewind
+            && let Some(last) = self
+                .state
+                .last_good
+                .as_ref()
+                .and_then(|g| Revision::parse(&g.revision))
+            && !mirror.descends_from(revision, last)
+        {
+            let error = format!(
+                "commit {} does not descend from {}, the last one applied: a push that rewinds the branch (to an older signed commit, say) is not applied; set git.allowRewind: true in the node config to allow it",
+                short(&rev),
+                short(&last.to_string())
+            );
+            return (Some(self.reject(&rev, now, vec![error])), None);
+        }
         match self.load(config, mirror, &rev) {
             Ok(mut loaded) => {
                 loaded.signer = signer;

@@ -785,6 +785,60 @@ fn unsigned_or_wrongly_signed_commits_are_not_applied() {
         "{:?}",
         agent.state().signed_by
     );
+
+    // A later signed commit is applied; pushing the branch back to the
+    // earlier one (signed, but older) is a replay and is refused.
+    let repo = node.dir.join("repo");
+    let head = || {
+        let out = Command::new("git")
+            .args(["rev-parse", "HEAD"])
+            .current_dir(&repo)
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let older = head();
+    node.commit(&[("pods/b.yaml", Some(pod("b", "sleep, \"100\"", "")))]);
+    sign_with(&alice);
+    let (outcome, _) = agent.pass(true);
+    assert!(
+        matches!(outcome, PassOutcome::Applied { .. }),
+        "{outcome:?}"
+    );
+    let newer = head();
+    git(&repo, &["reset", "-q", "--hard", &older]);
+    node.push();
+    let (outcome, _) = agent.pass(true);
+    assert!(
+        matches!(outcome, PassOutcome::Rejected { .. }),
+        "{outcome:?}"
+    );
+    let errors = &agent.state().errors;
+    assert!(
+        errors[0].contains(&format!(
+            "commit {} does not descend from {}, the last one applied",
+            &older[..12],
+            &newer[..12]
+        )) && errors[0].contains("git.allowRewind"),
+        "{errors:?}"
+    );
+    assert!(
+        node.active("berth-default_b_main.service"),
+        "the last good revision keeps running"
+    );
+
+    // Allowed explicitly, a rewind is applied (from the next commit on).
+    node.configure("  allowRewind: true\n");
+    let mut agent = node.agent();
+    node.commit(&[("pods/c.yaml", Some(pod("c", "sleep, \"100\"", "")))]);
+    sign_with(&alice);
+    let (outcome, _) = agent.pass(true);
+    assert!(
+        matches!(outcome, PassOutcome::Applied { .. }),
+        "{outcome:?}"
+    );
+    assert!(node.active("berth-default_c_main.service"));
+    assert!(!node.active("berth-default_b_main.service"));
 }
 
 fn wait_for_record(

@@ -255,6 +255,17 @@ impl Mirror {
         self.repo.find_commit(revision.0).is_ok()
     }
 
+    /// Whether `revision` has `ancestor` in its history (a commit is not its
+    /// own descendant). An ancestor the mirror does not hold is not in the
+    /// history it fetched: false.
+    pub fn descends_from(&self, revision: Revision, ancestor: Revision) -> bool {
+        self.has(ancestor)
+            && self
+                .repo
+                .graph_descendant_of(revision.0, ancestor.0)
+                .unwrap_or(false)
+    }
+
     /// The YAML files under `subpath` of a revision, as the loader takes them,
     /// with paths relative to `subpath`. Files over `max_bytes` are returned
     /// empty-handed as errors by the loader's own size rule, so they are

@@ -113,6 +113,7 @@ pub(super) struct FileGit {
     pub(super) poll_interval: Option<String>,
     pub(super) credentials: Option<FileCredentials>,
     pub(super) allowed_signers: Option<PathBuf>,
+    pub(super) allow_rewind: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -136,6 +137,7 @@ pub(super) struct Layer {
     pub(super) user: Option<(String, Origin)>,
     pub(super) token_file: Option<(PathBuf, Origin)>,
     pub(super) allowed_signers: Option<(PathBuf, Origin)>,
+    pub(super) allow_rewind: Option<(bool, Origin)>,
     pub(super) publish: Option<(String, Origin)>,
     pub(super) heartbeat: Option<(String, Origin)>,
     pub(super) history: Option<(String, Origin)>,
@@ -169,6 +171,7 @@ impl Layer {
             user,
             token_file,
             allowed_signers,
+            allow_rewind,
             publish,
             heartbeat,
             history,
@@ -219,6 +222,7 @@ pub(super) fn parse_file(text: &str, origin: Origin) -> Result<Layer, ConfigErro
         user: with(creds.user),
         token_file: creds.token_file.map(|p| (p, origin.clone())),
         allowed_signers: git.allowed_signers.map(|p| (p, origin.clone())),
+        allow_rewind: git.allow_rewind.map(|b| (b, origin.clone())),
         publish: with(status.publish.map(|b| b.to_string())),
         heartbeat: with(status.heartbeat),
         history: with(status.history.map(|n| n.to_string())),

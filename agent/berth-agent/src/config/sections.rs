@@ -24,6 +24,10 @@ pub struct NodeConfig {
     pub credentials: Option<Credentials>,
     /// Only commits signed by these keys are applied, when set.
     pub allowed_signers: Option<PathBuf>,
+    /// `git.allowRewind`: with allowed signers, whether a commit that does
+    /// not descend from the last applied one (a rewinding force-push) may
+    /// be applied. Off by default: an older signed commit is not replayed.
+    pub allow_rewind: bool,
     /// Whether status and drift are pushed to the remote.
     pub publish: bool,
     /// A status commit at least this often, and every branch pushed again.
@@ -307,6 +311,7 @@ pub(super) fn finish(
         }
     }
     let allowed_signers = layer.allowed_signers.clone().map(|(p, _)| p);
+    let allow_rewind = layer.allow_rewind.as_ref().is_some_and(|(b, _)| *b);
     let images = match &layer.images {
         None => ImageSettings::default(),
         Some((file, origin)) => image_settings(file, origin)?,
@@ -320,6 +325,7 @@ pub(super) fn finish(
         poll_interval,
         credentials,
         allowed_signers,
+        allow_rewind,
         publish,
         heartbeat,
         history,
