@@ -150,7 +150,9 @@ cp "$root/usr/lib/systemd/boot/efi/systemd-bootx64.efi" "$esp/EFI/BOOT/BOOTX64.E
 cp "$root/usr/lib/systemd/boot/efi/systemd-bootx64.efi" "$esp/EFI/systemd/systemd-bootx64.efi"
 cp "$root/boot/vmlinuz-$kver" "$esp/berth/a/vmlinuz"
 cp "$work/initrd.img" "$esp/berth/a/initrd.img"
-printf 'default berth-a.conf\ntimeout 0\nconsole-mode keep\n' > "$esp/loader/loader.conf"
+# No entry editor: at the console it would let anyone boot the node with
+# init=/bin/sh (and on a signed image, around everything the image checks).
+printf 'default berth-a.conf\ntimeout 0\nconsole-mode keep\neditor no\n' > "$esp/loader/loader.conf"
 # The security modules Debian's kernel activates, less those the node has
 # no policy or use for: TOMOYO (no tomoyo-init), IPE (no policy) and BPF
 # (only systemd's RestrictFileSystems= would use it, which no unit here

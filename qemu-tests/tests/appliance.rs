@@ -134,6 +134,13 @@ fn fetch_scenario() {
         (rc, out.split_whitespace().collect::<Vec<_>>()),
         (0, vec!["ro", "rw", "ro"])
     );
+    // systemd-boot's entry editor is off: no kernel command line typed at
+    // the console (init=/bin/sh) gets past it.
+    let (rc, out) = must(vm.exec(
+        "grep -x 'editor no' /efi/loader/loader.conf",
+        Duration::from_secs(30),
+    ));
+    assert_eq!((rc, out.trim()), (0, "editor no"), "{out}");
     let (rc, out) = must(vm.exec(
         "test -e /proc/sys/net/bridge/bridge-nf-call-iptables && test -e /dev/loop-control",
         Duration::from_secs(30),
