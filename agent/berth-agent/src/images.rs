@@ -253,7 +253,15 @@ impl Images {
         if by_age {
             self.last_age_collect = Some(Instant::now());
         }
-        let mut keep = rt.roots.images_in_use();
+        let mut keep = match rt.roots.images_in_use() {
+            Ok(k) => k,
+            Err(e) => {
+                log.error(&format!(
+                    "image collection skipped, every image kept: which image a container uses is unknown ({e})"
+                ));
+                return Vec::new();
+            }
+        };
         keep.extend(
             pods.iter()
                 .flat_map(DesiredPod::units)

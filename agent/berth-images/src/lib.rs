@@ -262,7 +262,7 @@ impl ImageStore {
     /// The manifest digest a reference points to in the store.
     pub fn resolve(&self, reference: &str) -> Option<String> {
         let _guard = self.lock();
-        self.refs().remove(&normalize(reference))
+        self.refs().ok()?.remove(&normalize(reference))
     }
 
     /// Unpacks a manifest whose blobs are all stored (unless its root is
@@ -285,7 +285,7 @@ impl ImageStore {
             self.unpack_limited(Path::new(source), manifest_digest, &dir, limits)?;
         }
         let _guard = self.lock();
-        let mut refs = self.refs();
+        let mut refs = self.refs()?;
         refs.insert(normalize(reference), manifest_digest.to_string());
         self.save_refs(&refs)?;
         Ok(new)
@@ -304,9 +304,11 @@ impl ImageStore {
 
     /// Every image in the store.
     pub fn list(&self) -> Vec<StoredImage> {
+        // A listing only: an unreadable reference file lists nothing (and
+        // collection, which reads it again, refuses to run).
         let refs = {
             let _guard = self.lock();
-            self.refs()
+            self.refs().unwrap_or_default()
         };
         refs.into_iter()
             .filter_map(|(reference, manifest)| {
@@ -336,6 +338,12 @@ impl ImageStore {
         keep: &HashSet<String>,
         mut remove: impl FnMut(&StoredImage, u64) -> bool,
     ) -> Result<Collected, ImageError> {
+        // Unreadable references mean "nothing is known to be in use", which
+        // must never become "delete everything": keep all, and say why.
+        {
+            let _guard = self.lock();
+            self.refs()?;
+        }
         let mut images = self.list();
         images.sort_by_key(|i| i.last_used);
         let mut out = Collected::default();
@@ -348,7 +356,7 @@ impl ImageStore {
             out.images.push(image.reference.clone());
         }
         let _guard = self.lock();
-        let mut refs = self.refs();
+        let mut refs = self.refs()?;
         if !gone.is_empty() {
             refs.retain(|r, _| !gone.contains(r));
             self.save_refs(&refs)?;
@@ -402,11 +410,22 @@ impl ImageStore {
         self.root.join("refs.json")
     }
 
-    fn refs(&self) -> BTreeMap<String, String> {
-        fs::read(self.refs_path())
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+    /// The references file: none yet is an empty store; one that cannot be
+    /// read or parsed is an error, so nothing is collected or rewritten
+    /// from a partial view.
+    fn refs(&self) -> Result<BTreeMap<String, String>, ImageError> {
+        let path = self.refs_path();
+        let body = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        serde_json::from_slice(&body).map_err(|e| ImageError::Archive {
+            archive: path.clone(),
+            message: format!(
+                "cannot be parsed ({e}): no image is collected and no reference changed until it is repaired (removing it forgets the store's tags, and then only images no container uses are collected)"
+            ),
+        })
     }
 
     fn save_refs(&self, refs: &BTreeMap<String, String>) -> Result<(), ImageError> {
@@ -424,7 +443,7 @@ impl ImageStore {
 
     /// The unpacked root of an image, if the store has it complete.
     pub fn rootfs(&self, reference: &str) -> Option<PathBuf> {
-        let digest = self.refs().remove(&normalize(reference))?;
+        let digest = self.refs().ok()?.remove(&normalize(reference))?;
         let hex = valid_digest(&digest)?;
         let dir = self.root.join("rootfs").join(hex);
         dir.is_dir().then_some(dir)
@@ -433,7 +452,7 @@ impl ImageStore {
     /// Every image in the store with the config parts pods merge with.
     pub fn catalog(&self) -> Vec<ImageConfig> {
         let mut out = Vec::new();
-        for (reference, digest) in self.refs() {
+        for (reference, digest) in self.refs().unwrap_or_default() {
             let Some(config) = self.image_config(&digest) else {
                 continue;
             };
@@ -496,7 +515,7 @@ impl ImageStore {
         }
         let index = index.ok_or_else(|| bad("no index.json".into()))?;
         let mut imported = Vec::new();
-        let mut refs = self.refs();
+        let mut refs = self.refs()?;
         for m in &index.manifests {
             let Some(reference) = m
                 .annotations

@@ -165,3 +165,35 @@ fn a_blob_that_does_not_match_its_digest_is_refused() {
     let err = store.import_archive(&tarball).expect_err("refused");
     assert!(matches!(err, ImageError::Digest { .. }), "{err}");
 }
+
+#[test]
+fn an_unreadable_reference_file_stops_collection_and_keeps_everything() {
+    let s = Scratch::new("refs-broken");
+    let tarball = archive(
+        &s.0,
+        "busybox:1.37",
+        &[layer(&[Item::File("bin/sh", b"shell")])],
+        serde_json::json!({"config": {"Cmd": ["sh"]}}),
+    );
+    let store = ImageStore::open(&s.0.join("store")).expect("open");
+    store.import_archive(&tarball).expect("imports");
+    let root = store.rootfs("busybox:1.37").expect("unpacked");
+    // A power cut or a bad disk leaves the reference file half-written.
+    fs::write(s.0.join("store/refs.json"), b"{\"docker.io/library/busy").expect("write");
+    let err = store
+        .collect(&HashSet::new(), |_, _| true)
+        .expect_err("nothing is known to be in use");
+    assert!(err.to_string().contains("refs.json"), "{err}");
+    assert!(err.to_string().contains("no image is collected"), "{err}");
+    assert!(root.join("bin/sh").exists(), "the image's root is kept");
+    let blobs = fs::read_dir(s.0.join("store/blobs/sha256"))
+        .expect("blobs")
+        .count();
+    assert!(blobs >= 3, "manifest, config and layer are kept: {blobs}");
+    // Nor is the broken file overwritten with a partial view by a new image.
+    assert!(store.import_archive(&tarball).is_err());
+    assert_eq!(
+        fs::read(s.0.join("store/refs.json")).expect("read"),
+        b"{\"docker.io/library/busy"
+    );
+}

@@ -154,18 +154,39 @@ impl ContainerRoots {
         .collect())
     }
 
-    /// Records the manifest digest of the image a container's root is made of.
+    /// Records the manifest digest of the image a container's root is made
+    /// of: written whole or not at all (a temporary file, synced, renamed).
     pub fn record_image(&self, key: &str, manifest: &str) -> io::Result<()> {
-        fs::write(self.dir(key).join("image"), manifest)
+        use std::io::Write as _;
+        let dir = self.dir(key);
+        let tmp = dir.join(".image.tmp");
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(manifest.as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, dir.join("image"))
     }
 
     /// The images of every container that has a root here: these are in
-    /// use, whatever tags point at now.
-    pub fn images_in_use(&self) -> std::collections::HashSet<String> {
+    /// use, whatever tags point at now. A record that is missing, cannot
+    /// be read or is not a digest is an error: collection must then keep
+    /// everything rather than believe that image unused.
+    pub fn images_in_use(&self) -> Result<std::collections::HashSet<String>, String> {
         self.keys()
             .iter()
-            .filter_map(|k| fs::read_to_string(self.dir(k).join("image")).ok())
-            .map(|s| s.trim().to_string())
+            .map(|k| {
+                let path = self.dir(k).join("image");
+                let text =
+                    fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let digest = text.trim();
+                let hex = digest.strip_prefix("sha256:").unwrap_or("");
+                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(format!(
+                        "{}: {digest:?} is not an image digest",
+                        path.display()
+                    ));
+                }
+                Ok(digest.to_string())
+            })
             .collect()
     }
 
@@ -317,6 +338,32 @@ mod tests {
         );
         assert_eq!(roots.keys(), vec!["ns_p_c".to_string()]);
         fs::remove_dir_all(&base).expect("cleanup");
+    }
+
+    #[test]
+    fn an_unknown_container_image_makes_collection_keep_everything() {
+        let base = std::env::temp_dir().join(format!("berth-roots-records-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let roots = ContainerRoots::new(&base);
+        let digest = format!("sha256:{}", "a".repeat(64));
+        for key in ["ns_a_c", "ns_b_c"] {
+            fs::create_dir_all(roots.dir(key)).expect("dir");
+        }
+        roots.record_image("ns_a_c", &digest).expect("record");
+        assert!(!roots.dir("ns_a_c").join(".image.tmp").exists());
+        // One container without its record (a start cut short): unknown.
+        let err = roots.images_in_use().expect_err("b's image is unknown");
+        assert!(err.contains("ns_b_c/image"), "{err}");
+        // A record cut short or overwritten: not a digest, unknown too.
+        fs::write(roots.dir("ns_b_c").join("image"), "sha256:abc").expect("write");
+        let err = roots.images_in_use().expect_err("not a digest");
+        assert!(err.contains("is not an image digest"), "{err}");
+        roots.record_image("ns_b_c", &digest).expect("record");
+        assert_eq!(
+            roots.images_in_use().expect("known"),
+            std::collections::HashSet::from([digest])
+        );
+        let _ = fs::remove_dir_all(&base);
     }
 
     #[test]
