@@ -191,12 +191,20 @@ impl Client {
         let endpoints = self.endpoints(&r);
         let mut last = None;
         for (i, endpoint) in endpoints.iter().enumerate() {
+            // A pull secret's login goes to the host it names: a mirror
+            // gets only credentials written for the mirror itself.
+            let is_mirror = i + 1 < endpoints.len();
+            let host = if is_mirror {
+                url_host(endpoint)
+            } else {
+                &r.registry
+            };
             let mut session = Session {
                 agent: &self.agent,
                 timeout: self.config.timeout,
                 endpoint,
                 reference: &r,
-                creds: matching(creds, &r.registry, &r.repository),
+                creds: matching(creds, host, &r.repository),
                 auth: None,
             };
             match self.pull_from(&mut session, store, progress) {
@@ -411,6 +419,11 @@ impl Session<'_> {
         scope: Option<&str>,
         cred: Option<&Credential>,
     ) -> Result<String, PullError> {
+        if !realm_allowed(self.endpoint, realm) {
+            return Err(self.denied(format!(
+                "the token service {realm} is not HTTPS: nothing is sent to it (plain HTTP only for a registry the node config marks insecure)"
+            )));
+        }
         let scope = scope.map_or_else(
             || format!("repository:{}:pull", self.reference.repository),
             str::to_string,
@@ -622,10 +635,69 @@ impl Session<'_> {
     }
 }
 
+/// `host[:port]` of an endpoint URL.
+fn url_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split('/').next().unwrap_or(rest)
+}
+
+/// Where a registry's token service may be: HTTPS, or plain HTTP when the
+/// registry itself is spoken to over plain HTTP (the node config's
+/// `insecure`, or a mirror written as `http://`).
+fn realm_allowed(endpoint: &str, realm: &str) -> bool {
+    realm.starts_with("https://")
+        || (endpoint.starts_with("http://") && realm.starts_with("http://"))
+}
+
 fn basic(c: &Credential) -> String {
     let raw = format!("{}:{}", c.username, c.password);
     format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(raw)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_service_must_be_https_unless_the_registry_is_plain_http() {
+        let cases = [
+            (
+                "https://registry.example",
+                "https://auth.example/token",
+                true,
+            ),
+            (
+                "https://registry.example",
+                "http://auth.example/token",
+                false,
+            ),
+            (
+                "https://registry.example",
+                "ftp://auth.example/token",
+                false,
+            ),
+            ("https://registry.example", "/token", false),
+            (
+                "http://10.0.2.100:5000",
+                "http://10.0.2.100:5001/token",
+                true,
+            ),
+            ("http://10.0.2.100:5000", "https://auth.example/token", true),
+        ];
+        for (endpoint, realm, allowed) in cases {
+            assert_eq!(
+                realm_allowed(endpoint, realm),
+                allowed,
+                "{endpoint} {realm}"
+            );
+        }
+        assert_eq!(
+            url_host("https://mirror.internal:8443/v2/"),
+            "mirror.internal:8443"
+        );
+        assert_eq!(url_host("http://10.0.2.100:5000"), "10.0.2.100:5000");
+    }
 }

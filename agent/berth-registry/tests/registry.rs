@@ -862,3 +862,69 @@ fn token_auth_logs_in_with_the_pull_secret_and_refuses_without_it() {
         "from behind a token"
     );
 }
+
+#[test]
+fn a_mirror_gets_only_the_credentials_written_for_it() {
+    use std::sync::{Arc, Mutex};
+    // A mirror and a registry that both want a login, and note whether a
+    // request carried one.
+    let server = |seen: Arc<Mutex<Vec<bool>>>| {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                let mut buf = [0u8; 4096];
+                let n = conn.read(&mut buf).unwrap_or(0);
+                let request = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+                seen.lock()
+                    .unwrap()
+                    .push(request.contains("\r\nauthorization:"));
+                let _ = conn.write_all(b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"t\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            }
+        });
+        port
+    };
+    let mirror_seen = Arc::new(Mutex::new(Vec::new()));
+    let registry_seen = Arc::new(Mutex::new(Vec::new()));
+    let mirror = server(Arc::clone(&mirror_seen));
+    let registry = server(Arc::clone(&registry_seen));
+    let host = format!("127.0.0.1:{registry}");
+    let mut config = plain_http(&[&host], Duration::from_secs(3));
+    config
+        .hosts
+        .get_mut(&host)
+        .unwrap()
+        .mirrors
+        .push(format!("http://127.0.0.1:{mirror}"));
+    let client = Client::new(config);
+    let s = Scratch::new("mirror-creds");
+    let store = ImageStore::open(&s.0.join("store")).unwrap();
+    let login = |matches: &str| Credential {
+        matches: matches.to_string(),
+        username: "u".into(),
+        password: "p".into(),
+    };
+
+    // The registry's login: sent to the registry, never to its mirror.
+    let _ = pull(&client, &store, &format!("{host}/app:1"), &[login(&host)]).unwrap_err();
+    assert!(
+        !mirror_seen.lock().unwrap().is_empty(),
+        "the mirror was asked first"
+    );
+    assert!(
+        mirror_seen.lock().unwrap().iter().all(|auth| !auth),
+        "the registry's credentials went to the mirror"
+    );
+    assert!(registry_seen.lock().unwrap().iter().any(|auth| *auth));
+
+    // A secret that names the mirror is the mirror's to receive.
+    mirror_seen.lock().unwrap().clear();
+    let _ = pull(
+        &client,
+        &store,
+        &format!("{host}/app:1"),
+        &[login(&format!("127.0.0.1:{mirror}"))],
+    )
+    .unwrap_err();
+    assert!(mirror_seen.lock().unwrap().iter().any(|auth| *auth));
+}
