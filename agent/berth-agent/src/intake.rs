@@ -169,12 +169,16 @@ impl Agent {
     ) -> Result<Loaded, String> {
         let revision =
             Revision::parse(rev).ok_or_else(|| format!("state names a bad revision {rev:?}"))?;
-        let files = mirror
-            .read_manifests(revision, &config.path)
+        let (files, refused) = mirror
+            .read_manifests(
+                revision,
+                &config.path,
+                &berth_manifest::LoadOptions::default(),
+            )
             .map_err(|e| e.to_string())?;
         Ok(Loaded {
             revision: rev.to_string(),
-            catalog: berth_manifest::load_sources(files),
+            catalog: berth_manifest::load_with_refusals(files, refused),
             signer: None,
         })
     }

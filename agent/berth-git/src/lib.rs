@@ -89,7 +89,13 @@ impl std::fmt::Display for Revision {
 pub struct Mirror {
     path: PathBuf,
     repo: Repository,
+    /// A fetch that brings more than this is stopped: a node's disk and
+    /// memory are not the repository host's.
+    max_fetch_bytes: u64,
 }
+
+/// The default for [`Mirror::with_fetch_limit`]: 1 GiB in one fetch.
+pub const MAX_FETCH_BYTES: u64 = 1 << 30;
 
 impl std::fmt::Debug for Mirror {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -119,6 +125,7 @@ impl Mirror {
                     return Ok(Self {
                         path: path.to_path_buf(),
                         repo,
+                        max_fetch_bytes: MAX_FETCH_BYTES,
                     });
                 }
                 Err(_) => {
@@ -133,7 +140,14 @@ impl Mirror {
         Ok(Self {
             path: path.to_path_buf(),
             repo,
+            max_fetch_bytes: MAX_FETCH_BYTES,
         })
+    }
+
+    /// Stops any fetch that brings more than `bytes`.
+    pub fn with_fetch_limit(mut self, bytes: u64) -> Self {
+        self.max_fetch_bytes = bytes;
+        self
     }
 
     /// Fetches `remote.branch` and returns the commit it points to.
@@ -147,7 +161,17 @@ impl Mirror {
             branch: remote.branch.clone(),
             message,
         };
-        let callbacks = remote_callbacks(credentials);
+        let mut callbacks = remote_callbacks(credentials);
+        let limit = self.max_fetch_bytes;
+        let stopped_at = std::cell::Cell::new(None);
+        callbacks.transfer_progress(|p| {
+            let received = p.received_bytes() as u64;
+            if received > limit {
+                stopped_at.set(Some(received));
+                return false;
+            }
+            true
+        });
         let mut options = FetchOptions::new();
         options.remote_callbacks(callbacks);
         options.download_tags(git2::AutotagOption::None);
@@ -165,9 +189,14 @@ impl Mirror {
         if let Ok(mut old) = self.repo.find_reference(&tracking_ref(&remote.branch)) {
             let _ = old.delete();
         }
-        anonymous
-            .fetch(&[&refspec], Some(&mut options), None)
-            .map_err(|e| fail(e.message().to_string()))?;
+        let fetched = anonymous.fetch(&[&refspec], Some(&mut options), None);
+        drop(options);
+        if let Some(received) = stopped_at.get() {
+            return Err(fail(format!(
+                "stopped after {received} bytes: one fetch may bring at most {limit} bytes to a node; the branch's history is too big for it"
+            )));
+        }
+        fetched.map_err(|e| fail(e.message().to_string()))?;
         match self.repo.refname_to_id(&tracking_ref(&remote.branch)) {
             Ok(oid) => Ok(Revision(oid)),
             Err(_) => Err(GitError::NoSuchBranch {
@@ -267,14 +296,15 @@ impl Mirror {
     }
 
     /// The YAML files under `subpath` of a revision, as the loader takes them,
-    /// with paths relative to `subpath`. Files over `max_bytes` are returned
-    /// empty-handed as errors by the loader's own size rule, so they are
-    /// skipped here with their size in the name of an empty file.
+    /// with paths relative to `subpath`, and the files it refuses by the
+    /// loader's own rule (`berth_manifest::accept_file`: over the size limit,
+    /// unread; not UTF-8): what `berth validate` would read in a checkout.
     pub fn read_manifests(
         &self,
         revision: Revision,
         subpath: &str,
-    ) -> Result<Vec<SourceFile>, GitError> {
+        options: &berth_manifest::LoadOptions,
+    ) -> Result<(Vec<SourceFile>, Vec<berth_manifest::Diagnostic>), GitError> {
         let rev = revision.to_string();
         let read = |source| GitError::Read {
             revision: rev.clone(),
@@ -300,6 +330,7 @@ impl Mirror {
                 })?
         };
         let mut files = Vec::new();
+        let mut refused = Vec::new();
         let mut walk_error = None;
         tree.walk(git2::TreeWalkMode::PreOrder, |dir, entry| {
             let name = entry.name().unwrap_or("");
@@ -308,13 +339,26 @@ impl Mirror {
             }
             let is_yaml = name.ends_with(".yaml") || name.ends_with(".yml");
             if entry.kind() == Some(git2::ObjectType::Blob) && is_yaml {
-                match self.repo.find_blob(entry.id()) {
-                    Ok(blob) => files.push(SourceFile {
-                        path: PathBuf::from(format!("{dir}{name}")),
-                        text: String::from_utf8_lossy(blob.content()).into_owned(),
-                    }),
+                let path = PathBuf::from(format!("{dir}{name}"));
+                // The size from the object header: a huge blob is refused unread.
+                let size = match self.repo.odb().and_then(|db| db.read_header(entry.id())) {
+                    Ok((size, _)) => size as u64,
                     Err(e) => {
                         walk_error = Some(e);
+                        return git2::TreeWalkResult::Abort;
+                    }
+                };
+                let read = || {
+                    self.repo
+                        .find_blob(entry.id())
+                        .map(|b| b.content().to_vec())
+                        .map_err(std::io::Error::other)
+                };
+                match berth_manifest::accept_file(&path, size, options, read) {
+                    Ok(Ok(file)) => files.push(file),
+                    Ok(Err(refusal)) => refused.push(refusal),
+                    Err(e) => {
+                        walk_error = Some(git2::Error::from_str(&e.to_string()));
                         return git2::TreeWalkResult::Abort;
                     }
                 }
@@ -326,7 +370,8 @@ impl Mirror {
             return Err(read(e));
         }
         files.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(files)
+        refused.sort_by(|a, b| a.source.file.cmp(&b.source.file));
+        Ok((files, refused))
     }
 }
 

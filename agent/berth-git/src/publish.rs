@@ -70,6 +70,7 @@ impl Mirror {
         Ok(Self {
             path: path.to_path_buf(),
             repo,
+            max_fetch_bytes: crate::MAX_FETCH_BYTES,
         })
     }
 
@@ -102,6 +103,7 @@ impl Mirror {
         Ok(Self {
             path: path.to_path_buf(),
             repo,
+            max_fetch_bytes: crate::MAX_FETCH_BYTES,
         })
     }
 

@@ -482,16 +482,20 @@ fn a_mirror_of_many_fetches_is_repacked_into_one_pack_without_losing_a_commit() 
     assert!(replaced >= 6);
     assert_eq!(mirror.pack_count(), 1);
     for r in &revisions {
-        let files = mirror
-            .read_manifests(*r, ".")
+        let (files, refused) = mirror
+            .read_manifests(*r, ".", &Default::default())
             .expect("every commit still reads");
-        assert_eq!(files.len(), 1);
+        assert_eq!((files.len(), refused.len()), (1, 0));
     }
     // Again, with nothing new: the pack it writes has the same name as the
     // one there, which must survive.
     mirror.compact(&[]).expect("compact again");
     assert_eq!(mirror.pack_count(), 1);
-    assert!(mirror.read_manifests(revisions[6], ".").is_ok());
+    assert!(
+        mirror
+            .read_manifests(revisions[6], ".", &Default::default())
+            .is_ok()
+    );
     // And fetching goes on as before.
     std::fs::write(work.join("pod.yaml"), "kind: Pod # after\n").expect("write");
     git(&work, &["commit", "-q", "-am", "after"]);
@@ -500,7 +504,11 @@ fn a_mirror_of_many_fetches_is_repacked_into_one_pack_without_losing_a_commit() 
         &["push", "-q", bare.to_str().expect("utf-8"), "main"],
     );
     let after = mirror.fetch(&remote, None).expect("fetch after compaction");
-    assert!(mirror.read_manifests(after, ".").is_ok());
+    assert!(
+        mirror
+            .read_manifests(after, ".", &Default::default())
+            .is_ok()
+    );
 }
 
 #[test]
@@ -554,4 +562,92 @@ fn push_options_reach_the_server_for_forges_that_open_merge_requests() {
         .expect("push");
     let got = std::fs::read_to_string(&seen).expect("the hook saw options");
     assert_eq!(got, "merge_request.create\nmerge_request.target=main\n");
+}
+
+#[test]
+fn a_node_reads_a_commit_exactly_as_berth_validate_reads_a_checkout() {
+    let server = Server::start("limits");
+    let work = server.work();
+    std::fs::create_dir_all(work.join("apps")).expect("dir");
+    std::fs::write(work.join("apps/ok.yml"), "kind: ConfigMap\n").expect("write");
+    std::fs::write(work.join("latin1.yaml"), b"kind: Pod # caf\xe9\n").expect("write");
+    std::fs::write(work.join("big.yaml"), vec![b'#'; 9 << 20]).expect("write");
+    git(&work, &["add", "."]);
+    git(&work, &["commit", "-q", "-m", "odd files"]);
+    git(
+        &work,
+        &["push", "-q", server.bare().to_str().expect("utf-8"), "main"],
+    );
+    let (_dir, mirror, head) = mirror_for(&server, "limits-m");
+    let options = berth_manifest::LoadOptions::default();
+    let (files, refused) = mirror.read_manifests(head, ".", &options).expect("reads");
+    let names: Vec<String> = files.iter().map(|f| f.path.display().to_string()).collect();
+    assert_eq!(names, ["apps/ok.yml", "pod.yaml"]);
+    let from_commit: Vec<String> = refused.iter().map(ToString::to_string).collect();
+    assert_eq!(from_commit.len(), 2, "{from_commit:?}");
+    assert!(
+        from_commit[0].contains("big.yaml")
+            && from_commit[0].contains("larger than the 8388608-byte limit"),
+        "{from_commit:?}"
+    );
+    assert!(
+        from_commit[1].contains("latin1.yaml")
+            && from_commit[1].contains("not UTF-8 text (invalid byte at offset 15)"),
+        "{from_commit:?}"
+    );
+    // `berth validate` on a checkout of the same commit says the same.
+    let checkout = berth_manifest::load_dir(&work, &options).expect("loads");
+    let from_dir: Vec<String> = checkout
+        .diagnostics
+        .iter()
+        .filter(|d| d.object.is_none())
+        .map(ToString::to_string)
+        .collect();
+    let mut sorted = from_dir.clone();
+    sorted.sort();
+    assert_eq!(sorted, from_commit);
+}
+
+#[test]
+fn a_fetch_bigger_than_the_limit_is_stopped_with_a_clear_error() {
+    let server = Server::start("fetch-limit");
+    let work = server.work();
+    // Four MiB that do not compress.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let noise: Vec<u8> = (0..4 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(work.join("blob.bin"), noise).expect("write");
+    git(&work, &["add", "."]);
+    git(&work, &["commit", "-q", "-m", "big"]);
+    git(
+        &work,
+        &["push", "-q", server.bare().to_str().expect("utf-8"), "main"],
+    );
+    let dir = Tmp::new("fetch-limit-m");
+    let remote = Remote {
+        url: server.url.clone(),
+        branch: "main".into(),
+    };
+    let small = Mirror::open(&dir.0.join("mirror.git"))
+        .expect("mirror")
+        .with_fetch_limit(1 << 20);
+    let err = small
+        .fetch(&remote, None)
+        .expect_err("over the limit")
+        .to_string();
+    assert!(
+        err.contains("one fetch may bring at most 1048576 bytes"),
+        "{err}"
+    );
+    // With the default limit the same fetch goes through.
+    let mirror = Mirror::open(&dir.0.join("mirror.git")).expect("mirror");
+    mirror
+        .fetch(&remote, None)
+        .expect("under the default limit");
 }

@@ -22,8 +22,8 @@ pub mod yaml;
 
 pub use diag::{Diagnostic, FieldIssue, FieldPath, ObjectRef, PathSegment, Severity, SourceRef};
 pub use load::{
-    Catalog, LoadError, LoadOptions, LoadedObject, ObjectSource, Rejected, SourceFile, load_dir,
-    load_sources,
+    Catalog, LoadError, LoadOptions, LoadedObject, ObjectSource, Rejected, SourceFile, accept_file,
+    load_dir, load_sources, load_with_refusals,
 };
 pub use objects::{BuiltinKind, CustomObject, Object};
 pub use quantity::{Quantity, QuantityError};

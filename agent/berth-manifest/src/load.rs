@@ -232,51 +232,77 @@ pub fn load_dir(root: &Path, options: &LoadOptions) -> Result<Catalog, LoadError
             .strip_prefix(base)
             .map(Path::to_path_buf)
             .unwrap_or_else(|_| path.clone());
-        let refused = |message: String| Diagnostic {
-            severity: Severity::Error,
-            source: SourceRef {
-                file: rel.clone(),
-                line: None,
-            },
-            object: None,
-            field: None,
-            message,
-        };
-        match fs::metadata(&path) {
-            Ok(m) if m.len() > options.max_file_bytes => {
-                early.push(refused(format!(
-                    "file is {} bytes, larger than the {}-byte limit for one manifest file; split it",
-                    m.len(),
-                    options.max_file_bytes
-                )));
-                continue;
-            }
-            Err(e) => {
-                early.push(refused(format!("cannot read: {e}")));
-                continue;
-            }
-            Ok(_) => {}
-        }
-        match fs::read(&path) {
-            Ok(bytes) => match String::from_utf8(bytes) {
-                Ok(text) => inputs.push(SourceFile { path: rel, text }),
-                Err(e) => early.push(refused(format!(
-                    "not UTF-8 text (invalid byte at offset {})",
-                    e.utf8_error().valid_up_to()
-                ))),
-            },
-            Err(e) => early.push(refused(format!("cannot read: {e}"))),
+        let read = fs::metadata(&path)
+            .map(|m| m.len())
+            .and_then(|size| accept_file(&rel, size, options, || fs::read(&path)));
+        match read {
+            Ok(Ok(file)) => inputs.push(file),
+            Ok(Err(refusal)) => early.push(refusal),
+            Err(e) => early.push(refusal(&rel, format!("cannot read: {e}"))),
         }
     }
+    Ok(load_with_refusals(inputs, early))
+}
+
+fn refusal(rel: &Path, message: String) -> Diagnostic {
+    Diagnostic {
+        severity: Severity::Error,
+        source: SourceRef {
+            file: rel.to_path_buf(),
+            line: None,
+        },
+        object: None,
+        field: None,
+        message,
+    }
+}
+
+/// One manifest file as the loader takes it: refused unread when larger
+/// than the limit, refused when not UTF-8. The same rule for a directory
+/// (`berth validate`) and a commit's tree (the node), so a node reads
+/// exactly what `berth validate` reads. The outer error is `read`'s own.
+pub fn accept_file(
+    rel: &Path,
+    size: u64,
+    options: &LoadOptions,
+    read: impl FnOnce() -> std::io::Result<Vec<u8>>,
+) -> std::io::Result<Result<SourceFile, Diagnostic>> {
+    if size > options.max_file_bytes {
+        return Ok(Err(refusal(
+            rel,
+            format!(
+                "file is {size} bytes, larger than the {}-byte limit for one manifest file; split it",
+                options.max_file_bytes
+            ),
+        )));
+    }
+    Ok(match String::from_utf8(read()?) {
+        Ok(text) => Ok(SourceFile {
+            path: rel.to_path_buf(),
+            text,
+        }),
+        Err(e) => Err(refusal(
+            rel,
+            format!(
+                "not UTF-8 text (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
+        )),
+    })
+}
+
+/// Loads files already in memory, with the files refused before reading
+/// (each an error that rejects the tree, first in the diagnostics).
+pub fn load_with_refusals(inputs: Vec<SourceFile>, refused: Vec<Diagnostic>) -> Catalog {
     let mut catalog = load_sources(inputs);
-    for d in early {
+    for d in refused {
         catalog.rejected.push(Rejected {
             source: d.source.clone(),
             object: None,
         });
         catalog.diagnostics.insert(0, d);
     }
-    Ok(catalog)
+    catalog
 }
 
 /// What one file yields before the cross-file checks.
