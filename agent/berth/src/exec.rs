@@ -10,10 +10,17 @@
 //! its user and group, its capability bounding set and `no_new_privs`.
 //! The working directory is the unit's. The seccomp filter is not copied (no interface gives it back); the
 //! command runs under the rest.
+//!
+//! A process ID can be reused the moment its process exits. `exec-enter`
+//! therefore holds a pidfd of the process from the start, reads `/proc`
+//! through a directory it opened while the pidfd shows the process alive,
+//! checks that the process is in the unit's own cgroup, and checks it is
+//! still alive after opening everything it joins: a container that exits
+//! in between, and a process that took its number, are never entered.
 
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
@@ -92,6 +99,8 @@ pub fn exec(unit: &str, command: &[String]) -> anyhow::Result<ExitCode> {
     let status = std::process::Command::new(me)
         .arg("exec-enter")
         .arg(pid.to_string())
+        .arg("--cgroup")
+        .arg(&details.runtime.control_group)
         .arg("--workdir")
         .arg(workdir)
         .arg("--")
@@ -110,21 +119,110 @@ fn exit_code(status: std::process::ExitStatus) -> ExitCode {
     }
 }
 
+/// A process held by a pidfd, with its `/proc` directory opened while it
+/// was known alive: what is read through it is this process's.
+#[derive(Debug)]
+pub struct Held {
+    pid: u32,
+    pidfd: std::os::fd::OwnedFd,
+    proc_dir: std::os::fd::OwnedFd,
+}
+
+impl Held {
+    /// Holds process `pid`, which must be in cgroup `expected` (the unit's).
+    pub fn open(pid: u32, expected: &str) -> anyhow::Result<Self> {
+        let id = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .with_context(|| format!("{pid} is not a process ID"))?;
+        let pidfd = rustix::process::pidfd_open(id, rustix::process::PidfdFlags::empty())
+            .with_context(|| format!("process {pid} is gone; is the container still running?"))?;
+        let proc_dir = rustix::fs::open(
+            format!("/proc/{pid}"),
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .with_context(|| format!("cannot open /proc/{pid}"))?;
+        let held = Self {
+            pid,
+            pidfd,
+            proc_dir,
+        };
+        held.check_alive()?;
+        let cgroup = held.read_string("cgroup")?;
+        let cgroup = parse_cgroup(&cgroup).context("the process is in no cgroup v2 group")?;
+        if cgroup.trim_end() != expected.trim_end() {
+            bail!(
+                "process {pid} is not the container's (it is in cgroup {cgroup}, the container's unit is {expected}): it exited and its number was reused; try again"
+            );
+        }
+        Ok(held)
+    }
+
+    /// Fails once the process has exited (its pidfd becomes readable).
+    pub fn check_alive(&self) -> anyhow::Result<()> {
+        let mut fds = [rustix::event::PollFd::new(
+            &self.pidfd,
+            rustix::event::PollFlags::IN,
+        )];
+        let ready = rustix::event::poll(&mut fds, Some(&rustix::event::Timespec::default()))
+            .context("cannot poll the process's pidfd")?;
+        if ready > 0 {
+            bail!(
+                "process {} exited while berth exec was joining it; try again",
+                self.pid
+            );
+        }
+        Ok(())
+    }
+
+    /// Opens a file or namespace under the process's `/proc` directory.
+    pub fn open_file(&self, name: &str) -> anyhow::Result<File> {
+        let fd = rustix::fs::openat(
+            &self.proc_dir,
+            name,
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .with_context(|| format!("cannot open /proc/{}/{name}", self.pid))?;
+        Ok(File::from(fd))
+    }
+
+    pub fn read(&self, name: &str) -> anyhow::Result<Vec<u8>> {
+        use std::io::Read as _;
+        let mut out = Vec::new();
+        self.open_file(name)?
+            .read_to_end(&mut out)
+            .with_context(|| format!("cannot read /proc/{}/{name}", self.pid))?;
+        Ok(out)
+    }
+
+    pub fn read_string(&self, name: &str) -> anyhow::Result<String> {
+        String::from_utf8(self.read(name)?)
+            .with_context(|| format!("/proc/{}/{name} is not text", self.pid))
+    }
+}
+
 /// The second half, single-threaded: join the process's cgroup and
 /// namespaces and run the command as it runs.
-pub fn enter(pid: u32, workdir: &Path, command: &[String]) -> anyhow::Result<ExitCode> {
+pub fn enter(
+    pid: u32,
+    unit_cgroup: &str,
+    workdir: &Path,
+    command: &[String],
+) -> anyhow::Result<ExitCode> {
     let Some((program, args)) = command.split_first() else {
         bail!("no command given");
     };
-    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-    let read = |name: &str| -> anyhow::Result<String> {
-        std::fs::read_to_string(proc_dir.join(name))
-            .with_context(|| format!("cannot read {}", proc_dir.join(name).display()))
-    };
-    let creds = parse_status(&read("status")?)?;
-    let cgroup = read("cgroup")?;
+    let process = Held::open(pid, unit_cgroup)?;
+    let creds = parse_status(&process.read_string("status")?)?;
+    let cgroup = process.read_string("cgroup")?;
     let cgroup = parse_cgroup(&cgroup).context("the process is in no cgroup v2 group")?;
-    let environ = std::fs::read(proc_dir.join("environ")).context("cannot read its environment")?;
+    let environ = process
+        .read("environ")
+        .context("cannot read its environment")?;
     let env: Vec<(String, String)> = environ
         .split(|b| *b == 0)
         .filter_map(|e| {
@@ -133,10 +231,6 @@ pub fn enter(pid: u32, workdir: &Path, command: &[String]) -> anyhow::Result<Exi
                 .map(|(k, v)| (k.to_string(), v.to_string()))
         })
         .collect();
-    let open = |name: &str| -> anyhow::Result<File> {
-        File::open(proc_dir.join(name))
-            .with_context(|| format!("cannot open {}", proc_dir.join(name).display()))
-    };
     let namespaces = [
         ("ns/ipc", CloneFlags::CLONE_NEWIPC),
         ("ns/uts", CloneFlags::CLONE_NEWUTS),
@@ -146,9 +240,17 @@ pub fn enter(pid: u32, workdir: &Path, command: &[String]) -> anyhow::Result<Exi
         ("ns/mnt", CloneFlags::CLONE_NEWNS),
     ]
     .into_iter()
-    .map(|(name, flag)| open(name).map(|f| (name, f, flag)))
+    .map(|(name, flag)| process.open_file(name).map(|f| (name, f, flag)))
     .collect::<anyhow::Result<Vec<_>>>()?;
-    let root = open("root")?;
+    let root = rustix::fs::openat(
+        &process.proc_dir,
+        "root",
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .with_context(|| format!("cannot open /proc/{pid}/root"))?;
+    // Everything above belongs to the process as long as it is alive now.
+    process.check_alive()?;
 
     // The cgroup first, while /sys/fs/cgroup is still the node's.
     let procs = Path::new("/sys/fs/cgroup")
@@ -215,5 +317,43 @@ mod tests {
             Some("/berth.slice/berth-besteffort.slice/x.service")
         );
         assert_eq!(parse_cgroup("1:name=systemd:/\n"), None);
+    }
+
+    #[test]
+    fn a_process_is_held_only_while_it_lives_and_only_in_the_units_cgroup() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep runs");
+        let pid = child.id();
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+        let own = parse_cgroup(&text)
+            .expect("cgroup v2")
+            .trim_end()
+            .to_string();
+        // Another unit's cgroup: the number is not that container's process.
+        let err = Held::open(pid, "/berth.slice/other.service").expect_err("refused");
+        assert!(
+            err.to_string().contains("is not the container's"),
+            "{err:#}"
+        );
+        let held = Held::open(pid, &own).expect("held");
+        assert!(
+            held.read_string("status")
+                .expect("status")
+                .contains("Name:\tsleep")
+        );
+        held.check_alive().expect("alive");
+        child.kill().expect("kill");
+        child.wait().expect("reaped");
+        // Once it is gone, nothing read through the old handle is trusted,
+        // and the number no longer opens.
+        let err = held.check_alive().expect_err("exited");
+        assert!(
+            err.to_string().contains("exited while berth exec"),
+            "{err:#}"
+        );
+        let err = Held::open(pid, &own).expect_err("gone");
+        assert!(err.to_string().contains("is gone"), "{err:#}");
     }
 }

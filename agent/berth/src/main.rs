@@ -183,6 +183,9 @@ enum Command {
     #[command(hide = true)]
     ExecEnter {
         pid: u32,
+        /// The container unit's cgroup: the process must be in it.
+        #[arg(long)]
+        cgroup: String,
         #[arg(long, default_value = "/")]
         workdir: PathBuf,
         #[arg(last = true, required = true)]
@@ -319,9 +322,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         ),
         Command::ExecEnter {
             pid,
+            cgroup,
             workdir,
             command,
-        } => exec::enter(pid, &workdir, &command),
+        } => exec::enter(pid, &cgroup, &workdir, &command),
         Command::Images { dirs } => images(&dirs),
         Command::Observe {
             dirs,
