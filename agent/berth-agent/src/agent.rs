@@ -408,8 +408,8 @@ impl Agent {
             now: now_secs(),
         });
         publisher.send(Outgoing {
-            url: config.remote.url.clone(),
-            credentials: config.credentials.clone(),
+            url: config.status_url.clone(),
+            credentials: config.status_credentials.clone(),
             node: config.node_name.clone(),
             status: doc,
             drift: self.drift_commit.clone(),

@@ -1435,3 +1435,39 @@ fn the_snapshot_holds_no_secret_and_still_replays_the_plan_applied() {
     let applied = std::fs::read_to_string(node.dir.join("state/plan.json")).unwrap();
     assert!(!applied.contains("s3cr3t-replay-value"), "{applied}");
 }
+
+#[test]
+fn status_and_drift_go_to_their_own_remote_when_one_is_configured() {
+    // The desired remote is read-only to the node in a fleet that separates
+    // them; status goes to a remote (and credentials) of its own.
+    let node = Node::new("status-url");
+    git(
+        &node.dir,
+        &["init", "-q", "--bare", "-b", "main", "status.git"],
+    );
+    let status_remote = node.dir.join("status.git");
+    node.configure(&format!("status:\n  url: {}\n", status_remote.display()));
+    node.commit(&[("pods/a.yaml", Some(pod("a", "sleep, \"100\"", "")))]);
+    let mut agent = node.agent();
+    agent.publish().unwrap();
+    agent.pass(true);
+    wait_for_record(&agent, "status pushed", |r| {
+        r.last_push.is_some() && !r.pending
+    });
+    agent.stop_publishing();
+    let status =
+        berth_git::publish::read_branch_file(&status_remote, "berth/status/n1", "status.yaml")
+            .unwrap()
+            .and_then(|f| f.content)
+            .map(|b| String::from_utf8(b).unwrap())
+            .expect("status on the status remote");
+    assert!(
+        status.contains("kind: NodeStatus") && status.contains("pods: 1"),
+        "{status}"
+    );
+    assert_eq!(
+        node.branch_file("berth/status/n1", "status.yaml"),
+        None,
+        "nothing is pushed to the desired remote"
+    );
+}

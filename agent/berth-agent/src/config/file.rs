@@ -83,6 +83,8 @@ pub(super) struct FileNetwork {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct FileStatus {
+    pub(super) url: Option<String>,
+    pub(super) credentials: Option<FileCredentials>,
     pub(super) publish: Option<bool>,
     pub(super) push_options: Option<Vec<String>>,
     pub(super) heartbeat: Option<String>,
@@ -138,6 +140,10 @@ pub(super) struct Layer {
     pub(super) token_file: Option<(PathBuf, Origin)>,
     pub(super) allowed_signers: Option<(PathBuf, Origin)>,
     pub(super) allow_rewind: Option<(bool, Origin)>,
+    pub(super) status_url: Option<(String, Origin)>,
+    pub(super) status_ssh_key: Option<(PathBuf, Origin)>,
+    pub(super) status_user: Option<(String, Origin)>,
+    pub(super) status_token_file: Option<(PathBuf, Origin)>,
     pub(super) publish: Option<(String, Origin)>,
     pub(super) heartbeat: Option<(String, Origin)>,
     pub(super) history: Option<(String, Origin)>,
@@ -172,6 +178,10 @@ impl Layer {
             token_file,
             allowed_signers,
             allow_rewind,
+            status_url,
+            status_ssh_key,
+            status_user,
+            status_token_file,
             publish,
             heartbeat,
             history,
@@ -205,6 +215,7 @@ pub(super) fn parse_file(text: &str, origin: Origin) -> Result<Layer, ConfigErro
     let git = file.git.unwrap_or_default();
     let creds = git.credentials.unwrap_or_default();
     let status = file.status.unwrap_or_default();
+    let status_creds = status.credentials.unwrap_or_default();
     let drift = file.drift.unwrap_or_default();
     let network = file.network.unwrap_or_default();
     let storage = file.storage.unwrap_or_default();
@@ -223,6 +234,10 @@ pub(super) fn parse_file(text: &str, origin: Origin) -> Result<Layer, ConfigErro
         token_file: creds.token_file.map(|p| (p, origin.clone())),
         allowed_signers: git.allowed_signers.map(|p| (p, origin.clone())),
         allow_rewind: git.allow_rewind.map(|b| (b, origin.clone())),
+        status_url: with(status.url),
+        status_ssh_key: status_creds.ssh_key.map(|p| (p, origin.clone())),
+        status_user: with(status_creds.user),
+        status_token_file: status_creds.token_file.map(|p| (p, origin.clone())),
         publish: with(status.publish.map(|b| b.to_string())),
         heartbeat: with(status.heartbeat),
         history: with(status.history.map(|n| n.to_string())),

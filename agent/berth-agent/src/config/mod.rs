@@ -147,6 +147,50 @@ mod tests {
     }
 
     #[test]
+    fn status_goes_to_the_desired_remote_unless_it_has_its_own() {
+        let dir = Dir::new("status-remote");
+        let token = dir.write("status-token", "s3cret\n");
+        dir.write(
+            "config.yaml",
+            "git:\n  url: https://git.example/fleet.git\n  credentials: {sshKey: /efi/berth/read-key}\n",
+        );
+        let c = load(&sources(&dir, "", false)).expect("valid");
+        assert_eq!(c.status_url, "https://git.example/fleet.git");
+        assert_eq!(c.status_credentials, c.credentials);
+        dir.write(
+            "config.yaml",
+            &format!(
+                "git:\n  url: https://git.example/fleet.git\n  credentials: {{sshKey: /efi/berth/read-key}}\nstatus:\n  url: https://git.example/fleet-status.git\n  credentials: {{tokenFile: {}}}\n",
+                token.display()
+            ),
+        );
+        let c = load(&sources(&dir, "", false)).expect("valid");
+        assert_eq!(c.status_url, "https://git.example/fleet-status.git");
+        assert!(matches!(
+            &c.status_credentials,
+            Some(berth_git::Credentials::Token { token, .. }) if token == "s3cret"
+        ));
+        assert!(matches!(
+            c.credentials,
+            Some(berth_git::Credentials::SshKey { .. })
+        ));
+        for (text, field) in [
+            ("status:\n  url: not a url\n", "status.url"),
+            (
+                "status:\n  credentials: {sshKey: /k, tokenFile: /t}\n",
+                "status.credentials",
+            ),
+        ] {
+            dir.write(
+                "config.yaml",
+                &format!("git:\n  url: git://h/r.git\n{text}"),
+            );
+            let e = load(&sources(&dir, "", false)).expect_err(text);
+            assert_eq!(e.field, field, "{e}");
+        }
+    }
+
+    #[test]
     fn image_settings_are_read_and_bad_ones_name_their_field() {
         let dir = Dir::new("images");
         dir.write(

@@ -22,6 +22,11 @@ pub struct NodeConfig {
     pub path: String,
     pub poll_interval: Duration,
     pub credentials: Option<Credentials>,
+    /// `status.url`: where the status and drift branches are pushed (the
+    /// desired remote unless set).
+    pub status_url: String,
+    /// `status.credentials`: for those pushes (the desired remote's unless set).
+    pub status_credentials: Option<Credentials>,
     /// Only commits signed by these keys are applied, when set.
     pub allowed_signers: Option<PathBuf>,
     /// `git.allowRewind`: with allowed signers, whether a commit that does
@@ -86,19 +91,7 @@ pub(super) fn finish(
         field: "git.url".into(),
         message: "no Git URL is configured: set git.url in berth/config.yaml on the ESP, the berth.repo credential, or berth.repo= on the kernel command line".into(),
     })?;
-    let url_ok = ["git://", "http://", "https://", "ssh://", "file://", "/"]
-        .iter()
-        .any(|p| url.starts_with(p))
-        || (url.contains('@') && url.contains(':'));
-    if !url_ok || url.chars().any(char::is_whitespace) {
-        return Err(error(
-            &url_origin,
-            "git.url",
-            format!(
-                "{url:?} is not a Git URL (git://, https://, ssh://, user@host:path, file:// or an absolute path)"
-            ),
-        ));
-    }
+    git_url(&url, &url_origin, "git.url")?;
     let (branch, branch_origin) = layer
         .branch
         .clone()
@@ -149,33 +142,29 @@ pub(super) fn finish(
             d
         }
     };
-    let user = layer.user.clone().map(|(u, _)| u);
-    let credentials = match (&layer.ssh_key, &layer.token_file) {
-        (Some(_), Some((_, origin))) => {
-            return Err(error(
-                origin,
-                "git.credentials",
-                "set either sshKey or tokenFile, not both",
-            ));
+    let credentials = remote_credentials(
+        layer.ssh_key.as_ref(),
+        layer.token_file.as_ref(),
+        layer.user.as_ref(),
+        "git.credentials",
+    )?;
+    // Where status and drift go: the desired remote unless said otherwise,
+    // so a fleet can give nodes read-only access to what they run.
+    let status_url = match &layer.status_url {
+        Some((u, origin)) => {
+            git_url(u, origin, "status.url")?;
+            u.clone()
         }
-        (Some((key, _)), None) => Some(Credentials::SshKey {
-            user: user.unwrap_or_else(|| "git".into()),
-            private_key: key.clone(),
-        }),
-        (None, Some((file, origin))) => {
-            let token = std::fs::read_to_string(file).map_err(|e| {
-                error(
-                    origin,
-                    "git.credentials.tokenFile",
-                    format!("cannot read {}: {e}", file.display()),
-                )
-            })?;
-            Some(Credentials::Token {
-                user: user.unwrap_or_else(|| "x-access-token".into()),
-                token: token.trim().to_string(),
-            })
-        }
-        (None, None) => None,
+        None => url.clone(),
+    };
+    let status_credentials = match (&layer.status_ssh_key, &layer.status_token_file) {
+        (None, None) => credentials.clone(),
+        (key, token) => remote_credentials(
+            key.as_ref(),
+            token.as_ref(),
+            layer.status_user.as_ref(),
+            "status.credentials",
+        )?,
     };
     let publish = match &layer.publish {
         None => true,
@@ -324,6 +313,8 @@ pub(super) fn finish(
         path,
         poll_interval,
         credentials,
+        status_url,
+        status_credentials,
         allowed_signers,
         allow_rewind,
         publish,
@@ -336,6 +327,62 @@ pub(super) fn finish(
         images,
         pod_security,
         sources,
+    })
+}
+
+/// A remote's URL: one of the forms libgit2 fetches and pushes.
+fn git_url(url: &str, origin: &Origin, field: &str) -> Result<(), ConfigError> {
+    let url_ok = ["git://", "http://", "https://", "ssh://", "file://", "/"]
+        .iter()
+        .any(|p| url.starts_with(p))
+        || (url.contains('@') && url.contains(':'));
+    if !url_ok || url.chars().any(char::is_whitespace) {
+        return Err(error(
+            origin,
+            field,
+            format!(
+                "{url:?} is not a Git URL (git://, https://, ssh://, user@host:path, file:// or an absolute path)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `credentials` of a remote (`git.credentials`, `status.credentials`): an
+/// SSH key or a token file, never both.
+fn remote_credentials(
+    ssh_key: Option<&(PathBuf, Origin)>,
+    token_file: Option<&(PathBuf, Origin)>,
+    user: Option<&(String, Origin)>,
+    field: &str,
+) -> Result<Option<Credentials>, ConfigError> {
+    let user = user.map(|(u, _)| u.clone());
+    Ok(match (ssh_key, token_file) {
+        (Some(_), Some((_, origin))) => {
+            return Err(error(
+                origin,
+                field,
+                "set either sshKey or tokenFile, not both",
+            ));
+        }
+        (Some((key, _)), None) => Some(Credentials::SshKey {
+            user: user.unwrap_or_else(|| "git".into()),
+            private_key: key.clone(),
+        }),
+        (None, Some((file, origin))) => {
+            let token = std::fs::read_to_string(file).map_err(|e| {
+                error(
+                    origin,
+                    &format!("{field}.tokenFile"),
+                    format!("cannot read {}: {e}", file.display()),
+                )
+            })?;
+            Some(Credentials::Token {
+                user: user.unwrap_or_else(|| "x-access-token".into()),
+                token: token.trim().to_string(),
+            })
+        }
+        (None, None) => None,
     })
 }
 
