@@ -73,6 +73,8 @@ pub struct Agent {
     pub(crate) waiting: std::collections::BTreeSet<String>,
     /// A fetch has succeeded since the agent started.
     pub(crate) fetched_once: bool,
+    /// Called as a fetch or repack makes progress (see [`Agent::set_git_keepalive`]).
+    pub(crate) git_alive: Option<berth_git::Liveness>,
     /// The line saying the agent waits for the network was logged.
     pub(crate) waiting_for_network: bool,
 }
@@ -124,6 +126,7 @@ impl Agent {
             images: images::Images::new(),
             waiting: std::collections::BTreeSet::new(),
             fetched_once: false,
+            git_alive: None,
             waiting_for_network: false,
         })
     }
@@ -217,6 +220,14 @@ impl Agent {
     /// One pass: config → fetch → load → validate → observe → plan →
     /// apply → record. With `fetch` false the last fetched revision is
     /// reconciled again (a unit changed).
+    /// What a fetch or repack calls as it moves on: the agent's watchdog
+    /// ping, so a slow transfer that makes progress (a first fetch of a big
+    /// repository) is never taken for a hung loop, while a stalled one ends
+    /// at the stall timeout ([`berth_git::STALL_TIMEOUT`]), well inside it.
+    pub fn set_git_keepalive(&mut self, alive: berth_git::Liveness) {
+        self.git_alive = Some(alive);
+    }
+
     pub fn pass(&mut self, fetch: bool) -> (PassOutcome, Option<NodeConfig>) {
         let config = match config::load(&self.paths.config) {
             Ok(c) => c,
@@ -235,6 +246,9 @@ impl Agent {
                 }
             },
         };
+        if let Some(alive) = &self.git_alive {
+            mirror.set_liveness(alive.clone());
+        }
         let outcome = self.pass_with(&config, &mirror, fetch);
         if mirror.pack_count() > MAX_PACKS {
             let keep: Vec<Revision> = self
@@ -337,6 +351,12 @@ impl Agent {
                 revision: g.revision.clone(),
                 changed: false,
             });
+        }
+        // A pass that fetched and applied without errors clears the last
+        // one's (a fetch that failed while the server was away is not
+        // reported once it is back; a pass that did not fetch keeps it).
+        if fetch && matches!(outcome, Some(PassOutcome::Applied { .. })) {
+            self.state.errors.clear();
         }
         let _ = self.store.save(&self.state);
         outcome.unwrap_or_else(|| PassOutcome::Failed {

@@ -1471,3 +1471,43 @@ fn status_and_drift_go_to_their_own_remote_when_one_is_configured() {
         "nothing is pushed to the desired remote"
     );
 }
+
+#[test]
+fn pods_are_healed_while_the_git_server_fails_and_the_failure_is_reported() {
+    let node = Node::new("git-down");
+    node.commit(&[("pods/a.yaml", Some(pod("a", "sleep, \"100\"", "")))]);
+    let mut agent = node.agent();
+    agent.pass(true);
+    assert!(node.active("berth-default_a_main.service"));
+    // The server goes away (a stalled one ends the same way, at the stall
+    // timeout: berth-git's stall test); a container dies meanwhile.
+    let config = node.dir.join("config.yaml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let origin = node.dir.join("origin.git").display().to_string();
+    std::fs::write(
+        &config,
+        text.replace(&origin, "git://127.0.0.1:1/desired.git"),
+    )
+    .unwrap();
+    node.systemd.stop("berth-default_a_main.service").unwrap();
+    let (outcome, _) = agent.pass(true);
+    assert!(
+        matches!(&outcome, PassOutcome::Failed { reason } if reason.contains("127.0.0.1:1")),
+        "{outcome:?}"
+    );
+    // The container's end wakes the loop (PID 1 signals it), for a pass
+    // that does not wait on Git.
+    agent.pass(false);
+    assert!(
+        node.active("berth-default_a_main.service"),
+        "the last good revision is healed while Git fails"
+    );
+    // Back again: the next pass fetches and reports no error.
+    std::fs::write(&config, text).unwrap();
+    let (outcome, _) = agent.pass(true);
+    assert!(
+        matches!(outcome, PassOutcome::Applied { .. }),
+        "{outcome:?}"
+    );
+    assert!(agent.state().errors.is_empty());
+}

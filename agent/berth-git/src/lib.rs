@@ -92,6 +92,52 @@ pub struct Mirror {
     /// A fetch that brings more than this is stopped: a node's disk and
     /// memory are not the repository host's.
     max_fetch_bytes: u64,
+    /// Called as a fetch or a repack makes progress (the agent pings its
+    /// watchdog): a slow transfer that moves is alive, a stalled one is
+    /// ended by the stall timeout.
+    alive: Option<Liveness>,
+}
+
+/// What [`Mirror::set_liveness`] takes: called as a transfer moves on.
+#[derive(Clone)]
+pub struct Liveness(std::sync::Arc<dyn Fn() + Send + Sync>);
+
+impl Liveness {
+    pub fn new(f: impl Fn() + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(f))
+    }
+
+    pub fn beat(&self) {
+        (self.0)();
+    }
+}
+
+impl std::fmt::Debug for Liveness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Liveness")
+    }
+}
+
+/// How long connecting may take, and how long a connection may go without
+/// a byte, in every fetch and push of this process (libgit2's defaults are
+/// none: a server that accepts and then stalls would hold the caller
+/// forever).
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+pub const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Sets libgit2's connect and stall timeouts for the whole process. They
+/// are process-wide C globals: call this once, before any thread that uses
+/// Git starts (the agent does, first thing).
+#[allow(unsafe_code)]
+pub fn set_network_timeouts(connect: std::time::Duration, stall: std::time::Duration) {
+    let ms = |d: std::time::Duration| i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: libgit2 documents these options as plain integer globals read
+    // when a connection is made; this runs before the process's other
+    // threads use libgit2, as the function's contract says.
+    unsafe {
+        let _ = git2::opts::set_server_connect_timeout_in_milliseconds(ms(connect));
+        let _ = git2::opts::set_server_timeout_in_milliseconds(ms(stall));
+    }
 }
 
 /// The default for [`Mirror::with_fetch_limit`]: 1 GiB in one fetch.
@@ -126,6 +172,7 @@ impl Mirror {
                         path: path.to_path_buf(),
                         repo,
                         max_fetch_bytes: MAX_FETCH_BYTES,
+                        alive: None,
                     });
                 }
                 Err(_) => {
@@ -141,7 +188,13 @@ impl Mirror {
             path: path.to_path_buf(),
             repo,
             max_fetch_bytes: MAX_FETCH_BYTES,
+            alive: None,
         })
+    }
+
+    /// Called whenever a fetch or a repack moves on.
+    pub fn set_liveness(&mut self, alive: Liveness) {
+        self.alive = Some(alive);
     }
 
     /// Stops any fetch that brings more than `bytes`.
@@ -164,10 +217,15 @@ impl Mirror {
         let mut callbacks = remote_callbacks(credentials);
         let limit = self.max_fetch_bytes;
         let stopped_at = std::cell::Cell::new(None);
-        callbacks.transfer_progress(|p| {
+        let alive = self.alive.clone();
+        let stopped = &stopped_at;
+        callbacks.transfer_progress(move |p| {
+            if let Some(alive) = &alive {
+                alive.beat();
+            }
             let received = p.received_bytes() as u64;
             if received > limit {
-                stopped_at.set(Some(received));
+                stopped.set(Some(received));
                 return false;
             }
             true
@@ -246,6 +304,14 @@ impl Mirror {
                 }
             }
             let mut builder = self.repo.packbuilder().map_err(err)?;
+            if let Some(alive) = self.alive.clone() {
+                builder
+                    .set_progress_callback(move |_, _, _| {
+                        alive.beat();
+                        true
+                    })
+                    .map_err(err)?;
+            }
             builder.insert_walk(&mut walk).map_err(err)?;
             std::fs::create_dir_all(&pack_dir)
                 .map_err(|e| err(git2::Error::from_str(&e.to_string())))?;

@@ -71,6 +71,7 @@ impl Mirror {
             path: path.to_path_buf(),
             repo,
             max_fetch_bytes: crate::MAX_FETCH_BYTES,
+            alive: None,
         })
     }
 
@@ -104,6 +105,7 @@ impl Mirror {
             path: path.to_path_buf(),
             repo,
             max_fetch_bytes: crate::MAX_FETCH_BYTES,
+            alive: None,
         })
     }
 

@@ -418,6 +418,8 @@ fn agent(
     image_archives: PathBuf,
 ) -> anyhow::Result<ExitCode> {
     use berth_agent::Wake;
+    // Before any thread: libgit2's timeouts are process-wide globals.
+    berth_git::set_network_timeouts(berth_git::CONNECT_TIMEOUT, berth_git::STALL_TIMEOUT);
     let paths = agent_paths(dirs)?;
     logging::init();
     let log = berth_agent::Log::from_env();
@@ -454,6 +456,18 @@ fn agent(
         )
     })?;
     agent.set_waker(tx.clone());
+    let pinger = std::sync::Arc::clone(&notifier);
+    let last = std::sync::Mutex::new(std::time::Instant::now());
+    agent.set_git_keepalive(berth_git::Liveness::new(move || {
+        // Progress arrives per packet; a ping a second is plenty.
+        let mut last = last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.elapsed() >= std::time::Duration::from_secs(1) {
+            *last = std::time::Instant::now();
+            pinger.watchdog();
+        }
+    }));
     if with_pods {
         agent = agent.with_network(berth_agent::network::NetworkPaths {
             netns_dir: PathBuf::from(berth_plan::node::DEFAULT_NETNS_DIR),
