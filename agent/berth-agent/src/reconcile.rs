@@ -142,7 +142,25 @@ impl Agent {
         // Prepare, and gather the facts the plan weighs.
         let (wiring, pod_files) = self.wire_pods(config, &desired.pods);
         let dirs = node.volumes.clone();
-        let volumes = self.prepare_volumes(&loaded.catalog, &desired.pods, &dirs);
+        // Pods on their way out whose containers still run: their claims
+        // wait for them.
+        let wanted: BTreeSet<String> = desired.pods.iter().map(|p| p.id.to_string()).collect();
+        let departing: BTreeSet<String> = observed
+            .actual
+            .units
+            .iter()
+            .filter(|u| {
+                u.is_berths()
+                    && !u.name.is_slice()
+                    && !matches!(
+                        u.active_state,
+                        berth_plan::ActiveState::Inactive | berth_plan::ActiveState::Failed
+                    )
+            })
+            .filter_map(berth_plan::ActualUnit::pod)
+            .filter(|p| !wanted.contains(p))
+            .collect();
+        let volumes = self.prepare_volumes(&loaded.catalog, &desired.pods, &departing, &dirs);
         let mut pods: BTreeMap<String, PodFacts> = BTreeMap::new();
         for (pod, w) in wiring {
             pods.entry(pod).or_default().network = Some(w);
@@ -480,6 +498,7 @@ impl Agent {
         &mut self,
         catalog: &berth_manifest::Catalog,
         pods: &[berth_plan::DesiredPod],
+        departing: &BTreeSet<String>,
         dirs: &berth_plan::volumes::VolumeDirs,
     ) -> BTreeMap<String, String> {
         let Some(storage) = self.storage.as_mut() else {
@@ -494,7 +513,7 @@ impl Agent {
                 })
                 .collect();
         };
-        let (record, lines, remounted) = storage.reconcile(catalog, pods, dirs);
+        let (record, lines, remounted) = storage.reconcile(catalog, pods, departing, dirs);
         for line in lines {
             self.log.info(&line);
         }

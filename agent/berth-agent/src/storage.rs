@@ -260,10 +260,15 @@ impl Storage {
     /// Binds claims and publishes their volumes. Returns the storage
     /// status, lines for the journal, and the claim mounts that were
     /// undone by hand and put back.
+    ///
+    /// `departing`: pods Git no longer wants whose containers still run
+    /// (stopping within their grace period). No claim is released, deleted
+    /// or unmounted while any runs: one of them may still be writing to it.
     pub fn reconcile(
         &mut self,
         catalog: &Catalog,
         pods: &[DesiredPod],
+        departing: &BTreeSet<String>,
         dirs: &VolumeDirs,
     ) -> (StorageRecord, Vec<String>, Vec<Remounted>) {
         let mut remounted = Vec::new();
@@ -292,6 +297,15 @@ impl Storage {
         let decision = binder::decide(&book, &claims, &pvs, &classes, &in_use);
         let mut bindings = decision.bindings;
         for step in &decision.steps {
+            if let Step::Release { volume } | Step::Delete { volume } = step
+                && !departing.is_empty()
+            {
+                log.push(format!(
+                    "storage: volume {volume} is released once the containers of {} have stopped",
+                    departing.iter().cloned().collect::<Vec<_>>().join(", ")
+                ));
+                continue;
+            }
             // The intent is on disk before the disk changes.
             binder::record(&mut book, step);
             if !self.save(&book, &mut problems) {
@@ -408,8 +422,12 @@ impl Storage {
                 )),
             }
         }
-        // Mount points of claims no longer bound (and not mounted by a pod).
-        if let Ok(entries) = std::fs::read_dir(&dirs.claims_dir) {
+        // Mount points of claims no longer bound (and not mounted by a pod,
+        // nor by a pod still stopping).
+        if let Some(entries) = std::fs::read_dir(&dirs.claims_dir)
+            .ok()
+            .filter(|_| departing.is_empty())
+        {
             for e in entries.flatten() {
                 let path = e.path();
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -759,7 +777,7 @@ spec:
             Box::new(mounts.clone()),
         );
 
-        let (record, log, remounted) = storage.reconcile(&catalog, &pods, &dirs);
+        let (record, log, remounted) = storage.reconcile(&catalog, &pods, &BTreeSet::new(), &dirs);
         let phase = |name: &str| {
             let c = record.claims.iter().find(|c| c.name == name).expect(name);
             (c.phase.clone(), c.reason.clone())
@@ -820,7 +838,7 @@ spec:
         );
 
         // A second pass changes nothing.
-        let (_, log, remounted) = storage.reconcile(&catalog, &pods, &dirs);
+        let (_, log, remounted) = storage.reconcile(&catalog, &pods, &BTreeSet::new(), &dirs);
         assert!(
             log.is_empty() && remounted.is_empty(),
             "{log:?} {remounted:?}"
@@ -829,17 +847,33 @@ spec:
 
         // The claim's mount undone by hand: put back, reported, data there.
         mounts.unmount(&claim_dir).expect("unmount by hand");
-        let (_, _, remounted) = storage.reconcile(&catalog, &pods, &dirs);
+        let (_, _, remounted) = storage.reconcile(&catalog, &pods, &BTreeSet::new(), &dirs);
         assert_eq!(remounted.len(), 1, "{remounted:?}");
         assert_eq!(
             std::fs::read(claim_dir.join("keep")).expect("back"),
             b"precious"
         );
 
-        // Pods and claims leave Git: the claim's mount and volume go
-        // (Delete), and so do the pods' volume directories and mounts.
+        // Pods and claims leave Git together. While the pod's containers
+        // still run (their grace period), the claim stays mounted and its
+        // volume is neither released nor deleted: the last writes land.
         let (catalog, pods) = load(DOCS.split("---").next().expect("the class"), &dirs);
-        let (record, _, _) = storage.reconcile(&catalog, &pods, &dirs);
+        let stopping = BTreeSet::from(["default/app".to_string()]);
+        let (record, log, _) = storage.reconcile(&catalog, &pods, &stopping, &dirs);
+        assert!(
+            log.iter()
+                .any(|l| l.contains("is released once the containers of default/app have stopped")),
+            "{log:?}"
+        );
+        assert_eq!(record.volumes.len(), 1, "{record:?}");
+        assert!(
+            mounts.is_mount_point(&claim_dir),
+            "unmounted under a running pod"
+        );
+        std::fs::write(claim_dir.join("last"), b"written while stopping").expect("write");
+        // Then it has stopped: the claim's mount and volume go (Delete),
+        // and so do the pods' volume directories and mounts.
+        let (record, _, _) = storage.reconcile(&catalog, &pods, &BTreeSet::new(), &dirs);
         assert!(
             record.claims.is_empty() && record.volumes.is_empty(),
             "{record:?}"

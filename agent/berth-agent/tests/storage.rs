@@ -162,7 +162,8 @@ fn provisioning_cut_short_by_a_crash_is_finished_once_and_a_too_big_claim_leaves
     ];
     let (catalog, pods) = load(&docs, &dirs);
     let mut storage = Storage::new(scratch.storage(), Box::new(driver));
-    let (record, log, _) = storage.reconcile(&catalog, &pods, &dirs);
+    let (record, log, _) =
+        storage.reconcile(&catalog, &pods, &std::collections::BTreeSet::new(), &dirs);
     assert_eq!(
         images(&scratch.storage()),
         ["pvc_default_data_0.img"],
@@ -194,7 +195,8 @@ fn provisioning_cut_short_by_a_crash_is_finished_once_and_a_too_big_claim_leaves
     )));
 
     // A second pass changes nothing.
-    let (again, log, _) = storage.reconcile(&catalog, &pods, &dirs);
+    let (again, log, _) =
+        storage.reconcile(&catalog, &pods, &std::collections::BTreeSet::new(), &dirs);
     assert_eq!(images(&scratch.storage()), ["pvc_default_data_0.img"]);
     let phases =
         |r: &berth_agent::storage::StorageRecord| -> Vec<(String, String, Option<String>)> {
@@ -218,7 +220,7 @@ fn a_lost_book_keeps_the_data_and_hand_edits_are_healed_or_reported() {
         scratch.storage(),
         Box::new(LoopDriver::new(scratch.storage())),
     );
-    storage.reconcile(&catalog, &pods, &dirs);
+    storage.reconcile(&catalog, &pods, &std::collections::BTreeSet::new(), &dirs);
     let claim_dir = PathBuf::from(dirs.claim_dir("default", "data"));
     std::fs::write(claim_dir.join("keep"), b"precious").unwrap();
     assert!(
@@ -232,7 +234,8 @@ fn a_lost_book_keeps_the_data_and_hand_edits_are_healed_or_reported() {
 
     // The mount undone by hand: mounted again and reported.
     mounts::unmount(&claim_dir).unwrap();
-    let (_, _, remounted) = storage.reconcile(&catalog, &pods, &dirs);
+    let (_, _, remounted) =
+        storage.reconcile(&catalog, &pods, &std::collections::BTreeSet::new(), &dirs);
     assert_eq!(remounted.len(), 1, "{remounted:?}");
     assert_eq!(std::fs::read(claim_dir.join("keep")).unwrap(), b"precious");
 
@@ -254,7 +257,8 @@ fn a_lost_book_keeps_the_data_and_hand_edits_are_healed_or_reported() {
         scratch.storage(),
         Box::new(LoopDriver::new(scratch.storage())),
     );
-    let (record, log, _) = storage.reconcile(&catalog, &pods, &dirs);
+    let (record, log, _) =
+        storage.reconcile(&catalog, &pods, &std::collections::BTreeSet::new(), &dirs);
     assert!(
         record
             .problems
@@ -281,7 +285,8 @@ fn a_lost_book_keeps_the_data_and_hand_edits_are_healed_or_reported() {
     driver.unstage("pvc_default_data_0").unwrap();
     std::fs::remove_file(driver.image("pvc_default_data_0")).unwrap();
     let mut storage = Storage::new(scratch.storage(), Box::new(driver));
-    let (record, _, _) = storage.reconcile(&catalog, &pods, &dirs);
+    let (record, _, _) =
+        storage.reconcile(&catalog, &pods, &std::collections::BTreeSet::new(), &dirs);
     let data = &record.claims[0];
     assert_eq!(data.phase, "Lost", "{data:?}");
     assert!(
