@@ -56,15 +56,17 @@ data: {{greeting: {greeting}}}
 }
 
 /// Writes its birth time once; keeps the claim, a subPath of it, the
-/// ConfigMap and a memory volume mounted.
+/// ConfigMap and a memory volume mounted. Asked to stop, it takes 8 s of
+/// its 20 s grace period and writes to its claim once more.
 const WRITER: &str = "apiVersion: v1
 kind: Pod
 metadata: {name: writer}
 spec:
+  terminationGracePeriodSeconds: 20
   containers:
   - name: main
     image: busybox:1.37
-    command: [sh, -c, \"[ -f /data/born ] || cat /proc/sys/kernel/random/uuid > /data/born; echo sub > /sub/marker; exec sleep 1000000\"]
+    command: [sh, -c, \"[ -f /data/born ] || cat /proc/sys/kernel/random/uuid > /data/born; echo sub > /sub/marker; trap 'sleep 8; echo last > /data/last && sync && echo last-write-ok; exit 0' TERM; sleep 1000000 & wait\"]
     volumeMounts:
     - {name: data, mountPath: /data}
     - {name: data, mountPath: /sub, subPath: nested/dir}
@@ -383,5 +385,31 @@ fn scenario() {
         "Retain kept the other: {images}"
     );
     println!("volumes after release: {}", s["storage"]["volumes"]);
+    // The writer's last write, in its grace period, landed on its claim,
+    // and the claim's volume was deleted only once the writer was gone.
+    let last = vm.sh("journalctl -q BERTH_POD=default/writer | grep -c last-write-ok || true");
+    assert_ne!(
+        last.trim(),
+        "0",
+        "the last write in the grace period failed"
+    );
+    let when = |cmd: &str| -> f64 {
+        let line = vm.sh(cmd);
+        line.split_whitespace()
+            .next()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("no line from {cmd}: {line:?}"))
+    };
+    let stopped = when(
+        "journalctl -q -o short-unix -u berth-default_writer_main.service | grep -E 'Deactivated|Stopped' | tail -n1",
+    );
+    let deleted = when(
+        "journalctl -q -o short-unix -u berth-agent.service | grep 'pvc_default_data_.* deleted' | tail -n1",
+    );
+    println!("writer stopped at {stopped:.1}, its claim's volume deleted at {deleted:.1}");
+    assert!(
+        stopped <= deleted,
+        "the volume was deleted ({deleted}) before the pod stopped ({stopped})"
+    );
     must(vm.poweroff(Duration::from_secs(120)));
 }
