@@ -53,7 +53,11 @@ const PODS: &[(&str, &str)] = &[
     // and turns `$$` into `$`; the shell gets the rest as written.
     (
         "pods/dollars.yaml",
-        "apiVersion: v1\nkind: Pod\nmetadata: {name: dollars}\nspec:\n  containers:\n  - name: main\n    image: busybox:1.37\n    env: [{name: GREETING, value: hi}]\n    command: [sh, -c]\n    args:\n    - |-\n      for i in 1 2; do echo \"loop=${i}\"; done\n      echo 'twice=$$$$'\n      echo \"var=$(GREETING)\"\n      echo 'escaped=$$(GREETING)'\n      X=set; echo \"plain=$X\"\n      exec sleep 1000000\n",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: dollars}\nspec:\n  containers:\n  - name: main\n    image: busybox:1.37\n    env:\n    - {name: GREETING, value: hi}\n    - name: TOKEN\n      valueFrom: {secretKeyRef: {name: creds, key: token}}\n    command: [sh, -c]\n    args:\n    - |-\n      for i in 1 2; do echo \"loop=${i}\"; done\n      echo 'twice=$$$$'\n      echo \"var=$(GREETING)\"\n      echo 'escaped=$$(GREETING)'\n      X=set; echo \"plain=$X\"\n      exec sleep 1000000\n",
+    ),
+    (
+        "pods/creds.yaml",
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: creds}\nstringData:\n  token: 's3cr\"et $HOME `x` \\\\n'\n",
     ),
     // Asks for what would reach root on the node; the node's level is the
     // default, baseline.
@@ -176,7 +180,7 @@ fn pushed_pods_run_as_units_with_their_qos_and_converge_after_restarts() {
 fn scenario() {
     let image = must(test_image());
     let git = must(GitHost::fresh("pods", "desired.git"));
-    let first = must(git.push(PODS, "nine pods"));
+    let first = must(git.push(PODS, "nine pods and a secret"));
 
     let mut options = VmOptions::new("pods");
     options.esp_config = Some(format!(
@@ -304,6 +308,36 @@ fn scenario() {
     );
     let log = sh(&vm, "berth logs default/silver");
     assert!(log.contains("started as uid 1000"), "{log}");
+    // A value from a Secret reaches the container as written, and is
+    // neither in the unit's properties (readable over D-Bus by any local
+    // user) nor in its transient unit file; its file is root's alone.
+    let secret = "s3cr\"et $HOME `x` \\\\n";
+    let (rc, seen) = must(vm.exec(
+        "berth exec dollars -- printenv TOKEN",
+        Duration::from_secs(60),
+    ));
+    assert_eq!((rc, seen.trim_end_matches('\n')), (0, secret), "{seen:?}");
+    let shown = sh(
+        &vm,
+        "systemctl show -p Environment -p EnvironmentFiles berth-default_dollars_main.service",
+    );
+    assert!(!shown.contains("s3cr"), "{shown}");
+    assert!(
+        shown.contains(
+            "EnvironmentFiles=/var/lib/berth/containers/default_dollars_main/environment-"
+        ),
+        "{shown}"
+    );
+    let (rc, _) = must(vm.exec(
+        "grep -rq s3cr /run/systemd/transient/",
+        Duration::from_secs(30),
+    ));
+    assert_ne!(rc, 0, "the secret is in a transient unit file");
+    let mode = sh(
+        &vm,
+        "stat -c '%a %U' /var/lib/berth/containers/default_dollars_main/environment-*",
+    );
+    assert_eq!(mode.trim(), "600 root");
     // Kubernetes' rules for `$`, and nothing of systemd's.
     let log = sh(&vm, "berth logs default/dollars");
     let printed: Vec<&str> = log

@@ -609,6 +609,8 @@ fn describe_change(c: &Change) -> String {
             Some(PropertyValue::List(l)) => format!("environment {}", l.join(" ")),
             _ => "environment changed".to_string(),
         },
+        // Its name carries a digest of the values: only that they changed.
+        "EnvironmentFiles" => "environment from Secrets changed".to_string(),
         "LogExtraFields" => {
             let (a, b) = (
                 log_field(&c.from, IMAGE_FIELD),

@@ -187,19 +187,39 @@ fn secret_values_never_appear_in_a_plan_or_its_reasons() {
     let first = plan_for(&[("pod.yaml", POD)], &ActualState::default());
     let json = serde_json::to_string(&first).expect("serializes");
     assert!(!json.contains("hunter2"), "{json}");
+    // Not even in the unit: `Environment=` is readable by any local user
+    // over D-Bus; the value goes in a root-only file systemd reads.
+    let unit = first.pods[0].units().next().expect("one unit");
+    let props = serde_json::to_string(unit.properties_for_apply()).expect("serializes");
     assert!(
-        json.contains("TOKEN=<secret default/creds key token>"),
-        "{json}"
+        !props.contains("hunter2") && !props.contains("TOKEN="),
+        "{props}"
     );
+    let file = unit
+        .environment_file_for_apply()
+        .expect("an environment file");
+    assert!(
+        file.path
+            .starts_with("/var/lib/berth/containers/default_web_main/environment-"),
+        "{}",
+        file.path
+    );
+    assert_eq!(
+        unit.properties_for_apply().get("EnvironmentFiles"),
+        Some(&PropertyValue::list([file.path.clone()]))
+    );
+    assert_eq!(file.body.0, b"TOKEN=\"hunter2-very-secret\"\n");
     let before = applied(&first);
     let plan = rotated_without_showing_it(POD, &before);
-    assert_eq!(plan.plan.actions[0].reason, "environment ~TOKEN");
-    // The apply stage still gets the real value.
+    assert_eq!(
+        plan.plan.actions[0].reason,
+        "environment from Secrets changed"
+    );
+    // The apply stage gets the new value, in a file of a new name.
     let unit = plan.pods[0].units().next().expect("one unit");
-    let Some(PropertyValue::List(env)) = unit.properties_for_apply().get("Environment") else {
-        panic!("no environment")
-    };
-    assert!(env.contains(&"TOKEN=rotated-secret-value".to_string()));
+    let rotated = unit.environment_file_for_apply().expect("a file");
+    assert_eq!(rotated.body.0, b"TOKEN=\"rotated-secret-value\"\n");
+    assert_ne!(rotated.path, file.path);
 }
 
 #[test]
@@ -225,9 +245,12 @@ fn a_secret_expanded_into_the_command_line_or_another_variable_never_appears() {
         json.contains(r#""--token=<secret default/creds key token>","--plain=fast""#),
         "{json}"
     );
-    assert!(
-        json.contains("HEADER=<$(TOKEN): secret default/creds key token>"),
-        "{json}"
+    // A value built from a secret is a secret too.
+    let unit = first.pods[0].units().next().expect("one unit");
+    let file = unit.environment_file_for_apply().expect("a file");
+    assert_eq!(
+        file.body.0,
+        b"TOKEN=\"hunter2-very-secret\"\nHEADER=\"Bearer hunter2-very-secret\"\n"
     );
     // The unit itself gets the values.
     let unit = first.pods[0].units().next().expect("one unit");

@@ -325,6 +325,12 @@ pub fn to_wire(name: &str, value: &PropertyValue) -> Result<Value<'static>, Stri
                 })
                 .collect::<Vec<(String, String, bool, u64)>>(),
         ),
+        (Wire::EnvironmentFiles, P::List(paths)) => Value::from(
+            paths
+                .iter()
+                .map(|p| (p.clone(), false))
+                .collect::<Vec<(String, bool)>>(),
+        ),
         (Wire::ExecNoExpand, P::Exec(commands)) => Value::from(
             commands
                 .iter()
@@ -384,6 +390,12 @@ fn array_from_wire(array: &Array<'_>) -> Option<PropertyValue> {
                     })
                     .collect();
                 strings.push(String::from_utf8_lossy(&raw).into_owned());
+            }
+            // `EnvironmentFiles`: (path, optional).
+            Value::Structure(s) if matches!(s.fields(), [Value::Str(_), Value::Bool(_)]) => {
+                if let [Value::Str(path), _] = s.fields() {
+                    strings.push(path.to_string());
+                }
             }
             Value::Structure(s)
                 if matches!(
@@ -664,6 +676,10 @@ mod tests {
             Some(&Value::from(vec!["no-env-expand".to_string()]))
         );
         assert_eq!(from_wire(&wire), Some(exec));
+        let files = PropertyValue::list(vec!["/var/lib/berth/containers/k/environment-0a".into()]);
+        let wire = to_wire("EnvironmentFiles", &files).expect("encodes");
+        assert_eq!(wire.value_signature().to_string(), "a(sb)");
+        assert_eq!(from_wire(&wire), Some(files));
         assert_eq!(
             from_wire(&to_wire("PrivatePIDs", &PropertyValue::Bool(true)).expect("s")),
             Some(PropertyValue::text("yes"))

@@ -317,6 +317,33 @@ fn start_prepared(
     }
 }
 
+/// Writes `body` to `path`, readable by root only, whole or not at all;
+/// older environment files beside it go.
+fn write_private(path: &std::path::Path, body: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let dir = path.parent().unwrap_or(std::path::Path::new("/"));
+    let tmp = dir.join(".environment.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(body)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("environment-") && e.path() != path {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Everything before a container's start: its image, the unit it
 /// replaces, a fresh root, its user records.
 fn prepare_container<'a>(
@@ -382,6 +409,13 @@ fn prepare_container<'a>(
         .roots
         .prepare_with(&key, &image_root, &mode)
         .map_err(host_err)?;
+    // Its environment from Secrets: root-only, beside (not inside) its root.
+    if let Some(file) = unit.environment_file_for_apply() {
+        write_private(std::path::Path::new(&file.path), &file.body.0).map_err(|e| Failure {
+            reason: FailureReason::CreateContainerConfigError,
+            message: format!("its environment file {}: {e}", file.path),
+        })?;
+    }
     // Which image the container runs on, so collection keeps it even after
     // its tag moves on; and its last use, for collection by age.
     if let Some(manifest) = host.images.resolve(&unit.image) {

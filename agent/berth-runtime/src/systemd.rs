@@ -178,6 +178,7 @@ pub const READ_BACK: &[&str] = &[
     "CPUWeight",
     "Description",
     "Environment",
+    "EnvironmentFiles",
     "ExecSearchPath",
     "ExecStart",
     "Group",
@@ -236,6 +237,8 @@ pub enum Wire {
     /// `${VAR}` and `$$` in the command line after Berth's own `$(VAR)`
     /// expansion, which Kubernetes does not do.
     ExecNoExpand,
+    /// `a(sb)`: files of environment (none optional), from a list of paths.
+    EnvironmentFiles,
     /// Whatever the value's variant maps to (`t`, `x`, `b`, `s`, `as`, `a(sasb)`).
     Natural,
 }
@@ -249,6 +252,7 @@ pub fn wire_type(property: &str) -> Wire {
         "SystemCallFilter" => Wire::SyscallFilter,
         "SystemCallErrorNumber" => Wire::I32,
         "ExecStart" => Wire::ExecNoExpand,
+        "EnvironmentFiles" => Wire::EnvironmentFiles,
         _ => Wire::Natural,
     }
 }

@@ -22,6 +22,8 @@ use crate::units::{
 };
 use crate::volumes::SubPathBind;
 
+use super::model::EnvironmentFile;
+
 /// What the checks of a container found: what its unit is made of.
 struct Checked {
     name: UnitName,
@@ -47,7 +49,7 @@ pub(super) fn container_unit(
     warnings: &mut Vec<FieldIssue>,
 ) -> Result<ContainerUnit, Vec<FieldIssue>> {
     let checked = check(input, ctx, warnings)?;
-    let (p, sub_paths) = properties(input, ctx, &checked);
+    let (p, sub_paths, environment_file) = properties(input, ctx, &checked);
     let c = input.container;
     let policy_for = |resource: &str| {
         c.resize_policy
@@ -69,6 +71,7 @@ pub(super) fn container_unit(
         properties: Arc::new(p),
         exec_shown: checked.argv_shown,
         sensitive_env: checked.env.sensitive,
+        environment_file,
         resizable,
         sub_paths,
         pull_policy,
@@ -231,12 +234,13 @@ fn check(
 /// The unit properties of a checked container: identity and log fields,
 /// the command, environment and user, restart policy, resources, its root,
 /// namespaces, isolation and volumes; minus what the node's systemd is too
-/// old for. Returns them with the container's staged `subPath` binds.
+/// old for. Returns them with the container's staged `subPath` binds and
+/// the file that carries its secret environment, if it has one.
 fn properties(
     input: &ContainerInput<'_>,
     ctx: &Context<'_>,
     checked: &Checked,
-) -> (Properties, Vec<SubPathBind>) {
+) -> (Properties, Vec<SubPathBind>, Option<EnvironmentFile>) {
     let c = input.container;
     let id = &input.instance.id;
     let Checked {
@@ -283,15 +287,34 @@ fn properties(
             }])),
         );
     }
+    // Values from Secrets go in a root-only file systemd reads at start
+    // (`EnvironmentFile=`), not in `Environment=`, which any local user
+    // may read over D-Bus and in /run/systemd/transient.
+    let (secret, plain): (Vec<_>, Vec<_>) = env
+        .entries
+        .iter()
+        .partition(|(k, _)| env.sensitive.contains_key(k));
     p.insert(
         "Environment",
         PropertyValue::list(
-            env.entries
+            plain
                 .iter()
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect::<Vec<_>>(),
         ),
     );
+    let environment_file = (!secret.is_empty()).then(|| {
+        let dir = format!(
+            "{}/{}_{}",
+            ctx.node.containers_dir.trim_end_matches('/'),
+            id.key(),
+            c.name
+        );
+        EnvironmentFile::new(&dir, &secret)
+    });
+    if let Some(f) = &environment_file {
+        p.insert("EnvironmentFiles", PropertyValue::list([f.path.clone()]));
+    }
     if let Some(dir) = working_dir {
         p.insert("WorkingDirectory", PropertyValue::text(dir.as_str()));
     }
@@ -382,7 +405,7 @@ fn properties(
     }
     p.retain(|k| units::introduced_in(k).is_none_or(|v| v <= version));
     p.shrink_to_fit();
-    (p, sub_paths)
+    (p, sub_paths, environment_file)
 }
 
 /// The properties a container shares with every other of the same kind

@@ -10,9 +10,9 @@ mod model;
 use container::container_unit;
 use input::ContainerInput;
 pub use model::{
-    ContainerUnit, DEFAULT_GRACE_SECONDS, DEFAULT_PATH, DeclaredPort, DesiredPod, PullPolicy,
-    PullSecret, RESTART_INITIAL_USEC, RESTART_MAX_USEC, RESTART_STEPS, Resizable, RestartPolicy,
-    SliceUnit,
+    ContainerUnit, DEFAULT_GRACE_SECONDS, DEFAULT_PATH, DeclaredPort, DesiredPod, EnvironmentFile,
+    PullPolicy, PullSecret, RESTART_INITIAL_USEC, RESTART_MAX_USEC, RESTART_STEPS, Resizable,
+    RestartPolicy, SliceUnit,
 };
 
 use std::sync::Arc;

@@ -48,6 +48,9 @@ pub struct ContainerUnit {
     /// The command line with each secret `$(VAR)` as a placeholder, when
     /// one went into it: what plans show instead of `ExecStart`'s argv.
     pub(crate) exec_shown: Option<Vec<String>>,
+    /// Its environment from Secrets, written by the apply stage to the
+    /// root-only file `EnvironmentFiles=` names.
+    pub(crate) environment_file: Option<EnvironmentFile>,
     /// Resource properties that may change without a restart, by the
     /// container's `resizePolicy`.
     pub resizable: Resizable,
@@ -91,11 +94,55 @@ impl PullPolicy {
     }
 }
 
+/// A container's environment from Secrets, as systemd's `EnvironmentFile=`
+/// reads it. Its name carries a digest of its content, so a changed Secret
+/// changes the unit's `EnvironmentFiles=` and restarts the container, as a
+/// changed `Environment=` does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvironmentFile {
+    pub path: String,
+    pub body: crate::volumes::Sensitive,
+}
+
+impl EnvironmentFile {
+    /// The file for `entries` in the container's directory `dir`.
+    pub fn new(dir: &str, entries: &[&(String, String)]) -> Self {
+        use sha2::Digest as _;
+        // Double quotes, with the characters systemd's parser treats
+        // specially inside them escaped: the value arrives as written.
+        let mut body = String::new();
+        for (k, v) in entries {
+            body.push_str(k);
+            body.push_str("=\"");
+            for ch in v.chars() {
+                if matches!(ch, '\\' | '"' | '`' | '$') {
+                    body.push('\\');
+                }
+                body.push(ch);
+            }
+            body.push_str("\"\n");
+        }
+        let hash = sha2::Sha256::digest(body.as_bytes());
+        let hex: String = hash.iter().take(6).map(|b| format!("{b:02x}")).collect();
+        Self {
+            path: format!("{dir}/environment-{hex}"),
+            body: crate::volumes::Sensitive(body.into_bytes()),
+        }
+    }
+}
+
 impl ContainerUnit {
-    /// The exact properties to send to systemd, secrets included. Only the
-    /// apply stage may call this.
+    /// The exact properties to send to systemd. Only the apply stage may
+    /// call this (secret values are not among them: see
+    /// [`ContainerUnit::environment_file_for_apply`]).
     pub fn properties_for_apply(&self) -> &Properties {
         &self.properties
+    }
+
+    /// The file of secret environment the unit's `EnvironmentFiles=` names,
+    /// for the apply stage to write before the container starts.
+    pub fn environment_file_for_apply(&self) -> Option<&EnvironmentFile> {
+        self.environment_file.as_ref()
     }
 
     /// The properties with secret values replaced by where they come from:
@@ -204,5 +251,36 @@ pub struct DeclaredPort {
 impl DesiredPod {
     pub fn units(&self) -> impl Iterator<Item = &ContainerUnit> {
         self.init_containers.iter().chain(self.containers.iter())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_environment_file_quotes_what_systemd_would_read_otherwise() {
+        let entries = [
+            ("A".to_string(), "plain".to_string()),
+            ("B".to_string(), "q\"b\\s$HOME `x` #no comment".to_string()),
+            ("C".to_string(), "two\nlines".to_string()),
+        ];
+        let refs: Vec<&(String, String)> = entries.iter().collect();
+        let f = EnvironmentFile::new("/c/k", &refs);
+        assert_eq!(
+            String::from_utf8(f.body.0.clone()).expect("text"),
+            "A=\"plain\"\nB=\"q\\\"b\\\\s\\$HOME \\`x\\` #no comment\"\nC=\"two\nlines\"\n"
+        );
+        assert!(
+            f.path.starts_with("/c/k/environment-")
+                && f.path.len() == "/c/k/environment-".len() + 12
+        );
+        // The name follows the content.
+        let other = EnvironmentFile::new("/c/k", &refs[..1]);
+        assert_ne!(other.path, f.path);
+        assert!(
+            !format!("{f:?}").contains("plain"),
+            "no value in a debug print"
+        );
     }
 }
