@@ -8,13 +8,14 @@ need_root() {
 }
 
 # Build: a C toolchain and OpenSSL headers for libgit2 (https, ssh);
-# ssh-keygen signs commits in the signature tests; nftables (the `nft` tool)
+# ssh-keygen signs commits in the signature tests, sshd serves the SSH
+# remote test; nftables (the `nft` tool)
 # programs Services, in the privileged tests as on the node.
 # Image and QEMU tier: mmdebstrap, filesystem tools, xz and cpio (the initrd),
 # QEMU and OVMF.
 # Registry tests: Debian's docker-registry, htpasswd for its login, and
 # busybox-static for the images the tests build and push.
-packages=(build-essential pkg-config python3 git openssh-client nftables ca-certificates libssl-dev zlib1g-dev binutils
+packages=(build-essential pkg-config python3 git openssh-client openssh-server nftables ca-certificates libssl-dev zlib1g-dev binutils
     docker-registry apache2-utils busybox-static
     mmdebstrap e2fsprogs dosfstools mtools fdisk zstd xz-utils cpio qemu-system-x86 qemu-utils ovmf)
 missing=()
@@ -31,6 +32,12 @@ fi
 # start their own on 127.0.0.1 with a config of their own, so it is stopped.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled docker-registry >/dev/null 2>&1; then
     need_root systemctl disable --now docker-registry >/dev/null 2>&1 || true
+fi
+
+# openssh-server is for the SSH remote test, which starts its own sshd on
+# 127.0.0.1 with a config of its own; the package's own server is stopped.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled ssh >/dev/null 2>&1; then
+    need_root systemctl disable --now ssh ssh.socket >/dev/null 2>&1 || true
 fi
 
 # Rust: the workspace needs edition 2024 and Rust 1.95 or newer.

@@ -313,7 +313,7 @@ fn scenario() {
     // user) nor in its transient unit file; its file is root's alone.
     let secret = "s3cr\"et $HOME `x` \\\\n";
     let (rc, seen) = must(vm.exec(
-        "berth exec dollars -- printenv TOKEN",
+        "berth exec dollars -- sh -c 'printf %s \"$TOKEN\"'",
         Duration::from_secs(60),
     ));
     assert_eq!((rc, seen.trim_end_matches('\n')), (0, secret), "{seen:?}");

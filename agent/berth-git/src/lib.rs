@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use berth_manifest::SourceFile;
 use git2::{FetchOptions, Oid, RemoteCallbacks, Repository};
 
+pub mod known_hosts;
 pub mod publish;
 pub mod sshsig;
 
@@ -56,8 +57,13 @@ pub struct Remote {
 /// How to authenticate, when the remote needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Credentials {
-    /// An SSH deploy key (private key file), for `ssh://` and `git@` URLs.
-    SshKey { user: String, private_key: PathBuf },
+    /// An SSH deploy key (private key file), for `ssh://` and `git@` URLs,
+    /// with the known-hosts file the server's host key must be in.
+    SshKey {
+        user: String,
+        private_key: PathBuf,
+        known_hosts: Option<PathBuf>,
+    },
     /// A token for HTTPS, sent as the password (user `x-access-token` or as given).
     Token { user: String, token: String },
 }
@@ -214,7 +220,8 @@ impl Mirror {
             branch: remote.branch.clone(),
             message,
         };
-        let mut callbacks = remote_callbacks(credentials);
+        let refusal = Refusal::default();
+        let mut callbacks = remote_callbacks(&remote.url, credentials, &refusal);
         let limit = self.max_fetch_bytes;
         let stopped_at = std::cell::Cell::new(None);
         let alive = self.alive.clone();
@@ -254,7 +261,7 @@ impl Mirror {
                 "stopped after {received} bytes: one fetch may bring at most {limit} bytes to a node; the branch's history is too big for it"
             )));
         }
-        fetched.map_err(|e| fail(e.message().to_string()))?;
+        fetched.map_err(|e| fail(transfer_error(&refusal, &e)))?;
         match self.repo.refname_to_id(&tracking_ref(&remote.branch)) {
             Ok(oid) => Ok(Revision(oid)),
             Err(_) => Err(GitError::NoSuchBranch {
@@ -444,8 +451,52 @@ impl Mirror {
 /// Callbacks that answer the server's credential requests from the node's
 /// configured credentials, giving up after three refusals (libgit2 asks
 /// again and again otherwise).
-fn remote_callbacks(credentials: Option<&Credentials>) -> RemoteCallbacks<'_> {
+/// Why the callbacks refused a server: libgit2 reports only that the
+/// check failed, so the reason is kept here for the caller's error.
+pub(crate) type Refusal = std::cell::RefCell<Option<String>>;
+
+/// The error a transfer ended with: the callbacks' reason when they
+/// refused the server, else libgit2's message.
+pub(crate) fn transfer_error(refusal: &Refusal, e: &git2::Error) -> String {
+    refusal
+        .borrow_mut()
+        .take()
+        .unwrap_or_else(|| e.message().to_string())
+}
+
+fn remote_callbacks<'a>(
+    url: &str,
+    credentials: Option<&'a Credentials>,
+    refusal: &'a Refusal,
+) -> RemoteCallbacks<'a> {
     let mut callbacks = RemoteCallbacks::new();
+    // An SSH server's host key must be in the known hosts file; TLS keeps
+    // libgit2's own checks.
+    let ssh = known_hosts::ssh_host(url);
+    let url = url.to_string();
+    let known = match credentials {
+        Some(Credentials::SshKey { known_hosts, .. }) => known_hosts.clone(),
+        _ => None,
+    };
+    callbacks.certificate_check(move |cert, _| {
+        let (Some(hostkey), Some((host, port))) = (cert.as_hostkey(), &ssh) else {
+            return Ok(git2::CertificateCheckStatus::CertificatePassthrough);
+        };
+        let refuse = |e: known_hosts::HostKeyError| {
+            *refusal.borrow_mut() = Some(e.to_string());
+            git2::Error::from_str(&e.to_string())
+        };
+        let path = known
+            .as_ref()
+            .ok_or_else(|| refuse(known_hosts::HostKeyError::NotConfigured { url: url.clone() }))?;
+        let key = hostkey
+            .hostkey()
+            .ok_or_else(|| git2::Error::from_str("the SSH server sent no host key"))?;
+        known_hosts::KnownHosts::load(path)
+            .and_then(|k| k.check(host, *port, key))
+            .map(|()| git2::CertificateCheckStatus::CertificateOk)
+            .map_err(refuse)
+    });
     let mut attempts = 0;
     callbacks.credentials(move |_url, user_from_url, allowed| {
         attempts += 1;
@@ -453,9 +504,9 @@ fn remote_callbacks(credentials: Option<&Credentials>) -> RemoteCallbacks<'_> {
             return Err(git2::Error::from_str("the remote refused the credentials"));
         }
         match credentials {
-            Some(Credentials::SshKey { user, private_key })
-                if allowed.contains(git2::CredentialType::SSH_KEY) =>
-            {
+            Some(Credentials::SshKey {
+                user, private_key, ..
+            }) if allowed.contains(git2::CredentialType::SSH_KEY) => {
                 git2::Cred::ssh_key(user_from_url.unwrap_or(user), None, private_key, None)
             }
             Some(Credentials::Token { user, token })

@@ -259,13 +259,17 @@ impl Mirror {
             .repo
             .remote_anonymous(url)
             .map_err(|e| PushError::Local(e.message().to_string()))?;
+        let refusal = crate::Refusal::default();
         let mut connection = remote
             .connect_auth(
                 git2::Direction::Push,
-                Some(remote_callbacks(credentials)),
+                Some(remote_callbacks(url, credentials, &refusal)),
                 None,
             )
-            .map_err(transport)?;
+            .map_err(|e| PushError::Transport {
+                url: url.to_string(),
+                message: crate::transfer_error(&refusal, &e),
+            })?;
         // Deleting a ref the server does not have is a refusal in the Git
         // protocol; a deletion only goes out for a ref that exists there.
         let advertised: std::collections::BTreeSet<String> = connection
@@ -286,7 +290,7 @@ impl Mirror {
             return Ok(());
         }
         let result = {
-            let mut callbacks = remote_callbacks(credentials);
+            let mut callbacks = remote_callbacks(url, credentials, &refusal);
             callbacks.push_update_reference(|refname, status| {
                 if let Some(why) = status {
                     rejected.push((refname.to_string(), why.to_string()));
@@ -302,7 +306,7 @@ impl Mirror {
         match result {
             Err(e) => Err(PushError::Transport {
                 url: url.to_string(),
-                message: e.message().to_string(),
+                message: crate::transfer_error(&refusal, &e),
             }),
             Ok(()) if !rejected.is_empty() => Err(PushError::Rejected {
                 url: url.to_string(),

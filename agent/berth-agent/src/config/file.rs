@@ -116,6 +116,7 @@ pub(super) struct FileGit {
     pub(super) credentials: Option<FileCredentials>,
     pub(super) allowed_signers: Option<PathBuf>,
     pub(super) allow_rewind: Option<bool>,
+    pub(super) known_hosts: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -140,6 +141,7 @@ pub(super) struct Layer {
     pub(super) token_file: Option<(PathBuf, Origin)>,
     pub(super) allowed_signers: Option<(PathBuf, Origin)>,
     pub(super) allow_rewind: Option<(bool, Origin)>,
+    pub(super) known_hosts: Option<(PathBuf, Origin)>,
     pub(super) status_url: Option<(String, Origin)>,
     pub(super) status_ssh_key: Option<(PathBuf, Origin)>,
     pub(super) status_user: Option<(String, Origin)>,
@@ -178,6 +180,7 @@ impl Layer {
             token_file,
             allowed_signers,
             allow_rewind,
+            known_hosts,
             status_url,
             status_ssh_key,
             status_user,
@@ -234,6 +237,7 @@ pub(super) fn parse_file(text: &str, origin: Origin) -> Result<Layer, ConfigErro
         token_file: creds.token_file.map(|p| (p, origin.clone())),
         allowed_signers: git.allowed_signers.map(|p| (p, origin.clone())),
         allow_rewind: git.allow_rewind.map(|b| (b, origin.clone())),
+        known_hosts: git.known_hosts.map(|p| (p, origin.clone())),
         status_url: with(status.url),
         status_ssh_key: status_creds.ssh_key.map(|p| (p, origin.clone())),
         status_user: with(status_creds.user),
@@ -298,6 +302,7 @@ pub(super) fn set(
         "user" => layer.user = Some((value, origin)),
         "token-file" => layer.token_file = Some((PathBuf::from(value), origin)),
         "allowed-signers" => layer.allowed_signers = Some((PathBuf::from(value), origin)),
+        "known-hosts" => layer.known_hosts = Some((PathBuf::from(value), origin)),
         "publish" => layer.publish = Some((value, origin)),
         "heartbeat" => layer.heartbeat = Some((value, origin)),
         "history" => layer.history = Some((value, origin)),

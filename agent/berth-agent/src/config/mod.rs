@@ -152,9 +152,13 @@ mod tests {
         let token = dir.write("status-token", "s3cret\n");
         dir.write(
             "config.yaml",
-            "git:\n  url: https://git.example/fleet.git\n  credentials: {sshKey: /efi/berth/read-key}\n",
+            "git:\n  url: https://git.example/fleet.git\n  credentials: {sshKey: /efi/berth/read-key}\n  knownHosts: /efi/berth/known_hosts\n",
         );
         let c = load(&sources(&dir, "", false)).expect("valid");
+        assert!(matches!(
+            &c.credentials,
+            Some(berth_git::Credentials::SshKey { known_hosts: Some(k), .. }) if k.ends_with("known_hosts")
+        ));
         assert_eq!(c.status_url, "https://git.example/fleet.git");
         assert_eq!(c.status_credentials, c.credentials);
         dir.write(

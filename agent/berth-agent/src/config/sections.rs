@@ -142,10 +142,12 @@ pub(super) fn finish(
             d
         }
     };
+    let known_hosts = layer.known_hosts.as_ref().map(|(p, _)| p);
     let credentials = remote_credentials(
         layer.ssh_key.as_ref(),
         layer.token_file.as_ref(),
         layer.user.as_ref(),
+        known_hosts,
         "git.credentials",
     )?;
     // Where status and drift go: the desired remote unless said otherwise,
@@ -163,6 +165,7 @@ pub(super) fn finish(
             key.as_ref(),
             token.as_ref(),
             layer.status_user.as_ref(),
+            known_hosts,
             "status.credentials",
         )?,
     };
@@ -354,6 +357,7 @@ fn remote_credentials(
     ssh_key: Option<&(PathBuf, Origin)>,
     token_file: Option<&(PathBuf, Origin)>,
     user: Option<&(String, Origin)>,
+    known_hosts: Option<&PathBuf>,
     field: &str,
 ) -> Result<Option<Credentials>, ConfigError> {
     let user = user.map(|(u, _)| u.clone());
@@ -368,6 +372,7 @@ fn remote_credentials(
         (Some((key, _)), None) => Some(Credentials::SshKey {
             user: user.unwrap_or_else(|| "git".into()),
             private_key: key.clone(),
+            known_hosts: known_hosts.cloned(),
         }),
         (None, Some((file, origin))) => {
             let token = std::fs::read_to_string(file).map_err(|e| {
