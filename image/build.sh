@@ -69,7 +69,7 @@ cp -a "$here/files/root/." "$root/"
 if [ "$variant" = test ]; then
     cp -a "$here/files/test/." "$root/"
 fi
-chroot "$root" systemctl enable berth-agent.service berth-online-sync.service systemd-networkd.service systemd-resolved.service >/dev/null 2>&1
+chroot "$root" systemctl enable berth-agent.service berth-online-sync.service berth-storage-teardown.service systemd-networkd.service systemd-resolved.service >/dev/null 2>&1
 # No login on the serial console (nothing to log in as; and a getty hanging
 # up the line loses console output).
 chroot "$root" systemctl mask serial-getty@ttyS0.service >/dev/null 2>&1

@@ -348,7 +348,21 @@ fn scenario() {
 
     // A reboot: loop devices and mounts are gone with the old kernel; the
     // claims come back with their data.
+    let before_reboot = vm.console.clone();
     let (vm, _) = must(vm.reboot_until(&git, &options, 2, "berth: agent started", BOOT));
+    // The shutdown was clean: the claims' loop devices were detached after
+    // the pods stopped, so /var unmounted.
+    let shutdown = std::fs::read_to_string(&before_reboot).expect("console log");
+    println!(
+        "teardown at the last shutdown: {}",
+        vm.sh("journalctl -q -b -1 -u berth-storage-teardown.service | grep -c detached || true")
+            .trim()
+    );
+    assert!(
+        !shutdown.contains("Failed unmounting"),
+        "an unclean shutdown:\n{}",
+        &shutdown[shutdown.len().saturating_sub(3000)..]
+    );
     running(&vm, &["writer", "filler"]);
     let (_, after) = in_writer(&vm, "/bin/cat /data/born");
     assert_eq!(after.trim(), born.trim(), "same data after the reboot");

@@ -20,6 +20,7 @@ pub mod fake;
 pub mod loopfs;
 pub mod mounts;
 pub mod podvol;
+pub mod shutdown;
 
 use std::io::Write;
 use std::path::Path;

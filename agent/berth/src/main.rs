@@ -191,6 +191,15 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// At shutdown, once the pods have stopped: undo every mount under the
+    /// agent's state and /run/berth, and detach the claims' loop devices,
+    /// so /var unmounts (berth-storage-teardown.service runs it).
+    #[command(hide = true)]
+    StorageTeardown {
+        /// The agent's state directory.
+        #[arg(long, env = "STATE_DIRECTORY", default_value = "/var/lib/berth")]
+        state_dir: PathBuf,
+    },
     /// List the node's images and the pulls under way, like `crictl images`.
     Images {
         #[command(flatten)]
@@ -327,6 +336,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command,
         } => exec::enter(pid, &cgroup, &workdir, &command),
         Command::Images { dirs } => images(&dirs),
+        Command::StorageTeardown { state_dir } => {
+            let run = PathBuf::from("/run/berth");
+            for line in berth_storage::shutdown::teardown(
+                &[state_dir.as_path(), run.as_path()],
+                &state_dir.join("storage"),
+            ) {
+                eprintln!("berth: storage teardown: {line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Observe {
             dirs,
             applied,
