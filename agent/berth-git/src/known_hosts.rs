@@ -152,32 +152,9 @@ fn matches_host(patterns: &[String], name: &str) -> bool {
     matched
 }
 
-/// `*` any run of characters, `?` one; case-insensitive as host names are.
+/// A host pattern, case-insensitive as host names are.
 fn glob(pattern: &str, name: &str) -> bool {
-    let p: Vec<char> = pattern.to_ascii_lowercase().chars().collect();
-    let n: Vec<char> = name.to_ascii_lowercase().chars().collect();
-    let (mut pi, mut ni) = (0, 0);
-    let (mut star, mut mark) = (None, 0);
-    while ni < n.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
-            pi += 1;
-            ni += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some(pi);
-            mark = ni;
-            pi += 1;
-        } else if let Some(s) = star {
-            pi = s + 1;
-            mark += 1;
-            ni = mark;
-        } else {
-            return false;
-        }
-    }
-    while pi < p.len() && p[pi] == '*' {
-        pi += 1;
-    }
-    pi == p.len()
+    berth_manifest::names::wildcard_match(&pattern.to_ascii_lowercase(), &name.to_ascii_lowercase())
 }
 
 /// The host and port of an SSH remote URL: `ssh://[user@]host[:port]/path`

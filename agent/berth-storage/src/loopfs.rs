@@ -38,21 +38,12 @@ impl LoopDriver {
         self.dir.join("staged").join(name)
     }
 
-    /// The loop device a file is attached to, from sysfs.
+    /// The loop device a file is attached to.
     fn loop_of(file: &Path) -> Option<PathBuf> {
-        let entries = std::fs::read_dir("/sys/block").ok()?;
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if !name.starts_with("loop") {
-                continue;
-            }
-            let backing =
-                std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
-            if Path::new(backing.trim_end()) == file {
-                return Some(PathBuf::from("/dev").join(name));
-            }
-        }
-        None
+        loop_devices()
+            .into_iter()
+            .find(|(_, backing)| backing == file)
+            .map(|(dev, _)| dev)
     }
 
     fn attach(file: &Path) -> Result<PathBuf, DriverError> {
@@ -66,18 +57,44 @@ impl LoopDriver {
     }
 
     fn detach(file: &Path) -> Result<(), DriverError> {
-        let Some(dev) = Self::loop_of(file) else {
-            return Ok(());
-        };
-        match run(Command::new("losetup").arg("-d").arg(&dev)) {
-            Ok(_) => Ok(()),
-            // Detached already: the kernel tears a released device down in
-            // the background and sysfs still shows its backing file for a
-            // moment, so a second unstage can find it and get ENXIO (seen
-            // on the appliance by the driver contract).
-            Err(DriverError::Tool(m)) if m.contains("No such device or address") => Ok(()),
-            Err(e) => Err(e),
+        match Self::loop_of(file) {
+            Some(dev) => detach_device(&dev),
+            None => Ok(()),
         }
+    }
+}
+
+/// Every attached loop device and its backing file, from sysfs.
+pub fn loop_devices() -> Vec<(PathBuf, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("loop"))
+        .filter_map(|e| {
+            let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            let backing = backing.trim_end();
+            (!backing.is_empty()).then(|| {
+                (
+                    PathBuf::from("/dev").join(e.file_name()),
+                    PathBuf::from(backing),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Detaches a loop device (a busy one is detached once released).
+pub fn detach_device(dev: &Path) -> Result<(), DriverError> {
+    match run(Command::new("losetup").arg("-d").arg(dev)) {
+        Ok(_) => Ok(()),
+        // Detached already: the kernel tears a released device down in
+        // the background and sysfs still shows its backing file for a
+        // moment, so a second unstage can find it and get ENXIO (seen
+        // on the appliance by the driver contract).
+        Err(DriverError::Tool(m)) if m.contains("No such device or address") => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

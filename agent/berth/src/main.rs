@@ -338,13 +338,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Images { dirs } => images(&dirs),
         Command::StorageTeardown { state_dir } => {
             let run = PathBuf::from("/run/berth");
-            for line in berth_storage::shutdown::teardown(
+            let problems = berth_storage::shutdown::teardown(
                 &[state_dir.as_path(), run.as_path()],
                 &state_dir.join("storage"),
-            ) {
+            );
+            for line in &problems {
                 eprintln!("berth: storage teardown: {line}");
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(if problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Observe {
             dirs,
