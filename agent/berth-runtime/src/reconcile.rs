@@ -333,15 +333,20 @@ fn write_private(path: &std::path::Path, body: &[u8]) -> std::io::Result<()> {
     f.write_all(body)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
+    remove_environment_files(dir, Some(path));
+    Ok(())
+}
+
+/// Removes the environment files in a container's directory but `keep`.
+fn remove_environment_files(dir: &std::path::Path, keep: Option<&std::path::Path>) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("environment-") && e.path() != path {
+            if name.starts_with("environment-") && Some(e.path().as_path()) != keep {
                 let _ = std::fs::remove_file(e.path());
             }
         }
     }
-    Ok(())
 }
 
 /// Everything before a container's start: its image, the unit it
@@ -409,12 +414,16 @@ fn prepare_container<'a>(
         .roots
         .prepare_with(&key, &image_root, &mode)
         .map_err(host_err)?;
-    // Its environment from Secrets: root-only, beside (not inside) its root.
-    if let Some(file) = unit.environment_file_for_apply() {
-        write_private(std::path::Path::new(&file.path), &file.body.0).map_err(|e| Failure {
-            reason: FailureReason::CreateContainerConfigError,
-            message: format!("its environment file {}: {e}", file.path),
-        })?;
+    // Its environment from Secrets: root-only, beside (not inside) its root;
+    // none left from an earlier start that had one.
+    match unit.environment_file_for_apply() {
+        Some(file) => {
+            write_private(std::path::Path::new(&file.path), &file.body.0).map_err(|e| Failure {
+                reason: FailureReason::CreateContainerConfigError,
+                message: format!("its environment file {}: {e}", file.path),
+            })?;
+        }
+        None => remove_environment_files(&host.roots.dir(&key), None),
     }
     // Which image the container runs on, so collection keeps it even after
     // its tag moves on; and its last use, for collection by age.
@@ -533,4 +542,30 @@ fn collect_garbage(host: &Host<'_>, pods: &[DesiredPod]) -> Vec<String> {
         }
     }
     cleaned
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn an_environment_file_is_root_only_and_replaces_the_last_one() {
+        let dir = std::env::temp_dir().join(format!("berth-envfile-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let first = dir.join("environment-aaaa");
+        write_private(&first, b"TOKEN=\"one\"\n").expect("written");
+        let meta = std::fs::metadata(&first).expect("there");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let second = dir.join("environment-bbbb");
+        write_private(&second, b"TOKEN=\"two\"\n").expect("written");
+        assert!(!first.exists(), "the old values are gone");
+        assert_eq!(std::fs::read(&second).expect("read"), b"TOKEN=\"two\"\n");
+        assert!(!dir.join(".environment.tmp").exists());
+        // A start without secrets leaves none behind.
+        remove_environment_files(&dir, None);
+        assert!(!second.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
