@@ -180,7 +180,9 @@ struct RuntimeConfig {
 /// The largest JSON document (index, manifest, config) read into memory.
 const MAX_JSON: u64 = 4 << 20;
 
-fn valid_digest(digest: &str) -> Option<&str> {
+/// The hex of a `sha256:` digest as the store names its files (64
+/// lowercase hex digits), or `None`.
+pub fn valid_digest(digest: &str) -> Option<&str> {
     let hex = digest.strip_prefix("sha256:")?;
     (hex.len() == 64
         && hex

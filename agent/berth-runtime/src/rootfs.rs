@@ -178,8 +178,7 @@ impl ContainerRoots {
                 let text =
                     fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
                 let digest = text.trim();
-                let hex = digest.strip_prefix("sha256:").unwrap_or("");
-                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                if berth_images::valid_digest(digest).is_none() {
                     return Err(format!(
                         "{}: {digest:?} is not an image digest",
                         path.display()

@@ -126,6 +126,8 @@ pub struct Held {
     pid: u32,
     pidfd: std::os::fd::OwnedFd,
     proc_dir: std::os::fd::OwnedFd,
+    /// Its cgroup, checked to be the unit's.
+    cgroup: String,
 }
 
 impl Held {
@@ -145,19 +147,23 @@ impl Held {
             rustix::fs::Mode::empty(),
         )
         .with_context(|| format!("cannot open /proc/{pid}"))?;
-        let held = Self {
+        let mut held = Self {
             pid,
             pidfd,
             proc_dir,
+            cgroup: String::new(),
         };
         held.check_alive()?;
-        let cgroup = held.read_string("cgroup")?;
-        let cgroup = parse_cgroup(&cgroup).context("the process is in no cgroup v2 group")?;
-        if cgroup.trim_end() != expected.trim_end() {
+        let text = held.read_string("cgroup")?;
+        let cgroup = parse_cgroup(&text)
+            .context("the process is in no cgroup v2 group")?
+            .trim_end();
+        if cgroup != expected.trim_end() {
             bail!(
                 "process {pid} is not the container's (it is in cgroup {cgroup}, the container's unit is {expected}): it exited and its number was reused; try again"
             );
         }
+        held.cgroup = cgroup.to_string();
         Ok(held)
     }
 
@@ -218,8 +224,6 @@ pub fn enter(
     };
     let process = Held::open(pid, unit_cgroup)?;
     let creds = parse_status(&process.read_string("status")?)?;
-    let cgroup = process.read_string("cgroup")?;
-    let cgroup = parse_cgroup(&cgroup).context("the process is in no cgroup v2 group")?;
     let environ = process
         .read("environ")
         .context("cannot read its environment")?;
@@ -254,7 +258,7 @@ pub fn enter(
 
     // The cgroup first, while /sys/fs/cgroup is still the node's.
     let procs = Path::new("/sys/fs/cgroup")
-        .join(cgroup.trim_start_matches('/'))
+        .join(process.cgroup.trim_start_matches('/'))
         .join("cgroup.procs");
     std::fs::write(&procs, std::process::id().to_string())
         .with_context(|| format!("cannot join the container's cgroup ({})", procs.display()))?;
