@@ -26,7 +26,7 @@ while [ $# -gt 0 ]; do
 done
 [ "$(id -u)" -eq 0 ] || { echo "build.sh: run as root (the image's files must be owned by root)" >&2; exit 2; }
 [ -x "$berth_bin" ] || { echo "build.sh: $berth_bin is not built (cargo build --release --locked)" >&2; exit 2; }
-for tool in mmdebstrap mkfs.ext4 mkfs.vfat mcopy mmd sfdisk zstd cpio; do
+for tool in mmdebstrap mkfs.ext4 tune2fs mkfs.vfat mcopy mmd sfdisk zstd cpio; do
     command -v "$tool" >/dev/null || { echo "build.sh: $tool is missing (scripts/deps.sh --image)" >&2; exit 2; }
 done
 
@@ -178,6 +178,12 @@ var_mib=256
 mkfs.ext4 -q -F -E root_owner=0:0 -L berth-root-a -U "$(cat /proc/sys/kernel/random/uuid)" -d "$root" "$work/root-a.img" "${root_mib}M"
 mkfs.ext4 -q -F -E root_owner=0:0 -L berth-root-b "$work/root-b.img" "${root_mib}M"
 mkfs.ext4 -q -F -E root_owner=0:0 -L berth-var -d "$work/var" "$work/var.img" "${var_mib}M"
+# /var's root reserve (5%, kept as the filesystem grows) is the agent's: it
+# holds CAP_SYS_RESOURCE, containers and the mounts of their roots do not,
+# and the reserve's uid is one no container may run as (65533, see
+# VAR_RESERVE_UID). So a pod that fills /var leaves Git, status and the
+# agent's state room to work.
+tune2fs -m 5 -u 65533 "$work/var.img" >/dev/null
 rm -f "$work/esp.img"
 mkfs.vfat -F 32 -n BERTH-ESP -C "$work/esp.img" $(( esp_mib * 1024 )) >/dev/null
 (cd "$esp" && find . -mindepth 1 -type d | sed 's|^\./||' | while read -r d; do mmd -i "$work/esp.img" "::$d"; done)

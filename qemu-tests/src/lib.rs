@@ -215,6 +215,9 @@ pub struct VmOptions {
     /// The `berth-tcp-pipe` binary the forwards run (tests pass
     /// `env!("CARGO_BIN_EXE_berth-tcp-pipe")`).
     pub tcp_pipe: Option<PathBuf>,
+    /// A reboot in the guest boots it again in the same QEMU (firmware,
+    /// boot loader and all) instead of ending QEMU: see [`Vm::guest_reboot`].
+    pub guest_reboots: bool,
 }
 
 impl VmOptions {
@@ -228,6 +231,7 @@ impl VmOptions {
             host_forwards: Vec::new(),
             guest_forwards: Vec::new(),
             tcp_pipe: None,
+            guest_reboots: false,
         }
     }
 }
@@ -338,7 +342,8 @@ impl Vm {
         // -nodefaults: no CD-ROM or VGA for the firmware to try first; the
         // NIC has no option ROM, so OVMF does not attempt a network boot.
         cmd.args(["-machine", "q35", "-accel", &accel, "-m", &options.memory_mib.to_string(), "-smp", "2"])
-            .args(["-nodefaults", "-display", "none", "-no-reboot"])
+            .args(["-nodefaults", "-display", "none"])
+            .args(if options.guest_reboots { &[][..] } else { &["-no-reboot"][..] })
             .args(["-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}")])
             .args(["-drive", &format!("if=pflash,format=raw,unit=1,file={}", path_str(&vars)?)])
             .args(["-drive", &format!("file={},format=raw,if=none,id=disk,cache=unsafe", path_str(&disk)?)])
@@ -363,6 +368,12 @@ impl Vm {
             ])
             .args(["-device", "virtio-net-pci,netdev=net,romfile="])
             .args(["-serial", &format!("file:{}", path_str(&console)?)])
+            // QEMU's monitor, for a person looking at a guest that hangs
+            // (`socat - UNIX-CONNECT:target/qemu-tests/<name>/monitor.sock`).
+            .args([
+                "-monitor",
+                &format!("unix:{},server=on,wait=off", path_str(&dir.join("monitor.sock"))?),
+            ])
             .args(["-device", "virtio-serial-pci"])
             .args(["-chardev", &format!("socket,id=berthtest,path={},server=on,wait=off", path_str(&channel)?)])
             .args(["-device", "virtserialport,chardev=berthtest,name=berth.test"]);
@@ -601,6 +612,40 @@ impl Vm {
     }
 
     /// Asks the guest to power off and waits for QEMU to exit.
+    /// `systemctl reboot` in the guest, which boots again in the same QEMU
+    /// (launched with [`VmOptions::guest_reboots`]); waits until `needle`
+    /// appears once more on the console. Returns the console the reboot
+    /// wrote (shutdown and boot) and the time it took. A kernel panic is
+    /// not a failure here: the kernel reboots itself (`panic=10`), as a node
+    /// on a shelf would, and the caller sees it in the returned text.
+    pub fn guest_reboot(&mut self, needle: &str, timeout: Duration) -> Result<(String, Duration)> {
+        let before = self.console_text();
+        let seen = before.matches(needle).count();
+        let start = Instant::now();
+        // The channel may close as the guest goes down: that is expected.
+        let _ = self.exec("systemctl --no-block reboot", Duration::from_secs(20));
+        loop {
+            let text = self.console_text();
+            if text.matches(needle).count() > seen {
+                let new = text.get(before.len()..).unwrap_or_default().to_string();
+                return Ok((new, start.elapsed()));
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return fail(format!(
+                    "QEMU exited ({status}) while the guest rebooted; console: {}",
+                    self.console.display()
+                ));
+            }
+            if start.elapsed() > timeout {
+                return fail(format!(
+                    "the guest did not come back from a reboot within {timeout:?} (no new {needle:?}); console: {}",
+                    self.console.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
     pub fn poweroff(mut self, timeout: Duration) -> Result<()> {
         let _ = self.exec("systemctl --no-block poweroff", Duration::from_secs(20));
         let end = Instant::now() + timeout;

@@ -1,7 +1,10 @@
 //! Local storage on the real appliance: a pod writes to a provisioned
 //! claim, the data outlives the pod and a reboot, a write past the claim's
 //! size fails with ENOSPC inside the pod while the node carries on, a
-//! ConfigMap change reaches the mounted file, a claim grows online, and
+//! ConfigMap change reaches the mounted file, a claim grows online, pods
+//! over their local storage limits are evicted, a pod without limits fills
+//! `/var` only down to the agent's reserve (claims, Git and status keep
+//! working), ten reboots in a row are each clean and each come back, and
 //! Delete and Retain do what they say.
 //! Run by `scripts/test.sh` with `--ignored`.
 
@@ -13,6 +16,7 @@ use berth_qemu_tests::{GIT_HOST, GitHost, Vm, VmOptions, must, retry_on_tcg_flak
 
 const BOOT: Duration = Duration::from_secs(180);
 const SETTLE: Duration = Duration::from_secs(240);
+const REBOOTS: u32 = 10;
 
 const CLASSES: &str = "apiVersion: storage.k8s.io/v1
 kind: StorageClass
@@ -96,6 +100,61 @@ spec:
   - name: data
     persistentVolumeClaim: {claimName: kept}
 ";
+
+/// Over its emptyDir's sizeLimit, 1 MiB at a time.
+const SPILL: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: spill}
+spec:
+  containers:
+  - name: main
+    image: busybox:1.37
+    command: [sh, -c, \"i=0; while true; do dd if=/dev/zero of=/scratch/f$i bs=1M count=1 2>/dev/null; i=$((i+1)); done\"]
+    resources: {limits: {ephemeral-storage: 64Mi}}
+    volumeMounts:
+    - {name: scratch, mountPath: /scratch}
+  volumes:
+  - name: scratch
+    emptyDir: {sizeLimit: 8Mi}
+";
+
+/// Over its limit in its own writable layer.
+const LAYER: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: layer}
+spec:
+  containers:
+  - name: main
+    image: busybox:1.37
+    command: [sh, -c, \"mkdir -p /fill; i=0; while true; do dd if=/dev/zero of=/fill/f$i bs=1M count=1 2>/dev/null; i=$((i+1)); done\"]
+    resources: {limits: {ephemeral-storage: 16Mi}}
+";
+
+/// No limits: writes until the disk refuses, and says how that ended.
+const HOG: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: hog}
+spec:
+  containers:
+  - name: main
+    image: busybox:1.37
+    command: [sh, -c, \"dd if=/dev/zero of=/scratch/big bs=1M 2>&1; echo hog-exit=$?; exec sleep 1000000\"]
+    volumeMounts:
+    - {name: scratch, mountPath: /scratch}
+  volumes:
+  - name: scratch
+    emptyDir: {}
+";
+
+/// `(free to anyone, free to the agent)` of `/var`, in MiB.
+fn var_space(vm: &Vm) -> (u64, u64) {
+    let out = vm.sh("stat -f -c '%a %f %S' /var");
+    let f: Vec<u64> = out
+        .split_whitespace()
+        .map(|n| n.parse().expect("number"))
+        .collect();
+    ((f[0] * f[2]) >> 20, (f[1] * f[2]) >> 20)
+}
 
 fn files(
     greeting: &str,
@@ -183,6 +242,7 @@ fn scenario() {
         "claims and two pods",
     );
     let mut options = VmOptions::new("storage");
+    options.guest_reboots = true;
     options.esp_config = Some(format!(
         "node:\n  name: st\ngit:\n  url: git://{GIT_HOST}/desired.git\n  branch: main\n  path: st\n  pollInterval: 5s\n"
     ));
@@ -284,6 +344,8 @@ fn scenario() {
         "the data partition keeps its space: {var_free} MiB"
     );
 
+    local_storage(&vm, &git);
+
     // A ConfigMap change reaches the mounted file.
     let (rc, out) = in_writer(&vm, "/bin/cat /etc/app/greeting");
     assert_eq!((rc, out.trim()), (0, "hello"));
@@ -346,26 +408,35 @@ fn scenario() {
         "same data after the pod came back"
     );
 
-    // A reboot: loop devices and mounts are gone with the old kernel; the
-    // claims come back with their data.
-    let before_reboot = vm.console.clone();
-    let (vm, _) = must(vm.reboot_until(&git, &options, 2, "berth: agent started", BOOT));
-    // The shutdown was clean: the claims' loop devices were detached after
-    // the pods stopped, so /var unmounted.
-    let shutdown = std::fs::read_to_string(&before_reboot).expect("console log");
-    let tail = shutdown
-        .char_indices()
-        .map(|(i, _)| i)
-        .find(|&i| i >= shutdown.len().saturating_sub(3000))
-        .unwrap_or(0);
-    assert!(
-        !shutdown.contains("Failed unmounting"),
-        "an unclean shutdown:\n{}",
-        &shutdown[tail..]
-    );
-    running(&vm, &["writer", "filler"]);
-    let (_, after) = in_writer(&vm, "/bin/cat /data/born");
-    assert_eq!(after.trim(), born.trim(), "same data after the reboot");
+    // Ten reboots in a row, each from `systemctl reboot` in the guest
+    // (firmware and boot loader included): each shutdown clean (the
+    // claims' loop devices detached after the pods stopped, so /var
+    // unmounts), each boot back to both pods running on their claims.
+    let mut vm = vm;
+    let mut panics = 0;
+    for n in 1..=REBOOTS {
+        let (console, took) =
+            must(vm.guest_reboot("berth: agent started", Duration::from_secs(300)));
+        let tail = console
+            .char_indices()
+            .map(|(i, _)| i)
+            .find(|&i| i >= console.len().saturating_sub(3000))
+            .unwrap_or(0);
+        assert!(
+            !console.contains("Failed unmounting") && !console.contains("Failed to unmount"),
+            "reboot {n} was not clean:\n{}",
+            &console[tail..]
+        );
+        panics += console.matches("Kernel panic").count();
+        running(&vm, &["writer", "filler"]);
+        let (_, after) = in_writer(&vm, "/bin/cat /data/born");
+        assert_eq!(after.trim(), born.trim(), "same data after reboot {n}");
+        println!(
+            "reboot {n}: back to 2 pods on their claims {:.1} s after `systemctl reboot`",
+            took.as_secs_f64()
+        );
+    }
+    println!("{REBOOTS} reboots, each clean; {panics} TCG kernel panic(s) rebooted by themselves");
 
     // Delete and Retain: both claims and pods leave Git.
     let images_before = vm.sh("ls /var/lib/berth/storage/images");
@@ -426,4 +497,142 @@ fn scenario() {
         "the volume was deleted ({deleted}) before the pod stopped ({stopped})"
     );
     must(vm.poweroff(Duration::from_secs(120)));
+}
+
+/// Pods over their limits are evicted and stay down; a pod without limits
+/// fills `/var` down to the reserve, and claims, Git and the status branch
+/// carry on; once it goes, the space comes back.
+fn local_storage(vm: &Vm, git: &GitHost) {
+    let (free_before, _) = var_space(vm);
+    let mut with = files("hello", "32Mi", true, true);
+    with.push(("st/spill.yaml", SPILL.to_string()));
+    with.push(("st/layer.yaml", LAYER.to_string()));
+    push(git, &with, "two pods over their storage limits");
+    let start = Instant::now();
+    let pods = vm.pods_until("spill and layer evicted", SETTLE, |p| {
+        ["spill", "layer"]
+            .iter()
+            .all(|n| p.get(*n).is_some_and(|p| p["status"] == "Evicted"))
+    });
+    println!(
+        "both evicted {:.1} s after the push: {} / {}",
+        start.elapsed().as_secs_f64(),
+        pods["spill"]["messages"],
+        pods["layer"]["messages"]
+    );
+    assert!(
+        pods["spill"]["messages"]
+            .to_string()
+            .contains("Usage of EmptyDir volume \\\"scratch\\\" exceeds the limit \\\"8Mi\\\""),
+        "{}",
+        pods["spill"]
+    );
+    assert!(
+        pods["layer"]["messages"]
+            .to_string()
+            .contains("exceeds the total limit of containers 16Mi"),
+        "{}",
+        pods["layer"]
+    );
+    // Stopped, their storage removed, and not started again.
+    std::thread::sleep(Duration::from_secs(15));
+    let units = vm.sh("systemctl list-units --all --no-legend 'berth-default_spill*' 'berth-default_layer*' | grep -v inactive || true");
+    assert!(
+        units.trim().is_empty(),
+        "evicted pods still have units: {units}"
+    );
+    let left = vm.sh("ls -d /var/lib/berth/volumes/default_spill /var/lib/berth/containers/default_layer_main 2>&1 || true");
+    assert!(left.contains("No such file"), "{left}");
+    let s = status(vm);
+    assert!(s.to_string().contains("Evicted"), "status: {s}");
+
+    // No limits: the hog writes until the disk refuses it, and the root
+    // reserve stays free.
+    must(git.remove("st/spill.yaml"));
+    must(git.remove("st/layer.yaml"));
+    let mut with = files("hello", "32Mi", true, true);
+    with.push(("st/hog.yaml", HOG.to_string()));
+    push(git, &with, "a pod that fills the disk");
+    let start = Instant::now();
+    let end = start + SETTLE;
+    let log = loop {
+        let log = vm.sh("journalctl BERTH_POD=default/hog --no-pager -o cat");
+        if log.contains("hog-exit=") {
+            break log;
+        }
+        assert!(Instant::now() < end, "the hog never finished: {log}");
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    let (free, reserve_free) = var_space(vm);
+    println!(
+        "the hog filled /var in {:.1} s ({free_before} MiB free before): {free} MiB left to pods, {reserve_free} MiB to the agent",
+        start.elapsed().as_secs_f64()
+    );
+    assert!(log.contains("No space left on device"), "{log}");
+    assert!(free < 16, "/var is full for pods: {free} MiB");
+    assert!(
+        reserve_free >= 32,
+        "the reserve is left: {reserve_free} MiB"
+    );
+    // A claim's space is its own: writing to it still works.
+    let (rc, out) = in_writer(
+        vm,
+        "/bin/sh -c 'dd if=/dev/zero of=/data/while-full bs=1M count=8 && sync && echo claim-ok'",
+    );
+    assert_eq!((rc, out.contains("claim-ok")), (0, true), "{out}");
+    in_writer(vm, "/bin/rm /data/while-full");
+    // Git and status keep working: a new commit is fetched, applied and
+    // reported to the status branch.
+    let mut with = files("full-disk", "32Mi", true, true);
+    with.push(("st/hog.yaml", HOG.to_string()));
+    let commit = push(git, &with, "a commit while the disk is full");
+    status_until(vm, "the commit applied on a full disk", |s| {
+        s.to_string().contains(&commit[..12])
+    });
+    let end = Instant::now() + SETTLE;
+    loop {
+        let (_, out) = in_writer(vm, "/bin/cat /etc/app/greeting");
+        if out.trim() == "full-disk" {
+            break;
+        }
+        assert!(Instant::now() < end, "the greeting is still {out:?}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let end = Instant::now() + SETTLE;
+    loop {
+        let branch = git
+            .git(&["ls-remote", "origin", "refs/heads/berth/status/st"])
+            .unwrap_or_default();
+        let reported = git
+            .git(&["fetch", "-q", "origin", "berth/status/st"])
+            .and_then(|_| git.git(&["show", "FETCH_HEAD:status.yaml"]))
+            .unwrap_or_default();
+        if reported.contains(&commit[..12]) || reported.contains(&commit) {
+            println!(
+                "status branch reports the commit made on a full disk ({})",
+                branch.trim()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the status branch never reported {commit}: {reported}"
+        );
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    // The hog leaves Git: its emptyDir goes with it, the space comes back.
+    must(git.remove("st/hog.yaml"));
+    push(git, &files("hello", "32Mi", true, true), "the hog removed");
+    let end = Instant::now() + SETTLE;
+    loop {
+        let (free, _) = var_space(vm);
+        if free + 64 >= free_before {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the space did not come back: {free} MiB"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
 }

@@ -77,6 +77,9 @@ pub struct Agent {
     pub(crate) git_alive: Option<berth_git::Liveness>,
     /// The line saying the agent waits for the network was logged.
     pub(crate) waiting_for_network: bool,
+    /// Pods with local storage limits, as the last pass planned them:
+    /// measured every [`STORAGE_CHECK`] between passes.
+    pub(crate) storage_watch: Vec<berth_plan::DesiredPod>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -90,6 +93,10 @@ const MAX_PACKS: usize = 16;
 /// How often units are observed and healed when nothing signalled a change,
 /// like the kubelet's periodic sync.
 const RESYNC: Duration = Duration::from_secs(60);
+/// How often the local storage of pods with limits is measured between
+/// passes: the kubelet's housekeeping period. The root reserve of `/var`
+/// (see README, "Local storage") covers what a pod writes meanwhile.
+const STORAGE_CHECK: Duration = Duration::from_secs(10);
 
 /// The revision a pass works on, loaded.
 pub(crate) struct Loaded {
@@ -128,6 +135,7 @@ impl Agent {
             fetched_once: false,
             git_alive: None,
             waiting_for_network: false,
+            storage_watch: Vec::new(),
         })
     }
 
@@ -481,7 +489,7 @@ impl Agent {
                     w
                 }
             };
-            match wait_for_wake(jitter(wait), notifier, wake) {
+            match self.wait_watching_storage(jitter(wait), notifier, wake) {
                 None => fetch = true,
                 Some(Wake::SyncNow) => fetch = true,
                 Some(Wake::UnitChanged) => fetch = false,
@@ -493,6 +501,43 @@ impl Agent {
                 }
             }
         }
+    }
+}
+
+impl Agent {
+    /// [`wait_for_wake`], measuring the pods with storage limits every
+    /// [`STORAGE_CHECK`] meanwhile: one over a limit ends the wait as a
+    /// unit change would (a pass without fetching, which evicts it).
+    fn wait_watching_storage(
+        &self,
+        total: Duration,
+        notifier: &Notifier,
+        wake: &Receiver<Wake>,
+    ) -> Option<Wake> {
+        let end = Instant::now() + total;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if self.storage_watch.is_empty() || left <= STORAGE_CHECK {
+                return wait_for_wake(left, notifier, wake);
+            }
+            if let Some(woke) = wait_for_wake(STORAGE_CHECK, notifier, wake) {
+                return Some(woke);
+            }
+            if self.storage_over_limits() {
+                return Some(Wake::UnitChanged);
+            }
+        }
+    }
+
+    /// Whether a watched pod's local storage is over one of its limits.
+    fn storage_over_limits(&self) -> bool {
+        let Some(rt) = &self.runtime else {
+            return false;
+        };
+        self.storage_watch.iter().any(|pod| {
+            let usage = berth_runtime::usage::pod_usage(&rt.roots, pod);
+            berth_plan::ephemeral::exceeded(&pod.ephemeral, &usage).is_some()
+        })
     }
 }
 

@@ -69,16 +69,19 @@ impl Agent {
         image_configs: Vec<berth_plan::ImageConfig>,
     ) -> Result<(), String> {
         let images = &ImageCatalog::new(image_configs.clone());
-        let observed = match rt {
+        let mut observed = match rt {
             Some(rt) => {
                 observe(rt.systemd.as_ref()).map_err(|e| format!("cannot observe units: {e}"))?
             }
             None => Observed::default(),
         };
+        // The planner's clock, and the evictions it keeps in force.
+        observed.actual.observed_at = now_secs();
+        observed.actual.evictions = self.state.evictions.clone();
         self.check_boot();
         let mut chosen = None;
         if let Some(loaded) = candidate {
-            let desired = berth_plan::desire(&loaded.catalog, node, images, &observed.actual.units);
+            let desired = berth_plan::desire(&loaded.catalog, node, images, &observed.actual);
             match self.accept(config, &loaded, &desired) {
                 Ok(o) => {
                     *outcome = Some(o);
@@ -94,8 +97,7 @@ impl Agent {
                     return Ok(());
                 };
                 let loaded = self.load(config, mirror, &good)?;
-                let desired =
-                    berth_plan::desire(&loaded.catalog, node, images, &observed.actual.units);
+                let desired = berth_plan::desire(&loaded.catalog, node, images, &observed.actual);
                 (loaded, desired)
             }
         };
@@ -138,7 +140,7 @@ impl Agent {
         node: &NodeInfo,
         image_configs: Vec<berth_plan::ImageConfig>,
     ) -> Result<(), String> {
-        let now = now_secs();
+        let now = observed.actual.observed_at;
         // Prepare, and gather the facts the plan weighs.
         let (wiring, pod_files) = self.wire_pods(config, &desired.pods);
         let dirs = node.volumes.clone();
@@ -168,6 +170,17 @@ impl Agent {
         for (pod, message) in volumes {
             pods.entry(pod).or_default().volumes_not_ready = Some(message);
         }
+        // What the pods with storage limits hold, for the planner to weigh.
+        self.storage_watch = desired
+            .pods
+            .iter()
+            .filter(|p| p.ephemeral.any())
+            .cloned()
+            .collect();
+        for pod in &self.storage_watch {
+            pods.entry(pod.id.to_string()).or_default().storage =
+                Some(berth_runtime::usage::pod_usage(&rt.roots, pod));
+        }
         let actual = ActualState {
             node: Some(node.clone()),
             observed_at: now,
@@ -177,6 +190,7 @@ impl Agent {
             image_configs,
             pods,
             environment_digests: false,
+            evictions: self.state.evictions.clone(),
         };
         let plan = berth_plan::plan_desired(
             desired,
@@ -341,6 +355,17 @@ impl Agent {
     /// Pods not admitted and pods refused against what runs: logged when
     /// they change, kept for status.
     fn record_plan_problems(&mut self, plan: &berth_plan::NodePlan) {
+        for e in &plan.evictions {
+            if !self.state.evictions.iter().any(|k| k.pod == e.pod) {
+                self.log.pod(
+                    Level::Warn,
+                    &e.pod,
+                    "",
+                    &format!("pod {} evicted: {}", e.pod, e.message),
+                );
+            }
+        }
+        self.state.evictions.clone_from(&plan.evictions);
         let not_admitted: Vec<NotAdmittedRecord> = plan
             .not_admitted
             .iter()
@@ -351,7 +376,7 @@ impl Agent {
             })
             .collect();
         if not_admitted != self.state.not_admitted {
-            for n in &not_admitted {
+            for n in not_admitted.iter().filter(|n| n.status != "Evicted") {
                 self.log.pod(
                     Level::Warn,
                     &n.pod,

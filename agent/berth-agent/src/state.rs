@@ -27,9 +27,12 @@ pub struct AgentState {
     /// name an admin's unit holds): those pods do not run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub plan_errors: Vec<String>,
-    /// Pods the node cannot fit.
+    /// Pods the node cannot fit, refuses, or evicted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_admitted: Vec<NotAdmittedRecord>,
+    /// Evictions in force: each pod stays down while its eviction holds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evictions: Vec<berth_plan::ephemeral::Eviction>,
     /// The boot the `applied` digests belong to: transient units do not
     /// survive a reboot, so their absence after one is not drift.
     #[serde(default, skip_serializing_if = "Option::is_none")]

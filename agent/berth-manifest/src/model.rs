@@ -217,6 +217,7 @@ mod tests {
                 cpu_limit_milli: Some(1000),
                 memory_request_bytes: Some(64 << 20),
                 memory_limit_bytes: Some(1 << 30),
+                ephemeral_storage_limit_bytes: None,
             }
         );
         let env = c.env.as_ref().expect("env");
@@ -461,6 +462,9 @@ pub struct Resources {
     pub cpu_limit_milli: Option<u64>,
     pub memory_request_bytes: Option<u64>,
     pub memory_limit_bytes: Option<u64>,
+    /// `limits.ephemeral-storage`: what the container's writable layer may
+    /// hold before the node evicts its pod.
+    pub ephemeral_storage_limit_bytes: Option<u64>,
 }
 
 impl From<&core::ResourceRequirements> for Resources {
@@ -480,6 +484,7 @@ impl From<&core::ResourceRequirements> for Resources {
             cpu_limit_milli: get(&r.limits, "cpu"),
             memory_request_bytes: get(&r.requests, "memory"),
             memory_limit_bytes: get(&r.limits, "memory"),
+            ephemeral_storage_limit_bytes: get(&r.limits, "ephemeral-storage"),
         }
     }
 }

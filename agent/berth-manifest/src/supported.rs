@@ -46,6 +46,7 @@ const CONTAINER: &[&str] = &[
     "resources.requests.memory",
     "resources.limits.cpu",
     "resources.limits.memory",
+    "resources.limits.ephemeral-storage",
     "resizePolicy",
     "ports",
     "securityContext.runAsUser",
@@ -338,7 +339,7 @@ mod tests {
             "spec": {
                 "containers": [{
                     "name": "c", "image": "busybox",
-                    "resources": {"limits": {"cpu": "1", "ephemeral-storage": "1Gi"}},
+                    "resources": {"limits": {"cpu": "1", "ephemeral-storage": "1Gi"}, "requests": {"ephemeral-storage": "1Gi"}},
                     "livenessProbe": {"exec": {"command": ["true"]}}
                 }],
                 "hostNetwork": true,
@@ -355,7 +356,7 @@ mod tests {
             [
                 "metadata.uid",
                 "spec.containers[0].livenessProbe",
-                "spec.containers[0].resources.limits.ephemeral-storage",
+                "spec.containers[0].resources.requests.ephemeral-storage",
                 "spec.dnsPolicy",
                 "status"
             ]

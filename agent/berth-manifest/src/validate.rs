@@ -317,20 +317,21 @@ fn container(c: &Container, path: &FieldPath, issues: &mut Issues) {
                 let Some(value) = quantity(&q.0, &qpath, issues) else {
                     continue;
                 };
-                let converted = match name.as_str() {
-                    "cpu" => value.milli(),
-                    "memory" => value.units(),
+                let (resource, converted) = match name.as_str() {
+                    "cpu" => ("cpu", value.milli()),
+                    "memory" => ("memory", value.units()),
+                    "ephemeral-storage" => ("ephemeral-storage", value.units()),
                     _ => continue,
                 };
                 match converted {
                     Ok(v) => {
-                        parsed.insert((section, if name == "cpu" { "cpu" } else { "memory" }), v);
+                        parsed.insert((section, resource), v);
                     }
                     Err(e) => err(issues, qpath, e.to_string()),
                 }
             }
         }
-        for resource in ["cpu", "memory"] {
+        for resource in ["cpu", "memory", "ephemeral-storage"] {
             if let (Some(req), Some(lim)) = (
                 parsed.get(&("requests", resource)),
                 parsed.get(&("limits", resource)),

@@ -51,6 +51,10 @@ pub struct ActualState {
     /// values by the same digest.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub environment_digests: bool,
+    /// Pods the node evicted, as the agent keeps them: each stays down
+    /// while its eviction holds (see [`crate::ephemeral::Eviction::holds`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evictions: Vec<crate::ephemeral::Eviction>,
 }
 
 impl ActualState {
@@ -172,6 +176,9 @@ pub struct PodFacts {
     /// Its volumes: absent when it has none, or they are ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volumes_not_ready: Option<String>,
+    /// What its local storage holds, for a pod with storage limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<crate::ephemeral::StorageUsage>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

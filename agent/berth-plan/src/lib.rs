@@ -14,6 +14,7 @@ pub mod actual;
 pub mod context;
 pub mod desired;
 pub mod drift;
+pub mod ephemeral;
 pub mod expand;
 pub mod images;
 pub mod node;

@@ -94,6 +94,11 @@ pub struct VolumeDirs {
     pub host_path_prefixes: Vec<String>,
 }
 
+/// The uid `/var`'s root reserve belongs to (ext4's `resuid`, set when
+/// the image is built): besides the agent, which holds CAP_SYS_RESOURCE,
+/// only this uid may write into the reserve, and no container runs as it.
+pub const VAR_RESERVE_UID: i64 = 65533;
+
 pub const DEFAULT_DISK_DIR: &str = "/var/lib/berth/volumes";
 pub const DEFAULT_RUN_DIR: &str = "/run/berth/volumes";
 pub const DEFAULT_SUB_PATH_DIR: &str = "/run/berth/subpaths";

@@ -24,6 +24,7 @@ use crate::actual::{ActualState, ActualUnit};
 use crate::context::Context;
 use crate::desired::{self, DesiredPod, SliceUnit};
 use crate::drift::{self, DriftItem};
+use crate::ephemeral::{self, Eviction};
 use crate::images::ImageCatalog;
 use crate::node::NodeInfo;
 use crate::plan::{self, Plan, PlanInput, Protection};
@@ -59,6 +60,10 @@ pub struct NodePlan {
     /// Where the node departs from the very units last applied.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub drift: Vec<DriftItem>,
+    /// The evictions in force after this pass (those of `actual` that
+    /// still hold, and the pods this pass evicts): the agent keeps them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub evictions: Vec<Eviction>,
     /// The Services this node programs, over its pods.
     #[serde(skip_serializing_if = "crate::services::ServicePlan::is_empty")]
     pub services: ServicePlan,
@@ -75,6 +80,8 @@ pub struct DesiredNode {
     pub conflicts: Vec<Diagnostic>,
     pub rejected: Vec<Rejected>,
     pub services: ServicePlan,
+    /// The evictions of `actual` that still hold.
+    pub evictions: Vec<Eviction>,
     protection: Protection,
 }
 
@@ -86,7 +93,7 @@ pub fn plan_node(
     actual: &ActualState,
     revision: &str,
 ) -> NodePlan {
-    let desired = desire(catalog, node, images, &actual.units);
+    let desired = desire(catalog, node, images, actual);
     plan_desired(desired, catalog, node, actual, revision)
 }
 
@@ -189,13 +196,15 @@ fn in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec
 }
 
 /// Stage 1: the pods this node runs, as Git wants them. Reads only the
-/// units of `actual` (which are Berth's, which run), never other facts.
+/// units of `actual` (which are Berth's, which run) and the evictions the
+/// agent keeps, never facts the agent gathers for the pods it returns.
 pub fn desire(
     catalog: &Catalog,
     node: &NodeInfo,
     images: &ImageCatalog,
-    units: &[ActualUnit],
+    actual: &ActualState,
 ) -> DesiredNode {
+    let (units, kept, now) = (&actual.units, &actual.evictions, actual.observed_at);
     let index = Index::new(catalog);
     let selection = select::select(catalog, node);
     let ctx = Context::new(catalog, node, images);
@@ -286,6 +295,22 @@ pub fn desire(
         }
         false
     });
+    // Evicted pods stay down while their eviction holds; they do not count
+    // against what the node admits.
+    let mut evictions = Vec::new();
+    let mut evicted = Vec::new();
+    pods.retain(|pod| {
+        let key = pod.id.to_string();
+        let Some(e) = kept.iter().find(|e| e.pod == key) else {
+            return true;
+        };
+        if !e.holds(&ephemeral::pod_digest(pod), now) {
+            return true;
+        }
+        evicted.push(evicted_pod(pod, &e.message));
+        evictions.push(e.clone());
+        false
+    });
     let (pods, mut not_admitted) = admit(pods, node, units);
     for n in &not_admitted {
         if let Some(source) = index.get(&n.source) {
@@ -297,6 +322,7 @@ pub fn desire(
         }
     }
     not_admitted.extend(forbidden);
+    not_admitted.extend(evicted);
     let qos_slices = desired::qos_slices(&pods);
     let (services, service_diagnostics) =
         services::plan_services(catalog, &pods, node.node_ports, services::Scope::Node);
@@ -312,19 +338,66 @@ pub fn desire(
         conflicts,
         rejected,
         services,
+        evictions,
         protection,
     }
+}
+
+/// An evicted pod as its status shows it: `Failed`, reason `Evicted`.
+fn evicted_pod(pod: &DesiredPod, message: &str) -> NotAdmitted {
+    NotAdmitted {
+        pod: pod.id.clone(),
+        source: pod.source.clone(),
+        spec_path: pod.spec_path,
+        status: "Evicted",
+        reason: message.to_string(),
+    }
+}
+
+/// Stage 2's first step: pods whose local storage exceeds a limit (by the
+/// usage `actual` reports) leave the desired node, so the plan stops them,
+/// and are recorded as evicted.
+fn evict_over_limits(desired: &mut DesiredNode, actual: &ActualState) {
+    let mut kept = Vec::with_capacity(desired.pods.len());
+    for pod in std::mem::take(&mut desired.pods) {
+        let verdict = actual
+            .pods
+            .get(&pod.id.to_string())
+            .and_then(|f| f.storage.as_ref())
+            .and_then(|usage| ephemeral::exceeded(&pod.ephemeral, usage));
+        match verdict {
+            None => kept.push(pod),
+            Some(message) => {
+                desired.evictions.push(Eviction {
+                    pod: pod.id.to_string(),
+                    at: actual.observed_at,
+                    message: message.clone(),
+                    digest: ephemeral::pod_digest(&pod),
+                    replica: pod.source.kind == "Deployment",
+                });
+                desired.not_admitted.push(evicted_pod(&pod, &message));
+            }
+        }
+    }
+    desired.pods = kept;
 }
 
 /// Stage 2: the actions that take the node from `actual` to `desired`,
 /// drift classified and starts held until their pods are ready.
 pub fn plan_desired(
-    desired: DesiredNode,
+    mut desired: DesiredNode,
     catalog: &Catalog,
     node: &NodeInfo,
     actual: &ActualState,
     revision: &str,
 ) -> NodePlan {
+    evict_over_limits(&mut desired, actual);
+    let evicted: BTreeMap<String, String> = desired
+        .not_admitted
+        .iter()
+        .filter(|n| n.status == "Evicted")
+        .map(|n| (n.pod.to_string(), n.reason.clone()))
+        .collect();
     let mut plan = plan::plan(&PlanInput {
         node: &node.name,
         revision,
@@ -332,6 +405,7 @@ pub fn plan_desired(
         qos_slices: &desired.qos_slices,
         actual,
         protection: &desired.protection,
+        evicted: &evicted,
     });
     let classified = drift::classify(
         std::mem::take(&mut plan.actions),
@@ -357,6 +431,7 @@ pub fn plan_desired(
         rejected: desired.rejected,
         services: desired.services,
         drift: classified.items,
+        evictions: desired.evictions,
     }
 }
 

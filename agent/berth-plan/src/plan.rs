@@ -119,6 +119,9 @@ pub struct PlanInput<'a> {
     pub qos_slices: &'a [SliceUnit],
     pub actual: &'a ActualState,
     pub protection: &'a Protection,
+    /// Pods the node evicts (`namespace/name` → why): stopped whatever
+    /// protects the rest.
+    pub evicted: &'a BTreeMap<String, String>,
 }
 
 /// A pod that cannot be planned because a unit it needs belongs to someone else.
@@ -174,7 +177,10 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         .filter(|u| u.is_berths() && !wanted.contains(u.name.as_str()))
     {
         let pod = unit.pod();
-        let protected_by = if let Some(reason) = &input.protection.hold_all {
+        let evicted = pod.as_ref().and_then(|p| input.evicted.get(p));
+        let protected_by = if evicted.is_some() {
+            None
+        } else if let Some(reason) = &input.protection.hold_all {
             Some(reason.clone())
         } else if let Some(p) = pod.as_ref().filter(|p| input.protection.pods.contains(*p)) {
             Some(format!(
@@ -203,6 +209,9 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         }
         let still_wanted = pod.as_ref().is_some_and(|p| pod_ids.contains(p));
         let reason = match (&pod, still_wanted, unit.name.is_slice()) {
+            (Some(p), _, _) if evicted.is_some() => {
+                format!("pod {p} is evicted: {}", evicted.map_or("", String::as_str))
+            }
             (Some(p), true, true) => format!("pod {p} moved to another QoS class slice"),
             (Some(p), true, false) => format!(
                 "the container is no longer part of pod {p} in revision {}",

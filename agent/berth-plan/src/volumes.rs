@@ -320,7 +320,6 @@ pub fn pod_volumes(
     ctx: &Context<'_>,
     memory_limit: Option<u64>,
     errors: &mut Vec<FieldIssue>,
-    warnings: &mut Vec<FieldIssue>,
 ) -> Vec<PodVolume> {
     let id = &instance.id;
     let dirs = &ctx.node.volumes;
@@ -328,15 +327,6 @@ pub fn pod_volumes(
     let mut out = Vec::new();
     for (i, v) in instance.spec.volumes.iter().flatten().enumerate() {
         let vpath = spec_path.key("volumes").index(i);
-        if let Some(e) = &v.empty_dir
-            && e.medium.as_deref() != Some("Memory")
-            && e.size_limit.is_some()
-        {
-            warnings.push(FieldIssue::warning(
-                vpath.key("emptyDir").key("sizeLimit"),
-                "not enforced for an emptyDir on the node's disk yet (use medium: Memory, or a claim, for a hard limit)",
-            ));
-        }
         if let Some(volume) = pod_volume(id, v, &vpath, ctx, memory_limit, dirs, errors) {
             out.push(volume);
         }
@@ -646,16 +636,16 @@ mod tests {
     }
 
     #[test]
-    fn a_size_limit_the_node_cannot_enforce_is_a_warning() {
-        let docs = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n  - name: c\n    image: busybox:1.37\n  volumes:\n  - {name: disk, emptyDir: {sizeLimit: 1Gi}}\n  - {name: mem, emptyDir: {medium: Memory, sizeLimit: 1Gi}}\n";
+    fn size_limits_are_enforced_so_they_are_not_warnings() {
+        let docs = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n  - name: c\n    image: busybox:1.37\n    resources: {limits: {ephemeral-storage: 64Mi}}\n  volumes:\n  - {name: disk, emptyDir: {sizeLimit: 1Gi}}\n  - {name: mem, emptyDir: {medium: Memory, sizeLimit: 1Gi}}\n";
         let p = plan(docs, &[]);
         assert_eq!(p.pods.len(), 1);
-        let found: Vec<String> = p.diagnostics.iter().map(ToString::to_string).collect();
-        assert_eq!(found.len(), 1, "{found:?}");
-        assert!(
-            found[0].contains("spec.volumes[0].emptyDir.sizeLimit: not enforced"),
-            "{found:?}"
-        );
+        assert!(p.diagnostics.is_empty(), "{:?}", p.diagnostics);
+        // The disk one is measured (the memory one is a tmpfs of its size).
+        let limits = &p.pods[0].ephemeral;
+        assert_eq!(limits.empty_dirs, [("disk".to_string(), 1 << 30)]);
+        assert_eq!(limits.containers, [("c".to_string(), 64 << 20)]);
+        assert_eq!(limits.pod, Some(64 << 20));
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod reconcile;
 pub mod rootfs;
 pub mod status;
 pub mod systemd;
+pub mod usage;
 
 pub use reconcile::{ApplyFailure, ApplyReport, FailureReason, Host, Observed, apply, observe};
 pub use systemd::{KillWhom, Systemd, SystemdError, UnitDetails};

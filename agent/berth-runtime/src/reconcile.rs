@@ -89,7 +89,7 @@ pub struct ApplyReport {
     pub cleaned: Vec<String>,
 }
 
-fn container_key(pod: &PodId, container: &str) -> String {
+pub(crate) fn container_key(pod: &PodId, container: &str) -> String {
     format!("{}_{container}", pod.key())
 }
 

@@ -32,6 +32,10 @@ pub struct ContainerRoots {
 }
 
 /// systemd's path escaping (`systemd-escape --path`), for mount unit names.
+/// Every capability up to `CAP_CHECKPOINT_RESTORE` (40) but
+/// `CAP_SYS_RESOURCE` (24): the bounding set of `mount` for a container root.
+pub const MOUNT_CAPABILITIES: u64 = ((1 << 41) - 1) & !(1 << 24);
+
 pub fn escape_path(path: &str) -> String {
     let trimmed = path.trim_matches('/');
     if trimmed.is_empty() {
@@ -149,6 +153,14 @@ impl ContainerRoots {
             ("What", PropertyValue::text("overlay")),
             ("Type", PropertyValue::text("overlay")),
             ("Options", PropertyValue::text(options)),
+            // The overlay writes to its upper directory with the
+            // credentials of whoever mounted it: without CAP_SYS_RESOURCE
+            // (and not as the reserve's uid), a container's writes cannot
+            // reach the root reserve of `/var` that the agent keeps.
+            (
+                "CapabilityBoundingSet",
+                PropertyValue::Unsigned(MOUNT_CAPABILITIES),
+            ),
         ]
         .into_iter()
         .collect())
@@ -335,6 +347,12 @@ mod tests {
                 base.display()
             )))
         );
+        // Mounted without CAP_SYS_RESOURCE, every other capability kept.
+        let Some(PropertyValue::Unsigned(caps)) = props.get("CapabilityBoundingSet") else {
+            panic!("no bounding set: {props:?}");
+        };
+        assert_eq!(caps & (1 << 24), 0);
+        assert_eq!(caps.count_ones(), 40);
         assert_eq!(roots.keys(), vec!["ns_p_c".to_string()]);
         fs::remove_dir_all(&base).expect("cleanup");
     }

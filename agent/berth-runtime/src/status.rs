@@ -112,8 +112,22 @@ fn condition(kind: &str, ok: bool, reason: Option<&str>) -> PodCondition {
 impl PodStatus {
     /// A pod the node does not run, as the kubelet reports it: `OutOfcpu`
     /// or `OutOfmemory` when it cannot fit, `Forbidden` when its Pod
-    /// Security level refuses it.
+    /// Security level refuses it, `Evicted` when the node ended it.
     pub fn not_admitted(namespace: &str, name: &str, status: &str, reason: &str) -> Self {
+        // Evicted: it was scheduled and ran; the node ended it.
+        let (conditions, message) = if status == "Evicted" {
+            let mut target = condition("DisruptionTarget", true, None);
+            target.reason = Some("TerminationByKubelet".into());
+            (
+                vec![condition("PodScheduled", true, None), target],
+                reason.to_string(),
+            )
+        } else {
+            (
+                vec![condition("PodScheduled", false, Some("Unschedulable"))],
+                format!("not admitted: {reason}"),
+            )
+        };
         Self {
             namespace: namespace.to_string(),
             name: name.to_string(),
@@ -124,8 +138,8 @@ impl PodStatus {
             containers: Vec::new(),
             start_usec: None,
             usage: Usage::default(),
-            conditions: vec![condition("PodScheduled", false, Some("Unschedulable"))],
-            messages: vec![format!("not admitted: {reason}")],
+            conditions,
+            messages: vec![message],
             pod_ip: None,
         }
     }
@@ -554,5 +568,16 @@ mod tests {
             conditions(&unfit),
             vec![("PodScheduled".to_string(), "False".to_string())]
         );
+        let evicted = PodStatus::not_admitted("default", "fill", "Evicted", "Usage of EmptyDir");
+        assert_eq!(
+            (evicted.phase, evicted.status.as_str()),
+            (Phase::Failed, "Evicted")
+        );
+        assert_eq!(
+            conditions(&evicted),
+            [("PodScheduled", "True"), ("DisruptionTarget", "True")]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+        assert_eq!(evicted.messages, ["Usage of EmptyDir"]);
     }
 }

@@ -2,7 +2,8 @@
 //! to a loop device with direct I/O and mounted `nosuid,nodev`.
 //!
 //! Layout under the driver's directory (on the data partition):
-//! `images/<name>.img` (sparse), `staged/<name>` (mount point).
+//! `images/<name>.img` (allocated in full, so that a claim's space is its
+//! own even when pods fill the rest of `/var`), `staged/<name>` (mount point).
 //! An image is made as `<name>.img.new` and renamed only once `mkfs` has
 //! finished, so a crash never leaves a half-made image under a real name.
 
@@ -16,6 +17,16 @@ use crate::driver::{DriverError, VolumeDriver, VolumeStats};
 use crate::mounts;
 
 pub const PROVISIONER: &str = "berth.dev/local";
+
+/// Allocates `len` bytes of `file` from `offset` (growing it): the blocks
+/// are the volume's from now on, so a full `/var` never fails its writes.
+fn allocate(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    };
+    nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::empty(), offset, len)
+        .map_err(std::io::Error::from)
+}
 
 /// ext4's smallest sensible size with a journal.
 pub const MIN_BYTES: u64 = 8 << 20;
@@ -172,8 +183,7 @@ impl VolumeDriver for LoopDriver {
         let make = || -> Result<(), DriverError> {
             let f = std::fs::File::create(&new)
                 .map_err(|e| DriverError::io(new.display().to_string(), e))?;
-            f.set_len(size)
-                .map_err(|e| DriverError::io(new.display().to_string(), e))?;
+            allocate(&f, 0, size).map_err(|e| DriverError::io(new.display().to_string(), e))?;
             // No reserved blocks: the claim's size is all the pod's.
             run(Command::new("mkfs.ext4")
                 .args(["-q", "-F", "-m", "0", "-E", "nodiscard", "-L"])
@@ -189,9 +199,10 @@ impl VolumeDriver for LoopDriver {
                 if free >= want {
                     break;
                 }
-                len = (len + want - free).div_ceil(1 << 20) * (1 << 20);
-                f.set_len(len)
+                let grown = (len + want - free).div_ceil(1 << 20) * (1 << 20);
+                allocate(&f, len, grown - len)
                     .map_err(|e| DriverError::io(new.display().to_string(), e))?;
+                len = grown;
                 run(Command::new("resize2fs").arg("-f").arg(&new))?;
             }
             f.sync_all()
@@ -244,7 +255,7 @@ impl VolumeDriver for LoopDriver {
             std::fs::OpenOptions::new()
                 .write(true)
                 .open(&image)
-                .and_then(|f| f.set_len(len + missing))
+                .and_then(|f| allocate(&f, len, missing))
                 .map_err(|e| DriverError::io(image.display().to_string(), e))?;
             run(Command::new("losetup").arg("-c").arg(&dev))?;
             // Online resize of the mounted filesystem.

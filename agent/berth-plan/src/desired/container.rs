@@ -188,6 +188,19 @@ fn check(
             "runAsNonRoot is set but runAsUser is 0 (root)",
         ));
     }
+    if uid == Some(crate::node::VAR_RESERVE_UID) {
+        errors.push(FieldIssue::error(
+            if explicit_uid.is_some() {
+                path.key("securityContext").key("runAsUser")
+            } else {
+                path.key("image")
+            },
+            format!(
+                "uid {} owns the root reserve of the node's /var (what keeps Git, status and claims working on a full disk); containers may not run as it",
+                crate::node::VAR_RESERVE_UID
+            ),
+        ));
+    }
     let verify_non_root = non_root && explicit_uid.is_none();
     if let Some(sc) = sc {
         crate::security::check_combination(sc, &path.key("securityContext"), &mut errors);

@@ -141,13 +141,8 @@ pub fn resolve_pod(
     };
 
     let pod_res = pod_resources(&resources[..init.len()], &resources[init.len()..]);
-    let volumes = crate::volumes::pod_volumes(
-        instance,
-        ctx,
-        pod_res.memory_limit_bytes,
-        &mut errors,
-        &mut warnings,
-    );
+    let volumes =
+        crate::volumes::pod_volumes(instance, ctx, pod_res.memory_limit_bytes, &mut errors);
 
     let mut init_units: Vec<ContainerUnit> = Vec::with_capacity(init.len());
     let mut app_units = Vec::with_capacity(spec.containers.len());
@@ -222,6 +217,17 @@ pub fn resolve_pod(
     slice_props.insert("TasksMax", PropertyValue::Unsigned(ctx.node.pod_pids_limit));
 
     let pull_secrets = pull_secrets(instance, ctx, &spec_path, &mut warnings);
+    let storage_limits = |init: bool| -> Vec<(String, Option<u64>)> {
+        all.iter()
+            .filter(|(is_init, _, _)| *is_init == init)
+            .map(|(_, _, c)| (c.name.clone(), c.resources.ephemeral_storage_limit_bytes))
+            .collect()
+    };
+    let ephemeral = crate::ephemeral::EphemeralLimits::of(
+        &storage_limits(false),
+        &storage_limits(true),
+        &volumes,
+    );
     Ok(Resolved {
         pod: DesiredPod {
             id: instance.id.clone(),
@@ -242,6 +248,7 @@ pub fn resolve_pod(
             host_network: spec.host_network == Some(true),
             volumes,
             pull_secrets,
+            ephemeral,
         },
         warnings,
     })

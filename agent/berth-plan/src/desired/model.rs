@@ -228,6 +228,8 @@ pub struct DesiredPod {
     pub volumes: Vec<PodVolume>,
     /// `spec.imagePullSecrets` that exist and hold a Docker config.
     pub pull_secrets: Vec<PullSecret>,
+    /// Its local storage limits, which the node measures it against.
+    pub ephemeral: crate::ephemeral::EphemeralLimits,
 }
 
 /// A Docker config from an image pull Secret: `.dockerconfigjson` (type
