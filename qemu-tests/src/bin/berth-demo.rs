@@ -109,9 +109,7 @@ fn run() -> berth_qemu_tests::Result<()> {
             git.work.display(),
             vm.console.display()
         ));
-        loop {
-            std::thread::sleep(Duration::from_secs(3600));
-        }
+        return vm.follow_reboots(&git, &options);
     }
     say("powering off (make demo ARGS=--keep keeps the node running)");
     vm.poweroff(Duration::from_secs(120))
