@@ -76,7 +76,7 @@ fn main() {
         s.sort_by(f64::total_cmp);
         s[s.len() / 2]
     };
-    println!("provision a 1 GiB claim (sparse image, mkfs.ext4): {p0:.0}–{p1:.0} ms");
+    println!("provision a 1 GiB claim (image allocated in full, mkfs.ext4): {p0:.0}–{p1:.0} ms");
     println!("stage it (loop device with direct I/O, mount): {s0:.0}–{s1:.0} ms");
     println!("sequential write, {mib} MiB + fsync, {RUNS} runs each, interleaved:");
     println!("  data partition directly: {r0:.0}–{r1:.0} MB/s");
