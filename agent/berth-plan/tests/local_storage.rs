@@ -7,10 +7,12 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use berth_manifest::{SourceFile, load_sources};
-use berth_plan::actual::{ActiveState, ActualState, ActualUnit, PodFacts};
+use berth_plan::actual::{ActualState, PodFacts};
 use berth_plan::ephemeral::{REPLICA_RESTART_SECS, StorageUsage};
 use berth_plan::plan::Verb;
 use berth_plan::{ImageCatalog, NodeInfo, NodePlan, plan_node};
+
+mod common;
 
 fn pods(command: &str) -> String {
     format!(
@@ -68,35 +70,12 @@ fn plan(yaml: &str, actual: &ActualState) -> NodePlan {
     plan_node(&catalog, &node, &ImageCatalog::default(), actual, "rev1")
 }
 
-/// The node after applying `plan`, at `now`.
+/// The node after applying `plan`, at `now`, keeping its evictions.
 fn applied(plan: &NodePlan, now: u64) -> ActualState {
-    let mut units = Vec::new();
-    for slice in &plan.qos_slices {
-        units.push(ActualUnit {
-            name: slice.name.clone(),
-            active_state: ActiveState::Active,
-            properties: (*slice.properties).clone(),
-        });
-    }
-    for pod in &plan.pods {
-        units.push(ActualUnit {
-            name: pod.slice.name.clone(),
-            active_state: ActiveState::Active,
-            properties: (*pod.slice.properties).clone(),
-        });
-        for unit in pod.units() {
-            units.push(ActualUnit {
-                name: unit.name.clone(),
-                active_state: ActiveState::Active,
-                properties: unit.properties_for_apply().clone(),
-            });
-        }
-    }
     ActualState {
         observed_at: now,
-        units,
         evictions: plan.evictions.clone(),
-        ..ActualState::default()
+        ..common::applied(plan)
     }
 }
 

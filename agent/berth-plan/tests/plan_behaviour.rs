@@ -8,6 +8,9 @@ use berth_plan::actual::{ActiveState, ActualState, ActualUnit};
 use berth_plan::plan::Verb;
 use berth_plan::{ImageCatalog, NodeInfo, NodePlan, PropertyValue, UnitName, plan_node};
 
+mod common;
+use common::applied;
+
 const POD: &str = r#"
 apiVersion: v1
 kind: Pod
@@ -49,36 +52,6 @@ fn plan_for(files: &[(&str, &str)], actual: &ActualState) -> NodePlan {
     let catalog = load_sources(sources);
     assert_eq!(catalog.error_count(), 0, "{:#?}", catalog.diagnostics);
     plan_node(&catalog, &node(), &ImageCatalog::default(), actual, "rev1")
-}
-
-/// What the node would report after applying `plan` exactly.
-fn applied(plan: &NodePlan) -> ActualState {
-    let mut units = Vec::new();
-    for slice in &plan.qos_slices {
-        units.push(ActualUnit {
-            name: slice.name.clone(),
-            active_state: ActiveState::Active,
-            properties: (*slice.properties).clone(),
-        });
-    }
-    for pod in &plan.pods {
-        units.push(ActualUnit {
-            name: pod.slice.name.clone(),
-            active_state: ActiveState::Active,
-            properties: (*pod.slice.properties).clone(),
-        });
-        for unit in pod.units() {
-            units.push(ActualUnit {
-                name: unit.name.clone(),
-                active_state: ActiveState::Active,
-                properties: unit.properties_for_apply().clone(),
-            });
-        }
-    }
-    ActualState {
-        units,
-        ..ActualState::default()
-    }
 }
 
 /// The plan's action on `unit`; the test fails if there is none.
