@@ -300,6 +300,9 @@ pub fn desire(
     let mut evictions = Vec::new();
     let mut evicted = Vec::new();
     pods.retain(|pod| {
+        if kept.is_empty() {
+            return true;
+        }
         let key = pod.id.to_string();
         let Some(e) = kept.iter().find(|e| e.pod == key) else {
             return true;
@@ -360,9 +363,9 @@ fn evicted_pod(pod: &DesiredPod, message: &str) -> NotAdmitted {
 fn evict_over_limits(desired: &mut DesiredNode, actual: &ActualState) {
     let mut kept = Vec::with_capacity(desired.pods.len());
     for pod in std::mem::take(&mut desired.pods) {
-        let verdict = actual
-            .pods
-            .get(&pod.id.to_string())
+        let verdict = (pod.ephemeral.any())
+            .then(|| actual.pods.get(&pod.id.to_string()))
+            .flatten()
             .and_then(|f| f.storage.as_ref())
             .and_then(|usage| ephemeral::exceeded(&pod.ephemeral, usage));
         match verdict {
