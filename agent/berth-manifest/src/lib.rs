@@ -14,6 +14,7 @@ pub mod load;
 pub mod model;
 pub mod names;
 pub mod objects;
+pub mod probe;
 pub mod quantity;
 pub mod supported;
 pub mod validate;

@@ -387,11 +387,15 @@ pub struct Container {
     /// `host` fields of its probes and lifecycle handlers, by their path
     /// inside the container (Pod Security refuses them).
     pub probe_hosts: Vec<(String, String)>,
+    pub probes: crate::probe::Probes,
+    pub hooks: crate::probe::Hooks,
 }
 
 impl From<core::Container> for Container {
     fn from(c: core::Container) -> Self {
         let probe_hosts = probe_hosts(&c);
+        let probes = crate::probe::probes_of(&c);
+        let hooks = crate::probe::hooks_of(&c);
         Self {
             name: c.name,
             image: c.image,
@@ -412,6 +416,8 @@ impl From<core::Container> for Container {
             security_context: c.security_context.map(Box::new),
             volume_mounts: c.volume_mounts,
             probe_hosts,
+            probes,
+            hooks,
         }
     }
 }

@@ -62,6 +62,10 @@ const CONTAINER: &[&str] = &[
     "volumeMounts[].mountPath",
     "volumeMounts[].readOnly",
     "volumeMounts[].subPath",
+    // Checked and defaulted by `probe`.
+    "startupProbe",
+    "livenessProbe",
+    "readinessProbe",
 ];
 
 /// Pod spec fields, relative to the pod spec.
@@ -100,6 +104,7 @@ const SERVICE_SPEC: &[&str] = &[
     "ports[].port",
     "ports[].targetPort",
     "ports[].nodePort",
+    "publishNotReadyAddresses",
     "clusterIP",
     "clusterIPs",
     "sessionAffinity",
@@ -355,7 +360,6 @@ mod tests {
             found,
             [
                 "metadata.uid",
-                "spec.containers[0].livenessProbe",
                 "spec.containers[0].resources.requests.ephemeral-storage",
                 "spec.dnsPolicy",
                 "status"

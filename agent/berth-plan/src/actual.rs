@@ -179,6 +179,9 @@ pub struct PodFacts {
     /// What its local storage holds, for a pod with storage limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<crate::ephemeral::StorageUsage>,
+    /// Its running containers' probe results, by container name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub health: BTreeMap<String, crate::health::ContainerHealth>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -16,6 +16,7 @@ pub mod desired;
 pub mod drift;
 pub mod ephemeral;
 pub mod expand;
+pub mod health;
 pub mod images;
 pub mod node;
 pub mod pipeline;

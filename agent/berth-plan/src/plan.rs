@@ -31,6 +31,10 @@ pub enum Verb {
     Update,
     /// Remove a slice that holds nothing any more.
     RemoveSlice,
+    /// End a running container whose liveness or startup probe failed:
+    /// SIGTERM, SIGKILL after the grace period; its restart policy (and
+    /// back-off) decides what follows, as in the kubelet.
+    Kill,
 }
 
 impl Verb {
@@ -44,6 +48,7 @@ impl Verb {
             Verb::Restart => "restart",
             Verb::Update => "update",
             Verb::RemoveSlice => "remove slice",
+            Verb::Kill => "kill",
         }
     }
 }
@@ -72,6 +77,9 @@ pub struct Action {
     /// For restart and update: what differs.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub changes: Vec<Change>,
+    /// For a kill: seconds between SIGTERM and SIGKILL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grace_seconds: Option<u64>,
 }
 
 /// What the plan leaves alone on purpose in this pass, and why.
@@ -232,6 +240,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             image: None,
             properties: SharedProperties::default(),
             changes: Vec::new(),
+            grace_seconds: None,
         };
         if unit.name.is_slice() {
             removals.push(action)
@@ -272,6 +281,12 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 is_new,
                 input.revision,
                 input.actual.environment_digests,
+                input
+                    .actual
+                    .pods
+                    .get(&pod.id.to_string())
+                    .and_then(|f| f.health.get(&unit.container)),
+                input.actual.observed_at,
             ) {
                 actions.push(a);
             }
@@ -316,6 +331,7 @@ fn slice_action(
             image: None,
             properties: SharedProperties::clone(&slice.properties),
             changes: Vec::new(),
+            grace_seconds: None,
         }),
         Some(a) => {
             let changes = diff(&slice.properties, &a.properties);
@@ -327,6 +343,7 @@ fn slice_action(
                 image: None,
                 properties: SharedProperties::default(),
                 changes,
+                grace_seconds: None,
             })
         }
     }
@@ -339,6 +356,8 @@ fn unit_action(
     pod_is_new: bool,
     revision: &str,
     environment_digests: bool,
+    health: Option<&crate::health::ContainerHealth>,
+    now: u64,
 ) -> Option<Action> {
     let what = if unit.init {
         "init container"
@@ -354,6 +373,7 @@ fn unit_action(
             image: None,
             properties,
             changes,
+            grace_seconds: None,
         };
     let Some(actual) = actual else {
         let reason = if pod_is_new {
@@ -401,6 +421,36 @@ fn unit_action(
                 unit.properties_redacted(),
                 Vec::new(),
             )),
+            ActiveState::Active if health.and_then(|h| h.killing).is_some_and(|k| k.overdue(now)) => {
+                let grace = health.and_then(|h| h.killing).map_or(0, |k| k.grace_seconds);
+                Some(Action {
+                    grace_seconds: Some(0),
+                    ..base(
+                        Verb::Kill,
+                        format!(
+                            "{what} {} of pod {} still runs {grace} s after SIGTERM: SIGKILL",
+                            unit.container, pod.id
+                        ),
+                        SharedProperties::default(),
+                        Vec::new(),
+                    )
+                })
+            }
+            ActiveState::Active => health.and_then(|h| h.kill()).map(|(kind, message)| {
+                let grace = crate::health::kill_grace(&unit.probes, kind, unit.grace_seconds);
+                Action {
+                    grace_seconds: Some(grace),
+                    ..base(
+                        Verb::Kill,
+                        format!(
+                            "{what} {} of pod {}: {message}; killed (grace period {grace} s), restart policy {:?}",
+                            unit.container, pod.id, pod.restart_policy
+                        ),
+                        SharedProperties::default(),
+                        Vec::new(),
+                    )
+                }
+            }),
             _ => None,
         };
     }

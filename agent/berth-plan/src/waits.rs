@@ -97,6 +97,7 @@ pub fn gate(
                     image: Some(reference),
                     properties: SharedProperties::default(),
                     changes: Vec::new(),
+                    grace_seconds: None,
                 });
             }
         }

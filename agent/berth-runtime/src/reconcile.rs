@@ -14,7 +14,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::images::ImageStore;
 use crate::rootfs::{ContainerRoots, UserRecords};
-use crate::systemd::{Systemd, SystemdError, UnitDetails};
+use crate::systemd::{KillWhom, Systemd, SystemdError, UnitDetails};
+
+const SIGKILL: i32 = 9;
+const SIGTERM: i32 = 15;
 
 /// Every unit Berth could have made. Admin units that happen to match are
 /// observed too, so the planner can refuse to touch them.
@@ -234,6 +237,20 @@ pub fn apply(
                 reason: FailureReason::KillError,
                 message: e.to_string(),
             }),
+            // SIGTERM to the main process; a kill whose grace period ran
+            // out is SIGKILL to every process of the container.
+            Verb::Kill => {
+                let (whom, signal) = match action.grace_seconds {
+                    Some(0) => (KillWhom::All, SIGKILL),
+                    _ => (KillWhom::Main, SIGTERM),
+                };
+                host.systemd
+                    .kill(unit, whom, signal)
+                    .map_err(|e| Failure {
+                        reason: FailureReason::KillError,
+                        message: e.to_string(),
+                    })
+            }
         };
         match result {
             Ok(()) if matches!(action.verb, Verb::Start | Verb::Restart) => {}

@@ -76,6 +76,9 @@ pub(super) fn container_unit(
         sub_paths,
         pull_policy,
         verify_non_root: checked.verify_non_root,
+        probes: c.probes.clone(),
+        hooks: c.hooks.clone(),
+        grace_seconds: grace_seconds(input),
     })
 }
 
@@ -342,13 +345,7 @@ fn properties(
         p.insert("After", after.clone());
         p.insert("Requires", after);
     }
-    let grace = input
-        .instance
-        .spec
-        .termination_grace_period_seconds
-        .unwrap_or(DEFAULT_GRACE_SECONDS)
-        .max(0) as u64;
-    p.insert("TimeoutStopUSec", u(grace * 1_000_000));
+    p.insert("TimeoutStopUSec", u(grace_seconds(input) * 1_000_000));
 
     let res = input.resources;
     let shares = resources::milli_to_shares(res.cpu_request_milli.unwrap_or(0));
@@ -419,6 +416,16 @@ fn properties(
     p.retain(|k| units::introduced_in(k).is_none_or(|v| v <= version));
     p.shrink_to_fit();
     (p, sub_paths, environment_file)
+}
+
+/// The pod's `terminationGracePeriodSeconds`, defaulted.
+fn grace_seconds(input: &ContainerInput<'_>) -> u64 {
+    input
+        .instance
+        .spec
+        .termination_grace_period_seconds
+        .unwrap_or(DEFAULT_GRACE_SECONDS)
+        .max(0) as u64
 }
 
 /// The properties a container shares with every other of the same kind

@@ -61,6 +61,13 @@ pub struct ContainerUnit {
     /// `runAsNonRoot` with the user left to the image: checked against the
     /// resolved user when the container starts.
     pub verify_non_root: bool,
+    /// Its probes, which the agent's prober runs (not unit properties: a
+    /// changed probe applies to the running container).
+    pub probes: berth_manifest::probe::Probes,
+    /// Its lifecycle hooks.
+    pub hooks: berth_manifest::probe::Hooks,
+    /// The pod's `terminationGracePeriodSeconds`, defaulted.
+    pub grace_seconds: u64,
 }
 
 /// When the image is pulled.
