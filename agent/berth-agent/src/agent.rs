@@ -80,6 +80,11 @@ pub struct Agent {
     /// Pods with local storage limits, as the last pass planned them:
     /// measured every [`STORAGE_CHECK`] between passes.
     pub(crate) storage_watch: Vec<berth_plan::DesiredPod>,
+    /// Runs the containers' probes (see [`Agent::with_prober`]).
+    pub(crate) prober: Option<crate::prober::Prober>,
+    /// What the last pass programmed Services from: a readiness change
+    /// between passes reprograms endpoints from it at once.
+    pub(crate) services_input: Option<crate::reconcile::ServicesInput>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -136,7 +141,23 @@ impl Agent {
             git_alive: None,
             waiting_for_network: false,
             storage_watch: Vec::new(),
+            prober: None,
+            services_input: None,
         })
+    }
+
+    /// Runs the containers' probes on a thread of their own; `exe` is the
+    /// berth binary, whose `exec-enter` runs exec probes in containers.
+    /// Results the last run of the agent kept are resumed.
+    pub fn with_prober(
+        mut self,
+        exe: std::path::PathBuf,
+        waker: std::sync::mpsc::Sender<Wake>,
+    ) -> std::io::Result<Self> {
+        let prober = crate::prober::Prober::start(exe, waker)?;
+        prober.resume(&self.state.health);
+        self.prober = Some(prober);
+        Ok(self)
     }
 
     /// A finished image pull wakes [`Agent::run`] through this sender.
@@ -408,7 +429,7 @@ impl Agent {
     }
 
     /// Hands this pass's status (and drift) to the publishing thread.
-    fn send_report(&mut self, config: &NodeConfig) {
+    pub(crate) fn send_report(&mut self, config: &NodeConfig) {
         let Some(publisher) = &self.publisher else {
             return;
         };
@@ -489,10 +510,23 @@ impl Agent {
                     w
                 }
             };
-            match self.wait_watching_storage(jitter(wait), notifier, wake) {
+            // Probe results between passes do not move the next poll.
+            let deadline = Instant::now() + jitter(wait);
+            let woke = loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.wait_watching_storage(left, notifier, wake) {
+                    Some(Wake::Health) => {
+                        if self.refresh_health(config.as_ref()) {
+                            break Some(Wake::UnitChanged);
+                        }
+                    }
+                    other => break other,
+                }
+            };
+            match woke {
                 None => fetch = true,
                 Some(Wake::SyncNow) => fetch = true,
-                Some(Wake::UnitChanged) => fetch = false,
+                Some(Wake::UnitChanged | Wake::Health) => fetch = false,
                 Some(Wake::Shutdown) => {
                     notifier.stopping();
                     self.stop_publishing();

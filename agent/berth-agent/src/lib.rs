@@ -21,6 +21,7 @@ mod limits;
 pub mod log;
 pub mod network;
 pub mod notify;
+pub mod prober;
 pub mod publisher;
 mod reconcile;
 pub mod report;

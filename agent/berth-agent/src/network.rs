@@ -256,7 +256,9 @@ impl PodNetwork {
     }
 
     /// Builds the Services table from the catalog and the pods that are
-    /// ready, and applies it when it differs from what the kernel has.
+    /// ready (every pod with an address, for a Service that publishes
+    /// not-ready addresses), and applies what differs from what the kernel
+    /// has: only the elements and chains that changed.
     /// Returns whether the kernel's table had drifted from the last one
     /// applied (edited or deleted by hand).
     pub fn program_services(
@@ -264,12 +266,13 @@ impl PodNetwork {
         plan: &ServicePlan,
         pods: &[DesiredPod],
         ready: &BTreeMap<String, Ipv4Addr>,
+        addresses: &BTreeMap<String, Ipv4Addr>,
     ) -> Result<Option<String>, String> {
         let (Some(settings), Some(book)) = (self.settings.clone(), self.book.as_mut()) else {
             return Ok(None);
         };
         let before = book.clone();
-        let (ruleset, zone, problems) = services(plan, pods, ready, &settings, book);
+        let (ruleset, zone, problems) = services(plan, pods, ready, addresses, &settings, book);
         if let Some(server) = &self.dns
             && *server.zone() != zone
         {
@@ -445,12 +448,15 @@ fn pod_files(files_dir: &Path, pods: &[DesiredPod]) -> PodFiles {
 
 /// The planner's Services as nftables rules and DNS records: leases
 /// cluster IPs and the node ports left to the node, and fills endpoints
-/// from the pods that are ready. Returns what leasing could not do, named
-/// by Service and field; every other problem is the planner's diagnostic.
+/// from the pods that are ready (from every pod with an address, `addresses`,
+/// for a Service with `publishNotReadyAddresses`). Returns what leasing
+/// could not do, named by Service and field; every other problem is the
+/// planner's diagnostic.
 pub fn services(
     plan: &ServicePlan,
     pods: &[DesiredPod],
     ready: &BTreeMap<String, Ipv4Addr>,
+    addresses: &BTreeMap<String, Ipv4Addr>,
     settings: &NetworkSettings,
     book: &mut LeaseBook,
 ) -> (Ruleset, Zone, Vec<String>) {
@@ -465,6 +471,11 @@ pub fn services(
     for svc in &plan.services {
         let id = svc.id();
         live.insert(id.clone());
+        let ready = if svc.publish_not_ready {
+            addresses
+        } else {
+            ready
+        };
         let cluster_ip = if svc.headless {
             None
         } else {
@@ -691,8 +702,14 @@ spec:
             ("default_web-b".to_string(), Ipv4Addr::new(10, 88, 0, 3)),
         ]
         .into();
-        let (rules, zone, problems) =
-            services(&plan.services, &plan.pods, &ready, &settings, &mut book);
+        let (rules, zone, problems) = services(
+            &plan.services,
+            &plan.pods,
+            &ready,
+            &ready,
+            &settings,
+            &mut book,
+        );
         // The planner names what is wrong in Git; leasing, what the node cannot do.
         let joined = plan
             .diagnostics
@@ -752,7 +769,14 @@ spec:
         assert_eq!(heads.endpoints.len(), 2);
         // Leases are stable across passes, and released with their Service.
         let ip = web.cluster_ip;
-        let (again, _, _) = services(&plan.services, &plan.pods, &ready, &settings, &mut book);
+        let (again, _, _) = services(
+            &plan.services,
+            &plan.pods,
+            &ready,
+            &ready,
+            &settings,
+            &mut book,
+        );
         assert_eq!(
             again
                 .services
@@ -765,6 +789,7 @@ spec:
         services(
             &berth_plan::services::ServicePlan::default(),
             &[],
+            &BTreeMap::new(),
             &BTreeMap::new(),
             &settings,
             &mut book,
@@ -838,7 +863,7 @@ spec:
         assert!(dir.join("pods/default_web-a/resolv.conf").is_file());
 
         assert_eq!(
-            net.program_services(&plan.services, &pods, &ready),
+            net.program_services(&plan.services, &pods, &ready, &ready),
             Ok(None)
         );
         let table = host.table().expect("a table applied");
@@ -856,13 +881,13 @@ spec:
         // (the generation moves, ours is as it was) is not drift.
         let work = host.changes();
         assert_eq!(
-            net.program_services(&plan.services, &pods, &ready),
+            net.program_services(&plan.services, &pods, &ready, &ready),
             Ok(None)
         );
         host.touch_other_table();
         assert!(!net.table_drifted());
         assert_eq!(
-            net.program_services(&plan.services, &pods, &ready),
+            net.program_services(&plan.services, &pods, &ready, &ready),
             Ok(None)
         );
         assert_eq!(host.changes(), work, "an unchanged table was applied again");
@@ -871,7 +896,7 @@ spec:
         let mut fewer = ready.clone();
         fewer.remove("default_web-a");
         assert_eq!(
-            net.program_services(&plan.services, &pods, &fewer),
+            net.program_services(&plan.services, &pods, &fewer, &fewer),
             Ok(None)
         );
         let table = host.table().expect("table");
@@ -887,13 +912,13 @@ spec:
         host.edit_table_by_hand();
         assert!(net.table_drifted());
         assert_eq!(
-            net.program_services(&plan.services, &pods, &fewer),
+            net.program_services(&plan.services, &pods, &fewer, &fewer),
             Ok(Some("edited".to_string()))
         );
         assert!(!net.table_drifted());
         host.delete_table_by_hand();
         assert_eq!(
-            net.program_services(&plan.services, &pods, &fewer),
+            net.program_services(&plan.services, &pods, &fewer, &fewer),
             Ok(Some("deleted".to_string()))
         );
         assert_eq!(host.table(), Some(table));
@@ -1004,8 +1029,13 @@ spec:
             host.resolvers()
                 .contains(&std::net::SocketAddr::from((settings.gateway(), 53)))
         );
-        net.program_services(&ServicePlan::default(), &[], &BTreeMap::new())
-            .expect("programmed");
+        net.program_services(
+            &ServicePlan::default(),
+            &[],
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+        )
+        .expect("programmed");
         assert!(
             net.service_problems.is_empty(),
             "{:?}",

@@ -181,6 +181,13 @@ impl Agent {
             pods.entry(pod.id.to_string()).or_default().storage =
                 Some(berth_runtime::usage::pod_usage(&rt.roots, pod));
         }
+        // Probe results: facts the planner weighs (a failed liveness or
+        // startup probe is a kill it plans).
+        if let Some(prober) = &self.prober {
+            for (pod, containers) in prober.health() {
+                pods.entry(pod).or_default().health = containers;
+            }
+        }
         let actual = ActualState {
             node: Some(node.clone()),
             observed_at: now,
@@ -291,8 +298,20 @@ impl Agent {
         let excess = self.state.healed.len().saturating_sub(state::HEALED_KEPT);
         self.state.healed.drain(..excess);
         self.state.failures = report.failed;
-        let pods = self.state.pod_statuses(observed, &rt.cgroup_root);
-        self.program_services(&plan, &pods, now);
+        self.begin_kills(&plan, &report.done, &actual, now);
+        if let Some(prober) = &self.prober {
+            self.state.health = prober.health();
+        }
+        let mut pods = self.state.pod_statuses(observed, &rt.cgroup_root);
+        self.state.stamp_transitions(&mut pods, now);
+        let service_diagnostics: Vec<String> = plan
+            .diagnostics
+            .iter()
+            .filter(|d| d.object.as_ref().is_some_and(|o| o.kind == "Service"))
+            .map(ToString::to_string)
+            .collect();
+        self.program_services(&plan.services, &plan.pods, &service_diagnostics, &pods, now);
+        self.probe_targets(&plan.pods, observed);
         outstanding.extend(drift::standing(
             &pods,
             &self.state.failures,
@@ -317,6 +336,11 @@ impl Agent {
         self.drift_commit = self.drift_commit_for(config, loaded, &outstanding);
         self.state.drift = outstanding;
         self.pods = pods;
+        self.services_input = Some(ServicesInput {
+            services: plan.services,
+            pods: plan.pods,
+            diagnostics: service_diagnostics,
+        });
         // Read after the apply, so what it changed is not mistaken for a
         // change on the next poll.
         self.limits = Some(CgroupLimits::read(
@@ -592,35 +616,39 @@ impl Agent {
         }
     }
 
-    /// Gives pod statuses their IPs and programs Services over the pods
-    /// that are ready. A table edited or deleted by hand is put back and
-    /// recorded as healed drift.
-    fn program_services(
+    /// Programs Services over the pods that are ready (their `Ready`
+    /// condition, which probes govern). A table edited or deleted by hand
+    /// is put back and recorded as healed drift.
+    pub(crate) fn program_services(
         &mut self,
-        plan: &berth_plan::NodePlan,
+        services: &berth_plan::services::ServicePlan,
+        desired: &[berth_plan::DesiredPod],
+        service_diagnostics: &[String],
         pods: &[berth_runtime::status::PodStatus],
         now: u64,
     ) {
         let Some(net) = self.network.as_mut() else {
             return;
         };
-        // Endpoints follow readiness (no probes yet: every container running).
-        let ready: std::collections::BTreeMap<String, std::net::Ipv4Addr> = pods
-            .iter()
-            .filter(|p| {
-                p.conditions
-                    .iter()
-                    .any(|c| c.kind == "Ready" && c.status == "True")
-            })
-            .filter_map(|p| {
-                let ip = p.pod_ip.as_deref()?.parse().ok()?;
-                Some((format!("{}_{}", p.namespace, p.name), ip))
-            })
-            .collect();
+        let mut ready = std::collections::BTreeMap::new();
+        let mut addresses = std::collections::BTreeMap::new();
+        for p in pods {
+            let Some(ip) = p.pod_ip.as_deref().and_then(|ip| ip.parse().ok()) else {
+                continue;
+            };
+            let key = format!("{}_{}", p.namespace, p.name);
+            if p.conditions
+                .iter()
+                .any(|c| c.kind == "Ready" && c.status == "True")
+            {
+                ready.insert(key.clone(), ip);
+            }
+            addresses.insert(key, ip);
+        }
         if self.state.network.error.is_some() {
             return;
         }
-        match net.program_services(&plan.services, &plan.pods, &ready) {
+        match net.program_services(services, desired, &ready, &addresses) {
             Ok(drifted) => {
                 if let Some(how) = drifted {
                     self.log.warn(&format!(
@@ -639,11 +667,9 @@ impl Agent {
                     self.state.healed.drain(..excess);
                 }
                 // The planner's word on Services, then what leasing could not do.
-                let problems: Vec<String> = plan
-                    .diagnostics
+                let problems: Vec<String> = service_diagnostics
                     .iter()
-                    .filter(|d| d.object.as_ref().is_some_and(|o| o.kind == "Service"))
-                    .map(ToString::to_string)
+                    .cloned()
                     .chain(net.service_problems.iter().cloned())
                     .collect();
                 if problems != self.state.network.problems {
@@ -766,5 +792,163 @@ impl Agent {
                 actions.len() - MAX_LOGGED_ACTIONS
             ));
         }
+    }
+}
+
+/// What the last pass programmed Services from (see [`Agent::refresh_health`]).
+#[derive(Debug)]
+pub(crate) struct ServicesInput {
+    pub(crate) services: berth_plan::services::ServicePlan,
+    pub(crate) pods: Vec<berth_plan::DesiredPod>,
+    pub(crate) diagnostics: Vec<String>,
+}
+
+impl Agent {
+    /// The kills of this pass that were begun (SIGTERM sent): the prober
+    /// holds those containers' probes and wakes the loop when the grace
+    /// period ends; status keeps why.
+    fn begin_kills(
+        &mut self,
+        plan: &berth_plan::NodePlan,
+        done: &[(String, Verb)],
+        actual: &ActualState,
+        now: u64,
+    ) {
+        for action in plan.plan.actions.iter().filter(|a| a.verb == Verb::Kill) {
+            let Some(grace) = action.grace_seconds.filter(|g| *g > 0) else {
+                continue;
+            };
+            if !done
+                .iter()
+                .any(|(u, v)| *v == Verb::Kill && u == action.unit.as_str())
+            {
+                continue;
+            }
+            let Some(pod) = &action.pod else { continue };
+            let pod = pod.to_string();
+            let Some(unit) = plan
+                .pods
+                .iter()
+                .flat_map(|p| p.units())
+                .find(|u| u.name == action.unit)
+            else {
+                continue;
+            };
+            let why = actual
+                .pods
+                .get(&pod)
+                .and_then(|f| f.health.get(&unit.container))
+                .and_then(berth_plan::health::ContainerHealth::kill)
+                .map_or_else(|| action.reason.clone(), |(_, message)| message);
+            self.log.pod(
+                Level::Warn,
+                &pod,
+                action.unit.as_str(),
+                &format!(
+                    "container {} of pod {pod}: {why}; killing it (grace period {grace} s)",
+                    unit.container
+                ),
+            );
+            self.state.kills.insert(
+                format!("{pod}/{}", unit.container),
+                format!("{why} (killed at {})", state::rfc3339(now)),
+            );
+            if let Some(prober) = &self.prober {
+                prober.killing(
+                    &pod,
+                    &unit.container,
+                    berth_plan::health::Killing {
+                        at: now,
+                        grace_seconds: grace,
+                    },
+                );
+            }
+        }
+        let live: BTreeSet<String> = plan
+            .pods
+            .iter()
+            .flat_map(|p| p.units().map(move |u| format!("{}/{}", p.id, u.container)))
+            .collect();
+        self.state.kills.retain(|k, _| live.contains(k));
+    }
+
+    /// Tells the prober which containers run now, with their probes: each
+    /// running container of a planned pod that has any.
+    fn probe_targets(&self, desired: &[berth_plan::DesiredPod], observed: &Observed) {
+        let Some(prober) = &self.prober else { return };
+        let mut targets = Vec::new();
+        for pod in desired {
+            let id = pod.id.to_string();
+            let address = if pod.host_network {
+                Some(std::net::Ipv4Addr::LOCALHOST)
+            } else {
+                self.state
+                    .network
+                    .pod_ips
+                    .get(&id)
+                    .and_then(|ip| ip.parse().ok())
+            };
+            for unit in pod.units().filter(|u| !u.probes.is_empty()) {
+                let Some(details) = observed.units.get(unit.name.as_str()) else {
+                    continue;
+                };
+                let r = &details.runtime;
+                if details.active_state != berth_plan::ActiveState::Active || r.main_pid == 0 {
+                    continue;
+                }
+                let workdir = match details.properties.get("WorkingDirectory") {
+                    Some(berth_plan::PropertyValue::Text(d)) if d.starts_with('/') => d.to_string(),
+                    _ => "/".to_string(),
+                };
+                targets.push(crate::prober::ProbeTarget {
+                    pod: id.clone(),
+                    container: unit.container.clone(),
+                    since_usec: r.active_enter_usec,
+                    main_pid: r.main_pid,
+                    control_group: r.control_group.clone(),
+                    workdir,
+                    // No address yet (no pod network): network probes fail
+                    // as a refused connection to nowhere would.
+                    address: address.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+                    probes: unit.probes.clone(),
+                });
+            }
+        }
+        prober.set_targets(targets);
+    }
+
+    /// Between passes, after the prober reported a change: readiness goes
+    /// to the pods' status and to Service endpoints at once (only the
+    /// endpoints that changed are touched). Returns whether a pass is
+    /// needed: a probe failed in a way that kills, or a kill's grace
+    /// period ended.
+    pub(crate) fn refresh_health(&mut self, config: Option<&NodeConfig>) -> bool {
+        let Some(prober) = &self.prober else {
+            return false;
+        };
+        let health = prober.health();
+        let now = now_secs();
+        let needs_pass = health
+            .values()
+            .flat_map(|c| c.values())
+            .any(|h| h.kill().is_some() || h.killing.is_some_and(|k| k.overdue(now)));
+        if health != self.state.health {
+            self.state.health = health;
+            let mut pods = std::mem::take(&mut self.pods);
+            for p in &mut pods {
+                self.state.health_of(p);
+            }
+            self.state.stamp_transitions(&mut pods, now);
+            if let Some(input) = self.services_input.take() {
+                self.program_services(&input.services, &input.pods, &input.diagnostics, &pods, now);
+                self.services_input = Some(input);
+            }
+            self.pods = pods;
+            let _ = self.store.save(&self.state);
+            if let Some(config) = config {
+                self.send_report(config);
+            }
+        }
+        needs_pass
     }
 }

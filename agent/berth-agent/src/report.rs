@@ -284,13 +284,26 @@ fn disk_available_percent(path: &Path) -> Option<u64> {
 }
 
 impl NodeStatusDoc {
-    /// The document without what changes on its own (the heartbeat time and
-    /// usage counters): two reports that agree here need no new commit.
+    /// The document without what changes on its own (the heartbeat time,
+    /// usage counters, and what probes say: readiness, conditions, probe
+    /// counts): two reports that agree here need no new commit, so a pod
+    /// flapping between ready and not ready is committed at most once per
+    /// heartbeat. A kill for a failed probe restarts the container, which
+    /// is significant (its restart count).
     pub fn significant(&self) -> String {
         let mut quiet = self.clone();
         quiet.heartbeat.clear();
         for p in &mut quiet.pods {
             p.usage = Default::default();
+            p.conditions.clear();
+            for c in &mut p.containers {
+                c.ready = false;
+                c.started = None;
+                c.probes.clear();
+            }
+        }
+        for s in &mut quiet.network.services {
+            s.endpoints.clear();
         }
         serde_json::to_string(&quiet).unwrap_or_default()
     }

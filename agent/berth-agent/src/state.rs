@@ -61,6 +61,18 @@ pub struct AgentState {
     /// Image pulls under way or failed, and what collection removed.
     #[serde(default)]
     pub images: crate::images::ImagesRecord,
+    /// Probe results of the running containers, by pod and container: the
+    /// prober resumes from them when the agent restarts (a kill begun is
+    /// not begun again), and `berth status` shows them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub health: BTreeMap<String, BTreeMap<String, berth_plan::health::ContainerHealth>>,
+    /// Why the node last killed a container (`namespace/pod/container`):
+    /// the failed probe, with when.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub kills: BTreeMap<String, String>,
+    /// When each pod condition took its status: pod → type → (status, time).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub transitions: BTreeMap<String, BTreeMap<String, (String, String)>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +106,45 @@ pub struct ServiceRecord {
 }
 
 impl AgentState {
+    /// Probe results, kills and condition times on one pod's status.
+    pub fn health_of(&self, p: &mut berth_runtime::status::PodStatus) {
+        let key = format!("{}/{}", p.namespace, p.name);
+        if let Some(h) = self.health.get(&key) {
+            berth_runtime::status::apply_health(p, h);
+        }
+        for c in &mut p.containers {
+            c.last_kill = self.kills.get(&format!("{key}/{}", c.name)).cloned();
+        }
+        let times = self.transitions.get(&key);
+        for c in &mut p.conditions {
+            c.last_transition = times
+                .and_then(|t| t.get(&c.kind))
+                .filter(|(status, _)| *status == c.status)
+                .map(|(_, at)| at.clone());
+        }
+    }
+
+    /// Stamps `now` on each condition whose status changed since the last
+    /// time recorded, and keeps the records of these pods only.
+    pub fn stamp_transitions(&mut self, pods: &mut [berth_runtime::status::PodStatus], now: u64) {
+        let at = rfc3339(now);
+        let mut next = BTreeMap::new();
+        for p in pods.iter_mut() {
+            let key = format!("{}/{}", p.namespace, p.name);
+            let mut times = self.transitions.remove(&key).unwrap_or_default();
+            for c in &mut p.conditions {
+                let same = times.get(&c.kind).is_some_and(|(s, _)| *s == c.status);
+                if !same {
+                    times.insert(c.kind.clone(), (c.status.clone(), at.clone()));
+                }
+                c.last_transition = times.get(&c.kind).map(|(_, t)| t.clone());
+            }
+            times.retain(|kind, _| p.conditions.iter().any(|c| c.kind == *kind));
+            next.insert(key, times);
+        }
+        self.transitions = next;
+    }
+
     /// Every pod's status: those with units as observed, those the last
     /// apply could not start, and those the node could not admit.
     pub fn pod_statuses(
@@ -103,11 +154,9 @@ impl AgentState {
     ) -> Vec<berth_runtime::status::PodStatus> {
         let mut pods = berth_runtime::status::pod_statuses(observed, &self.failures, cgroup_root);
         for p in pods.iter_mut() {
-            p.pod_ip = self
-                .network
-                .pod_ips
-                .get(&format!("{}/{}", p.namespace, p.name))
-                .cloned();
+            let key = format!("{}/{}", p.namespace, p.name);
+            p.pod_ip = self.network.pod_ips.get(&key).cloned();
+            self.health_of(p);
         }
         for n in &self.not_admitted {
             let (ns, name) = n.pod.split_once('/').unwrap_or(("", &n.pod));
@@ -272,4 +321,11 @@ pub struct PublishRecord {
     /// Failed pushes in a row.
     #[serde(default)]
     pub failures: u32,
+}
+
+/// `2026-11-29T22:10:05Z`, as Kubernetes writes times.
+pub fn rfc3339(secs: u64) -> String {
+    crate::drift::timestamp(secs)
+        .replacen(' ', "T", 1)
+        .replace(" UTC", "Z")
 }

@@ -13,6 +13,9 @@ pub enum Wake {
     SyncNow,
     /// A Berth unit changed state: reconcile without fetching.
     UnitChanged,
+    /// A probe result changed, or a kill's grace period ended: readiness
+    /// reaches endpoints at once; a kill asks for a pass.
+    Health,
     Shutdown,
 }
 
@@ -40,7 +43,8 @@ pub(crate) fn wait_for_wake(
                 let mut result = Wake::UnitChanged;
                 while let Some(left) = settle.checked_duration_since(Instant::now()) {
                     match wake.recv_timeout(left) {
-                        Ok(Wake::UnitChanged) => {}
+                        // The pass after the burst reads probe results too.
+                        Ok(Wake::UnitChanged | Wake::Health) => {}
                         Ok(other) => {
                             result = other;
                             break;

@@ -189,6 +189,7 @@ fn a_taken_dns_port_is_reported_and_pods_are_wired_anyway() {
         &berth_plan::services::ServicePlan::default(),
         &[],
         &BTreeMap::new(),
+        &BTreeMap::new(),
     )
     .expect("programmed");
     assert!(

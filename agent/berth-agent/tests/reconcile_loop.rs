@@ -1146,6 +1146,14 @@ fn replay_matches_what_was_applied(node: &Node, case: &str, calls: &[String]) ->
             berth_plan::Verb::Update | berth_plan::Verb::UpdateSlice => {
                 format!("set-properties {unit}")
             }
+            berth_plan::Verb::Kill => format!(
+                "kill {unit} {}",
+                if action.grace_seconds == Some(0) {
+                    "all 9"
+                } else {
+                    "main 15"
+                }
+            ),
         };
         assert!(
             calls.contains(&expected),

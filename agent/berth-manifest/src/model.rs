@@ -127,6 +127,8 @@ pub struct ServiceSpec {
     pub session_affinity: Option<String>,
     /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
     pub affinity_timeout_seconds: Option<i32>,
+    /// `publishNotReadyAddresses`: pods are endpoints whether ready or not.
+    pub publish_not_ready: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,6 +168,7 @@ impl From<Service> for ServiceSpec {
                 .session_affinity_config
                 .and_then(|c| c.client_ip)
                 .and_then(|c| c.timeout_seconds),
+            publish_not_ready: spec.publish_not_ready_addresses == Some(true),
         }
     }
 }

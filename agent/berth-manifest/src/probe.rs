@@ -131,11 +131,7 @@ fn named_port(c: &Container, name: &str) -> Option<u16> {
 fn port_of(c: &Container, port: &IntOrString) -> u16 {
     match port {
         IntOrString::Int(n) => u16::try_from(*n).unwrap_or(0),
-        IntOrString::String(s) => s
-            .parse()
-            .ok()
-            .or_else(|| named_port(c, s))
-            .unwrap_or(0),
+        IntOrString::String(s) => s.parse().ok().or_else(|| named_port(c, s)).unwrap_or(0),
     }
 }
 
@@ -389,7 +385,10 @@ fn check_probe(
         err(
             issues,
             path.key("successThreshold"),
-            format!("{s}: must be 1 for a {} (it counts one success)", kind.field()),
+            format!(
+                "{s}: must be 1 for a {} (it counts one success)",
+                kind.field()
+            ),
         );
     }
     match (kind, p.termination_grace_period_seconds) {
@@ -407,12 +406,7 @@ fn check_probe(
     }
 }
 
-fn check_hook(
-    c: &Container,
-    h: &LifecycleHandler,
-    path: FieldPath,
-    issues: &mut Vec<FieldIssue>,
-) {
+fn check_hook(c: &Container, h: &LifecycleHandler, path: FieldPath, issues: &mut Vec<FieldIssue>) {
     if h.tcp_socket.is_some() {
         err(
             issues,
@@ -518,8 +512,16 @@ mod tests {
 
     fn problems(extra: serde_json::Value, plain_init: bool) -> Vec<String> {
         let mut issues = Vec::new();
-        validate(&container(extra), &FieldPath::parse("spec.containers[0]"), plain_init, &mut issues);
-        issues.iter().map(|i| format!("{}: {}", i.path, i.message)).collect()
+        validate(
+            &container(extra),
+            &FieldPath::parse("spec.containers[0]"),
+            plain_init,
+            &mut issues,
+        );
+        issues
+            .iter()
+            .map(|i| format!("{}: {}", i.path, i.message))
+            .collect()
     }
 
     #[test]
@@ -586,8 +588,13 @@ mod tests {
             assert_eq!(problems(extra.clone(), false), [*want], "{extra}");
         }
         assert_eq!(
-            problems(serde_json::json!({"readinessProbe": {"tcpSocket": {"port": 80}}}), true),
-            ["spec.containers[0].readinessProbe: may not be set for init containers without restartPolicy: Always"]
+            problems(
+                serde_json::json!({"readinessProbe": {"tcpSocket": {"port": 80}}}),
+                true
+            ),
+            [
+                "spec.containers[0].readinessProbe: may not be set for init containers without restartPolicy: Always"
+            ]
         );
     }
 
@@ -611,7 +618,12 @@ mod tests {
             })
         );
         assert_eq!(
-            (ready.period_seconds, ready.timeout_seconds, ready.success_threshold, ready.failure_threshold),
+            (
+                ready.period_seconds,
+                ready.timeout_seconds,
+                ready.success_threshold,
+                ready.failure_threshold
+            ),
             (10, 1, 1, 3)
         );
         let live = probes.liveness.expect("liveness");
@@ -619,6 +631,12 @@ mod tests {
         assert_eq!(live.termination_grace_period_seconds, Some(3));
         assert!(probes.startup.is_none());
         assert_eq!(hooks_of(&c).pre_stop, Some(Action::Sleep { seconds: 2 }));
-        assert!(problems(serde_json::json!({"readinessProbe": {"httpGet": {"port": "http"}}}), false).is_empty());
+        assert!(
+            problems(
+                serde_json::json!({"readinessProbe": {"httpGet": {"port": "http"}}}),
+                false
+            )
+            .is_empty()
+        );
     }
 }

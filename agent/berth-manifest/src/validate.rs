@@ -98,7 +98,8 @@ pub fn pod_spec(spec: &PodSpec, path: &FieldPath, issues: &mut Issues) {
                 );
             }
             container(c, &cpath, issues);
-            let plain_init = list == "initContainers" && c.restart_policy.as_deref() != Some("Always");
+            let plain_init =
+                list == "initContainers" && c.restart_policy.as_deref() != Some("Always");
             crate::probe::validate(c, &cpath, plain_init, issues);
             if list == "initContainers" && c.restart_policy.is_some() {
                 issues.push(FieldIssue::warning(

@@ -295,7 +295,8 @@ mod tests {
         // (kind, success threshold, failure threshold, outcomes, result after each)
         use ProbeResult::{Failure as F, Success as S_, Unknown as U};
         let ok = Outcome::Success;
-        let table: Vec<(ProbeKind, u32, u32, Vec<Outcome>, Vec<ProbeResult>)> = vec![
+        type Case = (ProbeKind, u32, u32, Vec<Outcome>, Vec<ProbeResult>);
+        let table: Vec<Case> = vec![
             // Readiness: not ready at first, ready after 2 successes in a
             // row, not ready after 3 failures in a row; a success between
             // failures starts the count again.
@@ -303,7 +304,16 @@ mod tests {
                 ProbeKind::Readiness,
                 2,
                 3,
-                vec![ok.clone(), ok.clone(), fail(), fail(), ok.clone(), fail(), fail(), fail()],
+                vec![
+                    ok.clone(),
+                    ok.clone(),
+                    fail(),
+                    fail(),
+                    ok.clone(),
+                    fail(),
+                    fail(),
+                    fail(),
+                ],
                 vec![F, S_, S_, S_, S_, S_, S_, F],
             ),
             // Liveness: alive at first, dead after 3 failures in a row.
@@ -322,13 +332,7 @@ mod tests {
                 vec![fail(), ok.clone()],
                 vec![U, S_],
             ),
-            (
-                ProbeKind::Startup,
-                1,
-                2,
-                vec![fail(), fail()],
-                vec![U, F],
-            ),
+            (ProbeKind::Startup, 1, 2, vec![fail(), fail()], vec![U, F]),
         ];
         for (kind, success, failure, outcomes, want) in table {
             let p = probe(0, success, failure);
@@ -361,14 +365,25 @@ mod tests {
         assert!(!due(&h, ProbeKind::Liveness, started_at + 60 * S));
         assert!(!due(&h, ProbeKind::Readiness, started_at + 60 * S));
         assert!(!h.ready() && !h.started() && h.kill().is_none());
-        h.record(ProbeKind::Startup, &probes.startup.clone().expect("startup"), &Outcome::Success);
+        h.record(
+            ProbeKind::Startup,
+            &probes.startup.clone().expect("startup"),
+            &Outcome::Success,
+        );
         assert!(h.started() && !h.ready());
-        assert!(!due(&h, ProbeKind::Startup, started_at + 60 * S), "startup stops once it succeeded");
+        assert!(
+            !due(&h, ProbeKind::Startup, started_at + 60 * S),
+            "startup stops once it succeeded"
+        );
         assert!(due(&h, ProbeKind::Liveness, started_at + 11 * S));
         // Readiness' own delay still counts from the container's start.
         assert!(!due(&h, ProbeKind::Readiness, started_at + 4 * S));
         assert!(due(&h, ProbeKind::Readiness, started_at + 5 * S));
-        h.record(ProbeKind::Readiness, &probes.readiness.clone().expect("r"), &Outcome::Success);
+        h.record(
+            ProbeKind::Readiness,
+            &probes.readiness.clone().expect("r"),
+            &Outcome::Success,
+        );
         assert!(h.ready());
     }
 
@@ -381,28 +396,64 @@ mod tests {
         };
         let p = probes.liveness.clone().expect("liveness");
         let mut h = ContainerHealth::new(&probes, 0);
-        h.record(ProbeKind::Liveness, &p, &Outcome::Failure("HTTP probe failed with statuscode: 500".into()));
+        h.record(
+            ProbeKind::Liveness,
+            &p,
+            &Outcome::Failure("HTTP probe failed with statuscode: 500".into()),
+        );
         assert_eq!(h.kill(), None, "one failure of two");
-        h.record(ProbeKind::Liveness, &p, &Outcome::Failure("HTTP probe failed with statuscode: 500".into()));
+        h.record(
+            ProbeKind::Liveness,
+            &p,
+            &Outcome::Failure("HTTP probe failed with statuscode: 500".into()),
+        );
         assert_eq!(
             h.kill(),
-            Some((ProbeKind::Liveness, "Liveness probe failed: HTTP probe failed with statuscode: 500".into()))
+            Some((
+                ProbeKind::Liveness,
+                "Liveness probe failed: HTTP probe failed with statuscode: 500".into()
+            ))
         );
-        assert!(!h.due(ProbeKind::Liveness, &p, 10 * S), "held after the kill");
-        h.killing = Some(Killing { at: 5, grace_seconds: 30 });
-        assert!(!h.killing.expect("killing").overdue(34) && h.killing.expect("killing").overdue(35));
+        assert!(
+            !h.due(ProbeKind::Liveness, &p, 10 * S),
+            "held after the kill"
+        );
+        h.killing = Some(Killing {
+            at: 5,
+            grace_seconds: 30,
+        });
+        assert!(
+            !h.killing.expect("killing").overdue(34) && h.killing.expect("killing").overdue(35)
+        );
         assert_eq!(h.kill(), None, "not killed twice");
-        assert!(!h.due(ProbeKind::Readiness, probes.readiness.as_ref().expect("r"), 10 * S));
+        assert!(!h.due(
+            ProbeKind::Readiness,
+            probes.readiness.as_ref().expect("r"),
+            10 * S
+        ));
         // A readiness failure never kills.
         let mut r = ContainerHealth::new(&probes, 0);
-        r.record(ProbeKind::Readiness, probes.readiness.as_ref().expect("r"), &fail());
+        r.record(
+            ProbeKind::Readiness,
+            probes.readiness.as_ref().expect("r"),
+            &fail(),
+        );
         assert_eq!((r.kill(), r.ready()), (None, false));
         // A failed startup probe kills too.
         let sp = probe(0, 1, 1);
-        let with_startup = Probes { startup: Some(sp.clone()), ..Probes::default() };
+        let with_startup = Probes {
+            startup: Some(sp.clone()),
+            ..Probes::default()
+        };
         let mut s = ContainerHealth::new(&with_startup, 0);
         s.record(ProbeKind::Startup, &sp, &fail());
-        assert_eq!(s.kill(), Some((ProbeKind::Startup, "Startup probe failed: connection refused".into())));
+        assert_eq!(
+            s.kill(),
+            Some((
+                ProbeKind::Startup,
+                "Startup probe failed: connection refused".into()
+            ))
+        );
         assert_eq!(kill_grace(&with_startup, ProbeKind::Startup, 30), 30);
     }
 }

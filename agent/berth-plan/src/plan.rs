@@ -280,13 +280,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 actual.get(unit.name.as_str()).copied(),
                 is_new,
                 input.revision,
-                input.actual.environment_digests,
-                input
-                    .actual
-                    .pods
-                    .get(&pod.id.to_string())
-                    .and_then(|f| f.health.get(&unit.container)),
-                input.actual.observed_at,
+                input.actual,
             ) {
                 actions.push(a);
             }
@@ -355,10 +349,14 @@ fn unit_action(
     actual: Option<&ActualUnit>,
     pod_is_new: bool,
     revision: &str,
-    environment_digests: bool,
-    health: Option<&crate::health::ContainerHealth>,
-    now: u64,
+    state: &ActualState,
 ) -> Option<Action> {
+    let environment_digests = state.environment_digests;
+    let now = state.observed_at;
+    let health = state
+        .pods
+        .get(&pod.id.to_string())
+        .and_then(|f| f.health.get(&unit.container));
     let what = if unit.init {
         "init container"
     } else {

@@ -51,6 +51,10 @@ pub struct DesiredService {
     /// `sessionAffinity: ClientIP`, for this many seconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub affinity_seconds: Option<u32>,
+    /// `publishNotReadyAddresses`: its pods are endpoints (and DNS
+    /// answers) whether ready or not.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub publish_not_ready: bool,
     /// Every port as written, for DNS (SRV records), programmed or not.
     pub dns_ports: Vec<DnsPort>,
     /// The ports that are programmed.
@@ -378,6 +382,7 @@ pub fn plan_services(
                 .clone()
                 .filter(|c| !c.is_empty() && c != "None"),
             affinity_seconds,
+            publish_not_ready: spec.publish_not_ready,
             dns_ports,
             ports,
             members,

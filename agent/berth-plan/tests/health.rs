@@ -82,7 +82,11 @@ fn failed_liveness_and_startup_probes_kill_once_then_sigkill_after_the_grace_per
     // The startup probe fails its threshold (3): killed with its own grace.
     let startup = probes.startup.clone().unwrap();
     for _ in 0..3 {
-        health.record(ProbeKind::Startup, &startup, &Outcome::Failure("command exited with 1".into()));
+        health.record(
+            ProbeKind::Startup,
+            &startup,
+            &Outcome::Failure("command exited with 1".into()),
+        );
     }
     let failed = plan(&with_health(&base, health.clone(), 20));
     assert_eq!(
@@ -98,7 +102,10 @@ fn failed_liveness_and_startup_probes_kill_once_then_sigkill_after_the_grace_per
     assert_eq!(kills(&replay), kills(&failed));
 
     // Begun: not begun twice; SIGKILL once its grace period is over.
-    health.killing = Some(Killing { at: 20, grace_seconds: 4 });
+    health.killing = Some(Killing {
+        at: 20,
+        grace_seconds: 4,
+    });
     assert!(kills(&plan(&with_health(&base, health.clone(), 23))).is_empty());
     let overdue = plan(&with_health(&base, health.clone(), 24));
     assert_eq!(
@@ -124,12 +131,20 @@ fn failed_liveness_and_startup_probes_kill_once_then_sigkill_after_the_grace_per
     fresh.record(ProbeKind::Startup, &startup, &Outcome::Success);
     let readiness = probes.readiness.clone().unwrap();
     for _ in 0..5 {
-        fresh.record(ProbeKind::Readiness, &readiness, &Outcome::Failure("dial tcp: connection refused".into()));
+        fresh.record(
+            ProbeKind::Readiness,
+            &readiness,
+            &Outcome::Failure("dial tcp: connection refused".into()),
+        );
     }
     assert!(kills(&plan(&with_health(&base, fresh.clone(), 40))).is_empty());
     let liveness = probes.liveness.clone().unwrap();
     for _ in 0..2 {
-        fresh.record(ProbeKind::Liveness, &liveness, &Outcome::Failure("HTTP probe failed with statuscode: 500".into()));
+        fresh.record(
+            ProbeKind::Liveness,
+            &liveness,
+            &Outcome::Failure("HTTP probe failed with statuscode: 500".into()),
+        );
     }
     assert_eq!(
         kills(&plan(&with_health(&base, fresh, 41))),

@@ -244,12 +244,10 @@ pub fn apply(
                     Some(0) => (KillWhom::All, SIGKILL),
                     _ => (KillWhom::Main, SIGTERM),
                 };
-                host.systemd
-                    .kill(unit, whom, signal)
-                    .map_err(|e| Failure {
-                        reason: FailureReason::KillError,
-                        message: e.to_string(),
-                    })
+                host.systemd.kill(unit, whom, signal).map_err(|e| Failure {
+                    reason: FailureReason::KillError,
+                    message: e.to_string(),
+                })
             }
         };
         match result {

@@ -52,6 +52,30 @@ pub struct ContainerStatus {
     /// The last exit code of the main process, when it has exited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_exit_code: Option<i32>,
+    /// Kubernetes' `started`: its startup probe passed (or it has none).
+    /// Absent for a container that is not running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<bool>,
+    /// Its probes' outcomes in this instance.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<ProbeReport>,
+    /// Why the node last killed it (a failed probe), with when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_kill: Option<String>,
+}
+
+/// One probe of a running container, as status shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProbeReport {
+    /// `startup`, `liveness` or `readiness`.
+    pub probe: String,
+    /// `Success`, `Failure` or `Unknown`, as the kubelet's results.
+    pub result: String,
+    pub runs: u64,
+    pub failures: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +123,15 @@ pub struct PodCondition {
     pub status: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the status last changed (RFC 3339), as the node saw it.
+    #[serde(
+        rename = "lastTransitionTime",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub last_transition: Option<String>,
 }
 
 fn condition(kind: &str, ok: bool, reason: Option<&str>) -> PodCondition {
@@ -106,6 +139,8 @@ fn condition(kind: &str, ok: bool, reason: Option<&str>) -> PodCondition {
         kind: kind.to_string(),
         status: if ok { "True" } else { "False" }.to_string(),
         reason: reason.filter(|_| !ok).map(str::to_string),
+        message: None,
+        last_transition: None,
     }
 }
 
@@ -346,6 +381,9 @@ pub fn pod_statuses(
                 ready,
                 restart_count: unit.runtime.restarts,
                 last_exit_code,
+                started: None,
+                probes: Vec::new(),
+                last_kill: None,
             });
         }
     }
@@ -381,12 +419,86 @@ fn derive_conditions(p: &mut PodStatus) {
     let (ready, total) = p.ready();
     let all_ready = total > 0 && ready == total;
     let not_ready = (!all_ready).then_some("ContainersNotReady");
+    let unready: Vec<&str> = p
+        .containers
+        .iter()
+        .filter(|c| !c.init && !c.ready)
+        .map(|c| c.name.as_str())
+        .collect();
+    let message = (!all_ready && !unready.is_empty())
+        .then(|| format!("containers with unready status: [{}]", unready.join(" ")));
+    let with_message = |mut c: PodCondition| {
+        c.message = message.clone();
+        c
+    };
     p.conditions = vec![
         condition("PodScheduled", true, None),
         condition("Initialized", init_done, Some("ContainersNotInitialized")),
-        condition("ContainersReady", all_ready, not_ready),
-        condition("Ready", all_ready, not_ready),
+        with_message(condition("ContainersReady", all_ready, not_ready)),
+        with_message(condition("Ready", all_ready, not_ready)),
     ];
+}
+
+/// Probe results on a pod's status, as the kubelet's status manager puts
+/// them: a running container is ready when its probes say so (see
+/// [`ContainerHealth::ready`]), `started` once its startup probe passed;
+/// the pod's conditions follow. `health` is by container name.
+pub fn apply_health(
+    p: &mut PodStatus,
+    health: &BTreeMap<String, berth_plan::health::ContainerHealth>,
+) {
+    use berth_manifest::probe::ProbeKind;
+    let mut any = false;
+    for c in &mut p.containers {
+        if !matches!(c.state, ContainerState::Running { .. }) {
+            continue;
+        }
+        let Some(h) = health.get(&c.name) else {
+            if !c.init {
+                c.started = Some(true);
+            }
+            continue;
+        };
+        any = true;
+        c.started = Some(h.started());
+        c.ready = h.ready();
+        c.probes = ProbeKind::ALL
+            .into_iter()
+            .filter_map(|kind| {
+                let s = h.get(kind)?;
+                Some(ProbeReport {
+                    probe: match kind {
+                        ProbeKind::Startup => "startup",
+                        ProbeKind::Liveness => "liveness",
+                        ProbeKind::Readiness => "readiness",
+                    }
+                    .to_string(),
+                    result: format!("{:?}", s.result),
+                    runs: s.runs,
+                    failures: s.failures,
+                    last_failure: s.last_failure.clone(),
+                })
+            })
+            .collect();
+    }
+    if any {
+        derive_conditions(p);
+    }
+}
+
+/// Carries each condition's transition time over from `before` (the same
+/// pod's last status) while its status stays, and stamps `now` where it
+/// changed or is new.
+pub fn carry_transitions(p: &mut PodStatus, before: Option<&PodStatus>, now: &str) {
+    for c in &mut p.conditions {
+        let was = before.and_then(|b| b.conditions.iter().find(|o| o.kind == c.kind));
+        c.last_transition = match was {
+            Some(o) if o.status == c.status && o.last_transition.is_some() => {
+                o.last_transition.clone()
+            }
+            _ => Some(now.to_string()),
+        };
+    }
 }
 
 fn derive_phase(p: &mut PodStatus, failure: Option<&String>) {

@@ -504,6 +504,12 @@ fn agent(
             storage_dir.clone(),
             Box::new(berth_storage::loopfs::LoopDriver::new(storage_dir)),
         );
+        if !once {
+            let exe = std::env::current_exe().context("cannot find the berth binary")?;
+            agent = agent
+                .with_prober(exe, tx.clone())
+                .context("cannot start the prober")?;
+        }
     }
     if once {
         agent.import_images();

@@ -206,8 +206,63 @@ pub fn print_status(
         for m in &p.messages {
             writeln!(out, "{}/{}: {m}", p.namespace, p.name)?;
         }
+        for line in health_lines(p) {
+            writeln!(out, "{}/{}: {line}", p.namespace, p.name)?;
+        }
     }
     Ok(())
+}
+
+/// What probes say of a pod, for `berth status`: a condition that is not
+/// true (since when, and why), each probe that ever failed in the running
+/// instance, and the container's last kill for a failed probe.
+fn health_lines(p: &berth_runtime::status::PodStatus) -> Vec<String> {
+    let mut out = Vec::new();
+    for c in p
+        .conditions
+        .iter()
+        .filter(|c| c.status != "True" && c.kind == "Ready")
+    {
+        out.push(format!(
+            "{} {}{}{}",
+            c.kind,
+            c.status,
+            c.last_transition
+                .as_deref()
+                .map(|t| format!(" since {t}"))
+                .unwrap_or_default(),
+            c.message
+                .as_deref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        ));
+    }
+    for c in &p.containers {
+        for probe in p_failed(c) {
+            out.push(format!(
+                "container {}: {} probe {} ({} of {} runs failed); last failure: {}",
+                c.name,
+                probe.probe,
+                probe.result,
+                probe.failures,
+                probe.runs,
+                probe.last_failure.as_deref().unwrap_or("")
+            ));
+        }
+        if let Some(kill) = &c.last_kill {
+            out.push(format!(
+                "container {}: restarted {} times; last killed: {kill}",
+                c.name, c.restart_count
+            ));
+        }
+    }
+    out
+}
+
+fn p_failed(
+    c: &berth_runtime::status::ContainerStatus,
+) -> impl Iterator<Item = &berth_runtime::status::ProbeReport> {
+    c.probes.iter().filter(|p| p.failures > 0)
 }
 
 /// `5s`, `3m12s`, `2h5m`, `4d3h`: kubectl's AGE column.
