@@ -7,7 +7,8 @@ need_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-# Build: a C toolchain and OpenSSL headers for libgit2 (https, ssh);
+# Build: a C toolchain and OpenSSL headers for libgit2 (https, ssh); the
+# openssl tool serves HTTPS to the prober's tests;
 # ssh-keygen signs commits in the signature tests, sshd serves the SSH
 # remote test; nftables (the `nft` tool)
 # programs Services, in the privileged tests as on the node.
@@ -15,7 +16,7 @@ need_root() {
 # QEMU and OVMF.
 # Registry tests: Debian's docker-registry, htpasswd for its login, and
 # busybox-static for the images the tests build and push.
-packages=(build-essential pkg-config python3 git openssh-client openssh-server nftables ca-certificates libssl-dev zlib1g-dev binutils
+packages=(build-essential pkg-config python3 git openssl openssh-client openssh-server nftables ca-certificates libssl-dev zlib1g-dev binutils
     docker-registry apache2-utils busybox-static
     mmdebstrap e2fsprogs dosfstools mtools fdisk zstd xz-utils cpio qemu-system-x86 qemu-utils ovmf)
 missing=()

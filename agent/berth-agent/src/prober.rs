@@ -553,11 +553,13 @@ async fn exec_probe(
         .arg(&target.workdir)
         .arg("--")
         .args(command)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
         .process_group(0);
-    let child = match async_process::Command::from(cmd).spawn() {
+    // Its stdio is set on the async command: it replaces the std one's.
+    let mut cmd = async_process::Command::from(cmd);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return Outcome::Failure(format!("cannot run the probe: {e}")),
     };
