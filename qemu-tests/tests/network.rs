@@ -3,7 +3,9 @@
 //! cluster IP with traffic spread over two backends, the NodePort answers
 //! from the host through QEMU's forward on loopback, a deleted nftables
 //! table is put back and reported, names resolve through the cluster DNS
-//! responder, and a reboot keeps every pod's address.
+//! responder, probes judge health (a pod not yet ready gets no Service
+//! traffic, a failed liveness probe restarts its container, a startup
+//! probe holds liveness off), and a reboot keeps every pod's address.
 //! Run by `scripts/test.sh` with `--ignored`.
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)]
@@ -75,6 +77,220 @@ spec:
 ",
     ),
 ];
+
+const GREET_IP: &str = "10.96.0.60";
+
+/// Probes: two pods behind one Service, one ready at once and one whose
+/// readiness turns true after 10 s (it answers `early` until then, `late`
+/// after); a pod whose liveness endpoint goes away after 8 s; a pod whose
+/// startup probe holds off a liveness probe that would fail at first.
+const HEALTH: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: greet-fast, labels: {app: greet}}
+spec:
+  containers:
+  - name: httpd
+    image: busybox:1.37
+    command: [sh, -c, \"mkdir -p /tmp/www; echo fast > /tmp/www/index.html; exec httpd -f -p 8080 -h /tmp/www\"]
+    readinessProbe:
+      httpGet: {path: /index.html, port: 8080}
+      periodSeconds: 1
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: greet-slow, labels: {app: greet}}
+spec:
+  containers:
+  - name: httpd
+    image: busybox:1.37
+    command: [sh, -c, \"mkdir -p /tmp/www; echo early > /tmp/www/index.html; httpd -p 8080 -h /tmp/www; sleep 10; echo late > /tmp/www/index.html; touch /tmp/ready; exec sleep 1000000\"]
+    readinessProbe:
+      exec: {command: [test, -e, /tmp/ready]}
+      periodSeconds: 1
+---
+apiVersion: v1
+kind: Service
+metadata: {name: greet}
+spec:
+  clusterIP: 10.96.0.60
+  selector: {app: greet}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: sick}
+spec:
+  containers:
+  - name: httpd
+    image: busybox:1.37
+    command: [sh, -c, \"mkdir -p /tmp/www; touch /tmp/www/healthz; (sleep 8; rm /tmp/www/healthz) & exec httpd -f -p 8080 -h /tmp/www\"]
+    livenessProbe:
+      httpGet: {path: /healthz, port: 8080}
+      periodSeconds: 1
+      failureThreshold: 2
+      terminationGracePeriodSeconds: 2
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: slowstart}
+spec:
+  containers:
+  - name: main
+    image: busybox:1.37
+    command: [sh, -c, \"sleep 6; touch /tmp/started; exec sleep 1000000\"]
+    startupProbe:
+      exec: {command: [test, -e, /tmp/started]}
+      initialDelaySeconds: 8
+      periodSeconds: 1
+      failureThreshold: 30
+    livenessProbe:
+      exec: {command: [test, -e, /tmp/started]}
+      periodSeconds: 1
+      failureThreshold: 1
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: graceful}
+spec:
+  terminationGracePeriodSeconds: 10
+  containers:
+  - name: main
+    image: busybox:1.37
+    env: [{name: ROUND, value: \"1\"}]
+    command: [sh, -c, \"trap 'if [ -e /data/prestop ]; then echo prestop-first >> /data/order; else echo term-first >> /data/order; fi; exit 0' TERM; while true; do sleep 1; done\"]
+    lifecycle:
+      preStop:
+        exec: {command: [sh, -c, \"date +%s > /data/prestop; sleep 2\"]}
+    volumeMounts: [{name: data, mountPath: /data}]
+  volumes: [{name: data, emptyDir: {}}]
+";
+
+fn container<'a>(pod: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    pod["containers"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == name))
+        .unwrap_or(&serde_json::Value::Null)
+}
+
+/// The probes part of the scenario, on the running node.
+fn health(vm: &Vm, git: &GitHost) {
+    must(git.push(&[("net/health.yaml", HEALTH)], "probes"));
+    let pods = vm.pods_until("greet-slow running", SETTLE, |p| {
+        p.get("greet-slow")
+            .is_some_and(|p| p["status"] == "Running")
+            && p.get("greet-fast")
+                .is_some_and(|p| p["status"] == "Running")
+    });
+    let slow = &pods["greet-slow"];
+    assert_eq!(container(slow, "httpd")["ready"], false, "{slow}");
+    // A client hammers the Service from the moment the slow pod runs: it
+    // must never reach the slow pod before its readiness turned true.
+    let hammer = format!(
+        "ip netns exec default_client busybox sh -c 'for i in $(seq 1 120); do busybox wget -q -T 2 -O - http://{GREET_IP}/ 2>/dev/null || echo none; sleep 0.1; done'"
+    );
+    let (rc, out) = must(vm.exec(&hammer, Duration::from_secs(240)));
+    assert_eq!(rc, 0, "{out}");
+    let mut by_answer: BTreeMap<String, u32> = BTreeMap::new();
+    for line in out.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        *by_answer.entry(line.to_string()).or_default() += 1;
+    }
+    println!("hammering the Service while greet-slow became ready: {by_answer:?}");
+    assert_eq!(
+        by_answer.get("early"),
+        None,
+        "a request reached greet-slow before it was ready: {by_answer:?}"
+    );
+    assert!(
+        by_answer.get("fast").is_some_and(|n| *n > 0),
+        "{by_answer:?}"
+    );
+    assert!(
+        by_answer.get("late").is_some_and(|n| *n > 0),
+        "greet-slow receives traffic once ready: {by_answer:?}"
+    );
+    let pods = vm.pods_until("greet-slow ready", SETTLE, |p| {
+        p.get("greet-slow")
+            .is_some_and(|p| container(p, "httpd")["ready"] == true)
+    });
+    let ready = pods["greet-slow"]["conditions"].to_string();
+    assert!(ready.contains("lastTransitionTime"), "{ready}");
+
+    // Liveness: the endpoint goes after 8 s; two failures kill the
+    // container (busybox httpd, PID 1 of its namespace, ignores SIGTERM:
+    // SIGKILL after the probe's 2 s grace), and systemd restarts it.
+    let pods = vm.pods_until("sick restarted for its liveness probe", SETTLE, |p| {
+        p.get("sick").is_some_and(|p| {
+            let c = container(p, "httpd");
+            c["restartCount"].as_u64().unwrap_or(0) >= 1
+                && c["lastKill"].as_str().is_some_and(|k| {
+                    k.contains("Liveness probe failed: HTTP probe failed with statuscode: 404")
+                })
+        })
+    });
+    println!("sick: {}", container(&pods["sick"], "httpd"));
+    // On the status branch too, with the count and the reason.
+    let end = Instant::now() + SETTLE;
+    loop {
+        let doc = berth_git::publish::read_branch_file(
+            &git.dir.join("desired.git"),
+            "berth/status/net",
+            "status.yaml",
+        )
+        .unwrap()
+        .and_then(|f| f.content)
+        .map(|b| String::from_utf8(b).unwrap())
+        .unwrap_or_default();
+        if doc.contains("lastKill: 'Liveness probe failed")
+            || doc.contains("lastKill: Liveness probe failed")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the status branch does not tell the kill:\n{doc}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+
+    // The startup probe (first run at 8 s, file there at 6 s) held the
+    // liveness probe off, which would have failed at once.
+    let pods = vm.pods_until("slowstart started", SETTLE, |p| {
+        p.get("slowstart")
+            .is_some_and(|p| container(p, "main")["started"] == true)
+    });
+    let c = container(&pods["slowstart"], "main");
+    assert_eq!(c["restartCount"], 0, "{c}");
+    assert_eq!(c["ready"], true, "{c}");
+    let status = vm.sh("berth status");
+    println!("{status}");
+
+    // preStop: a changed pod restarts its container; the hook writes its
+    // marker to the pod's volume before SIGTERM reaches the container
+    // (whose handler records which came first).
+    vm.pods_until("graceful running", SETTLE, |p| {
+        p.get("graceful").is_some_and(|p| p["status"] == "Running")
+    });
+    must(git.push(
+        &[(
+            "net/health.yaml",
+            &HEALTH.replace("value: \"1\"", "value: \"2\""),
+        )],
+        "graceful changed",
+    ));
+    let end = Instant::now() + SETTLE;
+    let order = loop {
+        let (rc, out) = must(vm.exec(
+            "berth exec graceful -- cat /data/order",
+            Duration::from_secs(60),
+        ));
+        if rc == 0 && !out.trim().is_empty() {
+            break out;
+        }
+        assert!(Instant::now() < end, "no order recorded: {out}");
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    assert_eq!(order.trim(), "prestop-first", "{order}");
+}
 
 /// One HTTP GET from inside the client pod's network namespace, with the
 /// node's own busybox.
@@ -281,6 +497,8 @@ fn scenario() {
     }
     let (rc, body) = get_from_client(&vm, &format!("http://{CLUSTER_IP}/"));
     assert_eq!(rc, 0, "the Service answers again: {body}");
+
+    health(&vm, &git);
 
     // A reboot: the namespaces are gone with /run; the pods come back with
     // the same addresses.

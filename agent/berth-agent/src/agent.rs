@@ -82,6 +82,8 @@ pub struct Agent {
     pub(crate) storage_watch: Vec<berth_plan::DesiredPod>,
     /// Runs the containers' probes (see [`Agent::with_prober`]).
     pub(crate) prober: Option<crate::prober::Prober>,
+    /// The berth binary, whose `exec-enter` runs exec probes and hooks.
+    pub(crate) berth_exe: Option<std::path::PathBuf>,
     /// What the last pass programmed Services from: a readiness change
     /// between passes reprograms endpoints from it at once.
     pub(crate) services_input: Option<crate::reconcile::ServicesInput>,
@@ -142,21 +144,24 @@ impl Agent {
             waiting_for_network: false,
             storage_watch: Vec::new(),
             prober: None,
+            berth_exe: None,
             services_input: None,
         })
     }
 
-    /// Runs the containers' probes on a thread of their own; `exe` is the
-    /// berth binary, whose `exec-enter` runs exec probes in containers.
+    /// Runs the containers' probes on a thread of their own, and their
+    /// `preStop` hooks before they are ended; `exe` is the berth binary,
+    /// whose `exec-enter` runs exec probes and hooks in containers.
     /// Results the last run of the agent kept are resumed.
     pub fn with_prober(
         mut self,
         exe: std::path::PathBuf,
         waker: std::sync::mpsc::Sender<Wake>,
     ) -> std::io::Result<Self> {
-        let prober = crate::prober::Prober::start(exe, waker)?;
+        let prober = crate::prober::Prober::start(exe.clone(), waker)?;
         prober.resume(&self.state.health);
         self.prober = Some(prober);
+        self.berth_exe = Some(exe);
         Ok(self)
     }
 

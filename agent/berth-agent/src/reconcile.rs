@@ -220,8 +220,20 @@ impl Agent {
             self.last_logged_plan.clear();
             berth_runtime::ApplyReport::default()
         } else {
+            if let Some(exe) = &self.berth_exe {
+                crate::hooks::run_before(
+                    &plan.plan,
+                    &self.state.pre_stop,
+                    observed,
+                    &self.state.network.pod_ips,
+                    rt.systemd.as_ref(),
+                    exe,
+                    &self.log,
+                );
+            }
             self.apply_plan(rt, &plan, observed, &loaded.revision, pod_files.as_ref())
         };
+        crate::hooks::record(&mut self.state.pre_stop, &plan.pods, observed);
         self.log_waits(&plan.plan.held);
         // What waits shows on the pod as a failure would, with its reason.
         report
@@ -299,6 +311,10 @@ impl Agent {
         self.state.healed.drain(..excess);
         self.state.failures = report.failed;
         self.begin_kills(&plan, &report.done, &actual, now);
+        // The running containers with probes first: one the prober did not
+        // know yet gets the kubelet's initial results (not ready) before
+        // any status or endpoint is made from them.
+        self.probe_targets(&plan.pods, observed);
         if let Some(prober) = &self.prober {
             self.state.health = prober.health();
         }
@@ -311,7 +327,6 @@ impl Agent {
             .map(ToString::to_string)
             .collect();
         self.program_services(&plan.services, &plan.pods, &service_diagnostics, &pods, now);
-        self.probe_targets(&plan.pods, observed);
         outstanding.extend(drift::standing(
             &pods,
             &self.state.failures,

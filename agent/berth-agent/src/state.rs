@@ -70,6 +70,9 @@ pub struct AgentState {
     /// the failed probe, with when.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub kills: BTreeMap<String, String>,
+    /// The `preStop` hooks of the running containers, by unit.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pre_stop: BTreeMap<String, crate::hooks::PreStop>,
     /// When each pod condition took its status: pod → type → (status, time).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub transitions: BTreeMap<String, BTreeMap<String, (String, String)>>,

@@ -46,7 +46,8 @@ impl ProbeKind {
 }
 
 /// How a probe or hook reaches the container.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub enum Action {
     /// A command inside the container.
     Exec { command: Vec<String> },
@@ -60,7 +61,7 @@ pub enum Action {
     Sleep { seconds: u64 },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct HttpGet {
     pub https: bool,
     pub host: Option<String>,
@@ -486,7 +487,22 @@ pub fn validate(c: &Container, path: &FieldPath, plain_init: bool, issues: &mut 
             return;
         }
         if let Some(h) = &l.post_start {
-            check_hook(c, h, path.key("lifecycle").key("postStart"), issues);
+            let hpath = path.key("lifecycle").key("postStart");
+            check_hook(c, h, hpath.clone(), issues);
+            for (field, set) in [
+                ("httpGet", h.http_get.is_some()),
+                ("sleep", h.sleep.is_some()),
+            ] {
+                if set {
+                    err(
+                        issues,
+                        hpath.key(field),
+                        format!(
+                            "a postStart {field} handler is not supported by Berth yet; use exec (a hook is never ignored)"
+                        ),
+                    );
+                }
+            }
         }
         if let Some(h) = &l.pre_stop {
             check_hook(c, h, path.key("lifecycle").key("preStop"), issues);
@@ -578,6 +594,10 @@ mod tests {
             (
                 serde_json::json!({"lifecycle": {"preStop": {"tcpSocket": {"port": 80}}}}),
                 "spec.containers[0].lifecycle.preStop.tcpSocket: is not supported as a lifecycle handler (as in Kubernetes): use exec, httpGet or sleep",
+            ),
+            (
+                serde_json::json!({"lifecycle": {"postStart": {"sleep": {"seconds": 1}}}}),
+                "spec.containers[0].lifecycle.postStart.sleep: a postStart sleep handler is not supported by Berth yet; use exec (a hook is never ignored)",
             ),
             (
                 serde_json::json!({"lifecycle": {"postStart": {}}}),

@@ -66,6 +66,8 @@ const CONTAINER: &[&str] = &[
     "startupProbe",
     "livenessProbe",
     "readinessProbe",
+    "lifecycle.postStart",
+    "lifecycle.preStop",
 ];
 
 /// Pod spec fields, relative to the pod spec.

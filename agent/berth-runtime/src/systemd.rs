@@ -181,6 +181,7 @@ pub const READ_BACK: &[&str] = &[
     "EnvironmentFiles",
     "ExecSearchPath",
     "ExecStart",
+    "ExecStartPost",
     "Group",
     "LogExtraFields",
     "MemoryHigh",
@@ -251,7 +252,7 @@ pub fn wire_type(property: &str) -> Wire {
         "PrivatePIDs" => Wire::YesNo,
         "SystemCallFilter" => Wire::SyscallFilter,
         "SystemCallErrorNumber" => Wire::I32,
-        "ExecStart" => Wire::ExecNoExpand,
+        "ExecStart" | "ExecStartPost" => Wire::ExecNoExpand,
         "EnvironmentFiles" => Wire::EnvironmentFiles,
         _ => Wire::Natural,
     }
@@ -259,8 +260,9 @@ pub fn wire_type(property: &str) -> Wire {
 
 /// The name a property is sent under.
 pub fn wire_name(property: &str) -> &str {
-    match wire_type(property) {
-        Wire::ExecNoExpand => "ExecStartEx",
+    match property {
+        "ExecStart" => "ExecStartEx",
+        "ExecStartPost" => "ExecStartPostEx",
         _ => property,
     }
 }

@@ -303,6 +303,22 @@ fn properties(
             }])),
         );
     }
+    // postStart: systemd runs it in the unit's own sandbox (the
+    // container's root, namespaces, user and environment) once the main
+    // process runs; the container is not active until it ends, and its
+    // failure fails the start, so the restart policy restarts it: the
+    // kubelet's semantics for an exec hook.
+    if let Some(berth_manifest::probe::Action::Exec { command }) = &c.hooks.post_start
+        && let Some(program) = command.first()
+    {
+        p.insert(
+            "ExecStartPost",
+            PropertyValue::Exec(Arc::new([ExecCommand {
+                path: program.clone(),
+                argv: command.clone(),
+            }])),
+        );
+    }
     // Values from Secrets go in a root-only file systemd reads at start
     // (`EnvironmentFile=`), not in `Environment=`, which any local user
     // may read over D-Bus and in /run/systemd/transient.
