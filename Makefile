@@ -1,5 +1,5 @@
 # The two commands the README promises, and a few helpers.
-.PHONY: demo plan-demo image test deps build release bench bench-pods bench-net bench-storage bench-images bench-mirror bench-boot bless
+.PHONY: demo plan-demo image test deps build release bench bench-pods bench-probes bench-net bench-storage bench-images bench-mirror bench-boot bless
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
@@ -40,6 +40,13 @@ bench-pods: deps
 	cargo build --locked --release --bin berth
 	$(SUDO) image/build.sh --test --berth target/release/berth
 	cargo test --locked -p berth-qemu-tests --test bench_pods -- --ignored --nocapture
+
+# What probes cost the agent (50 pods, three probes each at 1 s) and how
+# fast a readiness change leaves the Service.
+bench-probes: deps
+	cargo build --locked --release --bin berth
+	$(SUDO) image/build.sh --test --berth target/release/berth
+	cargo test --locked -p berth-qemu-tests --test bench_probes -- --ignored --nocapture
 
 # Where the boot time goes: QEMU start to the agent ready, by phase, over
 # several boots (BERTH_BENCH_BOOTS, 3 by default).

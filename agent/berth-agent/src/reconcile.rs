@@ -318,6 +318,13 @@ impl Agent {
         if let Some(prober) = &self.prober {
             self.state.health = prober.health();
         }
+        self.state.probed = plan
+            .pods
+            .iter()
+            .flat_map(|p| p.units())
+            .filter(|u| !u.probes.is_empty())
+            .map(|u| (u.name.to_string(), u.probes.kinds()))
+            .collect();
         let mut pods = self.state.pod_statuses(observed, &rt.cgroup_root);
         self.state.stamp_transitions(&mut pods, now);
         let service_diagnostics: Vec<String> = plan

@@ -66,6 +66,11 @@ pub struct AgentState {
     /// not begun again), and `berth status` shows them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub health: BTreeMap<String, BTreeMap<String, berth_plan::health::ContainerHealth>>,
+    /// The units whose containers have probes, with which: a running one
+    /// the prober has no results for (just started, or restarted) shows
+    /// the kubelet's initial results, never ready before its probe says so.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub probed: BTreeMap<String, Vec<berth_manifest::probe::ProbeKind>>,
     /// Why the node last killed a container (`namespace/pod/container`):
     /// the failed probe, with when.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -112,8 +117,28 @@ impl AgentState {
     /// Probe results, kills and condition times on one pod's status.
     pub fn health_of(&self, p: &mut berth_runtime::status::PodStatus) {
         let key = format!("{}/{}", p.namespace, p.name);
-        if let Some(h) = self.health.get(&key) {
-            berth_runtime::status::apply_health(p, h);
+        // Each running container with probes: its results for this very
+        // instance, else the initial ones.
+        let mut health = BTreeMap::new();
+        for c in &p.containers {
+            let (berth_runtime::status::ContainerState::Running { started_usec }, Some(kinds)) =
+                (&c.state, self.probed.get(&c.unit))
+            else {
+                continue;
+            };
+            let h = self
+                .health
+                .get(&key)
+                .and_then(|m| m.get(&c.name))
+                .filter(|h| h.since_usec == *started_usec)
+                .cloned()
+                .unwrap_or_else(|| {
+                    berth_plan::health::ContainerHealth::initial(kinds, *started_usec)
+                });
+            health.insert(c.name.clone(), h);
+        }
+        if !health.is_empty() {
+            berth_runtime::status::apply_health(p, &health);
         }
         for c in &mut p.containers {
             c.last_kill = self.kills.get(&format!("{key}/{}", c.name)).cloned();

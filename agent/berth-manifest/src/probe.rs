@@ -15,7 +15,9 @@ pub const DEFAULT_SUCCESS_THRESHOLD: u32 = 1;
 pub const DEFAULT_FAILURE_THRESHOLD: u32 = 3;
 
 /// Which probe: each has its own rules in the kubelet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum ProbeKind {
     Startup,
@@ -104,6 +106,14 @@ impl Probes {
 
     pub fn is_empty(&self) -> bool {
         self.startup.is_none() && self.liveness.is_none() && self.readiness.is_none()
+    }
+
+    /// Which probes it has.
+    pub fn kinds(&self) -> Vec<ProbeKind> {
+        ProbeKind::ALL
+            .into_iter()
+            .filter(|k| self.get(*k).is_some())
+            .collect()
     }
 }
 

@@ -156,7 +156,12 @@ impl Killing {
 impl ContainerHealth {
     /// A container instance that started at `since_usec`, before any probe.
     pub fn new(probes: &Probes, since_usec: u64) -> Self {
-        let state = |kind| probes.get(kind).map(|_| ProbeState::new(kind));
+        Self::initial(&probes.kinds(), since_usec)
+    }
+
+    /// The same, from which probes it has.
+    pub fn initial(kinds: &[ProbeKind], since_usec: u64) -> Self {
+        let state = |kind| kinds.contains(&kind).then(|| ProbeState::new(kind));
         Self {
             since_usec,
             startup: state(ProbeKind::Startup),

@@ -1,0 +1,196 @@
+//! Benchmark, not a check: what probes cost the agent, and how fast a
+//! readiness change reaches the Service. Prints the figures that
+//! docs/benchmarks.md quotes. `make bench-probes` runs it; the QEMU tier of
+//! `make test` skips it.
+//!
+//! In one boot: 50 pods of busybox httpd behind a Service, first without
+//! probes, then with an `httpGet` and a `tcpSocket` probe each, then with
+//! an `exec` probe added, every probe at `periodSeconds: 1`; the agent's
+//! CPU over 60 s of each. Then one pod's readiness file is removed and the
+//! guest times how long until its address leaves the Service's map.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)]
+
+use std::time::Duration;
+
+use berth_qemu_tests::{GIT_HOST, GitHost, Vm, VmOptions, must, retry_on_tcg_flake, test_image};
+
+const WAIT: Duration = Duration::from_secs(900);
+const PODS: u32 = 50;
+
+fn sh(vm: &Vm, command: &str) -> String {
+    let (rc, out) = must(vm.exec(command, Duration::from_secs(300)));
+    assert_eq!(rc, 0, "{command}: {out}");
+    out
+}
+
+fn agent_pid(vm: &Vm) -> String {
+    sh(vm, "systemctl show -p MainPID --value berth-agent.service")
+        .trim()
+        .to_string()
+}
+
+/// The agent's CPU use over `seconds`, in percent of one CPU, with its
+/// children (exec probes' `exec-enter`) counted apart.
+fn cpu_percent(vm: &Vm, seconds: u64) -> (f64, f64) {
+    let ticks = |vm: &Vm| -> (u64, u64) {
+        let stat = sh(vm, &format!("cat /proc/{}/stat", agent_pid(vm)));
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<u64> = after_name
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        // utime, stime, cutime, cstime: fields 14 to 17, 12 to 15 after the name.
+        (f[11] + f[12], f[13] + f[14])
+    };
+    let before = ticks(vm);
+    std::thread::sleep(Duration::from_secs(seconds));
+    let after = ticks(vm);
+    let pct = |a: u64, b: u64| (a - b) as f64 / 100.0 / seconds as f64 * 100.0;
+    (pct(after.0, before.0), pct(after.1, before.1))
+}
+
+fn pods(probes: &str) -> String {
+    format!(
+        "apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web}}
+spec:
+  replicas: {PODS}
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec:
+      containers:
+      - name: main
+        image: busybox:1.37
+        command: [sh, -c, \"mkdir -p /tmp/www; echo ok > /tmp/www/ready; exec httpd -f -p 8080 -h /tmp/www\"]
+        resources: {{requests: {{cpu: 10m, memory: 4Mi}}}}
+{probes}---
+apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec:
+  clusterIP: 10.96.0.70
+  selector: {{app: web}}
+  ports: [{{port: 80, targetPort: 8080}}]
+"
+    )
+}
+
+const NETWORK_PROBES: &str = "        readinessProbe:
+          httpGet: {path: /ready, port: 8080}
+          periodSeconds: 1
+          failureThreshold: 1
+        livenessProbe:
+          tcpSocket: {port: 8080}
+          periodSeconds: 1
+";
+
+const EXEC_PROBE: &str = "        startupProbe:
+          exec: {command: [\"true\"]}
+          periodSeconds: 1
+";
+
+#[test]
+#[ignore = "benchmark: needs QEMU and the test image (make bench-probes)"]
+fn bench_probes_cost_and_readiness_latency() {
+    retry_on_tcg_flake("bench-probes", scenario);
+}
+
+fn settle(vm: &mut Vm, git: &GitHost, yaml: &str, what: &str) {
+    let rev = must(git.push(&[("pods/web.yaml", yaml)], what));
+    sh(vm, "systemctl reload berth-agent.service");
+    must(vm.wait_for(&format!("revision {}: ", &rev[..12]), WAIT));
+    let end = std::time::Instant::now() + WAIT;
+    loop {
+        let ready = sh(
+            vm,
+            "berth get pods -o json | grep -o '\"ready\":true' | wc -l",
+        );
+        if ready.trim() == PODS.to_string() {
+            break;
+        }
+        assert!(std::time::Instant::now() < end, "{what}: {ready} ready");
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    std::thread::sleep(Duration::from_secs(15));
+}
+
+fn scenario() {
+    let image = must(test_image());
+    let git = must(GitHost::fresh("bench-probes", "desired.git"));
+    must(git.push(
+        &[(
+            "pods/web.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: empty}\n",
+        )],
+        "nothing yet",
+    ));
+    let mut options = VmOptions::new("bench-probes");
+    options.esp_config = Some(format!(
+        "node:\n  name: bench\ngit:\n  url: git://{GIT_HOST}/desired.git\n  path: pods\n  pollInterval: 60s\n"
+    ));
+    let (mut vm, _) = must(Vm::boot_until(
+        &image,
+        &git,
+        &options,
+        "berth: agent started",
+        WAIT,
+    ));
+    let mut rows = Vec::new();
+    for (name, probes) in [
+        ("no probes", String::new()),
+        ("httpGet + tcpSocket", NETWORK_PROBES.to_string()),
+        (
+            "httpGet + tcpSocket + exec",
+            format!("{NETWORK_PROBES}{EXEC_PROBE}"),
+        ),
+    ] {
+        settle(&mut vm, &git, &pods(&probes), name);
+        let (own, children) = cpu_percent(&vm, 60);
+        rows.push((name, own, children));
+    }
+    // The startup probe stops once it succeeded: the exec cost is the one
+    // of an exec probe that keeps running, so measure one that does.
+    let exec_forever = format!(
+        "{NETWORK_PROBES}        startupProbe:\n          tcpSocket: {{port: 8080}}\n          periodSeconds: 1\n"
+    )
+    .replace(
+        "        livenessProbe:\n          tcpSocket: {port: 8080}",
+        "        livenessProbe:\n          exec: {command: [\"true\"]}",
+    );
+    settle(&mut vm, &git, &pods(&exec_forever), "exec liveness");
+    let (own, children) = cpu_percent(&vm, 60);
+    rows.push(("httpGet readiness + exec liveness", own, children));
+
+    // Readiness → endpoint gone: remove one pod's readiness file and time,
+    // in the guest, until its address leaves the Service's endpoints.
+    let listed: Vec<serde_json::Value> =
+        serde_json::from_str(&sh(&vm, "berth get pods -o json")).unwrap();
+    let ip = listed
+        .iter()
+        .find(|p| p["name"] == "web-7")
+        .and_then(|p| p["podIP"].as_str())
+        .expect("web-7 has an address")
+        .to_string();
+    let mut latencies = Vec::new();
+    for _ in 0..5 {
+        let script = format!(
+            "berth exec web-7 -- rm /tmp/www/ready; t0=$(date +%s%N); while nft list table ip berth | grep -q '_{ip}_8080'; do :; done; t1=$(date +%s%N); echo $(( (t1 - t0) / 1000000 ))"
+        );
+        let ms: u64 = sh(&vm, &script).trim().parse().unwrap();
+        latencies.push(ms);
+        sh(&vm, "berth exec web-7 -- sh -c 'echo ok > /tmp/www/ready'");
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    for (name, own, children) in &rows {
+        println!(
+            "bench: {PODS} pods, {name}, every 1 s: agent {own:.2}% CPU, its children {children:.2}% (60 s)"
+        );
+    }
+    println!(
+        "bench: readiness false → endpoint gone (period 1 s, failureThreshold 1): {latencies:?} ms"
+    );
+    must(vm.poweroff(Duration::from_secs(120)));
+}
