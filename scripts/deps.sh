@@ -16,7 +16,7 @@ need_root() {
 # QEMU and OVMF.
 # Registry tests: Debian's docker-registry, htpasswd for its login, and
 # busybox-static for the images the tests build and push.
-packages=(build-essential pkg-config python3 git openssl openssh-client openssh-server nftables ca-certificates libssl-dev zlib1g-dev binutils
+packages=(build-essential pkg-config python3 python3-venv git openssl openssh-client openssh-server nftables ca-certificates libssl-dev zlib1g-dev binutils
     docker-registry apache2-utils busybox-static
     mmdebstrap e2fsprogs dosfstools mtools fdisk zstd xz-utils cpio qemu-system-x86 qemu-utils ovmf)
 missing=()
@@ -66,3 +66,13 @@ for component in rustfmt clippy; do
         fi
     fi
 done
+
+# The grpc probe's test talks to grpcio's own health server (from PyPI),
+# in a virtual environment under target/.
+venv="$(cd "$(dirname "$0")/.." && pwd)/target/grpc-venv"
+if ! "$venv/bin/python" -c 'import grpc, grpc_health.v1.health' 2>/dev/null; then
+    echo "deps: installing grpcio into $venv"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check grpcio==1.85.4 grpcio-health-checking==1.85.1
+fi

@@ -3,8 +3,8 @@
 //! Each probe of each container instance is a task on one local executor;
 //! its timer is one entry of async-io's reactor (one timer structure for
 //! every probe on the node, no thread per probe). `httpGet` and `tcpSocket`
-//! probes are non-blocking sockets from the node to the pod's address, in
-//! this process; `exec` runs `berth exec-enter` (the container's cgroup,
+//! probes (and `grpc`, see [`crate::grpc`]) are non-blocking sockets from
+//! the node to the pod's address, in this process; `exec` runs `berth exec-enter` (the container's cgroup,
 //! namespaces, root, user and environment, as `berth exec`), in a process
 //! group of its own that is killed whole when the probe times out.
 //!
@@ -305,7 +305,20 @@ pub async fn run_probe(
             Timer::after(Duration::from_secs(*seconds)).await;
             Outcome::Success
         }
-        Action::Grpc { .. } => Outcome::Failure("grpc probes are not supported".into()),
+        Action::Grpc { port, service } => {
+            let addr = SocketAddr::new(IpAddr::V4(target.address), *port);
+            within(
+                timeout,
+                crate::grpc::check(addr, service.as_deref()),
+                || {
+                    format!(
+                        "timeout: health rpc did not complete within {}s",
+                        timeout.as_secs()
+                    )
+                },
+            )
+            .await
+        }
     }
 }
 

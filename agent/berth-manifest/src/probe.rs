@@ -359,13 +359,6 @@ fn check_probe(
     if let Some(t) = &p.tcp_socket {
         check_port(c, &t.port, path.key("tcpSocket").key("port"), issues);
     }
-    if p.grpc.is_some() {
-        err(
-            issues,
-            path.key("grpc"),
-            "grpc probes are not supported by Berth yet; use httpGet, tcpSocket or exec (a probe is never ignored)",
-        );
-    }
     if let Some(g) = &p.grpc
         && !(1..=65535).contains(&g.port)
     {
@@ -598,8 +591,8 @@ mod tests {
                 "spec.containers[0].livenessProbe.failureThreshold: -1 must be greater than or equal to 0",
             ),
             (
-                serde_json::json!({"livenessProbe": {"grpc": {"port": 9000}}}),
-                "spec.containers[0].livenessProbe.grpc: grpc probes are not supported by Berth yet; use httpGet, tcpSocket or exec (a probe is never ignored)",
+                serde_json::json!({"livenessProbe": {"grpc": {"port": 0}}}),
+                "spec.containers[0].livenessProbe.grpc.port: 0 must be between 1 and 65535",
             ),
             (
                 serde_json::json!({"lifecycle": {"preStop": {"tcpSocket": {"port": 80}}}}),
