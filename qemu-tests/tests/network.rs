@@ -163,7 +163,34 @@ spec:
         exec: {command: [sh, -c, \"date +%s > /data/prestop; sleep 2\"]}
     volumeMounts: [{name: data, mountPath: /data}]
   volumes: [{name: data, emptyDir: {}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: grpcish}
+spec:
+  containers:
+  - name: main
+    image: busybox:1.37
+    command: [nc, -ll, -p, \"9000\", -e, /cfg/answer.sh]
+    readinessProbe:
+      grpc: {port: 9000}
+      periodSeconds: 1
+    volumeMounts: [{name: cfg, mountPath: /cfg}]
+  volumes: [{name: cfg, configMap: {name: grpc-answer, defaultMode: 493}}]
 ";
+
+/// The grpcish pod's server: a canned answer (the prober's tests check the
+/// same script against the prober on loopback).
+const GRPC_ANSWER: &str = include_str!("../../agent/berth-agent/tests/grpc/answer.sh");
+
+/// The health manifests, with the ConfigMap holding `GRPC_ANSWER`.
+fn health_yaml(round: &str) -> String {
+    let script: String = GRPC_ANSWER.lines().map(|l| format!("    {l}\n")).collect();
+    format!(
+        "{}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: grpc-answer}}\ndata:\n  answer.sh: |\n{script}",
+        HEALTH.replace("value: \"1\"", &format!("value: \"{round}\""))
+    )
+}
 
 fn container<'a>(pod: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     pod["containers"]
@@ -174,7 +201,7 @@ fn container<'a>(pod: &'a serde_json::Value, name: &str) -> &'a serde_json::Valu
 
 /// The probes part of the scenario, on the running node.
 fn health(vm: &Vm, git: &GitHost) {
-    must(git.push(&[("net/health.yaml", HEALTH)], "probes"));
+    must(git.push(&[("net/health.yaml", &health_yaml("1"))], "probes"));
     let pods = vm.pods_until("greet-slow running", SETTLE, |p| {
         p.get("greet-slow")
             .is_some_and(|p| p["status"] == "Running")
@@ -264,6 +291,23 @@ fn health(vm: &Vm, git: &GitHost) {
     let status = vm.sh("berth status");
     println!("{status}");
 
+    // grpc: ready while the (canned) health server says SERVING, not
+    // ready once it says NOT_SERVING.
+    vm.pods_until("grpcish ready", SETTLE, |p| {
+        p.get("grpcish")
+            .is_some_and(|p| container(p, "main")["ready"] == true)
+    });
+    vm.sh("berth exec grpcish -- touch /tmp/down");
+    let pods = vm.pods_until("grpcish not ready", SETTLE, |p| {
+        p.get("grpcish")
+            .is_some_and(|p| container(p, "main")["ready"] == false)
+    });
+    let probes = container(&pods["grpcish"], "main")["probes"].to_string();
+    assert!(
+        probes.contains("service unhealthy (responded with \\\"NOT_SERVING\\\")"),
+        "{probes}"
+    );
+
     // preStop: a changed pod restarts its container; the hook writes its
     // marker to the pod's volume before SIGTERM reaches the container
     // (whose handler records which came first).
@@ -271,10 +315,7 @@ fn health(vm: &Vm, git: &GitHost) {
         p.get("graceful").is_some_and(|p| p["status"] == "Running")
     });
     must(git.push(
-        &[(
-            "net/health.yaml",
-            &HEALTH.replace("value: \"1\"", "value: \"2\""),
-        )],
+        &[("net/health.yaml", &health_yaml("2"))],
         "graceful changed",
     ));
     let end = Instant::now() + SETTLE;

@@ -167,7 +167,12 @@ async fn call(addr: SocketAddr, service: Option<&str>) -> Result<u64, String> {
         .map_err(|e| format!("dial tcp {addr}: connect: {e}"))?;
     let mut out = PREFACE.to_vec();
     out.extend(frame(SETTINGS, 0, 0, &[]));
-    out.extend(frame(HEADERS, END_HEADERS, 1, &request_headers(&addr.to_string())));
+    out.extend(frame(
+        HEADERS,
+        END_HEADERS,
+        1,
+        &request_headers(&addr.to_string()),
+    ));
     out.extend(frame(DATA, END_STREAM, 1, &request_message(service)));
     stream.write_all(&out).await.map_err(|e| e.to_string())?;
     let mut message: Vec<u8> = Vec::new();
@@ -189,17 +194,13 @@ async fn call(addr: SocketAddr, service: Option<&str>) -> Result<u64, String> {
             .await
             .map_err(|e| format!("the connection ended: {e}"))?;
         match kind {
+            // Acknowledged, best effort: a server that already sent all it
+            // has may be gone, and its answer is still to be read.
             SETTINGS if flags & ACK == 0 => {
-                stream
-                    .write_all(&frame(SETTINGS, ACK, 0, &[]))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let _ = stream.write_all(&frame(SETTINGS, ACK, 0, &[])).await;
             }
             PING if flags & ACK == 0 => {
-                stream
-                    .write_all(&frame(PING, ACK, 0, &payload))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let _ = stream.write_all(&frame(PING, ACK, 0, &payload)).await;
             }
             GOAWAY => return Err("the server sent GOAWAY".into()),
             RST_STREAM if id == 1 => {
@@ -249,7 +250,10 @@ mod tests {
     #[test]
     fn messages_and_headers_encode_as_the_specs_say() {
         assert_eq!(request_message(None), [0, 0, 0, 0, 0]);
-        assert_eq!(request_message(Some("db")), [0, 0, 0, 0, 4, 0x0a, 2, b'd', b'b']);
+        assert_eq!(
+            request_message(Some("db")),
+            [0, 0, 0, 0, 4, 0x0a, 2, b'd', b'b']
+        );
         assert_eq!(response_status(&[0x08, 0x01]), Some(1));
         assert_eq!(response_status(&[]), Some(0));
         assert_eq!(response_status(&[0x08]), None);

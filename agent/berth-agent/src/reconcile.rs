@@ -955,6 +955,7 @@ impl Agent {
             .flat_map(|c| c.values())
             .any(|h| h.kill().is_some() || h.killing.is_some_and(|k| k.overdue(now)));
         if health != self.state.health {
+            self.log_readiness(&health);
             self.state.health = health;
             let mut pods = std::mem::take(&mut self.pods);
             for p in &mut pods {
@@ -972,5 +973,40 @@ impl Agent {
             }
         }
         needs_pass
+    }
+
+    /// Logs each container whose readiness changed, with the failure that
+    /// made it not ready (the kubelet's `Unhealthy` event).
+    fn log_readiness(
+        &self,
+        health: &BTreeMap<String, BTreeMap<String, berth_plan::health::ContainerHealth>>,
+    ) {
+        for (pod, containers) in health {
+            for (container, h) in containers {
+                let was = self
+                    .state
+                    .health
+                    .get(pod)
+                    .and_then(|c| c.get(container))
+                    .filter(|w| w.since_usec == h.since_usec)
+                    .is_some_and(berth_plan::health::ContainerHealth::ready);
+                if was == h.ready() {
+                    continue;
+                }
+                let line = if h.ready() {
+                    format!("container {container} of pod {pod} is ready")
+                } else {
+                    let why = h
+                        .readiness
+                        .as_ref()
+                        .and_then(|r| r.last_failure.as_deref())
+                        .unwrap_or("its startup probe has not passed");
+                    format!(
+                        "container {container} of pod {pod} is not ready: Readiness probe failed: {why}"
+                    )
+                };
+                self.log.pod(Level::Info, pod, container, &line);
+            }
+        }
     }
 }

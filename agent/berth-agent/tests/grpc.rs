@@ -86,7 +86,11 @@ fn grpc_probes_pass_and_fail_as_grpcios_health_server_says() {
         ),
         Outcome::Success => panic!("an unknown service passed"),
     }
-    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     match probe(closed, None) {
         Outcome::Failure(m) => assert!(
             m.contains(&SocketAddr::from((Ipv4Addr::LOCALHOST, closed)).to_string()),
@@ -94,4 +98,44 @@ fn grpc_probes_pass_and_fail_as_grpcios_health_server_says() {
         ),
         Outcome::Success => panic!("a closed port passed"),
     }
+}
+
+/// The canned answer the QEMU test's pod serves with `busybox nc`, here on
+/// loopback: SERVING passes, NOT_SERVING fails.
+#[test]
+fn the_canned_answer_of_the_qemu_test_reads_as_grpcio_s() {
+    let dir = std::env::temp_dir().join(format!("berth-grpc-canned-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let down = dir.join("down");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/grpc/answer.sh");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = std::process::Command::new("busybox")
+        .args(["nc", "-ll", "-p", &port.to_string(), "-e"])
+        .arg(&script)
+        .env("DOWN", &down)
+        .spawn()
+        .expect("busybox (scripts/deps.sh installs busybox-static)");
+    let _server = Server(child);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "busybox nc did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(probe(port, None), Outcome::Success);
+    std::fs::write(&down, "").unwrap();
+    // busybox nc takes a moment to listen again after each connection (the
+    // prober's probes are a period apart).
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        probe(port, None),
+        Outcome::Failure("service unhealthy (responded with \"NOT_SERVING\")".into())
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
