@@ -267,9 +267,17 @@ fn health(vm: &Vm, git: &GitHost) {
         .and_then(|f| f.content)
         .map(|b| String::from_utf8(b).unwrap())
         .unwrap_or_default();
-        if doc.contains("lastKill: 'Liveness probe failed")
-            || doc.contains("lastKill: Liveness probe failed")
-        {
+        let told = berth_agent::report::NodeStatusDoc::from_yaml(&doc).is_ok_and(|d| {
+            d.pods.iter().filter(|p| p.name == "sick").any(|p| {
+                p.containers.iter().any(|c| {
+                    c.restart_count >= 1
+                        && c.last_kill
+                            .as_deref()
+                            .is_some_and(|k| k.starts_with("Liveness probe failed"))
+                })
+            })
+        });
+        if told {
             break;
         }
         assert!(

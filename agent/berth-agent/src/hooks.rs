@@ -193,3 +193,59 @@ pub fn run_before(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used, clippy::unwrap_used)]
+    use super::*;
+
+    fn plan(yaml: &str) -> berth_plan::NodePlan {
+        let catalog = berth_manifest::load_sources(vec![berth_manifest::SourceFile {
+            path: "p.yaml".into(),
+            text: yaml.into(),
+        }]);
+        assert_eq!(catalog.error_count(), 0, "{:#?}", catalog.diagnostics);
+        let node = berth_plan::NodeInfo::new("n1", Default::default(), 4 << 30, 2000);
+        berth_plan::plan_node(
+            &catalog,
+            &node,
+            &berth_plan::ImageCatalog::default(),
+            &berth_plan::ActualState::default(),
+            "r1",
+        )
+    }
+
+    #[test]
+    fn hooks_are_kept_while_their_units_exist_even_once_git_drops_the_pod() {
+        let with_hook = plan(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  terminationGracePeriodSeconds: 7\n  containers:\n  - name: c\n    image: busybox:1.37\n    command: [sleep, \"9\"]\n    lifecycle: {preStop: {sleep: {seconds: 3}}}\n",
+        );
+        let unit = with_hook.pods[0].containers[0].name.to_string();
+        let mut kept = BTreeMap::new();
+        let mut observed = berth_runtime::Observed::default();
+        record(&mut kept, &with_hook.pods, &observed);
+        assert_eq!(
+            kept.get(&unit),
+            Some(&PreStop {
+                pod: "default/a".into(),
+                container: "c".into(),
+                action: Action::Sleep { seconds: 3 },
+                grace_seconds: 7,
+            })
+        );
+        // Git drops the pod while its unit still runs: the hook stays.
+        observed.units.insert(unit.clone(), Default::default());
+        record(&mut kept, &[], &observed);
+        assert!(kept.contains_key(&unit));
+        // The unit gone: so is its hook.
+        record(&mut kept, &[], &berth_runtime::Observed::default());
+        assert!(kept.is_empty());
+        // A pod whose hook was removed in Git loses it at once.
+        let without = plan(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  containers:\n  - name: c\n    image: busybox:1.37\n    command: [sleep, \"9\"]\n",
+        );
+        record(&mut kept, &with_hook.pods, &observed);
+        record(&mut kept, &without.pods, &observed);
+        assert!(kept.is_empty());
+    }
+}
