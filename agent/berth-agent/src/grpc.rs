@@ -152,7 +152,7 @@ pub fn response_status(message: &[u8]) -> Option<u64> {
 /// One health check of `service` at `addr`.
 pub async fn check(addr: SocketAddr, service: Option<&str>) -> Outcome {
     match call(addr, service).await {
-        Ok(status) if status == 1 => Outcome::Success,
+        Ok(1) => Outcome::Success,
         Ok(status) => Outcome::Failure(format!(
             "service unhealthy (responded with {:?})",
             STATUSES.get(status as usize).copied().unwrap_or("?")

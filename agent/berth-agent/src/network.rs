@@ -692,6 +692,68 @@ spec:
     }
 
     #[test]
+    fn only_ready_pods_are_endpoints_and_dns_answers_unless_not_ready_ones_are_published() {
+        let yaml = format!(
+            "{YAML}---
+apiVersion: v1
+kind: Service
+metadata: {{name: all}}
+spec:
+  clusterIP: None
+  publishNotReadyAddresses: true
+  selector: {{app: web}}
+  ports: [{{name: http, port: 80}}]
+"
+        );
+        let plan = plan_of(yaml);
+        let settings = NetworkSettings::default();
+        let mut book = LeaseBook::new(settings.pod_cidr, settings.service_cidr);
+        let (a, b) = (Ipv4Addr::new(10, 88, 0, 2), Ipv4Addr::new(10, 88, 0, 3));
+        // web-b has an address but is not ready.
+        let ready: BTreeMap<String, Ipv4Addr> = [("default_web-a".to_string(), a)].into();
+        let addresses: BTreeMap<String, Ipv4Addr> = [
+            ("default_web-a".to_string(), a),
+            ("default_web-b".to_string(), b),
+        ]
+        .into();
+        let (rules, zone, _) = services(
+            &plan.services,
+            &plan.pods,
+            &ready,
+            &addresses,
+            &settings,
+            &mut book,
+        );
+        let endpoints = |name: &str| {
+            zone.services
+                .get(&("default".to_string(), name.to_string()))
+                .expect(name)
+                .endpoints
+                .clone()
+        };
+        assert_eq!(
+            endpoints("heads"),
+            [a],
+            "a headless Service answers ready pods only"
+        );
+        assert_eq!(
+            endpoints("all"),
+            [a, b],
+            "publishNotReadyAddresses answers every pod"
+        );
+        let web = rules
+            .services
+            .iter()
+            .find(|s| s.name == "web")
+            .expect("web");
+        assert_eq!(
+            web.ports[1].endpoints,
+            [Endpoint { ip: a, port: 9090 }],
+            "the not-ready pod is no endpoint"
+        );
+    }
+
+    #[test]
     fn services_get_addresses_ports_and_endpoints_and_every_problem_is_named() {
         let (plan, pods) = fixture();
         assert_eq!(pods.len(), 2);
