@@ -255,6 +255,11 @@ async fn worker(
         };
         if due {
             let outcome = run_probe(&probe.action, &target, timeout, &exe).await;
+            // A container whose process is gone is not probed: the
+            // kubelet throws away the result of a probe it could not run.
+            if !alive(target.main_pid) {
+                return;
+            }
             let changed = {
                 let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
                 match s.health.get_mut(&key) {
@@ -275,6 +280,11 @@ async fn worker(
             next = now + period;
         }
     }
+}
+
+/// Whether the process still exists (not yet reaped).
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// One run of a probe (or hook) action against a container, within `timeout`.

@@ -105,6 +105,14 @@ impl Agent {
         let _pass =
             tracing::info_span!("pass", berth_revision = %short(&loaded.revision)).entered();
         match rt {
+            // Going down: pods stop with the system, and what a pass would
+            // see of them (units half gone, slices unloaded) is no ground
+            // to start, refuse or unwire anything.
+            Some(rt) if rt.systemd.shutting_down() => {
+                self.log
+                    .info("the system is shutting down: nothing applied in this pass");
+                return Ok(());
+            }
             Some(rt) => {
                 self.reconcile_on(rt, config, &loaded, desired, &observed, node, image_configs)?
             }

@@ -483,6 +483,12 @@ impl Systemd for DbusSystemd {
         Ok(self.version)
     }
 
+    fn shutting_down(&self) -> bool {
+        self.manager
+            .get_property::<String>("SystemState")
+            .is_ok_and(|s| s == "stopping")
+    }
+
     fn list_units(&self, patterns: &[&str]) -> Result<Vec<UnitSummary>, SystemdError> {
         let states: Vec<&str> = Vec::new();
         let rows: Vec<ListedUnit> = self

@@ -102,6 +102,11 @@ pub enum SystemdError {
 pub trait Systemd: Send + Sync {
     /// The manager's major version (257 for Debian 13), for gating properties.
     fn version(&self) -> Result<u32, SystemdError>;
+    /// Whether the system is going down (`SystemState` is `stopping`): units
+    /// stop on their own then, and nothing is to be started or cleaned up.
+    fn shutting_down(&self) -> bool {
+        false
+    }
     /// Loaded units whose names match one of the shell-style patterns.
     fn list_units(&self, patterns: &[&str]) -> Result<Vec<UnitSummary>, SystemdError>;
     /// The unit's properties and runtime facts; `None` if it is not loaded.
@@ -136,6 +141,9 @@ pub trait Systemd: Send + Sync {
 impl<T: Systemd + ?Sized> Systemd for std::sync::Arc<T> {
     fn version(&self) -> Result<u32, SystemdError> {
         (**self).version()
+    }
+    fn shutting_down(&self) -> bool {
+        (**self).shutting_down()
     }
     fn list_units(&self, patterns: &[&str]) -> Result<Vec<UnitSummary>, SystemdError> {
         (**self).list_units(patterns)
