@@ -214,6 +214,13 @@ impl Agent {
             &actual,
             &short(&loaded.revision),
         );
+        // Checked again as late as possible: a shutdown that began while
+        // this pass observed must not see it start or unwire anything.
+        if rt.systemd.shutting_down() {
+            self.log
+                .info("the system is shutting down: nothing applied in this pass");
+            return Ok(());
+        }
         if let Err(e) = self.store.save_pass(&actual, &plan.plan) {
             self.log.warn(&format!(
                 "cannot record the pass in {}: {e}",
