@@ -261,6 +261,17 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         }
     }
     for pod in &pods {
+        // Probe results, looked up once per pod (and only when there are any).
+        let health = if input.actual.pods.is_empty() {
+            None
+        } else {
+            input
+                .actual
+                .pods
+                .get(&pod.id.to_string())
+                .map(|f| &f.health)
+                .filter(|h| !h.is_empty())
+        };
         let is_new = std::iter::once(&pod.slice.name)
             .chain(pod.units().map(|u| &u.name))
             .all(|n| !actual.contains_key(n.as_str()));
@@ -281,6 +292,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 is_new,
                 input.revision,
                 input.actual,
+                health.and_then(|h| h.get(&unit.container)),
             ) {
                 actions.push(a);
             }
@@ -350,13 +362,10 @@ fn unit_action(
     pod_is_new: bool,
     revision: &str,
     state: &ActualState,
+    health: Option<&crate::health::ContainerHealth>,
 ) -> Option<Action> {
     let environment_digests = state.environment_digests;
     let now = state.observed_at;
-    let health = state
-        .pods
-        .get(&pod.id.to_string())
-        .and_then(|f| f.health.get(&unit.container));
     let what = if unit.init {
         "init container"
     } else {
