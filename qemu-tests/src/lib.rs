@@ -814,6 +814,27 @@ impl Vm {
         ))
     }
 
+    /// The agent's CPU use over `seconds`, in percent of one CPU: its own
+    /// (utime + stime) and its waited-for children's (cutime + cstime).
+    pub fn agent_cpu_percent(&self, seconds: u64) -> (f64, f64) {
+        let pid = self.sh("systemctl show -p MainPID --value berth-agent.service");
+        let ticks = || -> (u64, u64) {
+            let stat = self.sh(&format!("cat /proc/{}/stat", pid.trim()));
+            let after_name = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+            let f: Vec<u64> = after_name
+                .split_whitespace()
+                .map(|x| x.parse().unwrap_or(0))
+                .collect();
+            // Fields 14 to 17 of stat: 12 to 15 after the name.
+            (f[11] + f[12], f[13] + f[14])
+        };
+        let before = ticks();
+        std::thread::sleep(Duration::from_secs(seconds));
+        let after = ticks();
+        let pct = |a: u64, b: u64| a.saturating_sub(b) as f64 / 100.0 / seconds as f64 * 100.0;
+        (pct(after.0, before.0), pct(after.1, before.1))
+    }
+
     /// Runs a guest command that must succeed; returns its output.
     pub fn sh(&self, command: &str) -> String {
         let (rc, out) = must(self.exec(command, Duration::from_secs(60)));

@@ -50,21 +50,6 @@ fn rss_kib(vm: &Vm) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-/// The agent's CPU use over `seconds`, in percent of one CPU.
-fn cpu_percent(vm: &Vm, seconds: u64) -> f64 {
-    let ticks = |vm: &Vm| -> u64 {
-        let stat = sh(vm, &format!("cat /proc/{}/stat", agent_pid(vm)));
-        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-        let fields: Vec<&str> = after_name.split_whitespace().collect();
-        // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
-        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-    };
-    let before = ticks(vm);
-    std::thread::sleep(Duration::from_secs(seconds));
-    let after = ticks(vm);
-    (after - before) as f64 / 100.0 / seconds as f64 * 100.0
-}
-
 fn deployment(replicas: u32) -> String {
     format!(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: bench}}\nspec:\n  replicas: {replicas}\n  selector: {{matchLabels: {{app: bench}}}}\n  template:\n    metadata: {{labels: {{app: bench}}}}\n    spec:\n      containers:\n      - name: main\n        image: busybox:1.37\n        command: [sleep, \"1000000\"]\n        resources: {{requests: {{cpu: 10m, memory: 4Mi}}}}\n"
@@ -101,7 +86,7 @@ fn scenario() {
     must(vm.wait_for(&format!("revision {} accepted", &empty[..12]), WAIT));
     std::thread::sleep(Duration::from_secs(10));
     let idle_rss = rss_kib(&vm);
-    let idle_cpu = cpu_percent(&vm, 60);
+    let idle_cpu = vm.agent_cpu_percent(60).0;
 
     let mut results = Vec::new();
     for replicas in [1u32, 50] {
@@ -151,7 +136,7 @@ fn scenario() {
     };
     let commits_before = status_commits();
     let busy_rss = rss_kib(&vm);
-    let busy_cpu = cpu_percent(&vm, 60);
+    let busy_cpu = vm.agent_cpu_percent(60).0;
     let commits_in_window = status_commits() - commits_before;
     let status_bytes = must(git.git(&[
         "--git-dir",

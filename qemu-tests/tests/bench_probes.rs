@@ -24,32 +24,6 @@ fn sh(vm: &Vm, command: &str) -> String {
     out
 }
 
-fn agent_pid(vm: &Vm) -> String {
-    sh(vm, "systemctl show -p MainPID --value berth-agent.service")
-        .trim()
-        .to_string()
-}
-
-/// The agent's CPU use over `seconds`, in percent of one CPU, with its
-/// children (exec probes' `exec-enter`) counted apart.
-fn cpu_percent(vm: &Vm, seconds: u64) -> (f64, f64) {
-    let ticks = |vm: &Vm| -> (u64, u64) {
-        let stat = sh(vm, &format!("cat /proc/{}/stat", agent_pid(vm)));
-        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-        let f: Vec<u64> = after_name
-            .split_whitespace()
-            .map(|x| x.parse().unwrap_or(0))
-            .collect();
-        // utime, stime, cutime, cstime: fields 14 to 17, 12 to 15 after the name.
-        (f[11] + f[12], f[13] + f[14])
-    };
-    let before = ticks(vm);
-    std::thread::sleep(Duration::from_secs(seconds));
-    let after = ticks(vm);
-    let pct = |a: u64, b: u64| (a - b) as f64 / 100.0 / seconds as f64 * 100.0;
-    (pct(after.0, before.0), pct(after.1, before.1))
-}
-
 fn pods(probes: &str) -> String {
     format!(
         "apiVersion: apps/v1
@@ -101,14 +75,18 @@ fn bench_probes_cost_and_readiness_latency() {
 fn settle(vm: &mut Vm, git: &GitHost, yaml: &str, what: &str) {
     let rev = must(git.push(&[("pods/web.yaml", yaml)], what));
     sh(vm, "systemctl reload berth-agent.service");
-    must(vm.wait_for(&format!("revision {}: ", &rev[..12]), WAIT));
+    // Probes are not unit properties: a changed probe is accepted and
+    // applies to the running containers, without actions.
+    must(vm.wait_for(&format!("revision {} accepted", &rev[..12]), WAIT));
     let end = std::time::Instant::now() + WAIT;
     loop {
-        let ready = sh(
-            vm,
-            "berth get pods -o json | grep -o '\"ready\":true' | wc -l",
-        );
-        if ready.trim() == PODS.to_string() {
+        let listed: Vec<serde_json::Value> =
+            serde_json::from_str(&sh(vm, "berth get pods -o json")).unwrap_or_default();
+        let ready = listed
+            .iter()
+            .filter(|p| p["containers"][0]["ready"] == true)
+            .count();
+        if ready == PODS as usize {
             break;
         }
         assert!(std::time::Instant::now() < end, "{what}: {ready} ready");
@@ -148,7 +126,7 @@ fn scenario() {
         ),
     ] {
         settle(&mut vm, &git, &pods(&probes), name);
-        let (own, children) = cpu_percent(&vm, 60);
+        let (own, children) = vm.agent_cpu_percent(60);
         rows.push((name, own, children));
     }
     // The startup probe stops once it succeeded: the exec cost is the one
@@ -161,7 +139,7 @@ fn scenario() {
         "        livenessProbe:\n          exec: {command: [\"true\"]}",
     );
     settle(&mut vm, &git, &pods(&exec_forever), "exec liveness");
-    let (own, children) = cpu_percent(&vm, 60);
+    let (own, children) = vm.agent_cpu_percent(60);
     rows.push(("httpGet readiness + exec liveness", own, children));
 
     // Readiness → endpoint gone: remove one pod's readiness file and time,

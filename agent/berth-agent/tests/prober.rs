@@ -346,6 +346,18 @@ fn the_prober_thread_turns_readiness_on_and_off_past_its_thresholds_and_wakes_th
         Wake::Health
     );
     assert!(!ready(&prober));
+    // An agent restarted meanwhile: a new prober resumed from the results
+    // the state file kept carries on with the same instance's counts.
+    let kept = prober.health();
+    let (tx2, _rx2) = std::sync::mpsc::channel();
+    let resumed = Prober::start(PathBuf::from("/nonexistent"), tx2).unwrap();
+    resumed.resume(&kept);
+    resumed.set_targets(vec![t.clone()]);
+    assert_eq!(
+        resumed.health()["default/web"]["main"],
+        kept["default/web"]["main"]
+    );
+    drop(resumed);
     // The same instance keeps its results; a restarted one starts afresh.
     let before = runs(&prober);
     prober.set_targets(vec![t.clone()]);

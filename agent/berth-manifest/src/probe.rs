@@ -312,6 +312,32 @@ fn check_http_get(c: &Container, h: &HTTPGetAction, path: FieldPath, issues: &mu
     }
 }
 
+/// Exactly one of the handlers `set` (name, present): none or two are errors.
+fn one_handler(
+    set: &[(&str, bool)],
+    choices: &str,
+    path: &FieldPath,
+    issues: &mut Vec<FieldIssue>,
+) {
+    let found: Vec<&str> = set.iter().filter(|(_, on)| *on).map(|(n, _)| *n).collect();
+    match found.as_slice() {
+        [] => err(
+            issues,
+            path.clone(),
+            format!("must specify a handler: {choices}"),
+        ),
+        [_] => {}
+        more => err(
+            issues,
+            path.key(more[1]),
+            format!(
+                "may not specify more than 1 handler type (found {})",
+                more.join(" and ")
+            ),
+        ),
+    }
+}
+
 fn check_exec(command: Option<&Vec<String>>, path: FieldPath, issues: &mut Vec<FieldIssue>) {
     if command.is_none_or(|c| c.is_empty()) {
         err(issues, path.key("command"), "required: the command to run");
@@ -325,31 +351,17 @@ fn check_probe(
     path: FieldPath,
     issues: &mut Vec<FieldIssue>,
 ) {
-    let handlers: Vec<&str> = [
-        ("exec", p.exec.is_some()),
-        ("httpGet", p.http_get.is_some()),
-        ("tcpSocket", p.tcp_socket.is_some()),
-        ("grpc", p.grpc.is_some()),
-    ]
-    .into_iter()
-    .filter_map(|(n, set)| set.then_some(n))
-    .collect();
-    match handlers.as_slice() {
-        [] => err(
-            issues,
-            path.clone(),
-            "must specify a handler: exec, httpGet, tcpSocket or grpc",
-        ),
-        [_] => {}
-        more => err(
-            issues,
-            path.key(more[1]),
-            format!(
-                "may not specify more than 1 handler type (found {})",
-                more.join(" and ")
-            ),
-        ),
-    }
+    one_handler(
+        &[
+            ("exec", p.exec.is_some()),
+            ("httpGet", p.http_get.is_some()),
+            ("tcpSocket", p.tcp_socket.is_some()),
+            ("grpc", p.grpc.is_some()),
+        ],
+        "exec, httpGet, tcpSocket or grpc",
+        &path,
+        issues,
+    );
     if let Some(e) = &p.exec {
         check_exec(e.command.as_ref(), path.key("exec"), issues);
     }
@@ -418,29 +430,18 @@ fn check_hook(c: &Container, h: &LifecycleHandler, path: FieldPath, issues: &mut
             "is not supported as a lifecycle handler (as in Kubernetes): use exec, httpGet or sleep",
         );
     }
-    let handlers: Vec<&str> = [
-        ("exec", h.exec.is_some()),
-        ("httpGet", h.http_get.is_some()),
-        ("sleep", h.sleep.is_some()),
-    ]
-    .into_iter()
-    .filter_map(|(n, set)| set.then_some(n))
-    .collect();
-    match handlers.as_slice() {
-        [] if h.tcp_socket.is_none() => err(
+    // A tcpSocket hook is its own error (above), not also "no handler".
+    if h.tcp_socket.is_none() || h.exec.is_some() || h.http_get.is_some() || h.sleep.is_some() {
+        one_handler(
+            &[
+                ("exec", h.exec.is_some()),
+                ("httpGet", h.http_get.is_some()),
+                ("sleep", h.sleep.is_some()),
+            ],
+            "exec, httpGet or sleep",
+            &path,
             issues,
-            path.clone(),
-            "must specify a handler: exec, httpGet or sleep",
-        ),
-        [] | [_] => {}
-        more => err(
-            issues,
-            path.key(more[1]),
-            format!(
-                "may not specify more than 1 handler type (found {})",
-                more.join(" and ")
-            ),
-        ),
+        );
     }
     if let Some(e) = &h.exec {
         check_exec(e.command.as_ref(), path.key("exec"), issues);
