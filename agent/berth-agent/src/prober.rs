@@ -180,7 +180,9 @@ fn run(
     wake: &Sender<Wake>,
 ) {
     let ex = async_executor::LocalExecutor::new();
-    future::block_on(ex.run(async {
+    // async-io's own block_on: this thread drives the reactor itself, so a
+    // timer or socket event wakes no other thread.
+    async_io::block_on(ex.run(async {
         // One task per probe of each container instance, by what it probes.
         let mut workers: HashMap<(ProbeTarget, ProbeKind), async_executor::Task<()>> =
             HashMap::new();
@@ -238,11 +240,21 @@ async fn worker(
     let period = Duration::from_secs(u64::from(probe.period_seconds.max(1)));
     let timeout = Duration::from_secs(u64::from(probe.timeout_seconds.max(1)));
     // The first run at the end of the initial delay (or now, for an
-    // instance found running), then every period.
+    // instance found running), then every period; each probe of the node
+    // shifted by its own fraction of a period (from a hash of what it
+    // probes), so fifty containers started together are not probed in the
+    // same instant.
     let delay_end = target
         .since_usec
         .saturating_add(u64::from(probe.initial_delay_seconds) * 1_000_000);
-    let mut next = Instant::now() + Duration::from_micros(delay_end.saturating_sub(now_usec()));
+    let spread = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (&target.pod, &target.container, kind).hash(&mut h);
+        Duration::from_micros(h.finish() % (period.as_micros() as u64).max(1))
+    };
+    let mut next =
+        Instant::now() + Duration::from_micros(delay_end.saturating_sub(now_usec())) + spread;
     loop {
         Timer::at(next).await;
         let due = {
