@@ -797,6 +797,19 @@ pub fn status_json(output: &str) -> Result<serde_json::Value> {
         .map_err(|e| HarnessError(format!("berth status is not JSON ({e}): {output}")))
 }
 
+/// The agent's CPU use over a span, in percent of one CPU (clock ticks of
+/// 10 ms, as /proc counts them).
+#[derive(Debug, Clone, Copy)]
+pub struct AgentCpu {
+    pub user: f64,
+    pub system: f64,
+    pub children: f64,
+    pub prober_user: f64,
+    pub prober_system: f64,
+    /// Softirq time of the whole guest, over all CPUs.
+    pub guest_softirq: f64,
+}
+
 /// Unwraps a harness result, panicking with its message.
 pub fn must<T>(r: Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("{e}"))
@@ -817,22 +830,65 @@ impl Vm {
     /// The agent's CPU use over `seconds`, in percent of one CPU: its own
     /// (utime + stime) and its waited-for children's (cutime + cstime).
     pub fn agent_cpu_percent(&self, seconds: u64) -> (f64, f64) {
+        let c = self.agent_cpu(seconds);
+        (c.user + c.system, c.children)
+    }
+
+    /// The agent's CPU use over `seconds`, split: user and system time of
+    /// the whole process and of its prober thread, its children's, and the
+    /// guest's softirq time (which the kernel may charge to no task).
+    pub fn agent_cpu(&self, seconds: u64) -> AgentCpu {
         let pid = self.sh("systemctl show -p MainPID --value berth-agent.service");
-        let ticks = || -> (u64, u64) {
-            let stat = self.sh(&format!("cat /proc/{}/stat", pid.trim()));
-            let after_name = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
-            let f: Vec<u64> = after_name
-                .split_whitespace()
-                .map(|x| x.parse().unwrap_or(0))
-                .collect();
+        let pid = pid.trim();
+        // One guest command reads every counter at the same instant.
+        let read = || -> Vec<u64> {
+            let out = self.sh(&format!(
+                "cat /proc/{pid}/stat; for t in /proc/{pid}/task/*; do \
+                 [ \"$(cat $t/comm)\" = berth-prober ] && cat $t/stat; done; head -1 /proc/stat"
+            ));
+            let lines: Vec<&str> = out.lines().collect();
+            let fields = |line: &str| -> Vec<u64> {
+                line[line.rfind(')').map_or(0, |i| i + 2)..]
+                    .split_whitespace()
+                    .map(|x| x.parse().unwrap_or(0))
+                    .collect()
+            };
+            let own = fields(lines[0]);
+            let prober = lines
+                .iter()
+                .skip(1)
+                .find(|l| !l.starts_with("cpu "))
+                .map(|l| fields(l))
+                .unwrap_or_else(|| vec![0; 15]);
+            // `cpu  user nice system idle iowait irq softirq ...`
+            let softirq: u64 = lines
+                .iter()
+                .find(|l| l.starts_with("cpu "))
+                .and_then(|l| l.split_whitespace().nth(7))
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(0);
             // Fields 14 to 17 of stat: 12 to 15 after the name.
-            (f[11] + f[12], f[13] + f[14])
+            vec![
+                own[11],
+                own[12],
+                own[13] + own[14],
+                prober[11],
+                prober[12],
+                softirq,
+            ]
         };
-        let before = ticks();
+        let before = read();
         std::thread::sleep(Duration::from_secs(seconds));
-        let after = ticks();
-        let pct = |a: u64, b: u64| a.saturating_sub(b) as f64 / 100.0 / seconds as f64 * 100.0;
-        (pct(after.0, before.0), pct(after.1, before.1))
+        let after = read();
+        let pct = |i: usize| after[i].saturating_sub(before[i]) as f64 / seconds as f64;
+        AgentCpu {
+            user: pct(0),
+            system: pct(1),
+            children: pct(2),
+            prober_user: pct(3),
+            prober_system: pct(4),
+            guest_softirq: pct(5),
+        }
     }
 
     /// Runs a guest command that must succeed; returns its output.

@@ -13,7 +13,9 @@
 
 use std::time::Duration;
 
-use berth_qemu_tests::{GIT_HOST, GitHost, Vm, VmOptions, must, retry_on_tcg_flake, test_image};
+use berth_qemu_tests::{
+    AgentCpu, GIT_HOST, GitHost, Vm, VmOptions, must, retry_on_tcg_flake, test_image,
+};
 
 const WAIT: Duration = Duration::from_secs(900);
 const PODS: u32 = 50;
@@ -98,6 +100,19 @@ fn settle(vm: &mut Vm, git: &GitHost, yaml: &str, what: &str, all_ready: bool) {
     std::thread::sleep(Duration::from_secs(15));
 }
 
+fn row(name: &str, c: &AgentCpu) -> String {
+    format!(
+        "{PODS} pods, {name}, every 1 s: agent {:.2}% CPU (user {:.2}, system {:.2}; prober thread user {:.2}, system {:.2}), its children {:.2}%, guest softirq {:.2}% (60 s)",
+        c.user + c.system,
+        c.user,
+        c.system,
+        c.prober_user,
+        c.prober_system,
+        c.children,
+        c.guest_softirq
+    )
+}
+
 fn scenario() {
     let image = must(test_image());
     let git = must(GitHost::fresh("bench-probes", "desired.git"));
@@ -135,11 +150,17 @@ fn scenario() {
     }
     for (name, probes) in configs {
         settle(&mut vm, &git, &pods(&probes), name, true);
-        let (own, children) = vm.agent_cpu_percent(60);
+        let cpu = vm.agent_cpu(60);
+        println!("bench: {}", row(name, &cpu));
+        rows.push((name, cpu));
+        // Every probe is a connection the node's conntrack keeps for
+        // TIME_WAIT's 120 s: the table must hold them.
         println!(
-            "bench: {PODS} pods, {name}, every 1 s: agent {own:.2}% CPU, its children {children:.2}% (60 s)"
+            "bench: {name}: conntrack entries {} of at most {}",
+            vm.sh("cat /proc/sys/net/netfilter/nf_conntrack_count")
+                .trim(),
+            vm.sh("cat /proc/sys/net/netfilter/nf_conntrack_max").trim()
         );
-        rows.push((name, own, children));
     }
     if with_exec {
         // An exec probe that keeps running: a readiness one (a liveness
@@ -149,11 +170,10 @@ fn scenario() {
             "exec: {command: [\"true\"]}",
         );
         settle(&mut vm, &git, &pods(&exec_forever), "exec readiness", false);
-        let (own, children) = vm.agent_cpu_percent(60);
-        println!(
-            "bench: {PODS} pods, exec readiness + tcpSocket liveness, every 1 s: agent {own:.2}% CPU, its children {children:.2}% (60 s)"
-        );
-        rows.push(("exec readiness + tcpSocket liveness", own, children));
+        let cpu = vm.agent_cpu(60);
+        let name = "exec readiness + tcpSocket liveness";
+        println!("bench: {}", row(name, &cpu));
+        rows.push((name, cpu));
         let guest_load = vm.sh("cat /proc/loadavg");
         println!("bench: guest load with exec probes: {guest_load}");
         settle(
@@ -185,10 +205,17 @@ fn scenario() {
         sh(&vm, "berth exec web-7 -- sh -c 'echo ok > /tmp/www/ready'");
         std::thread::sleep(Duration::from_secs(5));
     }
-    for (name, own, children) in &rows {
-        println!(
-            "bench: {PODS} pods, {name}, every 1 s: agent {own:.2}% CPU, its children {children:.2}% (60 s)"
-        );
+    let dropped = vm.sh("dmesg | grep -c 'table full' || true");
+    println!(
+        "bench: kernel messages of a full conntrack table: {}",
+        dropped.trim()
+    );
+    // A probe that times out on an overloaded node kills its container:
+    // none should have.
+    let kills = vm.console_text().matches("berth: plan: kill ").count();
+    println!("bench: liveness kills during the bench: {kills}");
+    for (name, cpu) in &rows {
+        println!("bench: {}", row(name, cpu));
     }
     println!(
         "bench: readiness false → endpoint gone (period 1 s, failureThreshold 1): {latencies:?} ms"

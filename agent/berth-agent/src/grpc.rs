@@ -1,9 +1,10 @@
 //! The `grpc` probe: one `grpc.health.v1.Health/Check` call over HTTP/2
 //! without TLS (prior knowledge, as the kubelet's prober), on the prober's
-//! own thread and sockets.
+//! own thread and sockets
+//! ([`crate::probe_io`] connects, writes [`request`] and feeds [`Reader`]).
 //!
 //! A maintained gRPC client (tonic) would bring hyper, h2 and tokio: a
-//! second async runtime beside async-io, for one unary call. The call is
+//! second async runtime beside the agent's own, for one unary call. The call is
 //! small enough to write from RFC 9113 (frames), RFC 7541 (the request's
 //! headers, sent as literals, never Huffman-coded, so no table is kept)
 //! and gRPC's wire format (a 5-byte prefix before the protobuf message).
@@ -17,11 +18,7 @@
 //! failure either way. `tests/grpc.rs` checks it against
 //! grpcio's own health server.
 
-use std::net::{SocketAddr, TcpStream};
-
-use async_io::Async;
 use berth_plan::health::Outcome;
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const DATA: u8 = 0;
@@ -149,9 +146,19 @@ pub fn response_status(message: &[u8]) -> Option<u64> {
     (at == message.len()).then_some(status)
 }
 
-/// One health check of `service` at `addr`.
-pub async fn check(addr: SocketAddr, service: Option<&str>) -> Outcome {
-    match call(addr, service).await {
+/// Everything the client sends: the preface, its SETTINGS, the call's
+/// headers and its one message.
+pub fn request(authority: &str, service: Option<&str>) -> Vec<u8> {
+    let mut out = PREFACE.to_vec();
+    out.extend(frame(SETTINGS, 0, 0, &[]));
+    out.extend(frame(HEADERS, END_HEADERS, 1, &request_headers(authority)));
+    out.extend(frame(DATA, END_STREAM, 1, &request_message(service)));
+    out
+}
+
+/// The probe's outcome from the call's answer: SERVING passes.
+pub fn judge(answer: Result<u64, String>) -> Outcome {
+    match answer {
         Ok(1) => Outcome::Success,
         Ok(status) => Outcome::Failure(format!(
             "service unhealthy (responded with {:?})",
@@ -161,53 +168,62 @@ pub async fn check(addr: SocketAddr, service: Option<&str>) -> Outcome {
     }
 }
 
-async fn call(addr: SocketAddr, service: Option<&str>) -> Result<u64, String> {
-    let mut stream = Async::<TcpStream>::connect(addr)
-        .await
-        .map_err(|e| format!("dial tcp {addr}: connect: {e}"))?;
-    let mut out = PREFACE.to_vec();
-    out.extend(frame(SETTINGS, 0, 0, &[]));
-    out.extend(frame(
-        HEADERS,
-        END_HEADERS,
-        1,
-        &request_headers(&addr.to_string()),
-    ));
-    out.extend(frame(DATA, END_STREAM, 1, &request_message(service)));
-    stream.write_all(&out).await.map_err(|e| e.to_string())?;
-    let mut message: Vec<u8> = Vec::new();
-    loop {
-        let mut head = [0u8; 9];
-        stream
-            .read_exact(&mut head)
-            .await
-            .map_err(|e| format!("the connection ended: {e}"))?;
-        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-        let (kind, flags) = (head[3], head[4]);
-        let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-        if len > MAX_FRAME {
-            return Err(format!("a frame of {len} bytes"));
-        }
-        let mut payload = vec![0u8; len];
-        stream
-            .read_exact(&mut payload)
-            .await
-            .map_err(|e| format!("the connection ended: {e}"))?;
+/// Reads the server's frames as they arrive.
+#[derive(Debug, Default)]
+pub struct Reader {
+    input: Vec<u8>,
+    message: Vec<u8>,
+}
+
+impl Reader {
+    /// Takes bytes read from the connection; answers the response's
+    /// `status` once the call's message is whole (or why there is none).
+    /// Acknowledgements the server is owed are appended to `reply`.
+    pub fn feed(&mut self, data: &[u8], reply: &mut Vec<u8>) -> Option<Result<u64, String>> {
+        self.input.extend_from_slice(data);
+        let mut at = 0;
+        let answer = loop {
+            let Some(head) = self.input.get(at..at + 9) else {
+                break None;
+            };
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let (kind, flags) = (head[3], head[4]);
+            let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            if len > MAX_FRAME {
+                break Some(Err(format!("a frame of {len} bytes")));
+            }
+            let Some(payload) = self.input.get(at + 9..at + 9 + len) else {
+                break None;
+            };
+            let payload = payload.to_vec();
+            at += 9 + len;
+            if let Some(answer) = self.frame(kind, flags, id, &payload, reply) {
+                break Some(answer);
+            }
+        };
+        self.input.drain(..at.min(self.input.len()));
+        answer
+    }
+
+    fn frame(
+        &mut self,
+        kind: u8,
+        flags: u8,
+        id: u32,
+        payload: &[u8],
+        reply: &mut Vec<u8>,
+    ) -> Option<Result<u64, String>> {
         match kind {
-            // Acknowledged, best effort: a server that already sent all it
-            // has may be gone, and its answer is still to be read.
-            SETTINGS if flags & ACK == 0 => {
-                let _ = stream.write_all(&frame(SETTINGS, ACK, 0, &[])).await;
-            }
-            PING if flags & ACK == 0 => {
-                let _ = stream.write_all(&frame(PING, ACK, 0, &payload)).await;
-            }
-            GOAWAY => return Err("the server sent GOAWAY".into()),
+            SETTINGS if flags & ACK == 0 => reply.extend(frame(SETTINGS, ACK, 0, &[])),
+            PING if flags & ACK == 0 => reply.extend(frame(PING, ACK, 0, payload)),
+            GOAWAY => return Some(Err("the server sent GOAWAY".into())),
             RST_STREAM if id == 1 => {
                 let code = payload
                     .get(..4)
                     .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-                return Err(format!("the server reset the call (error code {code})"));
+                return Some(Err(format!(
+                    "the server reset the call (error code {code})"
+                )));
             }
             DATA if id == 1 => {
                 let body = if flags & PADDED != 0 {
@@ -215,31 +231,34 @@ async fn call(addr: SocketAddr, service: Option<&str>) -> Result<u64, String> {
                     payload
                         .get(1..payload.len().saturating_sub(pad))
                         .unwrap_or(&[])
-                        .to_vec()
                 } else {
                     payload
                 };
-                message.extend_from_slice(&body);
+                self.message.extend_from_slice(body);
+                let message = &self.message;
                 if message.len() >= 5 {
                     let want = u32::from_be_bytes([message[1], message[2], message[3], message[4]])
                         as usize;
                     if message[0] != 0 {
-                        return Err("a compressed response".into());
+                        return Some(Err("a compressed response".into()));
                     }
                     if message.len() >= 5 + want {
-                        return response_status(&message[5..5 + want])
-                            .ok_or_else(|| "a malformed HealthCheckResponse".to_string());
+                        return Some(
+                            response_status(&message[5..5 + want])
+                                .ok_or_else(|| "a malformed HealthCheckResponse".to_string()),
+                        );
                     }
                 }
             }
             HEADERS if id == 1 && flags & END_STREAM != 0 => {
-                return Err(
+                return Some(Err(
                     "the call ended without a response (the server's error is in its trailers: an unknown service, or no health service)"
                         .into(),
-                );
+                ));
             }
             _ => {}
         }
+        None
     }
 }
 
@@ -264,5 +283,36 @@ mod tests {
         integer(&mut out, 0, 4, 31);
         assert_eq!(out, [0x0f, 0x10]);
         assert_eq!(frame(SETTINGS, ACK, 0, &[]), [0, 0, 0, 4, 1, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn the_reader_takes_frames_in_any_pieces_and_acknowledges_settings() {
+        let mut answer = frame(SETTINGS, 0, 0, &[]);
+        answer.extend(frame(HEADERS, END_HEADERS, 1, &[0x88]));
+        answer.extend(frame(DATA, 0, 1, &[0, 0, 0, 0, 2, 0x08, 0x02]));
+        // Byte by byte: nothing is judged before the message is whole.
+        let mut reader = Reader::default();
+        let mut reply = Vec::new();
+        let mut got = None;
+        for (i, b) in answer.iter().enumerate() {
+            got = reader.feed(&[*b], &mut reply);
+            assert_eq!(got.is_some(), i == answer.len() - 1, "byte {i}");
+        }
+        assert_eq!(got, Some(Ok(2)));
+        assert_eq!(reply, frame(SETTINGS, ACK, 0, &[]));
+        assert_eq!(
+            judge(Ok(2)),
+            Outcome::Failure("service unhealthy (responded with \"NOT_SERVING\")".into())
+        );
+        // Trailers only: the call ended without a message.
+        let mut reader = Reader::default();
+        let end = frame(HEADERS, END_HEADERS | END_STREAM, 1, &[0x88]);
+        assert!(matches!(reader.feed(&end, &mut reply), Some(Err(_))));
+        let mut reader = Reader::default();
+        let reset = frame(RST_STREAM, 0, 1, &[0, 0, 0, 8]);
+        assert_eq!(
+            reader.feed(&reset, &mut reply),
+            Some(Err("the server reset the call (error code 8)".into()))
+        );
     }
 }

@@ -146,12 +146,8 @@ pub fn run_before(
     std::thread::scope(|scope| {
         for job in &jobs {
             scope.spawn(move || {
-                let outcome = futures_lite::future::block_on(crate::prober::run_probe(
-                    &job.hook.action,
-                    &job.target,
-                    job.grace,
-                    exe,
-                ));
+                let outcome =
+                    crate::prober::run_probe(&job.hook.action, &job.target, job.grace, exe);
                 let took = started.elapsed().as_secs_f64();
                 let line = match outcome {
                     berth_plan::health::Outcome::Success => format!(

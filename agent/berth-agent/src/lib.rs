@@ -23,6 +23,7 @@ mod limits;
 pub mod log;
 pub mod network;
 pub mod notify;
+pub mod probe_io;
 pub mod prober;
 pub mod publisher;
 mod reconcile;

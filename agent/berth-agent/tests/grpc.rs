@@ -49,12 +49,12 @@ fn probe(port: u16, service: Option<&str>) -> Outcome {
         port,
         service: service.map(str::to_string),
     };
-    futures_lite::future::block_on(run_probe(
+    run_probe(
         &action,
         &target,
         Duration::from_secs(5),
         std::path::Path::new("/nonexistent"),
-    ))
+    )
 }
 
 #[test]

@@ -90,7 +90,7 @@ fn get(port: u16, path: &str) -> Action {
 fn run(action: &Action, timeout: Duration, exe: &Path) -> (Outcome, Duration) {
     let t = target(Probes::default());
     let started = Instant::now();
-    let outcome = futures_lite::future::block_on(run_probe(action, &t, timeout, exe));
+    let outcome = run_probe(action, &t, timeout, exe);
     (outcome, started.elapsed())
 }
 

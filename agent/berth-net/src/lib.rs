@@ -58,5 +58,56 @@ pub fn enable_forwarding() -> Result<(), String> {
             "{bridged} is missing: the br_netfilter module is not loaded, so a pod cannot reach a Service whose endpoint is on the same bridge"
         ));
     }
-    set(bridged)
+    set(bridged)?;
+    size_conntrack()
+}
+
+/// The connection-tracking table a node needs, as kube-proxy sizes it: at
+/// least 32768 entries per CPU and 131072 in all.
+pub fn conntrack_target(cpus: usize) -> u64 {
+    (32_768 * cpus as u64).max(131_072)
+}
+
+/// Raises the kernel's connection-tracking limit (and its hash table, to a
+/// quarter of it) to [`conntrack_target`], never lowers it. The kernel
+/// sizes it from memory (8192 entries in a 1 GiB guest), and every
+/// Service connection and every network probe is an entry for as long as
+/// TCP's TIME_WAIT (120 s): 50 pods probed twice a second fill 8192 in
+/// 80 s, and then new connections are dropped (probes time out, liveness
+/// kills follow). The limit is global: from a namespace other than the
+/// node's it cannot be written, and a limit already high enough is left.
+/// Before the module is loaded there is nothing to size.
+pub fn size_conntrack() -> Result<(), String> {
+    let max = "/proc/sys/net/netfilter/nf_conntrack_max";
+    let buckets = "/sys/module/nf_conntrack/parameters/hashsize";
+    if !std::path::Path::new(max).exists() {
+        // Not loaded yet (the image loads it at boot; elsewhere the first
+        // NAT rule will, with the kernel's own size).
+        return Ok(());
+    }
+    let read = |path: &str| -> Result<u64, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+        text.trim()
+            .parse()
+            .map_err(|e| format!("{path}: {text:?}: {e}"))
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let want = conntrack_target(cpus);
+    if read(max)? < want {
+        std::fs::write(max, want.to_string()).map_err(|e| format!("{max}: {e}"))?;
+    }
+    if std::path::Path::new(buckets).exists() && read(buckets)? < want / 4 {
+        std::fs::write(buckets, (want / 4).to_string()).map_err(|e| format!("{buckets}: {e}"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_conntrack_table_is_sized_as_kube_proxy_sizes_it() {
+        assert_eq!(super::conntrack_target(1), 131_072);
+        assert_eq!(super::conntrack_target(4), 131_072);
+        assert_eq!(super::conntrack_target(8), 262_144);
+    }
 }

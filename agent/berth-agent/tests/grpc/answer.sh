@@ -3,8 +3,12 @@
 # SETTINGS; response headers (:status 200, content-type application/grpc);
 # HealthCheckResponse{status: SERVING, or NOT_SERVING once /tmp/down
 # exists, or $DOWN}; trailers with grpc-status 0. The request is read and
-# dropped.
-cat > /dev/null &
+# dropped until the client closes (through a copy of stdin: a background
+# command of a script reads /dev/null instead, and the socket, closed with
+# the request unread, would answer the client's next segment with a reset
+# that can discard the answer before it is read).
+exec 3<&0
+cat <&3 > /dev/null &
 s=1; [ -e "${DOWN:-/tmp/down}" ] && s=2
 printf '\000\000\000\004\000\000\000\000\000'
 printf '\000\000\024\001\004\000\000\000\001\210\017\020\020application/grpc'
