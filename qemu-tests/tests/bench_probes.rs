@@ -196,12 +196,23 @@ fn scenario() {
         .expect("web-7 has an address")
         .to_string();
     let mut latencies = Vec::new();
+    let mut noticed = Vec::new();
     for _ in 0..5 {
+        // t0 after the file is gone; t1 when the map no longer has the
+        // endpoint; and, from the journal, when the agent logged the pod
+        // not ready (the probe's part, before nftables is changed).
         let script = format!(
-            "berth exec web-7 -- rm /tmp/www/ready; t0=$(date +%s%N); while nft list table ip berth | grep -q '_{ip}_8080'; do :; done; t1=$(date +%s%N); echo $(( (t1 - t0) / 1000000 ))"
+            "berth exec web-7 -- rm /tmp/www/ready; t0=$(date +%s%N); while nft list table ip berth | grep -q '_{ip}_8080'; do :; done; t1=$(date +%s%N); \
+             tn=$(journalctl -u berth-agent.service -o short-unix -n 30 --no-pager | grep 'web-7 is not ready' | tail -1 | cut -d' ' -f1); \
+             echo $(( (t1 - t0) / 1000000 )) $t0 $tn"
         );
-        let ms: u64 = sh(&vm, &script).trim().parse().unwrap();
-        latencies.push(ms);
+        let out = sh(&vm, &script);
+        let f: Vec<&str> = out.split_whitespace().collect();
+        latencies.push(f[0].parse::<u64>().unwrap());
+        let t0 = f[1].parse::<f64>().unwrap() / 1e9;
+        if let Some(tn) = f.get(2).and_then(|t| t.parse::<f64>().ok()) {
+            noticed.push(((tn - t0) * 1000.0).round() as i64);
+        }
         sh(&vm, "berth exec web-7 -- sh -c 'echo ok > /tmp/www/ready'");
         std::thread::sleep(Duration::from_secs(5));
     }
@@ -220,5 +231,6 @@ fn scenario() {
     println!(
         "bench: readiness false → endpoint gone (period 1 s, failureThreshold 1): {latencies:?} ms"
     );
+    println!("bench: of which until the agent logged it not ready: {noticed:?} ms");
     must(vm.poweroff(Duration::from_secs(120)));
 }

@@ -320,6 +320,7 @@ impl Agent {
                 Ok(revision) => {
                     self.fetched_once = true;
                     self.waiting_for_network = false;
+                    self.health_checkpoint(config);
                     (outcome, candidate) = self.intake(config, mirror, revision);
                 }
                 Err(e) => {

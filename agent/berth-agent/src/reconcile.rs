@@ -75,6 +75,9 @@ impl Agent {
             }
             None => Observed::default(),
         };
+        // A readiness change while this pass observed reaches the Services
+        // now, not at the pass's end (see `health_checkpoint`).
+        self.health_checkpoint(config);
         // The planner's clock, and the evictions it keeps in force.
         observed.actual.observed_at = now_secs();
         observed.actual.evictions = self.state.evictions.clone();
@@ -235,6 +238,7 @@ impl Agent {
             self.last_logged_plan.clear();
             berth_runtime::ApplyReport::default()
         } else {
+            self.health_checkpoint(config);
             if let Some(exe) = &self.berth_exe {
                 crate::hooks::run_before(
                     &plan.plan,
@@ -331,7 +335,9 @@ impl Agent {
         // any status or endpoint is made from them.
         self.probe_targets(&plan.pods, observed);
         if let Some(prober) = &self.prober {
-            self.state.health = prober.health();
+            let health = prober.health();
+            self.log_readiness(&health);
+            self.state.health = health;
         }
         self.state.probed = plan
             .pods
@@ -988,6 +994,32 @@ impl Agent {
             }
         }
         needs_pass
+    }
+
+    /// Within a pass, between its long steps (observing, applying): a
+    /// readiness change reprograms the Services from what the last pass
+    /// programmed, as it would between passes, so a pass under way (a few
+    /// seconds under TCG with 50 pods) does not hold an endpoint that is
+    /// no longer ready. Kills wait for the pass's plan.
+    pub(crate) fn health_checkpoint(&mut self, config: &NodeConfig) {
+        let Some(prober) = &self.prober else {
+            return;
+        };
+        // Counters move with every probe; only readiness matters here.
+        fn readiness(
+            health: &BTreeMap<String, BTreeMap<String, berth_plan::health::ContainerHealth>>,
+        ) -> Vec<(&str, &str, u64, bool)> {
+            health
+                .iter()
+                .flat_map(|(pod, cs)| {
+                    cs.iter()
+                        .map(move |(c, h)| (pod.as_str(), c.as_str(), h.since_usec, h.ready()))
+                })
+                .collect()
+        }
+        if readiness(&prober.health()) != readiness(&self.state.health) {
+            let _ = self.refresh_health(Some(config));
+        }
     }
 
     /// Logs each container whose readiness changed, with the failure that
