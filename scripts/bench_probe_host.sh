@@ -8,14 +8,17 @@ set -eu
 seconds=${1:-30}
 ns=berth-probe-bench
 www=$(mktemp -d)
-cleanup() {
-    [ -n "${server:-}" ] && kill "$server" 2>/dev/null || true
+unwire() {
     ip netns del "$ns" 2>/dev/null || true
     ip link del bpb0 2>/dev/null || true
+}
+cleanup() {
+    [ -n "${server:-}" ] && kill "$server" 2>/dev/null || true
+    unwire
     rm -rf "$www"
 }
 trap cleanup EXIT
-cleanup
+unwire
 ip netns add "$ns"
 ip link add bpb0 type veth peer name bpb1
 ip link set bpb1 netns "$ns"

@@ -106,34 +106,27 @@ pub fn run_before(
         ) else {
             continue;
         };
-        let r = &details.runtime;
-        if details.active_state != berth_plan::ActiveState::Active || r.main_pid == 0 {
+        let address = addresses
+            .get(&hook.pod)
+            .and_then(|ip| ip.parse().ok())
+            .unwrap_or(std::net::Ipv4Addr::LOCALHOST);
+        let Some(target) = ProbeTarget::of_unit(
+            &hook.pod,
+            &hook.container,
+            details,
+            address,
+            Default::default(),
+        ) else {
             continue;
-        }
+        };
         let grace = if plan_terminates {
             a.grace_seconds.unwrap_or(hook.grace_seconds)
         } else {
             hook.grace_seconds
         };
-        let workdir = match details.properties.get("WorkingDirectory") {
-            Some(berth_plan::PropertyValue::Text(d)) if d.starts_with('/') => d.to_string(),
-            _ => "/".to_string(),
-        };
         jobs.push(Job {
             unit: a.unit.to_string(),
-            target: ProbeTarget {
-                pod: hook.pod.clone(),
-                container: hook.container.clone(),
-                since_usec: r.active_enter_usec,
-                main_pid: r.main_pid,
-                control_group: r.control_group.clone(),
-                workdir,
-                address: addresses
-                    .get(&hook.pod)
-                    .and_then(|ip| ip.parse().ok())
-                    .unwrap_or(std::net::Ipv4Addr::LOCALHOST),
-                probes: Default::default(),
-            },
+            target,
             hook: hook.clone(),
             grace: Duration::from_secs(grace),
             plan_terminates,

@@ -42,6 +42,29 @@ pub struct ProbeTarget {
     pub probes: Probes,
 }
 
+impl ProbeTarget {
+    /// A container as its unit runs now; `None` when it does not run.
+    pub fn of_unit(
+        pod: &str,
+        container: &str,
+        details: &berth_runtime::UnitDetails,
+        address: Ipv4Addr,
+        probes: Probes,
+    ) -> Option<Self> {
+        let (main_pid, workdir) = details.running_process()?;
+        Some(Self {
+            pod: pod.to_string(),
+            container: container.to_string(),
+            since_usec: details.runtime.active_enter_usec,
+            main_pid,
+            control_group: details.runtime.control_group.clone(),
+            workdir,
+            address,
+            probes,
+        })
+    }
+}
+
 type Key = (String, String);
 
 #[derive(Debug, Default)]

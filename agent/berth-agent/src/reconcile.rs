@@ -935,26 +935,16 @@ impl Agent {
                 let Some(details) = observed.units.get(unit.name.as_str()) else {
                     continue;
                 };
-                let r = &details.runtime;
-                if details.active_state != berth_plan::ActiveState::Active || r.main_pid == 0 {
-                    continue;
-                }
-                let workdir = match details.properties.get("WorkingDirectory") {
-                    Some(berth_plan::PropertyValue::Text(d)) if d.starts_with('/') => d.to_string(),
-                    _ => "/".to_string(),
-                };
-                targets.push(crate::prober::ProbeTarget {
-                    pod: id.clone(),
-                    container: unit.container.clone(),
-                    since_usec: r.active_enter_usec,
-                    main_pid: r.main_pid,
-                    control_group: r.control_group.clone(),
-                    workdir,
-                    // No address yet (no pod network): network probes fail
-                    // as a refused connection to nowhere would.
-                    address: address.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
-                    probes: unit.probes.clone(),
-                });
+                // No address yet (no pod network): network probes fail as
+                // a refused connection to nowhere would.
+                let address = address.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+                targets.extend(crate::prober::ProbeTarget::of_unit(
+                    &id,
+                    &unit.container,
+                    details,
+                    address,
+                    unit.probes.clone(),
+                ));
             }
         }
         prober.set_targets(targets);

@@ -27,6 +27,23 @@ pub struct UnitDetails {
     pub runtime: UnitRuntime,
 }
 
+impl UnitDetails {
+    /// The main process of a unit that is active, and its working
+    /// directory (`WorkingDirectory`, else `/`): where `berth exec`, an
+    /// exec probe or a hook enters the container. `None` when it is not
+    /// running.
+    pub fn running_process(&self) -> Option<(u32, String)> {
+        if self.active_state != ActiveState::Active || self.runtime.main_pid == 0 {
+            return None;
+        }
+        let workdir = match self.properties.get("WorkingDirectory") {
+            Some(berth_plan::PropertyValue::Text(d)) if d.starts_with('/') => d.to_string(),
+            _ => "/".to_string(),
+        };
+        Some((self.runtime.main_pid, workdir))
+    }
+}
+
 /// What changes while a unit runs; never compared against the plan.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UnitRuntime {

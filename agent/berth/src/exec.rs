@@ -83,17 +83,12 @@ pub fn exec(unit: &str, command: &[String]) -> anyhow::Result<ExitCode> {
     let Some(details) = systemd.unit(unit)? else {
         bail!("{unit} is not on this node");
     };
-    let pid = details.runtime.main_pid;
-    if pid == 0 || details.active_state != berth_plan::ActiveState::Active {
+    let Some((pid, workdir)) = details.running_process() else {
         bail!(
             "container {unit} is not running ({:?}, {}); nothing to exec into",
             details.active_state,
             details.sub_state
         );
-    }
-    let workdir = match details.properties.get("WorkingDirectory") {
-        Some(berth_plan::PropertyValue::Text(d)) if d.starts_with('/') => d.to_string(),
-        _ => "/".to_string(),
     };
     let me = std::env::current_exe().context("cannot find the berth binary")?;
     let status = std::process::Command::new(me)
