@@ -637,6 +637,19 @@ fn timed_out(hop: &Hop, addr: &str, secs: u64) -> Outcome {
     })
 }
 
+impl Drop for Engine {
+    /// Commands still running (or killed and not yet gone) are killed and
+    /// reaped: an engine ends without leaving zombies behind.
+    fn drop(&mut self) {
+        for run in self.runs.values_mut() {
+            if let State::Exec(exec) | State::Reaping(exec) = &mut run.state {
+                kill_group(&exec.child);
+                let _ = exec.child.wait();
+            }
+        }
+    }
+}
+
 impl Net {
     fn advance(&mut self, flags: epoll::EventFlags) -> Step {
         if !self.connected {
