@@ -239,6 +239,15 @@ impl Agent {
             berth_runtime::ApplyReport::default()
         } else {
             self.health_checkpoint(config);
+            // The units about to start with probes are known as such before
+            // they run: `berth get pods` reads the state file, and a unit
+            // running before this pass saves it must not read as ready.
+            let mut probed = self.state.probed.clone();
+            probed.extend(probed_units(&plan.pods));
+            if probed != self.state.probed {
+                self.state.probed = probed;
+                let _ = self.store.save(&self.state);
+            }
             if let Some(exe) = &self.berth_exe {
                 crate::hooks::run_before(
                     &plan.plan,
@@ -339,13 +348,7 @@ impl Agent {
             self.log_readiness(&health);
             self.state.health = health;
         }
-        self.state.probed = plan
-            .pods
-            .iter()
-            .flat_map(|p| p.units())
-            .filter(|u| !u.probes.is_empty())
-            .map(|u| (u.name.to_string(), u.probes.kinds()))
-            .collect();
+        self.state.probed = probed_units(&plan.pods);
         let mut pods = self.state.pod_statuses(observed, &rt.cgroup_root);
         self.state.stamp_transitions(&mut pods, now);
         let service_diagnostics: Vec<String> = plan
@@ -836,6 +839,18 @@ impl Agent {
             ));
         }
     }
+}
+
+/// The units with probes, and which: a running one's status shows the
+/// kubelet's initial results until the prober has its own.
+fn probed_units(
+    pods: &[berth_plan::DesiredPod],
+) -> BTreeMap<String, Vec<berth_manifest::probe::ProbeKind>> {
+    pods.iter()
+        .flat_map(|p| p.units())
+        .filter(|u| !u.probes.is_empty())
+        .map(|u| (u.name.to_string(), u.probes.kinds()))
+        .collect()
 }
 
 /// What the last pass programmed Services from (see [`Agent::refresh_health`]).
