@@ -87,6 +87,13 @@ pub struct Agent {
     /// What the last pass programmed Services from: a readiness change
     /// between passes reprograms endpoints from it at once.
     pub(crate) services_input: Option<crate::reconcile::ServicesInput>,
+    /// Catalogs of earlier revisions whose Deployment pods still run.
+    pub(crate) older: std::collections::BTreeMap<String, berth_manifest::Catalog>,
+    /// A pass is wanted at once (a rollback was decided).
+    pub(crate) pass_again: bool,
+    /// When a rollout wants a pass although nothing else changes (a pod
+    /// reaching `minReadySeconds`, a progress deadline), seconds since the epoch.
+    pub(crate) rollout_wake: Option<u64>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -146,6 +153,9 @@ impl Agent {
             prober: None,
             berth_exe: None,
             services_input: None,
+            older: std::collections::BTreeMap::new(),
+            pass_again: false,
+            rollout_wake: None,
         })
     }
 
@@ -460,6 +470,9 @@ impl Agent {
             network: &self.state.network,
             storage: &self.state.storage,
             images: &self.state.images,
+            healthy: self.state.last_healthy.as_ref(),
+            rolled_back: self.state.rolled_back.as_ref(),
+            deployments: &self.state.deployments,
             now: now_secs(),
         });
         publisher.send(Outgoing {
@@ -518,9 +531,22 @@ impl Agent {
             };
             // Probe results between passes do not move the next poll.
             let deadline = Instant::now() + jitter(wait);
+            // A rollout's own moments come before it.
+            let rollout = if std::mem::take(&mut self.pass_again) {
+                Some(Instant::now())
+            } else {
+                self.rollout_wake
+                    .map(|at| Instant::now() + Duration::from_secs(at.saturating_sub(now_secs())))
+            }
+            .filter(|r| *r < deadline);
             let woke = loop {
-                let left = deadline.saturating_duration_since(Instant::now());
+                let end = rollout.unwrap_or(deadline);
+                let left = end.saturating_duration_since(Instant::now());
+                if rollout.is_some() && left.is_zero() {
+                    break Some(Wake::UnitChanged);
+                }
                 match self.wait_watching_storage(left, notifier, wake) {
+                    None if rollout.is_some() => break Some(Wake::UnitChanged),
                     Some(Wake::Health) => {
                         if self.refresh_health(config.as_ref()) {
                             break Some(Wake::UnitChanged);

@@ -29,12 +29,13 @@ impl Agent {
             .as_ref()
             .is_some_and(|g| g.revision == rev);
         let already_rejected = !already_good
-            && self
+            && (self
                 .state
                 .last_attempted
                 .as_ref()
                 .is_some_and(|a| a.revision == rev)
-            && !self.state.errors.is_empty();
+                && !self.state.errors.is_empty()
+                || self.rolled_back_from(&rev));
         if already_good {
             return (None, None);
         }

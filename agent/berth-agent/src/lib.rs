@@ -28,6 +28,7 @@ pub mod prober;
 pub mod publisher;
 mod reconcile;
 pub mod report;
+mod rollouts;
 pub mod state;
 pub mod storage;
 pub mod wake;

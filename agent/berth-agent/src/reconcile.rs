@@ -82,9 +82,16 @@ impl Agent {
         observed.actual.observed_at = now_secs();
         observed.actual.evictions = self.state.evictions.clone();
         self.check_boot();
+        // Probe results and the rollouts kept: a rollout weighs both.
+        if let Some(prober) = &self.prober {
+            for (pod, containers) in prober.health() {
+                observed.actual.pods.entry(pod).or_default().health = containers;
+            }
+        }
+        observed.actual.rollouts = self.state.rollouts.clone();
         let mut chosen = None;
         if let Some(loaded) = candidate {
-            let desired = berth_plan::desire(&loaded.catalog, node, images, &observed.actual);
+            let desired = self.desire(config, mirror, &loaded, node, images, &observed.actual);
             match self.accept(config, &loaded, &desired) {
                 Ok(o) => {
                     *outcome = Some(o);
@@ -100,7 +107,7 @@ impl Agent {
                     return Ok(());
                 };
                 let loaded = self.load(config, mirror, &good)?;
-                let desired = berth_plan::desire(&loaded.catalog, node, images, &observed.actual);
+                let desired = self.desire(config, mirror, &loaded, node, images, &observed.actual);
                 (loaded, desired)
             }
         };
@@ -209,6 +216,7 @@ impl Agent {
             pods,
             environment_digests: false,
             evictions: self.state.evictions.clone(),
+            rollouts: self.state.rollouts.clone(),
         };
         let plan = berth_plan::plan_desired(
             desired,
@@ -231,6 +239,7 @@ impl Agent {
             ));
         }
         self.record_plan_problems(&plan);
+        self.record_rollouts(config, &loaded.revision, &plan);
         // Apply: the pulls, then the units.
         self.images.pull(&config.images, rt, &plan, &self.log);
         let units_to_apply = plan.plan.actions.iter().any(|a| a.verb != Verb::Pull);
@@ -239,6 +248,19 @@ impl Agent {
             berth_runtime::ApplyReport::default()
         } else {
             self.health_checkpoint(config);
+            // Pods about to stop leave their Services first: no new
+            // connection goes to a pod on its way out (a rollout's old pods).
+            if plan
+                .plan
+                .actions
+                .iter()
+                .any(|a| a.verb == Verb::Stop && a.pod.is_some())
+            {
+                let diagnostics = service_diagnostics(&plan);
+                let pods = std::mem::take(&mut self.pods);
+                self.program_services(&plan.services, &plan.pods, &diagnostics, &pods, now);
+                self.pods = pods;
+            }
             // The units about to start with probes are known as such before
             // they run: `berth get pods` reads the state file, and a unit
             // running before this pass saves it must not read as ready.
@@ -351,12 +373,7 @@ impl Agent {
         self.state.probed = probed_units(&plan.pods);
         let mut pods = self.state.pod_statuses(observed, &rt.cgroup_root);
         self.state.stamp_transitions(&mut pods, now);
-        let service_diagnostics: Vec<String> = plan
-            .diagnostics
-            .iter()
-            .filter(|d| d.object.as_ref().is_some_and(|o| o.kind == "Service"))
-            .map(ToString::to_string)
-            .collect();
+        let service_diagnostics = service_diagnostics(&plan);
         self.program_services(&plan.services, &plan.pods, &service_diagnostics, &pods, now);
         outstanding.extend(drift::standing(
             &pods,
@@ -843,6 +860,29 @@ impl Agent {
 
 /// The units with probes, and which: a running one's status shows the
 /// kubelet's initial results until the prober has its own.
+/// The planner's problems with Services, as their status shows them.
+fn service_diagnostics(plan: &berth_plan::NodePlan) -> Vec<String> {
+    plan.diagnostics
+        .iter()
+        .filter(|d| d.object.as_ref().is_some_and(|o| o.kind == "Service"))
+        .map(ToString::to_string)
+        .collect()
+}
+
+/// Counters move with every probe; only readiness matters to Services
+/// and rollouts.
+fn readiness(
+    health: &BTreeMap<String, BTreeMap<String, berth_plan::health::ContainerHealth>>,
+) -> Vec<(&str, &str, u64, bool)> {
+    health
+        .iter()
+        .flat_map(|(pod, cs)| {
+            cs.iter()
+                .map(move |(c, h)| (pod.as_str(), c.as_str(), h.since_usec, h.ready()))
+        })
+        .collect()
+}
+
 fn probed_units(
     pods: &[berth_plan::DesiredPod],
 ) -> BTreeMap<String, Vec<berth_manifest::probe::ProbeKind>> {
@@ -980,6 +1020,10 @@ impl Agent {
             .values()
             .flat_map(|c| c.values())
             .any(|h| h.kill().is_some() || h.killing.is_some_and(|k| k.overdue(now)));
+        // A rollout under way moves on as soon as a pod is ready.
+        let rolling = self.state.deployments.iter().any(|d| !d.settled());
+        let needs_pass =
+            needs_pass || rolling && readiness(&health) != readiness(&self.state.health);
         if health != self.state.health {
             self.log_readiness(&health);
             self.state.health = health;
@@ -1010,18 +1054,6 @@ impl Agent {
         let Some(prober) = &self.prober else {
             return;
         };
-        // Counters move with every probe; only readiness matters here.
-        fn readiness(
-            health: &BTreeMap<String, BTreeMap<String, berth_plan::health::ContainerHealth>>,
-        ) -> Vec<(&str, &str, u64, bool)> {
-            health
-                .iter()
-                .flat_map(|(pod, cs)| {
-                    cs.iter()
-                        .map(move |(c, h)| (pod.as_str(), c.as_str(), h.since_usec, h.ready()))
-                })
-                .collect()
-        }
         if readiness(&prober.health()) != readiness(&self.state.health) {
             let _ = self.refresh_health(Some(config));
         }

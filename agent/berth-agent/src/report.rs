@@ -29,6 +29,10 @@ pub struct NodeStatusDoc {
     pub errors: Vec<String>,
     #[serde(default)]
     pub pods: Vec<PodStatus>,
+    /// Each Deployment: replicas, updated, ready, available, conditions,
+    /// and the rollout's next steps while one is under way.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deployments: Vec<berth_plan::rollout::DeploymentStatus>,
     pub drift: DriftSection,
     /// Services as programmed, and what the network could not do.
     #[serde(default, skip_serializing_if = "is_default")]
@@ -80,6 +84,13 @@ pub struct Revisions {
     /// Who signed the applied revision, when signatures are required.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signed_by: Option<String>,
+    /// The last revision whose every rollout completed on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy: Option<RevisionRecord>,
+    /// The last revision rejected because its rollout failed: why, and
+    /// which revision the node went back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<crate::state::RollbackRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +124,9 @@ pub struct Inputs<'a> {
     pub network: &'a crate::state::NetworkRecord,
     pub storage: &'a crate::storage::StorageRecord,
     pub images: &'a crate::images::ImagesRecord,
+    pub healthy: Option<&'a RevisionRecord>,
+    pub rolled_back: Option<&'a crate::state::RollbackRecord>,
+    pub deployments: &'a [berth_plan::rollout::DeploymentStatus],
     pub now: u64,
 }
 
@@ -221,9 +235,12 @@ pub fn build(inputs: &Inputs<'_>) -> NodeStatusDoc {
             applied: inputs.applied.cloned(),
             attempted: inputs.attempted.cloned(),
             signed_by: inputs.signed_by.map(str::to_string),
+            healthy: inputs.healthy.cloned(),
+            rolled_back: inputs.rolled_back.cloned(),
         },
         errors: inputs.errors.to_vec(),
         pods,
+        deployments: inputs.deployments.to_vec(),
         drift: DriftSection {
             policy: inputs.policy,
             count: inputs.drift.len(),

@@ -81,6 +81,40 @@ pub struct AgentState {
     /// When each pod condition took its status: pod → type → (status, time).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub transitions: BTreeMap<String, BTreeMap<String, (String, String)>>,
+    /// Deployments' rollouts as the last pass left them: the planner
+    /// takes them back (see `berth_plan::rollout::RolloutRecord`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollouts: Vec<berth_plan::rollout::RolloutRecord>,
+    /// Each Deployment's status after the last pass.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deployments: Vec<berth_plan::rollout::DeploymentStatus>,
+    /// Revisions applied here, newest first, whose Deployment pods may
+    /// still run: a rollout keeps those pods as these revisions made them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied_revisions: Vec<String>,
+    /// The last revision whose every rollout completed on this node: where
+    /// a failed rollout returns to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_healthy: Option<RevisionRecord>,
+    /// The last revision rejected because its rollout failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<RollbackRecord>,
+}
+
+/// A revision whose rollout failed, and what the node did about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RollbackRecord {
+    /// The revision that failed.
+    pub revision: String,
+    /// Seconds since the epoch.
+    pub at: u64,
+    /// `Deployment default/web: CrashLoopBackOff: ...`
+    pub reason: String,
+    /// The revision the node returned to; none when there was no healthy
+    /// one (or `rollout.autoRollback` is off) and the failed one stays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

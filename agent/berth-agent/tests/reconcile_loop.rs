@@ -1523,3 +1523,140 @@ fn pods_are_healed_while_the_git_server_fails_and_the_failure_is_reported() {
     );
     assert!(agent.state().errors.is_empty());
 }
+
+fn deployment(env: &str, command: &str) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\nspec:\n  replicas: 3\n  strategy: {{rollingUpdate: {{maxSurge: 1, maxUnavailable: 0}}}}\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: main\n        image: busybox:1.37\n        command: [{command}]\n        env: [{{name: VERSION, value: \"{env}\"}}]\n"
+    )
+}
+
+impl Node {
+    /// The active container units of Deployment web, by pod name.
+    fn web_pods(&self) -> Vec<String> {
+        let mut pods: Vec<String> = self
+            .systemd
+            .unit_names()
+            .into_iter()
+            .filter(|u| u.starts_with("berth-default_web-") && u.ends_with("_main.service"))
+            .filter(|u| self.active(u))
+            .map(|u| {
+                u.trim_start_matches("berth-default_")
+                    .trim_end_matches("_main.service")
+                    .to_string()
+            })
+            .collect();
+        pods.sort();
+        pods
+    }
+}
+
+/// Passes without fetching until the rollout settles; at every step the
+/// bounds hold (at most 4 pods, at least 3 running).
+fn settle(node: &Node, agent: &mut Agent) -> usize {
+    for n in 1..=20 {
+        agent.pass(false);
+        let pods = node.web_pods();
+        assert!(pods.len() <= 4 && pods.len() >= 3, "pass {n}: {pods:?}");
+        if agent.state().deployments.iter().all(|d| d.settled()) {
+            return n;
+        }
+    }
+    panic!("no settle: {:#?}", agent.state().deployments);
+}
+
+#[test]
+fn a_changed_deployment_rolls_a_failed_revision_rolls_back_and_a_fix_rolls_forward() {
+    let node = Node::new("rollout");
+    node.commit(&[("pods/web.yaml", Some(deployment("1", "sleep, \"100\"")))]);
+    let mut agent = node.agent();
+    agent.pass(true);
+    settle(&node, &mut agent);
+    let v1 = node.web_pods();
+    assert_eq!(v1.len(), 3, "{v1:?}");
+    let healthy = agent.state().last_healthy.clone().expect("v1 healthy");
+
+    // v2: a new env value rolls, one pod at a time.
+    node.commit(&[("pods/web.yaml", Some(deployment("2", "sleep, \"100\"")))]);
+    agent.pass(true);
+    assert_eq!(
+        node.web_pods().len(),
+        4,
+        "one surge pod: {:?}",
+        node.web_pods()
+    );
+    settle(&node, &mut agent);
+    let v2 = node.web_pods();
+    assert_eq!(v2.len(), 3);
+    assert!(v2.iter().all(|p| !v1.contains(p)), "{v1:?} → {v2:?}");
+    let healthy2 = agent.state().last_healthy.clone().expect("v2 healthy");
+    assert_ne!(healthy2.revision, healthy.revision);
+
+    // v3 crash-loops: its new pod fails the rollout, and the node returns
+    // to v2 without touching v2's pods.
+    node.commit(&[("pods/web.yaml", Some(deployment("3", "sleep, \"100\"")))]);
+    agent.pass(true);
+    let new: Vec<String> = node
+        .web_pods()
+        .into_iter()
+        .filter(|p| !v2.contains(p))
+        .collect();
+    assert_eq!(new.len(), 1, "{:?}", node.web_pods());
+    let unit = format!("berth-default_{}_main.service", new[0]);
+    node.systemd.exit_main(&unit, 1);
+    node.systemd.exit_main(&unit, 1);
+    node.systemd.take_calls();
+    agent.pass(false);
+    let rolled = agent.state().rolled_back.clone().expect("rolled back");
+    assert_eq!(rolled.to.as_deref(), Some(healthy2.revision.as_str()));
+    assert!(
+        rolled.reason.contains("CrashLoopBackOff"),
+        "{}",
+        rolled.reason
+    );
+    assert_eq!(
+        agent.state().last_good.as_ref().map(|g| g.revision.clone()),
+        Some(healthy2.revision.clone())
+    );
+    agent.pass(false);
+    let calls = node.systemd.take_calls();
+    assert!(
+        calls
+            .iter()
+            .all(|c| v2.iter().all(|p| !c.contains(p.as_str()))),
+        "v2's pods are not touched: {calls:#?}"
+    );
+    assert_eq!(node.web_pods(), v2, "only the failed pod is gone");
+    // The failed commit is still the branch's head: it is not tried again.
+    let (outcome, _) = agent.pass(true);
+    assert!(
+        matches!(outcome, PassOutcome::Rejected { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(node.web_pods(), v2);
+
+    // A fix arrives: rolled forward; an agent restarted in the middle
+    // resumes without a duplicate.
+    node.commit(&[("pods/web.yaml", Some(deployment("4", "sleep, \"100\"")))]);
+    agent.pass(true);
+    let mid = node.web_pods();
+    assert_eq!(mid.len(), 4, "{mid:?}");
+    drop(agent);
+    let mut agent = node.agent();
+    settle(&node, &mut agent);
+    let v4 = node.web_pods();
+    assert_eq!(v4.len(), 3);
+    assert!(v4.iter().all(|p| !v2.contains(p)), "{v4:?}");
+    assert!(
+        mid.iter().any(|p| v4.contains(p)),
+        "the pod started before the restart is kept"
+    );
+    assert!(agent.state().rolled_back.is_some());
+    assert_eq!(
+        agent
+            .state()
+            .last_healthy
+            .as_ref()
+            .map(|h| h.revision.clone()),
+        agent.state().last_good.as_ref().map(|g| g.revision.clone())
+    );
+}

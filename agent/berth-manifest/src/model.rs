@@ -290,6 +290,98 @@ pub struct DeploymentObject {
 pub struct DeploymentSpec {
     pub replicas: Option<i32>,
     pub template: PodTemplate,
+    /// How a changed template replaces the running pods.
+    pub strategy: Strategy,
+    /// Seconds a new pod must stay ready before it counts as available.
+    pub min_ready_seconds: u32,
+    /// Seconds a rollout may go without progress before it is failed
+    /// (`ProgressDeadlineExceeded`); Kubernetes' default is 600.
+    pub progress_deadline_seconds: u32,
+    /// A paused Deployment starts no rollout: a changed template waits.
+    pub paused: bool,
+    /// A digest of `spec.template` as written (its canonical JSON): the
+    /// same template gives the same digest, whatever else changed.
+    pub template_digest: String,
+    /// The ConfigMaps and Secrets the template reads (`("ConfigMap",
+    /// name)`, sorted, once each): their content is part of what a pod of
+    /// this template runs.
+    pub template_refs: Vec<(&'static str, String)>,
+}
+
+/// Kubernetes' default `progressDeadlineSeconds`.
+pub const DEFAULT_PROGRESS_DEADLINE_SECONDS: u32 = 600;
+
+/// `spec.strategy`, defaulted as the API server defaults it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Every old pod stops before a new one starts.
+    Recreate,
+    /// New pods replace old ones a few at a time, within the bounds.
+    RollingUpdate {
+        max_surge: IntOrPercent,
+        max_unavailable: IntOrPercent,
+    },
+}
+
+impl Default for Strategy {
+    /// `RollingUpdate` with 25 % surge and 25 % unavailable.
+    fn default() -> Self {
+        Self::RollingUpdate {
+            max_surge: IntOrPercent::Percent(25),
+            max_unavailable: IntOrPercent::Percent(25),
+        }
+    }
+}
+
+/// `maxSurge` and `maxUnavailable`: a count, or a percentage of the
+/// desired replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntOrPercent {
+    Int(u32),
+    Percent(u32),
+}
+
+impl IntOrPercent {
+    /// Parses an already validated value (see `validate::int_or_percent`).
+    pub fn from_value(v: &IntOrString) -> Option<Self> {
+        match v {
+            IntOrString::Int(i) => u32::try_from(*i).ok().map(Self::Int),
+            IntOrString::String(s) => s
+                .strip_suffix('%')
+                .and_then(|n| n.parse().ok())
+                .map(Self::Percent),
+        }
+    }
+
+    /// The value for `replicas`, as Kubernetes scales it: a percentage
+    /// rounded up (`maxSurge`) or down (`maxUnavailable`).
+    pub fn scaled(self, replicas: u32, round_up: bool) -> u32 {
+        match self {
+            Self::Int(n) => n,
+            Self::Percent(p) => {
+                let product = u64::from(p) * u64::from(replicas);
+                let v = if round_up {
+                    product.div_ceil(100)
+                } else {
+                    product / 100
+                };
+                u32::try_from(v).unwrap_or(u32::MAX)
+            }
+        }
+    }
+
+    pub fn is_zero(self) -> bool {
+        matches!(self, Self::Int(0) | Self::Percent(0))
+    }
+}
+
+impl std::fmt::Display for IntOrPercent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Int(n) => write!(f, "{n}"),
+            Self::Percent(p) => write!(f, "{p}%"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -302,14 +394,94 @@ impl From<k8s_openapi::api::apps::v1::Deployment> for DeploymentObject {
     fn from(d: k8s_openapi::api::apps::v1::Deployment) -> Self {
         Self {
             metadata: d.metadata.into(),
-            spec: d.spec.map(|s| DeploymentSpec {
-                replicas: s.replicas,
-                template: PodTemplate {
-                    metadata: s.template.metadata.map(Meta::from),
-                    spec: s.template.spec.map(PodSpec::from),
-                },
+            spec: d.spec.map(|s| {
+                let template_digest = {
+                    use sha2::Digest as _;
+                    // serde_json's maps are sorted: one template, one text.
+                    let text = serde_json::to_vec(&s.template).unwrap_or_default();
+                    sha2::Sha256::digest(&text)
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect()
+                };
+                let template_refs = serde_json::to_value(&s.template)
+                    .map(|v| {
+                        let mut refs = Vec::new();
+                        template_refs(&v, &mut refs);
+                        refs.sort();
+                        refs.dedup();
+                        refs
+                    })
+                    .unwrap_or_default();
+                let strategy = match s.strategy.as_ref().and_then(|st| st.type_.as_deref()) {
+                    Some("Recreate") => Strategy::Recreate,
+                    _ => {
+                        let rolling = s
+                            .strategy
+                            .as_ref()
+                            .and_then(|st| st.rolling_update.as_ref());
+                        let field = |v: Option<&IntOrString>| {
+                            v.and_then(IntOrPercent::from_value)
+                                .unwrap_or(IntOrPercent::Percent(25))
+                        };
+                        Strategy::RollingUpdate {
+                            max_surge: field(rolling.and_then(|r| r.max_surge.as_ref())),
+                            max_unavailable: field(
+                                rolling.and_then(|r| r.max_unavailable.as_ref()),
+                            ),
+                        }
+                    }
+                };
+                DeploymentSpec {
+                    replicas: s.replicas,
+                    strategy,
+                    min_ready_seconds: s.min_ready_seconds.unwrap_or(0).max(0) as u32,
+                    progress_deadline_seconds: s
+                        .progress_deadline_seconds
+                        .map_or(DEFAULT_PROGRESS_DEADLINE_SECONDS, |v| v.max(0) as u32),
+                    paused: s.paused.unwrap_or(false),
+                    template_digest,
+                    template_refs,
+                    template: PodTemplate {
+                        metadata: s.template.metadata.map(Meta::from),
+                        spec: s.template.spec.map(PodSpec::from),
+                    },
+                }
             }),
         }
+    }
+}
+
+/// The ConfigMaps and Secrets a pod template names: in `env`, `envFrom`,
+/// and volumes (projected ones too).
+fn template_refs(v: &serde_json::Value, out: &mut Vec<(&'static str, String)>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (key, child) in map {
+                let kind = match key.as_str() {
+                    "configMapKeyRef" | "configMapRef" | "configMap" => Some(("ConfigMap", "name")),
+                    "secretKeyRef" | "secretRef" => Some(("Secret", "name")),
+                    // A volume names it `secretName`, a projection `name`.
+                    "secret" => Some((
+                        "Secret",
+                        if child.get("secretName").is_some() {
+                            "secretName"
+                        } else {
+                            "name"
+                        },
+                    )),
+                    _ => None,
+                };
+                if let Some((kind, field)) = kind
+                    && let Some(name) = child.get(field).and_then(|n| n.as_str())
+                {
+                    out.push((kind, name.to_string()));
+                }
+                template_refs(child, out);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|i| template_refs(i, out)),
+        _ => {}
     }
 }
 

@@ -193,7 +193,17 @@ fn tree_for(kind: BuiltinKind) -> Tree {
     match kind {
         BuiltinKind::Pod => pod_spec_tree(&mut tree, "spec"),
         BuiltinKind::Deployment => {
-            for p in ["replicas", "selector", "revisionHistoryLimit"] {
+            for p in [
+                "replicas",
+                "selector",
+                "revisionHistoryLimit",
+                "strategy.type",
+                "strategy.rollingUpdate.maxSurge",
+                "strategy.rollingUpdate.maxUnavailable",
+                "minReadySeconds",
+                "progressDeadlineSeconds",
+                "paused",
+            ] {
                 tree.insert("spec", p);
             }
             for m in ["labels.*", "annotations.*"] {

@@ -12,6 +12,7 @@ use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 
 use crate::diag::{FieldIssue, FieldPath};
+use crate::model::IntOrPercent;
 use crate::names;
 use crate::quantity::Quantity;
 
@@ -451,6 +452,7 @@ pub fn deployment(d: &Deployment, issues: &mut Issues) {
             "must be greater than or equal to 0",
         );
     }
+    deployment_strategy(spec, &spath, issues);
     let labels = spec
         .template
         .metadata
@@ -489,6 +491,125 @@ pub fn deployment(d: &Deployment, issues: &mut Issues) {
         }
         None => err(issues, tpath.key("spec"), "required"),
     }
+}
+
+/// `strategy`, `minReadySeconds` and `progressDeadlineSeconds`, checked
+/// as the API server checks them.
+fn deployment_strategy(
+    spec: &k8s_openapi::api::apps::v1::DeploymentSpec,
+    spath: &FieldPath,
+    issues: &mut Issues,
+) {
+    let min_ready = spec.min_ready_seconds.unwrap_or(0);
+    if min_ready < 0 {
+        err(
+            issues,
+            spath.key("minReadySeconds"),
+            "must be greater than or equal to 0",
+        );
+    }
+    if let Some(deadline) = spec.progress_deadline_seconds {
+        if deadline < 0 {
+            err(
+                issues,
+                spath.key("progressDeadlineSeconds"),
+                "must be greater than or equal to 0",
+            );
+        } else if deadline <= min_ready {
+            err(
+                issues,
+                spath.key("progressDeadlineSeconds"),
+                "must be greater than minReadySeconds",
+            );
+        }
+    }
+    let Some(strategy) = &spec.strategy else {
+        return;
+    };
+    let path = spath.key("strategy");
+    let rolling = strategy.rolling_update.as_ref();
+    match strategy.type_.as_deref() {
+        None | Some("RollingUpdate") => {}
+        Some("Recreate") => {
+            if rolling.is_some() {
+                err(
+                    issues,
+                    path.key("rollingUpdate"),
+                    "may not be specified when strategy `type` is 'Recreate'",
+                );
+            }
+            return;
+        }
+        Some(other) => {
+            err(
+                issues,
+                path.key("type"),
+                format!(
+                    "unsupported value {other:?}: supported values: \"Recreate\", \"RollingUpdate\""
+                ),
+            );
+            return;
+        }
+    }
+    let Some(rolling) = rolling else { return };
+    let rpath = path.key("rollingUpdate");
+    let surge = rolling
+        .max_surge
+        .as_ref()
+        .and_then(|v| int_or_percent(v, &rpath.key("maxSurge"), issues));
+    let unavailable = rolling
+        .max_unavailable
+        .as_ref()
+        .and_then(|v| int_or_percent(v, &rpath.key("maxUnavailable"), issues));
+    if let Some(IntOrPercent::Percent(p)) = unavailable
+        && p > 100
+    {
+        err(
+            issues,
+            rpath.key("maxUnavailable"),
+            "must not be greater than 100%",
+        );
+    }
+    // Defaults are 25 %: only values written as zero can both be zero.
+    if surge.is_some_and(IntOrPercent::is_zero) && unavailable.is_some_and(IntOrPercent::is_zero) {
+        err(
+            issues,
+            rpath.key("maxUnavailable"),
+            "may not be 0 when `maxSurge` is 0: the rollout could neither start a new pod nor stop an old one",
+        );
+    }
+}
+
+/// A count (at least 0) or a percentage written `N%`.
+pub fn int_or_percent(
+    v: &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString,
+    path: &FieldPath,
+    issues: &mut Issues,
+) -> Option<IntOrPercent> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let parsed = match v {
+        IntOrString::Int(i) if *i < 0 => {
+            err(issues, path.clone(), "must be greater than or equal to 0");
+            return None;
+        }
+        IntOrString::String(s)
+            if !(s.len() > 1
+                && s.ends_with('%')
+                && s[..s.len() - 1].bytes().all(|b| b.is_ascii_digit())) =>
+        {
+            err(
+                issues,
+                path.clone(),
+                format!("{s:?} must be an integer or a percentage (e.g. '5%')"),
+            );
+            return None;
+        }
+        v => IntOrPercent::from_value(v),
+    };
+    if parsed.is_none() {
+        err(issues, path.clone(), "is out of range");
+    }
+    parsed
 }
 
 fn selector_is_empty(s: &LabelSelector) -> bool {

@@ -55,6 +55,9 @@ pub struct ActualState {
     /// while its eviction holds (see [`crate::ephemeral::Eviction::holds`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub evictions: Vec<crate::ephemeral::Eviction>,
+    /// The rollouts the agent keeps (see [`crate::rollout::RolloutRecord`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollouts: Vec<crate::rollout::RolloutRecord>,
 }
 
 impl ActualState {
@@ -214,6 +217,13 @@ pub struct ActualUnit {
     pub active_state: ActiveState,
     #[serde(default)]
     pub properties: Properties,
+    /// systemd's `NRestarts`: automatic restarts since the unit started.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restarts: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl ActualUnit {
@@ -257,6 +267,11 @@ impl ActualUnit {
         let description = self.text("Description")?;
         let rest = description.strip_prefix(crate::units::SLICE_DESCRIPTION_PREFIX)?;
         Some(rest.split(' ').next().unwrap_or(rest).to_string())
+    }
+
+    /// The container a Berth service runs.
+    pub fn container(&self) -> Option<&str> {
+        self.log_field(crate::units::CONTAINER_FIELD)
     }
 
     /// `Deployment/namespace/name` for the replicas of a Deployment.

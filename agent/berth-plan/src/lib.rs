@@ -24,6 +24,7 @@ pub mod plan;
 pub mod podsecurity;
 pub mod reason;
 pub mod resources;
+pub mod rollout;
 pub mod security;
 pub mod select;
 pub mod services;
@@ -37,7 +38,9 @@ pub use actual::{
 pub use desired::{ContainerUnit, DeclaredPort, DesiredPod, PullPolicy, PullSecret, SliceUnit};
 pub use images::{ImageCatalog, ImageConfig};
 pub use node::NodeInfo;
-pub use pipeline::{DesiredNode, NodePlan, desire, plan_desired, plan_node, validate_pods};
+pub use pipeline::{
+    DesiredNode, NodePlan, desire, desire_with, plan_desired, plan_node, validate_pods,
+};
 pub use plan::{Action, Change, Held, Plan, Verb};
 pub use reason::{FailureReason, HoldReason};
 pub use resources::QosClass;

@@ -29,6 +29,7 @@ use crate::images::ImageCatalog;
 use crate::node::NodeInfo;
 use crate::plan::{self, Plan, PlanInput, Protection};
 use crate::podsecurity;
+use crate::rollout::{self, DeploymentStatus, RolloutRecord, Steering};
 use crate::select::{self, NotHere};
 use crate::services::{self, ServicePlan};
 use crate::units::PodId;
@@ -67,6 +68,16 @@ pub struct NodePlan {
     /// The Services this node programs, over its pods.
     #[serde(skip_serializing_if = "crate::services::ServicePlan::is_empty")]
     pub services: ServicePlan,
+    /// Each Deployment's status after this pass, with its rollout's steps.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deployments: Vec<DeploymentStatus>,
+    /// The rollouts after this pass: the agent keeps them for the next.
+    #[serde(skip)]
+    pub rollouts: Vec<RolloutRecord>,
+    /// When the node must plan again although nothing else changes (a pod
+    /// reaching `minReadySeconds`, a progress deadline), seconds since the epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wake_at: Option<u64>,
 }
 
 /// The node as Git wants it, before it is compared with what runs.
@@ -83,6 +94,8 @@ pub struct DesiredNode {
     /// The evictions of `actual` that still hold.
     pub evictions: Vec<Eviction>,
     protection: Protection,
+    /// What the rollouts decided.
+    pub rollout: Steering,
 }
 
 /// Plans `node` from `catalog`, against what `actual` says the node has.
@@ -196,13 +209,28 @@ fn in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec
 }
 
 /// Stage 1: the pods this node runs, as Git wants them. Reads only the
-/// units of `actual` (which are Berth's, which run) and the evictions the
-/// agent keeps, never facts the agent gathers for the pods it returns.
+/// units of `actual` (which are Berth's, which run), the evictions and
+/// rollouts the agent keeps and the probe results, never facts the agent
+/// gathers for the pods it returns.
 pub fn desire(
     catalog: &Catalog,
     node: &NodeInfo,
     images: &ImageCatalog,
     actual: &ActualState,
+) -> DesiredNode {
+    desire_with(catalog, &[], node, images, actual, "")
+}
+
+/// [`desire`], with the catalogs of earlier revisions whose Deployment pods
+/// may still run (newest first): a rollout keeps those pods as they were
+/// made. `revision` names the revision in the rollouts it starts.
+pub fn desire_with(
+    catalog: &Catalog,
+    older: &[&Catalog],
+    node: &NodeInfo,
+    images: &ImageCatalog,
+    actual: &ActualState,
+    revision: &str,
 ) -> DesiredNode {
     let (units, kept, now) = (&actual.units, &actual.evictions, actual.observed_at);
     let index = Index::new(catalog);
@@ -238,6 +266,32 @@ pub fn desire(
                 reject(&mut rejected, catalog, instance.source);
             }
         }
+    }
+    // Rollouts: which new Deployment pods start now, which old ones stay.
+    let deployments: Vec<&LoadedObject> = catalog
+        .objects
+        .iter()
+        .filter(|o| o.id.kind == "Deployment")
+        .filter(|o| !selection.elsewhere.iter().any(|e| e.object == o.id))
+        .filter(|o| !protection.owners.contains(&o.id.to_string()))
+        .collect();
+    let steering = rollout::steer(
+        &rollout::SteerInput {
+            catalog,
+            older,
+            actual,
+            revision,
+            deployments,
+        },
+        &mut pods,
+        &|c, object, name| {
+            let instance = select::replica_named(object, name)?;
+            let ctx = Context::new(c, node, images);
+            desired::resolve_pod(&instance, &ctx).ok().map(|r| r.pod)
+        },
+    );
+    for pod in steering.kept_unresolved.keys() {
+        protection.pods.insert(pod.clone());
     }
     // Two objects that make the same pod (a Pod `web-0` and replica 0 of a
     // Deployment `web`) would fight over its units: both are refused.
@@ -343,6 +397,7 @@ pub fn desire(
         services,
         evictions,
         protection,
+        rollout: steering,
     }
 }
 
@@ -409,6 +464,8 @@ pub fn plan_desired(
         actual,
         protection: &desired.protection,
         evicted: &evicted,
+        retiring: &desired.rollout.retiring,
+        kept: &desired.rollout.kept_unresolved,
     });
     let classified = drift::classify(
         std::mem::take(&mut plan.actions),
@@ -423,6 +480,17 @@ pub fn plan_desired(
     plan.actions.extend(gated.actions);
     plan.held.extend(classified.held);
     plan.held.extend(gated.held);
+    let mut steering = desired.rollout;
+    for (pod, why) in &steering.waiting {
+        plan.held.push(plan::Held {
+            unit: pod.clone(),
+            pod: plan::parse_pod_id(pod),
+            reason: crate::reason::HoldReason::Rollout,
+            message: why.clone(),
+            units: Vec::new(),
+        });
+    }
+    rollout::judge(&mut steering.statuses, &mut steering.records, &plan.held);
     NodePlan {
         plan,
         pods: desired.pods,
@@ -435,6 +503,9 @@ pub fn plan_desired(
         services: desired.services,
         drift: classified.items,
         evictions: desired.evictions,
+        deployments: steering.statuses,
+        rollouts: steering.records,
+        wake_at: steering.wake_at,
     }
 }
 

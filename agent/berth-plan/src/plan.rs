@@ -130,6 +130,10 @@ pub struct PlanInput<'a> {
     /// Pods the node evicts (`namespace/name` → why): stopped whatever
     /// protects the rest.
     pub evicted: &'a BTreeMap<String, String>,
+    /// Old pods a rollout stops now (`namespace/name` → why).
+    pub retiring: &'a BTreeMap<String, String>,
+    /// Old pods a rollout keeps as they run (no manifests at hand) → why.
+    pub kept: &'a BTreeMap<String, String>,
 }
 
 /// A pod that cannot be planned because a unit it needs belongs to someone else.
@@ -186,7 +190,18 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     {
         let pod = unit.pod();
         let evicted = pod.as_ref().and_then(|p| input.evicted.get(p));
-        let protected_by = if evicted.is_some() {
+        if let Some(why) = pod.as_ref().and_then(|p| input.kept.get(p)) {
+            held.push(Held {
+                unit: unit.name.to_string(),
+                pod: pod.as_deref().and_then(parse_pod_id),
+                reason: HoldReason::Rollout,
+                message: why.clone(),
+                units: Vec::new(),
+            });
+            continue;
+        }
+        let retiring = pod.as_ref().and_then(|p| input.retiring.get(p));
+        let protected_by = if evicted.is_some() || retiring.is_some() {
             None
         } else if let Some(reason) = &input.protection.hold_all {
             Some(reason.clone())
@@ -220,6 +235,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             (Some(p), _, _) if evicted.is_some() => {
                 format!("pod {p} is evicted: {}", evicted.map_or("", String::as_str))
             }
+            (Some(_), _, _) if retiring.is_some() => retiring.cloned().unwrap_or_default(),
             (Some(p), true, true) => format!("pod {p} moved to another QoS class slice"),
             (Some(p), true, false) => format!(
                 "the container is no longer part of pod {p} in revision {}",
@@ -310,7 +326,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     }
 }
 
-fn parse_pod_id(text: &str) -> Option<PodId> {
+pub(crate) fn parse_pod_id(text: &str) -> Option<PodId> {
     text.split_once('/').map(|(ns, name)| PodId {
         namespace: ns.to_string(),
         name: name.to_string(),

@@ -77,6 +77,9 @@ pub enum HoldReason {
     LastGoodKept,
     /// The unit drifted and its policy is `report`: left as found.
     DriftReported,
+    /// A Deployment's rollout holds the pod: a new one that waits its turn,
+    /// or an old one kept running until new ones are available.
+    Rollout,
 }
 
 impl HoldReason {
@@ -85,6 +88,7 @@ impl HoldReason {
             HoldReason::Waiting(r) => r.as_str(),
             HoldReason::LastGoodKept => "LastGoodKept",
             HoldReason::DriftReported => "DriftReported",
+            HoldReason::Rollout => "Rollout",
         }
     }
 }

@@ -43,12 +43,33 @@ pub struct Selection<'a> {
 pub fn all_pods(catalog: &Catalog) -> Vec<PodInstance<'_>> {
     let mut pods = Vec::new();
     for object in &catalog.objects {
-        pods.extend(instances(object));
+        pods.extend(instances(object, catalog));
     }
     pods
 }
 
-fn instances(object: &LoadedObject) -> Vec<PodInstance<'_>> {
+/// The replica of Deployment `object` named `name`, whatever its template
+/// hash: an old pod a rollout keeps, as the revision that made it has it.
+pub fn replica_named<'a>(object: &'a LoadedObject, name: &str) -> Option<PodInstance<'a>> {
+    let Object::Deployment(d) = &object.object else {
+        return None;
+    };
+    let spec = d.spec.as_ref()?;
+    let pod_spec = spec.template.spec.as_ref()?;
+    Some(PodInstance {
+        id: PodId {
+            namespace: object.id.namespace.clone().unwrap_or_default(),
+            name: name.to_string(),
+        },
+        metadata: spec.template.metadata.as_ref().unwrap_or(&d.metadata),
+        spec: pod_spec,
+        source: object,
+        owner: Some(object.id.clone()),
+        spec_path: "spec.template.spec",
+    })
+}
+
+fn instances<'a>(object: &'a LoadedObject, catalog: &Catalog) -> Vec<PodInstance<'a>> {
     match &object.object {
         Object::Pod(pod) => match &pod.spec {
             Some(spec) => vec![PodInstance {
@@ -73,13 +94,16 @@ fn instances(object: &LoadedObject) -> Vec<PodInstance<'_>> {
             };
             let replicas = spec.replicas.unwrap_or(1).max(0) as usize;
             let metadata = spec.template.metadata.as_ref().unwrap_or(&d.metadata);
-            // Stable names, like a StatefulSet's: the pods of a Deployment on
-            // one node keep their units, slices and logs across changes.
+            // `<name>-<template hash>-<index>`: a changed template makes
+            // pods under new names, which run beside the old ones while the
+            // rollout replaces them (see `crate::rollout`).
+            let namespace = object.id.namespace.as_deref().unwrap_or("");
+            let hash = crate::rollout::template_hash(spec, namespace, catalog);
             (0..replicas)
                 .map(|i| PodInstance {
                     id: PodId {
                         namespace: object.id.namespace.clone().unwrap_or_default(),
-                        name: format!("{}-{i}", object.id.name),
+                        name: crate::rollout::replica_name(&object.id.name, &hash, i as u32),
                     },
                     metadata,
                     spec: pod_spec,
@@ -102,7 +126,7 @@ pub fn select<'a>(catalog: &'a Catalog, node: &NodeInfo) -> Selection<'a> {
             continue;
         };
         match placement(object, spec, node) {
-            Ok(()) => selection.pods.extend(instances(object)),
+            Ok(()) => selection.pods.extend(instances(object, catalog)),
             Err(reason) => selection.elsewhere.push(NotHere {
                 object: object.id.clone(),
                 reason,

@@ -89,8 +89,22 @@ fn usage(volume: u64, container: u64) -> PodFacts {
     }
 }
 
+/// The pods that run, a Deployment's replicas as `<name>-<index>` (their
+/// template hash left out).
 fn running(plan: &NodePlan) -> Vec<String> {
-    plan.pods.iter().map(|p| p.id.to_string()).collect()
+    plan.pods
+        .iter()
+        .map(|p| {
+            let name = match p.id.name.rsplit_once('-') {
+                Some((rest, index)) => match rest.rsplit_once('-') {
+                    Some((base, hash)) if hash.len() == 8 => format!("{base}-{index}"),
+                    _ => p.id.name.clone(),
+                },
+                None => p.id.name.clone(),
+            };
+            format!("{}/{name}", p.id.namespace)
+        })
+        .collect()
 }
 
 #[test]
@@ -159,9 +173,16 @@ fn a_pod_over_its_limit_is_evicted_and_stays_down_until_git_changes_it() {
 #[test]
 fn a_replica_over_its_container_limit_starts_again_fresh_after_its_restart_time() {
     let yaml = pods("sleep 3600");
-    let mut now = applied(&plan(&yaml, &ActualState::default()), 5_000);
+    let first = plan(&yaml, &ActualState::default());
+    let web0 = first
+        .pods
+        .iter()
+        .find(|p| p.id.name.starts_with("web-"))
+        .map(|p| p.id.to_string())
+        .expect("a replica");
+    let mut now = applied(&first, 5_000);
     now.pods.insert(
-        "default/web-0".into(),
+        web0,
         PodFacts {
             storage: Some(StorageUsage {
                 containers: [("main".to_string(), (8 << 20) + 4096)].into(),

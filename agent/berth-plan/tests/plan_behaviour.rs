@@ -286,6 +286,7 @@ fn units_berth_did_not_create_are_never_touched() {
         name: UnitName::from_observed("berth-default_old_main.service"),
         active_state: ActiveState::Active,
         properties: Default::default(),
+        restarts: 0,
     });
     actual.units.push(ActualUnit {
         name: UnitName::from_observed("berth-default_web_main.service"),
@@ -293,6 +294,7 @@ fn units_berth_did_not_create_are_never_touched() {
         properties: [("Description", PropertyValue::text("the admin's own"))]
             .into_iter()
             .collect(),
+        restarts: 0,
     });
     let plan = plan_for(&[("pod.yaml", POD)], &actual);
     assert!(
@@ -374,7 +376,29 @@ spec:
 "#;
     let plan = plan_for(&[("d.yaml", deployment)], &ActualState::default());
     let names: Vec<String> = plan.pods.iter().map(|p| p.id.name.clone()).collect();
-    assert_eq!(names, ["api-0", "api-1", "api-2"]);
+    // `<name>-<template hash>-<index>`, one hash for all three.
+    let hash = names[0]
+        .strip_prefix("api-")
+        .and_then(|r| r.strip_suffix("-0"))
+        .expect("api-<hash>-0")
+        .to_string();
+    assert_eq!(hash.len(), 8, "{names:?}");
+    assert_eq!(
+        names,
+        [0, 1, 2].map(|i| format!("api-{hash}-{i}")),
+        "stable across plans of one template"
+    );
+    // The same template scaled keeps its hash; a changed one gets another.
+    let scaled = plan_for(
+        &[("d.yaml", &deployment.replace("replicas: 3", "replicas: 4"))],
+        &ActualState::default(),
+    );
+    assert!(scaled.pods.iter().all(|p| p.id.name.contains(&hash)));
+    let changed = plan_for(
+        &[("d.yaml", &deployment.replace("1d", "2d"))],
+        &ActualState::default(),
+    );
+    assert!(changed.pods.iter().all(|p| !p.id.name.contains(&hash)));
     assert!(
         plan.pods
             .iter()
@@ -434,10 +458,13 @@ spec:
 
 #[test]
 fn a_pod_and_a_deployment_replica_of_the_same_name_are_both_refused() {
-    let files = [(
-        "race.yaml",
-        "apiVersion: v1\nkind: Pod\nmetadata: {name: web-0}\nspec:\n  containers: [{name: main, image: busybox:1.37, command: [sleep, \"1\"]}]\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers: [{name: main, image: busybox:1.37, command: [sleep, \"1\"]}]\n",
-    )];
+    let deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers: [{name: main, image: busybox:1.37, command: [sleep, \"1\"]}]\n";
+    let alone = plan_for(&[("d.yaml", deployment)], &ActualState::default());
+    let (first, second) = (alone.pods[0].id.name.clone(), alone.pods[1].id.name.clone());
+    let race = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {first}}}\nspec:\n  containers: [{{name: main, image: busybox:1.37, command: [sleep, \"1\"]}}]\n---\n{deployment}"
+    );
+    let files = [("race.yaml", race.as_str())];
     let plan = plan_for(&files, &ActualState::default());
     let errors: Vec<String> = plan
         .diagnostics
@@ -447,13 +474,13 @@ fn a_pod_and_a_deployment_replica_of_the_same_name_are_both_refused() {
         .collect();
     assert_eq!(errors.len(), 2, "{errors:#?}");
     assert!(
-        errors[0].contains("pod default/web-0 is made by"),
+        errors[0].contains(&format!("pod default/{first} is made by")),
         "{errors:#?}"
     );
     let ids: Vec<String> = plan.pods.iter().map(|p| p.id.to_string()).collect();
     assert_eq!(
         ids,
-        vec!["default/web-1".to_string()],
+        vec![format!("default/{second}")],
         "the other replica still runs"
     );
 }

@@ -45,6 +45,7 @@ pub fn observe(systemd: &dyn Systemd) -> Result<Observed, SystemdError> {
             name: UnitName::from_observed(summary.name.clone()),
             active_state: details.active_state,
             properties: details.properties.clone(),
+            restarts: details.runtime.restarts,
         });
         observed.units.insert(summary.name, details);
     }

@@ -137,8 +137,8 @@ enum Command {
     },
     /// Show pods like `kubectl get pods -o wide`, read live from systemd.
     Get {
-        /// Only `pods` for now.
-        #[arg(value_parser = ["pods", "pod", "po"])]
+        /// `pods` or `deployments`.
+        #[arg(value_parser = ["pods", "pod", "po", "deployments", "deployment", "deploy"])]
         kind: String,
         #[command(flatten)]
         dirs: AgentDirs,
@@ -311,6 +311,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => status_from_git(&repo, node.as_deref(), output),
         Command::Status { dirs, output, .. } => status(&dirs, output, true),
         Command::Drift { from_git, node } => drift_from_git(&from_git, &node),
+        Command::Get { dirs, output, kind } if kind.starts_with("deploy") => {
+            let paths = agent_paths(&dirs)?;
+            let state = berth_agent::state::StateStore::new(&paths.state_dir).load();
+            render::print_deployments(&state.deployments, output)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Get { dirs, output, .. } => status(&dirs, output, false),
         Command::SystemdContract => systemd_contract(),
         Command::StorageContract { dir } => storage_contract(&dir),

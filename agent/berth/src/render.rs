@@ -6,6 +6,7 @@ use std::io::{self, Write};
 use berth_manifest::{Catalog, Diagnostic, Rejected, Severity};
 use berth_plan::pipeline::NodePlan;
 use berth_plan::plan::Action;
+use berth_plan::rollout::DeploymentStatus;
 use berth_plan::{HoldReason, Properties, PropertyValue};
 use berth_runtime::status::PodStatus;
 use serde::Serialize;
@@ -104,6 +105,11 @@ pub fn print_status(
     if let Some(a) = &state.last_attempted {
         writeln!(out, "last attempted: {}", a.revision)?;
     }
+    write_revision_health(
+        &mut out,
+        state.last_healthy.as_ref(),
+        state.rolled_back.as_ref(),
+    )?;
     for e in state.errors.iter().chain(&state.plan_errors) {
         writeln!(out, "error: {e}")?;
     }
@@ -200,6 +206,12 @@ pub fn print_status(
     }
     writeln!(out)?;
     drop(out);
+    if !state.deployments.is_empty() {
+        print_deployments(&state.deployments, Output::Text)?;
+        let mut out = io::stdout().lock();
+        write_rollouts(&mut out, &state.deployments)?;
+        writeln!(out)?;
+    }
     print_pods(pods, node, now_usec, Output::Text)?;
     let mut out = io::stdout().lock();
     for p in pods {
@@ -307,6 +319,11 @@ pub fn print_node_status(
     if let Some(a) = &doc.revisions.attempted {
         writeln!(out, "last attempted: {}", a.revision)?;
     }
+    write_revision_health(
+        &mut out,
+        doc.revisions.healthy.as_ref(),
+        doc.revisions.rolled_back.as_ref(),
+    )?;
     for c in &doc.node.conditions {
         writeln!(
             out,
@@ -334,6 +351,12 @@ pub fn print_node_status(
     }
     writeln!(out)?;
     drop(out);
+    if !doc.deployments.is_empty() {
+        print_deployments(&doc.deployments, Output::Text)?;
+        let mut out = io::stdout().lock();
+        write_rollouts(&mut out, &doc.deployments)?;
+        writeln!(out)?;
+    }
     print_pods(&doc.pods, &doc.node.name, now_usec, Output::Text)
 }
 
@@ -510,9 +533,19 @@ pub fn print_plan(catalog: &Catalog, node_plan: &NodePlan, output: Output) -> an
     for (i, action) in plan.actions.iter().enumerate() {
         write_action(&mut out, i + 1, action)?;
     }
-    let (waiting, kept): (Vec<_>, Vec<_>) = plan
+    write_rollouts(&mut out, &node_plan.deployments)?;
+    let (rolling, held): (Vec<_>, Vec<_>) = plan
         .held
         .iter()
+        .partition(|h| h.reason == HoldReason::Rollout);
+    if !rolling.is_empty() {
+        writeln!(out, "\nHeld by rollouts ({}):", rolling.len())?;
+        for h in rolling {
+            writeln!(out, "  {}: {}", h.unit, h.message)?;
+        }
+    }
+    let (waiting, kept): (Vec<_>, Vec<_>) = held
+        .into_iter()
         .partition(|h| matches!(h.reason, HoldReason::Waiting(_)));
     if !waiting.is_empty() {
         writeln!(out, "\nWaiting, not started yet ({}):", waiting.len())?;
@@ -591,6 +624,121 @@ pub fn print_plan(catalog: &Catalog, node_plan: &NodePlan, output: Output) -> an
         }
     }
     out.flush()?;
+    Ok(())
+}
+
+/// Each rollout under way (or failed): where it stands, and the steps this
+/// pass takes (which pods start, which stop, which are waited on).
+fn write_rollouts(out: &mut impl Write, deployments: &[DeploymentStatus]) -> io::Result<()> {
+    for d in deployments
+        .iter()
+        .filter(|d| !d.settled() || d.failed.is_some())
+    {
+        let progressing = d.conditions.iter().find(|c| c.type_ == "Progressing");
+        writeln!(
+            out,
+            "\nRollout of Deployment {} ({}, template {}): {} of {} updated, {} available, {} pods in all{}",
+            d.deployment,
+            d.strategy,
+            d.template_hash,
+            d.updated_replicas,
+            d.desired,
+            d.available_replicas,
+            d.replicas,
+            progressing.map_or(String::new(), |c| format!("; {}: {}", c.reason, c.message))
+        )?;
+        for (i, step) in d.steps.iter().enumerate() {
+            writeln!(out, "  {}. {step}", i + 1)?;
+        }
+    }
+    Ok(())
+}
+
+/// `berth get deployments`: kubectl's columns, and the rollout's state.
+pub fn print_deployments(deployments: &[DeploymentStatus], output: Output) -> anyhow::Result<()> {
+    if output != Output::Text {
+        return emit(&deployments, output);
+    }
+    let mut out = io::stdout().lock();
+    if deployments.is_empty() {
+        writeln!(out, "No Deployments on this node.")?;
+        return Ok(());
+    }
+    let mut rows = vec![
+        [
+            "NAMESPACE",
+            "NAME",
+            "READY",
+            "UP-TO-DATE",
+            "AVAILABLE",
+            "STRATEGY",
+            "PROGRESSING",
+        ]
+        .map(String::from),
+    ];
+    for d in deployments {
+        let (namespace, name) = d.deployment.split_once('/').unwrap_or(("", &d.deployment));
+        let progressing = d
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Progressing")
+            .map_or("-".to_string(), |c| c.reason.clone());
+        rows.push([
+            namespace.to_string(),
+            name.to_string(),
+            format!("{}/{}", d.ready_replicas, d.desired),
+            d.updated_replicas.to_string(),
+            d.available_replicas.to_string(),
+            d.strategy.clone(),
+            progressing,
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        writeln!(out, "{}", line.join("   ").trim_end())?;
+    }
+    for d in deployments {
+        if let Some(f) = &d.failed {
+            writeln!(
+                out,
+                "{}: rollout failed: {}: {}",
+                d.deployment, f.reason, f.message
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The revision lines every status shows: healthy, and the last rollback.
+fn write_revision_health(
+    out: &mut impl Write,
+    healthy: Option<&berth_agent::state::RevisionRecord>,
+    rolled_back: Option<&berth_agent::state::RollbackRecord>,
+) -> io::Result<()> {
+    if let Some(h) = healthy {
+        writeln!(out, "last healthy: {}", h.revision)?;
+    }
+    if let Some(r) = rolled_back {
+        match &r.to {
+            Some(to) => writeln!(
+                out,
+                "rolled back: {} failed its rollout ({}); returned to {to}",
+                r.revision, r.reason
+            )?,
+            None => writeln!(
+                out,
+                "rollout failed: {} ({}); no rollback",
+                r.revision, r.reason
+            )?,
+        }
+    }
     Ok(())
 }
 

@@ -30,6 +30,14 @@ pub(super) struct FileConfig {
     pub(super) images: Option<FileImages>,
     #[serde(default)]
     pub(super) security: Option<FileSecurity>,
+    #[serde(default)]
+    pub(super) rollout: Option<FileRollout>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct FileRollout {
+    pub(super) auto_rollback: Option<bool>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -161,6 +169,7 @@ pub(super) struct Layer {
     pub(super) images: Option<(FileImages, Origin)>,
     pub(super) pod_security: Option<(String, Origin)>,
     pub(super) allow_privileged: Option<(bool, Origin)>,
+    pub(super) auto_rollback: Option<(String, Origin)>,
 }
 
 impl Layer {
@@ -199,7 +208,8 @@ impl Layer {
             host_path_prefixes,
             images,
             pod_security,
-            allow_privileged
+            allow_privileged,
+            auto_rollback
         );
         self
     }
@@ -224,6 +234,7 @@ pub(super) fn parse_file(text: &str, origin: Origin) -> Result<Layer, ConfigErro
     let storage = file.storage.unwrap_or_default();
     let images = file.images;
     let security = file.security.unwrap_or_default();
+    let rollout = file.rollout.unwrap_or_default();
     let with = |v: Option<String>| v.map(|v| (v, origin.clone()));
     Ok(Layer {
         node: with(node.name),
@@ -257,11 +268,12 @@ pub(super) fn parse_file(text: &str, origin: Origin) -> Result<Layer, ConfigErro
         images: images.map(|i| (i, origin.clone())),
         pod_security: security.pod_security.map(|l| (l, origin.clone())),
         allow_privileged: security.allow_privileged.map(|b| (b, origin.clone())),
+        auto_rollback: with(rollout.auto_rollback.map(|b| b.to_string())),
     })
 }
 
 /// Keys shared by credentials (`berth.<key>`) and the kernel command line (`berth.<key>=`).
-pub(super) const KEYS: [&str; 21] = [
+pub(super) const KEYS: [&str; 22] = [
     "node",
     "labels",
     "repo",
@@ -283,6 +295,7 @@ pub(super) const KEYS: [&str; 21] = [
     "service-cidr",
     "cluster-domain",
     "node-port-range",
+    "auto-rollback",
 ];
 
 pub(super) fn set(
@@ -312,6 +325,7 @@ pub(super) fn set(
         "cluster-domain" => layer.cluster_domain = Some((value, origin)),
         "node-port-range" => layer.node_port_range = Some((value, origin)),
         "restart-threshold" => layer.restart_threshold = Some((value, origin)),
+        "auto-rollback" => layer.auto_rollback = Some((value, origin)),
         "drift-ignore" => {
             let fields = value
                 .split(',')

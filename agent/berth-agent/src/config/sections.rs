@@ -54,6 +54,10 @@ pub struct NodeConfig {
     /// (`baseline` unless set; `security.allowPrivileged: true`, the older
     /// spelling, means `privileged`).
     pub pod_security: berth_plan::podsecurity::Level,
+    /// `rollout.autoRollback`: a revision whose rollout fails is rejected
+    /// and the node returns to the last revision that was healthy on it
+    /// (on unless set to false).
+    pub auto_rollback: bool,
     /// Which sources contributed, in order.
     pub sources: Vec<String>,
 }
@@ -309,6 +313,20 @@ pub(super) fn finish(
         Some((file, origin)) => image_settings(file, origin)?,
     };
     let pod_security = pod_security(&layer)?;
+    let auto_rollback = match &layer.auto_rollback {
+        None => true,
+        Some((text, origin)) => match text.as_str() {
+            "true" => true,
+            "false" => false,
+            other => {
+                return Err(error(
+                    origin,
+                    "rollout.autoRollback",
+                    format!("{other:?} is not true or false"),
+                ));
+            }
+        },
+    };
     Ok(NodeConfig {
         node_name,
         labels,
@@ -329,6 +347,7 @@ pub(super) fn finish(
         host_path_prefixes,
         images,
         pod_security,
+        auto_rollback,
         sources,
     })
 }

@@ -11,6 +11,7 @@ pub fn applied(plan: &NodePlan) -> ActualState {
             name: slice.name.clone(),
             active_state: ActiveState::Active,
             properties: (*slice.properties).clone(),
+            restarts: 0,
         });
     }
     for pod in &plan.pods {
@@ -18,12 +19,14 @@ pub fn applied(plan: &NodePlan) -> ActualState {
             name: pod.slice.name.clone(),
             active_state: ActiveState::Active,
             properties: (*pod.slice.properties).clone(),
+            restarts: 0,
         });
         for unit in pod.units() {
             units.push(ActualUnit {
                 name: unit.name.clone(),
                 active_state: ActiveState::Active,
                 properties: unit.properties_for_apply().clone(),
+                restarts: 0,
             });
         }
     }
