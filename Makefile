@@ -1,5 +1,5 @@
 # The two commands the README promises, and a few helpers.
-.PHONY: demo plan-demo image test deps build release bench bench-pods bench-probes bench-probes-host bench-net bench-storage bench-images bench-mirror bench-boot bless
+.PHONY: demo plan-demo image test deps build release bench bench-pods bench-probes bench-rollout bench-probes-host bench-net bench-storage bench-images bench-mirror bench-boot bless
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
@@ -47,6 +47,13 @@ bench-probes: deps
 	cargo build --locked --release --bin berth
 	$(SUDO) image/build.sh --test --berth target/release/berth
 	cargo test --locked -p berth-qemu-tests --test bench_probes -- --ignored --nocapture
+
+# Rollouts under load: requests failed while an image and an env var
+# change, and rollout time against replicas × start-to-ready.
+bench-rollout: deps
+	cargo build --locked --release --bin berth
+	$(SUDO) image/build.sh --test --berth target/release/berth
+	cargo test --locked -p berth-qemu-tests --test bench_rollout -- --ignored --nocapture
 
 bench-probes-host: deps
 	$(SUDO) scripts/bench_probe_host.sh

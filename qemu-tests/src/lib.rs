@@ -915,11 +915,12 @@ impl Vm {
                 Err(e) => (-1, e.to_string()),
             };
             let pods: std::collections::BTreeMap<String, serde_json::Value> = if rc == 0 {
-                serde_json::from_str::<Vec<serde_json::Value>>(&out)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|p| (p["name"].as_str().unwrap_or_default().to_string(), p))
-                    .collect()
+                by_alias(
+                    serde_json::from_str::<Vec<serde_json::Value>>(&out)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|p| (p["name"].as_str().unwrap_or_default().to_string(), p)),
+                )
             } else {
                 std::collections::BTreeMap::new()
             };
@@ -937,6 +938,42 @@ impl Vm {
 }
 
 /// A free TCP port on the host's loopback, for a QEMU forward.
+/// `echo-0` for a Deployment replica named `echo-1a2b3c4d-0`: the name
+/// without its template hash, which changes with every template.
+pub fn replica_alias(name: &str) -> String {
+    if let Some((rest, index)) = name.rsplit_once('-')
+        && let Some((base, hash)) = rest.rsplit_once('-')
+        && hash.len() == 8
+        && hash.bytes().all(|b| b.is_ascii_hexdigit())
+        && index.bytes().all(|b| b.is_ascii_digit())
+    {
+        return format!("{base}-{index}");
+    }
+    name.to_string()
+}
+
+/// Pods by name, Deployment replicas by [`replica_alias`] unless two share
+/// an alias (old and new pods of a rollout): those keep their full names.
+pub fn by_alias(
+    pods: impl Iterator<Item = (String, serde_json::Value)>,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let pods: Vec<(String, serde_json::Value)> = pods.collect();
+    let mut seen: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for (name, _) in &pods {
+        *seen.entry(replica_alias(name)).or_default() += 1;
+    }
+    pods.into_iter()
+        .map(|(name, p)| {
+            let alias = replica_alias(&name);
+            if seen[&alias] == 1 {
+                (alias, p)
+            } else {
+                (name, p)
+            }
+        })
+        .collect()
+}
+
 pub fn free_loopback_port() -> Result<u16> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -77,8 +77,7 @@ fn bench_probes_cost_and_readiness_latency() {
 fn settle(vm: &mut Vm, git: &GitHost, yaml: &str, what: &str, all_ready: bool) {
     let rev = must(git.push(&[("pods/web.yaml", yaml)], what));
     sh(vm, "systemctl reload berth-agent.service");
-    // Probes are not unit properties: a changed probe is accepted and
-    // applies to the running containers, without actions.
+    // A changed probe changes the template: the Deployment rolls to it.
     must(vm.wait_for(&format!("revision {} accepted", &rev[..12]), WAIT));
     let end = std::time::Instant::now() + WAIT;
     loop {
@@ -91,7 +90,7 @@ fn settle(vm: &mut Vm, git: &GitHost, yaml: &str, what: &str, all_ready: bool) {
             .iter()
             .filter(|p| p["containers"][0]["ready"] == true)
             .count();
-        if ready == PODS as usize {
+        if ready == PODS as usize && listed.len() == PODS as usize {
             break;
         }
         assert!(std::time::Instant::now() < end, "{what}: {ready} ready");
@@ -189,12 +188,16 @@ fn scenario() {
     // in the guest, until its address leaves the Service's endpoints.
     let listed: Vec<serde_json::Value> =
         serde_json::from_str(&sh(&vm, "berth get pods -o json")).unwrap();
-    let ip = listed
+    // Replica 7, whatever its template hash.
+    let web7 = listed
         .iter()
-        .find(|p| p["name"] == "web-7")
-        .and_then(|p| p["podIP"].as_str())
+        .find(|p| berth_qemu_tests::replica_alias(p["name"].as_str().unwrap_or("")) == "web-7")
+        .expect("replica web-7");
+    let ip = web7["podIP"]
+        .as_str()
         .expect("web-7 has an address")
         .to_string();
+    let name = web7["name"].as_str().unwrap_or_default().to_string();
     let mut latencies = Vec::new();
     let mut noticed = Vec::new();
     for _ in 0..5 {
@@ -207,8 +210,8 @@ fn scenario() {
         let script = format!(
             "chain=$(nft list table ip berth | sed -n 's/.*chain \\(svc_default_web_[^ ]*\\) .*/\\1/p' | head -1); \
              [ -n \"$chain\" ] && nft list chain ip berth $chain | grep -q '_{ip}_8080' || exit 3; \
-             berth exec web-7 -- rm /tmp/www/ready; t0=$(date +%s%N); while nft list chain ip berth $chain | grep -q '_{ip}_8080'; do :; done; t1=$(date +%s%N); \
-             tn=$(journalctl -u berth-agent.service -o short-unix -n 30 --no-pager | grep 'web-7 is not ready' | tail -1 | cut -d' ' -f1); \
+             berth exec {name} -- rm /tmp/www/ready; t0=$(date +%s%N); while nft list chain ip berth $chain | grep -q '_{ip}_8080'; do :; done; t1=$(date +%s%N); \
+             tn=$(journalctl -u berth-agent.service -o short-unix -n 30 --no-pager | grep '{name} is not ready' | tail -1 | cut -d' ' -f1); \
              echo $(( (t1 - t0) / 1000000 )) $t0 $tn"
         );
         let out = sh(&vm, &script);
@@ -218,7 +221,10 @@ fn scenario() {
         if let Some(tn) = f.get(2).and_then(|t| t.parse::<f64>().ok()) {
             noticed.push(((tn - t0) * 1000.0).round() as i64);
         }
-        sh(&vm, "berth exec web-7 -- sh -c 'echo ok > /tmp/www/ready'");
+        sh(
+            &vm,
+            &format!("berth exec {name} -- sh -c 'echo ok > /tmp/www/ready'"),
+        );
         std::thread::sleep(Duration::from_secs(5));
     }
     let dropped = vm.sh("dmesg | grep -c 'table full' || true");

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use berth_qemu_tests::{
-    GIT_HOST, GitHost, Vm, VmOptions, free_loopback_port, http_get_loopback, must,
+    GIT_HOST, GitHost, Vm, VmOptions, free_loopback_port, http_get_loopback, must, replica_alias,
     retry_on_tcg_flake, test_image,
 };
 
@@ -344,6 +344,320 @@ fn health(vm: &Vm, git: &GitHost) {
     assert_eq!(order.trim(), "prestop-first", "{order}");
 }
 
+/// echo as the rollout part has it: a readiness probe, and `strategy`.
+fn echo(version: &str, image: &str, strategy: &str) -> String {
+    format!(
+        "apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: echo}}
+spec:
+  replicas: 2
+  {strategy}
+  selector: {{matchLabels: {{app: echo}}}}
+  template:
+    metadata: {{labels: {{app: echo}}}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: httpd
+        image: {image}
+        command: [sh, -c, \"mkdir -p /tmp/www && cat /etc/hostname > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www\"]
+        env: [{{name: VERSION, value: \"{version}\"}}]
+        ports:
+        - {{name: http, containerPort: 8080}}
+        readinessProbe:
+          httpGet: {{path: /index.html, port: 8080}}
+          periodSeconds: 1
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: echo}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.50
+  selector: {{app: echo}}
+  ports:
+  - {{name: web, port: 80, targetPort: http, nodePort: 30080}}
+"
+    )
+}
+
+const ROLLING: &str =
+    "strategy: {type: RollingUpdate, rollingUpdate: {maxSurge: 1, maxUnavailable: 0}}";
+
+/// Requests to the NodePort from the host, one after another, until told
+/// to stop: how many were sent, how many failed, and who answered.
+struct Hammer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<(u64, u64, BTreeMap<String, u64>)>,
+}
+
+/// Seconds since the epoch, to the millisecond.
+fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl Hammer {
+    fn start(port: u16) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let handle = std::thread::spawn(move || {
+            let (mut sent, mut failed) = (0u64, 0u64);
+            let mut answers = BTreeMap::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                sent += 1;
+                let at = now_unix();
+                match http_get_loopback(port) {
+                    Ok(body) if !body.is_empty() => {
+                        *answers.entry(body).or_insert(0) += 1;
+                    }
+                    other => {
+                        failed += 1;
+                        // When, and how: to set against the agent's journal.
+                        println!(
+                            "hammer: request at {at:.3} failed after {:.3} s: {other:?}",
+                            now_unix() - at
+                        );
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (sent, failed, answers)
+        });
+        Self { stop, handle }
+    }
+
+    fn finish(self) -> (u64, u64, BTreeMap<String, u64>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().expect("the hammer")
+    }
+}
+
+fn echo_status(vm: &Vm) -> serde_json::Value {
+    let out = vm.sh("berth get deployments -o json");
+    serde_json::from_str::<Vec<serde_json::Value>>(&out)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|d| d["deployment"] == "default/echo")
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Waits until echo's rollout for `commit` is complete; returns its
+/// status and how long that took.
+fn rolled(vm: &Vm, commit: &str, what: &str) -> (serde_json::Value, f64) {
+    let start = Instant::now();
+    let end = start + SETTLE;
+    loop {
+        let d = echo_status(vm);
+        let reason = d["conditions"][0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if d["revision"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty() && commit.starts_with(r))
+            && reason == "NewReplicaSetAvailable"
+        {
+            return (d, start.elapsed().as_secs_f64());
+        }
+        assert!(
+            Instant::now() < end,
+            "{what}: the rollout did not complete: {d}\n{}",
+            vm.sh("berth status")
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The echo pods' container units, loaded whatever their state.
+fn echo_units(vm: &Vm) -> Vec<String> {
+    vm.sh("systemctl list-units --all --plain --no-legend 'berth-default_echo-*_httpd.service' | awk '{print $1}'")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Rollouts under load: a change rolls without one failed request, a
+/// revision whose image does not exist is rolled back while the old pods
+/// serve, a fix rolls forward, Recreate stops before it starts, and an
+/// agent killed mid-rollout resumes without a duplicate.
+fn rollouts(vm: &mut Vm, git: &GitHost, host_port: u16) {
+    let hammer = Hammer::start(host_port);
+    let probed = must(git.push(
+        &[("net/echo.yaml", &echo("1", "busybox:1.37", ROLLING))],
+        "echo probed",
+    ));
+    let (_, first) = rolled(vm, &probed, "a readiness probe added");
+    let env = must(git.push(
+        &[("net/echo.yaml", &echo("2", "busybox:1.37", ROLLING))],
+        "echo env 2",
+    ));
+    let (d, second) = rolled(vm, &env, "an env var changed");
+    let (sent, failed, answers) = hammer.finish();
+    println!(
+        "rollouts of 2 replicas (maxSurge 1, maxUnavailable 0) under load: {first:.1} s and {second:.1} s; {sent} requests, {failed} failed; answers {answers:?}"
+    );
+    if failed > 0 {
+        println!(
+            "{}",
+            vm.sh("journalctl -u berth-agent.service -o short-unix --no-pager -n 150 | grep -E 'plan:|ready|Deployment|Services'")
+        );
+    }
+    assert_eq!(
+        failed, 0,
+        "requests failed during the rollouts: {answers:?}"
+    );
+    assert!(sent > 50, "{sent}");
+    let hash = d["templateHash"].as_str().unwrap_or_default().to_string();
+    assert_eq!(echo_units(vm).len(), 2, "{:?}", echo_units(vm));
+
+    // An image that cannot be pulled (its registry, on the guest's own
+    // loopback, refuses): the new pod cannot pull, the revision
+    // is rolled back, the old pods serve throughout.
+    let hammer = Hammer::start(host_port);
+    let bad = must(git.push(
+        &[(
+            "net/echo.yaml",
+            &echo("3", "127.0.0.1:5/echo:missing", ROLLING),
+        )],
+        "echo bad image",
+    ));
+    let end = Instant::now() + SETTLE;
+    let rolled_back = loop {
+        let status = berth_qemu_tests::status_json(&vm.sh("berth status -o json")).expect("json");
+        let r = status["rolledBack"].clone();
+        if r["revision"] == bad.as_str() && r["to"] == env.as_str() {
+            break r;
+        }
+        assert!(Instant::now() < end, "no rollback: {status}");
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    println!("rolled back: {rolled_back}");
+    assert!(
+        rolled_back["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("ErrImagePull") || r.contains("ImagePullBackOff")),
+        "{rolled_back}"
+    );
+    // Back on the healthy template, its pods untouched.
+    let end = Instant::now() + SETTLE;
+    while echo_status(vm)["templateHash"] != hash.as_str()
+        || echo_units(vm).iter().any(|u| !u.contains(&hash))
+    {
+        assert!(
+            Instant::now() < end,
+            "not back on {hash}: {:?}",
+            echo_units(vm)
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    // On the status branch too.
+    let end = Instant::now() + SETTLE;
+    loop {
+        let doc = berth_git::publish::read_branch_file(
+            &git.dir.join("desired.git"),
+            "berth/status/net",
+            "status.yaml",
+        )
+        .unwrap()
+        .and_then(|f| f.content)
+        .map(|b| String::from_utf8(b).unwrap())
+        .unwrap_or_default();
+        let told = berth_agent::report::NodeStatusDoc::from_yaml(&doc).is_ok_and(|d| {
+            d.revisions
+                .rolled_back
+                .as_ref()
+                .is_some_and(|r| r.revision == bad && r.to.as_deref() == Some(env.as_str()))
+        });
+        if told {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the status branch does not tell the rollback:\n{doc}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    // The failed commit is not tried again; a fix rolls forward.
+    let fix = must(git.push(
+        &[("net/echo.yaml", &echo("4", "busybox:1.37", ROLLING))],
+        "echo fixed",
+    ));
+    let (_, fixed) = rolled(vm, &fix, "the fix");
+    let (sent, failed, answers) = hammer.finish();
+    println!(
+        "bad image rolled back and the fix rolled forward ({fixed:.1} s): {sent} requests, {failed} failed; answers {answers:?}"
+    );
+    assert_eq!(
+        failed, 0,
+        "requests failed during the rollback: {answers:?}"
+    );
+
+    // Recreate: every old pod stops before a new one starts.
+    let before = vm.console_text().len();
+    let recreate = must(git.push(
+        &[(
+            "net/echo.yaml",
+            &echo("5", "busybox:1.37", "strategy: {type: Recreate}"),
+        )],
+        "echo recreated",
+    ));
+    let (d, _) = rolled(vm, &recreate, "Recreate");
+    let new_hash = d["templateHash"].as_str().unwrap_or_default().to_string();
+    let log = vm.console_text()[before..].to_string();
+    let last_stop = log
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains("plan: stop berth-default_echo-") && !l.contains(&new_hash))
+        .map(|(i, _)| i)
+        .max()
+        .expect("old pods stopped");
+    let first_start = log
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains(&format!("plan: start berth-default_echo-{new_hash}")))
+        .map(|(i, _)| i)
+        .min()
+        .expect("new pods started");
+    assert!(
+        last_stop < first_start,
+        "Recreate started before it stopped:\n{log}"
+    );
+
+    // The agent killed in the middle of a rollout: the next one resumes
+    // it, and no pod is duplicated.
+    let before = vm.console_text().len();
+    let starts = vm.console_text().matches("berth: agent started").count();
+    let slow = must(git.push(
+        &[(
+            "net/echo.yaml",
+            &echo(
+                "6",
+                "busybox:1.37",
+                &format!("minReadySeconds: 5\n  {ROLLING}"),
+            ),
+        )],
+        "echo with minReadySeconds",
+    ));
+    let end = Instant::now() + SETTLE;
+    while !vm.console_text()[before..].contains("plan: start berth-default_echo-") {
+        assert!(Instant::now() < end, "the rollout did not start");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    vm.sh("systemctl kill -s KILL berth-agent.service");
+    must(vm.wait_for_nth("berth: agent started", starts, SETTLE));
+    let (d, resumed) = rolled(vm, &slow, "after the agent was killed");
+    let last = d["templateHash"].as_str().unwrap_or_default().to_string();
+    let units = echo_units(vm);
+    println!(
+        "agent killed mid-rollout: resumed and completed {resumed:.1} s later; units {units:?}"
+    );
+    assert_eq!(units.len(), 2, "{units:?}");
+    assert!(units.iter().all(|u| u.contains(&last)), "{units:?}");
+}
+
 /// One HTTP GET from inside the client pod's network namespace, with the
 /// node's own busybox.
 fn get_from_client(vm: &Vm, url: &str) -> (i32, String) {
@@ -434,7 +748,7 @@ fn scenario() {
     let echo0 = &before["echo-0"];
     let (rc, body) = get_from_client(&vm, &format!("http://{echo0}:8080/"));
     assert_eq!(
-        (rc, body.trim()),
+        (rc, replica_alias(body.trim()).as_str()),
         (0, "echo-0"),
         "client → echo-0 by pod IP"
     );
@@ -450,7 +764,7 @@ fn scenario() {
         );
         let (rc, body) = get_from_client(&vm, &format!("http://{CLUSTER_IP}/"));
         if rc == 0 {
-            *seen.entry(body.trim().to_string()).or_default() += 1;
+            *seen.entry(replica_alias(body.trim())).or_default() += 1;
         } else {
             std::thread::sleep(Duration::from_secs(1));
         }
@@ -470,7 +784,7 @@ fn scenario() {
     for _ in 0..8 {
         let (rc, body) = in_client(&vm, "/bin/wget -q -T 5 -O - http://echo/");
         assert_eq!(rc, 0, "wget http://echo/ in the client pod: {body}");
-        *by_name.entry(body.trim().to_string()).or_default() += 1;
+        *by_name.entry(replica_alias(body.trim())).or_default() += 1;
     }
     println!("by DNS name: {by_name:?}");
     assert!(
@@ -530,6 +844,7 @@ fn scenario() {
             }
         }
     };
+    let answer = replica_alias(answer.trim());
     assert!(answer == "echo-0" || answer == "echo-1", "{answer}");
 
     // The table deleted by hand: put back, and recorded as healed drift.
@@ -554,7 +869,7 @@ fn scenario() {
 
     // A reboot: the namespaces are gone with /run; the pods come back with
     // the same addresses.
-    let (vm, _) = must(vm.reboot_until(&git, &options, 2, "berth: agent started", BOOT));
+    let (mut vm, _) = must(vm.reboot_until(&git, &options, 2, "berth: agent started", BOOT));
     let pods = vm.pods_until("pods back after reboot", SETTLE, running_with_ips);
     let after = ips(&pods);
     for (pod, ip) in &before {
@@ -565,7 +880,13 @@ fn scenario() {
         );
     }
     let (rc, body) = get_from_client(&vm, &format!("http://{echo0}:8080/"));
-    assert_eq!((rc, body.trim()), (0, "echo-0"), "after the reboot");
+    assert_eq!(
+        (rc, replica_alias(body.trim()).as_str()),
+        (0, "echo-0"),
+        "after the reboot"
+    );
+
+    rollouts(&mut vm, &git, host_port);
 
     // Removing the client pod removes its namespace and lease.
     must(git.remove("net/client.yaml"));

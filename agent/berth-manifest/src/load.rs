@@ -95,9 +95,35 @@ pub struct Catalog {
     /// A digest of every file's path and content: names the tree when no Git
     /// revision is given.
     pub content_digest: String,
+    /// ConfigMaps and Secrets by (kind, namespace, name), made on first use.
+    by_name: std::sync::OnceLock<std::collections::HashMap<(String, String, String), usize>>,
 }
 
 impl Catalog {
+    /// The ConfigMap or Secret `kind` named `name` in `namespace`.
+    pub fn config_object(&self, kind: &str, namespace: &str, name: &str) -> Option<&LoadedObject> {
+        let index = self.by_name.get_or_init(|| {
+            self.objects
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| matches!(o.object, Object::ConfigMap(_) | Object::Secret(_)))
+                .map(|(i, o)| {
+                    (
+                        (
+                            o.id.kind.clone(),
+                            o.id.namespace.clone().unwrap_or_default(),
+                            o.id.name.clone(),
+                        ),
+                        i,
+                    )
+                })
+                .collect()
+        });
+        index
+            .get(&(kind.to_string(), namespace.to_string(), name.to_string()))
+            .map(|i| &self.objects[*i])
+    }
+
     pub fn source_ref(&self, source: &ObjectSource, path: &FieldPath) -> SourceRef {
         let file = &self.files[source.file];
         let line = if path.is_root() && source.line.is_some() {

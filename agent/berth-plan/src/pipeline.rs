@@ -268,11 +268,12 @@ pub fn desire_with(
         }
     }
     // Rollouts: which new Deployment pods start now, which old ones stay.
+    let not_here: BTreeSet<&ObjectRef> = selection.elsewhere.iter().map(|e| &e.object).collect();
     let deployments: Vec<&LoadedObject> = catalog
         .objects
         .iter()
         .filter(|o| o.id.kind == "Deployment")
-        .filter(|o| !selection.elsewhere.iter().any(|e| e.object == o.id))
+        .filter(|o| !not_here.contains(&o.id))
         .filter(|o| !protection.owners.contains(&o.id.to_string()))
         .collect();
     let steering = rollout::steer(

@@ -47,12 +47,10 @@ pub fn template_hash(spec: &DeploymentSpec, namespace: &str, catalog: &Catalog) 
     hash.update(spec.template_digest.as_bytes());
     for (kind, name) in &spec.template_refs {
         hash.update(format!("\n{kind}/{name}=").as_bytes());
-        let found = catalog.objects.iter().find(|o| {
-            o.id.kind == *kind
-                && o.id.name == *name
-                && o.id.namespace.as_deref().unwrap_or("") == namespace
-        });
-        match found.map(|o| &o.object) {
+        match catalog
+            .config_object(kind, namespace, name)
+            .map(|o| &o.object)
+        {
             // Debug of sorted maps: one content, one text.
             Some(Object::ConfigMap(c)) => hash.update(format!("{c:?}").as_bytes()),
             Some(Object::Secret(s)) => hash.update(format!("{s:?}").as_bytes()),

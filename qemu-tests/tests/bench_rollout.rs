@@ -1,0 +1,212 @@
+//! Benchmark, not a check: rollouts under load. Prints the figures that
+//! docs/benchmarks.md quotes. `make bench-rollout` runs it; the QEMU tier
+//! of `make test` skips it.
+//!
+//! In one boot: a 3-replica Deployment of busybox httpd with a readiness
+//! probe behind a NodePort Service (`maxSurge: 1, maxUnavailable: 0`),
+//! while the host sends requests one after another through the forwarded
+//! node port. The image changes (to a second tag of the same image, as a
+//! retag would give), then an env var. For each rollout: requests sent and
+//! failed, the rollout's time (revision accepted → Deployment complete),
+//! and each new pod's start-to-ready time from the agent's journal, which
+//! the rollout time is compared with (`replicas × start-to-ready`).
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use berth_qemu_tests::{
+    GIT_HOST, GitHost, Vm, VmOptions, free_loopback_port, http_get_loopback, must,
+    retry_on_tcg_flake, test_image,
+};
+
+const WAIT: Duration = Duration::from_secs(900);
+const REPLICAS: u32 = 3;
+const NODE_PORT: u16 = 30090;
+
+fn web(image: &str, version: &str) -> String {
+    format!(
+        "apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web}}
+spec:
+  replicas: {REPLICAS}
+  strategy: {{type: RollingUpdate, rollingUpdate: {{maxSurge: 1, maxUnavailable: 0}}}}
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: main
+        image: {image}
+        command: [sh, -c, \"mkdir -p /tmp/www; cat /etc/hostname > /tmp/www/index.html; exec httpd -f -p 8080 -h /tmp/www\"]
+        env: [{{name: VERSION, value: \"{version}\"}}]
+        readinessProbe:
+          httpGet: {{path: /index.html, port: 8080}}
+          periodSeconds: 1
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec:
+  type: NodePort
+  selector: {{app: web}}
+  ports: [{{port: 80, targetPort: 8080, nodePort: {NODE_PORT}}}]
+"
+    )
+}
+
+#[test]
+#[ignore = "benchmark: needs QEMU and the test image (make bench-rollout)"]
+fn bench_rollouts_under_load() {
+    retry_on_tcg_flake("bench-rollout", scenario);
+}
+
+/// The host's requests, one after another, until stopped.
+fn hammer(
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(u64, u64, BTreeMap<String, u64>)> {
+    std::thread::spawn(move || {
+        let (mut sent, mut failed) = (0, 0);
+        let mut answers = BTreeMap::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            sent += 1;
+            match http_get_loopback(port) {
+                Ok(body) if !body.is_empty() => *answers.entry(body).or_insert(0) += 1,
+                _ => failed += 1,
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (sent, failed, answers)
+    })
+}
+
+fn web_status(vm: &Vm) -> serde_json::Value {
+    serde_json::from_str::<Vec<serde_json::Value>>(&vm.sh("berth get deployments -o json"))
+        .unwrap_or_default()
+        .into_iter()
+        .find(|d| d["deployment"] == "default/web")
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Pushes `yaml`, waits for the rollout to complete; returns the seconds
+/// from the revision accepted to complete, and the new template's hash.
+fn roll(vm: &mut Vm, git: &GitHost, yaml: &str, what: &str) -> (f64, String) {
+    let rev = must(git.push(&[("pods/web.yaml", yaml)], what));
+    vm.sh("systemctl reload berth-agent.service");
+    let accepted = must(vm.wait_for(&format!("revision {} accepted", &rev[..12]), WAIT));
+    let end = Instant::now() + WAIT;
+    loop {
+        let d = web_status(vm);
+        if d["revision"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty() && rev.starts_with(r))
+            && d["conditions"][0]["reason"] == "NewReplicaSetAvailable"
+        {
+            let done = vm.started.elapsed();
+            return (
+                (done - accepted).as_secs_f64(),
+                d["templateHash"].as_str().unwrap_or_default().to_string(),
+            );
+        }
+        assert!(Instant::now() < end, "{what}: {d}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Each new pod's seconds from the agent's start of it to its container
+/// ready, from the journal.
+fn start_to_ready(vm: &Vm, hash: &str) -> Vec<f64> {
+    let journal = vm.sh("journalctl -u berth-agent.service -o short-unix --no-pager");
+    let mut starts = BTreeMap::new();
+    let mut ready = BTreeMap::new();
+    for line in journal.lines() {
+        let Some(t) = line
+            .split_whitespace()
+            .next()
+            .and_then(|t| t.parse::<f64>().ok())
+        else {
+            continue;
+        };
+        for i in 0..REPLICAS {
+            let pod = format!("web-{hash}-{i}");
+            if line.contains(&format!("plan: start berth-default_{pod}_main.service")) {
+                starts.entry(i).or_insert(t);
+            }
+            if line.contains(&format!("pod default/{pod} is ready")) {
+                ready.entry(i).or_insert(t);
+            }
+        }
+    }
+    (0..REPLICAS)
+        .filter_map(|i| Some(ready.get(&i)? - starts.get(&i)?))
+        .collect()
+}
+
+fn scenario() {
+    let image = must(test_image());
+    let git = must(GitHost::fresh("bench-rollout", "desired.git"));
+    must(git.push(&[("pods/web.yaml", &web("busybox:1.37", "1"))], "web"));
+    let host_port = must(free_loopback_port());
+    let mut options = VmOptions::new("bench-rollout");
+    options.esp_config = Some(format!(
+        "node:\n  name: bench\ngit:\n  url: git://{GIT_HOST}/desired.git\n  path: pods\n  pollInterval: 60s\n"
+    ));
+    options.host_forwards = vec![(host_port, NODE_PORT)];
+    let (mut vm, _) = must(Vm::boot_until(
+        &image,
+        &git,
+        &options,
+        "berth: agent started",
+        WAIT,
+    ));
+    let end = Instant::now() + WAIT;
+    while web_status(&vm)["availableReplicas"] != REPLICAS {
+        assert!(
+            Instant::now() < end,
+            "web never came up: {}",
+            web_status(&vm)
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    // A second tag of the same image, as a retag in a registry would give.
+    vm.sh(
+        "cd /var/lib/berth/images && sed -i 's|\"docker.io/library/busybox:1.37\": \\(\"[^\"]*\"\\)|\"docker.io/library/busybox:1.37\": \\1, \"docker.io/library/busybox:rollout\": \\1|' refs.json",
+    );
+    let refs = vm.sh("cat /var/lib/berth/images/refs.json");
+    assert!(refs.contains("busybox:rollout"), "{refs}");
+
+    let mut rows = Vec::new();
+    for (what, yaml) in [
+        (
+            "image busybox:1.37 → busybox:rollout",
+            web("busybox:rollout", "1"),
+        ),
+        ("env VERSION 1 → 2", web("busybox:rollout", "2")),
+    ] {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let load = hammer(host_port, std::sync::Arc::clone(&stop));
+        std::thread::sleep(Duration::from_secs(2));
+        let (seconds, hash) = roll(&mut vm, &git, &yaml, what);
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (sent, failed, answers) = load.join().unwrap();
+        let each = start_to_ready(&vm, &hash);
+        let mean = each.iter().sum::<f64>() / each.len().max(1) as f64;
+        let expected = f64::from(REPLICAS) * mean;
+        let row = format!(
+            "{what}: {sent} requests, {failed} failed; rollout {seconds:.1} s; start-to-ready per pod {each:.1?} s (mean {mean:.1}); {REPLICAS} × mean = {expected:.1} s; rollout / that = {:.2}; answered by {} pods",
+            seconds / expected,
+            answers.len()
+        );
+        println!("bench: {row}");
+        rows.push(row);
+    }
+    for row in &rows {
+        println!("bench: {row}");
+    }
+    must(vm.poweroff(Duration::from_secs(120)));
+}
