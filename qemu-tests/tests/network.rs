@@ -484,6 +484,18 @@ fn echo_units(vm: &Vm) -> Vec<String> {
 /// serve, a fix rolls forward, Recreate stops before it starts, and an
 /// agent killed mid-rollout resumes without a duplicate.
 fn rollouts(vm: &mut Vm, git: &GitHost, host_port: u16) {
+    // From a serving node: after the reboot the Service answers once its
+    // pods are observed running.
+    let end = Instant::now() + SETTLE;
+    let mut answered = 0;
+    while answered < 5 {
+        match http_get_loopback(host_port) {
+            Ok(body) if !body.is_empty() => answered += 1,
+            _ => answered = 0,
+        }
+        assert!(Instant::now() < end, "the node port never answered");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let hammer = Hammer::start(host_port);
     let probed = must(git.push(
         &[("net/echo.yaml", &echo("1", "busybox:1.37", ROLLING))],
@@ -596,7 +608,8 @@ fn rollouts(vm: &mut Vm, git: &GitHost, host_port: u16) {
     );
 
     // Recreate: every old pod stops before a new one starts.
-    let before = vm.console_text().len();
+    // The agent's journal, not the console (which a serial line delays).
+    let since = vm.sh("date +%s").trim().to_string();
     let recreate = must(git.push(
         &[(
             "net/echo.yaml",
@@ -606,11 +619,17 @@ fn rollouts(vm: &mut Vm, git: &GitHost, host_port: u16) {
     ));
     let (d, _) = rolled(vm, &recreate, "Recreate");
     let new_hash = d["templateHash"].as_str().unwrap_or_default().to_string();
-    let log = vm.console_text()[before..].to_string();
+    let log = vm.sh(&format!(
+        "journalctl -u berth-agent.service -o cat --no-pager --since @{since}"
+    ));
     let last_stop = log
         .lines()
         .enumerate()
-        .filter(|(_, l)| l.contains("plan: stop berth-default_echo-") && !l.contains(&new_hash))
+        // The unit's name, not the reason (which names the new template).
+        .filter(|(_, l)| {
+            l.contains("plan: stop berth-default_echo-")
+                && !l.contains(&format!("plan: stop berth-default_echo-{new_hash}"))
+        })
         .map(|(i, _)| i)
         .max()
         .expect("old pods stopped");
@@ -628,7 +647,6 @@ fn rollouts(vm: &mut Vm, git: &GitHost, host_port: u16) {
 
     // The agent killed in the middle of a rollout: the next one resumes
     // it, and no pod is duplicated.
-    let before = vm.console_text().len();
     let starts = vm.console_text().matches("berth: agent started").count();
     let slow = must(git.push(
         &[(
@@ -641,9 +659,22 @@ fn rollouts(vm: &mut Vm, git: &GitHost, host_port: u16) {
         )],
         "echo with minReadySeconds",
     ));
+    // Killed once the rollout has started a new pod and not finished.
     let end = Instant::now() + SETTLE;
-    while !vm.console_text()[before..].contains("plan: start berth-default_echo-") {
-        assert!(Instant::now() < end, "the rollout did not start");
+    loop {
+        let d = echo_status(vm);
+        if d["revision"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty() && slow.starts_with(r))
+            && d["updatedReplicas"].as_u64().is_some_and(|n| n >= 1)
+        {
+            assert_eq!(
+                d["conditions"][0]["reason"], "ReplicaSetUpdated",
+                "the rollout ended before the kill: {d}"
+            );
+            break;
+        }
+        assert!(Instant::now() < end, "the rollout did not start: {d}");
         std::thread::sleep(Duration::from_millis(250));
     }
     vm.sh("systemctl kill -s KILL berth-agent.service");

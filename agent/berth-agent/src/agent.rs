@@ -375,6 +375,8 @@ impl Agent {
                 .as_ref()
                 .is_none_or(|(_, at)| at.elapsed() >= RESYNC)
             || self.limits_changed()
+            // A rollout under way: every poll takes its next step.
+            || self.state.deployments.iter().any(|d| !d.settled())
             || self
                 .network
                 .as_mut()

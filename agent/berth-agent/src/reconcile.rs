@@ -239,7 +239,9 @@ impl Agent {
             ));
         }
         self.record_plan_problems(&plan);
-        self.record_rollouts(config, &loaded.revision, &plan);
+        // A shutdown under way fails starts: no ground to judge a revision.
+        let judge = !rt.systemd.shutting_down();
+        self.record_rollouts(config, &loaded.revision, &plan, judge);
         // Apply: the pulls, then the units.
         self.images.pull(&config.images, rt, &plan, &self.log);
         let units_to_apply = plan.plan.actions.iter().any(|a| a.verb != Verb::Pull);

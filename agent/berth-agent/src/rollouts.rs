@@ -123,7 +123,13 @@ impl Agent {
 
     /// After the plan: the rollouts and statuses it hands back, the
     /// revisions whose pods run, and the health gate.
-    pub(crate) fn record_rollouts(&mut self, config: &NodeConfig, revision: &str, plan: &NodePlan) {
+    pub(crate) fn record_rollouts(
+        &mut self,
+        config: &NodeConfig,
+        revision: &str,
+        plan: &NodePlan,
+        judge: bool,
+    ) {
         let now = now_secs();
         for d in &plan.deployments {
             let before = self
@@ -160,10 +166,25 @@ impl Agent {
         self.state.rollouts = plan.rollouts.clone();
         self.state.deployments = plan.deployments.clone();
         self.rollout_wake = plan.wake_at;
+        // Old pods stopped for a rollout under way: the next step (new
+        // pods in their place) is planned at once, not at the next poll.
+        let rolling = plan.deployments.iter().any(|d| !d.settled());
+        if rolling
+            && plan
+                .plan
+                .actions
+                .iter()
+                .any(|a| a.verb == berth_plan::Verb::Stop && a.pod.is_some())
+        {
+            self.pass_again = true;
+        }
         self.state.applied_revisions.retain(|r| r != revision);
         self.state.applied_revisions.insert(0, revision.to_string());
         self.state.applied_revisions.truncate(MAX_APPLIED_REVISIONS);
 
+        if !judge {
+            return;
+        }
         let failed: Vec<String> = plan
             .deployments
             .iter()

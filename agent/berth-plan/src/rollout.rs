@@ -249,9 +249,10 @@ pub struct Condition {
 }
 
 impl DeploymentStatus {
-    /// Whether the rollout is over: complete, or failed.
+    /// Whether the rollout is over: complete, failed, or paused.
     pub fn settled(&self) -> bool {
         self.failed.is_some()
+            || self.paused
             || self
                 .conditions
                 .iter()
@@ -435,7 +436,10 @@ pub fn steer(
 
         // A new pod that crash-loops fails the rollout before it could
         // count as available between two crashes.
-        if record.failed.is_none() {
+        // A rollout that completed stays so: a pod of its template lost
+        // later (a reboot, a crash) is started again, not a failed rollout.
+        let settled = record.complete;
+        if record.failed.is_none() && !settled {
             record.failed = new.iter().filter(|p| p.exists).find_map(|p| {
                 let units = pod_units.get(&format!("{namespace}/{}", p.name))?;
                 let u = units
@@ -617,7 +621,7 @@ pub fn steer(
             .filter(|p| p.available && !stopping.contains(p.name.as_str()))
             .count() as u32;
         let total = updated + old_left;
-        let complete = new_available == replicas && old_left == 0;
+        let complete = settled || new_available == replicas && old_left == 0;
         let deadline = u64::from(spec.progress_deadline_seconds);
         if !complete
             && !spec.paused

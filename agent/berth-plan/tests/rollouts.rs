@@ -476,3 +476,37 @@ fn both_bounds_zero_is_refused() {
         "{errors:#?}"
     );
 }
+
+#[test]
+fn a_completed_rollout_stays_complete_when_its_pods_are_lost_later() {
+    let strategy = "strategy: {rollingUpdate: {maxSurge: 1, maxUnavailable: 0}}";
+    let (v1, v2) = (catalog(strategy, "1"), catalog(strategy, "2"));
+    let state = after(
+        &pass(&v1, &[], &ActualState::default()),
+        &ActualState::default(),
+        0,
+    );
+    let (mut state, _) = roll(&v1, &v2, state, 4, 3);
+    assert!(status(&pass(&v2, &[&v1], &state)).failed.is_none());
+    // A reboot took one pod's units; another crash-loops since.
+    let pods = web_pods(&state);
+    state
+        .units
+        .retain(|u| u.pod().as_deref() != Some(pods[0].as_str()));
+    for u in state
+        .units
+        .iter_mut()
+        .filter(|u| u.pod().as_deref() == Some(pods[1].as_str()) && !u.name.is_slice())
+    {
+        u.restarts = 5;
+    }
+    state.observed_at += 3600;
+    let plan = pass(&v2, &[&v1], &state);
+    let s = status(&plan);
+    assert!(s.failed.is_none(), "{s:#?}");
+    assert_eq!(s.conditions[0].reason, "NewReplicaSetAvailable");
+    assert!(
+        verbs_on(&plan, &pods[0]).contains(&Verb::Start),
+        "the lost pod starts again"
+    );
+}
