@@ -981,6 +981,77 @@ pub fn free_loopback_port() -> Result<u16> {
         .map_err(|e| HarnessError(format!("no free port on 127.0.0.1: {e}")))
 }
 
+/// What a [`Hammer`] counted: requests sent, failed, and each answer's count.
+#[derive(Debug, Default)]
+pub struct Load {
+    pub sent: u64,
+    pub failed: u64,
+    pub answers: std::collections::BTreeMap<String, u64>,
+}
+
+/// Requests to a forwarded node port from the host, one after another
+/// (50 ms apart, each a new connection), until told to stop. A request
+/// fails when the connection is refused or reset or the answer is empty;
+/// each failure is printed with its time, to set against the agent's
+/// journal.
+#[derive(Debug)]
+pub struct Hammer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<Load>,
+}
+
+/// Seconds since the epoch, to the millisecond.
+pub fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl Hammer {
+    pub fn start(port: u16) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let handle = std::thread::spawn(move || {
+            let mut load = Load::default();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                load.sent += 1;
+                let at = now_unix();
+                match http_get_loopback(port) {
+                    Ok(body) if !body.is_empty() => {
+                        *load.answers.entry(body).or_insert(0) += 1;
+                    }
+                    other => {
+                        load.failed += 1;
+                        eprintln!(
+                            "hammer: request at {at:.3} failed after {:.3} s: {other:?}",
+                            now_unix() - at
+                        );
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            load
+        });
+        Self { stop, handle }
+    }
+
+    /// Stops the requests and returns what they counted.
+    pub fn finish(self) -> Load {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().unwrap_or_default()
+    }
+}
+
+/// One Deployment's entry of `berth get deployments -o json` in the
+/// guest (`namespace/name`), or `Null` when it is not listed.
+pub fn deployment_status(vm: &Vm, name: &str) -> serde_json::Value {
+    serde_json::from_str::<Vec<serde_json::Value>>(&vm.sh("berth get deployments -o json"))
+        .unwrap_or_default()
+        .into_iter()
+        .find(|d| d["deployment"] == name)
+        .unwrap_or(serde_json::Value::Null)
+}
+
 /// `GET /` on the host's loopback `port` (a QEMU forward); the body.
 pub fn http_get_loopback(port: u16) -> std::io::Result<String> {
     use std::io::{Read, Write};

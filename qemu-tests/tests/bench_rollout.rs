@@ -6,7 +6,10 @@
 //! probe behind a NodePort Service (`maxSurge: 1, maxUnavailable: 0`),
 //! while the host sends requests one after another through the forwarded
 //! node port. The image changes (to a second tag of the same image, as a
-//! retag would give), then an env var. For each rollout: requests sent and
+//! retag would give), then an env var. The server leaves at SIGTERM (a
+//! shell that traps it as PID 1; busybox httpd as PID 1 would ignore it
+//! and hold its stop for the whole grace period, which the network
+//! scenario covers). For each rollout: requests sent and
 //! failed, the rollout's time (revision accepted → Deployment complete),
 //! and each new pod's start-to-ready time from the agent's journal, which
 //! the rollout time is compared with (`replicas × start-to-ready`).
@@ -17,7 +20,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use berth_qemu_tests::{
-    GIT_HOST, GitHost, Vm, VmOptions, free_loopback_port, http_get_loopback, must,
+    GIT_HOST, GitHost, Hammer, Load, Vm, VmOptions, deployment_status, free_loopback_port, must,
     retry_on_tcg_flake, test_image,
 };
 
@@ -41,7 +44,7 @@ spec:
       containers:
       - name: main
         image: {image}
-        command: [sh, -c, \"mkdir -p /tmp/www; cat /etc/hostname > /tmp/www/index.html; exec httpd -f -p 8080 -h /tmp/www\"]
+        command: [sh, -c, \"mkdir -p /tmp/www; cat /etc/hostname > /tmp/www/index.html; trap 'exit 0' TERM; httpd -f -p 8080 -h /tmp/www & wait\"]
         env: [{{name: VERSION, value: \"{version}\"}}]
         readinessProbe:
           httpGet: {{path: /index.html, port: 8080}}
@@ -64,32 +67,8 @@ fn bench_rollouts_under_load() {
     retry_on_tcg_flake("bench-rollout", scenario);
 }
 
-/// The host's requests, one after another, until stopped.
-fn hammer(
-    port: u16,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<(u64, u64, BTreeMap<String, u64>)> {
-    std::thread::spawn(move || {
-        let (mut sent, mut failed) = (0, 0);
-        let mut answers = BTreeMap::new();
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            sent += 1;
-            match http_get_loopback(port) {
-                Ok(body) if !body.is_empty() => *answers.entry(body).or_insert(0) += 1,
-                _ => failed += 1,
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        (sent, failed, answers)
-    })
-}
-
 fn web_status(vm: &Vm) -> serde_json::Value {
-    serde_json::from_str::<Vec<serde_json::Value>>(&vm.sh("berth get deployments -o json"))
-        .unwrap_or_default()
-        .into_iter()
-        .find(|d| d["deployment"] == "default/web")
-        .unwrap_or(serde_json::Value::Null)
+    deployment_status(vm, "default/web")
 }
 
 /// Pushes `yaml`, waits for the rollout to complete; returns the seconds
@@ -187,13 +166,15 @@ fn scenario() {
         ),
         ("env VERSION 1 → 2", web("busybox:rollout", "2")),
     ] {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let load = hammer(host_port, std::sync::Arc::clone(&stop));
+        let load = Hammer::start(host_port);
         std::thread::sleep(Duration::from_secs(2));
         let (seconds, hash) = roll(&mut vm, &git, &yaml, what);
         std::thread::sleep(Duration::from_secs(2));
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let (sent, failed, answers) = load.join().unwrap();
+        let Load {
+            sent,
+            failed,
+            answers,
+        } = load.finish();
         let each = start_to_ready(&vm, &hash);
         let mean = each.iter().sum::<f64>() / each.len().max(1) as f64;
         let expected = f64::from(REPLICAS) * mean;

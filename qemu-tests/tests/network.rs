@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use berth_qemu_tests::{
-    GIT_HOST, GitHost, Vm, VmOptions, free_loopback_port, http_get_loopback, must, replica_alias,
-    retry_on_tcg_flake, test_image,
+    GIT_HOST, GitHost, Hammer, Load, Vm, VmOptions, deployment_status, free_loopback_port,
+    http_get_loopback, must, replica_alias, retry_on_tcg_flake, test_image,
 };
 
 const BOOT: Duration = Duration::from_secs(180);
@@ -256,36 +256,16 @@ fn health(vm: &Vm, git: &GitHost) {
     });
     println!("sick: {}", container(&pods["sick"], "httpd"));
     // On the status branch too, with the count and the reason.
-    let end = Instant::now() + SETTLE;
-    loop {
-        let doc = berth_git::publish::read_branch_file(
-            &git.dir.join("desired.git"),
-            "berth/status/net",
-            "status.yaml",
-        )
-        .unwrap()
-        .and_then(|f| f.content)
-        .map(|b| String::from_utf8(b).unwrap())
-        .unwrap_or_default();
-        let told = berth_agent::report::NodeStatusDoc::from_yaml(&doc).is_ok_and(|d| {
-            d.pods.iter().filter(|p| p.name == "sick").any(|p| {
-                p.containers.iter().any(|c| {
-                    c.restart_count >= 1
-                        && c.last_kill
-                            .as_deref()
-                            .is_some_and(|k| k.starts_with("Liveness probe failed"))
-                })
+    await_status_branch(git, "the kill", |d| {
+        d.pods.iter().filter(|p| p.name == "sick").any(|p| {
+            p.containers.iter().any(|c| {
+                c.restart_count >= 1
+                    && c.last_kill
+                        .as_deref()
+                        .is_some_and(|k| k.starts_with("Liveness probe failed"))
             })
-        });
-        if told {
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "the status branch does not tell the kill:\n{doc}"
-        );
-        std::thread::sleep(Duration::from_secs(2));
-    }
+        })
+    });
 
     // The startup probe (first run at 8 s, file there at 6 s) held the
     // liveness probe off, which would have failed at once.
@@ -385,63 +365,52 @@ spec:
 const ROLLING: &str =
     "strategy: {type: RollingUpdate, rollingUpdate: {maxSurge: 1, maxUnavailable: 0}}";
 
-/// Requests to the NodePort from the host, one after another, until told
-/// to stop: how many were sent, how many failed, and who answered.
-struct Hammer {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: std::thread::JoinHandle<(u64, u64, BTreeMap<String, u64>)>,
+/// Waits until the node's status branch holds a status.yaml that `told`
+/// accepts; fails naming `what` with the last document read.
+fn await_status_branch(
+    git: &GitHost,
+    what: &str,
+    told: impl Fn(&berth_agent::report::NodeStatusDoc) -> bool,
+) {
+    let end = Instant::now() + SETTLE;
+    loop {
+        let doc = berth_git::publish::read_branch_file(
+            &git.dir.join("desired.git"),
+            "berth/status/net",
+            "status.yaml",
+        )
+        .unwrap()
+        .and_then(|f| f.content)
+        .map(|b| String::from_utf8(b).unwrap())
+        .unwrap_or_default();
+        if berth_agent::report::NodeStatusDoc::from_yaml(&doc).is_ok_and(|d| told(&d)) {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "the status branch does not tell {what}:\n{doc}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
 }
 
-/// Seconds since the epoch, to the millisecond.
-fn now_unix() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
-impl Hammer {
-    fn start(port: u16) -> Self {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = std::sync::Arc::clone(&stop);
-        let handle = std::thread::spawn(move || {
-            let (mut sent, mut failed) = (0u64, 0u64);
-            let mut answers = BTreeMap::new();
-            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                sent += 1;
-                let at = now_unix();
-                match http_get_loopback(port) {
-                    Ok(body) if !body.is_empty() => {
-                        *answers.entry(body).or_insert(0) += 1;
-                    }
-                    other => {
-                        failed += 1;
-                        // When, and how: to set against the agent's journal.
-                        println!(
-                            "hammer: request at {at:.3} failed after {:.3} s: {other:?}",
-                            now_unix() - at
-                        );
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            (sent, failed, answers)
-        });
-        Self { stop, handle }
+/// Stops the requests and checks that none failed during `what` (with
+/// the agent's last plan lines printed when some did).
+fn none_failed(vm: &Vm, hammer: Hammer, what: &str) -> Load {
+    let load = hammer.finish();
+    if load.failed > 0 {
+        println!(
+            "{}",
+            vm.sh("journalctl -u berth-agent.service -o short-unix --no-pager -n 150 | grep -E 'plan:|ready|Deployment|Services'")
+        );
     }
-
-    fn finish(self) -> (u64, u64, BTreeMap<String, u64>) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.handle.join().expect("the hammer")
-    }
+    assert_eq!(load.failed, 0, "requests failed during {what}: {load:?}");
+    assert!(load.sent > 50, "too few requests during {what}: {load:?}");
+    load
 }
 
 fn echo_status(vm: &Vm) -> serde_json::Value {
-    let out = vm.sh("berth get deployments -o json");
-    serde_json::from_str::<Vec<serde_json::Value>>(&out)
-        .unwrap_or_default()
-        .into_iter()
-        .find(|d| d["deployment"] == "default/echo")
-        .unwrap_or(serde_json::Value::Null)
+    deployment_status(vm, "default/echo")
 }
 
 /// Waits until echo's rollout for `commit` is complete; returns its
@@ -507,21 +476,10 @@ fn rollouts(vm: &mut Vm, git: &GitHost, host_port: u16) {
         "echo env 2",
     ));
     let (d, second) = rolled(vm, &env, "an env var changed");
-    let (sent, failed, answers) = hammer.finish();
+    let load = none_failed(vm, hammer, "the rollouts");
     println!(
-        "rollouts of 2 replicas (maxSurge 1, maxUnavailable 0) under load: {first:.1} s and {second:.1} s; {sent} requests, {failed} failed; answers {answers:?}"
+        "rollouts of 2 replicas (maxSurge 1, maxUnavailable 0) under load: {first:.1} s and {second:.1} s; {load:?}"
     );
-    if failed > 0 {
-        println!(
-            "{}",
-            vm.sh("journalctl -u berth-agent.service -o short-unix --no-pager -n 150 | grep -E 'plan:|ready|Deployment|Services'")
-        );
-    }
-    assert_eq!(
-        failed, 0,
-        "requests failed during the rollouts: {answers:?}"
-    );
-    assert!(sent > 50, "{sent}");
     let hash = d["templateHash"].as_str().unwrap_or_default().to_string();
     assert_eq!(echo_units(vm).len(), 2, "{:?}", echo_units(vm));
 
@@ -566,46 +524,20 @@ fn rollouts(vm: &mut Vm, git: &GitHost, host_port: u16) {
         std::thread::sleep(Duration::from_secs(1));
     }
     // On the status branch too.
-    let end = Instant::now() + SETTLE;
-    loop {
-        let doc = berth_git::publish::read_branch_file(
-            &git.dir.join("desired.git"),
-            "berth/status/net",
-            "status.yaml",
-        )
-        .unwrap()
-        .and_then(|f| f.content)
-        .map(|b| String::from_utf8(b).unwrap())
-        .unwrap_or_default();
-        let told = berth_agent::report::NodeStatusDoc::from_yaml(&doc).is_ok_and(|d| {
-            d.revisions
-                .rolled_back
-                .as_ref()
-                .is_some_and(|r| r.revision == bad && r.to.as_deref() == Some(env.as_str()))
-        });
-        if told {
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "the status branch does not tell the rollback:\n{doc}"
-        );
-        std::thread::sleep(Duration::from_secs(2));
-    }
+    await_status_branch(git, "the rollback", |d| {
+        d.revisions
+            .rolled_back
+            .as_ref()
+            .is_some_and(|r| r.revision == bad && r.to.as_deref() == Some(env.as_str()))
+    });
     // The failed commit is not tried again; a fix rolls forward.
     let fix = must(git.push(
         &[("net/echo.yaml", &echo("4", "busybox:1.37", ROLLING))],
         "echo fixed",
     ));
     let (_, fixed) = rolled(vm, &fix, "the fix");
-    let (sent, failed, answers) = hammer.finish();
-    println!(
-        "bad image rolled back and the fix rolled forward ({fixed:.1} s): {sent} requests, {failed} failed; answers {answers:?}"
-    );
-    assert_eq!(
-        failed, 0,
-        "requests failed during the rollback: {answers:?}"
-    );
+    let load = none_failed(vm, hammer, "the rollback");
+    println!("bad image rolled back and the fix rolled forward ({fixed:.1} s): {load:?}");
 
     // Recreate: every old pod stops before a new one starts.
     // The agent's journal, not the console (which a serial line delays).

@@ -1660,3 +1660,94 @@ fn a_changed_deployment_rolls_a_failed_revision_rolls_back_and_a_fix_rolls_forwa
         agent.state().last_good.as_ref().map(|g| g.revision.clone())
     );
 }
+
+fn web_deployment(version: &str, strategy: &str) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\nspec:\n  replicas: 2\n  strategy: {strategy}\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec:\n      containers:\n      - name: main\n        image: busybox:1.37\n        command: [sleep, \"100\"]\n        env: [{{name: VERSION, value: \"{version}\"}}]\n"
+    )
+}
+
+/// The main units of `web`'s pods.
+fn web_units(node: &Node) -> Vec<String> {
+    node.systemd
+        .unit_names()
+        .into_iter()
+        .filter(|n| n.starts_with("berth-default_web-") && n.ends_with("_main.service"))
+        .collect()
+}
+
+/// Rolls `web` from v1 to v2, each old pod taking 400 ms to stop;
+/// returns the calls of the pass that stopped the first old pod.
+fn roll_with_slow_stops(name: &str, strategy: &str) -> (Node, Vec<String>, Vec<String>) {
+    let node = Node::new(name);
+    node.commit(&[("pods/web.yaml", Some(web_deployment("1", strategy)))]);
+    let mut agent = node.agent();
+    agent.pass(true);
+    let old = web_units(&node);
+    assert_eq!(old.len(), 2, "{old:?}");
+    for unit in &old {
+        node.systemd
+            .slow_stop(unit, std::time::Duration::from_millis(400));
+    }
+    node.commit(&[("pods/web.yaml", Some(web_deployment("2", strategy)))]);
+    node.systemd.take_calls();
+    for _ in 0..6 {
+        agent.pass(true);
+        let calls = node.systemd.take_calls();
+        if calls.iter().any(|c| c.starts_with("stopped ")) {
+            return (node, old, calls);
+        }
+    }
+    panic!("no old pod stopped in 6 passes");
+}
+
+#[test]
+fn a_rolling_updates_old_pod_winds_down_while_its_replacement_starts() {
+    let (node, old, calls) = roll_with_slow_stops(
+        "beside",
+        "{type: RollingUpdate, rollingUpdate: {maxSurge: 1, maxUnavailable: 0}}",
+    );
+    let at = |prefix: &str| calls.iter().position(|c| c.starts_with(prefix));
+    let stopped = at("stopped ").expect("an old pod stopped");
+    let stopping = calls[stopped].trim_start_matches("stopped ").to_string();
+    assert!(old.contains(&stopping), "{calls:#?}");
+    // The second new pod starts in the pass that stops the first old
+    // one, before that stop is done: the room is taken at once.
+    let started = calls
+        .iter()
+        .position(|c| {
+            c.starts_with("start berth-default_web-")
+                && c.ends_with("_main.service")
+                && !old.iter().any(|o| c.ends_with(o.as_str()))
+        })
+        .expect("a new pod starts in the same pass");
+    assert!(started < stopped, "{calls:#?}");
+    // What follows the stop (its slice) comes after it, in the same pass.
+    let slice_removed = calls
+        .iter()
+        .position(|c| c.starts_with("stop berth-") && c.ends_with(".slice"))
+        .expect("the old pod's slice goes");
+    assert!(slice_removed > stopped, "{calls:#?}");
+    assert!(node.systemd.unit(&stopping).unwrap().is_none());
+}
+
+#[test]
+fn a_recreated_deployments_old_pods_stop_before_a_new_one_starts() {
+    let (_node, old, calls) = roll_with_slow_stops("recreate", "{type: Recreate}");
+    let last_stopped = calls
+        .iter()
+        .rposition(|c| c.starts_with("stopped "))
+        .expect("stopped");
+    assert_eq!(
+        calls.iter().filter(|c| c.starts_with("stopped ")).count(),
+        old.len(),
+        "{calls:#?}"
+    );
+    // Recreate starts nothing until every old pod is gone (a later pass).
+    assert!(
+        !calls[..last_stopped]
+            .iter()
+            .any(|c| c.starts_with("start berth-default_web-")),
+        "{calls:#?}"
+    );
+}

@@ -466,6 +466,7 @@ pub fn plan_desired(
         protection: &desired.protection,
         evicted: &evicted,
         retiring: &desired.rollout.retiring,
+        beside: &desired.rollout.beside,
         kept: &desired.rollout.kept_unresolved,
     });
     let classified = drift::classify(

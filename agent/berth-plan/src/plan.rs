@@ -105,6 +105,11 @@ pub struct Plan {
     pub actions: Vec<Action>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub held: Vec<Held>,
+    /// Units whose stops (and slice removals) run beside this plan's
+    /// starts rather than before them: a rolling update's old pods winding
+    /// down while their replacements start.
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub beside: BTreeSet<UnitName>,
 }
 
 /// What must not be pruned in this pass.
@@ -132,6 +137,8 @@ pub struct PlanInput<'a> {
     pub evicted: &'a BTreeMap<String, String>,
     /// Old pods a rollout stops now (`namespace/name` → why).
     pub retiring: &'a BTreeMap<String, String>,
+    /// Of those, the ones that may stop beside the starts.
+    pub beside: &'a BTreeSet<String>,
     /// Old pods a rollout keeps as they run (no manifests at hand) → why.
     pub kept: &'a BTreeMap<String, String>,
 }
@@ -182,6 +189,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     let mut actions = Vec::with_capacity(wanted.len() + input.actual.units.len());
     let mut held = Vec::new();
     let mut removals = Vec::new();
+    let mut beside = BTreeSet::new();
     for unit in input
         .actual
         .units
@@ -258,6 +266,9 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             changes: Vec::new(),
             grace_seconds: None,
         };
+        if pod.as_ref().is_some_and(|p| input.beside.contains(p)) && retiring.is_some() {
+            beside.insert(unit.name.clone());
+        }
         if unit.name.is_slice() {
             removals.push(action)
         } else {
@@ -323,6 +334,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         revision: input.revision.to_string(),
         actions,
         held,
+        beside,
     }
 }
 

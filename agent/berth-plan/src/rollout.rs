@@ -122,7 +122,8 @@ pub struct Step {
 /// One pass of a rolling update, as Kubernetes' deployment controller
 /// takes it: scale the new pods up within `replicas + maxSurge`, then
 /// scale the old ones down while `replicas - maxUnavailable` stay
-/// available, pods that are not available first. `new` holds the
+/// available, pods that are not available first, then scale up again into
+/// the room the stopped pods leave. `new` holds the
 /// `replicas` new pods by index; `old` every other pod of the Deployment,
 /// the ones to stop first first.
 pub fn rolling_step(
@@ -171,6 +172,22 @@ pub fn rolling_step(
         step.stop.push(p.name.clone());
         room -= 1;
     }
+    // A pod on its way out no longer counts (Kubernetes does not count
+    // terminating pods in a ReplicaSet): the room it leaves is taken at
+    // once, as the controller's next sync would, not a pass later. Starting
+    // takes no availability away, so the stops above stay within bounds.
+    let left = all - step.stop.len() as u32;
+    let more = max_total
+        .saturating_sub(left)
+        .min(replicas.saturating_sub(new_existing + scale_up));
+    step.start.extend(
+        new.iter()
+            .enumerate()
+            .filter(|(i, p)| !p.exists && !step.start.contains(&(*i as u32)))
+            .take(more as usize)
+            .map(|(i, _)| i as u32)
+            .collect::<Vec<_>>(),
+    );
     step
 }
 
@@ -265,6 +282,10 @@ impl DeploymentStatus {
 pub struct Steering {
     /// Old pods that stop now, with why.
     pub retiring: BTreeMap<String, String>,
+    /// Of those, the ones whose stop may run beside the new pods' starts:
+    /// a rolling update whose template shares nothing exclusive between
+    /// old and new pods (see [`stops_beside_starts`]).
+    pub beside: BTreeSet<String>,
     /// Old pods kept running whose manifests are not at hand (a replay
     /// without the revision that made them): held as they run.
     pub kept_unresolved: BTreeMap<String, String>,
@@ -300,6 +321,29 @@ fn pod_state(
                 }
         });
     (exists, ready)
+}
+
+/// Whether a rolling update's old pods may finish stopping while its new
+/// pods start, as Kubernetes lets a terminating pod wind down beside its
+/// replacement. Not when old and new pods would share something only one
+/// may hold: a claim, the host's network or a host port. Then the stop
+/// completes first, as before any other start.
+pub fn stops_beside_starts(spec: &DeploymentSpec) -> bool {
+    let Some(pod) = &spec.template.spec else {
+        return false;
+    };
+    let claims = pod
+        .volumes
+        .iter()
+        .flatten()
+        .any(|v| v.persistent_volume_claim.is_some() || v.ephemeral.is_some());
+    let host_ports = pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten())
+        .flat_map(|c| c.ports.iter().flatten())
+        .any(|p| p.host_port.is_some());
+    !claims && !host_ports && pod.host_network != Some(true)
 }
 
 /// The inputs of [`steer`].
@@ -562,6 +606,9 @@ pub fn steer(
                     ),
                 };
                 steps.push(format!("stop {pod_key}"));
+                if strategy_name != "Recreate" && stops_beside_starts(spec) {
+                    out.beside.insert(pod_key.clone());
+                }
                 out.retiring.insert(pod_key, why);
                 continue;
             }
@@ -844,29 +891,31 @@ mod tests {
             (3, 1, 0, "---", "AAA", &[0], &[]),
             (3, 1, 0, "r--", "AAA", &[], &[]),
             (3, 1, 0, "R--", "AAA", &[], &[]),
-            (3, 1, 0, "A--", "AAA", &[], &["o0"]),
+            // The next new pod starts in the pass its room opens.
+            (3, 1, 0, "A--", "AAA", &[1], &["o0"]),
             (3, 1, 0, "A--", "AA-", &[1], &[]),
-            (3, 1, 0, "AA-", "AA-", &[], &["o0"]),
+            (3, 1, 0, "AA-", "AA-", &[2], &["o0"]),
             (3, 1, 0, "AAA", "A--", &[], &["o0"]),
-            // maxSurge 0, maxUnavailable 1: stop first, then start.
-            (3, 0, 1, "---", "AAA", &[], &["o0"]),
+            // maxSurge 0, maxUnavailable 1: stop first, the start beside it.
+            (3, 0, 1, "---", "AAA", &[0], &["o0"]),
             (3, 0, 1, "---", "-AA", &[0], &[]),
             (3, 0, 1, "r--", "-AA", &[], &[]),
-            (3, 0, 1, "A--", "-AA", &[], &["o1"]),
-            // Defaults for 4 replicas (1 surge, 1 unavailable): start one
-            // and stop one in the same pass.
-            (4, 1, 1, "----", "AAAA", &[0], &["o0"]),
+            (3, 0, 1, "A--", "-AA", &[1], &["o1"]),
+            // Defaults for 4 replicas (1 surge, 1 unavailable): two start
+            // (one surging, one into the stopped pod's room), one stops.
+            (4, 1, 1, "----", "AAAA", &[0, 1], &["o0"]),
             // Old pods that are not available go first, without touching
             // availability.
-            (3, 1, 0, "A--", "rAA", &[], &["o0"]),
+            (3, 1, 0, "A--", "rAA", &[1], &["o0"]),
             (3, 1, 0, "r--", "rAA", &[], &[]),
-            (3, 1, 1, "---", "rAA", &[0], &["o0"]),
+            (3, 1, 1, "---", "rAA", &[0, 1], &["o0"]),
             // New pods not available hold the old ones.
             (3, 3, 0, "---", "AAA", &[0, 1, 2], &[]),
             (3, 3, 0, "rrr", "AAA", &[], &[]),
             (3, 3, 0, "AAr", "AAA", &[], &["o0", "o1"]),
             // More old pods than replicas (a scale-down with the change).
-            (2, 1, 0, "--", "AAAA", &[], &["o0", "o1"]),
+            (2, 1, 0, "--", "AAAA", &[0], &["o0", "o1"]),
+            (2, 1, 0, "--", "AAA", &[0], &["o0"]),
             (2, 1, 0, "--", "AA", &[0], &[]),
         ];
         for (n, s, u, new, old, start, stop) in table {
@@ -898,10 +947,22 @@ mod tests {
                 let step = rolling_step(3, s, u, &new, &old);
                 let before = new.iter().chain(&old).filter(|p| p.exists).count() as u32;
                 let after = before + step.start.len() as u32 - step.stop.len() as u32;
-                // Never above the surge bound by starting.
+                // Never above the surge bound by starting (pods on their
+                // way out do not count, as in Kubernetes).
                 if !step.start.is_empty() {
-                    assert!(before + step.start.len() as u32 <= 3 + s, "{text} {s} {u}");
+                    assert!(
+                        before + step.start.len() as u32 - step.stop.len() as u32 <= 3 + s,
+                        "{text} {s} {u}"
+                    );
                 }
+                // No new pod started twice.
+                let mut starts = step.start.clone();
+                starts.dedup();
+                assert_eq!(starts.len(), step.start.len(), "{text} {s} {u}");
+                assert!(
+                    step.start.iter().all(|i| !new[*i as usize].exists),
+                    "{text}"
+                );
                 let available_before =
                     new.iter().chain(&old).filter(|p| p.available).count() as i64;
                 let stopped_available = old

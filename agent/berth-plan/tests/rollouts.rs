@@ -3,10 +3,11 @@
 //! pods the failed revision changed.
 #![allow(clippy::expect_used)]
 
+use berth_manifest::Object;
 use berth_manifest::{Catalog, SourceFile, load_sources};
 use berth_plan::actual::{ActiveState, ActualState};
 use berth_plan::plan::Verb;
-use berth_plan::rollout::DeploymentStatus;
+use berth_plan::rollout::{DeploymentStatus, stops_beside_starts};
 use berth_plan::{ImageCatalog, NodeInfo, NodePlan, desire_with, plan_desired};
 
 mod common;
@@ -61,6 +62,15 @@ fn after(plan: &NodePlan, before: &ActualState, seconds: u64) -> ActualState {
     next.observed_at = before.observed_at + seconds;
     next.rollouts = plan.rollouts.clone();
     next
+}
+
+/// The node once `catalog` was applied on an empty node at `at`.
+fn deployed(catalog: &Catalog, at: u64) -> ActualState {
+    let empty = ActualState {
+        observed_at: at,
+        ..Default::default()
+    };
+    after(&pass(catalog, &[], &empty), &empty, 0)
 }
 
 fn web_pods(state: &ActualState) -> Vec<String> {
@@ -206,18 +216,26 @@ fn a_rolling_update_replaces_pods_one_at_a_time_within_its_bounds() {
 }
 
 #[test]
-fn surge_zero_stops_an_old_pod_before_starting_a_new_one() {
+fn surge_zero_stops_an_old_pod_and_its_replacement_starts_in_the_room_it_leaves() {
     let strategy = "strategy: {rollingUpdate: {maxSurge: 0, maxUnavailable: 1}}";
     let (v1, v2) = (catalog(strategy, "1"), catalog(strategy, "2"));
-    let state = after(
-        &pass(&v1, &[], &ActualState::default()),
-        &ActualState::default(),
-        0,
-    );
+    let state = deployed(&v1, 0);
     let plan = pass(&v2, &[&v1], &state);
     let s = status(&plan);
-    assert_eq!(s.updated_replicas, 0, "{s:#?}");
+    // Never more than 3 pods that are not on their way out.
+    assert_eq!(s.updated_replicas, 1, "{s:#?}");
     assert_eq!(s.steps.iter().filter(|x| x.starts_with("stop ")).count(), 1);
+    assert_eq!(
+        s.steps.iter().filter(|x| x.starts_with("start ")).count(),
+        1
+    );
+    assert_eq!(
+        plan.pods
+            .iter()
+            .filter(|p| p.id.name.starts_with("web-"))
+            .count(),
+        3
+    );
     let (_, passes) = roll(&v1, &v2, state, 3, 2);
     assert!(passes <= 7, "{passes}");
 }
@@ -226,11 +244,7 @@ fn surge_zero_stops_an_old_pod_before_starting_a_new_one() {
 fn percentages_that_round_to_zero_still_let_one_pod_go() {
     let strategy = "strategy: {rollingUpdate: {maxSurge: \"0%\", maxUnavailable: \"10%\"}}";
     let (v1, v2) = (catalog(strategy, "1"), catalog(strategy, "2"));
-    let state = after(
-        &pass(&v1, &[], &ActualState::default()),
-        &ActualState::default(),
-        0,
-    );
+    let state = deployed(&v1, 0);
     // 10 % of 3 rounds down to 0, 0 % surge is 0: one may be unavailable.
     let (_, passes) = roll(&v1, &v2, state, 3, 2);
     assert!(passes <= 7, "{passes}");
@@ -242,11 +256,7 @@ fn recreate_stops_every_old_pod_before_a_new_one_starts() {
         catalog("strategy: {type: Recreate}", "1"),
         catalog("strategy: {type: Recreate}", "2"),
     );
-    let state = after(
-        &pass(&v1, &[], &ActualState::default()),
-        &ActualState::default(),
-        0,
-    );
+    let state = deployed(&v1, 0);
     let old = web_pods(&state);
     let plan = pass(&v2, &[&v1], &state);
     for pod in &old {
@@ -276,21 +286,7 @@ fn min_ready_seconds_holds_the_old_pods_until_the_new_one_has_been_ready_that_lo
     let strategy =
         "minReadySeconds: 30\n  strategy: {rollingUpdate: {maxSurge: 1, maxUnavailable: 0}}";
     let (v1, v2) = (catalog(strategy, "1"), catalog(strategy, "2"));
-    let state = after(
-        &pass(
-            &v1,
-            &[],
-            &ActualState {
-                observed_at: 100,
-                ..Default::default()
-            },
-        ),
-        &ActualState {
-            observed_at: 100,
-            ..Default::default()
-        },
-        0,
-    );
+    let state = deployed(&v1, 100);
     // The old pods have been ready for 30 s too.
     let state = after(&pass(&v1, &[], &state), &state, 30);
     let state = after(&pass(&v1, &[], &state), &state, 0);
@@ -320,11 +316,7 @@ fn min_ready_seconds_holds_the_old_pods_until_the_new_one_has_been_ready_that_lo
 fn a_crash_looping_new_pod_fails_the_rollout_and_the_rollback_touches_only_it() {
     let strategy = "strategy: {rollingUpdate: {maxSurge: 1, maxUnavailable: 0}}";
     let (v1, v2) = (catalog(strategy, "1"), catalog(strategy, "2"));
-    let state = after(
-        &pass(&v1, &[], &ActualState::default()),
-        &ActualState::default(),
-        0,
-    );
+    let state = deployed(&v1, 0);
     let old = web_pods(&state);
     let plan = pass(&v2, &[&v1], &state);
     let mut state = after(&plan, &state, 20);
@@ -373,21 +365,7 @@ fn a_crash_looping_new_pod_fails_the_rollout_and_the_rollback_touches_only_it() 
 fn a_new_pod_that_never_becomes_ready_misses_the_progress_deadline() {
     let strategy = "progressDeadlineSeconds: 60\n  strategy: {rollingUpdate: {maxSurge: 1, maxUnavailable: 0}}";
     let (v1, v2) = (catalog(strategy, "1"), catalog(strategy, "2"));
-    let state = after(
-        &pass(
-            &v1,
-            &[],
-            &ActualState {
-                observed_at: 10,
-                ..Default::default()
-            },
-        ),
-        &ActualState {
-            observed_at: 10,
-            ..Default::default()
-        },
-        0,
-    );
+    let state = deployed(&v1, 10);
     let old = web_pods(&state);
     let plan = pass(&v2, &[&v1], &state);
     let mut state = after(&plan, &state, 30);
@@ -414,11 +392,7 @@ fn a_new_pod_that_never_becomes_ready_misses_the_progress_deadline() {
 #[test]
 fn a_paused_deployment_starts_no_rollout() {
     let (v1, v2) = (catalog("", "1"), catalog("paused: true", "2"));
-    let state = after(
-        &pass(&v1, &[], &ActualState::default()),
-        &ActualState::default(),
-        0,
-    );
+    let state = deployed(&v1, 0);
     let plan = pass(&v2, &[&v1], &state);
     assert!(plan.plan.actions.is_empty(), "{:#?}", plan.plan.actions);
     assert_eq!(status(&plan).conditions[0].reason, "DeploymentPaused");
@@ -427,11 +401,7 @@ fn a_paused_deployment_starts_no_rollout() {
 #[test]
 fn without_the_old_revision_at_hand_old_pods_are_held_as_they_run() {
     let (v1, v2) = (catalog("", "1"), catalog("", "2"));
-    let state = after(
-        &pass(&v1, &[], &ActualState::default()),
-        &ActualState::default(),
-        0,
-    );
+    let state = deployed(&v1, 0);
     // A replay with only the new manifests (`berth plan --actual`).
     let plan = pass(&v2, &[], &state);
     assert!(
@@ -481,11 +451,7 @@ fn both_bounds_zero_is_refused() {
 fn a_completed_rollout_stays_complete_when_its_pods_are_lost_later() {
     let strategy = "strategy: {rollingUpdate: {maxSurge: 1, maxUnavailable: 0}}";
     let (v1, v2) = (catalog(strategy, "1"), catalog(strategy, "2"));
-    let state = after(
-        &pass(&v1, &[], &ActualState::default()),
-        &ActualState::default(),
-        0,
-    );
+    let state = deployed(&v1, 0);
     let (mut state, _) = roll(&v1, &v2, state, 4, 3);
     assert!(status(&pass(&v2, &[&v1], &state)).failed.is_none());
     // A reboot took one pod's units; another crash-loops since.
@@ -509,4 +475,66 @@ fn a_completed_rollout_stays_complete_when_its_pods_are_lost_later() {
         verbs_on(&plan, &pods[0]).contains(&Verb::Start),
         "the lost pod starts again"
     );
+}
+
+#[test]
+fn old_pods_stop_beside_the_starts_only_when_they_share_nothing_exclusive() {
+    let strategy = "strategy: {rollingUpdate: {maxSurge: 1, maxUnavailable: 0}}";
+    // Rolled until a pass stops an old pod; which units stop beside.
+    let beside_at_first_stop = |v1: &Catalog, v2: &Catalog| {
+        let mut state = deployed(v1, 0);
+        for _ in 0..5 {
+            let plan = pass(v2, &[v1], &state);
+            if plan.plan.actions.iter().any(|a| a.verb == Verb::Stop) {
+                return plan.plan.beside.clone();
+            }
+            state = after(&plan, &state, 5);
+        }
+        panic!(
+            "no old pod stopped: {:#?}",
+            status(&pass(v2, &[v1], &state))
+        );
+    };
+    let (v1, v2) = (catalog(strategy, "1"), catalog(strategy, "2"));
+    let beside = beside_at_first_stop(&v1, &v2);
+    assert!(
+        beside.iter().any(|u| u.as_str().ends_with("_main.service"))
+            && beside.iter().any(|u| u.is_slice()),
+        "{beside:?}"
+    );
+    // On the host's network, or with a claim or a host port, old and new
+    // pods would want the same thing at once: the stop goes first.
+    let spec_with = |extra: &str, at: &str| {
+        let text = WEB
+            .replace("STRATEGY", strategy)
+            .replace("VALUE", "1")
+            .replace(at, &format!("{extra}{at}"));
+        let c = load_sources(vec![SourceFile {
+            path: "web.yaml".into(),
+            text,
+        }]);
+        assert_eq!(c.error_count(), 0, "{:#?}", c.diagnostics);
+        let Some(Object::Deployment(d)) = c
+            .objects
+            .iter()
+            .map(|o| &o.object)
+            .find(|o| matches!(o, Object::Deployment(_)))
+            .cloned()
+        else {
+            panic!("no Deployment");
+        };
+        stops_beside_starts(d.spec.as_ref().expect("spec"))
+    };
+    let pod_level = "      containers:\n";
+    let container_level = "        env:";
+    assert!(spec_with("", pod_level));
+    assert!(!spec_with("      hostNetwork: true\n", pod_level));
+    assert!(!spec_with(
+        "      volumes: [{name: data, persistentVolumeClaim: {claimName: data}}]\n",
+        pod_level
+    ));
+    assert!(!spec_with(
+        "        ports: [{containerPort: 8080, hostPort: 8080}]\n",
+        container_level
+    ));
 }

@@ -41,6 +41,9 @@ struct FakeState {
     cut_after: Option<usize>,
     /// How many times the unit list was read.
     lists: usize,
+    /// Units whose stop job takes this long (a process using its grace
+    /// period); their stop is recorded again as `stopped NAME` when done.
+    slow_stops: BTreeMap<String, std::time::Duration>,
 }
 
 /// See the module documentation.
@@ -136,6 +139,12 @@ impl FakeSystemd {
     /// `Restart=` decides what follows, as in systemd.
     pub fn exit_main(&self, name: &str, status: i32) {
         Self::main_died(&mut self.lock(), name, 1, status);
+    }
+
+    /// Stopping `name` takes `how_long` from now on, as a process that
+    /// uses its grace period: the stop job waits, other calls go on.
+    pub fn slow_stop(&self, name: &str, how_long: std::time::Duration) {
+        self.lock().slow_stops.insert(name.to_string(), how_long);
     }
 
     /// Names of all loaded units.
@@ -437,9 +446,20 @@ impl Systemd for FakeSystemd {
     }
 
     fn stop(&self, name: &str) -> Result<(), SystemdError> {
+        let slow = {
+            let mut s = self.lock();
+            Self::record(&mut s, format!("stop {name}"))?;
+            s.slow_stops.get(name).copied()
+        };
+        // The job runs without holding the manager: other calls go on.
+        if let Some(how_long) = slow {
+            std::thread::sleep(how_long);
+        }
         let mut s = self.lock();
-        Self::record(&mut s, format!("stop {name}"))?;
         Self::stop_locked(&mut s, name);
+        if slow.is_some() {
+            s.calls.push(format!("stopped {name}"));
+        }
         Ok(())
     }
 

@@ -148,19 +148,102 @@ pub fn apply(
     let mut pending: Vec<(&berth_plan::Action, Prepared<'_>)> = Vec::new();
     // Containers Git no longer wants stop together, each with its own
     // grace period; their mounts and layers go afterwards, one by one.
-    let stops: Vec<&str> = plan
-        .actions
-        .iter()
-        .filter(|a| a.verb == Verb::Stop)
-        .map(|a| a.unit.as_str())
-        .collect();
+    // A rolling update's old pods (`plan.beside`) wind down while the new
+    // ones start: their stops are queued in another thread, and what
+    // follows a stop (unmounts, the slice) waits until the starts are done.
+    let is_beside = |a: &berth_plan::Action| plan.beside.contains(&a.unit);
+    let stops_of = |beside: bool| -> Vec<&str> {
+        plan.actions
+            .iter()
+            .filter(|a| a.verb == Verb::Stop && is_beside(a) == beside)
+            .map(|a| a.unit.as_str())
+            .collect()
+    };
+    let (stops, beside_stops) = (stops_of(false), stops_of(true));
     let mut stopped: BTreeMap<&str, Result<(), SystemdError>> = stops
         .iter()
         .copied()
         .zip(host.systemd.stop_all(&stops))
         .collect();
-    // Pulls are the image puller's to carry out, not systemd's.
-    for action in plan.actions.iter().filter(|a| a.verb != Verb::Pull) {
+    let ctx = Applying {
+        host,
+        units: &units,
+        slices: &slices,
+        observed,
+    };
+    std::thread::scope(|scope| {
+        let winding_down = (!beside_stops.is_empty())
+            .then(|| scope.spawn(|| host.systemd.stop_all(&beside_stops)));
+        // Pulls are the image puller's to carry out, not systemd's.
+        let now: Vec<&berth_plan::Action> = plan
+            .actions
+            .iter()
+            .filter(|a| a.verb != Verb::Pull && !is_beside(a))
+            .collect();
+        apply_actions(
+            &ctx,
+            &now,
+            &mut stopped,
+            &mut report,
+            &mut pending,
+            &mut failed_pods,
+        );
+        start_prepared(host, &pending, &mut report);
+        if let Some(thread) = winding_down {
+            let results = thread.join().unwrap_or_else(|_| {
+                beside_stops
+                    .iter()
+                    .map(|u| {
+                        Err(SystemdError::Bus {
+                            method: "StopUnit",
+                            message: format!("the thread stopping {u} panicked"),
+                        })
+                    })
+                    .collect()
+            });
+            stopped.extend(beside_stops.iter().copied().zip(results));
+            let after: Vec<&berth_plan::Action> =
+                plan.actions.iter().filter(|a| is_beside(a)).collect();
+            let mut none = Vec::new();
+            apply_actions(
+                &ctx,
+                &after,
+                &mut stopped,
+                &mut report,
+                &mut none,
+                &mut failed_pods,
+            );
+        }
+    });
+    report.cleaned = collect_garbage(host, pods);
+    report
+}
+
+/// What [`apply_actions`] reads.
+struct Applying<'a, 'h> {
+    host: &'a Host<'h>,
+    units: &'a BTreeMap<&'a str, (&'a DesiredPod, &'a ContainerUnit)>,
+    slices: &'a BTreeMap<&'a str, &'a Properties>,
+    observed: &'a Observed,
+}
+
+/// Carries out `actions` in order; starts are only prepared (into
+/// `pending`), to be started together.
+fn apply_actions<'a>(
+    ctx: &Applying<'a, '_>,
+    actions: &[&'a berth_plan::Action],
+    stopped: &mut BTreeMap<&str, Result<(), SystemdError>>,
+    report: &mut ApplyReport,
+    pending: &mut Vec<(&'a berth_plan::Action, Prepared<'a>)>,
+    failed_pods: &mut BTreeSet<String>,
+) {
+    let Applying {
+        host,
+        units,
+        slices,
+        observed,
+    } = *ctx;
+    for action in actions.iter().copied() {
         let unit = action.unit.as_str();
         let pod = action.pod.as_ref().map(ToString::to_string);
         if let Some(p) = &pod
@@ -268,9 +351,6 @@ pub fn apply(
             }
         }
     }
-    start_prepared(host, &pending, &mut report);
-    report.cleaned = collect_garbage(host, pods);
-    report
 }
 
 /// A container ready to start: its root mount and its service.

@@ -456,15 +456,21 @@ pub fn print_pods(
             node.to_string(),
         ]);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
     let mut out = io::stdout().lock();
     if pods.is_empty() {
         writeln!(out, "No pods on this node.")?;
         return Ok(());
     }
-    for row in &rows {
+    Ok(write_table(&mut out, &rows)?)
+}
+
+/// Rows in columns as wide as their widest cell, three spaces apart
+/// (kubectl's layout).
+fn write_table<const N: usize>(out: &mut impl Write, rows: &[[String; N]]) -> io::Result<()> {
+    let widths: Vec<usize> = (0..N)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    for row in rows {
         let line: Vec<String> = row
             .iter()
             .zip(&widths)
@@ -532,6 +538,14 @@ pub fn print_plan(catalog: &Catalog, node_plan: &NodePlan, output: Output) -> an
     }
     for (i, action) in plan.actions.iter().enumerate() {
         write_action(&mut out, i + 1, action)?;
+    }
+    if !plan.beside.is_empty() {
+        let units: Vec<&str> = plan.beside.iter().map(|u| u.as_str()).collect();
+        writeln!(
+            out,
+            "\nStopped beside the starts (a rollout's old pods wind down while their replacements start): {}",
+            units.join(", ")
+        )?;
     }
     write_rollouts(&mut out, &node_plan.deployments)?;
     let (rolling, held): (Vec<_>, Vec<_>) = plan
@@ -693,17 +707,7 @@ pub fn print_deployments(deployments: &[DeploymentStatus], output: Output) -> an
             progressing,
         ]);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    for row in &rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        writeln!(out, "{}", line.join("   ").trim_end())?;
-    }
+    write_table(&mut out, &rows)?;
     for d in deployments {
         if let Some(f) = &d.failed {
             writeln!(
