@@ -72,8 +72,9 @@ fn web_status(vm: &Vm) -> serde_json::Value {
 }
 
 /// Pushes `yaml`, waits for the rollout to complete; returns the seconds
-/// from the revision accepted to complete, and the new template's hash.
-fn roll(vm: &mut Vm, git: &GitHost, yaml: &str, what: &str) -> (f64, String) {
+/// from the revision accepted to complete (as the test saw it, polling),
+/// the new template's hash and the revision.
+fn roll(vm: &mut Vm, git: &GitHost, yaml: &str, what: &str) -> (f64, String, String) {
     let rev = must(git.push(&[("pods/web.yaml", yaml)], what));
     vm.sh("systemctl reload berth-agent.service");
     let accepted = must(vm.wait_for(&format!("revision {} accepted", &rev[..12]), WAIT));
@@ -89,6 +90,7 @@ fn roll(vm: &mut Vm, git: &GitHost, yaml: &str, what: &str) -> (f64, String) {
             return (
                 (done - accepted).as_secs_f64(),
                 d["templateHash"].as_str().unwrap_or_default().to_string(),
+                rev,
             );
         }
         assert!(Instant::now() < end, "{what}: {d}");
@@ -96,20 +98,73 @@ fn roll(vm: &mut Vm, git: &GitHost, yaml: &str, what: &str) -> (f64, String) {
     }
 }
 
+/// The agent's journal: each line with its time (seconds since the epoch).
+fn journal(vm: &Vm) -> Vec<(f64, String)> {
+    vm.sh("journalctl -u berth-agent.service -o short-unix --no-pager")
+        .lines()
+        .filter_map(|line| {
+            let t = line.split_whitespace().next()?.parse::<f64>().ok()?;
+            Some((t, line.to_string()))
+        })
+        .collect()
+}
+
+/// The rollout's seconds by the agent's own clock: from the revision
+/// accepted to the Deployment logged complete (no polling in it).
+fn journal_rollout(vm: &Vm, rev: &str) -> Option<f64> {
+    let lines = journal(vm);
+    let accepted = lines
+        .iter()
+        .find(|(_, l)| l.contains(&format!("revision {} accepted", &rev[..12])))?
+        .0;
+    let complete = lines
+        .iter()
+        .find(|(t, l)| {
+            *t >= accepted && l.contains("Deployment default/web: NewReplicaSetAvailable")
+        })?
+        .0;
+    Some(complete - accepted)
+}
+
+/// Where the rest of the rollout's time goes: revision accepted → first
+/// new pod's start planned, each new pod ready → the next one's start
+/// planned, the last one ready → complete (seconds, from the journal).
+fn between_steps(vm: &Vm, rev: &str, hash: &str) -> Vec<f64> {
+    let lines = journal(vm);
+    let at = |needle: &str| {
+        lines
+            .iter()
+            .find(|(_, l)| l.contains(needle))
+            .map(|(t, _)| *t)
+    };
+    let mut marks = vec![at(&format!("revision {} accepted", &rev[..12]))];
+    for i in 0..REPLICAS {
+        let pod = format!("web-{hash}-{i}");
+        marks.push(at(&format!("plan: start berth-default_{pod}_main.service")));
+        marks.push(at(&format!("pod default/{pod} is ready")));
+    }
+    let accepted = marks[0].unwrap_or_default();
+    marks.push(
+        lines
+            .iter()
+            .find(|(t, l)| {
+                *t >= accepted && l.contains("Deployment default/web: NewReplicaSetAvailable")
+            })
+            .map(|(t, _)| *t),
+    );
+    // (accepted, start0), (ready0, start1), ..., (ready2, complete)
+    marks
+        .chunks(2)
+        .filter_map(|pair| Some(pair.get(1).copied()?? - pair[0]?))
+        .collect()
+}
+
 /// Each new pod's seconds from the agent's start of it to its container
 /// ready, from the journal.
 fn start_to_ready(vm: &Vm, hash: &str) -> Vec<f64> {
-    let journal = vm.sh("journalctl -u berth-agent.service -o short-unix --no-pager");
     let mut starts = BTreeMap::new();
     let mut ready = BTreeMap::new();
-    for line in journal.lines() {
-        let Some(t) = line
-            .split_whitespace()
-            .next()
-            .and_then(|t| t.parse::<f64>().ok())
-        else {
-            continue;
-        };
+    for (t, line) in journal(vm) {
         for i in 0..REPLICAS {
             let pod = format!("web-{hash}-{i}");
             if line.contains(&format!("plan: start berth-default_{pod}_main.service")) {
@@ -168,7 +223,8 @@ fn scenario() {
     ] {
         let load = Hammer::start(host_port);
         std::thread::sleep(Duration::from_secs(2));
-        let (seconds, hash) = roll(&mut vm, &git, &yaml, what);
+        let (polled, hash, rev) = roll(&mut vm, &git, &yaml, what);
+        let seconds = journal_rollout(&vm, &rev).expect("the rollout in the journal");
         std::thread::sleep(Duration::from_secs(2));
         let Load {
             sent,
@@ -176,10 +232,17 @@ fn scenario() {
             answers,
         } = load.finish();
         let each = start_to_ready(&vm, &hash);
+        let between = between_steps(&vm, &rev, &hash);
+        // Each pass of the rollout, with where its time went.
+        for (t, line) in journal(&vm) {
+            if line.contains("actions applied") && line.contains(&rev[..12]) {
+                println!("pass at {t:.3}: {}", line.split("berth-agent").last().unwrap_or(&line));
+            }
+        }
         let mean = each.iter().sum::<f64>() / each.len().max(1) as f64;
         let expected = f64::from(REPLICAS) * mean;
         let row = format!(
-            "{what}: {sent} requests, {failed} failed; rollout {seconds:.1} s; start-to-ready per pod {each:.1?} s (mean {mean:.1}); {REPLICAS} × mean = {expected:.1} s; rollout / that = {:.2}; answered by {} pods",
+            "{what}: {sent} requests, {failed} failed; rollout {seconds:.1} s by the journal ({polled:.1} s polled); start-to-ready per pod {each:.1?} s (mean {mean:.1}); {REPLICAS} × mean = {expected:.1} s; rollout / that = {:.2}; between the steps (accepted → first start, each ready → next start, last ready → complete) {between:.1?} s; answered by {} pods",
             seconds / expected,
             answers.len()
         );

@@ -91,6 +91,9 @@ pub struct Agent {
     pub(crate) older: std::collections::BTreeMap<String, berth_manifest::Catalog>,
     /// A pass is wanted at once (a rollback was decided).
     pub(crate) pass_again: bool,
+    /// When each phase of the pass under way ended: the applied line says
+    /// where a pass's time went.
+    pub(crate) pass_marks: Vec<(&'static str, std::time::Instant)>,
     /// When a rollout wants a pass although nothing else changes (a pod
     /// reaching `minReadySeconds`, a progress deadline), seconds since the epoch.
     pub(crate) rollout_wake: Option<u64>,
@@ -155,6 +158,7 @@ impl Agent {
             services_input: None,
             older: std::collections::BTreeMap::new(),
             pass_again: false,
+            pass_marks: Vec::new(),
             rollout_wake: None,
         })
     }
