@@ -27,14 +27,16 @@ fn main() {
     let address: Ipv4Addr = args[1].parse().unwrap();
     let port: u16 = args[2].parse().unwrap();
     let seconds: u64 = args.get(3).map_or(30, |s| s.parse().unwrap());
-    let probe = |action| Probe {
-        action,
-        initial_delay_seconds: 0,
-        period_seconds: 1,
-        timeout_seconds: 1,
-        success_threshold: 1,
-        failure_threshold: 3,
-        termination_grace_period_seconds: None,
+    let probe = |action| {
+        Box::new(Probe {
+            action,
+            initial_delay_seconds: 0,
+            period_seconds: 1,
+            timeout_seconds: 1,
+            success_threshold: 1,
+            failure_threshold: 3,
+            termination_grace_period_seconds: None,
+        })
     };
     let since = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

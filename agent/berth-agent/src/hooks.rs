@@ -58,7 +58,7 @@ pub fn record(
                         PreStop {
                             pod: pod.id.to_string(),
                             container: unit.container.clone(),
-                            action: action.clone(),
+                            action: (**action).clone(),
                             grace_seconds: unit.grace_seconds,
                         },
                     );

@@ -308,7 +308,7 @@ fn the_prober_thread_turns_readiness_on_and_off_past_its_thresholds_and_wakes_th
         termination_grace_period_seconds: None,
     };
     let probes = Probes {
-        readiness: Some(readiness),
+        readiness: Some(Box::new(readiness)),
         ..Probes::default()
     };
     let (tx, rx) = std::sync::mpsc::channel();

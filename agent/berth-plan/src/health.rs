@@ -356,9 +356,9 @@ mod tests {
     #[test]
     fn startup_holds_the_others_and_delays_hold_every_probe() {
         let probes = Probes {
-            startup: Some(probe(10, 1, 3)),
-            liveness: Some(probe(0, 1, 1)),
-            readiness: Some(probe(5, 1, 1)),
+            startup: Some(Box::new(probe(10, 1, 3))),
+            liveness: Some(Box::new(probe(0, 1, 1))),
+            readiness: Some(Box::new(probe(5, 1, 1))),
         };
         let started_at = 100 * S;
         let mut h = ContainerHealth::new(&probes, started_at);
@@ -396,8 +396,8 @@ mod tests {
     fn a_failed_liveness_or_startup_probe_kills_once_and_holds() {
         let probes = Probes {
             startup: None,
-            liveness: Some(probe(0, 1, 2)),
-            readiness: Some(probe(0, 1, 1)),
+            liveness: Some(Box::new(probe(0, 1, 2))),
+            readiness: Some(Box::new(probe(0, 1, 1))),
         };
         let p = probes.liveness.clone().expect("liveness");
         let mut h = ContainerHealth::new(&probes, 0);
@@ -447,7 +447,7 @@ mod tests {
         // A failed startup probe kills too.
         let sp = probe(0, 1, 1);
         let with_startup = Probes {
-            startup: Some(sp.clone()),
+            startup: Some(Box::new(sp.clone())),
             ..Probes::default()
         };
         let mut s = ContainerHealth::new(&with_startup, 0);

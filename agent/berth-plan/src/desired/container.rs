@@ -308,7 +308,7 @@ fn properties(
     // process runs; the container is not active until it ends, and its
     // failure fails the start, so the restart policy restarts it: the
     // kubelet's semantics for an exec hook.
-    if let Some(berth_manifest::probe::Action::Exec { command }) = &c.hooks.post_start
+    if let Some(berth_manifest::probe::Action::Exec { command }) = c.hooks.post_start.as_deref()
         && let Some(program) = command.first()
     {
         p.insert(
