@@ -236,7 +236,10 @@ fn scenario() {
         // Each pass of the rollout, with where its time went.
         for (t, line) in journal(&vm) {
             if line.contains("actions applied") && line.contains(&rev[..12]) {
-                println!("pass at {t:.3}: {}", line.split("berth-agent").last().unwrap_or(&line));
+                println!(
+                    "pass at {t:.3}: {}",
+                    line.split("berth-agent").last().unwrap_or(&line)
+                );
             }
         }
         let mean = each.iter().sum::<f64>() / each.len().max(1) as f64;

@@ -667,7 +667,9 @@ fn reboot_mid_rollout(vm: Vm, git: &GitHost, options: &VmOptions) -> Vm {
     let (d, seconds) = rolled(&vm, &rolling, "after a reboot mid-rollout");
     let hash = d["templateHash"].as_str().unwrap_or_default().to_string();
     let units = echo_units(&vm);
-    println!("rebooted mid-rollout: complete {seconds:.1} s after the agent started; units {units:?}");
+    println!(
+        "rebooted mid-rollout: complete {seconds:.1} s after the agent started; units {units:?}"
+    );
     assert_eq!(units.len(), 2, "{units:?}");
     assert!(units.iter().all(|u| u.contains(&hash)), "{units:?}");
     let status = berth_qemu_tests::status_json(&vm.sh("berth status -o json")).expect("json");
