@@ -37,6 +37,12 @@ const PODS: &[(&str, &str)] = &[
         "pods/crasher.yaml",
         "apiVersion: v1\nkind: Pod\nmetadata: {name: crasher}\nspec:\n  containers:\n  - name: main\n    image: busybox:1.37\n    command: [sh, -c, \"exit 3\"]\n",
     ),
+    // Takes memory without bound: the kernel's OOM killer ends it at its
+    // limit, again and again.
+    (
+        "pods/hog.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: hog}\nspec:\n  containers:\n  - name: main\n    image: busybox:1.37\n    command: [sh, -c, \"cat /dev/zero | tail\"]\n    resources:\n      limits: {memory: 24Mi}\n",
+    ),
     (
         "pods/ghost.yaml",
         "apiVersion: v1\nkind: Pod\nmetadata: {name: ghost}\nspec:\n  containers:\n  - name: main\n    image: registry.example/ghost:1.0\n    imagePullPolicy: Never\n    command: [/ghost]\n",
@@ -66,6 +72,120 @@ const PODS: &[(&str, &str)] = &[
         "apiVersion: v1\nkind: Pod\nmetadata: {name: rootish}\nspec:\n  securityContext:\n    seccompProfile: {type: Unconfined}\n  containers:\n  - name: main\n    image: busybox:1.37\n    command: [sleep, \"1000000\"]\n    securityContext:\n      capabilities: {add: [SYS_ADMIN]}\n",
     ),
 ];
+
+/// An OOM-killed container shows `OOMKilled` with exit code 137 as its
+/// last state; the crash-looping pod's story is in `berth get events` and
+/// on the status branch, each repeat counted.
+fn oom_and_events(vm: &Vm, git: &GitHost) {
+    let pods = pods_until(vm, "the hog OOM-killed and restarted", SETTLE, |p| {
+        p["hog"]["containers"][0]["lastState"]["reason"] == "OOMKilled"
+    });
+    let hog = &pods["hog"]["containers"][0];
+    println!("hog: {hog}");
+    assert_eq!(hog["lastState"]["exitCode"], 137, "{hog}");
+    assert!(
+        hog["restartCount"].as_u64().is_some_and(|n| n >= 1),
+        "{hog}"
+    );
+    let text = sh(vm, "berth get pods");
+    assert!(
+        text.contains("default/hog main: last terminated OOMKilled (exit code 137)"),
+        "{text}"
+    );
+
+    // The crash loop's story: scheduled, created, started, backing off.
+    let end = Instant::now() + SETTLE;
+    let events = loop {
+        let events: Vec<serde_json::Value> =
+            serde_json::from_str(&sh(vm, "berth get events -o json")).expect("events as JSON");
+        let of = |object: &str, reason: &str| {
+            events
+                .iter()
+                .find(|e| e["object"] == object && e["reason"] == reason)
+                .cloned()
+        };
+        let backoff = of("Pod/default/crasher", "BackOff");
+        let oom = of("Pod/default/hog", "OOMKilling");
+        if backoff
+            .as_ref()
+            .is_some_and(|b| b["count"].as_u64() >= Some(2))
+            && oom.is_some()
+        {
+            break events;
+        }
+        assert!(
+            Instant::now() < end,
+            "no crash loop story: {}",
+            sh(vm, "berth get events")
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    println!("{}", sh(vm, "berth get events"));
+    let story: Vec<&str> = events
+        .iter()
+        .filter(|e| e["object"] == "Pod/default/crasher")
+        .filter_map(|e| e["reason"].as_str())
+        .collect();
+    for reason in ["Scheduled", "Created", "Started", "BackOff"] {
+        assert!(story.contains(&reason), "{reason} missing: {story:?}");
+    }
+    let backoff = events
+        .iter()
+        .find(|e| e["object"] == "Pod/default/crasher" && e["reason"] == "BackOff")
+        .expect("BackOff");
+    assert_eq!(backoff["type"], "Warning");
+    assert!(
+        backoff["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("code 3")),
+        "{backoff}"
+    );
+    // Counted, not repeated: one BackOff entry however often it backs off.
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["object"] == "Pod/default/crasher" && e["reason"] == "BackOff")
+            .count(),
+        1
+    );
+    assert!(backoff["lastTimestamp"].as_u64() > backoff["firstTimestamp"].as_u64());
+
+    // On the status branch: the last events of each pod.
+    let end = Instant::now() + SETTLE;
+    loop {
+        let doc = berth_git::publish::read_branch_file(
+            &git.dir.join("desired.git"),
+            "berth/status/pods",
+            "status.yaml",
+        )
+        .ok()
+        .flatten()
+        .and_then(|f| f.content)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+        let told = berth_agent::report::NodeStatusDoc::from_yaml(&doc).is_ok_and(|d| {
+            d.events
+                .get("Pod/default/hog")
+                .is_some_and(|e| e.iter().any(|e| e.reason == "OOMKilling"))
+                && d.pods.iter().any(|p| {
+                    p.name == "hog"
+                        && p.containers.iter().any(|c| {
+                            c.last_state.as_ref().is_some_and(|l| {
+                                l.reason == "OOMKilled" && l.exit_code == Some(137)
+                            })
+                        })
+                })
+        });
+        if told {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the status branch does not tell the OOM kill:\n{doc}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
 
 /// Runs a guest command that must succeed.
 fn sh(vm: &Vm, command: &str) -> String {
@@ -180,7 +300,7 @@ fn pushed_pods_run_as_units_with_their_qos_and_converge_after_restarts() {
 fn scenario() {
     let image = must(test_image());
     let git = must(GitHost::fresh("pods", "desired.git"));
-    let first = must(git.push(PODS, "nine pods and a secret"));
+    let first = must(git.push(PODS, "ten pods and a secret"));
 
     let mut options = VmOptions::new("pods");
     options.esp_config = Some(format!(
@@ -264,6 +384,7 @@ fn scenario() {
     );
     let crasher = &pods["crasher"]["containers"][0];
     assert_eq!(crasher["lastExitCode"], 3, "{crasher}");
+    oom_and_events(&vm, &git);
     let nobin = serde_json::to_string(&pods["nobin"]).unwrap();
     assert!(
         nobin.contains("203"),

@@ -97,6 +97,11 @@ pub struct Agent {
     /// When a rollout wants a pass although nothing else changes (a pod
     /// reaching `minReadySeconds`, a progress deadline), seconds since the epoch.
     pub(crate) rollout_wake: Option<u64>,
+    /// The node's event history (`events.json`), and whether it changed
+    /// since it was last written.
+    pub(crate) events: crate::events::EventLog,
+    pub(crate) event_store: crate::events::EventStore,
+    pub(crate) events_dirty: bool,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -132,6 +137,8 @@ impl Agent {
         std::fs::set_permissions(&paths.state_dir, std::fs::Permissions::from_mode(0o700))?;
         let store = StateStore::new(&paths.state_dir);
         let state = store.load();
+        let event_store = crate::events::EventStore::new(&paths.state_dir);
+        let events = event_store.load();
         Ok(Self {
             paths,
             store,
@@ -160,6 +167,9 @@ impl Agent {
             pass_again: false,
             pass_marks: Vec::new(),
             rollout_wake: None,
+            events,
+            event_store,
+            events_dirty: false,
         })
     }
 
@@ -313,6 +323,7 @@ impl Agent {
             }
         }
         self.mirror = Some(mirror);
+        self.flush_events();
         self.send_report(&config);
         (outcome, Some(config))
     }
@@ -479,6 +490,7 @@ impl Agent {
             healthy: self.state.last_healthy.as_ref(),
             rolled_back: self.state.rolled_back.as_ref(),
             deployments: &self.state.deployments,
+            events: &self.events,
             now: now_secs(),
         });
         publisher.send(Outgoing {

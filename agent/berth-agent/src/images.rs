@@ -16,9 +16,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::now_secs;
 use crate::config::ImageSettings;
+use crate::events::EventType;
 use crate::host::Runtime;
 use crate::log::Log;
 use crate::wake::Wake;
+
+/// A pull that began, ended or failed, for the events of the pods that use
+/// its image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullNotice {
+    pub reference: String,
+    pub kind: EventType,
+    pub reason: &'static str,
+    pub message: String,
+}
 
 /// Collection by age runs this often; by pressure, whenever the disk is full.
 const AGE_COLLECT_EVERY: Duration = Duration::from_secs(600);
@@ -143,7 +154,16 @@ impl Images {
     /// Carries out the plan's pulls (each a request the puller keeps to
     /// one download per image), and forgets the fresh pulls of `Always`
     /// containers no longer about to start.
-    pub fn pull(&mut self, settings: &ImageSettings, rt: &Runtime, plan: &NodePlan, log: &Log) {
+    /// Requests the pulls `plan` asks for; returns what changed since the
+    /// last call (pulls begun, done, failed), for the pods' events.
+    pub fn pull(
+        &mut self,
+        settings: &ImageSettings,
+        rt: &Runtime,
+        plan: &NodePlan,
+        log: &Log,
+    ) -> Vec<PullNotice> {
+        let mut notices = Vec::new();
         let puller = self.puller(settings, rt);
         let units: BTreeMap<&str, (&DesiredPod, &ContainerUnit)> = plan
             .pods
@@ -187,23 +207,55 @@ impl Images {
                 continue;
             }
             self.logged.insert(reference.clone(), key);
-            match status.phase {
+            let (kind, reason, message) = match status.phase {
                 PullPhase::Queued | PullPhase::Pulling => {
-                    log.info(&format!("pulling image {reference}"))
+                    log.info(&format!("pulling image {reference}"));
+                    (
+                        EventType::Normal,
+                        "Pulling",
+                        format!("Pulling image {reference:?}"),
+                    )
                 }
-                PullPhase::Done => log.info(&format!(
-                    "pulled image {reference} ({}, {} downloaded)",
-                    status.manifest.as_deref().unwrap_or("?"),
-                    megabytes(status.bytes_total)
-                )),
-                PullPhase::Failed => log.error(&format!(
-                    "pulling image {reference} failed (attempt {}; next in {}s): {}",
-                    status.failures,
-                    status.retry_at.saturating_sub(now),
-                    status.error.as_deref().unwrap_or("?")
-                )),
-            }
+                PullPhase::Done => {
+                    log.info(&format!(
+                        "pulled image {reference} ({}, {} downloaded)",
+                        status.manifest.as_deref().unwrap_or("?"),
+                        megabytes(status.bytes_total)
+                    ));
+                    (
+                        EventType::Normal,
+                        "Pulled",
+                        format!(
+                            "Successfully pulled image {reference:?} ({} downloaded)",
+                            megabytes(status.bytes_total)
+                        ),
+                    )
+                }
+                PullPhase::Failed => {
+                    log.error(&format!(
+                        "pulling image {reference} failed (attempt {}; next in {}s): {}",
+                        status.failures,
+                        status.retry_at.saturating_sub(now),
+                        status.error.as_deref().unwrap_or("?")
+                    ));
+                    (
+                        EventType::Warning,
+                        "Failed",
+                        format!(
+                            "Failed to pull image {reference:?}: {}",
+                            status.error.as_deref().unwrap_or("?")
+                        ),
+                    )
+                }
+            };
+            notices.push(PullNotice {
+                reference,
+                kind,
+                reason,
+                message,
+            });
         }
+        notices
     }
 
     /// What status shows: pulls not yet done well.

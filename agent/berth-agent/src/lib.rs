@@ -14,6 +14,7 @@ pub mod agent;
 mod clock;
 pub mod config;
 pub mod drift;
+pub mod events;
 pub mod grpc;
 pub mod hooks;
 pub mod host;

@@ -243,12 +243,14 @@ impl Agent {
                 self.paths.state_dir.display()
             ));
         }
+        self.eviction_events(&plan);
         self.record_plan_problems(&plan);
         // A shutdown under way fails starts: no ground to judge a revision.
         let judge = !rt.systemd.shutting_down();
         self.record_rollouts(config, &loaded.revision, &plan, judge);
         // Apply: the pulls, then the units.
-        self.images.pull(&config.images, rt, &plan, &self.log);
+        let pulls = self.images.pull(&config.images, rt, &plan, &self.log);
+        self.pull_events(&plan, pulls);
         let units_to_apply = plan.plan.actions.iter().any(|a| a.verb != Verb::Pull);
         let mut report = if !units_to_apply && self.state.failures.is_empty() {
             self.last_logged_plan.clear();
@@ -366,6 +368,7 @@ impl Agent {
         }
         let excess = self.state.healed.len().saturating_sub(state::HEALED_KEPT);
         self.state.healed.drain(..excess);
+        self.pass_events(&plan, &report, &node.name);
         self.state.failures = report.failed;
         self.begin_kills(&plan, &report.done, &actual, now);
         // The running containers with probes first: one the prober did not
@@ -375,10 +378,12 @@ impl Agent {
         if let Some(prober) = &self.prober {
             let health = prober.health();
             self.log_readiness(&health);
+            self.probe_events(&health);
             self.state.health = health;
         }
         self.state.probed = probed_units(&plan.pods);
         let mut pods = self.state.pod_statuses(observed, &rt.cgroup_root);
+        self.lifecycle_events(&mut pods, now);
         self.state.stamp_transitions(&mut pods, now);
         let service_diagnostics = service_diagnostics(&plan);
         self.program_services(&plan.services, &plan.pods, &service_diagnostics, &pods, now);
@@ -1050,6 +1055,7 @@ impl Agent {
             needs_pass || rolling && readiness(&health) != readiness(&self.state.health);
         if health != self.state.health {
             self.log_readiness(&health);
+            self.probe_events(&health);
             self.state.health = health;
             let mut pods = std::mem::take(&mut self.pods);
             for p in &mut pods {
@@ -1062,6 +1068,7 @@ impl Agent {
             }
             self.pods = pods;
             let _ = self.store.save(&self.state);
+            self.flush_events();
             if let Some(config) = config {
                 self.send_report(config);
             }

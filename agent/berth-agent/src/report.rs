@@ -45,6 +45,9 @@ pub struct NodeStatusDoc {
     /// make every poll a change.
     #[serde(default, skip_serializing_if = "is_default")]
     pub images: ImagesSection,
+    /// The last events of each object (`berth get events` has them all).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub events: BTreeMap<String, Vec<crate::events::Event>>,
     /// When this document was written (changes on every heartbeat).
     pub heartbeat: String,
 }
@@ -127,6 +130,7 @@ pub struct Inputs<'a> {
     pub healthy: Option<&'a RevisionRecord>,
     pub rolled_back: Option<&'a crate::state::RollbackRecord>,
     pub deployments: &'a [berth_plan::rollout::DeploymentStatus],
+    pub events: &'a crate::events::EventLog,
     pub now: u64,
 }
 
@@ -241,6 +245,9 @@ pub fn build(inputs: &Inputs<'_>) -> NodeStatusDoc {
         errors: inputs.errors.to_vec(),
         pods,
         deployments: inputs.deployments.to_vec(),
+        events: inputs
+            .events
+            .last_per_object(crate::events::EVENTS_PER_OBJECT_IN_STATUS),
         drift: DriftSection {
             policy: inputs.policy,
             count: inputs.drift.len(),
@@ -321,6 +328,12 @@ impl NodeStatusDoc {
         }
         for s in &mut quiet.network.services {
             s.endpoints.clear();
+        }
+        // A repeated event (a crash loop's next BackOff, a probe failing
+        // again) rides along with the next commit; a new one is news.
+        for e in quiet.events.values_mut().flatten() {
+            e.count = 0;
+            e.last_timestamp = 0;
         }
         serde_json::to_string(&quiet).unwrap_or_default()
     }

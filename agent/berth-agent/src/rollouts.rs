@@ -161,6 +161,14 @@ impl Agent {
                     Level::Info
                 };
                 self.log.pod(level, &d.deployment, "", &line);
+                if let Some(c) = d.conditions.iter().find(|c| c.type_ == "Progressing") {
+                    let kind = if d.failed.is_some() {
+                        crate::events::EventType::Warning
+                    } else {
+                        crate::events::EventType::Normal
+                    };
+                    self.deployment_event(&d.deployment, kind, &c.reason, &c.message);
+                }
             }
         }
         self.state.rollouts = plan.rollouts.clone();
@@ -230,6 +238,24 @@ impl Agent {
                         "rollout.autoRollback is off, so it stays"
                     }
                 )),
+            }
+            for d in plan.deployments.iter().filter(|d| d.failed.is_some()) {
+                self.deployment_event(
+                    &d.deployment,
+                    crate::events::EventType::Warning,
+                    "RolledBack",
+                    &match &back_to {
+                        Some(h) => format!(
+                            "revision {} failed its rollout; back to {}, the last revision healthy on this node",
+                            short(revision),
+                            short(&h.revision)
+                        ),
+                        None => format!(
+                            "revision {} failed its rollout; it stays (no healthy revision to return to, or rollout.autoRollback is off)",
+                            short(revision)
+                        ),
+                    },
+                );
             }
             self.state.rolled_back = Some(RollbackRecord {
                 revision: revision.to_string(),

@@ -88,6 +88,10 @@ pub struct AgentState {
     /// Each Deployment's status after the last pass.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deployments: Vec<berth_plan::rollout::DeploymentStatus>,
+    /// What the node last saw of each container (restarts, OOM kills) and
+    /// how each last ended: `lastState` in status.
+    #[serde(default)]
+    pub lifecycle: crate::events::Lifecycle,
     /// Revisions applied here, newest first, whose Deployment pods may
     /// still run: a rollout keeps those pods as these revisions made them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -220,6 +224,7 @@ impl AgentState {
             p.pod_ip = self.network.pod_ips.get(&key).cloned();
             self.health_of(p);
         }
+        self.lifecycle.annotate(&mut pods);
         for n in &self.not_admitted {
             let (ns, name) = n.pod.split_once('/').unwrap_or(("", &n.pod));
             pods.push(berth_runtime::status::PodStatus::not_admitted(
@@ -327,6 +332,12 @@ pub const PLAN_FILE: &str = "plan.json";
 
 fn write_json(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
     write_file(path, value, true)
+}
+
+/// Written whole (a reader never sees half a file) but not synced: for
+/// records a power cut may lose the last of (events).
+pub(crate) fn write_unsynced(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+    write_file(path, value, false)
 }
 
 /// Written to a temporary file and renamed over, so a reader never sees

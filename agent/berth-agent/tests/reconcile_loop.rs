@@ -1751,3 +1751,75 @@ fn a_recreated_deployments_old_pods_stop_before_a_new_one_starts() {
         "{calls:#?}"
     );
 }
+
+#[test]
+fn a_pods_story_is_told_in_events_counted_not_repeated() {
+    let node = Node::new("events");
+    node.commit(&[
+        ("pods/c.yaml", Some(pod("c", "sleep, \"100\"", ""))),
+        ("pods/keep.yaml", Some(pod("keep", "sleep, \"100\"", ""))),
+    ]);
+    let mut agent = node.agent();
+    agent.pass(true);
+    let events = || berth_agent::events::EventStore::new(&node.dir.join("state")).load();
+    let story = |object: &str| -> Vec<(String, u64)> {
+        events()
+            .events()
+            .filter(|e| e.object == object)
+            .map(|e| (e.reason.clone(), e.count))
+            .collect()
+    };
+    assert_eq!(
+        story("Pod/default/c"),
+        [
+            ("Scheduled".to_string(), 1),
+            ("Created".to_string(), 1),
+            ("Started".to_string(), 1)
+        ]
+    );
+    // The container exits (3) and systemd restarts it, twice.
+    for _ in 0..2 {
+        node.systemd.exit_main("berth-default_c_main.service", 3);
+        agent.pass(false);
+    }
+    let backoff = events()
+        .events()
+        .find(|e| e.object == "Pod/default/c" && e.reason == "BackOff")
+        .cloned()
+        .expect("a BackOff event");
+    assert_eq!(backoff.count, 2, "{backoff:?}");
+    assert!(backoff.message.contains("code 3"), "{}", backoff.message);
+    assert_eq!(
+        story("Pod/default/c")
+            .iter()
+            .filter(|(r, _)| r == "BackOff")
+            .count(),
+        1
+    );
+    // The last state is on the pod's status, and the agent restarted does
+    // not tell the old restarts again.
+    let state = berth_agent::state::StateStore::new(&node.dir.join("state")).load();
+    let mark = &state.lifecycle.containers["berth-default_c_main.service"];
+    assert_eq!(
+        mark.last.as_ref().map(|l| (l.reason.as_str(), l.exit_code)),
+        Some(("Error", Some(3)))
+    );
+    drop(agent);
+    let mut agent = node.agent();
+    agent.pass(false);
+    assert_eq!(
+        events()
+            .events()
+            .find(|e| e.reason == "BackOff")
+            .map(|e| e.count),
+        Some(2)
+    );
+    // Removed from Git: the pod's containers are stopped, and said so.
+    node.commit(&[("pods/c.yaml", None)]);
+    agent.pass(true);
+    assert!(
+        story("Pod/default/c").iter().any(|(r, _)| r == "Killing"),
+        "{:?}",
+        story("Pod/default/c")
+    );
+}

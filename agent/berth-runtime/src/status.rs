@@ -62,6 +62,24 @@ pub struct ContainerStatus {
     /// Why the node last killed it (a failed probe), with when.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_kill: Option<String>,
+    /// How its previous run ended (Kubernetes' `lastState.terminated`):
+    /// `OOMKilled` with code 137 when the kernel's OOM killer ended it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_state: Option<LastState>,
+}
+
+/// A container's previous run's end, as `lastState.terminated` says it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LastState {
+    /// `OOMKilled`, `Error`, `Completed`.
+    pub reason: String,
+    /// Absent when the node did not see the exit (the container was
+    /// already running again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Seconds since the epoch: when the node saw it.
+    pub finished_at: u64,
 }
 
 /// One probe of a running container, as status shows it.
@@ -384,6 +402,7 @@ pub fn pod_statuses(
                 started: None,
                 probes: Vec::new(),
                 last_kill: None,
+                last_state: None,
             });
         }
     }

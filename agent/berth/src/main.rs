@@ -137,13 +137,17 @@ enum Command {
     },
     /// Show pods like `kubectl get pods -o wide`, read live from systemd.
     Get {
-        /// `pods` or `deployments`.
-        #[arg(value_parser = ["pods", "pod", "po", "deployments", "deployment", "deploy"])]
+        /// `pods`, `deployments` or `events`.
+        #[arg(value_parser = ["pods", "pod", "po", "deployments", "deployment", "deploy", "events", "event", "ev"])]
         kind: String,
         #[command(flatten)]
         dirs: AgentDirs,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
         output: Output,
+        /// Events: after the list, print each new or repeated event as it
+        /// happens, until interrupted.
+        #[arg(short = 'w', long)]
+        watch: bool,
     },
     /// Runs Berth's systemd contract cases against this machine's PID 1
     /// (the QEMU tier uses it to keep the in-memory fake honest).
@@ -311,12 +315,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => status_from_git(&repo, node.as_deref(), output),
         Command::Status { dirs, output, .. } => status(&dirs, output, true),
         Command::Drift { from_git, node } => drift_from_git(&from_git, &node),
-        Command::Get { dirs, output, kind } if kind.starts_with("deploy") => {
+        Command::Get {
+            watch: true, kind, ..
+        } if !kind.starts_with("ev") => {
+            anyhow::bail!("--watch is for `berth get events`")
+        }
+        Command::Get {
+            dirs, output, kind, ..
+        } if kind.starts_with("deploy") => {
             let paths = agent_paths(&dirs)?;
             let state = berth_agent::state::StateStore::new(&paths.state_dir).load();
             render::print_deployments(&state.deployments, output)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Get {
+            dirs,
+            output,
+            kind,
+            watch,
+        } if kind.starts_with("ev") => events(&dirs, output, watch),
         Command::Get { dirs, output, .. } => status(&dirs, output, false),
         Command::SystemdContract => systemd_contract(),
         Command::StorageContract { dir } => storage_contract(&dir),
@@ -580,6 +597,43 @@ fn status(dirs: &AgentDirs, output: Output, with_agent: bool) -> anyhow::Result<
         render::print_pods(&pods, &node, now_usec, output)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `berth get events [-w]`: the node's event history, oldest first; with
+/// `-w`, then each event as it is recorded or repeated.
+fn events(dirs: &AgentDirs, output: Output, watch: bool) -> anyhow::Result<ExitCode> {
+    let paths = agent_paths(dirs)?;
+    let store = berth_agent::events::EventStore::new(&paths.state_dir);
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    let log = store.load();
+    let all: Vec<&berth_agent::events::Event> = log.events().collect();
+    render::print_events(&all, now(), output, true)?;
+    if !watch {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // What was shown, by object, reason and message: its count.
+    let key =
+        |e: &berth_agent::events::Event| (e.object.clone(), e.reason.clone(), e.message.clone());
+    let mut shown: std::collections::HashMap<(String, String, String), u64> =
+        log.events().map(|e| (key(e), e.count)).collect();
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let log = store.load();
+        let fresh: Vec<&berth_agent::events::Event> = log
+            .events()
+            .filter(|e| shown.get(&key(e)) != Some(&e.count))
+            .collect();
+        if !fresh.is_empty() {
+            render::print_events(&fresh, now(), output, false)?;
+            for e in fresh {
+                shown.insert(key(e), e.count);
+            }
+        }
+    }
 }
 
 fn status_from_git(repo: &Path, node: Option<&str>, output: Output) -> anyhow::Result<ExitCode> {

@@ -461,7 +461,27 @@ pub fn print_pods(
         writeln!(out, "No pods on this node.")?;
         return Ok(());
     }
-    Ok(write_table(&mut out, &rows)?)
+    write_table(&mut out, &rows)?;
+    // How containers that restarted last ended (`lastState.terminated`).
+    let now = now_usec / 1_000_000;
+    for p in pods {
+        for c in &p.containers {
+            if let Some(l) = &c.last_state {
+                writeln!(
+                    out,
+                    "{}/{} {}: last terminated {}{}, {} ago",
+                    p.namespace,
+                    p.name,
+                    c.name,
+                    l.reason,
+                    l.exit_code
+                        .map_or(String::new(), |code| format!(" (exit code {code})")),
+                    age(now.saturating_sub(l.finished_at))
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Rows in columns as wide as their widest cell, three spaces apart
@@ -717,6 +737,50 @@ pub fn print_deployments(deployments: &[DeploymentStatus], output: Output) -> an
             )?;
         }
     }
+    Ok(())
+}
+
+/// `berth get events`: kubectl's columns; a repeated event says how often
+/// and over how long.
+pub fn print_events(
+    events: &[&berth_agent::events::Event],
+    now: u64,
+    output: Output,
+    header: bool,
+) -> anyhow::Result<()> {
+    if output != Output::Text {
+        return emit(&events, output);
+    }
+    let mut out = io::stdout().lock();
+    if events.is_empty() && header {
+        writeln!(out, "No events on this node.")?;
+        return Ok(());
+    }
+    let mut rows = Vec::new();
+    if header {
+        rows.push(["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"].map(String::from));
+    }
+    for e in events {
+        let seen = age(now.saturating_sub(e.last_timestamp));
+        let seen = if e.count > 1 {
+            format!(
+                "{seen} (x{} over {})",
+                e.count,
+                age(e.last_timestamp.saturating_sub(e.first_timestamp))
+            )
+        } else {
+            seen
+        };
+        rows.push([
+            seen,
+            format!("{:?}", e.kind),
+            e.reason.clone(),
+            e.object.clone(),
+            e.message.clone(),
+        ]);
+    }
+    write_table(&mut out, &rows)?;
+    out.flush()?;
     Ok(())
 }
 
