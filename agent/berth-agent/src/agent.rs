@@ -102,6 +102,10 @@ pub struct Agent {
     pub(crate) events: crate::events::EventLog,
     pub(crate) event_store: crate::events::EventStore,
     pub(crate) events_dirty: bool,
+    /// Node pressure between passes: soft thresholds' clocks, the signals
+    /// under pressure, the thresholds in force.
+    pub(crate) pressure: crate::pressure::PressureWatch,
+    pub(crate) eviction: berth_plan::pressure::Thresholds,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -142,7 +146,6 @@ impl Agent {
         Ok(Self {
             paths,
             store,
-            state,
             log,
             runtime,
             mirror: None,
@@ -170,6 +173,9 @@ impl Agent {
             events,
             event_store,
             events_dirty: false,
+            pressure: crate::pressure::PressureWatch::resumed(state.pressured.clone()),
+            eviction: berth_plan::pressure::Thresholds::default(),
+            state,
         })
     }
 
@@ -491,6 +497,8 @@ impl Agent {
             rolled_back: self.state.rolled_back.as_ref(),
             deployments: &self.state.deployments,
             events: &self.events,
+            eviction: &config.eviction,
+            pressured: &self.state.pressured,
             now: now_secs(),
         });
         publisher.send(Outgoing {
@@ -593,22 +601,38 @@ impl Agent {
     /// [`STORAGE_CHECK`] meanwhile: one over a limit ends the wait as a
     /// unit change would (a pass without fetching, which evicts it).
     fn wait_watching_storage(
-        &self,
+        &mut self,
         total: Duration,
         notifier: &Notifier,
         wake: &Receiver<Wake>,
     ) -> Option<Wake> {
         let end = Instant::now() + total;
+        let mut storage_at = Instant::now() + STORAGE_CHECK;
         loop {
             let left = end.saturating_duration_since(Instant::now());
-            if self.storage_watch.is_empty() || left <= STORAGE_CHECK {
+            // Memory is looked at every PRESSURE_CHECK, storage limits every
+            // STORAGE_CHECK (measuring a pod's disk costs more).
+            let step = crate::pressure::PRESSURE_CHECK;
+            if left <= step {
                 return wait_for_wake(left, notifier, wake);
             }
-            if let Some(woke) = wait_for_wake(STORAGE_CHECK, notifier, wake) {
+            if let Some(woke) = wait_for_wake(step, notifier, wake) {
                 return Some(woke);
             }
-            if self.storage_over_limits() {
-                return Some(Wake::UnitChanged);
+            if self.runtime.is_some() {
+                let (wake_now, why) = self.pressure.wants_pass(&self.eviction);
+                if let Some(why) = why {
+                    self.log.warn(&why);
+                }
+                if wake_now {
+                    return Some(Wake::UnitChanged);
+                }
+            }
+            if Instant::now() >= storage_at {
+                storage_at = Instant::now() + STORAGE_CHECK;
+                if !self.storage_watch.is_empty() && self.storage_over_limits() {
+                    return Some(Wake::UnitChanged);
+                }
             }
         }
     }

@@ -234,16 +234,14 @@ impl Lifecycle {
                 .map(|c| c.name.as_str())
                 .collect();
             if new_ooms > 0 {
-                let whose = match restarted.as_slice() {
-                    [] => String::new(),
-                    names => format!(" (container {})", names.join(", ")),
-                };
+                // The same words each time, so repeats are counted: which
+                // container it was shows in its last state and BackOff.
                 found.push(Found {
                     object: object.clone(),
                     kind: EventType::Warning,
                     reason: "OOMKilling",
                     message: format!(
-                        "Memory cgroup out of memory: the kernel killed a process of pod {key}{whose}"
+                        "Memory cgroup out of memory: the kernel killed a process of pod {key}"
                     ),
                     times: new_ooms,
                 });
@@ -751,9 +749,9 @@ mod tests {
         let reasons: Vec<&str> = found.iter().map(|f| f.reason).collect();
         assert_eq!(reasons, ["OOMKilling", "BackOff"]);
         assert!(
-            found[0].message.contains("(container main)"),
+            found[1].message.contains("OOMKilled, code 137"),
             "{}",
-            found[0].message
+            found[1].message
         );
         let mut pods = vec![pod(1, 1, running())];
         life.annotate(&mut pods);

@@ -24,6 +24,7 @@ mod limits;
 pub mod log;
 pub mod network;
 pub mod notify;
+pub mod pressure;
 pub mod probe_io;
 pub mod prober;
 pub mod publisher;

@@ -210,6 +210,33 @@ impl Agent {
                 pods.entry(pod).or_default().health = containers;
             }
         }
+        // Node pressure: the signals now, and (when memory is short) each
+        // pod's working set, read from its slice's cgroup.
+        self.eviction = config.eviction.clone();
+        let slices: BTreeMap<&str, &str> = desired
+            .pods
+            .iter()
+            .filter_map(|p| {
+                let u = observed.units.get(p.slice.name.as_str())?;
+                Some((p.slice.name.as_str(), u.runtime.control_group.as_str()))
+            })
+            .collect();
+        let pressure = self.pressure.fact(
+            &config.eviction,
+            crate::pressure::measure(&self.paths.state_dir),
+            now,
+            || {
+                desired
+                    .pods
+                    .iter()
+                    .filter_map(|p| {
+                        let cgroup = slices.get(p.slice.name.as_str())?;
+                        let bytes = crate::pressure::working_set(&rt.cgroup_root, cgroup)?;
+                        Some((p.id.to_string(), bytes))
+                    })
+                    .collect()
+            },
+        );
         let actual = ActualState {
             node: Some(node.clone()),
             observed_at: now,
@@ -221,6 +248,7 @@ impl Agent {
             environment_digests: false,
             evictions: self.state.evictions.clone(),
             rollouts: self.state.rollouts.clone(),
+            pressure: Some(pressure),
         };
         let plan = berth_plan::plan_desired(
             desired,
@@ -245,6 +273,26 @@ impl Agent {
         }
         self.eviction_events(&plan);
         self.record_plan_problems(&plan);
+        if plan.pressured != self.pressure.pressured {
+            for signal in &plan.pressured {
+                if !self.pressure.pressured.contains(signal) {
+                    self.log.warn(&format!(
+                        "node condition {} is true: {signal} is under its eviction threshold",
+                        signal.condition()
+                    ));
+                }
+            }
+            for signal in &self.pressure.pressured {
+                if !plan.pressured.contains(signal) {
+                    self.log.info(&format!(
+                        "node condition {} is false again: {signal} reclaimed",
+                        signal.condition()
+                    ));
+                }
+            }
+        }
+        self.pressure.pressured.clone_from(&plan.pressured);
+        self.state.pressured.clone_from(&plan.pressured);
         // A shutdown under way fails starts: no ground to judge a revision.
         let judge = !rt.systemd.shutting_down();
         self.record_rollouts(config, &loaded.revision, &plan, judge);

@@ -131,6 +131,10 @@ pub struct Inputs<'a> {
     pub rolled_back: Option<&'a crate::state::RollbackRecord>,
     pub deployments: &'a [berth_plan::rollout::DeploymentStatus],
     pub events: &'a crate::events::EventLog,
+    /// The eviction thresholds, and the signals the last pass found under
+    /// pressure: the node's pressure conditions.
+    pub eviction: &'a berth_plan::pressure::Thresholds,
+    pub pressured: &'a [berth_plan::pressure::Signal],
     pub now: u64,
 }
 
@@ -164,10 +168,6 @@ fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
 }
 
-/// The kubelet's default hard eviction thresholds.
-const MEMORY_AVAILABLE_MIN: u64 = 100 * 1024 * 1024;
-const DISK_AVAILABLE_MIN_PERCENT: u64 = 10;
-
 pub fn build(inputs: &Inputs<'_>) -> NodeStatusDoc {
     let mut capacity = BTreeMap::new();
     capacity.insert(
@@ -179,49 +179,49 @@ pub fn build(inputs: &Inputs<'_>) -> NodeStatusDoc {
         berth_manifest::quantity::format_bytes(inputs.memory_bytes),
     );
     let mut conditions = vec![ready(inputs)];
-    conditions.push(match memory_available() {
-        Some(avail) if avail < MEMORY_AVAILABLE_MIN => condition(
-            "MemoryPressure",
-            true,
-            "NodeHasInsufficientMemory",
-            format!(
-                "{} available",
-                berth_manifest::quantity::format_bytes(avail)
-            ),
-        ),
-        Some(_) => condition(
-            "MemoryPressure",
-            false,
-            "NodeHasSufficientMemory",
-            String::new(),
-        ),
-        None => condition(
-            "MemoryPressure",
-            false,
-            "Unknown",
-            "cannot read /proc/meminfo".into(),
-        ),
-    });
-    conditions.push(match disk_available_percent(inputs.state_dir) {
-        Some(p) if p < DISK_AVAILABLE_MIN_PERCENT => condition(
-            "DiskPressure",
-            true,
-            "NodeHasDiskPressure",
-            format!("{p}% free on {}", inputs.state_dir.display()),
-        ),
-        Some(_) => condition(
-            "DiskPressure",
-            false,
-            "NodeHasNoDiskPressure",
-            String::new(),
-        ),
-        None => condition(
-            "DiskPressure",
-            false,
-            "Unknown",
-            format!("cannot stat {}", inputs.state_dir.display()),
-        ),
-    });
+    // Memory, disk and PIDs: true while the node is under the signal's
+    // eviction threshold (or has not yet reclaimed past it).
+    let measured = crate::pressure::measure(inputs.state_dir);
+    for signal in berth_plan::pressure::Signal::ALL {
+        let kind = signal.condition();
+        let (sufficient, insufficient) = match signal {
+            berth_plan::pressure::Signal::MemoryAvailable => {
+                ("NodeHasSufficientMemory", "NodeHasInsufficientMemory")
+            }
+            berth_plan::pressure::Signal::NodefsAvailable => {
+                ("NodeHasNoDiskPressure", "NodeHasDiskPressure")
+            }
+            berth_plan::pressure::Signal::PidAvailable => {
+                ("NodeHasSufficientPID", "NodeHasInsufficientPID")
+            }
+        };
+        conditions.push(match measured.get(&signal) {
+            None => condition(kind, false, "Unknown", format!("cannot measure {signal}")),
+            Some(m) => {
+                let threshold = inputs
+                    .eviction
+                    .hard
+                    .get(&signal)
+                    .map(|a| a.of(m.capacity))
+                    .unwrap_or(0);
+                let show = |v: u64| match signal {
+                    berth_plan::pressure::Signal::PidAvailable => v.to_string(),
+                    _ => berth_manifest::quantity::format_bytes(v),
+                };
+                let message = format!(
+                    "{signal}: {} of {} (eviction threshold {})",
+                    show(m.available),
+                    show(m.capacity),
+                    show(threshold)
+                );
+                if inputs.pressured.contains(&signal) || m.available < threshold {
+                    condition(kind, true, insufficient, message)
+                } else {
+                    condition(kind, false, sufficient, message)
+                }
+            }
+        });
+    }
     let mut pods = inputs.pods.to_vec();
     pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     NodeStatusDoc {
@@ -290,21 +290,6 @@ fn ready(inputs: &Inputs<'_>) -> Condition {
         ),
         (Some(_), None) => condition("Ready", true, "AgentReady", String::new()),
     }
-}
-
-fn memory_available() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-fn disk_available_percent(path: &Path) -> Option<u64> {
-    let st = rustix::fs::statvfs(path).ok()?;
-    if st.f_blocks == 0 {
-        return None;
-    }
-    Some(st.f_bavail * 100 / st.f_blocks)
 }
 
 impl NodeStatusDoc {

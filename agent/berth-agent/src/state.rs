@@ -92,6 +92,10 @@ pub struct AgentState {
     /// how each last ended: `lastState` in status.
     #[serde(default)]
     pub lifecycle: crate::events::Lifecycle,
+    /// The signals under pressure after the last pass: evicted replicas
+    /// stay down while they are, across a restart of the agent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pressured: Vec<berth_plan::pressure::Signal>,
     /// Revisions applied here, newest first, whose Deployment pods may
     /// still run: a rollout keeps those pods as these revisions made them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -58,6 +58,10 @@ pub struct ActualState {
     /// The rollouts the agent keeps (see [`crate::rollout::RolloutRecord`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rollouts: Vec<crate::rollout::RolloutRecord>,
+    /// The node's pressure signals and eviction thresholds, when the agent
+    /// measured them (see [`crate::pressure`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pressure: Option<crate::pressure::NodePressure>,
 }
 
 impl ActualState {

@@ -103,15 +103,33 @@ pub struct Eviction {
     pub message: String,
     /// The pod as desired when it was evicted (see [`pod_digest`]).
     pub digest: String,
-    /// A Deployment's replica: started again after [`REPLICA_RESTART_SECS`].
+    /// A Deployment's replica: started again after [`REPLICA_RESTART_SECS`],
+    /// or, evicted for node pressure, once the pressure is gone.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub replica: bool,
+    /// The signal a node-pressure eviction relieved (absent for a pod over
+    /// its own storage limits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pressure: Option<crate::pressure::Signal>,
 }
 
 impl Eviction {
-    /// Whether the eviction still keeps `pod` (desired as `digest`) down at `now`.
-    pub fn holds(&self, digest: &str, now: u64) -> bool {
-        self.digest == digest && !(self.replica && now >= self.at + REPLICA_RESTART_SECS)
+    /// Whether the eviction still keeps `pod` (desired as `digest`) down at
+    /// `now`; `pressured` says whether a signal is still under pressure.
+    pub fn holds(
+        &self,
+        digest: &str,
+        now: u64,
+        pressured: &dyn Fn(crate::pressure::Signal) -> bool,
+    ) -> bool {
+        if self.digest != digest {
+            return false;
+        }
+        match (self.replica, self.pressure) {
+            (false, _) => true,
+            (true, Some(signal)) => pressured(signal),
+            (true, None) => now < self.at + REPLICA_RESTART_SECS,
+        }
     }
 }
 
@@ -261,14 +279,28 @@ mod tests {
             message: "m".into(),
             digest: "d1".into(),
             replica: false,
+            pressure: None,
         };
-        assert!(e.holds("d1", 1_000_000));
-        assert!(!e.holds("d2", 1001));
+        assert!(e.holds("d1", 1_000_000, &|_| false));
+        assert!(!e.holds("d2", 1001, &|_| false));
         let r = Eviction {
             replica: true,
             ..e.clone()
         };
-        assert!(r.holds("d1", 1000 + REPLICA_RESTART_SECS - 1));
-        assert!(!r.holds("d1", 1000 + REPLICA_RESTART_SECS));
+        assert!(r.holds("d1", 1000 + REPLICA_RESTART_SECS - 1, &|_| false));
+        assert!(!r.holds("d1", 1000 + REPLICA_RESTART_SECS, &|_| false));
+        // A replica evicted for memory stays down while the memory is short,
+        // whatever the time; a bare pod until Git changes it.
+        let m = Eviction {
+            pressure: Some(crate::pressure::Signal::MemoryAvailable),
+            ..r.clone()
+        };
+        assert!(m.holds("d1", 1_000_000, &|_| true));
+        assert!(!m.holds("d1", 1001, &|_| false));
+        let bare = Eviction {
+            replica: false,
+            ..m.clone()
+        };
+        assert!(bare.holds("d1", 1_000_000, &|_| false));
     }
 }

@@ -22,6 +22,7 @@ pub mod node;
 pub mod pipeline;
 pub mod plan;
 pub mod podsecurity;
+pub mod pressure;
 pub mod reason;
 pub mod resources;
 pub mod rollout;

@@ -29,6 +29,7 @@ use crate::images::ImageCatalog;
 use crate::node::NodeInfo;
 use crate::plan::{self, Plan, PlanInput, Protection};
 use crate::podsecurity;
+use crate::pressure;
 use crate::rollout::{self, DeploymentStatus, RolloutRecord, Steering};
 use crate::select::{self, NotHere};
 use crate::services::{self, ServicePlan};
@@ -78,6 +79,10 @@ pub struct NodePlan {
     /// reaching `minReadySeconds`, a progress deadline), seconds since the epoch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wake_at: Option<u64>,
+    /// The signals under pressure after this pass (their node conditions
+    /// are true): the agent hands them back with the next measures.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pressured: Vec<pressure::Signal>,
 }
 
 /// The node as Git wants it, before it is compared with what runs.
@@ -233,6 +238,7 @@ pub fn desire_with(
     revision: &str,
 ) -> DesiredNode {
     let (units, kept, now) = (&actual.units, &actual.evictions, actual.observed_at);
+    let node_pressure = actual.pressure.as_ref();
     let index = Index::new(catalog);
     let selection = select::select(catalog, node);
     let ctx = Context::new(catalog, node, images);
@@ -362,7 +368,8 @@ pub fn desire_with(
         let Some(e) = kept.iter().find(|e| e.pod == key) else {
             return true;
         };
-        if !e.holds(&ephemeral::pod_digest(pod), now) {
+        let pressured = |signal| node_pressure.is_some_and(|p| p.pressured(signal, now));
+        if !e.holds(&ephemeral::pod_digest(pod), now, &pressured) {
             return true;
         }
         evicted.push(evicted_pod(pod, &e.message));
@@ -433,12 +440,54 @@ fn evict_over_limits(desired: &mut DesiredNode, actual: &ActualState) {
                     message: message.clone(),
                     digest: ephemeral::pod_digest(&pod),
                     replica: pod.source.kind == "Deployment",
+                    pressure: None,
                 });
                 desired.not_admitted.push(evicted_pod(&pod, &message));
             }
         }
     }
     desired.pods = kept;
+}
+
+/// Stage 2's second step: when a memory threshold is met, the one pod the
+/// kubelet's order picks leaves the desired node and is recorded as
+/// evicted; a hard threshold kills it at once (`immediate`).
+fn evict_under_pressure(
+    desired: &mut DesiredNode,
+    actual: &ActualState,
+    immediate: &mut BTreeSet<String>,
+) -> Vec<pressure::Signal> {
+    let Some(p) = &actual.pressure else {
+        return Vec::new();
+    };
+    let now = actual.observed_at;
+    let met = p.met(now);
+    // One pod a pass, for the first memory threshold met (hard ones first).
+    if let Some(m) = met
+        .iter()
+        .find(|m| m.signal == pressure::Signal::MemoryAvailable)
+        && let Some((pod, message)) = pressure::choose_for_memory(&desired.pods, p, m)
+    {
+        let id = pod.id.to_string();
+        let pod = pod.clone();
+        desired.pods.retain(|d| d.id.to_string() != id);
+        desired.evictions.push(Eviction {
+            pod: id.clone(),
+            at: now,
+            message: message.clone(),
+            digest: ephemeral::pod_digest(&pod),
+            replica: pod.source.kind == "Deployment",
+            pressure: Some(m.signal),
+        });
+        desired.not_admitted.push(evicted_pod(&pod, &message));
+        if m.hard {
+            immediate.insert(id);
+        }
+    }
+    pressure::Signal::ALL
+        .into_iter()
+        .filter(|s| p.pressured(*s, now))
+        .collect()
 }
 
 /// Stage 2: the actions that take the node from `actual` to `desired`,
@@ -451,6 +500,8 @@ pub fn plan_desired(
     revision: &str,
 ) -> NodePlan {
     evict_over_limits(&mut desired, actual);
+    let mut immediate = BTreeSet::new();
+    let pressured = evict_under_pressure(&mut desired, actual, &mut immediate);
     let evicted: BTreeMap<String, String> = desired
         .not_admitted
         .iter()
@@ -465,6 +516,7 @@ pub fn plan_desired(
         actual,
         protection: &desired.protection,
         evicted: &evicted,
+        immediate: &immediate,
         retiring: &desired.rollout.retiring,
         beside: &desired.rollout.beside,
         kept: &desired.rollout.kept_unresolved,
@@ -508,6 +560,7 @@ pub fn plan_desired(
         deployments: steering.statuses,
         rollouts: steering.records,
         wake_at: steering.wake_at,
+        pressured,
     }
 }
 

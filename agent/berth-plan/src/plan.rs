@@ -135,6 +135,9 @@ pub struct PlanInput<'a> {
     /// Pods the node evicts (`namespace/name` → why): stopped whatever
     /// protects the rest.
     pub evicted: &'a BTreeMap<String, String>,
+    /// Evicted pods killed at once (a hard eviction threshold: no grace
+    /// period, as the kubelet does).
+    pub immediate: &'a BTreeSet<String>,
     /// Old pods a rollout stops now (`namespace/name` → why).
     pub retiring: &'a BTreeMap<String, String>,
     /// Of those, the ones that may stop beside the starts.
@@ -264,7 +267,11 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             image: None,
             properties: SharedProperties::default(),
             changes: Vec::new(),
-            grace_seconds: None,
+            // A hard eviction: SIGKILL, no grace period.
+            grace_seconds: pod
+                .as_ref()
+                .filter(|p| input.immediate.contains(*p) && !unit.name.is_slice())
+                .map(|_| 0),
         };
         if pod.as_ref().is_some_and(|p| input.beside.contains(p)) && retiring.is_some() {
             beside.insert(unit.name.clone());

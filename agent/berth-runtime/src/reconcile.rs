@@ -160,6 +160,15 @@ pub fn apply(
             .collect()
     };
     let (stops, beside_stops) = (stops_of(false), stops_of(true));
+    // A hard eviction (no grace period): every process of the container
+    // gets SIGKILL before its stop job, as the kubelet kills at once.
+    for a in plan
+        .actions
+        .iter()
+        .filter(|a| a.verb == Verb::Stop && a.grace_seconds == Some(0))
+    {
+        let _ = host.systemd.kill(a.unit.as_str(), KillWhom::All, SIGKILL);
+    }
     let mut stopped: BTreeMap<&str, Result<(), SystemdError>> = stops
         .iter()
         .copied()

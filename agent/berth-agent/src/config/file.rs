@@ -32,6 +32,19 @@ pub(super) struct FileConfig {
     pub(super) security: Option<FileSecurity>,
     #[serde(default)]
     pub(super) rollout: Option<FileRollout>,
+    #[serde(default)]
+    pub(super) eviction: Option<FileEviction>,
+}
+
+/// `eviction:`: the kubelet's eviction settings, each a map from a signal
+/// (`memory.available`, `nodefs.available`, `pid.available`) to a value.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct FileEviction {
+    pub(super) hard: Option<BTreeMap<String, String>>,
+    pub(super) soft: Option<BTreeMap<String, String>>,
+    pub(super) soft_grace_period: Option<BTreeMap<String, String>>,
+    pub(super) minimum_reclaim: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -170,6 +183,7 @@ pub(super) struct Layer {
     pub(super) pod_security: Option<(String, Origin)>,
     pub(super) allow_privileged: Option<(bool, Origin)>,
     pub(super) auto_rollback: Option<(String, Origin)>,
+    pub(super) eviction: Option<(FileEviction, Origin)>,
 }
 
 impl Layer {
@@ -209,7 +223,8 @@ impl Layer {
             images,
             pod_security,
             allow_privileged,
-            auto_rollback
+            auto_rollback,
+            eviction
         );
         self
     }
@@ -269,6 +284,7 @@ pub(super) fn parse_file(text: &str, origin: Origin) -> Result<Layer, ConfigErro
         pod_security: security.pod_security.map(|l| (l, origin.clone())),
         allow_privileged: security.allow_privileged.map(|b| (b, origin.clone())),
         auto_rollback: with(rollout.auto_rollback.map(|b| b.to_string())),
+        eviction: file.eviction.map(|e| (e, origin.clone())),
     })
 }
 

@@ -391,6 +391,71 @@ mod tests {
     }
 
     #[test]
+    fn eviction_thresholds_are_read_and_a_wrong_one_names_its_field() {
+        use berth_plan::pressure::{Amount, Signal};
+        let dir = Dir::new("eviction");
+        dir.write(
+            "config.yaml",
+            "git:\n  url: git://h/r\neviction:\n  hard: {memory.available: 300Mi, nodefs.available: 5%}\n  soft: {memory.available: 500Mi}\n  softGracePeriod: {memory.available: 30s}\n  minimumReclaim: {memory.available: 64Mi}\n",
+        );
+        let c = load(&sources(&dir, "", false)).expect("valid");
+        let e = &c.eviction;
+        assert_eq!(
+            e.hard[&Signal::MemoryAvailable],
+            Amount::Quantity(300 << 20)
+        );
+        assert_eq!(e.hard[&Signal::NodefsAvailable], Amount::Percent(500));
+        assert_eq!(
+            e.soft[&Signal::MemoryAvailable],
+            Amount::Quantity(500 << 20)
+        );
+        assert_eq!(e.soft_grace_seconds[&Signal::MemoryAvailable], 30);
+        assert_eq!(
+            e.minimum_reclaim[&Signal::MemoryAvailable],
+            Amount::Quantity(64 << 20)
+        );
+        // Absent: the kubelet's defaults.
+        dir.write("config.yaml", "git:\n  url: git://h/r\n");
+        let c = load(&sources(&dir, "", false)).expect("valid");
+        assert_eq!(c.eviction, berth_plan::pressure::Thresholds::default());
+        for (eviction, field) in [
+            (
+                "hard: {memory.available: lots}",
+                "eviction.hard.memory.available",
+            ),
+            (
+                "hard: {nodefs.available: 120%}",
+                "eviction.hard.nodefs.available",
+            ),
+            ("hard: {memory.free: 1Gi}", "eviction.hard.memory.free"),
+            (
+                "soft: {memory.available: 1Gi}",
+                "eviction.softGracePeriod.memory.available",
+            ),
+            (
+                "softGracePeriod: {memory.available: 30s}",
+                "eviction.softGracePeriod.memory.available",
+            ),
+            (
+                "soft: {memory.available: 1Gi}\n  softGracePeriod: {memory.available: soon}",
+                "eviction.softGracePeriod.memory.available",
+            ),
+            (
+                "minimumReclaim: {pid.available: x}",
+                "eviction.minimumReclaim.pid.available",
+            ),
+        ] {
+            let path = dir.write(
+                "config.yaml",
+                &format!("git:\n  url: git://h/r\neviction:\n  {eviction}\n"),
+            );
+            let e = load(&sources(&dir, "", false)).expect_err(eviction);
+            assert_eq!(e.field, field, "{eviction}: {e}");
+            assert!(e.origin.contains(&path.display().to_string()), "{e}");
+        }
+    }
+
+    #[test]
     fn status_and_drift_settings_are_read_with_their_defaults() {
         let dir = Dir::new("drift");
         let file = dir.write(

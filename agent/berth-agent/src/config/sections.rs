@@ -58,6 +58,9 @@ pub struct NodeConfig {
     /// and the node returns to the last revision that was healthy on it
     /// (on unless set to false).
     pub auto_rollback: bool,
+    /// `eviction`: the thresholds under which the node evicts pods (the
+    /// kubelet's defaults when absent).
+    pub eviction: berth_plan::pressure::Thresholds,
     /// Which sources contributed, in order.
     pub sources: Vec<String>,
 }
@@ -327,6 +330,10 @@ pub(super) fn finish(
             }
         },
     };
+    let eviction = match &layer.eviction {
+        None => berth_plan::pressure::Thresholds::default(),
+        Some((file, origin)) => eviction_settings(file, origin)?,
+    };
     Ok(NodeConfig {
         node_name,
         labels,
@@ -348,8 +355,80 @@ pub(super) fn finish(
         images,
         pod_security,
         auto_rollback,
+        eviction,
         sources,
     })
+}
+
+/// `eviction:` checked: each key a signal the node measures, each value a
+/// quantity, a percentage or (for grace periods) a duration; an error names
+/// the field.
+fn eviction_settings(
+    file: &super::file::FileEviction,
+    origin: &Origin,
+) -> Result<berth_plan::pressure::Thresholds, ConfigError> {
+    use berth_plan::pressure::{Signal, Thresholds, parse_amount};
+    let signal = |section: &str, key: &str| {
+        Signal::parse(key).ok_or_else(|| {
+            error(
+                origin,
+                &format!("eviction.{section}.{key}"),
+                format!(
+                    "{key:?} is not a signal this node measures ({}); imagefs is the node's filesystem here, nodefs covers it",
+                    Signal::ALL.map(Signal::as_str).join(", ")
+                ),
+            )
+        })
+    };
+    let amounts = |section: &str, map: &Option<BTreeMap<String, String>>| {
+        let mut out = BTreeMap::new();
+        for (key, value) in map.iter().flatten() {
+            let s = signal(section, key)?;
+            let a = parse_amount(s, value)
+                .map_err(|e| error(origin, &format!("eviction.{section}.{key}"), e))?;
+            out.insert(s, a);
+        }
+        Ok::<_, ConfigError>(out)
+    };
+    let mut thresholds = Thresholds::default();
+    if file.hard.is_some() {
+        // Written: exactly these, as the kubelet takes `--eviction-hard`.
+        thresholds.hard = amounts("hard", &file.hard)?;
+    }
+    thresholds.soft = amounts("soft", &file.soft)?;
+    thresholds.minimum_reclaim = amounts("minimumReclaim", &file.minimum_reclaim)?;
+    for (key, value) in file.soft_grace_period.iter().flatten() {
+        let s = signal("softGracePeriod", key)?;
+        let d = super::file::parse_duration(value).ok_or_else(|| {
+            error(
+                origin,
+                &format!("eviction.softGracePeriod.{key}"),
+                format!("{value:?} is not a duration; write e.g. 30s or 90s"),
+            )
+        })?;
+        thresholds.soft_grace_seconds.insert(s, d.as_secs());
+    }
+    for s in thresholds.soft.keys() {
+        if !thresholds.soft_grace_seconds.contains_key(s) {
+            return Err(error(
+                origin,
+                &format!("eviction.softGracePeriod.{s}"),
+                format!(
+                    "a soft threshold needs a grace period, as the kubelet requires (eviction.soft.{s} has none)"
+                ),
+            ));
+        }
+    }
+    for s in thresholds.soft_grace_seconds.keys() {
+        if !thresholds.soft.contains_key(s) {
+            return Err(error(
+                origin,
+                &format!("eviction.softGracePeriod.{s}"),
+                format!("a grace period for a soft threshold that is not set (eviction.soft.{s})"),
+            ));
+        }
+    }
+    Ok(thresholds)
 }
 
 /// A remote's URL: one of the forms libgit2 fetches and pushes.

@@ -1,0 +1,298 @@
+//! The node's pressure signals, measured as the kubelet measures them, and
+//! the watch between passes that wakes the agent when memory runs short.
+//!
+//! - `memory.available`: the node's memory less its working set, which is
+//!   what `/proc/meminfo` calls `MemFree` plus `Inactive(file)` (page cache
+//!   the kernel can drop at once; the kubelet subtracts it the same way).
+//! - `nodefs.available`: `statvfs` of the state directory's filesystem
+//!   (`/var`), whose images, layers and volumes all live there.
+//! - `pid.available`: `kernel.pid_max` less the tasks that exist
+//!   (`/proc/loadavg`'s count).
+//!
+//! A pod's memory is its cgroup's `memory.current` less its `inactive_file`
+//! (`memory.stat`): the kubelet's working set.
+//!
+//! The watch reads `/proc/meminfo` every [`PRESSURE_CHECK`] while the agent
+//! waits between passes: 250 ms, short enough that a process allocating
+//! under TCG (about 100 MiB/s in the guest) crosses the default 100Mi
+//! threshold by no more than a quarter of it before a pass starts, and
+//! cheap enough to be lost in the agent's idle CPU (a read of about 1.5 KB
+//! from procfs).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use berth_plan::pressure::{Measure, NodePressure, Signal, Thresholds};
+
+/// How often the wait between passes looks at the node's memory.
+pub const PRESSURE_CHECK: Duration = Duration::from_millis(250);
+
+/// While memory stays short, a pass at most this often: each evicts a pod.
+const PRESSURE_PASS_EVERY: Duration = Duration::from_secs(1);
+
+fn meminfo_kib(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `memory.available` from `/proc/meminfo`'s text.
+pub fn memory_from_meminfo(text: &str) -> Option<Measure> {
+    let total = meminfo_kib(text, "MemTotal")?;
+    let free = meminfo_kib(text, "MemFree")?;
+    let inactive_file = meminfo_kib(text, "Inactive(file)").unwrap_or(0);
+    Some(Measure {
+        available: (free + inactive_file).min(total) * 1024,
+        capacity: total * 1024,
+    })
+}
+
+fn memory() -> Option<Measure> {
+    memory_from_meminfo(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+fn nodefs(path: &Path) -> Option<Measure> {
+    let st = rustix::fs::statvfs(path).ok()?;
+    Some(Measure {
+        available: st.f_bavail.saturating_mul(st.f_frsize),
+        capacity: st.f_blocks.saturating_mul(st.f_frsize),
+    })
+}
+
+/// `pid.available` from `kernel.pid_max` and `/proc/loadavg`'s text.
+pub fn pids_from(pid_max: &str, loadavg: &str) -> Option<Measure> {
+    let max: u64 = pid_max.trim().parse().ok()?;
+    let tasks: u64 = loadavg
+        .split_whitespace()
+        .nth(3)?
+        .split_once('/')?
+        .1
+        .parse()
+        .ok()?;
+    Some(Measure {
+        available: max.saturating_sub(tasks),
+        capacity: max,
+    })
+}
+
+fn pids() -> Option<Measure> {
+    pids_from(
+        &std::fs::read_to_string("/proc/sys/kernel/pid_max").ok()?,
+        &std::fs::read_to_string("/proc/loadavg").ok()?,
+    )
+}
+
+/// A cgroup's working set: `memory.current` less `inactive_file`.
+pub fn working_set(cgroup_root: &Path, control_group: &str) -> Option<u64> {
+    let dir = cgroup_root.join(control_group.trim_start_matches('/'));
+    let current: u64 = std::fs::read_to_string(dir.join("memory.current"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let inactive = std::fs::read_to_string(dir.join("memory.stat"))
+        .ok()
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                l.strip_prefix("inactive_file ")
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            })
+        })
+        .unwrap_or(0);
+    Some(current.saturating_sub(inactive))
+}
+
+/// Every signal this node measures, now.
+pub fn measure(state_dir: &Path) -> BTreeMap<Signal, Measure> {
+    let mut out = BTreeMap::new();
+    if let Some(m) = memory() {
+        out.insert(Signal::MemoryAvailable, m);
+    }
+    if let Some(m) = nodefs(state_dir) {
+        out.insert(Signal::NodefsAvailable, m);
+    }
+    if let Some(m) = pids() {
+        out.insert(Signal::PidAvailable, m);
+    }
+    out
+}
+
+/// What the agent keeps between passes for the pressure decisions.
+#[derive(Debug, Default)]
+pub struct PressureWatch {
+    /// When each soft threshold began to be met, seconds since the epoch.
+    pub soft_since: BTreeMap<Signal, u64>,
+    /// The signals the last pass found under pressure.
+    pub pressured: Vec<Signal>,
+    /// When the watch last woke a pass for memory.
+    woke_at: Option<Instant>,
+    /// Memory was short at the last look.
+    short: bool,
+}
+
+impl PressureWatch {
+    /// A watch that starts from the signals a previous run left under
+    /// pressure.
+    pub fn resumed(pressured: Vec<Signal>) -> Self {
+        Self {
+            pressured,
+            ..Self::default()
+        }
+    }
+
+    /// The snapshot's pressure fact: `signals` as measured, the soft
+    /// thresholds' clocks brought up to `now`, and each pod's memory
+    /// working set (`memory`, read only when memory is short or was).
+    pub fn fact(
+        &mut self,
+        thresholds: &Thresholds,
+        signals: BTreeMap<Signal, Measure>,
+        now: u64,
+        memory: impl FnOnce() -> BTreeMap<String, u64>,
+    ) -> NodePressure {
+        for (signal, amount) in &thresholds.soft {
+            let met = signals
+                .get(signal)
+                .is_some_and(|m| m.available < amount.of(m.capacity));
+            if met {
+                self.soft_since.entry(*signal).or_insert(now);
+            } else {
+                self.soft_since.remove(signal);
+            }
+        }
+        self.soft_since
+            .retain(|s, _| thresholds.soft.contains_key(s));
+        let short = |s: Signal| {
+            signals.get(&s).is_some_and(|m| {
+                thresholds
+                    .hard
+                    .get(&s)
+                    .into_iter()
+                    .chain(thresholds.soft.get(&s))
+                    .any(|a| m.available < a.of(m.capacity))
+            })
+        };
+        let weigh =
+            short(Signal::MemoryAvailable) || self.pressured.contains(&Signal::MemoryAvailable);
+        NodePressure {
+            signals,
+            thresholds: thresholds.clone(),
+            soft_since: self.soft_since.clone(),
+            pressured: self.pressured.clone(),
+            memory: if weigh { memory() } else { BTreeMap::new() },
+        }
+    }
+
+    /// Between passes: whether memory is short enough now (or relieved
+    /// enough) that a pass must come at once, and, when that is news, why
+    /// (to log once, not every second while it lasts).
+    pub fn wants_pass(&mut self, thresholds: &Thresholds) -> (bool, Option<String>) {
+        let Some(m) = memory() else {
+            return (false, None);
+        };
+        let signal = Signal::MemoryAvailable;
+        let threshold = thresholds
+            .hard
+            .get(&signal)
+            .into_iter()
+            .chain(thresholds.soft.get(&signal))
+            .map(|a| a.of(m.capacity))
+            .max();
+        let Some(threshold) = threshold else {
+            return (false, None);
+        };
+        let pressured = self.pressured.contains(&signal);
+        let reclaim = thresholds
+            .minimum_reclaim
+            .get(&signal)
+            .map_or(0, |a| a.of(m.capacity));
+        let show = berth_manifest::quantity::format_bytes;
+        let short = m.available < threshold;
+        let news = short != self.short;
+        self.short = short;
+        let why = if short {
+            self.woke_at
+                .is_none_or(|at| at.elapsed() >= PRESSURE_PASS_EVERY)
+                .then(|| {
+                    format!(
+                        "memory.available {} is under its eviction threshold {}: a pass now",
+                        show(m.available),
+                        show(threshold)
+                    )
+                })
+        } else {
+            // Relieved: one pass to start the replicas again.
+            (pressured && m.available >= threshold.saturating_add(reclaim)).then(|| {
+                format!(
+                    "memory.available {} is back over its eviction threshold {}: a pass now",
+                    show(m.available),
+                    show(threshold)
+                )
+            })
+        };
+        if why.is_some() {
+            self.woke_at = Some(Instant::now());
+        }
+        (why.is_some(), why.filter(|_| news || !short))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_plan::pressure::Amount;
+
+    const MEMINFO: &str = "MemTotal:        1000000 kB\nMemFree:          100000 kB\nMemAvailable:     500000 kB\nActive(file):     200000 kB\nInactive(file):    50000 kB\n";
+
+    #[test]
+    fn memory_available_is_free_plus_inactive_file() {
+        let m = memory_from_meminfo(MEMINFO).expect("parsed");
+        assert_eq!(m.available, 150_000 * 1024);
+        assert_eq!(m.capacity, 1_000_000 * 1024);
+        assert_eq!(memory_from_meminfo("MemFree: 1 kB\n"), None);
+    }
+
+    #[test]
+    fn pids_available_is_pid_max_less_the_tasks() {
+        let m = pids_from("4194304\n", "0.10 0.20 0.30 2/187 4242\n").expect("parsed");
+        assert_eq!((m.available, m.capacity), (4_194_304 - 187, 4_194_304));
+        assert_eq!(pids_from("x", "0 0 0 1/2 3"), None);
+    }
+
+    #[test]
+    fn a_soft_thresholds_clock_starts_when_met_and_stops_when_not() {
+        let mut watch = PressureWatch::default();
+        let mut thresholds = Thresholds::default();
+        thresholds
+            .soft
+            .insert(Signal::MemoryAvailable, Amount::Quantity(500 << 20));
+        let at = |available: u64| {
+            [(
+                Signal::MemoryAvailable,
+                Measure {
+                    available,
+                    capacity: 4 << 30,
+                },
+            )]
+            .into_iter()
+            .collect::<BTreeMap<_, _>>()
+        };
+        let f = watch.fact(&thresholds, at(400 << 20), 100, BTreeMap::new);
+        assert_eq!(f.soft_since.get(&Signal::MemoryAvailable), Some(&100));
+        let mut read = false;
+        let f = watch.fact(&thresholds, at(450 << 20), 130, || {
+            read = true;
+            BTreeMap::new()
+        });
+        assert_eq!(f.soft_since.get(&Signal::MemoryAvailable), Some(&100));
+        assert!(read, "pods' memory is read while memory is short");
+        let f = watch.fact(&thresholds, at(600 << 20), 140, || {
+            panic!("not read when memory is plentiful")
+        });
+        assert!(f.soft_since.is_empty());
+    }
+}
