@@ -13,6 +13,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use berth_qemu_tests::{
     GIT_HOST, GitHost, Hammer, Load, Vm, VmOptions, deployment_status, free_loopback_port,
     http_get_loopback, must, replica_alias, retry_on_tcg_flake, test_image,
@@ -256,7 +258,7 @@ fn health(vm: &Vm, git: &GitHost) {
     });
     println!("sick: {}", container(&pods["sick"], "httpd"));
     // On the status branch too, with the count and the reason.
-    await_status_branch(git, "the kill", |d| {
+    common::await_status_branch(git, "net", "the kill", SETTLE, |d| {
         d.pods.iter().filter(|p| p.name == "sick").any(|p| {
             p.containers.iter().any(|c| {
                 c.restart_count >= 1
@@ -364,35 +366,6 @@ spec:
 
 const ROLLING: &str =
     "strategy: {type: RollingUpdate, rollingUpdate: {maxSurge: 1, maxUnavailable: 0}}";
-
-/// Waits until the node's status branch holds a status.yaml that `told`
-/// accepts; fails naming `what` with the last document read.
-fn await_status_branch(
-    git: &GitHost,
-    what: &str,
-    told: impl Fn(&berth_agent::report::NodeStatusDoc) -> bool,
-) {
-    let end = Instant::now() + SETTLE;
-    loop {
-        let doc = berth_git::publish::read_branch_file(
-            &git.dir.join("desired.git"),
-            "berth/status/net",
-            "status.yaml",
-        )
-        .unwrap()
-        .and_then(|f| f.content)
-        .map(|b| String::from_utf8(b).unwrap())
-        .unwrap_or_default();
-        if berth_agent::report::NodeStatusDoc::from_yaml(&doc).is_ok_and(|d| told(&d)) {
-            return;
-        }
-        assert!(
-            Instant::now() < end,
-            "the status branch does not tell {what}:\n{doc}"
-        );
-        std::thread::sleep(Duration::from_secs(2));
-    }
-}
 
 /// Stops the requests and checks that none failed during `what` (with
 /// the agent's last plan lines printed when some did).
@@ -533,7 +506,7 @@ fn rollouts(vm: &mut Vm, git: &GitHost, host_port: u16) {
         std::thread::sleep(Duration::from_secs(1));
     }
     // On the status branch too.
-    await_status_branch(git, "the rollback", |d| {
+    common::await_status_branch(git, "net", "the rollback", SETTLE, |d| {
         d.revisions
             .rolled_back
             .as_ref()

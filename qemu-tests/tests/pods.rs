@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use berth_plan::{NodeInfo, PropertyValue};
+
+mod common;
 use berth_qemu_tests::{GIT_HOST, GitHost, Vm, VmOptions, retry_on_tcg_flake, test_image};
 
 const BOOT: Duration = Duration::from_secs(180);
@@ -151,40 +153,19 @@ fn oom_and_events(vm: &Vm, git: &GitHost) {
     assert!(backoff["lastTimestamp"].as_u64() > backoff["firstTimestamp"].as_u64());
 
     // On the status branch: the last events of each pod.
-    let end = Instant::now() + SETTLE;
-    loop {
-        let doc = berth_git::publish::read_branch_file(
-            &git.dir.join("desired.git"),
-            "berth/status/pods",
-            "status.yaml",
-        )
-        .ok()
-        .flatten()
-        .and_then(|f| f.content)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
-        let told = berth_agent::report::NodeStatusDoc::from_yaml(&doc).is_ok_and(|d| {
-            d.events
-                .get("Pod/default/hog")
-                .is_some_and(|e| e.iter().any(|e| e.reason == "OOMKilling"))
-                && d.pods.iter().any(|p| {
-                    p.name == "hog"
-                        && p.containers.iter().any(|c| {
-                            c.last_state.as_ref().is_some_and(|l| {
-                                l.reason == "OOMKilled" && l.exit_code == Some(137)
-                            })
-                        })
-                })
-        });
-        if told {
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "the status branch does not tell the OOM kill:\n{doc}"
-        );
-        std::thread::sleep(Duration::from_secs(2));
-    }
+    common::await_status_branch(git, "pods", "the OOM kill", SETTLE, |d| {
+        d.events
+            .get("Pod/default/hog")
+            .is_some_and(|e| e.iter().any(|e| e.reason == "OOMKilling"))
+            && d.pods.iter().any(|p| {
+                p.name == "hog"
+                    && p.containers.iter().any(|c| {
+                        c.last_state
+                            .as_ref()
+                            .is_some_and(|l| l.reason == "OOMKilled" && l.exit_code == Some(137))
+                    })
+            })
+    });
 }
 
 /// Runs a guest command that must succeed.

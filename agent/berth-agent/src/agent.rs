@@ -610,9 +610,10 @@ impl Agent {
         let mut storage_at = Instant::now() + STORAGE_CHECK;
         loop {
             let left = end.saturating_duration_since(Instant::now());
-            // Memory is looked at every PRESSURE_CHECK, storage limits every
-            // STORAGE_CHECK (measuring a pod's disk costs more).
-            let step = crate::pressure::PRESSURE_CHECK;
+            // Memory is looked at every second, every 250 ms near a
+            // threshold; storage limits every STORAGE_CHECK (measuring a
+            // pod's disk costs more).
+            let step = self.pressure.period();
             if left <= step {
                 return wait_for_wake(left, notifier, wake);
             }

@@ -12,12 +12,13 @@
 //! A pod's memory is its cgroup's `memory.current` less its `inactive_file`
 //! (`memory.stat`): the kubelet's working set.
 //!
-//! The watch reads `/proc/meminfo` every [`PRESSURE_CHECK`] while the agent
-//! waits between passes: 250 ms, short enough that a process allocating
-//! under TCG (about 100 MiB/s in the guest) crosses the default 100Mi
-//! threshold by no more than a quarter of it before a pass starts, and
-//! cheap enough to be lost in the agent's idle CPU (a read of about 1.5 KB
-//! from procfs).
+//! The watch reads `/proc/meminfo` while the agent waits between passes:
+//! every 250 ms ([`PRESSURE_CHECK`]) when memory is within 512 MiB of a
+//! threshold, every second otherwise. 250 ms is short enough that a process
+//! allocating as fast as one does under TCG (about 100 MiB/s in the guest)
+//! eats at most a quarter of the default 100Mi margin before a pass starts;
+//! at a second's period far from any threshold, an idle node wakes once a
+//! second for a read of about 1.5 KB from procfs.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -25,8 +26,17 @@ use std::time::{Duration, Instant};
 
 use berth_plan::pressure::{Measure, NodePressure, Signal, Thresholds};
 
-/// How often the wait between passes looks at the node's memory.
+/// How often the wait between passes looks at the node's memory when it is
+/// near a threshold (within [`NEAR`]).
 pub const PRESSURE_CHECK: Duration = Duration::from_millis(250);
+
+/// How often it looks when memory is plentiful: at 100 MiB/s an allocation
+/// needs five seconds to cross [`NEAR`], five of these periods.
+pub const PRESSURE_CHECK_IDLE: Duration = Duration::from_secs(1);
+
+/// Memory closer than this to a threshold is watched every
+/// [`PRESSURE_CHECK`].
+const NEAR: u64 = 512 << 20;
 
 /// While memory stays short, a pass at most this often: each evicts a pod.
 const PRESSURE_PASS_EVERY: Duration = Duration::from_secs(1);
@@ -132,6 +142,8 @@ pub struct PressureWatch {
     woke_at: Option<Instant>,
     /// Memory was short at the last look.
     short: bool,
+    /// Memory was within [`NEAR`] of a threshold at the last look.
+    near: bool,
 }
 
 impl PressureWatch {
@@ -141,6 +153,15 @@ impl PressureWatch {
         Self {
             pressured,
             ..Self::default()
+        }
+    }
+
+    /// How long until the next look at memory.
+    pub fn period(&self) -> Duration {
+        if self.near || !self.pressured.is_empty() {
+            PRESSURE_CHECK
+        } else {
+            PRESSURE_CHECK_IDLE
         }
     }
 
@@ -211,6 +232,7 @@ impl PressureWatch {
             .get(&signal)
             .map_or(0, |a| a.of(m.capacity));
         let show = berth_manifest::quantity::format_bytes;
+        self.near = m.available < threshold.saturating_add(NEAR);
         let short = m.available < threshold;
         let news = short != self.short;
         self.short = short;
