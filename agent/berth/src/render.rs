@@ -822,6 +822,11 @@ fn write_action(out: &mut impl Write, n: usize, action: &Action) -> io::Result<(
     };
     writeln!(out, "\n{n:>3}. {} {what}{pod}", action.verb.as_str())?;
     writeln!(out, "     why: {}", action.reason)?;
+    match action.grace_seconds {
+        Some(0) => writeln!(out, "     grace: none (SIGKILL to every process at once)")?,
+        Some(g) => writeln!(out, "     grace: {g} s, then SIGKILL")?,
+        None => {}
+    }
     write_properties(out, &action.properties)?;
     if !action.properties.is_empty() {
         return Ok(());
