@@ -15,9 +15,10 @@ need_root() {
 # Image and QEMU tier: mmdebstrap, filesystem tools, xz and cpio (the initrd),
 # QEMU and OVMF.
 # Registry tests: Debian's docker-registry, htpasswd for its login, and
-# busybox-static for the images the tests build and push.
+# busybox-static for the images the tests build and push. The metrics
+# tests parse with the Prometheus project's Python parser.
 packages=(build-essential pkg-config python3 python3-venv git openssl openssh-client openssh-server nftables ca-certificates libssl-dev zlib1g-dev binutils
-    docker-registry apache2-utils busybox-static
+    docker-registry apache2-utils busybox-static python3-prometheus-client
     mmdebstrap e2fsprogs dosfstools mtools fdisk zstd xz-utils cpio qemu-system-x86 qemu-utils ovmf)
 missing=()
 for p in "${packages[@]}"; do

@@ -106,6 +106,12 @@ pub struct Agent {
     /// under pressure, the thresholds in force.
     pub(crate) pressure: crate::pressure::PressureWatch,
     pub(crate) eviction: berth_plan::pressure::Thresholds,
+    /// What the metrics endpoint serves, and the endpoint itself when the
+    /// config asks for one.
+    pub(crate) exporter: crate::metrics::Exporter,
+    pub(crate) metrics: crate::metrics::Endpoint,
+    /// Each container unit's cgroup and image, from the last reconcile.
+    pub(crate) unit_facts: std::collections::BTreeMap<String, (String, String)>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -143,6 +149,12 @@ impl Agent {
         let state = store.load();
         let event_store = crate::events::EventStore::new(&paths.state_dir);
         let events = event_store.load();
+        let exporter = crate::metrics::Exporter::new(
+            runtime
+                .as_ref()
+                .map_or(std::path::Path::new("/sys/fs/cgroup"), |r| &r.cgroup_root),
+            &paths.state_dir,
+        );
         Ok(Self {
             paths,
             store,
@@ -175,6 +187,9 @@ impl Agent {
             events_dirty: false,
             pressure: crate::pressure::PressureWatch::resumed(state.pressured.clone()),
             eviction: berth_plan::pressure::Thresholds::default(),
+            exporter,
+            metrics: crate::metrics::Endpoint::default(),
+            unit_facts: std::collections::BTreeMap::new(),
             state,
         })
     }
@@ -293,6 +308,18 @@ impl Agent {
     }
 
     pub fn pass(&mut self, fetch: bool) -> (PassOutcome, Option<NodeConfig>) {
+        let started = Instant::now();
+        let (outcome, config) = self.pass_timed(fetch);
+        let kind = match outcome {
+            PassOutcome::Applied { .. } => "applied",
+            PassOutcome::Rejected { .. } => "rejected",
+            PassOutcome::Failed { .. } => "failed",
+        };
+        self.exporter.figures.pass(kind, started.elapsed());
+        (outcome, config)
+    }
+
+    fn pass_timed(&mut self, fetch: bool) -> (PassOutcome, Option<NodeConfig>) {
         let config = match config::load(&self.paths.config) {
             Ok(c) => c,
             Err(e) => {
@@ -300,6 +327,21 @@ impl Agent {
                 return (self.failed(format!("configuration error: {e}")), None);
             }
         };
+        // Pods are refused on the endpoint's port before it listens.
+        if let Some(net) = self.network.as_mut()
+            && let Err(e) = net.refuse_pods(config.metrics.closed_to_pods().into_iter().collect())
+        {
+            self.log.error(&format!(
+                "cannot refuse pods on the metrics port: {e}; not serving metrics"
+            ));
+            self.metrics.server = None;
+            return (self.failed(e), Some(config));
+        }
+        match self.metrics.follow(&config.metrics, &self.exporter) {
+            Some(Ok(line)) => self.log.info(&line),
+            Some(Err(line)) => self.log.error(&line),
+            None => {}
+        }
         let mut mirror = match self.mirror.take() {
             Some(m) => m,
             None => match Mirror::open(&self.paths.state_dir.join("mirror.git")) {
@@ -347,7 +389,9 @@ impl Agent {
         // accepted or rejected by that plan.
         let mut candidate = None;
         if fetch {
-            match mirror.fetch(&config.remote, config.credentials.as_ref()) {
+            let fetched = mirror.fetch(&config.remote, config.credentials.as_ref());
+            self.exporter.figures.fetch(fetched.is_ok());
+            match fetched {
                 Ok(revision) => {
                     self.fetched_once = true;
                     self.waiting_for_network = false;
@@ -469,10 +513,18 @@ impl Agent {
 
     /// Hands this pass's status (and drift) to the publishing thread.
     pub(crate) fn send_report(&mut self, config: &NodeConfig) {
+        if let Some(publisher) = &self.publisher {
+            self.state.publish = publisher.record();
+        }
+        self.exporter.update(crate::metrics::snapshot(
+            &config.node_name,
+            &self.state,
+            &self.pods,
+            &self.unit_facts,
+        ));
         let Some(publisher) = &self.publisher else {
             return;
         };
-        self.state.publish = publisher.record();
         if !config.publish {
             return;
         }

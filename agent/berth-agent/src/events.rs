@@ -486,6 +486,11 @@ impl crate::Agent {
         notices: Vec<crate::images::PullNotice>,
     ) {
         for n in notices {
+            match n.reason {
+                "Pulled" => self.exporter.figures.pull(true),
+                "Failed" => self.exporter.figures.pull(false),
+                _ => {}
+            }
             let pods: Vec<String> = plan
                 .pods
                 .iter()

@@ -22,6 +22,7 @@ pub mod images;
 mod intake;
 mod limits;
 pub mod log;
+pub mod metrics;
 pub mod network;
 pub mod notify;
 pub mod pressure;

@@ -62,6 +62,8 @@ pub struct PodNetwork {
     dns_problem: Option<String>,
     /// What the last programming refused or warned about, per Service.
     pub service_problems: Vec<String>,
+    /// The node's TCP ports pods are refused on (see [`Self::refuse_pods`]).
+    refused_to_pods: Vec<u16>,
 }
 
 impl PodNetwork {
@@ -84,6 +86,7 @@ impl PodNetwork {
             ruleset: None,
             dns: None,
             dns_problem: None,
+            refused_to_pods: Vec::new(),
             service_problems: Vec::new(),
         }
     }
@@ -272,7 +275,8 @@ impl PodNetwork {
             return Ok(None);
         };
         let before = book.clone();
-        let (ruleset, zone, problems) = services(plan, pods, ready, addresses, &settings, book);
+        let (mut ruleset, zone, problems) = services(plan, pods, ready, addresses, &settings, book);
+        ruleset.refused_to_pods = self.refused_to_pods.clone();
         if let Some(server) = &self.dns
             && *server.zone() != zone
         {
@@ -303,6 +307,28 @@ impl PodNetwork {
         }
         self.ruleset = Some(ruleset);
         Ok(drifted)
+    }
+
+    /// Refuses pods on the node's TCP `ports` (the metrics endpoint): at
+    /// once when the table is programmed already, else with its first
+    /// programming.
+    pub fn refuse_pods(&mut self, ports: Vec<u16>) -> Result<(), String> {
+        if self.refused_to_pods == ports {
+            return Ok(());
+        }
+        self.refused_to_pods = ports;
+        let Some(mut ruleset) = self.ruleset.clone() else {
+            return Ok(());
+        };
+        ruleset.refused_to_pods = self.refused_to_pods.clone();
+        self.host
+            .apply_table(self.applied.as_ref(), &ruleset)
+            .map_err(|e| e.to_string())?;
+        self.applied = Some(ruleset.clone());
+        self.listed_generation = self.host.table_generation();
+        self.listed = self.host.table_listing().map_err(|e| e.to_string())?;
+        self.ruleset = Some(ruleset);
+        Ok(())
     }
 
     /// The kernel's listing of the table, or the one kept when the nftables
@@ -592,6 +618,7 @@ pub fn services(
         Ruleset {
             pod_cidr: settings.pod_cidr,
             services: rules,
+            refused_to_pods: Vec::new(),
         },
         zone,
         problems,

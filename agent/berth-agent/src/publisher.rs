@@ -380,6 +380,7 @@ impl Worker {
                 if let Ok(mut r) = self.record.lock() {
                     r.last_push = Some(crate::clock::now_secs());
                     r.failures = 0;
+                    r.attempts_total += 1;
                 }
             }
             Err(e)
@@ -396,6 +397,10 @@ impl Worker {
                     self.waiting_for_network = true;
                 }
                 self.last_error = Some(format!("waiting for the network: {e}"));
+                if let Ok(mut r) = self.record.lock() {
+                    r.attempts_total += 1;
+                    r.failures_total += 1;
+                }
                 self.next_attempt = Instant::now() + self.backoff;
                 self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
                 self.publish_record();
@@ -420,6 +425,8 @@ impl Worker {
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
         if let Ok(mut r) = self.record.lock() {
             r.failures += 1;
+            r.attempts_total += 1;
+            r.failures_total += 1;
         }
         self.publish_record();
     }

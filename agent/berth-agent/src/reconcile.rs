@@ -458,6 +458,16 @@ impl Agent {
         }
         self.drift_commit = self.drift_commit_for(config, loaded, &outstanding);
         self.state.drift = outstanding;
+        self.unit_facts = plan
+            .pods
+            .iter()
+            .flat_map(|p| p.units())
+            .filter_map(|u| {
+                let cgroup = &observed.units.get(u.name.as_str())?.runtime.control_group;
+                (!cgroup.is_empty())
+                    .then(|| (u.name.to_string(), (cgroup.clone(), u.image.clone())))
+            })
+            .collect();
         self.pods = pods;
         self.services_input = Some(ServicesInput {
             services: plan.services,

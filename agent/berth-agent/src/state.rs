@@ -398,6 +398,11 @@ pub struct PublishRecord {
     /// Failed pushes in a row.
     #[serde(default)]
     pub failures: u32,
+    /// Pushes tried and failed since the agent started (for metrics).
+    #[serde(default, skip_serializing)]
+    pub attempts_total: u64,
+    #[serde(default, skip_serializing)]
+    pub failures_total: u64,
 }
 
 /// `2026-11-29T22:10:05Z`, as Kubernetes writes times.

@@ -50,6 +50,7 @@ fn main() {
     let vip = Ipv4Addr::new(10, 96, 0, 10);
     nft::apply(&nft::render(&Ruleset {
         pod_cidr: pods,
+        refused_to_pods: Vec::new(),
         services: vec![service("default", "bench", vip, &[server.ip])],
     }))
     .expect("table");
@@ -95,6 +96,7 @@ fn main() {
     println!("## The Services table");
     let big = |moved: bool| Ruleset {
         pod_cidr: "10.88.0.0/16".parse().unwrap(),
+        refused_to_pods: Vec::new(),
         services: (0..1000u32)
             .map(|i| {
                 let ips: Vec<Ipv4Addr> = (0..5u32)

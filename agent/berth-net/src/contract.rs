@@ -171,6 +171,7 @@ fn removal_is_idempotent(h: &dyn NetworkHost) -> Result<(), String> {
 fn ruleset(web: &[u8], sticky: Option<u32>) -> Ruleset {
     Ruleset {
         pod_cidr: pods(),
+        refused_to_pods: Vec::new(),
         services: vec![ServiceRules {
             namespace: "default".into(),
             name: "web".into(),

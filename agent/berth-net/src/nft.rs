@@ -73,6 +73,9 @@ pub struct ServiceRules {
 pub struct Ruleset {
     pub pod_cidr: Cidr,
     pub services: Vec<ServiceRules>,
+    /// TCP ports of the node itself that pods are refused on (the metrics
+    /// endpoint, unless the node config lets pods in).
+    pub refused_to_pods: Vec<u16>,
 }
 
 fn port_chain(s: &ServiceRules, p: &PortRules) -> String {
@@ -173,7 +176,7 @@ fn set_definition(timeout: u32) -> String {
 /// and sets no longer used deleted last. `None` when the change touches
 /// the table's frame (the pod range), which takes a full rendering.
 pub fn render_update(old: &Ruleset, new: &Ruleset) -> Option<String> {
-    if old.pod_cidr != new.pod_cidr {
+    if old.pod_cidr != new.pod_cidr || old.refused_to_pods != new.refused_to_pods {
         return None;
     }
     let (a, b) = (objects(old), objects(new));
@@ -312,6 +315,17 @@ pub fn render(rules: &Ruleset) -> String {
         let _ = writeln!(chains, "\t}}");
     }
     let pods = rules.pod_cidr;
+    // The node's own ports pods may not reach: refused before anything
+    // else in the input hook (pods reach the node's addresses through it).
+    let refused = if rules.refused_to_pods.is_empty() {
+        String::new()
+    } else {
+        let ports: Vec<String> = rules.refused_to_pods.iter().map(u16::to_string).collect();
+        format!(
+            "\t\tip saddr {pods} tcp dport {{ {} }} reject with tcp reset\n",
+            ports.join(", ")
+        )
+    };
     let _ = write!(
         out,
         "\tchain services {{
@@ -341,7 +355,7 @@ pub fn render(rules: &Ruleset) -> String {
 \t}}
 \tchain input {{
 \t\ttype filter hook input priority 0; policy accept;
-\t\tct state new jump refuse
+{refused}\t\tct state new jump refuse
 \t}}
 \tchain forward {{
 \t\ttype filter hook forward priority 0; policy accept;
@@ -543,6 +557,7 @@ mod tests {
     fn web(endpoints: Vec<Endpoint>, affinity: Option<u32>) -> Ruleset {
         Ruleset {
             pod_cidr: "10.88.0.0/16".parse().expect("valid"),
+            refused_to_pods: Vec::new(),
             services: vec![ServiceRules {
                 namespace: "default".into(),
                 name: "web".into(),
@@ -668,5 +683,23 @@ delete chain ip berth ep_default_web_http_10.88.0.2_8080
         let mut moved = one.clone();
         moved.pod_cidr = "10.89.0.0/16".parse().expect("valid");
         assert_eq!(render_update(&one, &moved), None);
+    }
+
+    #[test]
+    fn the_nodes_refused_ports_reset_pod_connections_first_in_the_input_hook() {
+        let open = web(Vec::new(), None);
+        assert!(!render(&open).contains("tcp dport {"), "{}", render(&open));
+        let mut closed = open.clone();
+        closed.refused_to_pods = vec![9100];
+        let text = render(&closed);
+        assert!(
+            text.contains(
+                "hook input priority 0; policy accept;\n\t\tip saddr 10.88.0.0/16 tcp dport { 9100 } reject with tcp reset\n"
+            ),
+            "{text}"
+        );
+        // Part of the frame: a change is a whole rendering.
+        assert_eq!(render_update(&open, &closed), None);
+        assert_eq!(render_update(&closed, &closed).as_deref(), Some(""));
     }
 }

@@ -102,6 +102,7 @@ fn rules(endpoints: &[&PodLink]) -> Ruleset {
         .collect();
     Ruleset {
         pod_cidr: "10.88.0.0/24".parse().unwrap(),
+        refused_to_pods: Vec::new(),
         services: vec![
             ServiceRules {
                 namespace: "default".into(),
@@ -236,6 +237,7 @@ fn an_update_in_place_leaves_the_same_table_as_a_full_rewrite() {
     };
     let build = |web: Vec<Endpoint>, api: Vec<Endpoint>, sticky: Option<u32>| Ruleset {
         pod_cidr: "10.88.0.0/24".parse().unwrap(),
+        refused_to_pods: Vec::new(),
         services: vec![
             ServiceRules {
                 namespace: "default".into(),

@@ -34,6 +34,16 @@ pub(super) struct FileConfig {
     pub(super) rollout: Option<FileRollout>,
     #[serde(default)]
     pub(super) eviction: Option<FileEviction>,
+    #[serde(default)]
+    pub(super) metrics: Option<FileMetrics>,
+}
+
+/// `metrics:`: the Prometheus endpoint, off unless `listen` is given.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct FileMetrics {
+    pub(super) listen: Option<String>,
+    pub(super) allow_pods: Option<bool>,
 }
 
 /// `eviction:`: the kubelet's eviction settings, each a map from a signal
@@ -184,6 +194,7 @@ pub(super) struct Layer {
     pub(super) allow_privileged: Option<(bool, Origin)>,
     pub(super) auto_rollback: Option<(String, Origin)>,
     pub(super) eviction: Option<(FileEviction, Origin)>,
+    pub(super) metrics: Option<(FileMetrics, Origin)>,
 }
 
 impl Layer {
@@ -224,7 +235,8 @@ impl Layer {
             pod_security,
             allow_privileged,
             auto_rollback,
-            eviction
+            eviction,
+            metrics
         );
         self
     }
@@ -285,6 +297,7 @@ pub(super) fn parse_file(text: &str, origin: Origin) -> Result<Layer, ConfigErro
         allow_privileged: security.allow_privileged.map(|b| (b, origin.clone())),
         auto_rollback: with(rollout.auto_rollback.map(|b| b.to_string())),
         eviction: file.eviction.map(|e| (e, origin.clone())),
+        metrics: file.metrics.map(|m| (m, origin.clone())),
     })
 }
 

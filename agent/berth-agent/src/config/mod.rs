@@ -456,6 +456,45 @@ mod tests {
     }
 
     #[test]
+    fn the_metrics_endpoint_is_off_unless_listen_is_given_and_a_wrong_one_names_its_field() {
+        let dir = Dir::new("metrics");
+        dir.write("config.yaml", "git:\n  url: git://h/r\n");
+        let c = load(&sources(&dir, "", false)).expect("valid");
+        assert_eq!(c.metrics, crate::metrics::MetricsSettings::default());
+        dir.write(
+            "config.yaml",
+            "git:\n  url: git://h/r\nmetrics:\n  listen: 0.0.0.0:9100\n",
+        );
+        let c = load(&sources(&dir, "", false)).expect("valid");
+        assert_eq!(c.metrics.listen.map(|a| a.port()), Some(9100));
+        assert!(!c.metrics.allow_pods);
+        assert_eq!(c.metrics.closed_to_pods(), Some(9100));
+        for (metrics, field) in [
+            ("listen: 9100", "metrics.listen"),
+            ("listen: 10.0.0.1", "metrics.listen"),
+            ("listen: 0.0.0.0:0", "metrics.listen"),
+            ("allowPods: maybe", "(file)"),
+            ("port: 9100", "(file)"),
+        ] {
+            let path = dir.write(
+                "config.yaml",
+                &format!("git:\n  url: git://h/r\nmetrics:\n  {metrics}\n"),
+            );
+            let e = load(&sources(&dir, "", false)).expect_err(metrics);
+            assert_eq!(e.field, field, "{metrics}: {e}");
+            assert!(e.origin.contains(&path.display().to_string()), "{e}");
+            if field == "(file)" {
+                assert!(
+                    e.message.contains("metrics")
+                        || e.message.contains("allowPods")
+                        || e.message.contains("port"),
+                    "{e}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn status_and_drift_settings_are_read_with_their_defaults() {
         let dir = Dir::new("drift");
         let file = dir.write(

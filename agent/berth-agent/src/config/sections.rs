@@ -61,6 +61,8 @@ pub struct NodeConfig {
     /// `eviction`: the thresholds under which the node evicts pods (the
     /// kubelet's defaults when absent).
     pub eviction: berth_plan::pressure::Thresholds,
+    /// `metrics`: the Prometheus endpoint (off by default).
+    pub metrics: crate::metrics::MetricsSettings,
     /// Which sources contributed, in order.
     pub sources: Vec<String>,
 }
@@ -334,6 +336,18 @@ pub(super) fn finish(
         None => berth_plan::pressure::Thresholds::default(),
         Some((file, origin)) => eviction_settings(file, origin)?,
     };
+    let metrics = match &layer.metrics {
+        None => crate::metrics::MetricsSettings::default(),
+        Some((file, origin)) => crate::metrics::MetricsSettings {
+            listen: file
+                .listen
+                .as_deref()
+                .map(crate::metrics::parse_listen)
+                .transpose()
+                .map_err(|e| error(origin, "metrics.listen", e))?,
+            allow_pods: file.allow_pods.unwrap_or(false),
+        },
+    };
     Ok(NodeConfig {
         node_name,
         labels,
@@ -356,6 +370,7 @@ pub(super) fn finish(
         pod_security,
         auto_rollback,
         eviction,
+        metrics,
         sources,
     })
 }
