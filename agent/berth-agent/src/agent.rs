@@ -673,7 +673,8 @@ impl Agent {
                 return Some(woke);
             }
             if self.runtime.is_some() {
-                let (wake_now, why) = self.pressure.wants_pass(&self.eviction);
+                let signals = crate::pressure::measure(&self.paths.state_dir);
+                let (wake_now, why) = self.pressure.wants_pass(&self.eviction, &signals);
                 if let Some(why) = why {
                     self.log.warn(&why);
                 }

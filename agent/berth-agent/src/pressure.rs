@@ -116,6 +116,19 @@ pub fn working_set(cgroup_root: &Path, control_group: &str) -> Option<u64> {
     Some(current.saturating_sub(inactive))
 }
 
+/// A cgroup's processes (`pids.current`).
+pub fn pids_current(cgroup_root: &Path, control_group: &str) -> Option<u64> {
+    std::fs::read_to_string(
+        cgroup_root
+            .join(control_group.trim_start_matches('/'))
+            .join("pids.current"),
+    )
+    .ok()?
+    .trim()
+    .parse()
+    .ok()
+}
+
 /// Every signal this node measures, now.
 pub fn measure(state_dir: &Path) -> BTreeMap<Signal, Measure> {
     let mut out = BTreeMap::new();
@@ -140,8 +153,8 @@ pub struct PressureWatch {
     pub pressured: Vec<Signal>,
     /// When the watch last woke a pass for memory.
     woke_at: Option<Instant>,
-    /// Memory was short at the last look.
-    short: bool,
+    /// The signals short at the last look.
+    short: std::collections::BTreeSet<Signal>,
     /// Memory was within [`NEAR`] of a threshold at the last look.
     near: bool,
 }
@@ -166,14 +179,15 @@ impl PressureWatch {
     }
 
     /// The snapshot's pressure fact: `signals` as measured, the soft
-    /// thresholds' clocks brought up to `now`, and each pod's memory
-    /// working set (`memory`, read only when memory is short or was).
+    /// thresholds' clocks brought up to `now`, and each pod's use of a
+    /// signal's resource (`usage`: memory working set, local storage or
+    /// processes), read only while that signal is short or was.
     pub fn fact(
         &mut self,
         thresholds: &Thresholds,
         signals: BTreeMap<Signal, Measure>,
         now: u64,
-        memory: impl FnOnce() -> BTreeMap<String, u64>,
+        mut usage: impl FnMut(Signal) -> BTreeMap<String, u64>,
     ) -> NodePressure {
         for (signal, amount) in &thresholds.soft {
             let met = signals
@@ -187,79 +201,103 @@ impl PressureWatch {
         }
         self.soft_since
             .retain(|s, _| thresholds.soft.contains_key(s));
-        let short = |s: Signal| {
-            signals.get(&s).is_some_and(|m| {
-                thresholds
-                    .hard
-                    .get(&s)
-                    .into_iter()
-                    .chain(thresholds.soft.get(&s))
-                    .any(|a| m.available < a.of(m.capacity))
-            })
+        let mut weigh = |s: Signal| {
+            if thresholds.met_now(s, &signals) || self.pressured.contains(&s) {
+                usage(s)
+            } else {
+                BTreeMap::new()
+            }
         };
-        let weigh =
-            short(Signal::MemoryAvailable) || self.pressured.contains(&Signal::MemoryAvailable);
+        let memory = weigh(Signal::MemoryAvailable);
+        let disk = weigh(Signal::NodefsAvailable);
+        let pids = weigh(Signal::PidAvailable);
         NodePressure {
             signals,
             thresholds: thresholds.clone(),
             soft_since: self.soft_since.clone(),
             pressured: self.pressured.clone(),
-            memory: if weigh { memory() } else { BTreeMap::new() },
+            memory,
+            disk,
+            pids,
         }
     }
 
-    /// Between passes: whether memory is short enough now (or relieved
-    /// enough) that a pass must come at once, and, when that is news, why
-    /// (to log once, not every second while it lasts).
-    pub fn wants_pass(&mut self, thresholds: &Thresholds) -> (bool, Option<String>) {
-        let Some(m) = memory() else {
-            return (false, None);
-        };
-        let signal = Signal::MemoryAvailable;
-        let threshold = thresholds
-            .hard
-            .get(&signal)
-            .into_iter()
-            .chain(thresholds.soft.get(&signal))
-            .map(|a| a.of(m.capacity))
-            .max();
-        let Some(threshold) = threshold else {
-            return (false, None);
-        };
-        let pressured = self.pressured.contains(&signal);
-        let reclaim = thresholds
-            .minimum_reclaim
-            .get(&signal)
-            .map_or(0, |a| a.of(m.capacity));
-        let show = berth_manifest::quantity::format_bytes;
-        self.near = m.available < threshold.saturating_add(NEAR);
-        let short = m.available < threshold;
-        let news = short != self.short;
-        self.short = short;
-        let why = if short {
-            self.woke_at
-                .is_none_or(|at| at.elapsed() >= PRESSURE_PASS_EVERY)
-                .then(|| {
+    /// Between passes: whether a signal in `signals` is short enough now
+    /// (or relieved enough) that a pass must come at once, and, when that
+    /// is news, why (to log once, not every second while it lasts).
+    pub fn wants_pass(
+        &mut self,
+        thresholds: &Thresholds,
+        signals: &BTreeMap<Signal, Measure>,
+    ) -> (bool, Option<String>) {
+        let mut wake = false;
+        let mut lines = Vec::new();
+        let may_wake = self
+            .woke_at
+            .is_none_or(|at| at.elapsed() >= PRESSURE_PASS_EVERY);
+        self.near = false;
+        for (signal, m) in signals {
+            let Some(threshold) = thresholds
+                .hard
+                .get(signal)
+                .into_iter()
+                .chain(thresholds.soft.get(signal))
+                .map(|a| a.of(m.capacity))
+                .max()
+            else {
+                continue;
+            };
+            if *signal == Signal::MemoryAvailable {
+                self.near = m.available < threshold.saturating_add(NEAR);
+            }
+            let show = |n: u64| {
+                if signal.is_bytes() {
+                    berth_manifest::quantity::format_bytes(n)
+                } else {
+                    n.to_string()
+                }
+            };
+            let short = m.available < threshold;
+            let news = if short {
+                self.short.insert(*signal)
+            } else {
+                self.short.remove(signal)
+            };
+            let reclaim = thresholds
+                .minimum_reclaim
+                .get(signal)
+                .map_or(0, |a| a.of(m.capacity));
+            let why = if short {
+                may_wake.then(|| {
                     format!(
-                        "memory.available {} is under its eviction threshold {}: a pass now",
+                        "{signal} {} is under its eviction threshold {}: a pass now",
                         show(m.available),
                         show(threshold)
                     )
                 })
-        } else {
-            // Relieved: one pass to start the replicas again.
-            (pressured && m.available >= threshold.saturating_add(reclaim)).then(|| {
-                format!(
-                    "memory.available {} is back over its eviction threshold {}: a pass now",
-                    show(m.available),
-                    show(threshold)
-                )
-            })
-        };
-        if why.is_some() {
+            } else {
+                // Relieved: one pass to start the replicas again.
+                (self.pressured.contains(signal)
+                    && m.available >= threshold.saturating_add(reclaim))
+                .then(|| {
+                    format!(
+                        "{signal} {} is back over its eviction threshold {}: a pass now",
+                        show(m.available),
+                        show(threshold)
+                    )
+                })
+            };
+            if let Some(why) = why {
+                wake = true;
+                if news || !short {
+                    lines.push(why);
+                }
+            }
+        }
+        if wake {
             self.woke_at = Some(Instant::now());
         }
-        (why.is_some(), why.filter(|_| news || !short))
+        (wake, (!lines.is_empty()).then(|| lines.join("; ")))
     }
 }
 
@@ -303,18 +341,71 @@ mod tests {
             .into_iter()
             .collect::<BTreeMap<_, _>>()
         };
-        let f = watch.fact(&thresholds, at(400 << 20), 100, BTreeMap::new);
+        let f = watch.fact(&thresholds, at(400 << 20), 100, |_| BTreeMap::new());
         assert_eq!(f.soft_since.get(&Signal::MemoryAvailable), Some(&100));
         let mut read = false;
-        let f = watch.fact(&thresholds, at(450 << 20), 130, || {
+        let f = watch.fact(&thresholds, at(450 << 20), 130, |s| {
+            assert_eq!(
+                s,
+                Signal::MemoryAvailable,
+                "only the short signal is weighed"
+            );
             read = true;
             BTreeMap::new()
         });
         assert_eq!(f.soft_since.get(&Signal::MemoryAvailable), Some(&100));
         assert!(read, "pods' memory is read while memory is short");
-        let f = watch.fact(&thresholds, at(600 << 20), 140, || {
+        let f = watch.fact(&thresholds, at(600 << 20), 140, |_| {
             panic!("not read when memory is plentiful")
         });
         assert!(f.soft_since.is_empty());
+    }
+
+    #[test]
+    fn the_watch_wakes_a_pass_for_any_signal_short_and_once_when_relieved() {
+        let thresholds = Thresholds::default();
+        let at = |memory: u64, disk: u64| -> BTreeMap<Signal, Measure> {
+            [
+                (
+                    Signal::MemoryAvailable,
+                    Measure {
+                        available: memory,
+                        capacity: 4 << 30,
+                    },
+                ),
+                (
+                    Signal::NodefsAvailable,
+                    Measure {
+                        available: disk,
+                        capacity: 1000 << 20,
+                    },
+                ),
+            ]
+            .into()
+        };
+        let mut watch = PressureWatch::default();
+        assert_eq!(
+            watch.wants_pass(&thresholds, &at(2 << 30, 500 << 20)),
+            (false, None)
+        );
+        assert_eq!(watch.period(), PRESSURE_CHECK_IDLE);
+        // /var under 10 %: a pass, said once.
+        let (wake, why) = watch.wants_pass(&thresholds, &at(2 << 30, 50 << 20));
+        assert!(wake);
+        assert_eq!(
+            why.as_deref(),
+            Some("nodefs.available 50Mi is under its eviction threshold 100Mi: a pass now")
+        );
+        // Memory near its threshold: looked at more often.
+        watch.woke_at = None;
+        let (wake, why) = watch.wants_pass(&thresholds, &at(300 << 20, 50 << 20));
+        assert!(wake, "still short");
+        assert_eq!(why, None, "not news");
+        assert_eq!(watch.period(), PRESSURE_CHECK);
+        // Relieved after an eviction for it: one pass to start replicas.
+        watch.pressured = vec![Signal::NodefsAvailable];
+        let (wake, why) = watch.wants_pass(&thresholds, &at(2 << 30, 500 << 20));
+        assert!(wake);
+        assert!(why.is_some_and(|w| w.contains("back over")));
     }
 }

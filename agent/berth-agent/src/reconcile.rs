@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use berth_plan::pressure::Signal;
 use berth_plan::{
     ActualState, DesiredNode, HoldReason, ImageCatalog, NodeInfo, PodFacts, Verb, Wiring,
 };
@@ -221,22 +222,45 @@ impl Agent {
                 Some((p.slice.name.as_str(), u.runtime.control_group.as_str()))
             })
             .collect();
-        let pressure = self.pressure.fact(
-            &config.eviction,
-            crate::pressure::measure(&self.paths.state_dir),
-            now,
-            || {
+        let mut signals = crate::pressure::measure(&self.paths.state_dir);
+        // Disk short: the node reclaims what is its own first (unused
+        // images, by the collection's thresholds), as the kubelet does
+        // before it evicts, and measures again.
+        if config.eviction.met_now(Signal::NodefsAvailable, &signals) {
+            let collected = self
+                .images
+                .collect(&config.images, rt, &desired.pods, &self.log);
+            if !collected.is_empty() {
+                self.state.images = self.images.record(collected);
+                signals = crate::pressure::measure(&self.paths.state_dir);
+            }
+        }
+        let pressure = self
+            .pressure
+            .fact(&config.eviction, signals, now, |signal| {
                 desired
                     .pods
                     .iter()
                     .filter_map(|p| {
-                        let cgroup = slices.get(p.slice.name.as_str())?;
-                        let bytes = crate::pressure::working_set(&rt.cgroup_root, cgroup)?;
-                        Some((p.id.to_string(), bytes))
+                        let cgroup = slices.get(p.slice.name.as_str());
+                        let used = match signal {
+                            Signal::MemoryAvailable => {
+                                crate::pressure::working_set(&rt.cgroup_root, cgroup?)?
+                            }
+                            Signal::PidAvailable => {
+                                crate::pressure::pids_current(&rt.cgroup_root, cgroup?)?
+                            }
+                            // Its writable layers and disk emptyDirs, as
+                            // local storage limits measure them.
+                            Signal::NodefsAvailable => {
+                                let u = berth_runtime::usage::pod_usage(&rt.roots, p);
+                                u.volumes.values().chain(u.containers.values()).sum()
+                            }
+                        };
+                        Some((p.id.to_string(), used))
                     })
                     .collect()
-            },
-        );
+            });
         let actual = ActualState {
             node: Some(node.clone()),
             observed_at: now,

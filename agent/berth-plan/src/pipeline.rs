@@ -462,11 +462,11 @@ fn evict_under_pressure(
     };
     let now = actual.observed_at;
     let met = p.met(now);
-    // One pod a pass, for the first memory threshold met (hard ones first).
-    if let Some(m) = met
+    // One pod a pass, for the first threshold met (hard ones first) that a
+    // pod can relieve.
+    if let Some((m, (pod, message))) = met
         .iter()
-        .find(|m| m.signal == pressure::Signal::MemoryAvailable)
-        && let Some((pod, message)) = pressure::choose_for_memory(&desired.pods, p, m)
+        .find_map(|m| Some((m, pressure::choose(&desired.pods, p, m)?)))
     {
         let id = pod.id.to_string();
         let pod = pod.clone();

@@ -70,7 +70,8 @@ impl Signal {
         }
     }
 
-    fn is_bytes(self) -> bool {
+    /// Whether amounts of it are bytes (all but `pid.available`).
+    pub fn is_bytes(self) -> bool {
         !matches!(self, Signal::PidAvailable)
     }
 }
@@ -182,6 +183,20 @@ pub struct Measure {
     pub capacity: u64,
 }
 
+impl Thresholds {
+    /// Whether `signal`, as measured in `signals`, is under any of its
+    /// thresholds (hard, or soft whatever its grace period).
+    pub fn met_now(&self, signal: Signal, signals: &BTreeMap<Signal, Measure>) -> bool {
+        signals.get(&signal).is_some_and(|m| {
+            self.hard
+                .get(&signal)
+                .into_iter()
+                .chain(self.soft.get(&signal))
+                .any(|a| m.available < a.of(m.capacity))
+        })
+    }
+}
+
 /// The node's signals and thresholds, and since when each soft threshold
 /// has been met: a fact of the snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,6 +215,14 @@ pub struct NodePressure {
     /// pages, as the kubelet counts it), by `namespace/name`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub memory: BTreeMap<String, u64>,
+    /// Each pod's local storage (bytes in its containers' writable layers
+    /// and disk `emptyDir`s), measured while `nodefs.available` is short.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub disk: BTreeMap<String, u64>,
+    /// Each pod's processes (its slice's `pids.current`), measured while
+    /// `pid.available` is short.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pids: BTreeMap<String, u64>,
 }
 
 /// A threshold met, and why.
@@ -285,37 +308,57 @@ impl NodePressure {
     }
 }
 
-/// The pod to evict for memory pressure, in the kubelet's order, with the
-/// kubelet's message; `None` when no pod can relieve it.
-pub fn choose_for_memory<'a>(
+/// The pod to evict for the threshold `met`, in the kubelet's order, with
+/// the kubelet's message; `None` when no pod can relieve it.
+///
+/// Pods using more than they request go first; then (all priorities being
+/// equal: there are no PriorityClasses) the most over their request; the
+/// pod's name last, for a stable order. The request is the memory request
+/// for `memory.available`; for `nodefs.available` it is 0 (the node does
+/// not keep `requests.ephemeral-storage`, so every pod using disk is over
+/// it and the largest user goes first, as the kubelet ranks pods without
+/// one); for `pid.available` the kubelet has no request either, and ranks
+/// by processes.
+pub fn choose<'a>(
     pods: &'a [DesiredPod],
     pressure: &NodePressure,
     met: &Met,
 ) -> Option<(&'a DesiredPod, String)> {
+    type Request = fn(&DesiredPod) -> u64;
+    let (usage, request): (&BTreeMap<String, u64>, Request) = match met.signal {
+        Signal::MemoryAvailable => (&pressure.memory, |p| p.memory_request_bytes),
+        Signal::NodefsAvailable => (&pressure.disk, |_| 0),
+        Signal::PidAvailable => (&pressure.pids, |_| 0),
+    };
     let mut ranked: Vec<(&DesiredPod, u64)> = pods
         .iter()
-        .filter_map(|p| Some((p, *pressure.memory.get(&p.id.to_string())?)))
+        .filter_map(|p| Some((p, *usage.get(&p.id.to_string())?)))
         .filter(|(_, usage)| *usage > 0)
         .collect();
-    // Over its request first; then (all priorities being equal) the most
-    // over its request; the pod's name last, for a stable order.
     ranked.sort_by(|(a, ua), (b, ub)| {
-        let over = |p: &DesiredPod, u: u64| u > p.memory_request_bytes;
-        let excess = |p: &DesiredPod, u: u64| i128::from(u) - i128::from(p.memory_request_bytes);
+        let over = |p: &DesiredPod, u: u64| u > request(p);
+        let excess = |p: &DesiredPod, u: u64| i128::from(u) - i128::from(request(p));
         over(b, *ub)
             .cmp(&over(a, *ua))
             .then(excess(b, *ub).cmp(&excess(a, *ua)))
             .then(a.id.to_string().cmp(&b.id.to_string()))
     });
-    let (pod, usage) = ranked.first()?;
+    let (pod, used) = ranked.first()?;
+    let amount = |n: u64| {
+        if met.signal.is_bytes() {
+            format_bytes(n)
+        } else {
+            n.to_string()
+        }
+    };
     let message = format!(
         "The node was low on resource: {}. Threshold quantity: {}, available: {}. Pod {} was using {}, request is {}.",
         met.signal.resource(),
         met.written,
-        format_bytes(met.available),
+        amount(met.available),
         pod.id,
-        format_bytes(*usage),
-        format_bytes(pod.memory_request_bytes),
+        amount(*used),
+        amount(request(pod)),
     );
     Some((pod, message))
 }
