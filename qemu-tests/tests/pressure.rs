@@ -115,13 +115,15 @@ fn metrics_of_a_known_pod(vm: &Vm, port: u16) {
         .sh("systemctl show -p ControlGroup --value berth-default_gold_main.service")
         .trim()
         .to_string();
-    let cpu_before: f64 = vm
-        .sh(&format!("grep usage_usec /sys/fs/cgroup{cg}/cpu.stat"))
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse::<f64>().ok())
-        .expect("cpu.stat")
-        / 1e6;
+    let cpu_seconds = || -> f64 {
+        vm.sh(&format!("grep usage_usec /sys/fs/cgroup{cg}/cpu.stat"))
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse::<f64>().ok())
+            .expect("cpu.stat")
+            / 1e6
+    };
+    let cpu_before = cpu_seconds();
     let gold = [
         ("namespace", "default"),
         ("pod", "gold"),
@@ -141,13 +143,7 @@ fn metrics_of_a_known_pod(vm: &Vm, port: u16) {
     };
     println!("metrics scrape through the forward: {bytes} bytes in {took:.2?}");
     let cpu = sample(&m, "container_cpu_usage_seconds_total", &gold).expect("gold's CPU");
-    let cpu_after: f64 = vm
-        .sh(&format!("grep usage_usec /sys/fs/cgroup{cg}/cpu.stat"))
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse::<f64>().ok())
-        .expect("cpu.stat")
-        / 1e6;
+    let cpu_after = cpu_seconds();
     assert!(
         cpu_before <= cpu && cpu <= cpu_after,
         "CPU {cpu} s not between the cgroup's {cpu_before} and {cpu_after}"

@@ -317,12 +317,14 @@ pub fn render(rules: &Ruleset) -> String {
     let pods = rules.pod_cidr;
     // The node's own ports pods may not reach: refused before anything
     // else in the input hook (pods reach the node's addresses through it).
+    // Not on loopback: the node talking to its own bridge address has a
+    // source in the pod range too.
     let refused = if rules.refused_to_pods.is_empty() {
         String::new()
     } else {
         let ports: Vec<String> = rules.refused_to_pods.iter().map(u16::to_string).collect();
         format!(
-            "\t\tip saddr {pods} tcp dport {{ {} }} reject with tcp reset\n",
+            "\t\tiifname != \"lo\" ip saddr {pods} tcp dport {{ {} }} reject with tcp reset\n",
             ports.join(", ")
         )
     };
@@ -694,7 +696,7 @@ delete chain ip berth ep_default_web_http_10.88.0.2_8080
         let text = render(&closed);
         assert!(
             text.contains(
-                "hook input priority 0; policy accept;\n\t\tip saddr 10.88.0.0/16 tcp dport { 9100 } reject with tcp reset\n"
+                "hook input priority 0; policy accept;\n\t\tiifname != \"lo\" ip saddr 10.88.0.0/16 tcp dport { 9100 } reject with tcp reset\n"
             ),
             "{text}"
         );
