@@ -3,7 +3,7 @@
 //! docs/benchmarks.md quotes. `make bench-pods` runs it; the QEMU tier of
 //! `make test` skips it.
 //!
-//! Times come from the guest's own console timestamps: from the agent's
+//! Times come from the agent's journal in the guest: from its
 //! "fetched ... at REV" line to its "revision REV: N actions applied" line,
 //! which it writes once every start job has finished (a `Type=exec` service
 //! is active once its program is executing).
@@ -26,17 +26,14 @@ fn sh(vm: &Vm, command: &str) -> String {
     out
 }
 
-/// The guest clock (seconds since boot) of the first console line holding `needle`.
+/// The guest clock (seconds since the epoch) of the agent's first journal
+/// line holding `needle` (the console's lines carry no time).
 fn stamp(vm: &Vm, needle: &str) -> f64 {
-    vm.console_text()
+    vm.sh("journalctl -u berth-agent.service -o short-unix --no-pager")
         .lines()
         .find(|l| l.contains(needle))
-        .and_then(|l| {
-            let open = l.find('[')?;
-            let close = l[open..].find(']')? + open;
-            l[open + 1..close].trim().parse().ok()
-        })
-        .unwrap_or_else(|| panic!("no console line with {needle:?}"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no journal line with {needle:?}"))
 }
 
 fn agent_pid(vm: &Vm) -> String {

@@ -242,8 +242,12 @@ fn scenario() {
         "claims and two pods",
     );
     let mut options = VmOptions::new("storage");
+    // Eviction for nodefs.available off (a hard list without it): the hog
+    // below checks the backstop under it, the root reserve that keeps the
+    // agent writing when a pod fills /var. (The pressure scenario checks
+    // the eviction.)
     options.esp_config = Some(format!(
-        "node:\n  name: st\ngit:\n  url: git://{GIT_HOST}/desired.git\n  branch: main\n  path: st\n  pollInterval: 5s\n"
+        "node:\n  name: st\ngit:\n  url: git://{GIT_HOST}/desired.git\n  branch: main\n  path: st\n  pollInterval: 5s\neviction:\n  hard: {{memory.available: 100Mi}}\n"
     ));
     let (mut vm, _) = must(Vm::boot_until(
         &image,

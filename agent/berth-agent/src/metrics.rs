@@ -11,7 +11,8 @@
 //! format 0.0.4, encoded by `prometheus-client`.
 //!
 //! A scrape's cost is bounded whatever the rate: the text is rendered at
-//! most once per [`RENDER_EVERY`] and served from that copy meanwhile; one
+//! most once per [`RENDER_EVERY`] and served from that copy meanwhile, at
+//! most [`MAX_ANSWERS_PER_SECOND`] times a second (`429` beyond); one
 //! thread serves one connection at a time, a request head is read up to
 //! [`MAX_REQUEST`] bytes within [`IO_TIMEOUT`], and nothing a client sends
 //! reaches the agent's loop.
@@ -71,6 +72,10 @@ pub const RENDER_EVERY: Duration = Duration::from_secs(1);
 pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// The longest request head read.
 pub const MAX_REQUEST: usize = 8 * 1024;
+/// At most this many full answers a second; more get `429 Too Many
+/// Requests`. Prometheus scrapes a target every 15 s or so: ten a second
+/// leaves room for several scrapers and bounds what a storm costs.
+pub const MAX_ANSWERS_PER_SECOND: u32 = 10;
 /// The text format's content type.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
@@ -708,6 +713,15 @@ pub struct Server {
 
 impl Server {
     pub fn start(addr: SocketAddr, exporter: Exporter) -> std::io::Result<Self> {
+        Self::start_limited(addr, exporter, MAX_ANSWERS_PER_SECOND)
+    }
+
+    /// [`Server::start`] answering at most `per_second` scrapes a second.
+    pub fn start_limited(
+        addr: SocketAddr,
+        exporter: Exporter,
+        per_second: u32,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
@@ -715,7 +729,7 @@ impl Server {
         let flag = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("metrics".into())
-            .spawn(move || serve(&listener, &exporter, &flag))?;
+            .spawn(move || serve(&listener, &exporter, &flag, per_second))?;
         Ok(Self {
             addr,
             stop,
@@ -736,8 +750,34 @@ impl Drop for Server {
 /// How often the accept loop looks at the stop flag when idle.
 const STOP_CHECK: Duration = Duration::from_millis(200);
 
-fn serve(listener: &TcpListener, exporter: &Exporter, stop: &AtomicBool) {
-    let mut cached: Option<(Instant, Arc<String>)> = None;
+/// What the serving thread keeps between connections: the last rendering,
+/// and the answers given in the current second.
+struct Served {
+    cached: Option<(Instant, Arc<String>)>,
+    window: Instant,
+    answers: u32,
+    per_second: u32,
+}
+
+impl Served {
+    /// Whether one more full answer fits in this second.
+    fn take(&mut self) -> bool {
+        if self.window.elapsed() >= Duration::from_secs(1) {
+            self.window = Instant::now();
+            self.answers = 0;
+        }
+        self.answers += 1;
+        self.answers <= self.per_second
+    }
+}
+
+fn serve(listener: &TcpListener, exporter: &Exporter, stop: &AtomicBool, per_second: u32) {
+    let mut served = Served {
+        cached: None,
+        window: Instant::now(),
+        answers: 0,
+        per_second,
+    };
     while !stop.load(Ordering::Relaxed) {
         let stream = match listener.accept() {
             Ok((s, _)) => s,
@@ -759,7 +799,7 @@ fn serve(listener: &TcpListener, exporter: &Exporter, stop: &AtomicBool) {
                 continue;
             }
         };
-        let _ = answer(stream, exporter, &mut cached);
+        let _ = answer(stream, exporter, &mut served);
     }
 }
 
@@ -798,11 +838,7 @@ pub fn judge(head: &[u8]) -> Request {
     }
 }
 
-fn answer(
-    mut stream: TcpStream,
-    exporter: &Exporter,
-    cached: &mut Option<(Instant, Arc<String>)>,
-) -> std::io::Result<()> {
+fn answer(mut stream: TcpStream, exporter: &Exporter, served: &mut Served) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -825,7 +861,14 @@ fn answer(
         head.extend_from_slice(&buf[..n]);
     }
     match judge(&head) {
+        Request::Metrics if !served.take() => reply(
+            &mut stream,
+            "429 Too Many Requests\r\nRetry-After: 1",
+            "text/plain",
+            "more scrapes than the endpoint answers in a second\n",
+        ),
         Request::Metrics => {
+            let cached = &mut served.cached;
             let body = match cached {
                 Some((at, text)) if at.elapsed() < RENDER_EVERY => Arc::clone(text),
                 _ => {

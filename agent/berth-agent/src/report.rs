@@ -183,44 +183,12 @@ pub fn build(inputs: &Inputs<'_>) -> NodeStatusDoc {
     // eviction threshold (or has not yet reclaimed past it).
     let measured = crate::pressure::measure(inputs.state_dir);
     for signal in berth_plan::pressure::Signal::ALL {
-        let kind = signal.condition();
-        let (sufficient, insufficient) = match signal {
-            berth_plan::pressure::Signal::MemoryAvailable => {
-                ("NodeHasSufficientMemory", "NodeHasInsufficientMemory")
-            }
-            berth_plan::pressure::Signal::NodefsAvailable => {
-                ("NodeHasNoDiskPressure", "NodeHasDiskPressure")
-            }
-            berth_plan::pressure::Signal::PidAvailable => {
-                ("NodeHasSufficientPID", "NodeHasInsufficientPID")
-            }
-        };
-        conditions.push(match measured.get(&signal) {
-            None => condition(kind, false, "Unknown", format!("cannot measure {signal}")),
-            Some(m) => {
-                let threshold = inputs
-                    .eviction
-                    .hard
-                    .get(&signal)
-                    .map(|a| a.of(m.capacity))
-                    .unwrap_or(0);
-                let show = |v: u64| match signal {
-                    berth_plan::pressure::Signal::PidAvailable => v.to_string(),
-                    _ => berth_manifest::quantity::format_bytes(v),
-                };
-                let message = format!(
-                    "{signal}: {} of {} (eviction threshold {})",
-                    show(m.available),
-                    show(m.capacity),
-                    show(threshold)
-                );
-                if inputs.pressured.contains(&signal) || m.available < threshold {
-                    condition(kind, true, insufficient, message)
-                } else {
-                    condition(kind, false, sufficient, message)
-                }
-            }
-        });
+        conditions.push(pressure_condition(
+            signal,
+            measured.get(&signal),
+            inputs.eviction,
+            inputs.pressured,
+        ));
     }
     let mut pods = inputs.pods.to_vec();
     pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -267,6 +235,59 @@ pub fn build(inputs: &Inputs<'_>) -> NodeStatusDoc {
         storage: inputs.storage.clone(),
         images: ImagesSection::from_record(inputs.images),
         heartbeat: crate::drift::timestamp(inputs.now),
+    }
+}
+
+/// A pressure condition, as the kubelet words it: what it says changes
+/// only when the condition does (not with every byte measured, which
+/// would make each pass a status commit).
+fn pressure_condition(
+    signal: berth_plan::pressure::Signal,
+    measured: Option<&berth_plan::pressure::Measure>,
+    eviction: &berth_plan::pressure::Thresholds,
+    pressured: &[berth_plan::pressure::Signal],
+) -> Condition {
+    use berth_plan::pressure::Signal;
+    let kind = signal.condition();
+    let (sufficient, insufficient) = match signal {
+        Signal::MemoryAvailable => ("NodeHasSufficientMemory", "NodeHasInsufficientMemory"),
+        Signal::NodefsAvailable => ("NodeHasNoDiskPressure", "NodeHasDiskPressure"),
+        Signal::PidAvailable => ("NodeHasSufficientPID", "NodeHasInsufficientPID"),
+    };
+    let Some(m) = measured else {
+        return condition(kind, false, "Unknown", format!("cannot measure {signal}"));
+    };
+    let Some(amount) = eviction.hard.get(&signal) else {
+        let short = pressured.contains(&signal);
+        let why = if short {
+            format!("{signal} is under a soft eviction threshold")
+        } else {
+            format!("{signal} has no hard eviction threshold")
+        };
+        return condition(
+            kind,
+            short,
+            if short { insufficient } else { sufficient },
+            why,
+        );
+    };
+    let written = amount.show(signal);
+    if pressured.contains(&signal) || m.available < amount.of(m.capacity) {
+        condition(
+            kind,
+            true,
+            insufficient,
+            format!(
+                "{signal} is under its eviction threshold {written} (or not yet reclaimed past it)"
+            ),
+        )
+    } else {
+        condition(
+            kind,
+            false,
+            sufficient,
+            format!("{signal} is over its eviction threshold {written}"),
+        )
     }
 }
 
@@ -329,5 +350,58 @@ impl NodeStatusDoc {
 
     pub fn from_yaml(text: &str) -> Result<Self, String> {
         serde_saphyr::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_plan::pressure::{Measure, Signal, Thresholds};
+
+    #[test]
+    fn a_pressure_condition_changes_with_the_condition_not_with_each_byte_measured() {
+        let eviction = Thresholds::default();
+        let at = |available: u64| Measure {
+            available,
+            capacity: 1000 << 20,
+        };
+        let a = pressure_condition(
+            Signal::NodefsAvailable,
+            Some(&at(500 << 20)),
+            &eviction,
+            &[],
+        );
+        let b = pressure_condition(
+            Signal::NodefsAvailable,
+            Some(&at(499 << 20)),
+            &eviction,
+            &[],
+        );
+        assert_eq!(a, b, "a status commit for every byte written");
+        assert_eq!(a.status, "False");
+        assert_eq!(
+            a.message,
+            "nodefs.available is over its eviction threshold 10%"
+        );
+        let short =
+            pressure_condition(Signal::NodefsAvailable, Some(&at(50 << 20)), &eviction, &[]);
+        assert_eq!(
+            (short.status.as_str(), short.reason.as_str()),
+            ("True", "NodeHasDiskPressure")
+        );
+        // Reclaimed past the threshold but not past the minimum: still true.
+        let held = pressure_condition(
+            Signal::NodefsAvailable,
+            Some(&at(500 << 20)),
+            &eviction,
+            &[Signal::NodefsAvailable],
+        );
+        assert_eq!(held.status, "True");
+        // No hard threshold for PIDs by default.
+        let pids = pressure_condition(Signal::PidAvailable, Some(&at(5)), &eviction, &[]);
+        assert_eq!(pids.status, "False");
+        assert_eq!(pids.message, "pid.available has no hard eviction threshold");
+        let unknown = pressure_condition(Signal::MemoryAvailable, None, &eviction, &[]);
+        assert_eq!(unknown.reason, "Unknown");
     }
 }

@@ -103,7 +103,8 @@ impl Amount {
         }
     }
 
-    fn show(self, signal: Signal) -> String {
+    /// As written in a config (`10%`, `100Mi`, `1000`), for messages.
+    pub fn show(self, signal: Signal) -> String {
         match self {
             Amount::Percent(p) if p % 100 == 0 => format!("{}%", p / 100),
             Amount::Percent(p) => format!("{}%", f64::from(p) / 100.0),
