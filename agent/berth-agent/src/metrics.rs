@@ -12,7 +12,7 @@
 //!
 //! A scrape's cost is bounded whatever the rate: the text is rendered at
 //! most once per [`RENDER_EVERY`] and served from that copy meanwhile, at
-//! most [`MAX_ANSWERS_PER_SECOND`] times a second (`429` beyond); one
+//! most [`MAX_ANSWERS_PER_SECOND`] times a second (more wait); one
 //! thread serves one connection at a time, a request head is read up to
 //! [`MAX_REQUEST`] bytes within [`IO_TIMEOUT`], and nothing a client sends
 //! reaches the agent's loop.
@@ -72,9 +72,9 @@ pub const RENDER_EVERY: Duration = Duration::from_secs(1);
 pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// The longest request head read.
 pub const MAX_REQUEST: usize = 8 * 1024;
-/// At most this many full answers a second; more get `429 Too Many
-/// Requests`. Prometheus scrapes a target every 15 s or so: ten a second
-/// leaves room for several scrapers and bounds what a storm costs.
+/// At most this many answers a second; more wait for the next second.
+/// Prometheus scrapes a target every 15 s or so: ten a second leaves room
+/// for several scrapers and bounds what a storm costs.
 pub const MAX_ANSWERS_PER_SECOND: u32 = 10;
 /// The text format's content type.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -760,14 +760,21 @@ struct Served {
 }
 
 impl Served {
-    /// Whether one more full answer fits in this second.
-    fn take(&mut self) -> bool {
+    /// Waits, when this second's answers are given, for the next second.
+    /// Meanwhile further clients wait in the kernel's accept queue, which
+    /// costs the agent nothing (answering them at once, even with a short
+    /// refusal, cost more than serving: a connection each).
+    fn pace(&mut self) {
         if self.window.elapsed() >= Duration::from_secs(1) {
             self.window = Instant::now();
             self.answers = 0;
         }
+        if self.answers >= self.per_second {
+            std::thread::sleep(Duration::from_secs(1).saturating_sub(self.window.elapsed()));
+            self.window = Instant::now();
+            self.answers = 0;
+        }
         self.answers += 1;
-        self.answers <= self.per_second
     }
 }
 
@@ -861,13 +868,8 @@ fn answer(mut stream: TcpStream, exporter: &Exporter, served: &mut Served) -> st
         head.extend_from_slice(&buf[..n]);
     }
     match judge(&head) {
-        Request::Metrics if !served.take() => reply(
-            &mut stream,
-            "429 Too Many Requests\r\nRetry-After: 1",
-            "text/plain",
-            "more scrapes than the endpoint answers in a second\n",
-        ),
         Request::Metrics => {
+            served.pace();
             let cached = &mut served.cached;
             let body = match cached {
                 Some((at, text)) if at.elapsed() < RENDER_EVERY => Arc::clone(text),

@@ -358,7 +358,7 @@ fn what_is_not_get_metrics_is_refused_and_a_long_head_is_cut_short() {
 }
 
 #[test]
-fn a_storm_gets_too_many_requests_beyond_the_answers_a_second() {
+fn a_storm_is_answered_no_more_often_than_the_answers_a_second() {
     let root = scratch("storm");
     let server = berth_agent::metrics::Server::start_limited(
         "127.0.0.1:0".parse().unwrap(),
@@ -367,29 +367,23 @@ fn a_storm_gets_too_many_requests_beyond_the_answers_a_second() {
     )
     .unwrap();
     let started = std::time::Instant::now();
-    let heads: Vec<String> = (0..6)
-        .map(|_| get(server.addr, "GET /metrics HTTP/1.1\r\n\r\n").0)
+    // Six clients at once: all answered, two a second.
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let addr = server.addr;
+            std::thread::spawn(move || get(addr, "GET /metrics HTTP/1.1\r\n\r\n").0)
+        })
         .collect();
-    let seconds = started.elapsed().as_secs();
-    let ok = heads
-        .iter()
-        .filter(|h| h.starts_with("HTTP/1.1 200"))
-        .count();
-    let limited: Vec<&String> = heads
-        .iter()
-        .filter(|h| h.starts_with("HTTP/1.1 429"))
-        .collect();
-    assert_eq!(ok + limited.len(), 6, "{heads:?}");
-    // Two a second at most, in each second the six requests spanned.
+    for c in clients {
+        let head = c.join().unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    // Answers 3 and 5 each waited for a new second (a lower bound: a slow
+    // machine only adds to it).
+    let took = started.elapsed();
     assert!(
-        ok as u64 <= 2 * (seconds + 1),
-        "{ok} answers in {seconds} s"
+        took >= std::time::Duration::from_millis(1900),
+        "six answers at two a second came in {took:?}"
     );
-    assert!(!limited.is_empty(), "{heads:?}");
-    assert!(limited[0].contains("Retry-After: 1"), "{}", limited[0]);
-    // The next second answers again.
-    std::thread::sleep(std::time::Duration::from_millis(1100));
-    let (head, _) = get(server.addr, "GET /metrics HTTP/1.1\r\n\r\n");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let _ = std::fs::remove_dir_all(&root);
 }
