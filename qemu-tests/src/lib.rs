@@ -1052,6 +1052,24 @@ pub fn deployment_status(vm: &Vm, name: &str) -> serde_json::Value {
         .unwrap_or(serde_json::Value::Null)
 }
 
+/// `GET /metrics` on the host's loopback `port` (a QEMU forward to the
+/// node's metrics endpoint): the answer's head and body, and how long it
+/// took.
+pub fn metrics_get_loopback(port: u16) -> std::io::Result<(String, String, Duration)> {
+    use std::io::{Read, Write};
+    let started = std::time::Instant::now();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let took = started.elapsed();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {text:.200}")))?;
+    Ok((head.to_string(), body.to_string(), took))
+}
+
 /// `GET /` on the host's loopback `port` (a QEMU forward); the body.
 pub fn http_get_loopback(port: u16) -> std::io::Result<String> {
     use std::io::{Read, Write};

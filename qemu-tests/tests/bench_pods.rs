@@ -164,17 +164,9 @@ fn scenario() {
 
 /// `GET /metrics` through the forward: bytes and wall time.
 fn scrape(port: u16) -> Option<(usize, Duration)> {
-    use std::io::{Read, Write};
-    let started = std::time::Instant::now();
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\n\r\n")
-        .ok()?;
-    let mut text = Vec::new();
-    s.read_to_end(&mut text).ok()?;
-    let body = text.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
-    text.starts_with(b"HTTP/1.1 200")
-        .then(|| (text.len() - body, started.elapsed()))
+    let (head, body, took) = berth_qemu_tests::metrics_get_loopback(port).ok()?;
+    head.starts_with("HTTP/1.1 200")
+        .then_some((body.len(), took))
 }
 
 /// The metrics endpoint with 50 pods: one scrape's size and latency, and

@@ -14,7 +14,8 @@ use std::time::Duration;
 mod common;
 
 use berth_qemu_tests::{
-    GIT_HOST, GitHost, Vm, VmOptions, free_loopback_port, must, retry_on_tcg_flake, test_image,
+    GIT_HOST, GitHost, Vm, VmOptions, free_loopback_port, metrics_get_loopback, must,
+    retry_on_tcg_flake, test_image,
 };
 
 const BOOT: Duration = Duration::from_secs(180);
@@ -63,16 +64,8 @@ const METRICS_PORT: u16 = 9100;
 /// `GET /metrics` through the host forward, timed, and parsed by the
 /// Prometheus project's parser (scripts/parse_metrics.py).
 fn scrape(port: u16) -> (serde_json::Value, usize, Duration) {
-    use std::io::{Read, Write};
-    let started = std::time::Instant::now();
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the metrics forward");
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let took = started.elapsed();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    use std::io::Write;
+    let (head, body, took) = metrics_get_loopback(port).expect("the metrics forward");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/parse_metrics.py");
