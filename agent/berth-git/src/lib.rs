@@ -16,7 +16,7 @@ pub mod publish;
 pub mod sshsig;
 
 pub use publish::{FileChange, PushError, PushUpdate};
-pub use sshsig::{AllowedSigners, SignatureError, Signer};
+pub use sshsig::{AllowedSigners, BUNDLE_NAMESPACE, GIT_NAMESPACE, SignatureError, Signer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {

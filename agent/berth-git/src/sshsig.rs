@@ -26,18 +26,19 @@ pub struct Signer {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {
-    #[error("commit {0} is not signed")]
+    /// Each names what was signed: `commit <id>`, `bundle <path>`.
+    #[error("{0} is not signed")]
     Unsigned(String),
-    #[error("commit {revision} has a signature Berth cannot read: {why}")]
-    Malformed { revision: String, why: String },
-    #[error("commit {revision} is signed by {fingerprint}, which is not in the allowed signers")]
+    #[error("{subject} has a signature Berth cannot read: {why}")]
+    Malformed { subject: String, why: String },
+    #[error("{subject} is signed by {fingerprint}, which is not in the allowed signers")]
     UnknownKey {
-        revision: String,
+        subject: String,
         fingerprint: String,
     },
-    #[error("commit {revision}: the signature by {fingerprint} does not match the commit")]
+    #[error("{subject}: the signature by {fingerprint} does not match what was signed")]
     BadSignature {
-        revision: String,
+        subject: String,
         fingerprint: String,
     },
     #[error("{file}:{line}: {why}")]
@@ -54,7 +55,8 @@ struct AllowedKey {
     /// The public key blob: string "ssh-ed25519", string key.
     blob: Vec<u8>,
     key: [u8; 32],
-    /// `namespaces="…"`: when set, `git` must be among them.
+    /// `namespaces="…"`: when set, the signature's namespace (`git`,
+    /// `berth-bundle`) must be among them.
     namespaces: Option<Vec<String>>,
 }
 
@@ -64,7 +66,11 @@ pub struct AllowedSigners {
     keys: Vec<AllowedKey>,
 }
 
-const NAMESPACE: &str = "git";
+/// The namespace `git commit -S` signs in.
+pub const GIT_NAMESPACE: &str = "git";
+/// The namespace update bundles are signed in (`ssh-keygen -Y sign -n
+/// berth-bundle`): a commit signature can never pass for a bundle's.
+pub const BUNDLE_NAMESPACE: &str = "berth-bundle";
 
 impl AllowedSigners {
     pub fn load(path: &Path) -> Result<Self, SignatureError> {
@@ -148,15 +154,17 @@ impl AllowedSigners {
         self.keys.is_empty()
     }
 
-    /// Checks the signature on `data` (the commit without its signature).
+    /// Checks the armoured signature on `data`, made in `namespace`;
+    /// `subject` names what was signed in errors (`commit 1a2b…`).
     pub fn verify(
         &self,
-        revision: &str,
+        namespace_wanted: &str,
+        subject: &str,
         armoured: &str,
         data: &[u8],
     ) -> Result<Signer, SignatureError> {
         let malformed = |why: &str| SignatureError::Malformed {
-            revision: revision.to_string(),
+            subject: subject.to_string(),
             why: why.to_string(),
         };
         let body: String = armoured
@@ -188,9 +196,9 @@ impl AllowedSigners {
             .ok_or_else(|| malformed("truncated reserved field"))?;
         let hash = r.string().ok_or_else(|| malformed("truncated hash name"))?;
         let signature = r.string().ok_or_else(|| malformed("truncated signature"))?;
-        if namespace != NAMESPACE.as_bytes() {
+        if namespace != namespace_wanted.as_bytes() {
             return Err(malformed(&format!(
-                "signed for namespace {:?}, not {NAMESPACE:?}",
+                "signed for namespace {:?}, not {namespace_wanted:?}",
                 String::from_utf8_lossy(namespace)
             )));
         }
@@ -202,10 +210,10 @@ impl AllowedSigners {
             .filter(|k| {
                 k.namespaces
                     .as_ref()
-                    .is_none_or(|n| n.iter().any(|x| x == NAMESPACE))
+                    .is_none_or(|n| n.iter().any(|x| x == namespace_wanted))
             })
             .ok_or_else(|| SignatureError::UnknownKey {
-                revision: revision.to_string(),
+                subject: subject.to_string(),
                 fingerprint: fingerprint.clone(),
             })?;
         let digest: Vec<u8> = match hash {
@@ -214,7 +222,7 @@ impl AllowedSigners {
             _ => return Err(malformed("unknown hash algorithm")),
         };
         let mut signed = b"SSHSIG".to_vec();
-        for part in [NAMESPACE.as_bytes(), reserved, hash, &digest] {
+        for part in [namespace_wanted.as_bytes(), reserved, hash, &digest] {
             put_string(&mut signed, part);
         }
         let mut s = Reader(signature);
@@ -226,7 +234,7 @@ impl AllowedSigners {
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| malformed("the Ed25519 signature is not 64 bytes"))?;
         let bad = || SignatureError::BadSignature {
-            revision: revision.to_string(),
+            subject: subject.to_string(),
             fingerprint: fingerprint.clone(),
         };
         let key = ed25519_dalek::VerifyingKey::from_bytes(&allowed.key).map_err(|_| bad())?;
@@ -246,16 +254,16 @@ impl Mirror {
         revision: Revision,
         allowed: &AllowedSigners,
     ) -> Result<Signer, SignatureError> {
-        let rev = revision.to_string();
+        let subject = format!("commit {revision}");
         let (signature, data) = self
             .repo
             .extract_signature(&revision.oid(), None)
-            .map_err(|_| SignatureError::Unsigned(rev.clone()))?;
+            .map_err(|_| SignatureError::Unsigned(subject.clone()))?;
         let armoured = std::str::from_utf8(&signature).map_err(|_| SignatureError::Malformed {
-            revision: rev.clone(),
+            subject: subject.clone(),
             why: "the signature is not text".into(),
         })?;
-        allowed.verify(&rev, armoured, &data)
+        allowed.verify(GIT_NAMESPACE, &subject, armoured, &data)
     }
 }
 
@@ -406,7 +414,9 @@ mod tests {
             "-----BEGIN SSH SIGNATURE-----\nU1NIU0lH\n-----END SSH SIGNATURE-----",
             "-----BEGIN SSH SIGNATURE-----\nU1NIU0lHAAAAAQAAAP8=\n-----END SSH SIGNATURE-----",
         ] {
-            let e = signers.verify("abc", armour, b"data").expect_err(armour);
+            let e = signers
+                .verify(GIT_NAMESPACE, "commit abc", armour, b"data")
+                .expect_err(armour);
             assert!(
                 matches!(e, SignatureError::Malformed { .. }),
                 "{armour:?}: {e}"
