@@ -69,7 +69,11 @@ cp -a "$here/files/root/." "$root/"
 if [ "$variant" = test ]; then
     cp -a "$here/files/test/." "$root/"
 fi
-chroot "$root" systemctl enable berth-agent.service berth-online-sync.service berth-storage-teardown.service systemd-networkd.service systemd-resolved.service >/dev/null 2>&1
+chroot "$root" systemctl enable berth-agent.service berth-online-sync.service berth-storage-teardown.service berth-update-gate.service systemd-networkd.service systemd-resolved.service >/dev/null 2>&1
+# systemd-boot's package is here for systemd-bless-boot; what else it
+# brings would write to the read-only ESP at every boot (the boot loader's
+# own update, its random seed) or listen for bootctl.
+chroot "$root" systemctl mask systemd-boot-update.service systemd-boot-random-seed.service systemd-bootctl.socket >/dev/null 2>&1
 # No login on the serial console (nothing to log in as; and a getty hanging
 # up the line loses console output).
 chroot "$root" systemctl mask serial-getty@ttyS0.service >/dev/null 2>&1
@@ -119,11 +123,13 @@ root_b_uuid=$(cat /proc/sys/kernel/random/uuid)
 var_uuid=$(cat /proc/sys/kernel/random/uuid)
 # No fsck pass from systemd: the root is read-only (never written at run
 # time), the initrd checks /var with e2fsck -p before it mounts it, and the
-# ESP is mounted read-only.
+# ESP is mounted read-only. No line for /: the root is whichever slot the
+# boot entry's root= names (the initrd mounts it read-only), and the same
+# root image serves both slots. /var and the ESP by partition name, not
+# UUID: an update's root comes from another build, with other UUIDs.
 cat > "$root/etc/fstab" <<FSTAB
-PARTUUID=$root_a_uuid /     ext4 ro,noatime 0 0
-PARTUUID=$var_uuid    /var  ext4 rw,noatime,x-systemd.growfs 0 0
-PARTUUID=$esp_uuid    /efi  vfat ro,nofail,umask=0077 0 0
+PARTLABEL=var  /var  ext4 rw,noatime,x-systemd.growfs 0 0
+PARTLABEL=esp  /efi  vfat ro,nofail,umask=0077 0 0
 FSTAB
 mkdir -p "$root/efi"
 
@@ -145,14 +151,17 @@ chmod 1777 "$root/var/tmp"
 
 # 4. The ESP: systemd-boot, the kernel and initrd of slot A, the node config.
 esp="$work/esp"
-mkdir -p "$esp/EFI/BOOT" "$esp/EFI/systemd" "$esp/loader/entries" "$esp/berth/a" "$esp/berth"
+mkdir -p "$esp/EFI/BOOT" "$esp/EFI/systemd" "$esp/loader/entries" "$esp/berth/a" "$esp/berth/b" "$esp/berth"
 cp "$root/usr/lib/systemd/boot/efi/systemd-bootx64.efi" "$esp/EFI/BOOT/BOOTX64.EFI"
 cp "$root/usr/lib/systemd/boot/efi/systemd-bootx64.efi" "$esp/EFI/systemd/systemd-bootx64.efi"
 cp "$root/boot/vmlinuz-$kver" "$esp/berth/a/vmlinuz"
 cp "$work/initrd.img" "$esp/berth/a/initrd.img"
 # No entry editor: at the console it would let anyone boot the node with
 # init=/bin/sh (and on a signed image, around everything the image checks).
-printf 'default berth-a.conf\ntimeout 0\nconsole-mode keep\neditor no\n' > "$esp/loader/loader.conf"
+# Which slot boots is systemd-boot's choice among berth-* entries (see
+# agent/berth-update/src/slots.rs): entries out of boot-counting tries
+# last, then the highest `version` (an install's generation).
+printf 'default berth-*\ntimeout 0\nconsole-mode keep\neditor no\n' > "$esp/loader/loader.conf"
 # The security modules Debian's kernel activates, less those the node has
 # no policy or use for: TOMOYO (no tomoyo-init), IPE (no policy) and BPF
 # (only systemd's RestrictFileSystems= would use it, which no unit here
@@ -163,20 +172,25 @@ printf 'default berth-a.conf\ntimeout 0\nconsole-mode keep\neditor no\n' > "$esp
 kernel_tuning="lsm=lockdown,capability,landlock,yama,apparmor,ima,evm initcall_blacklist=crypto_kdf108_init,init_encrypted"
 cat > "$esp/loader/entries/berth-a.conf" <<ENTRY
 title   Berth $version (slot A)
+sort-key berth
+version 1
 linux   /berth/a/vmlinuz
 initrd  /berth/a/initrd.img
-options root=PARTUUID=$root_a_uuid ro rootwait console=tty0 console=ttyS0,115200 systemd.show_status=auto quiet panic=10 $kernel_tuning
+options root=PARTUUID=$root_a_uuid berth.slot=a ro rootwait console=tty0 console=ttyS0,115200 systemd.show_status=auto quiet panic=10 $kernel_tuning
 ENTRY
 cp "$here/files/esp/config.yaml" "$esp/berth/config.yaml"
 
-# 5. Filesystems, from directories.
+# 5. Filesystems, from directories. Each root slot's partition is larger
+# than the root image (BERTH_ROOT_SLOT_MIB, 768 MiB by default), so that
+# later images, which may be larger, still fit the slot they update.
 mib() { echo $(( ($1 + 1048575) / 1048576 )); }
 root_bytes=$(du -sb "$root" | cut -f1)
 root_mib=$(( $(mib "$root_bytes") * 115 / 100 + 64 ))
+slot_mib=${BERTH_ROOT_SLOT_MIB:-768}
+[ "$slot_mib" -ge "$root_mib" ] || slot_mib=$root_mib
 esp_mib=256
 var_mib=256
-mkfs.ext4 -q -F -E root_owner=0:0 -L berth-root-a -U "$(cat /proc/sys/kernel/random/uuid)" -d "$root" "$work/root-a.img" "${root_mib}M"
-mkfs.ext4 -q -F -E root_owner=0:0 -L berth-root-b "$work/root-b.img" "${root_mib}M"
+mkfs.ext4 -q -F -E root_owner=0:0 -L berth-root -U "$(cat /proc/sys/kernel/random/uuid)" -d "$root" "$work/root-a.img" "${root_mib}M"
 mkfs.ext4 -q -F -E root_owner=0:0 -L berth-var -d "$work/var" "$work/var.img" "${var_mib}M"
 # /var's root reserve (5%, kept as the filesystem grows) is the agent's: it
 # holds CAP_SYS_RESOURCE, containers and the mounts of their roots do not,
@@ -184,6 +198,25 @@ mkfs.ext4 -q -F -E root_owner=0:0 -L berth-var -d "$work/var" "$work/var.img" "$
 # VAR_RESERVE_UID). So a pod that fills /var leaves Git, status and the
 # agent's state room to work.
 tune2fs -m 5 -u 65533 "$work/var.img" >/dev/null
+
+# The update bundle of this build (agent/berth-update/src/bundle.rs): the
+# root image zstd-compressed, the kernel and initrd, and bundle.json, signed
+# with BERTH_BUNDLE_KEY (an ssh-keygen ed25519 key) when it is set. Slot A
+# keeps its manifest on the ESP, as an update's slot does.
+bundle="$out/$name.bundle"
+rm -rf "$bundle"
+mkdir -p "$bundle"
+zstd -q -f -T0 -10 "$work/root-a.img" -o "$bundle/root.img.zst"
+cp "$esp/berth/a/vmlinuz" "$bundle/vmlinuz"
+cp "$esp/berth/a/initrd.img" "$bundle/initrd.img"
+"$berth_bin" bundle describe "$bundle" --version "$version" >/dev/null
+if [ -n "${BERTH_BUNDLE_KEY:-}" ]; then
+    ssh-keygen -Y sign -q -n berth-bundle -f "$BERTH_BUNDLE_KEY" "$bundle/bundle.json"
+else
+    echo "build: $bundle is not signed (set BERTH_BUNDLE_KEY, or: ssh-keygen -Y sign -n berth-bundle -f KEY $bundle/bundle.json)"
+fi
+cp "$bundle/bundle.json" "$esp/berth/a/bundle.json"
+
 rm -f "$work/esp.img"
 mkfs.vfat -F 32 -n BERTH-ESP -C "$work/esp.img" $(( esp_mib * 1024 )) >/dev/null
 (cd "$esp" && find . -mindepth 1 -type d | sed 's|^\./||' | while read -r d; do mmd -i "$work/esp.img" "::$d"; done)
@@ -191,7 +224,7 @@ mkfs.vfat -F 32 -n BERTH-ESP -C "$work/esp.img" $(( esp_mib * 1024 )) >/dev/null
 
 # 6. The disk: GPT, then each filesystem at its offset.
 img="$out/$name.img"
-total_mib=$(( 1 + esp_mib + root_mib + root_mib + var_mib + 1 ))
+total_mib=$(( 1 + esp_mib + slot_mib + slot_mib + var_mib + 1 ))
 rm -f "$img"
 truncate -s "${total_mib}M" "$img"
 sfdisk --quiet "$img" <<PARTS
@@ -199,15 +232,16 @@ label: gpt
 unit: sectors
 first-lba: 2048
 start=2048, size=$(( esp_mib * 2048 )), type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, uuid=$esp_uuid, name="esp"
-size=$(( root_mib * 2048 )), type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, uuid=$root_a_uuid, name="root-a"
-size=$(( root_mib * 2048 )), type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, uuid=$root_b_uuid, name="root-b"
+size=$(( slot_mib * 2048 )), type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, uuid=$root_a_uuid, name="root-a"
+size=$(( slot_mib * 2048 )), type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, uuid=$root_b_uuid, name="root-b"
 size=$(( var_mib * 2048 )), type=4D21B016-B534-45C2-A9FB-5C16E091FD2D, uuid=$var_uuid, name="var"
 PARTS
+# Slot B stays empty (zeros, sparse) until the first update writes it.
 offset=1
-for part in esp root-a root-b var; do
-    dd if="$work/$part.img" of="$img" bs=1M seek="$offset" conv=notrunc,sparse status=none
-    size=$(( $(stat -c %s "$work/$part.img") / 1048576 ))
-    offset=$(( offset + size ))
+for part in esp:$esp_mib root-a:$slot_mib root-b:$slot_mib var:$var_mib; do
+    file="$work/${part%%:*}.img"
+    [ -f "$file" ] && dd if="$file" of="$img" bs=1M seek="$offset" conv=notrunc,sparse status=none
+    offset=$(( offset + ${part#*:} ))
 done
 built=$(date +%s)
 zstd -q -f -T0 -10 "$img" -o "$img.zst"

@@ -31,7 +31,7 @@ install -m 0755 "$here/init" "$tree/init"
 # Programs, and the shared libraries each one links (as the image's own
 # dynamic loader resolves them).
 install -m 0755 "$root/usr/bin/busybox" "$tree/usr/bin/busybox"
-for applet in sh mount umount switch_root setsid sleep cat ls tr mkdir; do
+for applet in sh mount umount switch_root setsid sleep cat ls tr mkdir grep sed; do
     ln -s busybox "$tree/usr/bin/$applet"
 done
 install -m 0755 "$root/usr/bin/kmod" "$tree/usr/bin/kmod"

@@ -65,6 +65,20 @@ pub fn test_image() -> Result<PathBuf> {
     }
 }
 
+/// The update bundle `image/build.sh --test` wrote beside the test image.
+pub fn test_bundle() -> Result<PathBuf> {
+    let image = test_image()?;
+    let bundle = image.with_extension("bundle");
+    if bundle.join("bundle.json").is_file() {
+        Ok(bundle)
+    } else {
+        fail(format!(
+            "no update bundle at {}: run `sudo image/build.sh --test` (make test does)",
+            bundle.display()
+        ))
+    }
+}
+
 /// Checks that QEMU and OVMF exist, so the tier fails loudly instead of passing empty.
 pub fn check_host() -> Result<()> {
     for path in [OVMF_CODE, OVMF_VARS] {
@@ -215,6 +229,9 @@ pub struct VmOptions {
     /// The `berth-tcp-pipe` binary the forwards run (tests pass
     /// `env!("CARGO_BIN_EXE_berth-tcp-pipe")`).
     pub tcp_pipe: Option<PathBuf>,
+    /// Raw disk images attached read-only after the node's disk
+    /// (`/dev/vdb`, `/dev/vdc`, ...).
+    pub extra_drives: Vec<PathBuf>,
 }
 
 impl VmOptions {
@@ -228,6 +245,7 @@ impl VmOptions {
             host_forwards: Vec::new(),
             guest_forwards: Vec::new(),
             tcp_pipe: None,
+            extra_drives: Vec::new(),
         }
     }
 }
@@ -351,14 +369,46 @@ impl Vm {
         let mut cmd = Command::new("qemu-system-x86_64");
         // -nodefaults: no CD-ROM or VGA for the firmware to try first; the
         // NIC has no option ROM, so OVMF does not attempt a network boot.
-        cmd.args(["-machine", "q35", "-accel", &accel, "-m", &options.memory_mib.to_string(), "-smp", "2"])
-            // -no-reboot: a reset of the guest ends QEMU, and whoever
-            // launched it starts it again, cold (see `Vm::reboot_from_guest`).
-            .args(["-nodefaults", "-display", "none", "-no-reboot"])
-            .args(["-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}")])
-            .args(["-drive", &format!("if=pflash,format=raw,unit=1,file={}", path_str(&vars)?)])
-            .args(["-drive", &format!("file={},format=raw,if=none,id=disk,cache=unsafe", path_str(&disk)?)])
-            .args(["-device", "virtio-blk-pci,drive=disk,bootindex=0"])
+        cmd.args([
+            "-machine",
+            "q35",
+            "-accel",
+            &accel,
+            "-m",
+            &options.memory_mib.to_string(),
+            "-smp",
+            "2",
+        ])
+        // -no-reboot: a reset of the guest ends QEMU, and whoever
+        // launched it starts it again, cold (see `Vm::reboot_from_guest`).
+        .args(["-nodefaults", "-display", "none", "-no-reboot"])
+        .args([
+            "-drive",
+            &format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"),
+        ])
+        .args([
+            "-drive",
+            &format!("if=pflash,format=raw,unit=1,file={}", path_str(&vars)?),
+        ])
+        .args([
+            "-drive",
+            &format!(
+                "file={},format=raw,if=none,id=disk,cache=unsafe",
+                path_str(&disk)?
+            ),
+        ])
+        .args(["-device", "virtio-blk-pci,drive=disk,bootindex=0"]);
+        for (i, extra) in options.extra_drives.iter().enumerate() {
+            cmd.args([
+                "-drive",
+                &format!(
+                    "file={},format=raw,if=none,id=extra{i},readonly=on",
+                    path_str(extra)?
+                ),
+            ])
+            .args(["-device", &format!("virtio-blk-pci,drive=extra{i}")]);
+        }
+        cmd
             .args([
                 "-netdev",
                 &format!(
@@ -672,6 +722,52 @@ impl Vm {
         let (vm, _) = Self::launch(dir, git, options, &format!("console-{boot}.log"))?
             .until_booted(git, options, boot, needle, timeout)?;
         Ok((vm, shutdown, start.elapsed()))
+    }
+
+    /// Waits for the guest to reset itself (not asked to: a unit's
+    /// `FailureAction=reboot`, a panic) within `timeout`, and powers the
+    /// same disk on again, cold, as [`Vm::reboot_from_guest`] does.
+    pub fn after_reset(
+        mut self,
+        git: &GitHost,
+        options: &VmOptions,
+        boot: u32,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            if Instant::now() > end {
+                return fail(format!(
+                    "the guest did not reset itself within {timeout:?}; console: {}",
+                    self.console.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        if !self.console_text().contains("reboot: Restarting system") {
+            return fail(format!(
+                "QEMU ended without the guest resetting itself; console: {}",
+                self.console.display()
+            ));
+        }
+        let dir = self.dir.clone();
+        self.keep_disk = true;
+        drop(self);
+        Self::launch(dir, git, options, &format!("console-{boot}.log"))
+    }
+
+    /// Pulls the plug: QEMU killed mid-whatever, the same disk and firmware
+    /// variables powered on again.
+    pub fn power_cut(mut self, git: &GitHost, options: &VmOptions, boot: u32) -> Result<Self> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = self.dir.clone();
+        self.keep_disk = true;
+        drop(self);
+        Self::launch(dir, git, options, &format!("console-{boot}.log"))
     }
 
     /// Keeps the guest running until it powers off: each time it resets

@@ -394,6 +394,10 @@ impl Agent {
             match fetched {
                 Ok(revision) => {
                     self.fetched_once = true;
+                    self.state.fetched_at = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .ok()
+                        .map(|d| d.as_secs());
                     self.waiting_for_network = false;
                     self.health_checkpoint(config);
                     (outcome, candidate) = self.intake(config, mirror, revision);

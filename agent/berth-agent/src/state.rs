@@ -17,6 +17,10 @@ pub struct AgentState {
     pub node: Option<String>,
     pub last_good: Option<RevisionRecord>,
     pub last_attempted: Option<RevisionRecord>,
+    /// When a fetch from Git last succeeded (seconds since the epoch): the
+    /// health gate of an updated slot wants one on its boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetched_at: Option<u64>,
     /// The errors of the last pass, empty when it went well.
     #[serde(default)]
     pub errors: Vec<String>,

@@ -4,6 +4,8 @@
 //! was, and systemd-boot's choice (computed by its rules) follows the
 //! entries.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -4,6 +4,7 @@
 mod exec;
 mod logging;
 mod render;
+mod update;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -209,6 +210,12 @@ enum Command {
         #[command(flatten)]
         dirs: AgentDirs,
     },
+    /// Make and check OS update bundles.
+    #[command(subcommand)]
+    Bundle(update::BundleCommand),
+    /// The node's A/B root slots; install an update bundle by hand.
+    #[command(subcommand)]
+    Update(update::UpdateCommand),
     /// Print what the agent's last pass planned from: its units, images,
     /// pulls, pod wiring, volumes, applied digests and the node's config.
     /// `berth plan --actual FILE` on it prints the plan that pass applied.
@@ -314,6 +321,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ..
         } => status_from_git(&repo, node.as_deref(), output),
         Command::Status { dirs, output, .. } => status(&dirs, output, true),
+        Command::Bundle(c) => update::bundle(c),
+        Command::Update(c) => update::update(c),
         Command::Drift { from_git, node } => drift_from_git(&from_git, &node),
         Command::Get {
             watch: true, kind, ..

@@ -420,6 +420,9 @@ pub(super) fn credentials_layer(dir: &Path) -> Result<(Layer, bool), ConfigError
     Ok((layer, any))
 }
 
+/// `berth.*` kernel parameters that are not node settings.
+const BOOT_PARAMETERS: [&str; 2] = ["slot", "initrd"];
+
 pub(super) fn cmdline_layer(cmdline: &str) -> Result<(Layer, bool), ConfigError> {
     let mut layer = Layer::default();
     let mut any = false;
@@ -434,6 +437,11 @@ pub(super) fn cmdline_layer(cmdline: &str) -> Result<(Layer, bool), ConfigError>
                 "expected berth.<setting>=<value>",
             ));
         };
+        // Not the agent's: the boot entry's slot (read by OS updates) and
+        // the initrd's own switch.
+        if BOOT_PARAMETERS.contains(&key) {
+            continue;
+        }
         set(
             &mut layer,
             key,

@@ -335,6 +335,18 @@ mod tests {
     }
 
     #[test]
+    fn the_boot_entrys_slot_and_the_initrds_switch_are_not_settings() {
+        let dir = Dir::new("bootparams");
+        let c = load(&sources(
+            &dir,
+            "root=PARTUUID=x berth.slot=b ro berth.initrd=shell berth.repo=git://h/r",
+            false,
+        ))
+        .expect("loads");
+        assert_eq!(c.remote.url, "git://h/r");
+    }
+
+    #[test]
     fn bad_values_are_refused_with_their_source() {
         let dir = Dir::new("bad");
         for (cmdline, field) in [

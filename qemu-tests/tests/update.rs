@@ -1,0 +1,365 @@
+//! Over-the-air updates on the real image, by hand (`berth update install`):
+//! the bundle `image/build.sh` wrote, made into version N+1 by the test
+//! (a marker file written into its root with debugfs) and signed with a key
+//! of the test's; a bad N+1 whose `berth` exits at once; a tampered copy.
+//! The bundles reach the guest on a second, read-only disk.
+//!
+//! One boot sequence: a tampered bundle is refused with nothing written; a
+//! power cut while slot B is written leaves slot A booting, and the install
+//! is run again; N+1 boots from slot B, passes its health gate (the pod
+//! that ran before is ready again), is blessed by systemd-bless-boot and
+//! stays across another reboot; the bad N+1 in slot A fails its gate on
+//! each of its two tries and systemd-boot boots slot B again by itself,
+//! where the update record says why.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use berth_qemu_tests::{
+    GIT_HOST, GitHost, Vm, VmOptions, must, repo_root, retry_on_tcg_flake, test_bundle, test_image,
+};
+
+const BOOT: Duration = Duration::from_secs(240);
+const GATE: Duration = Duration::from_secs(300);
+const INSTALL: Duration = Duration::from_secs(600);
+
+#[test]
+#[ignore = "needs QEMU, OVMF and the test image (scripts/test.sh runs it)"]
+fn an_update_installs_gates_promotes_and_a_bad_one_falls_back_by_itself() {
+    retry_on_tcg_flake("update", update_scenario);
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A copy of `base` whose root image `debugfs` edits with `commands`,
+/// described as `version` and signed with `key`.
+fn variant(base: &Path, dir: &Path, version: &str, commands: &str, key: &Path) {
+    fs::create_dir_all(dir).unwrap();
+    for part in ["vmlinuz", "initrd.img"] {
+        fs::copy(base.join(part), dir.join(part)).unwrap();
+    }
+    let image = dir.join("root.img");
+    run(Command::new("zstd")
+        .args(["-q", "-d", "-f"])
+        .arg(base.join("root.img.zst"))
+        .arg("-o")
+        .arg(&image));
+    let script = dir.join("debugfs.cmd");
+    fs::write(&script, commands).unwrap();
+    run(Command::new("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg(&script)
+        .arg(&image));
+    fs::remove_file(&script).unwrap();
+    run(Command::new("zstd")
+        .args(["-q", "-f", "-T0", "-3", "--rm"])
+        .arg(&image)
+        .arg("-o")
+        .arg(dir.join("root.img.zst")));
+    run(Command::new(repo_root().join("target/release/berth"))
+        .args(["bundle", "describe"])
+        .arg(dir)
+        .args(["--version", version]));
+    run(Command::new("ssh-keygen")
+        .args(["-Y", "sign", "-q", "-n", "berth-bundle", "-f"])
+        .arg(key)
+        .arg(dir.join("bundle.json")));
+}
+
+/// The bundles the scenario installs, on an ext4 image: `good/`, `bad/`,
+/// `tampered/`; and the allowed-signers line of the key that signed them.
+fn bundles() -> (PathBuf, String) {
+    let base = must(test_bundle());
+    let work = repo_root().join("target/qemu-tests/update-bundles");
+    let _ = fs::remove_dir_all(&work);
+    let tree = work.join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    let key = work.join("release");
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "release", "-f"])
+        .arg(&key));
+    let public = fs::read_to_string(key.with_extension("pub")).unwrap();
+    let public: Vec<&str> = public.split_whitespace().take(2).collect();
+
+    let marker = work.join("marker");
+    fs::write(&marker, "0.1.0+update.1\n").unwrap();
+    variant(
+        &base,
+        &tree.join("good"),
+        "0.1.0+update.1",
+        &format!("write {} /usr/lib/berth/update-marker\n", marker.display()),
+        &key,
+    );
+    // An N+1 whose berth (agent and gate alike) exits at start.
+    let broken = work.join("broken");
+    fs::write(
+        &broken,
+        "#!/bin/sh\necho 'berth: broken build' >&2\nexit 1\n",
+    )
+    .unwrap();
+    variant(
+        &base,
+        &tree.join("bad"),
+        "0.1.0+broken.1",
+        &format!(
+            "rm /usr/bin/berth\nwrite {} /usr/bin/berth\nsif /usr/bin/berth mode 0100755\n",
+            broken.display()
+        ),
+        &key,
+    );
+    // The good bundle with one byte of its kernel changed after signing.
+    let tampered = tree.join("tampered");
+    fs::create_dir_all(&tampered).unwrap();
+    for part in [
+        "bundle.json",
+        "bundle.json.sig",
+        "initrd.img",
+        "root.img.zst",
+    ] {
+        fs::hard_link(tree.join("good").join(part), tampered.join(part)).unwrap();
+    }
+    let mut kernel = fs::read(tree.join("good/vmlinuz")).unwrap();
+    let mid = kernel.len() / 2;
+    kernel[mid] ^= 0x01;
+    fs::write(tampered.join("vmlinuz"), kernel).unwrap();
+
+    let bytes: u64 = run(Command::new("du").args(["-sb"]).arg(&tree))
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    let disk = work.join("bundles.img");
+    let mib = bytes / (1 << 20) * 11 / 10 + 64;
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&disk)
+        .arg(format!("{mib}M")));
+    (disk, format!("release@test {} {}", public[0], public[1]))
+}
+
+fn entries(vm: &Vm) -> String {
+    vm.sh("ls /efi/loader/entries | tr '\\n' ' '")
+}
+
+fn mount_bundles(vm: &Vm, allowed: &str) {
+    vm.sh(&format!(
+        "mkdir -p /run/bundles && mount -o ro /dev/vdb /run/bundles && echo '{allowed}' > /run/allowed"
+    ));
+}
+
+fn wait_in_guest(vm: &Vm, what: &str, command: &str, timeout: Duration) -> String {
+    let end = Instant::now() + timeout;
+    loop {
+        let (rc, out) = vm
+            .exec(command, Duration::from_secs(60))
+            .unwrap_or((-1, String::new()));
+        if rc == 0 {
+            return out;
+        }
+        assert!(Instant::now() < end, "{what} not within {timeout:?}: {out}");
+        std::thread::sleep(Duration::from_secs(3));
+    }
+}
+
+fn update_scenario() {
+    let image = must(test_image());
+    let (disk, allowed) = bundles();
+    let git = must(GitHost::fresh("update", "desired.git"));
+    must(git.push(
+        &[(
+            "pods/web.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: web}\nspec:\n  containers:\n  - name: main\n    image: busybox:1.37\n    command: [sh, -c, 'exec sleep 1000000']\n    readinessProbe: {exec: {command: ['true']}, periodSeconds: 2}\n",
+        )],
+        "a pod the update must bring back",
+    ));
+    let mut options = VmOptions::new("update");
+    options.esp_config = Some(format!(
+        "node:\n  name: update\ngit:\n  url: git://{GIT_HOST}/desired.git\n  path: pods\n  pollInterval: 5s\n"
+    ));
+    options.extra_drives = vec![disk];
+    let (vm, _) = must(Vm::boot_until(
+        &image,
+        &git,
+        &options,
+        "berth: agent started",
+        BOOT,
+    ));
+    let ready = |vm: &Vm, what: &str| {
+        vm.pods_until(what, BOOT, |p| {
+            p.get("web").is_some_and(|w| {
+                w["status"] == "Running"
+                    && w["conditions"].as_array().is_some_and(|c| {
+                        c.iter()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                    })
+            })
+        })
+    };
+    ready(&vm, "web ready on slot A");
+    assert!(vm.sh("cat /proc/cmdline").contains("berth.slot=a"));
+    assert_eq!(entries(&vm).trim(), "berth-a.conf");
+    mount_bundles(&vm, &allowed);
+
+    // Tampered: refused before anything is written.
+    let (rc, out) = must(vm.exec(
+        "berth update install /run/bundles/tampered --allowed-signers /run/allowed 2>&1",
+        INSTALL,
+    ));
+    assert_ne!(rc, 0, "{out}");
+    assert!(out.contains("vmlinuz: kernel has sha256"), "{out}");
+    assert_eq!(entries(&vm).trim(), "berth-a.conf");
+    assert_eq!(
+        vm.sh("head -c 4194304 /dev/disk/by-partlabel/root-b | tr -d '\\000' | wc -c")
+            .trim(),
+        "0",
+        "slot B was written to"
+    );
+
+    // A power cut while slot B is written: slot A boots, and the install
+    // runs again from the start.
+    vm.sh("nohup berth update install /run/bundles/good --allowed-signers /run/allowed > /run/install.log 2>&1 &");
+    wait_in_guest(
+        &vm,
+        "the install writing",
+        "grep -q 'writing' /run/install.log",
+        Duration::from_secs(120),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let log = vm.sh("cat /run/install.log");
+    assert!(
+        !log.contains("installed as"),
+        "the install finished before the cut: {log}"
+    );
+    let mut vm = must(vm.power_cut(&git, &options, 2));
+    must(vm.wait_for("berth: agent started", BOOT));
+    assert!(
+        vm.sh("cat /proc/cmdline").contains("berth.slot=a"),
+        "slot A boots after the cut"
+    );
+    assert_eq!(entries(&vm).trim(), "berth-a.conf");
+    ready(&vm, "web ready after the cut");
+    mount_bundles(&vm, &allowed);
+    let started = Instant::now();
+    let (rc, out) = must(vm.exec(
+        "berth update install /run/bundles/good --allowed-signers /run/allowed --gate-seconds 240 2>&1",
+        INSTALL,
+    ));
+    let install_secs = started.elapsed().as_secs_f64();
+    assert_eq!(rc, 0, "{out}");
+    assert!(
+        out.contains("installed as berth-b+3.conf (generation 2)"),
+        "{out}"
+    );
+    println!("install (verify, write and read back slot B, ESP): {install_secs:.1} s\n{out}");
+    assert!(
+        vm.sh("berth update status")
+            .contains("update to 0.1.0+update.1: installed in slot B, boots next")
+    );
+
+    // N+1 boots, its gate waits for web, systemd-bless-boot blesses it.
+    let (vm, _, took) = must(vm.reboot_from_guest(&git, &options, 3, "berth: agent started", BOOT));
+    println!(
+        "reboot into slot B to agent started: {:.1} s",
+        took.as_secs_f64()
+    );
+    assert!(vm.sh("cat /proc/cmdline").contains("berth.slot=b"));
+    assert_eq!(
+        vm.sh("cat /usr/lib/berth/update-marker").trim(),
+        "0.1.0+update.1"
+    );
+    let gate = wait_in_guest(
+        &vm,
+        "the gate passing",
+        "journalctl -b -u berth-update-gate.service -o cat | grep 'gate: passed'",
+        GATE,
+    );
+    println!("{gate}");
+    assert!(gate.contains("1 of 1 pods ready again"), "{gate}");
+    wait_in_guest(
+        &vm,
+        "the entry blessed",
+        "test -e /efi/loader/entries/berth-b.conf",
+        Duration::from_secs(60),
+    );
+    let status = vm.sh("berth update status");
+    assert!(
+        status.contains("promoted: slot B is the default"),
+        "{status}"
+    );
+    assert!(
+        status.contains("slot B: 0.1.0+update.1 (booted)"),
+        "{status}"
+    );
+    assert!(
+        vm.sh("systemctl is-active systemd-bless-boot.service")
+            .contains("active")
+    );
+    assert_eq!(
+        vm.sh("findmnt -n -o OPTIONS /efi | cut -d, -f1").trim(),
+        "ro",
+        "the ESP is read-only again after the blessing"
+    );
+
+    // It stays: another reboot boots slot B, uncounted, no gate.
+    let (vm, _, _) = must(vm.reboot_from_guest(&git, &options, 4, "berth: agent started", BOOT));
+    assert!(vm.sh("cat /proc/cmdline").contains("berth.slot=b"));
+    ready(&vm, "web ready on slot B after another reboot");
+    let (_, gate_state) = must(vm.exec(
+        "systemctl is-active berth-update-gate.service",
+        Duration::from_secs(30),
+    ));
+    assert!(!gate_state.contains("failed"), "{gate_state}");
+
+    // The bad N+1 into slot A, two tries: each boot of it fails its gate
+    // and reboots; then systemd-boot boots slot B by itself.
+    mount_bundles(&vm, &allowed);
+    let (rc, out) = must(vm.exec(
+        "berth update install /run/bundles/bad --allowed-signers /run/allowed --tries 2 2>&1",
+        INSTALL,
+    ));
+    assert_eq!(rc, 0, "{out}");
+    assert!(
+        out.contains("installed as berth-a+2.conf (generation 3)"),
+        "{out}"
+    );
+    let _ = vm.exec("systemctl --no-block reboot", Duration::from_secs(20));
+    let vm = must(vm.after_reset(&git, &options, 5, Duration::from_secs(180)));
+    let vm = must(vm.after_reset(&git, &options, 6, BOOT));
+    let mut vm = must(vm.after_reset(&git, &options, 7, BOOT));
+    must(vm.wait_for("berth: agent started", BOOT));
+    assert!(
+        vm.sh("cat /proc/cmdline").contains("berth.slot=b"),
+        "slot B boots again"
+    );
+    let listing = entries(&vm);
+    assert!(listing.contains("berth-a+0-2.conf"), "{listing}");
+    let status = vm.sh("berth update status");
+    assert!(
+        status.contains("rolled back to slot B: slot A never reached its health gate in 2 boots"),
+        "{status}"
+    );
+    ready(&vm, "web ready on slot B after the rollback");
+    for boot in [5, 6] {
+        let console =
+            fs::read_to_string(vm.dir.join(format!("console-{boot}.log"))).unwrap_or_default();
+        assert!(
+            console.contains("berth-update-gate.service"),
+            "boot {boot} of the bad slot shows no failed gate"
+        );
+    }
+}
