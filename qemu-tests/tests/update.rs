@@ -232,7 +232,8 @@ fn update_scenario() {
 
     // A power cut while slot B is written: slot A boots, and the install
     // runs again from the start.
-    vm.sh("nohup berth update install /run/bundles/good --allowed-signers /run/allowed > /run/install.log 2>&1 &");
+    // A unit of its own: the test channel's cgroup ends with each command.
+    vm.sh("systemd-run --unit=test-install -p StandardOutput=file:/run/install.log -p StandardError=file:/run/install.log berth update install /run/bundles/good --allowed-signers /run/allowed");
     wait_in_guest(
         &vm,
         "the install writing",
@@ -266,9 +267,10 @@ fn update_scenario() {
         "{out}"
     );
     println!("install (verify, write and read back slot B, ESP): {install_secs:.1} s\n{out}");
+    let status = vm.sh("berth update status");
     assert!(
-        vm.sh("berth update status")
-            .contains("update to 0.1.0+update.1: installed in slot B, boots next")
+        status.contains("update to 0.1.0+update.1 in slot B: Installed (boots next)"),
+        "{status}"
     );
 
     // N+1 boots, its gate waits for web, systemd-bless-boot blesses it.
@@ -298,7 +300,7 @@ fn update_scenario() {
     );
     let status = vm.sh("berth update status");
     assert!(
-        status.contains("promoted: slot B is the default"),
+        status.contains("update to 0.1.0+update.1 in slot B: Promoted (agent passed"),
         "{status}"
     );
     assert!(
@@ -350,7 +352,7 @@ fn update_scenario() {
     assert!(listing.contains("berth-a+0-2.conf"), "{listing}");
     let status = vm.sh("berth update status");
     assert!(
-        status.contains("rolled back to slot B: slot A never reached its health gate in 2 boots"),
+        status.contains("in slot A: RolledBack (slot A never reached its health gate in 2 boots"),
         "{status}"
     );
     ready(&vm, "web ready on slot B after the rollback");

@@ -532,6 +532,20 @@ impl Agent {
         if !config.publish {
             return;
         }
+        // The ESP is the directory above the config's (`/efi/berth/config.yaml`).
+        let os = self
+            .paths
+            .config
+            .esp_file
+            .parent()
+            .and_then(std::path::Path::parent)
+            .map(|esp| {
+                berth_update::os_status(
+                    esp,
+                    &self.paths.config.kernel_cmdline,
+                    &self.paths.state_dir,
+                )
+            });
         let doc = report::build(&report::Inputs {
             node: &config.node_name,
             labels: &config.labels,
@@ -555,6 +569,7 @@ impl Agent {
             events: &self.events,
             eviction: &config.eviction,
             pressured: &self.state.pressured,
+            os: os.as_ref(),
             now: now_secs(),
         });
         publisher.send(Outgoing {

@@ -24,6 +24,10 @@ pub struct NodeStatusDoc {
     pub api_version: String,
     pub kind: String,
     pub node: NodeSection,
+    /// The booted OS version and slot, the other slot's, and the last
+    /// update's outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<berth_update::OsStatus>,
     pub revisions: Revisions,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
@@ -135,6 +139,7 @@ pub struct Inputs<'a> {
     /// pressure: the node's pressure conditions.
     pub eviction: &'a berth_plan::pressure::Thresholds,
     pub pressured: &'a [berth_plan::pressure::Signal],
+    pub os: Option<&'a berth_update::OsStatus>,
     pub now: u64,
 }
 
@@ -203,6 +208,7 @@ pub fn build(inputs: &Inputs<'_>) -> NodeStatusDoc {
             conditions,
             agent_version: env!("CARGO_PKG_VERSION").into(),
         },
+        os: inputs.os.cloned(),
         revisions: Revisions {
             applied: inputs.applied.cloned(),
             attempted: inputs.attempted.cloned(),

@@ -8,7 +8,9 @@ pub mod bundle;
 pub mod gate;
 pub mod record;
 pub mod slots;
+pub mod status;
 
 pub use bundle::{BundleError, Manifest, Verified};
 pub use record::{Attempt, Outcome, UpdateRecord};
 pub use slots::{Entry, Layout, Slot, SlotError};
+pub use status::{OsStatus, UpdateStatus, os_status};

@@ -214,6 +214,16 @@ impl Layout {
         })
     }
 
+    /// The ESP alone, for reading its entries and manifests (status);
+    /// writing a slot needs the partitions of [`Layout::discover`].
+    pub fn esp_only(esp: &Path) -> Self {
+        Self {
+            esp: esp.to_path_buf(),
+            devices: [PathBuf::new(), PathBuf::new()],
+            partuuids: [String::new(), String::new()],
+        }
+    }
+
     fn index(slot: Slot) -> usize {
         match slot {
             Slot::A => 0,

@@ -443,3 +443,102 @@ fn a_slot_too_small_or_a_cut_write_leaves_the_booting_slot_the_default() {
     );
     assert!(image.exists());
 }
+
+#[test]
+fn the_os_status_follows_the_record_the_entries_and_the_slot_that_booted() {
+    use berth_update::record::{Attempt, SCHEMA, UpdateRecord};
+    let tmp = Tmp::new("status");
+    let (key, public) = keygen(&tmp.0, "release");
+    let allowed = AllowedSigners::parse(&format!("r {public}\n"), "allowed").expect("allowed");
+    make_bundle(&tmp.0.join("bundle"), &noise(1 << 20, 5), "0.2.0", &key);
+    let verified = bundle::verify(&tmp.0.join("bundle"), &allowed, "amd64").expect("verifies");
+    let node = node(&tmp.0, 2 << 20);
+    let state = tmp.0.join("state");
+    fs::create_dir_all(&state).expect("state");
+    let on_a = "root=PARTUUID=aaaa-1 berth.slot=a ro";
+    let on_b = "root=PARTUUID=bbbb-2 berth.slot=b ro";
+
+    // Slot A's manifest is not on this ESP: an image from before bundles.
+    let s = berth_update::os_status(&node.esp, on_a, &state);
+    assert_eq!(
+        (s.version.as_str(), s.slot.as_str(), s.update),
+        ("unknown", "A", None)
+    );
+    let none = berth_update::os_status(&node.esp, "root=/dev/vda2", &state);
+    assert_eq!(none.slot, "");
+
+    let mut record = UpdateRecord {
+        schema: SCHEMA,
+        version: "0.2.0".into(),
+        from_version: "0.1.0".into(),
+        from_slot: Slot::A,
+        to_slot: Slot::B,
+        installed_at: 1,
+        tries: 3,
+        gate_seconds: 60,
+        pods: vec!["default/web".into()],
+        attempts: Vec::new(),
+    };
+    record.save(&state).expect("save");
+    node.retire(Slot::B).expect("retire");
+    let state_of = |cmdline: &str| {
+        let s = berth_update::os_status(&node.esp, cmdline, &state);
+        let u = s.update.clone().expect("an update");
+        (u.state, u.message, s)
+    };
+    // Cut before the entry was written.
+    assert_eq!(state_of(on_a).0, "Incomplete");
+    node.write_root(Slot::B, &verified).expect("write");
+    node.install_boot(Slot::B, &verified, on_a, 3)
+        .expect("entry");
+    let (st, msg, s) = state_of(on_a);
+    assert_eq!((st.as_str(), msg.as_str()), ("Installed", "boots next"));
+    assert_eq!(s.other_slot_version.as_deref(), Some("0.2.0"));
+    // Booted, gate not decided.
+    assert_eq!(state_of(on_b).0, "Gating");
+    let (_, _, s) = state_of(on_b);
+    assert_eq!((s.version.as_str(), s.slot.as_str()), ("0.2.0", "B"));
+    // Failed once, then out of tries: back on A, with the failed check.
+    record.attempts.push(Attempt {
+        boot_id: "b1".into(),
+        at: 2,
+        passed: false,
+        detail: "pod default/web not running and ready within 60 s".into(),
+    });
+    record.save(&state).expect("save");
+    let entries = node.esp.join("loader/entries");
+    fs::rename(
+        entries.join("berth-b+3.conf"),
+        entries.join("berth-b+0-3.conf"),
+    )
+    .expect("out of tries");
+    let (st, msg, _) = state_of(on_a);
+    assert_eq!(st, "RolledBack");
+    assert!(
+        msg.contains("pod default/web not running and ready within 60 s (1 of 3 boots tried)"),
+        "{msg}"
+    );
+    // Passed and blessed.
+    record.attempts.push(Attempt {
+        boot_id: "b2".into(),
+        at: 3,
+        passed: true,
+        detail: "agent passed, Git fetched, 1 of 1 pods ready again after 20 s".into(),
+    });
+    record.save(&state).expect("save");
+    fs::rename(
+        entries.join("berth-b+0-3.conf"),
+        entries.join("berth-b.conf"),
+    )
+    .expect("blessed");
+    let (st, msg, _) = state_of(on_b);
+    assert_eq!(st, "Promoted");
+    assert!(msg.contains("1 of 1 pods ready again"), "{msg}");
+    // A record this Berth cannot read is said, not hidden.
+    fs::write(state.join("update.json"), "{\"schema\": 9}").expect("write");
+    let s = berth_update::os_status(&node.esp, on_b, &state);
+    assert!(
+        s.error.as_deref().is_some_and(|e| e.contains("schema 9")),
+        "{s:?}"
+    );
+}

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, bail};
 use berth_update::gate::{self, Verdict};
 use berth_update::slots::{self, Layout, Slot};
-use berth_update::{Attempt, Outcome, UpdateRecord, bundle};
+use berth_update::{Attempt, UpdateRecord, bundle};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum BundleCommand {
@@ -147,12 +147,16 @@ pub fn update(command: UpdateCommand) -> anyhow::Result<ExitCode> {
                 println!("slot {slot}: {version}{mark}");
             }
             let default = layout.default_entry()?;
-            if let (Some(record), Some(booted)) = (UpdateRecord::load(&node.state_dir)?, booted) {
+            let cmdline = std::fs::read_to_string(&node.kernel_cmdline).unwrap_or_default();
+            let os = berth_update::os_status(&node.esp, &cmdline, &node.state_dir);
+            if let Some(u) = &os.update {
                 println!(
-                    "update to {}: {}",
-                    record.version,
-                    describe(&record, &layout, booted)?
+                    "update to {} in slot {}: {} ({})",
+                    u.version, u.slot, u.state, u.message
                 );
+            }
+            if let Some(e) = &os.error {
+                println!("error: {e}");
             }
             for e in layout.entries()? {
                 let state = match (e.tries_left, e.tries_done) {
@@ -238,29 +242,6 @@ fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// The update's outcome in words, for the slot that booted.
-fn describe(record: &UpdateRecord, layout: &Layout, booted: Slot) -> anyhow::Result<String> {
-    let entry = layout
-        .entries()?
-        .into_iter()
-        .filter(|e| e.slot == record.to_slot)
-        .max_by_key(|e| e.generation);
-    if entry.is_none() && record.attempts.is_empty() && booted == record.from_slot {
-        return Ok(format!(
-            "the install into slot {} did not finish (it has no boot entry); run it again",
-            record.to_slot
-        ));
-    }
-    let counted = entry.as_ref().is_some_and(|e| e.tries_left.is_some());
-    let bad = entry.as_ref().is_none_or(berth_update::Entry::is_bad);
-    Ok(match record.outcome(booted, counted, bad) {
-        Outcome::Installed => format!("installed in slot {}, boots next", record.to_slot),
-        Outcome::Gating => format!("slot {} booted, health gate running", record.to_slot),
-        Outcome::Promoted => format!("promoted: slot {} is the default", record.to_slot),
-        Outcome::RolledBack { reason } => format!("rolled back to slot {booted}: {reason}"),
-    })
 }
 
 /// The agent's state, the pods it runs, and those running and ready.
