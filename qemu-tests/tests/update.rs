@@ -14,6 +14,8 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)]
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -216,12 +218,17 @@ fn update_scenario() {
     mount_bundles(&vm, &allowed);
 
     // Tampered: refused before anything is written.
+    let started = Instant::now();
     let (rc, out) = must(vm.exec(
         "berth update install /run/bundles/tampered --allowed-signers /run/allowed 2>&1",
         INSTALL,
     ));
     assert_ne!(rc, 0, "{out}");
     assert!(out.contains("vmlinuz: kernel has sha256"), "{out}");
+    println!(
+        "tampered bundle refused (every part hashed first): {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     assert_eq!(entries(&vm).trim(), "berth-a.conf");
     assert_eq!(
         vm.sh("head -c 4194304 /dev/disk/by-partlabel/root-b | tr -d '\\000' | wc -c")
@@ -292,6 +299,30 @@ fn update_scenario() {
     );
     println!("{gate}");
     assert!(gate.contains("1 of 1 pods ready again"), "{gate}");
+    // For docs/benchmarks.md: the pod's downtime across the update, from
+    // its unit stopped on slot A (the journal is on the shared /var) to
+    // its container ready on slot B.
+    let stamp = |cmd: &str| -> f64 {
+        let out = vm.sh(cmd);
+        out.split_whitespace()
+            .next()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("no time in {out:?} ({cmd})"))
+    };
+    let stopped = stamp(
+        "journalctl -b -1 -o short-unix -u berth-default_web_main.service | grep -E 'Stopped|Deactivated' | tail -n 1",
+    );
+    let back = stamp(
+        "journalctl -b 0 -o short-unix -t berth | grep 'container main of pod default/web is ready' | head -n 1",
+    );
+    let gate_passed = stamp(
+        "journalctl -b 0 -o short-unix -u berth-update-gate.service | grep 'gate: passed' | head -n 1",
+    );
+    println!(
+        "pod default/web down across the update: {:.1} s (unit stopped on A to ready on B); gate passed {:.1} s after it was ready",
+        back - stopped,
+        gate_passed - back
+    );
     wait_in_guest(
         &vm,
         "the entry blessed",
@@ -311,6 +342,14 @@ fn update_scenario() {
         vm.sh("systemctl is-active systemd-bless-boot.service")
             .contains("active")
     );
+    common::await_status_branch(&git, "update", "the promotion", GATE, |d| {
+        d.os.as_ref().is_some_and(|os| {
+            os.slot == "B"
+                && os.version == "0.1.0+update.1"
+                && os.other_slot_version.as_deref() == Some("0.1.0")
+                && os.update.as_ref().is_some_and(|u| u.state == "Promoted")
+        })
+    });
     assert_eq!(
         vm.sh("findmnt -n -o OPTIONS /efi | cut -d, -f1").trim(),
         "ro",
@@ -356,6 +395,17 @@ fn update_scenario() {
         "{status}"
     );
     ready(&vm, "web ready on slot B after the rollback");
+    common::await_status_branch(&git, "update", "the rollback", GATE, |d| {
+        d.os.as_ref().is_some_and(|os| {
+            os.slot == "B"
+                && os.update.as_ref().is_some_and(|u| {
+                    u.state == "RolledBack"
+                        && u.version == "0.1.0+broken.1"
+                        && u.message
+                            .contains("never reached its health gate in 2 boots")
+                })
+        })
+    });
     for boot in [5, 6] {
         let console =
             fs::read_to_string(vm.dir.join(format!("console-{boot}.log"))).unwrap_or_default();

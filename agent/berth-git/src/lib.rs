@@ -162,8 +162,8 @@ fn tracking_ref(branch: &str) -> String {
 
 impl Mirror {
     /// Opens the mirror at `path`, creating it if needed. Lock files left by a
-    /// fetch that a power cut interrupted are removed first: the agent is the
-    /// only writer. A mirror that cannot be opened at all is moved aside and
+    /// fetch that a power cut interrupted are removed first, and so are refs
+    /// it left torn (empty or cut short): the agent is the only writer. A mirror that cannot be opened at all is moved aside and
     /// created afresh; everything in it can be fetched again.
     pub fn open(path: &Path) -> Result<Self, GitError> {
         let err = |source| GitError::Mirror {
@@ -171,7 +171,7 @@ impl Mirror {
             source,
         };
         if path.exists() {
-            remove_stale_locks(path);
+            recover_after_crash(path);
             match Repository::open_bare(path) {
                 Ok(repo) => {
                     return Ok(Self {
@@ -522,7 +522,7 @@ fn remote_callbacks<'a>(
     callbacks
 }
 
-fn remove_stale_locks(path: &Path) {
+fn recover_after_crash(path: &Path) {
     let mut stack = vec![path.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -536,7 +536,23 @@ fn remove_stale_locks(path: &Path) {
                 }
             } else if p.extension().is_some_and(|e| e == "lock") {
                 let _ = std::fs::remove_file(&p);
+            } else if p.starts_with(path.join("refs")) && !is_whole_ref(&p) {
+                // A ref libgit2 was writing when the power went (it does not
+                // sync them): empty or cut short, it fails every fetch with
+                // "corrupted loose reference file". Every ref here is the
+                // agent's and is made again by the next fetch or publish.
+                let _ = std::fs::remove_file(&p);
             }
         }
     }
+}
+
+/// A loose ref file as Git writes one: an object id, or `ref: <name>`.
+fn is_whole_ref(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return true;
+    };
+    let line = text.trim_end_matches('\n');
+    line.starts_with("ref: ")
+        || (matches!(line.len(), 40 | 64) && line.bytes().all(|b| b.is_ascii_hexdigit()))
 }

@@ -558,3 +558,31 @@ fn a_fetch_bigger_than_the_limit_is_stopped_with_a_clear_error() {
         .fetch(&remote, None)
         .expect("under the default limit");
 }
+
+#[test]
+fn a_ref_torn_by_a_power_cut_is_dropped_when_the_mirror_opens_and_fetched_again() {
+    let server = Server::start("torn-ref");
+    let (dir, mirror, main) = mirror_for(&server, "torn-ref-m");
+    drop(mirror);
+    let path = dir.0.join("mirror.git");
+    let tracking = path.join("refs/berth/fetched/main");
+    let remote = Remote {
+        url: server.url.clone(),
+        branch: "main".into(),
+    };
+    // What ext4 can leave of a ref written without a sync: nothing, or
+    // part of the id.
+    for torn in [String::new(), main.to_string()[..17].to_string()] {
+        std::fs::write(&tracking, &torn).expect("tear");
+        let mirror = Mirror::open(&path).expect("opens");
+        assert_eq!(
+            mirror.fetch(&remote, None).expect("fetches"),
+            main,
+            "{torn:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&tracking).expect("ref").trim(),
+            main.to_string()
+        );
+    }
+}
