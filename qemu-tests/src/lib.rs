@@ -697,31 +697,45 @@ impl Vm {
     ) -> Result<(Self, String, Duration)> {
         let start = Instant::now();
         let _ = self.exec("systemctl --no-block reboot", Duration::from_secs(20));
+        let shutdown = self.wait_reset(Duration::from_secs(180))?;
+        let (vm, _) = self
+            .relaunch(git, options, boot)?
+            .until_booted(git, options, boot, needle, timeout)?;
+        Ok((vm, shutdown, start.elapsed()))
+    }
+
+    /// Waits for QEMU to end with the guest resetting itself; returns the
+    /// console up to the reset.
+    fn wait_reset(&mut self, timeout: Duration) -> Result<String> {
+        let end = Instant::now() + timeout;
         loop {
             if let Ok(Some(_)) = self.child.try_wait() {
                 break;
             }
-            if start.elapsed() > Duration::from_secs(180) {
+            if Instant::now() > end {
                 return fail(format!(
-                    "the guest did not reset within 180 s of `systemctl reboot`; console: {}",
+                    "the guest did not reset within {timeout:?}; console: {}",
                     self.console.display()
                 ));
             }
             std::thread::sleep(Duration::from_millis(250));
         }
-        let shutdown = self.console_text();
-        if !shutdown.contains("reboot: Restarting system") {
+        let console = self.console_text();
+        if !console.contains("reboot: Restarting system") {
             return fail(format!(
                 "QEMU ended without the guest resetting itself; console: {}",
                 self.console.display()
             ));
         }
+        Ok(console)
+    }
+
+    /// Powers the same disk and firmware variables on again, cold.
+    fn relaunch(mut self, git: &GitHost, options: &VmOptions, boot: u32) -> Result<Self> {
         let dir = self.dir.clone();
         self.keep_disk = true;
         drop(self);
-        let (vm, _) = Self::launch(dir, git, options, &format!("console-{boot}.log"))?
-            .until_booted(git, options, boot, needle, timeout)?;
-        Ok((vm, shutdown, start.elapsed()))
+        Self::launch(dir, git, options, &format!("console-{boot}.log"))
     }
 
     /// Waits for the guest to reset itself (not asked to: a unit's
@@ -734,29 +748,8 @@ impl Vm {
         boot: u32,
         timeout: Duration,
     ) -> Result<Self> {
-        let end = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            if Instant::now() > end {
-                return fail(format!(
-                    "the guest did not reset itself within {timeout:?}; console: {}",
-                    self.console.display()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        if !self.console_text().contains("reboot: Restarting system") {
-            return fail(format!(
-                "QEMU ended without the guest resetting itself; console: {}",
-                self.console.display()
-            ));
-        }
-        let dir = self.dir.clone();
-        self.keep_disk = true;
-        drop(self);
-        Self::launch(dir, git, options, &format!("console-{boot}.log"))
+        self.wait_reset(timeout)?;
+        self.relaunch(git, options, boot)
     }
 
     /// Pulls the plug: QEMU killed mid-whatever, the same disk and firmware
@@ -764,10 +757,7 @@ impl Vm {
     pub fn power_cut(mut self, git: &GitHost, options: &VmOptions, boot: u32) -> Result<Self> {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let dir = self.dir.clone();
-        self.keep_disk = true;
-        drop(self);
-        Self::launch(dir, git, options, &format!("console-{boot}.log"))
+        self.relaunch(git, options, boot)
     }
 
     /// Keeps the guest running until it powers off: each time it resets

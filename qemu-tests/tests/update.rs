@@ -281,9 +281,18 @@ fn update_scenario() {
     );
 
     // N+1 boots, its gate waits for web, systemd-bless-boot blesses it.
-    let (vm, _, took) = must(vm.reboot_from_guest(&git, &options, 3, "berth: agent started", BOOT));
+    // The pod's downtime across the update, at most: from the reboot asked
+    // on slot A (its unit stops as the shutdown begins) to its container
+    // ready on slot B, by the host's clock.
+    let (vm, _, took) = must(vm.reboot_from_guest(
+        &git,
+        &options,
+        3,
+        "container main of pod default/web is ready",
+        BOOT,
+    ));
     println!(
-        "reboot into slot B to agent started: {:.1} s",
+        "reboot asked on slot A to pod default/web ready on slot B (its downtime, at most): {:.1} s",
         took.as_secs_f64()
     );
     assert!(vm.sh("cat /proc/cmdline").contains("berth.slot=b"));
@@ -299,9 +308,6 @@ fn update_scenario() {
     );
     println!("{gate}");
     assert!(gate.contains("1 of 1 pods ready again"), "{gate}");
-    // For docs/benchmarks.md: the pod's downtime across the update, from
-    // its unit stopped on slot A (the journal is on the shared /var) to
-    // its container ready on slot B.
     let stamp = |cmd: &str| -> f64 {
         let out = vm.sh(cmd);
         out.split_whitespace()
@@ -309,9 +315,6 @@ fn update_scenario() {
             .and_then(|t| t.parse().ok())
             .unwrap_or_else(|| panic!("no time in {out:?} ({cmd})"))
     };
-    let stopped = stamp(
-        "journalctl -b -1 -o short-unix -u berth-default_web_main.service | grep -E 'Stopped|Deactivated' | tail -n 1",
-    );
     let back = stamp(
         "journalctl -b 0 -o short-unix -t berth | grep 'container main of pod default/web is ready' | head -n 1",
     );
@@ -319,8 +322,7 @@ fn update_scenario() {
         "journalctl -b 0 -o short-unix -u berth-update-gate.service | grep 'gate: passed' | head -n 1",
     );
     println!(
-        "pod default/web down across the update: {:.1} s (unit stopped on A to ready on B); gate passed {:.1} s after it was ready",
-        back - stopped,
+        "gate passed {:.1} s after the pod was ready",
         gate_passed - back
     );
     wait_in_guest(

@@ -146,6 +146,26 @@ pub fn set_network_timeouts(connect: std::time::Duration, stall: std::time::Dura
     }
 }
 
+/// Makes libgit2 sync what it writes into a repository (loose objects,
+/// packs, refs) before renaming it into place, for the whole process: a
+/// node loses power, and a ref or object written just before must not come
+/// back empty (which fails every later fetch and read of that revision).
+/// libgit2 does not by default, and git2 has no setter for it. Call once,
+/// before any thread that uses Git starts.
+#[allow(unsafe_code)]
+pub fn sync_writes() {
+    // SAFETY: GIT_OPT_ENABLE_FSYNC_GITDIR takes one int and sets a plain
+    // global that writers read; libgit2 is initialised first (as git2 does
+    // before its own calls), and this runs before other threads use it.
+    libgit2_sys::init();
+    unsafe {
+        libgit2_sys::git_libgit2_opts(
+            libgit2_sys::GIT_OPT_ENABLE_FSYNC_GITDIR as std::ffi::c_int,
+            1 as std::ffi::c_int,
+        );
+    }
+}
+
 /// The default for [`Mirror::with_fetch_limit`]: 1 GiB in one fetch.
 pub const MAX_FETCH_BYTES: u64 = 1 << 30;
 

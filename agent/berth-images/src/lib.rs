@@ -670,8 +670,21 @@ impl ImageStore {
             let _ = fs::remove_dir_all(&partial);
             return Err(e);
         }
-        fs::rename(&partial, dir).map_err(io_err(dir))
+        // On disk before it has its name, and its name on disk before the
+        // store's record says the image is there: a node that loses power
+        // just after must not run containers from files that came back
+        // empty. One syncfs flushes the whole tree (and whatever else is
+        // dirty on the filesystem, which an unpack outweighs).
+        syncfs(&partial)?;
+        fs::rename(&partial, dir).map_err(io_err(dir))?;
+        syncfs(dir)
     }
+}
+
+fn syncfs(path: &Path) -> Result<(), ImageError> {
+    File::open(path)
+        .and_then(|f| rustix::fs::syncfs(&f).map_err(io::Error::from))
+        .map_err(io_err(path))
 }
 
 /// Bytes a tree takes on disk (allocated blocks), not following symlinks;

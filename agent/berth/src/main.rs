@@ -476,6 +476,7 @@ fn agent(
     use berth_agent::Wake;
     // Before any thread: libgit2's timeouts are process-wide globals.
     berth_git::set_network_timeouts(berth_git::CONNECT_TIMEOUT, berth_git::STALL_TIMEOUT);
+    berth_git::sync_writes();
     let paths = agent_paths(dirs)?;
     logging::init();
     let log = berth_agent::Log::from_env();
