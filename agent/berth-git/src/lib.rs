@@ -183,8 +183,9 @@ fn tracking_ref(branch: &str) -> String {
 impl Mirror {
     /// Opens the mirror at `path`, creating it if needed. Lock files left by a
     /// fetch that a power cut interrupted are removed first, and so are refs
-    /// it left torn (empty or cut short): the agent is the only writer. A mirror that cannot be opened at all is moved aside and
-    /// created afresh; everything in it can be fetched again.
+    /// it left torn (empty or cut short): the agent is the only writer. A
+    /// mirror that cannot be opened at all is moved aside and created
+    /// afresh; everything in it can be fetched again.
     pub fn open(path: &Path) -> Result<Self, GitError> {
         let err = |source| GitError::Mirror {
             path: path.to_path_buf(),
