@@ -112,6 +112,8 @@ pub struct Agent {
     pub(crate) metrics: crate::metrics::Endpoint,
     /// Each container unit's cgroup and image, from the last reconcile.
     pub(crate) unit_facts: std::collections::BTreeMap<String, (String, String)>,
+    /// OS updates declared by a NodeImage: staging, and the reboot.
+    pub(crate) os_updates: crate::osupdate::OsUpdates,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -155,7 +157,17 @@ impl Agent {
                 .map_or(std::path::Path::new("/sys/fs/cgroup"), |r| &r.cgroup_root),
             &paths.state_dir,
         );
+        // The ESP is the directory above the config's (`/efi/berth/config.yaml`).
+        let esp = paths
+            .config
+            .esp_file
+            .parent()
+            .and_then(std::path::Path::parent)
+            .map(std::path::Path::to_path_buf);
+        let os_updates =
+            crate::osupdate::OsUpdates::new(esp, &paths.config.kernel_cmdline, &paths.state_dir);
         Ok(Self {
+            os_updates,
             paths,
             store,
             log,
@@ -212,6 +224,7 @@ impl Agent {
 
     /// A finished image pull wakes [`Agent::run`] through this sender.
     pub fn set_waker(&mut self, waker: std::sync::mpsc::Sender<Wake>) {
+        self.os_updates.set_waker(waker.clone());
         self.images.set_waker(waker);
     }
 
@@ -532,20 +545,7 @@ impl Agent {
         if !config.publish {
             return;
         }
-        // The ESP is the directory above the config's (`/efi/berth/config.yaml`).
-        let os = self
-            .paths
-            .config
-            .esp_file
-            .parent()
-            .and_then(std::path::Path::parent)
-            .map(|esp| {
-                berth_update::os_status(
-                    esp,
-                    &self.paths.config.kernel_cmdline,
-                    &self.paths.state_dir,
-                )
-            });
+        let os = self.os_updates.status();
         let doc = report::build(&report::Inputs {
             node: &config.node_name,
             labels: &config.labels,

@@ -9,9 +9,7 @@ use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use berth_plan::{ContainerUnit, DesiredPod, ImageFact, NodePlan, PullFact, PullPolicy, Verb};
-use berth_registry::{
-    Client, Credential, HostConfig, PullPhase, PullStatus, Puller, RegistryConfig,
-};
+use berth_registry::{Client, Credential, PullPhase, PullStatus, Puller};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::now_secs;
@@ -84,23 +82,7 @@ impl Images {
             return p.clone();
         }
         {
-            let config = RegistryConfig {
-                hosts: settings
-                    .registries
-                    .iter()
-                    .map(|(name, r)| {
-                        (
-                            name.clone(),
-                            HostConfig {
-                                mirrors: r.mirrors.clone(),
-                                insecure: r.insecure,
-                            },
-                        )
-                    })
-                    .collect(),
-                timeout: settings.pull_timeout,
-                ..RegistryConfig::default()
-            };
+            let config = settings.registry_config();
             let waker = self.waker.clone();
             let on_done: Box<dyn Fn() + Send + Sync> = Box::new(move || {
                 if let Some(w) = &waker {

@@ -25,6 +25,7 @@ pub mod log;
 pub mod metrics;
 pub mod network;
 pub mod notify;
+pub mod osupdate;
 pub mod pressure;
 pub mod probe_io;
 pub mod prober;

@@ -273,6 +273,7 @@ impl Agent {
             evictions: self.state.evictions.clone(),
             rollouts: self.state.rollouts.clone(),
             pressure: Some(pressure),
+            os: Some(self.os_updates.facts()),
         };
         let plan = berth_plan::plan_desired(
             desired,
@@ -498,6 +499,7 @@ impl Agent {
             pods: plan.pods,
             diagnostics: service_diagnostics,
         });
+        self.act_on_os(rt, config, plan.os, observed);
         // Read after the apply, so what it changed is not mistaken for a
         // change on the next poll.
         self.limits = Some(CgroupLimits::read(
@@ -509,6 +511,96 @@ impl Agent {
                 .map(|u| u.runtime.control_group.as_str()),
         ));
         Ok(())
+    }
+
+    /// Carries out the plan's OS decision: stages the declared bundle, or
+    /// stops every pod (each with its `preStop` hook and grace period) and
+    /// reboots into the staged slot.
+    fn act_on_os(
+        &mut self,
+        rt: &Runtime,
+        config: &NodeConfig,
+        decision: Option<berth_plan::osupdate::OsDecision>,
+        observed: &Observed,
+    ) {
+        use berth_plan::osupdate::OsAction;
+        let Some(d) = decision else {
+            self.os_updates.decision = None;
+            return;
+        };
+        let changed = self
+            .os_updates
+            .decision
+            .as_ref()
+            .is_none_or(|p| p.action != d.action || p.message != d.message);
+        if changed {
+            let line = format!(
+                "OS update (NodeImage {}): {:?}: {}",
+                d.node_image, d.action, d.message
+            );
+            match d.action {
+                OsAction::Refused | OsAction::Unsupported => self.log.warn(&line),
+                _ => self.log.info(&line),
+            }
+        }
+        match d.action {
+            OsAction::Stage => {
+                let ready = self
+                    .pods
+                    .iter()
+                    .filter(|p| p.is_ready())
+                    .map(berth_runtime::status::PodStatus::key)
+                    .collect();
+                self.os_updates
+                    .stage(&d, &config.images, config.bundle_signers.as_deref(), ready);
+            }
+            OsAction::Reboot if !self.os_updates.rebooting() => {
+                self.log.info(&format!(
+                    "stopping {} containers, then rebooting into OS version {}",
+                    d.stops.len(),
+                    d.version
+                ));
+                let plan = berth_plan::Plan {
+                    node: config.node_name.clone(),
+                    revision: String::new(),
+                    actions: d.stops.clone(),
+                    held: Vec::new(),
+                    beside: BTreeSet::new(),
+                };
+                if let Some(exe) = &self.berth_exe {
+                    crate::hooks::run_before(
+                        &plan,
+                        &self.state.pre_stop,
+                        observed,
+                        &self.state.network.pod_ips,
+                        rt.systemd.as_ref(),
+                        exe,
+                        &self.log,
+                    );
+                }
+                let names: Vec<&str> = d.stops.iter().map(|a| a.unit.as_str()).collect();
+                for (name, result) in names.iter().zip(rt.systemd.stop_all(&names)) {
+                    if let Err(e) = result {
+                        self.log
+                            .warn(&format!("stopping {name} before the reboot: {e}"));
+                    }
+                }
+                if let Err(e) = self.store.save(&self.state) {
+                    self.log
+                        .warn(&format!("cannot save the state before the reboot: {e}"));
+                }
+                match crate::osupdate::reboot(rt.systemd.as_ref()) {
+                    Ok(()) => {
+                        self.log
+                            .info(&format!("rebooting into OS version {}", d.version));
+                        self.os_updates.mark_rebooting();
+                    }
+                    Err(e) => self.log.warn(&format!("cannot reboot: {e}")),
+                }
+            }
+            _ => {}
+        }
+        self.os_updates.decision = Some(d);
     }
 
     /// Pods that wait (for an image, their network, their volumes): each

@@ -212,6 +212,12 @@ impl ImageStore {
         valid_digest(digest).is_some_and(|hex| self.blob(hex).is_file())
     }
 
+    /// Where a stored (verified) blob's bytes are, if the store has it.
+    pub fn blob_file(&self, digest: &str) -> Option<PathBuf> {
+        let path = self.blob(valid_digest(digest)?);
+        path.is_file().then_some(path)
+    }
+
     /// Where a blob being downloaded is kept until it is whole: a pull cut
     /// short resumes from what is there.
     pub fn partial_blob(&self, digest: &str) -> Option<PathBuf> {

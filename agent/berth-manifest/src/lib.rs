@@ -13,6 +13,7 @@ mod fastyaml;
 pub mod load;
 pub mod model;
 pub mod names;
+pub mod nodeimage;
 pub mod objects;
 pub mod probe;
 pub mod quantity;

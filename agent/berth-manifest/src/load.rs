@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::crd::{self, CrdRegistry, Lookup};
 use crate::diag::{Diagnostic, FieldIssue, FieldPath, ObjectRef, PathSegment, Severity, SourceRef};
 use crate::names;
+use crate::nodeimage;
 use crate::objects::{BuiltinKind, CustomObject, Object, group_of};
 use crate::supported;
 use crate::validate;
@@ -532,7 +533,8 @@ fn load_value(value: Value, source: ObjectSource, out: &mut FileOutcome) {
         .unwrap_or("")
         .to_string();
     let builtin = BuiltinKind::find(&api_version, &kind);
-    let namespaced = builtin.is_none_or(BuiltinKind::namespaced);
+    let node_image = api_version == nodeimage::API_VERSION && kind == nodeimage::KIND;
+    let namespaced = !node_image && builtin.is_none_or(BuiltinKind::namespaced);
     let declared_ns = value
         .pointer("/metadata/namespace")
         .and_then(Value::as_str)
@@ -596,6 +598,10 @@ fn load_value(value: Value, source: ObjectSource, out: &mut FileOutcome) {
     }
     let object = match builtin {
         Some(b) => decode_builtin(b, value, &mut issues),
+        None if node_image => decode(value, &mut issues).map(|n: nodeimage::NodeImage| {
+            nodeimage::validate(&n, &mut issues);
+            Object::NodeImage(Box::new(n))
+        }),
         None if is_builtin_group(&api_version, &kind) => {
             let wanted = BuiltinKind::ALL
                 .iter()
@@ -718,7 +724,7 @@ fn decode_builtin(kind: BuiltinKind, value: Value, issues: &mut Vec<FieldIssue>)
             validate::metadata(&c.metadata, issues);
             crd::validate_definition(c, issues);
         }
-        Object::Custom(_) => {}
+        Object::Custom(_) | Object::NodeImage(_) => {}
     }
     issues.extend(unsupported);
     Some(object)

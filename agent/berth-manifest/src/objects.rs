@@ -19,6 +19,8 @@ pub enum Object {
     PersistentVolumeClaim(Box<PersistentVolumeClaim>),
     StorageClass(Box<StorageClass>),
     CustomResourceDefinition(Box<CustomResourceDefinition>),
+    /// Berth's `berth.dev` kind: the OS version nodes should run.
+    NodeImage(Box<crate::nodeimage::NodeImage>),
     /// An object of a kind that a CustomResourceDefinition in the same tree
     /// declares, validated against that definition's schema.
     Custom(Box<CustomObject>),
@@ -120,6 +122,7 @@ impl Object {
             Object::PersistentVolumeClaim(_) => "PersistentVolumeClaim",
             Object::StorageClass(_) => "StorageClass",
             Object::CustomResourceDefinition(_) => "CustomResourceDefinition",
+            Object::NodeImage(_) => crate::nodeimage::KIND,
             Object::Custom(c) => &c.kind,
         }
     }

@@ -201,3 +201,69 @@ fn the_content_digest_changes_with_any_byte() {
     assert_eq!(a.content_digest, a2.content_digest);
     assert_eq!(a.content_digest.len(), 12);
 }
+
+const NODE_IMAGE: &str = "apiVersion: berth.dev/v1alpha1\nkind: NodeImage\nmetadata: {name: edge}\nspec:\n  version: 1.2.0\n  bundle: {image: registry.example/berth/os:1.2.0}\n  nodeSelector: {matchLabels: {site: edge}}\n  maintenanceWindow: {start: '02:00', duration: 2h}\n  tries: 2\n";
+
+#[test]
+fn a_node_image_loads_cluster_scoped_with_its_spec() {
+    let c = load(&[("os.yaml", NODE_IMAGE)]);
+    assert_eq!(c.error_count(), 0, "{:#?}", messages(&c));
+    let o = &c.objects[0];
+    assert_eq!(o.id.namespace, None);
+    assert_eq!(o.id.group, "berth.dev");
+    let Object::NodeImage(n) = &o.object else {
+        panic!("{:?}", o.object)
+    };
+    assert_eq!(n.spec.version, "1.2.0");
+    assert_eq!(n.spec.tries(), 2);
+    assert_eq!(n.spec.gate_seconds(), 300);
+    assert_eq!(
+        n.spec.source(),
+        "image registry.example/berth/os:1.2.0".to_string()
+    );
+}
+
+#[test]
+fn a_bad_node_image_names_each_field() {
+    let bad = NODE_IMAGE
+        .replace("version: 1.2.0", "version: 'one two'")
+        .replace(
+            "bundle: {image: registry.example/berth/os:1.2.0}",
+            "bundle: {image: r/os:1, url: 'http://r/os'}",
+        )
+        .replace("'02:00'", "'2am'")
+        .replace(
+            "tries: 2",
+            "tries: 12\n  gateSeconds: 5\n  maxUnavailable: 0\n  reboot: now",
+        );
+    let c = load(&[("os.yaml", &bad)]);
+    let text = messages(&c).join("\n");
+    for (field, says) in [
+        ("spec.version", "must be at most 64 letters"),
+        ("spec.bundle", "set one of image and url"),
+        ("spec.maintenanceWindow", "is not HH:MM"),
+        ("spec.tries", "outside 1..9"),
+        ("spec.gateSeconds", "outside 30..3600"),
+        ("spec.maxUnavailable", "at least 1"),
+        ("spec.reboot", "unknown field"),
+    ] {
+        assert!(
+            text.lines().any(|l| l.contains(field) && l.contains(says)),
+            "{field}: {says} not in\n{text}"
+        );
+    }
+    assert!(text.contains("os.yaml"), "{text}");
+    assert!(c.objects.is_empty(), "a bad NodeImage is rejected");
+    let url = NODE_IMAGE.replace(
+        "{image: registry.example/berth/os:1.2.0}",
+        "{url: 'http://updates.example/os/'}",
+    );
+    let c = load(&[("os.yaml", &url)]);
+    assert!(
+        messages(&c)
+            .iter()
+            .any(|m| m.contains("spec.bundle.url") && m.contains("https://")),
+        "{:#?}",
+        messages(&c)
+    );
+}

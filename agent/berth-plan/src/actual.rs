@@ -62,6 +62,9 @@ pub struct ActualState {
     /// measured them (see [`crate::pressure`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pressure: Option<crate::pressure::NodePressure>,
+    /// The booted OS and the last update, for the OS update decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<crate::osupdate::OsFacts>,
 }
 
 impl ActualState {

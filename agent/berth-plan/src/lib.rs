@@ -19,6 +19,7 @@ pub mod expand;
 pub mod health;
 pub mod images;
 pub mod node;
+pub mod osupdate;
 pub mod pipeline;
 pub mod plan;
 pub mod podsecurity;

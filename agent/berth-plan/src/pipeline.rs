@@ -27,6 +27,7 @@ use crate::drift::{self, DriftItem};
 use crate::ephemeral::{self, Eviction};
 use crate::images::ImageCatalog;
 use crate::node::NodeInfo;
+use crate::osupdate::{self, OsDecision};
 use crate::plan::{self, Plan, PlanInput, Protection};
 use crate::podsecurity;
 use crate::pressure;
@@ -83,6 +84,9 @@ pub struct NodePlan {
     /// are true): the agent hands them back with the next measures.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pressured: Vec<pressure::Signal>,
+    /// What the node does about its OS version, when a NodeImage selects it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub os: Option<OsDecision>,
 }
 
 /// The node as Git wants it, before it is compared with what runs.
@@ -101,6 +105,8 @@ pub struct DesiredNode {
     protection: Protection,
     /// What the rollouts decided.
     pub rollout: Steering,
+    /// The NodeImage that selects this node.
+    pub node_image: Option<berth_manifest::nodeimage::NodeImage>,
 }
 
 /// Plans `node` from `catalog`, against what `actual` says the node has.
@@ -394,7 +400,9 @@ pub fn desire_with(
     let mut diagnostics = diagnostics.out;
     diagnostics.extend(level_problems);
     diagnostics.extend(service_diagnostics);
+    let node_image = osupdate::selected(catalog, node, &mut diagnostics).cloned();
     DesiredNode {
+        node_image,
         pods,
         qos_slices,
         elsewhere: selection.elsewhere,
@@ -545,7 +553,21 @@ pub fn plan_desired(
         });
     }
     rollout::judge(&mut steering.statuses, &mut steering.records, &plan.held);
+    let os = desired.node_image.as_ref().map(|image| {
+        let settled = steering.statuses.iter().all(DeploymentStatus::settled);
+        let facts = actual.os.clone().unwrap_or_default();
+        let mut d = osupdate::decide(image, &facts, settled, actual.observed_at);
+        if d.action == osupdate::OsAction::Reboot {
+            d.stops = osupdate::stops_before_reboot(actual, &d.version);
+        }
+        d
+    });
+    let wake_at = [steering.wake_at, os.as_ref().and_then(|o| o.wake_at)]
+        .into_iter()
+        .flatten()
+        .min();
     NodePlan {
+        os,
         plan,
         pods: desired.pods,
         qos_slices: desired.qos_slices,
@@ -559,7 +581,7 @@ pub fn plan_desired(
         evictions: desired.evictions,
         deployments: steering.statuses,
         rollouts: steering.records,
-        wake_at: steering.wake_at,
+        wake_at,
         pressured,
     }
 }

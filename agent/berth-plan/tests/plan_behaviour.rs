@@ -525,3 +525,100 @@ fn an_in_place_resize_leaves_the_oom_score_for_the_next_restart() {
         verbs(&plan)
     );
 }
+
+const NODE_IMAGE: &str = "apiVersion: berth.dev/v1alpha1\nkind: NodeImage\nmetadata: {name: os}\nspec:\n  version: '2'\n  bundle: {image: r.example/berth/os:2}\n";
+
+#[test]
+fn a_staged_os_update_stops_every_pod_then_reboots_and_plan_says_so() {
+    use berth_plan::osupdate::{OsAction, OsFacts, UpdateFact};
+    let files = [("pod.yaml", POD), ("os.yaml", NODE_IMAGE)];
+    let mut running = applied(&plan_for(&files, &ActualState::default()));
+    running.observed_at = 1_800_000_000;
+    let facts = |update: Option<&str>, other: Option<&str>| OsFacts {
+        version: "1".into(),
+        slot: Some("A".into()),
+        other_slot_version: other.map(Into::into),
+        update: update.map(|state| UpdateFact {
+            version: "2".into(),
+            declaration: Some("2 from image r.example/berth/os:2".into()),
+            state: state.into(),
+            message: String::new(),
+        }),
+        staging_failed: None,
+    };
+    running.os = Some(facts(None, None));
+    let plan = plan_for(&files, &running);
+    assert!(plan.plan.actions.is_empty(), "{:#?}", plan.plan.actions);
+    let os = plan.os.as_ref().expect("an OS decision");
+    assert_eq!((os.action, os.stops.len()), (OsAction::Stage, 0));
+
+    running.os = Some(facts(Some("Installed"), Some("2")));
+    let plan = plan_for(&files, &running);
+    let os = plan.os.as_ref().expect("an OS decision");
+    assert_eq!(os.action, OsAction::Reboot, "{}", os.message);
+    let stops: Vec<(Verb, &str)> = os.stops.iter().map(|a| (a.verb, a.unit.as_str())).collect();
+    // The container, not the slices: they go with the system.
+    assert_eq!(stops, [(Verb::Stop, "berth-default_web_main.service")]);
+    assert!(os.stops[0].reason.contains("reboots into OS version 2"));
+    // Nothing else changes on the pods.
+    assert!(plan.plan.actions.is_empty(), "{:#?}", plan.plan.actions);
+    // Without a NodeImage there is no decision at all.
+    let plain = plan_for(&[("pod.yaml", POD)], &running);
+    assert!(plain.os.is_none());
+}
+
+#[test]
+fn two_node_images_for_one_node_are_an_error_of_the_revision() {
+    let other = NODE_IMAGE
+        .replace("name: os", "name: os-too")
+        .replace("version: '2'", "version: '3'");
+    let sources = [("a.yaml", NODE_IMAGE), ("b.yaml", other.as_str())]
+        .iter()
+        .map(|(p, t)| SourceFile {
+            path: p.into(),
+            text: t.to_string(),
+        })
+        .collect();
+    let catalog = load_sources(sources);
+    let plan = plan_node(
+        &catalog,
+        &node(),
+        &ImageCatalog::default(),
+        &ActualState::default(),
+        "rev1",
+    );
+    assert!(plan.os.is_none());
+    let errors: Vec<String> = plan
+        .diagnostics
+        .iter()
+        .filter(|d| d.is_error())
+        .map(|d| format!("{}: {}", d.field.as_deref().unwrap_or(""), d.message))
+        .collect();
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert!(
+        errors[0].contains("spec.nodeSelector")
+            && errors[0].contains("NodeImages os, os-too all select node n1"),
+        "{errors:#?}"
+    );
+    // One that selects other nodes does not count.
+    let elsewhere = other.replace(
+        "spec:\n",
+        "spec:\n  nodeSelector: {matchLabels: {site: far}}\n",
+    );
+    let sources = [("a.yaml", NODE_IMAGE), ("b.yaml", elsewhere.as_str())]
+        .iter()
+        .map(|(p, t)| SourceFile {
+            path: p.into(),
+            text: t.to_string(),
+        })
+        .collect();
+    let catalog = load_sources(sources);
+    let plan = plan_node(
+        &catalog,
+        &node(),
+        &ImageCatalog::default(),
+        &ActualState::default(),
+        "rev1",
+    );
+    assert_eq!(plan.os.as_ref().map(|o| o.version.as_str()), Some("2"));
+}

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Seek, Write};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -113,6 +114,8 @@ struct Descriptor {
     size: u64,
     #[serde(default)]
     platform: Option<Platform>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -125,6 +128,100 @@ struct ManifestOrIndex {
     config: Option<Descriptor>,
     #[serde(default)]
     layers: Option<Vec<Descriptor>>,
+    #[serde(rename = "artifactType", default)]
+    artifact_type: Option<String>,
+}
+
+/// The `artifactType` of an OS update bundle in a registry: an OCI image
+/// manifest whose layers are the bundle's files, each named by its
+/// `org.opencontainers.image.title` annotation, and whose config is the
+/// empty descriptor.
+pub const BUNDLE_ARTIFACT_TYPE: &str = "application/vnd.berth.bundle.v1";
+/// The media type of each file of a bundle artifact.
+pub const BUNDLE_PART_TYPE: &str = "application/vnd.berth.bundle.part.v1";
+const TITLE: &str = "org.opencontainers.image.title";
+/// A bundle bigger than this, all parts together, is refused before any
+/// of it is downloaded.
+pub const MAX_BUNDLE: u64 = 4 << 30;
+
+/// What [`Client::pull_artifact`] gave: the manifest's digest, and each
+/// part by its file name and digest (its bytes are the store's blob).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Artifact {
+    pub manifest: String,
+    pub parts: Vec<(String, String)>,
+    /// Bytes downloaded now (parts the store had are not counted).
+    pub downloaded: u64,
+}
+
+fn artifact_from(
+    s: &mut Session<'_>,
+    store: &ImageStore,
+    progress: &Progress,
+) -> Result<Artifact, PullError> {
+    let r = s.reference;
+    let (digest, body) = s.manifest(r.manifest_ref(), r.digest.as_deref())?;
+    let m: ManifestOrIndex = serde_json::from_slice(&body)
+        .map_err(|e| s.protocol(format!("manifest of {r} is not JSON: {e}")))?;
+    let kind = m
+        .artifact_type
+        .as_deref()
+        .or(m.config.as_ref().map(|c| c.media_type.as_str()))
+        .unwrap_or("");
+    if m.manifests.is_some() || kind != BUNDLE_ARTIFACT_TYPE {
+        return Err(s.protocol(format!(
+            "{r} is not a Berth bundle: its artifactType is {kind:?}, not {BUNDLE_ARTIFACT_TYPE}"
+        )));
+    }
+    let layers = m.layers.unwrap_or_default();
+    let mut parts: Vec<(String, String)> = Vec::new();
+    let mut total = 0u64;
+    for l in &layers {
+        let name = l.annotations.get(TITLE).map(String::as_str).unwrap_or("");
+        let plain = !name.is_empty()
+            && name != "."
+            && name != ".."
+            && !name.contains('/')
+            && !name.contains('\0');
+        if !plain {
+            return Err(s.protocol(format!(
+                "layer {} of {r} has no plain file name in {TITLE} ({name:?})",
+                l.digest
+            )));
+        }
+        if parts.iter().any(|(n, _)| n == name) {
+            return Err(s.protocol(format!("{r} has two layers named {name:?}")));
+        }
+        if berth_images::valid_digest(&l.digest).is_none() {
+            return Err(s.protocol(format!("layer {name} has a bad digest {:?}", l.digest)));
+        }
+        total = total.saturating_add(l.size);
+        parts.push((name.to_string(), l.digest.clone()));
+    }
+    if total > MAX_BUNDLE {
+        return Err(s.protocol(format!(
+            "{r} is {total} bytes, more than the {MAX_BUNDLE} a bundle may be; nothing downloaded"
+        )));
+    }
+    let missing: Vec<&Descriptor> = layers
+        .iter()
+        .filter(|d| !store.has_blob(&d.digest))
+        .collect();
+    progress
+        .total
+        .store(missing.iter().map(|d| d.size).sum(), Ordering::Relaxed);
+    progress.done.store(0, Ordering::Relaxed);
+    let mut downloaded = 0;
+    for d in missing {
+        downloaded += s.blob(store, d, progress)?;
+    }
+    let source = format!("{}/{}", s.endpoint, r.repository);
+    store.put_blob(&source, &digest, &body)?;
+    Ok(Artifact {
+        manifest: digest,
+        parts,
+        downloaded,
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -187,6 +284,217 @@ impl Client {
         creds: &[Credential],
         progress: &Progress,
     ) -> Result<Pulled, PullError> {
+        self.each_endpoint(reference, creds, |s| self.pull_from(s, store, progress))
+    }
+
+    /// Pulls an OS update bundle published as an OCI artifact (see
+    /// [`BUNDLE_ARTIFACT_TYPE`]): every part into `store` as a verified
+    /// blob, resumed where a cut download left it. Nothing is unpacked.
+    pub fn pull_artifact(
+        &self,
+        store: &ImageStore,
+        reference: &str,
+        creds: &[Credential],
+        progress: &Progress,
+    ) -> Result<Artifact, PullError> {
+        self.each_endpoint(reference, creds, |s| artifact_from(s, store, progress))
+    }
+
+    /// Downloads `url` (a bundle part published on a web server) to
+    /// `dest`, resuming from `dest.partial` where a cut download left it;
+    /// more than `max` bytes is refused. HTTPS, or plain HTTP for a host
+    /// the node config marks insecure. Returns the bytes fetched now.
+    pub fn fetch_file(
+        &self,
+        url: &str,
+        dest: &Path,
+        max: u64,
+        progress: &Progress,
+    ) -> Result<u64, PullError> {
+        let host = url_host(url);
+        let plain_ok = self.config.hosts.get(host).is_some_and(|h| h.insecure);
+        if !(url.starts_with("https://") || (url.starts_with("http://") && plain_ok)) {
+            return Err(PullError::Protocol {
+                endpoint: host.to_string(),
+                message: format!(
+                    "{url}: only https:// (plain http:// only for a host the node config marks insecure)"
+                ),
+            });
+        }
+        let unreachable = |e: &dyn std::fmt::Display| PullError::Unreachable {
+            endpoint: host.to_string(),
+            message: format!("{url}: {e}"),
+        };
+        let partial = dest.with_extension("partial");
+        let io_fail = |e: io::Error| {
+            PullError::Store(ImageError::Io {
+                path: partial.clone(),
+                source: e,
+            })
+        };
+        let mut have = fs::metadata(&partial).map_or(0, |m| m.len());
+        let mut req = self
+            .agent
+            .get(url)
+            .config()
+            .timeout_recv_body(Some(
+                self.config.timeout + Duration::from_secs(max / MIN_RATE),
+            ))
+            .build();
+        if have > 0 {
+            req = req.header("Range", format!("bytes={have}-"));
+        }
+        let mut resp = req.call().map_err(|e| unreachable(&e))?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&partial)
+            .map_err(io_fail)?;
+        match resp.status().as_u16() {
+            206 if have > 0 => {
+                file.seek(io::SeekFrom::Start(have)).map_err(io_fail)?;
+            }
+            200 => {
+                file.set_len(0).map_err(io_fail)?;
+                have = 0;
+            }
+            404 => {
+                return Err(PullError::NotFound {
+                    endpoint: host.to_string(),
+                    reference: url.to_string(),
+                });
+            }
+            s => {
+                return Err(PullError::Protocol {
+                    endpoint: host.to_string(),
+                    message: format!("{url}: the server answered {s}"),
+                });
+            }
+        }
+        progress.done.fetch_add(have, Ordering::Relaxed);
+        let mut body = resp
+            .body_mut()
+            .with_config()
+            .limit(u64::MAX)
+            .reader()
+            .take(max.saturating_sub(have) + 1);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut fetched = 0u64;
+        loop {
+            let n = body.read(&mut buf).map_err(|e| unreachable(&e))?;
+            if n == 0 {
+                break;
+            }
+            fetched += n as u64;
+            if have + fetched > max {
+                drop(file);
+                let _ = fs::remove_file(&partial);
+                return Err(PullError::Protocol {
+                    endpoint: host.to_string(),
+                    message: format!("{url} is longer than the {max} bytes expected; refused"),
+                });
+            }
+            file.write_all(&buf[..n]).map_err(io_fail)?;
+            progress.done.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        file.sync_data().map_err(io_fail)?;
+        drop(file);
+        fs::rename(&partial, dest).map_err(io_fail)?;
+        Ok(fetched)
+    }
+
+    /// Publishes a bundle (`files`: each part's name and path) as an OCI
+    /// artifact under `reference` on its registry itself (no mirror), each
+    /// part a layer named by its title annotation; parts the registry has
+    /// are not sent again. Returns the manifest's digest.
+    pub fn push_artifact(
+        &self,
+        reference: &str,
+        files: &[(String, std::path::PathBuf)],
+        creds: &[Credential],
+    ) -> Result<String, PullError> {
+        let r = Reference::parse(reference)?;
+        let host = self
+            .config
+            .hosts
+            .get(&r.registry)
+            .cloned()
+            .unwrap_or_default();
+        let endpoint = format!(
+            "{}://{}",
+            if host.insecure { "http" } else { "https" },
+            r.api_host()
+        );
+        let mut s = Session {
+            agent: &self.agent,
+            timeout: self.config.timeout,
+            endpoint: &endpoint,
+            reference: &r,
+            creds: matching(creds, &r.registry, &r.repository),
+            auth: None,
+        };
+        let mut layers = Vec::new();
+        for (name, path) in files {
+            let io_fail = |e: io::Error| {
+                PullError::Store(ImageError::Io {
+                    path: path.clone(),
+                    source: e,
+                })
+            };
+            let mut file = fs::File::open(path).map_err(io_fail)?;
+            let hex = berth_images::sha256_hex(&mut file).map_err(io_fail)?;
+            let size = file.metadata().map_err(io_fail)?.len();
+            let digest = format!("sha256:{hex}");
+            s.push_blob(&digest, || {
+                fs::File::open(path).map(PushBody::File).map_err(io_fail)
+            })?;
+            layers.push(serde_json::json!({
+                "mediaType": BUNDLE_PART_TYPE,
+                "digest": digest,
+                "size": size,
+                "annotations": {TITLE: name},
+            }));
+        }
+        let config = b"{}";
+        let config_digest = format!("sha256:{}", sha256_hex(config));
+        s.push_blob(&config_digest, || Ok(PushBody::Bytes(config.to_vec())))?;
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "artifactType": BUNDLE_ARTIFACT_TYPE,
+            "config": {"mediaType": BUNDLE_ARTIFACT_TYPE, "digest": config_digest, "size": config.len()},
+            "layers": layers,
+        }))
+        .map_err(|e| s.protocol(e.to_string()))?;
+        let url = format!(
+            "{endpoint}/v2/{}/manifests/{}",
+            r.repository,
+            r.manifest_ref()
+        );
+        let resp = s.send_authorized(
+            "PUT",
+            &url,
+            Some("application/vnd.oci.image.manifest.v1+json"),
+            || Ok(PushBody::Bytes(manifest.clone())),
+        )?;
+        if resp.status().as_u16() != 201 {
+            return Err(s.protocol(format!(
+                "manifest {reference}: the registry answered {}",
+                resp.status()
+            )));
+        }
+        Ok(format!("sha256:{}", sha256_hex(&manifest)))
+    }
+
+    /// `f` on each endpoint of `reference` in turn (its mirrors, then the
+    /// registry) until one gives an answer.
+    fn each_endpoint<T>(
+        &self,
+        reference: &str,
+        creds: &[Credential],
+        mut f: impl FnMut(&mut Session<'_>) -> Result<T, PullError>,
+    ) -> Result<T, PullError> {
         let r = Reference::parse(reference)?;
         let endpoints = self.endpoints(&r);
         let mut last = None;
@@ -207,10 +515,10 @@ impl Client {
                 creds: matching(creds, host, &r.repository),
                 auth: None,
             };
-            match self.pull_from(&mut session, store, progress) {
+            match f(&mut session) {
                 Ok(p) => return Ok(p),
                 // A mirror that fails is skipped; the registry itself has the last word.
-                Err(e) if i + 1 < endpoints.len() => last = Some(e),
+                Err(e) if is_mirror => last = Some(e),
                 Err(e) => return Err(e),
             }
         }
@@ -311,7 +619,124 @@ struct Session<'a> {
     auth: Option<String>,
 }
 
+/// A body to send, made again for each try (a login may be asked first).
+enum PushBody {
+    File(fs::File),
+    Bytes(Vec<u8>),
+}
+
 impl Session<'_> {
+    /// A request that logs in when the registry asks (basic, or a token
+    /// with push scope), sending a body made by `body` for each try.
+    fn send_authorized(
+        &mut self,
+        method: &str,
+        url: &str,
+        content_type: Option<&str>,
+        body: impl Fn() -> Result<PushBody, PullError>,
+    ) -> Result<ureq::http::Response<ureq::Body>, PullError> {
+        let mut tried: Vec<Option<usize>> = Vec::new();
+        loop {
+            let mut req = ureq::http::Request::builder().method(method).uri(url);
+            if let Some(t) = content_type {
+                req = req.header("Content-Type", t);
+            }
+            if let Some(a) = &self.auth {
+                req = req.header("Authorization", a);
+            }
+            let sent = match body()? {
+                PushBody::File(f) => req
+                    .body(f)
+                    .map_err(|e| self.protocol(e.to_string()))
+                    .and_then(|r| self.agent.run(r).map_err(|e| self.unreachable(e))),
+                PushBody::Bytes(b) => req
+                    .body(b)
+                    .map_err(|e| self.protocol(e.to_string()))
+                    .and_then(|r| self.agent.run(r).map_err(|e| self.unreachable(e))),
+            }?;
+            if sent.status().as_u16() != 401 {
+                if sent.status().as_u16() == 403 {
+                    return Err(self.denied("the registry answered 403 Forbidden".into()));
+                }
+                return Ok(sent);
+            }
+            // Anonymous first (a token without credentials), then each credential once.
+            let next = if tried.is_empty() {
+                None
+            } else {
+                let n = tried.iter().flatten().count();
+                if n >= self.creds.len() {
+                    return Err(self.denied(if self.creds.is_empty() {
+                        "the registry wants a login to push (--auth-file)".into()
+                    } else {
+                        "the credentials were refused".into()
+                    }));
+                }
+                Some(n)
+            };
+            tried.push(next);
+            let cred = next.map(|i| self.creds[i]);
+            let challenge = sent
+                .headers()
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_challenge);
+            self.auth = match challenge {
+                Some(Challenge::Bearer { realm, service, .. }) => {
+                    let scope = format!("repository:{}:pull,push", self.reference.repository);
+                    Some(self.token(&realm, service.as_deref(), Some(&scope), cred)?)
+                }
+                Some(Challenge::Basic) | None => match cred {
+                    Some(c) => Some(basic(c)),
+                    None => continue,
+                },
+            };
+        }
+    }
+
+    /// Uploads one blob (a monolithic upload) unless the registry has it.
+    fn push_blob(
+        &mut self,
+        digest: &str,
+        body: impl Fn() -> Result<PushBody, PullError>,
+    ) -> Result<(), PullError> {
+        let repo = self.reference.repository.clone();
+        let head = format!("{}/v2/{repo}/blobs/{digest}", self.endpoint);
+        let have = self.send_authorized("HEAD", &head, None, || Ok(PushBody::Bytes(Vec::new())))?;
+        if have.status().as_u16() == 200 {
+            return Ok(());
+        }
+        let start = format!("{}/v2/{repo}/blobs/uploads/", self.endpoint);
+        let resp =
+            self.send_authorized("POST", &start, None, || Ok(PushBody::Bytes(Vec::new())))?;
+        if resp.status().as_u16() != 202 {
+            return Err(self.protocol(format!(
+                "blob {digest}: starting the upload, the registry answered {}",
+                resp.status()
+            )));
+        }
+        let location = resp
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| self.protocol(format!("blob {digest}: the upload has no Location")))?;
+        let location = if location.starts_with("http://") || location.starts_with("https://") {
+            location.to_string()
+        } else {
+            format!("{}{location}", self.endpoint)
+        };
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let put = format!("{location}{sep}digest={digest}");
+        let resp = self.send_authorized("PUT", &put, Some("application/octet-stream"), body)?;
+        if resp.status().as_u16() != 201 {
+            return Err(self.protocol(format!(
+                "blob {digest}: the registry answered {}",
+                resp.status()
+            )));
+        }
+        Ok(())
+    }
+
     fn protocol(&self, message: String) -> PullError {
         PullError::Protocol {
             endpoint: self.endpoint.to_string(),

@@ -14,6 +14,9 @@ pub mod puller;
 pub mod reference;
 
 pub use auth::{Credential, parse_docker_config};
-pub use client::{Client, HostConfig, Progress, PullError, Pulled, RegistryConfig};
+pub use client::{
+    Artifact, BUNDLE_ARTIFACT_TYPE, BUNDLE_PART_TYPE, Client, HostConfig, Progress, PullError,
+    Pulled, RegistryConfig,
+};
 pub use puller::{PullPhase, PullStatus, Puller};
 pub use reference::{InvalidReference, Reference};

@@ -928,3 +928,237 @@ fn a_mirror_gets_only_the_credentials_written_for_it() {
     .unwrap_err();
     assert!(mirror_seen.lock().unwrap().iter().any(|auth| *auth));
 }
+
+/// A bundle's files, written under `dir`.
+fn bundle_files(dir: &std::path::Path) -> Vec<(String, PathBuf)> {
+    std::fs::create_dir_all(dir).unwrap();
+    let big: Vec<u8> = (0..2_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    [
+        ("bundle.json", b"{\"schema\": 1}\n".to_vec()),
+        ("bundle.json.sig", b"signature\n".to_vec()),
+        ("root.img.zst", big),
+        ("vmlinuz", b"kernel".to_vec()),
+    ]
+    .into_iter()
+    .map(|(name, body)| {
+        let path = dir.join(name);
+        std::fs::write(&path, body).unwrap();
+        (name.to_string(), path)
+    })
+    .collect()
+}
+
+#[test]
+#[ignore = "needs docker-registry; run by make test (tier 2)"]
+fn a_bundle_pushed_as_an_artifact_pulls_back_byte_for_byte_and_resumes() {
+    let s = Scratch::new("artifact");
+    let reg = TestRegistry::start(&s.0.join("reg"), None).unwrap();
+    let files = bundle_files(&s.0.join("bundle"));
+    let client = client_for(&[&reg.host()]);
+    let reference = format!("{}/berth/os:2", reg.host());
+    let pushed = client.push_artifact(&reference, &files, &[]).unwrap();
+    // Again: every blob is there, only the manifest is put.
+    assert_eq!(
+        client.push_artifact(&reference, &files, &[]).unwrap(),
+        pushed
+    );
+
+    let store = ImageStore::open(&s.0.join("store")).unwrap();
+    // A cut download left a third of the root image.
+    let root = std::fs::read(&files[2].1).unwrap();
+    let third = root.len() / 3;
+    std::fs::write(
+        store.partial_blob(&fixtures::digest(&root)).unwrap(),
+        &root[..third],
+    )
+    .unwrap();
+    let progress = Progress::default();
+    let a = client
+        .pull_artifact(&store, &reference, &[], &progress)
+        .unwrap();
+    assert_eq!(a.manifest, pushed);
+    let names: Vec<&str> = a.parts.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        ["bundle.json", "bundle.json.sig", "root.img.zst", "vmlinuz"]
+    );
+    let small: usize = files
+        .iter()
+        .filter(|(n, _)| n != "root.img.zst")
+        .map(|(_, p)| std::fs::metadata(p).unwrap().len() as usize)
+        .sum();
+    assert_eq!(a.downloaded as usize, root.len() - third + small);
+    assert_eq!(
+        progress.done.load(Ordering::Relaxed),
+        progress.total.load(Ordering::Relaxed)
+    );
+    for ((name, digest), (_, path)) in a.parts.iter().zip(&files) {
+        let blob = store.blob_file(digest).unwrap();
+        assert_eq!(
+            std::fs::read(blob).unwrap(),
+            std::fs::read(path).unwrap(),
+            "{name}"
+        );
+    }
+    // Nothing is downloaded a second time.
+    let again = client
+        .pull_artifact(&store, &reference, &[], &Progress::default())
+        .unwrap();
+    assert_eq!(again.downloaded, 0);
+    // Nothing was unpacked or named as an image.
+    assert!(store.list().is_empty());
+
+    // An ordinary image is not a bundle.
+    let layer = archive::layer(&[("etc/x", b"x\n", 0o644)]).unwrap();
+    reg.push_image("app", "1", &[layer], false, &config(&["/x"]))
+        .unwrap();
+    let e = client
+        .pull_artifact(
+            &store,
+            &format!("{}/app:1", reg.host()),
+            &[],
+            &Progress::default(),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("is not a Berth bundle"), "{e}");
+
+    // A part whose title is a path is refused before anything is fetched.
+    let digest = reg.push_blob("evil", b"x").unwrap();
+    let cfg = reg.push_blob("evil", b"{}").unwrap();
+    let body = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "artifactType": berth_registry::BUNDLE_ARTIFACT_TYPE,
+        "config": {"mediaType": berth_registry::BUNDLE_ARTIFACT_TYPE, "digest": cfg, "size": 2},
+        "layers": [{"mediaType": berth_registry::BUNDLE_PART_TYPE, "digest": digest, "size": 1,
+            "annotations": {"org.opencontainers.image.title": "../../etc/passwd"}}],
+    }))
+    .unwrap();
+    reg.push_manifest("evil", "1", OCI_MANIFEST, &body).unwrap();
+    let e = client
+        .pull_artifact(
+            &store,
+            &format!("{}/evil:1", reg.host()),
+            &[],
+            &Progress::default(),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("no plain file name"), "{e}");
+    assert!(!store.has_blob(&digest));
+}
+
+#[test]
+#[ignore = "needs docker-registry; run by make test (tier 2)"]
+fn a_push_to_a_registry_with_a_login_needs_it() {
+    let s = Scratch::new("artifact-login");
+    let reg = TestRegistry::start(&s.0.join("reg"), Some(("pusher", "s3cret"))).unwrap();
+    let files = bundle_files(&s.0.join("bundle"));
+    let client = client_for(&[&reg.host()]);
+    let reference = format!("{}/berth/os:2", reg.host());
+    let e = client.push_artifact(&reference, &files, &[]).unwrap_err();
+    assert!(e.is_auth(), "{e}");
+    let login = |password: &str| Credential {
+        matches: reg.host(),
+        username: "pusher".into(),
+        password: password.into(),
+    };
+    let e = client
+        .push_artifact(&reference, &files, &[login("wrong")])
+        .unwrap_err();
+    assert!(e.to_string().contains("refused"), "{e}");
+    client
+        .push_artifact(&reference, &files, &[login("s3cret")])
+        .unwrap();
+    let store = ImageStore::open(&s.0.join("store")).unwrap();
+    client
+        .pull_artifact(&store, &reference, &[login("s3cret")], &Progress::default())
+        .unwrap();
+}
+
+/// A web server of one file at `/b/root.img.zst` that honours `Range:
+/// bytes=N-`; returns its port and the bytes it sent.
+fn file_server(body: Vec<u8>) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = sent.clone();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let n = conn.read(&mut buf).unwrap_or(0);
+            let request = String::from_utf8_lossy(&buf[..n]).to_string();
+            if !request.starts_with("GET /b/root.img.zst ") {
+                let _ = conn.write_all(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+                continue;
+            }
+            let from = request
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("range: bytes=")
+                        .map(str::to_string)
+                })
+                .and_then(|r| r.trim_end_matches('-').parse::<usize>().ok());
+            let (status, part) = match from {
+                Some(f) => ("206 Partial Content", &body[f..]),
+                None => ("200 OK", &body[..]),
+            };
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                part.len()
+            );
+            let _ = conn.write_all(part);
+            counter.fetch_add(part.len(), Ordering::Relaxed);
+        }
+    });
+    (port, sent)
+}
+
+#[test]
+fn a_bundle_part_from_a_web_server_resumes_and_is_bounded() {
+    let s = Scratch::new("fetch");
+    let body: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let (port, sent) = file_server(body.clone());
+    let host = format!("127.0.0.1:{port}");
+    let url = format!("http://{host}/b/root.img.zst");
+    let dest = s.0.join("root.img.zst");
+    // Plain HTTP only for a host the config marks insecure.
+    let strict = Client::new(RegistryConfig::default());
+    let e = strict
+        .fetch_file(&url, &dest, body.len() as u64, &Progress::default())
+        .unwrap_err();
+    assert!(e.to_string().contains("only https://"), "{e}");
+    assert_eq!(sent.load(Ordering::Relaxed), 0);
+
+    let client = client_for(&[&host]);
+    std::fs::write(dest.with_extension("partial"), &body[..400_000]).unwrap();
+    let progress = Progress::default();
+    let fetched = client
+        .fetch_file(&url, &dest, body.len() as u64, &progress)
+        .unwrap();
+    assert_eq!(fetched, 600_000);
+    assert_eq!(sent.load(Ordering::Relaxed), 600_000);
+    assert_eq!(std::fs::read(&dest).unwrap(), body);
+    assert!(!dest.with_extension("partial").exists());
+    assert_eq!(progress.done.load(Ordering::Relaxed), 1_000_000);
+
+    // More than the signed size says: refused, nothing kept.
+    let e = client
+        .fetch_file(&url, &s.0.join("short"), 1000, &Progress::default())
+        .unwrap_err();
+    assert!(e.to_string().contains("longer than the 1000 bytes"), "{e}");
+    assert!(!s.0.join("short").exists() && !s.0.join("short.partial").exists());
+    let e = client
+        .fetch_file(
+            &format!("http://{host}/b/missing"),
+            &s.0.join("missing"),
+            10,
+            &Progress::default(),
+        )
+        .unwrap_err();
+    assert!(matches!(e, PullError::NotFound { .. }), "{e}");
+}

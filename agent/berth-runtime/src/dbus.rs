@@ -606,6 +606,13 @@ impl Systemd for DbusSystemd {
         }
     }
 
+    fn reboot(&self) -> Result<(), SystemdError> {
+        self.manager
+            .call::<_, _, OwnedObjectPath>("StartUnit", &("reboot.target", "replace-irreversibly"))
+            .map(|_| ())
+            .map_err(refused("reboot.target", "StartUnit"))
+    }
+
     fn set_properties(&self, name: &str, properties: &Properties) -> Result<(), SystemdError> {
         let props = wire_properties(name, properties)?;
         self.manager

@@ -44,6 +44,8 @@ struct FakeState {
     /// Units whose stop job takes this long (a process using its grace
     /// period); their stop is recorded again as `stopped NAME` when done.
     slow_stops: BTreeMap<String, std::time::Duration>,
+    /// A reboot was asked: the system is going down, every unit stopped.
+    rebooting: bool,
 }
 
 /// See the module documentation.
@@ -315,6 +317,21 @@ impl FakeSystemd {
 impl Systemd for FakeSystemd {
     fn version(&self) -> Result<u32, SystemdError> {
         Ok(self.version)
+    }
+
+    fn shutting_down(&self) -> bool {
+        self.lock().rebooting
+    }
+
+    fn reboot(&self) -> Result<(), SystemdError> {
+        let mut s = self.lock();
+        Self::record(&mut s, "reboot".into())?;
+        s.rebooting = true;
+        let names: Vec<String> = s.units.keys().cloned().collect();
+        for name in names {
+            Self::stop_locked(&mut s, &name);
+        }
+        Ok(())
     }
 
     fn list_units(&self, patterns: &[&str]) -> Result<Vec<UnitSummary>, SystemdError> {

@@ -163,6 +163,21 @@ fn condition(kind: &str, ok: bool, reason: Option<&str>) -> PodCondition {
 }
 
 impl PodStatus {
+    /// Running, with its Ready condition true: what Services send traffic
+    /// to, and what an OS update's health gate waits for again.
+    pub fn is_ready(&self) -> bool {
+        self.phase == Phase::Running
+            && self
+                .conditions
+                .iter()
+                .any(|c| c.kind == "Ready" && c.status == "True")
+    }
+
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
     /// A pod the node does not run, as the kubelet reports it: `OutOfcpu`
     /// or `OutOfmemory` when it cannot fit, `Forbidden` when its Pod
     /// Security level refuses it, `Evicted` when the node ended it.

@@ -152,6 +152,10 @@ pub trait Systemd: Send + Sync {
     fn reset_failed(&self, name: &str) -> Result<(), SystemdError>;
     /// `SetUnitProperties` with `runtime=true`: the change lives as long as the unit.
     fn set_properties(&self, name: &str, properties: &Properties) -> Result<(), SystemdError>;
+    /// Starts `reboot.target` in mode `replace-irreversibly`, as `systemctl
+    /// reboot` does: every unit (each pod with its grace period) stops
+    /// first. Returns once the job is queued; the system is going down.
+    fn reboot(&self) -> Result<(), SystemdError>;
 }
 
 /// A shared handle works like the manager itself (tests keep one to look inside).
@@ -188,6 +192,9 @@ impl<T: Systemd + ?Sized> Systemd for std::sync::Arc<T> {
     }
     fn set_properties(&self, name: &str, properties: &Properties) -> Result<(), SystemdError> {
         (**self).set_properties(name, properties)
+    }
+    fn reboot(&self) -> Result<(), SystemdError> {
+        (**self).reboot()
     }
 }
 

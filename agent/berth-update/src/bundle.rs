@@ -260,13 +260,14 @@ pub fn decompress<R: Read>(reader: R, path: &Path) -> Result<impl Read, BundleEr
     })
 }
 
-/// Checks a bundle directory: the manifest's signature against `allowed`,
-/// then each part's size and sha256. Nothing is written.
-pub fn verify(
+/// Checks a bundle's manifest in `dir`: its signature against `allowed`,
+/// then its schema and architecture. The parts are not looked at: a
+/// download checks this before fetching them.
+pub fn verify_manifest(
     dir: &Path,
     allowed: &AllowedSigners,
     architecture: &str,
-) -> Result<Verified, BundleError> {
+) -> Result<(Manifest, Signer), BundleError> {
     let manifest_path = dir.join(MANIFEST_FILE);
     let sig_path = dir.join(SIGNATURE_FILE);
     let mut bytes = Vec::new();
@@ -298,6 +299,17 @@ pub fn verify(
             ),
         });
     }
+    Ok((manifest, signer))
+}
+
+/// Checks a bundle directory: the manifest ([`verify_manifest`]), then
+/// each part's size and sha256. Nothing is written.
+pub fn verify(
+    dir: &Path,
+    allowed: &AllowedSigners,
+    architecture: &str,
+) -> Result<Verified, BundleError> {
+    let (manifest, signer) = verify_manifest(dir, allowed, architecture)?;
     let check = |field: &'static str, file: &str, size: u64, sha: &str| {
         let path = dir.join(file);
         let (got_size, got_sha) = File::open(&path)

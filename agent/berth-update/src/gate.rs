@@ -111,6 +111,7 @@ mod tests {
             gate_seconds: 120,
             pods: pods.iter().map(|p| p.to_string()).collect(),
             attempts: Vec::new(),
+            declaration: None,
         }
     }
 

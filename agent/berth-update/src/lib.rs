@@ -6,6 +6,7 @@
 
 pub mod bundle;
 pub mod gate;
+pub mod install;
 pub mod record;
 pub mod slots;
 pub mod status;

@@ -43,6 +43,11 @@ pub struct UpdateRecord {
     /// What each boot of the new slot found, oldest first.
     #[serde(default)]
     pub attempts: Vec<Attempt>,
+    /// The NodeImage declaration that asked for this update (its version
+    /// and bundle); none for one installed by hand. A declaration whose
+    /// update rolled back is not tried again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub declaration: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,6 +208,7 @@ mod tests {
             gate_seconds: 300,
             pods: vec!["default/web".into()],
             attempts: Vec::new(),
+            declaration: None,
         }
     }
 

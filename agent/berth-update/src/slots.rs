@@ -282,6 +282,15 @@ impl Layout {
 
     /// The entry systemd-boot boots by default, by its rules for `default
     /// berth-*`: entries out of tries last, then the highest generation.
+    /// The newest entry (highest generation) that boots `slot`.
+    pub fn newest_entry(&self, slot: Slot) -> Result<Option<Entry>, SlotError> {
+        Ok(self
+            .entries()?
+            .into_iter()
+            .filter(|e| e.slot == slot)
+            .max_by_key(|e| e.generation))
+    }
+
     pub fn default_entry(&self) -> Result<Option<Entry>, SlotError> {
         let mut entries = self.entries()?;
         entries.sort_by(|a, b| {

@@ -21,6 +21,10 @@ pub struct OsStatus {
     /// The last update, installed here by hand or from Git.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update: Option<UpdateStatus>,
+    /// What the node is doing about its OS now (a NodeImage's update
+    /// being downloaded, written, waiting for its window, rebooting into).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activity: Option<Activity>,
     /// What could not be read (the ESP, the update record).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -33,6 +37,20 @@ pub struct UpdateStatus {
     pub slot: String,
     /// `Installed`, `Incomplete`, `Gating`, `Promoted` or `RolledBack`.
     pub state: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// The NodeImage declaration that asked for it; none by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub declaration: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Activity {
+    /// `Downloading`, `Writing`, `Staging`, `Waiting`, `Rebooting`,
+    /// `Refused` or `Unsupported`.
+    pub phase: String,
+    pub version: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
 }
@@ -62,17 +80,13 @@ pub fn os_status(esp: &Path, cmdline: &str, state_dir: &Path) -> OsStatus {
             return out;
         }
     };
-    let entries = match layout.entries() {
+    let entry = match layout.newest_entry(record.to_slot) {
         Ok(e) => e,
         Err(e) => {
             out.error = Some(e.to_string());
             return out;
         }
     };
-    let entry = entries
-        .into_iter()
-        .filter(|e| e.slot == record.to_slot)
-        .max_by_key(|e| e.generation);
     let (state, message) =
         if entry.is_none() && record.attempts.is_empty() && booted == record.from_slot {
             (
@@ -112,6 +126,7 @@ pub fn os_status(esp: &Path, cmdline: &str, state_dir: &Path) -> OsStatus {
         slot: record.to_slot.to_string(),
         state: state.into(),
         message,
+        declaration: record.declaration,
     });
     out
 }

@@ -478,6 +478,7 @@ fn the_os_status_follows_the_record_the_entries_and_the_slot_that_booted() {
         gate_seconds: 60,
         pods: vec!["default/web".into()],
         attempts: Vec::new(),
+        declaration: None,
     };
     record.save(&state).expect("save");
     node.retire(Slot::B).expect("retire");
@@ -540,5 +541,87 @@ fn the_os_status_follows_the_record_the_entries_and_the_slot_that_booted() {
     assert!(
         s.error.as_deref().is_some_and(|e| e.contains("schema 9")),
         "{s:?}"
+    );
+}
+
+#[test]
+fn an_install_for_a_declaration_checks_the_version_and_records_the_declaration() {
+    use berth_update::install::{self, InstallError, Node, Request};
+    let tmp = Tmp::new("declared");
+    let (key, public) = keygen(&tmp.0, "release");
+    let allowed = AllowedSigners::parse(&format!("r {public}\n"), "allowed").expect("allowed");
+    make_bundle(&tmp.0.join("bundle"), &noise(1 << 20, 7), "0.2.0", &key);
+    let layout = node(&tmp.0, 2 << 20);
+    let state = tmp.0.join("state");
+    fs::create_dir_all(&state).expect("state");
+    let cmdline = "root=PARTUUID=aaaa-1 berth.slot=a ro";
+    let target = Node {
+        esp: &layout.esp,
+        cmdline,
+        state_dir: &state,
+    };
+    let bundle_dir = tmp.0.join("bundle");
+    let request = |version: &'static str| Request {
+        bundle: &bundle_dir,
+        allowed: &allowed,
+        architecture: "amd64",
+        tries: 2,
+        gate_seconds: 120,
+        pods: vec!["default/web".into()],
+        version: Some(version),
+        declaration: Some(format!("{version} from image r.example/os:{version}")),
+    };
+    let mut steps = Vec::new();
+    // A bundle of another version than the NodeImage declares: refused,
+    // nothing written, nothing recorded.
+    let e = install::install(&request("0.3.0"), &layout, &target, &mut |s| {
+        steps.push(s.to_string());
+    })
+    .unwrap_err();
+    assert!(
+        matches!(&e, InstallError::Version { declared, bundle } if declared == "0.3.0" && bundle == "0.2.0"),
+        "{e}"
+    );
+    assert!(steps.is_empty(), "{steps:?}");
+    assert!(!state.join(berth_update::record::FILE).exists());
+    assert_eq!(
+        layout.default_entry().expect("entries").map(|e| e.slot),
+        Some(Slot::A)
+    );
+    // Not booted from a slot: refused by name.
+    let no_slot = Node {
+        cmdline: "root=/dev/vda2",
+        ..target
+    };
+    let e = install::install(&request("0.2.0"), &layout, &no_slot, &mut |_| {}).unwrap_err();
+    assert!(matches!(e, InstallError::NoSlot), "{e}");
+
+    let entry = install::install(&request("0.2.0"), &layout, &target, &mut |s| {
+        steps.push(s.to_string());
+    })
+    .expect("installs");
+    assert_eq!(
+        (entry.file.as_str(), entry.slot),
+        ("berth-b+2.conf", Slot::B)
+    );
+    assert_eq!(steps.len(), 3, "{steps:?}");
+    assert!(
+        steps[2].contains("installed as berth-b+2.conf"),
+        "{}",
+        steps[2]
+    );
+    let record = berth_update::UpdateRecord::load(&state)
+        .expect("readable")
+        .expect("a record");
+    assert_eq!(
+        record.declaration.as_deref(),
+        Some("0.2.0 from image r.example/os:0.2.0")
+    );
+    assert_eq!((record.tries, record.gate_seconds), (2, 120));
+    let status = berth_update::os_status(&layout.esp, cmdline, &state);
+    let update = status.update.expect("an update");
+    assert_eq!(
+        (update.state.as_str(), update.declaration.as_deref()),
+        ("Installed", Some("0.2.0 from image r.example/os:0.2.0"))
     );
 }

@@ -568,6 +568,19 @@ pub fn print_plan(catalog: &Catalog, node_plan: &NodePlan, output: Output) -> an
         )?;
     }
     write_rollouts(&mut out, &node_plan.deployments)?;
+    if let Some(os) = &node_plan.os {
+        writeln!(
+            out,
+            "\nOS (NodeImage {}, version {}): {:?}: {}",
+            os.node_image, os.version, os.action, os.message
+        )?;
+        for (i, action) in os.stops.iter().enumerate() {
+            write_action(&mut out, i + 1, action)?;
+        }
+        if !os.stops.is_empty() {
+            writeln!(out, "\n  then: reboot")?;
+        }
+    }
     let (rolling, held): (Vec<_>, Vec<_>) = plan
         .held
         .iter()

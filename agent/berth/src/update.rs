@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command as Process, ExitCode};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use berth_update::gate::{self, Verdict};
 use berth_update::slots::{self, Layout, Slot};
-use berth_update::{Attempt, UpdateRecord, bundle};
+use berth_update::{Attempt, UpdateRecord, bundle, install};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum BundleCommand {
@@ -26,6 +26,21 @@ pub enum BundleCommand {
         version: String,
         #[arg(long, default_value = "amd64")]
         architecture: String,
+    },
+    /// Publish a signed bundle to a registry as an OCI artifact (each
+    /// part a layer named by its file name), for a NodeImage's
+    /// `bundle.image` to name.
+    Push {
+        dir: PathBuf,
+        /// Where to: `registry.example/berth/os:1.2.0`.
+        reference: String,
+        /// The registry speaks plain HTTP.
+        #[arg(long)]
+        insecure: bool,
+        /// A Docker config file (`{"auths": …}`) with a login for the
+        /// registry, as `docker login` writes it.
+        #[arg(long)]
+        auth_file: Option<PathBuf>,
     },
     /// Check a bundle's signature and every part's digest.
     Verify {
@@ -111,6 +126,59 @@ pub fn bundle(command: BundleCommand) -> anyhow::Result<ExitCode> {
                 m.root.size
             );
         }
+        BundleCommand::Push {
+            dir,
+            reference,
+            insecure,
+            auth_file,
+        } => {
+            let manifest_path = dir.join(bundle::MANIFEST_FILE);
+            let bytes = std::fs::read(&manifest_path)
+                .with_context(|| manifest_path.display().to_string())?;
+            let m = bundle::Manifest::parse(&bytes, &manifest_path)?;
+            if !dir.join(bundle::SIGNATURE_FILE).is_file() {
+                anyhow::bail!(
+                    "{}: the bundle is not signed (ssh-keygen -Y sign -n berth-bundle -f KEY {}); nodes refuse it",
+                    dir.display(),
+                    manifest_path.display()
+                );
+            }
+            let files: Vec<(String, PathBuf)> = [
+                bundle::MANIFEST_FILE,
+                bundle::SIGNATURE_FILE,
+                &m.root.file,
+                &m.kernel.file,
+                &m.initrd.file,
+            ]
+            .into_iter()
+            .map(|name| (name.to_string(), dir.join(name)))
+            .collect();
+            let creds = match &auth_file {
+                Some(f) => {
+                    let body = std::fs::read(f).with_context(|| f.display().to_string())?;
+                    berth_registry::parse_docker_config(".dockerconfigjson", &body)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?
+                }
+                None => Vec::new(),
+            };
+            let mut config = berth_registry::RegistryConfig::default();
+            let r = berth_registry::Reference::parse(&reference)?;
+            config.hosts.insert(
+                r.registry.clone(),
+                berth_registry::HostConfig {
+                    mirrors: Vec::new(),
+                    insecure,
+                },
+            );
+            let started = Instant::now();
+            let digest =
+                berth_registry::Client::new(config).push_artifact(&reference, &files, &creds)?;
+            println!(
+                "{reference}: version {} pushed as {digest} in {:.1} s",
+                m.version,
+                started.elapsed().as_secs_f64()
+            );
+        }
         BundleCommand::Verify {
             dir,
             allowed_signers,
@@ -185,54 +253,27 @@ pub fn update(command: UpdateCommand) -> anyhow::Result<ExitCode> {
             gate_seconds,
             node,
         } => {
-            let (layout, booted) = open(&node)?;
-            let Some(booted) = booted else {
-                bail!(
-                    "{}: no berth.slot= on the kernel command line; this node was not booted from a slot",
-                    node.kernel_cmdline.display()
-                );
-            };
+            let cmdline = std::fs::read_to_string(&node.kernel_cmdline)
+                .with_context(|| node.kernel_cmdline.display().to_string())?;
             let allowed = berth_git::AllowedSigners::load(&allowed_signers)?;
-            let verified = bundle::verify(&dir, &allowed, "amd64")?;
-            let current = layout
-                .entries()?
-                .into_iter()
-                .filter(|e| e.slot == booted)
-                .max_by_key(|e| e.generation)
-                .with_context(|| format!("slot {booted} booted but has no boot entry"))?;
-            let target = booted.other();
             let (_, _, ready) = observe(&node.state_dir)?;
-            let record = UpdateRecord {
-                schema: berth_update::record::SCHEMA,
-                version: verified.manifest.version.clone(),
-                from_version: layout
-                    .installed(booted)
-                    .map_or_else(|| "unknown".into(), |m| m.version),
-                from_slot: booted,
-                to_slot: target,
-                installed_at: now(),
+            let request = install::Request {
+                bundle: &dir,
+                allowed: &allowed,
+                architecture: berth_images::node_architecture(),
                 tries,
                 gate_seconds,
                 pods: ready.into_iter().collect(),
-                attempts: Vec::new(),
+                version: None,
+                declaration: None,
             };
-            let _writable = EspWritable::new(&node.esp)?;
-            layout.retire(target)?;
-            println!(
-                "slot {target}: entry removed; writing {} …",
-                layout.device(target).display()
-            );
-            let written = layout.write_root(target, &verified)?;
-            println!(
-                "slot {target}: {} bytes written and read back, sha256 matches",
-                written.bytes
-            );
-            record.save(&node.state_dir)?;
-            let entry = layout.install_boot(target, &verified, &current.options, tries)?;
-            println!(
-                "slot {target}: {} installed as {} (generation {}); it boots next, {tries} tries",
-                verified.manifest.version, entry.file, entry.generation
-            );
+            let target = install::Node {
+                esp: &node.esp,
+                cmdline: &cmdline,
+                state_dir: &node.state_dir,
+            };
+            let layout = Layout::discover(&node.esp)?;
+            install::install(&request, &layout, &target, &mut |step| println!("{step}"))?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -259,12 +300,8 @@ fn observe(
     let mut declared = BTreeSet::new();
     let mut ready = BTreeSet::new();
     for p in pods {
-        let name = format!("{}/{}", p.namespace, p.name);
-        let is_ready = p.phase == berth_runtime::status::Phase::Running
-            && p.conditions
-                .iter()
-                .any(|c| c.kind == "Ready" && c.status == "True");
-        if is_ready {
+        let name = p.key();
+        if p.is_ready() {
             ready.insert(name.clone());
         }
         declared.insert(name);
@@ -362,54 +399,4 @@ fn open(node: &NodeArgs) -> anyhow::Result<(Layout, Option<Slot>)> {
     let cmdline = std::fs::read_to_string(&node.kernel_cmdline)
         .with_context(|| node.kernel_cmdline.display().to_string())?;
     Ok((Layout::discover(&node.esp)?, slots::booted_slot(&cmdline)))
-}
-
-/// The ESP is mounted read-only; writable while an install runs, and
-/// read-only again after, whatever happened.
-struct EspWritable {
-    esp: Option<PathBuf>,
-}
-
-impl EspWritable {
-    fn new(esp: &Path) -> anyhow::Result<Self> {
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let target = esp.to_string_lossy();
-        let read_only = mounts.lines().any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1] == target && f[3].split(',').any(|o| o == "ro")
-        });
-        if !read_only {
-            return Ok(Self { esp: None });
-        }
-        remount(esp, "rw")?;
-        Ok(Self {
-            esp: Some(esp.to_path_buf()),
-        })
-    }
-}
-
-impl Drop for EspWritable {
-    fn drop(&mut self) {
-        if let Some(esp) = &self.esp
-            && let Err(e) = remount(esp, "ro")
-        {
-            eprintln!("berth: warning: {e:#}");
-        }
-    }
-}
-
-fn remount(esp: &Path, mode: &str) -> anyhow::Result<()> {
-    let status = Process::new("mount")
-        .arg("-o")
-        .arg(format!("remount,{mode}"))
-        .arg(esp)
-        .status()
-        .context("mount")?;
-    if !status.success() {
-        bail!(
-            "cannot remount {} {mode}: mount exited with {status}",
-            esp.display()
-        );
-    }
-    Ok(())
 }

@@ -36,6 +36,16 @@ pub(super) struct FileConfig {
     pub(super) eviction: Option<FileEviction>,
     #[serde(default)]
     pub(super) metrics: Option<FileMetrics>,
+    #[serde(default)]
+    pub(super) updates: Option<FileUpdates>,
+}
+
+/// `updates:`: OS updates declared by NodeImages.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct FileUpdates {
+    /// Keys allowed to sign update bundles (ssh-keygen's allowed-signers format).
+    pub(super) allowed_signers: Option<PathBuf>,
 }
 
 /// `metrics:`: the Prometheus endpoint, off unless `listen` is given.
@@ -195,6 +205,7 @@ pub(super) struct Layer {
     pub(super) auto_rollback: Option<(String, Origin)>,
     pub(super) eviction: Option<(FileEviction, Origin)>,
     pub(super) metrics: Option<(FileMetrics, Origin)>,
+    pub(super) bundle_signers: Option<(PathBuf, Origin)>,
 }
 
 impl Layer {
@@ -236,7 +247,8 @@ impl Layer {
             allow_privileged,
             auto_rollback,
             eviction,
-            metrics
+            metrics,
+            bundle_signers
         );
         self
     }
@@ -298,6 +310,10 @@ pub(super) fn parse_file(text: &str, origin: Origin) -> Result<Layer, ConfigErro
         auto_rollback: with(rollout.auto_rollback.map(|b| b.to_string())),
         eviction: file.eviction.map(|e| (e, origin.clone())),
         metrics: file.metrics.map(|m| (m, origin.clone())),
+        bundle_signers: file
+            .updates
+            .and_then(|u| u.allowed_signers)
+            .map(|p| (p, origin.clone())),
     })
 }
 

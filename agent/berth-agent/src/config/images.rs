@@ -136,3 +136,26 @@ pub(super) fn image_settings(
     }
     Ok(out)
 }
+
+impl ImageSettings {
+    /// How the registry client reaches registries, from these settings.
+    pub fn registry_config(&self) -> berth_registry::RegistryConfig {
+        berth_registry::RegistryConfig {
+            hosts: self
+                .registries
+                .iter()
+                .map(|(name, r)| {
+                    (
+                        name.clone(),
+                        berth_registry::HostConfig {
+                            mirrors: r.mirrors.clone(),
+                            insecure: r.insecure,
+                        },
+                    )
+                })
+                .collect(),
+            timeout: self.pull_timeout,
+            ..berth_registry::RegistryConfig::default()
+        }
+    }
+}

@@ -63,6 +63,9 @@ pub struct NodeConfig {
     pub eviction: berth_plan::pressure::Thresholds,
     /// `metrics`: the Prometheus endpoint (off by default).
     pub metrics: crate::metrics::MetricsSettings,
+    /// `updates.allowedSigners`: keys allowed to sign OS update bundles. A
+    /// NodeImage is not acted on without it.
+    pub bundle_signers: Option<PathBuf>,
     /// Which sources contributed, in order.
     pub sources: Vec<String>,
 }
@@ -313,6 +316,7 @@ pub(super) fn finish(
     }
     let allowed_signers = layer.allowed_signers.clone().map(|(p, _)| p);
     let allow_rewind = layer.allow_rewind.as_ref().is_some_and(|(b, _)| *b);
+    let bundle_signers = layer.bundle_signers.clone().map(|(p, _)| p);
     let images = match &layer.images {
         None => ImageSettings::default(),
         Some((file, origin)) => image_settings(file, origin)?,
@@ -359,6 +363,7 @@ pub(super) fn finish(
         status_credentials,
         allowed_signers,
         allow_rewind,
+        bundle_signers,
         publish,
         heartbeat,
         history,
