@@ -232,6 +232,9 @@ pub struct VmOptions {
     /// Raw disk images attached read-only after the node's disk
     /// (`/dev/vdb`, `/dev/vdc`, ...).
     pub extra_drives: Vec<PathBuf>,
+    /// More files in the ESP's `berth/` directory, as a person flashing
+    /// the node puts them there (`bundle-signers` → its text).
+    pub esp_files: Vec<(String, String)>,
 }
 
 impl VmOptions {
@@ -246,6 +249,7 @@ impl VmOptions {
             guest_forwards: Vec::new(),
             tcp_pipe: None,
             extra_drives: Vec::new(),
+            esp_files: Vec::new(),
         }
     }
 }
@@ -297,6 +301,20 @@ impl Vm {
                 )?;
             }
             None => run("mdel", &["-i", &esp, "::berth/config.yaml"])?,
+        }
+        for (name, text) in &options.esp_files {
+            let file = dir.join(name);
+            std::fs::write(&file, text).map_err(|e| HarnessError(e.to_string()))?;
+            run(
+                "mcopy",
+                &[
+                    "-o",
+                    "-i",
+                    &esp,
+                    path_str(&file)?,
+                    &format!("::berth/{name}"),
+                ],
+            )?;
         }
         let vars = dir.join("OVMF_VARS.fd");
         std::fs::copy(OVMF_VARS, &vars).map_err(|e| HarnessError(e.to_string()))?;

@@ -1,16 +1,21 @@
-//! Over-the-air updates on the real image, by hand (`berth update install`):
-//! the bundle `image/build.sh` wrote, made into version N+1 by the test
-//! (a marker file written into its root with debugfs) and signed with a key
-//! of the test's; a bad N+1 whose `berth` exits at once; a tampered copy.
-//! The bundles reach the guest on a second, read-only disk.
+//! Over-the-air updates on the real image: the bundle `image/build.sh`
+//! wrote, made into version N+1 by the test (a marker file written into
+//! its root with debugfs) and signed with a key of the test's; a bad N+1
+//! whose `berth` exits at once; a tampered copy. The good and the bad N+1
+//! are published with `berth bundle push` to a registry on the host that
+//! the guest reaches through a `guestfwd`; the tampered one and a copy of
+//! the good one reach the guest on a second, read-only disk, for the
+//! installs by hand.
 //!
 //! One boot sequence: a tampered bundle is refused with nothing written; a
-//! power cut while slot B is written leaves slot A booting, and the install
-//! is run again; N+1 boots from slot B, passes its health gate (the pod
-//! that ran before is ready again), is blessed by systemd-bless-boot and
-//! stays across another reboot; the bad N+1 in slot A fails its gate on
-//! each of its two tries and systemd-boot boots slot B again by itself,
-//! where the update record says why.
+//! power cut while slot B is written by hand leaves slot A booting; then
+//! N+1 is declared in Git (a NodeImage): the agent downloads it from the
+//! registry, writes slot B, stops its pod and reboots; N+1 passes its
+//! health gate (the pod that ran before is ready again), is blessed by
+//! systemd-bless-boot and stays across another reboot; the bad N+1,
+//! declared next with two tries, fails its gate on each and systemd-boot
+//! boots slot B again by itself, where the agent reports why and does not
+//! try that declaration again.
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)]
 
@@ -24,6 +29,7 @@ use std::time::{Duration, Instant};
 use berth_qemu_tests::{
     GIT_HOST, GitHost, Vm, VmOptions, must, repo_root, retry_on_tcg_flake, test_bundle, test_image,
 };
+use berth_registry::fixtures::TestRegistry;
 
 const BOOT: Duration = Duration::from_secs(240);
 const GATE: Duration = Duration::from_secs(300);
@@ -82,9 +88,11 @@ fn variant(base: &Path, dir: &Path, version: &str, commands: &str, key: &Path) {
         .arg(dir.join("bundle.json")));
 }
 
-/// The bundles the scenario installs, on an ext4 image: `good/`, `bad/`,
-/// `tampered/`; and the allowed-signers line of the key that signed them.
-fn bundles() -> (PathBuf, String) {
+/// The bundles the scenario installs: `good/`, `bad/`, `tampered/` under
+/// the returned directory; an ext4 image of `good/` and `tampered/` (for
+/// the installs by hand); and the allowed-signers line of the key that
+/// signed them.
+fn bundles() -> (PathBuf, PathBuf, String) {
     let base = must(test_bundle());
     let work = repo_root().join("target/qemu-tests/update-bundles");
     let _ = fs::remove_dir_all(&work);
@@ -139,7 +147,16 @@ fn bundles() -> (PathBuf, String) {
     kernel[mid] ^= 0x01;
     fs::write(tampered.join("vmlinuz"), kernel).unwrap();
 
-    let bytes: u64 = run(Command::new("du").args(["-sb"]).arg(&tree))
+    let on_disk = work.join("on-disk");
+    fs::create_dir_all(&on_disk).unwrap();
+    for b in ["good", "tampered"] {
+        fs::create_dir_all(on_disk.join(b)).unwrap();
+        for f in fs::read_dir(tree.join(b)).unwrap() {
+            let f = f.unwrap();
+            fs::hard_link(f.path(), on_disk.join(b).join(f.file_name())).unwrap();
+        }
+    }
+    let bytes: u64 = run(Command::new("du").args(["-sb"]).arg(&on_disk))
         .split_whitespace()
         .next()
         .and_then(|n| n.parse().ok())
@@ -148,10 +165,38 @@ fn bundles() -> (PathBuf, String) {
     let mib = bytes / (1 << 20) * 11 / 10 + 64;
     run(Command::new("mkfs.ext4")
         .args(["-q", "-F", "-d"])
-        .arg(&tree)
+        .arg(&on_disk)
         .arg(&disk)
         .arg(format!("{mib}M")));
-    (disk, format!("release@test {} {}", public[0], public[1]))
+    (
+        tree,
+        disk,
+        format!("release@test {} {}", public[0], public[1]),
+    )
+}
+
+/// Publishes `dir` to `registry` as `berth/os:<tag>` with `berth bundle push`.
+fn publish(registry: &TestRegistry, dir: &Path, tag: &str) -> String {
+    let started = Instant::now();
+    let out = run(Command::new(repo_root().join("target/release/berth"))
+        .args(["bundle", "push", "--insecure"])
+        .arg(dir)
+        .arg(format!("{}/berth/os:{tag}", registry.host())));
+    println!(
+        "published {tag} in {:.1} s: {}",
+        started.elapsed().as_secs_f64(),
+        out.trim()
+    );
+    out
+}
+
+/// The guest's address of the registry (a `guestfwd` to the host's).
+const REGISTRY: &str = "10.0.2.100:5000";
+
+fn node_image(version: &str, tag: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: berth.dev/v1alpha1\nkind: NodeImage\nmetadata: {{name: os}}\nspec:\n  version: {version}\n  bundle: {{image: {REGISTRY}/berth/os:{tag}}}\n  nodeSelector: {{matchLabels: {{site: lab}}}}\n  gateSeconds: 240\n{extra}"
+    )
 }
 
 fn entries(vm: &Vm) -> String {
@@ -180,7 +225,12 @@ fn wait_in_guest(vm: &Vm, what: &str, command: &str, timeout: Duration) -> Strin
 
 fn update_scenario() {
     let image = must(test_image());
-    let (disk, allowed) = bundles();
+    let (tree, disk, allowed) = bundles();
+    let work = repo_root().join("target/qemu-tests/update-registry");
+    let _ = fs::remove_dir_all(&work);
+    let registry = TestRegistry::start(&work, None).expect("registry");
+    publish(&registry, &tree.join("good"), "update.1");
+    publish(&registry, &tree.join("bad"), "broken.1");
     let git = must(GitHost::fresh("update", "desired.git"));
     must(git.push(
         &[(
@@ -191,9 +241,12 @@ fn update_scenario() {
     ));
     let mut options = VmOptions::new("update");
     options.esp_config = Some(format!(
-        "node:\n  name: update\ngit:\n  url: git://{GIT_HOST}/desired.git\n  path: pods\n  pollInterval: 5s\n"
+        "node:\n  name: update\n  labels: {{site: lab}}\ngit:\n  url: git://{GIT_HOST}/desired.git\n  path: pods\n  pollInterval: 5s\nimages:\n  registries:\n    \"{REGISTRY}\": {{insecure: true}}\nupdates:\n  allowedSigners: /efi/berth/bundle-signers\n"
     ));
+    options.esp_files = vec![("bundle-signers".into(), format!("{allowed}\n"))];
     options.extra_drives = vec![disk];
+    options.guest_forwards = vec![(REGISTRY.to_string(), registry.port)];
+    options.tcp_pipe = Some(env!("CARGO_BIN_EXE_berth-tcp-pipe").into());
     let (vm, _) = must(Vm::boot_until(
         &image,
         &git,
@@ -237,8 +290,7 @@ fn update_scenario() {
         "slot B was written to"
     );
 
-    // A power cut while slot B is written: slot A boots, and the install
-    // runs again from the start.
+    // A power cut while slot B is written: slot A boots.
     // A unit of its own: the test channel's cgroup ends with each command.
     vm.sh("systemd-run --unit=test-install -p StandardOutput=file:/run/install.log -p StandardError=file:/run/install.log berth update install /run/bundles/good --allowed-signers /run/allowed");
     wait_in_guest(
@@ -261,44 +313,42 @@ fn update_scenario() {
     );
     assert_eq!(entries(&vm).trim(), "berth-a.conf");
     ready(&vm, "web ready after the cut");
-    mount_bundles(&vm, &allowed);
-    let started = Instant::now();
-    let (rc, out) = must(vm.exec(
-        "berth update install /run/bundles/good --allowed-signers /run/allowed --gate-seconds 240 2>&1",
-        INSTALL,
-    ));
-    let install_secs = started.elapsed().as_secs_f64();
-    assert_eq!(rc, 0, "{out}");
-    assert!(
-        out.contains("installed as berth-b+3.conf (generation 2)"),
-        "{out}"
-    );
-    println!("install (verify, write and read back slot B, ESP): {install_secs:.1} s\n{out}");
-    let status = vm.sh("berth update status");
-    assert!(
-        status.contains("update to 0.1.0+update.1 in slot B: Installed (boots next)"),
-        "{status}"
-    );
 
-    // N+1 boots, its gate waits for web, systemd-bless-boot blesses it.
-    // The pod's downtime across the update, at most: from the reboot asked
-    // on slot A (its unit stops as the shutdown begins) to its container
-    // ready on slot B, by the host's clock.
-    let (vm, _, took) = must(vm.reboot_from_guest(
-        &git,
-        &options,
-        3,
-        "container main of pod default/web is ready",
-        BOOT,
+    // N+1 declared in Git: the agent downloads it from the registry,
+    // writes slot B, stops web and reboots. When web's container stops is
+    // written to /var (shared by both slots) by a watcher of its own.
+    vm.sh("systemd-run --unit=test-watch sh -c 'while systemctl -q is-active berth-default_web_main.service; do sleep 0.2; done; date +%s.%N > /var/lib/web-stopped; sync'");
+    let declared = Instant::now();
+    must(git.push(
+        &[(
+            "pods/os.yaml",
+            &node_image("0.1.0+update.1", "update.1", ""),
+        )],
+        "run OS version 0.1.0+update.1",
     ));
+    let vm = must(vm.after_reset(&git, &options, 3, INSTALL));
+    let rebooting = declared.elapsed();
+    let console = fs::read_to_string(vm.dir.join("console-2.log")).unwrap_or_default();
     println!(
-        "reboot asked on slot A to pod default/web ready on slot B (its downtime, at most): {:.1} s",
-        took.as_secs_f64()
+        "NodeImage pushed to the reset into slot B (fetch, download, write, stop, reboot): {:.1} s",
+        rebooting.as_secs_f64()
     );
-    assert!(vm.sh("cat /proc/cmdline").contains("berth.slot=b"));
+    let mut vm = vm;
+    must(vm.wait_for("berth: agent started", BOOT));
+    assert!(
+        vm.sh("cat /proc/cmdline").contains("berth.slot=b"),
+        "slot B boots; slot A's console: {}",
+        vm.dir.join("console-2.log").display()
+    );
+    drop(console);
     assert_eq!(
         vm.sh("cat /usr/lib/berth/update-marker").trim(),
         "0.1.0+update.1"
+    );
+    ready(&vm, "web ready on slot B");
+    println!(
+        "NodeImage pushed to web ready on slot B: {:.1} s",
+        declared.elapsed().as_secs_f64()
     );
     let gate = wait_in_guest(
         &vm,
@@ -308,7 +358,7 @@ fn update_scenario() {
     );
     println!("{gate}");
     assert!(gate.contains("1 of 1 pods ready again"), "{gate}");
-    let stamp = |cmd: &str| -> f64 {
+    let stamp = |vm: &Vm, cmd: &str| -> f64 {
         let out = vm.sh(cmd);
         out.split_whitespace()
             .next()
@@ -316,10 +366,17 @@ fn update_scenario() {
             .unwrap_or_else(|| panic!("no time in {out:?} ({cmd})"))
     };
     let back = stamp(
+        &vm,
         "journalctl -b 0 -o short-unix -t berth | grep 'container main of pod default/web is ready' | head -n 1",
     );
+    let stopped = stamp(&vm, "cat /var/lib/web-stopped");
     let gate_passed = stamp(
+        &vm,
         "journalctl -b 0 -o short-unix -u berth-update-gate.service | grep 'gate: passed' | head -n 1",
+    );
+    println!(
+        "downtime of pod default/web (its container stopped on slot A to ready on slot B): {:.1} s",
+        back - stopped
     );
     println!(
         "gate passed {:.1} s after the pod was ready",
@@ -330,6 +387,10 @@ fn update_scenario() {
         "the entry blessed",
         "test -e /efi/loader/entries/berth-b.conf",
         Duration::from_secs(60),
+    );
+    println!(
+        "NodeImage pushed to slot B blessed: {:.1} s",
+        declared.elapsed().as_secs_f64()
     );
     let status = vm.sh("berth update status");
     assert!(
@@ -349,7 +410,12 @@ fn update_scenario() {
             os.slot == "B"
                 && os.version == "0.1.0+update.1"
                 && os.other_slot_version.as_deref() == Some("0.1.0")
-                && os.update.as_ref().is_some_and(|u| u.state == "Promoted")
+                && os.update.as_ref().is_some_and(|u| {
+                    u.state == "Promoted"
+                        && u.declaration.as_deref()
+                            == Some("0.1.0+update.1 from image 10.0.2.100:5000/berth/os:update.1")
+                })
+                && os.activity.is_none()
         })
     });
     assert_eq!(
@@ -357,8 +423,14 @@ fn update_scenario() {
         "ro",
         "the ESP is read-only again after the blessing"
     );
+    // The download is gone once written.
+    assert_eq!(
+        vm.sh("ls /var/lib/berth/update 2>/dev/null | wc -l").trim(),
+        "0"
+    );
 
-    // It stays: another reboot boots slot B, uncounted, no gate.
+    // It stays: another reboot boots slot B, uncounted, no gate, and the
+    // declaration is current.
     let (vm, _, _) = must(vm.reboot_from_guest(&git, &options, 4, "berth: agent started", BOOT));
     assert!(vm.sh("cat /proc/cmdline").contains("berth.slot=b"));
     ready(&vm, "web ready on slot B after another reboot");
@@ -367,27 +439,31 @@ fn update_scenario() {
         Duration::from_secs(30),
     ));
     assert!(!gate_state.contains("failed"), "{gate_state}");
-
-    // The bad N+1 into slot A, two tries: each boot of it fails its gate
-    // and reboots; then systemd-boot boots slot B by itself.
-    mount_bundles(&vm, &allowed);
-    let (rc, out) = must(vm.exec(
-        "berth update install /run/bundles/bad --allowed-signers /run/allowed --tries 2 2>&1",
-        INSTALL,
-    ));
-    assert_eq!(rc, 0, "{out}");
-    assert!(
-        out.contains("installed as berth-a+2.conf (generation 3)"),
-        "{out}"
+    wait_in_guest(
+        &vm,
+        "the agent finding the declaration current",
+        "journalctl -b -t berth -o cat | grep 'OS update (NodeImage os): Current'",
+        Duration::from_secs(60),
     );
+
+    // The bad N+1, declared with two tries: the agent writes it into slot
+    // A and reboots; each boot of it fails its gate and reboots; then
+    // systemd-boot boots slot B again by itself.
     let asked = Instant::now();
-    let _ = vm.exec("systemctl --no-block reboot", Duration::from_secs(20));
-    let vm = must(vm.after_reset(&git, &options, 5, Duration::from_secs(180)));
-    let vm = must(vm.after_reset(&git, &options, 6, BOOT));
-    let mut vm = must(vm.after_reset(&git, &options, 7, BOOT));
+    must(git.push(
+        &[(
+            "pods/os.yaml",
+            &node_image("0.1.0+broken.1", "broken.1", "  tries: 2\n"),
+        )],
+        "run OS version 0.1.0+broken.1",
+    ));
+    let vm = must(vm.after_reset(&git, &options, 5, INSTALL));
+    let vm = must(vm.after_reset(&git, &options, 6, Duration::from_secs(180)));
+    let vm = must(vm.after_reset(&git, &options, 7, BOOT));
+    let mut vm = vm;
     must(vm.wait_for("berth: agent started", BOOT));
     println!(
-        "bad N+1: reboot asked to slot B's agent started again after two failed tries: {:.1} s",
+        "bad N+1: NodeImage pushed to slot B's agent started again after two failed tries: {:.1} s",
         asked.elapsed().as_secs_f64()
     );
     assert!(
@@ -411,8 +487,16 @@ fn update_scenario() {
                         && u.message
                             .contains("never reached its health gate in 2 boots")
                 })
+                && os.activity.as_ref().is_some_and(|a| a.phase == "Refused")
         })
     });
+    // Not tried again while the declaration stays: nothing is downloaded
+    // or written, over several passes.
+    std::thread::sleep(Duration::from_secs(20));
+    let log = vm.sh("journalctl -b -t berth -o cat | grep 'OS update' || true");
+    assert!(log.contains("Refused"), "{log}");
+    assert!(!log.contains("Stage"), "{log}");
+    assert_eq!(entries(&vm), listing, "the entries changed");
     for boot in [5, 6] {
         let console =
             fs::read_to_string(vm.dir.join(format!("console-{boot}.log"))).unwrap_or_default();

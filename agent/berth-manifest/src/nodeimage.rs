@@ -62,7 +62,8 @@ pub struct BundleSource {
     /// pulled with the node's registry settings (mirrors, logins).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
-    /// An HTTPS URL of a bundle directory (`…/berth-1.2.0-amd64.bundle/`).
+    /// An HTTPS URL of a bundle directory (`…/berth-1.2.0-amd64.bundle/`);
+    /// plain HTTP only to a host the node config marks insecure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
 }
@@ -205,11 +206,17 @@ pub fn validate(n: &NodeImage, issues: &mut Issues) {
             }
         }
         (None, Some(url)) => {
-            let host = url.strip_prefix("https://").unwrap_or("");
+            let plain = url.strip_prefix("http://");
+            let host = url.strip_prefix("https://").or(plain).unwrap_or("");
             if host.is_empty() || host.starts_with('/') || url.contains(char::is_whitespace) {
                 issues.push(FieldIssue::error(
                     bundle.key("url"),
                     format!("{url:?} must be an https:// URL of a bundle directory"),
+                ));
+            } else if plain.is_some() {
+                issues.push(FieldIssue::warning(
+                    bundle.key("url"),
+                    "plain http://: a node fetches it only from a host its config marks insecure (images.registries.<host>.insecure); the bundle's signature still decides",
                 ));
             }
         }

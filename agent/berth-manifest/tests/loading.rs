@@ -254,16 +254,30 @@ fn a_bad_node_image_names_each_field() {
     }
     assert!(text.contains("os.yaml"), "{text}");
     assert!(c.objects.is_empty(), "a bad NodeImage is rejected");
-    let url = NODE_IMAGE.replace(
-        "{image: registry.example/berth/os:1.2.0}",
-        "{url: 'http://updates.example/os/'}",
-    );
-    let c = load(&[("os.yaml", &url)]);
+    let url = |u: &str| {
+        NODE_IMAGE.replace(
+            "{image: registry.example/berth/os:1.2.0}",
+            &format!("{{url: '{u}'}}"),
+        )
+    };
+    let c = load(&[("os.yaml", &url("ftp://updates.example/os/"))]);
+    assert_eq!(c.error_count(), 1, "{:#?}", messages(&c));
     assert!(
         messages(&c)
             .iter()
-            .any(|m| m.contains("spec.bundle.url") && m.contains("https://")),
+            .any(|m| m.contains("spec.bundle.url") && m.contains("must be an https:// URL")),
         "{:#?}",
         messages(&c)
     );
+    let c = load(&[("os.yaml", &url("http://10.0.2.100:8080/os/"))]);
+    assert_eq!(c.error_count(), 0, "{:#?}", messages(&c));
+    assert!(
+        messages(&c)
+            .iter()
+            .any(|m| m.contains("spec.bundle.url") && m.contains("marks insecure")),
+        "{:#?}",
+        messages(&c)
+    );
+    let c = load(&[("os.yaml", &url("https://updates.example/os/"))]);
+    assert!(messages(&c).is_empty(), "{:#?}", messages(&c));
 }
