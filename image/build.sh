@@ -110,11 +110,19 @@ echo berth > "$root/etc/hostname"
 # Nothing a node does not need: no package manager, no docs, no sound,
 # video or wireless drivers.
 rm -rf "$root"/usr/bin/apt* "$root"/usr/bin/dpkg* "$root"/usr/lib/apt "$root"/var/lib/apt "$root"/var/cache/* \
+    "$root"/usr/lib/x86_64-linux-gnu/libapt-pkg.so* "$root"/usr/bin/sqv \
     "$root"/usr/share/doc "$root"/usr/share/man "$root"/usr/share/info "$root"/usr/share/locale
-for dir in sound drivers/media drivers/gpu drivers/staging drivers/net/wireless net/wireless net/bluetooth drivers/bluetooth drivers/iio drivers/input/touchscreen; do
+# Nor CAN, ISDN, amateur radio, data acquisition (comedi) or compute
+# accelerators (families nothing else depends on): each megabyte here is
+# one more in every update bundle.
+for dir in sound drivers/media drivers/gpu drivers/staging drivers/net/wireless net/wireless net/bluetooth drivers/bluetooth drivers/iio drivers/input/touchscreen \
+    drivers/net/can net/can drivers/isdn drivers/net/hamradio net/ax25 net/netrom net/rose drivers/comedi drivers/accel; do
     rm -rf "$root/usr/lib/modules/$kver/kernel/$dir"
 done
 chroot "$root" depmod "$kver"
+# The hardware database is compiled (hwdb.bin) and never rebuilt on the
+# node (systemd-hwdb-update is masked): its sources are 9 MB of text.
+rm -rf "$root/usr/lib/udev/hwdb.d"
 
 # 3. Partition identities, known before the filesystems are made.
 esp_uuid=$(cat /proc/sys/kernel/random/uuid)
@@ -156,6 +164,9 @@ cp "$root/usr/lib/systemd/boot/efi/systemd-bootx64.efi" "$esp/EFI/BOOT/BOOTX64.E
 cp "$root/usr/lib/systemd/boot/efi/systemd-bootx64.efi" "$esp/EFI/systemd/systemd-bootx64.efi"
 cp "$root/boot/vmlinuz-$kver" "$esp/berth/a/vmlinuz"
 cp "$work/initrd.img" "$esp/berth/a/initrd.img"
+# The kernel boots from the ESP: the root's copy (12 MB that zstd cannot
+# shrink, in every bundle) and its symbol map go.
+rm -rf "$root"/boot/* "$root"/vmlinuz "$root"/vmlinuz.old "$root"/initrd.img "$root"/initrd.img.old
 # No entry editor: at the console it would let anyone boot the node with
 # init=/bin/sh (and on a signed image, around everything the image checks).
 # Which slot boots is systemd-boot's choice among berth-* entries (see

@@ -556,9 +556,9 @@ impl Agent {
             }
             OsAction::Reboot if !self.os_updates.rebooting() => {
                 self.log.info(&format!(
-                    "stopping {} containers, then rebooting into OS version {}",
-                    d.stops.len(),
-                    d.version
+                    "rebooting into OS version {}: the pods' containers stop first ({})",
+                    d.version,
+                    d.stops.len()
                 ));
                 let plan = berth_plan::Plan {
                     node: config.node_name.clone(),
