@@ -147,12 +147,18 @@ impl EventStore {
     pub fn load(&self) -> EventLog {
         std::fs::read(&self.path)
             .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
+            .and_then(|b| {
+                berth_schema::decode(&b, &self.path, crate::state::EVENTS_SCHEMA, |_, _| Ok(()))
+                    .ok()
+                    .map(|(log, _)| log)
+            })
             .unwrap_or_default()
     }
 
     pub fn save(&self, log: &EventLog) -> std::io::Result<()> {
-        crate::state::write_unsynced(&self.path, log)
+        let bytes = berth_schema::encode(log, crate::state::EVENTS_SCHEMA)
+            .map_err(std::io::Error::other)?;
+        crate::state::write_unsynced(&self.path, &bytes)
     }
 }
 

@@ -297,16 +297,24 @@ impl StateStore {
     }
 
     /// The saved state; a missing or unreadable file (say, from a crash
-    /// before the first save) is an empty state, never a failure.
+    /// before the first save) is an empty state, never a failure. A state
+    /// of a newer schema reads as empty here too: the agent checks every
+    /// file's schema before it starts ([`check_schemas`]) and refuses to
+    /// run on one; readers such as `berth get pods` only show less.
     pub fn load(&self) -> AgentState {
         std::fs::read(&self.path)
             .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
+            .and_then(|b| {
+                berth_schema::decode(&b, &self.path, STATE_SCHEMA, |_, _| Ok(()))
+                    .ok()
+                    .map(|(state, _)| state)
+            })
             .unwrap_or_default()
     }
 
     pub fn save(&self, state: &AgentState) -> std::io::Result<()> {
-        write_json(&self.path, state)
+        let bytes = berth_schema::encode(state, STATE_SCHEMA).map_err(std::io::Error::other)?;
+        write_bytes(&self.path, &bytes, true)
     }
 
     /// `observed.json`: what the last pass planned from, for `berth
@@ -338,23 +346,70 @@ impl StateStore {
 pub const OBSERVED_FILE: &str = "observed.json";
 pub const PLAN_FILE: &str = "plan.json";
 
-fn write_json(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
-    write_file(path, value, true)
+/// The schema of `state.json` (see [`berth_schema`]).
+pub const STATE_SCHEMA: u32 = 1;
+/// The schema of `events.json`.
+pub const EVENTS_SCHEMA: u32 = 1;
+
+/// Every file under the state directory that carries a schema, with the
+/// newest schema this Berth reads: the agent's own, the pod network's
+/// leases, the volume book, the image store's references, the update
+/// record. The Git mirror is a repository in libgit2's format, and the
+/// pass records (`observed.json`, `plan.json`) are rewritten every pass.
+pub fn schema_files(state_dir: &Path) -> Vec<(PathBuf, u32)> {
+    vec![
+        (state_dir.join("state.json"), STATE_SCHEMA),
+        (state_dir.join("events.json"), EVENTS_SCHEMA),
+        (
+            state_dir.join("network/leases.json"),
+            berth_net::ipam::LEASES_SCHEMA,
+        ),
+        (
+            state_dir.join("storage/volumes.json"),
+            berth_storage::book::BOOK_SCHEMA,
+        ),
+        (
+            state_dir.join("images/refs.json"),
+            berth_images::REFS_SCHEMA,
+        ),
+        (
+            state_dir.join(berth_update::record::FILE),
+            berth_update::record::SCHEMA,
+        ),
+    ]
+}
+
+/// Refuses, by name, a state directory holding a file of a newer schema
+/// than this Berth reads (a rollback onto an older slot after a newer one
+/// wrote it): nothing is read or written then, so nothing is lost.
+pub fn check_schemas(state_dir: &Path) -> Result<(), berth_schema::SchemaError> {
+    for (path, supported) in schema_files(state_dir) {
+        berth_schema::check_file(&path, supported)?;
+    }
+    Ok(())
 }
 
 /// Written whole (a reader never sees half a file) but not synced: for
 /// records a power cut may lose the last of (events).
-pub(crate) fn write_unsynced(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
-    write_file(path, value, false)
+pub(crate) fn write_unsynced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_bytes(path, bytes, false)
+}
+
+fn write_file(path: &Path, value: &impl Serialize, sync: bool) -> std::io::Result<()> {
+    write_bytes(
+        path,
+        &serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?,
+        sync,
+    )
 }
 
 /// Written to a temporary file and renamed over, so a reader never sees
 /// half a file; with `sync`, a power cut leaves the old or the new one.
-fn write_file(path: &Path, value: &impl Serialize, sync: bool) -> std::io::Result<()> {
+fn write_bytes(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?)?;
+        f.write_all(bytes)?;
         if sync {
             f.sync_all()?;
         }

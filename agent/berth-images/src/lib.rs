@@ -182,6 +182,17 @@ const MAX_JSON: u64 = 4 << 20;
 
 /// The hex of a `sha256:` digest as the store names its files (64
 /// lowercase hex digits), or `None`.
+/// The schema of the store's references (`refs.json`, see
+/// [`berth_schema`]): 1 is `{"schema": 1, "refs": {reference: digest}}`;
+/// 0, before schema versions, was the bare map.
+pub const REFS_SCHEMA: u32 = 1;
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefsFile {
+    refs: BTreeMap<String, String>,
+}
+
 pub fn valid_digest(digest: &str) -> Option<&str> {
     let hex = digest.strip_prefix("sha256:")?;
     (hex.len() == 64
@@ -428,18 +439,26 @@ impl ImageStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
             Err(e) => return Err(io_err(&path)(e)),
         };
-        serde_json::from_slice(&body).map_err(|e| ImageError::Archive {
-            archive: path.clone(),
-            message: format!(
-                "cannot be parsed ({e}): no image is collected and no reference changed until it is repaired (removing it forgets the store's tags, and then only images no container uses are collected)"
-            ),
-        })
+        // Schema 0 (before schema versions) was the bare map of references.
+        let migrate = |_: u64, v: &mut serde_json::Value| {
+            *v = serde_json::json!({ "refs": v.take() });
+            Ok(())
+        };
+        berth_schema::decode::<RefsFile>(&body, &path, REFS_SCHEMA, migrate)
+            .map(|(file, _)| file.refs)
+            .map_err(|e| ImageError::Archive {
+                archive: path.clone(),
+                message: format!(
+                    "cannot be read ({e}): no image is collected and no reference changed until it is repaired (removing it forgets the store's tags, and then only images no container uses are collected)"
+                ),
+            })
     }
 
     fn save_refs(&self, refs: &BTreeMap<String, String>) -> Result<(), ImageError> {
         let path = self.refs_path();
         let tmp = self.root.join(".refs.json.tmp");
-        let body = serde_json::to_vec_pretty(refs).unwrap_or_default();
+        let body =
+            berth_schema::encode(&RefsFile { refs: refs.clone() }, REFS_SCHEMA).unwrap_or_default();
         (|| {
             let mut f = File::create(&tmp)?;
             f.write_all(&body)?;

@@ -197,3 +197,31 @@ fn an_unreadable_reference_file_stops_collection_and_keeps_everything() {
         b"{\"docker.io/library/busy"
     );
 }
+
+#[test]
+fn references_from_before_schema_versions_are_read_and_saved_forward() {
+    let s = Scratch::new("refs-schema");
+    let store = ImageStore::open(&s.0).expect("store");
+    let digest = format!("sha256:{}", "1".repeat(64));
+    fs::write(
+        s.0.join("refs.json"),
+        format!(r#"{{"docker.io/library/busybox:1.37": "{digest}"}}"#),
+    )
+    .expect("write");
+    assert_eq!(store.resolve("busybox:1.37"), Some(digest.clone()));
+    let refs = store.refs().expect("readable");
+    store.save_refs(&refs).expect("saved");
+    let saved: serde_json::Value =
+        serde_json::from_slice(&fs::read(s.0.join("refs.json")).expect("read")).expect("json");
+    assert_eq!(saved["schema"], 1);
+    assert_eq!(
+        saved["refs"]["docker.io/library/busybox:1.37"],
+        digest.as_str()
+    );
+    assert_eq!(store.resolve("busybox:1.37"), Some(digest));
+    // A newer schema is an error naming it, never an empty store (which
+    // would let collection remove every image).
+    fs::write(s.0.join("refs.json"), r#"{"schema": 2, "refs": {}}"#).expect("write");
+    let e = store.refs().expect_err("refused").to_string();
+    assert!(e.contains("schema 2, written by a newer Berth"), "{e}");
+}

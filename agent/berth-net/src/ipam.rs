@@ -190,6 +190,9 @@ impl PortPool {
     }
 }
 
+/// The schema of the lease book (see [`berth_schema`]).
+pub const LEASES_SCHEMA: u32 = 1;
+
 /// Everything leased on this node, as saved on disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -226,8 +229,10 @@ impl LeaseBook {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (fresh, None),
             Err(e) => return (fresh, Some(format!("{}: {e}", path.display()))),
         };
-        match serde_json::from_slice::<LeaseBook>(&text) {
-            Ok(saved) => (
+        match berth_schema::decode::<LeaseBook>(&text, path, LEASES_SCHEMA, |_, _| Ok(())) {
+            // Left as it is: a newer agent's leases are not this one's to move.
+            Err(e @ berth_schema::SchemaError::Newer { .. }) => (fresh, Some(e.to_string())),
+            Ok((saved, _)) => (
                 Self {
                     pods: Pool::adopt(Some(saved.pods), pod_cidr, POD_RESERVED),
                     services: Pool::adopt(Some(saved.services), service_cidr, SERVICE_RESERVED),
@@ -260,7 +265,7 @@ impl LeaseBook {
         }
         let tmp = path.with_extension("json.tmp");
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
+        f.write_all(&berth_schema::encode(self, LEASES_SCHEMA).map_err(std::io::Error::other)?)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         if let Some(dir) = path.parent() {

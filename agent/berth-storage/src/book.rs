@@ -57,6 +57,9 @@ pub struct Provisioned {
     pub phase: Phase,
 }
 
+/// The schema of the volume book (see [`berth_schema`]).
+pub const BOOK_SCHEMA: u32 = 1;
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Book {
     /// Provisioned volumes by name (`pvc_<namespace>_<claim>_<n>`).
@@ -104,8 +107,12 @@ impl Book {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (Self::default(), None),
             Err(e) => return (Self::default(), Some(format!("{}: {e}", path.display()))),
         };
-        match serde_json::from_slice::<Book>(&text) {
-            Ok(book) => (book, None),
+        match berth_schema::decode::<Book>(&text, path, BOOK_SCHEMA, |_, _| Ok(())) {
+            // Left as it is: a newer agent's book is not this one's to move.
+            Err(e @ berth_schema::SchemaError::Newer { .. }) => {
+                (Self::default(), Some(e.to_string()))
+            }
+            Ok((book, _)) => (book, None),
             Err(e) => {
                 let mut aside = path.as_os_str().to_os_string();
                 aside.push(".corrupt");
@@ -126,7 +133,7 @@ impl Book {
     }
 
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        let data = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        let data = berth_schema::encode(self, BOOK_SCHEMA).map_err(std::io::Error::other)?;
         crate::atomic_write(path, &data)
     }
 

@@ -480,6 +480,11 @@ fn agent(
     let paths = agent_paths(dirs)?;
     logging::init();
     let log = berth_agent::Log::from_env();
+    // A file of a newer schema (written by a newer slot's agent, before a
+    // rollback onto this one) stops the agent before anything is read or
+    // written over it.
+    berth_agent::state::check_schemas(&paths.state_dir)
+        .context("the node's state was written by a newer Berth")?;
     let notifier = std::sync::Arc::new(berth_agent::notify::Notifier::from_env());
     let (tx, rx) = std::sync::mpsc::channel();
     let runtime = if plan_only {
