@@ -371,3 +371,215 @@ fn download(
 pub(crate) fn reboot(systemd: &dyn berth_runtime::Systemd) -> Result<(), String> {
     systemd.reboot().map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_plan::osupdate::OsAction;
+    use std::collections::BTreeMap;
+    use std::io::{Read as _, Write as _};
+    use std::process::Command;
+
+    fn run(cmd: &mut Command) {
+        let out = cmd.output().expect("runs");
+        assert!(out.status.success(), "{cmd:?}: {out:?}");
+    }
+
+    /// A signed bundle as `image/build.sh` makes one, under `dir`.
+    fn signed_bundle(dir: &Path) -> String {
+        std::fs::create_dir_all(dir).expect("dir");
+        let root: Vec<u8> = (0..600_000u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(dir.join("root.img"), root).expect("root");
+        run(Command::new("zstd")
+            .args(["-q", "-f", "-3", "--rm"])
+            .arg(dir.join("root.img")));
+        std::fs::write(dir.join("vmlinuz"), b"kernel").expect("kernel");
+        std::fs::write(dir.join("initrd.img"), b"initrd").expect("initrd");
+        bundle::Manifest::describe(
+            dir,
+            "2",
+            berth_images::node_architecture(),
+            "root.img.zst",
+            "vmlinuz",
+            "initrd.img",
+        )
+        .expect("describes");
+        let key = dir.join("../release");
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "release", "-f"])
+            .arg(&key));
+        run(Command::new("ssh-keygen")
+            .args(["-Y", "sign", "-q", "-n", "berth-bundle", "-f"])
+            .arg(&key)
+            .arg(dir.join("bundle.json")));
+        let public = std::fs::read_to_string(key.with_extension("pub")).expect("public");
+        let public: Vec<&str> = public.split_whitespace().take(2).collect();
+        format!("release {} {}\n", public[0], public[1])
+    }
+
+    /// Serves the files of `dir` under `/b/`, with `Range: bytes=N-`;
+    /// counts the requests for each file.
+    fn web_server(dir: PathBuf) -> (u16, Arc<Mutex<BTreeMap<String, usize>>>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let asked = Arc::new(Mutex::new(BTreeMap::new()));
+        let counter = Arc::clone(&asked);
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                let mut buf = [0u8; 4096];
+                let n = conn.read(&mut buf).unwrap_or(0);
+                let request = String::from_utf8_lossy(&buf[..n]).to_string();
+                let name = request
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|p| p.strip_prefix("/b/"))
+                    .unwrap_or("")
+                    .to_string();
+                *counter
+                    .lock()
+                    .expect("lock")
+                    .entry(name.clone())
+                    .or_insert(0) += 1;
+                let Ok(body) = std::fs::read(dir.join(&name)) else {
+                    let _ = conn.write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                    continue;
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(&body);
+            }
+        });
+        (port, asked)
+    }
+
+    fn decision(url: &str) -> OsDecision {
+        OsDecision {
+            node_image: "os".into(),
+            version: "2".into(),
+            declaration: format!("2 from url {url}"),
+            action: OsAction::Stage,
+            message: String::new(),
+            bundle: berth_manifest::nodeimage::BundleSource {
+                image: None,
+                url: Some(url.into()),
+            },
+            tries: 3,
+            gate_seconds: 300,
+            wake_at: None,
+            stops: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_bundle_from_a_web_server_is_checked_before_its_parts_are_fetched() {
+        let scratch = std::env::temp_dir().join(format!("berth-os-url-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&scratch);
+        let published = scratch.join("published");
+        let signers = signed_bundle(&published);
+        let allowed = berth_git::AllowedSigners::parse(&signers, "signers").expect("signers");
+        let (port, asked) = web_server(published.clone());
+        let host = format!("127.0.0.1:{port}");
+        let mut registry = berth_registry::RegistryConfig::default();
+        registry.hosts.insert(
+            host.clone(),
+            berth_registry::HostConfig {
+                mirrors: Vec::new(),
+                insecure: true,
+            },
+        );
+        let url = format!("http://{host}/b/");
+        let progress = Progress::default();
+        let work = scratch.join("work");
+        let dir =
+            download(&decision(&url), &allowed, &registry, &work, &progress).expect("downloads");
+        for name in [
+            "bundle.json",
+            "bundle.json.sig",
+            "root.img.zst",
+            "vmlinuz",
+            "initrd.img",
+        ] {
+            assert_eq!(
+                std::fs::read(dir.join(name)).expect("fetched"),
+                std::fs::read(published.join(name)).expect("published"),
+                "{name}"
+            );
+        }
+        bundle::verify(&dir, &allowed, berth_images::node_architecture()).expect("verifies");
+        assert_eq!(
+            progress.done.load(Ordering::Relaxed),
+            progress.total.load(Ordering::Relaxed)
+        );
+        // Again: the parts it has are not fetched again.
+        asked.lock().expect("lock").clear();
+        download(
+            &decision(&url),
+            &allowed,
+            &registry,
+            &work,
+            &Progress::default(),
+        )
+        .expect("downloads");
+        let again = asked.lock().expect("lock").clone();
+        assert_eq!(again.get("root.img.zst"), None, "{again:?}");
+
+        // Signed by a key the node does not allow: refused after the two
+        // small files, before any part.
+        std::fs::remove_dir_all(&work).expect("clean");
+        asked.lock().expect("lock").clear();
+        let stranger = berth_git::AllowedSigners::parse(
+            "other ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0wmN/Cr3JXqmLW7u+g9pTh+wyqDHpSQEIQczXkVx9q\n",
+            "signers",
+        )
+        .expect("signers");
+        let e = download(
+            &decision(&url),
+            &stranger,
+            &registry,
+            &work,
+            &Progress::default(),
+        )
+        .expect_err("refused");
+        assert!(e.contains("bundle.json"), "{e}");
+        let fetched: Vec<String> = asked.lock().expect("lock").keys().cloned().collect();
+        assert_eq!(fetched, ["bundle.json", "bundle.json.sig"]);
+        // Plain HTTP to a host the config does not mark insecure: refused.
+        let e = download(
+            &decision(&url),
+            &allowed,
+            &berth_registry::RegistryConfig::default(),
+            &work,
+            &Progress::default(),
+        )
+        .expect_err("refused");
+        assert!(e.contains("only https://"), "{e}");
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+
+    #[test]
+    fn status_says_what_is_under_way() {
+        let mut d = decision("https://u.example/b/");
+        assert_eq!(
+            activity(Some(&d), Some(("2".into(), "Downloading", 10, 100)))
+                .map(|a| (a.phase, a.message)),
+            Some(("Downloading".into(), "10 of 100 bytes".into()))
+        );
+        assert_eq!(
+            activity(Some(&d), Some(("2".into(), "Writing", 0, 0))).map(|a| a.phase),
+            Some("Writing".into())
+        );
+        d.action = OsAction::Wait;
+        d.message = "the maintenance window opens in 60 s".into();
+        let a = activity(Some(&d), None).expect("waiting");
+        assert_eq!((a.phase.as_str(), a.version.as_str()), ("Waiting", "2"));
+        assert!(a.message.contains("window"));
+        d.action = OsAction::Current;
+        assert_eq!(activity(Some(&d), None), None);
+        assert_eq!(activity(None, None), None);
+    }
+}
