@@ -352,17 +352,7 @@ impl Agent {
                 self.state.probed = probed;
                 let _ = self.store.save(&self.state);
             }
-            if let Some(exe) = &self.berth_exe {
-                crate::hooks::run_before(
-                    &plan.plan,
-                    &self.state.pre_stop,
-                    observed,
-                    &self.state.network.pod_ips,
-                    rt.systemd.as_ref(),
-                    exe,
-                    &self.log,
-                );
-            }
+            self.end_gracefully(rt, &plan.plan, observed);
             self.apply_plan(rt, &plan, observed, &loaded.revision, pod_files.as_ref())
         };
         crate::hooks::record(&mut self.state.pre_stop, &plan.pods, observed);
@@ -513,6 +503,22 @@ impl Agent {
         Ok(())
     }
 
+    /// The `preStop` hooks of the containers `plan` ends, then SIGTERM and
+    /// SIGKILL at the end of each grace period (see [`crate::hooks`]).
+    fn end_gracefully(&self, rt: &Runtime, plan: &berth_plan::Plan, observed: &Observed) {
+        if let Some(exe) = &self.berth_exe {
+            crate::hooks::run_before(
+                plan,
+                &self.state.pre_stop,
+                observed,
+                &self.state.network.pod_ips,
+                rt.systemd.as_ref(),
+                exe,
+                &self.log,
+            );
+        }
+    }
+
     /// Carries out the plan's OS decision: stages the declared bundle, or
     /// stops every pod (each with its `preStop` hook and grace period) and
     /// reboots into the staged slot.
@@ -567,17 +573,7 @@ impl Agent {
                     held: Vec::new(),
                     beside: BTreeSet::new(),
                 };
-                if let Some(exe) = &self.berth_exe {
-                    crate::hooks::run_before(
-                        &plan,
-                        &self.state.pre_stop,
-                        observed,
-                        &self.state.network.pod_ips,
-                        rt.systemd.as_ref(),
-                        exe,
-                        &self.log,
-                    );
-                }
+                self.end_gracefully(rt, &plan, observed);
                 let names: Vec<&str> = d.stops.iter().map(|a| a.unit.as_str()).collect();
                 for (name, result) in names.iter().zip(rt.systemd.stop_all(&names)) {
                     if let Err(e) = result {

@@ -313,8 +313,7 @@ impl StateStore {
     }
 
     pub fn save(&self, state: &AgentState) -> std::io::Result<()> {
-        let bytes = berth_schema::encode(state, STATE_SCHEMA).map_err(std::io::Error::other)?;
-        write_bytes(&self.path, &bytes, true)
+        berth_schema::save(&self.path, state, STATE_SCHEMA)
     }
 
     /// `observed.json`: what the last pass planned from, for `berth

@@ -456,16 +456,8 @@ impl ImageStore {
 
     fn save_refs(&self, refs: &BTreeMap<String, String>) -> Result<(), ImageError> {
         let path = self.refs_path();
-        let tmp = self.root.join(".refs.json.tmp");
-        let body =
-            berth_schema::encode(&RefsFile { refs: refs.clone() }, REFS_SCHEMA).unwrap_or_default();
-        (|| {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)
-        })()
-        .map_err(io_err(&path))
+        berth_schema::save(&path, &RefsFile { refs: refs.clone() }, REFS_SCHEMA)
+            .map_err(io_err(&path))
     }
 
     /// The unpacked root of an image, if the store has it complete.

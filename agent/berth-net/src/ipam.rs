@@ -8,7 +8,6 @@
 //! is gone is released, whatever happened to the pod.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -260,18 +259,7 @@ impl LeaseBook {
 
     /// Writes the book atomically: a crash leaves the old or the new file.
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let tmp = path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&berth_schema::encode(self, LEASES_SCHEMA).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
+        berth_schema::save(path, self, LEASES_SCHEMA)
     }
 }
 

@@ -572,21 +572,24 @@ fn two_node_images_for_one_node_are_an_error_of_the_revision() {
     let other = NODE_IMAGE
         .replace("name: os", "name: os-too")
         .replace("version: '2'", "version: '3'");
-    let sources = [("a.yaml", NODE_IMAGE), ("b.yaml", other.as_str())]
-        .iter()
-        .map(|(p, t)| SourceFile {
-            path: p.into(),
-            text: t.to_string(),
-        })
-        .collect();
-    let catalog = load_sources(sources);
-    let plan = plan_node(
-        &catalog,
-        &node(),
-        &ImageCatalog::default(),
-        &ActualState::default(),
-        "rev1",
-    );
+    // Planned as they load: the planner, not the loader, finds the clash.
+    let plan_of = |files: [(&str, &str); 2]| {
+        let sources = files
+            .iter()
+            .map(|(p, t)| SourceFile {
+                path: p.into(),
+                text: t.to_string(),
+            })
+            .collect();
+        plan_node(
+            &load_sources(sources),
+            &node(),
+            &ImageCatalog::default(),
+            &ActualState::default(),
+            "rev1",
+        )
+    };
+    let plan = plan_of([("a.yaml", NODE_IMAGE), ("b.yaml", other.as_str())]);
     assert!(plan.os.is_none());
     let errors: Vec<String> = plan
         .diagnostics
@@ -605,20 +608,6 @@ fn two_node_images_for_one_node_are_an_error_of_the_revision() {
         "spec:\n",
         "spec:\n  nodeSelector: {matchLabels: {site: far}}\n",
     );
-    let sources = [("a.yaml", NODE_IMAGE), ("b.yaml", elsewhere.as_str())]
-        .iter()
-        .map(|(p, t)| SourceFile {
-            path: p.into(),
-            text: t.to_string(),
-        })
-        .collect();
-    let catalog = load_sources(sources);
-    let plan = plan_node(
-        &catalog,
-        &node(),
-        &ImageCatalog::default(),
-        &ActualState::default(),
-        "rev1",
-    );
+    let plan = plan_of([("a.yaml", NODE_IMAGE), ("b.yaml", elsewhere.as_str())]);
     assert_eq!(plan.os.as_ref().map(|o| o.version.as_str()), Some("2"));
 }

@@ -332,7 +332,7 @@ impl Client {
                 source: e,
             })
         };
-        let mut have = fs::metadata(&partial).map_or(0, |m| m.len());
+        let have = fs::metadata(&partial).map_or(0, |m| m.len());
         let mut req = self
             .agent
             .get(url)
@@ -345,20 +345,9 @@ impl Client {
             req = req.header("Range", format!("bytes={have}-"));
         }
         let mut resp = req.call().map_err(|e| unreachable(&e))?;
-        let mut file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .open(&partial)
-            .map_err(io_fail)?;
         match resp.status().as_u16() {
-            206 if have > 0 => {
-                file.seek(io::SeekFrom::Start(have)).map_err(io_fail)?;
-            }
-            200 => {
-                file.set_len(0).map_err(io_fail)?;
-                have = 0;
-            }
+            200 => {}
+            206 if have > 0 => {}
             404 => {
                 return Err(PullError::NotFound {
                     endpoint: host.to_string(),
@@ -373,33 +362,14 @@ impl Client {
             }
         }
         progress.done.fetch_add(have, Ordering::Relaxed);
-        let mut body = resp
-            .body_mut()
-            .with_config()
-            .limit(u64::MAX)
-            .reader()
-            .take(max.saturating_sub(have) + 1);
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut fetched = 0u64;
-        loop {
-            let n = body.read(&mut buf).map_err(|e| unreachable(&e))?;
-            if n == 0 {
-                break;
-            }
-            fetched += n as u64;
-            if have + fetched > max {
-                drop(file);
-                let _ = fs::remove_file(&partial);
-                return Err(PullError::Protocol {
-                    endpoint: host.to_string(),
-                    message: format!("{url} is longer than the {max} bytes expected; refused"),
-                });
-            }
-            file.write_all(&buf[..n]).map_err(io_fail)?;
-            progress.done.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        file.sync_data().map_err(io_fail)?;
-        drop(file);
+        let (fetched, _) = land(&mut resp, &partial, have, max, progress).map_err(|e| match e {
+            Landing::Io(e) => io_fail(e),
+            Landing::Read(e) => unreachable(&e),
+            Landing::TooLong => PullError::Protocol {
+                endpoint: host.to_string(),
+                message: format!("{url} is longer than the {max} bytes expected; refused"),
+            },
+        })?;
         fs::rename(&partial, dest).map_err(io_fail)?;
         Ok(fetched)
     }
@@ -981,22 +951,9 @@ impl Session<'_> {
             // average. What arrived stays, and the next pull resumes there.
             let budget = self.timeout + Duration::from_secs((d.size - have) / MIN_RATE);
             let mut resp = self.get_within(&url, &headers, Some(budget))?;
-            let mut file = OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(false)
-                .open(&partial)
-                .map_err(io_fail)?;
             match resp.status().as_u16() {
-                206 if have > 0 => {
-                    file.seek(io::SeekFrom::Start(have)).map_err(io_fail)?;
-                }
-                200 => {
-                    // The registry sends it whole: start again.
-                    progress.done.fetch_sub(have, Ordering::Relaxed);
-                    file.set_len(0).map_err(io_fail)?;
-                    have = 0;
-                }
+                200 => {}
+                206 if have > 0 => {}
                 404 => {
                     return Err(PullError::NotFound {
                         endpoint: self.endpoint.to_string(),
@@ -1009,34 +966,17 @@ impl Session<'_> {
                     );
                 }
             }
-            let want = d.size - have;
-            // One byte more than promised is enough to know it lies.
-            let mut body = resp
-                .body_mut()
-                .with_config()
-                .limit(u64::MAX)
-                .reader()
-                .take(want + 1);
-            let mut buf = vec![0u8; 256 * 1024];
-            loop {
-                let n = body
-                    .read(&mut buf)
-                    .map_err(|e| self.unreachable(format!("blob {}: {e}", d.digest)))?;
-                if n == 0 {
-                    break;
-                }
-                fetched += n as u64;
-                if fetched > want {
-                    let _ = fs::remove_file(&partial);
-                    return Err(self.protocol(format!(
+            let (now, total) =
+                land(&mut resp, &partial, have, d.size, progress).map_err(|e| match e {
+                    Landing::Io(e) => io_fail(e),
+                    Landing::Read(e) => self.unreachable(format!("blob {}: {e}", d.digest)),
+                    Landing::TooLong => self.protocol(format!(
                         "blob {} is longer than the {} bytes its descriptor says; refused",
                         d.digest, d.size
-                    )));
-                }
-                file.write_all(&buf[..n]).map_err(io_fail)?;
-                progress.done.fetch_add(n as u64, Ordering::Relaxed);
-            }
-            file.sync_data().map_err(io_fail)?;
+                    )),
+                })?;
+            fetched = now;
+            have = total - now;
             if have + fetched < d.size {
                 return Err(self.unreachable(format!(
                     "blob {} ended after {} of {} bytes; the next pull resumes there",
@@ -1058,6 +998,66 @@ impl Session<'_> {
         })?;
         Ok(fetched)
     }
+}
+
+/// What went wrong while a download's body was written.
+enum Landing {
+    Io(io::Error),
+    Read(io::Error),
+    /// More than the size promised: the file is removed.
+    TooLong,
+}
+
+/// Writes a download's body into `partial`: after the `have` bytes there
+/// for a 206 (the rest), from the start for a 200 (the whole; what
+/// `progress` counted of `have` is taken back). At most `size` bytes in
+/// all. Synced. Returns the bytes received now and the bytes in the file.
+fn land(
+    resp: &mut ureq::http::Response<ureq::Body>,
+    partial: &Path,
+    have: u64,
+    size: u64,
+    progress: &Progress,
+) -> Result<(u64, u64), Landing> {
+    let mut file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(partial)
+        .map_err(Landing::Io)?;
+    let start = if resp.status().as_u16() == 206 && have > 0 {
+        file.seek(io::SeekFrom::Start(have)).map_err(Landing::Io)?;
+        have
+    } else {
+        progress.done.fetch_sub(have, Ordering::Relaxed);
+        file.set_len(0).map_err(Landing::Io)?;
+        0
+    };
+    // One byte more than promised is enough to know it lies.
+    let mut body = resp
+        .body_mut()
+        .with_config()
+        .limit(u64::MAX)
+        .reader()
+        .take(size.saturating_sub(start) + 1);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut fetched = 0u64;
+    loop {
+        let n = body.read(&mut buf).map_err(Landing::Read)?;
+        if n == 0 {
+            break;
+        }
+        fetched += n as u64;
+        if start + fetched > size {
+            drop(file);
+            let _ = fs::remove_file(partial);
+            return Err(Landing::TooLong);
+        }
+        file.write_all(&buf[..n]).map_err(Landing::Io)?;
+        progress.done.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    file.sync_data().map_err(Landing::Io)?;
+    Ok((fetched, start + fetched))
 }
 
 /// `host[:port]` of an endpoint URL.

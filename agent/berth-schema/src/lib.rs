@@ -117,6 +117,34 @@ pub fn decode<T: DeserializeOwned>(
     Ok((decoded, found))
 }
 
+/// Writes `value` to `path` with its schema ([`encode`]) so that a crash
+/// leaves the old or the new file, never a torn one: a temporary file
+/// beside it, synced, renamed over, the directory synced.
+pub fn save<T: Serialize>(path: &Path, value: &T, current: u32) -> std::io::Result<()> {
+    let bytes = encode(value, current).map_err(std::io::Error::other)?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes `data` to `path` so that a crash leaves the old or the new
+/// content, never a torn file.
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// `value` as JSON with `"schema": current` among its top-level fields.
 /// `value` must serialize to an object.
 pub fn encode<T: Serialize>(value: &T, current: u32) -> serde_json::Result<Vec<u8>> {

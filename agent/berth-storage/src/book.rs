@@ -133,8 +133,7 @@ impl Book {
     }
 
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        let data = berth_schema::encode(self, BOOK_SCHEMA).map_err(std::io::Error::other)?;
-        crate::atomic_write(path, &data)
+        berth_schema::save(path, self, BOOK_SCHEMA)
     }
 
     /// Volumes on disk the book does not know (after a lost or corrupt

@@ -22,28 +22,6 @@ pub mod mounts;
 pub mod podvol;
 pub mod shutdown;
 
-use std::io::Write;
-use std::path::Path;
-
-/// Writes `data` to `path` so that a crash leaves the old or the new
-/// content, never a torn file.
-pub fn atomic_write(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = path.with_file_name(tmp_name);
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
 /// `1073741824` → `1Gi`, for messages.
 pub fn format_size(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["", "Ki", "Mi", "Gi", "Ti"];
