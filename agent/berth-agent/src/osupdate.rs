@@ -71,6 +71,7 @@ pub fn activity(
         OsAction::Wait => "Waiting",
         OsAction::Refused => "Refused",
         OsAction::Unsupported => "Unsupported",
+        OsAction::Withdraw => "Withdrawing",
     };
     Some(berth_update::status::Activity {
         phase: phase.into(),
@@ -152,6 +153,25 @@ impl OsUpdates {
 
     pub(crate) fn mark_rebooting(&mut self) {
         self.rebooting = true;
+    }
+
+    /// Takes back a staged update whose declaration left Git (see
+    /// [`install::withdraw`]); waits while a staging runs (the next pass
+    /// withdraws what it wrote).
+    pub fn withdraw(&self) -> Result<Option<String>, String> {
+        let Some(esp) = self.esp.as_deref() else {
+            return Ok(None);
+        };
+        if self.lock().running.is_some() {
+            return Ok(None);
+        }
+        let layout = berth_update::Layout::discover(esp).map_err(|e| e.to_string())?;
+        let node = install::Node {
+            esp,
+            cmdline: &self.cmdline,
+            state_dir: &self.state_dir,
+        };
+        install::withdraw(&layout, &node).map_err(|e| e.to_string())
     }
 
     /// Stages what `d` declares on a thread of its own, unless a staging

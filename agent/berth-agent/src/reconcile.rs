@@ -560,6 +560,13 @@ impl Agent {
                 self.os_updates
                     .stage(&d, &config.images, config.bundle_signers.as_deref(), ready);
             }
+            OsAction::Withdraw => match self.os_updates.withdraw() {
+                Ok(Some(version)) => self.log.info(&format!(
+                    "OS version {version} withdrawn: its NodeImage left Git before the node rebooted into it"
+                )),
+                Ok(None) => {}
+                Err(e) => self.log.warn(&format!("cannot withdraw the staged OS update: {e}")),
+            },
             OsAction::Reboot if !self.os_updates.rebooting() => {
                 self.log.info(&format!(
                     "rebooting into OS version {}: the pods' containers stop first ({})",

@@ -55,7 +55,7 @@ pub struct NodeImageSpec {
 }
 
 /// Where the bundle is: one of the two.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BundleSource {
     /// An OCI artifact in a registry (`registry.example/berth/os:1.2.0`),

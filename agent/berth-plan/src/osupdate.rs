@@ -74,6 +74,9 @@ pub enum OsAction {
     Refused,
     /// The node cannot update itself (not booted from a slot).
     Unsupported,
+    /// No NodeImage selects the node any more, and the update one staged
+    /// has not booted: its boot entry is removed, so the node stays.
+    Withdraw,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -179,6 +182,28 @@ pub fn selected<'a>(
         return None;
     }
     chosen.pop().map(|(_, n)| n)
+}
+
+/// With no NodeImage selecting the node: an update a declaration staged
+/// (written, not booted yet) is withdrawn; Git no longer asks for it.
+pub fn withdrawn(facts: &OsFacts) -> Option<OsDecision> {
+    let u = facts.update.as_ref().filter(|u| u.state == "Installed")?;
+    let declaration = u.declaration.clone()?;
+    Some(OsDecision {
+        node_image: String::new(),
+        version: u.version.clone(),
+        declaration,
+        action: OsAction::Withdraw,
+        message: format!(
+            "no NodeImage selects this node any more: version {} leaves the next boot",
+            u.version
+        ),
+        bundle: BundleSource::default(),
+        tries: 0,
+        gate_seconds: 0,
+        wake_at: None,
+        stops: Vec::new(),
+    })
 }
 
 /// The decision. `rollouts_settled`: no Deployment on the node is rolling
@@ -414,5 +439,26 @@ mod tests {
             decide(&i, &no_slot, true, NOON).action,
             OsAction::Unsupported
         );
+    }
+
+    #[test]
+    fn a_staged_update_whose_declaration_left_git_is_withdrawn() {
+        let staged = facts(Some(("2", "Installed")), Some("2"));
+        let d = withdrawn(&staged).expect("withdrawn");
+        assert_eq!((d.action, d.version.as_str()), (OsAction::Withdraw, "2"));
+        // Not one being tried, promoted, rolled back, or installed by hand.
+        for state in ["Gating", "Promoted", "RolledBack", "Incomplete"] {
+            assert_eq!(
+                withdrawn(&facts(Some(("2", state)), Some("2"))),
+                None,
+                "{state}"
+            );
+        }
+        let mut by_hand = staged;
+        if let Some(u) = by_hand.update.as_mut() {
+            u.declaration = None;
+        }
+        assert_eq!(withdrawn(&by_hand), None);
+        assert_eq!(withdrawn(&OsFacts::default()), None);
     }
 }

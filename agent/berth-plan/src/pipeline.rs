@@ -553,15 +553,18 @@ pub fn plan_desired(
         });
     }
     rollout::judge(&mut steering.statuses, &mut steering.records, &plan.held);
-    let os = desired.node_image.as_ref().map(|image| {
-        let settled = steering.statuses.iter().all(DeploymentStatus::settled);
-        let facts = actual.os.clone().unwrap_or_default();
-        let mut d = osupdate::decide(image, &facts, settled, actual.observed_at);
-        if d.action == osupdate::OsAction::Reboot {
-            d.stops = osupdate::stops_before_reboot(actual, &d.version);
+    let os = match &desired.node_image {
+        Some(image) => {
+            let settled = steering.statuses.iter().all(DeploymentStatus::settled);
+            let facts = actual.os.clone().unwrap_or_default();
+            let mut d = osupdate::decide(image, &facts, settled, actual.observed_at);
+            if d.action == osupdate::OsAction::Reboot {
+                d.stops = osupdate::stops_before_reboot(actual, &d.version);
+            }
+            Some(d)
         }
-        d
-    });
+        None => actual.os.as_ref().and_then(osupdate::withdrawn),
+    };
     let wake_at = [steering.wake_at, os.as_ref().and_then(|o| o.wake_at)]
         .into_iter()
         .flatten()

@@ -562,9 +562,14 @@ fn a_staged_os_update_stops_every_pod_then_reboots_and_plan_says_so() {
     assert!(os.stops[0].reason.contains("reboots into OS version 2"));
     // Nothing else changes on the pods.
     assert!(plan.plan.actions.is_empty(), "{:#?}", plan.plan.actions);
-    // Without a NodeImage there is no decision at all.
+    // The NodeImage gone from Git before the reboot: the staged version is
+    // withdrawn, and nothing stops.
     let plain = plan_for(&[("pod.yaml", POD)], &running);
-    assert!(plain.os.is_none());
+    let os = plain.os.as_ref().expect("a withdrawal");
+    assert_eq!((os.action, os.stops.len()), (OsAction::Withdraw, 0));
+    // Without a NodeImage and nothing staged, there is no decision at all.
+    running.os = Some(facts(None, None));
+    assert!(plan_for(&[("pod.yaml", POD)], &running).os.is_none());
 }
 
 #[test]

@@ -121,6 +121,26 @@ pub fn install(
     Ok(entry)
 }
 
+/// Takes back an update that is written but has not booted (its
+/// declaration left Git): the target slot's boot entries are removed, so
+/// the slot that runs stays the next boot, and the record goes. Returns
+/// the version withdrawn; none when there was nothing to take back (no
+/// record, or its slot booted or is being tried).
+pub fn withdraw(layout: &Layout, node: &Node<'_>) -> Result<Option<String>, InstallError> {
+    let booted = booted_slot(node.cmdline).ok_or(InstallError::NoSlot)?;
+    let Some(record) = UpdateRecord::load(node.state_dir)? else {
+        return Ok(None);
+    };
+    if record.from_slot != booted || !record.attempts.is_empty() {
+        return Ok(None);
+    }
+    let _writable = EspWritable::new(node.esp)?;
+    layout.retire(record.to_slot)?;
+    let path = node.state_dir.join(crate::record::FILE);
+    std::fs::remove_file(&path).map_err(|source| RecordError::Io { path, source })?;
+    Ok(Some(record.version))
+}
+
 /// The ESP is mounted read-only; writable while an install runs, and
 /// read-only again after, whatever happened.
 #[derive(Debug)]

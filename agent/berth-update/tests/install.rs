@@ -624,4 +624,22 @@ fn an_install_for_a_declaration_checks_the_version_and_records_the_declaration()
         (update.state.as_str(), update.declaration.as_deref()),
         ("Installed", Some("0.2.0 from image r.example/os:0.2.0"))
     );
+
+    // The declaration leaves Git before the reboot: taken back, slot A
+    // stays the next boot, and nothing is reported as an update.
+    assert_eq!(
+        install::withdraw(&layout, &target).expect("withdraws"),
+        Some("0.2.0".to_string())
+    );
+    assert_eq!(
+        layout.default_entry().expect("entries").map(|e| e.slot),
+        Some(Slot::A)
+    );
+    assert_eq!(layout.newest_entry(Slot::B).expect("entries"), None);
+    assert_eq!(
+        berth_update::os_status(&layout.esp, cmdline, &state).update,
+        None
+    );
+    // Nothing more to take back.
+    assert_eq!(install::withdraw(&layout, &target).expect("nothing"), None);
 }
