@@ -569,10 +569,15 @@ pub fn print_plan(catalog: &Catalog, node_plan: &NodePlan, output: Output) -> an
     }
     write_rollouts(&mut out, &node_plan.deployments)?;
     if let Some(os) = &node_plan.os {
+        let from = if os.node_image.is_empty() {
+            "no NodeImage".to_string()
+        } else {
+            format!("NodeImage {}", os.node_image)
+        };
         writeln!(
             out,
-            "\nOS (NodeImage {}, version {}): {:?}: {}",
-            os.node_image, os.version, os.action, os.message
+            "\nOS ({from}, version {}): {:?}: {}",
+            os.version, os.action, os.message
         )?;
         for (i, action) in os.stops.iter().enumerate() {
             write_action(&mut out, i + 1, action)?;
