@@ -1,5 +1,5 @@
 # The two commands the README promises, and a few helpers.
-.PHONY: demo plan-demo image test deps build release bench bench-pods bench-probes bench-rollout bench-probes-host bench-net bench-storage bench-images bench-mirror bench-boot bless
+.PHONY: demo plan-demo image test deps build release bench bench-pods bench-probes bench-rollout bench-probes-host bench-net bench-storage bench-images bench-mirror bench-boot bench-anchors bench-sandbox bless
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
@@ -57,6 +57,22 @@ bench-rollout: deps
 
 bench-probes-host: deps
 	$(SUDO) scripts/bench_probe_host.sh
+
+# Berth against Podman's `kube play`, the same YAML in the same guest and
+# boot (a bench image: the test image with Debian's podman): start time,
+# processes and memory added per container, idle supervisor CPU and removal
+# time for 1, 10 and 50 pods. Prints the table and writes it into
+# docs/benchmarks.md.
+bench-anchors: deps
+	cargo build --locked --release --bin berth
+	$(SUDO) image/build.sh --bench --berth target/release/berth
+	cargo test --locked -p berth-qemu-tests --test bench_anchors -- --ignored --nocapture
+
+# What each sandbox setting of a container costs systemd's start of it.
+bench-sandbox: deps
+	cargo build --locked --release --bin berth
+	$(SUDO) image/build.sh --test --berth target/release/berth
+	cargo test --locked -p berth-qemu-tests --test bench_sandbox -- --ignored --nocapture
 
 # Where the boot time goes: QEMU start to the agent ready, by phase, over
 # several boots (BERTH_BENCH_BOOTS, 3 by default).

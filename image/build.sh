@@ -4,10 +4,11 @@
 # mounts: filesystems are filled from directories (mkfs.ext4 -d, mtools) and
 # placed into the disk file with dd.
 #
-#   image/build.sh [--test] [--berth PATH] [--out DIR]
+#   image/build.sh [--test | --bench] [--berth PATH] [--out DIR]
 #
 # --test adds the test-only command channel (see image/files/test/); release
-# images never contain it. Needs root (files must belong to root in the image).
+# images never contain it. --bench is the test image with Debian's podman
+# (image/bench-packages.txt), for `make bench-anchors` only. Needs root (files must belong to root in the image).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -18,6 +19,7 @@ out="$repo/build"
 while [ $# -gt 0 ]; do
     case "$1" in
         --test) variant=test ;;
+        --bench) variant=bench ;;
         --berth) berth_bin=$2; shift ;;
         --out) out=$2; shift ;;
         *) echo "build.sh: unknown argument $1" >&2; exit 2 ;;
@@ -35,11 +37,15 @@ suite=trixie
 mirror=${BERTH_MIRROR:-http://deb.debian.org/debian}
 name="berth-$version-amd64"
 [ "$variant" = test ] && name="$name-test"
+[ "$variant" = bench ] && name="$name-bench"
 mkdir -p "$out/cache"
 started=$(date +%s)
 
 # 1. The Debian root filesystem, cached by package list, suite and mirror.
-packages=$(grep -v '^#' "$here/packages.txt" | grep -v '^$' | sort | paste -sd, -)
+lists="$here/packages.txt"
+[ "$variant" = bench ] && lists="$lists $here/bench-packages.txt"
+# shellcheck disable=SC2086
+packages=$(cat $lists | grep -v '^#' | grep -v '^$' | sort | paste -sd, -)
 key=$(printf '%s\n%s\n%s\n' "$packages" "$suite" "$mirror" | sha256sum | cut -c1-16)
 rootfs_tar="$out/cache/rootfs-$suite-$key.tar"
 if [ ! -s "$rootfs_tar" ]; then
@@ -66,7 +72,7 @@ install -m 0644 "$repo"/systemd-units/*.service "$root/usr/lib/systemd/system/"
 # The air-gap image store's seed: imported by the agent at start.
 "$here/busybox-oci.sh" "$root" "$root/usr/share/berth/images/busybox.tar"
 cp -a "$here/files/root/." "$root/"
-if [ "$variant" = test ]; then
+if [ "$variant" = test ] || [ "$variant" = bench ]; then
     cp -a "$here/files/test/." "$root/"
 fi
 chroot "$root" systemctl enable berth-agent.service berth-online-sync.service berth-storage-teardown.service berth-update-gate.service systemd-networkd.service systemd-resolved.service >/dev/null 2>&1

@@ -44,22 +44,40 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_else(|_| PathBuf::from(".."))
 }
 
+pub mod anchors;
+
 /// The test image: `$BERTH_TEST_IMAGE`, or the one `image/build.sh --test` wrote.
 pub fn test_image() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("BERTH_TEST_IMAGE") {
         return Ok(PathBuf::from(p));
     }
+    built_image(
+        "-amd64-test.img",
+        "sudo image/build.sh --test` (make test does)",
+    )
+}
+
+/// The bench image (the test image with Debian's podman), as
+/// `image/build.sh --bench` wrote it.
+pub fn bench_image() -> Result<PathBuf> {
+    built_image(
+        "-amd64-bench.img",
+        "sudo image/build.sh --bench` (make bench-anchors does)",
+    )
+}
+
+fn built_image(suffix: &str, how: &str) -> Result<PathBuf> {
     let build = repo_root().join("build");
     let found = std::fs::read_dir(&build).ok().and_then(|entries| {
         entries
             .flatten()
             .map(|e| e.path())
-            .find(|p| p.to_string_lossy().ends_with("-amd64-test.img"))
+            .find(|p| p.to_string_lossy().ends_with(suffix))
     });
     match found {
         Some(p) => Ok(p),
         None => fail(format!(
-            "no test image in {}: run `sudo image/build.sh --test` (make test does)",
+            "no image *{suffix} in {}: run `{how}",
             build.display()
         )),
     }
@@ -396,26 +414,32 @@ impl Vm {
             &options.memory_mib.to_string(),
             "-smp",
             "2",
-        ])
-        // -no-reboot: a reset of the guest ends QEMU, and whoever
-        // launched it starts it again, cold (see `Vm::reboot_from_guest`).
-        .args(["-nodefaults", "-display", "none", "-no-reboot"])
-        .args([
-            "-drive",
-            &format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"),
-        ])
-        .args([
-            "-drive",
-            &format!("if=pflash,format=raw,unit=1,file={}", path_str(&vars)?),
-        ])
-        .args([
-            "-drive",
-            &format!(
-                "file={},format=raw,if=none,id=disk,cache=unsafe",
-                path_str(&disk)?
-            ),
-        ])
-        .args(["-device", "virtio-blk-pci,drive=disk,bootindex=0"]);
+        ]);
+        // The emulated CPU: QEMU's default (qemu64) unless
+        // BERTH_QEMU_CPU names another (`max`: every feature TCG has).
+        if let Ok(model) = std::env::var("BERTH_QEMU_CPU") {
+            cmd.args(["-cpu", &model]);
+        }
+        cmd
+            // -no-reboot: a reset of the guest ends QEMU, and whoever
+            // launched it starts it again, cold (see `Vm::reboot_from_guest`).
+            .args(["-nodefaults", "-display", "none", "-no-reboot"])
+            .args([
+                "-drive",
+                &format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"),
+            ])
+            .args([
+                "-drive",
+                &format!("if=pflash,format=raw,unit=1,file={}", path_str(&vars)?),
+            ])
+            .args([
+                "-drive",
+                &format!(
+                    "file={},format=raw,if=none,id=disk,cache=unsafe",
+                    path_str(&disk)?
+                ),
+            ])
+            .args(["-device", "virtio-blk-pci,drive=disk,bootindex=0"]);
         for (i, extra) in options.extra_drives.iter().enumerate() {
             cmd.args([
                 "-drive",

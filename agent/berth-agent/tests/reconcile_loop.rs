@@ -12,12 +12,14 @@ use berth_agent::{Agent, AgentPaths, Log, PassOutcome, Runtime};
 use berth_plan::ActiveState;
 use berth_runtime::fake::FakeSystemd;
 use berth_runtime::images::{ImageStore, archive};
-use berth_runtime::rootfs::{ContainerRoots, UserRecords};
+use berth_runtime::rootfs::{ContainerRoots, FakeMounts, RootMounts as _, UserRecords};
 use berth_runtime::{FailureReason, Systemd};
 
 struct Node {
     dir: PathBuf,
     systemd: Arc<FakeSystemd>,
+    /// The node's container root mounts, kept across agent restarts.
+    mounts: Arc<FakeMounts>,
 }
 
 fn git(dir: &Path, args: &[&str]) {
@@ -69,6 +71,7 @@ impl Node {
         Self {
             dir,
             systemd: Arc::new(FakeSystemd::new(257)),
+            mounts: FakeMounts::new(),
         }
     }
 
@@ -110,7 +113,7 @@ impl Node {
         let runtime = Runtime {
             systemd: Box::new(Arc::clone(&self.systemd)),
             images: ImageStore::open(&self.dir.join("state/images")).unwrap(),
-            roots: ContainerRoots::new(&containers),
+            roots: ContainerRoots::new(&containers, Arc::clone(&self.mounts) as _),
             users: UserRecords::new(&self.dir.join("userdb")),
             cgroup_root: self.dir.join("cgroup"),
             containers_dir: containers.to_string_lossy().into_owned(),
@@ -170,15 +173,12 @@ fn pushed_pods_start_in_their_slices_and_removed_ones_are_pruned() {
         a.properties.get("MemoryMax"),
         Some(&berth_plan::PropertyValue::Unsigned(64 << 20))
     );
+    let mounted = node.mounts.mounted(&node.dir).unwrap();
     assert!(
-        node.active("var-lib-berth-containers-default_a_main-rootfs.mount")
-            || node
-                .systemd
-                .unit_names()
-                .iter()
-                .any(|n| n.ends_with("default_a_main-rootfs.mount")),
-        "the container root is mounted: {:?}",
-        node.systemd.unit_names()
+        mounted
+            .iter()
+            .any(|m| m.ends_with("state/containers/default_a_main/rootfs")),
+        "the container root is mounted: {mounted:?}"
     );
     assert!(
         agent.state().failures.is_empty(),
@@ -407,7 +407,7 @@ fn an_apply_cut_short_converges_on_the_next_start_without_duplicates() {
         files.iter().map(|(p, b)| (p.as_str(), b.clone())).collect();
     node.commit(&refs);
     // The first agent dies after seven changes: some pods whole, one with a
-    // slice and a mount but no service.
+    // slice and its root mounted but no service.
     node.systemd.cut_after(7);
     let mut first = node.agent();
     first.pass(true);
@@ -421,18 +421,25 @@ fn an_apply_cut_short_converges_on_the_next_start_without_duplicates() {
         second.state().failures
     );
     let names = node.systemd.unit_names();
+    let mounts = node.mounts.mounted(&node.dir).unwrap();
     for i in 0..5 {
         assert!(
             node.active(&format!("berth-default_p{i}_main.service")),
             "{names:?}"
         );
+        let key = format!("default_p{i}_main");
         assert_eq!(
-            names
+            names.iter().filter(|n| n.contains(&key)).count(),
+            1,
+            "one service for p{i}: {names:?}"
+        );
+        assert_eq!(
+            mounts
                 .iter()
-                .filter(|n| n.contains(&format!("default_p{i}_main")))
+                .filter(|m| m.ends_with(format!("{key}/rootfs")))
                 .count(),
-            2,
-            "one service and one mount for p{i}: {names:?}"
+            1,
+            "one root mount for p{i}: {mounts:?}"
         );
     }
     node.systemd.take_calls();
@@ -1821,5 +1828,37 @@ fn a_pods_story_is_told_in_events_counted_not_repeated() {
         story("Pod/default/c").iter().any(|(r, _)| r == "Killing"),
         "{:?}",
         story("Pod/default/c")
+    );
+}
+
+/// An agent that died after mounting a container's root and before its
+/// service started, for a pod Git no longer wants: the next agent unmounts
+/// the root and removes its layers.
+#[test]
+fn a_root_left_mounted_by_a_crash_is_unmounted_and_removed() {
+    use berth_runtime::rootfs::Overlay;
+    let node = Node::new("leftover");
+    node.commit(&[("pods/a.yaml", Some(pod("a", "sleep, \"100\"", "")))]);
+    let containers = node.dir.join("state/containers");
+    let left = containers.join("default_gone_main");
+    for d in ["upper", "work", "rootfs"] {
+        std::fs::create_dir_all(left.join(d)).unwrap();
+    }
+    let overlay = Overlay {
+        options: "lowerdir=/nowhere".into(),
+        read_only: false,
+    };
+    node.mounts.mount(&left.join("rootfs"), &overlay).unwrap();
+    let mut agent = node.agent();
+    agent.pass(true);
+    let mounts = node.mounts.mounted(&node.dir).unwrap();
+    assert!(
+        !mounts.iter().any(|m| m.starts_with(&left)),
+        "the leftover root is unmounted: {mounts:?}"
+    );
+    assert!(!left.exists(), "its layers are removed");
+    assert!(
+        mounts.iter().any(|m| m.ends_with("default_a_main/rootfs")),
+        "the wanted pod's root stays: {mounts:?}"
     );
 }

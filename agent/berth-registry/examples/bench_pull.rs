@@ -120,7 +120,10 @@ fn main() {
     let store = ImageStore::open(&dir.join("store-fifty")).unwrap();
     let reference = format!("{}/fifty:1", reg.host());
     let root = store.rootfs(&reference).unwrap();
-    let roots = berth_runtime::rootfs::ContainerRoots::new(&dir.join("containers"));
+    let roots = berth_runtime::rootfs::ContainerRoots::new(
+        &dir.join("containers"),
+        berth_runtime::rootfs::FakeMounts::new(),
+    );
     for i in 0..10 {
         roots
             .prepare(&format!("default_pod-{i}_main"), &root)

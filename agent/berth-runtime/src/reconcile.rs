@@ -252,6 +252,7 @@ fn apply_actions<'a>(
         slices,
         observed,
     } = *ctx;
+    let mut created = create_slices(host, actions);
     for action in actions.iter().copied() {
         let unit = action.unit.as_str();
         let pod = action.pod.as_ref().map(ToString::to_string);
@@ -270,9 +271,9 @@ fn apply_actions<'a>(
         }
         let result: Result<(), Failure> = match action.verb {
             Verb::Pull => Ok(()),
-            Verb::CreateSlice => host
-                .systemd
-                .start_transient(unit, &action.properties)
+            Verb::CreateSlice => created
+                .remove(unit)
+                .unwrap_or_else(|| host.systemd.start_transient(unit, &action.properties))
                 .map_err(Failure::from),
             Verb::UpdateSlice => {
                 let props: Properties = action
@@ -362,61 +363,65 @@ fn apply_actions<'a>(
     }
 }
 
-/// A container ready to start: its root mount and its service.
+/// Creates the slices `actions` ask for ahead of the rest: the node's own
+/// (Berth's and the QoS classes', parents of the others) one by one in
+/// order, then every pod's together, queued at once and waited for (one
+/// round trip to systemd for them all, not one per pod). Their results are
+/// taken up where each action comes in the plan.
+fn create_slices<'a>(
+    host: &Host<'_>,
+    actions: &[&'a berth_plan::Action],
+) -> BTreeMap<&'a str, Result<(), SystemdError>> {
+    let creates = || actions.iter().filter(|a| a.verb == Verb::CreateSlice);
+    let mut results: BTreeMap<&str, Result<(), SystemdError>> = creates()
+        .filter(|a| a.pod.is_none())
+        .map(|a| {
+            let unit = a.unit.as_str();
+            (unit, host.systemd.start_transient(unit, &a.properties))
+        })
+        .collect();
+    let pods: Vec<(&str, &Properties)> = creates()
+        .filter(|a| a.pod.is_some())
+        .map(|a| (a.unit.as_str(), &*a.properties))
+        .collect();
+    results.extend(
+        pods.iter()
+            .map(|(n, _)| *n)
+            .zip(host.systemd.start_all(&pods)),
+    );
+    results
+}
+
+/// A container ready to start: its root mounted, its service's properties.
 struct Prepared<'a> {
-    mount: String,
-    mount_properties: Properties,
     properties: &'a Properties,
 }
 
-/// Starts the prepared containers together: every root mount, then every
-/// service, each batch queued at once and waited for, so pods start in
-/// parallel (systemd still orders init containers by `After=`).
+/// Starts the prepared containers together: every service queued at once
+/// and waited for, so pods start in parallel (systemd still orders init
+/// containers by `After=`).
 fn start_prepared(
     host: &Host<'_>,
     pending: &[(&berth_plan::Action, Prepared<'_>)],
     report: &mut ApplyReport,
 ) {
-    let fail = |report: &mut ApplyReport,
-                action: &berth_plan::Action,
-                reason: FailureReason,
-                message: String| {
-        report.failed.push(ApplyFailure {
-            unit: action.unit.to_string(),
-            pod: action.pod.as_ref().map(ToString::to_string),
-            verb: action.verb.as_str().to_string(),
-            reason,
-            message,
-        });
-    };
-    let mounts: Vec<(&str, &Properties)> = pending
-        .iter()
-        .map(|(_, p)| (p.mount.as_str(), &p.mount_properties))
-        .collect();
-    let mounted = host.systemd.start_all(&mounts);
-    let mut ready = Vec::new();
-    for ((action, prepared), result) in pending.iter().zip(mounted) {
-        match result {
-            Ok(()) => ready.push((*action, prepared)),
-            Err(e) => fail(
-                report,
-                action,
-                FailureReason::CreateContainerError,
-                e.to_string(),
-            ),
-        }
-    }
-    let services: Vec<(&str, &Properties)> = ready
+    let services: Vec<(&str, &Properties)> = pending
         .iter()
         .map(|(a, p)| (a.unit.as_str(), p.properties))
         .collect();
     let started = host.systemd.start_all(&services);
-    for ((action, _), result) in ready.iter().zip(started) {
+    for ((action, _), result) in pending.iter().zip(started) {
         match result {
             Ok(()) => report.done.push((action.unit.to_string(), action.verb)),
             Err(e) => {
                 let f = Failure::from(e);
-                fail(report, action, f.reason, f.message);
+                report.failed.push(ApplyFailure {
+                    unit: action.unit.to_string(),
+                    pod: action.pod.as_ref().map(ToString::to_string),
+                    verb: action.verb.as_str().to_string(),
+                    reason: f.reason,
+                    message: f.message,
+                });
             }
         }
     }
@@ -494,14 +499,12 @@ fn prepare_container<'a>(
         host.systemd.reset_failed(name).map_err(Failure::from)?;
     }
     let key = container_key(&pod.id, &unit.container);
-    let mount = host.roots.mount_unit(&key);
     let host_err = |e: std::io::Error| Failure {
         reason: FailureReason::CreateContainerError,
         message: format!("container root {}: {e}", host.roots.dir(&key).display()),
     };
-    // A fresh mount every start: the image may have changed.
-    host.systemd.stop(&mount).map_err(Failure::from)?;
-    host.systemd.reset_failed(&mount).map_err(Failure::from)?;
+    // A fresh root every start: the image may have changed.
+    host.roots.unmount(&key).map_err(host_err)?;
     // systemd 257 leaves a `RootDirectory=` root writable under
     // `ReadOnlyPaths=/` (measured), so the overlay itself is mounted `ro`.
     let mode = crate::rootfs::RootMode {
@@ -515,7 +518,7 @@ fn prepare_container<'a>(
             .flatten()
             .collect(),
     };
-    let mount_properties = host
+    let overlay = host
         .roots
         .prepare_with(&key, &image_root, &mode)
         .map_err(host_err)?;
@@ -554,11 +557,15 @@ fn prepare_container<'a>(
     host.users
         .ensure(numeric(props, "User"), numeric(props, "Group"))
         .map_err(host_err)?;
-    Ok(Prepared {
-        mount,
-        mount_properties,
-        properties: props,
-    })
+    // Last: a step that fails above leaves nothing mounted.
+    host.roots.mount(&key, &overlay).map_err(|e| Failure {
+        reason: FailureReason::CreateContainerError,
+        message: format!(
+            "mounting the container root {}: {e}",
+            host.roots.rootfs(&key).display()
+        ),
+    })?;
+    Ok(Prepared { properties: props })
 }
 
 /// Copies a file into a container's writable layer, readable by every user
@@ -599,9 +606,13 @@ fn remove_container(host: &Host<'_>, unit: &str) -> Result<(), Failure> {
     };
     host.systemd.reset_failed(unit).map_err(kill)?;
     if let Some(key) = key_of_service(unit) {
-        host.systemd
-            .stop(&host.roots.mount_unit(key))
-            .map_err(kill)?;
+        host.roots.unmount(key).map_err(|e| Failure {
+            reason: FailureReason::KillError,
+            message: format!(
+                "unmounting the container root {}: {e}",
+                host.roots.rootfs(key).display()
+            ),
+        })?;
         host.roots.remove(key).map_err(|e| Failure {
             reason: FailureReason::KillError,
             message: format!("container root {}: {e}", host.roots.dir(key).display()),
@@ -626,23 +637,17 @@ fn collect_garbage(host: &Host<'_>, pods: &[DesiredPod]) -> Vec<String> {
             .filter_map(|s| key_of_service(&s.name).map(str::to_string)),
     );
     let mut cleaned = Vec::new();
-    let pattern = host.roots.mount_pattern();
-    let mounts = host.systemd.list_units(&[&pattern]).unwrap_or_default();
-    let keys: BTreeSet<String> = host.roots.keys().into_iter().collect();
-    for m in &mounts {
-        let orphan = keys
-            .iter()
-            .any(|k| !keep.contains(k) && host.roots.mount_unit(k) == m.name);
-        if orphan && host.systemd.stop(&m.name).is_ok() {
-            cleaned.push(m.name.clone());
+    let Ok(mounted) = host.roots.mounted_keys() else {
+        return cleaned;
+    };
+    for key in mounted.iter().filter(|k| !keep.contains(*k)) {
+        if host.roots.unmount(key).is_ok() {
+            cleaned.push(host.roots.rootfs(key).display().to_string());
         }
     }
-    for key in keys.iter().filter(|k| !keep.contains(*k)) {
-        let mount = host.roots.mount_unit(key);
-        if mounts.iter().any(|m| m.name == mount) && !cleaned.contains(&mount) {
-            continue;
-        }
-        if host.roots.remove(key).is_ok() {
+    let still = host.roots.mounted_keys().unwrap_or(mounted);
+    for key in host.roots.keys().iter().filter(|k| !keep.contains(*k)) {
+        if !still.contains(key) && host.roots.remove(key).is_ok() {
             cleaned.push(host.roots.dir(key).display().to_string());
         }
     }

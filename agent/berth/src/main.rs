@@ -459,7 +459,10 @@ fn runtime(
     Ok(berth_agent::Runtime {
         systemd: Box::new(systemd),
         images: berth_runtime::images::ImageStore::open(&paths.state_dir.join("images"))?,
-        roots: berth_runtime::rootfs::ContainerRoots::new(&containers),
+        roots: berth_runtime::rootfs::ContainerRoots::new(
+            &containers,
+            std::sync::Arc::new(berth_runtime::rootfs::KernelMounts::node()),
+        ),
         users: berth_runtime::rootfs::UserRecords::new(Path::new("/run/userdb")),
         cgroup_root: PathBuf::from("/sys/fs/cgroup"),
         containers_dir: containers.to_string_lossy().into_owned(),

@@ -1,0 +1,325 @@
+//! Benchmark, not a check: Berth against Podman's `kube play`, the same
+//! YAML in the same guest in the same boot (`make bench-anchors`). For 1,
+//! 10 and 50 pods of one busybox container each (requests and limits set,
+//! a Service in front of them):
+//!
+//! - Berth: from the agent's "fetched ... at REV" journal line to its
+//!   "revision REV: N actions applied" (every start job finished);
+//! - Podman (Berth's agent stopped, its pods gone): the wall time of
+//!   `podman kube play`, which returns once the pods run;
+//! - for both: processes and memory added beside the containers' own
+//!   (`guest/processes.sh`), the supervisor's CPU while idle (the agent;
+//!   the `conmon`s; `guest/cpu-ticks.sh`), and the time to remove it all.
+//!
+//! Prints the table and writes it into `docs/benchmarks.md` between the
+//! markers of [`berth_qemu_tests::anchors`]. Needs the bench image
+//! (`image/build.sh --bench`, which adds Debian's podman to the test image).
+//! `BERTH_BENCH_IDLE` sets the idle window (60 s), `BERTH_BENCH_PODS` the
+//! pod counts (`1,10,50`).
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)]
+
+use std::time::Duration;
+
+use berth_qemu_tests::anchors::{self, Run, Setting, Tool};
+use berth_qemu_tests::{GIT_HOST, GitHost, Vm, VmOptions, bench_image, must, retry_on_tcg_flake};
+
+const WAIT: Duration = Duration::from_secs(900);
+const PROCESSES: &str = include_str!("guest/processes.sh");
+const CPU_TICKS: &str = include_str!("guest/cpu-ticks.sh");
+
+/// N Pods and a Service. The command carries the marker the process
+/// listing recognises, and ends on SIGTERM (a shell as PID 1 of its
+/// namespace traps it; `sleep` alone would ignore it and wait out the
+/// grace period under either tool).
+fn pods_yaml(n: u32) -> String {
+    let mut out = String::new();
+    for i in 0..n {
+        out.push_str(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: bench-{i}\n  labels: {{app: bench}}\nspec:\n  containers:\n  - name: main\n    image: busybox:1.37\n    command: [sh, -c, \"trap 'exit 0' TERM; sleep 1000042 & wait\"]\n    resources:\n      requests: {{cpu: 10m, memory: 8Mi}}\n      limits: {{cpu: 100m, memory: 32Mi}}\n---\n"
+        ));
+    }
+    out.push_str("apiVersion: v1\nkind: Service\nmetadata: {name: bench}\nspec:\n  selector: {app: bench}\n  ports: [{port: 80}]\n");
+    out
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Writes `text` to `path` in the guest.
+fn put(vm: &Vm, path: &str, text: &str) {
+    vm.sh(&format!(
+        "echo {} | base64 -d > {path}",
+        base64(text.as_bytes())
+    ));
+}
+
+fn sh_long(vm: &Vm, command: &str) -> String {
+    let (rc, out) = must(vm.exec(command, WAIT));
+    assert_eq!(rc, 0, "{command}: {out}");
+    out
+}
+
+fn processes(vm: &Vm) -> Vec<anchors::Process> {
+    anchors::parse_processes(&sh_long(vm, "sh /run/processes.sh")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The named processes' CPU over the idle window, in percent of one CPU.
+fn idle_cpu(vm: &Vm, names: &str, seconds: u64) -> f64 {
+    let ticks = || anchors::parse_ticks(&vm.sh(&format!("sh /run/cpu-ticks.sh {names}"))).unwrap();
+    let before = ticks();
+    std::thread::sleep(Duration::from_secs(seconds));
+    let after = ticks();
+    after.saturating_sub(before) as f64 / seconds as f64
+}
+
+/// The guest clock of the agent's first journal line holding `needle`.
+fn stamp(vm: &Vm, needle: &str) -> f64 {
+    vm.sh("journalctl -u berth-agent.service -o short-unix --no-pager")
+        .lines()
+        .find(|l| l.contains(needle))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no journal line with {needle:?}"))
+}
+
+/// Pushes `files`, asks the agent to sync, and returns the seconds from
+/// the commit fetched to every action applied.
+fn berth_apply(vm: &mut Vm, git: &GitHost, files: &[(&str, &str)], message: &str) -> f64 {
+    let rev = must(git.push(files, message));
+    vm.sh("systemctl reload berth-agent.service");
+    let applied = format!("revision {}: ", &rev[..12]);
+    must(vm.wait_for(&applied, WAIT));
+    let line = vm
+        .console_text()
+        .lines()
+        .find(|l| l.contains(&applied))
+        .unwrap_or_default()
+        .to_string();
+    assert!(line.contains(" 0 failed"), "{line}");
+    stamp(vm, &applied) - stamp(vm, &format!("at {}", &rev[..12]))
+}
+
+fn count(vm: &Vm, command: &str) -> u32 {
+    vm.sh(command)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{command}: not a count"))
+}
+
+#[test]
+#[ignore = "benchmark: needs QEMU and the bench image (make bench-anchors)"]
+fn bench_berth_against_podman_kube_play() {
+    retry_on_tcg_flake("bench-anchors", scenario);
+}
+
+fn scenario() {
+    let image = must(bench_image());
+    let idle: u64 = std::env::var("BERTH_BENCH_IDLE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let counts: Vec<u32> = std::env::var("BERTH_BENCH_PODS")
+        .unwrap_or_else(|_| "1,10,50".into())
+        .split(',')
+        .map(|n| {
+            n.trim()
+                .parse()
+                .expect("BERTH_BENCH_PODS: pod counts, comma-separated")
+        })
+        .collect();
+    let git = must(GitHost::fresh("bench-anchors", "desired.git"));
+    let nothing = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: bench}\n";
+    let empty = must(git.push(&[("pods/bench.yaml", nothing)], "nothing yet"));
+    let mut options = VmOptions::new("bench-anchors");
+    options.memory_mib = 2048;
+    options.disk_bytes = 4 << 30;
+    options.esp_config = Some(format!(
+        "node:\n  name: bench\ngit:\n  url: git://{GIT_HOST}/desired.git\n  path: pods\n  pollInterval: 5s\n"
+    ));
+    let (mut vm, _) = must(Vm::boot_until(
+        &image,
+        &git,
+        &options,
+        "berth: agent started",
+        WAIT,
+    ));
+    must(vm.wait_for(&format!("revision {} accepted", &empty[..12]), WAIT));
+    put(&vm, "/run/processes.sh", PROCESSES);
+    put(&vm, "/run/cpu-ticks.sh", CPU_TICKS);
+    std::thread::sleep(Duration::from_secs(10));
+
+    let mut runs = Vec::new();
+    for &n in &counts {
+        let before = processes(&vm);
+        let start_s = berth_apply(
+            &mut vm,
+            &git,
+            &[("pods/bench.yaml", &pods_yaml(n))],
+            "bench",
+        );
+        let active = count(
+            &vm,
+            "systemctl list-units --plain --no-legend --state=active 'berth-default_bench-*_main.service' | wc -l",
+        );
+        assert_eq!(active, n, "Berth: containers active");
+        std::thread::sleep(Duration::from_secs(10));
+        let added = anchors::added(&before, &processes(&vm), n);
+        assert_eq!(
+            added.workload,
+            2 * n as usize,
+            "Berth: every container's two processes run"
+        );
+        let idle_cpu_percent = idle_cpu(&vm, "berth", idle);
+        let remove_s = berth_apply(&mut vm, &git, &[("pods/bench.yaml", nothing)], "clear");
+        let left = count(
+            &vm,
+            "systemctl list-units --all --plain --no-legend 'berth-default_bench-*' | wc -l",
+        );
+        assert_eq!(left, 0, "Berth: everything removed");
+        let run = Run {
+            tool: Tool::Berth,
+            pods: n,
+            start_s,
+            added,
+            idle_cpu_percent,
+            remove_s,
+        };
+        println!("bench-anchors: {run:?}");
+        runs.push(run);
+    }
+
+    // Podman alone: Berth's agent stopped (its pods are gone already).
+    vm.sh("systemctl stop berth-agent.service");
+    sh_long(
+        &vm,
+        "podman load -q -i /usr/share/berth/images/busybox.tar && podman images --format '{{.Repository}}:{{.Tag}}'",
+    );
+    // The pause image is built on the first play: warm it, unmeasured.
+    put(&vm, "/run/bench-warm.yaml", &pods_yaml(1));
+    sh_long(
+        &vm,
+        "podman kube play /run/bench-warm.yaml >/dev/null && podman kube down /run/bench-warm.yaml >/dev/null",
+    );
+    std::thread::sleep(Duration::from_secs(10));
+    for &n in &counts {
+        let file = format!("/run/bench-{n}.yaml");
+        put(&vm, &file, &pods_yaml(n));
+        let before = processes(&vm);
+        let took = sh_long(
+            &vm,
+            &format!(
+                "s=$(date +%s%N); podman kube play {file} >/dev/null; e=$(date +%s%N); echo $(( (e - s) / 1000000 ))"
+            ),
+        );
+        let start_s = took.trim().lines().last().unwrap().parse::<f64>().unwrap() / 1000.0;
+        let running = count(
+            &vm,
+            "podman ps --format '{{.Names}}' | grep -c -- '-main$' || true",
+        );
+        assert_eq!(running, n, "Podman: containers running");
+        std::thread::sleep(Duration::from_secs(10));
+        let added = anchors::added(&before, &processes(&vm), n);
+        assert_eq!(
+            added.workload,
+            2 * n as usize,
+            "Podman: every container's two processes run"
+        );
+        let idle_cpu_percent = idle_cpu(&vm, "conmon podman", idle);
+        let took = sh_long(
+            &vm,
+            &format!(
+                "s=$(date +%s%N); podman kube down {file} >/dev/null; e=$(date +%s%N); echo $(( (e - s) / 1000000 ))"
+            ),
+        );
+        let remove_s = took.trim().lines().last().unwrap().parse::<f64>().unwrap() / 1000.0;
+        assert_eq!(
+            count(&vm, "podman ps -a -q | wc -l"),
+            0,
+            "Podman: everything removed"
+        );
+        let run = Run {
+            tool: Tool::Podman,
+            pods: n,
+            start_s,
+            added,
+            idle_cpu_percent,
+            remove_s,
+        };
+        println!("bench-anchors: {run:?}");
+        runs.push(run);
+        std::thread::sleep(Duration::from_secs(5));
+    }
+
+    let setting = Setting {
+        date: String::from_utf8_lossy(
+            &std::process::Command::new("date")
+                .arg("-u")
+                .arg("+%F")
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .trim()
+        .to_string(),
+        host: host_description(),
+        qemu: String::from_utf8_lossy(
+            &std::process::Command::new("qemu-system-x86_64")
+                .arg("--version")
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .lines()
+        .next()
+        .unwrap_or("QEMU")
+        .to_string()
+            + " (TCG, 2 vCPUs, 2 GiB)",
+        podman: vm.sh("podman --version").trim().to_string(),
+    };
+    let table = anchors::render(&setting, &runs);
+    println!("\n{table}");
+    let doc = berth_qemu_tests::repo_root().join("docs/benchmarks.md");
+    let text = std::fs::read_to_string(&doc).unwrap_or_default();
+    std::fs::write(&doc, anchors::replace_section(&text, &table))
+        .expect("docs/benchmarks.md written");
+    println!("bench-anchors: written to {}", doc.display());
+    must(vm.poweroff(Duration::from_secs(120)));
+}
+
+/// "2 cores of <model>, Debian 12" from the host's own files.
+fn host_description() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let os = std::fs::read_to_string("/etc/os-release")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("PRETTY_NAME=")
+                .map(|v| v.trim_matches('"').to_string())
+        })
+        .unwrap_or_default();
+    format!("{cores} cores of {model}, {os}")
+}

@@ -1,0 +1,93 @@
+//! Benchmark, not a check: where systemd spends a container's start. Boots
+//! the test image, starts one pod, then times transient services with each
+//! of the container's sandbox settings alone and together
+//! (`guest/sandbox-cost.sh`), and prints the pod's own timeline from the
+//! journal. `make bench-sandbox` runs it.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)]
+
+use std::time::Duration;
+
+use berth_qemu_tests::{GIT_HOST, GitHost, Vm, VmOptions, must, retry_on_tcg_flake, test_image};
+
+const WAIT: Duration = Duration::from_secs(600);
+const SCRIPT: &str = include_str!("guest/sandbox-cost.sh");
+
+#[test]
+#[ignore = "benchmark: needs QEMU and the test image (make bench-sandbox)"]
+fn bench_sandbox_cost_per_setting() {
+    retry_on_tcg_flake("bench-sandbox", scenario);
+}
+
+fn scenario() {
+    let image = must(test_image());
+    let git = must(GitHost::fresh("bench-sandbox", "desired.git"));
+    let pod = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: bench}\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: bench}}\n  template:\n    metadata: {labels: {app: bench}}\n    spec:\n      containers:\n      - name: main\n        image: busybox:1.37\n        command: [sleep, \"1000000\"]\n        resources: {requests: {cpu: 10m, memory: 4Mi}, limits: {cpu: 100m, memory: 32Mi}}\n";
+    let rev = must(git.push(&[("pods/bench.yaml", pod)], "one pod"));
+    let mut options = VmOptions::new("bench-sandbox");
+    options.memory_mib = 2048;
+    options.esp_config = Some(format!(
+        "node:\n  name: bench\ngit:\n  url: git://{GIT_HOST}/desired.git\n  path: pods\n  pollInterval: 5s\n"
+    ));
+    let (mut vm, _) = must(Vm::boot_until(
+        &image,
+        &git,
+        &options,
+        "berth: agent started",
+        WAIT,
+    ));
+    must(vm.wait_for(&format!("revision {}: ", &rev[..12]), WAIT));
+    println!("{}", vm.sh(
+        "journalctl -o short-unix --no-pager -u berth-agent.service -u 'berth-default_bench-*' -u 'berth-*.mount' -u 'berth*.slice' | tail -n 40"
+    ));
+    let encoded = base64(SCRIPT.as_bytes());
+    let runs = std::env::var("BERTH_BENCH_RUNS").unwrap_or_else(|_| "3".into());
+    let (rc, out) = must(vm.exec(
+        &format!("echo {encoded} | base64 -d > /run/sandbox-cost.sh && RUNS={runs} sh /run/sandbox-cost.sh"),
+        Duration::from_secs(1800),
+    ));
+    println!("{out}");
+    assert_eq!(rc, 0, "{out}");
+    // Where the CPU goes while many pods start: the guest's busy and idle
+    // time, systemd's own, the agent's, and the journal's timeline.
+    let pods: u32 = std::env::var("BERTH_BENCH_SANDBOX_PODS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let counters = |vm: &Vm| {
+        vm.sh("head -1 /proc/stat; cut -d' ' -f14-17 /proc/1/stat; cut -d' ' -f14-17 /proc/$(systemctl show -p MainPID --value berth-agent.service)/stat")
+    };
+    let before = counters(&vm);
+    let many = pod.replace("replicas: 1", &format!("replicas: {pods}"));
+    let rev = must(git.push(&[("pods/bench.yaml", &many)], "many pods"));
+    vm.sh("systemctl reload berth-agent.service");
+    must(vm.wait_for(&format!("revision {}: ", &rev[..12]), WAIT));
+    let after = counters(&vm);
+    println!("counters before ({pods} pods):\n{before}\ncounters after:\n{after}");
+    println!(
+        "{}",
+        vm.sh("journalctl -o short-unix --no-pager --since=-120s _PID=1 + SYSLOG_IDENTIFIER=berth | grep -E 'Starting|Started|Created slice|applied|fetched|Mounted' | tail -n 200")
+    );
+    must(vm.poweroff(Duration::from_secs(120)));
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,26 @@
+#!/bin/sh
+# Runs in the guest (bench_anchors): one line per user-space process,
+#   proc <pid> <comm> <rss KiB> <pss KiB> <workload>
+# where workload is 1 when the command line carries the bench's marker
+# (the containers' own processes) and 0 otherwise. Kernel threads (no
+# VmRSS) are left out. Built from shell builtins and one grep per
+# process, so the listing disturbs what it measures as little as it can.
+marker=1000042
+for d in /proc/[0-9]*; do
+    pid=${d#/proc/}
+    read -r comm < "$d/comm" 2>/dev/null || continue
+    rss=
+    while read -r key value _; do
+        [ "$key" = VmRSS: ] && { rss=$value; break; }
+    done < "$d/status" 2>/dev/null
+    [ -n "$rss" ] || continue
+    pss=0
+    if [ -r "$d/smaps_rollup" ]; then
+        while read -r key value _; do
+            [ "$key" = Pss: ] && { pss=$value; break; }
+        done < "$d/smaps_rollup"
+    fi 2>/dev/null
+    w=0
+    grep -qa "$marker" "$d/cmdline" 2>/dev/null && w=1
+    echo "proc $pid $(printf '%s' "$comm" | tr -c 'A-Za-z0-9_.:-' _) $rss $pss $w"
+done
