@@ -37,9 +37,12 @@ fn scenario() {
         WAIT,
     ));
     must(vm.wait_for(&format!("revision {}: ", &rev[..12]), WAIT));
-    println!("{}", vm.sh(
-        "journalctl -o short-unix --no-pager -u berth-agent.service -u 'berth-default_bench-*' -u 'berth-*.mount' -u 'berth*.slice' | tail -n 40"
+    // The first command waits as long as the guest needs to finish its boot.
+    let (_, journal) = must(vm.exec(
+        "journalctl -o short-unix --no-pager -u berth-agent.service -u 'berth-default_bench-*' -u 'berth*.slice' | tail -n 40",
+        WAIT,
     ));
+    println!("{journal}");
     let encoded = base64(SCRIPT.as_bytes());
     let runs = std::env::var("BERTH_BENCH_RUNS").unwrap_or_else(|_| "3".into());
     let (rc, out) = must(vm.exec(

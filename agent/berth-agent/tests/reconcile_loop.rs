@@ -12,14 +12,14 @@ use berth_agent::{Agent, AgentPaths, Log, PassOutcome, Runtime};
 use berth_plan::ActiveState;
 use berth_runtime::fake::FakeSystemd;
 use berth_runtime::images::{ImageStore, archive};
-use berth_runtime::rootfs::{ContainerRoots, FakeMounts, RootMounts as _, UserRecords};
+use berth_runtime::rootfs::{ContainerRoots, FakeRootMounter, RootMounter as _, UserRecords};
 use berth_runtime::{FailureReason, Systemd};
 
 struct Node {
     dir: PathBuf,
     systemd: Arc<FakeSystemd>,
     /// The node's container root mounts, kept across agent restarts.
-    mounts: Arc<FakeMounts>,
+    mounts: Arc<FakeRootMounter>,
 }
 
 fn git(dir: &Path, args: &[&str]) {
@@ -71,7 +71,7 @@ impl Node {
         Self {
             dir,
             systemd: Arc::new(FakeSystemd::new(257)),
-            mounts: FakeMounts::new(),
+            mounts: FakeRootMounter::new(),
         }
     }
 

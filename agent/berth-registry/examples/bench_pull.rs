@@ -122,7 +122,7 @@ fn main() {
     let root = store.rootfs(&reference).unwrap();
     let roots = berth_runtime::rootfs::ContainerRoots::new(
         &dir.join("containers"),
-        berth_runtime::rootfs::FakeMounts::new(),
+        berth_runtime::rootfs::FakeRootMounter::new(),
     );
     for i in 0..10 {
         roots

@@ -38,10 +38,10 @@ pub struct Overlay {
     pub read_only: bool,
 }
 
-/// Who mounts container roots: [`KernelMounts`] on the node, [`FakeMounts`]
-/// in memory for the loop's unit tests. [`mounts_contract`] holds both to
+/// Who mounts container roots: [`KernelRootMounter`] on the node, [`FakeRootMounter`]
+/// in memory for the loop's unit tests. [`root_mounter_contract`] holds both to
 /// the same behaviour.
-pub trait RootMounts: Send + Sync {
+pub trait RootMounter: Send + Sync {
     /// Mounts `overlay` on `target`; a target that already has a mount is
     /// refused (the caller unmounts first), never stacked on.
     fn mount(&self, target: &Path, overlay: &Overlay) -> io::Result<()>;
@@ -59,12 +59,12 @@ pub trait RootMounts: Send + Sync {
 /// of whoever mounted it, and without that capability a container's writes
 /// cannot reach the root reserve of `/var` the agent keeps.
 #[derive(Debug, Clone)]
-pub struct KernelMounts {
+pub struct KernelRootMounter {
     /// The mount namespace joined; `None`: the agent's own.
     namespace: Option<PathBuf>,
 }
 
-impl KernelMounts {
+impl KernelRootMounter {
     /// In PID 1's mount namespace: what the node's agent uses.
     pub fn node() -> Self {
         Self {
@@ -111,7 +111,7 @@ impl KernelMounts {
     }
 }
 
-impl RootMounts for KernelMounts {
+impl RootMounter for KernelRootMounter {
     fn mount(&self, target: &Path, overlay: &Overlay) -> io::Result<()> {
         use nix::mount::MsFlags;
         if self.mounted(target)?.iter().any(|m| m == target) {
@@ -151,48 +151,21 @@ impl RootMounts for KernelMounts {
         let text = self.in_node_namespace("reading the node's mounts", || {
             fs::read_to_string("/proc/thread-self/mountinfo")
         })?;
-        Ok(mount_points(&text)
+        Ok(berth_storage::mounts::parse_mount_points(&text)
+            .into_iter()
             .filter(|p| p.starts_with(under))
             .collect())
     }
 }
 
-/// The mount points of a `mountinfo` text (its fifth field, with the
-/// kernel's octal escapes of space, tab, newline and backslash undone).
-pub fn mount_points(mountinfo: &str) -> impl Iterator<Item = PathBuf> + '_ {
-    mountinfo.lines().filter_map(|line| {
-        let field = line.split(' ').nth(4)?;
-        let mut out = Vec::with_capacity(field.len());
-        let bytes = field.as_bytes();
-        let mut i = 0;
-        while i < bytes.len() {
-            let octal = bytes
-                .get(i + 1..i + 4)
-                .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-            match octal.and_then(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok()) {
-                Some(b) => {
-                    out.push(b);
-                    i += 4;
-                }
-                None => {
-                    out.push(bytes[i]);
-                    i += 1;
-                }
-            }
-        }
-        use std::os::unix::ffi::OsStringExt as _;
-        Some(PathBuf::from(std::ffi::OsString::from_vec(out)))
-    })
-}
-
 /// Mounts kept in memory, with the kernel's rules: one mount per target,
 /// unmounting nothing is fine, a target must be a directory.
 #[derive(Debug, Default)]
-pub struct FakeMounts {
+pub struct FakeRootMounter {
     mounted: Mutex<BTreeSet<PathBuf>>,
 }
 
-impl FakeMounts {
+impl FakeRootMounter {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
     }
@@ -204,7 +177,7 @@ impl FakeMounts {
     }
 }
 
-impl RootMounts for FakeMounts {
+impl RootMounter for FakeRootMounter {
     fn mount(&self, target: &Path, _overlay: &Overlay) -> io::Result<()> {
         if !target.is_dir() {
             return Err(io::Error::new(
@@ -236,7 +209,7 @@ impl RootMounts for FakeMounts {
     }
 }
 
-impl<T: RootMounts + ?Sized> RootMounts for Arc<T> {
+impl<T: RootMounter + ?Sized> RootMounter for Arc<T> {
     fn mount(&self, target: &Path, overlay: &Overlay) -> io::Result<()> {
         (**self).mount(target, overlay)
     }
@@ -248,9 +221,9 @@ impl<T: RootMounts + ?Sized> RootMounts for Arc<T> {
     }
 }
 
-/// What both [`RootMounts`] must do, on a scratch directory with a lower
+/// What both [`RootMounter`] must do, on a scratch directory with a lower
 /// directory holding `hello`. Returns what went wrong.
-pub fn mounts_contract(mounts: &dyn RootMounts, scratch: &Path) -> Result<(), String> {
+pub fn root_mounter_contract(mounts: &dyn RootMounter, scratch: &Path) -> Result<(), String> {
     fn e(what: &'static str) -> impl Fn(io::Error) -> String {
         move |err| format!("{what}: {err}")
     }
@@ -270,7 +243,7 @@ pub fn mounts_contract(mounts: &dyn RootMounts, scratch: &Path) -> Result<(), St
         ),
         read_only: false,
     };
-    let listed = |m: &dyn RootMounts| m.mounted(scratch).map_err(e("mounted"));
+    let listed = |m: &dyn RootMounter| m.mounted(scratch).map_err(e("mounted"));
     if !listed(mounts)?.is_empty() {
         return Err("a fresh scratch directory already has mounts".into());
     }
@@ -303,7 +276,7 @@ pub fn mounts_contract(mounts: &dyn RootMounts, scratch: &Path) -> Result<(), St
 #[derive(Clone)]
 pub struct ContainerRoots {
     base: PathBuf,
-    mounts: Arc<dyn RootMounts>,
+    mounts: Arc<dyn RootMounter>,
 }
 
 impl std::fmt::Debug for ContainerRoots {
@@ -315,7 +288,7 @@ impl std::fmt::Debug for ContainerRoots {
 }
 
 impl ContainerRoots {
-    pub fn new(base: &Path, mounts: Arc<dyn RootMounts>) -> Self {
+    pub fn new(base: &Path, mounts: Arc<dyn RootMounter>) -> Self {
         Self {
             base: base.to_path_buf(),
             mounts,
@@ -554,7 +527,7 @@ mod tests {
     use super::*;
 
     fn roots(base: &Path) -> ContainerRoots {
-        ContainerRoots::new(base, FakeMounts::new())
+        ContainerRoots::new(base, FakeRootMounter::new())
     }
 
     #[test]
@@ -562,7 +535,7 @@ mod tests {
         let scratch =
             std::env::temp_dir().join(format!("berth-mounts-fake-{}", std::process::id()));
         let _ = fs::remove_dir_all(&scratch);
-        let result = mounts_contract(&*FakeMounts::new(), &scratch);
+        let result = root_mounter_contract(&*FakeRootMounter::new(), &scratch);
         let _ = fs::remove_dir_all(&scratch);
         result.unwrap_or_else(|e| panic!("{e}"));
     }
@@ -576,8 +549,8 @@ mod tests {
         let scratch =
             std::env::temp_dir().join(format!("berth-mounts-kernel-{}", std::process::id()));
         let _ = fs::remove_dir_all(&scratch);
-        let kernel = KernelMounts::own_namespace();
-        let result = mounts_contract(&kernel, &scratch);
+        let kernel = KernelRootMounter::own_namespace();
+        let result = root_mounter_contract(&kernel, &scratch);
         let _ = kernel.unmount(&scratch.join("rootfs"));
         let _ = fs::remove_dir_all(&scratch);
         result.unwrap_or_else(|e| panic!("{e}"));
@@ -595,7 +568,7 @@ mod tests {
         fs::write(image.join("bin/hello"), b"hi").expect("file");
         let roots = ContainerRoots::new(
             &base.join("containers"),
-            Arc::new(KernelMounts::own_namespace()),
+            Arc::new(KernelRootMounter::own_namespace()),
         );
         let overlay = roots.prepare("ns_p_c", &image).expect("prepare");
         roots.mount("ns_p_c", &overlay).expect("mount");
@@ -618,24 +591,10 @@ mod tests {
     }
 
     #[test]
-    fn mountinfo_mount_points_are_unescaped() {
-        let text = "36 35 98:0 / /var/lib/berth/containers/a_b_c/rootfs rw,nodev - overlay overlay rw\n\
-                    37 35 98:0 / /mnt/with\\040space rw - ext4 /dev/vda rw\n";
-        let points: Vec<PathBuf> = mount_points(text).collect();
-        assert_eq!(
-            points,
-            [
-                PathBuf::from("/var/lib/berth/containers/a_b_c/rootfs"),
-                PathBuf::from("/mnt/with space")
-            ]
-        );
-    }
-
-    #[test]
     fn mounted_keys_are_the_containers_whose_rootfs_is_mounted() {
         let base = std::env::temp_dir().join(format!("berth-roots-keys-{}", std::process::id()));
         let _ = fs::remove_dir_all(&base);
-        let fake = FakeMounts::new();
+        let fake = FakeRootMounter::new();
         let roots = ContainerRoots::new(&base.join("containers"), fake.clone());
         let image = base.join("image");
         fs::create_dir_all(&image).expect("image");

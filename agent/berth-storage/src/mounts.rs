@@ -7,12 +7,19 @@ use nix::mount::{MntFlags, MsFlags};
 
 /// Mount points as `/proc/self/mountinfo` lists them (octal escapes undone).
 pub fn mount_points() -> std::io::Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
-    Ok(text
+    Ok(parse_mount_points(&std::fs::read_to_string(
+        "/proc/self/mountinfo",
+    )?))
+}
+
+/// The mount points of a `mountinfo` text: its fifth field, with the
+/// kernel's octal escapes (space, tab, newline, backslash) undone.
+pub fn parse_mount_points(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
         .map(|p| PathBuf::from(unescape(p)))
-        .collect())
+        .collect()
 }
 
 fn unescape(field: &str) -> String {
@@ -177,5 +184,18 @@ mod tests {
     fn mountinfo_escapes_are_undone() {
         assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
         assert_eq!(unescape("/plain"), "/plain");
+    }
+
+    #[test]
+    fn mount_points_are_the_fifth_field_unescaped() {
+        let text = "36 35 98:0 / /var/lib/berth/containers/a_b_c/rootfs rw,nodev - overlay overlay rw\n\
+                    37 35 98:0 / /mnt/with\\040space rw - ext4 /dev/vda rw\n";
+        assert_eq!(
+            parse_mount_points(text),
+            [
+                PathBuf::from("/var/lib/berth/containers/a_b_c/rootfs"),
+                PathBuf::from("/mnt/with space")
+            ]
+        );
     }
 }

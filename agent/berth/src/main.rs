@@ -461,7 +461,7 @@ fn runtime(
         images: berth_runtime::images::ImageStore::open(&paths.state_dir.join("images"))?,
         roots: berth_runtime::rootfs::ContainerRoots::new(
             &containers,
-            std::sync::Arc::new(berth_runtime::rootfs::KernelMounts::node()),
+            std::sync::Arc::new(berth_runtime::rootfs::KernelRootMounter::node()),
         ),
         users: berth_runtime::rootfs::UserRecords::new(Path::new("/run/userdb")),
         cgroup_root: PathBuf::from("/sys/fs/cgroup"),
