@@ -57,26 +57,45 @@ pub struct Added {
     pub workload: usize,
 }
 
-/// Non-workload processes, resident and proportional memory of `after`
-/// against `before`, divided by `containers`. A process that left between
-/// the two (a one-off helper) counts against the tool that removed it.
+/// What `after` has beside the containers' own processes that `before`
+/// did not, divided by `containers`: processes that are new (by PID), and
+/// the resident and proportional memory of those plus what the processes
+/// found in both grew by (the agent, PID 1). A process that left between
+/// the two (an on-demand helper of systemd's going idle) is not counted
+/// either way: it would otherwise subtract noise from a tool's cost.
 pub fn added(before: &[Process], after: &[Process], containers: u32) -> Added {
-    let sums = |ps: &[Process]| {
-        ps.iter()
-            .filter(|p| !p.workload)
-            .fold((0i64, 0i64, 0i64), |(n, r, s), p| {
-                (n + 1, r + p.rss_kib as i64, s + p.pss_kib as i64)
-            })
-    };
-    let (n0, r0, s0) = sums(before);
-    let (n1, r1, s1) = sums(after);
+    let earlier: std::collections::HashMap<u32, &Process> =
+        before.iter().map(|p| (p.pid, p)).collect();
+    let (mut n, mut rss, mut pss) = (0i64, 0i64, 0i64);
+    for p in after.iter().filter(|p| !p.workload) {
+        match earlier.get(&p.pid).filter(|e| e.comm == p.comm) {
+            Some(e) => {
+                rss += p.rss_kib as i64 - e.rss_kib as i64;
+                pss += p.pss_kib as i64 - e.pss_kib as i64;
+            }
+            None => {
+                n += 1;
+                rss += p.rss_kib as i64;
+                pss += p.pss_kib as i64;
+            }
+        }
+    }
     let per = f64::from(containers.max(1));
     Added {
-        processes: (n1 - n0) as f64 / per,
-        rss_mib: (r1 - r0) as f64 / 1024.0 / per,
-        pss_mib: (s1 - s0) as f64 / 1024.0 / per,
+        processes: n as f64 / per,
+        rss_mib: rss as f64 / 1024.0 / per,
+        pss_mib: pss as f64 / 1024.0 / per,
         workload: after.iter().filter(|p| p.workload).count(),
     }
+}
+
+/// The names of the processes [`added`] counts as new, for the record.
+pub fn new_processes(before: &[Process], after: &[Process]) -> Vec<String> {
+    after
+        .iter()
+        .filter(|p| !p.workload && !before.iter().any(|b| b.pid == p.pid && b.comm == p.comm))
+        .map(|p| p.comm.clone())
+        .collect()
 }
 
 /// Sum of `utime + stime` clock ticks of the processes a CPU line lists:
@@ -257,6 +276,22 @@ mod tests {
         .unwrap();
         let a = added(&before, &after, 2);
         assert_eq!(a.processes, 1.0);
+        // A helper that left in between subtracts nothing; one that is
+        // new counts, whatever its name.
+        let mut with_helper = before.clone();
+        with_helper.push(Process {
+            pid: 90,
+            comm: "systemd-userwork".into(),
+            rss_kib: 4096,
+            pss_kib: 1024,
+            workload: false,
+        });
+        assert_eq!(added(&with_helper, &after, 2), a);
+        // A PID reused by another program is a new process.
+        let mut reused = after.clone();
+        reused[1].comm = "other".into();
+        assert_eq!(added(&before, &reused, 2).processes, 1.5);
+        assert_eq!(new_processes(&before, &after), ["conmon", "conmon"]);
         assert!(
             (a.rss_mib - (1024.0 + 4096.0) / 1024.0 / 2.0).abs() < 1e-9,
             "{a:?}"

@@ -66,10 +66,10 @@ fn base64(bytes: &[u8]) -> String {
 
 /// Writes `text` to `path` in the guest.
 fn put(vm: &Vm, path: &str, text: &str) {
-    vm.sh(&format!(
-        "echo {} | base64 -d > {path}",
-        base64(text.as_bytes())
-    ));
+    sh_long(
+        vm,
+        &format!("echo {} | base64 -d > {path}", base64(text.as_bytes())),
+    );
 }
 
 fn sh_long(vm: &Vm, command: &str) -> String {
@@ -162,9 +162,12 @@ fn scenario() {
         WAIT,
     ));
     must(vm.wait_for(&format!("revision {} accepted", &empty[..12]), WAIT));
+    // Measured on a settled node: the boot's own units done, and the
+    // helpers they started idle again.
+    let _ = vm.exec("systemctl is-system-running --wait", WAIT);
     put(&vm, "/run/processes.sh", PROCESSES);
     put(&vm, "/run/cpu-ticks.sh", CPU_TICKS);
-    std::thread::sleep(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(30));
 
     let mut runs = Vec::new();
     for &n in &counts {
@@ -181,7 +184,12 @@ fn scenario() {
         );
         assert_eq!(active, n, "Berth: containers active");
         std::thread::sleep(Duration::from_secs(10));
-        let added = anchors::added(&before, &processes(&vm), n);
+        let after = processes(&vm);
+        println!(
+            "bench-anchors: Berth, {n} pods: new processes {:?}",
+            anchors::new_processes(&before, &after)
+        );
+        let added = anchors::added(&before, &after, n);
         assert_eq!(
             added.workload,
             2 * n as usize,
@@ -207,7 +215,7 @@ fn scenario() {
     }
 
     // Podman alone: Berth's agent stopped (its pods are gone already).
-    vm.sh("systemctl stop berth-agent.service");
+    sh_long(&vm, "systemctl stop berth-agent.service");
     sh_long(
         &vm,
         "podman load -q -i /usr/share/berth/images/busybox.tar && podman images --format '{{.Repository}}:{{.Tag}}'",
@@ -236,7 +244,12 @@ fn scenario() {
         );
         assert_eq!(running, n, "Podman: containers running");
         std::thread::sleep(Duration::from_secs(10));
-        let added = anchors::added(&before, &processes(&vm), n);
+        let after = processes(&vm);
+        println!(
+            "bench-anchors: Podman, {n} pods: new processes {:?}",
+            anchors::new_processes(&before, &after)
+        );
+        let added = anchors::added(&before, &after, n);
         assert_eq!(
             added.workload,
             2 * n as usize,

@@ -1862,3 +1862,61 @@ fn a_root_left_mounted_by_a_crash_is_unmounted_and_removed() {
         "the wanted pod's root stays: {mounts:?}"
     );
 }
+
+/// A container with a CPU limit starts without it and gets it once it runs
+/// (systemd sets up its sandbox inside its own cgroup, which the limit
+/// would throttle), its pod slice likewise; an init container keeps its
+/// limit from the start. The node ends as planned, and the next pass finds
+/// nothing to do.
+#[test]
+fn cpu_limits_are_given_once_the_containers_run() {
+    let node = Node::new("cpulimit");
+    let limited = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  initContainers:\n  - name: init\n    image: busybox:1.37\n    command: [sleep, \"0\"]\n    resources: {limits: {cpu: 100m, memory: 32Mi}}\n  containers:\n  - name: main\n    image: busybox:1.37\n    command: [sleep, \"100\"]\n    resources: {limits: {cpu: 100m, memory: 32Mi}}\n";
+    node.commit(&[("pods/a.yaml", Some(limited.to_string()))]);
+    let mut agent = node.agent();
+    agent.pass(true);
+    assert!(
+        agent.state().failures.is_empty(),
+        "{:?}",
+        agent.state().failures
+    );
+    let quota = |unit: &str| {
+        node.systemd
+            .unit(unit)
+            .unwrap()
+            .unwrap()
+            .properties
+            .get("CPUQuotaPerSecUSec")
+            .cloned()
+    };
+    let tenth = Some(berth_plan::PropertyValue::Unsigned(100_000));
+    let slice = "berth-guaranteed-default_a.slice";
+    for unit in [
+        "berth-default_a_main.service",
+        "berth-default_a_init.service",
+        slice,
+    ] {
+        assert_eq!(quota(unit), tenth, "{unit}");
+    }
+    let calls = node.systemd.take_calls();
+    let at = |call: &str| {
+        calls
+            .iter()
+            .position(|c| c == call)
+            .unwrap_or_else(|| panic!("no {call:?} in {calls:?}"))
+    };
+    assert!(
+        at("start berth-default_a_main.service")
+            < at("set-properties berth-default_a_main.service")
+    );
+    assert!(at(&format!("start {slice}")) < at(&format!("set-properties {slice}")));
+    assert!(
+        at("set-properties berth-default_a_main.service") < at(&format!("set-properties {slice}"))
+    );
+    assert!(
+        !calls.contains(&"set-properties berth-default_a_init.service".to_string()),
+        "the init container kept its limit from its start: {calls:?}"
+    );
+    agent.pass(false);
+    assert_eq!(node.systemd.take_calls(), Vec::<String>::new(), "converged");
+}

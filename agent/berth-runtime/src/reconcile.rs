@@ -174,11 +174,13 @@ pub fn apply(
         .copied()
         .zip(host.systemd.stop_all(&stops))
         .collect();
+    let deferred = std::cell::RefCell::new(Vec::new());
     let ctx = Applying {
         host,
         units: &units,
         slices: &slices,
         observed,
+        deferred: &deferred,
     };
     std::thread::scope(|scope| {
         let winding_down = (!beside_stops.is_empty())
@@ -198,6 +200,7 @@ pub fn apply(
             &mut failed_pods,
         );
         start_prepared(host, &pending, &mut report);
+        limit_slices(host, &deferred.take(), &mut report);
         if let Some(thread) = winding_down {
             let results = thread.join().unwrap_or_else(|_| {
                 beside_stops
@@ -234,6 +237,9 @@ struct Applying<'a, 'h> {
     units: &'a BTreeMap<&'a str, (&'a DesiredPod, &'a ContainerUnit)>,
     slices: &'a BTreeMap<&'a str, &'a Properties>,
     observed: &'a Observed,
+    /// Pod slices created without their CPU limit, and the limit: given
+    /// once the pods' containers have started (see [`split_cpu_limit`]).
+    deferred: &'a std::cell::RefCell<Vec<(String, Properties)>>,
 }
 
 /// Carries out `actions` in order; starts are only prepared (into
@@ -251,8 +257,9 @@ fn apply_actions<'a>(
         units,
         slices,
         observed,
+        deferred,
     } = *ctx;
-    let mut created = create_slices(host, actions);
+    let mut created = create_slices(host, actions, &mut deferred.borrow_mut());
     for action in actions.iter().copied() {
         let unit = action.unit.as_str();
         let pod = action.pod.as_ref().map(ToString::to_string);
@@ -368,9 +375,13 @@ fn apply_actions<'a>(
 /// order, then every pod's together, queued at once and waited for (one
 /// round trip to systemd for them all, not one per pod). Their results are
 /// taken up where each action comes in the plan.
+///
+/// A pod slice with a CPU limit is created without it, the limit kept in
+/// `deferred` for [`limit_slices`] once the pod's containers have started.
 fn create_slices<'a>(
     host: &Host<'_>,
     actions: &[&'a berth_plan::Action],
+    deferred: &mut Vec<(String, Properties)>,
 ) -> BTreeMap<&'a str, Result<(), SystemdError>> {
     let creates = || actions.iter().filter(|a| a.verb == Verb::CreateSlice);
     let mut results: BTreeMap<&str, Result<(), SystemdError>> = creates()
@@ -380,16 +391,63 @@ fn create_slices<'a>(
             (unit, host.systemd.start_transient(unit, &a.properties))
         })
         .collect();
-    let pods: Vec<(&str, &Properties)> = creates()
+    let pod_slices: Vec<(&str, &Properties, Option<(Properties, Properties)>)> = creates()
         .filter(|a| a.pod.is_some())
-        .map(|a| (a.unit.as_str(), &*a.properties))
+        .map(|a| {
+            (
+                a.unit.as_str(),
+                &*a.properties,
+                split_cpu_limit(&a.properties),
+            )
+        })
         .collect();
-    results.extend(
-        pods.iter()
-            .map(|(n, _)| *n)
-            .zip(host.systemd.start_all(&pods)),
-    );
+    let starts: Vec<(&str, &Properties)> = pod_slices
+        .iter()
+        .map(|(n, all, split)| (*n, split.as_ref().map_or(*all, |(rest, _)| rest)))
+        .collect();
+    for ((name, _, split), result) in pod_slices.iter().zip(host.systemd.start_all(&starts)) {
+        if let (Ok(()), Some((_, limit))) = (&result, split) {
+            deferred.push((name.to_string(), limit.clone()));
+        }
+        results.insert(name, result);
+    }
     results
+}
+
+/// The one limit a container and its pod slice are started without, and
+/// given as soon as the container runs: systemd's executor sets up the
+/// container's sandbox inside the container's own cgroup, so a limit of
+/// 100m throttled that setup (half a second of CPU under emulation) to
+/// five seconds before the container's program even ran. Memory limits
+/// stay from the start. Init containers keep their CPU limit from the
+/// start too: they run to completion within their start job.
+const STARTED_LIMIT: &str = "CPUQuotaPerSecUSec";
+
+/// `properties` without the CPU limit, and the limit alone; `None` when
+/// there is no limit.
+fn split_cpu_limit(properties: &Properties) -> Option<(Properties, Properties)> {
+    let quota = properties.get(STARTED_LIMIT)?.clone();
+    let rest = properties
+        .iter()
+        .filter(|(k, _)| *k != STARTED_LIMIT)
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    Some((rest, [(STARTED_LIMIT, quota)].into_iter().collect()))
+}
+
+/// Gives the pod slices created in this pass their CPU limits.
+fn limit_slices(host: &Host<'_>, deferred: &[(String, Properties)], report: &mut ApplyReport) {
+    for (slice, limit) in deferred {
+        if let Err(e) = host.systemd.set_properties(slice, limit) {
+            report.failed.push(ApplyFailure {
+                unit: slice.clone(),
+                pod: None,
+                verb: Verb::CreateSlice.as_str().to_string(),
+                reason: FailureReason::CreateContainerConfigError,
+                message: format!("its CPU limit could not be set once its pod started: {e}"),
+            });
+        }
+    }
 }
 
 /// A container ready to start: its root mounted, its service's properties.
@@ -405,12 +463,31 @@ fn start_prepared(
     pending: &[(&berth_plan::Action, Prepared<'_>)],
     report: &mut ApplyReport,
 ) {
+    // App containers (`Type=exec`) start without their CPU limit and get
+    // it once they run; init containers (`oneshot`) keep it throughout.
+    let splits: Vec<Option<(Properties, Properties)>> = pending
+        .iter()
+        .map(|(_, p)| {
+            let app = matches!(p.properties.get("Type"), Some(PropertyValue::Text(t)) if t.as_ref() == "exec");
+            app.then(|| split_cpu_limit(p.properties)).flatten()
+        })
+        .collect();
     let services: Vec<(&str, &Properties)> = pending
         .iter()
-        .map(|(a, p)| (a.unit.as_str(), p.properties))
+        .zip(&splits)
+        .map(|((a, p), split)| {
+            (
+                a.unit.as_str(),
+                split.as_ref().map_or(p.properties, |(rest, _)| rest),
+            )
+        })
         .collect();
     let started = host.systemd.start_all(&services);
-    for ((action, _), result) in pending.iter().zip(started) {
+    for (((action, _), result), split) in pending.iter().zip(started).zip(&splits) {
+        let result = result.and_then(|()| match split {
+            Some((_, limit)) => host.systemd.set_properties(action.unit.as_str(), limit),
+            None => Ok(()),
+        });
         match result {
             Ok(()) => report.done.push((action.unit.to_string(), action.verb)),
             Err(e) => {
