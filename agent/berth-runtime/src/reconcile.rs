@@ -391,7 +391,7 @@ fn create_slices<'a>(
             (unit, host.systemd.start_transient(unit, &a.properties))
         })
         .collect();
-    let pod_slices: Vec<(&str, &Properties, Option<(Properties, Properties)>)> = creates()
+    let pod_slices: Vec<(&str, &Properties, Option<SplitLimit>)> = creates()
         .filter(|a| a.pod.is_some())
         .map(|a| {
             (
@@ -423,9 +423,12 @@ fn create_slices<'a>(
 /// start too: they run to completion within their start job.
 const STARTED_LIMIT: &str = "CPUQuotaPerSecUSec";
 
+/// A unit's properties without its CPU limit, and the limit alone.
+type SplitLimit = (Properties, Properties);
+
 /// `properties` without the CPU limit, and the limit alone; `None` when
 /// there is no limit.
-fn split_cpu_limit(properties: &Properties) -> Option<(Properties, Properties)> {
+fn split_cpu_limit(properties: &Properties) -> Option<SplitLimit> {
     let quota = properties.get(STARTED_LIMIT)?.clone();
     let rest = properties
         .iter()
@@ -465,7 +468,7 @@ fn start_prepared(
 ) {
     // App containers (`Type=exec`) start without their CPU limit and get
     // it once they run; init containers (`oneshot`) keep it throughout.
-    let splits: Vec<Option<(Properties, Properties)>> = pending
+    let splits: Vec<Option<SplitLimit>> = pending
         .iter()
         .map(|(_, p)| {
             let app = matches!(p.properties.get("Type"), Some(PropertyValue::Text(t)) if t.as_ref() == "exec");
