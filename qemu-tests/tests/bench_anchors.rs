@@ -215,16 +215,20 @@ fn scenario() {
     }
 
     // Podman alone: Berth's agent stopped (its pods are gone already).
+    // Every podman command runs with its standard streams away from the
+    // test channel's pipe: a helper it leaves running (conmon, the DNS
+    // server of kube play's network) would otherwise hold the pipe open
+    // and the channel would wait for it.
     sh_long(&vm, "systemctl stop berth-agent.service");
     sh_long(
         &vm,
-        "podman load -q -i /usr/share/berth/images/busybox.tar && podman images --format '{{.Repository}}:{{.Tag}}'",
+        "loaded=$(podman load -q -i /usr/share/berth/images/busybox.tar </dev/null 2>/dev/null | sed -n 's/^Loaded image: //p' | tail -n1) && podman tag \"$loaded\" docker.io/library/busybox:1.37 </dev/null && podman images --format '{{.Repository}}:{{.Tag}}'",
     );
     // The pause image is built on the first play: warm it, unmeasured.
     put(&vm, "/run/bench-warm.yaml", &pods_yaml(1));
     sh_long(
         &vm,
-        "podman kube play /run/bench-warm.yaml >/dev/null && podman kube down /run/bench-warm.yaml >/dev/null",
+        "podman kube play /run/bench-warm.yaml </dev/null >/tmp/podman-warm.log 2>&1 && podman kube down /run/bench-warm.yaml </dev/null >>/tmp/podman-warm.log 2>&1 || { cat /tmp/podman-warm.log; exit 1; }",
     );
     std::thread::sleep(Duration::from_secs(10));
     for &n in &counts {
@@ -234,7 +238,7 @@ fn scenario() {
         let took = sh_long(
             &vm,
             &format!(
-                "s=$(date +%s%N); podman kube play {file} >/dev/null; e=$(date +%s%N); echo $(( (e - s) / 1000000 ))"
+                "s=$(date +%s%N); podman kube play {file} </dev/null >/tmp/podman-play.log 2>&1 || {{ cat /tmp/podman-play.log; exit 1; }}; e=$(date +%s%N); echo $(( (e - s) / 1000000 ))"
             ),
         );
         let start_s = took.trim().lines().last().unwrap().parse::<f64>().unwrap() / 1000.0;
@@ -259,7 +263,7 @@ fn scenario() {
         let took = sh_long(
             &vm,
             &format!(
-                "s=$(date +%s%N); podman kube down {file} >/dev/null; e=$(date +%s%N); echo $(( (e - s) / 1000000 ))"
+                "s=$(date +%s%N); podman kube down {file} </dev/null >/tmp/podman-down.log 2>&1 || {{ cat /tmp/podman-down.log; exit 1; }}; e=$(date +%s%N); echo $(( (e - s) / 1000000 ))"
             ),
         );
         let remove_s = took.trim().lines().last().unwrap().parse::<f64>().unwrap() / 1000.0;
