@@ -1019,6 +1019,29 @@ impl Vm {
         }
     }
 
+    /// Writes `text` to `path` in the guest (through the test channel, as
+    /// base64 on one line).
+    pub fn put_file(&self, path: &str, text: &str) -> Result<()> {
+        let command = format!("echo {} | base64 -d > {path}", base64(text.as_bytes()));
+        match self.exec(&command, Duration::from_secs(600))? {
+            (0, _) => Ok(()),
+            (rc, out) => fail(format!("writing {path} in the guest: exit {rc}: {out}")),
+        }
+    }
+
+    /// The guest clock (seconds since the epoch) of the agent's first
+    /// journal line holding `needle` (the console's lines carry no time).
+    pub fn agent_stamp(&self, needle: &str) -> Result<f64> {
+        self.sh("journalctl -u berth-agent.service -o short-unix --no-pager")
+            .lines()
+            .find(|l| l.contains(needle))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .map_or_else(
+                || fail(format!("no agent journal line with {needle:?}")),
+                Ok,
+            )
+    }
+
     /// Runs a guest command that must succeed; returns its output.
     pub fn sh(&self, command: &str) -> String {
         let (rc, out) = must(self.exec(command, Duration::from_secs(60)));
@@ -1212,4 +1235,38 @@ pub fn http_get_loopback(port: u16) -> std::io::Result<String> {
         .unwrap_or_default()
         .trim()
         .to_string())
+}
+
+/// Standard base64 with padding, for files written into the guest.
+pub fn base64(bytes: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod base64_tests {
+    #[test]
+    fn base64_pads_like_the_coreutils_tool() {
+        assert_eq!(super::base64(b""), "");
+        assert_eq!(super::base64(b"f"), "Zg==");
+        assert_eq!(super::base64(b"fo"), "Zm8=");
+        assert_eq!(super::base64(b"foo"), "Zm9v");
+        assert_eq!(super::base64(b"foobar\n"), "Zm9vYmFyCg==");
+    }
 }

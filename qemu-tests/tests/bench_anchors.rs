@@ -43,33 +43,9 @@ fn pods_yaml(n: u32) -> String {
     out
 }
 
-fn base64(bytes: &[u8]) -> String {
-    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 /// Writes `text` to `path` in the guest.
 fn put(vm: &Vm, path: &str, text: &str) {
-    sh_long(
-        vm,
-        &format!("echo {} | base64 -d > {path}", base64(text.as_bytes())),
-    );
+    must(vm.put_file(path, text));
 }
 
 fn sh_long(vm: &Vm, command: &str) -> String {
@@ -91,13 +67,8 @@ fn idle_cpu(vm: &Vm, names: &str, seconds: u64) -> f64 {
     after.saturating_sub(before) as f64 / seconds as f64
 }
 
-/// The guest clock of the agent's first journal line holding `needle`.
 fn stamp(vm: &Vm, needle: &str) -> f64 {
-    vm.sh("journalctl -u berth-agent.service -o short-unix --no-pager")
-        .lines()
-        .find(|l| l.contains(needle))
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no journal line with {needle:?}"))
+    must(vm.agent_stamp(needle))
 }
 
 /// Pushes `files`, asks the agent to sync, and returns the seconds from
@@ -219,16 +190,19 @@ fn scenario() {
     // test channel's pipe: a helper it leaves running (conmon, the DNS
     // server of kube play's network) would otherwise hold the pipe open
     // and the channel would wait for it.
-    sh_long(&vm, "systemctl stop berth-agent.service");
+    println!("bench-anchors: stopping Berth's agent");
+    sh_long(&vm, "timeout 180 systemctl stop berth-agent.service");
+    println!("bench-anchors: loading busybox into podman");
     sh_long(
         &vm,
-        "loaded=$(podman load -q -i /usr/share/berth/images/busybox.tar </dev/null 2>/dev/null | sed -n 's/^Loaded image: //p' | tail -n1) && podman tag \"$loaded\" docker.io/library/busybox:1.37 </dev/null && podman images --format '{{.Repository}}:{{.Tag}}'",
+        "loaded=$(timeout 300 podman load -q -i /usr/share/berth/images/busybox.tar </dev/null 2>/dev/null | sed -n 's/^Loaded image: //p' | tail -n1) && podman tag \"$loaded\" docker.io/library/busybox:1.37 </dev/null && podman images --format '{{.Repository}}:{{.Tag}}'",
     );
     // The pause image is built on the first play: warm it, unmeasured.
+    println!("bench-anchors: warming podman's pause image");
     put(&vm, "/run/bench-warm.yaml", &pods_yaml(1));
     sh_long(
         &vm,
-        "podman kube play /run/bench-warm.yaml </dev/null >/tmp/podman-warm.log 2>&1 && podman kube down /run/bench-warm.yaml </dev/null >>/tmp/podman-warm.log 2>&1 || { cat /tmp/podman-warm.log; exit 1; }",
+        "timeout 600 podman kube play /run/bench-warm.yaml </dev/null >/tmp/podman-warm.log 2>&1 && podman kube down /run/bench-warm.yaml </dev/null >>/tmp/podman-warm.log 2>&1 || { cat /tmp/podman-warm.log; exit 1; }",
     );
     std::thread::sleep(Duration::from_secs(10));
     for &n in &counts {

@@ -26,14 +26,8 @@ fn sh(vm: &Vm, command: &str) -> String {
     out
 }
 
-/// The guest clock (seconds since the epoch) of the agent's first journal
-/// line holding `needle` (the console's lines carry no time).
 fn stamp(vm: &Vm, needle: &str) -> f64 {
-    vm.sh("journalctl -u berth-agent.service -o short-unix --no-pager")
-        .lines()
-        .find(|l| l.contains(needle))
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no journal line with {needle:?}"))
+    must(vm.agent_stamp(needle))
 }
 
 fn agent_pid(vm: &Vm) -> String {

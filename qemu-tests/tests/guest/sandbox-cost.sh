@@ -59,16 +59,22 @@ measure "root+SystemCallFilter" $R -p "SystemCallFilter=$filter" -p SystemCallAr
 measure "root+RestrictNamespaces" $R -p RestrictNamespaces=yes
 measure "root+NetworkNamespacePath" $R -p NetworkNamespacePath="$netns"
 measure "root+PrivatePIDs" $R -p PrivatePIDs=yes
-measure "all but seccomp" $R -p MountAPIVFS=yes -p PrivateTmp=yes -p PrivateDevices=yes \
-    -p ProtectKernelTunables=yes -p ProtectKernelModules=yes -p ProtectKernelLogs=yes \
-    -p ProtectControlGroups=yes -p NoNewPrivileges=yes -p "CapabilityBoundingSet=$caps" \
-    -p NetworkNamespacePath="$netns" -p PrivatePIDs=yes
-measure "all" $R -p MountAPIVFS=yes -p PrivateTmp=yes -p PrivateDevices=yes \
-    -p ProtectKernelTunables=yes -p ProtectKernelModules=yes -p ProtectKernelLogs=yes \
-    -p ProtectControlGroups=yes -p NoNewPrivileges=yes -p "CapabilityBoundingSet=$caps" \
-    -p NetworkNamespacePath="$netns" -p PrivatePIDs=yes \
-    -p "SystemCallFilter=$filter" -p SystemCallArchitectures=native -p SystemCallErrorNumber=EPERM \
-    -p RestrictNamespaces=yes
+# Runs "$1" (measure or burst) labelled "$2" with the container's
+# settings but seccomp and PrivatePIDs, and the rest of the arguments.
+sandboxed() {
+    run=$1; label=$2; shift 2
+    "$run" "$label" $R -p MountAPIVFS=yes -p PrivateTmp=yes -p PrivateDevices=yes \
+        -p ProtectKernelTunables=yes -p ProtectKernelModules=yes -p ProtectKernelLogs=yes \
+        -p ProtectControlGroups=yes -p NoNewPrivileges=yes -p "CapabilityBoundingSet=$caps" \
+        -p NetworkNamespacePath="$netns" "$@"
+}
+seccomp() {
+    run=$1; label=$2; shift 2
+    sandboxed "$run" "$label" -p "SystemCallFilter=$filter" -p SystemCallArchitectures=native \
+        -p SystemCallErrorNumber=EPERM -p RestrictNamespaces=yes "$@"
+}
+sandboxed measure "all but seccomp" -p PrivatePIDs=yes
+seccomp measure "all" -p PrivatePIDs=yes
 # The same sets, ten units at once (queued with --no-block, then waited
 # for): what a pod burst costs, where units compete for the two vCPUs and
 # the kernel's mount and namespace locks.
@@ -93,21 +99,8 @@ burst() {
 }
 burst "nothing (host root)"
 burst "RootDirectory" $R
-burst "all but seccomp" $R -p MountAPIVFS=yes -p PrivateTmp=yes -p PrivateDevices=yes \
-    -p ProtectKernelTunables=yes -p ProtectKernelModules=yes -p ProtectKernelLogs=yes \
-    -p ProtectControlGroups=yes -p NoNewPrivileges=yes -p "CapabilityBoundingSet=$caps" \
-    -p NetworkNamespacePath="$netns" -p PrivatePIDs=yes
-burst "all" $R -p MountAPIVFS=yes -p PrivateTmp=yes -p PrivateDevices=yes \
-    -p ProtectKernelTunables=yes -p ProtectKernelModules=yes -p ProtectKernelLogs=yes \
-    -p ProtectControlGroups=yes -p NoNewPrivileges=yes -p "CapabilityBoundingSet=$caps" \
-    -p NetworkNamespacePath="$netns" -p PrivatePIDs=yes \
-    -p "SystemCallFilter=$filter" -p SystemCallArchitectures=native -p SystemCallErrorNumber=EPERM \
-    -p RestrictNamespaces=yes
-burst "all but PrivatePIDs" $R -p MountAPIVFS=yes -p PrivateTmp=yes -p PrivateDevices=yes \
-    -p ProtectKernelTunables=yes -p ProtectKernelModules=yes -p ProtectKernelLogs=yes \
-    -p ProtectControlGroups=yes -p NoNewPrivileges=yes -p "CapabilityBoundingSet=$caps" \
-    -p NetworkNamespacePath="$netns" \
-    -p "SystemCallFilter=$filter" -p SystemCallArchitectures=native -p SystemCallErrorNumber=EPERM \
-    -p RestrictNamespaces=yes
+sandboxed burst "all but seccomp" -p PrivatePIDs=yes
+seccomp burst "all" -p PrivatePIDs=yes
+seccomp burst "all but PrivatePIDs"
 echo "sandbox: unit file of $unit:"
 sed 's/^/sandbox:   /' "$file"
