@@ -187,22 +187,26 @@ fn scenario() {
 
     // Podman alone: Berth's agent stopped (its pods are gone already).
     // Every podman command runs with its standard streams away from the
-    // test channel's pipe: a helper it leaves running (conmon, the DNS
-    // server of kube play's network) would otherwise hold the pipe open
-    // and the channel would wait for it.
+    // test channel's pipe, and without the channel's own descriptor of the
+    // virtio port (fd 3): a helper it leaves running (conmon, the DNS
+    // server of kube play's network) would otherwise hold the pipe open,
+    // or the port, which opens once, so the channel could never reopen it.
+    // `kube play` runs in a scope of its own: the channel's service is
+    // restarted after every command, which would kill the conmons and
+    // containers left in its cgroup.
     println!("bench-anchors: stopping Berth's agent");
     sh_long(&vm, "timeout 180 systemctl stop berth-agent.service");
     println!("bench-anchors: loading busybox into podman");
     sh_long(
         &vm,
-        "loaded=$(timeout 300 podman load -q -i /usr/share/berth/images/busybox.tar </dev/null 2>/dev/null | sed -n 's/^Loaded image: //p' | tail -n1) && podman tag \"$loaded\" docker.io/library/busybox:1.37 </dev/null && podman images --format '{{.Repository}}:{{.Tag}}'",
+        "exec 3>&-; loaded=$(timeout 300 podman load -q -i /usr/share/berth/images/busybox.tar </dev/null 2>/dev/null | sed -n 's/^Loaded image: //p' | tail -n1) && podman tag \"$loaded\" docker.io/library/busybox:1.37 </dev/null && podman images --format '{{.Repository}}:{{.Tag}}'",
     );
     // The pause image is built on the first play: warm it, unmeasured.
     println!("bench-anchors: warming podman's pause image");
     put(&vm, "/run/bench-warm.yaml", &pods_yaml(1));
     sh_long(
         &vm,
-        "timeout 600 podman kube play /run/bench-warm.yaml </dev/null >/tmp/podman-warm.log 2>&1 && podman kube down /run/bench-warm.yaml </dev/null >>/tmp/podman-warm.log 2>&1 || { cat /tmp/podman-warm.log; exit 1; }",
+        "exec 3>&-; timeout 600 systemd-run --scope --quiet -- podman kube play /run/bench-warm.yaml </dev/null >/tmp/podman-warm.log 2>&1 && podman kube down /run/bench-warm.yaml </dev/null >>/tmp/podman-warm.log 2>&1 || { cat /tmp/podman-warm.log; exit 1; }",
     );
     std::thread::sleep(Duration::from_secs(10));
     for &n in &counts {
@@ -212,7 +216,7 @@ fn scenario() {
         let took = sh_long(
             &vm,
             &format!(
-                "s=$(date +%s%N); podman kube play {file} </dev/null >/tmp/podman-play.log 2>&1 || {{ cat /tmp/podman-play.log; exit 1; }}; e=$(date +%s%N); echo $(( (e - s) / 1000000 ))"
+                "exec 3>&-; s=$(date +%s%N); systemd-run --scope --quiet -- podman kube play {file} </dev/null >/tmp/podman-play.log 2>&1 || {{ cat /tmp/podman-play.log; exit 1; }}; e=$(date +%s%N); echo $(( (e - s) / 1000000 ))"
             ),
         );
         let start_s = took.trim().lines().last().unwrap().parse::<f64>().unwrap() / 1000.0;
@@ -237,7 +241,7 @@ fn scenario() {
         let took = sh_long(
             &vm,
             &format!(
-                "s=$(date +%s%N); podman kube down {file} </dev/null >/tmp/podman-down.log 2>&1 || {{ cat /tmp/podman-down.log; exit 1; }}; e=$(date +%s%N); echo $(( (e - s) / 1000000 ))"
+                "exec 3>&-; s=$(date +%s%N); podman kube down {file} </dev/null >/tmp/podman-down.log 2>&1 || {{ cat /tmp/podman-down.log; exit 1; }}; e=$(date +%s%N); echo $(( (e - s) / 1000000 ))"
             ),
         );
         let remove_s = took.trim().lines().last().unwrap().parse::<f64>().unwrap() / 1000.0;
