@@ -88,6 +88,36 @@ fn berth_apply(vm: &mut Vm, git: &GitHost, files: &[(&str, &str)], message: &str
     stamp(vm, &applied) - stamp(vm, &format!("at {}", &rev[..12]))
 }
 
+/// What `tool` added once `n` pods settle (10 s): the new processes named
+/// for the record, and every container's two processes checked running.
+fn settled_cost(vm: &Vm, tool: &str, before: &[anchors::Process], n: u32) -> anchors::Added {
+    std::thread::sleep(Duration::from_secs(10));
+    let after = processes(vm);
+    println!(
+        "bench-anchors: {tool}, {n} pods: new processes {:?}",
+        anchors::new_processes(before, &after)
+    );
+    let added = anchors::added(before, &after, n);
+    assert_eq!(
+        added.workload,
+        2 * n as usize,
+        "{tool}: every container's two processes run"
+    );
+    added
+}
+
+/// Seconds a podman command takes in the guest, its output shown if it
+/// fails; run without the channel's port descriptor and streams.
+fn podman_timed(vm: &Vm, command: &str, log: &str) -> f64 {
+    let took = sh_long(
+        vm,
+        &format!(
+            "exec 3>&-; s=$(date +%s%N); {command} </dev/null >{log} 2>&1 || {{ cat {log}; exit 1; }}; e=$(date +%s%N); echo $(( (e - s) / 1000000 ))"
+        ),
+    );
+    took.trim().lines().last().unwrap().parse::<f64>().unwrap() / 1000.0
+}
+
 fn count(vm: &Vm, command: &str) -> u32 {
     vm.sh(command)
         .trim()
@@ -154,18 +184,7 @@ fn scenario() {
             "systemctl list-units --plain --no-legend --state=active 'berth-default_bench-*_main.service' | wc -l",
         );
         assert_eq!(active, n, "Berth: containers active");
-        std::thread::sleep(Duration::from_secs(10));
-        let after = processes(&vm);
-        println!(
-            "bench-anchors: Berth, {n} pods: new processes {:?}",
-            anchors::new_processes(&before, &after)
-        );
-        let added = anchors::added(&before, &after, n);
-        assert_eq!(
-            added.workload,
-            2 * n as usize,
-            "Berth: every container's two processes run"
-        );
+        let added = settled_cost(&vm, "Berth", &before, n);
         let idle_cpu_percent = idle_cpu(&vm, "berth", idle);
         let remove_s = berth_apply(&mut vm, &git, &[("pods/bench.yaml", nothing)], "clear");
         let left = count(
@@ -213,38 +232,23 @@ fn scenario() {
         let file = format!("/run/bench-{n}.yaml");
         put(&vm, &file, &pods_yaml(n));
         let before = processes(&vm);
-        let took = sh_long(
+        let start_s = podman_timed(
             &vm,
-            &format!(
-                "exec 3>&-; s=$(date +%s%N); systemd-run --scope --quiet -- podman kube play {file} </dev/null >/tmp/podman-play.log 2>&1 || {{ cat /tmp/podman-play.log; exit 1; }}; e=$(date +%s%N); echo $(( (e - s) / 1000000 ))"
-            ),
+            &format!("systemd-run --scope --quiet -- podman kube play {file}"),
+            "/tmp/podman-play.log",
         );
-        let start_s = took.trim().lines().last().unwrap().parse::<f64>().unwrap() / 1000.0;
         let running = count(
             &vm,
             "podman ps --format '{{.Names}}' | grep -c -- '-main$' || true",
         );
         assert_eq!(running, n, "Podman: containers running");
-        std::thread::sleep(Duration::from_secs(10));
-        let after = processes(&vm);
-        println!(
-            "bench-anchors: Podman, {n} pods: new processes {:?}",
-            anchors::new_processes(&before, &after)
-        );
-        let added = anchors::added(&before, &after, n);
-        assert_eq!(
-            added.workload,
-            2 * n as usize,
-            "Podman: every container's two processes run"
-        );
+        let added = settled_cost(&vm, "Podman", &before, n);
         let idle_cpu_percent = idle_cpu(&vm, "conmon podman", idle);
-        let took = sh_long(
+        let remove_s = podman_timed(
             &vm,
-            &format!(
-                "exec 3>&-; s=$(date +%s%N); podman kube down {file} </dev/null >/tmp/podman-down.log 2>&1 || {{ cat /tmp/podman-down.log; exit 1; }}; e=$(date +%s%N); echo $(( (e - s) / 1000000 ))"
-            ),
+            &format!("podman kube down {file}"),
+            "/tmp/podman-down.log",
         );
-        let remove_s = took.trim().lines().last().unwrap().parse::<f64>().unwrap() / 1000.0;
         assert_eq!(
             count(&vm, "podman ps -a -q | wc -l"),
             0,
