@@ -7,6 +7,7 @@
 //! Nothing here listens on a network socket: the command channel is a Unix
 //! socket, the Git daemon runs per connection on QEMU's stdin/stdout.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -925,6 +926,17 @@ pub fn status_json(output: &str) -> Result<serde_json::Value> {
         .map_err(|e| HarnessError(format!("berth status is not JSON ({e}): {output}")))
 }
 
+/// A commit applied by the agent ([`Vm::apply_commit`]).
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// From the commit fetched to every action applied.
+    pub seconds: f64,
+    /// The agent's "revision REV: N actions applied" line.
+    pub line: String,
+    /// The guest's CPU ticks by command over the apply, most first.
+    pub cpu: Vec<(String, u64)>,
+}
+
 /// The agent's CPU use over a span, in percent of one CPU (clock ticks of
 /// 10 ms, as /proc counts them).
 #[derive(Debug, Clone, Copy)]
@@ -1029,6 +1041,53 @@ impl Vm {
         }
     }
 
+    /// Pushes `files` to `git`, asks the agent to sync, and waits for the
+    /// pass that applies the commit: the seconds from the agent's "fetched
+    /// ... at REV" journal line to its "revision REV: N actions applied"
+    /// line, that line (it says where the pass's time went), and the guest's
+    /// CPU from before the push to the line. A failed action is an error.
+    pub fn apply_commit(
+        &mut self,
+        git: &GitHost,
+        files: &[(&str, &str)],
+        message: &str,
+        timeout: Duration,
+    ) -> Result<Applied> {
+        let before = self.cpu_by_command()?;
+        let rev = git.push(files, message)?;
+        self.sh("systemctl reload berth-agent.service");
+        let applied = format!("revision {}: ", &rev[..12]);
+        self.wait_for(&applied, timeout)?;
+        let cpu = cpu_spent(&before, &self.cpu_by_command()?);
+        let line = self
+            .console_text()
+            .lines()
+            .find(|l| l.contains(&applied))
+            .unwrap_or_default()
+            .to_string();
+        if !line.contains(" 0 failed") {
+            return fail(format!("revision {}: an action failed: {line}", &rev[..12]));
+        }
+        let seconds =
+            self.agent_stamp(&applied)? - self.agent_stamp(&format!("at {}", &rev[..12]))?;
+        Ok(Applied { seconds, line, cpu })
+    }
+
+    /// CPU ticks (user and system) of every guest process by command name,
+    /// and the guest's busy ticks under `"(busy)"`: take one before and one
+    /// after, and subtract ([`cpu_spent`]). A process that ended in between
+    /// counts in the busy ticks only.
+    pub fn cpu_by_command(&self) -> Result<BTreeMap<String, u64>> {
+        let (rc, out) = self.exec(
+            "for f in /proc/[0-9]*/stat; do cat $f 2>/dev/null; echo; done; head -1 /proc/stat",
+            Duration::from_secs(120),
+        )?;
+        if rc != 0 {
+            return fail(format!("reading the guest's CPU counters: exit {rc}: {out}"));
+        }
+        parse_cpu_by_command(&out)
+    }
+
     /// The guest clock (seconds since the epoch) of the agent's first
     /// journal line holding `needle` (the console's lines carry no time).
     pub fn agent_stamp(&self, needle: &str) -> Result<f64> {
@@ -1054,8 +1113,8 @@ impl Vm {
         &self,
         what: &str,
         timeout: Duration,
-        done: impl Fn(&std::collections::BTreeMap<String, serde_json::Value>) -> bool,
-    ) -> std::collections::BTreeMap<String, serde_json::Value> {
+        done: impl Fn(&BTreeMap<String, serde_json::Value>) -> bool,
+    ) -> BTreeMap<String, serde_json::Value> {
         let end = Instant::now() + timeout;
         loop {
             // A guest busy starting many units under TCG can be slow to
@@ -1065,7 +1124,7 @@ impl Vm {
                 Ok(r) => r,
                 Err(e) => (-1, e.to_string()),
             };
-            let pods: std::collections::BTreeMap<String, serde_json::Value> = if rc == 0 {
+            let pods: BTreeMap<String, serde_json::Value> = if rc == 0 {
                 by_alias(
                     serde_json::from_str::<Vec<serde_json::Value>>(&out)
                         .unwrap_or_default()
@@ -1073,7 +1132,7 @@ impl Vm {
                         .map(|p| (p["name"].as_str().unwrap_or_default().to_string(), p)),
                 )
             } else {
-                std::collections::BTreeMap::new()
+                BTreeMap::new()
             };
             if done(&pods) {
                 return pods;
@@ -1107,9 +1166,9 @@ pub fn replica_alias(name: &str) -> String {
 /// an alias (old and new pods of a rollout): those keep their full names.
 pub fn by_alias(
     pods: impl Iterator<Item = (String, serde_json::Value)>,
-) -> std::collections::BTreeMap<String, serde_json::Value> {
+) -> BTreeMap<String, serde_json::Value> {
     let pods: Vec<(String, serde_json::Value)> = pods.collect();
-    let mut seen: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for (name, _) in &pods {
         *seen.entry(replica_alias(name)).or_default() += 1;
     }
@@ -1137,7 +1196,7 @@ pub fn free_loopback_port() -> Result<u16> {
 pub struct Load {
     pub sent: u64,
     pub failed: u64,
-    pub answers: std::collections::BTreeMap<String, u64>,
+    pub answers: BTreeMap<String, u64>,
 }
 
 /// Requests to a forwarded node port from the host, one after another
@@ -1238,6 +1297,57 @@ pub fn http_get_loopback(port: u16) -> std::io::Result<String> {
 }
 
 /// Standard base64 with padding, for files written into the guest.
+/// Parses `/proc/PID/stat` lines and `/proc/stat`'s `cpu` line into ticks
+/// by command name (utime and stime) and `"(busy)"` (every `cpu` field but
+/// idle and iowait).
+pub fn parse_cpu_by_command(text: &str) -> Result<BTreeMap<String, u64>> {
+    let mut out = BTreeMap::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("cpu ") {
+            let f: Vec<u64> = rest
+                .split_whitespace()
+                .map(|x| x.parse().unwrap_or(0))
+                .collect();
+            let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+            out.insert("(busy)".to_string(), f.iter().sum::<u64>() - idle);
+            continue;
+        }
+        let (Some(open), Some(close)) = (line.find('('), line.rfind(')')) else {
+            return fail(format!("not a /proc/PID/stat line: {line:?}"));
+        };
+        let comm = &line[open + 1..close];
+        let f: Vec<u64> = line[close + 1..]
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        if f.len() != 2 {
+            return fail(format!("a /proc/PID/stat line cut short: {line:?}"));
+        }
+        *out.entry(comm.to_string()).or_default() += f.iter().sum::<u64>();
+    }
+    if !out.contains_key("(busy)") {
+        return fail("no cpu line from /proc/stat".to_string());
+    }
+    Ok(out)
+}
+
+/// What each command spent between two [`Vm::cpu_by_command`] readings,
+/// most first, without the commands that spent nothing.
+pub fn cpu_spent(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> Vec<(String, u64)> {
+    let mut spent: Vec<(String, u64)> = after
+        .iter()
+        .map(|(k, v)| (k.clone(), v.saturating_sub(before.get(k).copied().unwrap_or(0))))
+        .filter(|(_, v)| *v > 0)
+        .collect();
+    spent.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    spent
+}
+
 pub fn base64(bytes: &[u8]) -> String {
     const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
@@ -1268,5 +1378,46 @@ mod base64_tests {
         assert_eq!(super::base64(b"fo"), "Zm8=");
         assert_eq!(super::base64(b"foo"), "Zm9v");
         assert_eq!(super::base64(b"foobar\n"), "Zm9vYmFyCg==");
+    }
+}
+
+#[cfg(test)]
+mod cpu_tests {
+    use super::{cpu_spent, parse_cpu_by_command};
+
+    #[test]
+    fn ticks_are_summed_by_command_and_the_busy_line_leaves_out_idle() {
+        let before = "1 (systemd) S 0 1 1 0 -1 4194560 100 200 3 4 50 60 7 8 20 0 1 0\n\
+                      \n\
+                      245 (berth) S 1 245 245 0 -1 0 0 0 0 0 10 5 0 0 20 0 9 0\n\
+                      300 (sh) S 1 300 300 0 -1 0 0 0 0 0 1 1 0 0 20 0 1 0\n\
+                      301 (sh) S 1 301 301 0 -1 0 0 0 0 0 2 0 0 0 20 0 1 0\n\
+                      cpu  100 0 50 1000 20 0 5 0 0 0\n";
+        let b = parse_cpu_by_command(before).unwrap();
+        assert_eq!(b["systemd"], 50 + 60);
+        assert_eq!(b["berth"], 15);
+        assert_eq!(b["sh"], 4);
+        assert_eq!(b["(busy)"], 155);
+        let after = "1 (systemd) S 0 1 1 0 -1 4194560 100 200 3 4 80 60 7 8 20 0 1 0\n\
+                     245 (berth) S 1 245 245 0 -1 0 0 0 0 0 10 5 0 0 20 0 9 0\n\
+                     400 (a (b) c) S 1 400 400 0 -1 0 0 0 0 0 3 0 0 0 20 0 1 0\n\
+                     cpu  150 0 60 1100 20 0 5 0 0 0\n";
+        let a = parse_cpu_by_command(after).unwrap();
+        assert_eq!(a["a (b) c"], 3);
+        assert_eq!(
+            cpu_spent(&b, &a),
+            vec![
+                ("(busy)".to_string(), 60),
+                ("systemd".to_string(), 30),
+                ("a (b) c".to_string(), 3)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_reading_without_the_cpu_line_or_with_a_cut_line_is_an_error() {
+        assert!(parse_cpu_by_command("1 (systemd) S 0 1 1 0 -1 0 0 0 0 0 5 5 0 0\n").is_err());
+        assert!(parse_cpu_by_command("1 (systemd) S 0 1 1 0 -1 0 0 0 0 0 5\ncpu  1 0 0 0 0\n").is_err());
+        assert!(parse_cpu_by_command("garbage\ncpu  1 0 0 0 0\n").is_err());
     }
 }

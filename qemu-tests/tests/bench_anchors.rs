@@ -67,27 +67,6 @@ fn idle_cpu(vm: &Vm, names: &str, seconds: u64) -> f64 {
     after.saturating_sub(before) as f64 / seconds as f64
 }
 
-fn stamp(vm: &Vm, needle: &str) -> f64 {
-    must(vm.agent_stamp(needle))
-}
-
-/// Pushes `files`, asks the agent to sync, and returns the seconds from
-/// the commit fetched to every action applied.
-fn berth_apply(vm: &mut Vm, git: &GitHost, files: &[(&str, &str)], message: &str) -> f64 {
-    let rev = must(git.push(files, message));
-    vm.sh("systemctl reload berth-agent.service");
-    let applied = format!("revision {}: ", &rev[..12]);
-    must(vm.wait_for(&applied, WAIT));
-    let line = vm
-        .console_text()
-        .lines()
-        .find(|l| l.contains(&applied))
-        .unwrap_or_default()
-        .to_string();
-    assert!(line.contains(" 0 failed"), "{line}");
-    stamp(vm, &applied) - stamp(vm, &format!("at {}", &rev[..12]))
-}
-
 /// What `tool` added once `n` pods settle (10 s): the new processes named
 /// for the record, and every container's two processes checked running.
 fn settled_cost(vm: &Vm, tool: &str, before: &[anchors::Process], n: u32) -> anchors::Added {
@@ -107,12 +86,12 @@ fn settled_cost(vm: &Vm, tool: &str, before: &[anchors::Process], n: u32) -> anc
 }
 
 /// Seconds a podman command takes in the guest, its output shown if it
-/// fails; run without the channel's port descriptor and streams.
+/// fails; its streams away from the channel's pipe.
 fn podman_timed(vm: &Vm, command: &str, log: &str) -> f64 {
     let took = sh_long(
         vm,
         &format!(
-            "exec 3>&-; s=$(date +%s%N); {command} </dev/null >{log} 2>&1 || {{ cat {log}; exit 1; }}; e=$(date +%s%N); echo $(( (e - s) / 1000000 ))"
+            "s=$(date +%s%N); {command} </dev/null >{log} 2>&1 || {{ cat {log}; exit 1; }}; e=$(date +%s%N); echo $(( (e - s) / 1000000 ))"
         ),
     );
     took.trim().lines().last().unwrap().parse::<f64>().unwrap() / 1000.0
@@ -173,12 +152,15 @@ fn scenario() {
     let mut runs = Vec::new();
     for &n in &counts {
         let before = processes(&vm);
-        let start_s = berth_apply(
-            &mut vm,
+        let applied = must(vm.apply_commit(
             &git,
             &[("pods/bench.yaml", &pods_yaml(n))],
             "bench",
-        );
+            WAIT,
+        ));
+        let start_s = applied.seconds;
+        println!("bench-anchors: Berth, {n} pods: {}", applied.line);
+        println!("bench-anchors: Berth, {n} pods: guest CPU ticks by command: {:?}", applied.cpu);
         let active = count(
             &vm,
             "systemctl list-units --plain --no-legend --state=active 'berth-default_bench-*_main.service' | wc -l",
@@ -186,7 +168,8 @@ fn scenario() {
         assert_eq!(active, n, "Berth: containers active");
         let added = settled_cost(&vm, "Berth", &before, n);
         let idle_cpu_percent = idle_cpu(&vm, "berth", idle);
-        let remove_s = berth_apply(&mut vm, &git, &[("pods/bench.yaml", nothing)], "clear");
+        let remove_s = must(vm.apply_commit(&git, &[("pods/bench.yaml", nothing)], "clear", WAIT))
+            .seconds;
         let left = count(
             &vm,
             "systemctl list-units --all --plain --no-legend 'berth-default_bench-*' | wc -l",
@@ -206,10 +189,9 @@ fn scenario() {
 
     // Podman alone: Berth's agent stopped (its pods are gone already).
     // Every podman command runs with its standard streams away from the
-    // test channel's pipe, and without the channel's own descriptor of the
-    // virtio port (fd 3): a helper it leaves running (conmon, the DNS
-    // server of kube play's network) would otherwise hold the pipe open,
-    // or the port, which opens once, so the channel could never reopen it.
+    // test channel's pipe: a helper it leaves running (conmon, the DNS
+    // server of kube play's network) would otherwise hold the pipe open
+    // (the channel itself keeps its port away from every command).
     // `kube play` runs in a scope of its own: the channel's service is
     // restarted after every command, which would kill the conmons and
     // containers left in its cgroup.
@@ -218,14 +200,14 @@ fn scenario() {
     println!("bench-anchors: loading busybox into podman");
     sh_long(
         &vm,
-        "exec 3>&-; loaded=$(timeout 300 podman load -q -i /usr/share/berth/images/busybox.tar </dev/null 2>/dev/null | sed -n 's/^Loaded image: //p' | tail -n1) && podman tag \"$loaded\" docker.io/library/busybox:1.37 </dev/null && podman images --format '{{.Repository}}:{{.Tag}}'",
+        "loaded=$(timeout 300 podman load -q -i /usr/share/berth/images/busybox.tar </dev/null 2>/dev/null | sed -n 's/^Loaded image: //p' | tail -n1) && podman tag \"$loaded\" docker.io/library/busybox:1.37 </dev/null && podman images --format '{{.Repository}}:{{.Tag}}'",
     );
     // The pause image is built on the first play: warm it, unmeasured.
     println!("bench-anchors: warming podman's pause image");
     put(&vm, "/run/bench-warm.yaml", &pods_yaml(1));
     sh_long(
         &vm,
-        "exec 3>&-; timeout 600 systemd-run --scope --quiet -- podman kube play /run/bench-warm.yaml </dev/null >/tmp/podman-warm.log 2>&1 && podman kube down /run/bench-warm.yaml </dev/null >>/tmp/podman-warm.log 2>&1 || { cat /tmp/podman-warm.log; exit 1; }",
+        "timeout 600 systemd-run --scope --quiet -- podman kube play /run/bench-warm.yaml </dev/null >/tmp/podman-warm.log 2>&1 && podman kube down /run/bench-warm.yaml </dev/null >>/tmp/podman-warm.log 2>&1 || { cat /tmp/podman-warm.log; exit 1; }",
     );
     std::thread::sleep(Duration::from_secs(10));
     for &n in &counts {

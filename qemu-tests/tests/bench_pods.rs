@@ -26,10 +26,6 @@ fn sh(vm: &Vm, command: &str) -> String {
     out
 }
 
-fn stamp(vm: &Vm, needle: &str) -> f64 {
-    must(vm.agent_stamp(needle))
-}
-
 fn agent_pid(vm: &Vm) -> String {
     sh(vm, "systemctl show -p MainPID --value berth-agent.service")
         .trim()
@@ -83,18 +79,15 @@ fn scenario() {
 
     let mut results = Vec::new();
     for replicas in [1u32, 50] {
-        let rev = must(git.push(&[("pods/bench.yaml", &deployment(replicas))], "bench"));
-        sh(&vm, "systemctl reload berth-agent.service");
-        let applied = format!("revision {}: ", &rev[..12]);
-        must(vm.wait_for(&applied, WAIT));
-        let line = vm
-            .console_text()
-            .lines()
-            .find(|l| l.contains(&applied))
-            .unwrap_or_default()
-            .to_string();
-        assert!(line.contains(" 0 failed"), "{line}");
-        let seconds = stamp(&vm, &applied) - stamp(&vm, &format!("at {}", &rev[..12]));
+        let applied = must(vm.apply_commit(
+            &git,
+            &[("pods/bench.yaml", &deployment(replicas))],
+            "bench",
+            WAIT,
+        ));
+        let seconds = applied.seconds;
+        println!("bench: {replicas} pod(s): {}", applied.line);
+        println!("bench: {replicas} pod(s): guest CPU ticks by command: {:?}", applied.cpu);
         let running = sh(
             &vm,
             "systemctl list-units --plain --no-legend --state=active 'berth-default_bench-*_main.service' | wc -l",
@@ -103,15 +96,15 @@ fn scenario() {
         results.push((replicas, seconds));
         if replicas == 1 {
             // Back to nothing, so the 50 all start new.
-            let rev = must(git.push(
+            must(vm.apply_commit(
+                &git,
                 &[(
                     "pods/bench.yaml",
                     "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: bench}\n",
                 )],
                 "clear",
+                WAIT,
             ));
-            sh(&vm, "systemctl reload berth-agent.service");
-            must(vm.wait_for(&format!("revision {}: ", &rev[..12]), WAIT));
         }
     }
     std::thread::sleep(Duration::from_secs(10));

@@ -21,6 +21,9 @@ use berth_net::{KernelHost, NetworkHost, NetworkSettings, Resolver};
 use berth_plan::DesiredPod;
 use berth_plan::services::{NodePort, ServicePlan, ServiceProtocol};
 
+/// Threads wiring pods at once.
+const WIRING_THREADS: usize = 4;
+
 /// Where the network keeps its state and binds namespaces.
 #[derive(Debug, Clone)]
 pub struct NetworkPaths {
@@ -173,38 +176,59 @@ impl PodNetwork {
             return out;
         };
         let before = book.clone();
+        let mut wanted = Vec::new();
         for pod in pods.iter().filter(|p| !p.host_network) {
             let key = pod.id.key();
-            let ip = match book.pods.lease(&key) {
-                Ok(ip) => ip,
+            match book.pods.lease(&key) {
+                Ok(ip) => wanted.push((pod, ip)),
                 Err(e) => {
                     out.insert(key, Wired::Failed(format!("no pod IP: {e}")));
-                    continue;
                 }
-            };
+            }
+        }
+        // Each pod's namespace, veth and files are its own: wired on a few
+        // threads at once (most of a pod's wiring is waiting on the kernel
+        // and on the threads that enter its namespace).
+        let host = &*self.host;
+        let files_dir = &self.paths.files_dir;
+        let settings = &settings;
+        let wire_one = |(pod, ip): &(&DesiredPod, std::net::Ipv4Addr)| {
+            let key = pod.id.key();
             let want = PodLink {
                 netns: key.clone(),
                 host_if: berth_net::host_if_name(&key),
-                ip,
+                ip: *ip,
                 prefix: settings.pod_cidr.prefix(),
                 gateway: settings.gateway(),
             };
-            let wired = self
-                .host
+            let wired = host
                 .ensure_pod(&want)
                 .map_err(|e| format!("wiring the pod network: {e}"))
                 .and_then(|_| {
-                    write_pod_files(&self.paths.files_dir, pod, ip, &settings)
+                    write_pod_files(files_dir, pod, *ip, settings)
                         .map_err(|e| format!("writing the pod's resolv.conf and hosts: {e}"))
                 });
-            out.insert(
+            (
                 key,
                 match wired {
-                    Ok(()) => Wired::Ip(ip),
+                    Ok(()) => Wired::Ip(*ip),
                     Err(e) => Wired::Failed(e),
                 },
-            );
-        }
+            )
+        };
+        let per_thread = wanted.len().div_ceil(WIRING_THREADS).max(1);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = wanted
+                .chunks(per_thread)
+                .map(|chunk| scope.spawn(move || chunk.iter().map(wire_one).collect::<Vec<_>>()))
+                .collect();
+            for w in workers {
+                match w.join() {
+                    Ok(results) => out.extend(results),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+        });
         if *book != before
             && let Err(e) = book.save(&self.paths.leases)
         {

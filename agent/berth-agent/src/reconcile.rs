@@ -767,6 +767,8 @@ impl Agent {
                     self.log.warn(&n);
                 }
                 self.state.network.error = None;
+                self.pass_marks
+                    .push(("node network", std::time::Instant::now()));
                 net.wire(pods)
             }
             Err(e) => {

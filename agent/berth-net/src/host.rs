@@ -53,7 +53,7 @@ impl Resolver for DnsServer {
 
 /// The node's side of the pod network. Every call acts on the node's own
 /// network namespace (the calling thread's).
-pub trait NetworkHost: Send + fmt::Debug {
+pub trait NetworkHost: Send + Sync + fmt::Debug {
     /// IPv4 addresses of the node's links other than `lo`, the bridge and
     /// pods' veths: what the pod and Service ranges must not overlap.
     fn node_addresses(&self) -> Result<Vec<(String, Ipv4Addr, u8)>, HostError>;

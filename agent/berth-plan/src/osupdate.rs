@@ -130,6 +130,7 @@ pub fn stops_before_reboot(actual: &crate::ActualState, version: &str) -> Vec<cr
                 properties: Default::default(),
                 changes: Vec::new(),
                 grace_seconds: None,
+                after_start: Vec::new(),
             }
         })
         .collect()

@@ -80,6 +80,29 @@ pub struct Action {
     /// For a kill: seconds between SIGTERM and SIGKILL.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grace_seconds: Option<u64>,
+    /// For a start or a pod slice's creation: properties left out of the
+    /// start and given (`SetUnitProperties`) the moment its job ends. See
+    /// [`after_start`].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub after_start: Vec<String>,
+}
+
+/// The one property an app container and its pod slice start without and
+/// get as soon as the container runs: its CPU limit. systemd's executor
+/// sets up a container's sandbox inside the container's own cgroup, and a
+/// limit of 100m throttled that setup (half a second of CPU under
+/// emulation) to five seconds before the container's program ran. Memory
+/// limits hold from the start; an init container keeps its CPU limit too
+/// (it runs to completion within its start job). The node ends as the
+/// properties say either way.
+pub const AFTER_START: &str = "CPUQuotaPerSecUSec";
+
+/// What of `properties` a unit gets once it runs ([`AFTER_START`], if set).
+pub fn after_start(properties: &Properties) -> Vec<String> {
+    properties
+        .get(AFTER_START)
+        .map(|_| vec![AFTER_START.to_string()])
+        .unwrap_or_default()
 }
 
 /// What the plan leaves alone on purpose in this pass, and why.
@@ -272,6 +295,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 .as_ref()
                 .filter(|p| input.immediate.contains(*p) && !unit.name.is_slice())
                 .map(|_| 0),
+            after_start: Vec::new(),
         };
         if pod.as_ref().is_some_and(|p| input.beside.contains(p)) && retiring.is_some() {
             beside.insert(unit.name.clone());
@@ -373,6 +397,12 @@ fn slice_action(
             properties: SharedProperties::clone(&slice.properties),
             changes: Vec::new(),
             grace_seconds: None,
+            // A pod's slice: its CPU limit would throttle its containers'
+            // sandbox setup too.
+            after_start: match pod {
+                Some(_) => after_start(&slice.properties),
+                None => Vec::new(),
+            },
         }),
         Some(a) => {
             let changes = diff(&slice.properties, &a.properties);
@@ -385,6 +415,7 @@ fn slice_action(
                 properties: SharedProperties::default(),
                 changes,
                 grace_seconds: None,
+                after_start: Vec::new(),
             })
         }
     }
@@ -413,6 +444,10 @@ fn unit_action(
             pod: Some(pod.id.clone()),
             reason,
             image: None,
+            after_start: match verb {
+                Verb::Start | Verb::Restart if !unit.init => after_start(&properties),
+                _ => Vec::new(),
+            },
             properties,
             changes,
             grace_seconds: None,

@@ -98,6 +98,7 @@ pub fn gate(
                     properties: SharedProperties::default(),
                     changes: Vec::new(),
                     grace_seconds: None,
+                    after_start: Vec::new(),
                 });
             }
         }

@@ -616,3 +616,54 @@ fn two_node_images_for_one_node_are_an_error_of_the_revision() {
     let plan = plan_of([("a.yaml", NODE_IMAGE), ("b.yaml", elsewhere.as_str())]);
     assert_eq!(plan.os.as_ref().map(|o| o.version.as_str()), Some("2"));
 }
+
+#[test]
+fn an_app_container_and_its_pod_slice_get_their_cpu_limit_once_running() {
+    let init = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web}
+spec:
+  initContainers:
+    - name: setup
+      image: busybox:1.37
+      command: ["true"]
+      resources: {limits: {cpu: 100m, memory: 32Mi}}
+  containers:
+    - name: main
+      image: busybox:1.37
+      command: ["httpd", "-f"]
+      resources: {limits: {cpu: 500m, memory: 64Mi}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: free}
+spec:
+  containers:
+    - name: main
+      image: busybox:1.37
+      command: ["httpd", "-f"]
+      resources: {limits: {memory: 64Mi}}
+"#;
+    let plan = plan_for(&[("pod.yaml", init)], &ActualState::default());
+    let later = |unit: &str| action(&plan, unit).after_start.clone();
+    let cpu = vec![berth_plan::plan::AFTER_START.to_string()];
+    assert_eq!(later("berth-default_web_main.service"), cpu);
+    assert_eq!(later("berth-guaranteed-default_web.slice"), cpu);
+    // An init container runs to completion inside its start job.
+    assert_eq!(later("berth-default_web_setup.service"), Vec::<String>::new());
+    // No CPU limit: nothing to give later, to the container or its slice.
+    assert_eq!(later("berth-default_free_main.service"), Vec::<String>::new());
+    assert_eq!(later("berth-burstable-default_free.slice"), Vec::<String>::new());
+    // The node's own slices have no limit of a pod's.
+    for a in plan.plan.actions.iter().filter(|a| a.pod.is_none()) {
+        assert!(a.after_start.is_empty(), "{a:?}");
+    }
+    // The properties still say the limit the unit ends with.
+    assert!(
+        action(&plan, "berth-default_web_main.service")
+            .properties
+            .get(berth_plan::plan::AFTER_START)
+            .is_some()
+    );
+}

@@ -39,6 +39,9 @@ struct JobBoard {
 }
 
 const JOB_BOARD_CAPACITY: usize = 4096;
+/// Threads calling systemd at once for calls that do not depend on each
+/// other (reading units, setting properties).
+const CALLERS: usize = 4;
 
 impl JobBoard {
     fn record(&self, job: String, result: String) {
@@ -129,7 +132,17 @@ impl DbusSystemd {
     ) -> Result<Self, SystemdError> {
         let connect = |e: zbus::Error| SystemdError::Connect(e.to_string());
         let conn = Connection::system().map_err(connect)?;
-        let manager = Proxy::new(&conn, DEST, PATH, MANAGER).map_err(connect)?;
+        // Uncached: zbus would otherwise keep every manager property from
+        // its first read and update only those systemd signals changes of,
+        // and `SystemState` is not one of them (a shutdown would go unseen).
+        let manager: Proxy<'static> = zbus::blocking::proxy::Builder::new(&conn)
+            .destination(DEST)
+            .and_then(|b| b.path(PATH))
+            .and_then(|b| b.interface(MANAGER))
+            .map_err(connect)?
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .map_err(connect)?;
         let signals = manager.receive_signal("JobRemoved").map_err(connect)?;
         manager
             .call_method("Subscribe", &())
@@ -250,16 +263,75 @@ impl DbusSystemd {
         path: &OwnedObjectPath,
         interface: &str,
     ) -> Result<HashMap<String, OwnedValue>, SystemdError> {
-        let props = Proxy::new(
-            &self.conn,
-            DEST,
-            path.as_str(),
-            "org.freedesktop.DBus.Properties",
-        )
-        .map_err(bus("GetAll"))?;
+        let props: Proxy<'_> = zbus::blocking::proxy::Builder::new(&self.conn)
+            .destination(DEST)
+            .and_then(|b| b.path(path.as_str()))
+            .and_then(|b| b.interface("org.freedesktop.DBus.Properties"))
+            .map_err(bus("GetAll"))?
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .map_err(bus("GetAll"))?;
         props
             .call::<_, _, HashMap<String, OwnedValue>>("GetAll", &(interface,))
             .map_err(bus("GetAll"))
+    }
+
+    /// A loaded unit's details read at its object path; `None` once it is
+    /// no longer loaded (a transient unit that stopped in between).
+    fn details_at(
+        &self,
+        name: &str,
+        path: &OwnedObjectPath,
+    ) -> Result<Option<UnitDetails>, SystemdError> {
+        let mut all = self.get_all(path, "org.freedesktop.systemd1.Unit")?;
+        // Read by its path, a unit gone since the listing is loaded afresh
+        // as `not-found`: it is not there any more.
+        let loaded = all
+            .get("LoadState")
+            .and_then(|v| from_wire(v))
+            .is_some_and(|v| matches!(v, PropertyValue::Text(t) if &*t == "loaded"));
+        if !loaded {
+            return Ok(None);
+        }
+        if let Some(iface) = type_interface(name) {
+            all.extend(self.get_all(path, iface)?);
+        }
+        let text = |k: &str| {
+            all.get(k)
+                .and_then(|v| from_wire(v))
+                .and_then(|v| match v {
+                    PropertyValue::Text(t) => Some(t.to_string()),
+                    _ => None,
+                })
+                .unwrap_or_default()
+        };
+        let number = |k: &str| match all.get(k).and_then(|v| from_wire(v)) {
+            Some(PropertyValue::Unsigned(x)) => i128::from(x),
+            Some(PropertyValue::Signed(x)) => i128::from(x),
+            _ => 0,
+        };
+        let runtime = UnitRuntime {
+            restarts: u32::try_from(number("NRestarts")).unwrap_or(0),
+            exit_status: i32::try_from(number("ExecMainStatus")).unwrap_or(0),
+            exit_code: i32::try_from(number("ExecMainCode")).unwrap_or(0),
+            main_pid: u32::try_from(number("MainPID")).unwrap_or(0),
+            active_enter_usec: u64::try_from(number("ActiveEnterTimestamp")).unwrap_or(0),
+            control_group: text("ControlGroup"),
+            result: text("Result"),
+        };
+        let mut properties = Properties::new();
+        for key in READ_BACK {
+            if let Some(v) = all.get(*key).and_then(|v| from_wire(v)) {
+                properties.insert(*key, v);
+            }
+        }
+        Ok(Some(UnitDetails {
+            name: name.to_string(),
+            active_state: parse_active_state(&text("ActiveState")),
+            sub_state: text("SubState"),
+            properties,
+            runtime,
+        }))
     }
 }
 
@@ -510,46 +582,25 @@ impl Systemd for DbusSystemd {
         let Some(path) = self.unit_path(name)? else {
             return Ok(None);
         };
-        let mut all = self.get_all(&path, "org.freedesktop.systemd1.Unit")?;
-        if let Some(iface) = type_interface(name) {
-            all.extend(self.get_all(&path, iface)?);
+        self.details_at(name, &path)
+    }
+
+    fn units_matching(&self, patterns: &[&str]) -> Result<Vec<UnitDetails>, SystemdError> {
+        let states: Vec<&str> = Vec::new();
+        let rows: Vec<ListedUnit> = self
+            .manager
+            .call("ListUnitsByPatterns", &(states, patterns))
+            .map_err(bus("ListUnitsByPatterns"))?;
+        let loaded: Vec<(String, OwnedObjectPath)> = rows
+            .into_iter()
+            .filter(|r| r.2 == "loaded")
+            .map(|r| (r.0, r.6))
+            .collect();
+        let mut out = Vec::with_capacity(loaded.len());
+        for details in in_parallel(&loaded, |(name, path)| self.details_at(name, path)) {
+            out.extend(details?);
         }
-        let text = |k: &str| {
-            all.get(k)
-                .and_then(|v| from_wire(v))
-                .and_then(|v| match v {
-                    PropertyValue::Text(t) => Some(t.to_string()),
-                    _ => None,
-                })
-                .unwrap_or_default()
-        };
-        let number = |k: &str| match all.get(k).and_then(|v| from_wire(v)) {
-            Some(PropertyValue::Unsigned(x)) => i128::from(x),
-            Some(PropertyValue::Signed(x)) => i128::from(x),
-            _ => 0,
-        };
-        let runtime = UnitRuntime {
-            restarts: u32::try_from(number("NRestarts")).unwrap_or(0),
-            exit_status: i32::try_from(number("ExecMainStatus")).unwrap_or(0),
-            exit_code: i32::try_from(number("ExecMainCode")).unwrap_or(0),
-            main_pid: u32::try_from(number("MainPID")).unwrap_or(0),
-            active_enter_usec: u64::try_from(number("ActiveEnterTimestamp")).unwrap_or(0),
-            control_group: text("ControlGroup"),
-            result: text("Result"),
-        };
-        let mut properties = Properties::new();
-        for key in READ_BACK {
-            if let Some(v) = all.get(*key).and_then(|v| from_wire(v)) {
-                properties.insert(*key, v);
-            }
-        }
-        Ok(Some(UnitDetails {
-            name: name.to_string(),
-            active_state: parse_active_state(&text("ActiveState")),
-            sub_state: text("SubState"),
-            properties,
-            runtime,
-        }))
+        Ok(out)
     }
 
     fn start_transient(&self, name: &str, properties: &Properties) -> Result<(), SystemdError> {
@@ -620,6 +671,38 @@ impl Systemd for DbusSystemd {
             .map(|_| ())
             .map_err(refused(name, "SetUnitProperties"))
     }
+
+    fn set_properties_all(&self, units: &[(&str, &Properties)]) -> Vec<Result<(), SystemdError>> {
+        in_parallel(units, |(name, properties)| {
+            self.set_properties(name, properties)
+        })
+    }
+}
+
+/// `call` on each item from up to [`CALLERS`] threads at once, results in
+/// order. PID 1 answers one call at a time, but the round trips through
+/// the bus and the encoding and decoding on this side overlap with its
+/// work.
+fn in_parallel<T: Sync, R: Send>(items: &[T], call: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    if items.len() < 2 {
+        return items.iter().map(&call).collect();
+    }
+    let per_thread = items.len().div_ceil(CALLERS);
+    let call = &call;
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = items
+            .chunks(per_thread)
+            .map(|chunk| scope.spawn(move || chunk.iter().map(call).collect::<Vec<R>>()))
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| match w.join() {
+                Ok(results) => results,
+                // A panic on a calling thread is a panic here too.
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    })
 }
 
 #[cfg(test)]

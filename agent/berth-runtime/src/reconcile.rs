@@ -32,22 +32,14 @@ pub struct Observed {
 
 pub fn observe(systemd: &dyn Systemd) -> Result<Observed, SystemdError> {
     let mut observed = Observed::default();
-    for summary in systemd.list_units(UNIT_PATTERNS)? {
-        if summary.load_state != "loaded" {
-            continue;
-        }
-        // A unit can vanish between the list and the read (a transient
-        // unit that just stopped); it is simply not there any more.
-        let Some(details) = systemd.unit(&summary.name)? else {
-            continue;
-        };
+    for details in systemd.units_matching(UNIT_PATTERNS)? {
         observed.actual.units.push(ActualUnit {
-            name: UnitName::from_observed(summary.name.clone()),
+            name: UnitName::from_observed(details.name.clone()),
             active_state: details.active_state,
             properties: details.properties.clone(),
             restarts: details.runtime.restarts,
         });
-        observed.units.insert(summary.name, details);
+        observed.units.insert(details.name.clone(), details);
     }
     Ok(observed)
 }
@@ -237,8 +229,9 @@ struct Applying<'a, 'h> {
     units: &'a BTreeMap<&'a str, (&'a DesiredPod, &'a ContainerUnit)>,
     slices: &'a BTreeMap<&'a str, &'a Properties>,
     observed: &'a Observed,
-    /// Pod slices created without their CPU limit, and the limit: given
-    /// once the pods' containers have started (see [`split_cpu_limit`]).
+    /// Pod slices created without what the plan gives them after the start
+    /// (`Action::after_start`), and that: given once the pods' containers
+    /// have started.
     deferred: &'a std::cell::RefCell<Vec<(String, Properties)>>,
 }
 
@@ -376,8 +369,9 @@ fn apply_actions<'a>(
 /// round trip to systemd for them all, not one per pod). Their results are
 /// taken up where each action comes in the plan.
 ///
-/// A pod slice with a CPU limit is created without it, the limit kept in
-/// `deferred` for [`limit_slices`] once the pod's containers have started.
+/// A pod slice is created without what the plan gives it after the start
+/// (its CPU limit), kept in `deferred` for [`limit_slices`] once the pod's
+/// containers have started.
 fn create_slices<'a>(
     host: &Host<'_>,
     actions: &[&'a berth_plan::Action],
@@ -397,7 +391,7 @@ fn create_slices<'a>(
             (
                 a.unit.as_str(),
                 &*a.properties,
-                split_cpu_limit(&a.properties),
+                split_after_start(&a.properties, &a.after_start),
             )
         })
         .collect();
@@ -414,34 +408,32 @@ fn create_slices<'a>(
     results
 }
 
-/// The one limit a container and its pod slice are started without, and
-/// given as soon as the container runs: systemd's executor sets up the
-/// container's sandbox inside the container's own cgroup, so a limit of
-/// 100m throttled that setup (half a second of CPU under emulation) to
-/// five seconds before the container's program even ran. Memory limits
-/// stay from the start. Init containers keep their CPU limit from the
-/// start too: they run to completion within their start job.
-const STARTED_LIMIT: &str = "CPUQuotaPerSecUSec";
-
-/// A unit's properties without its CPU limit, and the limit alone.
+/// A unit's properties without those the plan gives it after its start
+/// (`Action::after_start`), and those alone; `None` when there are none.
 type SplitLimit = (Properties, Properties);
 
-/// `properties` without the CPU limit, and the limit alone; `None` when
-/// there is no limit.
-fn split_cpu_limit(properties: &Properties) -> Option<SplitLimit> {
-    let quota = properties.get(STARTED_LIMIT)?.clone();
-    let rest = properties
+fn split_after_start(properties: &Properties, after: &[String]) -> Option<SplitLimit> {
+    let later: Properties = properties
         .iter()
-        .filter(|(k, _)| *k != STARTED_LIMIT)
+        .filter(|(k, _)| after.iter().any(|a| a == k))
         .map(|(k, v)| (k.to_string(), v.clone()))
         .collect();
-    Some((rest, [(STARTED_LIMIT, quota)].into_iter().collect()))
+    if later.is_empty() {
+        return None;
+    }
+    let rest = properties
+        .iter()
+        .filter(|(k, _)| !after.iter().any(|a| a == k))
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    Some((rest, later))
 }
 
 /// Gives the pod slices created in this pass their CPU limits.
 fn limit_slices(host: &Host<'_>, deferred: &[(String, Properties)], report: &mut ApplyReport) {
-    for (slice, limit) in deferred {
-        if let Err(e) = host.systemd.set_properties(slice, limit) {
+    let limits: Vec<(&str, &Properties)> = deferred.iter().map(|(s, l)| (s.as_str(), l)).collect();
+    for ((slice, _), result) in deferred.iter().zip(host.systemd.set_properties_all(&limits)) {
+        if let Err(e) = result {
             report.failed.push(ApplyFailure {
                 unit: slice.clone(),
                 pod: None,
@@ -466,14 +458,11 @@ fn start_prepared(
     pending: &[(&berth_plan::Action, Prepared<'_>)],
     report: &mut ApplyReport,
 ) {
-    // App containers (`Type=exec`) start without their CPU limit and get
-    // it once they run; init containers (`oneshot`) keep it throughout.
+    // What the plan gives a container once it runs (an app container's
+    // CPU limit) is left out of its start.
     let splits: Vec<Option<SplitLimit>> = pending
         .iter()
-        .map(|(_, p)| {
-            let app = matches!(p.properties.get("Type"), Some(PropertyValue::Text(t)) if t.as_ref() == "exec");
-            app.then(|| split_cpu_limit(p.properties)).flatten()
-        })
+        .map(|(a, p)| split_after_start(p.properties, &a.after_start))
         .collect();
     let services: Vec<(&str, &Properties)> = pending
         .iter()
@@ -486,11 +475,21 @@ fn start_prepared(
         })
         .collect();
     let started = host.systemd.start_all(&services);
-    for (((action, _), result), split) in pending.iter().zip(started).zip(&splits) {
-        let result = result.and_then(|()| match split {
-            Some((_, limit)) => host.systemd.set_properties(action.unit.as_str(), limit),
-            None => Ok(()),
-        });
+    // The limits of those that started, given together.
+    let limits: Vec<(&str, &Properties)> = pending
+        .iter()
+        .zip(&started)
+        .zip(&splits)
+        .filter_map(|(((a, _), r), split)| Some((a.unit.as_str(), &split.as_ref().filter(|_| r.is_ok())?.1)))
+        .collect();
+    let mut limited: BTreeMap<&str, Result<(), SystemdError>> = limits
+        .iter()
+        .map(|(u, _)| *u)
+        .zip(host.systemd.set_properties_all(&limits))
+        .collect();
+    for ((action, _), result) in pending.iter().zip(started) {
+        let result =
+            result.and_then(|()| limited.remove(action.unit.as_str()).unwrap_or(Ok(())));
         match result {
             Ok(()) => report.done.push((action.unit.to_string(), action.verb)),
             Err(e) => {
@@ -720,12 +719,13 @@ fn collect_garbage(host: &Host<'_>, pods: &[DesiredPod]) -> Vec<String> {
     let Ok(mounted) = host.roots.mounted_keys() else {
         return cleaned;
     };
+    let mut still = mounted.clone();
     for key in mounted.iter().filter(|k| !keep.contains(*k)) {
         if host.roots.unmount(key).is_ok() {
+            still.remove(key);
             cleaned.push(host.roots.rootfs(key).display().to_string());
         }
     }
-    let still = host.roots.mounted_keys().unwrap_or(mounted);
     for key in host.roots.keys().iter().filter(|k| !keep.contains(*k)) {
         if !still.contains(key) && host.roots.remove(key).is_ok() {
             cleaned.push(host.roots.dir(key).display().to_string());

@@ -114,18 +114,19 @@ impl KernelRootMounter {
 impl RootMounter for KernelRootMounter {
     fn mount(&self, target: &Path, overlay: &Overlay) -> io::Result<()> {
         use nix::mount::MsFlags;
-        if self.mounted(target)?.iter().any(|m| m == target) {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("{} is already mounted", target.display()),
-            ));
-        }
         let mut flags = MsFlags::MS_NODEV;
         if overlay.read_only {
             flags |= MsFlags::MS_RDONLY;
         }
         let options = overlay.options.as_str();
+        // Checked and mounted on one thread, in the namespace it mounts in.
         self.in_node_namespace("a container root mount", || {
+            if is_mount_point(target)? {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} is already mounted", target.display()),
+                ));
+            }
             nix::mount::mount(
                 Some("overlay"),
                 target,
@@ -156,6 +157,25 @@ impl RootMounter for KernelRootMounter {
             .filter(|p| p.starts_with(under))
             .collect())
     }
+}
+
+/// Whether `target` is the root of a mount in the calling thread's mount
+/// namespace: `statx` says so since Linux 5.8, the mount table otherwise.
+fn is_mount_point(target: &Path) -> io::Result<bool> {
+    use rustix::fs::{AtFlags, StatxAttributes, StatxFlags};
+    let st = rustix::fs::statx(
+        rustix::fs::CWD,
+        target,
+        AtFlags::SYMLINK_NOFOLLOW,
+        StatxFlags::empty(),
+    )?;
+    if st.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT) {
+        return Ok(st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT));
+    }
+    let text = fs::read_to_string("/proc/thread-self/mountinfo")?;
+    Ok(berth_storage::mounts::parse_mount_points(&text)
+        .iter()
+        .any(|m| m == target))
 }
 
 /// Mounts kept in memory, with the kernel's rules: one mount per target,

@@ -846,6 +846,13 @@ fn write_action(out: &mut impl Write, n: usize, action: &Action) -> io::Result<(
         None => {}
     }
     write_properties(out, &action.properties)?;
+    if !action.after_start.is_empty() {
+        writeln!(
+            out,
+            "     then, once it runs: {} (left out of the start so the sandbox is set up unthrottled)",
+            action.after_start.join(", ")
+        )?;
+    }
     if !action.properties.is_empty() {
         return Ok(());
     }
