@@ -139,6 +139,8 @@ pub struct Setting {
     pub host: String,
     pub qemu: String,
     pub podman: String,
+    /// The idle window the supervisors' CPU was measured over.
+    pub idle_seconds: u64,
 }
 
 fn ratio(berth: f64, podman: f64) -> String {
@@ -166,34 +168,41 @@ pub fn render(setting: &Setting, runs: &[Run]) -> String {
     let mut counts: Vec<u32> = runs.iter().map(|r| r.pods).collect();
     counts.sort_unstable();
     counts.dedup();
-    type Figure = (&'static str, fn(&Run) -> f64, fn(f64) -> String);
+    type Figure = (String, fn(&Run) -> f64, fn(f64) -> String);
     let figures: [Figure; 6] = [
         (
-            "start: commit fetched / `kube play` → all containers active",
+            "start: commit fetched / `kube play` → all containers active".into(),
             |r| r.start_s,
             |v| format!("{v:.2} s"),
         ),
         (
-            "processes added per container",
+            "processes added per container".into(),
             |r| r.added.processes,
             |v| format!("{v:.2}"),
         ),
         (
-            "resident memory added per container (RSS)",
+            "resident memory added per container (RSS)".into(),
             |r| r.added.rss_mib,
             |v| format!("{v:.2} MiB"),
         ),
         (
-            "proportional memory added per container (PSS)",
+            "proportional memory added per container (PSS)".into(),
             |r| r.added.pss_mib,
             |v| format!("{v:.2} MiB"),
         ),
         (
-            "supervisor CPU while idle for 60 s (agent / conmons)",
+            format!(
+                "supervisor CPU while idle for {} s (agent / conmons)",
+                setting.idle_seconds
+            ),
             |r| r.idle_cpu_percent,
             |v| format!("{v:.2} %"),
         ),
-        ("remove everything", |r| r.remove_s, |v| format!("{v:.2} s")),
+        (
+            "remove everything".into(),
+            |r| r.remove_s,
+            |v| format!("{v:.2} s"),
+        ),
     ];
     for (name, get, show) in figures {
         for n in &counts {
@@ -336,6 +345,7 @@ mod tests {
             host: "2 cores".into(),
             qemu: "QEMU 10.0.2".into(),
             podman: "podman 5.4.2".into(),
+            idle_seconds: 10,
         };
         let runs = [
             run(Tool::Berth, 10, 2.0),
@@ -355,6 +365,10 @@ mod tests {
         // Zero against two processes: a ratio of 0.00.
         assert!(
             table.contains("| processes added per container | 10 | 0.00 | 2.00 | 0.00 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| supervisor CPU while idle for 10 s (agent / conmons) | 10 |"),
             "{table}"
         );
         // 50 pods ran only under Berth: no row for them.

@@ -1083,7 +1083,9 @@ impl Vm {
             Duration::from_secs(120),
         )?;
         if rc != 0 {
-            return fail(format!("reading the guest's CPU counters: exit {rc}: {out}"));
+            return fail(format!(
+                "reading the guest's CPU counters: exit {rc}: {out}"
+            ));
         }
         parse_cpu_by_command(&out)
     }
@@ -1341,7 +1343,12 @@ pub fn cpu_spent(
 ) -> Vec<(String, u64)> {
     let mut spent: Vec<(String, u64)> = after
         .iter()
-        .map(|(k, v)| (k.clone(), v.saturating_sub(before.get(k).copied().unwrap_or(0))))
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.saturating_sub(before.get(k).copied().unwrap_or(0)),
+            )
+        })
         .filter(|(_, v)| *v > 0)
         .collect();
     spent.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -1417,7 +1424,9 @@ mod cpu_tests {
     #[test]
     fn a_reading_without_the_cpu_line_or_with_a_cut_line_is_an_error() {
         assert!(parse_cpu_by_command("1 (systemd) S 0 1 1 0 -1 0 0 0 0 0 5 5 0 0\n").is_err());
-        assert!(parse_cpu_by_command("1 (systemd) S 0 1 1 0 -1 0 0 0 0 0 5\ncpu  1 0 0 0 0\n").is_err());
+        assert!(
+            parse_cpu_by_command("1 (systemd) S 0 1 1 0 -1 0 0 0 0 0 5\ncpu  1 0 0 0 0\n").is_err()
+        );
         assert!(parse_cpu_by_command("garbage\ncpu  1 0 0 0 0\n").is_err());
     }
 }

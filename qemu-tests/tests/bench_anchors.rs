@@ -152,15 +152,21 @@ fn scenario() {
     let mut runs = Vec::new();
     for &n in &counts {
         let before = processes(&vm);
-        let applied = must(vm.apply_commit(
-            &git,
-            &[("pods/bench.yaml", &pods_yaml(n))],
-            "bench",
-            WAIT,
-        ));
+        let applied =
+            must(vm.apply_commit(&git, &[("pods/bench.yaml", &pods_yaml(n))], "bench", WAIT));
         let start_s = applied.seconds;
         println!("bench-anchors: Berth, {n} pods: {}", applied.line);
-        println!("bench-anchors: Berth, {n} pods: guest CPU ticks by command: {:?}", applied.cpu);
+        println!(
+            "bench-anchors: Berth, {n} pods: guest CPU ticks by command: {:?}",
+            applied.cpu
+        );
+        if n <= 10 {
+            // The start's timeline: the agent's lines and systemd's.
+            println!(
+                "{}",
+                vm.sh("journalctl -o short-unix --no-pager --since=-120s _PID=1 + SYSLOG_IDENTIFIER=berth | grep -E 'fetched|Created slice|Starting berth|Started berth|applied' | tail -n 40")
+            );
+        }
         let active = count(
             &vm,
             "systemctl list-units --plain --no-legend --state=active 'berth-default_bench-*_main.service' | wc -l",
@@ -168,8 +174,8 @@ fn scenario() {
         assert_eq!(active, n, "Berth: containers active");
         let added = settled_cost(&vm, "Berth", &before, n);
         let idle_cpu_percent = idle_cpu(&vm, "berth", idle);
-        let remove_s = must(vm.apply_commit(&git, &[("pods/bench.yaml", nothing)], "clear", WAIT))
-            .seconds;
+        let remove_s =
+            must(vm.apply_commit(&git, &[("pods/bench.yaml", nothing)], "clear", WAIT)).seconds;
         let left = count(
             &vm,
             "systemctl list-units --all --plain --no-legend 'berth-default_bench-*' | wc -l",
@@ -274,6 +280,7 @@ fn scenario() {
         .to_string()
             + " (TCG, 2 vCPUs, 2 GiB)",
         podman: vm.sh("podman --version").trim().to_string(),
+        idle_seconds: idle,
     };
     let table = anchors::render(&setting, &runs);
     println!("\n{table}");

@@ -87,7 +87,10 @@ fn scenario() {
         ));
         let seconds = applied.seconds;
         println!("bench: {replicas} pod(s): {}", applied.line);
-        println!("bench: {replicas} pod(s): guest CPU ticks by command: {:?}", applied.cpu);
+        println!(
+            "bench: {replicas} pod(s): guest CPU ticks by command: {:?}",
+            applied.cpu
+        );
         let running = sh(
             &vm,
             "systemctl list-units --plain --no-legend --state=active 'berth-default_bench-*_main.service' | wc -l",

@@ -61,8 +61,14 @@ fn scenario() {
         .unwrap_or(20);
     let many = pod.replace("replicas: 1", &format!("replicas: {pods}"));
     let applied = must(vm.apply_commit(&git, &[("pods/bench.yaml", &many)], "many pods", WAIT));
-    println!("sandbox: {pods} pods: {:.2} s: {}", applied.seconds, applied.line);
-    println!("sandbox: {pods} pods: guest CPU ticks by command: {:?}", applied.cpu);
+    println!(
+        "sandbox: {pods} pods: {:.2} s: {}",
+        applied.seconds, applied.line
+    );
+    println!(
+        "sandbox: {pods} pods: guest CPU ticks by command: {:?}",
+        applied.cpu
+    );
     println!(
         "{}",
         vm.sh("journalctl -o short-unix --no-pager --since=-120s _PID=1 + SYSLOG_IDENTIFIER=berth | grep -E 'Starting|Started|Created slice|applied|fetched|Mounted' | tail -n 200")

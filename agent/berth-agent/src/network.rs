@@ -216,19 +216,11 @@ impl PodNetwork {
                 },
             )
         };
-        let per_thread = wanted.len().div_ceil(WIRING_THREADS).max(1);
-        std::thread::scope(|scope| {
-            let workers: Vec<_> = wanted
-                .chunks(per_thread)
-                .map(|chunk| scope.spawn(move || chunk.iter().map(wire_one).collect::<Vec<_>>()))
-                .collect();
-            for w in workers {
-                match w.join() {
-                    Ok(results) => out.extend(results),
-                    Err(panic) => std::panic::resume_unwind(panic),
-                }
-            }
-        });
+        out.extend(berth_runtime::parallel::in_parallel(
+            &wanted,
+            WIRING_THREADS,
+            wire_one,
+        ));
         if *book != before
             && let Err(e) = book.save(&self.paths.leases)
         {

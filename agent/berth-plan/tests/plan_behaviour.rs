@@ -651,10 +651,19 @@ spec:
     assert_eq!(later("berth-default_web_main.service"), cpu);
     assert_eq!(later("berth-guaranteed-default_web.slice"), cpu);
     // An init container runs to completion inside its start job.
-    assert_eq!(later("berth-default_web_setup.service"), Vec::<String>::new());
+    assert_eq!(
+        later("berth-default_web_setup.service"),
+        Vec::<String>::new()
+    );
     // No CPU limit: nothing to give later, to the container or its slice.
-    assert_eq!(later("berth-default_free_main.service"), Vec::<String>::new());
-    assert_eq!(later("berth-burstable-default_free.slice"), Vec::<String>::new());
+    assert_eq!(
+        later("berth-default_free_main.service"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        later("berth-burstable-default_free.slice"),
+        Vec::<String>::new()
+    );
     // The node's own slices have no limit of a pod's.
     for a in plan.plan.actions.iter().filter(|a| a.pod.is_none()) {
         assert!(a.after_start.is_empty(), "{a:?}");

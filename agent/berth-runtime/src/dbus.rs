@@ -15,6 +15,7 @@ use berth_plan::{ActiveState, Properties, PropertyValue};
 use zbus::blocking::{Connection, Proxy};
 use zbus::zvariant::{Array, OwnedObjectPath, OwnedValue, Value};
 
+use crate::parallel::in_parallel;
 use crate::systemd::{
     KillWhom, READ_BACK, Systemd, SystemdError, UnitDetails, UnitRuntime, UnitSummary, Wire,
     wire_name, wire_type,
@@ -597,7 +598,7 @@ impl Systemd for DbusSystemd {
             .map(|r| (r.0, r.6))
             .collect();
         let mut out = Vec::with_capacity(loaded.len());
-        for details in in_parallel(&loaded, |(name, path)| self.details_at(name, path)) {
+        for details in in_parallel(&loaded, CALLERS, |(name, path)| self.details_at(name, path)) {
             out.extend(details?);
         }
         Ok(out)
@@ -673,36 +674,12 @@ impl Systemd for DbusSystemd {
     }
 
     fn set_properties_all(&self, units: &[(&str, &Properties)]) -> Vec<Result<(), SystemdError>> {
-        in_parallel(units, |(name, properties)| {
+        // PID 1 answers one call at a time, but the round trips through the
+        // bus and the encoding on this side overlap with its work.
+        in_parallel(units, CALLERS, |(name, properties)| {
             self.set_properties(name, properties)
         })
     }
-}
-
-/// `call` on each item from up to [`CALLERS`] threads at once, results in
-/// order. PID 1 answers one call at a time, but the round trips through
-/// the bus and the encoding and decoding on this side overlap with its
-/// work.
-fn in_parallel<T: Sync, R: Send>(items: &[T], call: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    if items.len() < 2 {
-        return items.iter().map(&call).collect();
-    }
-    let per_thread = items.len().div_ceil(CALLERS);
-    let call = &call;
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = items
-            .chunks(per_thread)
-            .map(|chunk| scope.spawn(move || chunk.iter().map(call).collect::<Vec<R>>()))
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| match w.join() {
-                Ok(results) => results,
-                // A panic on a calling thread is a panic here too.
-                Err(panic) => std::panic::resume_unwind(panic),
-            })
-            .collect()
-    })
 }
 
 #[cfg(test)]

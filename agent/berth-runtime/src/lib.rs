@@ -11,6 +11,7 @@
 pub mod contract;
 pub mod dbus;
 pub mod fake;
+pub mod parallel;
 /// The image store, in its own crate (`berth-images`).
 pub use berth_images as images;
 pub mod reconcile;

@@ -253,6 +253,7 @@ fn apply_actions<'a>(
         deferred,
     } = *ctx;
     let mut created = create_slices(host, actions, &mut deferred.borrow_mut());
+    let mut early = prepare_together(host, units, observed, actions, &created, failed_pods);
     for action in actions.iter().copied() {
         let unit = action.unit.as_str();
         let pod = action.pod.as_ref().map(ToString::to_string);
@@ -260,6 +261,10 @@ fn apply_actions<'a>(
             && failed_pods.contains(p)
             && matches!(action.verb, Verb::Start | Verb::Restart)
         {
+            // Prepared ahead, it is not started: nothing stays mounted.
+            if let (Some(Ok(_)), Some((pod, u))) = (early.remove(unit), units.get(unit)) {
+                let _ = host.roots.unmount(&container_key(&pod.id, &u.container));
+            }
             report.failed.push(ApplyFailure {
                 unit: unit.to_string(),
                 pod: pod.clone(),
@@ -291,13 +296,15 @@ fn apply_actions<'a>(
                     .set_properties(unit, &props)
                     .map_err(Failure::from)
             }
-            // Prepared now, started together after the loop.
+            // Prepared now (or ahead, together), started together after the
+            // loop.
             Verb::Start | Verb::Restart => match units.get(unit) {
-                Some((p, u)) => {
-                    prepare_container(host, p, u, observed.units.get(unit)).map(|prepared| {
+                Some((p, u)) => early
+                    .remove(unit)
+                    .unwrap_or_else(|| prepare_container(host, p, u, observed.units.get(unit)))
+                    .map(|prepared| {
                         pending.push((action, prepared));
-                    })
-                }
+                    }),
                 None => Err(Failure {
                     reason: FailureReason::CreateContainerConfigError,
                     message: format!("unit {unit} is planned but has no desired properties"),
@@ -361,6 +368,54 @@ fn apply_actions<'a>(
             }
         }
     }
+}
+
+/// Threads preparing containers at once.
+const PREPARING_THREADS: usize = 4;
+
+/// Prepares, on a few threads at once, the containers `actions` start whose
+/// pods nothing in `actions` can fail before them: every earlier action of
+/// the pod is the creation of a slice, and it succeeded. Each container has
+/// a root of its own; the rest are prepared in their turn.
+fn prepare_together<'a>(
+    host: &Host<'_>,
+    units: &BTreeMap<&'a str, (&'a DesiredPod, &'a ContainerUnit)>,
+    observed: &Observed,
+    actions: &[&'a berth_plan::Action],
+    created: &BTreeMap<&str, Result<(), SystemdError>>,
+    failed_pods: &BTreeSet<String>,
+) -> BTreeMap<&'a str, Result<Prepared<'a>, Failure>> {
+    let mut blocked: BTreeSet<String> = failed_pods.clone();
+    let mut ready: Vec<(&'a str, &'a DesiredPod, &'a ContainerUnit)> = Vec::new();
+    for a in actions {
+        let Some(pod) = a.pod.as_ref().map(ToString::to_string) else {
+            continue;
+        };
+        let fine = match a.verb {
+            Verb::CreateSlice => created.get(a.unit.as_str()).is_some_and(Result::is_ok),
+            Verb::Start | Verb::Restart => match units.get(a.unit.as_str()) {
+                Some((p, u)) if !blocked.contains(&pod) => {
+                    ready.push((a.unit.as_str(), p, u));
+                    // A later start of the pod waits for this one's result.
+                    false
+                }
+                _ => false,
+            },
+            Verb::Pull => true,
+            _ => false,
+        };
+        if !fine {
+            blocked.insert(pod);
+        }
+    }
+    let prepared = crate::parallel::in_parallel(&ready, PREPARING_THREADS, |(unit, p, u)| {
+        prepare_container(host, p, u, observed.units.get(*unit))
+    });
+    ready
+        .iter()
+        .map(|(unit, _, _)| *unit)
+        .zip(prepared)
+        .collect()
 }
 
 /// Creates the slices `actions` ask for ahead of the rest: the node's own
@@ -432,7 +487,10 @@ fn split_after_start(properties: &Properties, after: &[String]) -> Option<SplitL
 /// Gives the pod slices created in this pass their CPU limits.
 fn limit_slices(host: &Host<'_>, deferred: &[(String, Properties)], report: &mut ApplyReport) {
     let limits: Vec<(&str, &Properties)> = deferred.iter().map(|(s, l)| (s.as_str(), l)).collect();
-    for ((slice, _), result) in deferred.iter().zip(host.systemd.set_properties_all(&limits)) {
+    for ((slice, _), result) in deferred
+        .iter()
+        .zip(host.systemd.set_properties_all(&limits))
+    {
         if let Err(e) = result {
             report.failed.push(ApplyFailure {
                 unit: slice.clone(),
@@ -480,7 +538,9 @@ fn start_prepared(
         .iter()
         .zip(&started)
         .zip(&splits)
-        .filter_map(|(((a, _), r), split)| Some((a.unit.as_str(), &split.as_ref().filter(|_| r.is_ok())?.1)))
+        .filter_map(|(((a, _), r), split)| {
+            Some((a.unit.as_str(), &split.as_ref().filter(|_| r.is_ok())?.1))
+        })
         .collect();
     let mut limited: BTreeMap<&str, Result<(), SystemdError>> = limits
         .iter()
@@ -488,8 +548,7 @@ fn start_prepared(
         .zip(host.systemd.set_properties_all(&limits))
         .collect();
     for ((action, _), result) in pending.iter().zip(started) {
-        let result =
-            result.and_then(|()| limited.remove(action.unit.as_str()).unwrap_or(Ok(())));
+        let result = result.and_then(|()| limited.remove(action.unit.as_str()).unwrap_or(Ok(())));
         match result {
             Ok(()) => report.done.push((action.unit.to_string(), action.verb)),
             Err(e) => {

@@ -483,17 +483,25 @@ impl ContainerRoots {
 #[derive(Debug, Clone)]
 pub struct UserRecords {
     dir: PathBuf,
+    /// Containers are prepared on several threads; the records are
+    /// written by one at a time.
+    writing: Arc<Mutex<()>>,
 }
 
 impl UserRecords {
     pub fn new(dir: &Path) -> Self {
         Self {
             dir: dir.to_path_buf(),
+            writing: Arc::default(),
         }
     }
 
     /// Makes sure uid (and gid) resolve; uid 0 and gid 0 always do.
     pub fn ensure(&self, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+        let _one_at_a_time = self
+            .writing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let primary = gid.or(uid).unwrap_or(0);
         if let Some(uid) = uid.filter(|u| *u != 0) {
             let name = format!("berth-{uid}");
