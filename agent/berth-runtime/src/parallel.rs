@@ -35,7 +35,7 @@ mod tests {
     #[test]
     fn results_come_back_in_the_items_order_from_several_threads() {
         let items: Vec<u32> = (0..37).collect();
-        let threads = std::sync::Mutex::new(std::collections::BTreeSet::new());
+        let threads = std::sync::Mutex::new(std::collections::HashSet::new());
         let out = in_parallel(&items, 4, |x| {
             threads.lock().unwrap().insert(std::thread::current().id());
             x * 2
