@@ -1,5 +1,5 @@
 # The two commands the README promises, and a few helpers.
-.PHONY: demo plan-demo image test deps build release bench bench-pods bench-probes bench-rollout bench-probes-host bench-net bench-storage bench-images bench-mirror bench-boot bench-anchors bench-sandbox bless
+.PHONY: demo plan-demo image test-image bench-image test deps build release bench bench-pods bench-probes bench-rollout bench-probes-host bench-net bench-storage bench-images bench-mirror bench-boot bench-anchors bench-sandbox bless
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
@@ -12,11 +12,20 @@ build: deps
 release: deps
 	cargo build --locked --release
 
-# Builds the appliance image, seeds a local Git repository with manifests/,
-# boots the node in QEMU (UEFI, TCG) and shows it fetching and planning them.
-demo: deps
+# The test image (the appliance with its test command channel), the agent
+# built for release: what the demo and the QEMU benchmarks boot.
+test-image: deps
 	cargo build --locked --release --bin berth
 	$(SUDO) image/build.sh --test --berth target/release/berth
+
+# The test image plus Debian's podman, for bench-anchors.
+bench-image: deps
+	cargo build --locked --release --bin berth
+	$(SUDO) image/build.sh --bench --berth target/release/berth
+
+# Builds the appliance image, seeds a local Git repository with manifests/,
+# boots the node in QEMU (UEFI, TCG) and shows it fetching and planning them.
+demo: test-image
 	cargo run --locked --release -p berth-qemu-tests --bin berth-demo -- $(ARGS)
 
 # Only the plan, without an image or a VM.
@@ -36,23 +45,17 @@ bench: release
 	python3 scripts/bench_plan.py
 
 # Pods on the appliance in QEMU: time to 1 and 50 pods, agent memory and CPU.
-bench-pods: deps
-	cargo build --locked --release --bin berth
-	$(SUDO) image/build.sh --test --berth target/release/berth
+bench-pods: test-image
 	cargo test --locked -p berth-qemu-tests --test bench_pods -- --ignored --nocapture
 
 # What probes cost the agent (50 pods, three probes each at 1 s) and how
 # fast a readiness change leaves the Service.
-bench-probes: deps
-	cargo build --locked --release --bin berth
-	$(SUDO) image/build.sh --test --berth target/release/berth
+bench-probes: test-image
 	cargo test --locked -p berth-qemu-tests --test bench_probes -- --ignored --nocapture
 
 # Rollouts under load: requests failed while an image and an env var
 # change, and rollout time against replicas × start-to-ready.
-bench-rollout: deps
-	cargo build --locked --release --bin berth
-	$(SUDO) image/build.sh --test --berth target/release/berth
+bench-rollout: test-image
 	cargo test --locked -p berth-qemu-tests --test bench_rollout -- --ignored --nocapture
 
 bench-probes-host: deps
@@ -63,26 +66,18 @@ bench-probes-host: deps
 # processes and memory added per container, idle supervisor CPU and removal
 # time for 1, 10 and 50 pods. Prints the table and writes it into
 # docs/benchmarks.md.
-bench-anchors: deps
-	cargo build --locked --release --bin berth
-	$(SUDO) image/build.sh --bench --berth target/release/berth
+bench-anchors: bench-image
 	cargo test --locked -p berth-qemu-tests --test bench_anchors -- --ignored --nocapture
 
 # What each sandbox setting of a container costs systemd's start of it.
-bench-sandbox: deps
-	cargo build --locked --release --bin berth
-	$(SUDO) image/build.sh --test --berth target/release/berth
+bench-sandbox: test-image
 	cargo test --locked -p berth-qemu-tests --test bench_sandbox -- --ignored --nocapture
 
 # Where the boot time goes: QEMU start to the agent ready, by phase, over
 # several boots (BERTH_BENCH_BOOTS, 3 by default).
-bench-boot: deps
-	cargo build --locked --release --bin berth
-	$(SUDO) image/build.sh --test --berth target/release/berth
+bench-boot: test-image
 	cargo test --locked -p berth-qemu-tests --test bench_boot -- --ignored --nocapture
 
-# The agent's memory and disk with a long-lived mirror: 500 desired commits
-# fetched and applied, 500 status commits pushed (in-memory systemd).
 # Pod networking (root): TCP over veth/bridge/Service, the Services table at
 # 1,000 Services, DNS queries per second.
 bench-net: deps
@@ -100,10 +95,11 @@ bench-images: deps
 	@command -v skopeo >/dev/null && command -v umoci >/dev/null || $(SUDO) apt-get install -y -qq skopeo umoci
 	cargo build --locked --release -p berth-registry --features fixtures --example bench_pull
 	target/release/examples/bench_pull
-	cargo build --locked --release --bin berth
-	$(SUDO) image/build.sh --test --berth target/release/berth
+	$(MAKE) test-image
 	cargo test --locked --release -p berth-qemu-tests --test bench_images -- --ignored --nocapture
 
+# The agent's memory and disk with a long-lived mirror: 500 desired commits
+# fetched and applied, 500 status commits pushed (in-memory systemd).
 bench-mirror: deps
 	cargo test --locked --release -p berth-agent --test reconcile_loop bench_long_lived_mirror -- --ignored --nocapture
 

@@ -345,6 +345,33 @@ fn faults_are_reported_per_pod_and_do_not_block_the_others() {
     );
 }
 
+/// Roots are prepared while the slices are made; a pod whose slice could
+/// not be made starts nothing and keeps no root mounted.
+#[test]
+fn a_pod_whose_slice_fails_keeps_no_root_mounted() {
+    let node = Node::new("slicefails");
+    // Only pod slices carry `TasksMax` (the pod's PID limit).
+    node.systemd.refuse_property("TasksMax");
+    node.commit(&[
+        ("pods/a.yaml", Some(pod("a", "sleep, \"100\"", ""))),
+        ("pods/b.yaml", Some(pod("b", "sleep, \"100\"", ""))),
+    ]);
+    let mut agent = node.agent();
+    agent.pass(true);
+    for p in ["a", "b"] {
+        assert!(!node.active(&format!("berth-default_{p}_main.service")));
+        let failure = agent
+            .state()
+            .failures
+            .iter()
+            .find(|f| f.unit == format!("berth-default_{p}_main.service"))
+            .unwrap_or_else(|| panic!("pod {p}'s container failed: {:?}", agent.state().failures));
+        assert!(failure.message.contains("earlier unit"), "{failure:?}");
+    }
+    let mounts = node.mounts.mounted(&node.dir).unwrap();
+    assert!(mounts.is_empty(), "no root left mounted: {mounts:?}");
+}
+
 #[test]
 fn a_refused_property_fails_only_its_pod() {
     let node = Node::new("refused");

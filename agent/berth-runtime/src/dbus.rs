@@ -618,11 +618,30 @@ impl Systemd for DbusSystemd {
 
     fn start_all(&self, units: &[(&str, &Properties)]) -> Vec<Result<(), SystemdError>> {
         // Queue every start, then wait for the jobs: systemd runs them
-        // together and orders them by their dependencies.
-        let jobs: Vec<_> = units
-            .iter()
-            .map(|(name, properties)| self.queue_start(name, properties))
-            .collect();
+        // together and orders them by their dependencies. A unit ordered
+        // after another of the batch is queued after it (systemd orders only
+        // against jobs already queued); unrelated units are queued from a
+        // few threads at once, so this side's work overlaps PID 1's.
+        let mut jobs: Vec<Option<Result<OwnedObjectPath, SystemdError>>> =
+            units.iter().map(|_| None).collect();
+        let groups = dependency_groups(units);
+        let queued = in_parallel(&groups, CALLERS, |group| {
+            group
+                .iter()
+                .map(|&i| (i, self.queue_start(units[i].0, units[i].1)))
+                .collect::<Vec<_>>()
+        });
+        for (i, job) in queued.into_iter().flatten() {
+            jobs[i] = Some(job);
+        }
+        let jobs = jobs.into_iter().map(|j| {
+            j.unwrap_or_else(|| {
+                Err(SystemdError::Bus {
+                    method: "StartTransientUnit",
+                    message: "a unit was left out of the queueing".into(),
+                })
+            })
+        });
         units
             .iter()
             .zip(jobs)
@@ -682,9 +701,76 @@ impl Systemd for DbusSystemd {
     }
 }
 
+/// `units` split into groups that may be queued independently: a unit
+/// whose `After=` or `Requires=` names another of the batch is in that
+/// one's group. Each group keeps the batch's order (the plan puts a unit
+/// after those it is ordered after).
+fn dependency_groups(units: &[(&str, &Properties)]) -> Vec<Vec<usize>> {
+    let index: HashMap<&str, usize> = units
+        .iter()
+        .enumerate()
+        .map(|(i, (n, _))| (*n, i))
+        .collect();
+    // Each unit's group is the smallest index it is tied to.
+    let mut root: Vec<usize> = (0..units.len()).collect();
+    fn find(root: &mut [usize], i: usize) -> usize {
+        let mut r = i;
+        while root[r] != r {
+            r = root[r];
+        }
+        root[i] = r;
+        r
+    }
+    for (i, (_, props)) in units.iter().enumerate() {
+        for key in ["After", "Requires"] {
+            let Some(PropertyValue::List(names)) = props.get(key) else {
+                continue;
+            };
+            for j in names.iter().filter_map(|n| index.get(n.as_str())) {
+                let (a, b) = (find(&mut root, i), find(&mut root, *j));
+                root[a.max(b)] = a.min(b);
+            }
+        }
+    }
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut group_of: HashMap<usize, usize> = HashMap::new();
+    for i in 0..units.len() {
+        let r = find(&mut root, i);
+        let g = *group_of.entry(r).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[g].push(i);
+    }
+    groups
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn units_ordered_after_another_of_the_batch_are_queued_with_it() {
+        let plain = Properties::new();
+        let mut after_init = Properties::new();
+        after_init.insert("After", PropertyValue::list(["p_init.service".to_string()]));
+        let mut after_x = Properties::new();
+        after_x.insert("Requires", PropertyValue::list(["x.service".to_string()]));
+        let units: Vec<(&str, &Properties)> = vec![
+            ("a.service", &plain),
+            ("p_init.service", &plain),
+            ("b.service", &plain),
+            ("p_main.service", &after_init),
+            ("p_side.service", &after_init),
+            // Ordered after a unit not in the batch: on its own.
+            ("q.service", &after_x),
+        ];
+        assert_eq!(
+            dependency_groups(&units),
+            vec![vec![0], vec![1, 3, 4], vec![2], vec![5]]
+        );
+        assert_eq!(dependency_groups(&[]), Vec::<Vec<usize>>::new());
+    }
 
     #[test]
     fn values_survive_the_trip_to_the_wire_and_back() {

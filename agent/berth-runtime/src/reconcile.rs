@@ -252,8 +252,19 @@ fn apply_actions<'a>(
         observed,
         deferred,
     } = *ctx;
-    let mut created = create_slices(host, actions, &mut deferred.borrow_mut());
-    let mut early = prepare_together(host, units, observed, actions, &created, failed_pods);
+    // The slices are made while the containers' roots are prepared: neither
+    // needs the other. A pod whose slice fails has its prepared roots
+    // unmounted below, as it comes to them.
+    let mut limits_later = Vec::new();
+    let (mut created, mut early) = std::thread::scope(|scope| {
+        let slices = scope.spawn(|| create_slices(host, actions, &mut limits_later));
+        let early = prepare_together(host, units, observed, actions, failed_pods);
+        let created = slices
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (created, early)
+    });
+    deferred.borrow_mut().extend(limits_later);
     for action in actions.iter().copied() {
         let unit = action.unit.as_str();
         let pod = action.pod.as_ref().map(ToString::to_string);
@@ -373,16 +384,16 @@ fn apply_actions<'a>(
 /// Threads preparing containers at once.
 const PREPARING_THREADS: usize = 4;
 
-/// Prepares, on a few threads at once, the containers `actions` start whose
-/// pods nothing in `actions` can fail before them: every earlier action of
-/// the pod is the creation of a slice, and it succeeded. Each container has
-/// a root of its own; the rest are prepared in their turn.
+/// Prepares, on a few threads at once, the first container `actions` start
+/// of each pod that only the creation of its slice comes before (the
+/// slice's result is taken up in the loop, which unmounts what it will not
+/// start). Each container has a root of its own; the rest are prepared in
+/// their turn.
 fn prepare_together<'a>(
     host: &Host<'_>,
     units: &BTreeMap<&'a str, (&'a DesiredPod, &'a ContainerUnit)>,
     observed: &Observed,
     actions: &[&'a berth_plan::Action],
-    created: &BTreeMap<&str, Result<(), SystemdError>>,
     failed_pods: &BTreeSet<String>,
 ) -> BTreeMap<&'a str, Result<Prepared<'a>, Failure>> {
     let mut blocked: BTreeSet<String> = failed_pods.clone();
@@ -392,7 +403,7 @@ fn prepare_together<'a>(
             continue;
         };
         let fine = match a.verb {
-            Verb::CreateSlice => created.get(a.unit.as_str()).is_some_and(Result::is_ok),
+            Verb::CreateSlice => true,
             Verb::Start | Verb::Restart => match units.get(a.unit.as_str()) {
                 Some((p, u)) if !blocked.contains(&pod) => {
                     ready.push((a.unit.as_str(), p, u));
