@@ -25,6 +25,10 @@ const SETTLE: Duration = Duration::from_secs(240);
 const CLUSTER_IP: &str = "10.96.0.50";
 const NODE_PORT: u16 = 30080;
 
+/// Pods whose stop this scenario does not test have a grace period of 3 s:
+/// their programs (`sleep`, busybox `httpd`, `nc`) are PID 1 of their
+/// namespace and ignore SIGTERM, so each of their stops, and each clean
+/// reboot, would otherwise wait the default 30 s before SIGKILL.
 const MANIFESTS: &[(&str, &str)] = &[
     (
         "net/echo.yaml",
@@ -37,6 +41,7 @@ spec:
   template:
     metadata: {labels: {app: echo}}
     spec:
+      terminationGracePeriodSeconds: 3
       containers:
       - name: httpd
         image: busybox:1.37
@@ -61,6 +66,7 @@ spec:
 kind: Pod
 metadata: {name: client}
 spec:
+  terminationGracePeriodSeconds: 3
   containers:
   - name: main
     image: busybox:1.37
@@ -90,6 +96,7 @@ const HEALTH: &str = "apiVersion: v1
 kind: Pod
 metadata: {name: greet-fast, labels: {app: greet}}
 spec:
+  terminationGracePeriodSeconds: 3
   containers:
   - name: httpd
     image: busybox:1.37
@@ -102,6 +109,7 @@ apiVersion: v1
 kind: Pod
 metadata: {name: greet-slow, labels: {app: greet}}
 spec:
+  terminationGracePeriodSeconds: 3
   containers:
   - name: httpd
     image: busybox:1.37
@@ -122,6 +130,7 @@ apiVersion: v1
 kind: Pod
 metadata: {name: sick}
 spec:
+  terminationGracePeriodSeconds: 3
   containers:
   - name: httpd
     image: busybox:1.37
@@ -136,6 +145,7 @@ apiVersion: v1
 kind: Pod
 metadata: {name: slowstart}
 spec:
+  terminationGracePeriodSeconds: 3
   containers:
   - name: main
     image: busybox:1.37
@@ -170,6 +180,7 @@ apiVersion: v1
 kind: Pod
 metadata: {name: grpcish}
 spec:
+  terminationGracePeriodSeconds: 3
   containers:
   - name: main
     image: busybox:1.37

@@ -232,10 +232,12 @@ fn update_scenario() {
     publish(&registry, &tree.join("good"), "update.1");
     publish(&registry, &tree.join("bad"), "broken.1");
     let git = must(GitHost::fresh("update", "desired.git"));
+    // web's `sleep`, PID 1 of its namespace, ignores SIGTERM: a grace
+    // period of 3 s keeps each of its stops from waiting the default 30 s.
     must(git.push(
         &[(
             "pods/web.yaml",
-            "apiVersion: v1\nkind: Pod\nmetadata: {name: web}\nspec:\n  containers:\n  - name: main\n    image: busybox:1.37\n    command: [sh, -c, 'exec sleep 1000000']\n    readinessProbe: {exec: {command: ['true']}, periodSeconds: 2}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: web}\nspec:\n  terminationGracePeriodSeconds: 3\n  containers:\n  - name: main\n    image: busybox:1.37\n    command: [sh, -c, 'exec sleep 1000000']\n    readinessProbe: {exec: {command: ['true']}, periodSeconds: 2}\n",
         )],
         "a pod the update must bring back",
     ));
