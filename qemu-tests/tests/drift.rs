@@ -26,9 +26,12 @@ fn must<T>(r: berth_qemu_tests::Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// A pod of one busybox container. Its `sleep`, PID 1 of its namespace,
+/// ignores SIGTERM: a grace period of 3 s keeps the poweroff from waiting
+/// the default 30.
 fn pod(name: &str, annotations: &str, command: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n{annotations}spec:\n  containers:\n  - name: main\n    image: busybox:1.37\n    command: [{command}]\n    resources:\n      limits:\n        memory: 64Mi   # reviewed in PR 12\n"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n{annotations}spec:\n  terminationGracePeriodSeconds: 3\n  containers:\n  - name: main\n    image: busybox:1.37\n    command: [{command}]\n    resources:\n      limits:\n        memory: 64Mi   # reviewed in PR 12\n"
     )
 }
 

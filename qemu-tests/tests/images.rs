@@ -20,12 +20,16 @@ const SETTLE: Duration = Duration::from_secs(240);
 const OPEN: &str = "10.0.2.100:5000";
 const PRIVATE: &str = "10.0.2.101:5001";
 
+/// A pod of one container. Its `sleep`, PID 1 of its namespace, ignores
+/// SIGTERM: a grace period of 3 s keeps each stop (and the poweroff) from
+/// waiting the default 30.
 fn pod(name: &str, image: &str, extra_spec: &str, extra_container: &str) -> String {
     format!(
         "apiVersion: v1
 kind: Pod
 metadata: {{name: {name}}}
 spec:
+  terminationGracePeriodSeconds: 3
 {extra_spec}  containers:
   - name: main
     image: {image}

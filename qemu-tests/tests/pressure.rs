@@ -216,10 +216,13 @@ fn scenario() {
     must(git.push(
         &[(
             "pods/gold.yaml",
+            // Leaves at once when asked (the poweroff at the end would
+            // otherwise wait its 30 s grace period: a `sleep` that is PID 1
+            // of its namespace ignores SIGTERM).
             &pod(
                 "gold",
                 "{limits: {cpu: 200m, memory: 64Mi}}",
-                "exec sleep 1000000",
+                "trap 'exit 0' TERM; sleep 1000000 & wait",
             ),
         )],
         "a Guaranteed pod",

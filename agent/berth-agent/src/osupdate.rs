@@ -80,6 +80,22 @@ pub fn activity(
     })
 }
 
+/// The journal's line for an OS decision. A withdrawal has no NodeImage
+/// any more (none selects the node): it names the version it withdraws.
+pub fn decision_line(d: &OsDecision) -> String {
+    if d.node_image.is_empty() {
+        format!(
+            "OS update (version {}): {:?}: {}",
+            d.version, d.action, d.message
+        )
+    } else {
+        format!(
+            "OS update (NodeImage {}): {:?}: {}",
+            d.node_image, d.action, d.message
+        )
+    }
+}
+
 impl OsUpdates {
     /// `esp`: where the ESP is mounted; `cmdline`: the kernel command line.
     pub fn new(esp: Option<PathBuf>, cmdline: &str, state_dir: &Path) -> Self {
@@ -399,6 +415,32 @@ mod tests {
     use std::collections::BTreeMap;
     use std::io::{Read as _, Write as _};
     use std::process::Command;
+
+    #[test]
+    fn a_decision_line_names_its_node_image_or_else_its_version() {
+        let mut d = OsDecision {
+            node_image: "fleet".into(),
+            version: "2".into(),
+            declaration: "2 bundle".into(),
+            action: OsAction::Stage,
+            message: "staging".into(),
+            bundle: berth_manifest::nodeimage::BundleSource::default(),
+            tries: 0,
+            gate_seconds: 0,
+            wake_at: None,
+            stops: Vec::new(),
+        };
+        assert_eq!(
+            decision_line(&d),
+            "OS update (NodeImage fleet): Stage: staging"
+        );
+        d.node_image.clear();
+        d.action = OsAction::Withdraw;
+        assert_eq!(
+            decision_line(&d),
+            "OS update (version 2): Withdraw: staging"
+        );
+    }
 
     fn run(cmd: &mut Command) {
         let out = cmd.output().expect("runs");

@@ -540,10 +540,7 @@ impl Agent {
             .as_ref()
             .is_none_or(|p| p.action != d.action || p.message != d.message);
         if changed {
-            let line = format!(
-                "OS update (NodeImage {}): {:?}: {}",
-                d.node_image, d.action, d.message
-            );
+            let line = crate::osupdate::decision_line(&d);
             match d.action {
                 OsAction::Refused | OsAction::Unsupported => self.log.warn(&line),
                 _ => self.log.info(&line),
@@ -720,12 +717,18 @@ impl Agent {
             self.log.info(&format!("cleaned up {c}"));
         }
         if !plan.plan.actions.is_empty() && !repeated {
+            let phases: Vec<String> = report
+                .phases
+                .iter()
+                .map(|(what, took)| format!("{what} {} ms", took.as_millis()))
+                .collect();
             self.log.info(&format!(
-                "revision {}: {} actions applied, {} failed ({})",
+                "revision {}: {} actions applied, {} failed ({} [{}])",
                 short(revision),
                 report.done.len(),
                 report.failed.len(),
-                self.pass_timing()
+                self.pass_timing(),
+                phases.join(", ")
             ));
         }
         if let Some(g) = self.state.last_good.as_mut() {

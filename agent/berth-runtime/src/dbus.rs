@@ -124,6 +124,15 @@ fn refused(unit: &str, method: &'static str) -> impl Fn(zbus::Error) -> SystemdE
 }
 
 impl DbusSystemd {
+    /// Every unit whose name matches one of `patterns`, in any state, as
+    /// `ListUnitsByPatterns` lists it.
+    fn listed(&self, patterns: &[&str]) -> Result<Vec<ListedUnit>, SystemdError> {
+        let states: Vec<&str> = Vec::new();
+        self.manager
+            .call("ListUnitsByPatterns", &(states, patterns))
+            .map_err(bus("ListUnitsByPatterns"))
+    }
+
     /// Connects to the system bus, subscribes, and starts the job listener.
     /// `job_timeout` bounds how long a start or stop waits for its job.
     pub fn connect(
@@ -563,12 +572,8 @@ impl Systemd for DbusSystemd {
     }
 
     fn list_units(&self, patterns: &[&str]) -> Result<Vec<UnitSummary>, SystemdError> {
-        let states: Vec<&str> = Vec::new();
-        let rows: Vec<ListedUnit> = self
-            .manager
-            .call("ListUnitsByPatterns", &(states, patterns))
-            .map_err(bus("ListUnitsByPatterns"))?;
-        Ok(rows
+        Ok(self
+            .listed(patterns)?
             .into_iter()
             .map(|r| UnitSummary {
                 name: r.0,
@@ -587,12 +592,8 @@ impl Systemd for DbusSystemd {
     }
 
     fn units_matching(&self, patterns: &[&str]) -> Result<Vec<UnitDetails>, SystemdError> {
-        let states: Vec<&str> = Vec::new();
-        let rows: Vec<ListedUnit> = self
-            .manager
-            .call("ListUnitsByPatterns", &(states, patterns))
-            .map_err(bus("ListUnitsByPatterns"))?;
-        let loaded: Vec<(String, OwnedObjectPath)> = rows
+        let loaded: Vec<(String, OwnedObjectPath)> = self
+            .listed(patterns)?
             .into_iter()
             .filter(|r| r.2 == "loaded")
             .map(|r| (r.0, r.6))
@@ -622,30 +623,21 @@ impl Systemd for DbusSystemd {
         // after another of the batch is queued after it (systemd orders only
         // against jobs already queued); unrelated units are queued from a
         // few threads at once, so this side's work overlaps PID 1's.
-        let mut jobs: Vec<Option<Result<OwnedObjectPath, SystemdError>>> =
-            units.iter().map(|_| None).collect();
+        // Every index is in exactly one group: back in the units' order.
         let groups = dependency_groups(units);
-        let queued = in_parallel(&groups, CALLERS, |group| {
-            group
-                .iter()
-                .map(|&i| (i, self.queue_start(units[i].0, units[i].1)))
-                .collect::<Vec<_>>()
-        });
-        for (i, job) in queued.into_iter().flatten() {
-            jobs[i] = Some(job);
-        }
-        let jobs = jobs.into_iter().map(|j| {
-            j.unwrap_or_else(|| {
-                Err(SystemdError::Bus {
-                    method: "StartTransientUnit",
-                    message: "a unit was left out of the queueing".into(),
-                })
+        let mut jobs: Vec<(usize, Result<OwnedObjectPath, SystemdError>)> =
+            in_parallel(&groups, CALLERS, |group| {
+                group
+                    .iter()
+                    .map(|&i| (i, self.queue_start(units[i].0, units[i].1)))
+                    .collect::<Vec<_>>()
             })
-        });
-        units
-            .iter()
-            .zip(jobs)
-            .map(|((name, _), job)| job.and_then(|j| self.wait_job(name, "start", j)))
+            .into_iter()
+            .flatten()
+            .collect();
+        jobs.sort_unstable_by_key(|(i, _)| *i);
+        jobs.into_iter()
+            .map(|(i, job)| job.and_then(|j| self.wait_job(units[i].0, "start", j)))
             .collect()
     }
 

@@ -83,6 +83,24 @@ pub struct ApplyReport {
     pub failed: Vec<ApplyFailure>,
     /// Container roots and mounts of containers that no longer exist.
     pub cleaned: Vec<String>,
+    /// Where the apply's time went, phase by phase, in order.
+    pub phases: Vec<(&'static str, std::time::Duration)>,
+}
+
+/// Times the phases of an apply into its report.
+struct PhaseClock(std::time::Instant);
+
+impl PhaseClock {
+    fn start() -> Self {
+        Self(std::time::Instant::now())
+    }
+
+    /// The phase `what` ended now.
+    fn mark(&mut self, what: &'static str, report: &mut ApplyReport) {
+        let now = std::time::Instant::now();
+        report.phases.push((what, now - self.0));
+        self.0 = now;
+    }
 }
 
 pub(crate) fn container_key(pod: &PodId, container: &str) -> String {
@@ -136,6 +154,7 @@ pub fn apply(
         .map(|p| (p.slice.name.as_str(), &*p.slice.properties))
         .collect();
     let mut report = ApplyReport::default();
+    let mut clock = PhaseClock::start();
     let mut failed_pods: BTreeSet<String> = BTreeSet::new();
     let mut pending: Vec<(&berth_plan::Action, Prepared<'_>)> = Vec::new();
     // Containers Git no longer wants stop together, each with its own
@@ -166,6 +185,9 @@ pub fn apply(
         .copied()
         .zip(host.systemd.stop_all(&stops))
         .collect();
+    if !stops.is_empty() {
+        clock.mark("stops", &mut report);
+    }
     let deferred = std::cell::RefCell::new(Vec::new());
     let ctx = Applying {
         host,
@@ -191,8 +213,17 @@ pub fn apply(
             &mut pending,
             &mut failed_pods,
         );
-        start_prepared(host, &pending, &mut report);
-        limit_slices(host, &deferred.take(), &mut report);
+        clock.mark("slices and roots", &mut report);
+        if !pending.is_empty() {
+            start_prepared(host, &pending, &mut report, &mut clock);
+        }
+        let deferred = deferred.take();
+        if !deferred.is_empty() {
+            limit_slices(host, &deferred, &mut report);
+        }
+        if !pending.is_empty() || !deferred.is_empty() {
+            clock.mark("limits", &mut report);
+        }
         if let Some(thread) = winding_down {
             let results = thread.join().unwrap_or_else(|_| {
                 beside_stops
@@ -217,9 +248,11 @@ pub fn apply(
                 &mut none,
                 &mut failed_pods,
             );
+            clock.mark("winding down", &mut report);
         }
     });
     report.cleaned = collect_garbage(host, pods);
+    clock.mark("clean-up", &mut report);
     report
 }
 
@@ -526,6 +559,7 @@ fn start_prepared(
     host: &Host<'_>,
     pending: &[(&berth_plan::Action, Prepared<'_>)],
     report: &mut ApplyReport,
+    clock: &mut PhaseClock,
 ) {
     // What the plan gives a container once it runs (an app container's
     // CPU limit) is left out of its start.
@@ -544,6 +578,7 @@ fn start_prepared(
         })
         .collect();
     let started = host.systemd.start_all(&services);
+    clock.mark("starts", report);
     // The limits of those that started, given together.
     let limits: Vec<(&str, &Properties)> = pending
         .iter()

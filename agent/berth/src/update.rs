@@ -24,7 +24,9 @@ pub enum BundleCommand {
         /// The OS version the bundle installs.
         #[arg(long)]
         version: String,
-        #[arg(long, default_value = "amd64")]
+        /// The architecture it runs on (`amd64`, `arm64`); this build's
+        /// own unless given.
+        #[arg(long, default_value_t = berth_images::node_architecture().to_string())]
         architecture: String,
     },
     /// Publish a signed bundle to a registry as an OCI artifact (each
@@ -49,7 +51,9 @@ pub enum BundleCommand {
         /// format.
         #[arg(long)]
         allowed_signers: PathBuf,
-        #[arg(long, default_value = "amd64")]
+        /// The architecture the node runs on; this build's own unless
+        /// given.
+        #[arg(long, default_value_t = berth_images::node_architecture().to_string())]
         architecture: String,
     },
 }
